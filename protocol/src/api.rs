@@ -1,0 +1,230 @@
+//! Request and response bodies of the receiver's HTTP API (`/v1/...`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::names::{AppName, DeploymentId};
+
+/// The API version prefix every route starts with.
+pub const API_PREFIX: &str = "/v1";
+
+/// The app a request path acts on: `x` in `/v1/apps/x/...`, or `""`. Both sides
+/// compute it from the path, so it is covered by the signature without a header.
+pub fn app_of_path(path: &str) -> &str {
+    let path = path.split('?').next().unwrap_or_default();
+    path.strip_prefix("/v1/apps/").map(|rest| rest.split('/').next().unwrap_or_default()).unwrap_or_default()
+}
+
+/// The body of every error answer. `error` says what was wrong and how to fix it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Where a deployment came from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `nx push` run by hand.
+    #[default]
+    Cli,
+    /// The GitHub Action.
+    Action,
+    /// An upload over SFTP.
+    Sftp,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cli => "cli",
+            Source::Action => "action",
+            Source::Sftp => "sftp",
+        }
+    }
+}
+
+/// The life of a deployment: `pending → starting → healthy | failed → stopped`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum DeploymentState {
+    /// Recorded, not started yet.
+    Pending,
+    /// The sandbox runs; the health check has not passed yet.
+    Starting,
+    /// Answers its health check and is routed.
+    Healthy,
+    /// Could not start, or crashed too often; see `error`.
+    Failed,
+    /// Stopped on purpose; its URL answers a page saying so.
+    Stopped,
+}
+
+impl DeploymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Starting => "starting",
+            Self::Healthy => "healthy",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "starting" => Self::Starting,
+            "healthy" => Self::Healthy,
+            "failed" => Self::Failed,
+            "stopped" => Self::Stopped,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for DeploymentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a push carries besides the binary: sent base64url-encoded in the
+/// `x-nx-meta` header and covered by the signature.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PushMeta {
+    /// Arguments passed to the binary. `$PORT`, `$HOST`, `$NX_APP` and
+    /// `$NX_DEPLOYMENT` are expanded; secrets never are, because arguments are
+    /// visible to every user of the host.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables for this deployment, on top of the app's own.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The file name the binary had on the client, for display.
+    #[serde(default)]
+    pub filename: Option<String>,
+    #[serde(default)]
+    pub git_sha: Option<String>,
+    #[serde(default)]
+    pub git_ref: Option<String>,
+    #[serde(default)]
+    pub pr: Option<u64>,
+    #[serde(default)]
+    pub source: Source,
+}
+
+/// `POST /v1/apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    pub name: AppName,
+}
+
+/// One app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppInfo {
+    pub name: AppName,
+    /// The production deployment, if one was promoted.
+    pub production: Option<DeploymentId>,
+    /// Where production is served, whether or not one is promoted yet.
+    pub production_url: String,
+    /// Name of the app's own Postgres database.
+    pub database: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The answer to `POST /v1/apps`: the deploy key is shown here once and never again.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedApp {
+    pub app: AppInfo,
+    pub deploy_key: String,
+}
+
+impl fmt::Debug for CreatedApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedApp").field("app", &self.app).field("deploy_key", &"<redacted>").finish()
+    }
+}
+
+/// One deployment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentInfo {
+    pub id: DeploymentId,
+    pub app: AppName,
+    pub state: DeploymentState,
+    /// sha256 of the artifact.
+    pub digest: String,
+    pub size: u64,
+    pub preview_url: String,
+    /// Whether this deployment is the app's production.
+    pub production: bool,
+    pub port: u16,
+    pub git_sha: Option<String>,
+    pub git_ref: Option<String>,
+    pub pr: Option<u64>,
+    pub source: Source,
+    pub created_at: DateTime<Utc>,
+    pub promoted_at: Option<DateTime<Utc>>,
+    /// Why the deployment failed, with the remedy when one is known.
+    pub error: Option<String>,
+    /// The last lines the app printed, when it failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
+}
+
+/// The answer to `POST /v1/apps/{app}/deployments/{id}/promote` and `.../rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Promotion {
+    pub app: AppName,
+    pub production: DeploymentId,
+    pub previous: Option<DeploymentId>,
+    pub production_url: String,
+}
+
+/// `GET /v1/health`, unauthenticated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_is_read_from_app_paths_only() {
+        assert_eq!(app_of_path("/v1/apps/web/deployments"), "web");
+        assert_eq!(app_of_path("/v1/apps/web"), "web");
+        assert_eq!(app_of_path("/v1/apps/web?x=1"), "web");
+        assert_eq!(app_of_path("/v1/apps"), "");
+        assert_eq!(app_of_path("/v1/apps?x=/v1/apps/y"), "");
+        assert_eq!(app_of_path("/v1/status"), "");
+    }
+
+    #[test]
+    fn push_meta_refuses_unknown_fields() {
+        assert!(serde_json::from_str::<PushMeta>(r#"{"args":["a"],"evil":1}"#).is_err());
+        let meta: PushMeta = serde_json::from_str(r#"{"pr":7,"source":"action"}"#).unwrap();
+        assert_eq!(meta.pr, Some(7));
+        assert_eq!(meta.source, Source::Action);
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in [
+            DeploymentState::Pending,
+            DeploymentState::Starting,
+            DeploymentState::Healthy,
+            DeploymentState::Failed,
+            DeploymentState::Stopped,
+        ] {
+            assert_eq!(DeploymentState::parse(s.as_str()), Some(s));
+        }
+    }
+}

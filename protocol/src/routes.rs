@@ -1,0 +1,80 @@
+//! The route table the receiver publishes to the router: which host goes to which
+//! sandbox port, or which page to show instead.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the control channel takes a whole new table (`PUT`) or shows the current
+/// one (`GET`).
+pub const CONTROL_ROUTES_PATH: &str = "/routes";
+
+/// What a host is served by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// A healthy sandbox listening on this address.
+    Live { addr: SocketAddr },
+    /// The deployment is starting: answer 503 with a page that says so.
+    Starting,
+    /// The deployment was stopped: answer 410 with a page that says so.
+    Stopped,
+    /// The deployment failed to start: answer 502 with a page that says so.
+    Failed,
+}
+
+/// One host's route; `app` and `deployment` go into the access log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub app: String,
+    pub deployment: String,
+    pub target: Target,
+}
+
+/// The whole table. The receiver always sends the whole table, so a lost update
+/// is repaired by the next one and the router needs no merge logic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// Increases with every change the receiver makes; the router refuses an
+    /// older table than the one it has, so a slow request cannot undo a newer one.
+    pub generation: u64,
+    /// Lowercase host names without port.
+    pub routes: BTreeMap<String, Route>,
+}
+
+/// Normalises a `Host` header value to a table key: lowercase, port and a
+/// trailing dot removed.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') && port.bytes().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(normalize_host("Web.LocalHost:8080"), "web.localhost");
+        assert_eq!(normalize_host("web.example.com."), "web.example.com");
+        assert_eq!(normalize_host("web.localhost"), "web.localhost");
+    }
+
+    #[test]
+    fn tables_round_trip_as_json() {
+        let mut t = RouteTable { generation: 3, ..Default::default() };
+        t.routes.insert(
+            "web.localhost".into(),
+            Route { app: "web".into(), deployment: "abcdefgh".into(), target: Target::Live { addr: "127.0.0.1:20001".parse().unwrap() } },
+        );
+        t.routes.insert("x.localhost".into(), Route { app: "x".into(), deployment: "hgfedcba".into(), target: Target::Stopped });
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains(r#""kind":"live""#));
+        assert_eq!(serde_json::from_str::<RouteTable>(&json).unwrap(), t);
+    }
+}

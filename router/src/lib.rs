@@ -1,0 +1,20 @@
+//! nx-router: the reverse proxy in front of every sandbox.
+//!
+//! Contract of this crate:
+//! - a request is routed by its `Host` alone, through a table that is replaced
+//!   whole and atomically ([`table::RouteStore`]); a request sees either the old
+//!   table or the new one, never a mix;
+//! - the table comes from the receiver over a local control channel (a unix
+//!   socket, mode 0600, [`control`]), is written to a state file on every change
+//!   and read back at boot, so the router serves the last known routes while the
+//!   receiver is away;
+//! - hosts that are unknown, starting, stopped or failed get a clear page with
+//!   the matching status ([`pages`]); nothing the client sends chooses an upstream
+//!   other than through the table.
+
+pub mod config;
+pub mod control;
+pub mod pages;
+pub mod proxy;
+pub mod table;
+pub mod telemetry;

@@ -1,0 +1,106 @@
+//! The pages the router answers itself when it cannot or should not proxy.
+
+/// A page: status, a short title and an explanation saying what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub status: u16,
+    pub title: &'static str,
+    pub message: String,
+}
+
+impl Page {
+    pub fn unknown_host(host: &str) -> Page {
+        Page {
+            status: 404,
+            title: "No app here",
+            message: format!(
+                "No deployment is routed at {host}. Check the URL printed by `nx push` or listed by `nx ls`."
+            ),
+        }
+    }
+
+    pub fn starting(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 503,
+            title: "Starting",
+            message: format!("Deployment {deployment} of {app} is starting. This page reloads by itself."),
+        }
+    }
+
+    pub fn stopped(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 410,
+            title: "Preview stopped",
+            message: format!(
+                "Deployment {deployment} of {app} was stopped. Push again, or ask its owner to, for a new preview."
+            ),
+        }
+    }
+
+    pub fn failed(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 502,
+            title: "Deployment failed",
+            message: format!("Deployment {deployment} of {app} failed to start. `nx logs {deployment}` shows why."),
+        }
+    }
+
+    pub fn upstream_down(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 502,
+            title: "App not answering",
+            message: format!(
+                "Deployment {deployment} of {app} did not answer. It may be restarting; `nx logs {deployment}` shows what it printed."
+            ),
+        }
+    }
+
+    /// The HTML body.
+    pub fn html(&self) -> String {
+        let refresh = if self.status == 503 { "<meta http-equiv=\"refresh\" content=\"2\">" } else { "" };
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{status} {title}</title>\
+             <style>body{{font:16px system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}}\
+             small{{color:#777}}</style></head><body><h1>{title}</h1><p>{message}</p>\
+             <p><small>{status} &middot; nx-router</small></p></body></html>\n",
+            status = self.status,
+            title = self.title,
+            message = escape(&self.message),
+        )
+    }
+}
+
+/// Escapes text for HTML; hosts come from the client and must not inject markup.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_supplied_hosts_cannot_inject_markup() {
+        let html = Page::unknown_host("<script>alert(1)</script>").html();
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("&lt;script&gt;"));
+    }
+
+    #[test]
+    fn starting_pages_reload_and_others_do_not() {
+        assert!(Page::starting("web", "abcdefgh").html().contains("refresh"));
+        assert!(!Page::stopped("web", "abcdefgh").html().contains("refresh"));
+        assert_eq!(Page::stopped("web", "abcdefgh").status, 410);
+    }
+}

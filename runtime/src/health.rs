@@ -1,0 +1,166 @@
+//! Health checks: is the app answering on its port yet?
+//!
+//! The check speaks just enough HTTP/1.1 to read a status line, over a fresh TCP
+//! connection, so it measures what the router will see and costs no client
+//! library. Polling starts at 1 ms and backs off to 50 ms: most apps are up within
+//! a few milliseconds and the start-to-healthy time is a figure we publish.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How to tell that an app is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// `GET path`; with `require_success`, only 2xx and 3xx count, otherwise any
+    /// HTTP answer does (the default check of `/`, which many apps answer 404).
+    Http { path: String, require_success: bool },
+    /// A TCP connection is accepted.
+    Tcp,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck::Http { path: "/".into(), require_success: false }
+    }
+}
+
+/// Why one probe failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("nothing accepts connections on {0}")]
+    Refused(SocketAddr),
+    #[error("{0} accepted the connection but sent no HTTP answer within {1:?}")]
+    NoAnswer(SocketAddr, Duration),
+    #[error("{addr} answered {path} with status {status}")]
+    Status { addr: SocketAddr, path: String, status: u16 },
+}
+
+/// One probe.
+pub async fn probe(addr: SocketAddr, check: &HealthCheck, timeout: Duration) -> Result<(), ProbeError> {
+    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        _ => return Err(ProbeError::Refused(addr)),
+    };
+    let HealthCheck::Http { path, require_success } = check else { return Ok(()) };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: nx-health\r\nConnection: close\r\n\r\n");
+    let status = tokio::time::timeout(timeout, async {
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buf = Vec::with_capacity(64);
+        let mut chunk = [0u8; 64];
+        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 1024 {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        parse_status(&buf)
+    })
+    .await
+    .ok()
+    .flatten();
+    match status {
+        None => Err(ProbeError::NoAnswer(addr, timeout)),
+        Some(s) if *require_success && !(200..400).contains(&s) => {
+            Err(ProbeError::Status { addr, path: path.clone(), status: s })
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn parse_status(buf: &[u8]) -> Option<u16> {
+    let line = buf.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split_whitespace();
+    parts.next().filter(|v| v.starts_with("HTTP/"))?;
+    parts.next()?.parse().ok()
+}
+
+/// Probes until one succeeds or `deadline` passes; returns the last failure.
+/// `give_up` is polled between probes: when it returns true (say, the process
+/// exited), the wait ends early.
+pub async fn wait_healthy(
+    addr: SocketAddr,
+    check: &HealthCheck,
+    deadline: Duration,
+    mut give_up: impl FnMut() -> bool,
+) -> Result<(), ProbeError> {
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let remaining = deadline.saturating_sub(start.elapsed());
+        let result = probe(addr, check, remaining.min(Duration::from_secs(2)).max(Duration::from_millis(50))).await;
+        if result.is_ok() || start.elapsed() >= deadline || give_up() {
+            return result;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn server(answer: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn any_answer_counts_for_the_default_check() {
+        let addr = server("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+        probe(addr, &HealthCheck::default(), Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn explicit_paths_need_success() {
+        let addr = server("HTTP/1.1 500 Oops\r\n\r\n").await;
+        let check = HealthCheck::Http { path: "/healthz".into(), require_success: true };
+        let err = probe(addr, &check, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(err, ProbeError::Status { addr, path: "/healthz".into(), status: 500 });
+    }
+
+    #[tokio::test]
+    async fn garbage_is_not_an_answer() {
+        let addr = server("SSH-2.0-OpenSSH\r\n").await;
+        let err = probe(addr, &HealthCheck::default(), Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(err, ProbeError::NoAnswer(..)), "{err}");
+        probe(addr, &HealthCheck::Tcp, Duration::from_millis(200)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_until_deadline() {
+        let addr = free_addr();
+        let err = wait_healthy(addr, &HealthCheck::Tcp, Duration::from_millis(100), || false).await.unwrap_err();
+        assert_eq!(err, ProbeError::Refused(addr));
+    }
+
+    #[tokio::test]
+    async fn give_up_ends_the_wait() {
+        let addr = free_addr();
+        let started = std::time::Instant::now();
+        let err = wait_healthy(addr, &HealthCheck::Tcp, Duration::from_secs(30), || true).await;
+        assert!(err.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

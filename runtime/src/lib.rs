@@ -1,0 +1,27 @@
+//! Runs untrusted binaries in bubblewrap sandboxes.
+//!
+//! Contract of this crate:
+//! - [`spec::bwrap_args`] turns a [`spec::SandboxSpec`] into bwrap's command line
+//!   as a pure function; what is not on that line is not in the sandbox.
+//! - Every sandbox is started by the [`process::ProcessManager`] thread as the
+//!   app's own unprivileged host uid, with an empty environment plus the app's
+//!   variables (never on the command line), in its own session, and dies with
+//!   this process (parent-death signal).
+//! - [`supervisor::Sandbox`] reports `Starting → Healthy`, restarts crashes with
+//!   capped backoff, ends as `Failed` with the last log lines, and `stop` returns
+//!   only when every process of the sandbox is gone.
+//! - All `unsafe` code and raw system calls live in [`sys`]. Host paths (`/proc`,
+//!   the root the host layout is read from) are passed in, never assumed.
+
+pub mod health;
+pub mod logs;
+pub mod process;
+pub mod spec;
+pub mod supervisor;
+pub mod sys;
+
+pub use health::HealthCheck;
+pub use logs::{Log, LogLimits};
+pub use process::ProcessManager;
+pub use spec::{HostLayout, SandboxSpec};
+pub use supervisor::{RestartPolicy, Sandbox, SandboxConfig, Status};

@@ -1,0 +1,255 @@
+//! Per-deployment logs: what the app prints (stdout and stderr, in order) and what
+//! the supervisor says about it, one timestamped line each, in a size-capped file
+//! that rotates, with a live feed for `nx logs -f`.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::sync::broadcast;
+
+/// Longest line kept; longer ones are cut, so one runaway line cannot fill memory.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Lines kept in memory for failure reports.
+const TAIL_LINES: usize = 50;
+
+/// How much log to keep per deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Size at which the current file is rotated.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`.1` is the newest).
+    pub keep_rotated: u32,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self { max_file_bytes: 8 << 20, keep_rotated: 2 }
+    }
+}
+
+struct Sink {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    limits: LogLimits,
+    tail: VecDeque<String>,
+}
+
+/// A deployment's log; cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    sink: Arc<Mutex<Sink>>,
+    live: broadcast::Sender<String>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").finish_non_exhaustive()
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+impl Log {
+    /// Opens (appending) the log at `path`.
+    pub fn open(path: &Path, limits: LogLimits) -> io::Result<Log> {
+        let file = open_append(path)?;
+        let written = file.metadata()?.len();
+        let (live, _) = broadcast::channel(1024);
+        let sink = Sink { path: path.to_owned(), file, written, limits, tail: VecDeque::with_capacity(TAIL_LINES) };
+        Ok(Log { sink: Arc::new(Mutex::new(sink)), live })
+    }
+
+    /// Appends one line of the app's output.
+    pub fn app_line(&self, line: &str) {
+        self.write(line);
+    }
+
+    /// Appends one line from the platform, marked so users can tell it apart.
+    pub fn system_line(&self, line: &str) {
+        self.write(&format!("[nx] {line}"));
+    }
+
+    fn write(&self, line: &str) {
+        let mut line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str(" [line cut]");
+        }
+        let stamped = format!("{} {line}", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+        let Ok(mut sink) = self.sink.lock() else { return };
+        if let Err(e) = sink.append(&stamped) {
+            tracing::warn!(path = %sink.path.display(), error = %e, "cannot write log");
+        }
+        if sink.tail.len() == TAIL_LINES {
+            sink.tail.pop_front();
+        }
+        sink.tail.push_back(line);
+        drop(sink);
+        // Nobody listening is fine.
+        let _ = self.live.send(stamped);
+    }
+
+    /// The last lines written (without timestamps), oldest first.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let Ok(sink) = self.sink.lock() else { return Vec::new() };
+        sink.tail.iter().skip(sink.tail.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// A feed of every line written from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.live.subscribe()
+    }
+
+    /// Copies the lines of `fd` (a pipe) into the log until it closes.
+    pub async fn pump(&self, fd: OwnedFd) {
+        let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
+        // `take` bounds each read so a line without newline cannot grow forever.
+        let mut reader = tokio::io::BufReader::new(pipe);
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            buf.clear();
+            match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => self.app_line(&String::from_utf8_lossy(&buf)),
+            }
+        }
+    }
+}
+
+impl Sink {
+    fn append(&mut self, line: &str) -> io::Result<()> {
+        if self.written + line.len() as u64 + 1 > self.limits.max_file_bytes && self.written > 0 {
+            self.rotate()?;
+        }
+        self.file.write_all(line.as_bytes())?;
+        self.file.write_all(b"\n")?;
+        self.written += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let keep = self.limits.keep_rotated;
+        if keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(rotated(&self.path, keep));
+            for i in (1..keep).rev() {
+                let _ = std::fs::rename(rotated(&self.path, i), rotated(&self.path, i + 1));
+            }
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        }
+        self.file = open_append(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+fn rotated(path: &Path, i: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{i}"));
+    PathBuf::from(s)
+}
+
+/// The last `n` lines stored at `path`, reading into rotated files when the
+/// current one has fewer.
+pub fn read_recent(path: &Path, n: usize, keep_rotated: u32) -> io::Result<Vec<String>> {
+    let mut files = vec![path.to_owned()];
+    files.extend((1..=keep_rotated).map(|i| rotated(path, i)));
+    let mut lines: VecDeque<String> = VecDeque::new();
+    for file in files {
+        if lines.len() >= n {
+            break;
+        }
+        let f = match File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut chunk: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        chunk.reverse();
+        for line in chunk {
+            if lines.len() >= n {
+                break;
+            }
+            lines.push_front(line);
+        }
+    }
+    Ok(lines.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nx-logs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("d.log")
+    }
+
+    #[test]
+    fn lines_are_stamped_and_tailed() {
+        let path = temp("tail");
+        let log = Log::open(&path, LogLimits::default()).unwrap();
+        log.app_line("hello\n");
+        log.system_line("exited with status 1");
+        assert_eq!(log.tail(5), ["hello", "[nx] exited with status 1"]);
+        let stored = read_recent(&path, 10, 2).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert!(stored[0].ends_with("Z hello"), "{}", stored[0]);
+        assert!(stored[0].starts_with("20"), "{}", stored[0]);
+    }
+
+    #[test]
+    fn files_rotate_and_stay_bounded() {
+        let path = temp("rotate");
+        let limits = LogLimits { max_file_bytes: 1000, keep_rotated: 2 };
+        let log = Log::open(&path, limits).unwrap();
+        for i in 0..500 {
+            log.app_line(&format!("line {i:04}"));
+        }
+        let dir = path.parent().unwrap();
+        let total: u64 = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(total <= 3 * 1000, "{total} bytes kept");
+        assert!(!rotated(&path, 3).exists());
+        let recent = read_recent(&path, 40, 2).unwrap();
+        assert_eq!(recent.len(), 40);
+        assert!(recent.last().unwrap().ends_with("line 0499"));
+        // Across the rotation boundary the order stays oldest first.
+        let numbers: Vec<u32> = recent.iter().map(|l| l.rsplit(' ').next().unwrap().parse().unwrap()).collect();
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    }
+
+    #[test]
+    fn long_lines_are_cut() {
+        let path = temp("long");
+        let log = Log::open(&path, LogLimits::default()).unwrap();
+        log.app_line(&"é".repeat(MAX_LINE));
+        let tail = log.tail(1);
+        assert!(tail[0].ends_with("[line cut]"));
+        assert!(tail[0].len() <= MAX_LINE + 20);
+    }
+
+    #[tokio::test]
+    async fn live_feed_sees_new_lines() {
+        let path = temp("live");
+        let log = Log::open(&path, LogLimits::default()).unwrap();
+        let mut feed = log.subscribe();
+        log.app_line("one");
+        assert!(feed.recv().await.unwrap().ends_with(" one"));
+    }
+}

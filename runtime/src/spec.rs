@@ -1,0 +1,267 @@
+//! The sandbox specification and its translation into a `bwrap` command line.
+//!
+//! [`bwrap_args`] is a pure function of the spec and the host layout, so every
+//! isolation flag can be unit tested without starting anything. The host layout
+//! (where `/usr` and the loader live) is detected once by [`HostLayout::detect`]
+//! from a root directory that tests can replace with a temporary one.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+/// The uid and gid the app has inside its sandbox. The host uid is the app's own
+/// (see `SandboxSpec` users); inside, every app is user 1000, named `app`.
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 1000;
+/// Where the binary is mounted inside the sandbox.
+pub const APP_DIR: &str = "/app";
+/// The app's persistent, writable directory inside the sandbox.
+pub const DATA_DIR: &str = "/data";
+
+/// Everything that varies between sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// Host name inside the sandbox.
+    pub hostname: String,
+    /// Host path of the binary, mounted read-only at `/app/<binary_name>`.
+    pub binary: PathBuf,
+    pub binary_name: String,
+    pub args: Vec<String>,
+    /// Host directory mounted read-write at `/data`.
+    pub data_dir: PathBuf,
+    /// Files mounted read-only into `/etc`: `(host path, name under /etc)`.
+    pub etc_files: Vec<(PathBuf, String)>,
+    /// The binary loads shared libraries: mount `/usr` and the loader read-only.
+    pub dynamic: bool,
+    /// Size of the private `/tmp`, in bytes.
+    pub tmp_size_bytes: u64,
+    /// A compiled seccomp program, passed to bwrap at this descriptor number.
+    pub seccomp_fd: Option<RawFd>,
+    /// Keep the host's network namespace (the app binds its loopback port there).
+    pub share_net: bool,
+    /// Further read-only mounts: `(host path, sandbox path)`.
+    pub ro_binds: Vec<(PathBuf, String)>,
+}
+
+/// How the host's shared libraries are laid out, as far as a dynamic binary
+/// needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLayout {
+    /// The host's `/usr`.
+    pub usr: PathBuf,
+    /// Top-level entries that lead into `/usr` or hold libraries.
+    pub lib_entries: Vec<RootEntry>,
+    /// `/etc/ld.so.cache`, when present.
+    pub ld_cache: Option<PathBuf>,
+}
+
+/// One top-level library entry of the host root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootEntry {
+    /// A merged-/usr symlink such as `/lib -> usr/lib`.
+    Symlink { path: String, target: String },
+    /// A real directory, bound read-only.
+    Dir { host: PathBuf, path: String },
+}
+
+impl HostLayout {
+    /// Reads the layout below `root` (`/` in production).
+    pub fn detect(root: &Path) -> HostLayout {
+        let mut lib_entries = Vec::new();
+        for name in ["lib", "lib64", "lib32", "libx32", "bin", "sbin"] {
+            let host = root.join(name);
+            let Ok(meta) = std::fs::symlink_metadata(&host) else { continue };
+            let path = format!("/{name}");
+            if meta.file_type().is_symlink() {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    lib_entries.push(RootEntry::Symlink { path, target: target.to_string_lossy().into_owned() });
+                }
+            } else if meta.is_dir() {
+                lib_entries.push(RootEntry::Dir { host, path });
+            }
+        }
+        let ld_cache = Some(root.join("etc/ld.so.cache")).filter(|p| p.exists());
+        HostLayout { usr: root.join("usr"), lib_entries, ld_cache }
+    }
+}
+
+fn push(args: &mut Vec<OsString>, items: &[&str]) {
+    args.extend(items.iter().map(OsString::from));
+}
+
+fn push_bind(args: &mut Vec<OsString>, flag: &str, host: &Path, dest: &str) {
+    args.push(flag.into());
+    args.push(host.as_os_str().to_owned());
+    args.push(dest.into());
+}
+
+/// The arguments to pass to `bwrap`: isolation flags, the minimal root, then
+/// the app's command line after `--`.
+pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::with_capacity(64);
+    push(&mut a, &["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]);
+    if !spec.share_net {
+        push(&mut a, &["--unshare-net"]);
+    }
+    // No nested user namespaces: they are the usual first step of a kernel exploit.
+    push(&mut a, &["--disable-userns"]);
+    let (uid, gid) = (SANDBOX_UID.to_string(), SANDBOX_GID.to_string());
+    push(&mut a, &["--uid", &uid, "--gid", &gid, "--hostname", &spec.hostname]);
+    // A new session keeps the app from injecting input into a terminal (TIOCSTI).
+    push(&mut a, &["--die-with-parent", "--new-session", "--cap-drop", "ALL"]);
+    if let Some(fd) = spec.seccomp_fd {
+        push(&mut a, &["--add-seccomp-fd", &fd.to_string()]);
+    }
+    push(&mut a, &["--proc", "/proc", "--dev", "/dev"]);
+    push(&mut a, &["--size", &spec.tmp_size_bytes.to_string(), "--perms", "1777", "--tmpfs", "/tmp"]);
+    if spec.dynamic {
+        push_bind(&mut a, "--ro-bind", &host.usr, "/usr");
+        for entry in &host.lib_entries {
+            match entry {
+                RootEntry::Symlink { path, target } => push(&mut a, &["--symlink", target, path]),
+                RootEntry::Dir { host, path } => push_bind(&mut a, "--ro-bind", host, path),
+            }
+        }
+        if let Some(cache) = &host.ld_cache {
+            push_bind(&mut a, "--ro-bind", cache, "/etc/ld.so.cache");
+        }
+    }
+    for (file, name) in &spec.etc_files {
+        push_bind(&mut a, "--ro-bind", file, &format!("/etc/{name}"));
+    }
+    for (hostp, dest) in &spec.ro_binds {
+        push_bind(&mut a, "--ro-bind", hostp, dest);
+    }
+    let binary_in_sandbox = format!("{APP_DIR}/{}", spec.binary_name);
+    push_bind(&mut a, "--ro-bind", &spec.binary, &binary_in_sandbox);
+    push_bind(&mut a, "--bind", &spec.data_dir, DATA_DIR);
+    // The root is a tmpfs bwrap made; without this the app could create files
+    // anywhere in it.
+    push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", &binary_in_sandbox]);
+    a.extend(spec.args.iter().map(OsString::from));
+    a
+}
+
+/// The synthetic `/etc/passwd` of every sandbox: the app user and nobody, no root
+/// shell and no host accounts.
+pub fn passwd_file(app: &str) -> String {
+    format!("{app}:x:{SANDBOX_UID}:{SANDBOX_GID}:{app}:{DATA_DIR}:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n")
+}
+
+/// The synthetic `/etc/group`.
+pub fn group_file(app: &str) -> String {
+    format!("{app}:x:{SANDBOX_GID}:\nnogroup:x:65534:\n")
+}
+
+/// The synthetic `/etc/hosts`.
+pub fn hosts_file(hostname: &str) -> String {
+    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            hostname: "web".into(),
+            binary: "/srv/nx/cache/abc".into(),
+            binary_name: "server".into(),
+            args: vec!["--port".into(), "20001".into()],
+            data_dir: "/srv/nx/apps/web/data".into(),
+            etc_files: vec![("/srv/nx/run/d1/etc/passwd".into(), "passwd".into())],
+            dynamic: false,
+            tmp_size_bytes: 64 << 20,
+            seccomp_fd: Some(9),
+            share_net: true,
+            ro_binds: vec![],
+        }
+    }
+
+    fn layout() -> HostLayout {
+        HostLayout {
+            usr: "/usr".into(),
+            lib_entries: vec![RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }],
+            ld_cache: Some("/etc/ld.so.cache".into()),
+        }
+    }
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    fn has_seq(args: &[String], seq: &[&str]) -> bool {
+        args.windows(seq.len()).any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
+    }
+
+    #[test]
+    fn every_namespace_is_new_and_privileges_are_dropped() {
+        let a = strings(bwrap_args(&spec(), &layout()));
+        for flag in ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--new-session", "--die-with-parent"] {
+            assert!(a.contains(&flag.to_string()), "{flag} missing");
+        }
+        assert!(has_seq(&a, &["--cap-drop", "ALL"]));
+        assert!(has_seq(&a, &["--uid", "1000", "--gid", "1000"]));
+        assert!(has_seq(&a, &["--add-seccomp-fd", "9"]));
+        assert!(!a.contains(&"--unshare-net".to_string()));
+        assert!(!a.iter().any(|x| x == "--setenv"), "environment values must never be on the command line");
+    }
+
+    #[test]
+    fn isolated_network_unshares_it() {
+        let mut s = spec();
+        s.share_net = false;
+        assert!(strings(bwrap_args(&s, &layout())).contains(&"--unshare-net".to_string()));
+    }
+
+    #[test]
+    fn static_binaries_get_no_host_libraries() {
+        let a = strings(bwrap_args(&spec(), &layout()));
+        assert!(!a.contains(&"/usr".to_string()));
+        assert!(!a.contains(&"/etc/ld.so.cache".to_string()));
+        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/cache/abc", "/app/server"]));
+        assert!(has_seq(&a, &["--bind", "/srv/nx/apps/web/data", "/data"]));
+        assert!(has_seq(&a, &["--size", "67108864", "--perms", "1777", "--tmpfs", "/tmp"]));
+        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/run/d1/etc/passwd", "/etc/passwd"]));
+    }
+
+    #[test]
+    fn dynamic_binaries_get_usr_read_only() {
+        let mut s = spec();
+        s.dynamic = true;
+        let a = strings(bwrap_args(&s, &layout()));
+        assert!(has_seq(&a, &["--ro-bind", "/usr", "/usr"]));
+        assert!(has_seq(&a, &["--symlink", "usr/lib", "/lib"]));
+        assert!(has_seq(&a, &["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]));
+    }
+
+    #[test]
+    fn the_command_comes_last_after_the_root_is_sealed() {
+        let a = strings(bwrap_args(&spec(), &layout()));
+        let sep = a.iter().position(|x| x == "--").unwrap();
+        assert_eq!(&a[sep + 1..], ["/app/server", "--port", "20001"]);
+        assert!(has_seq(&a, &["--remount-ro", "/", "--chdir", "/data", "--"]));
+    }
+
+    #[test]
+    fn host_layout_is_read_from_the_given_root() {
+        let root = std::env::temp_dir().join(format!("nx-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.join("lib64")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        let l = HostLayout::detect(&root);
+        assert_eq!(l.usr, root.join("usr"));
+        assert!(l.lib_entries.contains(&RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }));
+        assert!(l.lib_entries.contains(&RootEntry::Dir { host: root.join("lib64"), path: "/lib64".into() }));
+        assert_eq!(l.ld_cache, None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn synthetic_etc_names_only_the_app() {
+        assert!(passwd_file("web").starts_with("web:x:1000:1000:"));
+        assert!(!passwd_file("web").contains("root"));
+        assert!(hosts_file("web").contains("localhost web"));
+    }
+}

@@ -1,0 +1,410 @@
+//! Supervision of one sandbox: start it as the app's own uid, wait until it
+//! answers its health check, restart it with capped exponential backoff when it
+//! crashes, give up with the last log lines when it crash-loops, and stop the
+//! whole process tree on request.
+//!
+//! Stopping: bwrap's outer process (our child) runs an init process (pid 1 of the
+//! sandbox's pid namespace) which runs the app. SIGTERM goes to the app's process
+//! group so it can shut down cleanly; after the grace period SIGKILL goes to the
+//! sandbox's init, and the kernel then kills every process of the namespace and
+//! init reaps them. The outer process sees its child gone and exits, and we reap
+//! it. Nothing is left as a zombie or an orphan.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+
+use crate::health::{self, HealthCheck};
+use crate::logs::Log;
+use crate::process::{Command, ExitWatch, ProcessManager, Stream};
+use crate::spec::{bwrap_args, HostLayout, SandboxSpec};
+use crate::sys::{self, Rlimit};
+
+/// When to restart and when to give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// More crashes than this within `window` and the deployment is failed.
+    pub max_restarts: u32,
+    pub window: Duration,
+    /// First backoff; doubles with every crash in the window.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            window: Duration::from_secs(300),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The pause before the `n`th restart within the window (n starts at 1).
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
+        self.backoff_base.saturating_mul(factor).min(self.backoff_cap)
+    }
+}
+
+/// Everything needed to run one sandbox. `Debug` leaves out the environment,
+/// which holds the app's secrets.
+#[derive(Clone)]
+pub struct SandboxConfig {
+    pub spec: SandboxSpec,
+    pub host: Arc<HostLayout>,
+    /// The bwrap executable.
+    pub bwrap: PathBuf,
+    /// Host uid and gid the sandbox runs as, the app's own.
+    pub host_ids: (u32, u32),
+    /// The app's complete environment.
+    pub env: Vec<(String, String)>,
+    /// Where the app listens; the health check connects here.
+    pub addr: SocketAddr,
+    pub health: HealthCheck,
+    /// How long the app may take to answer its first health check.
+    pub start_timeout: Duration,
+    /// How long the app has to exit after SIGTERM.
+    pub stop_grace: Duration,
+    pub restart: RestartPolicy,
+    /// `cgroup.procs` files the sandbox joins.
+    pub cgroup_procs: Vec<PathBuf>,
+    pub rlimits: Vec<Rlimit>,
+    /// The host's `/proc`, to find the sandbox's processes.
+    pub proc_root: PathBuf,
+}
+
+impl std::fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxConfig")
+            .field("spec", &self.spec)
+            .field("host_ids", &self.host_ids)
+            .field("env", &format_args!("<{} variables>", self.env.len()))
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a sandbox is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Started (or restarting after a crash); not answering yet.
+    Starting { restarts: u32 },
+    /// Answers its health check.
+    Healthy { restarts: u32 },
+    /// Gave up: could not start, never answered, or crash-looped.
+    Failed { reason: String, log_tail: Vec<String> },
+    /// Stopped on request.
+    Stopped,
+}
+
+impl Status {
+    /// Whether the supervisor is done with this sandbox.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Status::Failed { .. } | Status::Stopped)
+    }
+}
+
+/// A supervised sandbox. Dropping it does not stop it; call [`Sandbox::stop`].
+#[derive(Debug)]
+pub struct Sandbox {
+    status: watch::Receiver<Status>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sandbox {
+    /// Starts supervising; returns at once.
+    pub fn start(config: SandboxConfig, pm: ProcessManager, log: Log) -> Sandbox {
+        let (status_tx, status) = watch::channel(Status::Starting { restarts: 0 });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(supervise(config, pm, log, status_tx, stop_rx));
+        Sandbox { status, stop, task }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until the first start is decided: healthy, failed or stopped.
+    pub async fn wait_started(&self) -> Status {
+        let mut rx = self.status.clone();
+        let result = rx.wait_for(|s| !matches!(s, Status::Starting { .. })).await.map(|s| s.clone());
+        result.unwrap_or(Status::Stopped)
+    }
+
+    /// Stops the sandbox (SIGTERM, grace period, then SIGKILL of the whole
+    /// tree) and waits until every process of it is gone.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    // An error means the handle was dropped without stop: keep running.
+    if rx.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn supervise(
+    cfg: SandboxConfig,
+    pm: ProcessManager,
+    log: Log,
+    status: watch::Sender<Status>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    let mut restarts = 0u32;
+    let fail = |status: &watch::Sender<Status>, reason: String| {
+        log.system_line(&reason);
+        let _ = status.send(Status::Failed { reason, log_tail: log.tail(20) });
+    };
+    loop {
+        let _ = status.send(Status::Starting { restarts });
+        let mut child = match pm.spawn(sandbox_command(&cfg)).await {
+            Ok(c) => c,
+            Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
+        };
+        log.system_line(&format!("sandbox started (pid {})", child.pid()));
+        let mut exit = child.exit_watch();
+        let pump = child.stdout.take().map(|fd| {
+            let log = log.clone();
+            tokio::spawn(async move { log.pump(fd).await })
+        });
+
+        let probe_exit = exit.clone();
+        let healthy = tokio::select! {
+            r = health::wait_healthy(cfg.addr, &cfg.health, cfg.start_timeout, || probe_exit.exited()) => r,
+            _ = stop_requested(&mut stop) => {
+                terminate(&cfg, &mut exit, &log).await;
+                finish_pump(pump).await;
+                let _ = status.send(Status::Stopped);
+                return;
+            }
+        };
+        if let Err(e) = healthy {
+            if !exit.exited() {
+                terminate(&cfg, &mut exit, &log).await;
+                finish_pump(pump).await;
+                return fail(&status, format!("did not pass its health check within {:?}: {e}", cfg.start_timeout));
+            }
+            let code = exit.wait().await;
+            finish_pump(pump).await;
+            return fail(&status, format!("exited ({}) before answering its health check", describe_exit(code)));
+        }
+        log.system_line(&format!("healthy on {}", cfg.addr));
+        let _ = status.send(Status::Healthy { restarts });
+
+        let code = tokio::select! {
+            code = exit.wait() => code,
+            _ = stop_requested(&mut stop) => {
+                terminate(&cfg, &mut exit, &log).await;
+                finish_pump(pump).await;
+                let _ = status.send(Status::Stopped);
+                return;
+            }
+        };
+        finish_pump(pump).await;
+        let now = Instant::now();
+        crashes.push_back(now);
+        while crashes.front().is_some_and(|t| now.duration_since(*t) > cfg.restart.window) {
+            crashes.pop_front();
+        }
+        if crashes.len() as u32 > cfg.restart.max_restarts {
+            return fail(
+                &status,
+                format!(
+                    "crashed {} times within {:?}, giving up; last exit: {}",
+                    crashes.len(),
+                    cfg.restart.window,
+                    describe_exit(code)
+                ),
+            );
+        }
+        let pause = cfg.restart.backoff(crashes.len() as u32);
+        log.system_line(&format!("exited ({}), restarting in {pause:?}", describe_exit(code)));
+        restarts += 1;
+        let _ = status.send(Status::Starting { restarts });
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop_requested(&mut stop) => {
+                let _ = status.send(Status::Stopped);
+                return;
+            }
+        }
+    }
+}
+
+async fn finish_pump(pump: Option<tokio::task::JoinHandle<()>>) {
+    // The pipe closes when the last process of the sandbox exits; a descendant
+    // that escaped into its own session could keep it open, so do not wait long.
+    if let Some(p) = pump {
+        let abort = p.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), p).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
+fn sandbox_command(cfg: &SandboxConfig) -> Command {
+    let mut cmd = Command::new(&cfg.bwrap).args(bwrap_args(&cfg.spec, &cfg.host));
+    cmd.env = cfg.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    cmd.cwd = Some(PathBuf::from("/"));
+    cmd.user = Some(cfg.host_ids);
+    cmd.stdout = Stream::Pipe;
+    cmd.stderr = Stream::ToStdout;
+    cmd.new_session = true;
+    cmd.parent_death_signal = Some(Signal::SIGKILL);
+    cmd.cgroup_procs = cfg.cgroup_procs.clone();
+    cmd.rlimits = cfg.rlimits.clone();
+    cmd
+}
+
+/// "status 3" or "signal 9 (SIGKILL)".
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({})", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        },
+        _ => "unknown status".to_owned(),
+    }
+}
+
+/// The direct children of `pid`, read from `<proc>/<pid>/task/*/children`.
+pub fn children_of(proc_root: &Path, pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(proc_root.join(pid.to_string()).join("task")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
+async fn terminate(cfg: &SandboxConfig, exit: &mut ExitWatch, log: &Log) {
+    if exit.exited() {
+        return;
+    }
+    // bwrap's outer process -> the namespace's init -> the app.
+    let init = children_of(&cfg.proc_root, exit.pid()).into_iter().next();
+    match init {
+        Some(init) => {
+            for app in children_of(&cfg.proc_root, init) {
+                // The app leads its own session and process group (--new-session).
+                let _ = sys::signal_group(app, Signal::SIGTERM);
+                let _ = sys::signal_process(app, Signal::SIGTERM);
+            }
+        }
+        None => {
+            let _ = exit.signal(Signal::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(cfg.stop_grace, exit.wait()).await.is_ok() {
+        log.system_line("stopped");
+        return;
+    }
+    log.system_line(&format!("did not exit within {:?} of SIGTERM, killing it", cfg.stop_grace));
+    // SIGKILL from an ancestor namespace is always delivered to a pid-namespace init.
+    let init = children_of(&cfg.proc_root, exit.pid()).into_iter().next();
+    if let Some(init) = init {
+        let _ = sys::signal_process(init, Signal::SIGKILL);
+    }
+    if tokio::time::timeout(Duration::from_secs(2), exit.wait()).await.is_err() {
+        let _ = exit.signal(Signal::SIGKILL);
+        exit.wait().await;
+    }
+    log.system_line("killed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RestartPolicy {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(3),
+        };
+        assert_eq!(p.backoff(1), Duration::from_millis(500));
+        assert_eq!(p.backoff(2), Duration::from_secs(1));
+        assert_eq!(p.backoff(3), Duration::from_secs(2));
+        assert_eq!(p.backoff(4), Duration::from_secs(3));
+        assert_eq!(p.backoff(40), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn children_are_read_from_the_given_proc() {
+        let root = std::env::temp_dir().join(format!("nx-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("10/task/10")).unwrap();
+        std::fs::create_dir_all(root.join("10/task/11")).unwrap();
+        std::fs::write(root.join("10/task/10/children"), "12 13 ").unwrap();
+        std::fs::write(root.join("10/task/11/children"), "14").unwrap();
+        let mut kids = children_of(&root, 10);
+        kids.sort();
+        assert_eq!(kids, [12, 13, 14]);
+        assert!(children_of(&root, 99).is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn exits_are_described_for_humans() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe_exit(std::process::ExitStatus::from_raw(3 << 8)), "status 3");
+        assert_eq!(describe_exit(std::process::ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
+    }
+
+    #[test]
+    fn debug_never_shows_the_environment() {
+        let cfg = SandboxConfig {
+            spec: SandboxSpec {
+                hostname: "web".into(),
+                binary: "/b".into(),
+                binary_name: "b".into(),
+                args: vec![],
+                data_dir: "/d".into(),
+                etc_files: vec![],
+                dynamic: false,
+                tmp_size_bytes: 1,
+                seccomp_fd: None,
+                share_net: true,
+                ro_binds: vec![],
+            },
+            host: Arc::new(HostLayout { usr: "/usr".into(), lib_entries: vec![], ld_cache: None }),
+            bwrap: "/usr/bin/bwrap".into(),
+            host_ids: (1, 1),
+            env: vec![("DATABASE_URL".into(), "postgres://u:hunter2@h/db".into())],
+            addr: "127.0.0.1:1".parse().unwrap(),
+            health: HealthCheck::Tcp,
+            start_timeout: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(1),
+            restart: RestartPolicy::default(),
+            cgroup_procs: vec![],
+            rlimits: vec![],
+            proc_root: "/proc".into(),
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}

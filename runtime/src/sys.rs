@@ -1,0 +1,200 @@
+//! Every system call the runtime makes that the standard library does not wrap:
+//! the child setup between `fork` and `exec`, reaping, signals and the subreaper
+//! flag. This is the only module of the workspace allowed to use `unsafe`.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// A resource limit applied in the child before `exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: RlimitResource,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The resource limits the runtime sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlimitResource {
+    /// Open file descriptors.
+    NoFile,
+    /// Processes of the (real) user id.
+    NProc,
+    /// Address space in bytes.
+    AddressSpace,
+    /// Largest file the process may create, in bytes.
+    FileSize,
+    /// Core dump size.
+    Core,
+}
+
+impl RlimitResource {
+    fn raw(self) -> libc::__rlimit_resource_t {
+        match self {
+            Self::NoFile => libc::RLIMIT_NOFILE,
+            Self::NProc => libc::RLIMIT_NPROC,
+            Self::AddressSpace => libc::RLIMIT_AS,
+            Self::FileSize => libc::RLIMIT_FSIZE,
+            Self::Core => libc::RLIMIT_CORE,
+        }
+    }
+}
+
+/// What the child does between `fork` and `exec`, in this order: join cgroups,
+/// set resource limits, start a new session, move inherited descriptors into
+/// place, drop to the target user (supplementary groups first), and last set the
+/// parent-death signal, because the kernel clears it on every credential change.
+#[derive(Debug, Default)]
+pub struct ChildSetup {
+    /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
+    pub cgroup_procs: Vec<CString>,
+    pub rlimits: Vec<Rlimit>,
+    pub new_session: bool,
+    /// `(from, to)`: descriptors duplicated onto fixed numbers without close-on-exec.
+    pub fd_moves: Vec<(RawFd, RawFd)>,
+    /// `(uid, gid)` to switch to; supplementary groups are cleared.
+    pub user: Option<(u32, u32)>,
+    /// Signal sent to the child when the thread that spawned it exits.
+    pub parent_death_signal: Option<i32>,
+}
+
+impl ChildSetup {
+    /// Installs the setup on `cmd`.
+    pub fn install(self, cmd: &mut Command) {
+        let parent = std::process::id() as libc::pid_t;
+        let closure = move || -> io::Result<()> {
+            // Only async-signal-safe calls below: everything that allocates was
+            // prepared before the fork.
+            for path in &self.cgroup_procs {
+                write_pid_file(path)?;
+            }
+            for limit in &self.rlimits {
+                let value = libc::rlimit { rlim_cur: limit.soft, rlim_max: limit.hard };
+                // SAFETY: setrlimit reads a valid, initialised struct.
+                check(unsafe { libc::setrlimit(limit.resource.raw(), &value) })?;
+            }
+            if self.new_session {
+                // SAFETY: setsid has no memory-safety preconditions.
+                check(unsafe { libc::setsid() })?;
+            }
+            for &(from, to) in &self.fd_moves {
+                if from == to {
+                    // SAFETY: fcntl on a descriptor number; an invalid one returns EBADF.
+                    check(unsafe { libc::fcntl(from, libc::F_SETFD, 0) })?;
+                } else {
+                    // SAFETY: dup2 on descriptor numbers; errors are returned, not UB.
+                    check(unsafe { libc::dup2(from, to) })?;
+                }
+            }
+            if let Some((uid, gid)) = self.user {
+                // SAFETY: setgroups with a zero length never reads the pointer.
+                check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+                // SAFETY: plain credential syscalls.
+                check(unsafe { libc::setgid(gid) })?;
+                // SAFETY: as above.
+                check(unsafe { libc::setuid(uid) })?;
+            }
+            if let Some(sig) = self.parent_death_signal {
+                // SAFETY: prctl with integer arguments only.
+                check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) })?;
+                // The parent may have died before the flag was set; then nothing
+                // would ever deliver the signal, so give up now.
+                // SAFETY: getppid cannot fail.
+                if unsafe { libc::getppid() } != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only makes async-signal-safe system calls on data
+        // prepared before the fork, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(closure);
+        }
+    }
+}
+
+fn write_pid_file(path: &CString) -> io::Result<()> {
+    // SAFETY: path is a valid NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    check(fd)?;
+    // Writing "0" to cgroup.procs moves the writing process itself.
+    // SAFETY: the buffer is a valid one-byte static string.
+    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    // SAFETY: fd was opened above and is closed exactly once.
+    unsafe { libc::close(fd) };
+    if written < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Marks this process as a child subreaper: orphans of its descendants (say, the
+/// inner process of a sandbox whose outer process was killed) are re-parented to
+/// it instead of to the host's init, so it can reap them.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })
+}
+
+/// Reaps one exited child, any child, without blocking: `Some((pid, raw wait
+/// status))`, or `None` when no child has exited.
+pub fn reap_one() -> Option<(i32, i32)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes to a valid, owned integer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    (pid > 0).then_some((pid, status))
+}
+
+/// Sends `signal` to one process. A process that is already gone is not an error.
+pub fn signal_process(pid: i32, signal: Signal) -> io::Result<()> {
+    ignore_gone(kill(Pid::from_raw(pid), signal))
+}
+
+/// Sends `signal` to a process group.
+pub fn signal_group(pgid: i32, signal: Signal) -> io::Result<()> {
+    ignore_gone(killpg(Pid::from_raw(pgid), signal))
+}
+
+fn ignore_gone(r: nix::Result<()>) -> io::Result<()> {
+    match r {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// Registers `fd` to receive one byte on every SIGCHLD.
+pub fn notify_on_sigchld(fd: std::os::unix::net::UnixStream) -> io::Result<()> {
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, fd).map(|_| ())
+}
+
+/// Waits until one of `fds` is readable or `timeout_ms` passed.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ms: u16) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pollfds: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    match poll(&mut pollfds, PollTimeout::from(timeout_ms)) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// The effective user id of this process.
+pub fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
