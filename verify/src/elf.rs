@@ -1,0 +1,191 @@
+//! ELF details: kind, architecture, loader, needed libraries, the glibc symbol
+//! versions required, and the compiler notes. Generic over 32 and 64 bits.
+
+use object::elf;
+use object::read::elf::{Dyn, ElfFile, FileHeader, ProgramHeader, SectionHeader};
+use object::{Object, ObjectSection, ReadRef};
+
+use crate::report::{compare_versions, ElfKind, Libc, Linkage, Report};
+
+/// Name of an `e_machine` value in Go/Docker spelling.
+pub fn machine_name(machine: u16) -> String {
+    match machine {
+        elf::EM_X86_64 => "amd64".into(),
+        elf::EM_AARCH64 => "arm64".into(),
+        elf::EM_386 => "386".into(),
+        elf::EM_ARM => "arm".into(),
+        elf::EM_RISCV => "riscv64".into(),
+        elf::EM_PPC64 => "ppc64".into(),
+        elf::EM_S390 => "s390x".into(),
+        elf::EM_MIPS => "mips".into(),
+        elf::EM_LOONGARCH => "loong64".into(),
+        other => format!("machine-{other}"),
+    }
+}
+
+fn os_abi_name(abi: u8) -> String {
+    match abi {
+        elf::ELFOSABI_SYSV => "sysv".into(),
+        elf::ELFOSABI_GNU => "linux".into(),
+        elf::ELFOSABI_NETBSD => "netbsd".into(),
+        elf::ELFOSABI_SOLARIS => "solaris".into(),
+        elf::ELFOSABI_FREEBSD => "freebsd".into(),
+        elf::ELFOSABI_OPENBSD => "openbsd".into(),
+        other => format!("abi-{other}"),
+    }
+}
+
+/// Fills `report` from an ELF file. Errors in optional parts are recorded in
+/// `parse_errors` and the rest is still read.
+pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, Elf, R>, data: R, report: &mut Report) {
+    let header = file.elf_header();
+    let endian = file.endian();
+    let ident = header.e_ident();
+    report.bits = Some(if header.is_type_64() { 64 } else { 32 });
+    report.endian = Some(if header.is_big_endian() { "big" } else { "little" }.into());
+    let abi = os_abi_name(ident.os_abi);
+    report.os = Some(match abi.as_str() {
+        "sysv" | "linux" => "linux".to_owned(),
+        other => other.to_owned(),
+    });
+    report.os_abi = Some(abi);
+    report.arch = Some(machine_name(header.e_machine(endian)));
+
+    for ph in file.elf_program_headers() {
+        if ph.p_type(endian) == elf::PT_INTERP {
+            match ph.data(endian, data) {
+                Ok(bytes) => {
+                    let path = String::from_utf8_lossy(bytes).trim_end_matches('\0').to_owned();
+                    report.interpreter = Some(path);
+                }
+                Err(_) => report.parse_errors.push("PT_INTERP points outside the file".into()),
+            }
+        }
+    }
+    report.elf_kind = Some(match header.e_type(endian) {
+        elf::ET_EXEC => ElfKind::Executable,
+        elf::ET_DYN if report.interpreter.is_some() => ElfKind::Pie,
+        // A static PIE has no loader but an entry point; a library usually has none.
+        elf::ET_DYN if file.entry() != 0 && file.section_by_name(".interp").is_none() && has_no_soname(file, data) => ElfKind::Pie,
+        elf::ET_DYN => ElfKind::SharedLibrary,
+        elf::ET_REL => ElfKind::Relocatable,
+        elf::ET_CORE => ElfKind::Core,
+        _ => ElfKind::Other,
+    });
+    report.linkage = Some(if report.interpreter.is_some() { Linkage::Dynamic } else { Linkage::Static });
+
+    let sections = file.elf_section_table();
+    match sections.dynamic(endian, data) {
+        Ok(Some((entries, link))) => {
+            let strings = sections.strings(endian, data, link).ok();
+            for d in entries {
+                if d.d_tag(endian).into() == u64::from(elf::DT_NEEDED) {
+                    let name = strings.and_then(|s| s.get(d.d_val(endian).into() as u32).ok());
+                    if let Some(name) = name {
+                        report.needed.push(String::from_utf8_lossy(name).into_owned());
+                    }
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => report.parse_errors.push(format!("dynamic section: {e}")),
+    }
+
+    match sections.gnu_verneed(endian, data) {
+        Ok(Some((mut needs, link))) => {
+            let strings = sections.strings(endian, data, link).ok();
+            let mut highest: Option<String> = None;
+            while let Ok(Some((_need, mut aux))) = needs.next() {
+                while let Ok(Some(a)) = aux.next() {
+                    let Some(name) = strings.and_then(|s| a.name(endian, s).ok()) else { continue };
+                    let name = String::from_utf8_lossy(name);
+                    if let Some(v) = name.strip_prefix("GLIBC_") {
+                        if v.starts_with(|c: char| c.is_ascii_digit())
+                            && highest.as_deref().is_none_or(|h| compare_versions(v, h).is_gt())
+                        {
+                            highest = Some(v.to_owned());
+                        }
+                    }
+                }
+            }
+            report.glibc_required = highest;
+        }
+        Ok(None) => {}
+        Err(e) => report.parse_errors.push(format!("version needs: {e}")),
+    }
+
+    report.stripped = Some(!sections.iter().any(|s| s.sh_type(endian) == elf::SHT_SYMTAB));
+    if let Some(comment) = file.section_by_name(".comment").and_then(|s| s.data().ok()) {
+        report.compiler = compiler_from_comment(comment);
+    }
+    report.libc = Some(match report.interpreter.as_deref() {
+        Some(i) if i.contains("ld-musl") => Libc::Musl,
+        Some(i) if i.contains("ld-linux") => Libc::Glibc,
+        Some(_) => Libc::Unknown,
+        None if report.glibc_required.is_some() => Libc::Glibc,
+        None => Libc::Unknown,
+    });
+}
+
+/// The highest `GLIBC_x.y` version a C library defines (its `SHT_GNU_VERDEF`):
+/// the newest symbol version binaries may require from it.
+pub fn highest_glibc_defined(data: &[u8]) -> Option<String> {
+    let file = ElfFile::<object::elf::FileHeader64<object::Endianness>>::parse(data).ok()?;
+    let endian = file.endian();
+    let sections = file.elf_section_table();
+    let (mut defs, link) = sections.gnu_verdef(endian, data).ok()??;
+    let strings = sections.strings(endian, data, link).ok()?;
+    let mut highest: Option<String> = None;
+    while let Ok(Some((_def, mut aux))) = defs.next() {
+        while let Ok(Some(a)) = aux.next() {
+            let Ok(name) = a.name(endian, strings) else { continue };
+            let name = String::from_utf8_lossy(name);
+            if let Some(v) = name.strip_prefix("GLIBC_") {
+                if v.starts_with(|c: char| c.is_ascii_digit()) && highest.as_deref().is_none_or(|h| compare_versions(v, h).is_gt()) {
+                    highest = Some(v.to_owned());
+                }
+            }
+        }
+    }
+    highest
+}
+
+fn has_no_soname<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, Elf, R>, data: R) -> bool {
+    let endian = file.endian();
+    match file.elf_section_table().dynamic(endian, data) {
+        Ok(Some((entries, _))) => !entries.iter().any(|d| d.d_tag(endian).into() == u64::from(elf::DT_SONAME)),
+        _ => true,
+    }
+}
+
+/// The most telling compiler line of a `.comment` section: rustc first (Rust
+/// binaries also carry the linker's GCC line), then GCC or clang.
+pub fn compiler_from_comment(comment: &[u8]) -> Option<String> {
+    let lines: Vec<String> = comment
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).trim().to_owned())
+        .collect();
+    let pick = |needle: &str| lines.iter().find(|l| l.contains(needle)).cloned();
+    pick("rustc version").or_else(|| pick("Zig")).or_else(|| pick("GCC:")).or_else(|| pick("clang version"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiler_lines_prefer_rustc() {
+        let c = b"GCC: (Debian 12.2.0-14) 12.2.0\0rustc version 1.95.0 (59807616e 2026-04-14)\0";
+        assert_eq!(compiler_from_comment(c).unwrap(), "rustc version 1.95.0 (59807616e 2026-04-14)");
+        assert_eq!(compiler_from_comment(b"GCC: (Debian 12.2.0-14) 12.2.0\0").unwrap(), "GCC: (Debian 12.2.0-14) 12.2.0");
+        assert_eq!(compiler_from_comment(b"\0\0"), None);
+    }
+
+    #[test]
+    fn machines_use_go_names() {
+        assert_eq!(machine_name(elf::EM_X86_64), "amd64");
+        assert_eq!(machine_name(elf::EM_AARCH64), "arm64");
+        assert_eq!(machine_name(9999), "machine-9999");
+    }
+}

@@ -1,0 +1,135 @@
+//! Go's embedded build information (what `go version -m` prints), read from the
+//! `.go.buildinfo` blob: a 32-byte header starting with `\xff Go buildinf:`,
+//! then, since Go 1.18, the Go version and the module information as
+//! length-prefixed strings.
+
+use crate::report::GoBuildInfo;
+
+const MAGIC: &[u8] = b"\xff Go buildinf:";
+const HEADER_LEN: usize = 32;
+/// Flag bit: strings are inline after the header (Go 1.18 and later).
+const FLAG_INLINE: u8 = 0x2;
+
+/// Finds the header anywhere in `data` (for files whose section table does not
+/// name the blob) and parses it.
+pub fn find(data: &[u8]) -> Option<Result<GoBuildInfo, String>> {
+    memchr::memmem::find(data, MAGIC).map(|off| parse(&data[off..]))
+}
+
+/// Parses a blob that starts with the header.
+pub fn parse(blob: &[u8]) -> Result<GoBuildInfo, String> {
+    if blob.len() < HEADER_LEN || !blob.starts_with(MAGIC) {
+        return Err("Go build info header is truncated".into());
+    }
+    let flags = blob[15];
+    if flags & FLAG_INLINE == 0 {
+        return Err("Go build info predates Go 1.18 and is not read".into());
+    }
+    let mut rest = &blob[HEADER_LEN..];
+    let version = read_string(&mut rest).ok_or("Go version string is truncated")?;
+    let modinfo = read_string(&mut rest).unwrap_or_default();
+    let mut info = GoBuildInfo { go_version: String::from_utf8_lossy(version).into_owned(), ..Default::default() };
+    // The module text is framed by 16-byte sentinels.
+    let text = if modinfo.len() >= 33 && modinfo[modinfo.len() - 17] == b'\n' {
+        &modinfo[16..modinfo.len() - 16]
+    } else {
+        modinfo
+    };
+    for line in String::from_utf8_lossy(text).lines() {
+        let mut fields = line.split('\t');
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some("path"), Some(p), _) => info.path = Some(p.to_owned()),
+            (Some("mod"), Some(m), _) => info.main_module = Some(m.to_owned()),
+            (Some("build"), Some(kv), _) => match kv.split_once('=') {
+                Some(("GOOS", v)) => info.goos = Some(v.to_owned()),
+                Some(("GOARCH", v)) => info.goarch = Some(v.to_owned()),
+                Some(("CGO_ENABLED", v)) => info.cgo_enabled = Some(v == "1"),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Ok(info)
+}
+
+fn read_uvarint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value: u64 = 0;
+    for i in 0..10 {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn read_string<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(read_uvarint(buf)?).ok()?;
+    if len > buf.len() {
+        return None;
+    }
+    let (s, rest) = buf.split_at(len);
+    *buf = rest;
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(version: &str, modinfo: &str) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.push(8);
+        b.push(FLAG_INLINE);
+        b.resize(HEADER_LEN, 0);
+        for s in [version.as_bytes().to_vec(), {
+            let mut m = vec![b'x'; 16];
+            m.extend_from_slice(modinfo.as_bytes());
+            m.extend_from_slice(&[b'y'; 16]);
+            m
+        }] {
+            let mut n = s.len();
+            while n >= 0x80 {
+                b.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            b.push(n as u8);
+            b.extend_from_slice(&s);
+        }
+        b
+    }
+
+    #[test]
+    fn module_and_build_settings_are_read() {
+        let info = parse(&blob(
+            "go1.19.8",
+            "path\texample.com/hello\nmod\texample.com/hello\t(devel)\t\nbuild\tCGO_ENABLED=0\nbuild\tGOARCH=arm64\nbuild\tGOOS=darwin\n",
+        ))
+        .unwrap();
+        assert_eq!(info.go_version, "go1.19.8");
+        assert_eq!(info.path.as_deref(), Some("example.com/hello"));
+        assert_eq!(info.main_module.as_deref(), Some("example.com/hello"));
+        assert_eq!(info.goos.as_deref(), Some("darwin"));
+        assert_eq!(info.goarch.as_deref(), Some("arm64"));
+        assert_eq!(info.cgo_enabled, Some(false));
+    }
+
+    #[test]
+    fn truncated_blobs_are_errors_not_panics() {
+        let b = blob("go1.21.0", "path\tx\n");
+        for len in 0..b.len() {
+            let _ = parse(&b[..len]);
+        }
+        assert!(parse(&b[..20]).is_err());
+    }
+
+    #[test]
+    fn the_header_is_found_at_aligned_offsets() {
+        let mut data = vec![0u8; 64];
+        data.extend(blob("go1.22.1", "path\tp\n"));
+        assert_eq!(find(&data).unwrap().unwrap().go_version, "go1.22.1");
+        assert!(find(&[0u8; 100]).is_none());
+    }
+}
