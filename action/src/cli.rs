@@ -1,0 +1,126 @@
+//! The command line, as clap sees it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  nx login --server http://127.0.0.1:8070 --key nxa_...
+  nx apps create web
+  nx push ./server --app web --arg --port --arg '$PORT'
+  nx ls web
+  nx promote 7kq3mz2a --app web
+  nx verify ./server --server http://127.0.0.1:8070
+
+Exit codes: 0 success; 1 refused or failed (a binary that will not run, a
+deployment that failed); 2 usage, configuration or local error; 3 the server
+could not be reached.";
+
+/// Push a binary, get a preview URL, promote it to production.
+#[derive(Debug, Parser)]
+#[command(name = "nx", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Receiver URL; overrides NX_SERVER and the config file.
+    #[arg(long, global = true, value_name = "URL")]
+    pub server: Option<String>,
+    /// Deploy key or admin token; overrides NX_KEY and the config file.
+    #[arg(long, global = true, value_name = "KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Print results as JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store the server URL and key in the config file (mode 0600).
+    Login(LoginArgs),
+    /// Create and list apps.
+    #[command(subcommand)]
+    Apps(AppsCommand),
+    /// Verify, upload and start a binary; prints its preview URL.
+    Push(PushArgs),
+    /// List apps and their deployments.
+    Ls(LsArgs),
+    /// Make a deployment the production of its app.
+    Promote(PromoteArgs),
+    /// Say whether a binary will run on the server, and how to fix it if not.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Receiver URL, for example http://127.0.0.1:8070.
+    #[arg(long = "server", value_name = "URL")]
+    pub login_server: Option<String>,
+    /// Deploy key or admin token.
+    #[arg(long = "key", value_name = "KEY")]
+    pub login_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Create an app with its own database and a deploy key (shown once).
+    Create {
+        /// DNS-safe name: a-z, 0-9 and '-'.
+        name: String,
+    },
+    /// List apps.
+    Ls,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The binary to push.
+    pub path: PathBuf,
+    /// App to deploy to.
+    #[arg(long, short)]
+    pub app: String,
+    /// Argument for the binary (repeatable); $PORT and $HOST are expanded on the server.
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// Environment variable KEY=VALUE for this deployment (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Promote to production once healthy.
+    #[arg(long)]
+    pub promote: bool,
+    /// Push even if the local check says the binary will not run (the server
+    /// checks again and has the last word).
+    #[arg(long)]
+    pub skip_verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only this app.
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// Deployment id, as printed by `nx push` and `nx ls`.
+    pub deployment: String,
+    /// The deployment's app (found by id when not given).
+    #[arg(long, short)]
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The file to check.
+    pub path: PathBuf,
+    /// Check against this platform instead of a server, for example linux/amd64.
+    #[arg(long, value_name = "OS/ARCH", conflicts_with = "server")]
+    pub target: Option<String>,
+}

@@ -1,0 +1,193 @@
+//! The receiver's API as the CLI sees it: every request signed with the key,
+//! every error answer turned into a [`Failure`] that carries the server's own
+//! explanation.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use nx_protocol::api::{app_of_path, ErrorBody};
+use nx_protocol::auth::{
+    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE,
+    HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::Target;
+use crate::failure::Failure;
+use crate::progress::Progress;
+
+/// A signed API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    key: Credential,
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("nx/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+fn unreachable(server: &str, e: &reqwest::Error) -> Failure {
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason = format!("{reason}: {s}");
+        source = s.source();
+    }
+    Failure::Unreachable(format!(
+        "cannot reach the receiver at {server} ({reason}); check the URL (`nx login --server URL` or NX_SERVER) and that nx-receiver runs there"
+    ))
+}
+
+/// Turns an error answer into a [`Failure`] with the server's message.
+async fn failure(resp: reqwest::Response) -> Failure {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or_else(|_| {
+        if text.trim().is_empty() {
+            format!("the receiver answered {status}")
+        } else {
+            format!("the receiver answered {status}: {}", text.trim())
+        }
+    });
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        Failure::Refused(format!("{message} (set the key with `nx login --key KEY` or NX_KEY)"))
+    } else {
+        Failure::Refused(message)
+    }
+}
+
+/// An unsigned GET, for the endpoints anyone may call (`/v1/health`, `/v1/target`).
+pub async fn get_public<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<T> {
+    let url = format!("{server}{path}");
+    let resp = http_client().get(&url).send().await.map_err(|e| unreachable(server, &e))?;
+    if !resp.status().is_success() {
+        return Err(failure(resp).await.into());
+    }
+    resp.json().await.map_err(|e| Failure::Refused(format!("{url} did not answer with what nx expects: {e}")).into())
+}
+
+impl Client {
+    pub fn new(target: &Target) -> anyhow::Result<Client> {
+        let key = target.key.clone().ok_or_else(|| {
+            Failure::Usage(
+                "no key configured: pass --key, set NX_KEY, or run `nx login --key KEY` (an app's deploy key is printed by `nx apps create`; the admin token at the receiver's first start)"
+                    .into(),
+            )
+        })?;
+        Ok(Client { http: http_client(), server: target.server.clone(), key })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn signed_headers(&self, method: &Method, path: &str, body_sha: &str, len: u64, meta: Option<&[u8]>) -> HeaderMap {
+        let timestamp = chrono::Utc::now().timestamp();
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        let meta_sha = meta.map(sha256_hex);
+        let canonical = CanonicalRequest {
+            method: method.as_str(),
+            path,
+            app: app_of_path(path),
+            key_id: self.key.key_id(),
+            timestamp,
+            nonce: &nonce,
+            content_sha256: body_sha,
+            content_length: len,
+            meta_sha256: meta_sha.as_deref().unwrap_or(EMPTY_SHA256),
+        };
+        let signature = canonical.sign(self.key.expose_secret());
+        let mut h = HeaderMap::new();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        };
+        put(HEADER_KEY, self.key.key_id().to_owned());
+        put(HEADER_TIMESTAMP, timestamp.to_string());
+        put(HEADER_NONCE, nonce);
+        put(HEADER_CONTENT_SHA256, body_sha.to_owned());
+        put(HEADER_SIGNATURE, signature);
+        if let Some(m) = meta {
+            put(HEADER_META, B64.encode(m));
+        }
+        h
+    }
+
+    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<T> {
+        let body = body.unwrap_or_default();
+        let sha = if body.is_empty() { EMPTY_SHA256.to_owned() } else { sha256_hex(&body) };
+        let mut headers = self.signed_headers(&method, path, &sha, body.len() as u64, None);
+        let mut req = self.http.request(method, format!("{}{path}", self.server));
+        if !body.is_empty() {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            req = req.body(body);
+        }
+        let resp = req.headers(headers).send().await.map_err(|e| unreachable(&self.server, &e))?;
+        decode(resp).await
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(Method::POST, path, Some(serde_json::to_vec(body)?)).await
+    }
+
+    /// Streams the file at `path` (whose digest and size are already known) as
+    /// the body of a signed POST, reporting progress.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        api_path: &str,
+        file: &Path,
+        sha256: &str,
+        size: u64,
+        meta: &[u8],
+        progress: Progress,
+    ) -> anyhow::Result<T> {
+        let f = tokio::fs::File::open(file).await.map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                progress.advance(c.len() as u64);
+                if progress.position() >= size {
+                    progress.finish_upload();
+                }
+            }
+            chunk.map(Bytes::from)
+        });
+        let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, Some(meta));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let resp = self
+            .http
+            .post(format!("{}{api_path}", self.server))
+            .headers(headers)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.server, &e))?;
+        decode(resp).await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+    if !resp.status().is_success() {
+        return Err(failure(resp).await.into());
+    }
+    let url = resp.url().to_string();
+    resp.json().await.map_err(|e| Failure::Refused(format!("{url} did not answer with what nx expects: {e}")).into())
+}

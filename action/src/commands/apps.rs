@@ -1,0 +1,39 @@
+//! `nx apps create|ls`.
+
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp};
+use nx_protocol::AppName;
+
+use super::{client, print_json};
+use crate::cli::{AppsCommand, Global};
+use crate::failure::Failure;
+use crate::output::{paint, table, Color};
+
+pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
+    let client = client(g)?;
+    match cmd {
+        AppsCommand::Create { name } => {
+            let name = AppName::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+            let created: CreatedApp = client.post("/v1/apps", &CreateApp { name }).await?;
+            if g.json {
+                return print_json(&created);
+            }
+            println!("created app {} (database {})", paint(created.app.name.as_str(), Color::Bold), created.app.database);
+            println!("production URL: {}", created.app.production_url);
+            println!("deploy key (shown once, store it as a secret, e.g. NX_KEY in GitHub):\n\n    {}\n", created.deploy_key);
+            Ok(())
+        }
+        AppsCommand::Ls => {
+            let apps: Vec<AppInfo> = client.get("/v1/apps").await?;
+            if g.json {
+                return print_json(&apps);
+            }
+            let mut rows = vec![vec!["APP".into(), "PRODUCTION".into(), "URL".into()]];
+            for a in &apps {
+                let prod = a.production.as_ref().map_or_else(|| paint("-", Color::Dim), ToString::to_string);
+                rows.push(vec![a.name.to_string(), prod, a.production_url.clone()]);
+            }
+            print!("{}", table(&rows));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! `nx ls` and `nx promote`.
+
+use nx_protocol::api::{AppInfo, DeploymentInfo, Promotion};
+
+use super::{client, print_json};
+use crate::cli::{Global, LsArgs, PromoteArgs};
+use crate::client::Client;
+use crate::failure::Failure;
+use crate::output::{age, paint, state, table, Color};
+
+pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let apps: Vec<AppInfo> = match &args.app {
+        Some(a) => vec![client.get(&format!("/v1/apps/{a}")).await?],
+        None => client.get("/v1/apps").await?,
+    };
+    let mut listing = Vec::new();
+    for app in apps {
+        let deployments: Vec<DeploymentInfo> = client.get(&format!("/v1/apps/{}/deployments", app.name)).await?;
+        listing.push((app, deployments));
+    }
+    if g.json {
+        let v: Vec<_> = listing.iter().map(|(a, d)| serde_json::json!({ "app": a, "deployments": d })).collect();
+        return print_json(&v);
+    }
+    if listing.is_empty() {
+        println!("no apps yet; create one with `nx apps create NAME`");
+    }
+    let now = chrono::Utc::now();
+    for (app, deployments) in listing {
+        println!("{}  {}", paint(app.name.as_str(), Color::Bold), app.production_url);
+        if deployments.is_empty() {
+            println!("  no deployments yet; push one with `nx push BINARY --app {}`", app.name);
+            continue;
+        }
+        let mut rows = vec![vec!["  ID".into(), "STATE".into(), "AGE".into(), "DIGEST".into(), "PR".into(), "URL".into()]];
+        for d in deployments {
+            let id = if d.production { format!("* {}", d.id) } else { format!("  {}", d.id) };
+            rows.push(vec![
+                id,
+                state(d.state),
+                age(d.created_at, now),
+                d.digest[..12].to_owned(),
+                d.pr.map_or_else(|| "-".into(), |p| format!("#{p}")),
+                d.preview_url,
+            ]);
+        }
+        print!("{}", table(&rows));
+    }
+    Ok(())
+}
+
+/// The app a deployment belongs to, searched across the apps the key sees.
+async fn app_of(client: &Client, id: &str) -> anyhow::Result<String> {
+    let apps: Vec<AppInfo> = client.get("/v1/apps").await?;
+    for app in apps {
+        let deployments: Vec<DeploymentInfo> = client.get(&format!("/v1/apps/{}/deployments", app.name)).await?;
+        if deployments.iter().any(|d| d.id.as_str() == id) {
+            return Ok(app.name.to_string());
+        }
+    }
+    Err(Failure::Refused(format!("no deployment {id} among your apps; `nx ls` lists them")).into())
+}
+
+pub async fn promote(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let app = match args.app {
+        Some(a) => a,
+        None => app_of(&client, &args.deployment).await?,
+    };
+    let p: Promotion = client
+        .post(&format!("/v1/apps/{app}/deployments/{}/promote", args.deployment), &serde_json::json!({}))
+        .await?;
+    if g.json {
+        return print_json(&p);
+    }
+    println!("{} is now production of {}: {}", paint(p.production.as_str(), Color::Bold), p.app, p.production_url);
+    if let Some(prev) = p.previous {
+        println!("previous production {prev} stays up for a rollback (`nx promote {prev} --app {}`)", p.app);
+    }
+    Ok(())
+}

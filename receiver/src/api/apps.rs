@@ -1,0 +1,62 @@
+//! `/v1/apps`: create, list and show apps.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp};
+
+use super::auth::{Caller, VerifiedJson};
+use super::error::{unknown_app, ApiError};
+use super::AppState;
+use crate::apps::{self, AppError};
+use crate::db::AppRow;
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Exists(_) => ApiError::Conflict(e.to_string()),
+            AppError::Database { .. } | AppError::Db(_) => ApiError::internal(e),
+        }
+    }
+}
+
+fn to_info(state: &AppState, row: &AppRow) -> Result<AppInfo, ApiError> {
+    apps::info(row, &state.config).ok_or_else(|| ApiError::internal(anyhow::anyhow!("stored app name {:?} is invalid", row.name)))
+}
+
+/// Finds an app the caller may act on, or says which names exist.
+pub async fn find_app(state: &AppState, caller: &Caller, name: &str) -> Result<AppRow, ApiError> {
+    caller.require_app(name)?;
+    match state.db.app(name).await? {
+        Some(row) => Ok(row),
+        None => {
+            let names: Vec<String> =
+                state.db.apps().await?.into_iter().map(|a| a.name).filter(|n| caller.sees(n)).collect();
+            Err(unknown_app(name, &names))
+        }
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    VerifiedJson(req): VerifiedJson<CreateApp>,
+) -> Result<(StatusCode, Json<CreatedApp>), ApiError> {
+    caller.require_admin()?;
+    let (row, key) = apps::create(&state.db, &state.cluster, &state.master, &state.config, &req.name, &caller.actor()).await?;
+    Ok((StatusCode::CREATED, Json(CreatedApp { app: to_info(&state, &row)?, deploy_key: key.expose_secret().to_owned() })))
+}
+
+pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Json<Vec<AppInfo>>, ApiError> {
+    let rows = state.db.apps().await?;
+    rows.iter().filter(|r| caller.sees(&r.name)).map(|r| to_info(&state, r)).collect::<Result<Vec<_>, _>>().map(Json)
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<AppInfo>, ApiError> {
+    let row = find_app(&state, &caller, &app).await?;
+    Ok(Json(to_info(&state, &row)?))
+}

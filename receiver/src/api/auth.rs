@@ -1,0 +1,210 @@
+//! Request authentication: every `/v1` request except health and target is
+//! signed (see `nx_protocol::auth`). The middleware checks the signature before
+//! the body is read, then records the nonce so the same request cannot be
+//! replayed. Bodies are checked against the signed digest as they are read: by
+//! [`VerifiedJson`] for small JSON bodies, by the artifact store for uploads.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::Response;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use nx_protocol::api::app_of_path;
+use nx_protocol::auth::{
+    is_sha256_hex, is_valid_nonce, sha256_hex, timestamp_fresh, CanonicalRequest, CLOCK_WINDOW_SECS, EMPTY_SHA256,
+    HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Largest JSON body an API call takes.
+const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Who made a request, and what it signed.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: String,
+    pub scope: Scope,
+    /// sha256 the body must have.
+    pub content_sha256: String,
+    /// Declared body length, when the request had one.
+    pub content_length: Option<u64>,
+    /// Decoded `x-nx-meta`, covered by the signature.
+    pub meta: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    App { id: i64, name: String },
+}
+
+impl Caller {
+    /// The actor recorded in the audit log.
+    pub fn actor(&self) -> String {
+        match &self.scope {
+            Scope::Admin => "admin".to_owned(),
+            Scope::App { name, .. } => format!("key:{}@{name}", self.key_id),
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self.scope {
+            Scope::Admin => Ok(()),
+            Scope::App { ref name, .. } => Err(ApiError::Forbidden(format!(
+                "this needs the admin token; the key {} may only act on app '{name}'",
+                self.key_id
+            ))),
+        }
+    }
+
+    pub fn require_app(&self, app: &str) -> Result<(), ApiError> {
+        match &self.scope {
+            Scope::Admin => Ok(()),
+            Scope::App { name, .. } if name == app => Ok(()),
+            Scope::App { name, .. } => Err(ApiError::Forbidden(format!(
+                "the key {} belongs to app '{name}' and cannot act on app '{app}'; use that app's deploy key",
+                self.key_id
+            ))),
+        }
+    }
+
+    /// Whether this caller may see `app`.
+    pub fn sees(&self, app: &str) -> bool {
+        self.require_app(app).is_ok()
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    let value = headers.get(name).ok_or_else(|| {
+        ApiError::Unauthorized(format!("missing header {name}: requests must be signed; use `nx`, which signs them with NX_KEY"))
+    })?;
+    value.to_str().map_err(|_| ApiError::Unauthorized(format!("header {name} is not valid text")))
+}
+
+/// The middleware: authenticates and inserts a [`Caller`] into the request.
+pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    // The body is set aside unread: the signature is checked on the head alone.
+    let (mut parts, body) = req.into_parts();
+    let caller = check(&state, &parts).await?;
+    parts.extensions.insert(caller);
+    Ok(next.run(Request::from_parts(parts, body)).await)
+}
+
+async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Caller, ApiError> {
+    let h = &req.headers;
+    let key_id = header(h, HEADER_KEY)?;
+    let timestamp: i64 = header(h, HEADER_TIMESTAMP)?
+        .parse()
+        .map_err(|_| ApiError::Unauthorized(format!("header {HEADER_TIMESTAMP} must be unix seconds")))?;
+    let now = chrono::Utc::now().timestamp();
+    if !timestamp_fresh(timestamp, now) {
+        return Err(ApiError::Unauthorized(format!(
+            "header {HEADER_TIMESTAMP} is {}s away from the receiver's clock (the limit is {CLOCK_WINDOW_SECS}s); fix the clock of the client or the server",
+            timestamp - now
+        )));
+    }
+    let nonce = header(h, HEADER_NONCE)?;
+    if !is_valid_nonce(nonce) {
+        return Err(ApiError::Unauthorized(format!("header {HEADER_NONCE} must be 16 to 64 characters of A-Z a-z 0-9 - _")));
+    }
+    let content_sha256 = header(h, HEADER_CONTENT_SHA256)?;
+    if !is_sha256_hex(content_sha256) {
+        return Err(ApiError::Unauthorized(format!("header {HEADER_CONTENT_SHA256} must be a lowercase hex sha256")));
+    }
+    let content_length = match h.get(axum::http::header::CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("Content-Length is not a number".into()))?,
+        ),
+        None => None,
+    };
+    let meta = match h.get(HEADER_META) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| B64.decode(v).ok())
+                .ok_or_else(|| ApiError::Unauthorized(format!("header {HEADER_META} is not base64url without padding")))?,
+        ),
+        None => None,
+    };
+    let signature = header(h, HEADER_SIGNATURE)?;
+
+    let key = state.db.key(key_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized(format!(
+            "unknown key {key_id} (header {HEADER_KEY}): it never existed or its app was removed; create one with `nx keys create APP`"
+        ))
+    })?;
+    if let Some(at) = key.revoked_at {
+        return Err(ApiError::Unauthorized(format!("key {key_id} was revoked at {at}; use a current key")));
+    }
+    let secret = state.master.open_str(&key.secret).map_err(ApiError::internal)?;
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let meta_sha = meta.as_deref().map(sha256_hex);
+    let canonical = CanonicalRequest {
+        method: req.method.as_str(),
+        path,
+        app: app_of_path(path),
+        key_id,
+        timestamp,
+        nonce,
+        content_sha256,
+        content_length: content_length.unwrap_or(0),
+        meta_sha256: meta_sha.as_deref().unwrap_or(EMPTY_SHA256),
+    };
+    if !canonical.verify(&secret, signature) {
+        return Err(ApiError::Unauthorized(format!(
+            "the signature (header {HEADER_SIGNATURE}) does not match: the key is wrong, or the request was changed after it was signed"
+        )));
+    }
+    if !state.db.record_nonce(nonce, key_id).await? {
+        return Err(ApiError::Unauthorized(format!(
+            "nonce {nonce} was already used: this request is a replay; sign every request anew"
+        )));
+    }
+    let scope = match (key.kind.as_str(), key.app_id, key.app_name) {
+        ("admin", _, _) => Scope::Admin,
+        (_, Some(id), Some(name)) => Scope::App { id, name },
+        _ => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} has no app"))),
+    };
+    if let Err(e) = state.db.touch_key(key_id).await {
+        tracing::warn!(key = key_id, error = %e, "cannot record key use");
+    }
+    Ok(Caller { key_id: key_id.to_owned(), scope, content_sha256: content_sha256.to_owned(), content_length, meta })
+}
+
+/// A JSON body whose sha256 matches the signed digest.
+#[derive(Debug)]
+pub struct VerifiedJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("VerifiedJson used on an unauthenticated route")))?;
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if body.len() > MAX_JSON_BODY {
+            return Err(ApiError::TooLarge(format!("JSON bodies are limited to {MAX_JSON_BODY} bytes")));
+        }
+        if sha256_hex(&body) != caller.content_sha256 {
+            return Err(ApiError::BadRequest(format!(
+                "the body does not match header {HEADER_CONTENT_SHA256}; it was changed after signing"
+            )));
+        }
+        serde_json::from_slice(&body)
+            .map(VerifiedJson)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not what this call takes: {e}")))
+    }
+}

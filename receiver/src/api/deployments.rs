@@ -1,0 +1,160 @@
+//! `/v1/apps/{app}/deployments`: push a binary, list, show and promote.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use nx_protocol::api::{DeploymentInfo, Promotion, PushMeta};
+use nx_protocol::names::DeploymentId;
+use nx_verify::report::Linkage;
+
+use super::apps::find_app;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::AppState;
+use crate::db::ArtifactRow;
+use crate::deploy::DeployError;
+
+/// Most arguments a push may carry, and their total size.
+const MAX_ARGS: usize = 256;
+const MAX_ARGS_BYTES: usize = 64 << 10;
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            DeployError::Store(s) => s.into(),
+            DeployError::NoPort { .. } => ApiError::Unavailable(e.to_string()),
+            DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
+            DeployError::NotHealthy { .. } => ApiError::Conflict(e.to_string()),
+            DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            DeployError::Db(_) | DeployError::Io { .. } | DeployError::Secret { .. } => ApiError::internal(e),
+        }
+    }
+}
+
+fn parse_meta(caller: &Caller) -> Result<PushMeta, ApiError> {
+    let Some(bytes) = &caller.meta else { return Ok(PushMeta::default()) };
+    let meta: PushMeta = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the push metadata (x-nx-meta) is not valid: {e}")))?;
+    let total: usize = meta.args.iter().map(String::len).sum();
+    if meta.args.len() > MAX_ARGS || total > MAX_ARGS_BYTES {
+        return Err(ApiError::BadRequest(format!("at most {MAX_ARGS} arguments of {MAX_ARGS_BYTES} bytes in all")));
+    }
+    if meta.args.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::BadRequest("arguments may not contain NUL bytes".into()));
+    }
+    Ok(meta)
+}
+
+/// Push: stream the binary in, verify it, store it by digest, run it, and answer
+/// with the deployment once it is healthy (201) or failed (also 201, with the
+/// error and the last log lines, so the client can show why).
+pub async fn push(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
+    let app = find_app(&state, &caller, &app).await?;
+    let limit = state.config.max_upload;
+    let length = caller
+        .content_length
+        .ok_or_else(|| ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into()))?;
+    if length > limit {
+        return Err(ApiError::TooLarge(format!(
+            "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
+        )));
+    }
+    let meta = parse_meta(&caller)?;
+    crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
+
+    let upload = state.store.receive(body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    let bytes = tokio::fs::read(upload.path()).await.map_err(ApiError::internal)?;
+    let (report, verdict) = tokio::task::spawn_blocking({
+        let target = state.target.clone();
+        move || {
+            let report = nx_verify::inspect(&bytes);
+            let verdict = nx_verify::judge(&report, &target);
+            (report, verdict)
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    if !verdict.runs {
+        let _ = state
+            .db
+            .event(Some(&app.name), None, "push.refused", &caller.actor(), serde_json::json!({ "reason": verdict.message() }))
+            .await;
+        return Err(ApiError::Unprocessable(format!("this binary will not run on the server: {}", verdict.message())));
+    }
+    let artifact = match state.db.artifact(&upload.sha256).await? {
+        // A row means the object is durable already: the same bytes are kept once.
+        Some(existing) => existing,
+        None => {
+            let row = ArtifactRow {
+                sha256: upload.sha256.clone(),
+                size: upload.size as i64,
+                format: "elf".into(),
+                arch: report.arch.clone().unwrap_or_default(),
+                linkage: match report.linkage {
+                    Some(Linkage::Dynamic) => "dynamic".into(),
+                    _ => "static".into(),
+                },
+            };
+            state.store.publish(upload).await?;
+            state.db.insert_artifact(&row, &format!("artifacts/{}", row.sha256)).await?;
+            row
+        }
+    };
+    let info = state.deployer.deploy(&app, &artifact, &meta, &caller.actor()).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<DeploymentInfo>>, ApiError> {
+    let app = find_app(&state, &caller, &app).await?;
+    let rows = state.db.deployments_of_app(app.id, 100).await?;
+    rows.iter().map(|r| state.deployer.info(r, Vec::new()).map_err(ApiError::from)).collect::<Result<_, _>>().map(Json)
+}
+
+async fn find_deployment(state: &AppState, app: &str, id: &str) -> Result<crate::db::DeploymentRow, ApiError> {
+    DeploymentId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    match state.db.deployment(id).await? {
+        Some(row) if row.app_name == app => Ok(row),
+        _ => Err(DeployError::UnknownDeployment { app: app.into(), id: id.into() }.into()),
+    }
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<DeploymentInfo>, ApiError> {
+    let app = find_app(&state, &caller, &app).await?;
+    let row = find_deployment(&state, &app.name, &id).await?;
+    Ok(Json(state.deployer.info(&row, Vec::new())?))
+}
+
+pub async fn promote(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Promotion>, ApiError> {
+    let app = find_app(&state, &caller, &app).await?;
+    let row = find_deployment(&state, &app.name, &id).await?;
+    let previous = state.deployer.promote(&app, &row.id, &caller.actor()).await?;
+    let previous = previous.filter(|p| *p != row.id).and_then(|p| DeploymentId::parse(&p).ok());
+    Ok(Json(Promotion {
+        app: row_app(&row)?,
+        production: DeploymentId::parse(&row.id).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?,
+        previous,
+        production_url: state.deployer.production_url(&app.name),
+    }))
+}
+
+fn row_app(row: &crate::db::DeploymentRow) -> Result<nx_protocol::AppName, ApiError> {
+    nx_protocol::AppName::parse(&row.app_name).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+}

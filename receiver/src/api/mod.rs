@@ -1,0 +1,67 @@
+//! The HTTP API: `fn app(state) -> Router`, so it can be driven with `oneshot`
+//! in tests without binding a port.
+
+pub mod apps;
+pub mod auth;
+pub mod deployments;
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nx_protocol::api::Health;
+use nx_protocol::target::ServerTarget;
+
+use crate::config::ServeConfig;
+use crate::db::Db;
+use crate::deploy::Deployer;
+use crate::pg::Cluster;
+use crate::secrets::MasterKey;
+use crate::store::ArtifactStore;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub master: Arc<MasterKey>,
+    pub store: ArtifactStore,
+    pub deployer: Arc<Deployer>,
+    pub cluster: Arc<Cluster>,
+    pub config: Arc<ServeConfig>,
+    pub target: Arc<ServerTarget>,
+}
+
+/// The API router.
+pub fn app(state: AppState) -> Router {
+    let signed = Router::new()
+        .route("/v1/apps", post(apps::create).get(apps::list))
+        .route("/v1/apps/{app}", get(apps::show))
+        .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
+        .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
+        .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/target", get(target))
+        .merge(signed)
+        .fallback(not_found)
+        // Uploads are streamed and capped by the store, not buffered here.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn health() -> Json<Health> {
+    Json(Health { ok: true, version: env!("CARGO_PKG_VERSION").to_owned() })
+}
+
+/// What binaries this server runs; unauthenticated, so `nx verify --server`
+/// works before a key exists.
+async fn target(State(state): State<AppState>) -> Json<ServerTarget> {
+    Json((*state.target).clone())
+}
+
+async fn not_found(uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::NotFound(format!("no API route at {}; this receiver speaks /v1 (see `nx --help`)", uri.path()))
+}

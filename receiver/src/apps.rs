@@ -1,0 +1,92 @@
+//! Apps: creation provisions the app's database and role and its first deploy
+//! key, and records the app only when all of that worked.
+
+use std::sync::Arc;
+
+use nx_protocol::api::AppInfo;
+use nx_protocol::auth::Credential;
+use nx_protocol::names::{production_host, url_for_host, AppName, DeploymentId};
+
+use crate::config::ServeConfig;
+use crate::db::{AppRow, Db};
+use crate::pg::{provision, Cluster, ClusterError};
+use crate::secrets::{random_lower, random_token, MasterKey};
+
+/// Failures of app operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("app '{0}' already exists; pick another name or push to it")]
+    Exists(String),
+    #[error("cannot provision the database of app '{app}': {source}")]
+    Database { app: String, source: ClusterError },
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// The API view of an app.
+pub fn info(row: &AppRow, config: &ServeConfig) -> Option<AppInfo> {
+    let name = AppName::parse(&row.name).ok()?;
+    Some(AppInfo {
+        production_url: url_for_host(&config.public_scheme, &production_host(&name, &config.domain), config.url_port()),
+        name,
+        production: row.production_id.as_deref().and_then(|p| DeploymentId::parse(p).ok()),
+        database: row.db_name.clone(),
+        created_at: row.created_at,
+    })
+}
+
+/// Generates a deploy key: returns the credential (shown once) and its id.
+pub fn new_deploy_key() -> Credential {
+    Credential::deploy_key(&random_lower(10), &random_token(40))
+}
+
+/// Creates an app: database and role first (kept if they exist from a crash
+/// half-way), then the app row and its deploy key, committed together. The
+/// whole creation holds a transaction-scoped advisory lock, so two concurrent
+/// creations of one name (even on two receivers) cannot touch each other's
+/// database; if recording fails, the new database is dropped again.
+pub async fn create(
+    db: &Db,
+    cluster: &Cluster,
+    master: &Arc<MasterKey>,
+    config: &ServeConfig,
+    name: &AppName,
+    actor: &str,
+) -> Result<(AppRow, Credential), AppError> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nx.apps.create'))").execute(&mut *tx).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM apps WHERE name = $1)")
+        .bind(name.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    if exists {
+        return Err(AppError::Exists(name.to_string()));
+    }
+    let db_name = name.database_name();
+    let password = random_token(32);
+    let db_error = |source: ClusterError| AppError::Database { app: name.to_string(), source };
+    let mut admin = cluster.admin_connection("postgres").await.map_err(db_error)?;
+    provision::create_app_database(&mut admin, &db_name, &password).await.map_err(|e| db_error(e.into()))?;
+
+    let key = new_deploy_key();
+    let recorded = async {
+        let row = Db::insert_app(&mut tx, name.as_str(), config.uid_base as i32, &db_name, &master.seal_str(&password)).await?;
+        Db::insert_key(&mut tx, key.key_id(), Some(row.id), "deploy", &master.seal_str(key.expose_secret())).await?;
+        tx.commit().await?;
+        Ok::<AppRow, sqlx::Error>(row)
+    }
+    .await;
+    match recorded {
+        Ok(row) => {
+            db.event(Some(name.as_str()), None, "app.create", actor, serde_json::json!({ "uid": row.uid })).await?;
+            tracing::info!(app = %name, uid = row.uid, "app created");
+            Ok((row, key))
+        }
+        Err(e) => {
+            if let Err(undo) = provision::drop_app_database(&mut admin, &db_name).await {
+                tracing::error!(app = %name, error = %undo, "cannot undo the database of an app that was not recorded");
+            }
+            Err(AppError::Db(e))
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The receiver's configuration: parsed once at startup from flags, each with an
+//! environment fallback, into typed fields.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A value that must never appear in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<T: FromStr> FromStr for Secret<T> {
+    type Err = T::Err;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Secret)
+    }
+}
+
+/// `nx-receiver` and its subcommands.
+#[derive(Debug, clap::Parser)]
+#[command(name = "nx-receiver", version, about = "Receives binaries, runs them in sandboxes, serves them on preview URLs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the receiver: API, embedded Postgres, sandboxes and the router.
+    Serve(Box<ServeConfig>),
+}
+
+/// Everything `nx-receiver serve` needs to know.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Where all state lives: the embedded cluster, artifacts, app data, logs, keys.
+    /// Every directory above it must be traversable by other users (the sandboxes
+    /// and Postgres run as their own uids).
+    #[arg(long, env = "NX_DATA_DIR", default_value = ".nx")]
+    pub data_dir: PathBuf,
+
+    /// Address of the HTTP API.
+    #[arg(long, env = "NX_LISTEN", default_value = "127.0.0.1:8070")]
+    pub listen: SocketAddr,
+
+    /// Base domain: previews are `<deployment>--<app>.<domain>`, production `<app>.<domain>`.
+    #[arg(long, env = "NX_DOMAIN", default_value = "localhost")]
+    pub domain: String,
+
+    /// Address the router listens on.
+    #[arg(long, env = "NX_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub router_listen: SocketAddr,
+
+    /// Scheme of the URLs handed to users (`https` when a TLS proxy sits in front).
+    #[arg(long, env = "NX_PUBLIC_SCHEME", default_value = "http")]
+    pub public_scheme: String,
+
+    /// Port of the URLs handed to users; defaults to the router's port.
+    #[arg(long, env = "NX_PUBLIC_PORT")]
+    pub public_port: Option<u16>,
+
+    /// Do not start nx-router; run it separately (it reads the same control socket).
+    #[arg(long, env = "NX_NO_ROUTER")]
+    pub no_router: bool,
+
+    /// The nx-router executable; by default the one next to this executable.
+    #[arg(long, env = "NX_ROUTER_BIN")]
+    pub router_bin: Option<PathBuf>,
+
+    /// An external PostgreSQL cluster (`postgres://admin:password@host:port/db`) with a
+    /// role that may create roles and databases; without it an embedded cluster runs.
+    #[arg(long, env = "NX_DATABASE_URL")]
+    pub database_url: Option<Secret<String>>,
+
+    /// Directory of PostgreSQL's server programs (`initdb`, `postgres`); found under
+    /// /usr/lib/postgresql when not given.
+    #[arg(long, env = "NX_PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+
+    /// Loopback port of the embedded cluster.
+    #[arg(long, env = "NX_PG_PORT", default_value_t = 54320)]
+    pub pg_port: u16,
+
+    /// Unprivileged system user the embedded cluster runs as (created when missing).
+    #[arg(long, env = "NX_PG_USER", default_value = "nx-postgres")]
+    pub pg_user: String,
+
+    /// Object store for artifacts, as an object_store URL (`s3://bucket/prefix`,
+    /// `gs://...`, `az://...`, `file:///path`); the default is `<data-dir>/store`.
+    #[arg(long, env = "NX_STORE")]
+    pub store: Option<String>,
+
+    /// Largest binary accepted, with a unit (`512MiB`, `2GiB`).
+    #[arg(long, env = "NX_MAX_UPLOAD", default_value = "512MiB", value_parser = parse_size)]
+    pub max_upload: u64,
+
+    /// Loopback ports handed to sandboxes, `FIRST-LAST`.
+    #[arg(long, env = "NX_PORT_RANGE", default_value = "20000-29999", value_parser = parse_range)]
+    pub port_range: RangeInclusive<u16>,
+
+    /// First host uid given to apps; app n runs as uid-base + n.
+    #[arg(long, env = "NX_UID_BASE", default_value_t = 700_000)]
+    pub uid_base: u32,
+
+    /// The bubblewrap executable.
+    #[arg(long, env = "NX_BWRAP", default_value = "/usr/bin/bwrap")]
+    pub bwrap: PathBuf,
+
+    /// How long a new deployment may take to answer its health check (`30s`, `2m`).
+    #[arg(long, env = "NX_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub start_timeout: Duration,
+
+    /// How long a stopping app has between SIGTERM and SIGKILL.
+    #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Admin token to install on first start (`nxa_...`); when not given, one is
+    /// generated and printed once.
+    #[arg(long, env = "NX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret<String>>,
+}
+
+impl ServeConfig {
+    /// The port shown in URLs.
+    pub fn url_port(&self) -> u16 {
+        self.public_port.unwrap_or(self.router_listen.port())
+    }
+}
+
+/// Parses `512MiB`, `20MB`, `1024` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write it like 512MiB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `30s`, `5m`, `2h`, `7d`, `250ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration; write it like 30s, 5m or 7d"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        other => return Err(format!("unknown duration unit {other:?}; use ms, s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let err = || format!("{s:?} is not a port range; write it like 20000-29999");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?);
+    if a == 0 || a > b {
+        return Err(err());
+    }
+    Ok(a..=b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("lots").unwrap_err().contains("512MiB"));
+        assert!(parse_size("5XB").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_range("20000-20009").unwrap(), 20000..=20009);
+        assert!(parse_range("9-1").is_err());
+        assert!(parse_range("0-10").is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let s: Secret<String> = "postgres://a:hunter2@h/db".parse().unwrap();
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert!(s.expose().contains("hunter2"));
+    }
+}

@@ -1,0 +1,374 @@
+//! The metadata database: typed rows and the queries the receiver makes.
+//! Every statement is here, so the schema and its uses can be read together.
+
+use chrono::{DateTime, Utc};
+use nx_protocol::api::DeploymentState;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Cheap-to-clone handle to the metadata pool.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: PgPool,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AppRow {
+    pub id: i64,
+    pub name: String,
+    pub uid: i32,
+    pub db_name: String,
+    pub db_role: String,
+    pub db_password: Vec<u8>,
+    pub production_id: Option<String>,
+    pub previous_production_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ArtifactRow {
+    pub sha256: String,
+    pub size: i64,
+    pub format: String,
+    pub arch: String,
+    pub linkage: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeploymentRow {
+    pub id: String,
+    pub app_id: i64,
+    pub app_name: String,
+    pub artifact_sha256: String,
+    pub size: i64,
+    pub linkage: String,
+    pub state: String,
+    pub port: i32,
+    pub args: Json<Vec<String>>,
+    pub env: Option<Vec<u8>>,
+    pub filename: Option<String>,
+    pub git_sha: Option<String>,
+    pub git_ref: Option<String>,
+    pub pr_number: Option<i64>,
+    pub source: String,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub promoted_at: Option<DateTime<Utc>>,
+    pub is_production: bool,
+}
+
+impl DeploymentRow {
+    pub fn state(&self) -> DeploymentState {
+        DeploymentState::parse(&self.state).unwrap_or(DeploymentState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    pub id: String,
+    pub app_id: Option<i64>,
+    pub app_name: Option<String>,
+    pub kind: String,
+    pub secret: Vec<u8>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A new deployment to record.
+#[derive(Debug)]
+pub struct NewDeployment<'a> {
+    pub id: &'a str,
+    pub app_id: i64,
+    pub artifact_sha256: &'a str,
+    pub port: i32,
+    pub args: &'a [String],
+    pub env: Option<Vec<u8>>,
+    pub filename: Option<&'a str>,
+    pub git_sha: Option<&'a str>,
+    pub git_ref: Option<&'a str>,
+    pub pr_number: Option<i64>,
+    pub source: &'a str,
+}
+
+const DEPLOYMENT_COLUMNS: &str = "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, \
+     (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
+     FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
+
+/// Whether an error is a unique-constraint violation (a lost race or a
+/// duplicate name), which callers turn into a clear answer.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+impl Db {
+    pub fn new(pool: PgPool) -> Db {
+        Db { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    // --- apps ---
+
+    pub async fn app(&self, name: &str) -> Result<Option<AppRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM apps WHERE name = $1").bind(name).fetch_optional(&self.pool).await
+    }
+
+    pub async fn app_by_id(&self, id: i64) -> Result<Option<AppRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM apps WHERE id = $1").bind(id).fetch_optional(&self.pool).await
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM apps ORDER BY name").fetch_all(&self.pool).await
+    }
+
+    /// Records a new app with the next free uid at or above `uid_base`.
+    pub async fn insert_app(
+        tx: &mut Transaction<'_, Postgres>,
+        name: &str,
+        uid_base: i32,
+        db_name: &str,
+        sealed_password: &[u8],
+    ) -> Result<AppRow, sqlx::Error> {
+        // Serialises uid allocation; uids are never reused, even after removal.
+        sqlx::query("LOCK TABLE apps IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
+        sqlx::query_as(
+            "INSERT INTO apps (name, uid, db_name, db_role, db_password) \
+             VALUES ($1, GREATEST($2, (SELECT COALESCE(MAX(uid) + 1, $2) FROM apps)), $3, $3, $4) RETURNING *",
+        )
+        .bind(name)
+        .bind(uid_base)
+        .bind(db_name)
+        .bind(sealed_password)
+        .fetch_one(&mut **tx)
+        .await
+    }
+
+    // --- keys ---
+
+    pub async fn insert_key(
+        tx: &mut Transaction<'_, Postgres>,
+        id: &str,
+        app_id: Option<i64>,
+        kind: &str,
+        sealed_secret: &[u8],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO keys (id, app_id, kind, secret) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(app_id)
+            .bind(kind)
+            .bind(sealed_secret)
+            .execute(&mut **tx)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<KeyRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT k.id, k.app_id, a.name AS app_name, k.kind, k.secret, k.revoked_at \
+             FROM keys k LEFT JOIN apps a ON a.id = k.app_id WHERE k.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    pub async fn admin_key_exists(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM keys WHERE kind = 'admin' AND revoked_at IS NULL)")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn touch_key(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE keys SET last_used_at = now() WHERE id = $1").bind(id).execute(&self.pool).await.map(|_| ())
+    }
+
+    /// Remembers a nonce; `false` when it was seen before (a replay).
+    pub async fn record_nonce(&self, nonce: &str, key_id: &str) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query("INSERT INTO nonces (nonce, key_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(nonce)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets nonces older than the clock window allows anyway.
+    pub async fn expire_nonces(&self, older_than_secs: i64) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query("DELETE FROM nonces WHERE seen_at < now() - make_interval(secs => $1)")
+            .bind(older_than_secs as f64)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    // --- artifacts ---
+
+    pub async fn artifact(&self, sha256: &str) -> Result<Option<ArtifactRow>, sqlx::Error> {
+        sqlx::query_as("SELECT sha256, size, format, arch, linkage FROM artifacts WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn insert_artifact(&self, a: &ArtifactRow, object_key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO artifacts (sha256, size, format, arch, linkage, object_key) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(&a.sha256)
+        .bind(a.size)
+        .bind(&a.format)
+        .bind(&a.arch)
+        .bind(&a.linkage)
+        .bind(object_key)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    // --- deployments ---
+
+    pub async fn insert_deployment(&self, d: &NewDeployment<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(d.id)
+        .bind(d.app_id)
+        .bind(d.artifact_sha256)
+        .bind(d.port)
+        .bind(Json(d.args))
+        .bind(&d.env)
+        .bind(d.filename)
+        .bind(d.git_sha)
+        .bind(d.git_ref)
+        .bind(d.pr_number)
+        .bind(d.source)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!("SELECT {DEPLOYMENT_COLUMNS} WHERE d.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn deployments_of_app(&self, app_id: i64, limit: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!("SELECT {DEPLOYMENT_COLUMNS} WHERE d.app_id = $1 ORDER BY d.created_at DESC LIMIT $2"))
+            .bind(app_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Deployments that should be running: what a restart brings back.
+    pub async fn live_deployments(&self) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.state IN ('pending', 'starting', 'healthy') ORDER BY d.created_at"
+        ))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Every deployment the router should know about: all but long-stopped ones.
+    pub async fn routed_deployments(&self) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.state <> 'stopped' OR d.stopped_at > now() - interval '30 days'"
+        ))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn used_ports(&self) -> Result<Vec<i32>, sqlx::Error> {
+        sqlx::query_scalar("SELECT port FROM deployments WHERE state IN ('pending', 'starting', 'healthy')")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    pub async fn set_state(&self, id: &str, state: DeploymentState, error: Option<&str>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE deployments SET state = $2, error = $3, \
+             stopped_at = CASE WHEN $2 IN ('stopped', 'failed') THEN now() ELSE NULL END WHERE id = $1",
+        )
+        .bind(id)
+        .bind(state.as_str())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Makes `deployment` the app's production in one transaction; returns the
+    /// previous production. The deployment must be healthy at that moment.
+    pub async fn promote(&self, app_id: i64, deployment: &str) -> Result<PromoteOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<Option<String>> =
+            sqlx::query_scalar("SELECT production_id FROM apps WHERE id = $1 FOR UPDATE")
+                .bind(app_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(current) = current else { return Ok(PromoteOutcome::NoApp) };
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM deployments WHERE id = $1 AND app_id = $2")
+            .bind(deployment)
+            .bind(app_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match state.as_deref() {
+            None => return Ok(PromoteOutcome::NoDeployment),
+            Some("healthy") => {}
+            Some(other) => return Ok(PromoteOutcome::NotHealthy(other.to_owned())),
+        }
+        if current.as_deref() == Some(deployment) {
+            return Ok(PromoteOutcome::AlreadyProduction);
+        }
+        sqlx::query("UPDATE apps SET production_id = $2, previous_production_id = $3 WHERE id = $1")
+            .bind(app_id)
+            .bind(deployment)
+            .bind(&current)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE deployments SET promoted_at = now() WHERE id = $1").bind(deployment).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(PromoteOutcome::Promoted { previous: current })
+    }
+
+    // --- events ---
+
+    pub async fn event(
+        &self,
+        app: Option<&str>,
+        deployment: Option<&str>,
+        kind: &str,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO events (app, deployment_id, kind, actor, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(app)
+            .bind(deployment)
+            .bind(kind)
+            .bind(actor)
+            .bind(detail)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// What [`Db::promote`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromoteOutcome {
+    Promoted { previous: Option<String> },
+    AlreadyProduction,
+    NotHealthy(String),
+    NoDeployment,
+    NoApp,
+}

@@ -1,0 +1,563 @@
+//! Deployments: record them, run them in sandboxes, follow their health into the
+//! database and the route table, promote them, and bring them back after a
+//! restart.
+//!
+//! Each running sandbox has a watcher task that is the only writer of its
+//! deployment's state: it applies every status change to the database, then to
+//! the router, and only then tells waiters, so a caller that saw "healthy" can
+//! rely on the URL answering.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source};
+use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
+use nx_runtime::spec::{group_file, hosts_file, passwd_file, HostLayout, SandboxSpec};
+use nx_runtime::supervisor::{RestartPolicy, SandboxConfig, Status};
+use nx_runtime::{HealthCheck, Log, LogLimits, ProcessManager, Sandbox};
+use rand::RngCore;
+use tokio::sync::watch;
+
+use crate::config::ServeConfig;
+use crate::db::{AppRow, ArtifactRow, Db, DeploymentRow, NewDeployment, PromoteOutcome};
+use crate::pg::{app_database_env, AppEndpoint};
+use crate::routing::RoutePublisher;
+use crate::secrets::MasterKey;
+use crate::store::{ArtifactStore, StoreError};
+
+/// Variables the platform sets and pushes may not override.
+pub const RESERVED_ENV: [&str; 4] = ["PORT", "HOST", "NX_APP", "NX_DEPLOYMENT"];
+/// Size of every sandbox's private /tmp.
+const TMP_SIZE: u64 = 256 << 20;
+
+/// Failures of deployment operations; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no free port in {first}-{last} for a new deployment; stop unused deployments or widen --port-range")]
+    NoPort { first: u16, last: u16 },
+    #[error("cannot prepare {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("a sealed secret of app {app} cannot be opened: {source}")]
+    Secret { app: String, source: crate::secrets::SecretError },
+    #[error("deployment {id} does not exist in app {app}; `nx ls {app}` lists its deployments")]
+    UnknownDeployment { app: String, id: String },
+    #[error("deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`")]
+    NotHealthy { id: String, state: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
+    move |source| DeployError::Io { path: path.to_owned(), source }
+}
+
+/// A running sandbox and what its watcher last applied.
+#[derive(Debug)]
+struct Running {
+    sandbox: Sandbox,
+    applied: watch::Receiver<Status>,
+}
+
+/// The deployment service.
+#[derive(Debug)]
+pub struct Deployer {
+    db: Db,
+    store: ArtifactStore,
+    pm: ProcessManager,
+    master: Arc<MasterKey>,
+    endpoint: AppEndpoint,
+    config: Arc<ServeConfig>,
+    host: Arc<HostLayout>,
+    routes: Arc<RoutePublisher>,
+    running: Mutex<HashMap<String, Running>>,
+    port_lock: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+}
+
+/// Checks pushed variables: names a shell would accept, no NUL bytes, nothing
+/// the platform sets itself.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), DeployError> {
+    for (k, v) in env {
+        let valid = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(DeployError::Invalid(format!("environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit")));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(DeployError::Invalid(format!("{k} is set by the platform and cannot be overridden")));
+        }
+        if v.contains('\0') {
+            return Err(DeployError::Invalid(format!("the value of {k} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+/// Expands `$PORT`, `${PORT}`, `$HOST`, `$NX_APP` and `$NX_DEPLOYMENT` in an
+/// argument; `$$` is a literal `$`. Secrets are never expanded: arguments are
+/// visible to every user of the host.
+pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+            continue;
+        }
+        let (name, after, braced) = match rest.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(end) => (&r[..end], &r[end + 1..], true),
+                None => ("", rest, false),
+            },
+            None => {
+                let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+                (&rest[..end], &rest[end..], false)
+            }
+        };
+        match vars.iter().find(|(k, _)| *k == name) {
+            Some((_, v)) => {
+                out.push_str(v);
+                rest = after;
+            }
+            None => {
+                // Unknown names stay as written.
+                out.push('$');
+                if braced {
+                    out.push('{');
+                }
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Deployer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: Db,
+        store: ArtifactStore,
+        pm: ProcessManager,
+        master: Arc<MasterKey>,
+        endpoint: AppEndpoint,
+        config: Arc<ServeConfig>,
+        host: Arc<HostLayout>,
+        routes: Arc<RoutePublisher>,
+    ) -> Deployer {
+        Deployer {
+            db,
+            store,
+            pm,
+            master,
+            endpoint,
+            config,
+            host,
+            routes,
+            running: Mutex::new(HashMap::new()),
+            port_lock: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn url(&self, host: &str) -> String {
+        url_for_host(&self.config.public_scheme, host, self.config.url_port())
+    }
+
+    /// Where an app's production is served.
+    pub fn production_url(&self, app: &str) -> String {
+        match AppName::parse(app) {
+            Ok(a) => self.url(&production_host(&a, &self.config.domain)),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The API view of a deployment row.
+    pub fn info(&self, row: &DeploymentRow, log_tail: Vec<String>) -> Result<DeploymentInfo, DeployError> {
+        let damaged = |e: nx_protocol::NameError| DeployError::Invalid(format!("stored deployment {} is damaged: {e}", row.id));
+        let id = DeploymentId::parse(&row.id).map_err(damaged)?;
+        let app = AppName::parse(&row.app_name).map_err(damaged)?;
+        Ok(DeploymentInfo {
+            preview_url: self.url(&preview_host(&id, &app, &self.config.domain)),
+            id,
+            app,
+            state: row.state(),
+            digest: row.artifact_sha256.clone(),
+            size: row.size as u64,
+            production: row.is_production,
+            port: row.port as u16,
+            git_sha: row.git_sha.clone(),
+            git_ref: row.git_ref.clone(),
+            pr: row.pr_number.map(|p| p as u64),
+            source: match row.source.as_str() {
+                "action" => Source::Action,
+                "sftp" => Source::Sftp,
+                _ => Source::Cli,
+            },
+            created_at: row.created_at,
+            promoted_at: row.promoted_at,
+            error: row.error.clone(),
+            log_tail,
+        })
+    }
+
+    /// Picks a free port: not held by a live deployment, and bindable now.
+    async fn allocate_port(&self) -> Result<u16, DeployError> {
+        let used: std::collections::HashSet<i32> = self.db.used_ports().await?.into_iter().collect();
+        let range = self.config.port_range.clone();
+        let span = u32::from(*range.end() - *range.start()) + 1;
+        let offset = rand::thread_rng().next_u32() % span;
+        for i in 0..span {
+            let port = *range.start() + ((offset + i) % span) as u16;
+            if used.contains(&i32::from(port)) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(DeployError::NoPort { first: *range.start(), last: *range.end() })
+    }
+
+    /// Records a deployment of `artifact` to `app`, starts it, and returns once
+    /// it is healthy or has failed.
+    pub async fn deploy(&self, app: &AppRow, artifact: &ArtifactRow, meta: &PushMeta, actor: &str) -> Result<DeploymentInfo, DeployError> {
+        validate_env(&meta.env)?;
+        let env = if meta.env.is_empty() {
+            None
+        } else {
+            let json = serde_json::to_vec(&meta.env).map_err(|e| DeployError::Invalid(e.to_string()))?;
+            Some(self.master.seal(&json))
+        };
+        let id = {
+            let mut bytes = [0u8; DeploymentId::LEN];
+            rand::thread_rng().fill_bytes(&mut bytes);
+            DeploymentId::from_random(bytes).to_string()
+        };
+        {
+            // Ports are chosen and recorded under one lock so two pushes never
+            // take the same one.
+            let _guard = self.port_lock.lock().await;
+            let port = self.allocate_port().await?;
+            self.db
+                .insert_deployment(&NewDeployment {
+                    id: &id,
+                    app_id: app.id,
+                    artifact_sha256: &artifact.sha256,
+                    port: i32::from(port),
+                    args: &meta.args,
+                    env,
+                    filename: meta.filename.as_deref(),
+                    git_sha: meta.git_sha.as_deref(),
+                    git_ref: meta.git_ref.as_deref(),
+                    pr_number: meta.pr.map(|p| p as i64),
+                    source: meta.source.as_str(),
+                })
+                .await?;
+        }
+        self.db
+            .event(
+                Some(&app.name),
+                Some(&id),
+                "push",
+                actor,
+                serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
+            )
+            .await?;
+        let row = self.row(&id).await?;
+        let status = self.start(&row).await?;
+        let row = self.row(&id).await?;
+        let tail = match status {
+            Status::Failed { log_tail, .. } => log_tail,
+            _ => Vec::new(),
+        };
+        self.info(&row, tail)
+    }
+
+    async fn row(&self, id: &str) -> Result<DeploymentRow, DeployError> {
+        self.db.deployment(id).await?.ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
+    }
+
+    /// Starts the sandbox of `row` and waits until its first start is decided
+    /// and applied.
+    pub async fn start(&self, row: &DeploymentRow) -> Result<Status, DeployError> {
+        let app = self
+            .db
+            .app_by_id(row.app_id)
+            .await?
+            .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })?;
+        let config = self.sandbox_config(&app, row).await?;
+        let logs_dir = self.config.data_dir.join("logs/deployments");
+        std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
+        let log_path = logs_dir.join(format!("{}.log", row.id));
+        let log = Log::open(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
+        self.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+        let sandbox = Sandbox::start(config, self.pm.clone(), log);
+        let (applied_tx, applied) = watch::channel(Status::Starting { restarts: 0 });
+        tokio::spawn(watch_sandbox(
+            sandbox.watch(),
+            applied_tx,
+            self.db.clone(),
+            self.routes.clone(),
+            row.id.clone(),
+            row.app_name.clone(),
+        ));
+        let mut waiter = applied.clone();
+        if let Some(old) = self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied }) {
+            // Never two instances of one deployment.
+            tokio::spawn(old.sandbox.stop());
+        }
+        let status = waiter
+            .wait_for(|s| !matches!(s, Status::Starting { .. }))
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(Status::Stopped);
+        if matches!(status, Status::Failed { .. }) {
+            let _ = self.running.lock().map(|mut r| r.remove(&row.id));
+        }
+        Ok(status)
+    }
+
+    async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
+        let binary = self.store.materialize(&row.artifact_sha256).await?;
+        let uid = app.uid as u32;
+        let data_root = &self.config.data_dir;
+        let app_dir = data_root.join("apps").join(&app.name);
+        let data_dir = app_dir.join("data");
+        for (dir, mode) in [(data_root.join("apps"), 0o711), (app_dir.clone(), 0o711)] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(&dir))?;
+        }
+        std::fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        std::os::unix::fs::chown(&data_dir, Some(uid), Some(uid)).map_err(io_err(&data_dir))?;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+
+        let etc = data_root.join("run").join(&row.id).join("etc");
+        std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|_| "nameserver 1.1.1.1\n".into());
+        let files = [
+            ("passwd", passwd_file(&app.name)),
+            ("group", group_file(&app.name)),
+            ("hosts", hosts_file(&app.name)),
+            ("resolv.conf", resolv),
+            ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
+        ];
+        let mut etc_files = Vec::new();
+        for (name, contents) in files {
+            let path = etc.join(name);
+            std::fs::write(&path, contents).map_err(io_err(&path))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&path))?;
+            etc_files.push((path, name.to_owned()));
+        }
+        let mut ro_binds = Vec::new();
+        let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        if ca.exists() {
+            ro_binds.push((ca.to_owned(), "/etc/ssl/certs/ca-certificates.crt".to_owned()));
+        }
+
+        let password = self
+            .master
+            .open_str(&app.db_password)
+            .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+        let port = row.port as u16;
+        let port_s = port.to_string();
+        let mut env: Vec<(String, String)> = vec![
+            ("PORT".into(), port_s.clone()),
+            ("HOST".into(), "127.0.0.1".into()),
+            ("NX_APP".into(), app.name.clone()),
+            ("NX_DEPLOYMENT".into(), row.id.clone()),
+            ("HOME".into(), "/data".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("SSL_CERT_FILE".into(), "/etc/ssl/certs/ca-certificates.crt".into()),
+        ];
+        env.extend(app_database_env(&self.endpoint, &app.db_role, &app.db_name, &password));
+        if let Some(sealed) = &row.env {
+            let json = self.master.open(sealed).map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+            let own: BTreeMap<String, String> =
+                serde_json::from_slice(&json).map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
+            for (k, v) in own {
+                env.retain(|(name, _)| *name != k);
+                env.push((k, v));
+            }
+        }
+        let vars = [("PORT", port_s.as_str()), ("HOST", "127.0.0.1"), ("NX_APP", app.name.as_str()), ("NX_DEPLOYMENT", row.id.as_str())];
+        let args = row.args.0.iter().map(|a| expand_arg(a, &vars)).collect();
+        let binary_name = row
+            .filename
+            .as_deref()
+            .map(|f| f.rsplit('/').next().unwrap_or(f))
+            .filter(|f| !f.is_empty() && !f.starts_with('.') && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            .unwrap_or("app")
+            .to_owned();
+        Ok(SandboxConfig {
+            spec: SandboxSpec {
+                hostname: app.name.clone(),
+                binary,
+                binary_name,
+                args,
+                data_dir,
+                etc_files,
+                dynamic: row.linkage == "dynamic",
+                tmp_size_bytes: TMP_SIZE,
+                seccomp_fd: None,
+                share_net: true,
+                ro_binds,
+            },
+            host: self.host.clone(),
+            bwrap: self.config.bwrap.clone(),
+            host_ids: (uid, uid),
+            env,
+            addr: ([127, 0, 0, 1], port).into(),
+            health: HealthCheck::default(),
+            start_timeout: self.config.start_timeout,
+            stop_grace: self.config.stop_grace,
+            restart: RestartPolicy::default(),
+            cgroup_procs: Vec::new(),
+            rlimits: Vec::new(),
+            proc_root: PathBuf::from("/proc"),
+        })
+    }
+
+    /// Makes `id` the production of `app`; the router switches atomically and the
+    /// previous production keeps running for a rollback.
+    pub async fn promote(&self, app: &AppRow, id: &str, actor: &str) -> Result<Option<String>, DeployError> {
+        let outcome = self.db.promote(app.id, id).await?;
+        let previous = match outcome {
+            PromoteOutcome::Promoted { previous } => previous,
+            PromoteOutcome::AlreadyProduction => return Ok(Some(id.to_owned())),
+            PromoteOutcome::NotHealthy(state) => return Err(DeployError::NotHealthy { id: id.into(), state }),
+            PromoteOutcome::NoDeployment | PromoteOutcome::NoApp => {
+                return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() })
+            }
+        };
+        self.db
+            .event(Some(&app.name), Some(id), "promote", actor, serde_json::json!({ "previous": previous }))
+            .await?;
+        if let Err(e) = self.routes.publish().await {
+            tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
+        }
+        Ok(previous)
+    }
+
+    /// Starts every deployment that was running before this process started.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<usize, DeployError> {
+        let rows = self.db.live_deployments().await?;
+        let count = rows.len();
+        let mut tasks = Vec::new();
+        for row in rows {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = me.start(&row).await {
+                    tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "cannot restart deployment");
+                    let _ = me.db.set_state(&row.id, DeploymentState::Failed, Some(&e.to_string())).await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(count)
+    }
+
+    /// Stops every sandbox without recording them as stopped, so the next start
+    /// brings them back.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let running: Vec<Running> = match self.running.lock() {
+            Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
+            Err(_) => Vec::new(),
+        };
+        let count = running.len();
+        futures_util::future::join_all(running.into_iter().map(|r| r.sandbox.stop())).await;
+        tracing::info!(count, "all sandboxes stopped");
+    }
+
+    /// The last status the watcher applied for a running deployment.
+    pub fn running_status(&self, id: &str) -> Option<Status> {
+        self.running.lock().ok()?.get(id).map(|r| r.applied.borrow().clone())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+fn poisoned() -> DeployError {
+    DeployError::Invalid("internal state lock poisoned".into())
+}
+
+/// Applies each status of one sandbox to the database and the router, then
+/// publishes it as applied.
+async fn watch_sandbox(
+    mut status: watch::Receiver<Status>,
+    applied: watch::Sender<Status>,
+    db: Db,
+    routes: Arc<RoutePublisher>,
+    id: String,
+    app: String,
+) {
+    loop {
+        let current = status.borrow_and_update().clone();
+        let write = match &current {
+            Status::Starting { .. } => Some((DeploymentState::Starting, None)),
+            Status::Healthy { .. } => Some((DeploymentState::Healthy, None)),
+            Status::Failed { reason, .. } => Some((DeploymentState::Failed, Some(reason.clone()))),
+            // Stops are recorded by whoever asked for them; a receiver shutdown
+            // records nothing, so the deployment comes back at the next start.
+            Status::Stopped => None,
+        };
+        if let Some((state, error)) = write {
+            if let Err(e) = db.set_state(&id, state, error.as_deref()).await {
+                tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
+            }
+            if let Status::Failed { reason, .. } = &current {
+                let _ = db.event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason })).await;
+            }
+            let _ = routes.publish().await;
+            tracing::info!(deployment = %id, app = %app, state = state.as_str(), "deployment state");
+        }
+        let _ = applied.send(current.clone());
+        if current.is_final() || status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_expand_platform_variables_only() {
+        let vars = [("PORT", "20001"), ("HOST", "127.0.0.1")];
+        assert_eq!(expand_arg("127.0.0.1:$PORT", &vars), "127.0.0.1:20001");
+        assert_eq!(expand_arg("${HOST}:${PORT}", &vars), "127.0.0.1:20001");
+        assert_eq!(expand_arg("$$PORT", &vars), "$PORT");
+        assert_eq!(expand_arg("$DATABASE_URL", &vars), "$DATABASE_URL");
+        assert_eq!(expand_arg("${SECRET}x", &vars), "${SECRET}x");
+        assert_eq!(expand_arg("cost: 5$", &vars), "cost: 5$");
+        assert_eq!(expand_arg("${PORT", &vars), "${PORT");
+    }
+
+    #[test]
+    fn env_names_and_reserved_variables_are_checked() {
+        let ok: BTreeMap<String, String> = [("API_KEY".to_owned(), "x".to_owned())].into();
+        assert!(validate_env(&ok).is_ok());
+        for bad in ["1X", "A-B", "PORT", "NX_APP", ""] {
+            let env: BTreeMap<String, String> = [(bad.to_owned(), "x".to_owned())].into();
+            assert!(validate_env(&env).is_err(), "{bad}");
+        }
+        let nul: BTreeMap<String, String> = [("A".to_owned(), "a\0b".to_owned())].into();
+        assert!(validate_env(&nul).is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! The embedded PostgreSQL cluster: `initdb` on first start, then `postgres` as a
+//! supervised child running as an unprivileged system user, listening on a unix
+//! socket in the data directory and on a loopback port.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nx_runtime::process::{Child, Command, ProcessManager, Stream};
+use nx_runtime::Log;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions as _;
+
+use crate::secrets::random_token;
+
+/// The cluster's superuser; the receiver is its only user.
+pub const ADMIN_ROLE: &str = "nx_admin";
+
+/// Failures of the embedded cluster, each naming what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("PostgreSQL's server programs were not found under /usr/lib/postgresql; install them with `apt-get install postgresql` or pass --pg-bin DIR")]
+    NotInstalled,
+    #[error("{path} has no {program}; pass --pg-bin with the directory that holds initdb and postgres")]
+    MissingProgram { path: PathBuf, program: &'static str },
+    #[error("cannot create the system user {user} for PostgreSQL: {reason}")]
+    User { user: String, reason: String },
+    #[error("cannot prepare {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("initdb failed: {0}")]
+    Initdb(String),
+    #[error("a previous PostgreSQL (pid {pid}) still runs on {data}; stop it and start again")]
+    StillRunning { pid: i32, data: PathBuf },
+    #[error("PostgreSQL did not start: {0}; see {1}")]
+    Start(String, PathBuf),
+    #[error(transparent)]
+    Spawn(#[from] nx_runtime::process::SpawnError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbeddedError + '_ {
+    move |source| EmbeddedError::Io { path: path.to_owned(), source }
+}
+
+/// Where PostgreSQL's server programs live: the given directory, or the newest
+/// version under /usr/lib/postgresql.
+pub fn find_bin_dir(given: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
+    let dir = match given {
+        Some(d) => d.to_owned(),
+        None => {
+            let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+                .map_err(|_| EmbeddedError::NotInstalled)?
+                .flatten()
+                .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+                .collect();
+            versions.sort();
+            versions.pop().ok_or(EmbeddedError::NotInstalled)?.1
+        }
+    };
+    for program in ["initdb", "postgres"] {
+        if !dir.join(program).is_file() {
+            return Err(EmbeddedError::MissingProgram { path: dir, program });
+        }
+    }
+    Ok(dir)
+}
+
+/// The unprivileged user the cluster runs as: `(uid, gid)`, created as a system
+/// user when missing. PostgreSQL refuses to run as root.
+pub async fn ensure_system_user(pm: &ProcessManager, name: &str) -> Result<(u32, u32), EmbeddedError> {
+    let lookup = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
+    if let Some(u) = lookup(name) {
+        return Ok((u.uid.as_raw(), u.gid.as_raw()));
+    }
+    let out = pm
+        .output(Command::new("/usr/sbin/useradd").args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ]))
+        .await?;
+    if !out.status.success() {
+        return Err(EmbeddedError::User { user: name.into(), reason: out.last_words() });
+    }
+    let u = lookup(name)
+        .ok_or_else(|| EmbeddedError::User { user: name.into(), reason: "useradd succeeded but the user is not there".into() })?;
+    Ok((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// Layout and settings of the embedded cluster.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    pub bin: PathBuf,
+    /// `<data>/postgres`: holds `cluster/` and `run/`.
+    pub root: PathBuf,
+    pub port: u16,
+    pub ids: (u32, u32),
+    pub log_path: PathBuf,
+}
+
+impl EmbeddedConfig {
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.root.join("cluster")
+    }
+
+    /// Directory of the unix socket; mode 0700, owned by the cluster's user, so
+    /// only root and that user can reach it.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    /// Options to connect as the superuser over the unix socket.
+    pub fn admin_options(&self, password: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .socket(self.socket_dir())
+            .port(self.port)
+            .username(ADMIN_ROLE)
+            .password(password)
+            .database("postgres")
+            .application_name("nx-receiver")
+            .log_statements(tracing::log::LevelFilter::Trace)
+    }
+}
+
+/// The running cluster.
+#[derive(Debug)]
+pub struct Embedded {
+    child: Child,
+    config: EmbeddedConfig,
+}
+
+/// Rules that admit the admin everywhere (from the socket and loopback) and every
+/// other role only to the database of its own name (`sameuser`), by password.
+fn hba_rules() -> String {
+    format!(
+        "# Written by nx-receiver at every start; edits are lost.\n\
+         local all {ADMIN_ROLE} scram-sha-256\n\
+         host all {ADMIN_ROLE} 127.0.0.1/32 scram-sha-256\n\
+         host sameuser all 127.0.0.1/32 scram-sha-256\n\
+         host sameuser all ::1/128 scram-sha-256\n"
+    )
+}
+
+fn ensure_dir(path: &Path, mode: u32, ids: Option<(u32, u32)>) -> Result<(), EmbeddedError> {
+    std::fs::create_dir_all(path).map_err(io_err(path))?;
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+fn write_owned(path: &Path, contents: &str, ids: (u32, u32)) -> Result<(), EmbeddedError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        std::io::Write::write_all(&mut f, contents.as_bytes())?;
+        std::os::unix::fs::chown(&tmp, Some(ids.0), Some(ids.1))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(io_err(path))
+}
+
+impl Embedded {
+    /// Initialises the cluster when needed, starts it and waits until it accepts
+    /// the superuser's connections.
+    pub async fn start(
+        pm: &ProcessManager,
+        config: EmbeddedConfig,
+        password: &str,
+        log: Log,
+    ) -> Result<Embedded, EmbeddedError> {
+        let ids = config.ids;
+        ensure_dir(&config.root, 0o711, None)?;
+        let cluster = config.cluster_dir();
+        ensure_dir(&cluster, 0o700, Some(ids))?;
+        ensure_dir(&config.socket_dir(), 0o700, Some(ids))?;
+        if !cluster.join("PG_VERSION").exists() {
+            initdb(pm, &config, password).await?;
+        }
+        write_owned(&cluster.join("pg_hba.conf"), &hba_rules(), ids)?;
+        wait_for_previous(&cluster).await?;
+
+        let mut cmd = Command::new(config.bin.join("postgres")).args([
+            "-D".into(),
+            cluster.clone().into_os_string(),
+            "-p".into(),
+            config.port.to_string().into(),
+            "-k".into(),
+            config.socket_dir().into_os_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            "password_encryption=scram-sha-256".into(),
+            "-c".into(),
+            "max_connections=300".into(),
+        ]);
+        cmd.env = vec![("LC_ALL".into(), "C".into())];
+        cmd.cwd = Some(cluster.clone());
+        cmd.user = Some(ids);
+        cmd.stdout = Stream::Pipe;
+        cmd.stderr = Stream::ToStdout;
+        // A fast shutdown if the receiver dies without stopping it.
+        cmd.parent_death_signal = Some(Signal::SIGINT);
+        let mut child = pm.spawn(cmd).await?;
+        if let Some(fd) = child.stdout.take() {
+            let log = log.clone();
+            tokio::spawn(async move { log.pump(fd).await });
+        }
+
+        let options = config.admin_options(password);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_status().is_some() {
+                let tail = log.tail(5).join(" / ");
+                return Err(EmbeddedError::Start(format!("postgres exited: {tail}"), config.log_path.clone()));
+            }
+            match options.connect().await {
+                Ok(conn) => {
+                    let _ = sqlx::Connection::close(conn).await;
+                    break;
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    let _ = child.signal(Signal::SIGINT);
+                    return Err(EmbeddedError::Start(format!("not accepting connections after 60s: {e}"), config.log_path.clone()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        tracing::info!(port = config.port, socket = %config.socket_dir().display(), "embedded PostgreSQL ready");
+        Ok(Embedded { child, config })
+    }
+
+    /// Fast shutdown: SIGINT, then SIGQUIT if it lingers.
+    pub async fn stop(mut self) {
+        let _ = self.child.signal(Signal::SIGINT);
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_err() {
+            tracing::warn!("PostgreSQL did not stop within 30s; sending SIGQUIT");
+            let _ = self.child.signal(Signal::SIGQUIT);
+            self.child.wait().await;
+        }
+        tracing::info!(data = %self.config.cluster_dir().display(), "embedded PostgreSQL stopped");
+    }
+}
+
+async fn initdb(pm: &ProcessManager, config: &EmbeddedConfig, password: &str) -> Result<(), EmbeddedError> {
+    let cluster = config.cluster_dir();
+    // initdb reads the superuser password from a file the cluster's user can read.
+    let pwfile = config.socket_dir().join(format!("pwfile-{}", random_token(8)));
+    write_owned(&pwfile, password, config.ids)?;
+    let mut cmd = Command::new(config.bin.join("initdb")).args([
+        "-D".into(),
+        cluster.clone().into_os_string(),
+        "-U".into(),
+        ADMIN_ROLE.into(),
+        "--auth-local=scram-sha-256".into(),
+        "--auth-host=scram-sha-256".into(),
+        "--encoding=UTF8".into(),
+        "--no-locale".into(),
+        format!("--pwfile={}", pwfile.display()).into(),
+    ]);
+    cmd.env = vec![("LC_ALL".into(), "C".into())];
+    cmd.cwd = Some(config.root.clone());
+    cmd.user = Some(config.ids);
+    tracing::info!(data = %cluster.display(), "initialising the embedded PostgreSQL cluster");
+    let out = pm.output(cmd).await;
+    let _ = std::fs::remove_file(&pwfile);
+    let out = out?;
+    if !out.status.success() {
+        // Leave an empty directory, so the next start runs initdb again.
+        if let Ok(entries) = std::fs::read_dir(&cluster) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        return Err(EmbeddedError::Initdb(out.last_words()));
+    }
+    Ok(())
+}
+
+/// A postmaster that outlived a crashed receiver gets a fast-shutdown signal from
+/// the kernel; wait for it to finish rather than fail on its lock file.
+async fn wait_for_previous(cluster: &Path) -> Result<(), EmbeddedError> {
+    let pid_file = cluster.join("postmaster.pid");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let Ok(text) = std::fs::read_to_string(&pid_file) else { return Ok(()) };
+        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return Ok(()) };
+        // The postmaster works in its data directory; a recycled pid does not.
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+        if cwd.as_deref() != std::fs::canonicalize(cluster).ok().as_deref() {
+            // A stale file; postgres replaces it itself when it starts.
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(EmbeddedError::StillRunning { pid, data: cluster.to_owned() });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hba_admits_apps_only_to_their_own_database() {
+        let rules = hba_rules();
+        assert!(rules.contains("host sameuser all 127.0.0.1/32 scram-sha-256"));
+        assert!(!rules.contains("trust"));
+        assert!(!rules.lines().any(|l| l.starts_with("host all all")));
+    }
+
+    #[test]
+    fn a_missing_bin_dir_names_the_fix() {
+        let err = find_bin_dir(Some(Path::new("/nonexistent"))).unwrap_err();
+        assert!(err.to_string().contains("--pg-bin"), "{err}");
+    }
+}

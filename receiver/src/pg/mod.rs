@@ -1,0 +1,155 @@
+//! The PostgreSQL cluster behind the receiver: embedded (started here) or
+//! external (`--database-url`). It holds the metadata database and one database
+//! per app.
+
+pub mod embedded;
+pub mod provision;
+pub mod scram;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use nx_runtime::ProcessManager;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection, PgPool};
+
+use self::embedded::{Embedded, EmbeddedConfig, EmbeddedError};
+use crate::config::ServeConfig;
+
+/// Name of the metadata database.
+pub const METADATA_DB: &str = "nx";
+
+/// Failures to reach or prepare the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error("--database-url is not a PostgreSQL URL: {0}")]
+    BadUrl(sqlx::Error),
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    Connect { target: String, source: sqlx::Error },
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error("cannot apply the metadata migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// How apps reach their database, for `DATABASE_URL` and the `PG*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The cluster and how to reach it.
+#[derive(Debug)]
+pub struct Cluster {
+    admin: PgConnectOptions,
+    endpoint: AppEndpoint,
+    embedded: Option<Embedded>,
+}
+
+impl Cluster {
+    /// Starts the embedded cluster, or checks the external one.
+    pub async fn start(
+        config: &ServeConfig,
+        pm: &ProcessManager,
+        data_dir: &Path,
+        admin_password: &str,
+        log: nx_runtime::Log,
+    ) -> Result<Cluster, ClusterError> {
+        let cluster = match &config.database_url {
+            Some(url) => {
+                let admin = PgConnectOptions::from_str(url.expose()).map_err(ClusterError::BadUrl)?;
+                let endpoint = AppEndpoint { host: admin.get_host().to_owned(), port: admin.get_port() };
+                Cluster { admin, endpoint, embedded: None }
+            }
+            None => {
+                let bin = embedded::find_bin_dir(config.pg_bin.as_deref())?;
+                let ids = embedded::ensure_system_user(pm, &config.pg_user).await?;
+                let ec = EmbeddedConfig {
+                    bin,
+                    root: data_dir.join("postgres"),
+                    port: config.pg_port,
+                    ids,
+                    log_path: data_dir.join("logs/postgres.log"),
+                };
+                let admin = ec.admin_options(admin_password);
+                let embedded = Embedded::start(pm, ec, admin_password, log).await?;
+                Cluster {
+                    admin,
+                    endpoint: AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port },
+                    embedded: Some(embedded),
+                }
+            }
+        };
+        Ok(cluster)
+    }
+
+    fn describe(&self) -> String {
+        format!("{}:{}", self.admin.get_host(), self.admin.get_port())
+    }
+
+    /// A connection as the admin role to `database`.
+    pub async fn admin_connection(&self, database: &str) -> Result<PgConnection, ClusterError> {
+        self.admin
+            .clone()
+            .database(database)
+            .connect()
+            .await
+            .map_err(|source| ClusterError::Connect { target: self.describe(), source })
+    }
+
+    /// Creates the metadata database if needed, applies the migrations and
+    /// returns a pool whose sessions always use the `public` schema only.
+    pub async fn metadata_pool(&self) -> Result<PgPool, ClusterError> {
+        let mut admin = self.admin_connection("postgres").await?;
+        provision::ensure_metadata_database(&mut admin, METADATA_DB).await?;
+        let options = self.admin.clone().database(METADATA_DB).options([("search_path", "public")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(options)
+            .await
+            .map_err(|source| ClusterError::Connect { target: self.describe(), source })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(pool)
+    }
+
+    pub fn endpoint(&self) -> &AppEndpoint {
+        &self.endpoint
+    }
+
+    /// Stops the embedded cluster; an external one is left alone.
+    pub async fn stop(self) {
+        if let Some(e) = self.embedded {
+            e.stop().await;
+        }
+    }
+}
+
+/// The variables an app sees for its database.
+pub fn app_database_env(endpoint: &AppEndpoint, role: &str, database: &str, password: &str) -> Vec<(String, String)> {
+    let url = format!("postgres://{role}:{password}@{}:{}/{database}", endpoint.host, endpoint.port);
+    vec![
+        ("DATABASE_URL".into(), url),
+        ("PGHOST".into(), endpoint.host.clone()),
+        ("PGPORT".into(), endpoint.port.to_string()),
+        ("PGUSER".into(), role.into()),
+        ("PGPASSWORD".into(), password.into()),
+        ("PGDATABASE".into(), database.into()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_env_carries_url_and_pg_variables() {
+        let env = app_database_env(&AppEndpoint { host: "127.0.0.1".into(), port: 5 }, "app_web", "app_web", "pw");
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("DATABASE_URL"), Some("postgres://app_web:pw@127.0.0.1:5/app_web"));
+        assert_eq!(get("PGPORT"), Some("5"));
+        assert_eq!(get("PGDATABASE"), Some("app_web"));
+    }
+}

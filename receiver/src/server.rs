@@ -1,0 +1,239 @@
+//! `nx-receiver serve`: bring everything up in order, serve until SIGINT or
+//! SIGTERM, then take everything down in reverse order.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use nx_protocol::auth::Credential;
+use nx_runtime::spec::HostLayout;
+use nx_runtime::{Log, LogLimits, ProcessManager};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::db::Db;
+use crate::deploy::Deployer;
+use crate::pg::Cluster;
+use crate::routing::{RoutePublisher, RouterProcess, RouterSettings};
+use crate::secrets::{random_token, MasterKey};
+use crate::store::ArtifactStore;
+
+/// The first ancestor of `path` that other users cannot traverse, if any.
+pub fn untraversable_ancestor(path: &Path) -> Option<(PathBuf, u32)> {
+    let mut cur = path.parent();
+    while let Some(dir) = cur {
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode();
+            if mode & 0o001 == 0 {
+                return Some((dir.to_owned(), mode & 0o777));
+            }
+        }
+        cur = dir.parent();
+    }
+    None
+}
+
+fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
+}
+
+/// Reads a secret file, creating it with a fresh random value on first start.
+fn secret_file(path: &Path, len: usize) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = random_token(len);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            f.write_all(value.as_bytes())?;
+            f.sync_all()?;
+            Ok(value)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Installs the admin token on first start and prints it once.
+async fn bootstrap_admin(db: &Db, master: &MasterKey, given: Option<&str>) -> anyhow::Result<()> {
+    if db.admin_key_exists().await? {
+        if given.is_some() {
+            tracing::warn!("NX_ADMIN_TOKEN is ignored: this receiver already has an admin token");
+        }
+        return Ok(());
+    }
+    let (token, generated) = match given {
+        Some(t) => {
+            let c = Credential::parse(t)
+                .ok()
+                .filter(Credential::is_admin)
+                .context("NX_ADMIN_TOKEN must look like nxa_ followed by at least 32 letters and digits")?;
+            (c, false)
+        }
+        None => (Credential::admin_token(&random_token(40)), true),
+    };
+    let mut tx = db.begin().await?;
+    Db::insert_key(&mut tx, token.key_id(), None, "admin", &master.seal_str(token.expose_secret())).await?;
+    tx.commit().await?;
+    if generated {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\nAdmin token (shown once; store it now, for example with `nx login`):\n\n    {}\n", token.expose_secret())?;
+        out.flush()?;
+    }
+    tracing::info!(generated, "admin token installed");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for SIGTERM and SIGINT");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+/// Runs the receiver until a shutdown signal.
+pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nx_runtime::sys::effective_uid() == 0,
+        "nx-receiver serve must run as root: it runs every app as its own unprivileged uid and the database as a system user"
+    );
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    config.data_dir = cwd.join(&config.data_dir);
+    let data = config.data_dir.clone();
+    if let Some((dir, mode)) = untraversable_ancestor(&data) {
+        anyhow::bail!(
+            "the data directory {} is out of reach of the unprivileged users that run PostgreSQL and the apps: {} has mode {mode:o}; choose another directory with --data-dir (for example /var/lib/nx-sandbox) or run chmod o+x {}",
+            data.display(),
+            dir.display(),
+            dir.display()
+        );
+    }
+    make_dir(&data, 0o711)?;
+    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o700)] {
+        make_dir(&data.join(sub), mode)?;
+    }
+    let config = Arc::new(config);
+    let pm = ProcessManager::global().context("cannot start the process manager")?;
+    let master = Arc::new(MasterKey::load_or_create(&data.join("secrets/master.key"))?);
+    let pg_password = secret_file(&data.join("secrets/postgres-admin.password"), 40)?;
+
+    let pg_log = Log::open(&data.join("logs/postgres.log"), LogLimits::default())?;
+    let cluster = Arc::new(Cluster::start(&config, &pm, &data, &pg_password, pg_log).await?);
+    let result = run(config.clone(), pm, master, cluster.clone()).await;
+    match Arc::try_unwrap(cluster) {
+        Ok(c) => c.stop().await,
+        Err(_) => tracing::warn!("the database cluster is still in use; it stops with the process"),
+    }
+    result
+}
+
+async fn run(config: Arc<ServeConfig>, pm: ProcessManager, master: Arc<MasterKey>, cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let data = config.data_dir.clone();
+    let db = Db::new(cluster.metadata_pool().await?);
+    bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
+    let store = ArtifactStore::open(config.store.as_deref(), &data)?;
+    let swept = store.clean_temporary();
+    if swept > 0 {
+        tracing::info!(files = swept, "removed uploads left by an earlier crash");
+    }
+    let target = Arc::new(nx_verify::target::detect(Path::new("/")));
+    let host = Arc::new(HostLayout::detect(Path::new("/")));
+    let control = RouterSettings::control_socket(&data.join("router"));
+    let routes = Arc::new(RoutePublisher::new(db.clone(), control, config.domain.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let router = if config.no_router {
+        None
+    } else {
+        let bin = match &config.router_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?.with_file_name("nx-router"),
+        };
+        let log = Log::open(&data.join("logs/router.log"), LogLimits::default())?;
+        let settings = RouterSettings { bin, listen: config.router_listen, dir: data.join("router"), log };
+        Some(RouterProcess::start(pm.clone(), settings, routes.clone()).await?)
+    };
+    tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
+    tokio::spawn(expire_nonces(db.clone(), stop_rx.clone()));
+
+    let deployer = Arc::new(Deployer::new(
+        db.clone(),
+        store.clone(),
+        pm.clone(),
+        master.clone(),
+        cluster.endpoint().clone(),
+        config.clone(),
+        host,
+        routes.clone(),
+    ));
+    let restarted = deployer.reconcile().await?;
+    if restarted > 0 {
+        tracing::info!(count = restarted, "deployments restarted");
+    }
+    let _ = routes.publish().await;
+
+    let state = AppState { db, master, store, deployer: deployer.clone(), cluster, config: config.clone(), target };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    tracing::info!(
+        api = %config.listen,
+        router = %config.router_listen,
+        domain = %config.domain,
+        data = %data.display(),
+        "nx-receiver ready"
+    );
+    let served = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal()).await;
+
+    let _ = stop_tx.send(true);
+    deployer.shutdown().await;
+    if let Some(r) = router {
+        r.stop().await;
+    }
+    served.context("the API server failed")
+}
+
+async fn expire_nonces(db: Db, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
+        // Twice the clock window: a nonce older than that is refused by its
+        // timestamp anyway.
+        if let Err(e) = db.expire_nonces(2 * nx_protocol::auth::CLOCK_WINDOW_SECS).await {
+            tracing::warn!(error = %e, "cannot expire nonces");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_parent_is_found() {
+        let root = std::env::temp_dir().join(format!("nx-traverse-{}", std::process::id()));
+        let closed = root.join("closed");
+        std::fs::create_dir_all(closed.join("inner")).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let (dir, mode) = untraversable_ancestor(&closed.join("inner/.nx")).unwrap();
+        assert_eq!(dir, closed.join("inner").parent().unwrap());
+        assert_eq!(mode, 0o700);
+        assert!(untraversable_ancestor(&root.join("open/.nx")).is_none());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,399 @@
+//! Artifact storage: binaries by sha256 in an object store, plus the local copy
+//! each sandbox runs from.
+//!
+//! An upload is streamed into a private temporary file while being hashed and
+//! counted, so the size cap, the digest and the inspection are all checked before
+//! anything becomes visible in the store. Only then is the object published
+//! under `artifacts/<sha256>`: on the local filesystem store by fsync + atomic
+//! rename into the store's directory (object_store's local store does not fsync),
+//! on remote stores by a multipart upload whose completion is atomic. The
+//! metadata row is written by the caller after [`ArtifactStore::publish`]
+//! returns, so a row always points at a durable object.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, WriteMultipart};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::secrets::random_lower;
+
+/// Why an upload or a fetch failed; each variant maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the upload is larger than the limit of {limit} bytes; raise it with --max-upload on the receiver or push a smaller binary")]
+    TooLarge { limit: u64 },
+    #[error("the body was {got} bytes but Content-Length said {expected}; the upload was cut or altered, push again")]
+    LengthMismatch { expected: u64, got: u64 },
+    #[error("the body's sha256 is {got} but the request was signed for {expected}; the upload was altered in transit, push again")]
+    DigestMismatch { expected: String, got: String },
+    #[error("the upload stopped before its end: {0}")]
+    Body(String),
+    #[error("the server's disk is full ({path}); free space on the receiver and push again")]
+    DiskFull { path: PathBuf },
+    #[error("local storage failed at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the object store {store} is unavailable: {source}")]
+    Unavailable { store: String, source: object_store::Error },
+    #[error("artifact {sha256} is missing from the object store {store}")]
+    Missing { sha256: String, store: String },
+    #[error("the object store URL {url:?} is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    if source.raw_os_error() == Some(libc::ENOSPC) {
+        StoreError::DiskFull { path: path.to_owned() }
+    } else {
+        StoreError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// A received, verified upload not yet published. Dropping it removes the file.
+#[derive(Debug)]
+pub struct Upload {
+    path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl Upload {
+    /// The received bytes on local disk, for inspection.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Removed unless publish() moved it away first.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The artifact store.
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    store: Arc<dyn ObjectStore>,
+    /// Set when the store is the local filesystem: objects are files below it.
+    local_root: Option<PathBuf>,
+    /// Uploads in progress.
+    tmp_dir: PathBuf,
+    /// Local copies of artifacts from a remote store.
+    cache_dir: PathBuf,
+    description: String,
+}
+
+fn object_key(sha256: &str) -> ObjectPath {
+    ObjectPath::from(format!("artifacts/{sha256}"))
+}
+
+fn ensure_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
+    std::fs::create_dir_all(path).map_err(|e| io_error(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
+}
+
+impl ArtifactStore {
+    /// Opens the store named by `url` (an object_store URL), or the local
+    /// filesystem store under `<data>/store` when `url` is `None`.
+    pub fn open(url: Option<&str>, data_dir: &Path) -> Result<ArtifactStore, StoreError> {
+        let tmp_dir = data_dir.join("tmp");
+        let cache_dir = data_dir.join("cache");
+        ensure_dir(&tmp_dir, 0o700)?;
+        // Sandboxes (other uids) must be able to reach their binary by path.
+        ensure_dir(&cache_dir, 0o711)?;
+        let local = |root: PathBuf| -> Result<ArtifactStore, StoreError> {
+            ensure_dir(&root, 0o711)?;
+            ensure_dir(&root.join("artifacts"), 0o711)?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                .map_err(|e| StoreError::BadUrl { url: root.display().to_string(), reason: e.to_string() })?;
+            Ok(ArtifactStore {
+                store: Arc::new(fs),
+                description: format!("file://{}", root.display()),
+                local_root: Some(root),
+                tmp_dir: tmp_dir.clone(),
+                cache_dir: cache_dir.clone(),
+            })
+        };
+        let Some(url) = url else { return local(data_dir.join("store")) };
+        let parsed = url::Url::parse(url).map_err(|e| StoreError::BadUrl { url: url.into(), reason: e.to_string() })?;
+        if parsed.scheme() == "file" {
+            let path = parsed
+                .to_file_path()
+                .map_err(|_| StoreError::BadUrl { url: url.into(), reason: "not a local path".into() })?;
+            return local(path);
+        }
+        // Credentials and endpoints come from the usual AWS_*, GOOGLE_* and AZURE_*
+        // variables, as each cloud's own tools read them.
+        let options = std::env::vars().filter(|(k, _)| {
+            ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p))
+        }).map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+            .map_err(|e| StoreError::BadUrl { url: url.into(), reason: e.to_string() })?;
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            Arc::from(store)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+        };
+        Ok(ArtifactStore { store, local_root: None, tmp_dir, cache_dir, description: url.to_owned() })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// Streams `body` into a temporary file while hashing it, enforcing `limit`
+    /// as bytes arrive, then checks length and digest against what was signed.
+    pub async fn receive<S, E>(&self, body: S, expected_sha256: &str, expected_len: u64, limit: u64) -> Result<Upload, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
+        // Created before anything can fail, so Drop always cleans up.
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0 };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(|e| io_error(&path, e))?;
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        futures_util::pin_mut!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(StoreError::TooLarge { limit });
+            }
+            if size > expected_len {
+                return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(|e| io_error(&path, e))?;
+        }
+        if size != expected_len {
+            return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != expected_sha256 {
+            return Err(StoreError::DigestMismatch { expected: expected_sha256.to_owned(), got: sha256 });
+        }
+        file.flush().await.map_err(|e| io_error(&path, e))?;
+        file.sync_all().await.map_err(|e| io_error(&path, e))?;
+        upload.sha256 = sha256;
+        upload.size = size;
+        Ok(upload)
+    }
+
+    /// Makes a received upload durable in the store under its digest and returns
+    /// the local path sandboxes run it from.
+    pub async fn publish(&self, mut upload: Upload) -> Result<PathBuf, StoreError> {
+        let sha = upload.sha256.clone();
+        set_mode(&upload.path, 0o555)?;
+        match &self.local_root {
+            Some(root) => {
+                let dest = root.join("artifacts").join(&sha);
+                rename_durably(&upload.path, &dest)?;
+                upload.path = PathBuf::new();
+                Ok(dest)
+            }
+            None => {
+                self.upload_file(&upload.path, &sha).await?;
+                let dest = self.cache_dir.join(&sha);
+                rename_durably(&upload.path, &dest)?;
+                upload.path = PathBuf::new();
+                Ok(dest)
+            }
+        }
+    }
+
+    async fn upload_file(&self, path: &Path, sha: &str) -> Result<(), StoreError> {
+        use tokio::io::AsyncReadExt;
+        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let multipart = self.store.put_multipart(&object_key(sha)).await.map_err(unavailable)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(multipart, 8 << 20);
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| io_error(path, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(io_error(path, e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = writer.wait_for_capacity(4).await {
+                let _ = writer.abort().await;
+                return Err(unavailable(e));
+            }
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The local path of an artifact, fetched from the store when this machine
+    /// does not have it yet (and verified against its digest).
+    pub async fn materialize(&self, sha: &str) -> Result<PathBuf, StoreError> {
+        if let Some(root) = &self.local_root {
+            let path = root.join("artifacts").join(sha);
+            return if path.exists() {
+                Ok(path)
+            } else {
+                Err(StoreError::Missing { sha256: sha.into(), store: self.description.clone() })
+            };
+        }
+        let dest = self.cache_dir.join(sha);
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let result = match self.store.get(&object_key(sha)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Missing { sha256: sha.into(), store: self.description.clone() })
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let size = result.meta.size;
+        let upload = self.receive(result.into_stream(), sha, size, u64::MAX).await?;
+        self.publish_local_copy(upload).await
+    }
+
+    async fn publish_local_copy(&self, mut upload: Upload) -> Result<PathBuf, StoreError> {
+        set_mode(&upload.path, 0o555)?;
+        let dest = self.cache_dir.join(&upload.sha256);
+        rename_durably(&upload.path, &dest)?;
+        upload.path = PathBuf::new();
+        Ok(dest)
+    }
+
+    /// Removes an artifact from the store and from the local cache.
+    pub async fn delete(&self, sha: &str) -> Result<(), StoreError> {
+        match self.store.delete(&object_key(sha)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => return Err(StoreError::Unavailable { store: self.description.clone(), source }),
+        }
+        let _ = std::fs::remove_file(self.cache_dir.join(sha));
+        Ok(())
+    }
+
+    /// Removes uploads left behind by a crash. Run at startup, before the API
+    /// accepts requests.
+    pub fn clean_temporary(&self) -> usize {
+        let mut removed = 0;
+        let mut sweep = |dir: &Path, keep: &dyn Fn(&str) -> bool| {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !keep(&name) && std::fs::remove_file(e.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        };
+        sweep(&self.tmp_dir, &|_| false);
+        // object_store's local store stages multipart uploads as `<name>#<n>`.
+        if let Some(root) = &self.local_root {
+            sweep(&root.join("artifacts"), &|name| !name.contains('#'));
+        }
+        removed
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
+}
+
+/// Renames `from` to `to` and fsyncs the target directory, so the new name
+/// survives a crash. Both are on the same filesystem (the data directory).
+fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
+    std::fs::rename(from, to).map_err(|e| io_error(to, e))?;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nx-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn body(chunks: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::iter(chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect::<Vec<_>>())
+    }
+
+    fn sha(b: &[u8]) -> String {
+        hex::encode(Sha256::digest(b))
+    }
+
+    fn files_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn uploads_are_verified_then_published_by_digest() {
+        let d = data_dir("ok");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        let up = store.receive(body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
+        assert_eq!(up.size, 11);
+        let path = store.publish(up).await.unwrap();
+        assert_eq!(path, d.join("store/artifacts").join(sha(b"hello world")));
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o555);
+        assert_eq!(files_in(&d.join("tmp")), 0);
+        assert_eq!(store.materialize(&sha(b"hello world")).await.unwrap(), path);
+    }
+
+    #[tokio::test]
+    async fn bad_uploads_leave_nothing_behind() {
+        let d = data_dir("bad");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        let err = store.receive(body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let err = store.receive(body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
+        assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
+        let err = store.receive(body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
+        let broken = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"he")), Err(std::io::Error::other("connection reset"))]);
+        let err = store.receive(broken, &sha(b"hello"), 5, 100).await.unwrap_err();
+        assert!(err.to_string().contains("connection reset"), "{err}");
+        assert_eq!(files_in(&d.join("tmp")), 0);
+        assert_eq!(files_in(&d.join("store/artifacts")), 0);
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_crash_are_swept() {
+        let d = data_dir("sweep");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        std::fs::write(d.join("tmp/upload-abandoned"), b"x").unwrap();
+        std::fs::write(d.join("store/artifacts/abc#1"), b"x").unwrap();
+        std::fs::write(d.join("store/artifacts/keep"), b"x").unwrap();
+        assert_eq!(store.clean_temporary(), 2);
+        assert!(d.join("store/artifacts/keep").exists());
+    }
+
+    #[tokio::test]
+    async fn missing_artifacts_are_named() {
+        let d = data_dir("missing");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        let err = store.materialize(&"0".repeat(64)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+    }
+}
