@@ -56,6 +56,9 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Say whether a binary will run on the server, and how to fix it if not.
     Verify(VerifyArgs),
+    /// The step of the GitHub Action: reads INPUT_* and GITHUB_* variables.
+    #[command(hide = true)]
+    GithubAction,
 }
 
 #[derive(Debug, Args)]

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
-use bytes::Bytes;
 use futures_util::StreamExt;
 use nx_protocol::api::{app_of_path, ErrorBody};
 use nx_protocol::auth::{
-    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE,
-    HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META,
+    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
@@ -159,7 +158,9 @@ impl Client {
         meta: &[u8],
         progress: Progress,
     ) -> anyhow::Result<T> {
-        let f = tokio::fs::File::open(file).await.map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
         let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).map(move |chunk| {
             if let Ok(c) = &chunk {
                 progress.advance(c.len() as u64);
@@ -167,7 +168,7 @@ impl Client {
                     progress.finish_upload();
                 }
             }
-            chunk.map(Bytes::from)
+            chunk
         });
         let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, Some(meta));
         headers.insert(CONTENT_LENGTH, HeaderValue::from(size));

@@ -29,7 +29,8 @@ pub fn path() -> Option<PathBuf> {
 pub fn load() -> anyhow::Result<FileConfig> {
     let Some(path) = path() else { return Ok(FileConfig::default()) };
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).with_context(|| format!("{} is not valid; fix it or run `nx login` again", path.display())),
+        Ok(text) => toml::from_str(&text)
+            .with_context(|| format!("{} is not valid; fix it or run `nx login` again", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -64,13 +65,9 @@ pub struct Target {
 pub fn resolve(server_flag: Option<&str>, key_flag: Option<&str>) -> anyhow::Result<Target> {
     let file = load()?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let server = server_flag
-        .map(str::to_owned)
-        .or_else(|| env("NX_SERVER"))
-        .or(file.server)
-        .ok_or_else(|| {
-            Failure::Usage("no server configured: run `nx login --server URL --key KEY`, or set NX_SERVER".into())
-        })?;
+    let server = server_flag.map(str::to_owned).or_else(|| env("NX_SERVER")).or(file.server).ok_or_else(|| {
+        Failure::Usage("no server configured: run `nx login --server URL --key KEY`, or set NX_SERVER".into())
+    })?;
     let server = server.trim_end_matches('/').to_owned();
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(Failure::Usage(format!("server {server:?} must start with http:// or https://")).into());

@@ -39,9 +39,11 @@ impl Progress {
         match &self.bar {
             Some(bar) => bar.set_position(pos),
             None => {
-                let quarter = if self.total == 0 { 4 } else { pos * 4 / self.total };
+                let quarter = (pos * 4).checked_div(self.total).unwrap_or(4);
                 let seen = self.reported.load(Ordering::Relaxed);
-                if quarter > seen && self.reported.compare_exchange(seen, quarter, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if quarter > seen
+                    && self.reported.compare_exchange(seen, quarter, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+                {
                     eprintln!("uploaded {}% ({pos} of {} bytes)", quarter * 25, self.total);
                 }
             }

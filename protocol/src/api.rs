@@ -116,6 +116,12 @@ pub struct PushMeta {
     pub pr: Option<u64>,
     #[serde(default)]
     pub source: Source,
+    /// `owner/name` of the GitHub repository the binary was built from.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// Answer once the sandbox is started instead of once it is healthy.
+    #[serde(default)]
+    pub no_wait: bool,
 }
 
 /// `POST /v1/apps`.

@@ -237,7 +237,9 @@ mod tests {
         assert!(!format!("{key:?}").contains("0123456789abcdef"));
         let admin = Credential::parse("nxa_0123456789abcdefghijklmnopqrstuvwxyz").unwrap();
         assert!(admin.is_admin());
-        for bad in ["", "nxk_", "nxk_id", "nxk_id_short", "nxa_short", "token", "nxk_a-b_0123456789abcdefghijklmnopqrstuvwxyz"] {
+        for bad in
+            ["", "nxk_", "nxk_id", "nxk_id_short", "nxa_short", "token", "nxk_a-b_0123456789abcdefghijklmnopqrstuvwxyz"]
+        {
             assert_eq!(Credential::parse(bad), Err(CredentialError::Malformed), "{bad}");
         }
     }

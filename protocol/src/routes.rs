@@ -70,9 +70,16 @@ mod tests {
         let mut t = RouteTable { generation: 3, ..Default::default() };
         t.routes.insert(
             "web.localhost".into(),
-            Route { app: "web".into(), deployment: "abcdefgh".into(), target: Target::Live { addr: "127.0.0.1:20001".parse().unwrap() } },
+            Route {
+                app: "web".into(),
+                deployment: "abcdefgh".into(),
+                target: Target::Live { addr: "127.0.0.1:20001".parse().unwrap() },
+            },
         );
-        t.routes.insert("x.localhost".into(), Route { app: "x".into(), deployment: "hgfedcba".into(), target: Target::Stopped });
+        t.routes.insert(
+            "x.localhost".into(),
+            Route { app: "x".into(), deployment: "hgfedcba".into(), target: Target::Stopped },
+        );
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.contains(r#""kind":"live""#));
         assert_eq!(serde_json::from_str::<RouteTable>(&json).unwrap(), t);

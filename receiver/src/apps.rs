@@ -70,7 +70,8 @@ pub async fn create(
 
     let key = new_deploy_key();
     let recorded = async {
-        let row = Db::insert_app(&mut tx, name.as_str(), config.uid_base as i32, &db_name, &master.seal_str(&password)).await?;
+        let row = Db::insert_app(&mut tx, name.as_str(), config.uid_base as i32, &db_name, &master.seal_str(&password))
+            .await?;
         Db::insert_key(&mut tx, key.key_id(), Some(row.id), "deploy", &master.seal_str(key.expose_secret())).await?;
         tx.commit().await?;
         Ok::<AppRow, sqlx::Error>(row)

@@ -37,7 +37,11 @@ impl<T: FromStr> FromStr for Secret<T> {
 
 /// `nx-receiver` and its subcommands.
 #[derive(Debug, clap::Parser)]
-#[command(name = "nx-receiver", version, about = "Receives binaries, runs them in sandboxes, serves them on preview URLs")]
+#[command(
+    name = "nx-receiver",
+    version,
+    about = "Receives binaries, runs them in sandboxes, serves them on preview URLs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

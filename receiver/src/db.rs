@@ -89,7 +89,8 @@ pub struct NewDeployment<'a> {
     pub source: &'a str,
 }
 
-const DEPLOYMENT_COLUMNS: &str = "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
+const DEPLOYMENT_COLUMNS: &str =
+    "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
      d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
@@ -336,7 +337,10 @@ impl Db {
             .bind(&current)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE deployments SET promoted_at = now() WHERE id = $1").bind(deployment).execute(&mut *tx).await?;
+        sqlx::query("UPDATE deployments SET promoted_at = now() WHERE id = $1")
+            .bind(deployment)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(PromoteOutcome::Promoted { previous: current })
     }

@@ -48,7 +48,9 @@ pub enum DeployError {
     Secret { app: String, source: crate::secrets::SecretError },
     #[error("deployment {id} does not exist in app {app}; `nx ls {app}` lists its deployments")]
     UnknownDeployment { app: String, id: String },
-    #[error("deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`")]
+    #[error(
+        "deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`"
+    )]
     NotHealthy { id: String, state: String },
     #[error("{0}")]
     Invalid(String),
@@ -88,7 +90,9 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), DeployError> {
         let valid = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(DeployError::Invalid(format!("environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit")));
+            return Err(DeployError::Invalid(format!(
+                "environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit"
+            )));
         }
         if RESERVED_ENV.contains(&k.as_str()) {
             return Err(DeployError::Invalid(format!("{k} is set by the platform and cannot be overridden")));
@@ -114,14 +118,14 @@ pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
             rest = r;
             continue;
         }
-        let (name, after, braced) = match rest.strip_prefix('{') {
+        let (name, after) = match rest.strip_prefix('{') {
             Some(r) => match r.find('}') {
-                Some(end) => (&r[..end], &r[end + 1..], true),
-                None => ("", rest, false),
+                Some(end) => (&r[..end], &r[end + 1..]),
+                None => ("", rest),
             },
             None => {
                 let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
-                (&rest[..end], &rest[end..], false)
+                (&rest[..end], &rest[end..])
             }
         };
         match vars.iter().find(|(k, _)| *k == name) {
@@ -132,9 +136,6 @@ pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
             None => {
                 // Unknown names stay as written.
                 out.push('$');
-                if braced {
-                    out.push('{');
-                }
             }
         }
     }
@@ -183,7 +184,8 @@ impl Deployer {
 
     /// The API view of a deployment row.
     pub fn info(&self, row: &DeploymentRow, log_tail: Vec<String>) -> Result<DeploymentInfo, DeployError> {
-        let damaged = |e: nx_protocol::NameError| DeployError::Invalid(format!("stored deployment {} is damaged: {e}", row.id));
+        let damaged =
+            |e: nx_protocol::NameError| DeployError::Invalid(format!("stored deployment {} is damaged: {e}", row.id));
         let id = DeploymentId::parse(&row.id).map_err(damaged)?;
         let app = AppName::parse(&row.app_name).map_err(damaged)?;
         Ok(DeploymentInfo {
@@ -230,7 +232,13 @@ impl Deployer {
 
     /// Records a deployment of `artifact` to `app`, starts it, and returns once
     /// it is healthy or has failed.
-    pub async fn deploy(&self, app: &AppRow, artifact: &ArtifactRow, meta: &PushMeta, actor: &str) -> Result<DeploymentInfo, DeployError> {
+    pub async fn deploy(
+        &self,
+        app: &AppRow,
+        artifact: &ArtifactRow,
+        meta: &PushMeta,
+        actor: &str,
+    ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
         let env = if meta.env.is_empty() {
             None
@@ -274,7 +282,7 @@ impl Deployer {
             )
             .await?;
         let row = self.row(&id).await?;
-        let status = self.start(&row).await?;
+        let status = self.start(&row, !meta.no_wait).await?;
         let row = self.row(&id).await?;
         let tail = match status {
             Status::Failed { log_tail, .. } => log_tail,
@@ -287,9 +295,9 @@ impl Deployer {
         self.db.deployment(id).await?.ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
     }
 
-    /// Starts the sandbox of `row` and waits until its first start is decided
-    /// and applied.
-    pub async fn start(&self, row: &DeploymentRow) -> Result<Status, DeployError> {
+    /// Starts the sandbox of `row`; with `wait`, returns once its first start is
+    /// decided and applied, else at once.
+    pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let app = self
             .db
             .app_by_id(row.app_id)
@@ -312,9 +320,14 @@ impl Deployer {
             row.app_name.clone(),
         ));
         let mut waiter = applied.clone();
-        if let Some(old) = self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied }) {
+        if let Some(old) =
+            self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied })
+        {
             // Never two instances of one deployment.
             tokio::spawn(old.sandbox.stop());
+        }
+        if !wait {
+            return Ok(Status::Starting { restarts: 0 });
         }
         let status = waiter
             .wait_for(|s| !matches!(s, Status::Starting { .. }))
@@ -382,21 +395,31 @@ impl Deployer {
         ];
         env.extend(app_database_env(&self.endpoint, &app.db_role, &app.db_name, &password));
         if let Some(sealed) = &row.env {
-            let json = self.master.open(sealed).map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
-            let own: BTreeMap<String, String> =
-                serde_json::from_slice(&json).map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
+            let json =
+                self.master.open(sealed).map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+            let own: BTreeMap<String, String> = serde_json::from_slice(&json)
+                .map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
             for (k, v) in own {
                 env.retain(|(name, _)| *name != k);
                 env.push((k, v));
             }
         }
-        let vars = [("PORT", port_s.as_str()), ("HOST", "127.0.0.1"), ("NX_APP", app.name.as_str()), ("NX_DEPLOYMENT", row.id.as_str())];
+        let vars = [
+            ("PORT", port_s.as_str()),
+            ("HOST", "127.0.0.1"),
+            ("NX_APP", app.name.as_str()),
+            ("NX_DEPLOYMENT", row.id.as_str()),
+        ];
         let args = row.args.0.iter().map(|a| expand_arg(a, &vars)).collect();
         let binary_name = row
             .filename
             .as_deref()
             .map(|f| f.rsplit('/').next().unwrap_or(f))
-            .filter(|f| !f.is_empty() && !f.starts_with('.') && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            .filter(|f| {
+                !f.is_empty()
+                    && !f.starts_with('.')
+                    && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
             .unwrap_or("app")
             .to_owned();
         Ok(SandboxConfig {
@@ -440,9 +463,7 @@ impl Deployer {
                 return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() })
             }
         };
-        self.db
-            .event(Some(&app.name), Some(id), "promote", actor, serde_json::json!({ "previous": previous }))
-            .await?;
+        self.db.event(Some(&app.name), Some(id), "promote", actor, serde_json::json!({ "previous": previous })).await?;
         if let Err(e) = self.routes.publish().await {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
@@ -457,7 +478,7 @@ impl Deployer {
         for row in rows {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = me.start(&row).await {
+                if let Err(e) = me.start(&row, true).await {
                     tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "cannot restart deployment");
                     let _ = me.db.set_state(&row.id, DeploymentState::Failed, Some(&e.to_string())).await;
                 }
@@ -521,7 +542,9 @@ async fn watch_sandbox(
                 tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
             }
             if let Status::Failed { reason, .. } = &current {
-                let _ = db.event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason })).await;
+                let _ = db
+                    .event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason }))
+                    .await;
             }
             let _ = routes.publish().await;
             tracing::info!(deployment = %id, app = %app, state = state.as_str(), "deployment state");

@@ -113,8 +113,9 @@ impl RoutePublisher {
     async fn request(&self, method: &str, body: Bytes) -> Result<(u16, Bytes), PublishError> {
         let unreachable = |reason: String| PublishError::Unreachable { path: self.control.clone(), reason };
         let stream = tokio::net::UnixStream::connect(&self.control).await.map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
         let req = http::Request::builder()
             .method(method)
@@ -145,8 +146,8 @@ impl RoutePublisher {
 
     async fn current_generation(&self) -> Result<u64, PublishError> {
         let (status, body) = self.request("GET", Bytes::new()).await?;
-        let table: RouteTable = serde_json::from_slice(&body)
-            .map_err(|e| PublishError::Refused { status, body: e.to_string() })?;
+        let table: RouteTable =
+            serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })?;
         Ok(table.generation)
     }
 
@@ -188,7 +189,11 @@ pub struct RouterProcess {
 
 impl RouterProcess {
     /// Starts the router and waits until its control socket answers.
-    pub async fn start(pm: ProcessManager, settings: RouterSettings, publisher: Arc<RoutePublisher>) -> anyhow::Result<RouterProcess> {
+    pub async fn start(
+        pm: ProcessManager,
+        settings: RouterSettings,
+        publisher: Arc<RoutePublisher>,
+    ) -> anyhow::Result<RouterProcess> {
         anyhow::ensure!(
             settings.bin.is_file(),
             "nx-router not found at {}; build it (`cargo build --release`) or pass --router-bin, or run it yourself with --no-router",

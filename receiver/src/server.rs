@@ -85,7 +85,11 @@ async fn bootstrap_admin(db: &Db, master: &MasterKey, given: Option<&str>) -> an
     tx.commit().await?;
     if generated {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "\nAdmin token (shown once; store it now, for example with `nx login`):\n\n    {}\n", token.expose_secret())?;
+        writeln!(
+            out,
+            "\nAdmin token (shown once; store it now, for example with `nx login`):\n\n    {}\n",
+            token.expose_secret()
+        )?;
         out.flush()?;
     }
     tracing::info!(generated, "admin token installed");
@@ -140,7 +144,12 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     result
 }
 
-async fn run(config: Arc<ServeConfig>, pm: ProcessManager, master: Arc<MasterKey>, cluster: Arc<Cluster>) -> anyhow::Result<()> {
+async fn run(
+    config: Arc<ServeConfig>,
+    pm: ProcessManager,
+    master: Arc<MasterKey>,
+    cluster: Arc<Cluster>,
+) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     let db = Db::new(cluster.metadata_pool().await?);
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;

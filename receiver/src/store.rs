@@ -130,9 +130,9 @@ impl ArtifactStore {
         }
         // Credentials and endpoints come from the usual AWS_*, GOOGLE_* and AZURE_*
         // variables, as each cloud's own tools read them.
-        let options = std::env::vars().filter(|(k, _)| {
-            ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p))
-        }).map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let options = std::env::vars()
+            .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v));
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| StoreError::BadUrl { url: url.into(), reason: e.to_string() })?;
         let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
@@ -149,7 +149,13 @@ impl ArtifactStore {
 
     /// Streams `body` into a temporary file while hashing it, enforcing `limit`
     /// as bytes arrive, then checks length and digest against what was signed.
-    pub async fn receive<S, E>(&self, body: S, expected_sha256: &str, expected_len: u64, limit: u64) -> Result<Upload, StoreError>
+    pub async fn receive<S, E>(
+        &self,
+        body: S,
+        expected_sha256: &str,
+        expected_len: u64,
+        limit: u64,
+    ) -> Result<Upload, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
@@ -371,7 +377,10 @@ mod tests {
         assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
         let err = store.receive(body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
-        let broken = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"he")), Err(std::io::Error::other("connection reset"))]);
+        let broken = futures_util::stream::iter(vec![
+            Ok(Bytes::from_static(b"he")),
+            Err(std::io::Error::other("connection reset")),
+        ]);
         let err = store.receive(broken, &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);

@@ -60,7 +60,8 @@ pub async fn serve(listener: UnixListener, store: Arc<RouteStore>, mut shutdown:
         let store = store.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, store.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+            {
                 tracing::debug!(error = %e, "control connection ended with an error");
             }
         });
@@ -73,7 +74,10 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(req: Request<Incoming>, store: Arc<RouteStore>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    store: Arc<RouteStore>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_owned();
     let response = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/health") => text(StatusCode::OK, "ok\n"),

@@ -157,7 +157,12 @@ impl ProxyHttp for Router {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> pingora::Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
         for h in HOP_BY_HOP {
             resp.remove_header(h);
         }

@@ -38,7 +38,11 @@ impl RouteStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RouteTable::default(),
             Err(source) => return Err(TableError::Load { path: state_file.to_owned(), source }),
         };
-        Ok(RouteStore { current: ArcSwap::from_pointee(table), state_file: state_file.to_owned(), write: Mutex::new(()) })
+        Ok(RouteStore {
+            current: ArcSwap::from_pointee(table),
+            state_file: state_file.to_owned(),
+            write: Mutex::new(()),
+        })
     }
 
     /// The route for a normalised host.
@@ -101,7 +105,11 @@ mod tests {
         let mut t = RouteTable { generation, ..Default::default() };
         t.routes.insert(
             "web.localhost".into(),
-            Route { app: "web".into(), deployment: "abcdefgh".into(), target: Target::Live { addr: ([127, 0, 0, 1], port).into() } },
+            Route {
+                app: "web".into(),
+                deployment: "abcdefgh".into(),
+                target: Target::Live { addr: ([127, 0, 0, 1], port).into() },
+            },
         );
         t
     }
@@ -116,7 +124,10 @@ mod tests {
         drop(store);
         let again = RouteStore::open(&state).unwrap();
         assert_eq!(again.snapshot().generation, 1);
-        assert_eq!(again.lookup("web.localhost").unwrap().target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
+        assert_eq!(
+            again.lookup("web.localhost").unwrap().target,
+            Target::Live { addr: ([127, 0, 0, 1], 20001).into() }
+        );
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
     }

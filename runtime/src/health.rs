@@ -47,7 +47,8 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck, timeout: Duration) -> 
         _ => return Err(ProbeError::Refused(addr)),
     };
     let HealthCheck::Http { path, require_success } = check else { return Ok(()) };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: nx-health\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: nx-health\r\nConnection: close\r\n\r\n");
     let status = tokio::time::timeout(timeout, async {
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut buf = Vec::with_capacity(64);

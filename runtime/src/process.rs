@@ -321,7 +321,12 @@ impl ProcessManager {
     }
 }
 
-fn manager_loop(rx: mpsc::Receiver<SpawnRequest>, mut wake: UnixStream, mut sig: UnixStream, children: Arc<Mutex<ChildTable>>) {
+fn manager_loop(
+    rx: mpsc::Receiver<SpawnRequest>,
+    mut wake: UnixStream,
+    mut sig: UnixStream,
+    children: Arc<Mutex<ChildTable>>,
+) {
     let mut scratch = [0u8; 64];
     loop {
         if let Err(e) = sys::wait_readable(&[wake.as_fd(), sig.as_fd()], 1000) {
@@ -421,10 +426,7 @@ mod tests {
     #[tokio::test]
     async fn output_collects_both_streams_and_the_status() {
         let pm = ProcessManager::global().unwrap();
-        let out = pm
-            .output(Command::new("/bin/sh").args(["-c", "echo out; echo err >&2; exit 3"]))
-            .await
-            .unwrap();
+        let out = pm.output(Command::new("/bin/sh").args(["-c", "echo out; echo err >&2; exit 3"])).await.unwrap();
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.stdout, b"out\n");
         assert_eq!(out.stderr, b"err\n");

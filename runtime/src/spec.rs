@@ -197,7 +197,16 @@ mod tests {
     #[test]
     fn every_namespace_is_new_and_privileges_are_dropped() {
         let a = strings(bwrap_args(&spec(), &layout()));
-        for flag in ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--new-session", "--die-with-parent"] {
+        for flag in [
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--disable-userns",
+            "--new-session",
+            "--die-with-parent",
+        ] {
             assert!(a.contains(&flag.to_string()), "{flag} missing");
         }
         assert!(has_seq(&a, &["--cap-drop", "ALL"]));

@@ -66,7 +66,9 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
         elf::ET_EXEC => ElfKind::Executable,
         elf::ET_DYN if report.interpreter.is_some() => ElfKind::Pie,
         // A static PIE has no loader but an entry point; a library usually has none.
-        elf::ET_DYN if file.entry() != 0 && file.section_by_name(".interp").is_none() && has_no_soname(file, data) => ElfKind::Pie,
+        elf::ET_DYN if file.entry() != 0 && file.section_by_name(".interp").is_none() && has_no_soname(file, data) => {
+            ElfKind::Pie
+        }
         elf::ET_DYN => ElfKind::SharedLibrary,
         elf::ET_REL => ElfKind::Relocatable,
         elf::ET_CORE => ElfKind::Core,
@@ -141,7 +143,9 @@ pub fn highest_glibc_defined(data: &[u8]) -> Option<String> {
             let Ok(name) = a.name(endian, strings) else { continue };
             let name = String::from_utf8_lossy(name);
             if let Some(v) = name.strip_prefix("GLIBC_") {
-                if v.starts_with(|c: char| c.is_ascii_digit()) && highest.as_deref().is_none_or(|h| compare_versions(v, h).is_gt()) {
+                if v.starts_with(|c: char| c.is_ascii_digit())
+                    && highest.as_deref().is_none_or(|h| compare_versions(v, h).is_gt())
+                {
                     highest = Some(v.to_owned());
                 }
             }
@@ -178,7 +182,10 @@ mod tests {
     fn compiler_lines_prefer_rustc() {
         let c = b"GCC: (Debian 12.2.0-14) 12.2.0\0rustc version 1.95.0 (59807616e 2026-04-14)\0";
         assert_eq!(compiler_from_comment(c).unwrap(), "rustc version 1.95.0 (59807616e 2026-04-14)");
-        assert_eq!(compiler_from_comment(b"GCC: (Debian 12.2.0-14) 12.2.0\0").unwrap(), "GCC: (Debian 12.2.0-14) 12.2.0");
+        assert_eq!(
+            compiler_from_comment(b"GCC: (Debian 12.2.0-14) 12.2.0\0").unwrap(),
+            "GCC: (Debian 12.2.0-14) 12.2.0"
+        );
         assert_eq!(compiler_from_comment(b"\0\0"), None);
     }
 

@@ -11,9 +11,11 @@ const HEADER_LEN: usize = 32;
 const FLAG_INLINE: u8 = 0x2;
 
 /// Finds the header anywhere in `data` (for files whose section table does not
-/// name the blob) and parses it.
+/// name the blob). The magic string also appears in programs that merely know
+/// it (this crate, for one), so only a header that parses into a Go version
+/// counts.
 pub fn find(data: &[u8]) -> Option<Result<GoBuildInfo, String>> {
-    memchr::memmem::find(data, MAGIC).map(|off| parse(&data[off..]))
+    memchr::memmem::find_iter(data, MAGIC).find_map(|off| parse(&data[off..]).ok()).map(Ok)
 }
 
 /// Parses a blob that starts with the header.
@@ -21,13 +23,19 @@ pub fn parse(blob: &[u8]) -> Result<GoBuildInfo, String> {
     if blob.len() < HEADER_LEN || !blob.starts_with(MAGIC) {
         return Err("Go build info header is truncated".into());
     }
-    let flags = blob[15];
+    let (ptr_size, flags) = (blob[14], blob[15]);
+    if ptr_size != 4 && ptr_size != 8 {
+        return Err(format!("Go build info has pointer size {ptr_size}"));
+    }
     if flags & FLAG_INLINE == 0 {
         return Err("Go build info predates Go 1.18 and is not read".into());
     }
     let mut rest = &blob[HEADER_LEN..];
     let version = read_string(&mut rest).ok_or("Go version string is truncated")?;
     let modinfo = read_string(&mut rest).unwrap_or_default();
+    if !(version.starts_with(b"go") || version.starts_with(b"devel")) {
+        return Err("Go build info holds no Go version".into());
+    }
     let mut info = GoBuildInfo { go_version: String::from_utf8_lossy(version).into_owned(), ..Default::default() };
     // The module text is framed by 16-byte sentinels.
     let text = if modinfo.len() >= 33 && modinfo[modinfo.len() - 17] == b'\n' {

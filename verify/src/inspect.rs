@@ -42,8 +42,12 @@ pub fn inspect(data: &[u8]) -> Report {
             Err(e) => damaged(Format::Elf, size, e),
         },
         Ok(FileKind::MachO32 | FileKind::MachO64) => generic(data, Format::MachO, "darwin"),
-        Ok(FileKind::MachOFat32) => fat(MachOFatFile32::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size),
-        Ok(FileKind::MachOFat64) => fat(MachOFatFile64::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size),
+        Ok(FileKind::MachOFat32) => {
+            fat(MachOFatFile32::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size)
+        }
+        Ok(FileKind::MachOFat64) => {
+            fat(MachOFatFile64::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size)
+        }
         Ok(FileKind::Pe32 | FileKind::Pe64) => generic(data, Format::Pe, "windows"),
         _ => Report::empty(Format::Unknown, size),
     };

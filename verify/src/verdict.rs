@@ -91,9 +91,13 @@ pub fn judge(report: &Report, target: &ServerTarget) -> Verdict {
     let arch = target.arch.as_str();
     let mut problems = Vec::new();
     let mut add = |problem: String, remedy: String| problems.push(Problem { problem, remedy });
-    let made_for = |r: &Report| r.arch.clone().or_else(|| r.fat_arches.first().cloned()).unwrap_or_else(|| "an unknown architecture".into());
+    let made_for = |r: &Report| {
+        r.arch.clone().or_else(|| r.fat_arches.first().cloned()).unwrap_or_else(|| "an unknown architecture".into())
+    };
     match report.format {
-        Format::Empty => add("the file is empty".into(), "push the built binary; check the output path of your build".into()),
+        Format::Empty => {
+            add("the file is empty".into(), "push the built binary; check the output path of your build".into())
+        }
         Format::Zip => add("the file is a zip archive".into(), "unpack it and push the executable inside".into()),
         Format::Unknown => add(
             "the file is not an executable the server knows (ELF expected)".into(),
@@ -106,10 +110,9 @@ pub fn judge(report: &Report, target: &ServerTarget) -> Verdict {
                 "compile your program to a binary and push that".into(),
             )
         }
-        Format::Pe => add(
-            format!("the file is a Windows program (PE, {})", made_for(report)),
-            build_for_linux(report, arch),
-        ),
+        Format::Pe => {
+            add(format!("the file is a Windows program (PE, {})", made_for(report)), build_for_linux(report, arch))
+        }
         Format::MachO | Format::FatMachO => {
             let arches = if report.fat_arches.is_empty() { made_for(report) } else { report.fat_arches.join(", ") };
             add(format!("the file is a macOS program (Mach-O, {arches})"), build_for_linux(report, arch))
@@ -134,9 +137,10 @@ fn judge_elf(report: &Report, target: &ServerTarget, add: &mut impl FnMut(String
         return;
     }
     match report.elf_kind {
-        Some(ElfKind::Relocatable) => {
-            add("the file is an object file (.o), not an executable".into(), "link it into a program and push that".into())
-        }
+        Some(ElfKind::Relocatable) => add(
+            "the file is an object file (.o), not an executable".into(),
+            "link it into a program and push that".into(),
+        ),
         Some(ElfKind::SharedLibrary) => {
             add("the file is a shared library, not an executable".into(), "push the program that uses it".into())
         }

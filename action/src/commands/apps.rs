@@ -17,9 +17,16 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             if g.json {
                 return print_json(&created);
             }
-            println!("created app {} (database {})", paint(created.app.name.as_str(), Color::Bold), created.app.database);
+            println!(
+                "created app {} (database {})",
+                paint(created.app.name.as_str(), Color::Bold),
+                created.app.database
+            );
             println!("production URL: {}", created.app.production_url);
-            println!("deploy key (shown once, store it as a secret, e.g. NX_KEY in GitHub):\n\n    {}\n", created.deploy_key);
+            println!(
+                "deploy key (shown once, store it as a secret, e.g. NX_KEY in GitHub):\n\n    {}\n",
+                created.deploy_key
+            );
             Ok(())
         }
         AppsCommand::Ls => {

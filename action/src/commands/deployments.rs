@@ -33,7 +33,8 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
             println!("  no deployments yet; push one with `nx push BINARY --app {}`", app.name);
             continue;
         }
-        let mut rows = vec![vec!["  ID".into(), "STATE".into(), "AGE".into(), "DIGEST".into(), "PR".into(), "URL".into()]];
+        let mut rows =
+            vec![vec!["  ID".into(), "STATE".into(), "AGE".into(), "DIGEST".into(), "PR".into(), "URL".into()]];
         for d in deployments {
             let id = if d.production { format!("* {}", d.id) } else { format!("  {}", d.id) };
             rows.push(vec![
@@ -68,9 +69,8 @@ pub async fn promote(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
         Some(a) => a,
         None => app_of(&client, &args.deployment).await?,
     };
-    let p: Promotion = client
-        .post(&format!("/v1/apps/{app}/deployments/{}/promote", args.deployment), &serde_json::json!({}))
-        .await?;
+    let p: Promotion =
+        client.post(&format!("/v1/apps/{app}/deployments/{}/promote", args.deployment), &serde_json::json!({})).await?;
     if g.json {
         return print_json(&p);
     }

@@ -10,19 +10,22 @@ use crate::failure::Failure;
 
 pub async fn run(g: &Global, args: LoginArgs) -> anyhow::Result<()> {
     let mut file = config::load()?;
-    let server = args
-        .login_server
-        .or_else(|| g.server.clone())
-        .or(file.server.clone())
-        .ok_or_else(|| Failure::Usage("pass --server URL (the receiver's API, for example http://127.0.0.1:8070)".into()))?;
+    let server = args.login_server.or_else(|| g.server.clone()).or(file.server.clone()).ok_or_else(|| {
+        Failure::Usage("pass --server URL (the receiver's API, for example http://127.0.0.1:8070)".into())
+    })?;
     let server = server.trim_end_matches('/').to_owned();
     let health: Health = get_public(&server, "/v1/health").await?;
     let key = args.login_key.or_else(|| g.key.clone()).or(file.key.clone());
     if let Some(k) = &key {
         let cred = Credential::parse(k).map_err(|e| Failure::Usage(e.to_string()))?;
         // A signed call proves the key before it is stored.
-        let apps: Vec<AppInfo> = Client::new(&Target { server: server.clone(), key: Some(cred.clone()) })?.get("/v1/apps").await?;
-        let scope = if cred.is_admin() { "admin token".to_owned() } else { format!("deploy key for {}", apps.first().map_or("?", |a| a.name.as_str())) };
+        let apps: Vec<AppInfo> =
+            Client::new(&Target { server: server.clone(), key: Some(cred.clone()) })?.get("/v1/apps").await?;
+        let scope = if cred.is_admin() {
+            "admin token".to_owned()
+        } else {
+            format!("deploy key for {}", apps.first().map_or("?", |a| a.name.as_str()))
+        };
         eprintln!("key accepted ({scope})");
     }
     file = FileConfig { server: Some(server.clone()), key };

@@ -2,6 +2,7 @@
 
 mod apps;
 mod deployments;
+mod github;
 mod login;
 mod push;
 mod verify;
@@ -18,6 +19,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls(args) => deployments::ls(g, args).await,
         Command::Promote(args) => deployments::promote(g, args).await,
         Command::Verify(args) => verify::run(g, args).await,
+        Command::GithubAction => github::run(g).await,
     }
 }
 

@@ -1,103 +1,151 @@
 //! `nx push`: verify locally against the server's target, upload with progress,
-//! wait for the health check, print the preview URL.
+//! wait for the health check, print the preview URL. [`execute`] is shared with
+//! the GitHub Action.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use nx_protocol::api::{DeploymentInfo, DeploymentState, Promotion, PushMeta, Source};
+use nx_protocol::api::{AppInfo, DeploymentInfo, DeploymentState, Promotion, PushMeta, Source};
 use nx_protocol::target::ServerTarget;
 use nx_protocol::AppName;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{client, print_json};
 use crate::cli::{Global, PushArgs};
-use crate::client::get_public;
+use crate::client::{get_public, Client};
 use crate::failure::Failure;
 use crate::output::{bytes, paint, state, Color};
 use crate::progress::Progress;
 
-/// Parses repeated `KEY=VALUE` flags.
+/// Parses repeated `KEY=VALUE` settings.
 pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>, Failure> {
     let mut env = BTreeMap::new();
     for p in pairs {
-        let (k, v) = p.split_once('=').ok_or_else(|| Failure::Usage(format!("--env {p:?} must be KEY=VALUE")))?;
+        let (k, v) =
+            p.split_once('=').ok_or_else(|| Failure::Usage(format!("environment setting {p:?} must be KEY=VALUE")))?;
         if k.is_empty() {
-            return Err(Failure::Usage(format!("--env {p:?} has an empty name")));
+            return Err(Failure::Usage(format!("environment setting {p:?} has an empty name")));
         }
         env.insert(k.to_owned(), v.to_owned());
     }
     Ok(env)
 }
 
-pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
-    let app = AppName::parse(&args.app).map_err(|e| Failure::Usage(e.to_string()))?;
-    let env = parse_env(&args.env)?;
-    let client = client(g)?;
-    let data = tokio::fs::read(&args.path)
+/// One push.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub path: &'a Path,
+    pub app: &'a AppName,
+    pub meta: PushMeta,
+    /// Check the binary against the server's target before uploading.
+    pub verify: bool,
+    pub promote: bool,
+    /// No progress output (JSON mode).
+    pub quiet: bool,
+}
+
+/// What a push produced.
+#[derive(Debug, Serialize)]
+pub struct Pushed {
+    pub deployment: DeploymentInfo,
+    pub promotion: Option<Promotion>,
+}
+
+/// Runs a push: local verification, upload, optional promotion. A deployment
+/// that failed on the server is returned, not an error; the caller decides.
+pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
+    let data = tokio::fs::read(job.path)
         .await
-        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", args.path.display())))?;
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", job.path.display())))?;
     let size = data.len() as u64;
     let sha256 = hex::encode(Sha256::digest(&data));
-
-    if !args.skip_verify {
+    // A signed call first: a wrong key or an unknown app is answered before
+    // megabytes are sent (a server refusing an upload stops reading it, which
+    // can cut the answer off).
+    client.get::<AppInfo>(&format!("/v1/apps/{}", job.app)).await?;
+    if job.verify {
         let target: ServerTarget = get_public(client.server(), "/v1/target").await?;
-        let report = nx_verify::inspect(&data);
-        let verdict = nx_verify::judge(&report, &target);
+        let verdict = nx_verify::judge(&nx_verify::inspect(&data), &target);
         if !verdict.runs {
             return Err(Failure::Refused(format!(
                 "{} will not run on the server ({}/{}):\n{}",
-                args.path.display(),
+                job.path.display(),
                 target.os,
                 target.arch,
-                verdict.problems.iter().map(|p| format!("  - {}\n    fix: {}", p.problem, p.remedy)).collect::<Vec<_>>().join("\n")
+                verdict
+                    .problems
+                    .iter()
+                    .map(|p| format!("  - {}\n    fix: {}", p.problem, p.remedy))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             ))
             .into());
         }
     }
     drop(data);
+    let meta_json = serde_json::to_vec(&job.meta)?;
+    if !job.quiet {
+        eprintln!("pushing {} ({}, sha256:{}) to {}", job.path.display(), bytes(size), &sha256[..12], job.app);
+    }
+    let after = if job.meta.no_wait { "starting on the server" } else { "verifying and starting on the server" };
+    let progress = Progress::upload(size, after, job.quiet);
+    let api = format!("/v1/apps/{}/deployments", job.app);
+    let result: anyhow::Result<DeploymentInfo> =
+        client.upload(&api, job.path, &sha256, size, &meta_json, progress.clone()).await;
+    progress.clear();
+    let deployment = result?;
+    let promotion = if job.promote && deployment.state == DeploymentState::Healthy {
+        let path = format!("/v1/apps/{}/deployments/{}/promote", job.app, deployment.id);
+        Some(client.post::<_, Promotion>(&path, &serde_json::json!({})).await?)
+    } else {
+        None
+    };
+    Ok(Pushed { deployment, promotion })
+}
 
+/// The error for a deployment that did not become healthy, with its last words.
+pub fn failed(info: &DeploymentInfo) -> Failure {
+    let mut msg = format!("deployment {} {}", info.id, info.state);
+    if let Some(e) = &info.error {
+        msg.push_str(&format!(": {e}"));
+    }
+    if !info.log_tail.is_empty() {
+        msg.push_str("\nlast lines of its log:\n");
+        msg.push_str(&info.log_tail.iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
+    }
+    Failure::Refused(msg)
+}
+
+pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
+    let app = AppName::parse(&args.app).map_err(|e| Failure::Usage(e.to_string()))?;
     let meta = PushMeta {
         args: args.args.clone(),
-        env,
+        env: parse_env(&args.env)?,
         filename: args.path.file_name().map(|f| f.to_string_lossy().into_owned()),
         source: Source::Cli,
         ..PushMeta::default()
     };
-    let meta_json = serde_json::to_vec(&meta)?;
-    eprintln!("pushing {} ({}, sha256:{}) to {}", args.path.display(), bytes(size), &sha256[..12], app);
-    let progress = Progress::upload(size, "verifying and starting on the server", g.json);
-    let path = format!("/v1/apps/{app}/deployments");
-    let result: anyhow::Result<DeploymentInfo> = client.upload(&path, &args.path, &sha256, size, &meta_json, progress.clone()).await;
-    progress.clear();
-    let info = result?;
-
-    let promotion = if args.promote && info.state == DeploymentState::Healthy {
-        let p: Promotion = client.post(&format!("/v1/apps/{app}/deployments/{}/promote", info.id), &serde_json::json!({})).await?;
-        Some(p)
-    } else {
-        None
-    };
+    let client = client(g)?;
+    let job =
+        Job { path: &args.path, app: &app, meta, verify: !args.skip_verify, promote: args.promote, quiet: g.json };
+    let pushed = execute(&client, job).await?;
+    let info = &pushed.deployment;
     if g.json {
-        print_json(&serde_json::json!({ "deployment": info, "promotion": promotion }))?;
+        print_json(&pushed)?;
     } else {
         println!("{} {} {}", app, paint(info.id.as_str(), Color::Bold), state(info.state));
         println!("  preview:  {}", info.preview_url);
         println!("  digest:   sha256:{}", info.digest);
-        if let Some(p) = &promotion {
+        if let Some(p) = &pushed.promotion {
             println!("  production: {}", p.production_url);
         }
     }
-    if info.state != DeploymentState::Healthy {
-        let mut msg = format!("deployment {} {}", info.id, info.state);
-        if let Some(e) = &info.error {
-            msg.push_str(&format!(": {e}"));
-        }
-        if !info.log_tail.is_empty() {
-            msg.push_str("\nlast lines of its log:\n");
-            msg.push_str(&info.log_tail.iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
-        }
-        return Err(Failure::Refused(msg).into());
+    if info.state == DeploymentState::Healthy {
+        Ok(())
+    } else {
+        Err(failed(info).into())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -105,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn env_flags_parse() {
+    fn env_settings_parse() {
         let env = parse_env(&["A=1".into(), "B=x=y".into(), "C=".into()]).unwrap();
         assert_eq!(env["B"], "x=y");
         assert_eq!(env["C"], "");

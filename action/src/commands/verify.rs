@@ -23,8 +23,9 @@ struct Output<'a> {
 /// The target: `--target`, else the configured server's, else linux/amd64.
 async fn target(g: &Global, args: &VerifyArgs) -> anyhow::Result<ServerTarget> {
     if let Some(t) = &args.target {
-        return ServerTarget::parse_os_arch(t)
-            .ok_or_else(|| Failure::Usage(format!("--target {t:?} is not supported; use linux/amd64 or linux/arm64")).into());
+        return ServerTarget::parse_os_arch(t).ok_or_else(|| {
+            Failure::Usage(format!("--target {t:?} is not supported; use linux/amd64 or linux/arm64")).into()
+        });
     }
     let configured = crate::config::resolve(g.server.as_deref(), None).ok().map(|t| t.server);
     match configured {
@@ -121,7 +122,12 @@ pub async fn run(g: &Global, args: VerifyArgs) -> anyhow::Result<()> {
     let report = nx_verify::inspect(&data);
     let verdict = nx_verify::judge(&report, &target);
     if g.json {
-        print_json(&Output { path: args.path.display().to_string(), report: &report, target: &target, verdict: &verdict })?;
+        print_json(&Output {
+            path: args.path.display().to_string(),
+            report: &report,
+            target: &target,
+            verdict: &verdict,
+        })?;
     } else {
         println!("{}", paint(&args.path.display().to_string(), Color::Bold));
         for (k, v) in describe(&report) {

@@ -18,10 +18,11 @@ struct App {
 }
 
 async fn index(State(app): State<App>) -> Result<String, (axum::http::StatusCode, String)> {
-    let count: i64 = sqlx::query_scalar("INSERT INTO visits DEFAULT VALUES RETURNING (SELECT count(*) + 1 FROM visits)")
-        .fetch_one(&app.pool)
-        .await
-        .map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("database error: {e}\n")))?;
+    let count: i64 =
+        sqlx::query_scalar("INSERT INTO visits DEFAULT VALUES RETURNING (SELECT count(*) + 1 FROM visits)")
+            .fetch_one(&app.pool)
+            .await
+            .map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("database error: {e}\n")))?;
     Ok(format!("{} from {}: visit number {count}\n", app.greeting, app.name))
 }
 
@@ -31,6 +32,7 @@ async fn run() -> Result<(), String> {
     let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
     let pool = PgPoolOptions::new()
         .max_connections(5)
+        .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&env("DATABASE_URL")?)
         .await
         .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
@@ -48,7 +50,9 @@ async fn run() -> Result<(), String> {
         ),
     };
     let router = Router::new().route("/", get(index)).route("/healthz", get(|| async { "ok\n" })).with_state(app);
-    let listener = tokio::net::TcpListener::bind((host.as_str(), port)).await.map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     println!("listening on {host}:{port}");
     axum::serve(listener, router)
         .with_graceful_shutdown(async {

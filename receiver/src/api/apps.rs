@@ -21,7 +21,8 @@ impl From<AppError> for ApiError {
 }
 
 fn to_info(state: &AppState, row: &AppRow) -> Result<AppInfo, ApiError> {
-    apps::info(row, &state.config).ok_or_else(|| ApiError::internal(anyhow::anyhow!("stored app name {:?} is invalid", row.name)))
+    apps::info(row, &state.config)
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("stored app name {:?} is invalid", row.name)))
 }
 
 /// Finds an app the caller may act on, or says which names exist.
@@ -43,11 +44,18 @@ pub async fn create(
     VerifiedJson(req): VerifiedJson<CreateApp>,
 ) -> Result<(StatusCode, Json<CreatedApp>), ApiError> {
     caller.require_admin()?;
-    let (row, key) = apps::create(&state.db, &state.cluster, &state.master, &state.config, &req.name, &caller.actor()).await?;
-    Ok((StatusCode::CREATED, Json(CreatedApp { app: to_info(&state, &row)?, deploy_key: key.expose_secret().to_owned() })))
+    let (row, key) =
+        apps::create(&state.db, &state.cluster, &state.master, &state.config, &req.name, &caller.actor()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedApp { app: to_info(&state, &row)?, deploy_key: key.expose_secret().to_owned() }),
+    ))
 }
 
-pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Json<Vec<AppInfo>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<AppInfo>>, ApiError> {
     let rows = state.db.apps().await?;
     rows.iter().filter(|r| caller.sees(&r.name)).map(|r| to_info(&state, r)).collect::<Result<Vec<_>, _>>().map(Json)
 }

@@ -81,7 +81,9 @@ impl Caller {
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     let value = headers.get(name).ok_or_else(|| {
-        ApiError::Unauthorized(format!("missing header {name}: requests must be signed; use `nx`, which signs them with NX_KEY"))
+        ApiError::Unauthorized(format!(
+            "missing header {name}: requests must be signed; use `nx`, which signs them with NX_KEY"
+        ))
     })?;
     value.to_str().map_err(|_| ApiError::Unauthorized(format!("header {name} is not valid text")))
 }
@@ -110,7 +112,9 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
     }
     let nonce = header(h, HEADER_NONCE)?;
     if !is_valid_nonce(nonce) {
-        return Err(ApiError::Unauthorized(format!("header {HEADER_NONCE} must be 16 to 64 characters of A-Z a-z 0-9 - _")));
+        return Err(ApiError::Unauthorized(format!(
+            "header {HEADER_NONCE} must be 16 to 64 characters of A-Z a-z 0-9 - _"
+        )));
     }
     let content_sha256 = header(h, HEADER_CONTENT_SHA256)?;
     if !is_sha256_hex(content_sha256) {
@@ -125,15 +129,13 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
         ),
         None => None,
     };
-    let meta = match h.get(HEADER_META) {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| B64.decode(v).ok())
-                .ok_or_else(|| ApiError::Unauthorized(format!("header {HEADER_META} is not base64url without padding")))?,
-        ),
-        None => None,
-    };
+    let meta =
+        match h.get(HEADER_META) {
+            Some(v) => Some(v.to_str().ok().and_then(|v| B64.decode(v).ok()).ok_or_else(|| {
+                ApiError::Unauthorized(format!("header {HEADER_META} is not base64url without padding"))
+            })?),
+            None => None,
+        };
     let signature = header(h, HEADER_SIGNATURE)?;
 
     let key = state.db.key(key_id).await?.ok_or_else(|| {

@@ -57,9 +57,9 @@ pub async fn push(
 ) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
     let app = find_app(&state, &caller, &app).await?;
     let limit = state.config.max_upload;
-    let length = caller
-        .content_length
-        .ok_or_else(|| ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into()))?;
+    let length = caller.content_length.ok_or_else(|| {
+        ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into())
+    })?;
     if length > limit {
         return Err(ApiError::TooLarge(format!(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
@@ -83,7 +83,13 @@ pub async fn push(
     if !verdict.runs {
         let _ = state
             .db
-            .event(Some(&app.name), None, "push.refused", &caller.actor(), serde_json::json!({ "reason": verdict.message() }))
+            .event(
+                Some(&app.name),
+                None,
+                "push.refused",
+                &caller.actor(),
+                serde_json::json!({ "reason": verdict.message() }),
+            )
             .await;
         return Err(ApiError::Unprocessable(format!("this binary will not run on the server: {}", verdict.message())));
     }

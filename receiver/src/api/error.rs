@@ -74,7 +74,9 @@ impl From<StoreError> for ApiError {
             }
             StoreError::DiskFull { .. } => ApiError::InsufficientStorage(message),
             StoreError::Unavailable { .. } => ApiError::Unavailable(message),
-            StoreError::Io { .. } | StoreError::Missing { .. } | StoreError::BadUrl { .. } => ApiError::Internal(e.into()),
+            StoreError::Io { .. } | StoreError::Missing { .. } | StoreError::BadUrl { .. } => {
+                ApiError::Internal(e.into())
+            }
         }
     }
 }

@@ -87,8 +87,10 @@ pub async fn ensure_system_user(pm: &ProcessManager, name: &str) -> Result<(u32,
     if !out.status.success() {
         return Err(EmbeddedError::User { user: name.into(), reason: out.last_words() });
     }
-    let u = lookup(name)
-        .ok_or_else(|| EmbeddedError::User { user: name.into(), reason: "useradd succeeded but the user is not there".into() })?;
+    let u = lookup(name).ok_or_else(|| EmbeddedError::User {
+        user: name.into(),
+        reason: "useradd succeeded but the user is not there".into(),
+    })?;
     Ok((u.uid.as_raw(), u.gid.as_raw()))
 }
 
@@ -227,7 +229,10 @@ impl Embedded {
                 }
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     let _ = child.signal(Signal::SIGINT);
-                    return Err(EmbeddedError::Start(format!("not accepting connections after 60s: {e}"), config.log_path.clone()));
+                    return Err(EmbeddedError::Start(
+                        format!("not accepting connections after 60s: {e}"),
+                        config.log_path.clone(),
+                    ));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

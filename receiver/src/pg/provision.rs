@@ -47,10 +47,7 @@ pub async fn create_app_database(admin: &mut PgConnection, name: &str, password:
         .await
         .map_err(sql("look up the role", name))?;
     let verb = if role_exists { "ALTER" } else { "CREATE" };
-    admin
-        .execute(format!("{verb} ROLE {ident} {attrs}").as_str())
-        .await
-        .map_err(sql("create the role", name))?;
+    admin.execute(format!("{verb} ROLE {ident} {attrs}").as_str()).await.map_err(sql("create the role", name))?;
     let db_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)
         .fetch_one(&mut *admin)

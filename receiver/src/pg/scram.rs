@@ -18,12 +18,7 @@ pub fn verifier(password: &str, salt: &[u8; 16]) -> String {
     let client_key = hmac(&salted, b"Client Key");
     let stored_key = Sha256::digest(client_key);
     let server_key = hmac(&salted, b"Server Key");
-    format!(
-        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
-        B64.encode(salt),
-        B64.encode(stored_key),
-        B64.encode(server_key)
-    )
+    format!("SCRAM-SHA-256${ITERATIONS}:{}${}:{}", B64.encode(salt), B64.encode(stored_key), B64.encode(server_key))
 }
 
 fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {

@@ -1,0 +1,227 @@
+//! `nx github-action`: the step `action.yml` runs. It reads the inputs from
+//! `INPUT_*` variables and the pull request from `GITHUB_EVENT_PATH`, pushes,
+//! writes the step outputs (`GITHUB_OUTPUT`) and a job summary
+//! (`GITHUB_STEP_SUMMARY`), and turns every failure into an `::error::`
+//! annotation.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use nx_protocol::api::{DeploymentState, PushMeta, Source};
+use nx_protocol::AppName;
+
+use super::push::{execute, failed, parse_env, Job, Pushed};
+use crate::cli::Global;
+use crate::client::Client;
+use crate::config;
+use crate::failure::Failure;
+
+/// What the workflow run says about the code being deployed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunContext {
+    pub repository: Option<String>,
+    pub sha: Option<String>,
+    pub git_ref: Option<String>,
+    pub pr: Option<u64>,
+}
+
+impl RunContext {
+    /// Reads `GITHUB_*` variables and, for pull requests, the event payload: its
+    /// head commit is what was built (GITHUB_SHA is a merge commit there).
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<RunContext> {
+        let mut ctx = RunContext {
+            repository: env("GITHUB_REPOSITORY"),
+            sha: env("GITHUB_SHA"),
+            git_ref: env("GITHUB_HEAD_REF").filter(|r| !r.is_empty()).or_else(|| env("GITHUB_REF_NAME")),
+            pr: None,
+        };
+        if let Some(path) = env("GITHUB_EVENT_PATH") {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Failure::Usage(format!("cannot read GITHUB_EVENT_PATH {path}: {e}")))?;
+            let event: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Failure::Usage(format!("GITHUB_EVENT_PATH {path} is not JSON: {e}")))?;
+            if let Some(pr) = event.get("pull_request") {
+                ctx.pr = pr["number"].as_u64();
+                if let Some(sha) = pr["head"]["sha"].as_str() {
+                    ctx.sha = Some(sha.to_owned());
+                }
+                if let Some(r) = pr["head"]["ref"].as_str() {
+                    ctx.git_ref = Some(r.to_owned());
+                }
+            }
+            if let Some(name) = event["repository"]["full_name"].as_str() {
+                ctx.repository = Some(name.to_owned());
+            }
+        }
+        Ok(ctx)
+    }
+}
+
+/// Escapes a message for a workflow command (`::error::...`).
+pub fn escape_command(s: &str) -> String {
+    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+}
+
+/// Appends `name=value` lines to the file named by `GITHUB_OUTPUT`, using the
+/// heredoc form for values with newlines.
+fn write_outputs(path: &Path, outputs: &[(&str, String)]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+    for (name, value) in outputs {
+        if value.contains('\n') {
+            let delimiter = format!("NX_EOF_{}", hex::encode(rand::random::<[u8; 8]>()));
+            writeln!(f, "{name}<<{delimiter}\n{value}\n{delimiter}")?;
+        } else {
+            writeln!(f, "{name}={value}")?;
+        }
+    }
+    Ok(())
+}
+
+fn summary(pushed: &Pushed, app: &AppName, ctx: &RunContext) -> String {
+    let d = &pushed.deployment;
+    let mut s = format!(
+        "### NX Sandbox: {app}\n\n| | |\n| --- | --- |\n| deployment | `{}` |\n| state | {} |\n| preview | {} |\n| digest | `sha256:{}` |\n",
+        d.id, d.state, d.preview_url, d.digest
+    );
+    if let Some(sha) = &ctx.sha {
+        s.push_str(&format!("| commit | `{}` |\n", &sha[..sha.len().min(12)]));
+    }
+    if let Some(pr) = ctx.pr {
+        s.push_str(&format!("| pull request | #{pr} |\n"));
+    }
+    if let Some(p) = &pushed.promotion {
+        s.push_str(&format!("| production | {} |\n", p.production_url));
+    }
+    if let Some(e) = &d.error {
+        s.push_str(&format!("\n**Failed:** {e}\n"));
+    }
+    if !d.log_tail.is_empty() {
+        s.push_str(&format!("\n```\n{}\n```\n", d.log_tail.join("\n")));
+    }
+    s
+}
+
+fn truthy(v: Option<String>, default: bool) -> Result<bool, Failure> {
+    match v.as_deref().map(str::trim) {
+        None | Some("") => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(Failure::Usage(format!("expected true or false, not {other:?}"))),
+    }
+}
+
+fn lines(v: Option<String>) -> Vec<String> {
+    v.unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
+
+async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let input = |name: &str| env(&format!("INPUT_{name}")).filter(|v| !v.trim().is_empty());
+    let binary = PathBuf::from(input("BINARY").ok_or_else(|| Failure::Usage("the input `binary` is required".into()))?);
+    let app = input("APP").ok_or_else(|| Failure::Usage("the input `app` is required".into()))?;
+    let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
+    let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
+    let promote = truthy(input("PROMOTE"), false).map_err(|e| Failure::Usage(format!("input `promote`: {e}")))?;
+    let ctx = RunContext::from_env(env)?;
+    let meta = PushMeta {
+        args: lines(input("ARGS")),
+        env: parse_env(&lines(input("ENV")))?,
+        filename: binary.file_name().map(|f| f.to_string_lossy().into_owned()),
+        git_sha: ctx.sha.clone(),
+        git_ref: ctx.git_ref.clone(),
+        pr: ctx.pr,
+        source: Source::Action,
+        repository: ctx.repository.clone(),
+        no_wait: !wait,
+    };
+    let target = config::resolve(g.server.as_deref(), g.key.as_deref())?;
+    let client = Client::new(&target)?;
+    let job = Job { path: &binary, app: &app, meta, verify: true, promote, quiet: false };
+    let pushed = execute(&client, job).await?;
+    let d = &pushed.deployment;
+    if let Some(path) = env("GITHUB_OUTPUT") {
+        write_outputs(
+            Path::new(&path),
+            &[
+                ("deployment-id", d.id.to_string()),
+                ("preview-url", d.preview_url.clone()),
+                ("digest", d.digest.clone()),
+            ],
+        )?;
+    }
+    if let Some(path) = env("GITHUB_STEP_SUMMARY") {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+        f.write_all(summary(&pushed, &app, &ctx).as_bytes())?;
+    }
+    println!("{} {} {}: {}", app, d.id, d.state, d.preview_url);
+    let ok = d.state == DeploymentState::Healthy || (!wait && d.state == DeploymentState::Starting);
+    if ok {
+        Ok(())
+    } else {
+        Err(failed(d).into())
+    }
+}
+
+pub async fn run(g: &Global) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let result = push_from_inputs(g, &env).await;
+    if let Err(e) = &result {
+        println!("::error title=NX Sandbox push failed::{}", escape_command(&format!("{e:#}")));
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_escape_newlines_and_percent() {
+        assert_eq!(escape_command("50% done\nnext"), "50%25 done%0Anext");
+    }
+
+    #[test]
+    fn pull_request_events_give_the_head_commit() {
+        let dir = std::env::temp_dir().join(format!("nx-gh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let event = dir.join("event.json");
+        std::fs::write(
+            &event,
+            r#"{"pull_request":{"number":7,"head":{"sha":"abc123","ref":"feature"}},"repository":{"full_name":"o/r"}}"#,
+        )
+        .unwrap();
+        let vars: Vec<(String, String)> = vec![
+            ("GITHUB_EVENT_PATH".into(), event.display().to_string()),
+            ("GITHUB_SHA".into(), "mergecommit".into()),
+            ("GITHUB_REPOSITORY".into(), "o/r".into()),
+        ];
+        let env = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let ctx = RunContext::from_env(&env).unwrap();
+        assert_eq!(
+            ctx,
+            RunContext {
+                repository: Some("o/r".into()),
+                sha: Some("abc123".into()),
+                git_ref: Some("feature".into()),
+                pr: Some(7)
+            }
+        );
+    }
+
+    #[test]
+    fn outputs_use_heredocs_for_multiline_values() {
+        let dir = std::env::temp_dir().join(format!("nx-out-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        write_outputs(&out, &[("a", "1".into()), ("b", "x\ny".into())]).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("a=1\nb<<NX_EOF_"), "{text}");
+        assert!(text.contains("\nx\ny\nNX_EOF_"), "{text}");
+    }
+
+    #[test]
+    fn booleans_are_strict() {
+        assert!(truthy(Some("true".into()), false).unwrap());
+        assert!(!truthy(None, false).unwrap());
+        assert!(truthy(Some("yes".into()), false).is_err());
+    }
+}

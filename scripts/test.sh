@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine, as root:
+# installs what the tests use, builds everything, checks format and lints, and
+# runs every test (unit tests and the end-to-end suite with real bwrap,
+# PostgreSQL, caddy and the nx CLI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh must run as root: the receiver gives every app its own uid (try: sudo $0)" >&2
+    exit 2
+fi
+if ! command -v cargo >/dev/null; then
+    echo "cargo is not installed: install Rust with rustup (https://rustup.rs) and run this again" >&2
+    exit 2
+fi
+
+echo "==> installing system packages"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+    bubblewrap postgresql caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
+    openssh-client curl ca-certificates python3 python3-pip >/dev/null
+
+echo "==> building"
+cargo build --workspace --all-targets --locked
+
+echo "==> format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi

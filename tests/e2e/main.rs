@@ -1,0 +1,7 @@
+//! The end-to-end suite: one test binary, one module per area. See the harness
+//! (`tests/harness`) for how receivers are started.
+
+// Tests fail loudly on the first surprise; unwrap is the clearest way to say so.
+#![allow(clippy::unwrap_used)]
+
+mod core;

@@ -1,0 +1,241 @@
+//! A real `nx-receiver serve` in a temporary directory, and the `nx` CLI
+//! pointed at it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::Rng;
+
+use crate::http::{self, Answer};
+use crate::{bin, require_program, require_root};
+
+/// A free loopback TCP port (released again, so the receiver can bind it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Settings a test may change before start.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Extra `nx-receiver serve` flags.
+    pub args: Vec<String>,
+    /// Extra environment for the receiver.
+    pub env: Vec<(String, String)>,
+}
+
+/// One receiver with its own data directory and ports.
+#[derive(Debug)]
+pub struct Receiver {
+    pub dir: tempfile::TempDir,
+    pub api_port: u16,
+    pub router_port: u16,
+    pub pg_port: u16,
+    pub admin_token: String,
+    pub options: Options,
+    child: Option<Child>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> Receiver {
+        require_root();
+        require_program("bwrap", "bubblewrap");
+        let dir = tempfile::Builder::new().prefix("nx-e2e-").tempdir_in("/tmp").expect("tempdir");
+        let token: String =
+            rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(40).map(char::from).collect();
+        let mut r = Receiver {
+            dir,
+            api_port: free_port(),
+            router_port: free_port(),
+            pg_port: free_port(),
+            admin_token: format!("nxa_{token}"),
+            options,
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("receiver.log")
+    }
+
+    /// The receiver's own output so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        // Disjoint sandbox port ranges keep parallel tests apart.
+        let base = 20_000 + rand::thread_rng().gen_range(0..200u16) * 200;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let mut cmd = Command::new(bin("nx-receiver"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--router-listen", &format!("127.0.0.1:{}", self.router_port)])
+            .args(["--pg-port", &self.pg_port.to_string()])
+            .args(["--port-range", &format!("{base}-{}", base + 199)])
+            .args(["--stop-grace", "3s"])
+            .args(&self.options.args)
+            .env("NX_ADMIN_TOKEN", &self.admin_token)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("start nx-receiver");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("nx-receiver exited ({status}) during startup:\n{}", self.log());
+            }
+            let up = reqwest::blocking::get(format!("{}/v1/health", self.api()))
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nx-receiver did not come up within 60s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` and waits for the receiver to exit; returns its exit status.
+    pub fn stop_with(&mut self, signal: Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("receiver is running");
+        kill(Pid::from_raw(child.id() as i32), signal).expect("signal receiver");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("nx-receiver did not stop within 60s of {signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts again after [`Receiver::stop_with`], on the same data directory and ports.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the receiver is still running");
+        self.spawn();
+    }
+
+    /// Stops with SIGTERM and starts again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        let status = self.stop_with(Signal::SIGTERM);
+        assert!(status.success(), "nx-receiver exited with {status} on SIGTERM:\n{}", self.log());
+        self.spawn();
+    }
+
+    /// Runs `nx` with this receiver and the admin token.
+    pub fn nx(&self, args: &[&str]) -> NxOutput {
+        self.nx_with_key(&self.admin_token, args)
+    }
+
+    /// Runs `nx` with another key.
+    pub fn nx_with_key(&self, key: &str, args: &[&str]) -> NxOutput {
+        let out = Command::new(bin("nx"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("NX_SERVER", self.api())
+            .env("NX_KEY", key)
+            .output()
+            .expect("run nx");
+        NxOutput::from(out)
+    }
+
+    /// Creates an app and returns its deploy key.
+    pub fn create_app(&self, name: &str) -> String {
+        let out = self.nx(&["--json", "apps", "create", name]).success();
+        out.json()["deploy_key"].as_str().expect("deploy_key").to_owned()
+    }
+
+    /// Pushes and returns the deployment as JSON (fails the test unless healthy).
+    pub fn push(&self, app: &str, binary: &Path, extra: &[&str]) -> serde_json::Value {
+        let path = binary.to_str().expect("utf-8 path");
+        let mut args = vec!["--json", "push", path, "--app", app];
+        args.extend_from_slice(extra);
+        let out = self.nx(&args).success();
+        out.json()["deployment"].clone()
+    }
+
+    /// GET a URL printed by nx, through this receiver's router.
+    pub fn get(&self, url: &str) -> Answer {
+        http::get_url(self.router_port, url)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What a run of `nx` produced.
+#[derive(Debug)]
+pub struct NxOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for NxOutput {
+    fn from(o: Output) -> Self {
+        NxOutput {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl NxOutput {
+    /// Fails the test unless nx exited 0.
+    pub fn success(self) -> NxOutput {
+        assert_eq!(self.code, 0, "nx failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("nx printed no JSON ({e}):\n{}", self.stdout))
+    }
+}
