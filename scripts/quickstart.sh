@@ -17,14 +17,8 @@ for arg in "$@"; do
         *) echo "usage: $0 [--detach]" >&2; exit 2 ;;
     esac
 done
-if [ "$(id -u)" != 0 ]; then
-    echo "run this as root: the platform gives every app its own uid (try: sudo $0)" >&2
-    exit 2
-fi
-if ! command -v cargo >/dev/null; then
-    echo "cargo is not installed: install Rust with rustup (https://rustup.rs) and run this again" >&2
-    exit 2
-fi
+. scripts/common.sh
+require_root_and_cargo
 
 export NX_DATA_DIR="${NX_DATA_DIR:-/var/lib/nx-sandbox}"
 export NX_LISTEN="${NX_LISTEN:-127.0.0.1:8070}"

@@ -6,14 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" != 0 ]; then
-    echo "scripts/test.sh must run as root: the receiver gives every app its own uid (try: sudo $0)" >&2
-    exit 2
-fi
-if ! command -v cargo >/dev/null; then
-    echo "cargo is not installed: install Rust with rustup (https://rustup.rs) and run this again" >&2
-    exit 2
-fi
+. scripts/common.sh
+require_root_and_cargo
 
 echo "==> installing system packages"
 export DEBIAN_FRONTEND=noninteractive

@@ -67,17 +67,24 @@ struct Running {
     applied: watch::Receiver<Status>,
 }
 
+/// What the deployment service works with.
+#[derive(Debug)]
+pub struct Services {
+    pub db: Db,
+    pub store: ArtifactStore,
+    pub pm: ProcessManager,
+    pub master: Arc<MasterKey>,
+    /// Where apps reach their databases.
+    pub endpoint: AppEndpoint,
+    pub config: Arc<ServeConfig>,
+    pub host: Arc<HostLayout>,
+    pub routes: Arc<RoutePublisher>,
+}
+
 /// The deployment service.
 #[derive(Debug)]
 pub struct Deployer {
-    db: Db,
-    store: ArtifactStore,
-    pm: ProcessManager,
-    master: Arc<MasterKey>,
-    endpoint: AppEndpoint,
-    config: Arc<ServeConfig>,
-    host: Arc<HostLayout>,
-    routes: Arc<RoutePublisher>,
+    services: Services,
     running: Mutex<HashMap<String, Running>>,
     port_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
@@ -144,26 +151,9 @@ pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
 }
 
 impl Deployer {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        db: Db,
-        store: ArtifactStore,
-        pm: ProcessManager,
-        master: Arc<MasterKey>,
-        endpoint: AppEndpoint,
-        config: Arc<ServeConfig>,
-        host: Arc<HostLayout>,
-        routes: Arc<RoutePublisher>,
-    ) -> Deployer {
+    pub fn new(services: Services) -> Deployer {
         Deployer {
-            db,
-            store,
-            pm,
-            master,
-            endpoint,
-            config,
-            host,
-            routes,
+            services,
             running: Mutex::new(HashMap::new()),
             port_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
@@ -171,13 +161,13 @@ impl Deployer {
     }
 
     fn url(&self, host: &str) -> String {
-        url_for_host(&self.config.public_scheme, host, self.config.url_port())
+        url_for_host(&self.services.config.public_scheme, host, self.services.config.url_port())
     }
 
     /// Where an app's production is served.
     pub fn production_url(&self, app: &str) -> String {
         match AppName::parse(app) {
-            Ok(a) => self.url(&production_host(&a, &self.config.domain)),
+            Ok(a) => self.url(&production_host(&a, &self.services.config.domain)),
             Err(_) => String::new(),
         }
     }
@@ -189,7 +179,7 @@ impl Deployer {
         let id = DeploymentId::parse(&row.id).map_err(damaged)?;
         let app = AppName::parse(&row.app_name).map_err(damaged)?;
         Ok(DeploymentInfo {
-            preview_url: self.url(&preview_host(&id, &app, &self.config.domain)),
+            preview_url: self.url(&preview_host(&id, &app, &self.services.config.domain)),
             id,
             app,
             state: row.state(),
@@ -214,8 +204,8 @@ impl Deployer {
 
     /// Picks a free port: not held by a live deployment, and bindable now.
     async fn allocate_port(&self) -> Result<u16, DeployError> {
-        let used: std::collections::HashSet<i32> = self.db.used_ports().await?.into_iter().collect();
-        let range = self.config.port_range.clone();
+        let used: std::collections::HashSet<i32> = self.services.db.used_ports().await?.into_iter().collect();
+        let range = self.services.config.port_range.clone();
         let span = u32::from(*range.end() - *range.start()) + 1;
         let offset = rand::thread_rng().next_u32() % span;
         for i in 0..span {
@@ -244,7 +234,7 @@ impl Deployer {
             None
         } else {
             let json = serde_json::to_vec(&meta.env).map_err(|e| DeployError::Invalid(e.to_string()))?;
-            Some(self.master.seal(&json))
+            Some(self.services.master.seal(&json))
         };
         let id = {
             let mut bytes = [0u8; DeploymentId::LEN];
@@ -256,7 +246,8 @@ impl Deployer {
             // take the same one.
             let _guard = self.port_lock.lock().await;
             let port = self.allocate_port().await?;
-            self.db
+            self.services
+                .db
                 .insert_deployment(&NewDeployment {
                     id: &id,
                     app_id: app.id,
@@ -272,7 +263,7 @@ impl Deployer {
                 })
                 .await?;
         }
-        self.db
+        self.services.db
             .event(
                 Some(&app.name),
                 Some(&id),
@@ -292,30 +283,35 @@ impl Deployer {
     }
 
     async fn row(&self, id: &str) -> Result<DeploymentRow, DeployError> {
-        self.db.deployment(id).await?.ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
+        self.services
+            .db
+            .deployment(id)
+            .await?
+            .ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
     }
 
     /// Starts the sandbox of `row`; with `wait`, returns once its first start is
     /// decided and applied, else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let app = self
+            .services
             .db
             .app_by_id(row.app_id)
             .await?
             .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })?;
         let config = self.sandbox_config(&app, row).await?;
-        let logs_dir = self.config.data_dir.join("logs/deployments");
+        let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = logs_dir.join(format!("{}.log", row.id));
         let log = Log::open(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
-        self.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-        let sandbox = Sandbox::start(config, self.pm.clone(), log);
+        self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+        let sandbox = Sandbox::start(config, self.services.pm.clone(), log);
         let (applied_tx, applied) = watch::channel(Status::Starting { restarts: 0 });
         tokio::spawn(watch_sandbox(
             sandbox.watch(),
             applied_tx,
-            self.db.clone(),
-            self.routes.clone(),
+            self.services.db.clone(),
+            self.services.routes.clone(),
             row.id.clone(),
             row.app_name.clone(),
         ));
@@ -341,9 +337,9 @@ impl Deployer {
     }
 
     async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
-        let binary = self.store.materialize(&row.artifact_sha256).await?;
+        let binary = self.services.store.materialize(&row.artifact_sha256).await?;
         let uid = app.uid as u32;
-        let data_root = &self.config.data_dir;
+        let data_root = &self.services.config.data_dir;
         let app_dir = data_root.join("apps").join(&app.name);
         let data_dir = app_dir.join("data");
         for (dir, mode) in [(data_root.join("apps"), 0o711), (app_dir.clone(), 0o711)] {
@@ -378,6 +374,7 @@ impl Deployer {
         }
 
         let password = self
+            .services
             .master
             .open_str(&app.db_password)
             .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
@@ -393,10 +390,13 @@ impl Deployer {
             ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
             ("SSL_CERT_FILE".into(), "/etc/ssl/certs/ca-certificates.crt".into()),
         ];
-        env.extend(app_database_env(&self.endpoint, &app.db_role, &app.db_name, &password));
+        env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password));
         if let Some(sealed) = &row.env {
-            let json =
-                self.master.open(sealed).map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+            let json = self
+                .services
+                .master
+                .open(sealed)
+                .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
             let own: BTreeMap<String, String> = serde_json::from_slice(&json)
                 .map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
             for (k, v) in own {
@@ -436,14 +436,14 @@ impl Deployer {
                 share_net: true,
                 ro_binds,
             },
-            host: self.host.clone(),
-            bwrap: self.config.bwrap.clone(),
+            host: self.services.host.clone(),
+            bwrap: self.services.config.bwrap.clone(),
             host_ids: (uid, uid),
             env,
             addr: ([127, 0, 0, 1], port).into(),
             health: HealthCheck::default(),
-            start_timeout: self.config.start_timeout,
-            stop_grace: self.config.stop_grace,
+            start_timeout: self.services.config.start_timeout,
+            stop_grace: self.services.config.stop_grace,
             restart: RestartPolicy::default(),
             cgroup_procs: Vec::new(),
             rlimits: Vec::new(),
@@ -454,7 +454,7 @@ impl Deployer {
     /// Makes `id` the production of `app`; the router switches atomically and the
     /// previous production keeps running for a rollback.
     pub async fn promote(&self, app: &AppRow, id: &str, actor: &str) -> Result<Option<String>, DeployError> {
-        let outcome = self.db.promote(app.id, id).await?;
+        let outcome = self.services.db.promote(app.id, id).await?;
         let previous = match outcome {
             PromoteOutcome::Promoted { previous } => previous,
             PromoteOutcome::AlreadyProduction => return Ok(Some(id.to_owned())),
@@ -463,8 +463,11 @@ impl Deployer {
                 return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() })
             }
         };
-        self.db.event(Some(&app.name), Some(id), "promote", actor, serde_json::json!({ "previous": previous })).await?;
-        if let Err(e) = self.routes.publish().await {
+        self.services
+            .db
+            .event(Some(&app.name), Some(id), "promote", actor, serde_json::json!({ "previous": previous }))
+            .await?;
+        if let Err(e) = self.services.routes.publish().await {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
         Ok(previous)
@@ -472,7 +475,7 @@ impl Deployer {
 
     /// Starts every deployment that was running before this process started.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, DeployError> {
-        let rows = self.db.live_deployments().await?;
+        let rows = self.services.db.live_deployments().await?;
         let count = rows.len();
         let mut tasks = Vec::new();
         for row in rows {
@@ -480,7 +483,7 @@ impl Deployer {
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = me.start(&row, true).await {
                     tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "cannot restart deployment");
-                    let _ = me.db.set_state(&row.id, DeploymentState::Failed, Some(&e.to_string())).await;
+                    let _ = me.services.db.set_state(&row.id, DeploymentState::Failed, Some(&e.to_string())).await;
                 }
             }));
         }

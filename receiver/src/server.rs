@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
 use crate::db::Db;
-use crate::deploy::Deployer;
+use crate::deploy::{Deployer, Services};
 use crate::pg::Cluster;
 use crate::routing::{RoutePublisher, RouterProcess, RouterSettings};
 use crate::secrets::{random_token, MasterKey};
@@ -177,16 +177,16 @@ async fn run(
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
     tokio::spawn(expire_nonces(db.clone(), stop_rx.clone()));
 
-    let deployer = Arc::new(Deployer::new(
-        db.clone(),
-        store.clone(),
-        pm.clone(),
-        master.clone(),
-        cluster.endpoint().clone(),
-        config.clone(),
+    let deployer = Arc::new(Deployer::new(Services {
+        db: db.clone(),
+        store: store.clone(),
+        pm: pm.clone(),
+        master: master.clone(),
+        endpoint: cluster.endpoint().clone(),
+        config: config.clone(),
         host,
-        routes.clone(),
-    ));
+        routes: routes.clone(),
+    }));
     let restarted = deployer.reconcile().await?;
     if restarted > 0 {
         tracing::info!(count = restarted, "deployments restarted");

@@ -108,50 +108,39 @@ pub enum SpawnError {
 /// A running (or exited, not yet noticed) child.
 #[derive(Debug)]
 pub struct Child {
-    pid: i32,
     /// Writable end of the child's stdin when it was [`Stream::Pipe`].
     pub stdin: Option<OwnedFd>,
     /// Readable end of the child's stdout (and stderr, with [`Stream::ToStdout`]).
     pub stdout: Option<OwnedFd>,
     /// Readable end of the child's stderr when it was piped on its own.
     pub stderr: Option<OwnedFd>,
-    exit: watch::Receiver<Option<ExitStatus>>,
-    manager: ProcessManager,
+    watch: ExitWatch,
 }
 
 impl Child {
     pub fn pid(&self) -> i32 {
-        self.pid
+        self.watch.pid
     }
 
     /// Waits for the child to exit; can be called any number of times.
     pub async fn wait(&mut self) -> ExitStatus {
-        loop {
-            if let Some(status) = *self.exit.borrow_and_update() {
-                return status;
-            }
-            if self.exit.changed().await.is_err() {
-                // The sender lives in the manager's table until the exit is
-                // published, so this only happens if the manager thread died.
-                return ExitStatus::from_raw(libc::SIGKILL);
-            }
-        }
+        self.watch.wait().await
     }
 
     /// The exit status if the child has exited.
     pub fn try_status(&self) -> Option<ExitStatus> {
-        *self.exit.borrow()
+        *self.watch.exit.borrow()
     }
 
     /// A handle that can wait for this child without owning its pipes.
     pub fn exit_watch(&self) -> ExitWatch {
-        ExitWatch { pid: self.pid, exit: self.exit.clone(), manager: self.manager.clone() }
+        self.watch.clone()
     }
 
     /// Sends a signal unless the child was already reaped (so a recycled pid
     /// is never signalled).
     pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
-        self.manager.signal(self.pid, signal)
+        self.watch.signal(signal)
     }
 }
 
@@ -174,6 +163,8 @@ impl ExitWatch {
                 return status;
             }
             if self.exit.changed().await.is_err() {
+                // The sender lives in the manager's table until the exit is
+                // published, so this only happens if the manager thread died.
                 return ExitStatus::from_raw(libc::SIGKILL);
             }
         }
@@ -279,12 +270,10 @@ impl ProcessManager {
         let _ = std::io::Write::write(&mut &self.inner.wake, b"s");
         let spawned = answer.await.map_err(|_| SpawnError::ManagerGone)??;
         Ok(Child {
-            pid: spawned.pid,
             stdin: spawned.stdin,
             stdout: spawned.stdout,
             stderr: spawned.stderr,
-            exit: spawned.exit,
-            manager: self.clone(),
+            watch: ExitWatch { pid: spawned.pid, exit: spawned.exit, manager: self.clone() },
         })
     }
 

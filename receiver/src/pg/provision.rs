@@ -30,6 +30,10 @@ fn sql<'a>(action: &'static str, database: &'a str) -> impl FnOnce(sqlx::Error) 
     move |source| ProvisionError::Sql { action, database: database.to_owned(), source }
 }
 
+async fn exists(admin: &mut PgConnection, query: &'static str, name: &str) -> Result<bool, ProvisionError> {
+    sqlx::query_scalar(query).bind(name).fetch_one(&mut *admin).await.map_err(sql("look up existing objects", name))
+}
+
 /// Creates (or, after a crash half-way, completes) the role and the database.
 /// An existing database is kept as it is, so nothing is ever lost here.
 pub async fn create_app_database(admin: &mut PgConnection, name: &str, password: &str) -> Result<(), ProvisionError> {
@@ -41,21 +45,20 @@ pub async fn create_app_database(admin: &mut PgConnection, name: &str, password:
         "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {CONNECTION_LIMIT} PASSWORD '{verifier}'"
     );
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
-    let role_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-        .bind(name)
-        .fetch_one(&mut *admin)
-        .await
-        .map_err(sql("look up the role", name))?;
+    let role_exists = exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", name).await?;
     let verb = if role_exists { "ALTER" } else { "CREATE" };
     admin.execute(format!("{verb} ROLE {ident} {attrs}").as_str()).await.map_err(sql("create the role", name))?;
-    let db_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(&mut *admin)
-        .await
-        .map_err(sql("look up the database", name))?;
-    if !db_exists {
+    ensure_database(admin, name, Some(name)).await
+}
+
+/// Creates database `name` unless it exists (owned by `owner`, or by the admin
+/// role), and closes it to PUBLIC.
+async fn ensure_database(admin: &mut PgConnection, name: &str, owner: Option<&str>) -> Result<(), ProvisionError> {
+    let ident = quote_ident(name);
+    if !exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).await? {
+        let owner = owner.map(|o| format!(" OWNER {}", quote_ident(o))).unwrap_or_default();
         admin
-            .execute(format!("CREATE DATABASE {ident} OWNER {ident} ENCODING 'UTF8' TEMPLATE template0").as_str())
+            .execute(format!("CREATE DATABASE {ident}{owner} ENCODING 'UTF8' TEMPLATE template0").as_str())
             .await
             .map_err(sql("create the database", name))?;
     }
@@ -82,23 +85,7 @@ pub async fn drop_app_database(admin: &mut PgConnection, name: &str) -> Result<(
 /// Creates the metadata database when it does not exist and closes it to PUBLIC.
 pub async fn ensure_metadata_database(admin: &mut PgConnection, name: &str) -> Result<(), ProvisionError> {
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(&mut *admin)
-        .await
-        .map_err(sql("look up the database", name))?;
-    let ident = quote_ident(name);
-    if !exists {
-        admin
-            .execute(format!("CREATE DATABASE {ident} ENCODING 'UTF8' TEMPLATE template0").as_str())
-            .await
-            .map_err(sql("create the database", name))?;
-    }
-    admin
-        .execute(format!("REVOKE ALL ON DATABASE {ident} FROM PUBLIC").as_str())
-        .await
-        .map_err(sql("revoke public access", name))?;
-    Ok(())
+    ensure_database(admin, name, None).await
 }
 
 #[cfg(test)]

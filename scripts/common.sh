@@ -1,0 +1,12 @@
+# Sourced by the scripts: checks every one of them makes first.
+
+require_root_and_cargo() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "$0 must run as root: NX Sandbox gives every app its own uid (try: sudo $0)" >&2
+        exit 2
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "cargo is not installed: install Rust with rustup (https://rustup.rs) and run this again" >&2
+        exit 2
+    fi
+}
