@@ -16,6 +16,11 @@ apt-get install -y -q --no-install-recommends \
     bubblewrap postgresql caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
     openssh-client curl ca-certificates python3 python3-pip >/dev/null
 
+if ! command -v cargo-auditable >/dev/null; then
+    echo "==> installing cargo-auditable (the suite checks binaries built with it)"
+    cargo install --locked cargo-auditable
+fi
+
 echo "==> building"
 cargo build --workspace --all-targets --locked
 

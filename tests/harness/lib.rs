@@ -7,6 +7,7 @@
 //! command installs them. A missing one fails the test with the fix, never a
 //! silent pass.
 
+pub mod fixtures;
 pub mod http;
 pub mod receiver;
 

@@ -70,7 +70,7 @@ fn describe(r: &Report) -> Vec<(&'static str, String)> {
     }
     if let Some(libc) = r.libc {
         let need = r.glibc_required.as_deref().map(|v| format!(", needs GLIBC_{v}")).unwrap_or_default();
-        rows.push(("libc", format!("{libc:?}{need}").to_lowercase()));
+        rows.push(("libc", format!("{}{need}", format!("{libc:?}").to_lowercase())));
     }
     if !r.needed.is_empty() {
         rows.push(("needs", r.needed.join(", ")));
