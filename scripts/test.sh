@@ -13,7 +13,7 @@ echo "==> installing system packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    bubblewrap postgresql caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
+    bubblewrap postgresql nftables e2fsprogs caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
     openssh-client curl ca-certificates python3 python3-pip >/dev/null
 
 if ! command -v cargo-auditable >/dev/null; then

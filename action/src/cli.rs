@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use nx_protocol::units::parse_size;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -80,6 +81,37 @@ pub enum AppsCommand {
     },
     /// List apps.
     Ls,
+    /// Change an app's limits and health check; new deployments use them.
+    Set(SetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub app: String,
+    /// Memory per sandbox, like 256MiB.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// CPU cores per sandbox, like 0.5.
+    #[arg(long)]
+    pub cpu: Option<f64>,
+    /// Processes and threads per sandbox.
+    #[arg(long)]
+    pub pids: Option<u32>,
+    /// Open files per process.
+    #[arg(long)]
+    pub nofile: Option<u64>,
+    /// Size of /tmp, like 64MiB.
+    #[arg(long, value_parser = parse_size)]
+    pub tmp: Option<u64>,
+    /// Size of the /data volume, like 1GiB (takes effect when the volume is first made).
+    #[arg(long, value_parser = parse_size)]
+    pub data: Option<u64>,
+    /// Health check: `GET PATH` must answer 2xx or 3xx.
+    #[arg(long, value_name = "PATH", conflicts_with = "health_tcp")]
+    pub health_path: Option<String>,
+    /// Health check: a TCP connection is accepted.
+    #[arg(long)]
+    pub health_tcp: bool,
 }
 
 #[derive(Debug, Args)]

@@ -147,6 +147,10 @@ impl Client {
         self.send(Method::POST, path, Some(serde_json::to_vec(body)?)).await
     }
 
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(Method::PUT, path, Some(serde_json::to_vec(body)?)).await
+    }
+
     /// Streams the file at `path` (whose digest and size are already known) as
     /// the body of a signed POST, reporting progress.
     pub async fn upload<T: DeserializeOwned>(

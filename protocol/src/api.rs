@@ -124,6 +124,65 @@ pub struct PushMeta {
     pub no_wait: bool,
 }
 
+/// How one limit of a deployment is enforced (or why it is not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    /// `memory`, `cpu`, `pids`, `nofile`, `tmp`, `data`.
+    pub limit: String,
+    /// The value, for humans: `512 MiB`, `1.0 cores`, `256`.
+    pub value: String,
+    /// What enforces it (`cgroup v2`, `cgroup v1`, `rlimit`, `tmpfs`,
+    /// `ext4 volume`), or `None` when nothing does.
+    pub by: Option<String>,
+    /// Why it is not enforced, when it is not.
+    pub note: Option<String>,
+}
+
+impl Enforcement {
+    pub fn enforced(limit: &str, value: String, by: &str) -> Enforcement {
+        Enforcement { limit: limit.into(), value, by: Some(by.into()), note: None }
+    }
+
+    pub fn missing(limit: &str, value: String, note: &str) -> Enforcement {
+        Enforcement { limit: limit.into(), value, by: None, note: Some(note.into()) }
+    }
+}
+
+/// Limits an app asks for; unset ones take the receiver's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub memory_mib: Option<u64>,
+    /// Cores, fractions allowed (`0.5`).
+    pub cpu: Option<f64>,
+    pub pids: Option<u32>,
+    pub nofile: Option<u64>,
+    pub tmp_mib: Option<u64>,
+    pub data_mib: Option<u64>,
+}
+
+/// How an app is health-checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HealthSetting {
+    /// `GET path` must answer 2xx or 3xx.
+    Http { path: String },
+    /// A TCP connection is accepted.
+    Tcp,
+}
+
+/// An app's settings (`PUT /v1/apps/{app}/settings`); they apply to the
+/// deployments started after the change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    #[serde(default)]
+    pub limits: LimitSettings,
+    /// `None`: any HTTP answer to `GET /` counts.
+    #[serde(default)]
+    pub health: Option<HealthSetting>,
+}
+
 /// `POST /v1/apps`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +200,7 @@ pub struct AppInfo {
     pub production_url: String,
     /// Name of the app's own Postgres database.
     pub database: String,
+    pub settings: AppSettings,
     pub created_at: DateTime<Utc>,
 }
 
@@ -181,6 +241,9 @@ pub struct DeploymentInfo {
     /// The last lines the app printed, when it failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_tail: Vec<String>,
+    /// The limits it runs under, and what enforces each.
+    #[serde(default)]
+    pub limits: Vec<Enforcement>,
 }
 
 /// The answer to `POST /v1/apps/{app}/deployments/{id}/promote` and `.../rollback`.

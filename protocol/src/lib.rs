@@ -13,5 +13,6 @@ pub mod auth;
 pub mod names;
 pub mod routes;
 pub mod target;
+pub mod units;
 
 pub use names::{AppName, DeploymentId, NameError};

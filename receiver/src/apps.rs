@@ -19,6 +19,8 @@ pub enum AppError {
     Exists(String),
     #[error("cannot provision the database of app '{app}': {source}")]
     Database { app: String, source: ClusterError },
+    #[error("this receiver has handed out all {span} app uids from {base}; start a receiver with another --uid-base for more apps")]
+    NoUids { base: u32, span: u32 },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -31,6 +33,7 @@ pub fn info(row: &AppRow, config: &ServeConfig) -> Option<AppInfo> {
         name,
         production: row.production_id.as_deref().and_then(|p| DeploymentId::parse(p).ok()),
         database: row.db_name.clone(),
+        settings: row.settings.0.clone(),
         created_at: row.created_at,
     })
 }
@@ -74,11 +77,15 @@ pub async fn create(
             .await?;
         Db::insert_key(&mut tx, key.key_id(), Some(row.id), "deploy", &master.seal_str(key.expose_secret())).await?;
         tx.commit().await?;
-        Ok::<AppRow, sqlx::Error>(row)
+        Ok::<Option<AppRow>, sqlx::Error>(Some(row))
     }
     .await;
     match recorded {
-        Ok(row) => {
+        Ok(None) => {
+            let _ = provision::drop_app_database(&mut admin, &db_name).await;
+            Err(AppError::NoUids { base: config.uid_base, span: crate::network::UID_SPAN })
+        }
+        Ok(Some(row)) => {
             db.event(Some(name.as_str()), None, "app.create", actor, serde_json::json!({ "uid": row.uid })).await?;
             tracing::info!(app = %name, uid = row.uid, "app created");
             Ok((row, key))

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use nx_protocol::units::{parse_duration, parse_size};
+
 /// A value that must never appear in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret<T>(T);
@@ -51,6 +53,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the receiver: API, embedded Postgres, sandboxes and the router.
     Serve(Box<ServeConfig>),
+}
+
+/// See `ServeConfig::network_isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkIsolation {
+    Nftables,
+    Off,
 }
 
 /// Everything `nx-receiver serve` needs to know.
@@ -137,6 +146,39 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
 
+    /// Memory of each sandbox unless its app sets its own.
+    #[arg(long, env = "NX_DEFAULT_MEMORY", default_value = "512MiB", value_parser = parse_size)]
+    pub default_memory: u64,
+
+    /// CPU cores of each sandbox unless its app sets its own (fractions allowed).
+    #[arg(long, env = "NX_DEFAULT_CPU", default_value_t = 1.0)]
+    pub default_cpu: f64,
+
+    /// Processes and threads of each sandbox unless its app sets its own.
+    #[arg(long, env = "NX_DEFAULT_PIDS", default_value_t = 512)]
+    pub default_pids: u32,
+
+    /// Open files of each sandbox unless its app sets its own.
+    #[arg(long, env = "NX_DEFAULT_NOFILE", default_value_t = 4096)]
+    pub default_nofile: u64,
+
+    /// Size of each sandbox's /tmp unless its app sets its own.
+    #[arg(long, env = "NX_DEFAULT_TMP", default_value = "256MiB", value_parser = parse_size)]
+    pub default_tmp: u64,
+
+    /// Size of each app's /data volume unless the app sets its own.
+    #[arg(long, env = "NX_DEFAULT_DATA", default_value = "1GiB", value_parser = parse_size)]
+    pub default_data: u64,
+
+    /// How apps are kept off the host's other ports: `nftables` (rules on the
+    /// apps' uids) or `off` (reported as not enforced on every deployment).
+    #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]
+    pub network_isolation: NetworkIsolation,
+
+    /// Root of the cgroup filesystem.
+    #[arg(long, env = "NX_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -152,42 +194,25 @@ impl ServeConfig {
     pub fn url_port(&self) -> u16 {
         self.public_port.unwrap_or(self.router_listen.port())
     }
-}
 
-/// Parses `512MiB`, `20MB`, `1024` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write it like 512MiB or 2GiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
+    /// The limits of an app: its own settings over this receiver's defaults.
+    pub fn limits_for(&self, own: &nx_protocol::api::LimitSettings) -> nx_runtime::cgroup::Limits {
+        let mib = |v: Option<u64>, default: u64| v.map_or(default, |m| m << 20);
+        nx_runtime::cgroup::Limits {
+            memory_bytes: Some(mib(own.memory_mib, self.default_memory)),
+            cpu_millis: Some((own.cpu.unwrap_or(self.default_cpu) * 1000.0).round() as u32),
+            pids: Some(own.pids.unwrap_or(self.default_pids)),
+            nofile: Some(own.nofile.unwrap_or(self.default_nofile)),
+            tmp_bytes: mib(own.tmp_mib, self.default_tmp),
+            data_bytes: Some(mib(own.data_mib, self.default_data)),
+        }
+    }
 
-/// Parses `30s`, `5m`, `2h`, `7d`, `250ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration; write it like 30s, 5m or 7d"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        other => return Err(format!("unknown duration unit {other:?}; use ms, s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
+    /// The cgroup under which this receiver's sandboxes live; named by the uid
+    /// range, so two receivers on one host never share one.
+    pub fn cgroup_group(&self) -> String {
+        format!("nx-sandbox-{}", self.uid_base)
+    }
 }
 
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -203,23 +228,6 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert!(parse_size("lots").unwrap_err().contains("512MiB"));
-        assert!(parse_size("5XB").unwrap_err().contains("unknown size unit"));
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn port_ranges_parse() {

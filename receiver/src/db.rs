@@ -20,6 +20,7 @@ pub struct AppRow {
     pub db_name: String,
     pub db_role: String,
     pub db_password: Vec<u8>,
+    pub settings: Json<nx_protocol::api::AppSettings>,
     pub production_id: Option<String>,
     pub previous_production_id: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -54,6 +55,7 @@ pub struct DeploymentRow {
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub promoted_at: Option<DateTime<Utc>>,
+    pub limits: Json<Vec<nx_protocol::api::Enforcement>>,
     pub is_production: bool,
 }
 
@@ -91,7 +93,7 @@ pub struct NewDeployment<'a> {
 
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
-     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
 
@@ -148,6 +150,15 @@ impl Db {
         .bind(sealed_password)
         .fetch_one(&mut **tx)
         .await
+    }
+
+    pub async fn set_settings(&self, app_id: i64, settings: &nx_protocol::api::AppSettings) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE apps SET settings = $2 WHERE id = $1")
+            .bind(app_id)
+            .bind(Json(settings))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     // --- keys ---
@@ -306,6 +317,15 @@ impl Db {
         .execute(&self.pool)
         .await
         .map(|_| ())
+    }
+
+    pub async fn set_limits(&self, id: &str, limits: &[nx_protocol::api::Enforcement]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE deployments SET limits = $2 WHERE id = $1")
+            .bind(id)
+            .bind(Json(limits))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// Makes `deployment` the app's production in one transaction; returns the

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source};
+use nx_protocol::api::{DeploymentInfo, DeploymentState, HealthSetting, PushMeta, Source};
 use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
 use nx_runtime::spec::{group_file, hosts_file, passwd_file, HostLayout, SandboxSpec};
 use nx_runtime::supervisor::{RestartPolicy, SandboxConfig, Status};
@@ -27,11 +27,10 @@ use crate::pg::{app_database_env, AppEndpoint};
 use crate::routing::RoutePublisher;
 use crate::secrets::MasterKey;
 use crate::store::{ArtifactStore, StoreError};
+use crate::volumes::{VolumeError, Volumes};
 
 /// Variables the platform sets and pushes may not override.
 pub const RESERVED_ENV: [&str; 4] = ["PORT", "HOST", "NX_APP", "NX_DEPLOYMENT"];
-/// Size of every sandbox's private /tmp.
-const TMP_SIZE: u64 = 256 << 20;
 
 /// Failures of deployment operations; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +51,10 @@ pub enum DeployError {
         "deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`"
     )]
     NotHealthy { id: String, state: String },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Cgroup(#[from] nx_runtime::cgroup::CgroupError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -79,6 +82,13 @@ pub struct Services {
     pub config: Arc<ServeConfig>,
     pub host: Arc<HostLayout>,
     pub routes: Arc<RoutePublisher>,
+    /// The compiled seccomp program every sandbox gets.
+    pub seccomp: Arc<[u8]>,
+    /// The host's cgroup layout.
+    pub cgroups: nx_runtime::cgroup::Driver,
+    /// How network isolation is enforced, for every deployment's report.
+    pub network: nx_protocol::api::Enforcement,
+    pub volumes: Volumes,
 }
 
 /// The deployment service.
@@ -199,6 +209,7 @@ impl Deployer {
             promoted_at: row.promoted_at,
             error: row.error.clone(),
             log_tail,
+            limits: row.limits.0.clone(),
         })
     }
 
@@ -299,7 +310,17 @@ impl Deployer {
             .app_by_id(row.app_id)
             .await?
             .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })?;
-        let config = self.sandbox_config(&app, row).await?;
+        let config = match self.sandbox_config(&app, row).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Fail closed: no sandbox unless it is exactly as specified.
+                let reason = format!("cannot prepare the sandbox: {e}");
+                tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "sandbox not started");
+                self.services.db.set_state(&row.id, DeploymentState::Failed, Some(&reason)).await?;
+                let _ = self.services.routes.publish().await;
+                return Ok(Status::Failed { reason, log_tail: Vec::new() });
+            }
+        };
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = logs_dir.join(format!("{}.log", row.id));
@@ -346,9 +367,15 @@ impl Deployer {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(&dir))?;
         }
-        std::fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        let limits = self.services.config.limits_for(&app.settings.limits);
+        let data_limit = self.services.volumes.ensure(&app_dir, uid, limits.data_bytes.unwrap_or(0)).await?;
         std::os::unix::fs::chown(&data_dir, Some(uid), Some(uid)).map_err(io_err(&data_dir))?;
         std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+        let group = self.services.config.cgroup_group();
+        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
+        enforced.report.push(data_limit);
+        enforced.report.push(self.services.network.clone());
+        self.services.db.set_limits(&row.id, &enforced.report).await?;
 
         let etc = data_root.join("run").join(&row.id).join("etc");
         std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
@@ -431,7 +458,7 @@ impl Deployer {
                 data_dir,
                 etc_files,
                 dynamic: row.linkage == "dynamic",
-                tmp_size_bytes: TMP_SIZE,
+                tmp_size_bytes: limits.tmp_bytes,
                 seccomp_fd: None,
                 share_net: true,
                 ro_binds,
@@ -441,12 +468,17 @@ impl Deployer {
             host_ids: (uid, uid),
             env,
             addr: ([127, 0, 0, 1], port).into(),
-            health: HealthCheck::default(),
+            health: match &app.settings.health {
+                None => HealthCheck::default(),
+                Some(HealthSetting::Http { path }) => HealthCheck::Http { path: path.clone(), require_success: true },
+                Some(HealthSetting::Tcp) => HealthCheck::Tcp,
+            },
             start_timeout: self.services.config.start_timeout,
             stop_grace: self.services.config.stop_grace,
             restart: RestartPolicy::default(),
-            cgroup_procs: Vec::new(),
-            rlimits: Vec::new(),
+            seccomp: Some(self.services.seccomp.clone()),
+            cgroup: Some(enforced.cgroup),
+            rlimits: enforced.rlimits,
             proc_root: PathBuf::from("/proc"),
         })
     }

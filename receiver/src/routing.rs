@@ -324,6 +324,7 @@ mod tests {
             error: None,
             created_at: chrono::Utc::now(),
             promoted_at: None,
+            limits: Json(vec![]),
             is_production: prod,
         }
     }

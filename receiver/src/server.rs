@@ -13,9 +13,10 @@ use nx_runtime::{Log, LogLimits, ProcessManager};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
-use crate::config::ServeConfig;
+use crate::config::{NetworkIsolation, ServeConfig};
 use crate::db::Db;
 use crate::deploy::{Deployer, Services};
+use crate::network;
 use crate::pg::Cluster;
 use crate::routing::{RoutePublisher, RouterProcess, RouterSettings};
 use crate::secrets::{random_token, MasterKey};
@@ -159,7 +160,25 @@ async fn run(
         tracing::info!(files = swept, "removed uploads left by an earlier crash");
     }
     let target = Arc::new(nx_verify::target::detect(Path::new("/")));
+    let arch = nx_runtime::seccomp::Arch::host()
+        .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
+    let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();
     let host = Arc::new(HostLayout::detect(Path::new("/")));
+    let policy = match config.network_isolation {
+        NetworkIsolation::Nftables => {
+            let p = network::Policy { uid_first: config.uid_base, db_port: cluster.endpoint().port };
+            p.install(&pm).await?;
+            Some(p)
+        }
+        NetworkIsolation::Off => {
+            tracing::warn!("network isolation is off: apps can reach every loopback port of this host");
+            None
+        }
+    };
+    let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
+    let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
+    let volumes = crate::volumes::Volumes::probe(pm.clone());
+    tracing::info!(cgroups = ?cgroups, "resource limits");
     let control = RouterSettings::control_socket(&data.join("router"));
     let routes = Arc::new(RoutePublisher::new(db.clone(), control, config.domain.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -186,6 +205,10 @@ async fn run(
         config: config.clone(),
         host,
         routes: routes.clone(),
+        seccomp,
+        cgroups,
+        network: network_report,
+        volumes: volumes.clone(),
     }));
     let restarted = deployer.reconcile().await?;
     if restarted > 0 {
@@ -208,6 +231,10 @@ async fn run(
 
     let _ = stop_tx.send(true);
     deployer.shutdown().await;
+    volumes.unmount_all(&data.join("apps")).await;
+    if let Some(p) = policy {
+        p.remove(&pm).await;
+    }
     if let Some(r) = router {
         r.stop().await;
     }

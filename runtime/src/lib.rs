@@ -13,9 +13,11 @@
 //! - All `unsafe` code and raw system calls live in [`sys`]. Host paths (`/proc`,
 //!   the root the host layout is read from) are passed in, never assumed.
 
+pub mod cgroup;
 pub mod health;
 pub mod logs;
 pub mod process;
+pub mod seccomp;
 pub mod spec;
 pub mod supervisor;
 pub mod sys;

@@ -17,6 +17,8 @@ pub const SANDBOX_GID: u32 = 1000;
 pub const APP_DIR: &str = "/app";
 /// The app's persistent, writable directory inside the sandbox.
 pub const DATA_DIR: &str = "/data";
+/// The descriptor number bwrap finds the seccomp program at.
+pub const SECCOMP_FD: std::os::fd::RawFd = 10;
 
 /// Everything that varies between sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]

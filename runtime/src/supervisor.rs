@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::health::{self, HealthCheck};
 use crate::logs::Log;
 use crate::process::{Command, ExitWatch, ProcessManager, Stream};
-use crate::spec::{bwrap_args, HostLayout, SandboxSpec};
+use crate::spec::{bwrap_args, HostLayout, SandboxSpec, SECCOMP_FD};
 use crate::sys::{self, Rlimit};
 
 /// When to restart and when to give up.
@@ -75,8 +75,10 @@ pub struct SandboxConfig {
     /// How long the app has to exit after SIGTERM.
     pub stop_grace: Duration,
     pub restart: RestartPolicy,
-    /// `cgroup.procs` files the sandbox joins.
-    pub cgroup_procs: Vec<PathBuf>,
+    /// The seccomp program (`seccomp::to_bytes`), handed to bwrap by descriptor.
+    pub seccomp: Option<Arc<[u8]>>,
+    /// The cgroup the sandbox joins; destroyed when supervision ends.
+    pub cgroup: Option<crate::cgroup::Cgroup>,
     pub rlimits: Vec<Rlimit>,
     /// The host's `/proc`, to find the sandbox's processes.
     pub proc_root: PathBuf,
@@ -126,7 +128,15 @@ impl Sandbox {
     pub fn start(config: SandboxConfig, pm: ProcessManager, log: Log) -> Sandbox {
         let (status_tx, status) = watch::channel(Status::Starting { restarts: 0 });
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(supervise(config, pm, log, status_tx, stop_rx));
+        let cgroup = config.cgroup.clone();
+        let task = tokio::spawn(async move {
+            supervise(config, pm, log, status_tx, stop_rx).await;
+            // The tree is gone by now; this catches anything that slipped out
+            // of the namespace and frees the cgroup.
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+            }
+        });
         Sandbox { status, stop, task }
     }
 
@@ -176,7 +186,11 @@ async fn supervise(
     };
     loop {
         let _ = status.send(Status::Starting { restarts });
-        let mut child = match pm.spawn(sandbox_command(&cfg)).await {
+        let command = match sandbox_command(&cfg) {
+            Ok(c) => c,
+            Err(e) => return fail(&status, format!("cannot prepare the sandbox: {e}")),
+        };
+        let mut child = match pm.spawn(command).await {
             Ok(c) => c,
             Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
         };
@@ -261,8 +275,15 @@ async fn finish_pump(pump: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
-fn sandbox_command(cfg: &SandboxConfig) -> Command {
-    let mut cmd = Command::new(&cfg.bwrap).args(bwrap_args(&cfg.spec, &cfg.host));
+fn sandbox_command(cfg: &SandboxConfig) -> std::io::Result<Command> {
+    let mut spec = cfg.spec.clone();
+    let mut pass_fds = Vec::new();
+    if let Some(program) = &cfg.seccomp {
+        pass_fds.push((sys::pipe_with(program)?, SECCOMP_FD));
+        spec.seccomp_fd = Some(SECCOMP_FD);
+    }
+    let mut cmd = Command::new(&cfg.bwrap).args(bwrap_args(&spec, &cfg.host));
+    cmd.pass_fds = pass_fds;
     cmd.env = cfg.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
     cmd.cwd = Some(PathBuf::from("/"));
     cmd.user = Some(cfg.host_ids);
@@ -270,9 +291,9 @@ fn sandbox_command(cfg: &SandboxConfig) -> Command {
     cmd.stderr = Stream::ToStdout;
     cmd.new_session = true;
     cmd.parent_death_signal = Some(Signal::SIGKILL);
-    cmd.cgroup_procs = cfg.cgroup_procs.clone();
+    cmd.cgroup_procs = cfg.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
     cmd.rlimits = cfg.rlimits.clone();
-    cmd
+    Ok(cmd)
 }
 
 /// "status 3" or "signal 9 (SIGKILL)".
@@ -401,7 +422,8 @@ mod tests {
             start_timeout: Duration::from_secs(1),
             stop_grace: Duration::from_secs(1),
             restart: RestartPolicy::default(),
-            cgroup_procs: vec![],
+            seccomp: None,
+            cgroup: None,
             rlimits: vec![],
             proc_root: "/proc".into(),
         };

@@ -34,6 +34,8 @@ pub enum RlimitResource {
     FileSize,
     /// Core dump size.
     Core,
+    /// Data segment (heap and private writable mappings), in bytes.
+    Data,
 }
 
 impl RlimitResource {
@@ -44,6 +46,7 @@ impl RlimitResource {
             Self::AddressSpace => libc::RLIMIT_AS,
             Self::FileSize => libc::RLIMIT_FSIZE,
             Self::Core => libc::RLIMIT_CORE,
+            Self::Data => libc::RLIMIT_DATA,
         }
     }
 }
@@ -192,6 +195,22 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ms: u16) -> io::Result<()> 
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(io::Error::from(e)),
     }
+}
+
+/// A pipe whose read end yields `contents` and then end-of-file: how a
+/// program (a seccomp filter) is handed to a child by descriptor.
+pub fn pipe_with(contents: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    use std::io::Write;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let mut write = std::fs::File::from(write);
+    // Far below the pipe's 64 KiB buffer, so this never blocks.
+    write.write_all(contents)?;
+    Ok(read)
+}
+
+/// Looks up a user by name: `(uid, gid)`.
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))
 }
 
 /// The effective user id of this process.

@@ -35,6 +35,9 @@ pub struct Receiver {
     pub router_port: u16,
     pub pg_port: u16,
     pub admin_token: String,
+    /// First app uid: distinct per receiver, so parallel receivers never share
+    /// uids, cgroups or network rules.
+    pub uid_base: u32,
     pub options: Options,
     child: Option<Child>,
 }
@@ -56,6 +59,7 @@ impl Receiver {
             router_port: free_port(),
             pg_port: free_port(),
             admin_token: format!("nxa_{token}"),
+            uid_base: 1_000_000 + rand::thread_rng().gen_range(0..4000u32) * 65_536,
             options,
             child: None,
         };
@@ -93,6 +97,7 @@ impl Receiver {
             .args(["--pg-port", &self.pg_port.to_string()])
             .args(["--port-range", &format!("{base}-{}", base + 199)])
             .args(["--stop-grace", "3s"])
+            .args(["--uid-base", &self.uid_base.to_string()])
             .args(&self.options.args)
             .env("NX_ADMIN_TOKEN", &self.admin_token)
             .env("RUST_LOG", "info,sqlx=warn")

@@ -1,6 +1,6 @@
 //! `nx apps create|ls`.
 
-use nx_protocol::api::{AppInfo, CreateApp, CreatedApp};
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting};
 use nx_protocol::AppName;
 
 use super::{client, print_json};
@@ -27,6 +27,28 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
                 "deploy key (shown once, store it as a secret, e.g. NX_KEY in GitHub):\n\n    {}\n",
                 created.deploy_key
             );
+            Ok(())
+        }
+        AppsCommand::Set(args) => {
+            let mut info: AppInfo = client.get(&format!("/v1/apps/{}", args.app)).await?;
+            let l = &mut info.settings.limits;
+            let mib = |b: u64| (b >> 20).max(1);
+            l.memory_mib = args.memory.map(mib).or(l.memory_mib);
+            l.cpu = args.cpu.or(l.cpu);
+            l.pids = args.pids.or(l.pids);
+            l.nofile = args.nofile.or(l.nofile);
+            l.tmp_mib = args.tmp.map(mib).or(l.tmp_mib);
+            l.data_mib = args.data.map(mib).or(l.data_mib);
+            if let Some(path) = args.health_path {
+                info.settings.health = Some(HealthSetting::Http { path });
+            } else if args.health_tcp {
+                info.settings.health = Some(HealthSetting::Tcp);
+            }
+            let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
+            if g.json {
+                return print_json(&updated);
+            }
+            println!("settings of {} saved; deployments started from now on use them", updated.name);
             Ok(())
         }
         AppsCommand::Ls => {

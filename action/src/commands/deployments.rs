@@ -44,6 +44,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
                 d.digest[..12].to_owned(),
                 d.pr.map_or_else(|| "-".into(), |p| format!("#{p}")),
                 d.preview_url,
+                limits(&d.limits),
             ]);
         }
         print!("{}", table(&rows));
@@ -79,4 +80,15 @@ pub async fn promote(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
         println!("previous production {prev} stays up for a rollback (`nx promote {prev} --app {}`)", p.app);
     }
     Ok(())
+}
+
+/// "memory 512 MiB (cgroup v1), cpu 1.0 cores (cgroup v1), ... data 1 GiB (NOT ENFORCED)".
+fn limits(all: &[nx_protocol::api::Enforcement]) -> String {
+    all.iter()
+        .map(|e| match &e.by {
+            Some(by) => format!("{} {} ({by})", e.limit, e.value),
+            None => paint(&format!("{} {} (NOT ENFORCED)", e.limit, e.value), Color::Red),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

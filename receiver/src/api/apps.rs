@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use nx_protocol::api::{AppInfo, CreateApp, CreatedApp};
+use nx_protocol::api::{AppInfo, AppSettings, CreateApp, CreatedApp, HealthSetting};
 
 use super::auth::{Caller, VerifiedJson};
 use super::error::{unknown_app, ApiError};
@@ -15,6 +15,7 @@ impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
         match e {
             AppError::Exists(_) => ApiError::Conflict(e.to_string()),
+            AppError::NoUids { .. } => ApiError::Unavailable(e.to_string()),
             AppError::Database { .. } | AppError::Db(_) => ApiError::internal(e),
         }
     }
@@ -58,6 +59,44 @@ pub async fn list(
 ) -> Result<Json<Vec<AppInfo>>, ApiError> {
     let rows = state.db.apps().await?;
     rows.iter().filter(|r| caller.sees(&r.name)).map(|r| to_info(&state, r)).collect::<Result<Vec<_>, _>>().map(Json)
+}
+
+/// `PUT /v1/apps/{app}/settings`: replaces the app's settings; they apply to
+/// deployments started afterwards.
+pub async fn settings(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    VerifiedJson(settings): VerifiedJson<AppSettings>,
+) -> Result<Json<AppInfo>, ApiError> {
+    let row = find_app(&state, &caller, &app).await?;
+    let l = &settings.limits;
+    let positive = [l.memory_mib, l.nofile, l.tmp_mib, l.data_mib].iter().all(|v| v.is_none_or(|v| v > 0))
+        && l.pids.is_none_or(|p| p > 0)
+        && l.cpu.is_none_or(|c| c > 0.0 && c.is_finite());
+    if !positive {
+        return Err(ApiError::BadRequest("limits must be positive numbers".into()));
+    }
+    if let Some(HealthSetting::Http { path }) = &settings.health {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApiError::BadRequest(format!(
+                "health check path {path:?} must start with / and contain no spaces"
+            )));
+        }
+    }
+    state.db.set_settings(row.id, &settings).await?;
+    state
+        .db
+        .event(
+            Some(&row.name),
+            None,
+            "settings",
+            &caller.actor(),
+            serde_json::to_value(&settings).map_err(ApiError::internal)?,
+        )
+        .await?;
+    let row = find_app(&state, &caller, &app).await?;
+    Ok(Json(to_info(&state, &row)?))
 }
 
 pub async fn show(

@@ -27,7 +27,11 @@ impl From<DeployError> for ApiError {
             DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
             DeployError::NotHealthy { .. } => ApiError::Conflict(e.to_string()),
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
-            DeployError::Db(_) | DeployError::Io { .. } | DeployError::Secret { .. } => ApiError::internal(e),
+            DeployError::Db(_)
+            | DeployError::Io { .. }
+            | DeployError::Secret { .. }
+            | DeployError::Volume(_)
+            | DeployError::Cgroup(_) => ApiError::internal(e),
         }
     }
 }

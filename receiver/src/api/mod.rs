@@ -9,7 +9,7 @@ pub mod error;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use nx_protocol::api::Health;
 use nx_protocol::target::ServerTarget;
@@ -38,6 +38,7 @@ pub fn app(state: AppState) -> Router {
     let signed = Router::new()
         .route("/v1/apps", post(apps::create).get(apps::list))
         .route("/v1/apps/{app}", get(apps::show))
+        .route("/v1/apps/{app}/settings", put(apps::settings))
         .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
         .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
         .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))

@@ -68,9 +68,8 @@ pub fn find_bin_dir(given: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
 /// The unprivileged user the cluster runs as: `(uid, gid)`, created as a system
 /// user when missing. PostgreSQL refuses to run as root.
 pub async fn ensure_system_user(pm: &ProcessManager, name: &str) -> Result<(u32, u32), EmbeddedError> {
-    let lookup = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
-    if let Some(u) = lookup(name) {
-        return Ok((u.uid.as_raw(), u.gid.as_raw()));
+    if let Some(ids) = nx_runtime::sys::lookup_user(name) {
+        return Ok(ids);
     }
     let out = pm
         .output(Command::new("/usr/sbin/useradd").args([
@@ -87,11 +86,10 @@ pub async fn ensure_system_user(pm: &ProcessManager, name: &str) -> Result<(u32,
     if !out.status.success() {
         return Err(EmbeddedError::User { user: name.into(), reason: out.last_words() });
     }
-    let u = lookup(name).ok_or_else(|| EmbeddedError::User {
+    nx_runtime::sys::lookup_user(name).ok_or_else(|| EmbeddedError::User {
         user: name.into(),
         reason: "useradd succeeded but the user is not there".into(),
-    })?;
-    Ok((u.uid.as_raw(), u.gid.as_raw()))
+    })
 }
 
 /// Layout and settings of the embedded cluster.

@@ -1,0 +1,136 @@
+//! Size-limited app data: each app's `/data` is an ext4 filesystem in a sparse
+//! image file, loop-mounted (nosuid, nodev) on the app's data directory, so an
+//! app that fills its disk fills only its own. Where the host has no loop
+//! devices or no mkfs.ext4, the directory stays a plain directory and the data
+//! limit is reported as not enforced.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nx_runtime::cgroup::{mib, Enforcement};
+use nx_runtime::process::{Command, ProcessManager};
+
+const MKFS: &str = "/usr/sbin/mkfs.ext4";
+
+/// Failures to prepare a volume; the command's own words are kept.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("cannot prepare the data volume {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{command} failed for {path}: {reason}")]
+    Command { command: String, path: PathBuf, reason: String },
+    #[error(transparent)]
+    Spawn(#[from] nx_runtime::process::SpawnError),
+}
+
+/// Whether `dir` is a mount point (it sits on another device than its parent).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let (Ok(me), Some(Ok(parent))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    me.dev() != parent.dev()
+}
+
+/// Creates and mounts data volumes.
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    pm: ProcessManager,
+    /// Why volumes cannot be made here, when they cannot.
+    unavailable: Option<String>,
+}
+
+impl Volumes {
+    /// Checks once whether this host can make loop-mounted volumes.
+    pub fn probe(pm: ProcessManager) -> Volumes {
+        let unavailable = if !Path::new(MKFS).exists() {
+            Some(format!("{MKFS} is missing (apt-get install e2fsprogs)"))
+        } else if !Path::new("/dev/loop-control").exists() {
+            Some("this host has no loop devices".to_owned())
+        } else {
+            None
+        };
+        Volumes { pm, unavailable }
+    }
+
+    async fn run(&self, program: &str, args: &[&str], path: &Path) -> Result<(), VolumeError> {
+        let out = self.pm.output(Command::new(program).args(args.iter().copied())).await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(VolumeError::Command { command: program.into(), path: path.to_owned(), reason: out.last_words() })
+        }
+    }
+
+    /// Makes sure `<app_dir>/data` is a mounted volume of `size` bytes owned by
+    /// `uid`, creating the image on first use. Existing data in a plain
+    /// directory is never hidden: such an app keeps its directory and the limit
+    /// is reported as not enforced.
+    pub async fn ensure(&self, app_dir: &Path, uid: u32, size: u64) -> Result<Enforcement, VolumeError> {
+        let data = app_dir.join("data");
+        let image = app_dir.join("data.img");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| VolumeError::Io { path, source }
+        };
+        std::fs::create_dir_all(&data).map_err(io(&data))?;
+        if is_mount_point(&data) {
+            return Ok(Enforcement::enforced("data", mib(size), "ext4 volume"));
+        }
+        if let Some(why) = &self.unavailable {
+            return Ok(Enforcement::missing("data", mib(size), why));
+        }
+        if !image.exists() {
+            let has_files = std::fs::read_dir(&data).map_err(io(&data))?.next().is_some();
+            if has_files {
+                return Ok(Enforcement::missing(
+                    "data",
+                    mib(size),
+                    "the app's data directory predates volumes and is kept as it is",
+                ));
+            }
+            let tmp = app_dir.join("data.img.tmp");
+            let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            file.set_len(size).map_err(io(&tmp))?;
+            drop(file);
+            let owner = format!("root_owner={uid}:{uid}");
+            let tmp_s = tmp.to_string_lossy().into_owned();
+            self.run(MKFS, &["-q", "-F", "-m", "0", "-E", &owner, &tmp_s], &tmp).await?;
+            std::fs::rename(&tmp, &image).map_err(io(&image))?;
+        }
+        let (image_s, data_s) = (image.to_string_lossy().into_owned(), data.to_string_lossy().into_owned());
+        self.run("/usr/bin/mount", &["-o", "loop,nosuid,nodev", &image_s, &data_s], &data).await?;
+        // The filesystem root is the app's alone; lost+found is not needed.
+        let _ = std::fs::remove_dir(data.join("lost+found"));
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(&data))?;
+        Ok(Enforcement::enforced("data", mib(size), "ext4 volume"))
+    }
+
+    /// Unmounts every app volume below `apps_dir` (at shutdown, after the
+    /// sandboxes stopped).
+    pub async fn unmount_all(&self, apps_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(apps_dir) else { return };
+        for e in entries.flatten() {
+            let data = e.path().join("data");
+            if is_mount_point(&data) {
+                let d = data.to_string_lossy().into_owned();
+                if let Err(err) = self.run("/usr/bin/umount", &[&d], &data).await {
+                    tracing::warn!(path = %data.display(), error = %err, "cannot unmount a data volume");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_told_apart() {
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(&std::env::temp_dir().join("nonexistent-nx-dir")));
+        let d = std::env::temp_dir().join(format!("nx-vol-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(!is_mount_point(&d));
+    }
+}

@@ -1,0 +1,446 @@
+//! Resource limits through cgroups: v2 where its controllers are available,
+//! v1 hierarchies where that is what the host has, and a report of what could
+//! not be enforced, so nothing is skipped silently.
+//!
+//! The cgroup root (`/sys/fs/cgroup` in production) is passed in: the unit tests
+//! run against a temporary directory shaped like each layout.
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// Limits for one sandbox. `None` means no limit asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    /// CPU in thousandths of a core (1000 = one core).
+    pub cpu_millis: Option<u32>,
+    pub pids: Option<u32>,
+    pub nofile: Option<u64>,
+    pub tmp_bytes: u64,
+    pub data_bytes: Option<u64>,
+}
+
+pub use nx_protocol::api::Enforcement;
+
+/// Human form of a byte count.
+pub fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+/// Failures to set up a cgroup; the path says where.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot create cgroup {path}: {source}")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {value:?} to {path}: {source}")]
+    Write { path: PathBuf, value: String, source: std::io::Error },
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_owned(),
+        value: value.into(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create { path: path.to_owned(), source }),
+    }
+}
+
+/// Which cgroup layout the host offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Driver {
+    /// The unified hierarchy at this path, with these controllers available.
+    V2 { root: PathBuf, controllers: Vec<String> },
+    /// Legacy hierarchies, one path per controller that is mounted.
+    V1 { memory: Option<PathBuf>, cpu: Option<PathBuf>, pids: Option<PathBuf> },
+    /// No usable cgroups.
+    None,
+}
+
+const WANTED: [&str; 3] = ["memory", "cpu", "pids"];
+
+impl Driver {
+    /// Reads the layout under `root` (`/sys/fs/cgroup`). cgroup v2 is used when
+    /// it offers at least one of the controllers we need; otherwise the v1
+    /// hierarchies that are mounted.
+    pub fn detect(root: &Path) -> Driver {
+        for unified in [root.to_owned(), root.join("unified")] {
+            if let Ok(text) = std::fs::read_to_string(unified.join("cgroup.controllers")) {
+                let controllers: Vec<String> =
+                    text.split_whitespace().filter(|c| WANTED.contains(c)).map(str::to_owned).collect();
+                if !controllers.is_empty() {
+                    return Driver::V2 { root: unified, controllers };
+                }
+            }
+        }
+        let v1 = |name: &str, probe: &str| Some(root.join(name)).filter(|d| d.join(probe).exists());
+        let memory = v1("memory", "memory.limit_in_bytes");
+        let cpu = v1("cpu", "cpu.cfs_quota_us").or_else(|| v1("cpu,cpuacct", "cpu.cfs_quota_us"));
+        // The root of a v1 pids hierarchy has no pids.max; its children do.
+        let pids = v1("pids", "cgroup.procs");
+        if memory.is_none() && cpu.is_none() && pids.is_none() {
+            Driver::None
+        } else {
+            Driver::V1 { memory, cpu, pids }
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Driver::V2 { .. } => "cgroup v2",
+            Driver::V1 { .. } => "cgroup v1",
+            Driver::None => "none",
+        }
+    }
+
+    /// Creates the cgroup `group/name` (group is this receiver's parent, shared
+    /// by its sandboxes), writes `limits`, and reports what is enforced. The
+    /// limits cgroups cannot take (nofile, tmp, data) are left to the caller.
+    pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<(Cgroup, Vec<Enforcement>), CgroupError> {
+        let mut dirs = Vec::new();
+        let mut report = Vec::new();
+        let by = self.describe();
+        let none = "no such cgroup controller on this host";
+        match self {
+            Driver::V2 { root, controllers } => {
+                let parent = root.join(group);
+                mkdir(&parent)?;
+                let enable: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
+                // Controllers flow down only where every ancestor enables them.
+                write(&root.join("cgroup.subtree_control"), &enable.join(" "))?;
+                write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
+                let dir = parent.join(name);
+                mkdir(&dir)?;
+                let has = |c: &str| controllers.iter().any(|x| x == c);
+                if let Some(m) = limits.memory_bytes {
+                    if has("memory") {
+                        write(&dir.join("memory.max"), &m.to_string())?;
+                        // No swap: the limit is the memory the app gets.
+                        if dir.join("memory.swap.max").exists() {
+                            write(&dir.join("memory.swap.max"), "0")?;
+                        }
+                        report.push(Enforcement::enforced("memory", mib(m), by));
+                    } else {
+                        report.push(Enforcement::missing("memory", mib(m), none));
+                    }
+                }
+                if let Some(c) = limits.cpu_millis {
+                    if has("cpu") {
+                        write(&dir.join("cpu.max"), &format!("{} 100000", u64::from(c) * 100))?;
+                        report.push(Enforcement::enforced("cpu", cores(c), by));
+                    } else {
+                        report.push(Enforcement::missing("cpu", cores(c), none));
+                    }
+                }
+                if let Some(p) = limits.pids {
+                    if has("pids") {
+                        write(&dir.join("pids.max"), &p.to_string())?;
+                        report.push(Enforcement::enforced("pids", p.to_string(), by));
+                    } else {
+                        report.push(Enforcement::missing("pids", p.to_string(), none));
+                    }
+                }
+                dirs.push(dir);
+            }
+            Driver::V1 { memory, cpu, pids } => {
+                let mut make = |hierarchy: &Path| -> Result<PathBuf, CgroupError> {
+                    mkdir(&hierarchy.join(group))?;
+                    let dir = hierarchy.join(group).join(name);
+                    mkdir(&dir)?;
+                    dirs.push(dir.clone());
+                    Ok(dir)
+                };
+                match (limits.memory_bytes, memory) {
+                    (Some(m), Some(h)) => {
+                        let dir = make(h)?;
+                        write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                        if dir.join("memory.memsw.limit_in_bytes").exists() {
+                            write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
+                        }
+                        report.push(Enforcement::enforced("memory", mib(m), by));
+                    }
+                    (Some(m), None) => report.push(Enforcement::missing("memory", mib(m), none)),
+                    _ => {}
+                }
+                match (limits.cpu_millis, cpu) {
+                    (Some(c), Some(h)) => {
+                        let dir = make(h)?;
+                        write(&dir.join("cpu.cfs_period_us"), "100000")?;
+                        write(&dir.join("cpu.cfs_quota_us"), &(u64::from(c) * 100).to_string())?;
+                        report.push(Enforcement::enforced("cpu", cores(c), by));
+                    }
+                    (Some(c), None) => report.push(Enforcement::missing("cpu", cores(c), none)),
+                    _ => {}
+                }
+                match (limits.pids, pids) {
+                    (Some(p), Some(h)) => {
+                        let dir = make(h)?;
+                        write(&dir.join("pids.max"), &p.to_string())?;
+                        report.push(Enforcement::enforced("pids", p.to_string(), by));
+                    }
+                    (Some(p), None) => report.push(Enforcement::missing("pids", p.to_string(), none)),
+                    _ => {}
+                }
+            }
+            Driver::None => {
+                let note = "this host has no usable cgroups";
+                if let Some(m) = limits.memory_bytes {
+                    report.push(Enforcement::missing("memory", mib(m), note));
+                }
+                if let Some(c) = limits.cpu_millis {
+                    report.push(Enforcement::missing("cpu", cores(c), note));
+                }
+                if let Some(p) = limits.pids {
+                    report.push(Enforcement::missing("pids", p.to_string(), note));
+                }
+            }
+        }
+        Ok((Cgroup { dirs }, report))
+    }
+}
+
+fn cores(millis: u32) -> String {
+    format!("{:.1} cores", f64::from(millis) / 1000.0)
+}
+
+/// Everything that enforces one sandbox's limits.
+#[derive(Debug, Clone)]
+pub struct Enforced {
+    pub cgroup: Cgroup,
+    pub rlimits: Vec<sys::Rlimit>,
+    pub report: Vec<Enforcement>,
+}
+
+fn rlimit(resource: sys::RlimitResource, value: u64) -> sys::Rlimit {
+    sys::Rlimit { resource, soft: value, hard: value }
+}
+
+/// Creates the cgroup for `limits` and fills the gaps with resource limits:
+/// open files always by rlimit; memory by RLIMIT_DATA and processes by
+/// RLIMIT_NPROC (counted per uid, and every app has its own) only where no
+/// cgroup controller can; the /tmp size by its tmpfs. The data volume is the
+/// caller's, which appends its own entry.
+pub fn enforce(driver: &Driver, group: &str, name: &str, limits: &Limits) -> Result<Enforced, CgroupError> {
+    use sys::RlimitResource as R;
+    let (cgroup, mut report) = driver.create(group, name, limits)?;
+    let mut rlimits = vec![rlimit(R::Core, 0)];
+    for e in &mut report {
+        if e.by.is_some() {
+            continue;
+        }
+        match e.limit.as_str() {
+            "memory" => {
+                if let Some(m) = limits.memory_bytes {
+                    rlimits.push(rlimit(R::Data, m));
+                    e.by = Some("rlimit (data segment)".into());
+                }
+            }
+            "pids" => {
+                if let Some(p) = limits.pids {
+                    rlimits.push(rlimit(R::NProc, u64::from(p)));
+                    e.by = Some("rlimit (processes of the app's uid)".into());
+                }
+            }
+            "cpu" => {
+                e.note =
+                    Some("no cpu cgroup controller; RLIMIT_CPU caps CPU time, not a share, so it is not used".into())
+            }
+            _ => {}
+        }
+    }
+    if let Some(n) = limits.nofile {
+        rlimits.push(rlimit(R::NoFile, n));
+        report.push(Enforcement::enforced("nofile", n.to_string(), "rlimit"));
+    }
+    report.push(Enforcement::enforced("tmp", mib(limits.tmp_bytes), "tmpfs"));
+    Ok(Enforced { cgroup, rlimits, report })
+}
+
+/// One sandbox's cgroups (one directory per v1 hierarchy, one for v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// The files a process writes its pid to in order to join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Every process in the cgroup.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<_>>())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Kills whatever is still inside (`cgroup.kill` on v2, SIGKILL per process
+    /// on v1) and removes the directories. Safe to call on an empty cgroup.
+    pub fn destroy(&self) {
+        for dir in &self.dirs {
+            let kill = dir.join("cgroup.kill");
+            if kill.exists() {
+                let _ = std::fs::write(&kill, "1");
+            }
+        }
+        for _ in 0..50 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = sys::signal_process(pid, Signal::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Times the memory limit was hit and a process was killed for it.
+    pub fn oom_kills(&self) -> u64 {
+        for dir in &self.dirs {
+            // v2: memory.events "oom_kill N"; v1: memory.oom_control "oom_kill N".
+            for file in ["memory.events", "memory.oom_control"] {
+                if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                    if let Some(n) = text.lines().find_map(|l| l.strip_prefix("oom_kill ")) {
+                        return n.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nx-cgroup-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            memory_bytes: Some(256 << 20),
+            cpu_millis: Some(500),
+            pids: Some(64),
+            nofile: Some(1024),
+            tmp_bytes: 64 << 20,
+            data_bytes: None,
+        }
+    }
+
+    #[test]
+    fn v2_limits_are_written_and_controllers_enabled() {
+        let root = tree("v2");
+        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids rdma\n").unwrap();
+        // The kernel makes these files in every new cgroup; the fake needs them up front.
+        std::fs::create_dir_all(root.join("nx/d1")).unwrap();
+        std::fs::write(root.join("nx/d1/memory.swap.max"), "max\n").unwrap();
+        let driver = Driver::detect(&root);
+        assert!(matches!(&driver, Driver::V2 { controllers, .. } if controllers.len() == 3), "{driver:?}");
+        let (cg, report) = driver.create("nx", "d1", &limits()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        // In the order the kernel lists them.
+        assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
+        assert_eq!(read("nx/cgroup.subtree_control"), "+cpu +memory +pids");
+        assert_eq!(read("nx/d1/memory.max"), (256u64 << 20).to_string());
+        assert_eq!(read("nx/d1/memory.swap.max"), "0");
+        assert_eq!(read("nx/d1/cpu.max"), "50000 100000");
+        assert_eq!(read("nx/d1/pids.max"), "64");
+        assert_eq!(cg.procs_files(), vec![root.join("nx/d1/cgroup.procs")]);
+        assert!(report.iter().all(|e| e.by.as_deref() == Some("cgroup v2")), "{report:?}");
+        assert_eq!(report.len(), 3);
+    }
+
+    #[test]
+    fn v2_with_only_hugetlb_falls_back_to_v1() {
+        // The layout of the test machines: unified has only hugetlb, v1 has the rest.
+        let root = tree("hybrid");
+        std::fs::create_dir_all(root.join("unified")).unwrap();
+        std::fs::write(root.join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
+        for (dir, file) in [("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us"), ("pids", "cgroup.procs")]
+        {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            std::fs::write(root.join(dir).join(file), "").unwrap();
+        }
+        let driver = Driver::detect(&root);
+        assert!(matches!(driver, Driver::V1 { memory: Some(_), cpu: Some(_), pids: Some(_) }), "{driver:?}");
+        let (cg, report) = driver.create("nx", "d1", &limits()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        assert_eq!(read("memory/nx/d1/memory.limit_in_bytes"), (256u64 << 20).to_string());
+        assert_eq!(read("cpu/nx/d1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu/nx/d1/cpu.cfs_period_us"), "100000");
+        assert_eq!(read("pids/nx/d1/pids.max"), "64");
+        assert_eq!(cg.procs_files().len(), 3);
+        assert!(report.iter().all(|e| e.by.as_deref() == Some("cgroup v1")), "{report:?}");
+    }
+
+    #[test]
+    fn missing_controllers_are_reported_not_skipped() {
+        let root = tree("partial");
+        std::fs::create_dir_all(root.join("pids")).unwrap();
+        std::fs::write(root.join("pids/cgroup.procs"), "").unwrap();
+        let (_, report) = Driver::detect(&root).create("nx", "d1", &limits()).unwrap();
+        let memory = report.iter().find(|e| e.limit == "memory").unwrap();
+        assert_eq!(memory.by, None);
+        assert!(memory.note.as_deref().unwrap().contains("no such cgroup controller"));
+        assert_eq!(report.iter().find(|e| e.limit == "pids").unwrap().by.as_deref(), Some("cgroup v1"));
+
+        let empty = tree("none");
+        assert_eq!(Driver::detect(&empty), Driver::None);
+        let (cg, report) = Driver::None.create("nx", "d1", &limits()).unwrap();
+        assert!(cg.procs_files().is_empty());
+        assert!(report.iter().all(|e| e.by.is_none()));
+    }
+
+    #[test]
+    fn rlimits_fill_the_gaps_and_everything_is_reported() {
+        let e = enforce(&Driver::None, "nx", "d1", &limits()).unwrap();
+        let by = |l: &str| e.report.iter().find(|x| x.limit == l).and_then(|x| x.by.clone());
+        assert_eq!(by("memory").as_deref(), Some("rlimit (data segment)"));
+        assert_eq!(by("pids").as_deref(), Some("rlimit (processes of the app's uid)"));
+        assert_eq!(by("cpu"), None);
+        assert_eq!(by("nofile").as_deref(), Some("rlimit"));
+        assert_eq!(by("tmp").as_deref(), Some("tmpfs"));
+        let resources: Vec<_> = e.rlimits.iter().map(|r| r.resource).collect();
+        assert!(resources.contains(&sys::RlimitResource::Data));
+        assert!(resources.contains(&sys::RlimitResource::NProc));
+        assert!(resources.contains(&sys::RlimitResource::NoFile));
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_either_layout() {
+        let root = tree("oom");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/memory.events"), "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n").unwrap();
+        assert_eq!(Cgroup { dirs: vec![root.join("a")] }.oom_kills(), 2);
+    }
+}
