@@ -55,6 +55,8 @@ pub enum Command {
     Ls(LsArgs),
     /// Make a deployment the production of its app.
     Promote(PromoteArgs),
+    /// Print a deployment's log (what it printed and what the platform said).
+    Logs(LogsArgs),
     /// Say whether a binary will run on the server, and how to fix it if not.
     Verify(VerifyArgs),
     /// The step of the GitHub Action: reads INPUT_* and GITHUB_* variables.
@@ -149,6 +151,21 @@ pub struct PromoteArgs {
     /// The deployment's app (found by id when not given).
     #[arg(long, short)]
     pub app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Deployment id.
+    pub deployment: String,
+    /// The deployment's app (found by id when not given).
+    #[arg(long, short)]
+    pub app: Option<String>,
+    /// Keep printing new lines until the deployment stops or Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// How many of the last lines to print first.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub lines: usize,
 }
 
 #[derive(Debug, Args)]

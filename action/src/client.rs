@@ -139,6 +139,22 @@ impl Client {
         decode(resp).await
     }
 
+    /// A signed GET whose body the caller reads as it arrives (logs).
+    pub async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let headers = self.signed_headers(&Method::GET, path, EMPTY_SHA256, 0, None);
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.server))
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.server, &e))?;
+        if !resp.status().is_success() {
+            return Err(failure(resp).await.into());
+        }
+        Ok(resp)
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(Method::GET, path, None).await
     }

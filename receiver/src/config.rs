@@ -170,6 +170,20 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_DEFAULT_DATA", default_value = "1GiB", value_parser = parse_size)]
     pub default_data: u64,
 
+    /// Crashes of a deployment within --restart-window after which it is
+    /// marked failed instead of restarted again.
+    #[arg(long, env = "NX_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
+
+    /// The window --max-restarts counts crashes in.
+    #[arg(long, env = "NX_RESTART_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub restart_window: Duration,
+
+    /// Pause before the first restart; it doubles with every crash in the
+    /// window, up to 30s.
+    #[arg(long, env = "NX_RESTART_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+
     /// How apps are kept off the host's other ports: `nftables` (rules on the
     /// apps' uids) or `off` (reported as not enforced on every deployment).
     #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]

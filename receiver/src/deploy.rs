@@ -68,6 +68,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
 struct Running {
     sandbox: Sandbox,
     applied: watch::Receiver<Status>,
+    log: Log,
 }
 
 /// What the deployment service works with.
@@ -323,10 +324,10 @@ impl Deployer {
         };
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
-        let log_path = logs_dir.join(format!("{}.log", row.id));
+        let log_path = self.log_path(&row.id);
         let log = Log::open(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
         self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-        let sandbox = Sandbox::start(config, self.services.pm.clone(), log);
+        let sandbox = Sandbox::start(config, self.services.pm.clone(), log.clone());
         let (applied_tx, applied) = watch::channel(Status::Starting { restarts: 0 });
         tokio::spawn(watch_sandbox(
             sandbox.watch(),
@@ -338,7 +339,7 @@ impl Deployer {
         ));
         let mut waiter = applied.clone();
         if let Some(old) =
-            self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied })
+            self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied, log })
         {
             // Never two instances of one deployment.
             tokio::spawn(old.sandbox.stop());
@@ -475,7 +476,12 @@ impl Deployer {
             },
             start_timeout: self.services.config.start_timeout,
             stop_grace: self.services.config.stop_grace,
-            restart: RestartPolicy::default(),
+            restart: RestartPolicy {
+                max_restarts: self.services.config.max_restarts,
+                window: self.services.config.restart_window,
+                backoff_base: self.services.config.restart_backoff,
+                backoff_cap: std::time::Duration::from_secs(30),
+            },
             seccomp: Some(self.services.seccomp.clone()),
             cgroup: Some(enforced.cgroup),
             rlimits: enforced.rlimits,
@@ -536,6 +542,16 @@ impl Deployer {
         let count = running.len();
         futures_util::future::join_all(running.into_iter().map(|r| r.sandbox.stop())).await;
         tracing::info!(count, "all sandboxes stopped");
+    }
+
+    /// Where a deployment's log is kept.
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.services.config.data_dir.join("logs/deployments").join(format!("{id}.log"))
+    }
+
+    /// The live log of a running deployment.
+    pub fn live_log(&self, id: &str) -> Option<Log> {
+        self.running.lock().ok()?.get(id).map(|r| r.log.clone())
     }
 
     /// The last status the watcher applied for a running deployment.

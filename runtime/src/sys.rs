@@ -53,8 +53,11 @@ impl RlimitResource {
 
 /// What the child does between `fork` and `exec`, in this order: join cgroups,
 /// set resource limits, start a new session, move inherited descriptors into
-/// place, drop to the target user (supplementary groups first), and last set the
-/// parent-death signal, because the kernel clears it on every credential change.
+/// place and mark every other descriptor above stderr close-on-exec (whatever
+/// this process inherited or a library opened without the flag never reaches a
+/// child), drop to the target user (supplementary groups first), and last set
+/// the parent-death signal, because the kernel clears it on every credential
+/// change.
 #[derive(Debug, Default)]
 pub struct ChildSetup {
     /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
@@ -73,6 +76,9 @@ impl ChildSetup {
     /// Installs the setup on `cmd`.
     pub fn install(self, cmd: &mut Command) {
         let parent = std::process::id() as libc::pid_t;
+        // Descriptors the child keeps open, sorted, prepared before the fork.
+        let mut kept: Vec<u32> = self.fd_moves.iter().map(|&(_, to)| to as u32).filter(|&fd| fd > 2).collect();
+        kept.sort_unstable();
         let closure = move || -> io::Result<()> {
             // Only async-signal-safe calls below: everything that allocates was
             // prepared before the fork.
@@ -96,6 +102,13 @@ impl ChildSetup {
                     // SAFETY: dup2 on descriptor numbers; errors are returned, not UB.
                     check(unsafe { libc::dup2(from, to) })?;
                 }
+            }
+            let mut first = 3u32;
+            for keep in kept.iter().copied().chain(std::iter::once(u32::MAX)) {
+                if keep > first {
+                    cloexec_range(first, keep - 1);
+                }
+                first = keep.saturating_add(1);
             }
             if let Some((uid, gid)) = self.user {
                 // SAFETY: setgroups with a zero length never reads the pointer.
@@ -122,6 +135,21 @@ impl ChildSetup {
         unsafe {
             cmd.pre_exec(closure);
         }
+    }
+}
+
+/// Marks descriptors `first..=last` close-on-exec, with `close_range` where the
+/// kernel has it (5.11+), else one by one.
+fn cloexec_range(first: u32, last: u32) {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes integers only and touches no memory.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, CLOSE_RANGE_CLOEXEC) };
+    if r == 0 {
+        return;
+    }
+    for fd in first..=last.min(4095) {
+        // SAFETY: fcntl on a descriptor number; unused numbers return EBADF.
+        unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 

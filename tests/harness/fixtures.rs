@@ -19,12 +19,21 @@ fn source(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }
 
-fn build_once(name: &str, build: impl FnOnce(&Path)) -> PathBuf {
-    let out = fixtures_dir().join(name);
+/// Builds `name` from `sources` unless a build of exactly these sources exists:
+/// it lives in a directory named by a hash of their contents, so an edit rebuilds.
+fn build_once(name: &str, sources: &[PathBuf], build: impl FnOnce(&Path)) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for s in sources {
+        h.update(std::fs::read(s).unwrap_or_else(|e| panic!("fixture source {}: {e}", s.display())));
+    }
+    let dir = fixtures_dir().join(&hex::encode(h.finalize())[..12]);
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    let out = dir.join(name);
     if out.is_file() {
         return out;
     }
-    let tmp = fixtures_dir().join(format!(".{name}.{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     build(&tmp);
     std::fs::rename(&tmp, &out).expect("move fixture into place");
     out
@@ -68,7 +77,7 @@ pub fn go(variant: Go) -> PathBuf {
         Go::Windows => ("goweb.exe", "windows", "amd64", "0"),
         Go::LinuxArm64 => ("goweb-linux-arm64", "linux", "arm64", "0"),
     };
-    build_once(name, |out| {
+    build_once(name, &[source("goweb/main.go"), source("goweb/go.mod")], |out| {
         let cache = fixtures_dir().join("go-cache");
         let mut cmd = Command::new(go);
         cmd.args(["build", "-o"])
@@ -89,7 +98,7 @@ pub fn go(variant: Go) -> PathBuf {
 /// `tests/fixtures/c/hello.c` built with gcc: dynamic, glibc.
 pub fn c_gcc() -> PathBuf {
     let gcc = require_program("gcc", "gcc");
-    build_once("hello-c-gcc", |out| {
+    build_once("hello-c-gcc", &[source("c/hello.c")], |out| {
         let mut cmd = Command::new(gcc);
         cmd.args(["-O2", "-o"]).arg(out).arg(source("c/hello.c"));
         run(cmd, "gcc");
@@ -99,7 +108,7 @@ pub fn c_gcc() -> PathBuf {
 /// `tests/fixtures/c/hello.c` built with musl-gcc -static.
 pub fn c_musl_static() -> PathBuf {
     let musl = require_program("musl-gcc", "musl-tools");
-    build_once("hello-c-musl", |out| {
+    build_once("hello-c-musl", &[source("c/hello.c")], |out| {
         let mut cmd = Command::new(musl);
         cmd.args(["-static", "-O2", "-o"]).arg(out).arg(source("c/hello.c"));
         run(cmd, "musl-gcc");
@@ -110,7 +119,7 @@ pub fn c_musl_static() -> PathBuf {
 /// is embedded in the `.dep-v0` section).
 pub fn rust_auditable() -> PathBuf {
     require_program("cargo-auditable", "cargo-auditable (cargo install --locked cargo-auditable)");
-    build_once("auditable-fixture", |out| {
+    build_once("auditable-fixture", &[source("auditable/src/main.rs"), source("auditable/Cargo.toml")], |out| {
         let target_dir = fixtures_dir().join("auditable-target");
         let mut cmd = Command::new("cargo");
         cmd.args(["auditable", "build", "--release", "--locked", "--manifest-path"])
@@ -127,7 +136,7 @@ pub fn rust_auditable() -> PathBuf {
 /// slice aligned to 2^14 bytes.
 pub fn go_universal() -> PathBuf {
     let slices = [(0x0100_0007u32, 3u32, go(Go::DarwinAmd64)), (0x0100_000c, 0, go(Go::DarwinArm64))];
-    build_once("goweb-universal", |out| {
+    build_once("goweb-universal", &[slices[0].2.clone(), slices[1].2.clone()], |out| {
         const ALIGN: u32 = 14;
         let mut header = Vec::new();
         header.extend_from_slice(&0xcafe_babeu32.to_be_bytes());
@@ -148,5 +157,16 @@ pub fn go_universal() -> PathBuf {
             file.extend_from_slice(&body);
         }
         std::fs::write(out, file).expect("write universal binary");
+    })
+}
+
+/// The hostile app of the attack suite, built with gcc (dynamically linked, so
+/// its sandbox has /usr and the host's setuid binaries to try).
+pub fn evil() -> PathBuf {
+    let gcc = require_program("gcc", "gcc");
+    build_once("evil", &[source("evil/evil.c")], |out| {
+        let mut cmd = Command::new(gcc);
+        cmd.args(["-O2", "-o"]).arg(out).arg(source("evil/evil.c"));
+        run(cmd, "gcc evil.c");
     })
 }

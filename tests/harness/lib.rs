@@ -48,26 +48,38 @@ pub fn require_program(program: &str, package: &str) -> PathBuf {
     })
 }
 
-/// Processes that belong to a receiver: their command line names its data
-/// directory (PostgreSQL's postmaster, nx-router, bwrap) or their environment
-/// names one of `deployments` (the apps inside the sandboxes).
-pub fn processes_of(data_dir: &Path, deployments: &[&str]) -> Vec<(i32, String)> {
-    let data = data_dir.to_string_lossy().into_owned();
+fn scan_processes(mut keep: impl FnMut(&str, &str) -> bool) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let read = |f: &str| {
             String::from_utf8_lossy(&std::fs::read(entry.path().join(f)).unwrap_or_default()).replace('\0', " ")
         };
-        let cmdline = read("cmdline");
-        let environ = read("environ");
-        let ours =
-            cmdline.contains(&data) || deployments.iter().any(|d| environ.contains(&format!("NX_DEPLOYMENT={d} ")));
-        if ours {
+        let (cmdline, environ) = (read("cmdline"), read("environ"));
+        if keep(&cmdline, &environ) {
             found.push((pid, cmdline));
         }
     }
     found
+}
+
+/// Processes that belong to a receiver: their command line names its data
+/// directory (PostgreSQL's postmaster, nx-router, bwrap) or their environment
+/// names one of `deployments` (the apps inside the sandboxes).
+pub fn processes_of(data_dir: &Path, deployments: &[&str]) -> Vec<(i32, String)> {
+    let data = data_dir.to_string_lossy().into_owned();
+    scan_processes(|cmdline, environ| {
+        cmdline.contains(&data) || deployments.iter().any(|d| environ.contains(&format!("NX_DEPLOYMENT={d} ")))
+    })
+}
+
+/// The processes of one deployment: its bwrap, whose command line names the
+/// deployment's run directory, and everything inside, whose environment names
+/// the deployment.
+pub fn deployment_processes(data_dir: &Path, deployment: &str) -> Vec<(i32, String)> {
+    let run_dir = format!("{}/run/{deployment}/", data_dir.display());
+    let env = format!("NX_DEPLOYMENT={deployment} ");
+    scan_processes(|cmdline, environ| cmdline.contains(&run_dir) || environ.contains(&env))
 }
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.

@@ -3,7 +3,7 @@
 use nx_protocol::api::{AppInfo, DeploymentInfo, Promotion};
 
 use super::{client, print_json};
-use crate::cli::{Global, LsArgs, PromoteArgs};
+use crate::cli::{Global, LogsArgs, LsArgs, PromoteArgs};
 use crate::client::Client;
 use crate::failure::Failure;
 use crate::output::{age, paint, state, table, Color};
@@ -53,7 +53,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
 }
 
 /// The app a deployment belongs to, searched across the apps the key sees.
-async fn app_of(client: &Client, id: &str) -> anyhow::Result<String> {
+pub async fn app_of(client: &Client, id: &str) -> anyhow::Result<String> {
     let apps: Vec<AppInfo> = client.get("/v1/apps").await?;
     for app in apps {
         let deployments: Vec<DeploymentInfo> = client.get(&format!("/v1/apps/{}/deployments", app.name)).await?;
@@ -91,4 +91,25 @@ fn limits(all: &[nx_protocol::api::Enforcement]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+pub async fn logs(g: &Global, args: LogsArgs) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let client = client(g)?;
+    let app = match args.app {
+        Some(a) => a,
+        None => app_of(&client, &args.deployment).await?,
+    };
+    let path =
+        format!("/v1/apps/{app}/deployments/{}/logs?lines={}&follow={}", args.deployment, args.lines, args.follow);
+    let resp = client.get_stream(&path).await?;
+    let mut body = resp.bytes_stream();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Failure::Unreachable(format!("the log stream broke off: {e}")))?;
+        out.write_all(&chunk)?;
+        out.flush()?;
+    }
+    Ok(())
 }

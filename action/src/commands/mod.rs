@@ -18,6 +18,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(args) => push::run(g, args).await,
         Command::Ls(args) => deployments::ls(g, args).await,
         Command::Promote(args) => deployments::promote(g, args).await,
+        Command::Logs(args) => deployments::logs(g, args).await,
         Command::Verify(args) => verify::run(g, args).await,
         Command::GithubAction => github::run(g).await,
     }

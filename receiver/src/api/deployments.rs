@@ -1,11 +1,13 @@
 //! `/v1/apps/{app}/deployments`: push a binary, list, show and promote.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
+use bytes::Bytes;
 use nx_protocol::api::{DeploymentInfo, Promotion, PushMeta};
 use nx_protocol::names::DeploymentId;
+use nx_runtime::LogLimits;
 use nx_verify::report::Linkage;
 
 use super::apps::find_app;
@@ -167,4 +169,65 @@ pub async fn promote(
 
 fn row_app(row: &crate::db::DeploymentRow) -> Result<nx_protocol::AppName, ApiError> {
     nx_protocol::AppName::parse(&row.app_name).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+}
+
+/// `?lines=N&follow=true`
+#[derive(Debug, serde::Deserialize)]
+pub struct LogQuery {
+    #[serde(default = "default_lines")]
+    lines: usize,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn default_lines() -> usize {
+    100
+}
+
+/// `GET .../logs`: the last lines of a deployment's log as text, one per line;
+/// with `follow`, then every new line until the deployment stops or the client
+/// goes away.
+pub async fn logs(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((app, id)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let app = find_app(&state, &caller, &app).await?;
+    let row = find_deployment(&state, &app.name, &id).await?;
+    // Subscribe before reading the file, so no line falls between the two.
+    let live = if q.follow { state.deployer.live_log(&row.id).map(|l| l.subscribe()) } else { None };
+    let path = state.deployer.log_path(&row.id);
+    let lines = q.lines.min(100_000);
+    let history = tokio::task::spawn_blocking(move || {
+        nx_runtime::logs::read_recent(&path, lines, LogLimits::default().keep_rotated)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let seen: std::collections::HashSet<String> = history.iter().cloned().collect();
+    let head = futures_util::stream::iter(
+        history.into_iter().map(|l| Ok::<_, std::convert::Infallible>(Bytes::from(l + "\n"))),
+    );
+    let body = match live {
+        None => axum::body::Body::from_stream(head),
+        Some(rx) => {
+            let tail = futures_util::stream::unfold((rx, seen), |(mut rx, seen)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(line) if seen.contains(&line) => continue,
+                        Ok(line) => return Some((Ok(Bytes::from(line + "\n")), (rx, seen))),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let note = format!("[nx] {n} lines were skipped: the client read too slowly\n");
+                            return Some((Ok(Bytes::from(note)), (rx, seen)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+            axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail))
+        }
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

@@ -42,6 +42,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
         .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
         .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))
+        .route("/v1/apps/{app}/deployments/{id}/logs", get(deployments::logs))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .route("/v1/health", get(health))

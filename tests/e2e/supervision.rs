@@ -1,0 +1,166 @@
+//! Supervision: restarts after a crash, a crash loop ending as failed, logs,
+//! stops that leave nothing behind, a killed receiver, and sandboxes that
+//! cannot be made.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::Signal;
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::Options;
+use nx_e2e::{bin, deployment_processes, eventually, Receiver};
+
+fn with_args(args: &[&str]) -> Receiver {
+    Receiver::start_with(Options { args: args.iter().map(|a| a.to_string()).collect(), ..Options::default() })
+}
+
+fn state(r: &Receiver, app: &str) -> serde_json::Value {
+    r.nx(&["--json", "ls", app]).success().json()[0]["deployments"][0].clone()
+}
+
+#[test]
+fn a_crashed_app_is_restarted_and_answers_again() {
+    let r = with_args(&["--restart-backoff", "100ms"]);
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let url = d["preview_url"].as_str().unwrap().to_owned();
+    assert_eq!(r.get(&format!("{url}/exit")).body, "exiting\n");
+    let id = d["id"].as_str().unwrap();
+    eventually(30, "the restart to be logged", || {
+        let logs = r.nx(&["logs", id]).success().stdout;
+        logs.contains("exited (status 3), restarting").then_some(())
+    });
+    eventually(30, "the app to answer again", || (r.get(&url).status == 200).then_some(()));
+    assert_eq!(state(&r, "web")["state"], "healthy");
+}
+
+#[test]
+fn a_crash_loop_ends_failed_with_the_last_words() {
+    let r = with_args(&["--max-restarts", "2", "--restart-backoff", "50ms"]);
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "EXIT_AFTER_MS=400"]);
+    assert_eq!(d["state"], "healthy", "it answers before it starts crashing");
+    let failed = eventually(60, "the crash loop to end", || {
+        let s = state(&r, "web");
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(failed["error"].as_str().unwrap().contains("crashed 3 times"), "{failed}");
+    let logs = r.nx(&["logs", d["id"].as_str().unwrap()]).success().stdout;
+    assert!(logs.contains("exiting on purpose after 400 ms"), "{logs}");
+    assert!(logs.contains("giving up"), "{logs}");
+    let page = r.get(d["preview_url"].as_str().unwrap());
+    assert_eq!(page.status, 502);
+}
+
+#[test]
+fn logs_show_output_and_follow_new_lines() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = d["id"].as_str().unwrap();
+    let logs = r.nx(&["logs", id]).success().stdout;
+    assert!(logs.contains("listening on 127.0.0.1:"), "{logs}");
+    assert!(logs.contains("[nx] healthy on"), "{logs}");
+
+    let mut follow = Command::new(bin("nx"))
+        .args(["logs", "-f", "-n", "1", id])
+        .env("NX_SERVER", r.api())
+        .env("NX_KEY", &r.admin_token)
+        .env("HOME", r.dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    // The one old line comes first; then what the app prints from now on.
+    assert!(lines.next().unwrap().unwrap().contains("[nx] healthy on"));
+    let url = d["preview_url"].as_str().unwrap();
+    assert_eq!(r.get(&format!("{url}/print?text=marker-4242")).body, "printed\n");
+    let line = lines.next().unwrap().unwrap();
+    assert!(line.ends_with(" marker-4242"), "{line}");
+    follow.kill().unwrap();
+    let _ = follow.wait();
+}
+
+/// Processes in state Z (zombies) whose command is `comm`.
+fn zombies(names: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let comm = &stat[open + 1..close];
+        if stat[close + 1..].trim_start().starts_with('Z') && names.contains(&comm) {
+            found.push(stat);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stop_leaves_no_process_and_no_zombie() {
+    let mut r = Receiver::start();
+    r.create_app("evil");
+    let d = r.push("evil", &fixtures::evil(), &["--arg", "serve"]);
+    let url = d["preview_url"].as_str().unwrap();
+    assert_eq!(r.get(&format!("{url}/attack/daemonize")).body, "INFO left a daemon behind");
+    let id = d["id"].as_str().unwrap();
+    let running = deployment_processes(&r.data_dir(), id);
+    assert!(running.len() >= 4, "server, daemon, bwrap and its init run: {running:?}");
+    let status = r.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    let left = deployment_processes(&r.data_dir(), id);
+    assert!(left.is_empty(), "{left:?}");
+    let z = zombies(&["evil", "bwrap"]);
+    assert!(z.is_empty(), "zombies left: {z:?}");
+    r.start_again();
+}
+
+#[test]
+fn a_killed_receiver_takes_its_sandboxes_along_and_brings_back_exactly_one() {
+    let mut r = Receiver::start();
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let data = r.data_dir();
+    let app_processes =
+        || deployment_processes(&data, &id).into_iter().filter(|(_, cmd)| cmd.starts_with("/app/")).count();
+    assert_eq!(app_processes(), 1);
+    r.stop_with(Signal::SIGKILL);
+    eventually(20, "the sandbox to die with the receiver", || (app_processes() == 0).then_some(()));
+    r.start_again();
+    let a = r.get(d["preview_url"].as_str().unwrap());
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(app_processes(), 1, "never two instances of one deployment");
+}
+
+#[test]
+fn a_sandbox_that_cannot_be_made_fails_closed() {
+    let r = with_args(&["--bwrap", "/nonexistent/bwrap"]);
+    r.create_app("web");
+    let out = r.nx(&["push", fixtures::go(Go::Static).to_str().unwrap(), "--app", "web"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot create the sandbox") && out.stderr.contains("/nonexistent/bwrap"),
+        "{}",
+        out.stderr
+    );
+    let s = state(&r, "web");
+    assert_eq!(s["state"], "failed");
+    assert!(deployment_processes(&r.data_dir(), s["id"].as_str().unwrap()).is_empty());
+}
+
+#[test]
+fn an_explicit_health_path_must_answer_success() {
+    let r = with_args(&["--start-timeout", "3s"]);
+    r.create_app("web");
+    r.nx(&["apps", "set", "web", "--health-path", "/nope"]).success();
+    // The example app answers /nope with 404: not healthy.
+    let out = r.nx(&["push", bin("hello").to_str().unwrap(), "--app", "web"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("answered /nope with status 404"), "{}", out.stderr);
+    r.nx(&["apps", "set", "web", "--health-path", "/healthz"]).success();
+    let d = r.push("web", &bin("hello"), &[]);
+    assert_eq!(d["state"], "healthy");
+    r.nx(&["apps", "set", "web", "--health-tcp"]).success();
+    assert_eq!(r.push("web", &fixtures::go(Go::Static), &[])["state"], "healthy");
+}
