@@ -16,6 +16,10 @@ apt-get install -y -q --no-install-recommends \
     bubblewrap postgresql nftables e2fsprogs caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
     openssh-client curl ca-certificates python3 python3-pip >/dev/null
 
+echo "==> installing the Python test tools (moto's S3 server) into target/test-venv"
+python3 -m venv target/test-venv
+target/test-venv/bin/pip install -q --disable-pip-version-check 'moto[server]'
+
 if ! command -v cargo-auditable >/dev/null; then
     echo "==> installing cargo-auditable (the suite checks binaries built with it)"
     cargo install --locked cargo-auditable

@@ -57,6 +57,9 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Print a deployment's log (what it printed and what the platform said).
     Logs(LogsArgs),
+    /// Create, list, rotate and revoke deploy keys; rotate the admin token.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Say whether a binary will run on the server, and how to fix it if not.
     Verify(VerifyArgs),
     /// The step of the GitHub Action: reads INPUT_* and GITHUB_* variables.
@@ -85,6 +88,20 @@ pub enum AppsCommand {
     Ls,
     /// Change an app's limits and health check; new deployments use them.
     Set(SetArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A new deploy key for APP (shown once).
+    Create { app: String },
+    /// The keys of APP, without their secrets.
+    Ls { app: String },
+    /// Revoke a key of APP at once.
+    Revoke { app: String, key_id: String },
+    /// Replace a key of APP by a new one (shown once); the old one stops working.
+    Rotate { app: String, key_id: String },
+    /// Replace the admin token (shown once); the old one stops working.
+    RotateAdmin,
 }
 
 #[derive(Debug, Args)]

@@ -163,6 +163,10 @@ impl Client {
         self.send(Method::POST, path, Some(serde_json::to_vec(body)?)).await
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(Method::DELETE, path, None).await
+    }
+
     pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         self.send(Method::PUT, path, Some(serde_json::to_vec(body)?)).await
     }

@@ -122,6 +122,10 @@ pub struct PushMeta {
     /// Answer once the sandbox is started instead of once it is healthy.
     #[serde(default)]
     pub no_wait: bool,
+    /// Chosen by the client and kept across retries of one push: a retry after
+    /// a dropped connection gets the deployment the first attempt made.
+    #[serde(default)]
+    pub push_id: Option<String>,
 }
 
 /// How one limit of a deployment is enforced (or why it is not).
@@ -244,6 +248,32 @@ pub struct DeploymentInfo {
     /// The limits it runs under, and what enforces each.
     #[serde(default)]
     pub limits: Vec<Enforcement>,
+}
+
+/// A key as listed: never its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub id: String,
+    /// `deploy` or `admin`.
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A new key: the secret is shown here once and never again.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub info: KeyInfo,
+    pub secret: String,
+    /// The key this one replaced, when it was a rotation.
+    pub replaces: Option<String>,
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey").field("info", &self.info).field("secret", &"<redacted>").finish()
+    }
 }
 
 /// The answer to `POST /v1/apps/{app}/deployments/{id}/promote` and `.../rollback`.

@@ -75,6 +75,16 @@ pub struct KeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+/// A key as listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyListing {
+    pub id: String,
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 /// A new deployment to record.
 #[derive(Debug)]
 pub struct NewDeployment<'a> {
@@ -89,6 +99,7 @@ pub struct NewDeployment<'a> {
     pub git_ref: Option<&'a str>,
     pub pr_number: Option<i64>,
     pub source: &'a str,
+    pub push_id: Option<&'a str>,
 }
 
 const DEPLOYMENT_COLUMNS: &str =
@@ -96,12 +107,6 @@ const DEPLOYMENT_COLUMNS: &str =
      d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
-
-/// Whether an error is a unique-constraint violation (a lost race or a
-/// duplicate name), which callers turn into a clear answer.
-pub fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
-}
 
 impl Db {
     pub fn new(pool: PgPool) -> Db {
@@ -190,6 +195,34 @@ impl Db {
         .await
     }
 
+    pub async fn keys_of_app(&self, app_id: i64) -> Result<Vec<KeyListing>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, kind, created_at, last_used_at, revoked_at FROM keys WHERE app_id = $1 ORDER BY created_at",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Revokes a key of an app; `false` when the app has no such live key.
+    pub async fn revoke_key(tx: &mut Transaction<'_, Postgres>, app_id: i64, id: &str) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query("UPDATE keys SET revoked_at = now() WHERE app_id = $1 AND id = $2 AND revoked_at IS NULL")
+            .bind(app_id)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Replaces the admin token's secret.
+    pub async fn replace_admin_secret(&self, sealed: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE keys SET secret = $1, created_at = now(), last_used_at = NULL WHERE kind = 'admin'")
+            .bind(sealed)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn admin_key_exists(&self) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM keys WHERE kind = 'admin' AND revoked_at IS NULL)")
             .fetch_one(&self.pool)
@@ -248,8 +281,8 @@ impl Db {
 
     pub async fn insert_deployment(&self, d: &NewDeployment<'_>) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11)",
+            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(d.id)
         .bind(d.app_id)
@@ -262,6 +295,7 @@ impl Db {
         .bind(d.git_ref)
         .bind(d.pr_number)
         .bind(d.source)
+        .bind(d.push_id)
         .execute(&self.pool)
         .await
         .map(|_| ())
@@ -270,6 +304,19 @@ impl Db {
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, sqlx::Error> {
         sqlx::query_as(&format!("SELECT {DEPLOYMENT_COLUMNS} WHERE d.id = $1"))
             .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// The deployment an earlier attempt of the same push made, if any.
+    pub async fn deployment_by_push_id(
+        &self,
+        app_id: i64,
+        push_id: &str,
+    ) -> Result<Option<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!("SELECT {DEPLOYMENT_COLUMNS} WHERE d.app_id = $1 AND d.push_id = $2"))
+            .bind(app_id)
+            .bind(push_id)
             .fetch_optional(&self.pool)
             .await
     }

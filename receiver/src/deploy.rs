@@ -242,6 +242,14 @@ impl Deployer {
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
+        if let Some(push_id) = &meta.push_id {
+            if !nx_protocol::auth::is_valid_nonce(push_id) {
+                return Err(DeployError::Invalid("push_id must be 16 to 64 characters of A-Z a-z 0-9 - _".into()));
+            }
+            if let Some(earlier) = self.services.db.deployment_by_push_id(app.id, push_id).await? {
+                return self.earlier_attempt(earlier, artifact, meta).await;
+            }
+        }
         let env = if meta.env.is_empty() {
             None
         } else {
@@ -258,7 +266,8 @@ impl Deployer {
             // take the same one.
             let _guard = self.port_lock.lock().await;
             let port = self.allocate_port().await?;
-            self.services
+            let inserted = self
+                .services
                 .db
                 .insert_deployment(&NewDeployment {
                     id: &id,
@@ -272,8 +281,20 @@ impl Deployer {
                     git_ref: meta.git_ref.as_deref(),
                     pr_number: meta.pr.map(|p| p as i64),
                     source: meta.source.as_str(),
+                    push_id: meta.push_id.as_deref(),
                 })
-                .await?;
+                .await;
+            if let Err(e) = inserted {
+                // Two attempts of one push raced; the other one recorded it.
+                if let Some(earlier) = match &meta.push_id {
+                    Some(p) => self.services.db.deployment_by_push_id(app.id, p).await?,
+                    None => None,
+                } {
+                    drop(_guard);
+                    return self.earlier_attempt(earlier, artifact, meta).await;
+                }
+                return Err(e.into());
+            }
         }
         self.services.db
             .event(
@@ -292,6 +313,30 @@ impl Deployer {
             _ => Vec::new(),
         };
         self.info(&row, tail)
+    }
+
+    /// Answers a retried push with what its first attempt made, once that is
+    /// decided.
+    async fn earlier_attempt(
+        &self,
+        earlier: DeploymentRow,
+        artifact: &ArtifactRow,
+        meta: &PushMeta,
+    ) -> Result<DeploymentInfo, DeployError> {
+        if earlier.artifact_sha256 != artifact.sha256 {
+            return Err(DeployError::Invalid(format!(
+                "push id {} was used for other bytes (deployment {}); a retry must send the same binary",
+                meta.push_id.as_deref().unwrap_or_default(),
+                earlier.id
+            )));
+        }
+        let waiter = self.running.lock().map_err(|_| poisoned())?.get(&earlier.id).map(|r| r.applied.clone());
+        if let (Some(mut w), false) = (waiter, meta.no_wait) {
+            let _ = w.wait_for(|s| !matches!(s, Status::Starting { .. })).await;
+        }
+        tracing::info!(deployment = %earlier.id, "a retried push got its earlier deployment");
+        let row = self.row(&earlier.id).await?;
+        self.info(&row, Vec::new())
     }
 
     async fn row(&self, id: &str) -> Result<DeploymentRow, DeployError> {

@@ -7,4 +7,5 @@
 mod attacks;
 mod core;
 mod supervision;
+mod uploads;
 mod verify;

@@ -6,10 +6,14 @@
 //! The suite needs root, bubblewrap, PostgreSQL and Debian's caddy; the test
 //! command installs them. A missing one fails the test with the fix, never a
 //! silent pass.
+// Harness code fails the test on the first surprise; unwrap says so plainly.
+#![allow(clippy::unwrap_used)]
 
 pub mod fixtures;
 pub mod http;
+pub mod moto;
 pub mod receiver;
+pub mod signed;
 
 use std::path::{Path, PathBuf};
 

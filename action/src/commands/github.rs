@@ -132,6 +132,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         source: Source::Action,
         repository: ctx.repository.clone(),
         no_wait: !wait,
+        push_id: None,
     };
     let target = config::resolve(g.server.as_deref(), g.key.as_deref())?;
     let client = Client::new(&target)?;

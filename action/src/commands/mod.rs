@@ -3,6 +3,7 @@
 mod apps;
 mod deployments;
 mod github;
+mod keys;
 mod login;
 mod push;
 mod verify;
@@ -19,6 +20,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls(args) => deployments::ls(g, args).await,
         Command::Promote(args) => deployments::promote(g, args).await,
         Command::Logs(args) => deployments::logs(g, args).await,
+        Command::Keys(cmd) => keys::run(g, cmd).await,
         Command::Verify(args) => verify::run(g, args).await,
         Command::GithubAction => github::run(g).await,
     }

@@ -32,6 +32,13 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>, Failure> 
     Ok(env)
 }
 
+/// Attempts of one upload before giving up on a flaky connection.
+const ATTEMPTS: u32 = 3;
+
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<Failure>(), Some(Failure::Unreachable(_))))
+}
+
 /// One push.
 #[derive(Debug)]
 pub struct Job<'a> {
@@ -84,17 +91,36 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
         }
     }
     drop(data);
-    let meta_json = serde_json::to_vec(&job.meta)?;
+    let mut meta = job.meta;
+    // One id for every attempt: a retry gets the deployment an attempt that
+    // lost its answer made, never a second one.
+    meta.push_id.get_or_insert_with(|| hex::encode(rand::random::<[u8; 16]>()));
+    let meta_json = serde_json::to_vec(&meta)?;
     if !job.quiet {
         eprintln!("pushing {} ({}, sha256:{}) to {}", job.path.display(), bytes(size), &sha256[..12], job.app);
     }
-    let after = if job.meta.no_wait { "starting on the server" } else { "verifying and starting on the server" };
-    let progress = Progress::upload(size, after, job.quiet);
+    let after = if meta.no_wait { "starting on the server" } else { "verifying and starting on the server" };
     let api = format!("/v1/apps/{}/deployments", job.app);
-    let result: anyhow::Result<DeploymentInfo> =
-        client.upload(&api, job.path, &sha256, size, &meta_json, progress.clone()).await;
-    progress.clear();
-    let deployment = result?;
+    let mut attempt = 1;
+    let deployment = loop {
+        let progress = Progress::upload(size, after, job.quiet);
+        let result: anyhow::Result<DeploymentInfo> =
+            client.upload(&api, job.path, &sha256, size, &meta_json, progress.clone()).await;
+        progress.clear();
+        match result {
+            Err(e) if attempt < ATTEMPTS && is_unreachable(&e) => {
+                let pause = std::time::Duration::from_secs(1 << attempt);
+                eprintln!(
+                    "the connection failed ({e:#}); trying again in {}s ({} of {ATTEMPTS})",
+                    pause.as_secs(),
+                    attempt + 1
+                );
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+            other => break other?,
+        }
+    };
     let promotion = if job.promote && deployment.state == DeploymentState::Healthy {
         let path = format!("/v1/apps/{}/deployments/{}/promote", job.app, deployment.id);
         Some(client.post::<_, Promotion>(&path, &serde_json::json!({})).await?)

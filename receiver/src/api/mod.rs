@@ -5,11 +5,12 @@ pub mod apps;
 pub mod auth;
 pub mod deployments;
 pub mod error;
+pub mod keys;
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use nx_protocol::api::Health;
 use nx_protocol::target::ServerTarget;
@@ -39,6 +40,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/apps", post(apps::create).get(apps::list))
         .route("/v1/apps/{app}", get(apps::show))
         .route("/v1/apps/{app}/settings", put(apps::settings))
+        .route("/v1/apps/{app}/keys", post(keys::create).get(keys::list))
+        .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))
+        .route("/v1/apps/{app}/keys/{id}/rotate", post(keys::rotate))
+        .route("/v1/admin/token", post(keys::rotate_admin))
         .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
         .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
         .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))

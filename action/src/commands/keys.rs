@@ -1,0 +1,74 @@
+//! `nx keys`: deploy keys and the admin token.
+
+use nx_protocol::api::{CreatedKey, KeyInfo};
+
+use super::{client, print_json};
+use crate::cli::{Global, KeysCommand};
+use crate::output::{age, paint, table, Color};
+
+fn show_created(g: &Global, k: &CreatedKey, what: &str) -> anyhow::Result<()> {
+    if g.json {
+        return print_json(k);
+    }
+    if let Some(old) = &k.replaces {
+        println!("{old} no longer works.");
+    }
+    println!(
+        "{what} {} (shown once; store it now, for example as the NX_KEY secret):\n\n    {}\n",
+        k.info.id, k.secret
+    );
+    Ok(())
+}
+
+pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let empty = serde_json::json!({});
+    match cmd {
+        KeysCommand::Create { app } => {
+            let k: CreatedKey = client.post(&format!("/v1/apps/{app}/keys"), &empty).await?;
+            show_created(g, &k, "new deploy key")
+        }
+        KeysCommand::Rotate { app, key_id } => {
+            let k: CreatedKey = client.post(&format!("/v1/apps/{app}/keys/{key_id}/rotate"), &empty).await?;
+            show_created(g, &k, "new deploy key")
+        }
+        KeysCommand::RotateAdmin => {
+            let k: CreatedKey = client.post("/v1/admin/token", &empty).await?;
+            show_created(g, &k, "new admin token, id")?;
+            if !g.json {
+                eprintln!("run `nx login --key NEW_TOKEN` if your config file held the old one");
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { app, key_id } => {
+            let k: KeyInfo = client.delete(&format!("/v1/apps/{app}/keys/{key_id}")).await?;
+            if g.json {
+                return print_json(&k);
+            }
+            println!("key {} of {app} revoked", k.id);
+            Ok(())
+        }
+        KeysCommand::Ls { app } => {
+            let keys: Vec<KeyInfo> = client.get(&format!("/v1/apps/{app}/keys")).await?;
+            if g.json {
+                return print_json(&keys);
+            }
+            let now = chrono::Utc::now();
+            let mut rows = vec![vec!["ID".into(), "CREATED".into(), "LAST USED".into(), "STATE".into()]];
+            for k in keys {
+                let state = match k.revoked_at {
+                    Some(t) => paint(&format!("revoked {}", age(t, now)), Color::Dim),
+                    None => paint("live", Color::Green),
+                };
+                rows.push(vec![
+                    k.id,
+                    age(k.created_at, now),
+                    k.last_used_at.map_or_else(|| "never".into(), |t| age(t, now)),
+                    state,
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(())
+        }
+    }
+}

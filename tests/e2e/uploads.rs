@@ -1,0 +1,297 @@
+//! The upload door: signatures, replays, tampering, size caps, cut uploads,
+//! crashes mid-upload, full disks, S3 and its outages, retries, and keys.
+//! Every refusal has its own message and leaves nothing behind.
+
+use std::io::Read;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::moto::Moto;
+use nx_e2e::receiver::Options;
+use nx_e2e::signed::Signed;
+use nx_e2e::{bin, eventually, Receiver};
+
+/// Fails unless the receiver recorded and kept nothing: no deployment of `app`,
+/// no stored artifact, no temporary upload.
+fn nothing_recorded(r: &Receiver, app: &str) {
+    let listing = r.nx(&["--json", "ls", app]).success().json();
+    assert!(listing[0]["deployments"].as_array().unwrap().is_empty(), "a deployment was recorded: {listing}");
+    let store = r.data_dir().join("store/artifacts");
+    let stored = std::fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(stored, 0, "something was stored in {}", store.display());
+    assert_eq!(std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count(), 0, "a temporary upload was left");
+}
+
+fn send(r: &Receiver, s: &Signed, key: &str, body: Vec<u8>) -> (u16, String) {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let mut req = client.request(s.method.parse().unwrap(), format!("{}{}", r.api(), s.path)).body(body);
+    for (k, v) in s.headers(key) {
+        req = req.header(k, v);
+    }
+    let resp = req.send().unwrap();
+    (resp.status().as_u16(), resp.text().unwrap())
+}
+
+fn meta(json: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&json).unwrap()
+}
+
+#[test]
+fn forged_stale_replayed_and_tampered_requests_each_get_their_own_answer() {
+    let r = Receiver::start_with(Options { args: vec!["--max-upload".into(), "4MiB".into()], ..Options::default() });
+    let key = r.create_app("web");
+    let body = std::fs::read(fixtures::c_musl_static()).unwrap();
+    let path = "/v1/apps/web/deployments";
+    let m = meta(serde_json::json!({ "filename": "hello" }));
+
+    // Tampered body: same length, other bytes.
+    let s = Signed::new("POST", path, &body, Some(&m));
+    let mut other = body.clone();
+    other[100] ^= 0xff;
+    let (status, text) = send(&r, &s, &key, other);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("sha256") && text.contains("altered in transit"), "{text}");
+
+    // Tampered metadata: the signature covers it.
+    let s = Signed::new("POST", path, &body, Some(&m));
+    let mut headers_for = s.clone();
+    headers_for.meta = Some(meta(serde_json::json!({ "filename": "hello", "env": { "EVIL": "1" } })));
+    let mut h = s.headers(&key);
+    let forged = headers_for.headers(&key);
+    let meta_header = forged.iter().find(|(k, _)| *k == "x-nx-meta").unwrap().clone();
+    h.retain(|(k, _)| *k != "x-nx-meta");
+    h.push(meta_header);
+    let client = reqwest::blocking::Client::new();
+    let mut req = client.post(format!("{}{path}", r.api())).body(body.clone());
+    for (k, v) in h {
+        req = req.header(k, v);
+    }
+    let resp = req.send().unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.text().unwrap().contains("signature (header x-nx-signature) does not match"));
+
+    // A timestamp from ten minutes ago.
+    let mut s = Signed::new("POST", path, &body, Some(&m));
+    s.timestamp -= 600;
+    let (status, text) = send(&r, &s, &key, body.clone());
+    assert_eq!(status, 401);
+    assert!(text.contains("away from the receiver's clock"), "{text}");
+
+    // A replay: the same signed request twice (a small GET, answered in full).
+    let s = Signed::new("GET", "/v1/apps/web", b"", None);
+    assert_eq!(send(&r, &s, &key, vec![]).0, 200);
+    let (status, text) = send(&r, &s, &key, vec![]);
+    assert_eq!(status, 401);
+    assert!(text.contains("already used") && text.contains("replay"), "{text}");
+
+    // A key that does not exist, and a missing header.
+    let s = Signed::new("GET", "/v1/apps/web", b"", None);
+    let (status, text) = send(&r, &s, "nxk_nosuchkey1_0123456789abcdef0123456789abcdef", vec![]);
+    assert_eq!(status, 401);
+    assert!(text.contains("unknown key nosuchkey1"), "{text}");
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/apps", r.api()))
+        .header("x-nx-key", "admin")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.text().unwrap().contains("missing header x-nx-timestamp"));
+
+    // An unknown app names the existing ones.
+    let s = Signed::new("GET", "/v1/apps/wbe", b"", None);
+    let (status, text) = send(&r, &s, &r.admin_token, vec![]);
+    assert_eq!(status, 404);
+    assert!(text.contains("did you mean 'web'"), "{text}");
+
+    // Over the size cap: refused from Content-Length, before the body.
+    let big = vec![0u8; 5 << 20];
+    let s = Signed::new("POST", path, &big, Some(&m));
+    let (status, text) = send(&r, &s, &key, big);
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("--max-upload"), "{text}");
+
+    nothing_recorded(&r, "web");
+}
+
+#[test]
+fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
+    let mut r = Receiver::start();
+    r.create_app("web");
+    let binary = fixtures::go(Go::Static);
+    let body = std::fs::read(&binary).unwrap();
+    let m = meta(serde_json::json!({ "filename": "goweb" }));
+    let s = Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m));
+
+    // Half the body, then the connection closes.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
+    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
+    for (k, v) in s.headers(&r.admin_token) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    use std::io::Write;
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() / 2]).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    eventually(10, "the cut upload to be cleaned up", || {
+        (std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count() == 0).then_some(())
+    });
+    nothing_recorded(&r, "web");
+
+    // Half the body, then the receiver dies.
+    let s = Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m));
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
+    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
+    for (k, v) in s.headers(&r.admin_token) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() / 2]).unwrap();
+    eventually(10, "the upload to reach the disk", || {
+        let tmp: Vec<_> = std::fs::read_dir(r.data_dir().join("tmp")).unwrap().flatten().collect();
+        tmp.iter().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)).then_some(())
+    });
+    r.stop_with(Signal::SIGKILL);
+    drop(stream);
+    r.start_again();
+    nothing_recorded(&r, "web");
+    let d = r.push("web", &binary, &[]);
+    assert_eq!(d["state"], "healthy");
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_records_nothing() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let tmp = r.data_dir().join("tmp");
+    let status =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&tmp).status().unwrap();
+    assert!(status.success());
+    let out = r.nx(&["push", bin("hello").to_str().unwrap(), "--app", "web"]);
+    let _ = std::process::Command::new("umount").arg(&tmp).status();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("disk is full"), "{}", out.stderr);
+    nothing_recorded(&r, "web");
+}
+
+#[test]
+fn the_same_bytes_are_stored_once_and_a_retried_push_gets_the_same_deployment() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let body = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let m = meta(serde_json::json!({ "filename": "goweb", "push_id": "0123456789abcdef-retry" }));
+    let first =
+        send(&r, &Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m)), &r.admin_token, body.clone());
+    let again =
+        send(&r, &Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m)), &r.admin_token, body.clone());
+    assert_eq!((first.0, again.0), (201, 201), "{first:?} {again:?}");
+    let (a, b): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_str(&first.1).unwrap(), serde_json::from_str(&again.1).unwrap());
+    assert_eq!(a["id"], b["id"], "a retry must not make a second deployment");
+    // A new push of the same bytes is a new deployment of the same artifact.
+    let third = r.push("web", &fixtures::go(Go::Static), &[]);
+    assert_ne!(third["id"], a["id"]);
+    assert_eq!(third["digest"], a["digest"]);
+    assert_eq!(std::fs::read_dir(r.data_dir().join("store/artifacts")).unwrap().count(), 1, "stored once");
+    // A push id reused for other bytes is refused.
+    let other = std::fs::read(fixtures::c_musl_static()).unwrap();
+    let (status, text) =
+        send(&r, &Signed::new("POST", "/v1/apps/web/deployments", &other, Some(&m)), &r.admin_token, other);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("was used for other bytes"), "{text}");
+}
+
+#[test]
+fn artifacts_round_trip_through_s3_with_multipart_uploads() {
+    let moto = Moto::start();
+    let mut r = Receiver::start_with(Options { env: moto.receiver_env(), ..Options::default() });
+    r.create_app("web");
+    // The example app is well over the 8 MiB part size: a multipart upload.
+    let hello = bin("hello");
+    assert!(std::fs::metadata(&hello).unwrap().len() > 16 << 20);
+    let d = r.push("web", &hello, &[]);
+    let digest = d["digest"].as_str().unwrap();
+    assert!(moto.keys().contains(&format!("prefix/artifacts/{digest}")), "{:?}", moto.keys());
+    assert_eq!(std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count(), 0);
+    // A restart without the local copy fetches it back from S3, verified.
+    r.stop_with(Signal::SIGTERM);
+    std::fs::remove_file(r.data_dir().join("cache").join(digest)).unwrap();
+    r.start_again();
+    let a = r.get(d["preview_url"].as_str().unwrap());
+    assert_eq!(a.status, 200, "{a:?}\n{}", r.log());
+    assert!(r.data_dir().join("cache").join(digest).exists());
+}
+
+#[test]
+fn an_unavailable_store_is_a_503_and_records_nothing() {
+    let mut moto = Moto::start();
+    let r = Receiver::start_with(Options { env: moto.receiver_env(), ..Options::default() });
+    r.create_app("web");
+    moto.stop();
+    let out = r.nx(&["push", fixtures::go(Go::Static).to_str().unwrap(), "--app", "web"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("object store") && out.stderr.contains("is unavailable"), "{}", out.stderr);
+    let listing = r.nx(&["--json", "ls", "web"]).success().json();
+    assert!(listing[0]["deployments"].as_array().unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(r.data_dir().join("cache")).unwrap().count(), 0);
+}
+
+#[test]
+fn keys_are_created_listed_rotated_and_revoked_and_never_readable_in_the_database() {
+    let r = Receiver::start();
+    let web_key = r.create_app("web");
+    r.create_app("api");
+    let goweb = fixtures::go(Go::Static);
+    let goweb = goweb.to_str().unwrap();
+    let push = |key: &str, app: &str| r.nx_with_key(key, &["push", goweb, "--app", app]);
+
+    assert_eq!(push(&web_key, "web").code, 0);
+    let other_app = push(&web_key, "api");
+    assert_eq!(other_app.code, 1);
+    assert!(other_app.stderr.contains("cannot act on app 'api'"), "{}", other_app.stderr);
+
+    let created = r.nx(&["--json", "keys", "create", "web"]).success().json();
+    let second = created["secret"].as_str().unwrap().to_owned();
+    let second_id = created["info"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(push(&second, "web").code, 0);
+    let listed = r.nx(&["--json", "keys", "ls", "web"]).success();
+    assert!(!listed.stdout.contains(&second) && !listed.stdout.contains(&web_key), "secrets are never listed");
+    assert_eq!(listed.json().as_array().unwrap().len(), 2);
+
+    let rotated = r.nx(&["--json", "keys", "rotate", "web", &second_id]).success().json();
+    let third = rotated["secret"].as_str().unwrap().to_owned();
+    let refused = push(&second, "web");
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("was revoked"), "{}", refused.stderr);
+    assert_eq!(push(&third, "web").code, 0);
+
+    r.nx(&["keys", "revoke", "web", rotated["info"]["id"].as_str().unwrap()]).success();
+    assert_eq!(push(&third, "web").code, 1);
+
+    let admin = r.nx(&["--json", "keys", "rotate-admin"]).success().json();
+    let new_admin = admin["secret"].as_str().unwrap().to_owned();
+    assert_eq!(r.nx(&["ls"]).code, 1, "the old admin token no longer works");
+    assert_eq!(r.nx_with_key(&new_admin, &["ls"]).code, 0);
+
+    // A dump of the metadata database shows none of the secrets.
+    let password = std::fs::read_to_string(r.data_dir().join("secrets/postgres-admin.password")).unwrap();
+    let dump = std::process::Command::new("pg_dump")
+        .args(["-h"])
+        .arg(r.data_dir().join("postgres/run"))
+        .args(["-p", &r.pg_port.to_string(), "-U", "nx_admin", "nx"])
+        .env("PGPASSWORD", password.trim())
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("CREATE TABLE public.keys"), "the dump is real");
+    for secret in [&web_key, &second, &third, &new_admin, &r.admin_token] {
+        let random_part = secret.rsplit('_').next().unwrap();
+        assert!(!dump.contains(random_part), "a key is readable in the dump");
+    }
+}

@@ -1,0 +1,63 @@
+//! Hand-made signed requests, for the tests that send what `nx` never would:
+//! tampered bodies and metadata, stale timestamps, replayed nonces, cut uploads.
+
+use nx_protocol::api::app_of_path;
+use nx_protocol::auth::{
+    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META,
+    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+
+/// Everything a signature covers, editable before and after signing.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub method: String,
+    pub path: String,
+    pub body_sha256: String,
+    pub content_length: u64,
+    pub meta: Option<Vec<u8>>,
+    pub timestamp: i64,
+    pub nonce: String,
+}
+
+impl Signed {
+    pub fn new(method: &str, path: &str, body: &[u8], meta: Option<&[u8]>) -> Signed {
+        Signed {
+            method: method.into(),
+            path: path.into(),
+            body_sha256: if body.is_empty() { EMPTY_SHA256.into() } else { sha256_hex(body) },
+            content_length: body.len() as u64,
+            meta: meta.map(<[u8]>::to_vec),
+            timestamp: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+            nonce: hex::encode(rand::random::<[u8; 16]>()),
+        }
+    }
+
+    /// The headers for `key` (a deploy key or admin token string).
+    pub fn headers(&self, key: &str) -> Vec<(&'static str, String)> {
+        use base64::Engine as _;
+        let cred = Credential::parse(key).expect("a well-formed key");
+        let meta_sha = self.meta.as_deref().map(sha256_hex);
+        let canonical = CanonicalRequest {
+            method: &self.method,
+            path: &self.path,
+            app: app_of_path(&self.path),
+            key_id: cred.key_id(),
+            timestamp: self.timestamp,
+            nonce: &self.nonce,
+            content_sha256: &self.body_sha256,
+            content_length: self.content_length,
+            meta_sha256: meta_sha.as_deref().unwrap_or(EMPTY_SHA256),
+        };
+        let mut h = vec![
+            (HEADER_KEY, cred.key_id().to_owned()),
+            (HEADER_TIMESTAMP, self.timestamp.to_string()),
+            (HEADER_NONCE, self.nonce.clone()),
+            (HEADER_CONTENT_SHA256, self.body_sha256.clone()),
+            (HEADER_SIGNATURE, canonical.sign(cred.expose_secret())),
+        ];
+        if let Some(m) = &self.meta {
+            h.push((HEADER_META, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(m)));
+        }
+        h
+    }
+}
