@@ -57,6 +57,11 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Print a deployment's log (what it printed and what the platform said).
     Logs(LogsArgs),
+    /// Stop a deployment; its URL then says so. Production cannot be stopped.
+    Stop(PromoteArgs),
+    /// Back up, restore and reach an app's database.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Create, list, rotate and revoke deploy keys; rotate the admin token.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -88,6 +93,30 @@ pub enum AppsCommand {
     Ls,
     /// Change an app's limits and health check; new deployments use them.
     Set(SetArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Print the database URL (the password included) of APP.
+    Url { app: String },
+    /// Save `pg_dump -Fc` of APP's database to a file, or with --store to the
+    /// object store (verified by a restore into a scratch database).
+    Backup {
+        app: String,
+        /// Where to write the dump; default APP-<time>.dump.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Keep the backup in the receiver's object store instead.
+        #[arg(long, conflicts_with = "output")]
+        store: bool,
+        /// With --store: how many backups to keep.
+        #[arg(long, requires = "store", default_value_t = 7)]
+        keep: usize,
+    },
+    /// List the backups in the object store.
+    Backups { app: String },
+    /// Load a dump into APP's database; the old data stays if it fails.
+    Restore { app: String, file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +160,9 @@ pub struct SetArgs {
     /// Health check: a TCP connection is accepted.
     #[arg(long)]
     pub health_tcp: bool,
+    /// The database of pull-request previews: shared, empty or copy.
+    #[arg(long, value_parser = ["shared", "empty", "copy"])]
+    pub preview_db: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +185,15 @@ pub struct PushArgs {
     /// checks again and has the last word).
     #[arg(long)]
     pub skip_verify: bool,
+    /// The pull request this build is for (previews may get their own database).
+    #[arg(long)]
+    pub pr: Option<u64>,
+    /// The commit this build is of.
+    #[arg(long, value_name = "SHA")]
+    pub git_sha: Option<String>,
+    /// The branch or tag this build is of.
+    #[arg(long, value_name = "REF")]
+    pub git_ref: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -171,6 +171,18 @@ impl Client {
         self.send(Method::PUT, path, Some(serde_json::to_vec(body)?)).await
     }
 
+    /// Like [`Client::upload`] without metadata, for answers without a body.
+    pub async fn upload_empty_answer<T: DeserializeOwned>(
+        &self,
+        api_path: &str,
+        file: &Path,
+        sha256: &str,
+        size: u64,
+        progress: Progress,
+    ) -> anyhow::Result<T> {
+        self.upload_with(api_path, file, sha256, size, None, progress).await
+    }
+
     /// Streams the file at `path` (whose digest and size are already known) as
     /// the body of a signed POST, reporting progress.
     pub async fn upload<T: DeserializeOwned>(
@@ -180,6 +192,18 @@ impl Client {
         sha256: &str,
         size: u64,
         meta: &[u8],
+        progress: Progress,
+    ) -> anyhow::Result<T> {
+        self.upload_with(api_path, file, sha256, size, Some(meta), progress).await
+    }
+
+    async fn upload_with<T: DeserializeOwned>(
+        &self,
+        api_path: &str,
+        file: &Path,
+        sha256: &str,
+        size: u64,
+        meta: Option<&[u8]>,
         progress: Progress,
     ) -> anyhow::Result<T> {
         let f = tokio::fs::File::open(file)
@@ -194,7 +218,7 @@ impl Client {
             }
             chunk
         });
-        let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, Some(meta));
+        let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, meta);
         headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let resp = self
@@ -212,6 +236,9 @@ impl Client {
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
     if !resp.status().is_success() {
         return Err(failure(resp).await.into());
+    }
+    if resp.status() == StatusCode::NO_CONTENT {
+        return serde_json::from_value(serde_json::Value::Null).map_err(|e| Failure::Refused(e.to_string()).into());
     }
     let url = resp.url().to_string();
     resp.json().await.map_err(|e| Failure::Refused(format!("{url} did not answer with what nx expects: {e}")).into())

@@ -175,6 +175,19 @@ pub enum HealthSetting {
     Tcp,
 }
 
+/// Which database a pull-request preview uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewDb {
+    /// The app's own database, shared with production.
+    #[default]
+    Shared,
+    /// A fresh, empty database per preview, dropped when the preview stops.
+    Empty,
+    /// A copy of production's data per preview, dropped when the preview stops.
+    Copy,
+}
+
 /// An app's settings (`PUT /v1/apps/{app}/settings`); they apply to the
 /// deployments started after the change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -185,6 +198,37 @@ pub struct AppSettings {
     /// `None`: any HTTP answer to `GET /` counts.
     #[serde(default)]
     pub health: Option<HealthSetting>,
+    /// The database of deployments pushed for a pull request.
+    #[serde(default)]
+    pub preview_db: PreviewDb,
+}
+
+/// `GET /v1/apps/{app}/db`: how to reach the app's database.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DbCredentials {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl fmt::Debug for DbCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbCredentials").field("database", &self.database).field("password", &"<redacted>").finish()
+    }
+}
+
+/// A backup kept in the object store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupInfo {
+    pub id: i64,
+    pub size: u64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    /// Set once the dump was restored into a scratch database without error.
+    pub verified_at: Option<DateTime<Utc>>,
 }
 
 /// `POST /v1/apps`.
@@ -248,6 +292,9 @@ pub struct DeploymentInfo {
     /// The limits it runs under, and what enforces each.
     #[serde(default)]
     pub limits: Vec<Enforcement>,
+    /// The database it uses, when it is not the app's own (a preview's).
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 /// A key as listed: never its secret.

@@ -56,6 +56,9 @@ pub struct DeploymentRow {
     pub created_at: DateTime<Utc>,
     pub promoted_at: Option<DateTime<Utc>>,
     pub limits: Json<Vec<nx_protocol::api::Enforcement>>,
+    /// A preview's own database (its name is also its role), and its sealed password.
+    pub db_name: Option<String>,
+    pub db_password: Option<Vec<u8>>,
     pub is_production: bool,
 }
 
@@ -73,6 +76,17 @@ pub struct KeyRow {
     pub kind: String,
     pub secret: Vec<u8>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A backup in the object store.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BackupRow {
+    pub id: i64,
+    pub object_key: String,
+    pub size: i64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    pub verified_at: Option<DateTime<Utc>>,
 }
 
 /// A key as listed.
@@ -104,7 +118,7 @@ pub struct NewDeployment<'a> {
 
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
-     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
 
@@ -366,6 +380,17 @@ impl Db {
         .map(|_| ())
     }
 
+    /// Records (or, with `None`, forgets) a deployment's own database.
+    pub async fn set_preview_db(&self, id: &str, db: Option<(&str, &[u8])>) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE deployments SET db_name = $2, db_password = $3 WHERE id = $1")
+            .bind(id)
+            .bind(db.map(|d| d.0))
+            .bind(db.map(|d| d.1))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn set_limits(&self, id: &str, limits: &[nx_protocol::api::Enforcement]) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE deployments SET limits = $2 WHERE id = $1")
             .bind(id)
@@ -410,6 +435,40 @@ impl Db {
             .await?;
         tx.commit().await?;
         Ok(PromoteOutcome::Promoted { previous: current })
+    }
+
+    // --- backups ---
+
+    pub async fn insert_backup(
+        &self,
+        app_id: i64,
+        key: &str,
+        size: i64,
+        sha256: &str,
+    ) -> Result<BackupRow, sqlx::Error> {
+        sqlx::query_as(
+            "INSERT INTO backups (app_id, object_key, size, sha256, verified_at) VALUES ($1, $2, $3, $4, now()) \
+             RETURNING id, object_key, size, sha256, created_at, verified_at",
+        )
+        .bind(app_id)
+        .bind(key)
+        .bind(size)
+        .bind(sha256)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    pub async fn backups(&self, app_id: i64) -> Result<Vec<BackupRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, object_key, size, sha256, created_at, verified_at FROM backups WHERE app_id = $1 ORDER BY created_at DESC, id DESC",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn delete_backup(&self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM backups WHERE id = $1").bind(id).execute(&self.pool).await.map(|_| ())
     }
 
     // --- events ---

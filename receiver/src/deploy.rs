@@ -22,6 +22,7 @@ use rand::RngCore;
 use tokio::sync::watch;
 
 use crate::config::ServeConfig;
+use crate::databases::{DatabaseError, Databases};
 use crate::db::{AppRow, ArtifactRow, Db, DeploymentRow, NewDeployment, PromoteOutcome};
 use crate::pg::{app_database_env, AppEndpoint};
 use crate::routing::RoutePublisher;
@@ -54,6 +55,10 @@ pub enum DeployError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error("deployment {id} is the production of {app}; promote another deployment before stopping it")]
+    IsProduction { app: String, id: String },
+    #[error(transparent)]
     Cgroup(#[from] nx_runtime::cgroup::CgroupError),
     #[error("{0}")]
     Invalid(String),
@@ -85,6 +90,8 @@ pub struct Services {
     pub routes: Arc<RoutePublisher>,
     /// The compiled seccomp program every sandbox gets.
     pub seccomp: Arc<[u8]>,
+    /// App database operations (preview databases).
+    pub databases: Databases,
     /// The host's cgroup layout.
     pub cgroups: nx_runtime::cgroup::Driver,
     /// How network isolation is enforced, for every deployment's report.
@@ -211,6 +218,7 @@ impl Deployer {
             error: row.error.clone(),
             log_tail,
             limits: row.limits.0.clone(),
+            database: row.db_name.clone(),
         })
     }
 
@@ -305,6 +313,14 @@ impl Deployer {
                 serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
             )
             .await?;
+        if meta.pr.is_some() {
+            if let Err(e) = self.attach_preview_db(app, &id).await {
+                let reason = format!("cannot make the preview's own database: {e}");
+                self.services.db.set_state(&id, DeploymentState::Failed, Some(&reason)).await?;
+                let _ = self.services.routes.publish().await;
+                return self.info(&self.row(&id).await?, Vec::new());
+            }
+        }
         let row = self.row(&id).await?;
         let status = self.start(&row, !meta.no_wait).await?;
         let row = self.row(&id).await?;
@@ -313,6 +329,18 @@ impl Deployer {
             _ => Vec::new(),
         };
         self.info(&row, tail)
+    }
+
+    /// Gives a pull-request deployment its own database when the app asks for
+    /// one (`empty` or `copy`).
+    async fn attach_preview_db(&self, app: &AppRow, id: &str) -> Result<(), DeployError> {
+        let created = self.services.databases.create_preview(app, id, app.settings.preview_db).await?;
+        if let Some(p) = created {
+            let sealed = self.services.master.seal_str(&p.password);
+            self.services.db.set_preview_db(id, Some((&p.name, &sealed))).await?;
+            tracing::info!(deployment = id, database = %p.name, mode = ?app.settings.preview_db, "preview database made");
+        }
+        Ok(())
     }
 
     /// Answers a retried push with what its first attempt made, once that is
@@ -463,7 +491,17 @@ impl Deployer {
             ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
             ("SSL_CERT_FILE".into(), "/etc/ssl/certs/ca-certificates.crt".into()),
         ];
-        env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password));
+        match (&row.db_name, &row.db_password) {
+            (Some(name), Some(sealed)) => {
+                let own = self
+                    .services
+                    .master
+                    .open_str(sealed)
+                    .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+                env.extend(app_database_env(&self.services.endpoint, name, name, &own));
+            }
+            _ => env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password)),
+        }
         if let Some(sealed) = &row.env {
             let json = self
                 .services
@@ -537,6 +575,22 @@ impl Deployer {
     /// Makes `id` the production of `app`; the router switches atomically and the
     /// previous production keeps running for a rollback.
     pub async fn promote(&self, app: &AppRow, id: &str, actor: &str) -> Result<Option<String>, DeployError> {
+        let row = self.row(id).await?;
+        let preview_db = row.db_name.clone();
+        if let Some(db) = &preview_db {
+            // Production uses the app's database: the preview is restarted on
+            // it (its own URL blips, production does not) before the switch.
+            tracing::info!(deployment = id, database = %db, "moving a preview onto the app's database before promotion");
+            self.halt(id).await;
+            self.services.db.set_preview_db(id, None).await?;
+            let row = self.row(id).await?;
+            if let Status::Failed { reason, .. } = self.start(&row, true).await? {
+                return Err(DeployError::NotHealthy {
+                    id: id.into(),
+                    state: format!("failed on the app's database: {reason}"),
+                });
+            }
+        }
         let outcome = self.services.db.promote(app.id, id).await?;
         let previous = match outcome {
             PromoteOutcome::Promoted { previous } => previous,
@@ -553,7 +607,40 @@ impl Deployer {
         if let Err(e) = self.services.routes.publish().await {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
+        if let Some(db) = preview_db {
+            self.services.databases.drop_preview(&db).await?;
+        }
         Ok(previous)
+    }
+
+    /// Stops the sandbox of `id` if it runs, and waits until it is gone.
+    async fn halt(&self, id: &str) {
+        let running = self.running.lock().ok().and_then(|mut r| r.remove(id));
+        if let Some(r) = running {
+            r.sandbox.stop().await;
+        }
+    }
+
+    /// Stops a deployment for good: its sandbox, its own database if it had
+    /// one; its URL then answers a page saying it was stopped.
+    pub async fn stop(&self, app: &AppRow, id: &str, actor: &str) -> Result<(), DeployError> {
+        let row = self.row(id).await?;
+        if row.app_id != app.id {
+            return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() });
+        }
+        if row.is_production {
+            return Err(DeployError::IsProduction { app: app.name.clone(), id: id.into() });
+        }
+        self.halt(id).await;
+        self.services.db.set_state(id, DeploymentState::Stopped, None).await?;
+        if let Some(db) = &row.db_name {
+            self.services.databases.drop_preview(db).await?;
+            self.services.db.set_preview_db(id, None).await?;
+        }
+        self.services.db.event(Some(&app.name), Some(id), "stop", actor, serde_json::json!({})).await?;
+        let _ = self.services.routes.publish().await;
+        tracing::info!(deployment = id, app = %app.name, "deployment stopped");
+        Ok(())
     }
 
     /// Starts every deployment that was running before this process started.

@@ -17,6 +17,7 @@
 pub mod api;
 pub mod apps;
 pub mod config;
+pub mod databases;
 pub mod db;
 pub mod deploy;
 pub mod network;

@@ -325,6 +325,8 @@ mod tests {
             created_at: chrono::Utc::now(),
             promoted_at: None,
             limits: Json(vec![]),
+            db_name: None,
+            db_password: None,
             is_production: prod,
         }
     }

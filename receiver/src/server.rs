@@ -177,6 +177,7 @@ async fn run(
     };
     let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
     let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
+    let databases = crate::databases::Databases::new(cluster.clone(), master.clone(), data.join("tmp"));
     let volumes = crate::volumes::Volumes::probe(pm.clone());
     tracing::info!(cgroups = ?cgroups, "resource limits");
     let control = RouterSettings::control_socket(&data.join("router"));
@@ -206,6 +207,7 @@ async fn run(
         host,
         routes: routes.clone(),
         seccomp,
+        databases: databases.clone(),
         cgroups,
         network: network_report,
         volumes: volumes.clone(),
@@ -216,7 +218,8 @@ async fn run(
     }
     let _ = routes.publish().await;
 
-    let state = AppState { db, master, store, deployer: deployer.clone(), cluster, config: config.clone(), target };
+    let state =
+        AppState { db, master, store, deployer: deployer.clone(), cluster, databases, config: config.clone(), target };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;

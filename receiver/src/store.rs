@@ -212,7 +212,7 @@ impl ArtifactStore {
                 Ok(dest)
             }
             None => {
-                self.upload_file(&upload.path, &sha).await?;
+                self.upload_file(&upload.path, &object_key(&sha)).await?;
                 let dest = self.cache_dir.join(&sha);
                 rename_durably(&upload.path, &dest)?;
                 upload.path = PathBuf::new();
@@ -221,10 +221,35 @@ impl ArtifactStore {
         }
     }
 
-    async fn upload_file(&self, path: &Path, sha: &str) -> Result<(), StoreError> {
+    /// Stores the file at `path` under `key` (backups): on the local store a
+    /// durable copy, elsewhere a multipart upload.
+    pub async fn put_file(&self, path: &Path, key: &str) -> Result<(), StoreError> {
+        match &self.local_root {
+            Some(root) => {
+                let dest = root.join(key);
+                let dir = dest.parent().unwrap_or(root);
+                ensure_dir(dir, 0o700)?;
+                let tmp = dest.with_extension("partial");
+                std::fs::copy(path, &tmp).map_err(|e| io_error(&tmp, e))?;
+                std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io_error(&tmp, e))?;
+                rename_durably(&tmp, &dest)
+            }
+            None => self.upload_file(path, &ObjectPath::from(key)).await,
+        }
+    }
+
+    /// Removes the object `key`; a missing one is not an error.
+    pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::Unavailable { store: self.description.clone(), source }),
+        }
+    }
+
+    async fn upload_file(&self, path: &Path, key: &ObjectPath) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
         let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
-        let multipart = self.store.put_multipart(&object_key(sha)).await.map_err(unavailable)?;
+        let multipart = self.store.put_multipart(key).await.map_err(unavailable)?;
         let mut writer = WriteMultipart::new_with_chunk_size(multipart, 8 << 20);
         let mut file = tokio::fs::File::open(path).await.map_err(|e| io_error(path, e))?;
         let mut buf = vec![0u8; 1 << 20];

@@ -6,6 +6,7 @@
 
 mod attacks;
 mod core;
+mod databases;
 mod supervision;
 mod uploads;
 mod verify;

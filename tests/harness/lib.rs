@@ -12,6 +12,7 @@
 pub mod fixtures;
 pub mod http;
 pub mod moto;
+pub mod postgres;
 pub mod receiver;
 pub mod signed;
 

@@ -163,6 +163,20 @@ impl Receiver {
         self.nx_with_key(&self.admin_token, args)
     }
 
+    /// Runs `nx` and fails the test, with the receiver's log, unless it exits 0.
+    pub fn nx_ok(&self, args: &[&str]) -> NxOutput {
+        let out = self.nx(args);
+        assert_eq!(
+            out.code,
+            0,
+            "nx {args:?} failed:\nstdout: {}\nstderr: {}\nreceiver log:\n{}",
+            out.stdout,
+            out.stderr,
+            self.log()
+        );
+        out
+    }
+
     /// Runs `nx` with another key.
     pub fn nx_with_key(&self, key: &str, args: &[&str]) -> NxOutput {
         let out = Command::new(bin("nx"))
@@ -242,5 +256,39 @@ impl NxOutput {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("nx printed no JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs one SQL statement with psql against `url`: the output (unaligned,
+/// tuples only), or psql's error.
+pub fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("run psql (apt-get install postgresql-client)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+impl Receiver {
+    /// The admin's connection URL for `database`, over the cluster's socket.
+    pub fn admin_url(&self, database: &str) -> String {
+        let password =
+            std::fs::read_to_string(self.data_dir().join("secrets/postgres-admin.password")).expect("admin password");
+        format!(
+            "postgresql://nx_admin:{}@/{database}?host={}&port={}",
+            password.trim(),
+            self.data_dir().join("postgres/run").display(),
+            self.pg_port
+        )
+    }
+
+    /// An app's database URL, as `nx db url` prints it.
+    pub fn db_url(&self, app: &str) -> String {
+        self.nx(&["db", "url", app]).success().stdout.trim().to_owned()
     }
 }

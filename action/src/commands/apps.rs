@@ -44,6 +44,9 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             } else if args.health_tcp {
                 info.settings.health = Some(HealthSetting::Tcp);
             }
+            if let Some(mode) = args.preview_db {
+                info.settings.preview_db = serde_json::from_value(serde_json::Value::String(mode))?;
+            }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {
                 return print_json(&updated);

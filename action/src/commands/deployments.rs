@@ -113,3 +113,18 @@ pub async fn logs(g: &Global, args: LogsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub async fn stop(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let app = match args.app {
+        Some(a) => a,
+        None => app_of(&client, &args.deployment).await?,
+    };
+    let d: DeploymentInfo =
+        client.post(&format!("/v1/apps/{app}/deployments/{}/stop", args.deployment), &serde_json::json!({})).await?;
+    if g.json {
+        return print_json(&d);
+    }
+    println!("{} of {app} stopped; {} now says so", d.id, d.preview_url);
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! One module per command group; [`run`] dispatches.
 
 mod apps;
+mod db;
 mod deployments;
 mod github;
 mod keys;
@@ -21,6 +22,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Promote(args) => deployments::promote(g, args).await,
         Command::Logs(args) => deployments::logs(g, args).await,
         Command::Keys(cmd) => keys::run(g, cmd).await,
+        Command::Db(cmd) => db::run(g, cmd).await,
+        Command::Stop(args) => deployments::stop(g, args).await,
         Command::Verify(args) => verify::run(g, args).await,
         Command::GithubAction => github::run(g).await,
     }

@@ -150,6 +150,9 @@ pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
         env: parse_env(&args.env)?,
         filename: args.path.file_name().map(|f| f.to_string_lossy().into_owned()),
         source: Source::Cli,
+        pr: args.pr,
+        git_sha: args.git_sha.clone(),
+        git_ref: args.git_ref.clone(),
         ..PushMeta::default()
     };
     let client = client(g)?;

@@ -27,12 +27,13 @@ impl From<DeployError> for ApiError {
             DeployError::Store(s) => s.into(),
             DeployError::NoPort { .. } => ApiError::Unavailable(e.to_string()),
             DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
-            DeployError::NotHealthy { .. } => ApiError::Conflict(e.to_string()),
+            DeployError::NotHealthy { .. } | DeployError::IsProduction { .. } => ApiError::Conflict(e.to_string()),
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             DeployError::Db(_)
             | DeployError::Io { .. }
             | DeployError::Secret { .. }
             | DeployError::Volume(_)
+            | DeployError::Database(_)
             | DeployError::Cgroup(_) => ApiError::internal(e),
         }
     }
@@ -169,6 +170,18 @@ pub async fn promote(
 
 fn row_app(row: &crate::db::DeploymentRow) -> Result<nx_protocol::AppName, ApiError> {
     nx_protocol::AppName::parse(&row.app_name).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+}
+
+pub async fn stop(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<DeploymentInfo>, ApiError> {
+    let app = find_app(&state, &caller, &app).await?;
+    let row = find_deployment(&state, &app.name, &id).await?;
+    state.deployer.stop(&app, &row.id, &caller.actor()).await?;
+    let row = find_deployment(&state, &app.name, &id).await?;
+    Ok(Json(state.deployer.info(&row, Vec::new())?))
 }
 
 /// `?lines=N&follow=true`

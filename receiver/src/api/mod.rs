@@ -3,6 +3,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod database;
 pub mod deployments;
 pub mod error;
 pub mod keys;
@@ -16,6 +17,7 @@ use nx_protocol::api::Health;
 use nx_protocol::target::ServerTarget;
 
 use crate::config::ServeConfig;
+use crate::databases::Databases;
 use crate::db::Db;
 use crate::deploy::Deployer;
 use crate::pg::Cluster;
@@ -30,6 +32,7 @@ pub struct AppState {
     pub store: ArtifactStore,
     pub deployer: Arc<Deployer>,
     pub cluster: Arc<Cluster>,
+    pub databases: Databases,
     pub config: Arc<ServeConfig>,
     pub target: Arc<ServerTarget>,
 }
@@ -44,10 +47,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))
         .route("/v1/apps/{app}/keys/{id}/rotate", post(keys::rotate))
         .route("/v1/admin/token", post(keys::rotate_admin))
+        .route("/v1/apps/{app}/db", get(database::credentials))
+        .route("/v1/apps/{app}/db/dump", get(database::dump))
+        .route("/v1/apps/{app}/db/restore", post(database::restore))
+        .route("/v1/apps/{app}/db/backups", post(database::backup_to_store).get(database::backups))
         .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
         .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
         .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))
         .route("/v1/apps/{app}/deployments/{id}/logs", get(deployments::logs))
+        .route("/v1/apps/{app}/deployments/{id}/stop", post(deployments::stop))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .route("/v1/health", get(health))

@@ -20,7 +20,7 @@ pub const ADMIN_ROLE: &str = "nx_admin";
 /// Failures of the embedded cluster, each naming what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("PostgreSQL's server programs were not found under /usr/lib/postgresql; install them with `apt-get install postgresql` or pass --pg-bin DIR")]
+    #[error("PostgreSQL's programs were not found under /usr/lib/postgresql; install them with `apt-get install postgresql` or pass --pg-bin DIR")]
     NotInstalled,
     #[error("{path} has no {program}; pass --pg-bin with the directory that holds initdb and postgres")]
     MissingProgram { path: PathBuf, program: &'static str },
@@ -42,9 +42,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbeddedError + '_ {
     move |source| EmbeddedError::Io { path: path.to_owned(), source }
 }
 
-/// Where PostgreSQL's server programs live: the given directory, or the newest
-/// version under /usr/lib/postgresql.
-pub fn find_bin_dir(given: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
+/// Where PostgreSQL's programs live: the given directory, or the newest version
+/// under /usr/lib/postgresql; it must hold every program in `required`.
+pub fn find_bin_dir(given: Option<&Path>, required: &[&'static str]) -> Result<PathBuf, EmbeddedError> {
     let dir = match given {
         Some(d) => d.to_owned(),
         None => {
@@ -57,7 +57,7 @@ pub fn find_bin_dir(given: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
             versions.pop().ok_or(EmbeddedError::NotInstalled)?.1
         }
     };
-    for program in ["initdb", "postgres"] {
+    for &program in required {
         if !dir.join(program).is_file() {
             return Err(EmbeddedError::MissingProgram { path: dir, program });
         }
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_missing_bin_dir_names_the_fix() {
-        let err = find_bin_dir(Some(Path::new("/nonexistent"))).unwrap_err();
+        let err = find_bin_dir(Some(Path::new("/nonexistent")), &["initdb"]).unwrap_err();
         assert!(err.to_string().contains("--pg-bin"), "{err}");
     }
 }

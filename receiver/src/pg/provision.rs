@@ -69,8 +69,27 @@ async fn ensure_database(admin: &mut PgConnection, name: &str, owner: Option<&st
     Ok(())
 }
 
-/// Drops the database and its role. Used to undo a creation that could not be
-/// recorded, and when an app is removed.
+/// Revokes PUBLIC's right to connect to `databases`.
+pub async fn close_to_public(admin: &mut PgConnection, databases: &[&str]) -> Result<(), ProvisionError> {
+    for name in databases {
+        admin
+            .execute(format!("REVOKE CONNECT ON DATABASE {} FROM PUBLIC", quote_ident(name)).as_str())
+            .await
+            .map_err(sql("revoke public access", name))?;
+    }
+    Ok(())
+}
+
+/// Creates database `name` owned by the existing role `owner` (a restore's
+/// staging database), closed to PUBLIC.
+pub async fn create_database_owned_by(admin: &mut PgConnection, name: &str, owner: &str) -> Result<(), ProvisionError> {
+    admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
+    ensure_database(admin, name, Some(owner)).await
+}
+
+/// Drops the database and the role of the same name, if there is one. Used to
+/// undo a creation that could not be recorded, when an app is removed, and for
+/// preview, staging and scratch databases.
 pub async fn drop_app_database(admin: &mut PgConnection, name: &str) -> Result<(), ProvisionError> {
     let ident = quote_ident(name);
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;

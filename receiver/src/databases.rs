@@ -1,0 +1,190 @@
+//! What happens to app databases after creation: credentials, preview
+//! databases (`empty` or a `copy` of production's), backups to a file or to the
+//! object store (verified by a restore into a scratch database), and restores
+//! that swap the new data in only when they succeeded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nx_protocol::api::{DbCredentials, PreviewDb};
+use sqlx::Executor;
+
+use crate::db::AppRow;
+use crate::pg::tools::ToolError;
+use crate::pg::{app_database_env, provision, AppEndpoint, Cluster, ClusterError};
+use crate::secrets::{random_lower, random_token, MasterKey, SecretError};
+
+/// Failures of database operations; each says what happened to the data.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error("the dump could not be restored, so nothing was changed: {0}")]
+    RestoreFailed(ToolError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("the database password of {app} cannot be opened: {source}")]
+    Secret { app: String, source: SecretError },
+    #[error("cannot swap the restored database in for {database}: {source}; the old data is back in place")]
+    Swap { database: String, source: sqlx::Error },
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A preview's own database: the name doubles as its login role.
+#[derive(Debug, Clone)]
+pub struct PreviewDatabase {
+    pub name: String,
+    pub password: String,
+}
+
+/// App database operations.
+#[derive(Debug, Clone)]
+pub struct Databases {
+    cluster: Arc<Cluster>,
+    master: Arc<MasterKey>,
+    /// Where dumps are written while they are made or received.
+    tmp_dir: PathBuf,
+}
+
+impl Databases {
+    pub fn new(cluster: Arc<Cluster>, master: Arc<MasterKey>, tmp_dir: PathBuf) -> Databases {
+        Databases { cluster, master, tmp_dir }
+    }
+
+    pub fn endpoint(&self) -> &AppEndpoint {
+        self.cluster.endpoint()
+    }
+
+    fn password(&self, app: &AppRow) -> Result<String, DatabaseError> {
+        self.master.open_str(&app.db_password).map_err(|source| DatabaseError::Secret { app: app.name.clone(), source })
+    }
+
+    /// How to reach the app's database.
+    pub fn credentials(&self, app: &AppRow) -> Result<DbCredentials, DatabaseError> {
+        let password = self.password(app)?;
+        let e = self.endpoint();
+        let env = app_database_env(e, &app.db_role, &app.db_name, &password);
+        let url = env.iter().find(|(k, _)| k == "DATABASE_URL").map(|(_, v)| v.clone()).unwrap_or_default();
+        Ok(DbCredentials {
+            url,
+            host: e.host.clone(),
+            port: e.port,
+            user: app.db_role.clone(),
+            password,
+            database: app.db_name.clone(),
+        })
+    }
+
+    /// A temporary file name for a dump.
+    pub fn temp_path(&self, what: &str) -> PathBuf {
+        self.tmp_dir.join(format!("{what}-{}.dump", random_lower(12)))
+    }
+
+    /// Creates the own database of a preview (`<app db>_<deployment>`), empty
+    /// or filled with a copy of production's data.
+    pub async fn create_preview(
+        &self,
+        app: &AppRow,
+        deployment: &str,
+        mode: PreviewDb,
+    ) -> Result<Option<PreviewDatabase>, DatabaseError> {
+        if mode == PreviewDb::Shared {
+            return Ok(None);
+        }
+        let name = format!("{}_{deployment}", app.db_name);
+        let password = random_token(32);
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        provision::create_app_database(&mut admin, &name, &password).await?;
+        if mode == PreviewDb::Copy {
+            let dump = self.temp_path("preview-copy");
+            let copied = async {
+                self.cluster.tools().dump(&app.db_name, &dump).await?;
+                self.cluster.tools().restore(&dump, &name, &name).await
+            }
+            .await;
+            let _ = std::fs::remove_file(&dump);
+            if let Err(e) = copied {
+                let _ = provision::drop_app_database(&mut admin, &name).await;
+                return Err(e.into());
+            }
+        }
+        Ok(Some(PreviewDatabase { name, password }))
+    }
+
+    /// Drops a preview's own database and role.
+    pub async fn drop_preview(&self, name: &str) -> Result<(), DatabaseError> {
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        provision::drop_app_database(&mut admin, name).await?;
+        Ok(())
+    }
+
+    /// Dumps the app's database to a temporary file and returns its path.
+    pub async fn dump(&self, app: &AppRow) -> Result<PathBuf, DatabaseError> {
+        let file = self.temp_path("backup");
+        if let Err(e) = self.cluster.tools().dump(&app.db_name, &file).await {
+            let _ = std::fs::remove_file(&file);
+            return Err(e.into());
+        }
+        Ok(file)
+    }
+
+    /// Restores `file` into a scratch database and drops it: the proof that a
+    /// backup can be restored.
+    pub async fn verify(&self, app: &AppRow, file: &Path) -> Result<(), DatabaseError> {
+        let scratch = format!("{}__verify_{}", app.db_name, random_lower(6));
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        provision::create_app_database(&mut admin, &scratch, &random_token(32)).await?;
+        let restored = self.cluster.tools().restore(file, &scratch, &scratch).await;
+        provision::drop_app_database(&mut admin, &scratch).await?;
+        restored.map_err(DatabaseError::RestoreFailed)
+    }
+
+    /// Loads `file` into a new database and, only if that worked, swaps it in
+    /// for the app's database: connections are closed, the old database is
+    /// renamed away and dropped, the new one takes its name. A failed restore
+    /// changes nothing.
+    pub async fn restore(&self, app: &AppRow, file: &Path) -> Result<(), DatabaseError> {
+        let staging = format!("{}__restore", app.db_name);
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        // Left over from a restore that died half-way.
+        provision::drop_app_database(&mut admin, &staging).await?;
+        provision::create_database_owned_by(&mut admin, &staging, &app.db_role).await?;
+        if let Err(e) = self.cluster.tools().restore(file, &staging, &app.db_role).await {
+            let _ = provision::drop_app_database(&mut admin, &staging).await;
+            return Err(DatabaseError::RestoreFailed(e));
+        }
+        let live = quote(&app.db_name);
+        let old_name = format!("{}__old_{}", app.db_name, random_lower(6));
+        let old = quote(&old_name);
+        let swap = async {
+            admin.execute(format!("ALTER DATABASE {live} WITH ALLOW_CONNECTIONS false").as_str()).await?;
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&app.db_name)
+            .execute(&mut admin)
+            .await?;
+            admin.execute(format!("ALTER DATABASE {live} RENAME TO {old}").as_str()).await?;
+            admin.execute(format!("ALTER DATABASE {} RENAME TO {live}", quote(&staging)).as_str()).await?;
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(source) = swap {
+            // Put the old database back the way it was.
+            let _ = admin.execute(format!("ALTER DATABASE {old} RENAME TO {live}").as_str()).await;
+            let _ = admin.execute(format!("ALTER DATABASE {live} WITH ALLOW_CONNECTIONS true").as_str()).await;
+            let _ = provision::drop_app_database(&mut admin, &staging).await;
+            return Err(DatabaseError::Swap { database: app.db_name.clone(), source });
+        }
+        provision::drop_app_database(&mut admin, &old_name).await?;
+        tracing::info!(app = %app.name, database = %app.db_name, "database restored from a dump");
+        Ok(())
+    }
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

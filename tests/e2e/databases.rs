@@ -1,0 +1,212 @@
+//! App databases: sealed from every other tenant, backups and restores that
+//! lose nothing, previews with their own databases, and an external cluster.
+
+use std::process::{Command, Stdio};
+
+use nx_e2e::receiver::{psql, Options};
+use nx_e2e::{bin, eventually, Receiver};
+
+/// `url` with another database (and, optionally, user) in it.
+fn with_db(url: &str, database: &str) -> String {
+    let (head, _) = url.rsplit_once('/').unwrap();
+    format!("{head}/{database}")
+}
+
+fn with_user(url: &str, user: &str) -> String {
+    let rest = url.strip_prefix("postgres://").unwrap();
+    let (_, after) = rest.split_once(':').unwrap();
+    format!("postgres://{user}:{after}")
+}
+
+fn visits(r: &Receiver, app: &str) -> i64 {
+    psql(&r.db_url(app), "SELECT count(*) FROM visits").unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_app_reaches_its_own_database_and_nothing_else() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.create_app("api");
+    let web = r.db_url("web");
+    assert!(web.starts_with("postgres://app_web:"), "{web}");
+    assert_eq!(psql(&web, "SELECT current_user || ' ' || current_database()").unwrap(), "app_web app_web");
+    psql(&web, "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('mine')").unwrap();
+
+    for (what, url) in [
+        ("another app's database", with_db(&web, "app_api")),
+        ("the metadata database", with_db(&web, "nx")),
+        ("the postgres database", with_db(&web, "postgres")),
+        ("the admin role", with_user(&web, "nx_admin")),
+    ] {
+        let err = psql(&url, "SELECT 1").expect_err(what);
+        assert!(
+            err.contains("no pg_hba.conf entry")
+                || err.contains("password authentication failed")
+                || err.contains("permission denied"),
+            "{what}: {err}"
+        );
+    }
+    for (what, sql) in [
+        ("COPY PROGRAM", "COPY notes FROM PROGRAM 'id'"),
+        ("pg_read_file", "SELECT pg_read_file('/etc/passwd')"),
+        ("dblink", "CREATE EXTENSION dblink"),
+        ("superuser", "ALTER ROLE app_web SUPERUSER"),
+        ("new roles", "CREATE ROLE sneaky LOGIN"),
+        ("new databases", "CREATE DATABASE sneaky"),
+    ] {
+        let err = psql(&web, sql).expect_err(what);
+        assert!(
+            err.contains("permission denied") || err.contains("must be superuser") || err.contains("must have"),
+            "{what}: {err}"
+        );
+    }
+    // The other app's data stays its own.
+    let api = r.db_url("api");
+    assert!(psql(&api, "SELECT * FROM notes").unwrap_err().contains("does not exist"));
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_while_the_platform_still_connects() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let web = r.db_url("web");
+    let mut sleepers: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new("psql")
+                .args([web.as_str(), "-X", "-c", "SELECT pg_sleep(60)"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let admin = r.admin_url("postgres");
+    eventually(30, "20 connections of app_web", || {
+        let n: i64 =
+            psql(&admin, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_web'").ok()?.parse().ok()?;
+        (n == 20).then_some(())
+    });
+    let err = psql(&web, "SELECT 1").unwrap_err();
+    assert!(err.contains("too many connections for role"), "{err}");
+    // The platform's own sessions are not counted against the app.
+    r.nx(&["db", "backup", "web", "-o", r.dir.path().join("while-full.dump").to_str().unwrap()]).success();
+    for s in &mut sleepers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
+
+#[test]
+fn backup_then_delete_then_restore_gives_back_exactly_the_rows_and_a_bad_dump_changes_nothing() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let d = r.push("web", &bin("hello"), &[]);
+    let url = d["preview_url"].as_str().unwrap();
+    for _ in 0..5 {
+        assert_eq!(r.get(url).status, 200);
+    }
+    let before = psql(&r.db_url("web"), "SELECT string_agg(id::text, ',' ORDER BY id) FROM visits").unwrap();
+    let dump = r.dir.path().join("web.dump");
+    let out = r.nx(&["db", "backup", "web", "-o", dump.to_str().unwrap()]).success();
+    assert!(out.stderr.contains("saved"), "{}", out.stderr);
+    assert!(std::fs::read(&dump).unwrap().starts_with(b"PGDMP"), "a pg_dump custom-format file");
+
+    psql(&r.db_url("web"), "DELETE FROM visits").unwrap();
+    assert_eq!(visits(&r, "web"), 0);
+    r.nx(&["db", "restore", "web", dump.to_str().unwrap()]).success();
+    let after = psql(&r.db_url("web"), "SELECT string_agg(id::text, ',' ORDER BY id) FROM visits").unwrap();
+    assert_eq!(after, before, "exactly the rows of the backup");
+    // The app goes on counting on the restored data.
+    let body = r.get(url).body;
+    assert!(body.trim().ends_with(&format!("visit number {}", before.split(',').count() + 1)), "{body}");
+
+    // A damaged dump: refused, and the data is untouched.
+    let mut bad = std::fs::read(&dump).unwrap();
+    let half = bad.len() / 2;
+    bad.truncate(half);
+    let bad_path = r.dir.path().join("bad.dump");
+    std::fs::write(&bad_path, bad).unwrap();
+    let rows = visits(&r, "web");
+    let out = r.nx(&["db", "restore", "web", bad_path.to_str().unwrap()]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("nothing was changed"), "{}", out.stderr);
+    assert_eq!(visits(&r, "web"), rows);
+    let databases = psql(&r.admin_url("postgres"), "SELECT string_agg(datname, ',') FROM pg_database").unwrap();
+    assert!(!databases.contains("__restore") && !databases.contains("__old"), "{databases}");
+}
+
+#[test]
+fn stored_backups_are_verified_and_kept_to_the_retention_count() {
+    let r = Receiver::start();
+    r.create_app("web");
+    psql(&r.db_url("web"), "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)").unwrap();
+    for _ in 0..3 {
+        let b = r.nx_ok(&["--json", "db", "backup", "web", "--store", "--keep", "2"]).json();
+        assert!(b["verified_at"].is_string(), "{b}");
+    }
+    let list = r.nx(&["--json", "db", "backups", "web"]).success().json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let stored = std::fs::read_dir(r.data_dir().join("store/backups/web")).unwrap().count();
+    assert_eq!(stored, 2, "older backups are deleted from the store too");
+    let databases = psql(&r.admin_url("postgres"), "SELECT string_agg(datname, ',') FROM pg_database").unwrap();
+    assert!(!databases.contains("__verify"), "scratch databases are dropped: {databases}");
+}
+
+#[test]
+fn previews_get_their_own_database_which_goes_when_they_stop_or_are_promoted() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let hello = bin("hello");
+    let main = r.push("web", &hello, &[]);
+    for _ in 0..3 {
+        r.get(main["preview_url"].as_str().unwrap());
+    }
+    let main_rows = visits(&r, "web");
+
+    // copy: the preview counts on from production's data, in its own database.
+    r.nx(&["apps", "set", "web", "--preview-db", "copy"]).success();
+    let copy = r.push("web", &hello, &["--pr", "7"]);
+    let db = copy["database"].as_str().expect("a preview database").to_owned();
+    assert!(db.starts_with("app_web_"), "{db}");
+    let body = r.get(copy["preview_url"].as_str().unwrap()).body;
+    let n: i64 = body.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n > main_rows, "the copy holds production's rows: {body}");
+    assert_eq!(visits(&r, "web"), main_rows, "production's data is untouched by the preview");
+    let databases = || psql(&r.admin_url("postgres"), "SELECT string_agg(datname, ',') FROM pg_database").unwrap();
+    assert!(databases().contains(&db));
+    r.nx(&["stop", copy["id"].as_str().unwrap()]).success();
+    assert!(!databases().contains(&db), "the preview's database is dropped with it");
+    assert_eq!(r.get(copy["preview_url"].as_str().unwrap()).status, 410);
+
+    // empty: a fresh database.
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let empty = r.push("web", &hello, &["--pr", "8"]);
+    let body = r.get(empty["preview_url"].as_str().unwrap()).body;
+    assert!(body.trim().ends_with("visit number 2"), "the health check was visit 1: {body}");
+    // Promoting it moves it onto the app's database.
+    let edb = empty["database"].as_str().unwrap().to_owned();
+    r.nx(&["promote", empty["id"].as_str().unwrap()]).success();
+    let prod = r.get(&format!("http://web.localhost:{}/", r.router_port)).body;
+    let n: i64 = prod.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n > main_rows, "production counts on the app's data: {prod}");
+    assert!(!databases().contains(&edb));
+}
+
+#[test]
+fn an_external_cluster_given_by_database_url_works_the_same() {
+    let cluster = nx_e2e::postgres::ExternalCluster::start();
+    let r = Receiver::start_with(Options {
+        env: vec![("NX_DATABASE_URL".into(), cluster.admin_url())],
+        ..Options::default()
+    });
+    assert!(!r.data_dir().join("postgres").exists(), "no embedded cluster");
+    r.create_app("web");
+    let d = r.push("web", &bin("hello"), &[]);
+    assert!(r.get(d["preview_url"].as_str().unwrap()).body.starts_with("hello from web"));
+    let url = r.db_url("web");
+    assert!(url.contains(&format!(":{}/", cluster.port)), "{url}");
+    assert!(visits(&r, "web") >= 1);
+    assert!(psql(&with_db(&url, "app_nope"), "SELECT 1").is_err());
+    let dump = r.dir.path().join("ext.dump");
+    r.nx(&["db", "backup", "web", "-o", dump.to_str().unwrap()]).success();
+}
