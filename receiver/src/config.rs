@@ -83,6 +83,18 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
     pub router_listen: SocketAddr,
 
+    /// Address for the router's HTTPS listener (HTTP/2), with the two flags below.
+    #[arg(long, env = "NX_ROUTER_TLS_LISTEN", requires_all = ["router_tls_cert", "router_tls_key"])]
+    pub router_tls_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain for --router-tls-listen.
+    #[arg(long, env = "NX_ROUTER_TLS_CERT")]
+    pub router_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --router-tls-listen.
+    #[arg(long, env = "NX_ROUTER_TLS_KEY")]
+    pub router_tls_key: Option<PathBuf>,
+
     /// Scheme of the URLs handed to users (`https` when a TLS proxy sits in front).
     #[arg(long, env = "NX_PUBLIC_SCHEME", default_value = "http")]
     pub public_scheme: String,

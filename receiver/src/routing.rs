@@ -9,12 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
 use nx_protocol::api::DeploymentState;
 use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
 use nx_protocol::routes::{Route, RouteTable, Target, CONTROL_ROUTES_PATH};
-use nx_runtime::process::{Command, ProcessManager, Stream};
+use nx_runtime::process::{Child, Command, ProcessManager, Stream};
 use nx_runtime::Log;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::db::{Db, DeploymentRow};
 
@@ -82,12 +83,18 @@ impl RoutePublisher {
     /// Computes the table from the database and sends it; returns once the
     /// router has it, so a caller may rely on the new routes afterwards.
     pub async fn publish(&self) -> Result<(), PublishError> {
-        let mut generation = self.generation.lock().await;
-        let result = self.publish_locked(&mut generation).await;
-        self.dirty.store(result.is_err(), std::sync::atomic::Ordering::SeqCst);
+        let result = self.publish_quietly().await;
         if let Err(e) = &result {
             tracing::warn!(error = %e, "route table not published; retrying in the background");
         }
+        result
+    }
+
+    /// [`RoutePublisher::publish`] without the warning, for readiness polls.
+    pub async fn publish_quietly(&self) -> Result<(), PublishError> {
+        let mut generation = self.generation.lock().await;
+        let result = self.publish_locked(&mut generation).await;
+        self.dirty.store(result.is_err(), std::sync::atomic::Ordering::SeqCst);
         result
     }
 
@@ -165,30 +172,170 @@ impl RoutePublisher {
     }
 }
 
-/// Settings of the supervised router.
+/// The HTTPS side of the router.
+#[derive(Debug, Clone)]
+pub struct RouterTls {
+    pub socket: Arc<std::net::TcpListener>,
+    pub addr: std::net::SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Settings of the supervised router. The listening sockets are the
+/// receiver's: every router process gets them as inherited descriptors, so
+/// they stay open (connections wait in the backlog) while a router restarts,
+/// and an old and a new router share them during a reload.
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
     pub bin: PathBuf,
     pub listen: std::net::SocketAddr,
+    pub socket: Arc<std::net::TcpListener>,
+    pub tls: Option<RouterTls>,
     pub dir: PathBuf,
     pub log: Log,
 }
+
+const HTTP_FD: i32 = 3;
+const TLS_FD: i32 = 4;
 
 impl RouterSettings {
     pub fn control_socket(dir: &Path) -> PathBuf {
         dir.join("control.sock")
     }
+
+    fn command(&self) -> std::io::Result<Command> {
+        let mut cmd = Command::new(&self.bin).args([
+            "--listen".into(),
+            self.listen.to_string().into(),
+            "--listen-fd".into(),
+            HTTP_FD.to_string().into(),
+            "--control".into(),
+            Self::control_socket(&self.dir).into_os_string(),
+            "--state".into(),
+            self.dir.join("routes.json").into_os_string(),
+        ]);
+        cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*self.socket).try_clone_to_owned()?, HTTP_FD));
+        if let Some(tls) = &self.tls {
+            cmd.args.extend([
+                "--tls-listen".into(),
+                tls.addr.to_string().into(),
+                "--tls-listen-fd".into(),
+                TLS_FD.to_string().into(),
+                "--tls-cert".into(),
+                tls.cert.clone().into_os_string(),
+                "--tls-key".into(),
+                tls.key.clone().into_os_string(),
+            ]);
+            cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*tls.socket).try_clone_to_owned()?, TLS_FD));
+        }
+        cmd.env = std::env::vars_os().filter(|(k, _)| k == "RUST_LOG" || k == "NX_LOG_FORMAT").collect();
+        cmd.stdout = Stream::Pipe;
+        cmd.stderr = Stream::ToStdout;
+        cmd.parent_death_signal = Some(Signal::SIGTERM);
+        Ok(cmd)
+    }
 }
 
-/// nx-router as a child: restarted when it exits, stopped with the receiver.
+enum RouterCommand {
+    Reload(oneshot::Sender<Result<(), String>>),
+    Stop,
+}
+
+/// nx-router as a child: restarted when it exits, replaced without dropping a
+/// connection on reload, stopped with the receiver.
 #[derive(Debug)]
 pub struct RouterProcess {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    commands: mpsc::Sender<RouterCommand>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RouterCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouterCommand::Reload(_) => "Reload",
+            RouterCommand::Stop => "Stop",
+        })
+    }
+}
+
+struct Supervisor {
+    pm: ProcessManager,
+    settings: RouterSettings,
+    publisher: Arc<RoutePublisher>,
+}
+
+impl Supervisor {
+    async fn spawn(&self) -> Result<Child, String> {
+        let command =
+            self.settings.command().map_err(|e| format!("cannot pass the listening sockets to nx-router: {e}"))?;
+        let mut child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
+        if let Some(fd) = child.stdout.take() {
+            let log = self.settings.log.clone();
+            tokio::spawn(async move { log.pump(fd).await });
+        }
+        Ok(child)
+    }
+
+    /// Publishes until the router takes the table (its sign of readiness).
+    async fn wait_ready(&self, child: &Child) -> Result<(), String> {
+        for _ in 0..400 {
+            if child.try_status().is_some() {
+                break;
+            }
+            if self.publisher.publish_quietly().await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let tail = self.settings.log.tail(5).join(" / ");
+        Err(format!("nx-router did not come up on {}: {tail}", self.settings.listen))
+    }
+
+    async fn start(&self) -> Result<Child, String> {
+        let child = self.spawn().await?;
+        if let Err(e) = self.wait_ready(&child).await {
+            let _ = child.signal(Signal::SIGKILL);
+            return Err(e);
+        }
+        tracing::info!(listen = %self.settings.listen, pid = child.pid(), "nx-router running");
+        Ok(child)
+    }
+
+    /// A reload: a new router starts on the same listening sockets and takes
+    /// the table; then the old one drains (stops accepting, closes each
+    /// connection after its current request, exits when none is left). The
+    /// sockets never close, so no connection is refused and no request lost.
+    async fn upgrade(&self, current: &Child) -> Result<Child, String> {
+        use std::os::unix::fs::MetadataExt;
+        let control = RouterSettings::control_socket(&self.settings.dir);
+        let before = std::fs::metadata(&control).map(|m| m.ino()).ok();
+        let next = self.spawn().await?;
+        // Until the new router has bound its control socket, a publish would
+        // still reach the old one.
+        let mut bound = false;
+        for _ in 0..400 {
+            if next.try_status().is_some() {
+                break;
+            }
+            if std::fs::metadata(&control).map(|m| m.ino()).ok() != before {
+                bound = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if !bound {
+            let _ = next.signal(Signal::SIGKILL);
+            return Err("the new nx-router did not start; the old one keeps serving".into());
+        }
+        self.wait_ready(&next).await?;
+        let _ = current.signal(Signal::SIGTERM);
+        tracing::info!(old = current.pid(), new = next.pid(), "nx-router replaced; the old one drains");
+        Ok(next)
+    }
 }
 
 impl RouterProcess {
-    /// Starts the router and waits until its control socket answers.
+    /// Starts the router and waits until it has taken the route table.
     pub async fn start(
         pm: ProcessManager,
         settings: RouterSettings,
@@ -199,102 +346,87 @@ impl RouterProcess {
             "nx-router not found at {}; build it (`cargo build --release`) or pass --router-bin, or run it yourself with --no-router",
             settings.bin.display()
         );
-        let (stop, stop_rx) = watch::channel(false);
-        let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
-        let task = tokio::spawn(supervise(pm, settings, publisher, stop_rx, ready_tx));
-        let ready = ready_rx.wait_for(Option::is_some).await.map(|r| r.clone());
-        match ready {
-            Ok(Some(Ok(()))) => Ok(RouterProcess { stop, task }),
-            Ok(Some(Err(e))) => Err(anyhow::anyhow!(e)),
-            _ => Err(anyhow::anyhow!("nx-router supervisor ended before the router was ready")),
-        }
+        let sup = Supervisor { pm, settings, publisher };
+        let first = sup.start().await.map_err(|e| anyhow::anyhow!(e))?;
+        let (commands, rx) = mpsc::channel(8);
+        let task = tokio::spawn(supervise(sup, first, rx));
+        Ok(RouterProcess { commands, task: std::sync::Mutex::new(Some(task)) })
+    }
+
+    /// Replaces the router process without dropping a request.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(RouterCommand::Reload(tx)).await.map_err(|_| "the router supervisor is gone".to_owned())?;
+        rx.await.map_err(|_| "the router supervisor is gone".to_owned())?
     }
 
     /// SIGTERM (pingora's graceful shutdown) and wait.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
+    pub async fn stop(&self) {
+        let _ = self.commands.send(RouterCommand::Stop).await;
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 }
 
-async fn supervise(
-    pm: ProcessManager,
-    s: RouterSettings,
-    publisher: Arc<RoutePublisher>,
-    mut stop: watch::Receiver<bool>,
-    ready: watch::Sender<Option<Result<(), String>>>,
-) {
+async fn supervise(sup: Supervisor, mut current: Child, mut commands: mpsc::Receiver<RouterCommand>) {
     let mut failures = 0u32;
     loop {
-        let mut cmd = Command::new(&s.bin).args([
-            "--listen".into(),
-            s.listen.to_string().into(),
-            "--control".into(),
-            RouterSettings::control_socket(&s.dir).into_os_string(),
-            "--state".into(),
-            s.dir.join("routes.json").into_os_string(),
-            "--run-dir".into(),
-            s.dir.clone().into_os_string(),
-        ]);
-        cmd.env = std::env::vars_os().filter(|(k, _)| k == "RUST_LOG" || k == "NX_LOG_FORMAT").collect();
-        cmd.stdout = Stream::Pipe;
-        cmd.stderr = Stream::ToStdout;
-        cmd.parent_death_signal = Some(nix::sys::signal::Signal::SIGTERM);
-        let mut child = match pm.spawn(cmd).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ready.send(Some(Err(format!("cannot start nx-router: {e}"))));
+        let event = tokio::select! {
+            status = current.wait() => Err(status),
+            cmd = commands.recv() => Ok(cmd),
+        };
+        match event {
+            Ok(Some(RouterCommand::Reload(reply))) => {
+                let result = sup.upgrade(&current).await;
+                let answer = match result {
+                    Ok(next) => {
+                        let mut old = std::mem::replace(&mut current, next);
+                        tokio::spawn(async move {
+                            let status = old.wait().await;
+                            tracing::info!(%status, "the replaced nx-router exited");
+                        });
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(answer);
+            }
+            Ok(Some(RouterCommand::Stop) | None) => {
+                // Drain for a few seconds (busy connections finish), then stop
+                // waiting for idle ones.
+                for (signal, wait) in [(Signal::SIGTERM, 5), (Signal::SIGINT, 5), (Signal::SIGKILL, 60)] {
+                    let _ = current.signal(signal);
+                    if tokio::time::timeout(Duration::from_secs(wait), current.wait()).await.is_ok() {
+                        break;
+                    }
+                }
+                tracing::info!("nx-router stopped");
                 return;
             }
-        };
-        if let Some(fd) = child.stdout.take() {
-            let log = s.log.clone();
-            tokio::spawn(async move { log.pump(fd).await });
-        }
-        // Ready when a table goes through; the table is what it needs anyway.
-        let mut up = false;
-        for _ in 0..200 {
-            if child.try_status().is_some() {
-                break;
+            Err(status) => {
+                failures += 1;
+                let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
+                tracing::error!(%status, ?pause, "nx-router exited; restarting it");
+                tokio::time::sleep(pause).await;
+                match sup.start().await {
+                    Ok(c) => {
+                        failures = 0;
+                        current = c;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "nx-router did not come back; trying again");
+                        match sup.spawn().await {
+                            Ok(c) => current = c,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot run nx-router at all; routing is down");
+                                return;
+                            }
+                        }
+                    }
+                }
             }
-            if publisher.publish().await.is_ok() {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        if up {
-            failures = 0;
-            if ready.borrow().is_none() {
-                let _ = ready.send(Some(Ok(())));
-            }
-            tracing::info!(listen = %s.listen, pid = child.pid(), "nx-router running");
-        } else if ready.borrow().is_none() {
-            let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
-            child.wait().await;
-            let tail = s.log.tail(5).join(" / ");
-            let _ = ready.send(Some(Err(format!("nx-router did not come up on {}: {tail}", s.listen))));
-            return;
-        }
-        let exited = tokio::select! {
-            status = child.wait() => Some(status),
-            _ = stop.wait_for(|s| *s) => None,
-        };
-        let Some(status) = exited else {
-            let _ = child.signal(nix::sys::signal::Signal::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
-                child.wait().await;
-            }
-            tracing::info!("nx-router stopped");
-            return;
-        };
-        failures += 1;
-        let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
-        tracing::error!(%status, ?pause, "nx-router exited; restarting it");
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::db::Db;
 use crate::deploy::{Deployer, Services};
 use crate::network;
 use crate::pg::Cluster;
-use crate::routing::{RoutePublisher, RouterProcess, RouterSettings};
+use crate::routing::{RoutePublisher, RouterProcess, RouterSettings, RouterTls};
 use crate::secrets::{random_token, MasterKey};
 use crate::store::ArtifactStore;
 
@@ -191,9 +191,25 @@ async fn run(
             None => std::env::current_exe()?.with_file_name("nx-router"),
         };
         let log = Log::open(&data.join("logs/router.log"), LogLimits::default())?;
-        let settings = RouterSettings { bin, listen: config.router_listen, dir: data.join("router"), log };
-        Some(RouterProcess::start(pm.clone(), settings, routes.clone()).await?)
+        let bind = |addr: std::net::SocketAddr, flag: &str| {
+            std::net::TcpListener::bind(addr).map(Arc::new).with_context(|| format!("cannot listen on {addr} ({flag})"))
+        };
+        let socket = bind(config.router_listen, "--router-listen")?;
+        let tls = match (config.router_tls_listen, &config.router_tls_cert, &config.router_tls_key) {
+            (Some(addr), Some(cert), Some(key)) => Some(RouterTls {
+                socket: bind(addr, "--router-tls-listen")?,
+                addr,
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        let settings = RouterSettings { bin, listen: config.router_listen, socket, tls, dir: data.join("router"), log };
+        Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone()).await?))
     };
+    if let Some(router) = &router {
+        tokio::spawn(reload_on_sighup(router.clone(), stop_rx.clone()));
+    }
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
     tokio::spawn(expire_nonces(db.clone(), stop_rx.clone()));
 
@@ -218,8 +234,17 @@ async fn run(
     }
     let _ = routes.publish().await;
 
-    let state =
-        AppState { db, master, store, deployer: deployer.clone(), cluster, databases, config: config.clone(), target };
+    let state = AppState {
+        db,
+        master,
+        store,
+        deployer: deployer.clone(),
+        cluster,
+        databases,
+        router: router.clone(),
+        config: config.clone(),
+        target,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -242,6 +267,24 @@ async fn run(
         r.stop().await;
     }
     served.context("the API server failed")
+}
+
+/// SIGHUP replaces nx-router without dropping a request (after an upgrade of
+/// its binary, say).
+async fn reload_on_sighup(router: Arc<RouterProcess>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: replacing nx-router");
+                if let Err(e) = router.reload().await {
+                    tracing::error!(error = %e, "nx-router was not replaced");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn expire_nonces(db: Db, mut stop: watch::Receiver<bool>) {

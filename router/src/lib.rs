@@ -10,11 +10,17 @@
 //!   receiver is away;
 //! - hosts that are unknown, starting, stopped or failed get a clear page with
 //!   the matching status ([`pages`]); nothing the client sends chooses an upstream
-//!   other than through the table.
+//!   other than through the table;
+//! - SIGTERM loses no request: the router stops accepting, answers further
+//!   requests on open connections with `Connection: close`, and exits when the
+//!   last connection is gone ([`listener`]). The listening sockets usually come
+//!   from the receiver, so a replacement router takes over without a gap.
 
 pub mod config;
 pub mod control;
+pub mod listener;
 pub mod pages;
 pub mod proxy;
+pub mod server;
 pub mod table;
 pub mod telemetry;

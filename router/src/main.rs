@@ -9,7 +9,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let config = nx_router::config::Config::parse();
-    match nx_router::proxy::run(config) {
+    match nx_router::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nx-router: error: {e:#}");

@@ -1,24 +1,19 @@
 //! The proxy itself: pingora's `ProxyHttp` with host routing, forwarding
-//! headers, request ids, error pages and a structured access log; and [`run`],
-//! which wires the proxy and the control channel into one pingora server.
+//! headers, request ids, hop-by-hop headers, error pages and a structured
+//! access log.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nx_protocol::routes::{normalize_host, Target};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
 
-use crate::config::Config;
-use crate::control;
 use crate::pages::Page;
 use crate::table::RouteStore;
 
@@ -36,6 +31,10 @@ pub struct Router {
     store: Arc<RouteStore>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Set once this process is handing over to a new one or shutting down:
+    /// every response then says `Connection: close`, so clients leave
+    /// cleanly after their current request instead of racing a closing socket.
+    draining: Arc<AtomicBool>,
 }
 
 /// Per-request state.
@@ -50,8 +49,21 @@ pub struct Ctx {
 }
 
 impl Router {
-    pub fn new(store: Arc<RouteStore>, connect_timeout: Duration, idle_timeout: Duration) -> Router {
-        Router { store, connect_timeout, idle_timeout }
+    pub fn new(
+        store: Arc<RouteStore>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        draining: Arc<AtomicBool>,
+    ) -> Router {
+        Router { store, connect_timeout, idle_timeout, draining }
+    }
+
+    fn close_if_draining(&self, session: &mut Session, resp: &mut ResponseHeader) -> pingora::Result<()> {
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+            resp.insert_header(http::header::CONNECTION, "close")?;
+        }
+        Ok(())
     }
 }
 
@@ -69,9 +81,10 @@ fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-async fn write_page(session: &mut Session, page: &Page, request_id: &str) -> pingora::Result<()> {
+async fn write_page(router: &Router, session: &mut Session, page: &Page, request_id: &str) -> pingora::Result<()> {
     let body = Bytes::from(page.html());
     let mut resp = ResponseHeader::build(page.status, Some(5))?;
+    router.close_if_draining(session, &mut resp)?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -103,7 +116,7 @@ impl ProxyHttp for Router {
             .unwrap_or_else(new_request_id);
         let Some(route) = self.store.lookup(&ctx.host) else {
             let page = Page::unknown_host(&ctx.host);
-            write_page(session, &page, &ctx.request_id).await?;
+            write_page(self, session, &page, &ctx.request_id).await?;
             return Ok(true);
         };
         ctx.app = route.app;
@@ -117,7 +130,7 @@ impl ProxyHttp for Router {
             Target::Stopped => Page::stopped(&ctx.app, &ctx.deployment),
             Target::Failed => Page::failed(&ctx.app, &ctx.deployment),
         };
-        write_page(session, &page, &ctx.request_id).await?;
+        write_page(self, session, &page, &ctx.request_id).await?;
         Ok(true)
     }
 
@@ -143,6 +156,20 @@ impl ProxyHttp for Router {
         for h in HOP_BY_HOP {
             upstream.remove_header(h);
         }
+        // Headers the client named in Connection are for this hop only; pingora
+        // keeps Connection and Upgrade itself, which WebSocket needs.
+        let named: Vec<String> = upstream
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
+            .collect();
+        for h in named {
+            upstream.remove_header(h.as_str());
+        }
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
         if let Some(ip) = client_ip {
             let forwarded_for = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -151,7 +178,8 @@ impl ProxyHttp for Router {
             };
             upstream.insert_header("x-forwarded-for", forwarded_for)?;
         }
-        upstream.insert_header("x-forwarded-proto", "http")?;
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         upstream.insert_header("x-forwarded-host", ctx.host.as_str())?;
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         Ok(())
@@ -159,7 +187,7 @@ impl ProxyHttp for Router {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
@@ -167,7 +195,7 @@ impl ProxyHttp for Router {
             resp.remove_header(h);
         }
         resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-        Ok(())
+        self.close_if_draining(session, resp)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
@@ -175,7 +203,7 @@ impl ProxyHttp for Router {
             || matches!(e.etype(), pingora::ErrorType::ConnectRefused | pingora::ErrorType::ConnectTimedout);
         let code = if upstream_fault && session.response_written().is_none() {
             let page = Page::upstream_down(&ctx.app, &ctx.deployment);
-            if let Err(we) = write_page(session, &page, &ctx.request_id).await {
+            if let Err(we) = write_page(self, session, &page, &ctx.request_id).await {
                 tracing::debug!(error = %we, "could not write the error page");
             }
             page.status
@@ -210,65 +238,4 @@ impl ProxyHttp for Router {
             error = e.map(|e| e.to_string()),
         );
     }
-}
-
-struct ControlService {
-    store: Arc<RouteStore>,
-    listener: std::sync::Mutex<Option<std::os::unix::net::UnixListener>>,
-}
-
-#[async_trait]
-impl BackgroundService for ControlService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let Some(std_listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else { return };
-        match tokio::net::UnixListener::from_std(std_listener) {
-            Ok(listener) => control::serve(listener, self.store.clone(), shutdown).await,
-            Err(e) => tracing::error!(error = %e, "control socket unusable"),
-        }
-    }
-}
-
-/// Runs the router until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (hand the
-/// listening socket to a new router started with `--upgrade`).
-pub fn run(config: Config) -> anyhow::Result<()> {
-    crate::telemetry::init(&config.log_format);
-    std::fs::create_dir_all(&config.run_dir)
-        .with_context(|| format!("cannot create the run directory {}", config.run_dir.display()))?;
-    let store = Arc::new(RouteStore::open(&config.state)?);
-    tracing::info!(
-        hosts = store.snapshot().routes.len(),
-        generation = store.snapshot().generation,
-        state = %config.state.display(),
-        "route table restored"
-    );
-    // Bound before the server starts, so a receiver that sees the socket knows
-    // the router is about to take tables.
-    let listener = control::bind(&config.control)
-        .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
-
-    let conf = ServerConf {
-        pid_file: config.run_dir.join("router.pid").to_string_lossy().into_owned(),
-        upgrade_sock: config.run_dir.join("upgrade.sock").to_string_lossy().into_owned(),
-        threads: config.threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(5),
-        ..ServerConf::default()
-    };
-    let opt = Opt { upgrade: config.upgrade, ..Opt::default() };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-
-    let router = Router::new(
-        store.clone(),
-        Duration::from_secs(config.connect_timeout_secs),
-        Duration::from_secs(config.idle_timeout_secs),
-    );
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
-    proxy.add_tcp(&config.listen.to_string());
-    server.add_service(proxy);
-    let control = ControlService { store, listener: std::sync::Mutex::new(Some(listener)) };
-    server.add_service(background_service("control", control));
-    tracing::info!(listen = %config.listen, control = %config.control.display(), "nx-router serving");
-    server.run(RunArgs::default());
-    Ok(())
 }

@@ -7,6 +7,7 @@
 mod attacks;
 mod core;
 mod databases;
+mod router;
 mod supervision;
 mod uploads;
 mod verify;

@@ -21,6 +21,7 @@ use crate::databases::Databases;
 use crate::db::Db;
 use crate::deploy::Deployer;
 use crate::pg::Cluster;
+use crate::routing::RouterProcess;
 use crate::secrets::MasterKey;
 use crate::store::ArtifactStore;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub deployer: Arc<Deployer>,
     pub cluster: Arc<Cluster>,
     pub databases: Databases,
+    /// The supervised router, unless it runs on its own (--no-router).
+    pub router: Option<Arc<RouterProcess>>,
     pub config: Arc<ServeConfig>,
     pub target: Arc<ServerTarget>,
 }
@@ -47,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))
         .route("/v1/apps/{app}/keys/{id}/rotate", post(keys::rotate))
         .route("/v1/admin/token", post(keys::rotate_admin))
+        .route("/v1/admin/router/reload", post(reload_router))
         .route("/v1/apps/{app}/db", get(database::credentials))
         .route("/v1/apps/{app}/db/dump", get(database::dump))
         .route("/v1/apps/{app}/db/restore", post(database::restore))
@@ -75,6 +79,20 @@ async fn health() -> Json<Health> {
 /// works before a key exists.
 async fn target(State(state): State<AppState>) -> Json<ServerTarget> {
     Json((*state.target).clone())
+}
+
+/// `POST /v1/admin/router/reload`: a new nx-router process takes over the
+/// listening sockets from the old one; no request is dropped.
+async fn reload_router(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> Result<axum::http::StatusCode, error::ApiError> {
+    caller.require_admin()?;
+    let router = state.router.as_ref().ok_or_else(|| {
+        error::ApiError::Conflict("this receiver does not run nx-router (--no-router); reload it where it runs".into())
+    })?;
+    router.reload().await.map_err(error::ApiError::Unavailable)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 async fn not_found(uri: axum::http::Uri) -> error::ApiError {

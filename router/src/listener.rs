@@ -1,0 +1,161 @@
+//! The router's own accept loops, feeding pingora's `HttpProxy`.
+//!
+//! The listening sockets usually come from the receiver (inherited
+//! descriptors), which keeps them open across router restarts and reloads:
+//! connections wait in the kernel's backlog while no router runs, and during a
+//! reload old and new router share the socket. Draining (SIGTERM) is ordered
+//! so that no request is lost: the old router stops accepting at once, answers
+//! every further request on its open connections with `Connection: close`, and
+//! exits when its last connection is gone (or after the drain timeout, when
+//! only idle connections are left).
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::apps::ServerApp;
+use pingora::listeners::tls::{Acceptor, TlsSettings};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
+use pingora::proxy::HttpProxy;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::proxy::Router;
+
+/// Where a listening socket comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Bind this address.
+    Bind(SocketAddr),
+    /// A listening socket inherited at this descriptor.
+    Inherited(RawFd),
+}
+
+impl Source {
+    /// The listening socket, non-blocking, registered with the runtime.
+    pub fn open(&self) -> std::io::Result<TcpListener> {
+        let std_listener = match self {
+            Source::Bind(addr) => std::net::TcpListener::bind(addr)?,
+            // SAFETY: the receiver passes a listening TCP socket at this number
+            // and nothing else in this process owns it.
+            #[allow(unsafe_code)]
+            Source::Inherited(fd) => unsafe { std::net::TcpListener::from_raw_fd(*fd) },
+        };
+        std_listener.set_nonblocking(true)?;
+        TcpListener::from_std(std_listener)
+    }
+}
+
+/// Live connections, and the signals that end them.
+#[derive(Debug)]
+pub struct Connections {
+    open: AtomicUsize,
+    /// Set when draining starts: responses close their connections.
+    pub draining: Arc<AtomicBool>,
+    /// Turned true at the very end, to drop the idle connections left.
+    shutdown: watch::Sender<bool>,
+    changed: tokio::sync::Notify,
+}
+
+impl Connections {
+    pub fn new(draining: Arc<AtomicBool>) -> Arc<Connections> {
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Connections { open: AtomicUsize::new(0), draining, shutdown, changed: tokio::sync::Notify::new() })
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every connection is closed, or `timeout`; then drops
+    /// whatever idle connections are left.
+    pub async fn drain(&self, timeout: Duration) {
+        self.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so a close in between wakes us.
+            notified.as_mut().enable();
+            if self.open() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::info!(open = self.open(), "drain timeout: closing the idle connections left");
+                break;
+            }
+        }
+        let _ = self.shutdown.send(true);
+    }
+}
+
+struct Guard(Arc<Connections>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Accepts connections until `stop` turns true, handing each to the proxy.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<Acceptor>>,
+    proxy: Arc<HttpProxy<Router>>,
+    connections: Arc<Connections>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            // The only change ever sent is to true.
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        let guard = Guard(connections.clone());
+        let proxy = proxy.clone();
+        let tls = tls.clone();
+        let shutdown = connections.shutdown.subscribe();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _ = tcp.set_nodelay(true);
+            let mut stream: L4Stream = tcp.into();
+            let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&stream));
+            let _ = digest.peer_addr.set(Some(peer.into()));
+            stream.set_socket_digest(digest);
+            let stream: pingora::protocols::Stream = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => match acceptor.tls_handshake(stream).await {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            proxy.process_new(stream, &shutdown).await;
+        });
+    }
+}
+
+/// The TLS acceptor for a certificate and key, HTTP/2 offered by ALPN.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<Acceptor>> {
+    let mut settings = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy()).map_err(|e| {
+        anyhow::anyhow!("cannot load the TLS certificate {} or key {}: {e}", cert.display(), key.display())
+    })?;
+    settings.enable_h2();
+    Ok(Arc::new(settings.build()))
+}

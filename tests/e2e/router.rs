@@ -1,0 +1,381 @@
+//! nx-router: forwarding headers, hop-by-hop headers, WebSocket, server-sent
+//! events, streamed bodies, error pages, TLS with HTTP/2, its state file, and
+//! zero failed requests through promotions, rollbacks and router reloads.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::Options;
+use nx_e2e::signed::Signed;
+use nx_e2e::{bin, deployment_processes, eventually, Receiver};
+
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("http://").split('/').next().unwrap().to_owned()
+}
+
+/// Sends a raw HTTP/1.1 request through the router and returns the whole answer.
+fn raw(port: u16, request: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn goweb(r: &Receiver, app: &str, extra: &[&str]) -> serde_json::Value {
+    r.push(app, &fixtures::go(Go::Static), extra)
+}
+
+#[test]
+fn forwarding_headers_request_ids_and_hop_by_hop_headers() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let host = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let answer = raw(
+        r.router_port,
+        &format!(
+            "GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nX-Kept: yes\r\n\r\n"
+        ),
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    let id = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .expect("a request id");
+    assert_eq!(id.len(), 32);
+    let body = body.to_ascii_lowercase();
+    assert!(body.contains(&format!("x-request-id: {id}")), "the app sees the same id: {body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+    assert!(body.contains("x-forwarded-proto: http"), "{body}");
+    assert!(body.contains(&format!("x-forwarded-host: {}", host.split(':').next().unwrap())), "{body}");
+    assert!(body.contains("x-kept: yes"), "{body}");
+    for hop in ["x-secret-hop", "keep-alive", "proxy-authorization"] {
+        assert!(!body.contains(hop), "{hop} crossed the hop: {body}");
+    }
+    let given = raw(
+        r.router_port,
+        &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: mine-123\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(given.to_ascii_lowercase().contains("x-request-id: mine-123"), "{given}");
+}
+
+#[test]
+fn websockets_and_server_sent_events_pass_through_unbuffered() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let host = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+
+    // WebSocket: an upgrade and a round trip of messages.
+    let stream = TcpStream::connect(("127.0.0.1", r.router_port)).unwrap();
+    let request = tungstenite::http::Request::builder()
+        .uri(format!("ws://{host}/ws"))
+        .header("Host", &host)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    let (mut socket, response) = tungstenite::client(request, stream).unwrap();
+    assert_eq!(response.status().as_u16(), 101);
+    for word in ["hello", "again"] {
+        socket.send(tungstenite::Message::text(word)).unwrap();
+        let reply = socket.read().unwrap();
+        assert_eq!(reply.to_text().unwrap(), format!("echo: {word}"));
+    }
+    socket.close(None).unwrap();
+
+    // SSE: the first event must arrive while the app still holds the response
+    // open; a buffering proxy would sit on it until the end.
+    let mut sse = TcpStream::connect(("127.0.0.1", r.router_port)).unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sse.write_all(format!("GET /sse HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(sse);
+    let mut seen = String::new();
+    while !seen.contains("data: one") {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended before the first event: {seen}");
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains("data: two"));
+    let released = raw(r.router_port, &format!("GET /release HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+    assert!(released.contains("released"), "{released}");
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    assert!(rest.contains("data: two"), "{rest}");
+}
+
+#[test]
+fn request_bodies_are_streamed_and_broken_upstreams_get_clear_pages() {
+    let r = Receiver::start_with(Options { args: vec!["--restart-backoff".into(), "3s".into()], ..Options::default() });
+    r.create_app("web");
+    let d = goweb(&r, "web", &[]);
+    let url = d["preview_url"].as_str().unwrap();
+    let host = host_of(url);
+    // 64 MiB in chunks the router must pass on as they come.
+    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![7u8; 1 << 20]));
+    let body = reqwest::blocking::Body::new(ChunkReader { chunks: Box::new(chunks), current: Vec::new(), at: 0 });
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("http://127.0.0.1:{}/count", r.router_port))
+        .header("Host", &host)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(resp.text().unwrap().trim(), (64u64 << 20).to_string());
+
+    // The app dies: the page says it is not answering (or restarting).
+    for (pid, cmd) in deployment_processes(&r.data_dir(), d["id"].as_str().unwrap()) {
+        if cmd.starts_with("/app/") {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        }
+    }
+    let page = eventually(10, "the app to be gone", || {
+        let a = r.get(url);
+        (a.status != 200).then_some(a)
+    });
+    assert!(page.status == 502 || page.status == 503, "{page:?}");
+    assert!(page.body.contains(d["id"].as_str().unwrap()), "the page names the deployment: {}", page.body);
+    eventually(30, "the restart", || (r.get(url).status == 200).then_some(()));
+}
+
+/// A blocking reader over a sequence of chunks, so reqwest streams the body.
+struct ChunkReader {
+    chunks: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.chunks.next() {
+                Some(c) => {
+                    self.current = c?;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Requests production from several keep-alive clients until `stop`; counts
+/// answers per body and every failure (a status other than 200 or a broken
+/// connection).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    bodies: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, host: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let bodies = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let threads = (0..4)
+            .map(|_| {
+                let (stop, ok, failures, bodies, host) =
+                    (stop.clone(), ok.clone(), failures.clone(), bodies.clone(), host.clone());
+                std::thread::spawn(move || {
+                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(format!("http://127.0.0.1:{port}/")).header("Host", &host).send() {
+                            Ok(resp) if resp.status() == 200 => {
+                                bodies.lock().unwrap().insert(resp.text().unwrap_or_default());
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(resp) => failures.lock().unwrap().push(format!("status {}", resp.status())),
+                            Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failures, bodies, threads }
+    }
+
+    fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let bodies = self.bodies.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures, bodies)
+    }
+}
+
+#[test]
+fn twenty_promotions_and_rollbacks_under_load_fail_no_request() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let a = goweb(&r, "web", &["--env", "GREETING=blue"]);
+    let b = goweb(&r, "web", &["--env", "GREETING=green"]);
+    let (a, b) = (a["id"].as_str().unwrap().to_owned(), b["id"].as_str().unwrap().to_owned());
+    r.nx_ok(&["promote", &a]);
+    let load = Load::start(r.router_port, format!("web.localhost:{}", r.router_port));
+    eventually(10, "the load to run", || (load.ok.load(Ordering::Relaxed) > 50).then_some(()));
+    for i in 0..20 {
+        r.nx_ok(&["promote", if i % 2 == 0 { &b } else { &a }, "--app", "web"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, failures, bodies) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(bodies, ["blue\n".to_owned(), "green\n".to_owned()].into_iter().collect(), "both versions served");
+    assert!(ok > 200, "the load ran: {ok}");
+}
+
+#[test]
+fn a_router_reload_under_load_fails_no_request() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let d = goweb(&r, "web", &[]);
+    r.nx_ok(&["promote", d["id"].as_str().unwrap()]);
+    let data = r.data_dir();
+    let router_pid = || {
+        let pids: Vec<i32> = nx_e2e::processes_of(&data, &[])
+            .into_iter()
+            .filter(|(_, c)| c.contains("nx-router"))
+            .map(|(p, _)| p)
+            .collect();
+        (pids.len() == 1).then(|| pids[0])
+    };
+    let load = Load::start(r.router_port, format!("web.localhost:{}", r.router_port));
+    eventually(10, "the load to run", || (load.ok.load(Ordering::Relaxed) > 50).then_some(()));
+    for _ in 0..3 {
+        let before = eventually(20, "one router process", &router_pid);
+        let s = Signed::new("POST", "/v1/admin/router/reload", b"", None);
+        let mut req = reqwest::blocking::Client::new().post(format!("{}/v1/admin/router/reload", r.api()));
+        for (k, v) in s.headers(&r.admin_token) {
+            req = req.header(k, v);
+        }
+        let resp = req.send().unwrap();
+        assert_eq!(resp.status().as_u16(), 204, "{}", resp.text().unwrap());
+        eventually(20, "the old router to hand over and exit", || router_pid().filter(|p| *p != before));
+        let seen = load.ok.load(Ordering::Relaxed);
+        eventually(10, "requests through the new router", || {
+            (load.ok.load(Ordering::Relaxed) > seen + 50).then_some(())
+        });
+    }
+    let (ok, failures, _) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[test]
+fn tls_terminates_with_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,DNS:web.localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tls_port = nx_e2e::receiver::free_port();
+    let r = Receiver::start_with(Options {
+        args: vec![
+            "--router-tls-listen".into(),
+            format!("127.0.0.1:{tls_port}"),
+            "--router-tls-cert".into(),
+            cert.display().to_string(),
+            "--router-tls-key".into(),
+            key.display().to_string(),
+        ],
+        ..Options::default()
+    });
+    r.create_app("web");
+    r.nx_ok(&["promote", goweb(&r, "web", &[])["id"].as_str().unwrap()]);
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap())
+        .resolve("web.localhost", ([127, 0, 0, 1], tls_port).into())
+        .build()
+        .unwrap();
+    let resp = client.get(format!("https://web.localhost:{tls_port}/headers")).send().unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.text().unwrap().to_ascii_lowercase();
+    assert!(body.contains("x-forwarded-proto: https"), "{body}");
+}
+
+#[test]
+fn the_router_restores_its_table_at_boot_and_guards_its_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in backend.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nrestored");
+        }
+    });
+    let state = dir.path().join("routes.json");
+    let table = serde_json::json!({
+        "generation": 5,
+        "routes": { "saved.localhost": { "app": "saved", "deployment": "abcdefgh", "target": { "kind": "live", "addr": backend_addr.to_string() } } }
+    });
+    std::fs::write(&state, table.to_string()).unwrap();
+    let port = nx_e2e::receiver::free_port();
+    let control = dir.path().join("run/control.sock");
+    let mut router = std::process::Command::new(bin("nx-router"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--control")
+        .arg(&control)
+        .arg("--state")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let answer = eventually(20, "the router to serve", || {
+        let a = std::panic::catch_unwind(|| {
+            raw(port, "GET / HTTP/1.1\r\nHost: saved.localhost\r\nConnection: close\r\n\r\n")
+        })
+        .ok()?;
+        (!a.is_empty()).then_some(a)
+    });
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("restored"), "{answer}");
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the receiver's user may publish routes");
+    let unknown = raw(port, "GET / HTTP/1.1\r\nHost: nope.localhost\r\nConnection: close\r\n\r\n");
+    assert!(unknown.starts_with("HTTP/1.1 404") && unknown.contains("No app here"), "{unknown}");
+    let _ = router.kill();
+    let _ = router.wait();
+}
