@@ -10,3 +10,10 @@ require_root_and_cargo() {
         exit 2
     fi
 }
+
+# Installs Debian packages, refreshing the package lists first.
+install_packages() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}

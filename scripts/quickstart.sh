@@ -26,9 +26,7 @@ export NX_ROUTER_LISTEN="${NX_ROUTER_LISTEN:-127.0.0.1:8080}"
 api="http://$NX_LISTEN"
 
 echo "==> installing system packages (bubblewrap, postgresql, nftables, cmake)"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends bubblewrap postgresql nftables e2fsprogs cmake gcc libc6-dev pkg-config curl ca-certificates >/dev/null
+install_packages bubblewrap postgresql nftables e2fsprogs cmake gcc libc6-dev pkg-config curl ca-certificates
 
 echo "==> building (release)"
 cargo build --release --locked -p nx-receiver -p nx-router -p nx-action -p hello

@@ -10,11 +10,8 @@ cd "$(dirname "$0")/.."
 require_root_and_cargo
 
 echo "==> installing system packages"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends \
-    bubblewrap postgresql nftables e2fsprogs caddy cmake golang-go musl-tools gcc libc6-dev pkg-config \
-    openssh-client curl ca-certificates python3 python3-pip >/dev/null
+install_packages bubblewrap postgresql nftables e2fsprogs caddy cmake golang-go musl-tools gcc libc6-dev \
+    pkg-config openssh-client curl ca-certificates python3 python3-pip python3-venv
 
 echo "==> installing the Python test tools (moto's S3 server) into target/test-venv"
 python3 -m venv target/test-venv

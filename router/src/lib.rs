@@ -16,6 +16,7 @@
 //!   last connection is gone ([`listener`]). The listening sockets usually come
 //!   from the receiver, so a replacement router takes over without a gap.
 
+pub mod buffered;
 pub mod config;
 pub mod control;
 pub mod listener;

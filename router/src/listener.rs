@@ -35,8 +35,8 @@ pub enum Source {
 }
 
 impl Source {
-    /// The listening socket, non-blocking, registered with the runtime.
-    pub fn open(&self) -> std::io::Result<TcpListener> {
+    /// The listening socket, non-blocking, ready to be registered with a runtime.
+    pub fn open(&self) -> std::io::Result<std::net::TcpListener> {
         let std_listener = match self {
             Source::Bind(addr) => std::net::TcpListener::bind(addr)?,
             // SAFETY: the receiver passes a listening TCP socket at this number
@@ -45,7 +45,7 @@ impl Source {
             Source::Inherited(fd) => unsafe { std::net::TcpListener::from_raw_fd(*fd) },
         };
         std_listener.set_nonblocking(true)?;
-        TcpListener::from_std(std_listener)
+        Ok(std_listener)
     }
 }
 
@@ -58,16 +58,30 @@ pub struct Connections {
     /// Turned true at the very end, to drop the idle connections left.
     shutdown: watch::Sender<bool>,
     changed: tokio::sync::Notify,
+    /// Turned true once every connection is gone: the workers may stop.
+    done: watch::Sender<bool>,
 }
 
 impl Connections {
     pub fn new(draining: Arc<AtomicBool>) -> Arc<Connections> {
         let (shutdown, _) = watch::channel(false);
-        Arc::new(Connections { open: AtomicUsize::new(0), draining, shutdown, changed: tokio::sync::Notify::new() })
+        let (done, _) = watch::channel(false);
+        Arc::new(Connections {
+            open: AtomicUsize::new(0),
+            draining,
+            shutdown,
+            changed: tokio::sync::Notify::new(),
+            done,
+        })
     }
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that turns true when the drain is over.
+    pub fn done(&self) -> watch::Receiver<bool> {
+        self.done.subscribe()
     }
 
     /// Waits until every connection is closed, or `timeout`; then drops
@@ -89,6 +103,12 @@ impl Connections {
             }
         }
         let _ = self.shutdown.send(true);
+        // Dropped sessions end within a moment; then the workers may go.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.done.send_replace(true);
     }
 }
 
@@ -136,6 +156,7 @@ pub async fn serve(
             let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&stream));
             let _ = digest.peer_addr.set(Some(peer.into()));
             stream.set_socket_digest(digest);
+            let stream = crate::buffered::Buffered::new(stream);
             let stream: pingora::protocols::Stream = match tls {
                 None => Box::new(stream),
                 Some(acceptor) => match acceptor.tls_handshake(stream).await {

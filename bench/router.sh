@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Router throughput and latency, side by side: the same small backend (goweb,
+# a Go net/http server) loaded with wrk directly, behind nginx (proxy_pass with
+# upstream keep-alive) and behind nx-router, in one run. Prints requests/s,
+# p50 and p99 for each and the ratios router/nginx and router/direct.
+#
+#   bench/router.sh [seconds per run] [connections] [rounds]
+#
+# Needs: nginx, wrk, golang-go (bench/run.sh installs them), and a release
+# build of nx-router (built here if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs=${1:-10}
+conns=${2:-64}
+rounds=${3:-3}
+work=$(mktemp -d /tmp/nx-bench-router.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+[ -x target/release/nx-router ] || cargo build --release --locked -p nx-router
+(cd tests/fixtures/goweb && CGO_ENABLED=0 GOFLAGS=-mod=mod GOPROXY=off GOCACHE="$work/go-cache" go build -o "$work/goweb" .)
+
+backend=$(free_port)
+PORT=$backend "$work/goweb" >/dev/null 2>&1 &
+pids+=($!)
+
+nginx_port=$(free_port)
+cat >"$work/nginx.conf" <<EOF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    upstream app { server 127.0.0.1:$backend; keepalive 128; }
+    server {
+        listen 127.0.0.1:$nginx_port;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+        }
+    }
+}
+EOF
+nginx -c "$work/nginx.conf" -p "$work"
+
+router_port=$(free_port)
+cat >"$work/routes.json" <<EOF
+{"generation": 1, "routes": {"app.localhost": {"app": "app", "deployment": "benchmrk", "target": {"kind": "live", "addr": "127.0.0.1:$backend"}}}}
+EOF
+RUST_LOG=warn target/release/nx-router --listen "127.0.0.1:$router_port" --control "$work/control.sock" --state "$work/routes.json" \
+    >"$work/router.log" 2>&1 &
+pids+=($!)
+
+for port in "$backend" "$nginx_port" "$router_port"; do
+    for _ in $(seq 1 100); do
+        curl -fsS -H 'Host: app.localhost' "http://127.0.0.1:$port/" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+done
+
+# One wrk run: prints "rps p50_ms p99_ms errors".
+load() {
+    local out
+    out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: app.localhost' "http://127.0.0.1:$1/")
+    local rps p50 p99 errors
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    errors=$(awk '/Socket errors|Non-2xx/ {s=s $0 "; "} END {print (s=="" ? "none" : s)}' <<<"$out")
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errors"
+}
+to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
+
+declare -A rps p50 p99
+for name in direct nginx router; do rps[$name]=""; p50[$name]=""; p99[$name]=""; done
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "load: wrk -t2 -c$conns -d${secs}s, $rounds rounds, interleaved"
+for round in $(seq 1 "$rounds"); do
+    for name in direct nginx router; do
+        case $name in direct) port=$backend ;; nginx) port=$nginx_port ;; router) port=$router_port ;; esac
+        read -r r a b e <<<"$(load "$port")"
+        rps[$name]+="$r "; p50[$name]+="$a "; p99[$name]+="$b "
+        printf '  round %d %-6s %10s req/s  p50 %7s ms  p99 %7s ms  errors: %s\n' "$round" "$name" "$r" "$a" "$b" "$e"
+    done
+done
+
+median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+minmax() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk 'NR==1 {min=$1} {max=$1} END {printf "%s..%s", min, max}'; }
+echo
+printf '%-8s %12s %18s %10s %10s\n' "" "req/s (med)" "req/s (min..max)" "p50 ms" "p99 ms"
+for name in direct nginx router; do
+    printf '%-8s %12s %18s %10s %10s\n' "$name" "$(median "${rps[$name]}")" "$(minmax "${rps[$name]}")" "$(median "${p50[$name]}")" "$(median "${p99[$name]}")"
+done
+r=$(median "${rps[router]}"); n=$(median "${rps[nginx]}"); d=$(median "${rps[direct]}")
+rp=$(median "${p99[router]}"); np=$(median "${p99[nginx]}")
+echo
+awk -v r="$r" -v n="$n" -v d="$d" -v rp="$rp" -v np="$np" 'BEGIN {
+    printf "router/nginx req/s: %.2f   router/direct req/s: %.2f   router/nginx p99: %.2f\n", r/n, r/d, rp/np
+    printf "target (router >= nginx req/s, p99 no worse): %s\n", (r >= n && rp <= np) ? "MET" : "NOT MET"
+}'
