@@ -12,7 +12,17 @@ Examples:
   nx push ./server --app web --arg --port --arg '$PORT'
   nx ls web
   nx promote 7kq3mz2a --app web
+  nx rollback --app web
+  nx env set DATABASE_POOL=10 --app web
+  printf %s \"$SECRET\" | nx env set API_KEY --app web
+  nx logs -f 7kq3mz2a
   nx verify ./server --server http://127.0.0.1:8070
+
+Commands that take --app find it in nx.toml when it is not given, or use the
+only app the key can see.
+
+Environment: NX_SERVER and NX_KEY override the config file `nx login` writes;
+NX_MANIFEST names the nx.toml to read; NO_COLOR turns colour off.
 
 Exit codes: 0 success; 1 refused or failed (a binary that will not run, a
 deployment that failed); 2 usage, configuration or local error; 3 the server
@@ -40,12 +50,25 @@ pub struct Global {
     /// Print results as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The nx.toml to read, instead of looking in this directory and its
+    /// parents up to the repository root.
+    #[arg(long, global = true, env = "NX_MANIFEST", value_name = "PATH")]
+    pub manifest: Option<PathBuf>,
+}
+
+/// An app, named or taken from nx.toml.
+#[derive(Debug, Clone, Args)]
+pub struct AppArg {
+    /// The app (default: `app` in nx.toml, or the only app the key can see).
+    #[arg(long, short)]
+    pub app: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Store the server URL and key in the config file (mode 0600).
-    Login(LoginArgs),
+    /// Check --server and --key (or NX_SERVER and NX_KEY) and store them in
+    /// the config file (mode 0600).
+    Login,
     /// Create and list apps.
     #[command(subcommand)]
     Apps(AppsCommand),
@@ -55,10 +78,28 @@ pub enum Command {
     Ls(LsArgs),
     /// Make a deployment the production of its app.
     Promote(PromoteArgs),
+    /// Make the previous production production again (a second rollback undoes it).
+    Rollback(AppArg),
     /// Print a deployment's log (what it printed and what the platform said).
     Logs(LogsArgs),
-    /// Stop a deployment; its URL then says so. Production cannot be stopped.
-    Stop(PromoteArgs),
+    /// Stop a deployment, or every preview of a pull request; their URLs then
+    /// say so. Production cannot be stopped.
+    Stop(StopArgs),
+    /// Set, remove and list an app's variables; running deployments restart
+    /// with them (production without downtime). Values are never printed.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Open production, or a deployment's preview, in the browser ($BROWSER or
+    /// xdg-open); prints the URL when there is none.
+    Open(OpenArgs),
+    /// The receiver's health, version, limits and isolation.
+    Status,
+    /// Print a completion script for your shell, for example
+    /// `nx completions bash > /etc/bash_completion.d/nx`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Back up, restore and reach an app's database.
     #[command(subcommand)]
     Db(DbCommand),
@@ -72,16 +113,6 @@ pub enum Command {
     GithubAction,
 }
 
-#[derive(Debug, Args)]
-pub struct LoginArgs {
-    /// Receiver URL, for example http://127.0.0.1:8070.
-    #[arg(long = "server", value_name = "URL")]
-    pub login_server: Option<String>,
-    /// Deploy key or admin token.
-    #[arg(long = "key", value_name = "KEY")]
-    pub login_key: Option<String>,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum AppsCommand {
     /// Create an app with its own database and a deploy key (shown once).
@@ -91,6 +122,14 @@ pub enum AppsCommand {
     },
     /// List apps.
     Ls,
+    /// Remove an app with its database, data, deployments, keys and backups,
+    /// for good (admin token). Asks for the name unless --yes.
+    Rm {
+        name: String,
+        /// Do not ask; needed when not on a terminal.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Change an app's limits and health check; new deployments use them.
     Set(SetArgs),
 }
@@ -117,6 +156,30 @@ pub enum DbCommand {
     Backups { app: String },
     /// Load a dump into APP's database; the old data stays if it fails.
     Restore { app: String, file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Set variables: KEY=VALUE, or KEY alone to read the value from stdin
+    /// (keeps secrets out of shell history).
+    Set {
+        #[arg(required = true, value_name = "KEY[=VALUE]")]
+        vars: Vec<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
+    /// Remove variables.
+    Unset {
+        #[arg(required = true, value_name = "KEY")]
+        names: Vec<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
+    /// List the variables' names and when each changed (never their values).
+    Ls {
+        #[command(flatten)]
+        app: AppArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,13 +232,14 @@ pub struct SetArgs {
 pub struct PushArgs {
     /// The binary to push.
     pub path: PathBuf,
-    /// App to deploy to.
-    #[arg(long, short)]
-    pub app: String,
-    /// Argument for the binary (repeatable); $PORT and $HOST are expanded on the server.
+    #[command(flatten)]
+    pub app: AppArg,
+    /// Argument for the binary (repeatable; replaces `args` of nx.toml); $PORT
+    /// and $HOST are expanded on the server.
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     pub args: Vec<String>,
-    /// Environment variable KEY=VALUE for this deployment (repeatable).
+    /// Environment variable KEY=VALUE for this deployment (repeatable; over
+    /// the `[env]` of nx.toml).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// Promote to production once healthy.
@@ -212,6 +276,27 @@ pub struct PromoteArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Deployment id, as printed by `nx push` and `nx ls`.
+    #[arg(required_unless_present = "pr")]
+    pub deployment: Option<String>,
+    /// Stop every preview of this pull request instead.
+    #[arg(long, conflicts_with = "deployment")]
+    pub pr: Option<u64>,
+    /// The app (found by the deployment's id, nx.toml, or the key's only app).
+    #[arg(long, short)]
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// A deployment to open the preview of; production when not given.
+    pub deployment: Option<String>,
+    #[command(flatten)]
+    pub app: AppArg,
+}
+
+#[derive(Debug, Args)]
 pub struct LogsArgs {
     /// Deployment id.
     pub deployment: String,
@@ -233,4 +318,15 @@ pub struct VerifyArgs {
     /// Check against this platform instead of a server, for example linux/amd64.
     #[arg(long, value_name = "OS/ARCH", conflicts_with = "server")]
     pub target: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

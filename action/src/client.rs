@@ -171,6 +171,10 @@ impl Client {
         self.send(Method::PUT, path, Some(serde_json::to_vec(body)?)).await
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(Method::PATCH, path, Some(serde_json::to_vec(body)?)).await
+    }
+
     /// Like [`Client::upload`] without metadata, for answers without a body.
     pub async fn upload_empty_answer<T: DeserializeOwned>(
         &self,

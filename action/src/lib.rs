@@ -7,10 +7,12 @@
 //! - exit codes follow [`failure`]: 0 success, 1 refused or failed, 2 usage or
 //!   local error, 3 server unreachable.
 
+pub mod browser;
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
 pub mod failure;
+pub mod manifest;
 pub mod output;
 pub mod progress;

@@ -332,6 +332,85 @@ pub struct Promotion {
     pub production_url: String,
 }
 
+/// One of an app's variables as listed: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `PATCH /v1/apps/{app}/env`: variables to set and names to remove, applied
+/// together.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvChange {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+impl fmt::Debug for EnvChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvChange")
+            .field("set", &self.set.keys().collect::<Vec<_>>())
+            .field("unset", &self.unset)
+            .finish()
+    }
+}
+
+/// What an environment change did to the running deployments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnvChanged {
+    /// The variables now set (names only).
+    pub vars: Vec<EnvVar>,
+    /// The names whose value changed or that were removed.
+    pub changed: Vec<String>,
+    /// Previews restarted in place with the new variables.
+    pub restarted: Vec<DeploymentId>,
+    /// When production was running: the new deployment that replaced it
+    /// without downtime (same binary, new variables), now production.
+    pub production: Option<Promotion>,
+    /// Deployments that did not come back healthy, with why.
+    pub failed: Vec<(DeploymentId, String)>,
+}
+
+/// `POST /v1/apps/{app}/pulls/{pr}/close`: what closing a pull request stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClosedPull {
+    pub app: AppName,
+    pub pr: u64,
+    pub stopped: Vec<DeploymentId>,
+}
+
+/// `GET /v1/status`: the receiver's health, version and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub version: String,
+    pub uptime_secs: u64,
+    /// Where apps are served: `*.localhost`, `*.example.com`.
+    pub domain: String,
+    pub apps: u64,
+    /// How many deployments are in each state.
+    pub deployments: BTreeMap<String, u64>,
+    /// `embedded PostgreSQL ...` or `external PostgreSQL`.
+    pub database: String,
+    /// The object store artifacts and backups are kept in.
+    pub store: String,
+    /// `supervised`, or `separate` when it runs on its own.
+    pub router: String,
+    /// The limits a deployment gets unless its app asks otherwise, and what
+    /// enforces each on this host.
+    pub default_limits: Vec<Enforcement>,
+    /// Isolation besides limits: seccomp, network.
+    pub isolation: Vec<Enforcement>,
+    pub max_upload_bytes: u64,
+    /// Previews without a request for this long are stopped.
+    pub preview_idle_secs: u64,
+    /// Deployments kept per app; older ones are removed.
+    pub keep_deployments: u32,
+}
+
 /// `GET /v1/health`, unauthenticated.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {

@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 /// one (`GET`).
 pub const CONTROL_ROUTES_PATH: &str = "/routes";
 
+/// Where the control channel tells when each deployment was last requested
+/// (`GET`, an [`Activity`]); the receiver stops previews nobody visits.
+pub const CONTROL_ACTIVITY_PATH: &str = "/activity";
+
+/// When each deployment last had a request through this router, in Unix
+/// seconds; deployments without one since the router started are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub deployments: BTreeMap<String, u64>,
+}
+
 /// What a host is served by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -18,8 +29,12 @@ pub enum Target {
     Live { addr: SocketAddr },
     /// The deployment is starting: answer 503 with a page that says so.
     Starting,
-    /// The deployment was stopped: answer 410 with a page that says so.
-    Stopped,
+    /// The deployment was stopped: answer 410 with a page that says so, and
+    /// why when the receiver said (idle, pull request closed).
+    Stopped {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// The deployment failed to start: answer 502 with a page that says so.
     Failed,
 }
@@ -78,10 +93,13 @@ mod tests {
         );
         t.routes.insert(
             "x.localhost".into(),
-            Route { app: "x".into(), deployment: "hgfedcba".into(), target: Target::Stopped },
+            Route { app: "x".into(), deployment: "hgfedcba".into(), target: Target::Stopped { reason: None } },
         );
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.contains(r#""kind":"live""#));
         assert_eq!(serde_json::from_str::<RouteTable>(&json).unwrap(), t);
+        // Tables saved before stop reasons existed still load.
+        let old: Target = serde_json::from_str(r#"{"kind":"stopped"}"#).unwrap();
+        assert_eq!(old, Target::Stopped { reason: None });
     }
 }

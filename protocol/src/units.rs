@@ -38,6 +38,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A duration for humans, in its largest whole unit: `7 days`, `1 hour`,
+/// `90 seconds`.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (n, unit) = match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s >= 3600 && s % 3600 == 0 => (s / 3600, "hour"),
+        s if s >= 60 && s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +62,14 @@ mod tests {
         assert_eq!(parse_size("1024").unwrap(), 1024);
         assert!(parse_size("lots").unwrap_err().contains("512MiB"));
         assert!(parse_size("5XB").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn durations_format_in_their_largest_whole_unit() {
+        assert_eq!(format_duration(Duration::from_secs(7 * 86_400)), "7 days");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1 hour");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90 seconds");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2 minutes");
     }
 
     #[test]

@@ -196,6 +196,27 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_RESTART_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
     pub restart_backoff: Duration,
 
+    /// Previews (deployments that are neither production nor the rollback
+    /// target) without a request for this long are stopped; their URL then
+    /// says why.
+    #[arg(long, env = "NX_PREVIEW_IDLE", default_value = "7d", value_parser = parse_duration)]
+    pub preview_idle: Duration,
+
+    /// Deployments kept per app, newest first; older ones are removed with
+    /// their logs (production and the rollback target always stay).
+    #[arg(long, env = "NX_KEEP_DEPLOYMENTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_deployments: u32,
+
+    /// How long a binary no deployment uses stays in the object store after
+    /// its last push.
+    #[arg(long, env = "NX_ARTIFACT_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub artifact_grace: Duration,
+
+    /// How often idle previews, old deployments and unused binaries are
+    /// looked for.
+    #[arg(long, env = "NX_JANITOR_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub janitor_interval: Duration,
+
     /// How apps are kept off the host's other ports: `nftables` (rules on the
     /// apps' uids) or `off` (reported as not enforced on every deployment).
     #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]

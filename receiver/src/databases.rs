@@ -114,8 +114,9 @@ impl Databases {
         Ok(Some(PreviewDatabase { name, password }))
     }
 
-    /// Drops a preview's own database and role.
-    pub async fn drop_preview(&self, name: &str) -> Result<(), DatabaseError> {
+    /// Drops a database and the role of the same name: a preview's own, or a
+    /// removed app's.
+    pub async fn drop_database(&self, name: &str) -> Result<(), DatabaseError> {
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::drop_app_database(&mut admin, name).await?;
         Ok(())

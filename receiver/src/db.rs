@@ -116,6 +116,10 @@ pub struct NewDeployment<'a> {
     pub push_id: Option<&'a str>,
 }
 
+/// A deployment that lifecycle rules never touch: its app's production or
+/// rollback target.
+const NOT_PROTECTED: &str = "d.id IS DISTINCT FROM a.production_id AND d.id IS DISTINCT FROM a.previous_production_id";
+
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
      d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, \
@@ -161,7 +165,8 @@ impl Db {
         sqlx::query("LOCK TABLE apps IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
         sqlx::query_as(
             "INSERT INTO apps (name, uid, db_name, db_role, db_password) \
-             VALUES ($1, GREATEST($2, (SELECT COALESCE(MAX(uid) + 1, $2) FROM apps)), $3, $3, $4) RETURNING *",
+             VALUES ($1, GREATEST($2, (SELECT COALESCE(MAX(uid) + 1, $2) FROM apps), \
+                                     (SELECT COALESCE(MAX(uid) + 1, $2) FROM removed_apps)), $3, $3, $4) RETURNING *",
         )
         .bind(name)
         .bind(uid_base)
@@ -169,6 +174,73 @@ impl Db {
         .bind(sealed_password)
         .fetch_one(&mut **tx)
         .await
+    }
+
+    /// Removes an app's records (deployments, keys, backups and variables go
+    /// with it) and retires its uid for good.
+    pub async fn delete_app(&self, app: &AppRow) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO removed_apps (name, uid) VALUES ($1, $2)")
+            .bind(&app.name)
+            .bind(app.uid)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM apps WHERE id = $1").bind(app.id).execute(&mut *tx).await?;
+        tx.commit().await
+    }
+
+    // --- app variables ---
+
+    /// The names of an app's variables and when each last changed.
+    pub async fn env_names(&self, app_id: i64) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+        sqlx::query_as("SELECT name, updated_at FROM app_env WHERE app_id = $1 ORDER BY name")
+            .bind(app_id)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// An app's variables with their sealed values.
+    pub async fn env_sealed(&self, app_id: i64) -> Result<Vec<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT name, value FROM app_env WHERE app_id = $1 ORDER BY name")
+            .bind(app_id)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Sets and unsets variables of an app in one transaction; returns the
+    /// names that did change (an unset of a missing name changes nothing).
+    pub async fn change_env(
+        &self,
+        app_id: i64,
+        set: &[(String, Vec<u8>)],
+        unset: &[String],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut changed = Vec::new();
+        for (name, sealed) in set {
+            sqlx::query(
+                "INSERT INTO app_env (app_id, name, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (app_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+            )
+            .bind(app_id)
+            .bind(name)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await?;
+            changed.push(name.clone());
+        }
+        for name in unset {
+            let r = sqlx::query("DELETE FROM app_env WHERE app_id = $1 AND name = $2")
+                .bind(app_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            if r.rows_affected() > 0 {
+                changed.push(name.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(changed)
     }
 
     pub async fn set_settings(&self, app_id: i64, settings: &nx_protocol::api::AppSettings) -> Result<(), sqlx::Error> {
@@ -268,17 +340,38 @@ impl Db {
 
     // --- artifacts ---
 
-    pub async fn artifact(&self, sha256: &str) -> Result<Option<ArtifactRow>, sqlx::Error> {
-        sqlx::query_as("SELECT sha256, size, format, arch, linkage FROM artifacts WHERE sha256 = $1")
+    /// Takes the lock that serialises everything done to one artifact (its
+    /// registration by a push, its removal by the garbage collector) until
+    /// `tx` ends.
+    pub async fn lock_artifact(tx: &mut Transaction<'_, Postgres>, sha256: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nx.artifact.' || $1))")
             .bind(sha256)
-            .fetch_optional(&self.pool)
+            .execute(&mut **tx)
             .await
+            .map(|_| ())
     }
 
-    pub async fn insert_artifact(&self, a: &ArtifactRow, object_key: &str) -> Result<(), sqlx::Error> {
+    /// The artifact with this digest, its grace period restarted: a push is
+    /// about to use it, so the garbage collector must leave it alone.
+    pub async fn touch_artifact(
+        tx: &mut Transaction<'_, Postgres>,
+        sha256: &str,
+    ) -> Result<Option<ArtifactRow>, sqlx::Error> {
+        sqlx::query_as(
+            "UPDATE artifacts SET created_at = now() WHERE sha256 = $1 RETURNING sha256, size, format, arch, linkage",
+        )
+        .bind(sha256)
+        .fetch_optional(&mut **tx)
+        .await
+    }
+
+    pub async fn insert_artifact(
+        tx: &mut Transaction<'_, Postgres>,
+        a: &ArtifactRow,
+        object_key: &str,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO artifacts (sha256, size, format, arch, linkage, object_key) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (sha256) DO NOTHING",
+            "INSERT INTO artifacts (sha256, size, format, arch, linkage, object_key) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&a.sha256)
         .bind(a.size)
@@ -286,7 +379,7 @@ impl Db {
         .bind(&a.arch)
         .bind(&a.linkage)
         .bind(object_key)
-        .execute(&self.pool)
+        .execute(&mut **tx)
         .await
         .map(|_| ())
     }
@@ -435,6 +528,104 @@ impl Db {
             .await?;
         tx.commit().await?;
         Ok(PromoteOutcome::Promoted { previous: current })
+    }
+
+    // --- lifecycle ---
+
+    /// Running deployments of a pull request that are neither production nor
+    /// the rollback target.
+    pub async fn previews_of_pr(&self, app_id: i64, pr: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.app_id = $1 AND d.pr_number = $2 \
+             AND d.state IN ('pending', 'starting', 'healthy', 'failed') AND {NOT_PROTECTED} ORDER BY d.created_at"
+        ))
+        .bind(app_id)
+        .bind(pr)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Records when deployments were last requested; times never go back.
+    pub async fn record_requests(&self, seen: &[(String, DateTime<Utc>)]) -> Result<(), sqlx::Error> {
+        let (ids, times): (Vec<&str>, Vec<DateTime<Utc>>) = seen.iter().map(|(d, t)| (d.as_str(), *t)).unzip();
+        sqlx::query(
+            "UPDATE deployments d SET last_request_at = GREATEST(d.last_request_at, s.at) \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS s(id, at) WHERE d.id = s.id",
+        )
+        .bind(ids)
+        .bind(times)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Running previews without a request (or, never requested, without a
+    /// push) for longer than `idle_secs`.
+    pub async fn idle_previews(&self, idle_secs: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.state IN ('pending', 'starting', 'healthy', 'failed') AND {NOT_PROTECTED} \
+             AND GREATEST(d.created_at, d.last_request_at) < now() - make_interval(secs => $1) ORDER BY d.created_at"
+        ))
+        .bind(idle_secs as f64)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Deployments past the `keep` most recent of their app, except
+    /// production and the rollback target.
+    pub async fn excess_deployments(&self, keep: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.id IN ( \
+                 SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY app_id ORDER BY created_at DESC, id) AS n \
+                                 FROM deployments) ranked WHERE n > $1) \
+             AND {NOT_PROTECTED} ORDER BY d.created_at"
+        ))
+        .bind(keep)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn delete_deployment(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM deployments WHERE id = $1").bind(id).execute(&self.pool).await.map(|_| ())
+    }
+
+    /// Artifacts no deployment uses, recorded more than `grace_secs` ago (a
+    /// push records its artifact a moment before its deployment).
+    pub async fn unused_artifacts(&self, grace_secs: i64) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT sha256 FROM artifacts a WHERE created_at < now() - make_interval(secs => $1) \
+             AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.artifact_sha256 = a.sha256)",
+        )
+        .bind(grace_secs as f64)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Forgets an artifact unless a deployment or a push took it up
+    /// meanwhile; `true` when it was forgotten (and its bytes may go).
+    pub async fn delete_unused_artifact(
+        tx: &mut Transaction<'_, Postgres>,
+        sha256: &str,
+        grace_secs: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(
+            "DELETE FROM artifacts a WHERE sha256 = $1 AND created_at < now() - make_interval(secs => $2) \
+             AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.artifact_sha256 = a.sha256)",
+        )
+        .bind(sha256)
+        .bind(grace_secs as f64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Counts for `nx status`: apps, deployments by state.
+    pub async fn counts(&self) -> Result<(i64, Vec<(String, i64)>), sqlx::Error> {
+        let apps = sqlx::query_scalar("SELECT count(*) FROM apps").fetch_one(&self.pool).await?;
+        let states = sqlx::query_as("SELECT state, count(*) FROM deployments GROUP BY state ORDER BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((apps, states))
     }
 
     // --- backups ---

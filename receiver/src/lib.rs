@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod apps;
+pub mod artifacts;
 pub mod config;
 pub mod databases;
 pub mod db;

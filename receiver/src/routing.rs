@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use nx_protocol::api::DeploymentState;
 use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
-use nx_protocol::routes::{Route, RouteTable, Target, CONTROL_ROUTES_PATH};
+use nx_protocol::routes::{Activity, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
 use nx_runtime::process::{Child, Command, ProcessManager, Stream};
 use nx_runtime::Log;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -30,13 +30,14 @@ pub enum PublishError {
     Refused { status: u16, body: String },
 }
 
-/// What a deployment in `state` is served as.
-fn target_of(state: DeploymentState, port: u16) -> Target {
-    match state {
-        DeploymentState::Healthy => Target::Live { addr: ([127, 0, 0, 1], port).into() },
+/// What a deployment is served as, given its state.
+fn target_of(row: &DeploymentRow) -> Target {
+    match row.state() {
+        DeploymentState::Healthy => Target::Live { addr: ([127, 0, 0, 1], row.port as u16).into() },
         DeploymentState::Pending | DeploymentState::Starting => Target::Starting,
         DeploymentState::Failed => Target::Failed,
-        DeploymentState::Stopped => Target::Stopped,
+        // For a stopped deployment the error column holds why it was stopped.
+        DeploymentState::Stopped => Target::Stopped { reason: row.error.clone() },
     }
 }
 
@@ -46,11 +47,7 @@ pub fn build_table(rows: &[DeploymentRow], domain: &str, generation: u64) -> Rou
     let mut table = RouteTable { generation, ..RouteTable::default() };
     for row in rows {
         let (Ok(app), Ok(id)) = (AppName::parse(&row.app_name), DeploymentId::parse(&row.id)) else { continue };
-        let route = Route {
-            app: row.app_name.clone(),
-            deployment: row.id.clone(),
-            target: target_of(row.state(), row.port as u16),
-        };
+        let route = Route { app: row.app_name.clone(), deployment: row.id.clone(), target: target_of(row) };
         if row.is_production {
             table.routes.insert(production_host(&app, domain), route.clone());
         }
@@ -117,7 +114,7 @@ impl RoutePublisher {
         }
     }
 
-    async fn request(&self, method: &str, body: Bytes) -> Result<(u16, Bytes), PublishError> {
+    async fn request(&self, method: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), PublishError> {
         let unreachable = |reason: String| PublishError::Unreachable { path: self.control.clone(), reason };
         let stream = tokio::net::UnixStream::connect(&self.control).await.map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -126,7 +123,7 @@ impl RoutePublisher {
         tokio::spawn(conn);
         let req = http::Request::builder()
             .method(method)
-            .uri(CONTROL_ROUTES_PATH)
+            .uri(path)
             .header(http::header::HOST, "nx-router")
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
@@ -142,7 +139,7 @@ impl RoutePublisher {
 
     async fn send(&self, table: &RouteTable) -> Result<(), PublishError> {
         let json = serde_json::to_vec(table).map_err(|e| PublishError::Refused { status: 0, body: e.to_string() })?;
-        let (status, body) = self.request("PUT", Bytes::from(json)).await?;
+        let (status, body) = self.request("PUT", CONTROL_ROUTES_PATH, Bytes::from(json)).await?;
         if (200..300).contains(&status) {
             tracing::debug!(generation = table.generation, hosts = table.routes.len(), "route table published");
             Ok(())
@@ -152,10 +149,16 @@ impl RoutePublisher {
     }
 
     async fn current_generation(&self) -> Result<u64, PublishError> {
-        let (status, body) = self.request("GET", Bytes::new()).await?;
+        let (status, body) = self.request("GET", CONTROL_ROUTES_PATH, Bytes::new()).await?;
         let table: RouteTable =
             serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })?;
         Ok(table.generation)
+    }
+
+    /// When the router last saw a request for each deployment.
+    pub async fn activity(&self) -> Result<Activity, PublishError> {
+        let (status, body) = self.request("GET", CONTROL_ACTIVITY_PATH, Bytes::new()).await?;
+        serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })
     }
 
     /// Republishes whenever the last attempt failed, until `shutdown` turns true.
@@ -468,7 +471,10 @@ mod tests {
         let rows = [
             row("aaaaaaaa", "web", "healthy", 20001, true),
             row("bbbbbbbb", "web", "starting", 20002, false),
-            row("cccccccc", "web", "stopped", 20003, false),
+            DeploymentRow {
+                error: Some("pull request #4 was closed".into()),
+                ..row("cccccccc", "web", "stopped", 20003, false)
+            },
             row("dddddddd", "api", "failed", 20004, false),
         ];
         let t = build_table(&rows, "localhost", 7);
@@ -476,7 +482,10 @@ mod tests {
         assert_eq!(t.routes["web.localhost"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
         assert_eq!(t.routes["aaaaaaaa--web.localhost"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
         assert_eq!(t.routes["bbbbbbbb--web.localhost"].target, Target::Starting);
-        assert_eq!(t.routes["cccccccc--web.localhost"].target, Target::Stopped);
+        assert_eq!(
+            t.routes["cccccccc--web.localhost"].target,
+            Target::Stopped { reason: Some("pull request #4 was closed".into()) }
+        );
         assert_eq!(t.routes["dddddddd--api.localhost"].target, Target::Failed);
         assert!(!t.routes.contains_key("api.localhost"), "no production without a promotion");
         assert_eq!(t.routes.len(), 5);

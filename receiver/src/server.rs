@@ -233,6 +233,7 @@ async fn run(
         tracing::info!(count = restarted, "deployments restarted");
     }
     let _ = routes.publish().await;
+    tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
 
     let state = AppState {
         db,
@@ -244,6 +245,7 @@ async fn run(
         router: router.clone(),
         config: config.clone(),
         target,
+        started: std::time::Instant::now(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -37,6 +37,10 @@ pub struct Volumes {
     pm: ProcessManager,
     /// Why volumes cannot be made here, when they cannot.
     unavailable: Option<String>,
+    /// Held while a volume is checked and mounted or removed: the
+    /// deployments of one app start concurrently (after a restart, say) and
+    /// would otherwise both find the volume unmounted and both mount it.
+    mounting: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Volumes {
@@ -49,7 +53,7 @@ impl Volumes {
         } else {
             None
         };
-        Volumes { pm, unavailable }
+        Volumes { pm, unavailable, mounting: Default::default() }
     }
 
     async fn run(&self, program: &str, args: &[&str], path: &Path) -> Result<(), VolumeError> {
@@ -66,6 +70,7 @@ impl Volumes {
     /// directory is never hidden: such an app keeps its directory and the limit
     /// is reported as not enforced.
     pub async fn ensure(&self, app_dir: &Path, uid: u32, size: u64) -> Result<Enforcement, VolumeError> {
+        let _mounting = self.mounting.lock().await;
         let data = app_dir.join("data");
         let image = app_dir.join("data.img");
         let io = |path: &Path| {
@@ -103,6 +108,30 @@ impl Volumes {
         let _ = std::fs::remove_dir(data.join("lost+found"));
         std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(&data))?;
         Ok(Enforcement::enforced("data", mib(size), "ext4 volume"))
+    }
+
+    /// How a data volume of `size` bytes would be limited on this host.
+    pub fn plan(&self, size: u64) -> Enforcement {
+        match &self.unavailable {
+            Some(why) => Enforcement::missing("data", mib(size), why),
+            None => Enforcement::enforced("data", mib(size), "ext4 volume"),
+        }
+    }
+
+    /// Removes an app's directory with its data volume (unmounted first), once
+    /// its sandboxes are gone.
+    pub async fn remove(&self, app_dir: &Path) -> Result<(), VolumeError> {
+        let _mounting = self.mounting.lock().await;
+        let data = app_dir.join("data");
+        if is_mount_point(&data) {
+            let d = data.to_string_lossy().into_owned();
+            self.run("/usr/bin/umount", &[&d], &data).await?;
+        }
+        match std::fs::remove_dir_all(app_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(VolumeError::Io { path: app_dir.to_owned(), source }),
+        }
     }
 
     /// Unmounts every app volume below `apps_dir` (at shutdown, after the

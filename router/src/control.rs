@@ -7,6 +7,7 @@
 //! - `GET /health`: `ok`
 //! - `GET /routes`: the current table as JSON
 //! - `PUT /routes`: replace the table (409 when older than the current one)
+//! - `GET /activity`: when each deployment was last requested
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -18,7 +19,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use nx_protocol::routes::{RouteTable, CONTROL_ROUTES_PATH};
+use nx_protocol::routes::{RouteTable, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
 use tokio::net::UnixListener;
 
 use crate::table::{RouteStore, TableError};
@@ -85,6 +86,10 @@ async fn handle(
             Ok(json) => text(StatusCode::OK, json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
+        (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => match serde_json::to_vec(&store.activity()) {
+            Ok(json) => text(StatusCode::OK, json),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
             let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -109,7 +114,7 @@ async fn handle(
                 }
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "unknown control path; use GET /health, GET or PUT /routes\n"),
+        _ => text(StatusCode::NOT_FOUND, "unknown control path; use GET /health, GET /activity, GET or PUT /routes\n"),
     };
     Ok(response)
 }

@@ -27,12 +27,13 @@ impl Page {
         }
     }
 
-    pub fn stopped(app: &str, deployment: &str) -> Page {
+    pub fn stopped(app: &str, deployment: &str, reason: Option<&str>) -> Page {
+        let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
         Page {
             status: 410,
             title: "Preview stopped",
             message: format!(
-                "Deployment {deployment} of {app} was stopped. Push again, or ask its owner to, for a new preview."
+                "Deployment {deployment} of {app} was stopped{why}. Push again, or ask its owner to, for a new preview."
             ),
         }
     }
@@ -100,7 +101,9 @@ mod tests {
     #[test]
     fn starting_pages_reload_and_others_do_not() {
         assert!(Page::starting("web", "abcdefgh").html().contains("refresh"));
-        assert!(!Page::stopped("web", "abcdefgh").html().contains("refresh"));
-        assert_eq!(Page::stopped("web", "abcdefgh").status, 410);
+        assert!(!Page::stopped("web", "abcdefgh", None).html().contains("refresh"));
+        assert_eq!(Page::stopped("web", "abcdefgh", None).status, 410);
+        let idle = Page::stopped("web", "abcdefgh", Some("no requests for 7 days")).html();
+        assert!(idle.contains("was stopped (no requests for 7 days)"), "{idle}");
     }
 }

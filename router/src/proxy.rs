@@ -15,7 +15,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::pages::Page;
-use crate::table::RouteStore;
+use crate::table::{Entry, RouteStore};
 
 /// Request id header, generated when the client sent none.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -41,11 +41,21 @@ pub struct Router {
 #[derive(Debug, Default)]
 pub struct Ctx {
     host: String,
-    app: String,
-    deployment: String,
+    route: Option<Arc<Entry>>,
     upstream: Option<SocketAddr>,
     request_id: String,
     started: Option<Instant>,
+}
+
+impl Ctx {
+    /// The app and deployment of the request's route, empty when none.
+    fn names(&self) -> (&str, &str) {
+        self.route.as_ref().map_or(("", ""), |e| (e.route.app.as_str(), e.route.deployment.as_str()))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Router {
@@ -114,22 +124,24 @@ impl ProxyHttp for Router {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(new_request_id);
-        let Some(route) = self.store.lookup(&ctx.host) else {
+        let Some(entry) = self.store.lookup(&ctx.host) else {
             let page = Page::unknown_host(&ctx.host);
             write_page(self, session, &page, &ctx.request_id).await?;
             return Ok(true);
         };
-        ctx.app = route.app;
-        ctx.deployment = route.deployment;
-        let page = match route.target {
+        entry.touch(unix_now());
+        let route = &entry.route;
+        let page = match &route.target {
             Target::Live { addr } => {
-                ctx.upstream = Some(addr);
+                ctx.upstream = Some(*addr);
+                ctx.route = Some(entry);
                 return Ok(false);
             }
-            Target::Starting => Page::starting(&ctx.app, &ctx.deployment),
-            Target::Stopped => Page::stopped(&ctx.app, &ctx.deployment),
-            Target::Failed => Page::failed(&ctx.app, &ctx.deployment),
+            Target::Starting => Page::starting(&route.app, &route.deployment),
+            Target::Stopped { reason } => Page::stopped(&route.app, &route.deployment, reason.as_deref()),
+            Target::Failed => Page::failed(&route.app, &route.deployment),
         };
+        ctx.route = Some(entry.clone());
         write_page(self, session, &page, &ctx.request_id).await?;
         Ok(true)
     }
@@ -204,7 +216,8 @@ impl ProxyHttp for Router {
         let upstream_fault = matches!(e.esource(), pingora::ErrorSource::Upstream)
             || matches!(e.etype(), pingora::ErrorType::ConnectRefused | pingora::ErrorType::ConnectTimedout);
         let code = if upstream_fault && session.response_written().is_none() {
-            let page = Page::upstream_down(&ctx.app, &ctx.deployment);
+            let (app, deployment) = ctx.names();
+            let page = Page::upstream_down(app, deployment);
             if let Err(we) = write_page(self, session, &page, &ctx.request_id).await {
                 tracing::debug!(error = %we, "could not write the error page");
             }
@@ -226,14 +239,15 @@ impl ProxyHttp for Router {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let micros = ctx.started.map_or(0, |s| s.elapsed().as_micros() as u64);
+        let (app, deployment) = ctx.names();
         tracing::info!(
             target: "access",
             host = %ctx.host,
             method = %req.method,
             path = %req.uri.path(),
             status,
-            app = %ctx.app,
-            deployment = %ctx.deployment,
+            app,
+            deployment,
             upstream = ?ctx.upstream,
             request_id = %ctx.request_id,
             micros,

@@ -1,11 +1,15 @@
-//! The live route table: swapped whole and atomically, persisted on every change.
+//! The live route table: swapped whole and atomically, persisted on every
+//! change, indexed by host for the request path, and counting when each
+//! deployment was last requested.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use nx_protocol::routes::{Route, RouteTable};
+use nx_protocol::routes::{Activity, Route, RouteTable};
 
 /// Why a table was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -20,13 +24,40 @@ pub enum TableError {
     Parse { path: PathBuf, source: serde_json::Error },
 }
 
+/// One host's route, as a request sees it.
+#[derive(Debug)]
+pub struct Entry {
+    pub route: Route,
+    /// Unix seconds of the deployment's last request; shared by every host of
+    /// the deployment and kept across table replacements.
+    last_request: Arc<AtomicU64>,
+}
+
+impl Entry {
+    /// Records a request at `now` (Unix seconds). Stores only when the second
+    /// changed, so busy hosts do not bounce the cache line between workers.
+    pub fn touch(&self, now: u64) {
+        if self.last_request.load(Ordering::Relaxed) < now {
+            self.last_request.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A table with its host index.
+#[derive(Debug, Default)]
+struct Live {
+    table: Arc<RouteTable>,
+    hosts: HashMap<String, Arc<Entry>>,
+}
+
 /// The table every request reads, and the file it is saved to.
 #[derive(Debug)]
 pub struct RouteStore {
-    current: ArcSwap<RouteTable>,
+    current: ArcSwap<Live>,
     state_file: PathBuf,
-    /// Serialises writers so generation checks and saves happen in order.
-    write: Mutex<()>,
+    /// Serialises writers, so generation checks and saves happen in order;
+    /// holds the activity counter of every deployment in the table.
+    write: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 impl RouteStore {
@@ -38,36 +69,62 @@ impl RouteStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RouteTable::default(),
             Err(source) => return Err(TableError::Load { path: state_file.to_owned(), source }),
         };
+        let mut activity = HashMap::new();
+        let live = index(table, &mut activity);
         Ok(RouteStore {
-            current: ArcSwap::from_pointee(table),
+            current: ArcSwap::from_pointee(live),
             state_file: state_file.to_owned(),
-            write: Mutex::new(()),
+            write: Mutex::new(activity),
         })
     }
 
     /// The route for a normalised host.
-    pub fn lookup(&self, host: &str) -> Option<Route> {
-        self.current.load().routes.get(host).cloned()
+    pub fn lookup(&self, host: &str) -> Option<Arc<Entry>> {
+        self.current.load().hosts.get(host).cloned()
     }
 
     pub fn snapshot(&self) -> Arc<RouteTable> {
-        self.current.load_full()
+        self.current.load().table.clone()
+    }
+
+    /// When each deployment was last requested through this router.
+    pub fn activity(&self) -> Activity {
+        let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let deployments =
+            counters.iter().map(|(d, t)| (d.clone(), t.load(Ordering::Relaxed))).filter(|(_, t)| *t > 0).collect();
+        Activity { deployments }
     }
 
     /// Saves `table` and then makes it current. A table with an older generation
     /// than the current one is refused; the same generation is accepted again
     /// (the receiver re-sends after it restarts).
     pub fn replace(&self, table: RouteTable) -> Result<(), TableError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.current.load().generation;
+        let mut activity = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current.load().table.generation;
         if table.generation < current {
             return Err(TableError::Stale { offered: table.generation, current });
         }
         save_atomically(&self.state_file, &table)
             .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
-        self.current.store(Arc::new(table));
+        self.current.store(Arc::new(index(table, &mut activity)));
         Ok(())
     }
+}
+
+/// Indexes `table` by host, giving each entry its deployment's activity
+/// counter: the existing one, or a new one. Counters of deployments no longer
+/// in the table are dropped.
+fn index(table: RouteTable, activity: &mut HashMap<String, Arc<AtomicU64>>) -> Live {
+    activity.retain(|d, _| table.routes.values().any(|r| &r.deployment == d));
+    let hosts = table
+        .routes
+        .iter()
+        .map(|(host, route)| {
+            let last_request = activity.entry(route.deployment.clone()).or_default().clone();
+            (host.clone(), Arc::new(Entry { route: route.clone(), last_request }))
+        })
+        .collect();
+    Live { table: Arc::new(table), hosts }
 }
 
 /// Write to a temporary file, fsync, rename over the old file, fsync the
@@ -125,7 +182,7 @@ mod tests {
         let again = RouteStore::open(&state).unwrap();
         assert_eq!(again.snapshot().generation, 1);
         assert_eq!(
-            again.lookup("web.localhost").unwrap().target,
+            again.lookup("web.localhost").unwrap().route.target,
             Target::Live { addr: ([127, 0, 0, 1], 20001).into() }
         );
         // No temporary files are left behind.
@@ -140,7 +197,41 @@ mod tests {
         store.replace(table(5, 2)).unwrap();
         let err = store.replace(table(4, 3)).unwrap_err();
         assert!(matches!(err, TableError::Stale { offered: 4, current: 5 }), "{err}");
-        assert_eq!(store.lookup("web.localhost").unwrap().target, Target::Live { addr: ([127, 0, 0, 1], 2).into() });
+        assert_eq!(
+            store.lookup("web.localhost").unwrap().route.target,
+            Target::Live { addr: ([127, 0, 0, 1], 2).into() }
+        );
+    }
+
+    #[test]
+    fn activity_is_per_deployment_and_survives_new_tables() {
+        let d = dir("activity");
+        let store = RouteStore::open(&d.join("routes.json")).unwrap();
+        let mut t = table(1, 20001);
+        t.routes.insert(
+            "other.localhost".into(),
+            Route { app: "web".into(), deployment: "zzzzzzzz".into(), target: Target::Starting },
+        );
+        store.replace(t.clone()).unwrap();
+        assert!(store.activity().deployments.is_empty(), "nothing requested yet");
+        store.lookup("web.localhost").unwrap().touch(1_000);
+        store.lookup("web.localhost").unwrap().touch(999);
+        assert_eq!(store.activity().deployments.get("abcdefgh"), Some(&1_000), "older times never win");
+
+        // A new table keeps the counter of a deployment it still routes...
+        t.generation = 2;
+        t.routes.insert(
+            "abcdefgh--web.localhost".into(),
+            Route { app: "web".into(), deployment: "abcdefgh".into(), target: Target::Starting },
+        );
+        store.replace(t).unwrap();
+        assert_eq!(store.activity().deployments.get("abcdefgh"), Some(&1_000));
+        store.lookup("abcdefgh--web.localhost").unwrap().touch(2_000);
+        assert_eq!(store.activity().deployments.get("abcdefgh"), Some(&2_000), "hosts of one deployment share it");
+
+        // ...and forgets the ones it no longer routes.
+        store.replace(RouteTable { generation: 3, ..Default::default() }).unwrap();
+        assert!(store.activity().deployments.is_empty());
     }
 
     #[test]

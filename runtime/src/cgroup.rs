@@ -107,14 +107,52 @@ impl Driver {
         }
     }
 
-    /// Creates the cgroup `group/name` (group is this receiver's parent, shared
-    /// by its sandboxes), writes `limits`, and reports what is enforced. The
-    /// limits cgroups cannot take (nofile, tmp, data) are left to the caller.
-    pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<(Cgroup, Vec<Enforcement>), CgroupError> {
-        let mut dirs = Vec::new();
+    /// Whether this host has the cgroup controller `name` for sandboxes.
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Driver::V2 { controllers, .. } => controllers.iter().any(|c| c == name),
+            Driver::V1 { memory, cpu, pids } => match name {
+                "memory" => memory.is_some(),
+                "cpu" => cpu.is_some(),
+                "pids" => pids.is_some(),
+                _ => false,
+            },
+            Driver::None => false,
+        }
+    }
+
+    /// What cgroups enforce of `limits` on this host, without touching it.
+    pub fn plan(&self, limits: &Limits) -> Vec<Enforcement> {
+        let note = match self {
+            Driver::None => "this host has no usable cgroups",
+            _ => "no such cgroup controller on this host",
+        };
+        let entry = |controller: &str, value: String| {
+            if self.has(controller) {
+                Enforcement::enforced(controller, value, self.describe())
+            } else {
+                Enforcement::missing(controller, value, note)
+            }
+        };
         let mut report = Vec::new();
-        let by = self.describe();
-        let none = "no such cgroup controller on this host";
+        if let Some(m) = limits.memory_bytes {
+            report.push(entry("memory", mib(m)));
+        }
+        if let Some(c) = limits.cpu_millis {
+            report.push(entry("cpu", cores(c)));
+        }
+        if let Some(p) = limits.pids {
+            report.push(entry("pids", p.to_string()));
+        }
+        report
+    }
+
+    /// Creates the cgroup `group/name` (group is this receiver's parent, shared
+    /// by its sandboxes) and writes the `limits` its controllers can take;
+    /// [`Driver::plan`] says which. The limits cgroups cannot take (nofile,
+    /// tmp, data) are left to the caller.
+    pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        let mut dirs = Vec::new();
         match self {
             Driver::V2 { root, controllers } => {
                 let parent = root.join(group);
@@ -125,34 +163,18 @@ impl Driver {
                 write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
                 let dir = parent.join(name);
                 mkdir(&dir)?;
-                let has = |c: &str| controllers.iter().any(|x| x == c);
-                if let Some(m) = limits.memory_bytes {
-                    if has("memory") {
-                        write(&dir.join("memory.max"), &m.to_string())?;
-                        // No swap: the limit is the memory the app gets.
-                        if dir.join("memory.swap.max").exists() {
-                            write(&dir.join("memory.swap.max"), "0")?;
-                        }
-                        report.push(Enforcement::enforced("memory", mib(m), by));
-                    } else {
-                        report.push(Enforcement::missing("memory", mib(m), none));
+                if let (Some(m), true) = (limits.memory_bytes, self.has("memory")) {
+                    write(&dir.join("memory.max"), &m.to_string())?;
+                    // No swap: the limit is the memory the app gets.
+                    if dir.join("memory.swap.max").exists() {
+                        write(&dir.join("memory.swap.max"), "0")?;
                     }
                 }
-                if let Some(c) = limits.cpu_millis {
-                    if has("cpu") {
-                        write(&dir.join("cpu.max"), &format!("{} 100000", u64::from(c) * 100))?;
-                        report.push(Enforcement::enforced("cpu", cores(c), by));
-                    } else {
-                        report.push(Enforcement::missing("cpu", cores(c), none));
-                    }
+                if let (Some(c), true) = (limits.cpu_millis, self.has("cpu")) {
+                    write(&dir.join("cpu.max"), &format!("{} 100000", u64::from(c) * 100))?;
                 }
-                if let Some(p) = limits.pids {
-                    if has("pids") {
-                        write(&dir.join("pids.max"), &p.to_string())?;
-                        report.push(Enforcement::enforced("pids", p.to_string(), by));
-                    } else {
-                        report.push(Enforcement::missing("pids", p.to_string(), none));
-                    }
+                if let (Some(p), true) = (limits.pids, self.has("pids")) {
+                    write(&dir.join("pids.max"), &p.to_string())?;
                 }
                 dirs.push(dir);
             }
@@ -164,52 +186,26 @@ impl Driver {
                     dirs.push(dir.clone());
                     Ok(dir)
                 };
-                match (limits.memory_bytes, memory) {
-                    (Some(m), Some(h)) => {
-                        let dir = make(h)?;
-                        write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                        if dir.join("memory.memsw.limit_in_bytes").exists() {
-                            write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
-                        }
-                        report.push(Enforcement::enforced("memory", mib(m), by));
+                if let (Some(m), Some(h)) = (limits.memory_bytes, memory) {
+                    let dir = make(h)?;
+                    write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                    if dir.join("memory.memsw.limit_in_bytes").exists() {
+                        write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
                     }
-                    (Some(m), None) => report.push(Enforcement::missing("memory", mib(m), none)),
-                    _ => {}
                 }
-                match (limits.cpu_millis, cpu) {
-                    (Some(c), Some(h)) => {
-                        let dir = make(h)?;
-                        write(&dir.join("cpu.cfs_period_us"), "100000")?;
-                        write(&dir.join("cpu.cfs_quota_us"), &(u64::from(c) * 100).to_string())?;
-                        report.push(Enforcement::enforced("cpu", cores(c), by));
-                    }
-                    (Some(c), None) => report.push(Enforcement::missing("cpu", cores(c), none)),
-                    _ => {}
+                if let (Some(c), Some(h)) = (limits.cpu_millis, cpu) {
+                    let dir = make(h)?;
+                    write(&dir.join("cpu.cfs_period_us"), "100000")?;
+                    write(&dir.join("cpu.cfs_quota_us"), &(u64::from(c) * 100).to_string())?;
                 }
-                match (limits.pids, pids) {
-                    (Some(p), Some(h)) => {
-                        let dir = make(h)?;
-                        write(&dir.join("pids.max"), &p.to_string())?;
-                        report.push(Enforcement::enforced("pids", p.to_string(), by));
-                    }
-                    (Some(p), None) => report.push(Enforcement::missing("pids", p.to_string(), none)),
-                    _ => {}
+                if let (Some(p), Some(h)) = (limits.pids, pids) {
+                    let dir = make(h)?;
+                    write(&dir.join("pids.max"), &p.to_string())?;
                 }
             }
-            Driver::None => {
-                let note = "this host has no usable cgroups";
-                if let Some(m) = limits.memory_bytes {
-                    report.push(Enforcement::missing("memory", mib(m), note));
-                }
-                if let Some(c) = limits.cpu_millis {
-                    report.push(Enforcement::missing("cpu", cores(c), note));
-                }
-                if let Some(p) = limits.pids {
-                    report.push(Enforcement::missing("pids", p.to_string(), note));
-                }
-            }
+            Driver::None => {}
         }
-        Ok((Cgroup { dirs }, report))
+        Ok(Cgroup { dirs })
     }
 }
 
@@ -235,8 +231,16 @@ fn rlimit(resource: sys::RlimitResource, value: u64) -> sys::Rlimit {
 /// cgroup controller can; the /tmp size by its tmpfs. The data volume is the
 /// caller's, which appends its own entry.
 pub fn enforce(driver: &Driver, group: &str, name: &str, limits: &Limits) -> Result<Enforced, CgroupError> {
+    let cgroup = driver.create(group, name, limits)?;
+    let (report, rlimits) = plan(driver, limits);
+    Ok(Enforced { cgroup, rlimits, report })
+}
+
+/// What [`enforce`] would report and which resource limits it would set,
+/// without touching the host.
+pub fn plan(driver: &Driver, limits: &Limits) -> (Vec<Enforcement>, Vec<sys::Rlimit>) {
     use sys::RlimitResource as R;
-    let (cgroup, mut report) = driver.create(group, name, limits)?;
+    let mut report = driver.plan(limits);
     let mut rlimits = vec![rlimit(R::Core, 0)];
     for e in &mut report {
         if e.by.is_some() {
@@ -267,7 +271,7 @@ pub fn enforce(driver: &Driver, group: &str, name: &str, limits: &Limits) -> Res
         report.push(Enforcement::enforced("nofile", n.to_string(), "rlimit"));
     }
     report.push(Enforcement::enforced("tmp", mib(limits.tmp_bytes), "tmpfs"));
-    Ok(Enforced { cgroup, rlimits, report })
+    (report, rlimits)
 }
 
 /// One sandbox's cgroups (one directory per v1 hierarchy, one for v2).
@@ -366,7 +370,7 @@ mod tests {
         std::fs::write(root.join("nx/d1/memory.swap.max"), "max\n").unwrap();
         let driver = Driver::detect(&root);
         assert!(matches!(&driver, Driver::V2 { controllers, .. } if controllers.len() == 3), "{driver:?}");
-        let (cg, report) = driver.create("nx", "d1", &limits()).unwrap();
+        let (cg, report) = (driver.create("nx", "d1", &limits()).unwrap(), driver.plan(&limits()));
         let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
         // In the order the kernel lists them.
         assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
@@ -393,7 +397,7 @@ mod tests {
         }
         let driver = Driver::detect(&root);
         assert!(matches!(driver, Driver::V1 { memory: Some(_), cpu: Some(_), pids: Some(_) }), "{driver:?}");
-        let (cg, report) = driver.create("nx", "d1", &limits()).unwrap();
+        let (cg, report) = (driver.create("nx", "d1", &limits()).unwrap(), driver.plan(&limits()));
         let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
         assert_eq!(read("memory/nx/d1/memory.limit_in_bytes"), (256u64 << 20).to_string());
         assert_eq!(read("cpu/nx/d1/cpu.cfs_quota_us"), "50000");
@@ -408,7 +412,7 @@ mod tests {
         let root = tree("partial");
         std::fs::create_dir_all(root.join("pids")).unwrap();
         std::fs::write(root.join("pids/cgroup.procs"), "").unwrap();
-        let (_, report) = Driver::detect(&root).create("nx", "d1", &limits()).unwrap();
+        let report = Driver::detect(&root).plan(&limits());
         let memory = report.iter().find(|e| e.limit == "memory").unwrap();
         assert_eq!(memory.by, None);
         assert!(memory.note.as_deref().unwrap().contains("no such cgroup controller"));
@@ -416,7 +420,7 @@ mod tests {
 
         let empty = tree("none");
         assert_eq!(Driver::detect(&empty), Driver::None);
-        let (cg, report) = Driver::None.create("nx", "d1", &limits()).unwrap();
+        let (cg, report) = (Driver::None.create("nx", "d1", &limits()).unwrap(), Driver::None.plan(&limits()));
         assert!(cg.procs_files().is_empty());
         assert!(report.iter().all(|e| e.by.is_none()));
     }

@@ -5,8 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks;
+mod cli;
 mod core;
 mod databases;
+mod lifecycle;
 mod router;
 mod supervision;
 mod uploads;

@@ -4,11 +4,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nx_e2e::fixtures::{self, Go};
+use nx_e2e::load::Load;
 use nx_e2e::receiver::Options;
 use nx_e2e::signed::Signed;
 use nx_e2e::{bin, deployment_processes, eventually, Receiver};
@@ -166,56 +166,6 @@ impl Read for ChunkReader {
         buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
         self.at += n;
         Ok(n)
-    }
-}
-
-/// Requests production from several keep-alive clients until `stop`; counts
-/// answers per body and every failure (a status other than 200 or a broken
-/// connection).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-    bodies: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, host: String) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let bodies = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let threads = (0..4)
-            .map(|_| {
-                let (stop, ok, failures, bodies, host) =
-                    (stop.clone(), ok.clone(), failures.clone(), bodies.clone(), host.clone());
-                std::thread::spawn(move || {
-                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        match client.get(format!("http://127.0.0.1:{port}/")).header("Host", &host).send() {
-                            Ok(resp) if resp.status() == 200 => {
-                                bodies.lock().unwrap().insert(resp.text().unwrap_or_default());
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(resp) => failures.lock().unwrap().push(format!("status {}", resp.status())),
-                            Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, ok, failures, bodies, threads }
-    }
-
-    fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        let bodies = self.bodies.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failures, bodies)
     }
 }
 

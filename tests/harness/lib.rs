@@ -11,6 +11,7 @@
 
 pub mod fixtures;
 pub mod http;
+pub mod load;
 pub mod moto;
 pub mod postgres;
 pub mod receiver;

@@ -179,16 +179,21 @@ impl Receiver {
 
     /// Runs `nx` with another key.
     pub fn nx_with_key(&self, key: &str, args: &[&str]) -> NxOutput {
-        let out = Command::new(bin("nx"))
-            .args(args)
-            .env_clear()
+        NxOutput::from(self.nx_command(key).args(args).output().expect("run nx"))
+    }
+
+    /// An `nx` command with a clean environment pointed at this receiver
+    /// with `key`, for tests that set more (a working directory, stdin,
+    /// variables).
+    pub fn nx_command(&self, key: &str) -> Command {
+        let mut cmd = Command::new(bin("nx"));
+        cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.dir.path())
             .env("NX_SERVER", self.api())
             .env("NX_KEY", key)
-            .output()
-            .expect("run nx");
-        NxOutput::from(out)
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// Creates an app and returns its deploy key.

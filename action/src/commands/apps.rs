@@ -1,4 +1,4 @@
-//! `nx apps create|ls`.
+//! `nx apps create|ls|set|rm`.
 
 use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting};
 use nx_protocol::AppName;
@@ -7,6 +7,31 @@ use super::{client, print_json};
 use crate::cli::{AppsCommand, Global};
 use crate::failure::Failure;
 use crate::output::{paint, table, Color};
+
+/// Asks for the app's name on the terminal before a removal.
+fn confirm_removal(info: &AppInfo) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let name = info.name.as_str();
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Usage(format!(
+            "removing {name} cannot be undone; pass --yes to remove it without a prompt"
+        ))
+        .into());
+    }
+    eprint!(
+        "This removes app {name} for good: its database {}, its data volume, every deployment, key and backup.\n\
+         Take a backup first with `nx db backup {name}` if you may need the data.\n\
+         Type the app's name to remove it: ",
+        info.database
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != name {
+        return Err(Failure::Refused(format!("{name} was not removed: the name typed did not match")).into());
+    }
+    Ok(())
+}
 
 pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
     let client = client(g)?;
@@ -52,6 +77,20 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
                 return print_json(&updated);
             }
             println!("settings of {} saved; deployments started from now on use them", updated.name);
+            Ok(())
+        }
+        AppsCommand::Rm { name, yes } => {
+            // Say what goes before anything goes: an unknown name or a deploy
+            // key is refused here, with the server's explanation.
+            let info: AppInfo = client.get(&format!("/v1/apps/{name}")).await?;
+            if !yes {
+                confirm_removal(&info)?;
+            }
+            client.delete::<()>(&format!("/v1/apps/{name}?confirm={name}")).await?;
+            if g.json {
+                return print_json(&serde_json::json!({ "removed": name }));
+            }
+            println!("app {name} removed, with its database, data, deployments, keys and backups");
             Ok(())
         }
         AppsCommand::Ls => {

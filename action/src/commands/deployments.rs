@@ -1,9 +1,9 @@
-//! `nx ls` and `nx promote`.
+//! `nx ls`, `nx promote`, `nx rollback`, `nx logs`, `nx stop` and `nx open`.
 
-use nx_protocol::api::{AppInfo, DeploymentInfo, Promotion};
+use nx_protocol::api::{AppInfo, ClosedPull, DeploymentInfo, Promotion};
 
-use super::{client, print_json};
-use crate::cli::{Global, LogsArgs, LsArgs, PromoteArgs};
+use super::{client, print_json, resolve_app};
+use crate::cli::{AppArg, Global, LogsArgs, LsArgs, OpenArgs, PromoteArgs, StopArgs};
 use crate::client::Client;
 use crate::failure::Failure;
 use crate::output::{age, paint, state, table, Color};
@@ -72,14 +72,25 @@ pub async fn promote(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
     };
     let p: Promotion =
         client.post(&format!("/v1/apps/{app}/deployments/{}/promote", args.deployment), &serde_json::json!({})).await?;
+    print_promotion(g, &p)
+}
+
+fn print_promotion(g: &Global, p: &Promotion) -> anyhow::Result<()> {
     if g.json {
-        return print_json(&p);
+        return print_json(p);
     }
     println!("{} is now production of {}: {}", paint(p.production.as_str(), Color::Bold), p.app, p.production_url);
-    if let Some(prev) = p.previous {
-        println!("previous production {prev} stays up for a rollback (`nx promote {prev} --app {}`)", p.app);
+    if let Some(prev) = &p.previous {
+        println!("previous production {prev} stays up for a rollback (`nx rollback --app {}`)", p.app);
     }
     Ok(())
+}
+
+pub async fn rollback(g: &Global, args: AppArg) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let app = resolve_app(&client, g, args.app.as_deref()).await?;
+    let p: Promotion = client.post(&format!("/v1/apps/{app}/rollback"), &serde_json::json!({})).await?;
+    print_promotion(g, &p)
 }
 
 /// "memory 512 MiB (cgroup v1), cpu 1.0 cores (cgroup v1), ... data 1 GiB (NOT ENFORCED)".
@@ -114,17 +125,68 @@ pub async fn logs(g: &Global, args: LogsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn stop(g: &Global, args: PromoteArgs) -> anyhow::Result<()> {
+pub async fn stop(g: &Global, args: StopArgs) -> anyhow::Result<()> {
     let client = client(g)?;
+    if let Some(pr) = args.pr {
+        let app = resolve_app(&client, g, args.app.as_deref()).await?;
+        let closed: ClosedPull =
+            client.post(&format!("/v1/apps/{app}/pulls/{pr}/close"), &serde_json::json!({})).await?;
+        if g.json {
+            return print_json(&closed);
+        }
+        if closed.stopped.is_empty() {
+            println!("no running previews of pull request #{pr} in {app}");
+        }
+        for id in &closed.stopped {
+            println!("{id} of {app} stopped (pull request #{pr})");
+        }
+        return Ok(());
+    }
+    let id = args.deployment.unwrap_or_default();
     let app = match args.app {
         Some(a) => a,
-        None => app_of(&client, &args.deployment).await?,
+        None => app_of(&client, &id).await?,
     };
     let d: DeploymentInfo =
-        client.post(&format!("/v1/apps/{app}/deployments/{}/stop", args.deployment), &serde_json::json!({})).await?;
+        client.post(&format!("/v1/apps/{app}/deployments/{id}/stop"), &serde_json::json!({})).await?;
     if g.json {
         return print_json(&d);
     }
     println!("{} of {app} stopped; {} now says so", d.id, d.preview_url);
+    Ok(())
+}
+
+pub async fn open(g: &Global, args: OpenArgs) -> anyhow::Result<()> {
+    let client = client(g)?;
+    let url = match &args.deployment {
+        Some(id) => {
+            let app = match &args.app.app {
+                Some(a) => a.clone(),
+                None => app_of(&client, id).await?,
+            };
+            client.get::<DeploymentInfo>(&format!("/v1/apps/{app}/deployments/{id}")).await?.preview_url
+        }
+        None => {
+            let app = resolve_app(&client, g, args.app.app.as_deref()).await?;
+            let info: AppInfo = client.get(&format!("/v1/apps/{app}")).await?;
+            if info.production.is_none() {
+                return Err(Failure::Refused(format!(
+                    "{app} has no production yet; `nx promote ID` makes one, or `nx open ID` opens a preview"
+                ))
+                .into());
+            }
+            info.production_url
+        }
+    };
+    if g.json {
+        return print_json(&serde_json::json!({ "url": url }));
+    }
+    match crate::browser::open(&url) {
+        Ok(how) => eprintln!("opened {url} with {how}"),
+        Err(why) => {
+            eprintln!("{why}; the URL:");
+            println!("{url}");
+        }
+    }
     Ok(())
 }

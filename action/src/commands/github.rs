@@ -7,7 +7,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use nx_protocol::api::{DeploymentState, PushMeta, Source};
+use nx_protocol::api::{ClosedPull, DeploymentState, PushMeta, Source};
 use nx_protocol::AppName;
 
 use super::push::{execute, failed, parse_env, Job, Pushed};
@@ -15,6 +15,7 @@ use crate::cli::Global;
 use crate::client::Client;
 use crate::config;
 use crate::failure::Failure;
+use crate::manifest::{Promote, PromoteOn};
 
 /// What the workflow run says about the code being deployed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -23,6 +24,12 @@ pub struct RunContext {
     pub sha: Option<String>,
     pub git_ref: Option<String>,
     pub pr: Option<u64>,
+    /// `push`, `pull_request`, ... (GITHUB_EVENT_NAME).
+    pub event: Option<String>,
+    /// The repository's default branch, from the event payload.
+    pub default_branch: Option<String>,
+    /// The event is a pull request being closed (merged or not).
+    pub pr_closed: bool,
 }
 
 impl RunContext {
@@ -34,6 +41,9 @@ impl RunContext {
             sha: env("GITHUB_SHA"),
             git_ref: env("GITHUB_HEAD_REF").filter(|r| !r.is_empty()).or_else(|| env("GITHUB_REF_NAME")),
             pr: None,
+            event: env("GITHUB_EVENT_NAME"),
+            default_branch: None,
+            pr_closed: false,
         };
         if let Some(path) = env("GITHUB_EVENT_PATH") {
             let text = std::fs::read_to_string(&path)
@@ -42,6 +52,7 @@ impl RunContext {
                 .map_err(|e| Failure::Usage(format!("GITHUB_EVENT_PATH {path} is not JSON: {e}")))?;
             if let Some(pr) = event.get("pull_request") {
                 ctx.pr = pr["number"].as_u64();
+                ctx.pr_closed = event["action"].as_str() == Some("closed");
                 if let Some(sha) = pr["head"]["sha"].as_str() {
                     ctx.sha = Some(sha.to_owned());
                 }
@@ -52,8 +63,21 @@ impl RunContext {
             if let Some(name) = event["repository"]["full_name"].as_str() {
                 ctx.repository = Some(name.to_owned());
             }
+            ctx.default_branch = event["repository"]["default_branch"].as_str().map(str::to_owned);
         }
         Ok(ctx)
+    }
+
+    /// Whether nx.toml's `[promote]` makes this run's deployment production:
+    /// with `on = "merge"`, a push to the production branch (which a merged
+    /// pull request is).
+    pub fn promotes(&self, rule: &Promote) -> bool {
+        let branch = rule.branch.as_deref().or(self.default_branch.as_deref());
+        rule.on == PromoteOn::Merge
+            && self.event.as_deref() == Some("push")
+            && self.pr.is_none()
+            && branch.is_some()
+            && self.git_ref.as_deref() == branch
     }
 }
 
@@ -116,15 +140,35 @@ fn lines(v: Option<String>) -> Vec<String> {
 
 async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
     let input = |name: &str| env(&format!("INPUT_{name}")).filter(|v| !v.trim().is_empty());
-    let binary = PathBuf::from(input("BINARY").ok_or_else(|| Failure::Usage("the input `binary` is required".into()))?);
-    let app = input("APP").ok_or_else(|| Failure::Usage("the input `app` is required".into()))?;
+    let manifest_path = input("MANIFEST").map(PathBuf::from).or_else(|| g.manifest.clone());
+    let manifest = crate::manifest::load(manifest_path.as_deref())?;
+    let m = manifest.as_ref().map(|(_, m)| m);
+    let app = input("APP")
+        .or_else(|| m.and_then(|m| m.app.clone()))
+        .ok_or_else(|| Failure::Usage("name the app: the input `app`, or `app = \"NAME\"` in nx.toml".into()))?;
     let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
-    let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
-    let promote = truthy(input("PROMOTE"), false).map_err(|e| Failure::Usage(format!("input `promote`: {e}")))?;
     let ctx = RunContext::from_env(env)?;
+    let target = config::resolve(g.server.as_deref(), g.key.as_deref())?;
+    let client = Client::new(&target)?;
+    if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
+        return close_previews(&client, &app, pr, env).await;
+    }
+    let binary = PathBuf::from(input("BINARY").ok_or_else(|| Failure::Usage("the input `binary` is required".into()))?);
+    let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
+    // The input decides when given; else nx.toml's [promote] rule.
+    let promote = match input("PROMOTE") {
+        Some(v) => truthy(Some(v), false).map_err(|e| Failure::Usage(format!("input `promote`: {e}")))?,
+        None => m.is_some_and(|m| ctx.promotes(&m.promote)),
+    };
+    let mut vars = m.map(|m| m.env.clone()).unwrap_or_default();
+    vars.extend(parse_env(&lines(input("ENV")))?);
+    let args = match lines(input("ARGS")) {
+        a if a.is_empty() => m.map(|m| m.args.clone()).unwrap_or_default(),
+        a => a,
+    };
     let meta = PushMeta {
-        args: lines(input("ARGS")),
-        env: parse_env(&lines(input("ENV")))?,
+        args,
+        env: vars,
         filename: binary.file_name().map(|f| f.to_string_lossy().into_owned()),
         git_sha: ctx.sha.clone(),
         git_ref: ctx.git_ref.clone(),
@@ -134,9 +178,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         no_wait: !wait,
         push_id: None,
     };
-    let target = config::resolve(g.server.as_deref(), g.key.as_deref())?;
-    let client = Client::new(&target)?;
-    let job = Job { path: &binary, app: &app, meta, verify: true, promote, quiet: false };
+    let job = Job { path: &binary, app: &app, meta, verify: true, promote, quiet: false, manifest: manifest.as_ref() };
     let pushed = execute(&client, job).await?;
     let d = &pushed.deployment;
     if let Some(path) = env("GITHUB_OUTPUT") {
@@ -160,6 +202,23 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     } else {
         Err(failed(d).into())
     }
+}
+
+/// A closed pull request: its previews stop (and their own databases go).
+async fn close_previews(
+    client: &Client,
+    app: &AppName,
+    pr: u64,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let closed: ClosedPull = client.post(&format!("/v1/apps/{app}/pulls/{pr}/close"), &serde_json::json!({})).await?;
+    let ids: Vec<String> = closed.stopped.iter().map(ToString::to_string).collect();
+    println!("pull request #{pr} closed: stopped {} preview(s) of {app} {}", ids.len(), ids.join(" "));
+    if let Some(path) = env("GITHUB_STEP_SUMMARY") {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+        writeln!(f, "### NX Sandbox: {app}\n\nPull request #{pr} closed; previews stopped: {}\n", ids.len())?;
+    }
+    Ok(())
 }
 
 pub async fn run(g: &Global) -> anyhow::Result<()> {
@@ -203,9 +262,31 @@ mod tests {
                 repository: Some("o/r".into()),
                 sha: Some("abc123".into()),
                 git_ref: Some("feature".into()),
-                pr: Some(7)
+                pr: Some(7),
+                event: None,
+                default_branch: None,
+                pr_closed: false,
             }
         );
+    }
+
+    #[test]
+    fn merge_rules_promote_pushes_to_the_production_branch_only() {
+        let push = |git_ref: &str| RunContext {
+            git_ref: Some(git_ref.into()),
+            event: Some("push".into()),
+            default_branch: Some("main".into()),
+            ..RunContext::default()
+        };
+        let merge = Promote::default();
+        assert!(push("main").promotes(&merge));
+        assert!(!push("feature").promotes(&merge));
+        let pr = RunContext { pr: Some(3), event: Some("pull_request".into()), ..push("main") };
+        assert!(!pr.promotes(&merge), "pull requests get previews, never production");
+        let release = Promote { branch: Some("release".into()), ..Promote::default() };
+        assert!(push("release").promotes(&release) && !push("main").promotes(&release));
+        let manual = Promote { on: PromoteOn::Manual, branch: None };
+        assert!(!push("main").promotes(&manual));
     }
 
     #[test]

@@ -11,10 +11,11 @@ use nx_protocol::AppName;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{client, print_json};
+use super::{client, print_json, resolve_app};
 use crate::cli::{Global, PushArgs};
 use crate::client::{get_public, Client};
 use crate::failure::Failure;
+use crate::manifest::Manifest;
 use crate::output::{bytes, paint, state, Color};
 use crate::progress::Progress;
 
@@ -50,6 +51,9 @@ pub struct Job<'a> {
     pub promote: bool,
     /// No progress output (JSON mode).
     pub quiet: bool,
+    /// The nx.toml whose settings (health, limits, preview database) the app
+    /// is brought to before the upload.
+    pub manifest: Option<&'a (std::path::PathBuf, Manifest)>,
 }
 
 /// What a push produced.
@@ -70,7 +74,17 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     // A signed call first: a wrong key or an unknown app is answered before
     // megabytes are sent (a server refusing an upload stops reading it, which
     // can cut the answer off).
-    client.get::<AppInfo>(&format!("/v1/apps/{}", job.app)).await?;
+    let info: AppInfo = client.get(&format!("/v1/apps/{}", job.app)).await?;
+    if let Some((path, manifest)) = job.manifest {
+        let wanted =
+            manifest.settings_over(&info.settings).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+        if let Some(settings) = wanted {
+            client.put::<_, AppInfo>(&format!("/v1/apps/{}/settings", job.app), &settings).await?;
+            if !job.quiet {
+                eprintln!("settings of {} updated from {}", job.app, path.display());
+            }
+        }
+    }
     if job.verify {
         let target: ServerTarget = get_public(client.server(), "/v1/target").await?;
         let verdict = nx_verify::judge(&nx_verify::inspect(&data), &target);
@@ -144,10 +158,18 @@ pub fn failed(info: &DeploymentInfo) -> Failure {
 }
 
 pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
-    let app = AppName::parse(&args.app).map_err(|e| Failure::Usage(e.to_string()))?;
+    let manifest = crate::manifest::load(g.manifest.as_deref())?;
+    let client = client(g)?;
+    let app = resolve_app(&client, g, args.app.app.as_deref()).await?;
+    let app = AppName::parse(&app).map_err(|e| Failure::Usage(e.to_string()))?;
+    let (mut env, manifest_args) = match &manifest {
+        Some((_, m)) => (m.env.clone(), m.args.clone()),
+        None => (BTreeMap::new(), Vec::new()),
+    };
+    env.extend(parse_env(&args.env)?);
     let meta = PushMeta {
-        args: args.args.clone(),
-        env: parse_env(&args.env)?,
+        args: if args.args.is_empty() { manifest_args } else { args.args.clone() },
+        env,
         filename: args.path.file_name().map(|f| f.to_string_lossy().into_owned()),
         source: Source::Cli,
         pr: args.pr,
@@ -155,9 +177,15 @@ pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
         git_ref: args.git_ref.clone(),
         ..PushMeta::default()
     };
-    let client = client(g)?;
-    let job =
-        Job { path: &args.path, app: &app, meta, verify: !args.skip_verify, promote: args.promote, quiet: g.json };
+    let job = Job {
+        path: &args.path,
+        app: &app,
+        meta,
+        verify: !args.skip_verify,
+        promote: args.promote,
+        quiet: g.json,
+        manifest: manifest.as_ref(),
+    };
     let pushed = execute(&client, job).await?;
     let info = &pushed.deployment;
     if g.json {

@@ -8,13 +8,11 @@ use bytes::Bytes;
 use nx_protocol::api::{DeploymentInfo, Promotion, PushMeta};
 use nx_protocol::names::DeploymentId;
 use nx_runtime::LogLimits;
-use nx_verify::report::Linkage;
 
 use super::apps::find_app;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
-use crate::db::ArtifactRow;
 use crate::deploy::DeployError;
 
 /// Most arguments a push may carry, and their total size.
@@ -100,25 +98,7 @@ pub async fn push(
             .await;
         return Err(ApiError::Unprocessable(format!("this binary will not run on the server: {}", verdict.message())));
     }
-    let artifact = match state.db.artifact(&upload.sha256).await? {
-        // A row means the object is durable already: the same bytes are kept once.
-        Some(existing) => existing,
-        None => {
-            let row = ArtifactRow {
-                sha256: upload.sha256.clone(),
-                size: upload.size as i64,
-                format: "elf".into(),
-                arch: report.arch.clone().unwrap_or_default(),
-                linkage: match report.linkage {
-                    Some(Linkage::Dynamic) => "dynamic".into(),
-                    _ => "static".into(),
-                },
-            };
-            state.store.publish(upload).await?;
-            state.db.insert_artifact(&row, &format!("artifacts/{}", row.sha256)).await?;
-            row
-        }
-    };
+    let artifact = crate::artifacts::register(&state.db, &state.store, upload, &report).await?;
     let info = state.deployer.deploy(&app, &artifact, &meta, &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -159,17 +139,7 @@ pub async fn promote(
     let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     let previous = state.deployer.promote(&app, &row.id, &caller.actor()).await?;
-    let previous = previous.filter(|p| *p != row.id).and_then(|p| DeploymentId::parse(&p).ok());
-    Ok(Json(Promotion {
-        app: row_app(&row)?,
-        production: DeploymentId::parse(&row.id).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?,
-        previous,
-        production_url: state.deployer.production_url(&app.name),
-    }))
-}
-
-fn row_app(row: &crate::db::DeploymentRow) -> Result<nx_protocol::AppName, ApiError> {
-    nx_protocol::AppName::parse(&row.app_name).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+    Ok(Json(super::lifecycle::promotion(&state, &app, &row.id, previous)?))
 }
 
 pub async fn stop(
@@ -179,7 +149,7 @@ pub async fn stop(
 ) -> Result<Json<DeploymentInfo>, ApiError> {
     let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
-    state.deployer.stop(&app, &row.id, &caller.actor()).await?;
+    state.deployer.stop(&app, &row.id, &caller.actor(), Some("stopped with `nx stop`")).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     Ok(Json(state.deployer.info(&row, Vec::new())?))
 }

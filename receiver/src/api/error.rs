@@ -64,6 +64,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::artifacts::ArtifactError> for ApiError {
+    fn from(e: crate::artifacts::ArtifactError) -> Self {
+        match e {
+            crate::artifacts::ArtifactError::Db(e) => e.into(),
+            crate::artifacts::ArtifactError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let message = e.to_string();

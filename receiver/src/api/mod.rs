@@ -7,6 +7,8 @@ pub mod database;
 pub mod deployments;
 pub mod error;
 pub mod keys;
+pub mod lifecycle;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -38,13 +40,19 @@ pub struct AppState {
     pub router: Option<Arc<RouterProcess>>,
     pub config: Arc<ServeConfig>,
     pub target: Arc<ServerTarget>,
+    /// When this receiver started serving.
+    pub started: std::time::Instant,
 }
 
 /// The API router.
 pub fn app(state: AppState) -> Router {
     let signed = Router::new()
         .route("/v1/apps", post(apps::create).get(apps::list))
-        .route("/v1/apps/{app}", get(apps::show))
+        .route("/v1/apps/{app}", get(apps::show).delete(lifecycle::remove))
+        .route("/v1/apps/{app}/env", get(lifecycle::env_list).patch(lifecycle::env_change))
+        .route("/v1/apps/{app}/rollback", post(lifecycle::rollback))
+        .route("/v1/apps/{app}/pulls/{pr}/close", post(lifecycle::close_pull))
+        .route("/v1/status", get(status::status))
         .route("/v1/apps/{app}/settings", put(apps::settings))
         .route("/v1/apps/{app}/keys", post(keys::create).get(keys::list))
         .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))

@@ -1,0 +1,245 @@
+//! `nx.toml`: what an app's repository says about how it runs. `nx push` and
+//! the GitHub Action read it; flags and action inputs override it.
+//!
+//! ```toml
+//! app = "web"
+//! args = ["--listen", "127.0.0.1:$PORT"]
+//!
+//! [env]            # plain settings; secrets belong in `nx env set`
+//! LOG_LEVEL = "info"
+//!
+//! [health]
+//! path = "/healthz"   # or: tcp = true
+//!
+//! [limits]
+//! memory = "256MiB"
+//! cpu = 0.5
+//!
+//! [preview]
+//! database = "empty"  # shared, empty or copy
+//!
+//! [promote]
+//! on = "merge"        # or "manual": only the Promote button or `nx promote`
+//! branch = "main"     # default: the repository's default branch
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use nx_protocol::api::{AppSettings, HealthSetting, PreviewDb};
+use nx_protocol::units::parse_size;
+use serde::Deserialize;
+
+use crate::failure::Failure;
+
+/// The file name looked for.
+pub const FILE: &str = "nx.toml";
+
+/// A parsed `nx.toml`.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The app pushes go to.
+    pub app: Option<String>,
+    /// Arguments for the binary; `$PORT` and `$HOST` are expanded on the server.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Variables for each deployment (not secret: this file is in the repository).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub health: Option<Health>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub preview: Preview,
+    #[serde(default)]
+    pub promote: Promote,
+}
+
+/// `[health]`: exactly one of `path` or `tcp = true`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub path: Option<String>,
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+/// `[limits]`: sizes as text (`256MiB`), cpu in cores.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub memory: Option<String>,
+    pub cpu: Option<f64>,
+    pub pids: Option<u32>,
+    pub nofile: Option<u64>,
+    pub tmp: Option<String>,
+    pub data: Option<String>,
+}
+
+/// `[preview]`
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preview {
+    pub database: Option<PreviewDb>,
+}
+
+/// `[promote]`: what makes production.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promote {
+    #[serde(default)]
+    pub on: PromoteOn,
+    /// The branch whose pushes promote; the repository's default branch when
+    /// not given.
+    pub branch: Option<String>,
+}
+
+/// When the action promotes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromoteOn {
+    /// A push to the production branch (a merged pull request is one).
+    #[default]
+    Merge,
+    /// Never by itself: the Promote button, `nx promote` or `nx push --promote`.
+    Manual,
+}
+
+impl Manifest {
+    /// Parses `text`, read from `path`; errors name the file and the line.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest, Failure> {
+        let m: Manifest =
+            toml::from_str(text).map_err(|e| Failure::Usage(format!("{} is not valid: {e}", path.display())))?;
+        m.settings_over(&AppSettings::default()).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+        Ok(m)
+    }
+
+    /// The app settings with this file's health, limits and preview database
+    /// over `current`; `None` when the file changes nothing.
+    pub fn settings_over(&self, current: &AppSettings) -> Result<Option<AppSettings>, String> {
+        let mut s = current.clone();
+        if let Some(h) = &self.health {
+            s.health = Some(match (&h.path, h.tcp) {
+                (Some(path), false) => HealthSetting::Http { path: path.clone() },
+                (None, true) => HealthSetting::Tcp,
+                _ => return Err("[health] needs exactly one of `path = \"/...\"` or `tcp = true`".into()),
+            });
+        }
+        let mib = |field: &str, v: &Option<String>| -> Result<Option<u64>, String> {
+            v.as_deref()
+                .map(|t| parse_size(t).map(|b| (b >> 20).max(1)).map_err(|e| format!("limits.{field}: {e}")))
+                .transpose()
+        };
+        let l = &self.limits;
+        s.limits.memory_mib = mib("memory", &l.memory)?.or(s.limits.memory_mib);
+        s.limits.tmp_mib = mib("tmp", &l.tmp)?.or(s.limits.tmp_mib);
+        s.limits.data_mib = mib("data", &l.data)?.or(s.limits.data_mib);
+        s.limits.cpu = l.cpu.or(s.limits.cpu);
+        s.limits.pids = l.pids.or(s.limits.pids);
+        s.limits.nofile = l.nofile.or(s.limits.nofile);
+        if let Some(db) = self.preview.database {
+            s.preview_db = db;
+        }
+        Ok((s != *current).then_some(s))
+    }
+}
+
+/// The `nx.toml` that applies in `dir`: there or in a parent, up to the root
+/// of the git repository.
+pub fn find(dir: &Path) -> Option<PathBuf> {
+    for d in dir.ancestors() {
+        let candidate = d.join(FILE);
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+        if d.join(".git").exists() {
+            return None;
+        }
+    }
+    None
+}
+
+/// Loads the manifest named by `explicit` (which must exist), or the one
+/// [`find`] finds from the working directory, if any.
+pub fn load(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>, Failure> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None => {
+            let cwd = std::env::current_dir()
+                .map_err(|e| Failure::Usage(format!("cannot read the working directory: {e}")))?;
+            match find(&cwd) {
+                Some(p) => p,
+                None => return Ok(None),
+            }
+        }
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+    Ok(Some((path.clone(), Manifest::parse(&text, &path)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+app = "web"
+args = ["--port", "$PORT"]
+[env]
+LOG_LEVEL = "info"
+[health]
+path = "/healthz"
+[limits]
+memory = "256MiB"
+cpu = 0.5
+data = "2GiB"
+[preview]
+database = "empty"
+[promote]
+on = "manual"
+"#;
+
+    #[test]
+    fn a_full_file_parses_into_settings() {
+        let m = Manifest::parse(FULL, Path::new("nx.toml")).unwrap();
+        assert_eq!(m.app.as_deref(), Some("web"));
+        assert_eq!(m.args, ["--port", "$PORT"]);
+        assert_eq!(m.env["LOG_LEVEL"], "info");
+        assert_eq!(m.promote.on, PromoteOn::Manual);
+        let s = m.settings_over(&AppSettings::default()).unwrap().unwrap();
+        assert_eq!(s.health, Some(HealthSetting::Http { path: "/healthz".into() }));
+        assert_eq!(s.limits.memory_mib, Some(256));
+        assert_eq!(s.limits.data_mib, Some(2048));
+        assert_eq!(s.limits.cpu, Some(0.5));
+        assert_eq!(s.preview_db, PreviewDb::Empty);
+        // Applied once, the same file changes nothing.
+        assert_eq!(m.settings_over(&s).unwrap(), None);
+    }
+
+    #[test]
+    fn mistakes_name_the_file_the_line_and_the_field() {
+        let e = Manifest::parse("app = \"web\"\nmemroy = 5\n", Path::new("/repo/nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("/repo/nx.toml") && e.contains("line 2") && e.contains("memroy"), "{e}");
+        let e = Manifest::parse("[limits]\nmemory = \"lots\"\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("limits.memory"), "{e}");
+        let e = Manifest::parse("[health]\npath = \"/\"\ntcp = true\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        let e = Manifest::parse("[preview]\ndatabase = \"fresh\"\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("shared") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn the_file_is_found_up_to_the_repository_root() {
+        let root = std::env::temp_dir().join(format!("nx-manifest-{}", std::process::id()));
+        let deep = root.join("repo/service/src");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::create_dir_all(root.join("repo/.git")).unwrap();
+        assert_eq!(find(&deep), None);
+        std::fs::write(root.join("nx.toml"), "").unwrap();
+        assert_eq!(find(&deep), None, "nothing above the repository counts");
+        std::fs::write(root.join("repo/service/nx.toml"), "").unwrap();
+        assert_eq!(find(&deep), Some(root.join("repo/service/nx.toml")));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

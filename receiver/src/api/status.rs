@@ -1,0 +1,32 @@
+//! `GET /v1/status`: what `nx status` shows, for any valid key.
+
+use axum::extract::State;
+use axum::Json;
+use nx_protocol::api::ServerStatus;
+
+use super::error::ApiError;
+use super::AppState;
+
+pub async fn status(State(state): State<AppState>) -> Result<Json<ServerStatus>, ApiError> {
+    let (apps, states) = state.db.counts().await?;
+    let config = &state.config;
+    let database = match &config.database_url {
+        Some(_) => "external PostgreSQL".to_owned(),
+        None => format!("embedded PostgreSQL on {}", state.cluster.endpoint().port),
+    };
+    Ok(Json(ServerStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        domain: config.domain.clone(),
+        apps: apps as u64,
+        deployments: states.into_iter().map(|(s, n)| (s, n as u64)).collect(),
+        database,
+        store: state.store.describe().to_owned(),
+        router: if state.router.is_some() { "supervised" } else { "separate (--no-router)" }.to_owned(),
+        default_limits: state.deployer.default_limits(),
+        isolation: state.deployer.isolation(),
+        max_upload_bytes: config.max_upload,
+        preview_idle_secs: config.preview_idle.as_secs(),
+        keep_deployments: config.keep_deployments,
+    }))
+}

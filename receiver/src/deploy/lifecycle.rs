@@ -1,0 +1,313 @@
+//! Everything that happens to deployments after their push: restarts when the
+//! app's variables change, rollback, pull requests closing, removal of an app,
+//! and the janitor that stops idle previews, removes old deployments and
+//! deletes binaries nobody uses.
+//!
+//! Production and the rollback target are never touched by the janitor or by
+//! a pull request closing; the database queries exclude them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use nx_protocol::api::{DeploymentState, EnvChange};
+use nx_protocol::units::format_duration;
+use nx_runtime::supervisor::Status;
+use tokio::sync::watch;
+
+use super::{new_id, validate_env, DeployError, Deployer};
+use crate::db::{AppRow, DeploymentRow, NewDeployment};
+
+/// What an environment change did; see [`nx_protocol::api::EnvChanged`].
+#[derive(Debug, Default)]
+pub struct EnvOutcome {
+    pub changed: Vec<String>,
+    pub restarted: Vec<String>,
+    /// The new production and the one it replaced.
+    pub production: Option<(String, Option<String>)>,
+    pub failed: Vec<(String, String)>,
+}
+
+/// What one janitor round did, for the log and the tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tidied {
+    pub idle_stopped: Vec<String>,
+    pub removed: Vec<String>,
+    pub artifacts: usize,
+}
+
+fn running(row: &DeploymentRow) -> bool {
+    matches!(row.state(), DeploymentState::Pending | DeploymentState::Starting | DeploymentState::Healthy)
+}
+
+impl Deployer {
+    /// Restarts a deployment in place and waits for the outcome. Its URL
+    /// answers the starting page meanwhile; used for previews, whose URL
+    /// belongs to the deployment.
+    pub async fn restart(&self, id: &str) -> Result<Status, DeployError> {
+        self.halt(id).await;
+        let row = self.row(id).await?;
+        self.start(&row, true).await
+    }
+
+    /// Replaces the running production of `app` by a new deployment of the
+    /// same binary, arguments and variables, started with the app's current
+    /// settings and environment, and promotes it once healthy: production
+    /// never stops answering. The old production stays up as the rollback
+    /// target. Returns the new production and the one it replaced.
+    pub async fn replace_production(
+        &self,
+        app: &AppRow,
+        actor: &str,
+        cause: &str,
+    ) -> Result<(String, Option<String>), DeployError> {
+        let current = app
+            .production_id
+            .clone()
+            .ok_or_else(|| DeployError::Invalid(format!("app {} has no production deployment to replace", app.name)))?;
+        let old = self.row(&current).await?;
+        let id = new_id();
+        self.record(NewDeployment {
+            id: &id,
+            app_id: app.id,
+            artifact_sha256: &old.artifact_sha256,
+            port: 0,
+            args: &old.args.0,
+            env: old.env.clone(),
+            filename: old.filename.as_deref(),
+            git_sha: old.git_sha.as_deref(),
+            git_ref: old.git_ref.as_deref(),
+            pr_number: None,
+            source: &old.source,
+            push_id: None,
+        })
+        .await?;
+        self.services
+            .db
+            .event(
+                Some(&app.name),
+                Some(&id),
+                "replace",
+                actor,
+                serde_json::json!({ "replaces": current, "cause": cause }),
+            )
+            .await?;
+        let row = self.row(&id).await?;
+        if let Status::Failed { reason, .. } = self.start(&row, true).await? {
+            return Err(DeployError::NotHealthy {
+                id: id.clone(),
+                state: format!("failed, so {current} stays production: {reason}"),
+            });
+        }
+        let app = self.services.db.app_by_id(app.id).await?.unwrap_or_else(|| app.clone());
+        let previous = self.promote(&app, &id, actor).await?;
+        Ok((id, previous))
+    }
+
+    /// Sets and removes variables of `app`, then brings its running
+    /// deployments onto them: previews restart in place, production is
+    /// replaced without downtime ([`Deployer::replace_production`]).
+    pub async fn change_env(&self, app: &AppRow, change: &EnvChange, actor: &str) -> Result<EnvOutcome, DeployError> {
+        validate_env(&change.set)?;
+        let unset: BTreeMap<String, String> = change.unset.iter().map(|k| (k.clone(), String::new())).collect();
+        validate_env(&unset)?;
+        if let Some(both) = change.unset.iter().find(|k| change.set.contains_key(*k)) {
+            return Err(DeployError::Invalid(format!("{both} is both set and unset; do one or the other")));
+        }
+        let sealed: Vec<(String, Vec<u8>)> =
+            change.set.iter().map(|(k, v)| (k.clone(), self.services.master.seal_str(v))).collect();
+        let changed = self.services.db.change_env(app.id, &sealed, &change.unset).await?;
+        let mut outcome = EnvOutcome { changed, ..EnvOutcome::default() };
+        if outcome.changed.is_empty() {
+            return Ok(outcome);
+        }
+        self.services
+            .db
+            .event(Some(&app.name), None, "env", actor, serde_json::json!({ "changed": outcome.changed }))
+            .await?;
+        let rows = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
+        for row in rows.iter().filter(|r| running(r)) {
+            if row.is_production {
+                match self.replace_production(app, actor, "environment changed").await {
+                    Ok(promoted) => outcome.production = Some(promoted),
+                    Err(e) => outcome.failed.push((row.id.clone(), e.to_string())),
+                }
+                continue;
+            }
+            match self.restart(&row.id).await? {
+                Status::Failed { reason, .. } => outcome.failed.push((row.id.clone(), reason)),
+                _ => outcome.restarted.push(row.id.clone()),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Makes the rollback target production again; the production it
+    /// replaces becomes the rollback target, so a second rollback undoes the
+    /// first. Returns the new production and the one it replaced.
+    pub async fn rollback(&self, app: &AppRow, actor: &str) -> Result<(String, Option<String>), DeployError> {
+        let target = app.previous_production_id.clone().ok_or_else(|| {
+            DeployError::Invalid(format!(
+                "app {} has no earlier production to roll back to; `nx promote ID` makes any healthy deployment production",
+                app.name
+            ))
+        })?;
+        let row = self.row(&target).await?;
+        if row.state() != DeploymentState::Healthy {
+            return Err(DeployError::NotHealthy {
+                id: target,
+                state: format!("{} (the rollback target must be running)", row.state()),
+            });
+        }
+        let previous = self.promote(app, &target, actor).await?;
+        Ok((target, previous))
+    }
+
+    /// Stops the previews of pull request `pr` (and drops their own
+    /// databases); returns the ids stopped.
+    pub async fn close_pull_request(&self, app: &AppRow, pr: u64, actor: &str) -> Result<Vec<String>, DeployError> {
+        let reason = format!("pull request #{pr} was closed");
+        let mut stopped = Vec::new();
+        for row in self.services.db.previews_of_pr(app.id, pr as i64).await? {
+            self.stop(app, &row.id, actor, Some(&reason)).await?;
+            stopped.push(row.id);
+        }
+        Ok(stopped)
+    }
+
+    /// Removes an app and everything it has: sandboxes, databases (the app's
+    /// and its previews'), data volume, logs, backups and records. Steps that
+    /// can fail come before the records go, so a failed removal can simply
+    /// be run again.
+    pub async fn remove_app(&self, app: &AppRow, actor: &str) -> Result<(), DeployError> {
+        let rows = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
+        for row in &rows {
+            self.halt(&row.id).await;
+        }
+        for db in rows.iter().filter_map(|r| r.db_name.as_deref()) {
+            self.services.databases.drop_database(db).await?;
+        }
+        self.services.databases.drop_database(&app.db_name).await?;
+        let app_dir = self.services.config.data_dir.join("apps").join(&app.name);
+        self.services.volumes.remove(&app_dir).await?;
+        for backup in self.services.db.backups(app.id).await? {
+            self.services.store.delete_key(&backup.object_key).await?;
+        }
+        for row in &rows {
+            self.remove_files(&row.id);
+        }
+        self.services.db.delete_app(app).await?;
+        self.services
+            .db
+            .event(Some(&app.name), None, "app.remove", actor, serde_json::json!({ "uid": app.uid }))
+            .await?;
+        let _ = self.services.routes.publish().await;
+        tracing::info!(app = %app.name, deployments = rows.len(), "app removed");
+        Ok(())
+    }
+
+    /// Removes a deployment's log and run directory.
+    fn remove_files(&self, id: &str) {
+        let log = self.log_path(id);
+        let mut paths = vec![log.clone()];
+        // Rotated logs sit beside the current one.
+        if let (Some(dir), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str())) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                paths.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(name) && n != name)
+                }));
+            }
+        }
+        for p in paths {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(self.services.config.data_dir.join("run").join(id));
+    }
+
+    /// One janitor round: learn from the router when previews were last
+    /// requested, stop the idle ones, remove deployments past the retention,
+    /// and delete binaries nothing uses.
+    pub async fn tidy(&self) -> Result<Tidied, DeployError> {
+        let config = &self.services.config;
+        let mut tidied = Tidied::default();
+        match self.services.routes.activity().await {
+            Ok(activity) => {
+                let seen: Vec<_> = activity
+                    .deployments
+                    .into_iter()
+                    .filter_map(|(id, t)| Some((id, chrono::DateTime::from_timestamp(i64::try_from(t).ok()?, 0)?)))
+                    .collect();
+                self.services.db.record_requests(&seen).await?;
+            }
+            // Without the router's figures idleness cannot be judged: a busy
+            // preview would look idle. Skip expiry this round.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read request activity from nx-router; idle previews are not stopped this round");
+                return self.tidy_storage(tidied).await;
+            }
+        }
+        let idle = config.preview_idle;
+        let reason = format!("no requests for {}", format_duration(idle));
+        for row in self.services.db.idle_previews(idle.as_secs() as i64).await? {
+            let Some(app) = self.services.db.app_by_id(row.app_id).await? else { continue };
+            match self.stop(&app, &row.id, "janitor", Some(&reason)).await {
+                Ok(()) => tidied.idle_stopped.push(row.id),
+                Err(e) => tracing::warn!(deployment = %row.id, error = %e, "cannot stop an idle preview"),
+            }
+        }
+        self.tidy_storage(tidied).await
+    }
+
+    async fn tidy_storage(&self, mut tidied: Tidied) -> Result<Tidied, DeployError> {
+        let config = &self.services.config;
+        for row in self.services.db.excess_deployments(i64::from(config.keep_deployments)).await? {
+            self.halt(&row.id).await;
+            if let Some(db) = &row.db_name {
+                self.services.databases.drop_database(db).await?;
+            }
+            self.services.db.delete_deployment(&row.id).await?;
+            self.remove_files(&row.id);
+            self.services
+                .db
+                .event(
+                    Some(&row.app_name),
+                    Some(&row.id),
+                    "remove",
+                    "janitor",
+                    serde_json::json!({ "keep": config.keep_deployments }),
+                )
+                .await?;
+            tracing::info!(deployment = %row.id, app = %row.app_name, "old deployment removed");
+            tidied.removed.push(row.id);
+        }
+        if !tidied.removed.is_empty() {
+            let _ = self.services.routes.publish().await;
+        }
+        tidied.artifacts = crate::artifacts::collect_garbage(
+            &self.services.db,
+            &self.services.store,
+            config.artifact_grace.as_secs() as i64,
+        )
+        .await?;
+        Ok(tidied)
+    }
+
+    /// Runs [`Deployer::tidy`] every `--janitor-interval` until `stop`.
+    pub async fn janitor(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.services.config.janitor_interval) => {}
+                _ = stop.changed() => return,
+            }
+            match self.tidy().await {
+                Ok(t) if t == Tidied::default() => {}
+                Ok(t) => tracing::info!(
+                    idle_stopped = t.idle_stopped.len(),
+                    removed = t.removed.len(),
+                    artifacts = t.artifacts,
+                    "janitor round"
+                ),
+                Err(e) => tracing::warn!(error = %e, "janitor round failed; trying again next round"),
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! What a deployment's sandbox is made of: its binary, mounts, files in
+//! `/etc`, environment (platform variables, the app's, the push's), arguments,
+//! limits and health check.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nx_protocol::api::HealthSetting;
+use nx_runtime::spec::{group_file, hosts_file, passwd_file, SandboxSpec};
+use nx_runtime::supervisor::{RestartPolicy, SandboxConfig};
+use nx_runtime::HealthCheck;
+
+use super::{io_err, DeployError, Deployer};
+use crate::db::{AppRow, DeploymentRow};
+use crate::pg::app_database_env;
+
+/// Variables the platform sets and pushes may not override.
+pub const RESERVED_ENV: [&str; 4] = ["PORT", "HOST", "NX_APP", "NX_DEPLOYMENT"];
+
+/// Checks pushed variables: names a shell would accept, no NUL bytes, nothing
+/// the platform sets itself.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), DeployError> {
+    for (k, v) in env {
+        let valid = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(DeployError::Invalid(format!(
+                "environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit"
+            )));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(DeployError::Invalid(format!("{k} is set by the platform and cannot be overridden")));
+        }
+        if v.contains('\0') {
+            return Err(DeployError::Invalid(format!("the value of {k} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+/// Expands `$PORT`, `${PORT}`, `$HOST`, `$NX_APP` and `$NX_DEPLOYMENT` in an
+/// argument; `$$` is a literal `$`. Secrets are never expanded: arguments are
+/// visible to every user of the host.
+pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+            continue;
+        }
+        let (name, after) = match rest.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(end) => (&r[..end], &r[end + 1..]),
+                None => ("", rest),
+            },
+            None => {
+                let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+                (&rest[..end], &rest[end..])
+            }
+        };
+        match vars.iter().find(|(k, _)| *k == name) {
+            Some((_, v)) => {
+                out.push_str(v);
+                rest = after;
+            }
+            None => {
+                // Unknown names stay as written.
+                out.push('$');
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Deployer {
+    /// The limits a deployment gets unless its app asks otherwise, and what
+    /// enforces each on this host.
+    pub fn default_limits(&self) -> Vec<nx_protocol::api::Enforcement> {
+        let limits = self.services.config.limits_for(&nx_protocol::api::LimitSettings::default());
+        let (mut report, _) = nx_runtime::cgroup::plan(&self.services.cgroups, &limits);
+        report.push(self.services.volumes.plan(limits.data_bytes.unwrap_or(0)));
+        report
+    }
+
+    /// Isolation besides limits: the system call filter and the network.
+    pub fn isolation(&self) -> Vec<nx_protocol::api::Enforcement> {
+        vec![
+            nx_protocol::api::Enforcement::enforced("syscalls", "filtered".into(), "seccomp"),
+            self.services.network.clone(),
+        ]
+    }
+
+    pub(super) async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
+        let binary = self.services.store.materialize(&row.artifact_sha256).await?;
+        let uid = app.uid as u32;
+        let data_root = &self.services.config.data_dir;
+        let app_dir = data_root.join("apps").join(&app.name);
+        let data_dir = app_dir.join("data");
+        for (dir, mode) in [(data_root.join("apps"), 0o711), (app_dir.clone(), 0o711)] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(&dir))?;
+        }
+        let limits = self.services.config.limits_for(&app.settings.limits);
+        let data_limit = self.services.volumes.ensure(&app_dir, uid, limits.data_bytes.unwrap_or(0)).await?;
+        std::os::unix::fs::chown(&data_dir, Some(uid), Some(uid)).map_err(io_err(&data_dir))?;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+        let group = self.services.config.cgroup_group();
+        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
+        enforced.report.push(data_limit);
+        enforced.report.push(self.services.network.clone());
+        self.services.db.set_limits(&row.id, &enforced.report).await?;
+
+        let etc = data_root.join("run").join(&row.id).join("etc");
+        std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|_| "nameserver 1.1.1.1\n".into());
+        let files = [
+            ("passwd", passwd_file(&app.name)),
+            ("group", group_file(&app.name)),
+            ("hosts", hosts_file(&app.name)),
+            ("resolv.conf", resolv),
+            ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
+        ];
+        let mut etc_files = Vec::new();
+        for (name, contents) in files {
+            let path = etc.join(name);
+            std::fs::write(&path, contents).map_err(io_err(&path))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&path))?;
+            etc_files.push((path, name.to_owned()));
+        }
+        let mut ro_binds = Vec::new();
+        let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        if ca.exists() {
+            ro_binds.push((ca.to_owned(), "/etc/ssl/certs/ca-certificates.crt".to_owned()));
+        }
+
+        let password = self
+            .services
+            .master
+            .open_str(&app.db_password)
+            .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+        let port = row.port as u16;
+        let port_s = port.to_string();
+        let mut env: Vec<(String, String)> = vec![
+            ("PORT".into(), port_s.clone()),
+            ("HOST".into(), "127.0.0.1".into()),
+            ("NX_APP".into(), app.name.clone()),
+            ("NX_DEPLOYMENT".into(), row.id.clone()),
+            ("HOME".into(), "/data".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("SSL_CERT_FILE".into(), "/etc/ssl/certs/ca-certificates.crt".into()),
+        ];
+        match (&row.db_name, &row.db_password) {
+            (Some(name), Some(sealed)) => {
+                let own = self
+                    .services
+                    .master
+                    .open_str(sealed)
+                    .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+                env.extend(app_database_env(&self.services.endpoint, name, name, &own));
+            }
+            _ => env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password)),
+        }
+        // The app's variables, then the push's own over them.
+        for (k, sealed) in self.services.db.env_sealed(app.id).await? {
+            let v = self
+                .services
+                .master
+                .open_str(&sealed)
+                .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+            env.retain(|(name, _)| *name != k);
+            env.push((k, v));
+        }
+        if let Some(sealed) = &row.env {
+            let json = self
+                .services
+                .master
+                .open(sealed)
+                .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
+            let own: BTreeMap<String, String> = serde_json::from_slice(&json)
+                .map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
+            for (k, v) in own {
+                env.retain(|(name, _)| *name != k);
+                env.push((k, v));
+            }
+        }
+        let vars = [
+            ("PORT", port_s.as_str()),
+            ("HOST", "127.0.0.1"),
+            ("NX_APP", app.name.as_str()),
+            ("NX_DEPLOYMENT", row.id.as_str()),
+        ];
+        let args = row.args.0.iter().map(|a| expand_arg(a, &vars)).collect();
+        let binary_name = row
+            .filename
+            .as_deref()
+            .map(|f| f.rsplit('/').next().unwrap_or(f))
+            .filter(|f| {
+                !f.is_empty()
+                    && !f.starts_with('.')
+                    && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+            .unwrap_or("app")
+            .to_owned();
+        Ok(SandboxConfig {
+            spec: SandboxSpec {
+                hostname: app.name.clone(),
+                binary,
+                binary_name,
+                args,
+                data_dir,
+                etc_files,
+                dynamic: row.linkage == "dynamic",
+                tmp_size_bytes: limits.tmp_bytes,
+                seccomp_fd: None,
+                share_net: true,
+                ro_binds,
+            },
+            host: self.services.host.clone(),
+            bwrap: self.services.config.bwrap.clone(),
+            host_ids: (uid, uid),
+            env,
+            addr: ([127, 0, 0, 1], port).into(),
+            health: match &app.settings.health {
+                None => HealthCheck::default(),
+                Some(HealthSetting::Http { path }) => HealthCheck::Http { path: path.clone(), require_success: true },
+                Some(HealthSetting::Tcp) => HealthCheck::Tcp,
+            },
+            start_timeout: self.services.config.start_timeout,
+            stop_grace: self.services.config.stop_grace,
+            restart: RestartPolicy {
+                max_restarts: self.services.config.max_restarts,
+                window: self.services.config.restart_window,
+                backoff_base: self.services.config.restart_backoff,
+                backoff_cap: std::time::Duration::from_secs(30),
+            },
+            seccomp: Some(self.services.seccomp.clone()),
+            cgroup: Some(enforced.cgroup),
+            rlimits: enforced.rlimits,
+            proc_root: PathBuf::from("/proc"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_expand_platform_variables_only() {
+        let vars = [("PORT", "20001"), ("HOST", "127.0.0.1")];
+        assert_eq!(expand_arg("127.0.0.1:$PORT", &vars), "127.0.0.1:20001");
+        assert_eq!(expand_arg("${HOST}:${PORT}", &vars), "127.0.0.1:20001");
+        assert_eq!(expand_arg("$$PORT", &vars), "$PORT");
+        assert_eq!(expand_arg("$DATABASE_URL", &vars), "$DATABASE_URL");
+        assert_eq!(expand_arg("${SECRET}x", &vars), "${SECRET}x");
+        assert_eq!(expand_arg("cost: 5$", &vars), "cost: 5$");
+        assert_eq!(expand_arg("${PORT", &vars), "${PORT");
+    }
+
+    #[test]
+    fn env_names_and_reserved_variables_are_checked() {
+        let ok: BTreeMap<String, String> = [("API_KEY".to_owned(), "x".to_owned())].into();
+        assert!(validate_env(&ok).is_ok());
+        for bad in ["1X", "A-B", "PORT", "NX_APP", ""] {
+            let env: BTreeMap<String, String> = [(bad.to_owned(), "x".to_owned())].into();
+            assert!(validate_env(&env).is_err(), "{bad}");
+        }
+        let nul: BTreeMap<String, String> = [("A".to_owned(), "a\0b".to_owned())].into();
+        assert!(validate_env(&nul).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Previews that clean up after themselves: idle ones stop, closed pull
+//! requests take theirs along, old deployments and unused binaries go, and
+//! production and the rollback target are never touched.
+
+use std::time::{Duration, Instant};
+
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::{psql, NxOutput, Options};
+use nx_e2e::{bin, eventually, Receiver};
+
+fn id(d: &serde_json::Value) -> String {
+    d["id"].as_str().unwrap().to_owned()
+}
+
+/// The state of each deployment of `app`, by id.
+fn states(r: &Receiver, app: &str) -> std::collections::BTreeMap<String, String> {
+    let listing = r.nx_ok(&["--json", "ls", app]).json();
+    listing[0]["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (id(d), d["state"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn receiver(args: &[&str]) -> Receiver {
+    Receiver::start_with(Options { args: args.iter().map(|a| (*a).to_owned()).collect(), ..Options::default() })
+}
+
+#[test]
+fn idle_previews_stop_and_say_why_while_production_and_its_rollback_target_stay() {
+    let r = receiver(&["--preview-idle", "4s", "--janitor-interval", "1s"]);
+    r.create_app("web");
+    let goweb = fixtures::go(Go::Static);
+    let old = r.push("web", &goweb, &["--promote"]);
+    let production = r.push("web", &goweb, &["--promote"]);
+    let idle = r.push("web", &goweb, &[]);
+    let busy = r.push("web", &goweb, &[]);
+
+    // The busy preview is visited every half second for longer than the idle time.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        assert_eq!(r.get(busy["preview_url"].as_str().unwrap()).status, 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let s = states(&r, "web");
+    assert_eq!(s[&id(&idle)], "stopped", "{s:?}");
+    assert_eq!(s[&id(&busy)], "healthy", "a visited preview stays: {s:?}");
+    assert_eq!(s[&id(&production)], "healthy", "production is never idle-stopped: {s:?}");
+    assert_eq!(s[&id(&old)], "healthy", "nor is the rollback target: {s:?}");
+    let page = r.get(idle["preview_url"].as_str().unwrap());
+    assert_eq!(page.status, 410);
+    assert!(page.body.contains("no requests for 4 seconds"), "{}", page.body);
+
+    // Left alone, the busy one goes too.
+    eventually(15, "the no longer visited preview to stop", || {
+        (states(&r, "web")[&id(&busy)] == "stopped").then_some(())
+    });
+    r.nx_ok(&["rollback", "--app", "web"]);
+}
+
+#[test]
+fn a_closed_pull_request_stops_its_previews_and_drops_their_databases() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
+    let goweb = fixtures::go(Go::Static);
+    let first = r.push("web", &goweb, &["--pr", "7"]);
+    let second = r.push("web", &goweb, &["--pr", "7"]);
+    let other = r.push("web", &goweb, &["--pr", "2"]);
+    let databases =
+        || psql(&r.admin_url("postgres"), "SELECT count(*) FROM pg_database WHERE datname LIKE '%web\\_%'").unwrap();
+    assert_eq!(databases(), "3", "each preview has its own database");
+
+    let closed = r.nx_ok(&["--json", "stop", "--pr", "7"]).json();
+    let mut stopped: Vec<String> =
+        closed["stopped"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    stopped.sort();
+    let mut expected = vec![id(&first), id(&second)];
+    expected.sort();
+    assert_eq!(stopped, expected);
+    assert_eq!(states(&r, "web")[&id(&other)], "healthy");
+    assert_eq!(databases(), "1", "the closed pull request's databases are gone");
+    let page = r.get(first["preview_url"].as_str().unwrap());
+    assert_eq!(page.status, 410);
+    assert!(page.body.contains("pull request #7 was closed"), "{}", page.body);
+
+    // The GitHub Action on the real `pull_request` `closed` event (pull
+    // request #2 in GitHub's example payload) does the same.
+    let event =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/github/webhooks/pull_request.closed.json");
+    let summary = tempfile::NamedTempFile::new().unwrap();
+    let action = NxOutput::from(
+        r.nx_command(&r.admin_token)
+            .arg("github-action")
+            .env("INPUT_APP", "web")
+            .env("GITHUB_EVENT_NAME", "pull_request")
+            .env("GITHUB_EVENT_PATH", &event)
+            .env("GITHUB_STEP_SUMMARY", summary.path())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(action.code, 0, "{action:?}");
+    assert!(action.stdout.contains(&id(&other)), "{}", action.stdout);
+    assert_eq!(states(&r, "web")[&id(&other)], "stopped");
+    assert!(std::fs::read_to_string(summary.path()).unwrap().contains("Pull request #2 closed"));
+    assert_eq!(databases(), "0");
+}
+
+#[test]
+fn old_deployments_and_binaries_nothing_uses_are_removed() {
+    let r = receiver(&["--keep-deployments", "2", "--artifact-grace", "0s", "--janitor-interval", "1s"]);
+    r.create_app("web");
+    let hello = r.push("web", &bin("hello"), &["--promote"]);
+    let goweb = r.push("web", &fixtures::go(Go::Static), &[]);
+    let c = fixtures::c_musl_static();
+    let c1 = r.push("web", &c, &[]);
+    let c2 = r.push("web", &c, &[]);
+    let artifacts = r.data_dir().join("store/artifacts");
+    let stored = |d: &serde_json::Value| artifacts.join(d["digest"].as_str().unwrap()).exists();
+
+    eventually(15, "the oldest preview to be removed", || (!states(&r, "web").contains_key(&id(&goweb))).then_some(()));
+    let s = states(&r, "web");
+    assert_eq!(
+        s.keys().cloned().collect::<std::collections::BTreeSet<_>>(),
+        [id(&hello), id(&c1), id(&c2)].into_iter().collect(),
+        "the two newest and production stay"
+    );
+    assert_eq!(r.get(goweb["preview_url"].as_str().unwrap()).status, 404, "its URL is gone with it");
+    assert!(!r.data_dir().join(format!("logs/deployments/{}.log", id(&goweb))).exists(), "and its log");
+    eventually(15, "the binary nothing uses to be deleted", || (!stored(&goweb)).then_some(()));
+    assert!(stored(&hello) && stored(&c1), "binaries in use stay");
+    assert_eq!(r.get(c2["preview_url"].as_str().unwrap()).body, "hello from c\n");
+}

@@ -1,0 +1,61 @@
+//! A bounded load generator for the zero-failure tests: keep-alive clients
+//! requesting one host through the router until told to stop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Requests production from several keep-alive clients until `stop`; counts
+/// answers per body and every failure (a status other than 200 or a broken
+/// connection).
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    /// Requests answered 200 so far.
+    pub ok: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    bodies: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts four clients requesting `/` of `host` through the router on `port`.
+    pub fn start(port: u16, host: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let bodies = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let threads = (0..4)
+            .map(|_| {
+                let (stop, ok, failures, bodies, host) =
+                    (stop.clone(), ok.clone(), failures.clone(), bodies.clone(), host.clone());
+                std::thread::spawn(move || {
+                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(format!("http://127.0.0.1:{port}/")).header("Host", &host).send() {
+                            Ok(resp) if resp.status() == 200 => {
+                                bodies.lock().unwrap().insert(resp.text().unwrap_or_default());
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(resp) => failures.lock().unwrap().push(format!("status {}", resp.status())),
+                            Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failures, bodies, threads }
+    }
+
+    /// Stops the clients; returns the successes, the failures and the
+    /// distinct bodies seen.
+    pub fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let bodies = self.bodies.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures, bodies)
+    }
+}
