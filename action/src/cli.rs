@@ -226,6 +226,14 @@ pub struct SetArgs {
     /// The database of pull-request previews: shared, empty or copy.
     #[arg(long, value_parser = ["shared", "empty", "copy"])]
     pub preview_db: Option<String>,
+    /// What makes production besides `nx promote` and the Promote button:
+    /// push (the action, on the production branch), merge, approval or manual.
+    #[arg(long, value_parser = ["push", "merge", "approval", "manual"])]
+    pub promote_on: Option<String>,
+    /// The GitHub repository (owner/name) whose webhooks act on this app, or
+    /// `none`; the first push from the GitHub Action sets it when unset.
+    #[arg(long, value_name = "OWNER/NAME")]
+    pub github_repo: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -19,14 +19,16 @@
 //! database = "empty"  # shared, empty or copy
 //!
 //! [promote]
-//! on = "merge"        # or "manual": only the Promote button or `nx promote`
+//! on = "push"         # the action promotes pushes to `branch` (default);
+//!                     # "merge": the merged pull request's preview (webhook);
+//!                     # "approval": an approving review (webhook); "manual"
 //! branch = "main"     # default: the repository's default branch
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nx_protocol::api::{AppSettings, HealthSetting, PreviewDb};
+use nx_protocol::api::{AppSettings, HealthSetting, PreviewDb, PromoteOn};
 use nx_protocol::units::parse_size;
 use serde::Deserialize;
 
@@ -88,22 +90,11 @@ pub struct Preview {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Promote {
-    #[serde(default)]
-    pub on: PromoteOn,
-    /// The branch whose pushes promote; the repository's default branch when
-    /// not given.
+    /// `push`, `merge`, `approval` or `manual`; see [`PromoteOn`].
+    pub on: Option<PromoteOn>,
+    /// The branch whose pushes promote (with `on = "push"`); the
+    /// repository's default branch when not given.
     pub branch: Option<String>,
-}
-
-/// When the action promotes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromoteOn {
-    /// A push to the production branch (a merged pull request is one).
-    #[default]
-    Merge,
-    /// Never by itself: the Promote button, `nx promote` or `nx push --promote`.
-    Manual,
 }
 
 impl Manifest {
@@ -140,6 +131,9 @@ impl Manifest {
         s.limits.nofile = l.nofile.or(s.limits.nofile);
         if let Some(db) = self.preview.database {
             s.preview_db = db;
+        }
+        if let Some(on) = self.promote.on {
+            s.promote_on = on;
         }
         Ok((s != *current).then_some(s))
     }
@@ -206,13 +200,14 @@ on = "manual"
         assert_eq!(m.app.as_deref(), Some("web"));
         assert_eq!(m.args, ["--port", "$PORT"]);
         assert_eq!(m.env["LOG_LEVEL"], "info");
-        assert_eq!(m.promote.on, PromoteOn::Manual);
+        assert_eq!(m.promote.on, Some(PromoteOn::Manual));
         let s = m.settings_over(&AppSettings::default()).unwrap().unwrap();
         assert_eq!(s.health, Some(HealthSetting::Http { path: "/healthz".into() }));
         assert_eq!(s.limits.memory_mib, Some(256));
         assert_eq!(s.limits.data_mib, Some(2048));
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
+        assert_eq!(s.promote_on, PromoteOn::Manual);
         // Applied once, the same file changes nothing.
         assert_eq!(m.settings_over(&s).unwrap(), None);
     }

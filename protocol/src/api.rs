@@ -119,6 +119,9 @@ pub struct PushMeta {
     /// `owner/name` of the GitHub repository the binary was built from.
     #[serde(default)]
     pub repository: Option<String>,
+    /// That repository's numeric id, which webhooks are matched by.
+    #[serde(default)]
+    pub repository_id: Option<u64>,
     /// Answer once the sandbox is started instead of once it is healthy.
     #[serde(default)]
     pub no_wait: bool,
@@ -188,6 +191,37 @@ pub enum PreviewDb {
     Copy,
 }
 
+/// What makes a deployment production, besides `nx promote` and the Promote
+/// button of its check run, which always do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromoteOn {
+    /// The GitHub Action promotes what it builds from a push to the
+    /// production branch (a merge is such a push).
+    #[default]
+    Push,
+    /// A merged pull request: its newest healthy preview, the exact binary
+    /// that was reviewed, becomes production (GitHub webhook).
+    Merge,
+    /// An approving review of the pull request (GitHub webhook).
+    Approval,
+    /// Nothing else.
+    Manual,
+}
+
+/// The GitHub repository an app is built from: webhooks of that repository
+/// (matched by its numeric id) act on the app, and its pull requests get the
+/// app's previews reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubLink {
+    /// `owner/name`.
+    pub repository: String,
+    /// Learned from the first push of the GitHub Action, or from GitHub.
+    #[serde(default)]
+    pub id: Option<u64>,
+}
+
 /// An app's settings (`PUT /v1/apps/{app}/settings`); they apply to the
 /// deployments started after the change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -201,6 +235,10 @@ pub struct AppSettings {
     /// The database of deployments pushed for a pull request.
     #[serde(default)]
     pub preview_db: PreviewDb,
+    #[serde(default)]
+    pub promote_on: PromoteOn,
+    #[serde(default)]
+    pub github: Option<GitHubLink>,
 }
 
 /// `GET /v1/apps/{app}/db`: how to reach the app's database.

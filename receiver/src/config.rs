@@ -217,6 +217,28 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_JANITOR_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub janitor_interval: Duration,
 
+    /// GitHub's API, or a GitHub Enterprise server's (`https://HOST/api/v3`).
+    #[arg(long, env = "NX_GITHUB_API", default_value = "https://api.github.com")]
+    pub github_api: String,
+
+    /// A token for GitHub's API (fine-grained: pull requests, issues,
+    /// statuses, checks and deployments of the repositories, read and
+    /// write). Either this or a GitHub App.
+    #[arg(long, env = "NX_GITHUB_TOKEN", hide_env_values = true, conflicts_with = "github_app_id")]
+    pub github_token: Option<Secret<String>>,
+
+    /// The id of the GitHub App the receiver acts as; needs --github-app-key.
+    #[arg(long, env = "NX_GITHUB_APP_ID", requires = "github_app_key")]
+    pub github_app_id: Option<u64>,
+
+    /// The GitHub App's private key (PEM file).
+    #[arg(long, env = "NX_GITHUB_APP_KEY", requires = "github_app_id")]
+    pub github_app_key: Option<PathBuf>,
+
+    /// The secret GitHub signs webhooks with; webhooks are refused without it.
+    #[arg(long, env = "NX_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub github_webhook_secret: Option<Secret<String>>,
+
     /// How apps are kept off the host's other ports: `nftables` (rules on the
     /// apps' uids) or `off` (reported as not enforced on every deployment).
     #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]

@@ -21,6 +21,7 @@ pub mod config;
 pub mod databases;
 pub mod db;
 pub mod deploy;
+pub mod github;
 pub mod network;
 pub mod pg;
 pub mod routing;

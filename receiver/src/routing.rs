@@ -462,6 +462,8 @@ mod tests {
             limits: Json(vec![]),
             db_name: None,
             db_password: None,
+            repository: None,
+            repository_id: None,
             is_production: prod,
         }
     }

@@ -211,8 +211,16 @@ async fn run(
         tokio::spawn(reload_on_sighup(router.clone(), stop_rx.clone()));
     }
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
-    tokio::spawn(expire_nonces(db.clone(), stop_rx.clone()));
+    tokio::spawn(expire_records(db.clone(), stop_rx.clone()));
 
+    let github = crate::github::client::Client::from_config(&config, db.clone())?.map(Arc::new);
+    let (reporter, reports) = match &github {
+        Some(_) => {
+            let (r, rx) = crate::github::report::Reporter::new();
+            (r, Some(rx))
+        }
+        None => (crate::github::report::Reporter::off(), None),
+    };
     let deployer = Arc::new(Deployer::new(Services {
         db: db.clone(),
         store: store.clone(),
@@ -227,7 +235,24 @@ async fn run(
         cgroups,
         network: network_report,
         volumes: volumes.clone(),
+        reporter: reporter.clone(),
     }));
+    if let (Some(client), Some(rx)) = (&github, reports) {
+        tokio::spawn(crate::github::report::run(rx, client.clone(), deployer.clone(), db.clone(), stop_rx.clone()));
+        tracing::info!(api = %config.github_api, "reporting to GitHub");
+    }
+    let webhooks = config.github_webhook_secret.clone().map(|secret| {
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(crate::github::webhook::work(
+            rx,
+            deployer.clone(),
+            db.clone(),
+            reporter.clone(),
+            github.clone(),
+            stop_rx.clone(),
+        ));
+        crate::github::webhook::Webhooks { secret, queue }
+    });
     let restarted = deployer.reconcile().await?;
     if restarted > 0 {
         tracing::info!(count = restarted, "deployments restarted");
@@ -246,6 +271,7 @@ async fn run(
         config: config.clone(),
         target,
         started: std::time::Instant::now(),
+        github: webhooks,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -289,7 +315,7 @@ async fn reload_on_sighup(router: Arc<RouterProcess>, mut stop: watch::Receiver<
     }
 }
 
-async fn expire_nonces(db: Db, mut stop: watch::Receiver<bool>) {
+async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
@@ -299,6 +325,10 @@ async fn expire_nonces(db: Db, mut stop: watch::Receiver<bool>) {
         // timestamp anyway.
         if let Err(e) = db.expire_nonces(2 * nx_protocol::auth::CLOCK_WINDOW_SECS).await {
             tracing::warn!(error = %e, "cannot expire nonces");
+        }
+        // GitHub redelivers for a few days at most.
+        if let Err(e) = db.expire_deliveries(14).await {
+            tracing::warn!(error = %e, "cannot expire webhook deliveries");
         }
     }
 }

@@ -8,6 +8,7 @@ mod attacks;
 mod cli;
 mod core;
 mod databases;
+mod github;
 mod lifecycle;
 mod router;
 mod supervision;

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod fixtures;
+pub mod github;
 pub mod http;
 pub mod load;
 pub mod moto;

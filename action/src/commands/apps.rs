@@ -1,6 +1,6 @@
 //! `nx apps create|ls|set|rm`.
 
-use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting};
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, GitHubLink, HealthSetting};
 use nx_protocol::AppName;
 
 use super::{client, print_json};
@@ -71,6 +71,22 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             }
             if let Some(mode) = args.preview_db {
                 info.settings.preview_db = serde_json::from_value(serde_json::Value::String(mode))?;
+            }
+            if let Some(on) = args.promote_on {
+                info.settings.promote_on = serde_json::from_value(serde_json::Value::String(on))?;
+            }
+            match args.github_repo.as_deref() {
+                None => {}
+                Some("none") => info.settings.github = None,
+                Some(repo) => {
+                    let keep_id = info
+                        .settings
+                        .github
+                        .as_ref()
+                        .filter(|l| l.repository.eq_ignore_ascii_case(repo))
+                        .and_then(|l| l.id);
+                    info.settings.github = Some(GitHubLink { repository: repo.to_owned(), id: keep_id });
+                }
             }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {

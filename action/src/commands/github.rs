@@ -15,12 +15,15 @@ use crate::cli::Global;
 use crate::client::Client;
 use crate::config;
 use crate::failure::Failure;
-use crate::manifest::{Promote, PromoteOn};
+use crate::manifest::Promote;
+use nx_protocol::api::PromoteOn;
 
 /// What the workflow run says about the code being deployed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RunContext {
     pub repository: Option<String>,
+    /// The repository's numeric id (GITHUB_REPOSITORY_ID, or the event's).
+    pub repository_id: Option<u64>,
     pub sha: Option<String>,
     pub git_ref: Option<String>,
     pub pr: Option<u64>,
@@ -38,6 +41,7 @@ impl RunContext {
     pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<RunContext> {
         let mut ctx = RunContext {
             repository: env("GITHUB_REPOSITORY"),
+            repository_id: env("GITHUB_REPOSITORY_ID").and_then(|v| v.parse().ok()),
             sha: env("GITHUB_SHA"),
             git_ref: env("GITHUB_HEAD_REF").filter(|r| !r.is_empty()).or_else(|| env("GITHUB_REF_NAME")),
             pr: None,
@@ -63,17 +67,21 @@ impl RunContext {
             if let Some(name) = event["repository"]["full_name"].as_str() {
                 ctx.repository = Some(name.to_owned());
             }
+            if let Some(id) = event["repository"]["id"].as_u64() {
+                ctx.repository_id = Some(id);
+            }
             ctx.default_branch = event["repository"]["default_branch"].as_str().map(str::to_owned);
         }
         Ok(ctx)
     }
 
     /// Whether nx.toml's `[promote]` makes this run's deployment production:
-    /// with `on = "merge"`, a push to the production branch (which a merged
-    /// pull request is).
+    /// with `on = "push"` (the default), a push to the production branch
+    /// (which a merged pull request is). The other rules are the receiver's,
+    /// on GitHub's webhooks.
     pub fn promotes(&self, rule: &Promote) -> bool {
         let branch = rule.branch.as_deref().or(self.default_branch.as_deref());
-        rule.on == PromoteOn::Merge
+        rule.on.unwrap_or_default() == PromoteOn::Push
             && self.event.as_deref() == Some("push")
             && self.pr.is_none()
             && branch.is_some()
@@ -175,6 +183,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         pr: ctx.pr,
         source: Source::Action,
         repository: ctx.repository.clone(),
+        repository_id: ctx.repository_id,
         no_wait: !wait,
         push_id: None,
     };
@@ -246,7 +255,7 @@ mod tests {
         let event = dir.join("event.json");
         std::fs::write(
             &event,
-            r#"{"pull_request":{"number":7,"head":{"sha":"abc123","ref":"feature"}},"repository":{"full_name":"o/r"}}"#,
+            r#"{"pull_request":{"number":7,"head":{"sha":"abc123","ref":"feature"}},"repository":{"full_name":"o/r","id":42}}"#,
         )
         .unwrap();
         let vars: Vec<(String, String)> = vec![
@@ -260,6 +269,7 @@ mod tests {
             ctx,
             RunContext {
                 repository: Some("o/r".into()),
+                repository_id: Some(42),
                 sha: Some("abc123".into()),
                 git_ref: Some("feature".into()),
                 pr: Some(7),
@@ -271,22 +281,23 @@ mod tests {
     }
 
     #[test]
-    fn merge_rules_promote_pushes_to_the_production_branch_only() {
+    fn push_rules_promote_pushes_to_the_production_branch_only() {
         let push = |git_ref: &str| RunContext {
             git_ref: Some(git_ref.into()),
             event: Some("push".into()),
             default_branch: Some("main".into()),
             ..RunContext::default()
         };
-        let merge = Promote::default();
-        assert!(push("main").promotes(&merge));
-        assert!(!push("feature").promotes(&merge));
+        let default = Promote::default();
+        assert!(push("main").promotes(&default));
+        assert!(!push("feature").promotes(&default));
         let pr = RunContext { pr: Some(3), event: Some("pull_request".into()), ..push("main") };
-        assert!(!pr.promotes(&merge), "pull requests get previews, never production");
+        assert!(!pr.promotes(&default), "pull requests get previews, never production");
         let release = Promote { branch: Some("release".into()), ..Promote::default() };
         assert!(push("release").promotes(&release) && !push("main").promotes(&release));
-        let manual = Promote { on: PromoteOn::Manual, branch: None };
-        assert!(!push("main").promotes(&manual));
+        for on in [PromoteOn::Manual, PromoteOn::Merge, PromoteOn::Approval] {
+            assert!(!push("main").promotes(&Promote { on: Some(on), branch: None }), "{on:?} is not the action's");
+        }
     }
 
     #[test]

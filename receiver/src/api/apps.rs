@@ -84,6 +84,18 @@ pub async fn settings(
             )));
         }
     }
+    if let Some(link) = &settings.github {
+        let valid = link.repository.split_once('/').is_some_and(|(owner, name)| {
+            let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            ok(owner) && ok(name)
+        });
+        if !valid {
+            return Err(ApiError::BadRequest(format!(
+                "GitHub repository {:?} must be written owner/name",
+                link.repository
+            )));
+        }
+    }
     state.db.set_settings(row.id, &settings).await?;
     state
         .db

@@ -42,6 +42,8 @@ pub struct AppState {
     pub target: Arc<ServerTarget>,
     /// When this receiver started serving.
     pub started: std::time::Instant,
+    /// GitHub's webhooks, when a webhook secret is configured.
+    pub github: Option<crate::github::webhook::Webhooks>,
 }
 
 /// The API router.
@@ -72,6 +74,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/target", get(target))
+        // Signed by GitHub, not by nx: verified in the handler.
+        .route("/v1/github/webhook", post(crate::github::webhook::receive))
         .merge(signed)
         .fallback(not_found)
         // Uploads are streamed and capped by the store, not buffered here.

@@ -79,6 +79,8 @@ impl Deployer {
             pr_number: None,
             source: &old.source,
             push_id: None,
+            repository: old.repository.as_deref(),
+            repository_id: old.repository_id,
         })
         .await?;
         self.services

@@ -107,6 +107,8 @@ pub struct Services {
     /// How network isolation is enforced, for every deployment's report.
     pub network: nx_protocol::api::Enforcement,
     pub volumes: Volumes,
+    /// Tells GitHub about deployments pushed from it.
+    pub reporter: crate::github::report::Reporter,
 }
 
 /// The deployment service.
@@ -200,6 +202,7 @@ impl Deployer {
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
+        crate::github::link::check_push(&self.services.db, app, meta, actor).await?;
         if let Some(push_id) = &meta.push_id {
             if !nx_protocol::auth::is_valid_nonce(push_id) {
                 return Err(DeployError::Invalid("push_id must be 16 to 64 characters of A-Z a-z 0-9 - _".into()));
@@ -229,6 +232,8 @@ impl Deployer {
                 pr_number: meta.pr.map(|p| p as i64),
                 source: meta.source.as_str(),
                 push_id: meta.push_id.as_deref(),
+                repository: meta.repository.as_deref(),
+                repository_id: meta.repository_id.map(|i| i as i64),
             })
             .await;
         if let Err(e) = recorded {
@@ -351,10 +356,13 @@ impl Deployer {
         tokio::spawn(watch_sandbox(
             sandbox.watch(),
             applied_tx,
-            self.services.db.clone(),
-            self.services.routes.clone(),
-            row.id.clone(),
-            row.app_name.clone(),
+            Watcher {
+                db: self.services.db.clone(),
+                routes: self.services.routes.clone(),
+                reporter: self.services.reporter.clone(),
+                id: row.id.clone(),
+                app: row.app_name.clone(),
+            },
         ));
         let mut waiter = applied.clone();
         if let Some(old) =
@@ -412,6 +420,9 @@ impl Deployer {
         if let Err(e) = self.services.routes.publish().await {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
+        self.services
+            .reporter
+            .send(crate::github::report::Event::Promoted { deployment: id.to_owned(), previous: previous.clone() });
         if let Some(db) = preview_db {
             self.services.databases.drop_database(&db).await?;
         }
@@ -516,16 +527,19 @@ fn poisoned() -> DeployError {
     DeployError::Invalid("internal state lock poisoned".into())
 }
 
-/// Applies each status of one sandbox to the database and the router, then
-/// publishes it as applied.
-async fn watch_sandbox(
-    mut status: watch::Receiver<Status>,
-    applied: watch::Sender<Status>,
+/// Where a sandbox's watcher applies its statuses.
+struct Watcher {
     db: Db,
     routes: Arc<RoutePublisher>,
+    reporter: crate::github::report::Reporter,
     id: String,
     app: String,
-) {
+}
+
+/// Applies each status of one sandbox to the database and the router, then
+/// publishes it as applied, and reports it to GitHub.
+async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Sender<Status>, w: Watcher) {
+    let Watcher { db, routes, reporter, id, app } = w;
     loop {
         let current = status.borrow_and_update().clone();
         let write = match &current {
@@ -547,6 +561,9 @@ async fn watch_sandbox(
             }
             let _ = routes.publish().await;
             tracing::info!(deployment = %id, app = %app, state = state.as_str(), "deployment state");
+            if matches!(state, DeploymentState::Healthy | DeploymentState::Failed) {
+                reporter.send(crate::github::report::Event::Settled(id.clone()));
+            }
         }
         let _ = applied.send(current.clone());
         if current.is_final() || status.changed().await.is_err() {

@@ -6,6 +6,10 @@ use nx_protocol::api::DeploymentState;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
+mod github;
+
+pub use github::ReportRow;
+
 /// Cheap-to-clone handle to the metadata pool.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -59,6 +63,8 @@ pub struct DeploymentRow {
     /// A preview's own database (its name is also its role), and its sealed password.
     pub db_name: Option<String>,
     pub db_password: Option<Vec<u8>>,
+    pub repository: Option<String>,
+    pub repository_id: Option<i64>,
     pub is_production: bool,
 }
 
@@ -114,6 +120,8 @@ pub struct NewDeployment<'a> {
     pub pr_number: Option<i64>,
     pub source: &'a str,
     pub push_id: Option<&'a str>,
+    pub repository: Option<&'a str>,
+    pub repository_id: Option<i64>,
 }
 
 /// A deployment that lifecycle rules never touch: its app's production or
@@ -122,7 +130,7 @@ const NOT_PROTECTED: &str = "d.id IS DISTINCT FROM a.production_id AND d.id IS D
 
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
-     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
 
@@ -388,8 +396,8 @@ impl Db {
 
     pub async fn insert_deployment(&self, d: &NewDeployment<'_>) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id, repository, repository_id) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(d.id)
         .bind(d.app_id)
@@ -403,6 +411,8 @@ impl Db {
         .bind(d.pr_number)
         .bind(d.source)
         .bind(d.push_id)
+        .bind(d.repository)
+        .bind(d.repository_id)
         .execute(&self.pool)
         .await
         .map(|_| ())

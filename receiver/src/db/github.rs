@@ -1,0 +1,150 @@
+//! The metadata of the GitHub integration: installations, webhook
+//! deliveries, and what was reported where.
+
+use sqlx::types::Json;
+
+use super::{AppRow, Db};
+
+/// What was reported about one deployment.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct ReportRow {
+    pub state: Option<String>,
+    pub check_run_id: Option<i64>,
+    pub preview_deployment: Option<i64>,
+    pub production_deployment: Option<i64>,
+}
+
+impl Db {
+    pub async fn github_installation(&self, account: &str) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM github_installations WHERE lower(account) = lower($1) ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(account)
+        .fetch_optional(self.pool())
+        .await
+    }
+
+    pub async fn add_github_installation(&self, id: i64, account: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO github_installations (id, account) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account")
+            .bind(id)
+            .bind(account)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+    }
+
+    /// Forgets an installation; returns its account, if it was known.
+    pub async fn remove_github_installation(&self, id: i64) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("DELETE FROM github_installations WHERE id = $1 RETURNING account")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+    }
+
+    /// Remembers a webhook delivery; `false` when it was seen before.
+    pub async fn record_delivery(&self, id: &str, event: &str) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query("INSERT INTO github_deliveries (id, event) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(id)
+            .bind(event)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets deliveries older than GitHub ever redelivers.
+    pub async fn expire_deliveries(&self, older_than_days: i32) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query("DELETE FROM github_deliveries WHERE received_at < now() - make_interval(days => $1)")
+            .bind(older_than_days)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// The apps linked to the repository with this numeric id.
+    pub async fn apps_of_repository(&self, repository_id: i64) -> Result<Vec<AppRow>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM apps WHERE (settings -> 'github' ->> 'id')::bigint = $1 ORDER BY name")
+            .bind(repository_id)
+            .fetch_all(self.pool())
+            .await
+    }
+
+    /// Records an app's link to a repository, leaving the rest of its
+    /// settings as they are.
+    pub async fn link_repository(&self, app_id: i64, link: &nx_protocol::api::GitHubLink) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE apps SET settings = jsonb_set(settings, '{github}', $2) WHERE id = $1")
+            .bind(app_id)
+            .bind(Json(link))
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+    }
+
+    /// The newest healthy deployment of `app` built from commit `sha`.
+    pub async fn newest_healthy_of_commit(&self, app_id: i64, sha: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM deployments WHERE app_id = $1 AND git_sha = $2 AND state = 'healthy' ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(app_id)
+        .bind(sha)
+        .fetch_optional(self.pool())
+        .await
+    }
+
+    pub async fn github_comment(&self, app_id: i64, repository_id: i64, pr: i64) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT comment_id FROM github_comments WHERE app_id = $1 AND repository_id = $2 AND pr = $3",
+        )
+        .bind(app_id)
+        .bind(repository_id)
+        .bind(pr)
+        .fetch_optional(self.pool())
+        .await
+    }
+
+    pub async fn set_github_comment(
+        &self,
+        app_id: i64,
+        repository_id: i64,
+        pr: i64,
+        comment_id: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO github_comments (app_id, repository_id, pr, comment_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (app_id, repository_id, pr) DO UPDATE SET comment_id = EXCLUDED.comment_id",
+        )
+        .bind(app_id)
+        .bind(repository_id)
+        .bind(pr)
+        .bind(comment_id)
+        .execute(self.pool())
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn github_report(&self, deployment: &str) -> Result<ReportRow, sqlx::Error> {
+        Ok(sqlx::query_as(
+            "SELECT state, check_run_id, preview_deployment, production_deployment FROM github_reports WHERE deployment_id = $1",
+        )
+        .bind(deployment)
+        .fetch_optional(self.pool())
+        .await?
+        .unwrap_or_default())
+    }
+
+    pub async fn save_github_report(&self, deployment: &str, r: &ReportRow) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO github_reports (deployment_id, state, check_run_id, preview_deployment, production_deployment) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (deployment_id) DO UPDATE SET state = EXCLUDED.state, \
+             check_run_id = EXCLUDED.check_run_id, preview_deployment = EXCLUDED.preview_deployment, \
+             production_deployment = EXCLUDED.production_deployment, updated_at = now()",
+        )
+        .bind(deployment)
+        .bind(&r.state)
+        .bind(r.check_run_id)
+        .bind(r.preview_deployment)
+        .bind(r.production_deployment)
+        .execute(self.pool())
+        .await
+        .map(|_| ())
+    }
+}

@@ -1,0 +1,243 @@
+//! A local stand-in for GitHub: its REST API, as far as the receiver uses it,
+//! answering with GitHub's published response examples
+//! (`tests/fixtures/github/api`) and recording every call; and webhook
+//! deliveries signed the way GitHub signs them.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+/// One call the receiver made.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub authorization: String,
+    pub body: Value,
+    /// What the fake answered.
+    pub response: Value,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    calls: Mutex<Vec<Call>>,
+    next_id: AtomicI64,
+    /// Answer this many calls with 500 before behaving.
+    failures: AtomicU32,
+}
+
+/// The fake API, serving on a loopback port until dropped.
+#[derive(Debug)]
+pub struct FakeGitHub {
+    pub url: String,
+    state: Arc<State>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/github")
+}
+
+/// A published response example, by file name (without `.response.json`).
+fn example(name: &str) -> Value {
+    let path = fixtures().join(format!("api/{name}.response.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// A webhook payload example, by file name (without `.json`).
+pub fn payload(name: &str) -> Value {
+    let path = fixtures().join(format!("webhooks/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+impl FakeGitHub {
+    pub fn start() -> FakeGitHub {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State { next_id: AtomicI64::new(1000), ..State::default() });
+        let shared = state.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| answer(req, state.clone()));
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        FakeGitHub { url, state, _runtime: runtime }
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    /// The calls so far whose method and path match (the path may end in `*`).
+    pub fn calls_to(&self, method: &str, path: &str) -> Vec<Call> {
+        let matches = |p: &str| match path.strip_suffix('*') {
+            Some(prefix) => p.starts_with(prefix),
+            None => p == path,
+        };
+        self.calls().into_iter().filter(|c| c.method == method && matches(&c.path)).collect()
+    }
+
+    /// Makes the next `n` calls fail with 500, as GitHub does on a bad day.
+    pub fn fail_next(&self, n: u32) {
+        self.state.failures.store(n, Ordering::SeqCst);
+    }
+}
+
+async fn answer(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let index = {
+        let mut calls = state.calls.lock().unwrap();
+        calls.push(Call {
+            method: method.clone(),
+            path: path.clone(),
+            authorization,
+            body: body.clone(),
+            response: Value::Null,
+        });
+        calls.len() - 1
+    };
+    let reply = |status: u16, value: Value| {
+        state.calls.lock().unwrap()[index].response = value.clone();
+        let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        Ok(r)
+    };
+    if state.failures.load(Ordering::SeqCst) > 0 {
+        state.failures.fetch_sub(1, Ordering::SeqCst);
+        return reply(500, json!({ "message": "Server Error" }));
+    }
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let with = |mut v: Value, fields: &[(&str, Value)]| {
+        for (k, f) in fields {
+            v[*k] = f.clone();
+        }
+        v
+    };
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", ["app", "installations", _, "access_tokens"]) => reply(
+            201,
+            json!({ "token": format!("ghs_fake{id}"), "expires_at": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "permissions": {} }),
+        ),
+        ("GET", ["repos", owner, _, "installation"]) => {
+            reply(200, json!({ "id": 4242, "account": { "login": owner }, "app_id": 1 }))
+        }
+        ("POST", ["repos", _, _, "issues", _, "comments"]) => {
+            reply(201, with(example("create-issue-comment"), &[("id", id.into()), ("body", body["body"].clone())]))
+        }
+        ("PATCH", ["repos", _, _, "issues", "comments", c]) => {
+            let c: i64 = c.parse().unwrap_or(0);
+            reply(200, with(example("update-issue-comment"), &[("id", c.into()), ("body", body["body"].clone())]))
+        }
+        ("POST", ["repos", _, _, "statuses", _]) => {
+            reply(201, with(example("create-commit-status"), &[("id", id.into())]))
+        }
+        ("POST", ["repos", _, _, "check-runs"]) => reply(
+            201,
+            with(example("create-check-run.completed"), &[("id", id.into()), ("head_sha", body["head_sha"].clone())]),
+        ),
+        ("PATCH", ["repos", _, _, "check-runs", c]) => {
+            reply(200, with(example("update-check-run"), &[("id", c.parse::<i64>().unwrap_or(0).into())]))
+        }
+        ("POST", ["repos", _, _, "deployments"]) => reply(
+            201,
+            with(
+                example("create-deployment.simple"),
+                &[("id", id.into()), ("environment", body["environment"].clone())],
+            ),
+        ),
+        ("POST", ["repos", _, _, "deployments", _, "statuses"]) => {
+            reply(201, with(example("create-deployment-status"), &[("id", id.into())]))
+        }
+        _ => reply(404, json!({ "message": "Not Found", "documentation_url": "https://docs.github.com/rest" })),
+    }
+}
+
+/// A webhook delivery, signed with `secret` as GitHub signs it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub event: String,
+    pub id: String,
+    pub body: Vec<u8>,
+}
+
+impl Delivery {
+    pub fn new(event: &str, payload: &Value) -> Delivery {
+        Delivery {
+            event: event.into(),
+            id: format!("{:032x}", rand::random::<u128>()),
+            body: payload.to_string().into_bytes(),
+        }
+    }
+
+    /// `X-Hub-Signature-256` of the body under `secret`.
+    pub fn signature(&self, secret: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(&self.body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Posts it to the receiver's webhook endpoint with `signature`; returns
+    /// the status and body.
+    pub fn send_signed(&self, api: &str, signature: &str) -> (u16, String) {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{api}/v1/github/webhook"))
+            .header("content-type", "application/json")
+            .header("x-github-event", &self.event)
+            .header("x-github-delivery", &self.id)
+            .header("x-hub-signature-256", signature)
+            .header("user-agent", "GitHub-Hookshot/fake")
+            .body(self.body.clone())
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    }
+
+    /// Posts it signed with `secret`.
+    pub fn send(&self, api: &str, secret: &str) -> (u16, String) {
+        self.send_signed(api, &self.signature(secret))
+    }
+}
+
+/// Replaces the values at the JSON pointers given, as a test case needs.
+pub fn with(mut v: Value, changes: &[(&str, Value)]) -> Value {
+    for (pointer, value) in changes {
+        *v.pointer_mut(pointer).unwrap_or_else(|| panic!("no {pointer} in the payload")) = value.clone();
+    }
+    v
+}
+
+/// The calls in `calls` by method and path, for failure messages.
+pub fn summary(calls: &[Call]) -> String {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for c in calls {
+        *counts.entry(format!("{} {}", c.method, c.path)).or_default() += 1;
+    }
+    let mut lines: Vec<String> = counts.into_iter().map(|(k, n)| format!("{n} × {k}")).collect();
+    lines.sort();
+    lines.join("\n")
+}
