@@ -55,6 +55,10 @@ struct Run {
 
 /// Runs `nx github-action` as a GitHub runner runs the action's step.
 fn run_action(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Path) -> Run {
+    run_action_with(r, key, event, payload, binary, &[])
+}
+
+fn run_action_with(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Path, env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let (event_path, output, step_summary) =
         (dir.path().join("event.json"), dir.path().join("output"), dir.path().join("summary"));
@@ -71,6 +75,7 @@ fn run_action(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Pa
             .env("GITHUB_REPOSITORY", REPO)
             .env("GITHUB_OUTPUT", &output)
             .env("GITHUB_STEP_SUMMARY", &step_summary)
+            .envs(env.iter().copied())
             .output()
             .unwrap(),
     );
@@ -194,6 +199,27 @@ fn a_pull_request_gets_its_preview_reported_and_merging_it_makes_that_binary_pro
 
     // Delivered again, it is ignored.
     assert_eq!(delivery.send(&r.api(), SECRET), (200, "already handled\n".into()));
+}
+
+#[test]
+fn pushes_to_the_production_branch_promote_unless_the_app_waits_for_merges() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let push = with(payload("push"), &[("/repository/id", REPO_ID.into()), ("/repository/full_name", REPO.into())]);
+    let goweb = fixtures::go(Go::Static);
+    let branch = |name: &str| run_action_with(&r, &key, "push", &push, &goweb, &[("GITHUB_REF_NAME", name)]);
+    let feature = branch("feature");
+    assert_eq!(feature.out.code, 0, "{:?}", feature.out);
+    assert_eq!(production(&r), None, "another branch only gets a preview");
+    let main = branch("master");
+    assert_eq!(main.out.code, 0, "{:?}", main.out);
+    assert_eq!(production(&r), Some(main.outputs["deployment-id"].clone()), "the default branch is promoted");
+    assert!(main.summary.contains("| production |"), "{}", main.summary);
+
+    r.nx_ok(&["apps", "set", "web", "--promote-on", "merge"]);
+    let later = branch("master");
+    assert_eq!(later.out.code, 0, "{:?}", later.out);
+    assert_eq!(production(&r), Some(main.outputs["deployment-id"].clone()), "merges promote on the receiver, not here");
 }
 
 #[test]

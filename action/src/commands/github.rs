@@ -15,8 +15,7 @@ use crate::cli::Global;
 use crate::client::Client;
 use crate::config;
 use crate::failure::Failure;
-use crate::manifest::Promote;
-use nx_protocol::api::PromoteOn;
+use nx_protocol::api::{AppInfo, PromoteOn};
 
 /// What the workflow run says about the code being deployed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -75,13 +74,13 @@ impl RunContext {
         Ok(ctx)
     }
 
-    /// Whether nx.toml's `[promote]` makes this run's deployment production:
-    /// with `on = "push"` (the default), a push to the production branch
-    /// (which a merged pull request is). The other rules are the receiver's,
-    /// on GitHub's webhooks.
-    pub fn promotes(&self, rule: &Promote) -> bool {
-        let branch = rule.branch.as_deref().or(self.default_branch.as_deref());
-        rule.on.unwrap_or_default() == PromoteOn::Push
+    /// Whether the promotion rule makes this run's deployment production:
+    /// with `push`, a push to the production branch (`branch`, else the
+    /// repository's default one), which a merged pull request is. The other
+    /// rules are the receiver's, on GitHub's webhooks.
+    pub fn promotes(&self, on: PromoteOn, branch: Option<&str>) -> bool {
+        let branch = branch.or(self.default_branch.as_deref());
+        on == PromoteOn::Push
             && self.event.as_deref() == Some("push")
             && self.pr.is_none()
             && branch.is_some()
@@ -163,10 +162,18 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     }
     let binary = PathBuf::from(input("BINARY").ok_or_else(|| Failure::Usage("the input `binary` is required".into()))?);
     let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
-    // The input decides when given; else nx.toml's [promote] rule.
+    // The input decides when given; else nx.toml's [promote] rule; else the
+    // app's own.
     let promote = match input("PROMOTE") {
         Some(v) => truthy(Some(v), false).map_err(|e| Failure::Usage(format!("input `promote`: {e}")))?,
-        None => m.is_some_and(|m| ctx.promotes(&m.promote)),
+        None => {
+            let rule = m.map(|m| &m.promote);
+            let on = match rule.and_then(|p| p.on) {
+                Some(on) => on,
+                None => client.get::<AppInfo>(&format!("/v1/apps/{app}")).await?.settings.promote_on,
+            };
+            ctx.promotes(on, rule.and_then(|p| p.branch.as_deref()))
+        }
     };
     let mut vars = m.map(|m| m.env.clone()).unwrap_or_default();
     vars.extend(parse_env(&lines(input("ENV")))?);
@@ -288,15 +295,14 @@ mod tests {
             default_branch: Some("main".into()),
             ..RunContext::default()
         };
-        let default = Promote::default();
-        assert!(push("main").promotes(&default));
-        assert!(!push("feature").promotes(&default));
+        assert!(push("main").promotes(PromoteOn::Push, None));
+        assert!(!push("feature").promotes(PromoteOn::Push, None));
         let pr = RunContext { pr: Some(3), event: Some("pull_request".into()), ..push("main") };
-        assert!(!pr.promotes(&default), "pull requests get previews, never production");
-        let release = Promote { branch: Some("release".into()), ..Promote::default() };
-        assert!(push("release").promotes(&release) && !push("main").promotes(&release));
+        assert!(!pr.promotes(PromoteOn::Push, None), "pull requests get previews, never production");
+        assert!(push("release").promotes(PromoteOn::Push, Some("release")));
+        assert!(!push("main").promotes(PromoteOn::Push, Some("release")));
         for on in [PromoteOn::Manual, PromoteOn::Merge, PromoteOn::Approval] {
-            assert!(!push("main").promotes(&Promote { on: Some(on), branch: None }), "{on:?} is not the action's");
+            assert!(!push("main").promotes(on, None), "{on:?} is not the action's");
         }
     }
 
