@@ -131,7 +131,7 @@ pub enum AppsCommand {
         yes: bool,
     },
     /// Change an app's limits and health check; new deployments use them.
-    Set(SetArgs),
+    Set(Box<SetArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,9 +186,11 @@ pub enum EnvCommand {
 pub enum KeysCommand {
     /// A new deploy key for APP (shown once).
     Create { app: String },
-    /// The keys of APP, without their secrets.
+    /// The deploy and SSH keys of APP, without their secrets.
     Ls { app: String },
-    /// Revoke a key of APP at once.
+    /// Let an SSH public key upload to APP over SFTP (give the .pub file).
+    AddSsh { app: String, file: PathBuf },
+    /// Revoke a key of APP at once (a deploy key, or an SSH key `ssh_...`).
     Revoke { app: String, key_id: String },
     /// Replace a key of APP by a new one (shown once); the old one stops working.
     Rotate { app: String, key_id: String },
@@ -226,6 +228,13 @@ pub struct SetArgs {
     /// The database of pull-request previews: shared, empty or copy.
     #[arg(long, value_parser = ["shared", "empty", "copy"])]
     pub preview_db: Option<String>,
+    /// Arguments for pushes that bring none, like SFTP uploads (repeatable;
+    /// replaces the app's; `--args-clear` removes them).
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// Remove the app's default arguments.
+    #[arg(long, conflicts_with = "args")]
+    pub args_clear: bool,
     /// What makes production besides `nx promote` and the Promote button:
     /// push (the action, on the production branch), merge, approval or manual.
     #[arg(long, value_parser = ["push", "merge", "approval", "manual"])]

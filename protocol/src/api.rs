@@ -235,6 +235,9 @@ pub struct AppSettings {
     /// The database of deployments pushed for a pull request.
     #[serde(default)]
     pub preview_db: PreviewDb,
+    /// Arguments for pushes that bring none (an SFTP upload, say).
+    #[serde(default)]
+    pub args: Vec<String>,
     #[serde(default)]
     pub promote_on: PromoteOn,
     #[serde(default)]
@@ -333,6 +336,26 @@ pub struct DeploymentInfo {
     /// The database it uses, when it is not the app's own (a preview's).
     #[serde(default)]
     pub database: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/ssh-keys`: a public key that may upload to the app
+/// over SFTP, as in an `authorized_keys` line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddSshKey {
+    pub public_key: String,
+}
+
+/// An SSH key registered for an app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshKeyInfo {
+    pub id: String,
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    pub algorithm: String,
+    pub comment: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 /// A key as listed: never its secret.

@@ -217,6 +217,15 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_JANITOR_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub janitor_interval: Duration,
 
+    /// Address of the SFTP server (pushes over plain SFTP or scp). Use
+    /// 0.0.0.0:2222 to take uploads from other machines.
+    #[arg(long, env = "NX_SFTP_LISTEN", default_value = "127.0.0.1:2222")]
+    pub sftp_listen: SocketAddr,
+
+    /// Do not run the SFTP server.
+    #[arg(long, env = "NX_NO_SFTP")]
+    pub no_sftp: bool,
+
     /// GitHub's API, or a GitHub Enterprise server's (`https://HOST/api/v3`).
     #[arg(long, env = "NX_GITHUB_API", default_value = "https://api.github.com")]
     pub github_api: String,

@@ -27,6 +27,7 @@ pub mod pg;
 pub mod routing;
 pub mod secrets;
 pub mod server;
+pub mod sftp;
 pub mod store;
 pub mod telemetry;
 pub mod volumes;

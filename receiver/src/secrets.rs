@@ -63,12 +63,7 @@ impl MasterKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut bytes = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut bytes);
-                let create = || -> std::io::Result<()> {
-                    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-                    f.write_all(&bytes)?;
-                    f.sync_all()
-                };
-                create().map_err(|source| SecretError::Create { path: path.to_owned(), source })?;
+                create_private(path, &bytes).map_err(|source| SecretError::Create { path: path.to_owned(), source })?;
                 Ok(Self::from_bytes(&bytes))
             }
             Err(source) => Err(SecretError::Read { path: path.to_owned(), source }),
@@ -112,6 +107,14 @@ impl MasterKey {
 }
 
 /// A random token of `len` characters [A-Za-z0-9] from the OS generator.
+/// Writes a new file only its owner can read (mode 0600), durably; fails if
+/// it exists, so a secret is never overwritten.
+pub fn create_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
 pub fn random_token(len: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rngs::OsRng, len)
 }

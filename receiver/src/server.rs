@@ -2,7 +2,7 @@
 //! SIGTERM, then take everything down in reverse order.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,14 +49,8 @@ fn secret_file(path: &Path, len: usize) -> anyhow::Result<String> {
         Ok(s) => Ok(s.trim().to_owned()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let value = random_token(len);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
+            crate::secrets::create_private(path, value.as_bytes())
                 .with_context(|| format!("cannot create {}", path.display()))?;
-            f.write_all(value.as_bytes())?;
-            f.sync_all()?;
             Ok(value)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -236,6 +230,7 @@ async fn run(
         network: network_report,
         volumes: volumes.clone(),
         reporter: reporter.clone(),
+        target: target.clone(),
     }));
     if let (Some(client), Some(rx)) = (&github, reports) {
         tokio::spawn(crate::github::report::run(rx, client.clone(), deployer.clone(), db.clone(), stop_rx.clone()));
@@ -260,6 +255,20 @@ async fn run(
     let _ = routes.publish().await;
     tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
 
+    if !config.no_sftp {
+        let key = crate::sftp::host_key(&data.join("secrets/ssh_host_ed25519_key"))?;
+        let listener = tokio::net::TcpListener::bind(config.sftp_listen).await.with_context(|| {
+            format!("cannot listen on {} (--sftp-listen; --no-sftp turns SFTP off)", config.sftp_listen)
+        })?;
+        let shared = crate::sftp::fs::Shared {
+            deployer: deployer.clone(),
+            db: db.clone(),
+            store: store.clone(),
+            max_upload: config.max_upload,
+        };
+        tokio::spawn(crate::sftp::serve(listener, key, shared, stop_rx.clone()));
+    }
+
     let state = AppState {
         db,
         master,
@@ -279,6 +288,7 @@ async fn run(
     tracing::info!(
         api = %config.listen,
         router = %config.router_listen,
+        sftp = %if config.no_sftp { "off".to_owned() } else { config.sftp_listen.to_string() },
         domain = %config.domain,
         data = %data.display(),
         "nx-receiver ready"

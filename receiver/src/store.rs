@@ -76,6 +76,74 @@ impl Drop for Upload {
     }
 }
 
+/// An upload written piece by piece, at offsets (SFTP writes), and hashed
+/// once complete. Dropping it before [`PartialUpload::finish`] (a dropped
+/// connection, say) removes the file: nothing of it is stored.
+#[derive(Debug)]
+pub struct PartialUpload {
+    path: PathBuf,
+    file: std::fs::File,
+    /// The end of the furthest write.
+    len: u64,
+    limit: u64,
+}
+
+impl PartialUpload {
+    /// Writes `data` at `offset`; refuses to grow past the limit.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= self.limit);
+        let Some(end) = end else { return Err(StoreError::TooLarge { limit: self.limit }) };
+        self.file.write_all_at(data, offset).map_err(|e| io_error(&self.path, e))?;
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the file durable and hashes it: an [`Upload`] like a pushed one.
+    pub async fn finish(mut self) -> Result<Upload, StoreError> {
+        let path = std::mem::take(&mut self.path);
+        let size = self.len;
+        let file = self.file.try_clone().map_err(|e| io_error(&path, e))?;
+        // From here on the Upload owns (and on failure removes) the file.
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size };
+        let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            use std::io::Read;
+            file.sync_all()?;
+            let mut reader = std::fs::File::open(&path)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(hex::encode(hasher.finalize()));
+                }
+                hasher.update(&buf[..n]);
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Body(e.to_string()))?
+        .map_err(|e| io_error(upload.path(), e))?;
+        upload.sha256 = sha256;
+        Ok(upload)
+    }
+}
+
+impl Drop for PartialUpload {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// The artifact store.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
@@ -145,6 +213,20 @@ impl ArtifactStore {
 
     pub fn describe(&self) -> &str {
         &self.description
+    }
+
+    /// A new upload written at offsets, at most `limit` bytes.
+    pub fn partial_upload(&self, limit: u64) -> Result<PartialUpload, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        Ok(PartialUpload { path, file, len: 0, limit })
     }
 
     /// Streams `body` into a temporary file while hashing it, enforcing `limit`

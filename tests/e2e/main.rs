@@ -11,6 +11,7 @@ mod databases;
 mod github;
 mod lifecycle;
 mod router;
+mod sftp;
 mod supervision;
 mod uploads;
 mod verify;

@@ -261,7 +261,7 @@ fn keys_are_created_listed_rotated_and_revoked_and_never_readable_in_the_databas
     assert_eq!(push(&second, "web").code, 0);
     let listed = r.nx(&["--json", "keys", "ls", "web"]).success();
     assert!(!listed.stdout.contains(&second) && !listed.stdout.contains(&web_key), "secrets are never listed");
-    assert_eq!(listed.json().as_array().unwrap().len(), 2);
+    assert_eq!(listed.json()["deploy_keys"].as_array().unwrap().len(), 2);
 
     let rotated = r.nx(&["--json", "keys", "rotate", "web", &second_id]).success().json();
     let third = rotated["secret"].as_str().unwrap().to_owned();

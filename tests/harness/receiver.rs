@@ -34,6 +34,7 @@ pub struct Receiver {
     pub api_port: u16,
     pub router_port: u16,
     pub pg_port: u16,
+    pub sftp_port: u16,
     pub admin_token: String,
     /// First app uid: distinct per receiver, so parallel receivers never share
     /// uids, cgroups or network rules.
@@ -58,6 +59,7 @@ impl Receiver {
             api_port: free_port(),
             router_port: free_port(),
             pg_port: free_port(),
+            sftp_port: free_port(),
             admin_token: format!("nxa_{token}"),
             uid_base: 1_000_000 + rand::thread_rng().gen_range(0..4000u32) * 65_536,
             options,
@@ -95,6 +97,7 @@ impl Receiver {
             .args(["--listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--router-listen", &format!("127.0.0.1:{}", self.router_port)])
             .args(["--pg-port", &self.pg_port.to_string()])
+            .args(["--sftp-listen", &format!("127.0.0.1:{}", self.sftp_port)])
             .args(["--port-range", &format!("{base}-{}", base + 199)])
             .args(["--stop-grace", "3s"])
             .args(["--uid-base", &self.uid_base.to_string()])

@@ -55,6 +55,7 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppsCommand::Set(args) => {
+            let args = *args;
             let mut info: AppInfo = client.get(&format!("/v1/apps/{}", args.app)).await?;
             let l = &mut info.settings.limits;
             let mib = |b: u64| (b >> 20).max(1);
@@ -71,6 +72,9 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             }
             if let Some(mode) = args.preview_db {
                 info.settings.preview_db = serde_json::from_value(serde_json::Value::String(mode))?;
+            }
+            if !args.args.is_empty() || args.args_clear {
+                info.settings.args = args.args.clone();
             }
             if let Some(on) = args.promote_on {
                 info.settings.promote_on = serde_json::from_value(serde_json::Value::String(on))?;

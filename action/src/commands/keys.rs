@@ -1,9 +1,10 @@
-//! `nx keys`: deploy keys and the admin token.
+//! `nx keys`: deploy keys, SSH keys for SFTP uploads, and the admin token.
 
-use nx_protocol::api::{CreatedKey, KeyInfo};
+use nx_protocol::api::{AddSshKey, CreatedKey, KeyInfo, SshKeyInfo};
 
 use super::{client, print_json};
 use crate::cli::{Global, KeysCommand};
+use crate::failure::Failure;
 use crate::output::{age, paint, table, Color};
 
 fn show_created(g: &Global, k: &CreatedKey, what: &str) -> anyhow::Result<()> {
@@ -40,6 +41,34 @@ pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        KeysCommand::AddSsh { app, file } => {
+            let public_key = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
+            if public_key.contains("PRIVATE KEY") {
+                return Err(Failure::Usage(format!(
+                    "{} is a private key; give its .pub file, which is safe to share",
+                    file.display()
+                ))
+                .into());
+            }
+            let k: SshKeyInfo = client.post(&format!("/v1/apps/{app}/ssh-keys"), &AddSshKey { public_key }).await?;
+            if g.json {
+                return print_json(&k);
+            }
+            println!(
+                "{} ({} {}) may now upload to {app} over SFTP, as {}",
+                k.id, k.algorithm, k.fingerprint, k.comment
+            );
+            Ok(())
+        }
+        KeysCommand::Revoke { app, key_id } if key_id.starts_with("ssh_") => {
+            client.delete::<()>(&format!("/v1/apps/{app}/ssh-keys/{key_id}")).await?;
+            if g.json {
+                return print_json(&serde_json::json!({ "removed": key_id }));
+            }
+            println!("SSH key {key_id} of {app} removed");
+            Ok(())
+        }
         KeysCommand::Revoke { app, key_id } => {
             let k: KeyInfo = client.delete(&format!("/v1/apps/{app}/keys/{key_id}")).await?;
             if g.json {
@@ -50,8 +79,9 @@ pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Ls { app } => {
             let keys: Vec<KeyInfo> = client.get(&format!("/v1/apps/{app}/keys")).await?;
+            let ssh: Vec<SshKeyInfo> = client.get(&format!("/v1/apps/{app}/ssh-keys")).await?;
             if g.json {
-                return print_json(&keys);
+                return print_json(&serde_json::json!({ "deploy_keys": keys, "ssh_keys": ssh }));
             }
             let now = chrono::Utc::now();
             let mut rows = vec![vec!["ID".into(), "CREATED".into(), "LAST USED".into(), "STATE".into()]];
@@ -68,6 +98,18 @@ pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
                 ]);
             }
             print!("{}", table(&rows));
+            if !ssh.is_empty() {
+                let mut rows = vec![vec!["SSH KEY".into(), "FINGERPRINT".into(), "COMMENT".into(), "LAST USED".into()]];
+                for k in ssh {
+                    rows.push(vec![
+                        k.id,
+                        k.fingerprint,
+                        k.comment,
+                        k.last_used_at.map_or_else(|| "never".into(), |t| age(t, now)),
+                    ]);
+                }
+                print!("\n{}", table(&rows));
+            }
             Ok(())
         }
     }

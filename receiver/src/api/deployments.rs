@@ -27,6 +27,8 @@ impl From<DeployError> for ApiError {
             DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
             DeployError::NotHealthy { .. } | DeployError::IsProduction { .. } => ApiError::Conflict(e.to_string()),
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            DeployError::WillNotRun(_) => ApiError::Unprocessable(e.to_string()),
+            DeployError::Artifact(a) => a.into(),
             DeployError::Db(_)
             | DeployError::Io { .. }
             | DeployError::Secret { .. }
@@ -74,32 +76,7 @@ pub async fn push(
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 
     let upload = state.store.receive(body.into_data_stream(), &caller.content_sha256, length, limit).await?;
-    let bytes = tokio::fs::read(upload.path()).await.map_err(ApiError::internal)?;
-    let (report, verdict) = tokio::task::spawn_blocking({
-        let target = state.target.clone();
-        move || {
-            let report = nx_verify::inspect(&bytes);
-            let verdict = nx_verify::judge(&report, &target);
-            (report, verdict)
-        }
-    })
-    .await
-    .map_err(ApiError::internal)?;
-    if !verdict.runs {
-        let _ = state
-            .db
-            .event(
-                Some(&app.name),
-                None,
-                "push.refused",
-                &caller.actor(),
-                serde_json::json!({ "reason": verdict.message() }),
-            )
-            .await;
-        return Err(ApiError::Unprocessable(format!("this binary will not run on the server: {}", verdict.message())));
-    }
-    let artifact = crate::artifacts::register(&state.db, &state.store, upload, &report).await?;
-    let info = state.deployer.deploy(&app, &artifact, &meta, &caller.actor()).await?;
+    let info = state.deployer.push(&app, upload, &meta, &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

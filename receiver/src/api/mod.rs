@@ -8,6 +8,7 @@ pub mod deployments;
 pub mod error;
 pub mod keys;
 pub mod lifecycle;
+pub mod ssh_keys;
 pub mod status;
 
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/apps/{app}/keys", post(keys::create).get(keys::list))
         .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))
         .route("/v1/apps/{app}/keys/{id}/rotate", post(keys::rotate))
+        .route("/v1/apps/{app}/ssh-keys", post(ssh_keys::add).get(ssh_keys::list))
+        .route("/v1/apps/{app}/ssh-keys/{id}", delete(ssh_keys::remove))
         .route("/v1/admin/token", post(keys::rotate_admin))
         .route("/v1/admin/router/reload", post(reload_router))
         .route("/v1/apps/{app}/db", get(database::credentials))

@@ -7,8 +7,10 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
 mod github;
+mod ssh;
 
 pub use github::ReportRow;
+pub use ssh::{NewSshKey, SshKeyRow, UploadRow};
 
 /// Cheap-to-clone handle to the metadata pool.
 #[derive(Debug, Clone)]

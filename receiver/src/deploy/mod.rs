@@ -63,15 +63,10 @@ pub enum DeployError {
     Cgroup(#[from] nx_runtime::cgroup::CgroupError),
     #[error("{0}")]
     Invalid(String),
-}
-
-impl From<crate::artifacts::ArtifactError> for DeployError {
-    fn from(e: crate::artifacts::ArtifactError) -> Self {
-        match e {
-            crate::artifacts::ArtifactError::Db(e) => DeployError::Db(e),
-            crate::artifacts::ArtifactError::Store(e) => DeployError::Store(e),
-        }
-    }
+    #[error("this binary will not run on the server: {0}")]
+    WillNotRun(String),
+    #[error(transparent)]
+    Artifact(#[from] crate::artifacts::ArtifactError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
@@ -109,6 +104,8 @@ pub struct Services {
     pub volumes: Volumes,
     /// Tells GitHub about deployments pushed from it.
     pub reporter: crate::github::report::Reporter,
+    /// What binaries this server runs.
+    pub target: Arc<nx_protocol::target::ServerTarget>,
 }
 
 /// The deployment service.
@@ -192,6 +189,43 @@ impl Deployer {
         Err(DeployError::NoPort { first: *range.start(), last: *range.end() })
     }
 
+    /// What `nx push` and an SFTP upload do with the bytes: verify them
+    /// against this server, store them once per digest, and deploy them.
+    pub async fn push(
+        &self,
+        app: &AppRow,
+        upload: crate::store::Upload,
+        meta: &PushMeta,
+        actor: &str,
+    ) -> Result<DeploymentInfo, DeployError> {
+        let bytes = tokio::fs::read(upload.path()).await.map_err(io_err(upload.path()))?;
+        let target = self.services.target.clone();
+        let (report, verdict) = tokio::task::spawn_blocking(move || {
+            let report = nx_verify::inspect(&bytes);
+            let verdict = nx_verify::judge(&report, &target);
+            (report, verdict)
+        })
+        .await
+        .map_err(|e| DeployError::Invalid(format!("the inspection of the binary failed: {e}")))?;
+        if !verdict.runs {
+            let reason = verdict.message();
+            let _ = self
+                .services
+                .db
+                .event(
+                    Some(&app.name),
+                    None,
+                    "push.refused",
+                    actor,
+                    serde_json::json!({ "reason": reason, "source": meta.source.as_str() }),
+                )
+                .await;
+            return Err(DeployError::WillNotRun(reason));
+        }
+        let artifact = crate::artifacts::register(&self.services.db, &self.services.store, upload, &report).await?;
+        self.deploy(app, &artifact, meta, actor).await
+    }
+
     /// Records a deployment of `artifact` to `app`, starts it, and returns once
     /// it is healthy or has failed.
     pub async fn deploy(
@@ -224,7 +258,8 @@ impl Deployer {
                 app_id: app.id,
                 artifact_sha256: &artifact.sha256,
                 port: 0,
-                args: &meta.args,
+                // A push without arguments (an SFTP upload, say) gets the app's.
+                args: if meta.args.is_empty() { &app.settings.args } else { &meta.args },
                 env,
                 filename: meta.filename.as_deref(),
                 git_sha: meta.git_sha.as_deref(),

@@ -1,0 +1,178 @@
+//! Pushing over plain SFTP: an SSH server (russh) that takes public keys only,
+//! registered per app (`nx keys add-ssh`), and serves the SFTP subsystem over
+//! the tree in [`fs`]. Its host key is made on the first start and kept in
+//! the data directory, so clients see the same host every time.
+
+pub mod fs;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use russh::server::{Auth, Msg, Session};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tokio::sync::watch;
+
+use self::fs::Shared;
+
+/// Loads the host key, or makes and saves one (mode 0600).
+pub fn host_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            PrivateKey::from_openssh(&text).with_context(|| format!("{} is not an OpenSSH private key", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519)
+                .context("cannot make an SSH host key")?;
+            let text =
+                key.to_openssh(russh::keys::ssh_key::LineEnding::LF).context("cannot encode the SSH host key")?;
+            crate::secrets::create_private(path, text.as_bytes())
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            tracing::info!(path = %path.display(), fingerprint = %key.public_key().fingerprint(HashAlg::Sha256), "SSH host key made");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The SSH server.
+#[derive(Debug, Clone)]
+struct Server {
+    shared: Arc<Shared>,
+}
+
+impl russh::server::Server for Server {
+    type Handler = Connection;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
+        Connection {
+            shared: self.shared.clone(),
+            peer,
+            apps: Vec::new(),
+            fingerprint: String::new(),
+            channels: HashMap::new(),
+        }
+    }
+
+    fn handle_session_error(&mut self, error: <Self::Handler as russh::server::Handler>::Error) {
+        tracing::debug!(error = %error, "ssh session ended with an error");
+    }
+}
+
+/// One SSH connection.
+struct Connection {
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    /// The apps the authenticated key may upload to.
+    apps: Vec<crate::db::AppRow>,
+    fingerprint: String,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+}
+
+impl Connection {
+    /// The apps `key` is registered for.
+    async fn apps_of(&self, key: &PublicKey) -> Result<Vec<crate::db::AppRow>, russh::Error> {
+        let canonical =
+            PublicKey::new(key.key_data().clone(), "").to_openssh().map_err(|_| russh::Error::Inconsistent)?;
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        self.shared.db.apps_of_ssh_key(&fingerprint, &canonical).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot look up an SSH key");
+            russh::Error::Inconsistent
+        })
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, _user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
+        Ok(if self.apps_of(key).await?.is_empty() { Auth::reject() } else { Auth::Accept })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
+        let apps = self.apps_of(key).await?;
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        if apps.is_empty() {
+            tracing::info!(peer = ?self.peer, user, fingerprint, "SSH key refused: registered for no app");
+            return Ok(Auth::reject());
+        }
+        tracing::info!(peer = ?self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
+        self.apps = apps;
+        self.fingerprint = fingerprint;
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.channels.insert(channel.id(), channel);
+        Ok(true)
+    }
+
+    async fn subsystem_request(&mut self, id: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+        match (name, self.channels.remove(&id)) {
+            ("sftp", Some(channel)) => {
+                session.channel_success(id)?;
+                let sftp =
+                    fs::Session::new(self.shared.clone(), self.apps.clone(), format!("ssh:{}", self.fingerprint));
+                russh_sftp::server::run(channel.into_stream(), sftp).await;
+            }
+            _ => session.channel_failure(id)?,
+        }
+        Ok(())
+    }
+
+    async fn exec_request(&mut self, id: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        // Legacy scp (`scp -O`) and shells ask for a command; only SFTP is served.
+        let command = String::from_utf8_lossy(data);
+        tracing::info!(command = %command, "exec request refused: only the sftp subsystem is served");
+        if let Some(channel) = self.channels.get(&id) {
+            let _ =
+                channel.extended_data(1, "NX Sandbox serves SFTP only: use sftp, or scp without -O\n".as_bytes()).await;
+        }
+        session.channel_failure(id)?;
+        session.close(id)?;
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        // The client is done. scp checks the exit status of the session, as
+        // it would that of a remote sftp-server process.
+        session.exit_status_request(channel, 0)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+}
+
+/// Serves SFTP on `listener` until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    host_key: PrivateKey,
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    use russh::server::Server as _;
+    let config = russh::server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        keys: vec![host_key],
+        auth_rejection_time: std::time::Duration::from_millis(300),
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        inactivity_timeout: Some(std::time::Duration::from_secs(600)),
+        ..Default::default()
+    };
+    let mut server = Server { shared: Arc::new(shared) };
+    let running = server.run_on_socket(Arc::new(config), &listener);
+    let handle = running.handle();
+    tokio::select! {
+        result = running => if let Err(e) = result {
+            tracing::error!(error = %e, "the SFTP server stopped");
+        },
+        _ = stop.changed() => handle.shutdown("the receiver is stopping".into()),
+    }
+}

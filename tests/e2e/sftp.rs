@@ -1,0 +1,261 @@
+//! Pushing with nothing but OpenSSH: `sftp` and `scp` upload binaries into an
+//! app's folder, the preview answers, the outcome sits next to the upload,
+//! and everything outside the rules is refused with nothing stored.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::{psql, Options};
+use nx_e2e::{bin, eventually, require_program, Receiver};
+
+/// An ed25519 key pair made by ssh-keygen; returns the private key's path.
+fn keypair(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new(require_program("ssh-keygen", "openssh-client"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    path
+}
+
+/// The options every OpenSSH client here gets: this receiver's port, this
+/// key only, its own known_hosts file.
+fn ssh_options(r: &Receiver, key: &Path, port_flag: &str) -> Vec<String> {
+    vec![
+        port_flag.into(),
+        r.sftp_port.to_string(),
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", r.dir.path().join("known_hosts").display()),
+        "-o".into(),
+        "StrictHostKeyChecking=accept-new".into(),
+        "-o".into(),
+        "ConnectTimeout=10".into(),
+    ]
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Runs `sftp -b` with `commands`.
+fn sftp(r: &Receiver, key: &Path, commands: &str) -> Output {
+    let batch = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(batch.path(), commands).unwrap();
+    Command::new(require_program("sftp", "openssh-client"))
+        .args(ssh_options(r, key, "-P"))
+        .arg("-b")
+        .arg(batch.path())
+        .arg("deploy@127.0.0.1")
+        .output()
+        .unwrap()
+}
+
+fn scp(r: &Receiver, key: &Path, file: &Path, dest: &str) -> Output {
+    Command::new(require_program("scp", "openssh-client"))
+        .args(ssh_options(r, key, "-P"))
+        .arg(file)
+        .arg(format!("deploy@127.0.0.1:{dest}"))
+        .output()
+        .unwrap()
+}
+
+/// The outcome file of an upload, fetched with sftp.
+fn outcome(r: &Receiver, key: &Path, remote: &str) -> String {
+    let local = tempfile::NamedTempFile::new().unwrap();
+    let out = sftp(r, key, &format!("get {remote} {}\n", local.path().display()));
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::read_to_string(local.path()).unwrap()
+}
+
+fn preview_of(outcome: &str) -> String {
+    outcome
+        .lines()
+        .find_map(|l| l.strip_prefix("preview: "))
+        .unwrap_or_else(|| panic!("no preview in {outcome}"))
+        .to_owned()
+}
+
+/// Files left in the receiver's temporary upload directory.
+fn leftovers(r: &Receiver) -> Vec<String> {
+    std::fs::read_dir(r.data_dir().join("tmp"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("upload-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sftp_and_scp_uploads_deploy_and_say_how_it_went() {
+    let mut r = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keypair(dir.path(), "alice");
+    r.create_app("site");
+    r.create_app("hello");
+    let body = [
+        "--arg",
+        "respond",
+        "--arg",
+        "--listen",
+        "--arg",
+        "127.0.0.1:$PORT",
+        "--arg",
+        "--body",
+        "--arg",
+        "caddy over sftp",
+    ];
+    r.nx_ok(&[&["apps", "set", "site"][..], &body[..]].concat());
+    let pubkey = key.with_extension("pub");
+    for app in ["site", "hello"] {
+        let added = r.nx_ok(&["keys", "add-ssh", app, pubkey.to_str().unwrap()]);
+        assert!(added.stdout.contains("SHA256:"), "{}", added.stdout);
+    }
+
+    let caddy = require_program("caddy", "caddy");
+    let put = sftp(&r, &key, &format!("put {} site/caddy\nls -l site\n", caddy.display()));
+    assert!(put.status.success(), "{}\n{}", text(&put), r.log());
+    let listing = String::from_utf8_lossy(&put.stdout).into_owned();
+    assert!(listing.contains("caddy.deploy.txt") && listing.contains(" caddy\n"), "{listing}");
+    let site = outcome(&r, &key, "site/caddy.deploy.txt");
+    assert!(site.contains("caddy deployed to site as") && site.contains(": healthy"), "{site}");
+    assert_eq!(r.get(&preview_of(&site)).body, "caddy over sftp");
+
+    let copied = scp(&r, &key, &bin("hello"), "hello/hello");
+    assert!(copied.status.success(), "{}\n{}", text(&copied), r.log());
+    let hello = outcome(&r, &key, "hello/hello.deploy.txt");
+    assert!(r.get(&preview_of(&hello)).body.starts_with("hello from hello"), "{hello}");
+
+    let listed = r.nx_ok(&["--json", "ls", "site"]).json();
+    assert_eq!(listed[0]["deployments"][0]["source"], "sftp");
+    let actors = psql(&r.admin_url("nx"), "SELECT string_agg(actor, ',') FROM events WHERE kind = 'push'").unwrap();
+    assert!(actors.contains("ssh:SHA256:"), "pushes are in the audit log by key: {actors}");
+
+    // The host key survives a restart: the known_hosts entry still matches.
+    r.restart();
+    let strict = Command::new("sftp")
+        .args(ssh_options(&r, &key, "-P"))
+        .args(["-o", "StrictHostKeyChecking=yes", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(strict.status.success(), "{}", text(&strict));
+
+    // A binary that cannot run: refused, with the remedy in its outcome file.
+    let script = dir.path().join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    let refused = sftp(&r, &key, &format!("put {} site/run.sh\n", script.display()));
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let why = outcome(&r, &key, "site/run.sh.deploy.txt");
+    assert!(why.contains("run.sh was not deployed") && why.contains("will not run"), "{why}");
+}
+
+#[test]
+fn what_sftp_must_refuse_it_refuses_and_stores_nothing() {
+    let r = Receiver::start_with(Options { args: vec!["--max-upload".into(), "12MiB".into()], ..Options::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, mallory) = (keypair(dir.path(), "alice"), keypair(dir.path(), "mallory"));
+    r.create_app("web");
+    r.create_app("other");
+    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    let goweb = fixtures::go(Go::Static);
+
+    // Keys not registered, and passwords, get nowhere.
+    let stranger = sftp(&r, &mallory, "ls\n");
+    assert!(
+        !stranger.status.success() && text(&stranger).contains("Permission denied (publickey)"),
+        "{}",
+        text(&stranger)
+    );
+    let password = Command::new("sftp")
+        .args(ssh_options(&r, &mallory, "-P"))
+        .args([
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-b",
+            "-",
+            "deploy@127.0.0.1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !password.status.success() && text(&password).contains("Permission denied (publickey)"),
+        "{}",
+        text(&password)
+    );
+
+    // Only the key's own app shows.
+    let root = sftp(&r, &alice, "ls /\n");
+    assert!(root.status.success(), "{}", text(&root));
+    let shown = String::from_utf8_lossy(&root.stdout);
+    assert!(shown.contains("web") && !shown.contains("other"), "{shown}");
+
+    let g = goweb.display();
+    let refuse = |what: &str, command: String| {
+        let out = sftp(&r, &alice, &command);
+        assert!(!out.status.success(), "{what} was allowed:\n{}", text(&out));
+        assert!(text(&out).contains("Permission denied"), "{what}: {}", text(&out));
+    };
+    refuse("a path out of the tree", format!("put {g} /../../tmp/nx-escaped\n"));
+    refuse("a relative escape", format!("put {g} web/../../tmp/nx-escaped\n"));
+    refuse("another app's folder", format!("put {g} other/goweb\n"));
+    refuse("a folder inside an app's", format!("put {g} web/sub/goweb\n"));
+    refuse("a folder", "mkdir web/sub\n".to_owned());
+    refuse("an outcome file", format!("put {g} web/x.deploy.txt\n"));
+    assert!(!Path::new("/tmp/nx-escaped").exists());
+
+    // Over the size cap: refused, nothing kept.
+    let caddy = require_program("caddy", "caddy");
+    let big = sftp(&r, &alice, &format!("put {} web/caddy\n", caddy.display()));
+    assert!(!big.status.success(), "{}", text(&big));
+    // Dropped mid-file: nothing kept either.
+    let mut slow = Command::new("sftp")
+        .args(ssh_options(&r, &alice, "-P"))
+        .args(["-l", "800", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(slow.stdin.take().unwrap(), "put {} web/goweb", goweb.display()).unwrap();
+    eventually(20, "the slow upload to begin", || (!leftovers(&r).is_empty()).then_some(()));
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    eventually(20, "the dropped upload to be discarded", || leftovers(&r).is_empty().then_some(()));
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert_eq!(listing[0]["deployments"].as_array().unwrap().len(), 0, "nothing was deployed");
+    let uploads = psql(&r.admin_url("nx"), "SELECT count(*) FROM sftp_uploads").unwrap();
+    assert_eq!(uploads, "0", "and nothing recorded as uploaded");
+    let artifacts = std::fs::read_dir(r.data_dir().join("store/artifacts")).unwrap().count();
+    assert_eq!(artifacts, 0, "nor stored");
+
+    // Two clients at once.
+    let c = fixtures::c_musl_static();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| sftp(&r, &alice, &format!("put {g} web/goweb\n")));
+        let b = s.spawn(|| scp(&r, &alice, &c, "web/c"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(a.status.success() && b.status.success(), "{}\n{}\n{}", text(&a), text(&b), r.log());
+    assert_eq!(r.get(&preview_of(&outcome(&r, &alice, "web/goweb.deploy.txt"))).body, "goweb\n");
+    assert_eq!(r.get(&preview_of(&outcome(&r, &alice, "web/c.deploy.txt"))).body, "hello from c\n");
+
+    // What is there cannot be linked, made set-id, or removed.
+    refuse("a symlink", "symlink web/goweb web/link\n".to_owned());
+    refuse("a hard link", "ln web/goweb web/link\n".to_owned());
+    refuse("setuid", "chmod 4755 web/goweb\n".to_owned());
+    refuse("a removal", "rm web/goweb\n".to_owned());
+    refuse("reading a binary back", format!("get web/goweb {}\n", dir.path().join("back").display()));
+}
