@@ -10,6 +10,7 @@ Examples:
   nx login --server http://127.0.0.1:8070 --key nxa_...
   nx apps create web
   nx push ./server --app web --arg --port --arg '$PORT'
+  nx build -o server && nx push server     # or just: nx push .
   nx ls web
   nx promote 7kq3mz2a --app web
   nx rollback --app web
@@ -72,7 +73,11 @@ pub enum Command {
     /// Create and list apps.
     #[command(subcommand)]
     Apps(AppsCommand),
-    /// Verify, upload and start a binary; prints its preview URL.
+    /// Build the project in a directory for the server (Go, Rust, Zig, Bun,
+    /// or nx.toml's `build` command) and check the binary will run there.
+    Build(BuildArgs),
+    /// Verify, upload and start a binary (or build a directory first); prints
+    /// its preview URL.
     Push(PushArgs),
     /// List apps and their deployments.
     Ls(LsArgs),
@@ -246,8 +251,21 @@ pub struct SetArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The project's directory.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// Where to put the binary (default: where the toolchain puts it).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Build for this platform instead of the server's, like linux/arm64.
+    #[arg(long, value_name = "OS/ARCH")]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The binary to push.
+    /// The binary to push, or a project directory to build first.
     pub path: PathBuf,
     #[command(flatten)]
     pub app: AppArg,

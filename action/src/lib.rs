@@ -8,6 +8,7 @@
 //!   local error, 3 server unreachable.
 
 pub mod browser;
+pub mod build;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -4,6 +4,8 @@
 //! ```toml
 //! app = "web"
 //! args = ["--listen", "127.0.0.1:$PORT"]
+//! build = "make server"   # only for projects nx build does not recognise
+//! binary = "server"       # what that command makes
 //!
 //! [env]            # plain settings; secrets belong in `nx env set`
 //! LOG_LEVEL = "info"
@@ -49,6 +51,12 @@ pub struct Manifest {
     /// Variables for each deployment (not secret: this file is in the repository).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How `nx build` builds a project it does not recognise (C, make, ...):
+    /// a shell command run in the project's directory.
+    pub build: Option<String>,
+    /// The file the build makes (with `build`), the crate's binary when it
+    /// has several, or the server entry of a Bun app.
+    pub binary: Option<String>,
     pub health: Option<Health>,
     #[serde(default)]
     pub limits: Limits,
@@ -157,16 +165,18 @@ pub fn find(dir: &Path) -> Option<PathBuf> {
 /// Loads the manifest named by `explicit` (which must exist), or the one
 /// [`find`] finds from the working directory, if any.
 pub fn load(explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>, Failure> {
+    let cwd = std::env::current_dir().map_err(|e| Failure::Usage(format!("cannot read the working directory: {e}")))?;
+    load_for(&cwd, explicit)
+}
+
+/// Like [`load`], looking from `dir` instead of the working directory.
+pub fn load_for(dir: &Path, explicit: Option<&Path>) -> Result<Option<(PathBuf, Manifest)>, Failure> {
     let path = match explicit {
         Some(p) => p.to_owned(),
-        None => {
-            let cwd = std::env::current_dir()
-                .map_err(|e| Failure::Usage(format!("cannot read the working directory: {e}")))?;
-            match find(&cwd) {
-                Some(p) => p,
-                None => return Ok(None),
-            }
-        }
+        None => match find(dir) {
+            Some(p) => p,
+            None => return Ok(None),
+        },
     };
     let text =
         std::fs::read_to_string(&path).map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks;
+mod build;
 mod cli;
 mod core;
 mod databases;

@@ -160,7 +160,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&client, &app, pr, env).await;
     }
-    let binary = PathBuf::from(input("BINARY").ok_or_else(|| Failure::Usage("the input `binary` is required".into()))?);
+    let binary = binary_from_inputs(g, input("BINARY"), input("BUILD"), m).await?;
     let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
     // The input decides when given; else nx.toml's [promote] rule; else the
     // app's own.
@@ -217,6 +217,43 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         Ok(())
     } else {
         Err(failed(d).into())
+    }
+}
+
+/// The binary to push: `binary`, or what `build` makes (`true`: `nx build`
+/// of the working directory; else a shell command, then `binary` or nx.toml's
+/// `binary` names its result).
+async fn binary_from_inputs(
+    g: &Global,
+    binary: Option<String>,
+    build: Option<String>,
+    manifest: Option<&crate::manifest::Manifest>,
+) -> anyhow::Result<PathBuf> {
+    match build.as_deref().map(str::trim) {
+        None | Some("false") => binary.map(PathBuf::from).ok_or_else(|| {
+            Failure::Usage("give the input `binary` (a file to push) or `build` (true, or a build command)".into())
+                .into()
+        }),
+        Some("true") => super::build::build_dir(g, Path::new(binary.as_deref().unwrap_or(".")), None, None).await,
+        Some(command) => {
+            let output = binary.or_else(|| manifest.and_then(|m| m.binary.clone())).ok_or_else(|| {
+                Failure::Usage(
+                    "with a build command, name the file it makes: the input `binary`, or `binary` in nx.toml".into(),
+                )
+            })?;
+            println!("::group::build: {command}");
+            use std::os::fd::AsFd;
+            let status = std::process::Command::new("sh")
+                .args(["-c", command])
+                .stdout(std::process::Stdio::from(std::io::stderr().as_fd().try_clone_to_owned()?))
+                .status()
+                .map_err(|e| Failure::Usage(format!("cannot run the build command: {e}")))?;
+            println!("::endgroup::");
+            if !status.success() {
+                return Err(Failure::Refused(format!("the build command failed ({status}): {command}")).into());
+            }
+            Ok(PathBuf::from(output))
+        }
     }
 }
 

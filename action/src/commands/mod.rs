@@ -1,6 +1,7 @@
 //! One module per command group; [`run`] dispatches.
 
 mod apps;
+mod build;
 mod db;
 mod deployments;
 mod env;
@@ -23,6 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Login => login::run(g).await,
         Command::Apps(cmd) => apps::run(g, cmd).await,
+        Command::Build(args) => build::run(g, args).await,
         Command::Push(args) => push::run(g, args).await,
         Command::Ls(args) => deployments::ls(g, args).await,
         Command::Promote(args) => deployments::promote(g, args).await,

@@ -87,21 +87,8 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     }
     if job.verify {
         let target: ServerTarget = get_public(client.server(), "/v1/target").await?;
-        let verdict = nx_verify::judge(&nx_verify::inspect(&data), &target);
-        if !verdict.runs {
-            return Err(Failure::Refused(format!(
-                "{} will not run on the server ({}/{}):\n{}",
-                job.path.display(),
-                target.os,
-                target.arch,
-                verdict
-                    .problems
-                    .iter()
-                    .map(|p| format!("  - {}\n    fix: {}", p.problem, p.remedy))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ))
-            .into());
+        if let Some(refused) = super::verify::refusal(job.path, &data, &target) {
+            return Err(refused.into());
         }
     }
     drop(data);
@@ -157,10 +144,18 @@ pub fn failed(info: &DeploymentInfo) -> Failure {
     Failure::Refused(msg)
 }
 
-pub async fn run(g: &Global, args: PushArgs) -> anyhow::Result<()> {
-    let manifest = crate::manifest::load(g.manifest.as_deref())?;
+pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
+    // A directory is built first; its nx.toml is the one that applies.
+    let manifest = if args.path.is_dir() {
+        let dir = args.path.clone();
+        args.path = super::build::build_dir(g, &dir, None, None).await?;
+        crate::manifest::load_for(&dir, g.manifest.as_deref())?
+    } else {
+        crate::manifest::load(g.manifest.as_deref())?
+    };
     let client = client(g)?;
-    let app = resolve_app(&client, g, args.app.app.as_deref()).await?;
+    let named = args.app.app.clone().or_else(|| manifest.as_ref().and_then(|(_, m)| m.app.clone()));
+    let app = resolve_app(&client, g, named.as_deref()).await?;
     let app = AppName::parse(&app).map_err(|e| Failure::Usage(e.to_string()))?;
     let (mut env, manifest_args) = match &manifest {
         Some((_, m)) => (m.env.clone(), m.args.clone()),

@@ -20,9 +20,10 @@ struct Output<'a> {
     verdict: &'a Verdict,
 }
 
-/// The target: `--target`, else the configured server's, else linux/amd64.
-async fn target(g: &Global, args: &VerifyArgs) -> anyhow::Result<ServerTarget> {
-    if let Some(t) = &args.target {
+/// The target: `explicit` (`--target`), else the configured server's, else
+/// linux/amd64.
+pub async fn server_target(g: &Global, explicit: Option<&str>) -> anyhow::Result<ServerTarget> {
+    if let Some(t) = explicit {
         return ServerTarget::parse_os_arch(t).ok_or_else(|| {
             Failure::Usage(format!("--target {t:?} is not supported; use linux/amd64 or linux/arm64")).into()
         });
@@ -114,11 +115,32 @@ fn describe(r: &Report) -> Vec<(&'static str, String)> {
     rows
 }
 
+/// The refusal for a binary that will not run on `target`, with each
+/// problem and its fix; `None` when it will run.
+pub fn refusal(path: &std::path::Path, data: &[u8], target: &ServerTarget) -> Option<Failure> {
+    let verdict = nx_verify::judge(&nx_verify::inspect(data), target);
+    if verdict.runs {
+        return None;
+    }
+    Some(Failure::Refused(format!(
+        "{} will not run on the server ({}/{}):\n{}",
+        path.display(),
+        target.os,
+        target.arch,
+        verdict
+            .problems
+            .iter()
+            .map(|p| format!("  - {}\n    fix: {}", p.problem, p.remedy))
+            .collect::<Vec<_>>()
+            .join("\n")
+    )))
+}
+
 pub async fn run(g: &Global, args: VerifyArgs) -> anyhow::Result<()> {
     let data = tokio::fs::read(&args.path)
         .await
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", args.path.display())))?;
-    let target = target(g, &args).await?;
+    let target = server_target(g, args.target.as_deref()).await?;
     let report = nx_verify::inspect(&data);
     let verdict = nx_verify::judge(&report, &target);
     if g.json {
