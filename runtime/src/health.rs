@@ -82,6 +82,9 @@ fn parse_status(buf: &[u8]) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
+/// How long after the start probes run every millisecond.
+const FAST_POLL: Duration = Duration::from_millis(100);
+
 /// Probes until one succeeds or `deadline` passes; returns the last failure.
 /// `give_up` is polled between probes: when it returns true (say, the process
 /// exited), the wait ends early.
@@ -100,7 +103,13 @@ pub async fn wait_healthy(
             return result;
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
+        // A static binary answers within a few milliseconds of its start, and
+        // a refused connect on loopback costs microseconds: poll every
+        // millisecond at first, so "healthy" follows the first answer closely,
+        // then back off for the slow starters.
+        if start.elapsed() >= FAST_POLL {
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 }
 
