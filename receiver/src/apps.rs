@@ -50,7 +50,7 @@ pub fn new_deploy_key() -> Credential {
 /// database; if recording fails, the new database is dropped again.
 pub async fn create(
     db: &Db,
-    cluster: &Cluster,
+    cluster: &Arc<Cluster>,
     master: &Arc<MasterKey>,
     config: &ServeConfig,
     name: &AppName,
@@ -70,6 +70,7 @@ pub async fn create(
     let db_error = |source: ClusterError| AppError::Database { app: name.to_string(), source };
     let mut admin = cluster.admin_connection("postgres").await.map_err(db_error)?;
     provision::create_app_database(&mut admin, &db_name, &password).await.map_err(|e| db_error(e.into()))?;
+    cluster.refill_spares();
 
     let key = new_deploy_key();
     let recorded = async {

@@ -129,6 +129,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_PG_USER", default_value = "nx-postgres")]
     pub pg_user: String,
 
+    /// Empty databases (`nx_spare_*`) kept ready, so that a new app or
+    /// preview database is a rename instead of a `CREATE DATABASE`, whose
+    /// hundreds of file creations dominate provisioning. 0 turns this off
+    /// (and drops the spares left).
+    #[arg(long, env = "NX_SPARE_DATABASES", default_value_t = 2)]
+    pub spare_databases: usize,
+
     /// Object store for artifacts, as an object_store URL (`s3://bucket/prefix`,
     /// `gs://...`, `az://...`, `file:///path`); the default is `<data-dir>/store`.
     #[arg(long, env = "NX_STORE")]

@@ -98,6 +98,7 @@ impl Databases {
         let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::create_app_database(&mut admin, &name, &password).await?;
+        self.cluster.refill_spares();
         if mode == PreviewDb::Copy {
             let dump = self.temp_path("preview-copy");
             let copied = async {
@@ -138,6 +139,7 @@ impl Databases {
         let scratch = format!("{}__verify_{}", app.db_name, random_lower(6));
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::create_app_database(&mut admin, &scratch, &random_token(32)).await?;
+        self.cluster.refill_spares();
         let restored = self.cluster.tools().restore(file, &scratch, &scratch).await;
         provision::drop_app_database(&mut admin, &scratch).await?;
         restored.map_err(DatabaseError::RestoreFailed)
@@ -153,6 +155,7 @@ impl Databases {
         // Left over from a restore that died half-way.
         provision::drop_app_database(&mut admin, &staging).await?;
         provision::create_database_owned_by(&mut admin, &staging, &app.db_role).await?;
+        self.cluster.refill_spares();
         if let Err(e) = self.cluster.tools().restore(file, &staging, &app.db_role).await {
             let _ = provision::drop_app_database(&mut admin, &staging).await;
             return Err(DatabaseError::RestoreFailed(e));

@@ -147,6 +147,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     let db = Db::new(cluster.metadata_pool().await?);
+    cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
     let store = ArtifactStore::open(config.store.as_deref(), &data)?;
     let swept = store.clean_temporary();

@@ -65,6 +65,42 @@ fn an_app_reaches_its_own_database_and_nothing_else() {
     assert!(psql(&api, "SELECT * FROM notes").unwrap_err().contains("does not exist"));
 }
 
+/// The spare databases of the cluster, sorted.
+fn spares(r: &Receiver) -> Vec<String> {
+    let sql = "SELECT coalesce(string_agg(datname, ',' ORDER BY datname), '') FROM pg_database WHERE datname LIKE 'nx\\_spare\\_%'";
+    psql(&r.admin_url("postgres"), sql).unwrap().split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+#[test]
+fn a_new_app_gets_a_spare_made_beforehand_sealed_and_owned_like_any_other() {
+    let mut r = Receiver::start();
+    let before = eventually(30, "two spare databases", || Some(spares(&r)).filter(|s| s.len() == 2));
+    r.create_app("web");
+    let admin = r.admin_url("postgres");
+    let owner = psql(&admin, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app_web'").unwrap();
+    assert_eq!(owner, "app_web", "the app's role owns its database");
+    let acl = psql(&admin, "SELECT datacl::text FROM pg_database WHERE datname = 'app_web'").unwrap();
+    assert!(!acl.trim_matches(['{', '}']).split(',').any(|e| e.starts_with('=')), "PUBLIC has no rights: {acl}");
+    let after =
+        eventually(30, "the spare taken replaced", || Some(spares(&r)).filter(|s| s.len() == 2 && *s != before));
+    assert_eq!(before.iter().filter(|s| !after.contains(s)).count(), 1, "one spare was taken: {before:?} -> {after:?}");
+
+    let web = r.db_url("web");
+    psql(&web, "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('mine')").unwrap();
+    for spare in &after {
+        let err = psql(&with_db(&web, spare), "SELECT 1").expect_err("a spare is not the app's");
+        assert!(err.contains("no pg_hba.conf entry") || err.contains("permission denied"), "{spare}: {err}");
+    }
+
+    // Turned off, the spares go and apps are created the slow way.
+    r.options.args.extend(["--spare-databases".into(), "0".into()]);
+    r.restart();
+    eventually(30, "the spares dropped", || spares(&r).is_empty().then_some(()));
+    r.create_app("api");
+    assert_eq!(psql(&r.db_url("api"), "SELECT current_database()").unwrap(), "app_api");
+    assert!(spares(&r).is_empty());
+}
+
 #[test]
 fn connections_over_the_limit_are_refused_while_the_platform_still_connects() {
     let r = Receiver::start();

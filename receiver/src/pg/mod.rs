@@ -49,6 +49,8 @@ pub struct Cluster {
     endpoint: AppEndpoint,
     tools: tools::PgTools,
     embedded: Option<Embedded>,
+    /// How many spare databases to keep ready.
+    spares: usize,
 }
 
 impl Cluster {
@@ -77,7 +79,13 @@ impl Cluster {
                 let password = parsed.password().map(urlencoding_decode).unwrap_or_default();
                 let bin = embedded::find_bin_dir(config.pg_bin.as_deref(), &["pg_dump", "pg_restore"])?;
                 let env = tool_env(admin.get_host(), admin.get_port(), admin.get_username(), &password);
-                Cluster { admin, endpoint, tools: tools::PgTools::new(bin, env, pm.clone()), embedded: None }
+                Cluster {
+                    admin,
+                    endpoint,
+                    tools: tools::PgTools::new(bin, env, pm.clone()),
+                    embedded: None,
+                    spares: config.spare_databases,
+                }
             }
             None => {
                 let bin =
@@ -99,6 +107,7 @@ impl Cluster {
                     endpoint: AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port },
                     tools,
                     embedded: Some(embedded),
+                    spares: config.spare_databases,
                 }
             }
         };
@@ -137,6 +146,24 @@ impl Cluster {
             .map_err(|source| ClusterError::Connect { target: self.describe(), source })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(pool)
+    }
+
+    /// Tops the spare databases up in the background; called at start and
+    /// after each provisioning. A failure costs only speed: it is logged and
+    /// the next provisioning creates its database itself.
+    pub fn refill_spares(self: &std::sync::Arc<Self>) {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let refill = async {
+                let mut admin = cluster.admin_connection("postgres").await?;
+                Ok::<_, ClusterError>(provision::refill_spares(&mut admin, cluster.spares).await?)
+            };
+            match refill.await {
+                Ok(0) => {}
+                Ok(changed) => tracing::debug!(changed, want = cluster.spares, "spare databases topped up"),
+                Err(e) => tracing::warn!(error = %e, "cannot make spare databases"),
+            }
+        });
     }
 
     pub fn endpoint(&self) -> &AppEndpoint {

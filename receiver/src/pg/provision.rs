@@ -15,6 +15,16 @@ use super::scram;
 /// Connections one app may hold at once; the platform keeps the rest.
 pub const CONNECTION_LIMIT: u32 = 20;
 
+/// Names of the empty databases kept ready for the next app or preview.
+/// `CREATE DATABASE` creates a file per catalog relation, some 300 of them,
+/// which on a slow filesystem takes far longer than everything else a
+/// provisioning does; a spare made earlier is renamed and given away instead.
+pub const SPARE_PREFIX: &str = "nx_spare_";
+
+/// Serialises refills across receivers sharing one cluster.
+const SPARE_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('nx.spares'))";
+const SPARE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('nx.spares'))";
+
 /// Failures to provision; `sqlx` errors keep their text, which names the object.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -52,21 +62,105 @@ pub async fn create_app_database(admin: &mut PgConnection, name: &str, password:
 }
 
 /// Creates database `name` unless it exists (owned by `owner`, or by the admin
-/// role), and closes it to PUBLIC.
+/// role), and closes it to PUBLIC. An app's database is a spare renamed when
+/// one is ready.
 async fn ensure_database(admin: &mut PgConnection, name: &str, owner: Option<&str>) -> Result<(), ProvisionError> {
     let ident = quote_ident(name);
-    if !exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).await? {
-        let owner = owner.map(|o| format!(" OWNER {}", quote_ident(o))).unwrap_or_default();
+    let present = exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).await?;
+    let claimed = !present && owner.is_some() && claim_spare(admin, name).await?;
+    if !present && !claimed {
         admin
-            .execute(format!("CREATE DATABASE {ident}{owner} ENCODING 'UTF8' TEMPLATE template0").as_str())
+            .execute(format!("CREATE DATABASE {ident} ENCODING 'UTF8' TEMPLATE template0").as_str())
             .await
             .map_err(sql("create the database", name))?;
+    }
+    // Always stated, so a crash between a rename and this line is repaired by
+    // the next attempt rather than leaving the admin as the owner.
+    if let Some(owner) = owner {
+        admin
+            .execute(format!("ALTER DATABASE {ident} OWNER TO {}", quote_ident(owner)).as_str())
+            .await
+            .map_err(sql("give the database to its role", name))?;
     }
     admin
         .execute(format!("REVOKE ALL ON DATABASE {ident} FROM PUBLIC").as_str())
         .await
         .map_err(sql("revoke public access", name))?;
     Ok(())
+}
+
+/// The `LIKE` pattern of spare names (`_` is a wildcard unless escaped).
+fn spare_pattern() -> String {
+    format!("{}%", SPARE_PREFIX.replace('_', "\\_"))
+}
+
+/// Renames a spare to `name`; false when none is ready. Two receivers
+/// racing for one spare are fine: the loser's rename fails and it looks again.
+async fn claim_spare(admin: &mut PgConnection, name: &str) -> Result<bool, ProvisionError> {
+    let pattern = spare_pattern();
+    for _ in 0..3 {
+        let spare: Option<String> =
+            sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY datname LIMIT 1")
+                .bind(&pattern)
+                .fetch_optional(&mut *admin)
+                .await
+                .map_err(sql("look for a spare database", name))?;
+        let Some(spare) = spare else { return Ok(false) };
+        let rename = format!("ALTER DATABASE {} RENAME TO {}", quote_ident(&spare), quote_ident(name));
+        if admin.execute(rename.as_str()).await.is_ok() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Creates or drops spares until exactly `want` are ready; returns how many
+/// were created or dropped. A refill already running elsewhere makes this one
+/// return at once.
+pub async fn refill_spares(admin: &mut PgConnection, want: usize) -> Result<usize, ProvisionError> {
+    let action = |a| sql(a, "the spare databases");
+    admin.execute("SET search_path = pg_catalog").await.map_err(action("set search_path"))?;
+    let locked: bool = sqlx::query_scalar(SPARE_LOCK).fetch_one(&mut *admin).await.map_err(action("take the lock"))?;
+    if !locked {
+        return Ok(0);
+    }
+    let result = async {
+        // Listed again after each change: a spare may be claimed meanwhile.
+        // Bounded, so a cluster that keeps undoing the changes cannot hold
+        // this task forever.
+        let mut changed = 0;
+        while changed < want + 64 {
+            let ready: Vec<String> =
+                sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY datname")
+                    .bind(spare_pattern())
+                    .fetch_all(&mut *admin)
+                    .await
+                    .map_err(action("list"))?;
+            let statement = match ready.len().cmp(&want) {
+                std::cmp::Ordering::Equal => break,
+                std::cmp::Ordering::Greater => format!("DROP DATABASE IF EXISTS {}", quote_ident(&ready[0])),
+                std::cmp::Ordering::Less => {
+                    let name = format!("{SPARE_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
+                    format!("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0", quote_ident(&name))
+                }
+            };
+            admin.execute(statement.as_str()).await.map_err(action("create or drop"))?;
+            changed += 1;
+        }
+        // Closed to PUBLIC at once; a claim states it again for its database.
+        for name in sqlx::query_scalar::<_, String>("SELECT datname::text FROM pg_database WHERE datname LIKE $1")
+            .bind(spare_pattern())
+            .fetch_all(&mut *admin)
+            .await
+            .map_err(action("list"))?
+        {
+            let _ = admin.execute(format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", quote_ident(&name)).as_str()).await;
+        }
+        Ok(changed)
+    }
+    .await;
+    let _ = admin.execute(SPARE_UNLOCK).await;
+    result
 }
 
 /// Revokes PUBLIC's right to connect to `databases`.
@@ -110,6 +204,11 @@ pub async fn ensure_metadata_database(admin: &mut PgConnection, name: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spare_pattern_matches_only_spares() {
+        assert_eq!(spare_pattern(), "nx\\_spare\\_%");
+    }
 
     #[test]
     fn identifiers_are_quoted() {
