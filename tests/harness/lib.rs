@@ -22,11 +22,17 @@ use std::path::{Path, PathBuf};
 
 pub use receiver::Receiver;
 
-/// The directory holding the workspace's built binaries (`target/debug`).
+/// The directory holding the workspace's built binaries (`target/debug`,
+/// or `target/release` for the benchmarks), found from this executable.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/e2e-<hash> -> target/debug
-    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_owned()
+    // target/debug/deps/e2e-<hash> -> target/debug; target/release/nx-bench -> target/release
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps lives in target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// A workspace binary, which must have been built (`cargo build --workspace`).

@@ -1,0 +1,82 @@
+//! `nx-bench`: the performance claims of NX Sandbox, each measured next to the
+//! peer that shows what the figure means, in the same run. Prints the median
+//! with min and max over the rounds, the ratio to the peer, and whether the
+//! target of DESIGN.md section 7 is met. `bench/run.sh` builds and runs it.
+
+mod density;
+mod pg;
+mod promote;
+mod push;
+mod sandbox;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "nx-bench", about = "NX Sandbox benchmarks, each next to its peer")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Sandbox start to first answer, against the same binary started plainly.
+    Start {
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// Pause before each start, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        gap_ms: u64,
+    },
+    /// N idle sandboxes: time until all are healthy, memory beyond the app.
+    Density {
+        #[arg(long, value_delimiter = ',', default_value = "100,500,1000")]
+        counts: Vec<usize>,
+    },
+    /// App database provisioning, against a raw CREATE ROLE + CREATE DATABASE.
+    Provision {
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+    },
+    /// Push to preview answering, against copying and hashing the bytes.
+    Push {
+        #[arg(long, value_delimiter = ',', default_value = "1,20,100")]
+        sizes_mb: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// 50 pushes at once: all must succeed.
+    Concurrent {
+        #[arg(long, default_value_t = 50)]
+        pushes: usize,
+    },
+    /// Promotions and rollbacks under load: failed requests and the latency blip.
+    Promote {
+        #[arg(long, default_value_t = 20)]
+        swaps: usize,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.bench {
+        Bench::Start { rounds, gap_ms } => sandbox::start(rounds, std::time::Duration::from_millis(gap_ms)).map(|_| ()),
+        Bench::Density { counts } => density::run(&counts),
+        Bench::Provision { rounds } => pg::provision(rounds),
+        Bench::Push { sizes_mb, rounds } => push::sizes(&sizes_mb, rounds),
+        Bench::Concurrent { pushes } => push::concurrent(pushes),
+        Bench::Promote { swaps } => promote::run(swaps),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nx-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Sandboxes started the way the receiver starts them (bwrap, seccomp,
+//! cgroup, own uid), and the start benchmark: start to first answer, next to
+//! the same binary started plainly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nx_runtime::cgroup::{Driver, Limits};
+use nx_runtime::spec::{group_file, hosts_file, passwd_file, HostLayout, SandboxSpec};
+use nx_runtime::supervisor::{RestartPolicy, SandboxConfig, Status};
+use nx_runtime::{HealthCheck, Log, LogLimits, ProcessManager, Sandbox};
+
+use crate::stats::{verdict, Figure};
+
+/// The first uid the benchmarks run sandboxes as: far from any receiver's.
+pub const UID: u32 = 3_900_000;
+
+/// What every benchmark sandbox shares.
+pub struct Host {
+    pub pm: ProcessManager,
+    pub layout: Arc<HostLayout>,
+    pub seccomp: Arc<[u8]>,
+    pub cgroups: Driver,
+    pub dir: tempfile::TempDir,
+    /// The binary: the musl-static C server of the test fixtures.
+    pub binary: PathBuf,
+}
+
+impl Host {
+    pub fn new() -> anyhow::Result<Host> {
+        let arch = nx_runtime::seccomp::Arch::host()
+            .ok_or_else(|| anyhow::anyhow!("no seccomp filter for this architecture"))?;
+        let dir = tempfile::Builder::new().prefix("nx-bench-").tempdir_in("/tmp")?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        Ok(Host {
+            pm: ProcessManager::global()?,
+            layout: Arc::new(HostLayout::detect(Path::new("/"))),
+            seccomp: nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into(),
+            cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),
+            dir,
+            binary: nx_e2e::fixtures::c_musl_static(),
+        })
+    }
+
+    /// The configuration of sandbox `name` listening on `port`.
+    pub fn config(&self, name: &str, port: u16) -> anyhow::Result<SandboxConfig> {
+        let root = self.dir.path().join(name);
+        let (data, etc) = (root.join("data"), root.join("etc"));
+        std::fs::create_dir_all(&data)?;
+        std::fs::create_dir_all(&etc)?;
+        std::os::unix::fs::chown(&data, Some(UID), Some(UID))?;
+        let mut etc_files = Vec::new();
+        for (file, text) in
+            [("passwd", passwd_file("bench")), ("group", group_file("bench")), ("hosts", hosts_file("bench"))]
+        {
+            std::fs::write(etc.join(file), text)?;
+            etc_files.push((etc.join(file), file.to_owned()));
+        }
+        let limits = Limits {
+            memory_bytes: Some(64 << 20),
+            cpu_millis: Some(500),
+            pids: Some(64),
+            nofile: Some(256),
+            tmp_bytes: 16 << 20,
+            data_bytes: None,
+        };
+        let enforced = nx_runtime::cgroup::enforce(&self.cgroups, "nx-bench", name, &limits)?;
+        Ok(SandboxConfig {
+            spec: SandboxSpec {
+                hostname: "bench".into(),
+                binary: self.binary.clone(),
+                binary_name: "hello".into(),
+                args: Vec::new(),
+                data_dir: data,
+                etc_files,
+                dynamic: false,
+                tmp_size_bytes: limits.tmp_bytes,
+                seccomp_fd: None,
+                share_net: true,
+                ro_binds: Vec::new(),
+            },
+            host: self.layout.clone(),
+            bwrap: "/usr/bin/bwrap".into(),
+            host_ids: (UID, UID),
+            env: vec![("PORT".into(), port.to_string()), ("HOST".into(), "127.0.0.1".into())],
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            health: HealthCheck::Http { path: "/".into(), require_success: true },
+            start_timeout: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(2),
+            restart: RestartPolicy::default(),
+            seccomp: Some(self.seccomp.clone()),
+            cgroup: Some(enforced.cgroup),
+            rlimits: enforced.rlimits,
+            proc_root: "/proc".into(),
+        })
+    }
+
+    /// Starts sandbox `name` on `port`.
+    pub fn start(&self, name: &str, port: u16) -> anyhow::Result<Sandbox> {
+        let log = Log::open(&self.dir.path().join(format!("{name}.log")), LogLimits::default())?;
+        Ok(Sandbox::start(self.config(name, port)?, self.pm.clone(), log))
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `port` as tightly as it can until an HTTP request gets 200.
+pub fn first_answer(port: u16, deadline: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+            let mut head = [0u8; 12];
+            if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200") {
+                return Ok(started.elapsed());
+            }
+        }
+        anyhow::ensure!(started.elapsed() < deadline, "no answer on port {port} within {deadline:?}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Waits until the sandbox is healthy or has failed.
+pub async fn healthy(sandbox: &Sandbox) -> anyhow::Result<()> {
+    let mut status = sandbox.watch();
+    let s = status.wait_for(|s| matches!(s, Status::Healthy { .. } | Status::Failed { .. })).await?.clone();
+    match s {
+        Status::Failed { reason, .. } => anyhow::bail!("a sandbox failed: {reason}"),
+        _ => Ok(()),
+    }
+}
+
+/// The start benchmark; returns the sandboxed median in milliseconds.
+pub fn start(rounds: usize, gap: Duration) -> anyhow::Result<f64> {
+    let host = Host::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (mut sandboxed, mut healthy_at, mut plain) = (Figure::default(), Figure::default(), Figure::default());
+    for round in 0..rounds {
+        // Pushes arrive seconds apart, not back to back: the pause lets the
+        // kernel's cgroup locks go idle as they are when a push arrives.
+        std::thread::sleep(gap);
+        // The cgroups and the sandbox's files are part of every start the
+        // receiver makes, so the clock starts before they are created.
+        let port = free_port()?;
+        let t0 = Instant::now();
+        let sandbox = runtime.block_on(async { host.start(&format!("start-{round}"), port) })?;
+        first_answer(port, Duration::from_secs(10))?;
+        sandboxed.push_ms(t0.elapsed());
+        runtime.block_on(healthy(&sandbox))?;
+        healthy_at.push_ms(t0.elapsed());
+        runtime.block_on(sandbox.stop());
+
+        // The peer goes through the same process manager (whose reaper
+        // collects every child of this process), minus bwrap and cgroups.
+        let port = free_port()?;
+        let t0 = Instant::now();
+        let command = nx_runtime::process::Command::new(&host.binary).env("PORT", port.to_string());
+        let mut child = runtime.block_on(host.pm.spawn(command))?;
+        first_answer(port, Duration::from_secs(10))?;
+        plain.push_ms(t0.elapsed());
+        child.signal(nix::sys::signal::Signal::SIGKILL)?;
+        runtime.block_on(child.wait());
+    }
+    println!("sandbox start -> first answer ({rounds} rounds, a static C server)");
+    println!("{}", sandboxed.line("in a sandbox (bwrap, seccomp, cgroup)", "ms"));
+    println!("{}", healthy_at.line("  ... reported healthy", "ms"));
+    println!("{}", plain.line("started plainly (peer)", "ms"));
+    println!(
+        "  ratio sandbox/plain: {:.1}x, cost of the sandbox {:.2} ms",
+        sandboxed.median() / plain.median(),
+        sandboxed.median() - plain.median()
+    );
+    println!("  rcu_expedited: {}", rcu_expedited());
+    verdict("first healthy answer <= 10 ms median", healthy_at.median() <= 10.0);
+    Ok(sandboxed.median())
+}
+
+/// Whether the kernel runs expedited RCU grace periods, which decides what
+/// joining a cgroup costs (see bench/RESULTS.md).
+fn rcu_expedited() -> String {
+    std::fs::read_to_string("/sys/kernel/rcu_expedited")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
