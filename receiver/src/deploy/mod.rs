@@ -575,6 +575,9 @@ struct Watcher {
 /// publishes it as applied, and reports it to GitHub.
 async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Sender<Status>, w: Watcher) {
     let Watcher { db, routes, reporter, id, app } = w;
+    // The supervisor announces `Starting` again as it spawns; a state already
+    // applied costs a commit and a route publish for nothing.
+    let mut applied_state = None;
     loop {
         let current = status.borrow_and_update().clone();
         let write = match &current {
@@ -585,7 +588,9 @@ async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Send
             // records nothing, so the deployment comes back at the next start.
             Status::Stopped => None,
         };
+        let write = write.filter(|(state, _)| applied_state != Some(*state));
         if let Some((state, error)) = write {
+            applied_state = Some(state);
             if let Err(e) = db.set_state(&id, state, error.as_deref()).await {
                 tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
             }
