@@ -89,23 +89,22 @@ async fn ensure_database(admin: &mut PgConnection, name: &str, owner: Option<&st
     Ok(())
 }
 
-/// The `LIKE` pattern of spare names (`_` is a wildcard unless escaped).
-fn spare_pattern() -> String {
-    format!("{}%", SPARE_PREFIX.replace('_', "\\_"))
+/// The spare databases, oldest name first.
+async fn list_spares(admin: &mut PgConnection) -> Result<Vec<String>, ProvisionError> {
+    // `_` is a LIKE wildcard unless escaped.
+    let pattern = format!("{}%", SPARE_PREFIX.replace('_', "\\_"));
+    sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY datname")
+        .bind(pattern)
+        .fetch_all(&mut *admin)
+        .await
+        .map_err(sql("list", "the spare databases"))
 }
 
 /// Renames a spare to `name`; false when none is ready. Two receivers
-/// racing for one spare are fine: the loser's rename fails and it looks again.
+/// racing for one spare are fine: the loser's rename fails and it takes the
+/// next one.
 async fn claim_spare(admin: &mut PgConnection, name: &str) -> Result<bool, ProvisionError> {
-    let pattern = spare_pattern();
-    for _ in 0..3 {
-        let spare: Option<String> =
-            sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY datname LIMIT 1")
-                .bind(&pattern)
-                .fetch_optional(&mut *admin)
-                .await
-                .map_err(sql("look for a spare database", name))?;
-        let Some(spare) = spare else { return Ok(false) };
+    for spare in list_spares(admin).await? {
         let rename = format!("ALTER DATABASE {} RENAME TO {}", quote_ident(&spare), quote_ident(name));
         if admin.execute(rename.as_str()).await.is_ok() {
             return Ok(true);
@@ -130,31 +129,26 @@ pub async fn refill_spares(admin: &mut PgConnection, want: usize) -> Result<usiz
         // this task forever.
         let mut changed = 0;
         while changed < want + 64 {
-            let ready: Vec<String> =
-                sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY datname")
-                    .bind(spare_pattern())
-                    .fetch_all(&mut *admin)
-                    .await
-                    .map_err(action("list"))?;
-            let statement = match ready.len().cmp(&want) {
+            let ready = list_spares(admin).await?;
+            match ready.len().cmp(&want) {
                 std::cmp::Ordering::Equal => break,
-                std::cmp::Ordering::Greater => format!("DROP DATABASE IF EXISTS {}", quote_ident(&ready[0])),
-                std::cmp::Ordering::Less => {
-                    let name = format!("{SPARE_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
-                    format!("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0", quote_ident(&name))
+                std::cmp::Ordering::Greater => {
+                    let drop = format!("DROP DATABASE IF EXISTS {}", quote_ident(&ready[0]));
+                    admin.execute(drop.as_str()).await.map_err(action("drop"))?;
                 }
-            };
-            admin.execute(statement.as_str()).await.map_err(action("create or drop"))?;
+                std::cmp::Ordering::Less => {
+                    let ident = quote_ident(&format!("{SPARE_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>())));
+                    admin
+                        .execute(format!("CREATE DATABASE {ident} ENCODING 'UTF8' TEMPLATE template0").as_str())
+                        .await
+                        .map_err(action("create"))?;
+                    admin
+                        .execute(format!("REVOKE ALL ON DATABASE {ident} FROM PUBLIC").as_str())
+                        .await
+                        .map_err(action("close"))?;
+                }
+            }
             changed += 1;
-        }
-        // Closed to PUBLIC at once; a claim states it again for its database.
-        for name in sqlx::query_scalar::<_, String>("SELECT datname::text FROM pg_database WHERE datname LIKE $1")
-            .bind(spare_pattern())
-            .fetch_all(&mut *admin)
-            .await
-            .map_err(action("list"))?
-        {
-            let _ = admin.execute(format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", quote_ident(&name)).as_str()).await;
         }
         Ok(changed)
     }
@@ -204,11 +198,6 @@ pub async fn ensure_metadata_database(admin: &mut PgConnection, name: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_spare_pattern_matches_only_spares() {
-        assert_eq!(spare_pattern(), "nx\\_spare\\_%");
-    }
 
     #[test]
     fn identifiers_are_quoted() {
