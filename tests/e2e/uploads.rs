@@ -114,6 +114,22 @@ fn forged_stale_replayed_and_tampered_requests_each_get_their_own_answer() {
     nothing_recorded(&r, "web");
 }
 
+/// Sends a signed push's head and the first half of its body, and returns
+/// the connection, still open.
+fn half_upload(r: &Receiver, body: &[u8], meta: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let s = Signed::new("POST", "/v1/apps/web/deployments", body, Some(meta));
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
+    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
+    for (k, v) in s.headers(&r.admin_token) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() / 2]).unwrap();
+    stream
+}
+
 #[test]
 fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     let mut r = Receiver::start();
@@ -121,18 +137,9 @@ fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     let binary = fixtures::go(Go::Static);
     let body = std::fs::read(&binary).unwrap();
     let m = meta(serde_json::json!({ "filename": "goweb" }));
-    let s = Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m));
 
     // Half the body, then the connection closes.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
-    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
-    for (k, v) in s.headers(&r.admin_token) {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    use std::io::Write;
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body[..body.len() / 2]).unwrap();
+    let mut stream = half_upload(&r, &body, &m);
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
@@ -142,15 +149,7 @@ fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     nothing_recorded(&r, "web");
 
     // Half the body, then the receiver dies.
-    let s = Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m));
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
-    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
-    for (k, v) in s.headers(&r.admin_token) {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body[..body.len() / 2]).unwrap();
+    let stream = half_upload(&r, &body, &m);
     eventually(10, "the upload to reach the disk", || {
         let tmp: Vec<_> = std::fs::read_dir(r.data_dir().join("tmp")).unwrap().flatten().collect();
         tmp.iter().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)).then_some(())

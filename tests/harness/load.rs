@@ -58,4 +58,18 @@ impl Load {
         let bodies = self.bodies.lock().unwrap().clone();
         (self.ok.load(Ordering::Relaxed), failures, bodies)
     }
+
+    /// [`Load::finish`], failing the test if any request failed; returns the
+    /// successes and the distinct bodies seen.
+    pub fn finish_without_failures(self) -> (u64, std::collections::BTreeSet<String>) {
+        let (ok, failures, bodies) = self.finish();
+        assert!(
+            failures.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failures.len(),
+            ok + failures.len() as u64,
+            &failures[..failures.len().min(5)]
+        );
+        (ok, bodies)
+    }
 }
