@@ -29,8 +29,12 @@ const MAX_TABLE_BYTES: usize = 64 << 20;
 
 /// Binds the control socket, replacing a stale one. Returns a std listener so it
 /// can be bound before any async runtime exists.
+///
+/// A missing directory is created private (0700). An existing one keeps its
+/// mode: the socket's own mode (0600) is what guards it, and tightening a
+/// shared directory such as /tmp would lock every other user out of it.
 pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
@@ -117,4 +121,24 @@ async fn handle(
         _ => text(StatusCode::NOT_FOUND, "unknown control path; use GET /health, GET /activity, GET or PUT /routes\n"),
     };
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_is_private_and_an_existing_directory_keeps_its_mode() {
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let socket = shared.path().join("control.sock");
+        let _listener = bind(&socket).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(shared.path()), 0o1777, "a shared directory is left as it was");
+        assert_eq!(mode(&socket), 0o600);
+
+        let fresh = shared.path().join("router");
+        let _listener = bind(&fresh.join("control.sock")).unwrap();
+        assert_eq!(mode(&fresh), 0o700, "a directory the router creates is private");
+    }
 }
