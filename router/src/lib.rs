@@ -19,8 +19,11 @@
 pub mod buffered;
 pub mod config;
 pub mod control;
+pub mod exchange;
+pub mod h1;
 pub mod listener;
 pub mod pages;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod table;

@@ -1,4 +1,5 @@
-//! The router's own accept loops, feeding pingora's `HttpProxy`.
+//! The router's own accept loops: HTTP/1 to [`crate::h1`], HTTP/2 (TLS with
+//! ALPN h2) to pingora's `HttpProxy`.
 //!
 //! The listening sockets usually come from the receiver (inherited
 //! descriptors), which keeps them open across router restarts and reloads:
@@ -18,11 +19,13 @@ use std::time::Duration;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{GetSocketDigest, SocketDigest};
+use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, ALPN};
 use pingora::proxy::HttpProxy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::exchange::Client;
+use crate::h1::H1;
 use crate::proxy::Router;
 
 /// Where a listening socket comes from.
@@ -121,11 +124,25 @@ impl Drop for Guard {
     }
 }
 
-/// Accepts connections until `stop` turns true, handing each to the proxy.
+/// The two proxies of a worker: HTTP/1 and HTTP/2.
+#[derive(Clone)]
+pub struct Proxies {
+    pub h1: Arc<H1>,
+    pub h2: Arc<HttpProxy<Router>>,
+}
+
+impl std::fmt::Debug for Proxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // pingora's HttpProxy has no Debug of its own.
+        f.debug_struct("Proxies").field("h1", &self.h1).finish_non_exhaustive()
+    }
+}
+
+/// Accepts connections until `stop` turns true, handing each to its proxy.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Acceptor>>,
-    proxy: Arc<HttpProxy<Router>>,
+    proxies: Proxies,
     connections: Arc<Connections>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -146,7 +163,7 @@ pub async fn serve(
         };
         connections.open.fetch_add(1, Ordering::Relaxed);
         let guard = Guard(connections.clone());
-        let proxy = proxy.clone();
+        let proxies = proxies.clone();
         let tls = tls.clone();
         let shutdown = connections.shutdown.subscribe();
         tokio::spawn(async move {
@@ -157,17 +174,17 @@ pub async fn serve(
             let _ = digest.peer_addr.set(Some(peer.into()));
             stream.set_socket_digest(digest);
             let stream = crate::buffered::Buffered::new(stream);
-            let stream: pingora::protocols::Stream = match tls {
-                None => Box::new(stream),
-                Some(acceptor) => match acceptor.tls_handshake(stream).await {
-                    Ok(s) => Box::new(s),
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                        return;
-                    }
-                },
+            let Some(acceptor) = tls else {
+                proxies.h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
+                return;
             };
-            proxy.process_new(stream, &shutdown).await;
+            match acceptor.tls_handshake(stream).await {
+                Ok(s) if s.selected_alpn_proto() == Some(ALPN::H2) => {
+                    proxies.h2.process_new(Box::new(s), &shutdown).await;
+                }
+                Ok(s) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
+                Err(e) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+            }
         });
     }
 }

@@ -256,16 +256,23 @@ fn tls_terminates_with_http2() {
     });
     r.create_app("web");
     r.nx_ok(&["promote", goweb(&r, "web", &[])["id"].as_str().unwrap()]);
-    let client = reqwest::blocking::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap())
-        .resolve("web.localhost", ([127, 0, 0, 1], tls_port).into())
-        .build()
-        .unwrap();
-    let resp = client.get(format!("https://web.localhost:{tls_port}/headers")).send().unwrap();
-    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
-    assert_eq!(resp.status().as_u16(), 200);
-    let body = resp.text().unwrap().to_ascii_lowercase();
-    assert!(body.contains("x-forwarded-proto: https"), "{body}");
+    // HTTP/2 (pingora's proxy) and HTTP/1.1 (the router's own loop) over TLS.
+    for (http1_only, version) in [(false, reqwest::Version::HTTP_2), (true, reqwest::Version::HTTP_11)] {
+        let mut builder = reqwest::blocking::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap())
+            .resolve("web.localhost", ([127, 0, 0, 1], tls_port).into());
+        if http1_only {
+            builder = builder.http1_only();
+        }
+        let client = builder.build().unwrap();
+        let resp = client.get(format!("https://web.localhost:{tls_port}/headers")).send().unwrap();
+        assert_eq!(resp.version(), version);
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["x-request-id"].len(), 32);
+        let body = resp.text().unwrap().to_ascii_lowercase();
+        assert!(body.contains("x-forwarded-proto: https"), "{version:?}: {body}");
+        assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{version:?}: {body}");
+    }
 }
 
 #[test]

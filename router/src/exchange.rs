@@ -1,0 +1,318 @@
+//! One request's routing decision and the headers it carries across the hop,
+//! shared by the router's HTTP/1 loop ([`crate::h1`]) and pingora's proxy,
+//! which serves HTTP/2 ([`crate::proxy`]): both answer the same request the
+//! same way.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use nx_protocol::routes::{normalize_host, Target};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::pages::Page;
+use crate::table::{Entry, RouteStore};
+
+/// Request id header, generated when the client sent none.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
+/// `connection` and `upgrade` are handled apart: an upgrade needs them.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+];
+
+/// The hop-by-hop headers present in `headers`. Most requests and responses
+/// have none, and a scan of the names is cheaper than removing each absent one.
+fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers.keys().filter(|k| HOP_BY_HOP.contains(k)).cloned().collect()
+}
+
+/// The client connection a request came on, as the forwarding headers tell it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's address, formatted once per connection.
+    ip: Option<HeaderValue>,
+    tls: bool,
+}
+
+impl Client {
+    pub fn new(ip: Option<IpAddr>, tls: bool) -> Client {
+        Client { ip: ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()), tls }
+    }
+}
+
+/// What the router does with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// Proxy it to this upstream.
+    Forward(SocketAddr),
+    /// Answer it with this page.
+    Answer(Page),
+}
+
+/// One request as the router sees it: its host, route, id and start time.
+#[derive(Debug)]
+pub struct Exchange {
+    pub host: String,
+    pub route: Option<Arc<Entry>>,
+    pub upstream: Option<SocketAddr>,
+    pub request_id: String,
+    pub started: Instant,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_host(req: &RequestHeader) -> String {
+    let raw =
+        req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host()).unwrap_or_default();
+    normalize_host(raw)
+}
+
+/// 128 random bits in lowercase hex.
+fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u128>();
+    (0..32).rev().map(|i| char::from(HEX[((bits >> (i * 4)) & 0xf) as usize])).collect()
+}
+
+/// Whether the request asks to switch protocols (WebSocket): `Upgrade` named
+/// in `Connection` and present.
+pub fn is_upgrade(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::UPGRADE)
+        && req
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+impl Exchange {
+    /// Routes a request by its host and takes (or makes) its request id.
+    pub fn begin(store: &RouteStore, req: &RequestHeader) -> (Exchange, Decision) {
+        let mut ex = Exchange {
+            host: request_host(req),
+            route: None,
+            upstream: None,
+            request_id: req
+                .headers
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 128)
+                .map_or_else(new_request_id, str::to_owned),
+            started: Instant::now(),
+        };
+        let Some(entry) = store.lookup(&ex.host) else {
+            let page = Page::unknown_host(&ex.host);
+            return (ex, Decision::Answer(page));
+        };
+        entry.touch(unix_now());
+        let route = &entry.route;
+        let decision = match &route.target {
+            Target::Live { addr } => {
+                ex.upstream = Some(*addr);
+                Decision::Forward(*addr)
+            }
+            Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
+            Target::Stopped { reason } => {
+                Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
+            }
+            Target::Failed => Decision::Answer(Page::failed(&route.app, &route.deployment)),
+        };
+        ex.route = Some(entry);
+        (ex, decision)
+    }
+
+    /// The app and deployment of the request's route, empty when none.
+    pub fn names(&self) -> (&str, &str) {
+        self.route.as_ref().map_or(("", ""), |e| (e.route.app.as_str(), e.route.deployment.as_str()))
+    }
+
+    /// The page for an upstream that did not answer.
+    pub fn upstream_down(&self) -> Page {
+        let (app, deployment) = self.names();
+        Page::upstream_down(app, deployment)
+    }
+
+    /// Turns the client's request header into the one the upstream gets:
+    /// hop-by-hop headers out (and those the client named in `Connection`),
+    /// the forwarding headers and the request id in. `Connection` and
+    /// `Upgrade` stay only for an upgrade, so upstream connections are kept
+    /// alive whatever the client asked for its own connection.
+    pub fn rewrite_request(&self, upstream: &mut RequestHeader, client: &Client) -> pingora::Result<()> {
+        let upgrade = is_upgrade(upstream);
+        let mut gone = hop_by_hop(&upstream.headers);
+        if upstream.headers.contains_key(header::CONNECTION) {
+            gone.extend(
+                upstream
+                    .headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                    .filter(|h| h != header::UPGRADE && h.as_str() != "keep-alive" && h.as_str() != "close"),
+            );
+            gone.push(header::CONNECTION);
+        }
+        if !upgrade && upstream.headers.contains_key(header::UPGRADE) {
+            gone.push(header::UPGRADE);
+        }
+        for h in &gone {
+            upstream.remove_header(h);
+        }
+        if upgrade {
+            upstream.insert_header(header::CONNECTION, "upgrade")?;
+        }
+        if let Some(ip) = &client.ip {
+            match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prior) if !prior.is_empty() => {
+                    let appended = format!("{prior}, {}", ip.to_str().unwrap_or_default());
+                    upstream.insert_header("x-forwarded-for", appended)?;
+                }
+                _ => upstream.insert_header("x-forwarded-for", ip.clone())?,
+            }
+        }
+        upstream.insert_header("x-forwarded-proto", if client.tls { "https" } else { "http" })?;
+        upstream.insert_header("x-forwarded-host", self.host.as_str())?;
+        upstream.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        Ok(())
+    }
+
+    /// The upstream's response header as the client gets it. When `draining`,
+    /// the response closes its connection.
+    pub fn rewrite_response(&self, resp: &mut ResponseHeader, draining: bool) -> pingora::Result<()> {
+        for h in &hop_by_hop(&resp.headers) {
+            resp.remove_header(h);
+        }
+        resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if draining {
+            resp.insert_header(header::CONNECTION, "close")?;
+        }
+        Ok(())
+    }
+
+    /// The header and body of one of the router's own pages.
+    pub fn page(&self, page: &Page, draining: bool) -> pingora::Result<(Box<ResponseHeader>, Bytes)> {
+        let body = Bytes::from(page.html());
+        let mut resp = ResponseHeader::build(page.status, Some(6))?;
+        resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if page.status == 503 {
+            resp.insert_header(header::RETRY_AFTER, "2")?;
+        }
+        if draining {
+            resp.insert_header(header::CONNECTION, "close")?;
+        }
+        Ok((Box::new(resp), body))
+    }
+
+    /// The access log line: one per request, structured.
+    pub fn log(&self, req: &RequestHeader, status: u16, error: Option<String>) {
+        let (app, deployment) = self.names();
+        tracing::info!(
+            target: "access",
+            host = %self.host,
+            method = %req.method,
+            path = %req.uri.path(),
+            status,
+            app,
+            deployment,
+            upstream = ?self.upstream,
+            request_id = %self.request_id,
+            micros = self.started.elapsed().as_micros() as u64,
+            error,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in headers {
+            req.append_header(k.to_string(), *v).unwrap();
+        }
+        req
+    }
+
+    fn exchange() -> Exchange {
+        Exchange {
+            host: "app.localhost".into(),
+            route: None,
+            upstream: None,
+            request_id: "id-1".into(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_upstream_request_loses_hop_headers_and_gains_forwarding_ones() {
+        let mut req = request(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-kept", "yes"),
+        ]);
+        exchange().rewrite_request(&mut req, &Client::new(Some("127.0.0.1".parse().unwrap()), true)).unwrap();
+        let get = |h: &str| req.headers.get(h).map(|v| v.to_str().unwrap().to_owned());
+        for gone in ["connection", "x-secret", "keep-alive", "upgrade"] {
+            assert_eq!(get(gone), None, "{gone} crossed the hop");
+        }
+        assert_eq!(get("x-kept").as_deref(), Some("yes"));
+        assert_eq!(get("x-forwarded-for").as_deref(), Some("10.0.0.1, 127.0.0.1"));
+        assert_eq!(get("x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(get("x-forwarded-host").as_deref(), Some("app.localhost"));
+        assert_eq!(get(REQUEST_ID).as_deref(), Some("id-1"));
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_connection_and_upgrade_headers() {
+        let mut req = request(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&req));
+        exchange().rewrite_request(&mut req, &Client::new(None, false)).unwrap();
+        assert_eq!(req.headers.get("connection").unwrap(), "upgrade");
+        assert_eq!(req.headers.get("upgrade").unwrap(), "websocket");
+        assert!(!is_upgrade(&request(&[("upgrade", "websocket")])), "Upgrade alone is no upgrade");
+    }
+
+    #[test]
+    fn pages_and_responses_carry_the_request_id_and_close_when_draining() {
+        let ex = exchange();
+        let (head, body) = ex.page(&Page::starting("web", "d1"), true).unwrap();
+        assert_eq!(head.status, 503);
+        assert_eq!(head.headers.get("retry-after").unwrap(), "2");
+        assert_eq!(head.headers.get("connection").unwrap(), "close");
+        assert_eq!(head.headers.get("content-length").unwrap().to_str().unwrap(), body.len().to_string());
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("keep-alive", "timeout=5").unwrap();
+        ex.rewrite_response(&mut resp, false).unwrap();
+        assert_eq!(resp.headers.get(REQUEST_ID).unwrap(), "id-1");
+        assert!(resp.headers.get("keep-alive").is_none());
+        assert!(resp.headers.get("connection").is_none());
+    }
+}
