@@ -70,9 +70,16 @@ impl H1 {
     /// Serves one client connection until it closes, fails, or `shutdown`
     /// turns true while it waits for a request.
     pub async fn serve(&self, mut stream: Stream, client: Client, shutdown: watch::Receiver<bool>) {
+        // Bytes of the next request the client sent before this answer
+        // (HTTP/1.1 pipelining); they start the next request's header.
+        let mut pipelined = None;
         loop {
             let mut down = Downstream::new(stream);
             down.set_server_keepalive(Some(CLIENT_IDLE_SECS));
+            down.set_pipelining_enabled(true);
+            if let Some(prefix) = pipelined.take() {
+                down.set_pipelined_prefix(prefix);
+            }
             let mut shutdown = shutdown.clone();
             let read = tokio::select! {
                 biased;
@@ -104,7 +111,7 @@ impl H1 {
                 return;
             }
             match down.reuse().await {
-                Ok(Some(next)) => stream = next.into_parts().0,
+                Ok(Some(next)) => (stream, pipelined) = next.into_parts(),
                 _ => return,
             }
         }
@@ -325,11 +332,12 @@ mod tests {
         Some((head, body))
     }
 
-    /// An app that answers the first request on each connection with the
-    /// request's header and body size, keeps the connection, and drops it
-    /// unanswered when a second request arrives on it (as an app does whose
-    /// idle timeout fires just as the request comes). Counts the requests seen.
-    async fn app_dropping_second_requests() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// An app that answers the first `answers` requests on each connection
+    /// with the request's header and body size, keeps the connection, and
+    /// drops it unanswered when the next request arrives on it (as an app
+    /// does whose idle timeout fires just as the request comes). Counts the
+    /// requests seen.
+    async fn app(answers: usize) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
@@ -339,11 +347,13 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let seen = counter.clone();
                 tokio::spawn(async move {
-                    let Some((head, body)) = read_request(&mut s).await else { return };
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    let answer = format!("{head}body: {}\n", body.len());
-                    let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
-                    s.write_all(reply.as_bytes()).await.unwrap();
+                    for _ in 0..answers {
+                        let Some((head, body)) = read_request(&mut s).await else { return };
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let answer = format!("{head}body: {}\n", body.len());
+                        let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
+                        s.write_all(reply.as_bytes()).await.unwrap();
+                    }
                     if read_request(&mut s).await.is_some() {
                         seen.fetch_add(1, Ordering::SeqCst);
                     }
@@ -389,7 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_on_a_connection_the_app_drops_is_sent_again_unless_it_has_a_body() {
-        let (app, seen) = app_dropping_second_requests().await;
+        let (app, seen) = app(1).await;
         let (addr, _dir) = router(app).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         for _ in 0..3 {
@@ -425,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn expect_continue_is_answered_by_the_router_and_the_body_follows() {
-        let (app, _) = app_dropping_second_requests().await;
+        let (app, _) = app(1).await;
         let (addr, _dir) = router(app).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
@@ -446,8 +456,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let (app, _) = app(usize::MAX).await;
+        let (addr, _dir) = router(app).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"GET /one HTTP/1.1\r\nHost: app.localhost\r\n\r\n\
+                  POST /two HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 3\r\n\r\nabc\
+                  GET /three HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        for (path, body) in [("get /one", 0), ("post /two", 3), ("get /three", 0)] {
+            let answer = read_response(&mut client).await;
+            assert!(answer.starts_with("http/1.1 200"), "{answer}");
+            assert!(answer.contains(path) && answer.contains(&format!("body: {body}")), "{path}: {answer}");
+        }
+    }
+
+    #[tokio::test]
     async fn malformed_requests_and_connect_are_refused() {
-        let (app, seen) = app_dropping_second_requests().await;
+        let (app, seen) = app(1).await;
         let (addr, _dir) = router(app).await;
         for (request, status) in [
             (&b"GET / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..], "400"),
