@@ -203,6 +203,12 @@ impl H1 {
         let mut resp = Box::new(up.resp_header().cloned().ok_or_else(|| {
             Failure::Upstream(pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response header"))
         })?);
+        if close_delimited(&resp, &down.req_header().method, up.is_body_done()) {
+            // An HTTP/1.0-style body that ends when the app closes: passed on
+            // chunked, so the client's connection outlives it.
+            resp.set_version(http::Version::HTTP_11);
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked").map_err(Failure::Upstream)?;
+        }
         ex.rewrite_response(&mut resp, draining).map_err(Failure::Upstream)?;
         let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
         down.write_response_header(resp).await.map_err(Failure::Client)?;
@@ -225,6 +231,18 @@ impl H1 {
         }
         Ok(true)
     }
+}
+
+/// Whether a response's body is delimited by the app closing its connection:
+/// one is expected (not HEAD, 1xx, 204 or 304, not already over) and neither
+/// length nor chunking is given.
+fn close_delimited(resp: &ResponseHeader, method: &http::Method, body_done: bool) -> bool {
+    let no_body =
+        method == http::Method::HEAD || resp.status.is_informational() || matches!(resp.status.as_u16(), 204 | 304);
+    !no_body
+        && !body_done
+        && !resp.headers.contains_key(header::TRANSFER_ENCODING)
+        && !resp.headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// Sends the request (header and body) and reads the response header,
@@ -472,6 +490,40 @@ mod tests {
             let answer = read_response(&mut client).await;
             assert!(answer.starts_with("http/1.1 200"), "{answer}");
             assert!(answer.contains(path) && answer.contains(&format!("body: {body}")), "{path}: {answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_ended_by_the_app_closing_reaches_the_client_chunked_on_a_kept_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    if read_request(&mut s).await.is_some() {
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
+                    }
+                });
+            }
+        });
+        let (addr, _dir) = router(app).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !answer.ends_with(b"0\r\n\r\n") {
+                let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                    .await
+                    .expect("the chunked body ends in time")
+                    .unwrap();
+                assert!(n > 0, "the router closed the client's connection: {}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&chunk[..n]);
+            }
+            let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            assert!(answer.starts_with("http/1.1 200"), "{answer}");
+            assert!(answer.contains("transfer-encoding: chunked") && answer.contains("until close"), "{answer}");
         }
     }
 
