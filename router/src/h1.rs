@@ -533,6 +533,8 @@ mod tests {
         let (addr, _dir) = router(app).await;
         for (request, status) in [
             (&b"GET / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..], "400"),
+            // The app must not see another host than the one the route was chosen by.
+            (b"GET http://other.localhost/ HTTP/1.1\r\nHost: app.localhost\r\n\r\n", "400"),
             (b"CONNECT app.localhost:443 HTTP/1.1\r\nHost: app.localhost\r\n\r\n", "405"),
         ] {
             let mut client = TcpStream::connect(addr).await.unwrap();
