@@ -176,9 +176,23 @@ pub fn start(rounds: usize, gap: Duration) -> anyhow::Result<f64> {
         sandboxed.median() / plain.median(),
         sandboxed.median() - plain.median()
     );
-    println!("  rcu_expedited: {}", rcu_expedited());
+    println!("  rcu_expedited: {}, cgroup favordynmods: {}", rcu_expedited(), favordynmods());
     verdict("first healthy answer <= 10 ms median", healthy_at.median() <= 10.0);
     Ok(sandboxed.median())
+}
+
+/// Whether a cgroup2 mount has `favordynmods`, which spares task migrations
+/// (on v1 hierarchies too: the lock is shared) the RCU grace period.
+fn favordynmods() -> &'static str {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let cgroup2 = mounts.lines().filter(|l| l.split(' ').nth(2) == Some("cgroup2")).collect::<Vec<_>>();
+    if cgroup2.is_empty() {
+        "no cgroup2 mount"
+    } else if cgroup2.iter().any(|l| l.split(' ').nth(3).is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))) {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// Whether the kernel runs expedited RCU grace periods, which decides what
