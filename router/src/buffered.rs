@@ -1,39 +1,46 @@
-//! A write buffer under each client connection. pingora writes a response's
-//! header and body as separate writes and flushes when it wants them on the
+//! The router's TCP connections, to clients and to apps, as pingora's HTTP
+//! sessions take them: a tokio socket with a write buffer.
+//!
+//! pingora writes a response's header and body (and each chunk's size line,
+//! data and end) as separate writes and flushes when it wants them on the
 //! wire; on an unbuffered socket each write is a `send` of its own (measured:
-//! three per proxied request), each waking the peer. Its own listener adds
-//! such a buffer, but only inside pingora; our accept loops add this one, and
-//! pass everything else through to the socket.
+//! three per proxied request), each waking the peer. Here they gather until
+//! the flush. This type stands in for pingora's own L4 stream, which adds a
+//! second buffer layer and reads the clock on every read and write for its
+//! timing digests, none of which the router uses.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use async_trait::async_trait;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, TimingDigest, UniqueID,
     UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Bytes gathered before they are sent without waiting for a flush: one
 /// loopback segment's worth, as pingora's own listener uses.
 const CAPACITY: usize = 16 * 1024;
 
-/// An L4 stream with a write buffer.
+/// A TCP connection with a write buffer.
 #[derive(Debug)]
 pub struct Buffered {
-    inner: L4Stream,
+    inner: TcpStream,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
     sent: usize,
+    /// The addresses, for pingora's proxy (client address of HTTP/2 requests).
+    digest: Option<Arc<SocketDigest>>,
 }
 
 impl Buffered {
-    pub fn new(inner: L4Stream) -> Buffered {
-        Buffered { inner, buf: Vec::with_capacity(CAPACITY), sent: 0 }
+    pub fn new(inner: TcpStream) -> Buffered {
+        Buffered { inner, buf: Vec::with_capacity(CAPACITY), sent: 0, digest: None }
     }
 
     /// Writes out what is buffered.
@@ -87,14 +94,13 @@ impl AsyncWrite for Buffered {
 #[async_trait]
 impl Shutdown for Buffered {
     async fn shutdown(&mut self) {
-        let _ = std::future::poll_fn(|cx| self.poll_drain(cx)).await;
-        Shutdown::shutdown(&mut self.inner).await;
+        let _ = AsyncWriteExt::shutdown(self).await;
     }
 }
 
 impl UniqueID for Buffered {
     fn id(&self) -> UniqueIDType {
-        self.inner.id()
+        self.inner.as_raw_fd()
     }
 }
 
@@ -102,32 +108,28 @@ impl Ssl for Buffered {}
 
 impl GetTimingDigest for Buffered {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        Vec::new()
     }
 }
 
 impl GetProxyDigest for Buffered {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        self.inner.get_proxy_digest()
+        None
     }
 }
 
 impl GetSocketDigest for Buffered {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
+        self.digest.clone()
     }
 
     fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
-        self.inner.set_socket_digest(socket_digest);
+        self.digest = Some(Arc::new(socket_digest));
     }
 }
 
 #[async_trait]
-impl Peek for Buffered {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
-    }
-}
+impl Peek for Buffered {}
 
 #[cfg(test)]
 mod tests {
@@ -139,7 +141,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Buffered::new(L4Stream::from(server)), client)
+        (Buffered::new(server), client)
     }
 
     /// Reads whatever arrives within 100 ms.

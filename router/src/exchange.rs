@@ -81,7 +81,11 @@ fn request_host(req: &RequestHeader) -> String {
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = rand::random::<u128>();
-    (0..32).rev().map(|i| char::from(HEX[((bits >> (i * 4)) & 0xf) as usize])).collect()
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> ((31 - i) * 4)) & 0xf) as usize];
+    }
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 /// Whether the request asks to switch protocols (WebSocket): `Upgrade` named

@@ -325,7 +325,6 @@ mod tests {
     use std::time::Duration;
 
     use nx_protocol::routes::{Route, RouteTable, Target};
-    use pingora::protocols::l4::stream::Stream as L4Stream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -398,7 +397,7 @@ mod tests {
                 let (tcp, peer) = listener.accept().await.unwrap();
                 let (h1, shutdown) = (h1.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    let stream: L4Stream = tcp.into();
+                    let stream = crate::buffered::Buffered::new(tcp);
                     h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
                 });
             }

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, ALPN};
 use pingora::proxy::HttpProxy;
 use tokio::net::TcpListener;
@@ -169,11 +168,10 @@ pub async fn serve(
         tokio::spawn(async move {
             let _guard = guard;
             let _ = tcp.set_nodelay(true);
-            let mut stream: L4Stream = tcp.into();
-            let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&stream));
+            let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&tcp));
             let _ = digest.peer_addr.set(Some(peer.into()));
+            let mut stream = crate::buffered::Buffered::new(tcp);
             stream.set_socket_digest(digest);
-            let stream = crate::buffered::Buffered::new(stream);
             let Some(acceptor) = tls else {
                 proxies.h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
                 return;

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, OrErr as _};
+
+use crate::buffered::Buffered;
 
 /// Idle connections kept per upstream; beyond it the oldest are closed.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -102,8 +103,7 @@ impl Pool {
         };
         tcp.set_nodelay(true).or_err(ErrorType::ConnectError, "setting TCP_NODELAY")?;
         let fd = tcp.as_raw_fd();
-        let stream: L4Stream = tcp.into();
-        Ok(Conn { fd, stream: Box::new(stream) })
+        Ok(Conn { fd, stream: Box::new(Buffered::new(tcp)) })
     }
 
     /// Keeps a connection for the next request to `addr`.
