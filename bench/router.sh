@@ -2,10 +2,10 @@
 # Router throughput and latency, side by side: the same small backend (goweb,
 # a Go net/http server) loaded with wrk directly, behind nginx (proxy_pass with
 # upstream keep-alive) and behind nx-router, in one run. Prints requests/s,
-# p50 and p99 for each, and the ratios router/nginx (compared round by round,
-# the median taken) and router/direct.
+# p50 and p99 for each, the proxy's CPU time per request, and the ratios
+# router/nginx (compared round by round, the median taken) and router/direct.
 #
-#   bench/router.sh [seconds per run] [connections] [rounds]
+#   bench/router.sh [seconds per run] [connections] [rounds, made even]
 #
 # Needs: nginx, wrk, golang-go (bench/run.sh installs them), and a release
 # build of nx-router (built here if missing).
@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 
 secs=${1:-10}
 conns=${2:-64}
-rounds=${3:-3}
+rounds=${3:-4}
+# Each of nginx and the router runs first in half of the rounds.
+rounds=$(((rounds + 1) / 2 * 2))
 work=$(mktemp -d /tmp/nx-bench-router.XXXXXX)
 pids=()
 cleanup() {
@@ -62,7 +64,8 @@ cat >"$work/routes.json" <<EOF
 EOF
 RUST_LOG=warn target/release/nx-router --listen "127.0.0.1:$router_port" --control "$work/control.sock" --state "$work/routes.json" \
     >"$work/router.log" 2>&1 &
-pids+=($!)
+router_pid=$!
+pids+=($router_pid)
 
 for port in "$backend" "$nginx_port" "$router_port"; do
     for _ in $(seq 1 100); do
@@ -71,21 +74,35 @@ for port in "$backend" "$nginx_port" "$router_port"; do
     done
 done
 
-# One wrk run: prints "rps p50_ms p99_ms errors".
+# CPU time (user + system, in clock ticks) used so far by the given processes.
+cpu_ticks() {
+    local t=0 p
+    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$t"
+}
+
+# One wrk run against a port, the proxy's processes given after it (none for
+# direct): prints "rps p50_ms p99_ms cpu_us_per_request errors".
 load() {
-    local out
-    out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: app.localhost' "http://127.0.0.1:$1/")
-    local rps p50 p99 errors
+    local port=$1 out before after
+    shift
+    before=$(cpu_ticks "$@")
+    out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: app.localhost' "http://127.0.0.1:$port/")
+    after=$(cpu_ticks "$@")
+    local rps p50 p99 requests cpu errors
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(awk '$1=="50%" {print $2}' <<<"$out")
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+    [ $# -gt 0 ] || cpu=-
     errors=$(awk '/Socket errors|Non-2xx/ {s=s $0 "; "} END {print (s=="" ? "none" : s)}' <<<"$out")
-    echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errors"
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99") $cpu $errors"
 }
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
-declare -A rps p50 p99 last_rps last_p99
-for name in direct nginx router; do rps[$name]=""; p50[$name]=""; p99[$name]=""; done
+declare -A rps p50 p99 cpu last_rps last_p99
+for name in direct nginx router; do rps[$name]=""; p50[$name]=""; p99[$name]=""; cpu[$name]=""; done
 ratios=""
 p99_ratios=""
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
@@ -96,22 +113,31 @@ for round in $(seq 1 "$rounds"); do
     # other round, and are compared round by round.
     if [ $((round % 2)) -eq 1 ]; then order="direct nginx router"; else order="direct router nginx"; fi
     for name in $order; do
-        case $name in direct) port=$backend ;; nginx) port=$nginx_port ;; router) port=$router_port ;; esac
-        read -r r a b e <<<"$(load "$port")"
-        rps[$name]+="$r "; p50[$name]+="$a "; p99[$name]+="$b "
+        # A pause between runs, so the backend settles (the direct run before
+        # the pair leaves it busier than the proxied ones do).
+        sleep 2
+        case $name in
+            direct) read -r r a b c e <<<"$(load "$backend")" ;;
+            # shellcheck disable=SC2046 # one argument per worker pid
+            nginx) read -r r a b c e <<<"$(load "$nginx_port" $(pgrep -P "$(cat "$work/nginx.pid")"))" ;;
+            router) read -r r a b c e <<<"$(load "$router_port" "$router_pid")" ;;
+        esac
+        rps[$name]+="$r "; p50[$name]+="$a "; p99[$name]+="$b "; cpu[$name]+="$c "
         last_rps[$name]=$r; last_p99[$name]=$b
-        printf '  round %d %-6s %10s req/s  p50 %7s ms  p99 %7s ms  errors: %s\n' "$round" "$name" "$r" "$a" "$b" "$e"
+        printf '  round %d %-6s %10s req/s  p50 %7s ms  p99 %7s ms  proxy CPU %5s us/request  errors: %s\n' \
+            "$round" "$name" "$r" "$a" "$b" "$c" "$e"
     done
     ratios+="$(awk -v r="${last_rps[router]}" -v n="${last_rps[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
     p99_ratios+="$(awk -v r="${last_p99[router]}" -v n="${last_p99[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
 done
 
-median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2)}'; }
 minmax() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk 'NR==1 {min=$1} {max=$1} END {printf "%s..%s", min, max}'; }
 echo
-printf '%-8s %12s %18s %10s %10s\n' "" "req/s (med)" "req/s (min..max)" "p50 ms" "p99 ms"
+printf '%-8s %12s %18s %10s %10s %16s\n' "" "req/s (med)" "req/s (min..max)" "p50 ms" "p99 ms" "CPU us/request"
 for name in direct nginx router; do
-    printf '%-8s %12s %18s %10s %10s\n' "$name" "$(median "${rps[$name]}")" "$(minmax "${rps[$name]}")" "$(median "${p50[$name]}")" "$(median "${p99[$name]}")"
+    printf '%-8s %12s %18s %10s %10s %16s\n' "$name" "$(median "${rps[$name]}")" "$(minmax "${rps[$name]}")" \
+        "$(median "${p50[$name]}")" "$(median "${p99[$name]}")" "$([ "$name" = direct ] && echo - || median "${cpu[$name]}")"
 done
 r=$(median "${rps[router]}"); d=$(median "${rps[direct]}")
 ratio=$(median "$ratios"); p99_ratio=$(median "$p99_ratios")
