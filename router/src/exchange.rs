@@ -88,10 +88,11 @@ fn new_request_id() -> String {
     String::from_utf8_lossy(&id).into_owned()
 }
 
-/// Whether the request asks to switch protocols (WebSocket): `Upgrade` named
-/// in `Connection` and present.
+/// Whether the request asks to switch protocols (WebSocket): HTTP/1.1, with
+/// `Upgrade` named in `Connection` and present.
 pub fn is_upgrade(req: &RequestHeader) -> bool {
-    req.headers.contains_key(header::UPGRADE)
+    req.version == http::Version::HTTP_11
+        && req.headers.contains_key(header::UPGRADE)
         && req
             .headers
             .get_all(header::CONNECTION)
@@ -302,6 +303,9 @@ mod tests {
         assert_eq!(req.headers.get("connection").unwrap(), "upgrade");
         assert_eq!(req.headers.get("upgrade").unwrap(), "websocket");
         assert!(!is_upgrade(&request(&[("upgrade", "websocket")])), "Upgrade alone is no upgrade");
+        let mut old = request(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        old.set_version(http::Version::HTTP_10);
+        assert!(!is_upgrade(&old), "HTTP/1.0 has no upgrades");
     }
 
     #[test]

@@ -153,8 +153,10 @@ impl H1 {
         has_body: bool,
     ) -> Result<Box<RequestHeader>, Failure> {
         let mut req = Box::new(down.req_header().clone());
-        req.set_version(http::Version::HTTP_11);
+        // Rewritten before the version is raised: whether it is an upgrade
+        // depends on the client's version.
         ex.rewrite_request(&mut req, client).map_err(Failure::Client)?;
+        req.set_version(http::Version::HTTP_11);
         // The router answers `Expect: 100-continue` itself (below).
         req.remove_header(&header::EXPECT);
         if has_body
@@ -211,13 +213,19 @@ impl H1 {
         }
         ex.rewrite_response(&mut resp, draining).map_err(Failure::Upstream)?;
         let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        let unasked = || {
+            Failure::Upstream(pingora::Error::explain(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "101 Switching Protocols answering a request that asked for no upgrade",
+            ))
+        };
+        if switching && !(up.was_upgraded() && down.is_upgrade_req()) {
+            return Err(unasked());
+        }
         down.write_response_header(resp).await.map_err(Failure::Client)?;
         if switching {
-            if !(up.was_upgraded() && down.was_upgraded()) {
-                return Err(Failure::Upstream(pingora::Error::explain(
-                    pingora::ErrorType::InvalidHTTPHeader,
-                    "101 Switching Protocols answering a request that asked for no upgrade",
-                )));
+            if !down.was_upgraded() {
+                return Err(unasked());
             }
             tunnel(down, &mut up).await?;
             return Ok(false);
@@ -524,6 +532,30 @@ mod tests {
             assert!(answer.starts_with("http/1.1 200"), "{answer}");
             assert!(answer.contains("transfer-encoding: chunked") && answer.contains("until close"), "{answer}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_switch_of_protocols_nobody_asked_for_is_not_passed_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    if read_request(&mut s).await.is_some() {
+                        let switch =
+                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                        let _ = s.write_all(switch).await;
+                    }
+                });
+            }
+        });
+        let (addr, _dir) = router(app).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        // Upgrade without Connection: upgrade, which is no upgrade request.
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
+        let answer = read_response(&mut client).await;
+        assert!(answer.starts_with("http/1.1 502"), "{answer}");
     }
 
     #[tokio::test]
