@@ -13,9 +13,35 @@ use rand::Rng;
 use crate::http::{self, Answer};
 use crate::{bin, require_program, require_root};
 
-/// A free loopback TCP port (released again, so the receiver can bind it).
+/// Ports handed to tests: above the receiver's default app ports
+/// (20000-29999) and below the kernel's ephemeral ports (32768 up), so
+/// neither an app nor an outgoing connection of another test takes one
+/// between the moment it is chosen and the moment it is bound.
+const TEST_PORTS: std::ops::Range<u16> = 30000..32768;
+
+/// Locks held on the ports this test process was given; released when it exits.
+static HELD: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = std::sync::Mutex::new(Vec::new());
+
+/// A free loopback TCP port for something to bind later. Tests run as
+/// parallel processes: each port is taken under a file lock the process
+/// keeps, so no two tests are given the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    let locks = std::env::temp_dir().join("nx-e2e-ports");
+    std::fs::create_dir_all(&locks).expect("port lock directory");
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let first = rand::thread_rng().gen_range(0..span);
+    for i in 0..span {
+        let port = TEST_PORTS.start + (first + i) % span;
+        let file = std::fs::File::create(locks.join(port.to_string())).expect("port lock file");
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(lock);
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}")
 }
 
 /// Settings a test may change before start.
