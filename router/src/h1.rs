@@ -388,6 +388,24 @@ mod tests {
         (addr, seen)
     }
 
+    /// An app that answers the first request on each connection with `reply`,
+    /// as it is, and then closes the connection.
+    async fn app_answering_once(reply: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    if read_request(&mut s).await.is_some() {
+                        let _ = s.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
     /// A router (HTTP/1 path only) routing app.localhost to `upstream`.
     async fn router(upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -502,18 +520,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_ended_by_the_app_closing_reaches_the_client_chunked_on_a_kept_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    if read_request(&mut s).await.is_some() {
-                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
-                    }
-                });
-            }
-        });
+        let app = app_answering_once(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
         let (addr, _dir) = router(app).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         for _ in 0..2 {
@@ -536,20 +543,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_switch_of_protocols_nobody_asked_for_is_not_passed_on() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    if read_request(&mut s).await.is_some() {
-                        let switch =
-                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
-                        let _ = s.write_all(switch).await;
-                    }
-                });
-            }
-        });
+        let app = app_answering_once(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await;
         let (addr, _dir) = router(app).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         // Upgrade without Connection: upgrade, which is no upgrade request.
