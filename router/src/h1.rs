@@ -69,7 +69,7 @@ impl H1 {
 
     /// Serves one client connection until it closes, fails, or `shutdown`
     /// turns true while it waits for a request.
-    pub async fn serve(&self, mut stream: Stream, client: Client, shutdown: watch::Receiver<bool>) {
+    pub async fn serve(&self, mut stream: Stream, client: Client, mut shutdown: watch::Receiver<bool>) {
         // Bytes of the next request the client sent before this answer
         // (HTTP/1.1 pipelining); they start the next request's header.
         let mut pipelined = None;
@@ -80,7 +80,6 @@ impl H1 {
             if let Some(prefix) = pipelined.take() {
                 down.set_pipelined_prefix(prefix);
             }
-            let mut shutdown = shutdown.clone();
             let read = tokio::select! {
                 biased;
                 read = down.read_request() => read,
@@ -132,6 +131,8 @@ impl H1 {
             Ok(reusable) => (reusable, None),
             Err(Failure::Upstream(e)) => {
                 if down.response_written().is_none() {
+                    // The connection closes after this page: the request's
+                    // body may be half sent.
                     if let Err(we) = write_page(down, &ex, &ex.upstream_down(), true).await {
                         tracing::debug!(error = ?we, "could not write the error page");
                     }
@@ -309,16 +310,17 @@ async fn tunnel(down: &mut Downstream, up: &mut Upstream) -> Result<(), Failure>
     }
 }
 
+/// Answers with one of the router's pages; `close` ends the connection after it.
 async fn write_page(
     down: &mut Downstream,
     ex: &Exchange,
     page: &crate::pages::Page,
-    draining: bool,
+    close: bool,
 ) -> Result<(), Failure> {
-    if draining {
+    if close {
         down.set_server_keepalive(None);
     }
-    let (head, body) = ex.page(page, draining).map_err(Failure::Client)?;
+    let (head, body) = ex.page(page, close).map_err(Failure::Client)?;
     down.write_response_header(head).await.map_err(Failure::Client)?;
     down.write_body(&body).await.map_err(Failure::Client)?;
     down.finish_body().await.map_err(Failure::Client)?;
