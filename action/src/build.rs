@@ -87,7 +87,7 @@ pub fn which(program: &str) -> Option<PathBuf> {
 }
 
 fn rust_targets() -> Vec<String> {
-    let Ok(out) = Command::new("rustc").args(["--print", "sysroot"]).output() else { return Vec::new() };
+    let Ok(out) = toolchain("rustc").args(["--print", "sysroot"]).output() else { return Vec::new() };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     std::fs::read_dir(sysroot.join("lib/rustlib"))
         .map(|d| {
@@ -250,7 +250,7 @@ fn uses_cgo(dir: &Path) -> bool {
 
 /// The binary target of the package in `dir`, and the target directory.
 fn cargo_binary(dir: &Path, manifest: Option<&Manifest>) -> Result<(String, PathBuf), Failure> {
-    let out = Command::new("cargo")
+    let out = toolchain("cargo")
         .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
         .arg(dir.join("Cargo.toml"))
         .stderr(Stdio::inherit())
@@ -327,11 +327,32 @@ fn bun_entry(dir: &Path, manifest: Option<&Manifest>) -> Result<String, Failure>
     })
 }
 
+/// Variables a project's build never sees: its build scripts, dependencies
+/// and toolchain plugins are the project's code, and an untrusted pull
+/// request's build would otherwise read the deploy key (or mint the
+/// workflow's OIDC tokens) and push anything.
+const WITHHELD_FROM_BUILDS: [&str; 5] = [
+    "NX_KEY",
+    "NX_ADMIN_TOKEN",
+    "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+    "ACTIONS_ID_TOKEN_REQUEST_URL",
+    "ACTIONS_RUNTIME_TOKEN",
+];
+
+/// A toolchain command, without the variables in [`WITHHELD_FROM_BUILDS`].
+pub fn toolchain(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    for name in WITHHELD_FROM_BUILDS {
+        command.env_remove(name);
+    }
+    command
+}
+
 /// Runs `plan`, the toolchain's output going to stderr; returns the binary.
 pub fn run(plan: &Plan) -> anyhow::Result<PathBuf> {
     use std::os::fd::AsFd;
     let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
-    let status = Command::new(&plan.program)
+    let status = toolchain(&plan.program)
         .args(&plan.args)
         .envs(plan.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&plan.dir)

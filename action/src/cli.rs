@@ -51,6 +51,10 @@ pub struct Global {
     /// Print results as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Allow a plain http:// receiver on another machine (its answers carry
+    /// keys and database passwords in clear).
+    #[arg(long, global = true, env = "NX_INSECURE")]
+    pub insecure: bool,
     /// The nx.toml to read, instead of looking in this directory and its
     /// parents up to the repository root.
     #[arg(long, global = true, env = "NX_MANIFEST", value_name = "PATH")]
@@ -189,16 +193,25 @@ pub enum EnvCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// A new deploy key for APP (shown once).
-    Create { app: String },
-    /// The deploy and SSH keys of APP, without their secrets.
-    Ls { app: String },
+    /// A new deploy key for APP, or with --read-only a key that reads every
+    /// app and changes nothing, for dashboards and monitoring (shown once).
+    Create {
+        #[arg(required_unless_present = "read_only")]
+        app: Option<String>,
+        #[arg(long, conflicts_with = "app")]
+        read_only: bool,
+    },
+    /// The deploy and SSH keys of APP, without their secrets; without APP,
+    /// the admin token and the read-only keys.
+    Ls { app: Option<String> },
     /// Let an SSH public key upload to APP over SFTP (give the .pub file).
     AddSsh { app: String, file: PathBuf },
     /// Revoke a key of APP at once (a deploy key, or an SSH key `ssh_...`).
     Revoke { app: String, key_id: String },
     /// Replace a key of APP by a new one (shown once); the old one stops working.
     Rotate { app: String, key_id: String },
+    /// Revoke a read-only key at once.
+    RevokeReadOnly { key_id: String },
     /// Replace the admin token (shown once); the old one stops working.
     RotateAdmin,
 }

@@ -30,9 +30,13 @@ pub struct Client {
     key: Credential,
 }
 
+/// Redirects are never followed: a signed request sent on to another host
+/// could be replayed there within the clock window, and one from https to
+/// http would travel in clear. A 3xx answer is reported instead.
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("nx/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default()
@@ -53,6 +57,12 @@ fn unreachable(server: &str, e: &reqwest::Error) -> Failure {
 /// Turns an error answer into a [`Failure`] with the server's message.
 async fn failure(resp: reqwest::Response) -> Failure {
     let status = resp.status();
+    if status.is_redirection() {
+        let to = resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("elsewhere");
+        return Failure::Refused(format!(
+            "the receiver answered {status}, redirecting to {to}; nx does not follow redirects with signed requests: set the server to the final URL (`nx login --server URL` or NX_SERVER)"
+        ));
+    }
     let text = resp.text().await.unwrap_or_default();
     let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or_else(|_| {
         if text.trim().is_empty() {

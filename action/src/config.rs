@@ -61,8 +61,21 @@ pub struct Target {
     pub key: Option<Credential>,
 }
 
-/// Resolves the server URL and key: flag, environment, config file.
-pub fn resolve(server_flag: Option<&str>, key_flag: Option<&str>) -> anyhow::Result<Target> {
+/// Whether plain `http://` to `server` keeps everything on this machine.
+fn is_loopback(server: &str) -> bool {
+    let Ok(url) = url::Url::parse(server) else { return false };
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Resolves the server URL and key: flag, environment, config file. Plain
+/// `http://` is refused for a receiver on another machine unless `insecure`:
+/// new keys, the admin token and database passwords travel in answers.
+pub fn resolve(server_flag: Option<&str>, key_flag: Option<&str>, insecure: bool) -> anyhow::Result<Target> {
     let file = load()?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let server = server_flag.map(str::to_owned).or_else(|| env("NX_SERVER")).or(file.server).ok_or_else(|| {
@@ -71,6 +84,12 @@ pub fn resolve(server_flag: Option<&str>, key_flag: Option<&str>) -> anyhow::Res
     let server = server.trim_end_matches('/').to_owned();
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(Failure::Usage(format!("server {server:?} must start with http:// or https://")).into());
+    }
+    if server.starts_with("http://") && !insecure && !is_loopback(&server) {
+        return Err(Failure::Usage(format!(
+            "server {server} is plain http on another machine: keys, database passwords and requests would cross the network in clear; use https://, or pass --insecure (NX_INSECURE=1) on a network you trust"
+        ))
+        .into());
     }
     let key = match key_flag.map(str::to_owned).or_else(|| env("NX_KEY")).or(file.key) {
         Some(k) => Some(Credential::parse(&k).map_err(|e| Failure::Usage(e.to_string()))?),

@@ -113,7 +113,7 @@ pub struct ServeConfig {
 
     /// An external PostgreSQL cluster (`postgres://admin:password@host:port/db`) with a
     /// role that may create roles and databases; without it an embedded cluster runs.
-    #[arg(long, env = "NX_DATABASE_URL")]
+    #[arg(long, env = "NX_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret<String>>,
 
     /// Directory of PostgreSQL's server programs (`initdb`, `postgres`); found under
@@ -188,6 +188,32 @@ pub struct ServeConfig {
     /// Size of each app's /data volume unless the app sets its own.
     #[arg(long, env = "NX_DEFAULT_DATA", default_value = "1GiB", value_parser = parse_size)]
     pub default_data: u64,
+
+    /// The most memory any app may be given (`nx apps set --memory`), by the admin
+    /// included; deploy keys may not raise limits at all.
+    #[arg(long, env = "NX_MAX_APP_MEMORY", default_value = "8GiB", value_parser = parse_size)]
+    pub max_app_memory: u64,
+
+    /// The most CPU cores any app may be given.
+    #[arg(long, env = "NX_MAX_APP_CPU", default_value_t = 4.0)]
+    pub max_app_cpu: f64,
+
+    /// The most processes and threads any app may be given.
+    #[arg(long, env = "NX_MAX_APP_PIDS", default_value_t = 4096)]
+    pub max_app_pids: u32,
+
+    /// The most open files any app may be given.
+    #[arg(long, env = "NX_MAX_APP_NOFILE", default_value_t = 65536)]
+    pub max_app_nofile: u64,
+
+    /// The largest /tmp any app may be given (it is memory).
+    #[arg(long, env = "NX_MAX_APP_TMP", default_value = "1GiB", value_parser = parse_size)]
+    pub max_app_tmp: u64,
+
+    /// The largest /data volume any app may be given. Volumes are sparse images,
+    /// so keep this below the free space of the data directory's filesystem.
+    #[arg(long, env = "NX_MAX_APP_DATA", default_value = "20GiB", value_parser = parse_size)]
+    pub max_app_data: u64,
 
     /// Crashes of a deployment within --restart-window after which it is
     /// marked failed instead of restarted again.

@@ -22,6 +22,7 @@ pub mod databases;
 pub mod db;
 pub mod deploy;
 pub mod github;
+pub mod limits;
 pub mod network;
 pub mod pg;
 pub mod routing;

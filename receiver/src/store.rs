@@ -166,6 +166,25 @@ fn ensure_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
 }
 
+/// A store URL as it may be shown (status, errors, logs): a user name,
+/// password or query (where credentials can be given) is left out.
+fn without_secrets(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// [`without_secrets`] for text that may not even parse: then none of it.
+fn without_secrets_str(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => without_secrets(&parsed),
+        Err(_) => "(a store URL that does not parse)".to_owned(),
+    }
+}
+
 impl ArtifactStore {
     /// Opens the store named by `url` (an object_store URL), or the local
     /// filesystem store under `<data>/store` when `url` is `None`.
@@ -189,11 +208,10 @@ impl ArtifactStore {
             })
         };
         let Some(url) = url else { return local(data_dir.join("store")) };
-        let parsed = url::Url::parse(url).map_err(|e| StoreError::BadUrl { url: url.into(), reason: e.to_string() })?;
+        let bad = |reason: String| StoreError::BadUrl { url: without_secrets_str(url), reason };
+        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         if parsed.scheme() == "file" {
-            let path = parsed
-                .to_file_path()
-                .map_err(|_| StoreError::BadUrl { url: url.into(), reason: "not a local path".into() })?;
+            let path = parsed.to_file_path().map_err(|_| bad("not a local path".into()))?;
             return local(path);
         }
         // Credentials and endpoints come from the usual AWS_*, GOOGLE_* and AZURE_*
@@ -201,14 +219,13 @@ impl ArtifactStore {
         let options = std::env::vars()
             .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)))
             .map(|(k, v)| (k.to_ascii_lowercase(), v));
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
-            .map_err(|e| StoreError::BadUrl { url: url.into(), reason: e.to_string() })?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(|e| bad(e.to_string()))?;
         let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
             Arc::from(store)
         } else {
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
-        Ok(ArtifactStore { store, local_root: None, tmp_dir, cache_dir, description: url.to_owned() })
+        Ok(ArtifactStore { store, local_root: None, tmp_dir, cache_dir, description: without_secrets(&parsed) })
     }
 
     pub fn describe(&self) -> &str {
@@ -440,6 +457,13 @@ fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_urls_are_shown_without_credentials() {
+        let shown = without_secrets_str("s3://AKIA:s3cr3t@bucket/prefix?secret_access_key=hunter2&region=x");
+        assert_eq!(shown, "s3://bucket/prefix");
+        assert!(!without_secrets_str("s3//AKIA:hunter2@bucket").contains("hunter2"));
+    }
 
     fn data_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("nx-store-{}-{name}", std::process::id()));

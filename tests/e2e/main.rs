@@ -4,6 +4,7 @@
 // Tests fail loudly on the first surprise; unwrap is the clearest way to say so.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod attacks;
 mod build;
 mod cli;

@@ -3,7 +3,6 @@
 //! Every refusal has its own message and leaves nothing behind.
 
 use std::io::Read;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nx_e2e::fixtures::{self, Go};
@@ -24,13 +23,7 @@ fn nothing_recorded(r: &Receiver, app: &str) {
 }
 
 fn send(r: &Receiver, s: &Signed, key: &str, body: Vec<u8>) -> (u16, String) {
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let mut req = client.request(s.method.parse().unwrap(), format!("{}{}", r.api(), s.path)).body(body);
-    for (k, v) in s.headers(key) {
-        req = req.header(k, v);
-    }
-    let resp = req.send().unwrap();
-    (resp.status().as_u16(), resp.text().unwrap())
+    nx_e2e::signed::send(&r.api(), s, key, body)
 }
 
 fn meta(json: serde_json::Value) -> Vec<u8> {

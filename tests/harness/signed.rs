@@ -61,3 +61,16 @@ impl Signed {
         h
     }
 }
+
+/// Sends `s` to the receiver at `api`, signed with `key`, with `body` (which
+/// a test may make differ from what was signed); the status and the text.
+pub fn send(api: &str, s: &Signed, key: &str, body: Vec<u8>) -> (u16, String) {
+    let client =
+        reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(60)).build().expect("a client");
+    let mut req = client.request(s.method.parse().expect("a method"), format!("{api}{}", s.path)).body(body);
+    for (k, v) in s.headers(key) {
+        req = req.header(k, v);
+    }
+    let resp = req.send().expect("the receiver answers");
+    (resp.status().as_u16(), resp.text().unwrap_or_default())
+}

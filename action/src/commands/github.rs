@@ -155,7 +155,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         .ok_or_else(|| Failure::Usage("name the app: the input `app`, or `app = \"NAME\"` in nx.toml".into()))?;
     let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
     let ctx = RunContext::from_env(env)?;
-    let target = config::resolve(g.server.as_deref(), g.key.as_deref())?;
+    let target = config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     let client = Client::new(&target)?;
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&client, &app, pr, env).await;
@@ -243,7 +243,7 @@ async fn binary_from_inputs(
             })?;
             println!("::group::build: {command}");
             use std::os::fd::AsFd;
-            let status = std::process::Command::new("sh")
+            let status = crate::build::toolchain("sh")
                 .args(["-c", command])
                 .stdout(std::process::Stdio::from(std::io::stderr().as_fd().try_clone_to_owned()?))
                 .status()

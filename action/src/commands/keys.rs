@@ -21,13 +21,53 @@ fn show_created(g: &Global, k: &CreatedKey, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keys as a table: id, kind, age, last use and whether they still work.
+fn key_table(keys: Vec<KeyInfo>) -> String {
+    let now = chrono::Utc::now();
+    let mut rows = vec![vec!["ID".into(), "KIND".into(), "CREATED".into(), "LAST USED".into(), "STATE".into()]];
+    for k in keys {
+        let state = match k.revoked_at {
+            Some(t) => paint(&format!("revoked {}", age(t, now)), Color::Dim),
+            None => paint("live", Color::Green),
+        };
+        rows.push(vec![
+            k.id,
+            k.kind,
+            age(k.created_at, now),
+            k.last_used_at.map_or_else(|| "never".into(), |t| age(t, now)),
+            state,
+        ]);
+    }
+    table(&rows)
+}
+
 pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
     let client = client(g)?;
     let empty = serde_json::json!({});
     match cmd {
-        KeysCommand::Create { app } => {
+        KeysCommand::Create { app: Some(app), .. } => {
             let k: CreatedKey = client.post(&format!("/v1/apps/{app}/keys"), &empty).await?;
             show_created(g, &k, "new deploy key")
+        }
+        KeysCommand::Create { app: None, .. } => {
+            let k: CreatedKey = client.post("/v1/keys", &empty).await?;
+            show_created(g, &k, "new read-only key")
+        }
+        KeysCommand::RevokeReadOnly { key_id } => {
+            let k: KeyInfo = client.delete(&format!("/v1/keys/{key_id}")).await?;
+            if g.json {
+                return print_json(&k);
+            }
+            println!("read-only key {} revoked", k.id);
+            Ok(())
+        }
+        KeysCommand::Ls { app: None } => {
+            let keys: Vec<KeyInfo> = client.get("/v1/keys").await?;
+            if g.json {
+                return print_json(&serde_json::json!({ "platform_keys": keys }));
+            }
+            print!("{}", key_table(keys));
+            Ok(())
         }
         KeysCommand::Rotate { app, key_id } => {
             let k: CreatedKey = client.post(&format!("/v1/apps/{app}/keys/{key_id}/rotate"), &empty).await?;
@@ -77,27 +117,14 @@ pub async fn run(g: &Global, cmd: KeysCommand) -> anyhow::Result<()> {
             println!("key {} of {app} revoked", k.id);
             Ok(())
         }
-        KeysCommand::Ls { app } => {
+        KeysCommand::Ls { app: Some(app) } => {
             let keys: Vec<KeyInfo> = client.get(&format!("/v1/apps/{app}/keys")).await?;
             let ssh: Vec<SshKeyInfo> = client.get(&format!("/v1/apps/{app}/ssh-keys")).await?;
             if g.json {
                 return print_json(&serde_json::json!({ "deploy_keys": keys, "ssh_keys": ssh }));
             }
             let now = chrono::Utc::now();
-            let mut rows = vec![vec!["ID".into(), "CREATED".into(), "LAST USED".into(), "STATE".into()]];
-            for k in keys {
-                let state = match k.revoked_at {
-                    Some(t) => paint(&format!("revoked {}", age(t, now)), Color::Dim),
-                    None => paint("live", Color::Green),
-                };
-                rows.push(vec![
-                    k.id,
-                    age(k.created_at, now),
-                    k.last_used_at.map_or_else(|| "never".into(), |t| age(t, now)),
-                    state,
-                ]);
-            }
-            print!("{}", table(&rows));
+            print!("{}", key_table(keys));
             if !ssh.is_empty() {
                 let mut rows = vec![vec!["SSH KEY".into(), "FINGERPRINT".into(), "COMMENT".into(), "LAST USED".into()]];
                 for k in ssh {

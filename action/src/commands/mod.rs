@@ -54,7 +54,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// The signed client for the configured server and key.
 fn client(g: &Global) -> anyhow::Result<Client> {
-    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref())?;
+    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     Client::new(&target)
 }
 

@@ -21,7 +21,7 @@ fn rows(title: &str, entries: &[Enforcement]) -> String {
 }
 
 pub async fn run(g: &Global) -> anyhow::Result<()> {
-    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref())?;
+    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     let health: Health = get_public(&target.server, "/v1/health").await?;
     if target.key.is_none() {
         if g.json {

@@ -28,7 +28,7 @@ pub async fn server_target(g: &Global, explicit: Option<&str>) -> anyhow::Result
             Failure::Usage(format!("--target {t:?} is not supported; use linux/amd64 or linux/arm64")).into()
         });
     }
-    let configured = crate::config::resolve(g.server.as_deref(), None).ok().map(|t| t.server);
+    let configured = crate::config::resolve(g.server.as_deref(), None, g.insecure).ok().map(|t| t.server);
     match configured {
         Some(server) => get_public(&server, "/v1/target").await,
         None => Ok(ServerTarget::parse_os_arch("linux/amd64").unwrap_or_else(|| unreachable!("a supported target"))),

@@ -1,12 +1,12 @@
 //! `/v1/apps`: create, list and show apps.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use nx_protocol::api::{AppInfo, AppSettings, CreateApp, CreatedApp, HealthSetting};
 
-use super::auth::{Caller, VerifiedJson};
-use super::error::{unknown_app, ApiError};
+use super::auth::{AppScope, Caller, VerifiedJson};
+use super::error::ApiError;
 use super::AppState;
 use crate::apps::{self, AppError};
 use crate::db::AppRow;
@@ -26,25 +26,11 @@ fn to_info(state: &AppState, row: &AppRow) -> Result<AppInfo, ApiError> {
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("stored app name {:?} is invalid", row.name)))
 }
 
-/// Finds an app the caller may act on, or says which names exist.
-pub async fn find_app(state: &AppState, caller: &Caller, name: &str) -> Result<AppRow, ApiError> {
-    caller.require_app(name)?;
-    match state.db.app(name).await? {
-        Some(row) => Ok(row),
-        None => {
-            let names: Vec<String> =
-                state.db.apps().await?.into_iter().map(|a| a.name).filter(|n| caller.sees(n)).collect();
-            Err(unknown_app(name, &names))
-        }
-    }
-}
-
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     VerifiedJson(req): VerifiedJson<CreateApp>,
 ) -> Result<(StatusCode, Json<CreatedApp>), ApiError> {
-    caller.require_admin()?;
     let (row, key) =
         apps::create(&state.db, &state.cluster, &state.master, &state.config, &req.name, &caller.actor()).await?;
     Ok((
@@ -62,14 +48,14 @@ pub async fn list(
 }
 
 /// `PUT /v1/apps/{app}/settings`: replaces the app's settings; they apply to
-/// deployments started afterwards.
+/// deployments started afterwards. A deploy key may change how its app runs
+/// (what nx.toml says on a push) but not raise its limits or relink its
+/// repository; nobody may go past the operator's caps.
 pub async fn settings(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app: row }: AppScope,
     VerifiedJson(settings): VerifiedJson<AppSettings>,
 ) -> Result<Json<AppInfo>, ApiError> {
-    let row = find_app(&state, &caller, &app).await?;
     let l = &settings.limits;
     let positive = [l.memory_mib, l.nofile, l.tmp_mib, l.data_mib].iter().all(|v| v.is_none_or(|v| v > 0))
         && l.pids.is_none_or(|p| p > 0)
@@ -96,6 +82,21 @@ pub async fn settings(
             )));
         }
     }
+    if !caller.is_admin() {
+        let current = &row.settings.0;
+        if let Some(raised) = crate::limits::raised(&state.config, &current.limits, &settings.limits) {
+            return Err(ApiError::Forbidden(format!(
+                "raising {raised} needs the admin token; a deploy key may keep or lower its app's limits"
+            )));
+        }
+        if settings.github != current.github {
+            return Err(ApiError::Forbidden(
+                "linking an app to a GitHub repository needs the admin token (`nx apps set APP --github owner/repo`)"
+                    .into(),
+            ));
+        }
+    }
+    crate::limits::within_caps(&state.config, &settings.limits).map_err(|e| ApiError::Forbidden(e.to_string()))?;
     state.db.set_settings(row.id, &settings).await?;
     state
         .db
@@ -107,15 +108,10 @@ pub async fn settings(
             serde_json::to_value(&settings).map_err(ApiError::internal)?,
         )
         .await?;
-    let row = find_app(&state, &caller, &app).await?;
+    let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;
     Ok(Json(to_info(&state, &row)?))
 }
 
-pub async fn show(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-) -> Result<Json<AppInfo>, ApiError> {
-    let row = find_app(&state, &caller, &app).await?;
-    Ok(Json(to_info(&state, &row)?))
+pub async fn show(State(state): State<AppState>, AppScope { app, .. }: AppScope) -> Result<Json<AppInfo>, ApiError> {
+    Ok(Json(to_info(&state, &app)?))
 }

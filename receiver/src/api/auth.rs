@@ -1,11 +1,14 @@
-//! Request authentication: every `/v1` request except health and target is
-//! signed (see `nx_protocol::auth`). The middleware checks the signature before
-//! the body is read, then records the nonce so the same request cannot be
-//! replayed. Bodies are checked against the signed digest as they are read: by
-//! [`VerifiedJson`] for small JSON bodies, by the artifact store for uploads.
+//! Request authentication and authorization: every `/v1` request except
+//! health, target and GitHub's webhook is signed (see `nx_protocol::auth`). Each
+//! signed route has a guard ([`guard`]) that checks the signature before the
+//! body is read, records the nonce so the same request cannot be replayed, and
+//! asks `access::decide` whether the key may perform the route's action; for a
+//! route on one app it then loads the app, which the handler takes as an
+//! [`AppScope`]. Bodies are checked against the signed digest as they are read:
+//! by [`VerifiedJson`] for small JSON bodies, by the artifact store for uploads.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -18,8 +21,10 @@ use nx_protocol::auth::{
 };
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::access::{self, Action, Role};
+use super::error::{unknown_app, ApiError};
 use super::AppState;
+use crate::db::AppRow;
 
 /// Largest JSON body an API call takes.
 const MAX_JSON_BODY: usize = 1 << 20;
@@ -28,7 +33,7 @@ const MAX_JSON_BODY: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key_id: String,
-    pub scope: Scope,
+    pub role: Role,
     /// sha256 the body must have.
     pub content_sha256: String,
     /// Declared body length, when the request had one.
@@ -37,45 +42,84 @@ pub struct Caller {
     pub meta: Option<Vec<u8>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    Admin,
-    App { id: i64, name: String },
-}
-
 impl Caller {
     /// The actor recorded in the audit log.
     pub fn actor(&self) -> String {
-        match &self.scope {
-            Scope::Admin => "admin".to_owned(),
-            Scope::App { name, .. } => format!("key:{}@{name}", self.key_id),
+        match &self.role {
+            Role::Admin => "admin".to_owned(),
+            Role::Deploy { app, .. } => format!("key:{}@{app}", self.key_id),
+            Role::ReadOnly => format!("key:{}(read-only)", self.key_id),
         }
     }
 
-    pub fn require_admin(&self) -> Result<(), ApiError> {
-        match self.scope {
-            Scope::Admin => Ok(()),
-            Scope::App { ref name, .. } => Err(ApiError::Forbidden(format!(
-                "this needs the admin token; the key {} may only act on app '{name}'",
-                self.key_id
-            ))),
-        }
-    }
-
-    pub fn require_app(&self, app: &str) -> Result<(), ApiError> {
-        match &self.scope {
-            Scope::Admin => Ok(()),
-            Scope::App { name, .. } if name == app => Ok(()),
-            Scope::App { name, .. } => Err(ApiError::Forbidden(format!(
-                "the key {} belongs to app '{name}' and cannot act on app '{app}'; use that app's deploy key",
-                self.key_id
-            ))),
-        }
-    }
-
-    /// Whether this caller may see `app`.
+    /// Whether this caller may see that `app` exists.
     pub fn sees(&self, app: &str) -> bool {
-        self.require_app(app).is_ok()
+        access::sees(&self.role, app)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// What a signed route's guard needs: the state and the route's action.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    state: AppState,
+    action: Action,
+}
+
+impl Guard {
+    pub fn new(state: &AppState, action: Action) -> Guard {
+        Guard { state: state.clone(), action }
+    }
+}
+
+/// The middleware every signed route gets (with [`Guard`] as its state):
+/// authentication, then authorization of the route's action, then, for a
+/// route on one app, the app itself.
+pub async fn authorize(State(g): State<Guard>, req: Request, next: Next) -> Result<Response, ApiError> {
+    // The body is set aside unread: the signature is checked on the head alone.
+    let (mut parts, body) = req.into_parts();
+    let caller = check(&g.state, &parts).await?;
+    let app = app_of_path(parts.uri.path());
+    if let Err(denied) = access::decide(&caller.role, &caller.key_id, g.action, app) {
+        return Err(ApiError::Forbidden(denied.to_string()));
+    }
+    if g.action.app_scoped() {
+        let row = match g.state.db.app(app).await? {
+            Some(row) => row,
+            None => {
+                let names: Vec<String> =
+                    g.state.db.apps().await?.into_iter().map(|a| a.name).filter(|n| caller.sees(n)).collect();
+                return Err(unknown_app(app, &names));
+            }
+        };
+        parts.extensions.insert(row);
+    }
+    parts.extensions.insert(caller);
+    Ok(next.run(Request::from_parts(parts, body)).await)
+}
+
+/// A request on one app that its guard let through: the caller and the app.
+#[derive(Debug, Clone)]
+pub struct AppScope {
+    pub caller: Caller,
+    pub app: AppRow,
+}
+
+impl FromRequestParts<AppState> for AppScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &AppState) -> Result<Self, ApiError> {
+        let caller = parts.extensions.get::<Caller>().cloned();
+        let app = parts.extensions.get::<AppRow>().cloned();
+        match (caller, app) {
+            (Some(caller), Some(app)) => Ok(AppScope { caller, app }),
+            // Fails closed: a handler that takes an app on a route whose
+            // action is not on one app never runs.
+            _ => Err(ApiError::internal(anyhow::anyhow!("AppScope used on a route without an app-scoped guard"))),
+        }
     }
 }
 
@@ -86,15 +130,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         ))
     })?;
     value.to_str().map_err(|_| ApiError::Unauthorized(format!("header {name} is not valid text")))
-}
-
-/// The middleware: authenticates and inserts a [`Caller`] into the request.
-pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
-    // The body is set aside unread: the signature is checked on the head alone.
-    let (mut parts, body) = req.into_parts();
-    let caller = check(&state, &parts).await?;
-    parts.extensions.insert(caller);
-    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Caller, ApiError> {
@@ -170,15 +205,16 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
             "nonce {nonce} was already used: this request is a replay; sign every request anew"
         )));
     }
-    let scope = match (key.kind.as_str(), key.app_id, key.app_name) {
-        ("admin", _, _) => Scope::Admin,
-        (_, Some(id), Some(name)) => Scope::App { id, name },
-        _ => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} has no app"))),
+    let role = match (key.kind.as_str(), key.app_id, key.app_name) {
+        ("admin", _, _) => Role::Admin,
+        ("read", _, _) => Role::ReadOnly,
+        ("deploy", Some(app_id), Some(app)) => Role::Deploy { app_id, app },
+        (kind, _, _) => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} of kind {kind} has no role"))),
     };
     if let Err(e) = state.db.touch_key(key_id).await {
         tracing::warn!(key = key_id, error = %e, "cannot record key use");
     }
-    Ok(Caller { key_id: key_id.to_owned(), scope, content_sha256: content_sha256.to_owned(), content_length, meta })
+    Ok(Caller { key_id: key_id.to_owned(), role, content_sha256: content_sha256.to_owned(), content_length, meta })
 }
 
 /// A JSON body whose sha256 matches the signed digest.

@@ -3,16 +3,15 @@
 //! object store.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use nx_protocol::api::{BackupInfo, DbCredentials};
 use nx_protocol::auth::HEADER_CONTENT_SHA256;
 use sha2::{Digest, Sha256};
 
-use super::apps::find_app;
-use super::auth::Caller;
+use super::auth::AppScope;
 use super::error::ApiError;
 use super::AppState;
 use crate::databases::DatabaseError;
@@ -45,10 +44,8 @@ async fn sha256_of(path: std::path::PathBuf) -> Result<(String, u64), ApiError> 
 
 pub async fn credentials(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
 ) -> Result<Json<DbCredentials>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     state.db.event(Some(&app.name), None, "db.credentials", &caller.actor(), serde_json::json!({})).await?;
     Ok(Json(state.databases.credentials(&app)?))
 }
@@ -56,12 +53,7 @@ pub async fn credentials(
 /// `GET .../db/dump`: `pg_dump -Fc` of the app's database. The dump is made in
 /// full first, so a failure is an error answer, never a truncated file; the
 /// answer carries its length and sha256 for the client to check.
-pub async fn dump(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-) -> Result<Response, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
+pub async fn dump(State(state): State<AppState>, AppScope { caller, app }: AppScope) -> Result<Response, ApiError> {
     let path = state.databases.dump(&app).await?;
     let (sha, size) = sha256_of(path.clone()).await?;
     let file = tokio::fs::File::open(&path).await.map_err(ApiError::internal)?;
@@ -86,11 +78,9 @@ pub async fn dump(
 /// `POST .../db/restore`: the body is a `pg_dump -Fc` file.
 pub async fn restore(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let length =
         caller.content_length.ok_or_else(|| ApiError::LengthRequired("a restore needs Content-Length".into()))?;
     let limit = state.config.max_upload;
@@ -115,11 +105,9 @@ pub struct KeepQuery {
 /// once it was restored into a scratch database without error.
 pub async fn backup_to_store(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     Query(q): Query<KeepQuery>,
 ) -> Result<(StatusCode, Json<BackupInfo>), ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let keep = q.keep.unwrap_or(7).max(1);
     let path = state.databases.dump(&app).await?;
     let result = async {
@@ -149,9 +137,7 @@ pub async fn backup_to_store(
 
 pub async fn backups(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { app, .. }: AppScope,
 ) -> Result<Json<Vec<BackupInfo>>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     Ok(Json(state.db.backups(app.id).await?.into_iter().map(info).collect()))
 }

@@ -3,14 +3,13 @@
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::{Extension, Json};
+use axum::Json;
 use bytes::Bytes;
 use nx_protocol::api::{DeploymentInfo, Promotion, PushMeta};
 use nx_protocol::names::DeploymentId;
 use nx_runtime::LogLimits;
 
-use super::apps::find_app;
-use super::auth::Caller;
+use super::auth::{AppScope, Caller};
 use super::error::ApiError;
 use super::AppState;
 use crate::deploy::DeployError;
@@ -58,11 +57,9 @@ fn parse_meta(caller: &Caller) -> Result<PushMeta, ApiError> {
 /// error and the last log lines, so the client can show why).
 pub async fn push(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     body: Body,
 ) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let limit = state.config.max_upload;
     let length = caller.content_length.ok_or_else(|| {
         ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into())
@@ -82,10 +79,8 @@ pub async fn push(
 
 pub async fn list(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { app, .. }: AppScope,
 ) -> Result<Json<Vec<DeploymentInfo>>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let rows = state.db.deployments_of_app(app.id, 100).await?;
     rows.iter().map(|r| state.deployer.info(r, Vec::new()).map_err(ApiError::from)).collect::<Result<_, _>>().map(Json)
 }
@@ -100,20 +95,18 @@ async fn find_deployment(state: &AppState, app: &str, id: &str) -> Result<crate:
 
 pub async fn show(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { app, .. }: AppScope,
+    Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<DeploymentInfo>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     Ok(Json(state.deployer.info(&row, Vec::new())?))
 }
 
 pub async fn promote(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<Promotion>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     let previous = state.deployer.promote(&app, &row.id, &caller.actor()).await?;
     Ok(Json(super::lifecycle::promotion(&state, &app, &row.id, previous)?))
@@ -121,10 +114,9 @@ pub async fn promote(
 
 pub async fn stop(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<DeploymentInfo>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     state.deployer.stop(&app, &row.id, &caller.actor(), Some("stopped with `nx stop`")).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
@@ -149,12 +141,11 @@ fn default_lines() -> usize {
 /// goes away.
 pub async fn logs(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { app, .. }: AppScope,
+    Path((_, id)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let app = find_app(&state, &caller, &app).await?;
     let row = find_deployment(&state, &app.name, &id).await?;
     // Subscribe before reading the file, so no line falls between the two.
     let live = if q.follow { state.deployer.live_log(&row.id).map(|l| l.subscribe()) } else { None };

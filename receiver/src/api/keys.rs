@@ -1,6 +1,6 @@
-//! `/v1/apps/{app}/keys` and `/v1/admin/token`: deploy keys are created,
-//! listed, rotated and revoked; the admin token is rotated. Secrets are shown
-//! once, in the answer that creates them.
+//! `/v1/apps/{app}/keys`, `/v1/keys` and `/v1/admin/token`: deploy keys and
+//! read-only keys are created, listed, rotated and revoked; the admin token is
+//! rotated. Secrets are shown once, in the answer that creates them.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -8,105 +8,165 @@ use axum::{Extension, Json};
 use nx_protocol::api::{CreatedKey, KeyInfo};
 use nx_protocol::auth::Credential;
 
-use super::apps::find_app;
-use super::auth::{Caller, VerifiedJson};
+use super::auth::{AppScope, Caller, VerifiedJson};
 use super::error::ApiError;
 use super::AppState;
 use crate::apps::new_deploy_key;
-use crate::db::{Db, KeyListing};
+use crate::db::{AppRow, Db, KeyListing};
 use crate::secrets::random_token;
 
 fn info(k: KeyListing) -> KeyInfo {
     KeyInfo { id: k.id, kind: k.kind, created_at: k.created_at, last_used_at: k.last_used_at, revoked_at: k.revoked_at }
 }
 
-async fn listed(state: &AppState, app_id: i64, id: &str) -> Result<KeyInfo, ApiError> {
-    let keys = state.db.keys_of_app(app_id).await?;
+/// Whose keys: an app's deploy keys, or the platform's read-only keys.
+#[derive(Debug, Clone, Copy)]
+enum Owner<'a> {
+    App(&'a AppRow),
+    Platform,
+}
+
+impl Owner<'_> {
+    fn app_id(self) -> Option<i64> {
+        match self {
+            Owner::App(app) => Some(app.id),
+            Owner::Platform => None,
+        }
+    }
+
+    /// Where the audit log files the event, and how to list the keys.
+    fn event_app(self) -> Option<String> {
+        match self {
+            Owner::App(app) => Some(app.name.clone()),
+            Owner::Platform => None,
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Owner::App(_) => "deploy",
+            Owner::Platform => "read",
+        }
+    }
+}
+
+fn no_such_key(owner: Owner<'_>, id: &str) -> ApiError {
+    ApiError::NotFound(match owner {
+        Owner::App(app) => format!("app '{0}' has no live key {id}; `nx keys ls {0}` lists its keys", app.name),
+        Owner::Platform => format!("there is no live read-only key {id}; `nx keys ls` without an app lists them"),
+    })
+}
+
+async fn listed(state: &AppState, owner: Owner<'_>, id: &str) -> Result<KeyInfo, ApiError> {
+    let keys = state.db.keys_of(owner.app_id()).await?;
     keys.into_iter()
         .find(|k| k.id == id)
         .map(info)
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("key {id} vanished")))
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-) -> Result<Json<Vec<KeyInfo>>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
-    Ok(Json(state.db.keys_of_app(app.id).await?.into_iter().map(info).collect()))
-}
-
-/// Creates a deploy key; with `replaces`, revokes that one in the same
-/// transaction (a rotation: there is never a moment without a valid key).
+/// Creates a key; with `replaces`, revokes that one in the same transaction
+/// (a rotation: there is never a moment without a valid key).
 async fn create_inner(
     state: &AppState,
     caller: &Caller,
-    app: &str,
+    owner: Owner<'_>,
     replaces: Option<&str>,
 ) -> Result<CreatedKey, ApiError> {
-    let app = find_app(state, caller, app).await?;
     let key = new_deploy_key();
     let mut tx = state.db.begin().await?;
     if let Some(old) = replaces {
-        if !Db::revoke_key(&mut tx, app.id, old).await? {
-            return Err(ApiError::NotFound(format!(
-                "app '{}' has no live key {old}; `nx keys ls {}` lists its keys",
-                app.name, app.name
-            )));
+        if !Db::revoke_key(&mut tx, owner.app_id(), old).await? {
+            return Err(no_such_key(owner, old));
         }
     }
-    Db::insert_key(&mut tx, key.key_id(), Some(app.id), "deploy", &state.master.seal_str(key.expose_secret())).await?;
+    Db::insert_key(&mut tx, key.key_id(), owner.app_id(), owner.kind(), &state.master.seal_str(key.expose_secret()))
+        .await?;
     tx.commit().await?;
     let kind = if replaces.is_some() { "key.rotate" } else { "key.create" };
     state
         .db
         .event(
-            Some(&app.name),
+            owner.event_app().as_deref(),
             None,
             kind,
             &caller.actor(),
-            serde_json::json!({ "key": key.key_id(), "replaces": replaces }),
+            serde_json::json!({ "key": key.key_id(), "kind": owner.kind(), "replaces": replaces }),
         )
         .await?;
     Ok(CreatedKey {
-        info: listed(state, app.id, key.key_id()).await?,
+        info: listed(state, owner, key.key_id()).await?,
         secret: key.expose_secret().to_owned(),
         replaces: replaces.map(str::to_owned),
     })
 }
 
+async fn revoke_inner(state: &AppState, caller: &Caller, owner: Owner<'_>, id: &str) -> Result<KeyInfo, ApiError> {
+    let mut tx = state.db.begin().await?;
+    if !Db::revoke_key(&mut tx, owner.app_id(), id).await? {
+        return Err(no_such_key(owner, id));
+    }
+    tx.commit().await?;
+    state
+        .db
+        .event(owner.event_app().as_deref(), None, "key.revoke", &caller.actor(), serde_json::json!({ "key": id }))
+        .await?;
+    listed(state, owner, id).await
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    AppScope { app, .. }: AppScope,
+) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    Ok(Json(state.db.keys_of(Some(app.id)).await?.into_iter().map(info).collect()))
+}
+
 pub async fn create(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     VerifiedJson(_): VerifiedJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    Ok((StatusCode::CREATED, Json(create_inner(&state, &caller, &app, None).await?)))
+    Ok((StatusCode::CREATED, Json(create_inner(&state, &caller, Owner::App(&app), None).await?)))
 }
 
 pub async fn rotate(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, id)): Path<(String, String)>,
     VerifiedJson(_): VerifiedJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    Ok((StatusCode::CREATED, Json(create_inner(&state, &caller, &app, Some(&id)).await?)))
+    Ok((StatusCode::CREATED, Json(create_inner(&state, &caller, Owner::App(&app), Some(&id)).await?)))
 }
 
 pub async fn revoke(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<KeyInfo>, ApiError> {
-    let row = find_app(&state, &caller, &app).await?;
-    let mut tx = state.db.begin().await?;
-    if !Db::revoke_key(&mut tx, row.id, &id).await? {
-        return Err(ApiError::NotFound(format!("app '{app}' has no live key {id}; `nx keys ls {app}` lists its keys")));
-    }
-    tx.commit().await?;
-    state.db.event(Some(&row.name), None, "key.revoke", &caller.actor(), serde_json::json!({ "key": id })).await?;
-    Ok(Json(listed(&state, row.id, &id).await?))
+    Ok(Json(revoke_inner(&state, &caller, Owner::App(&app), &id).await?))
+}
+
+/// `GET /v1/keys`: the admin token and the read-only keys, without secrets.
+pub async fn list_platform(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    Ok(Json(state.db.keys_of(None).await?.into_iter().map(info).collect()))
+}
+
+/// `POST /v1/keys`: a read-only key, for dashboards and monitoring.
+pub async fn create_read_only(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    VerifiedJson(_): VerifiedJson<serde_json::Value>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    Ok((StatusCode::CREATED, Json(create_inner(&state, &caller, Owner::Platform, None).await?)))
+}
+
+/// `DELETE /v1/keys/{id}`: revokes a read-only key.
+pub async fn revoke_platform(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    Ok(Json(revoke_inner(&state, &caller, Owner::Platform, &id).await?))
 }
 
 /// `POST /v1/admin/token`: a new admin token; the old one stops working at once.
@@ -115,7 +175,6 @@ pub async fn rotate_admin(
     Extension(caller): Extension<Caller>,
     VerifiedJson(_): VerifiedJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    caller.require_admin()?;
     let token = Credential::admin_token(&random_token(40));
     state.db.replace_admin_secret(&state.master.seal_str(token.expose_secret())).await?;
     state.db.event(None, None, "admin.rotate", &caller.actor(), serde_json::json!({})).await?;

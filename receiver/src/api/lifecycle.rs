@@ -3,12 +3,11 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::{Extension, Json};
+use axum::Json;
 use nx_protocol::api::{ClosedPull, EnvChange, EnvChanged, EnvVar, Promotion};
 use nx_protocol::names::{AppName, DeploymentId};
 
-use super::apps::find_app;
-use super::auth::{Caller, VerifiedJson};
+use super::auth::{AppScope, VerifiedJson};
 use super::error::ApiError;
 use super::AppState;
 use crate::db::AppRow;
@@ -43,10 +42,8 @@ async fn env_vars(state: &AppState, app: &AppRow) -> Result<Vec<EnvVar>, ApiErro
 /// `GET /v1/apps/{app}/env`: the names of the app's variables, never values.
 pub async fn env_list(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { app, .. }: AppScope,
 ) -> Result<Json<Vec<EnvVar>>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     Ok(Json(env_vars(&state, &app).await?))
 }
 
@@ -54,11 +51,9 @@ pub async fn env_list(
 /// deployments are brought onto them before the answer.
 pub async fn env_change(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     VerifiedJson(change): VerifiedJson<EnvChange>,
 ) -> Result<Json<EnvChanged>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     if change.set.is_empty() && change.unset.is_empty() {
         return Err(ApiError::BadRequest("nothing to change: name variables to set (KEY=VALUE) or unset (KEY)".into()));
     }
@@ -84,10 +79,8 @@ pub async fn env_change(
 /// again.
 pub async fn rollback(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
 ) -> Result<Json<Promotion>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let (production, previous) = state.deployer.rollback(&app, &caller.actor()).await?;
     Ok(Json(promotion(&state, &app, &production, previous)?))
 }
@@ -95,10 +88,9 @@ pub async fn rollback(
 /// `POST /v1/apps/{app}/pulls/{pr}/close`: stops the pull request's previews.
 pub async fn close_pull(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, pr)): Path<(String, u64)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, pr)): Path<(String, u64)>,
 ) -> Result<Json<ClosedPull>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let stopped = state.deployer.close_pull_request(&app, pr, &caller.actor()).await?;
     Ok(Json(ClosedPull { app: app_name(&app)?, pr, stopped: ids(stopped) }))
 }
@@ -114,13 +106,11 @@ pub struct Confirm {
 /// repeated, since nothing of it can be brought back.
 pub async fn remove(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app: row }: AppScope,
     Query(q): Query<Confirm>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
-    let row = find_app(&state, &caller, &app).await?;
-    if q.confirm.as_deref() != Some(row.name.as_str()) {
+    let app = &row.name;
+    if q.confirm.as_deref() != Some(app.as_str()) {
         return Err(ApiError::BadRequest(format!(
             "removing app {app} deletes its database, data, deployments and backups for good; confirm with ?confirm={app} (`nx apps rm {app} --yes`)"
         )));

@@ -1,6 +1,7 @@
 //! The HTTP API: `fn app(state) -> Router`, so it can be driven with `oneshot`
 //! in tests without binding a port.
 
+pub mod access;
 pub mod apps;
 pub mod auth;
 pub mod database;
@@ -14,7 +15,7 @@ pub mod status;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, post, MethodFilter};
 use axum::{Json, Router};
 use nx_protocol::api::Health;
 use nx_protocol::target::ServerTarget;
@@ -47,39 +48,78 @@ pub struct AppState {
     pub github: Option<crate::github::webhook::Webhooks>,
 }
 
+/// Declares every signed route once, with the action it performs: the list
+/// becomes both [`SIGNED_ROUTES`] (the authorization table the tests walk) and
+/// the routes themselves, each behind a guard for its action. A signed route
+/// cannot be added without saying who may call it.
+macro_rules! signed_routes {
+    ($($method:ident $path:literal $action:ident => $handler:path,)*) => {
+        /// Every signed route: method, path and the action it performs.
+        pub const SIGNED_ROUTES: &[(&str, &str, access::Action)] =
+            &[$((stringify!($method), $path, access::Action::$action),)*];
+
+        fn signed(state: &AppState) -> Router<AppState> {
+            let mut router = Router::new();
+            $(
+                router = router.route(
+                    $path,
+                    axum::routing::on(MethodFilter::$method, $handler).route_layer(
+                        axum::middleware::from_fn_with_state(
+                            auth::Guard::new(state, access::Action::$action),
+                            auth::authorize,
+                        ),
+                    ),
+                );
+            )*
+            router
+        }
+    };
+}
+
+signed_routes! {
+    GET "/v1/status" Status => status::status,
+    GET "/v1/apps" ListApps => apps::list,
+    POST "/v1/apps" CreateApp => apps::create,
+    GET "/v1/apps/{app}" ReadApp => apps::show,
+    DELETE "/v1/apps/{app}" RemoveApp => lifecycle::remove,
+    PUT "/v1/apps/{app}/settings" Configure => apps::settings,
+    GET "/v1/apps/{app}/env" ReadApp => lifecycle::env_list,
+    PATCH "/v1/apps/{app}/env" SetEnv => lifecycle::env_change,
+    POST "/v1/apps/{app}/rollback" Deploy => lifecycle::rollback,
+    POST "/v1/apps/{app}/pulls/{pr}/close" Deploy => lifecycle::close_pull,
+    GET "/v1/apps/{app}/deployments" ReadApp => deployments::list,
+    POST "/v1/apps/{app}/deployments" Deploy => deployments::push,
+    GET "/v1/apps/{app}/deployments/{id}" ReadApp => deployments::show,
+    POST "/v1/apps/{app}/deployments/{id}/promote" Deploy => deployments::promote,
+    GET "/v1/apps/{app}/deployments/{id}/logs" ReadApp => deployments::logs,
+    POST "/v1/apps/{app}/deployments/{id}/stop" Deploy => deployments::stop,
+    GET "/v1/apps/{app}/keys" ReadKeys => keys::list,
+    POST "/v1/apps/{app}/keys" ManageKeys => keys::create,
+    DELETE "/v1/apps/{app}/keys/{id}" ManageKeys => keys::revoke,
+    POST "/v1/apps/{app}/keys/{id}/rotate" ManageKeys => keys::rotate,
+    GET "/v1/apps/{app}/ssh-keys" ReadKeys => ssh_keys::list,
+    POST "/v1/apps/{app}/ssh-keys" ManageKeys => ssh_keys::add,
+    DELETE "/v1/apps/{app}/ssh-keys/{id}" ManageKeys => ssh_keys::remove,
+    GET "/v1/apps/{app}/db" Database => database::credentials,
+    GET "/v1/apps/{app}/db/dump" Database => database::dump,
+    POST "/v1/apps/{app}/db/restore" Database => database::restore,
+    GET "/v1/apps/{app}/db/backups" ReadApp => database::backups,
+    POST "/v1/apps/{app}/db/backups" Database => database::backup_to_store,
+    GET "/v1/keys" Platform => keys::list_platform,
+    POST "/v1/keys" Platform => keys::create_read_only,
+    DELETE "/v1/keys/{id}" Platform => keys::revoke_platform,
+    POST "/v1/admin/token" Platform => keys::rotate_admin,
+    POST "/v1/admin/router/reload" Platform => reload_router,
+}
+
 /// The API router.
 pub fn app(state: AppState) -> Router {
-    let signed = Router::new()
-        .route("/v1/apps", post(apps::create).get(apps::list))
-        .route("/v1/apps/{app}", get(apps::show).delete(lifecycle::remove))
-        .route("/v1/apps/{app}/env", get(lifecycle::env_list).patch(lifecycle::env_change))
-        .route("/v1/apps/{app}/rollback", post(lifecycle::rollback))
-        .route("/v1/apps/{app}/pulls/{pr}/close", post(lifecycle::close_pull))
-        .route("/v1/status", get(status::status))
-        .route("/v1/apps/{app}/settings", put(apps::settings))
-        .route("/v1/apps/{app}/keys", post(keys::create).get(keys::list))
-        .route("/v1/apps/{app}/keys/{id}", delete(keys::revoke))
-        .route("/v1/apps/{app}/keys/{id}/rotate", post(keys::rotate))
-        .route("/v1/apps/{app}/ssh-keys", post(ssh_keys::add).get(ssh_keys::list))
-        .route("/v1/apps/{app}/ssh-keys/{id}", delete(ssh_keys::remove))
-        .route("/v1/admin/token", post(keys::rotate_admin))
-        .route("/v1/admin/router/reload", post(reload_router))
-        .route("/v1/apps/{app}/db", get(database::credentials))
-        .route("/v1/apps/{app}/db/dump", get(database::dump))
-        .route("/v1/apps/{app}/db/restore", post(database::restore))
-        .route("/v1/apps/{app}/db/backups", post(database::backup_to_store).get(database::backups))
-        .route("/v1/apps/{app}/deployments", post(deployments::push).get(deployments::list))
-        .route("/v1/apps/{app}/deployments/{id}", get(deployments::show))
-        .route("/v1/apps/{app}/deployments/{id}/promote", post(deployments::promote))
-        .route("/v1/apps/{app}/deployments/{id}/logs", get(deployments::logs))
-        .route("/v1/apps/{app}/deployments/{id}/stop", post(deployments::stop))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/target", get(target))
         // Signed by GitHub, not by nx: verified in the handler.
         .route("/v1/github/webhook", post(crate::github::webhook::receive))
-        .merge(signed)
+        .merge(signed(&state))
         .fallback(not_found)
         // Uploads are streamed and capped by the store, not buffered here.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -98,11 +138,7 @@ async fn target(State(state): State<AppState>) -> Json<ServerTarget> {
 
 /// `POST /v1/admin/router/reload`: a new nx-router process takes over the
 /// listening sockets from the old one; no request is dropped.
-async fn reload_router(
-    State(state): State<AppState>,
-    axum::Extension(caller): axum::Extension<auth::Caller>,
-) -> Result<axum::http::StatusCode, error::ApiError> {
-    caller.require_admin()?;
+async fn reload_router(State(state): State<AppState>) -> Result<axum::http::StatusCode, error::ApiError> {
     let router = state.router.as_ref().ok_or_else(|| {
         error::ApiError::Conflict("this receiver does not run nx-router (--no-router); reload it where it runs".into())
     })?;

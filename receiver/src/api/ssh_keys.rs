@@ -3,12 +3,11 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::{Extension, Json};
+use axum::Json;
 use nx_protocol::api::{AddSshKey, SshKeyInfo};
 use russh::keys::{Algorithm, HashAlg, PublicKey};
 
-use super::apps::find_app;
-use super::auth::{Caller, VerifiedJson};
+use super::auth::{AppScope, VerifiedJson};
 use super::error::ApiError;
 use super::AppState;
 use crate::db::{NewSshKey, SshKeyRow};
@@ -60,11 +59,9 @@ fn parse(line: &str) -> Result<PublicKey, ApiError> {
 
 pub async fn add(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { caller, app }: AppScope,
     VerifiedJson(req): VerifiedJson<AddSshKey>,
 ) -> Result<(StatusCode, Json<SshKeyInfo>), ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     let key = parse(&req.public_key)?;
     let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
     let id = format!("ssh_{}", random_lower(10));
@@ -93,19 +90,16 @@ pub async fn add(
 
 pub async fn list(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    AppScope { app, .. }: AppScope,
 ) -> Result<Json<Vec<SshKeyInfo>>, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     Ok(Json(state.db.ssh_keys_of_app(app.id).await?.into_iter().map(info).collect()))
 }
 
 pub async fn remove(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    AppScope { caller, app }: AppScope,
+    Path((_, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let app = find_app(&state, &caller, &app).await?;
     if !state.db.remove_ssh_key(app.id, &id).await? {
         return Err(ApiError::NotFound(format!(
             "app '{}' has no SSH key {id}; `nx keys ls {}` lists its keys",

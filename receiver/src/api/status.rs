@@ -1,14 +1,24 @@
-//! `GET /v1/status`: what `nx status` shows, for any valid key.
+//! `GET /v1/status`: what `nx status` shows, for any valid key; a deploy key
+//! sees the counts of its own app alone.
 
 use axum::extract::State;
-use axum::Json;
+use axum::{Extension, Json};
 use nx_protocol::api::ServerStatus;
 
+use super::access::Role;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 
-pub async fn status(State(state): State<AppState>) -> Result<Json<ServerStatus>, ApiError> {
-    let (apps, states) = state.db.counts().await?;
+pub async fn status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<ServerStatus>, ApiError> {
+    let only = match caller.role {
+        Role::Deploy { app_id, .. } => Some(app_id),
+        Role::Admin | Role::ReadOnly => None,
+    };
+    let (apps, states) = state.db.counts(only).await?;
     let config = &state.config;
     let database = match &config.database_url {
         Some(_) => "external PostgreSQL".to_owned(),

@@ -291,22 +291,32 @@ impl Db {
         .await
     }
 
-    pub async fn keys_of_app(&self, app_id: i64) -> Result<Vec<KeyListing>, sqlx::Error> {
+    /// The keys of an app, or with `None` the platform's (admin and read-only).
+    pub async fn keys_of(&self, app_id: Option<i64>) -> Result<Vec<KeyListing>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, kind, created_at, last_used_at, revoked_at FROM keys WHERE app_id = $1 ORDER BY created_at",
+            "SELECT id, kind, created_at, last_used_at, revoked_at FROM keys \
+             WHERE app_id IS NOT DISTINCT FROM $1 ORDER BY created_at",
         )
         .bind(app_id)
         .fetch_all(&self.pool)
         .await
     }
 
-    /// Revokes a key of an app; `false` when the app has no such live key.
-    pub async fn revoke_key(tx: &mut Transaction<'_, Postgres>, app_id: i64, id: &str) -> Result<bool, sqlx::Error> {
-        let r = sqlx::query("UPDATE keys SET revoked_at = now() WHERE app_id = $1 AND id = $2 AND revoked_at IS NULL")
-            .bind(app_id)
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
+    /// Revokes a key of an app, or with `None` a read-only key; `false` when
+    /// there is no such live key. The admin token is rotated, never revoked.
+    pub async fn revoke_key(
+        tx: &mut Transaction<'_, Postgres>,
+        app_id: Option<i64>,
+        id: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE keys SET revoked_at = now() \
+             WHERE app_id IS NOT DISTINCT FROM $1 AND id = $2 AND kind <> 'admin' AND revoked_at IS NULL",
+        )
+        .bind(app_id)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -632,11 +642,20 @@ impl Db {
     }
 
     /// Counts for `nx status`: apps, deployments by state.
-    pub async fn counts(&self) -> Result<(i64, Vec<(String, i64)>), sqlx::Error> {
-        let apps = sqlx::query_scalar("SELECT count(*) FROM apps").fetch_one(&self.pool).await?;
-        let states = sqlx::query_as("SELECT state, count(*) FROM deployments GROUP BY state ORDER BY state")
-            .fetch_all(&self.pool)
+    /// How many apps there are and their deployments in each state: of every
+    /// app, or with `Some(id)` of that app alone.
+    pub async fn counts(&self, app_id: Option<i64>) -> Result<(i64, Vec<(String, i64)>), sqlx::Error> {
+        let apps = sqlx::query_scalar("SELECT count(*) FROM apps WHERE $1::BIGINT IS NULL OR id = $1")
+            .bind(app_id)
+            .fetch_one(&self.pool)
             .await?;
+        let states = sqlx::query_as(
+            "SELECT state, count(*) FROM deployments WHERE $1::BIGINT IS NULL OR app_id = $1 \
+             GROUP BY state ORDER BY state",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok((apps, states))
     }
 

@@ -1,0 +1,249 @@
+//! Who may do what: the authorization model of the API, in one place.
+//!
+//! Every signed route is declared with the [`Action`] it performs (see
+//! `api::signed_routes!`), and the route's guard asks [`decide`] before the
+//! handler runs, so a route cannot be added without saying who may call it.
+//! [`decide`] is a pure function of the caller's [`Role`], the action and the
+//! app named in the path; ARCHITECTURE.md's table is this function, and the
+//! end-to-end suite walks every route with every kind of key against it.
+
+use std::fmt;
+
+/// What a key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The admin token: every action on every app.
+    Admin,
+    /// A deploy key: ships and reads its own app, nothing else.
+    Deploy { app_id: i64, app: String },
+    /// A read-only key for dashboards and monitoring: reads every app, changes
+    /// nothing, and sees no secret (database credentials, dumps).
+    ReadOnly,
+}
+
+impl Role {
+    /// The name of the role, as `nx keys ls` shows it and the `keys` table stores it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Deploy { .. } => "deploy",
+            Role::ReadOnly => "read",
+        }
+    }
+}
+
+/// What a request does. Each signed route performs exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `GET /v1/status`: what the caller may see of the server.
+    Status,
+    /// `GET /v1/apps`: the apps the caller may see.
+    ListApps,
+    /// Create an app.
+    CreateApp,
+    /// An app's settings, deployments, logs and variable names (never values).
+    ReadApp,
+    /// An app's deploy and SSH keys, without secrets.
+    ReadKeys,
+    /// Push, promote, roll back and stop deployments; close a pull request's previews.
+    Deploy,
+    /// Set and unset an app's variables.
+    SetEnv,
+    /// Change an app's settings: health check, default arguments, preview
+    /// database, promotion rule; raising limits and linking a repository are
+    /// further kept to the admin by the settings handler (see `apps::settings`).
+    Configure,
+    /// Mint, rotate and revoke an app's deploy keys and SSH keys.
+    ManageKeys,
+    /// The app's database: credentials, dumps, restores, backups.
+    Database,
+    /// Remove an app and everything it has.
+    RemoveApp,
+    /// The platform itself: the admin token, read-only keys, the router.
+    Platform,
+}
+
+impl Action {
+    /// Every action, for the tables that list them.
+    pub const ALL: [Action; 12] = [
+        Action::Status,
+        Action::ListApps,
+        Action::CreateApp,
+        Action::ReadApp,
+        Action::ReadKeys,
+        Action::Deploy,
+        Action::SetEnv,
+        Action::Configure,
+        Action::ManageKeys,
+        Action::Database,
+        Action::RemoveApp,
+        Action::Platform,
+    ];
+
+    /// Whether the action is on one app, named by `/v1/apps/{app}/...`.
+    pub fn app_scoped(self) -> bool {
+        !matches!(self, Action::Status | Action::ListApps | Action::CreateApp | Action::Platform)
+    }
+}
+
+/// Why a request was refused; its text is the 403 answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("the key {key} belongs to app '{own}' and cannot act on app '{app}'; use that app's deploy key")]
+    OtherApp { key: String, own: String, app: String },
+    #[error(
+        "this needs the admin token; the deploy key {key} of app '{own}' may push, promote, roll back and stop its \
+         deployments, read its status and logs, set its variables and settings, nothing else"
+    )]
+    DeployKey { key: String, own: String },
+    #[error(
+        "the key {key} is read-only: it may read status, apps, deployments and logs, and change nothing; \
+         use a deploy key or the admin token"
+    )]
+    ReadOnly { key: String },
+}
+
+/// Whether `role` (holding key `key`) may perform `action` on `app` (the app
+/// named in the path, empty for platform routes).
+pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), Denied> {
+    match role {
+        Role::Admin => Ok(()),
+        Role::Deploy { app: own, .. } => {
+            let allowed = matches!(
+                action,
+                Action::Status
+                    | Action::ListApps
+                    | Action::ReadApp
+                    | Action::Deploy
+                    | Action::SetEnv
+                    | Action::Configure
+            );
+            if !allowed {
+                return Err(Denied::DeployKey { key: key.to_owned(), own: own.clone() });
+            }
+            if action.app_scoped() && app != own {
+                return Err(Denied::OtherApp { key: key.to_owned(), own: own.clone(), app: app.to_owned() });
+            }
+            Ok(())
+        }
+        Role::ReadOnly => match action {
+            Action::Status | Action::ListApps | Action::ReadApp | Action::ReadKeys => Ok(()),
+            _ => Err(Denied::ReadOnly { key: key.to_owned() }),
+        },
+    }
+}
+
+/// Whether `role` may see that `app` exists (in lists, counts and "did you
+/// mean" suggestions).
+pub fn sees(role: &Role, app: &str) -> bool {
+    match role {
+        Role::Admin | Role::ReadOnly => true,
+        Role::Deploy { app: own, .. } => own == app,
+    }
+}
+
+/// The table of who may do what, as ARCHITECTURE.md shows it.
+#[derive(Debug)]
+pub struct Table;
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let own = Role::Deploy { app_id: 0, app: "own".into() };
+        let cell = |role: &Role, action: Action| -> &'static str {
+            match (
+                decide(role, "k", action, "own").is_ok(),
+                action.app_scoped() && decide(role, "k", action, "other").is_ok(),
+            ) {
+                (true, true) => "any app",
+                (true, false) if action.app_scoped() => "own app",
+                (true, false) => "yes",
+                (false, _) => "no",
+            }
+        };
+        writeln!(f, "| action | admin token | deploy key | read-only key |")?;
+        writeln!(f, "| --- | --- | --- | --- |")?;
+        for action in Action::ALL {
+            writeln!(
+                f,
+                "| {action:?} | {} | {} | {} |",
+                cell(&Role::Admin, action),
+                cell(&own, action),
+                cell(&Role::ReadOnly, action)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy() -> Role {
+        Role::Deploy { app_id: 1, app: "web".into() }
+    }
+
+    #[test]
+    fn admin_may_do_everything() {
+        for action in Action::ALL {
+            assert_eq!(decide(&Role::Admin, "admin", action, "web"), Ok(()), "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_deploy_key_ships_its_own_app_and_nothing_else() {
+        let allowed =
+            [Action::Status, Action::ListApps, Action::ReadApp, Action::Deploy, Action::SetEnv, Action::Configure];
+        for action in Action::ALL {
+            let own = decide(&deploy(), "k1", action, "web");
+            assert_eq!(own.is_ok(), allowed.contains(&action), "{action:?} on its own app");
+            if action.app_scoped() {
+                let other = decide(&deploy(), "k1", action, "site").unwrap_err();
+                let expected = if allowed.contains(&action) {
+                    Denied::OtherApp { key: "k1".into(), own: "web".into(), app: "site".into() }
+                } else {
+                    Denied::DeployKey { key: "k1".into(), own: "web".into() }
+                };
+                assert_eq!(other, expected, "{action:?} on another app");
+            }
+        }
+    }
+
+    #[test]
+    fn a_deploy_key_mints_no_keys_and_reads_no_database() {
+        for action in [
+            Action::ManageKeys,
+            Action::ReadKeys,
+            Action::Database,
+            Action::CreateApp,
+            Action::RemoveApp,
+            Action::Platform,
+        ] {
+            assert!(matches!(decide(&deploy(), "k1", action, "web"), Err(Denied::DeployKey { .. })), "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_read_only_key_reads_and_changes_nothing() {
+        for action in Action::ALL {
+            let reads = matches!(action, Action::Status | Action::ListApps | Action::ReadApp | Action::ReadKeys);
+            assert_eq!(decide(&Role::ReadOnly, "r1", action, "web").is_ok(), reads, "{action:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_deploy_key_is_blind_to_other_apps() {
+        assert!(sees(&Role::Admin, "site"));
+        assert!(sees(&Role::ReadOnly, "site"));
+        assert!(sees(&deploy(), "web"));
+        assert!(!sees(&deploy(), "site"));
+    }
+
+    #[test]
+    fn the_table_says_own_app_for_deploy_keys() {
+        let text = Table.to_string();
+        assert!(text.contains("| Deploy | any app | own app | no |"), "{text}");
+        assert!(text.contains("| Database | any app | no | no |"), "{text}");
+        assert!(text.contains("| Status | yes | yes | yes |"), "{text}");
+    }
+}

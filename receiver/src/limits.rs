@@ -1,0 +1,151 @@
+//! The operator's caps on an app's limits, and what counts as raising them.
+//!
+//! An app's limits are its settings over the receiver's defaults
+//! (`ServeConfig::limits_for`). Nobody, the admin included, may set one above
+//! the operator's cap (`--max-app-memory` ...), and a deploy key may not raise
+//! one at all: otherwise a leaked deploy key could take the host's memory,
+//! CPU or disk (a data volume is a sparse image, so its size is not checked
+//! against free space by anything else).
+
+use nx_protocol::api::LimitSettings;
+
+use crate::config::ServeConfig;
+
+/// A limit above the operator's cap.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{limit} {asked} is over this server's cap of {cap}; the operator sets it with --max-app-{flag}")]
+pub struct OverCap {
+    pub limit: &'static str,
+    pub flag: &'static str,
+    pub asked: String,
+    pub cap: String,
+}
+
+/// One limit in comparable units, with how to show it.
+struct Value {
+    limit: &'static str,
+    flag: &'static str,
+    value: f64,
+    cap: f64,
+    unit: &'static str,
+}
+
+impl Value {
+    fn show(&self, v: f64) -> String {
+        match self.unit {
+            "MiB" => format!("{} MiB", v as u64),
+            _ => format!("{v}"),
+        }
+    }
+}
+
+/// The effective limits of `own` (settings over the defaults), each with its cap.
+fn effective(config: &ServeConfig, own: &LimitSettings) -> [Value; 6] {
+    let mib = |bytes: u64| (bytes >> 20) as f64;
+    let l = config.limits_for(own);
+    let data_cap = mib(config.max_app_data);
+    [
+        Value {
+            limit: "memory",
+            flag: "memory",
+            value: l.memory_bytes.map_or(0.0, mib),
+            cap: mib(config.max_app_memory),
+            unit: "MiB",
+        },
+        Value {
+            limit: "cpu",
+            flag: "cpu",
+            value: f64::from(l.cpu_millis.unwrap_or(0)) / 1000.0,
+            cap: config.max_app_cpu,
+            unit: "cores",
+        },
+        Value {
+            limit: "pids",
+            flag: "pids",
+            value: f64::from(l.pids.unwrap_or(0)),
+            cap: f64::from(config.max_app_pids),
+            unit: "",
+        },
+        Value {
+            limit: "nofile",
+            flag: "nofile",
+            value: l.nofile.unwrap_or(0) as f64,
+            cap: config.max_app_nofile as f64,
+            unit: "",
+        },
+        Value { limit: "tmp", flag: "tmp", value: mib(l.tmp_bytes), cap: mib(config.max_app_tmp), unit: "MiB" },
+        Value { limit: "data", flag: "data", value: l.data_bytes.map_or(0.0, mib), cap: data_cap, unit: "MiB" },
+    ]
+}
+
+/// Whether `own` stays within the operator's caps.
+pub fn within_caps(config: &ServeConfig, own: &LimitSettings) -> Result<(), OverCap> {
+    for v in effective(config, own) {
+        if v.value > v.cap {
+            return Err(OverCap { limit: v.limit, flag: v.flag, asked: v.show(v.value), cap: v.show(v.cap) });
+        }
+    }
+    Ok(())
+}
+
+/// The first limit that `new` raises over `current`, as "memory (512 MiB to 1024 MiB)".
+pub fn raised(config: &ServeConfig, current: &LimitSettings, new: &LimitSettings) -> Option<String> {
+    effective(config, current)
+        .into_iter()
+        .zip(effective(config, new))
+        .find(|(old, new)| new.value > old.value)
+        .map(|(old, new)| format!("{} ({} to {})", new.limit, old.show(old.value), new.show(new.value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(extra: &[&str]) -> ServeConfig {
+        #[derive(Debug, clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let mut args = vec!["nx-receiver"];
+        args.extend_from_slice(extra);
+        Wrap::parse_from(args).serve
+    }
+
+    #[test]
+    fn defaults_are_within_the_default_caps() {
+        assert_eq!(within_caps(&config(&[]), &LimitSettings::default()), Ok(()));
+    }
+
+    #[test]
+    fn a_limit_over_its_cap_is_refused_with_the_flag_to_raise_it() {
+        let c = config(&["--max-app-memory", "2GiB"]);
+        let ask = LimitSettings { memory_mib: Some(100_000 * 1024), ..Default::default() };
+        let err = within_caps(&c, &ask).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "memory 102400000 MiB is over this server's cap of 2048 MiB; the operator sets it with --max-app-memory"
+        );
+        let cpu = LimitSettings { cpu: Some(64.0), ..Default::default() };
+        assert_eq!(within_caps(&c, &cpu).unwrap_err().limit, "cpu");
+        let data = LimitSettings { data_mib: Some(u64::MAX >> 20), ..Default::default() };
+        assert_eq!(within_caps(&c, &data).unwrap_err().limit, "data");
+    }
+
+    #[test]
+    fn raising_is_measured_against_the_effective_limit() {
+        let c = config(&[]);
+        let none = LimitSettings::default();
+        let lower = LimitSettings { memory_mib: Some(128), ..Default::default() };
+        let higher = LimitSettings { memory_mib: Some(1024), ..Default::default() };
+        assert_eq!(raised(&c, &none, &lower), None, "lowering below the default");
+        assert_eq!(raised(&c, &none, &none), None, "keeping");
+        assert_eq!(raised(&c, &none, &higher).as_deref(), Some("memory (512 MiB to 1024 MiB)"));
+        assert_eq!(
+            raised(&c, &lower, &none).as_deref(),
+            Some("memory (128 MiB to 512 MiB)"),
+            "back to the default is up"
+        );
+    }
+}

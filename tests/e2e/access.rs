@@ -1,0 +1,160 @@
+//! The authorization model from the outside: every signed route, called with
+//! every kind of key (the admin token, the app's own deploy key, another
+//! app's deploy key, a read-only key), is let through or refused exactly as
+//! `api::access` says; and the holes a deploy key used to open (lifting its
+//! limits, minting keys, reading the database) stay shut.
+
+use nx_e2e::signed::{send, Signed};
+use nx_e2e::Receiver;
+use nx_receiver::api::access::{self, Role};
+use nx_receiver::api::SIGNED_ROUTES;
+
+/// The request a route gets in the walk. Bodies are signed as `{}` but sent
+/// as `[]` (same length), so an allowed call stops at the body check and
+/// nothing is changed; ids name nothing, so nothing is found and acted on.
+fn request(method: &str, template: &str) -> (Signed, Vec<u8>) {
+    let path = template
+        .replace("{app}", "web")
+        .replace("{id}", if template.contains("/deployments/") { "abcdefgh" } else { "nosuchkey1" })
+        .replace("{pr}", "999");
+    let bodied = matches!(method, "POST" | "PUT" | "PATCH");
+    let signed = Signed::new(method, &path, if bodied { b"{}" } else { b"" }, None);
+    (signed, if bodied { b"[]".to_vec() } else { Vec::new() })
+}
+
+#[test]
+fn every_route_admits_exactly_the_keys_the_access_table_admits() {
+    let r = Receiver::start();
+    let web_key = r.create_app("web");
+    let site_key = r.create_app("site");
+    let read_only = r.nx(&["--json", "keys", "create", "--read-only"]).success().json();
+    let read_key = read_only["secret"].as_str().unwrap().to_owned();
+    let key_id = |k: &str| k.split('_').nth(1).unwrap().to_owned();
+    let callers = [
+        ("admin", r.admin_token.clone(), Role::Admin),
+        ("web's deploy key", web_key.clone(), Role::Deploy { app_id: 0, app: "web".into() }),
+        ("site's deploy key", site_key.clone(), Role::Deploy { app_id: 0, app: "site".into() }),
+        ("a read-only key", read_key.clone(), Role::ReadOnly),
+    ];
+
+    assert!(SIGNED_ROUTES.len() >= 30, "the table lists every signed route");
+    let mut refused = 0;
+    for (method, template, action) in SIGNED_ROUTES {
+        for (who, key, role) in &callers {
+            let id = if *role == Role::Admin { "admin".to_owned() } else { key_id(key) };
+            let (signed, body) = request(method, template);
+            let (status, text) = send(&r.api(), &signed, key, body);
+            match access::decide(role, &id, *action, "web") {
+                Ok(()) => assert!(
+                    status != 401 && status != 403,
+                    "{method} {template} ({action:?}) by {who} must pass the guard, got {status}: {text}"
+                ),
+                Err(denied) => {
+                    refused += 1;
+                    assert_eq!(status, 403, "{method} {template} ({action:?}) by {who}: {text}");
+                    let expected = serde_json::json!({ "error": denied.to_string() });
+                    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), expected, "{who}");
+                }
+            }
+        }
+    }
+    assert!(refused > 40, "the walk refused {refused} calls");
+
+    // The walk changed nothing: both deploy keys and the admin token still work.
+    assert_eq!(r.nx_with_key(&web_key, &["ls"]).code, 0);
+    assert_eq!(r.nx_with_key(&site_key, &["ls"]).code, 0);
+    r.nx(&["ls"]).success();
+}
+
+#[test]
+fn a_deploy_key_cannot_lift_its_limits_mint_keys_or_read_the_database() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let as_tenant = |args: &[&str]| r.nx_with_key(&key, args);
+
+    let lifted = as_tenant(&["apps", "set", "web", "--memory", "100000GiB", "--cpu", "64"]);
+    assert_eq!(lifted.code, 1, "{lifted:?}");
+    assert!(
+        lifted.stderr.contains("raising memory (512 MiB to 102400000 MiB) needs the admin token"),
+        "{}",
+        lifted.stderr
+    );
+    let lowered = as_tenant(&["apps", "set", "web", "--memory", "256MiB"]);
+    assert_eq!(lowered.code, 0, "a deploy key may lower its limits: {lowered:?}");
+    let back_up = as_tenant(&["apps", "set", "web", "--memory", "512MiB"]);
+    assert!(back_up.stderr.contains("raising memory (256 MiB to 512 MiB) needs the admin token"), "{back_up:?}");
+
+    // The admin is held to the operator's caps too.
+    let over_cap = r.nx(&["apps", "set", "web", "--memory", "100000GiB"]);
+    assert_eq!(over_cap.code, 1);
+    assert!(
+        over_cap.stderr.contains("memory 102400000 MiB is over this server's cap of 8192 MiB")
+            && over_cap.stderr.contains("--max-app-memory"),
+        "{}",
+        over_cap.stderr
+    );
+    let huge_disk = r.nx(&["apps", "set", "web", "--data", "100000GiB"]);
+    assert!(huge_disk.stderr.contains("data 102400000 MiB is over this server's cap"), "{}", huge_disk.stderr);
+    r.nx(&["apps", "set", "web", "--memory", "1GiB"]).success();
+
+    for args in [
+        &["keys", "create", "web"][..],
+        &["keys", "rotate", "web", key.split('_').nth(1).unwrap()],
+        &["keys", "create", "--read-only"],
+        &["db", "url", "web"],
+        &["apps", "set", "web", "--github-repo", "victim-org/victim-repo"],
+    ] {
+        let out = as_tenant(args);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("needs the admin token"), "{args:?}: {}", out.stderr);
+    }
+    let ssh = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        ssh.path(),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGc8z0UQ8JtQ3ycW0YQ0b8rG0bPq9mnhK5ZpJ0W3bzq1 evil\n",
+    )
+    .unwrap();
+    let out = as_tenant(&["keys", "add-ssh", "web", ssh.path().to_str().unwrap()]);
+    assert!(out.stderr.contains("needs the admin token"), "{out:?}");
+
+    // What the admin minted before the key leaked is all there is.
+    let keys = r.nx(&["--json", "keys", "ls", "web"]).success().json();
+    assert_eq!(keys["deploy_keys"].as_array().unwrap().len(), 1);
+    assert!(keys["ssh_keys"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_read_only_key_reads_everything_and_changes_nothing() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let created = r.nx(&["--json", "keys", "create", "--read-only"]).success().json();
+    let key = created["secret"].as_str().unwrap().to_owned();
+    let id = created["info"]["id"].as_str().unwrap().to_owned();
+    let listing = r.nx_with_key(&key, &["--json", "apps", "ls"]).success().json();
+    assert_eq!(listing.as_array().unwrap().len(), 1);
+    let status = r.nx_with_key(&key, &["--json", "status"]).success().json();
+    assert_eq!(status["apps"], 1);
+    let refused = r.nx_with_key(&key, &["env", "set", "web", "A=1"]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains(&format!("the key {id} is read-only")), "{}", refused.stderr);
+
+    let platform = r.nx(&["--json", "keys", "ls"]).success().json();
+    let kinds: Vec<&str> =
+        platform["platform_keys"].as_array().unwrap().iter().map(|k| k["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["admin", "read"]);
+    r.nx(&["keys", "revoke-read-only", &id]).success();
+    let revoked = r.nx_with_key(&key, &["apps", "ls"]);
+    assert_eq!(revoked.code, 1);
+    assert!(revoked.stderr.contains("was revoked"), "{}", revoked.stderr);
+}
+
+#[test]
+fn a_deploy_key_sees_its_own_app_in_status_and_no_store_credentials() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    r.create_app("site");
+    let status = r.nx_with_key(&key, &["--json", "status"]).success().json();
+    assert_eq!(status["apps"], 1, "counts are of its own app: {status}");
+    let all = r.nx(&["--json", "status"]).success().json();
+    assert_eq!(all["apps"], 2);
+}
