@@ -72,6 +72,16 @@ fn is_loopback(server: &str) -> bool {
     }
 }
 
+/// Refuses plain `http://` to a receiver on another machine unless `insecure`.
+fn transport_allowed(server: &str, insecure: bool) -> Result<(), Failure> {
+    if server.starts_with("http://") && !insecure && !is_loopback(server) {
+        return Err(Failure::Usage(format!(
+            "server {server} is plain http on another machine: keys, database passwords and requests would cross the network in clear; use https://, or pass --insecure (NX_INSECURE=1) on a network you trust"
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves the server URL and key: flag, environment, config file. Plain
 /// `http://` is refused for a receiver on another machine unless `insecure`:
 /// new keys, the admin token and database passwords travel in answers.
@@ -85,15 +95,28 @@ pub fn resolve(server_flag: Option<&str>, key_flag: Option<&str>, insecure: bool
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(Failure::Usage(format!("server {server:?} must start with http:// or https://")).into());
     }
-    if server.starts_with("http://") && !insecure && !is_loopback(&server) {
-        return Err(Failure::Usage(format!(
-            "server {server} is plain http on another machine: keys, database passwords and requests would cross the network in clear; use https://, or pass --insecure (NX_INSECURE=1) on a network you trust"
-        ))
-        .into());
-    }
+    transport_allowed(&server, insecure)?;
     let key = match key_flag.map(str::to_owned).or_else(|| env("NX_KEY")).or(file.key) {
         Some(k) => Some(Credential::parse(&k).map_err(|e| Failure::Usage(e.to_string()))?),
         None => None,
     };
     Ok(Target { server, key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_for_another_machine_unless_insecure() {
+        for local in ["http://127.0.0.1:8070", "http://localhost:8070", "http://api.localhost", "http://[::1]:1"] {
+            assert!(transport_allowed(local, false).is_ok(), "{local}");
+        }
+        for remote in ["http://192.0.2.10:8070", "http://nx.example.com", "http://localhost.example.com"] {
+            let refused = transport_allowed(remote, false).unwrap_err().to_string();
+            assert!(refused.contains("plain http on another machine") && refused.contains("--insecure"), "{refused}");
+            assert!(transport_allowed(remote, true).is_ok(), "{remote} with --insecure");
+        }
+        assert!(transport_allowed("https://nx.example.com", false).is_ok());
+    }
 }

@@ -247,7 +247,8 @@ async fn run(
             github.clone(),
             stop_rx.clone(),
         ));
-        crate::github::webhook::Webhooks { secret, queue }
+        let reading = Arc::new(tokio::sync::Semaphore::new(crate::github::webhook::READING_AT_ONCE));
+        crate::github::webhook::Webhooks { secret, queue, reading }
     });
     let restarted = deployer.reconcile().await?;
     if restarted > 0 {

@@ -149,7 +149,7 @@ fn a_read_only_key_reads_everything_and_changes_nothing() {
 }
 
 #[test]
-fn a_deploy_key_sees_its_own_app_in_status_and_no_store_credentials() {
+fn a_deploy_key_counts_only_its_own_app_in_status() {
     let r = Receiver::start();
     let key = r.create_app("web");
     r.create_app("site");
@@ -157,4 +157,92 @@ fn a_deploy_key_sees_its_own_app_in_status_and_no_store_credentials() {
     assert_eq!(status["apps"], 1, "counts are of its own app: {status}");
     let all = r.nx(&["--json", "status"]).success().json();
     assert_eq!(all["apps"], 2);
+}
+
+/// Sends a request head announcing a body that never comes, and returns the
+/// status line of the answer: a body refused before it is read is answered
+/// at once.
+fn answer_to_head_alone(port: u16, head: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut status = String::new();
+    std::io::BufReader::new(stream).read_line(&mut status).expect("an answer before the body was sent");
+    status.trim_end().to_owned()
+}
+
+#[test]
+fn bodies_over_their_limit_are_refused_before_they_are_read() {
+    let r = Receiver::start_with(nx_e2e::receiver::Options {
+        args: vec!["--github-webhook-secret".into(), "a-webhook-secret".into()],
+        ..Default::default()
+    });
+    let webhook = |headers: &str| {
+        answer_to_head_alone(
+            r.api_port,
+            &format!("POST /v1/github/webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n{headers}\r\n"),
+        )
+    };
+    // Unsigned: refused on the head, not after 20 MB.
+    assert_eq!(webhook("X-GitHub-Event: ping\r\n"), "HTTP/1.1 401 Unauthorized");
+    let signed = format!("X-Hub-Signature-256: sha256={}\r\n", "0".repeat(64));
+    // Over GitHub's own 25 MB: refused on the declared length.
+    let huge = answer_to_head_alone(
+        r.api_port,
+        &format!("POST /v1/github/webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n{signed}\r\n"),
+    );
+    assert_eq!(huge, "HTTP/1.1 413 Payload Too Large");
+
+    // A signed API call announcing more JSON than any call takes.
+    let s = Signed { content_length: 2 << 20, ..Signed::new("PATCH", "/v1/apps/web/env", b"{}", None) };
+    let mut head = format!("PATCH /v1/apps/web/env HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", 2 << 20);
+    for (k, v) in s.headers(&r.admin_token) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.create_app("web");
+    assert_eq!(answer_to_head_alone(r.api_port, &format!("{head}\r\n")), "HTTP/1.1 413 Payload Too Large");
+}
+
+#[test]
+fn the_cli_sends_signed_requests_to_the_configured_host_alone() {
+    use std::io::{Read, Write};
+    let r = Receiver::start();
+    // A server that redirects every request to another one, which counts
+    // what reaches it.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let redirector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("http://{}/v1/apps", elsewhere.local_addr().unwrap());
+    let port = redirector.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in redirector.incoming().flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let answer = format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let out = r.nx(&["--server", &format!("http://127.0.0.1:{port}"), "apps", "ls"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("307") && out.stderr.contains("does not follow redirects"), "{}", out.stderr);
+    assert!(elsewhere.accept().is_err(), "no signed request reached the other host");
+
+    let loopback = r.nx(&["--server", &format!("http://localhost:{}", r.api_port), "apps", "ls"]);
+    assert_eq!(loopback.code, 0, "{loopback:?}");
+}
+
+#[test]
+fn the_receivers_help_shows_no_secret_from_its_environment() {
+    let out = std::process::Command::new(nx_e2e::bin("nx-receiver"))
+        .args(["serve", "--help"])
+        .env("NX_DATABASE_URL", "postgres://admin:hunter2-database@db.example/nx")
+        .env("NX_ADMIN_TOKEN", "nxa_hunter2hunter2hunter2hunter2hunter2x")
+        .env("NX_GITHUB_TOKEN", "ghp_hunter2")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--database-url"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
 }

@@ -177,12 +177,22 @@ fn the_action_builds_and_pushes_in_one_step() {
             .current_dir(go.path())
             .arg("github-action")
             .env("INPUT_APP", "web")
-            .env("INPUT_BUILD", "CGO_ENABLED=0 GOFLAGS=-mod=mod GOPROXY=off go build -o by-command .")
+            .env(
+                "INPUT_BUILD",
+                "env > build-env && CGO_ENABLED=0 GOFLAGS=-mod=mod GOPROXY=off go build -o by-command .",
+            )
             .env("INPUT_BINARY", "by-command")
             .env("GOCACHE", bin_dir().join("fixtures/go-cache"))
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "the-workflows-oidc-request-token")
             .output()
             .unwrap(),
     );
     assert_eq!(command.code, 0, "{command:?}");
     assert!(go.path().join("by-command").exists());
+    // The project's build is the project's code: it never sees the deploy key
+    // or what would mint the workflow's OIDC tokens.
+    let seen = std::fs::read_to_string(go.path().join("build-env")).unwrap();
+    assert!(seen.contains("GOCACHE="), "the build's environment was recorded: {seen}");
+    assert!(!seen.contains("NX_KEY=") && !seen.contains(&r.admin_token), "{seen}");
+    assert!(!seen.contains("ACTIONS_ID_TOKEN_REQUEST_TOKEN"), "{seen}");
 }

@@ -224,18 +224,32 @@ pub struct VerifiedJson<T>(pub T);
 impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _: &AppState) -> Result<Self, Self::Rejection> {
         let caller = req
             .extensions()
             .get::<Caller>()
             .cloned()
             .ok_or_else(|| ApiError::internal(anyhow::anyhow!("VerifiedJson used on an unauthenticated route")))?;
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
-        if body.len() > MAX_JSON_BODY {
-            return Err(ApiError::TooLarge(format!("JSON bodies are limited to {MAX_JSON_BODY} bytes")));
+        let too_large = || ApiError::TooLarge(format!("JSON bodies are limited to {MAX_JSON_BODY} bytes"));
+        // Refused on the signed length before reading, and while streaming
+        // for a body longer than it said: never buffered past the limit.
+        if caller.content_length.is_some_and(|n| n > MAX_JSON_BODY as u64) {
+            return Err(too_large());
         }
+        let body: Bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BODY).await.map_err(|e| {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let limited = std::iter::from_fn(|| {
+                let current = cause?;
+                cause = current.source();
+                Some(current)
+            })
+            .any(|c| c.is::<http_body_util::LengthLimitError>());
+            if limited {
+                too_large()
+            } else {
+                ApiError::BadRequest(format!("cannot read the request body: {e}"))
+            }
+        })?;
         if sha256_hex(&body) != caller.content_sha256 {
             return Err(ApiError::BadRequest(format!(
                 "the body does not match header {HEADER_CONTENT_SHA256}; it was changed after signing"

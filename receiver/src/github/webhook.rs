@@ -35,6 +35,21 @@ use crate::deploy::Deployer;
 /// The largest delivery GitHub sends is 25 MB; anything larger is refused.
 pub const MAX_BODY: usize = 25 << 20;
 
+/// Deliveries read at once. A body must be read whole before its signature
+/// can be checked, so anyone can make the receiver hold up to [`MAX_BODY`]
+/// per request: this bounds that to a few, and a delivery that finds them all
+/// taken is answered 503 (GitHub lets it be redelivered).
+pub const READING_AT_ONCE: usize = 4;
+
+/// How long the body of one delivery may take to arrive.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether a signature header is well formed (`sha256=` and 64 hex digits),
+/// checked before any of the body is read.
+fn signature_well_formed(header: &str) -> bool {
+    header.strip_prefix("sha256=").is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Whether `header` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under
 /// `secret`. The comparison takes the same time however many bytes match.
 pub fn signature_valid(secret: &[u8], body: &[u8], header: &str) -> bool {
@@ -109,11 +124,33 @@ pub async fn receive(
             "GitHub webhooks are off: start nx-receiver with --github-webhook-secret".into(),
         ));
     };
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ApiError::TooLarge(format!("webhook deliveries are at most {MAX_BODY} bytes")))?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    if !signature_valid(github.secret.expose().as_bytes(), &body, &header("x-hub-signature-256")) {
+    let signature = header("x-hub-signature-256");
+    if !signature_well_formed(&signature) {
+        return Err(ApiError::Unauthorized(
+            "a delivery needs X-Hub-Signature-256: sha256=<hex>; set the webhook's secret on GitHub".into(),
+        ));
+    }
+    let too_large = || ApiError::TooLarge(format!("webhook deliveries are at most {MAX_BODY} bytes"));
+    if header("content-length").parse::<usize>().is_ok_and(|n| n > MAX_BODY) {
+        return Err(too_large());
+    }
+    let Ok(_reading) = github.reading.clone().try_acquire_owned() else {
+        return Err(ApiError::Unavailable(format!(
+            "{READING_AT_ONCE} deliveries are being read already; redeliver this one from the webhook's settings"
+        )));
+    };
+    let body = match tokio::time::timeout(READ_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return Err(too_large()),
+        Err(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "the delivery's body did not arrive within {}s",
+                READ_DEADLINE.as_secs()
+            )))
+        }
+    };
+    if !signature_valid(github.secret.expose().as_bytes(), &body, &signature) {
         return Err(ApiError::Unauthorized(
             "the X-Hub-Signature-256 of this delivery does not match: check the webhook secret".into(),
         ));
@@ -146,6 +183,8 @@ pub async fn receive(
 pub struct Webhooks {
     pub secret: crate::config::Secret<String>,
     pub queue: mpsc::UnboundedSender<Work>,
+    /// One permit per delivery being read (see [`READING_AT_ONCE`]).
+    pub reading: Arc<tokio::sync::Semaphore>,
 }
 
 /// The worker: does the queued work in order until `stop`.
