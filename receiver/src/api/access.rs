@@ -240,6 +240,12 @@ mod tests {
     }
 
     #[test]
+    fn architecture_md_shows_this_table() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md")).unwrap();
+        assert!(doc.contains(&Table.to_string()), "ARCHITECTURE.md's authorization table differs from:\n{Table}");
+    }
+
+    #[test]
     fn the_table_says_own_app_for_deploy_keys() {
         let text = Table.to_string();
         assert!(text.contains("| Deploy | any app | own app | no |"), "{text}");
