@@ -163,7 +163,8 @@ impl CanonicalRequest<'_> {
 
 /// Whether `timestamp` is within the accepted window around `now`.
 pub fn timestamp_fresh(timestamp: i64, now: i64) -> bool {
-    (timestamp - now).abs() <= CLOCK_WINDOW_SECS
+    // abs_diff: a subtraction could overflow for a timestamp near i64::MIN.
+    timestamp.abs_diff(now) <= CLOCK_WINDOW_SECS.unsigned_abs()
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -250,6 +251,7 @@ mod tests {
         assert!(timestamp_fresh(1300, 1000));
         assert!(!timestamp_fresh(1000, 1301));
         assert!(!timestamp_fresh(1301, 1000));
+        assert!(!timestamp_fresh(i64::MIN, 1000), "no overflow lets a far timestamp through");
     }
 
     #[test]

@@ -39,42 +39,55 @@ impl Value {
     }
 }
 
-/// The effective limits of `own` (settings over the defaults), each with its cap.
+/// The effective limits of `own` (settings over the defaults), each with its
+/// cap, in the settings' own units: compared before anything is converted to
+/// bytes, so no value can wrap around into a small one.
 fn effective(config: &ServeConfig, own: &LimitSettings) -> [Value; 6] {
     let mib = |bytes: u64| (bytes >> 20) as f64;
-    let l = config.limits_for(own);
-    let data_cap = mib(config.max_app_data);
+    let or_mib = |v: Option<u64>, default: u64| v.map_or(mib(default), |m| m as f64);
     [
         Value {
             limit: "memory",
             flag: "memory",
-            value: l.memory_bytes.map_or(0.0, mib),
+            value: or_mib(own.memory_mib, config.default_memory),
             cap: mib(config.max_app_memory),
             unit: "MiB",
         },
         Value {
             limit: "cpu",
             flag: "cpu",
-            value: f64::from(l.cpu_millis.unwrap_or(0)) / 1000.0,
+            value: own.cpu.unwrap_or(config.default_cpu),
             cap: config.max_app_cpu,
             unit: "cores",
         },
         Value {
             limit: "pids",
             flag: "pids",
-            value: f64::from(l.pids.unwrap_or(0)),
+            value: f64::from(own.pids.unwrap_or(config.default_pids)),
             cap: f64::from(config.max_app_pids),
             unit: "",
         },
         Value {
             limit: "nofile",
             flag: "nofile",
-            value: l.nofile.unwrap_or(0) as f64,
+            value: own.nofile.unwrap_or(config.default_nofile) as f64,
             cap: config.max_app_nofile as f64,
             unit: "",
         },
-        Value { limit: "tmp", flag: "tmp", value: mib(l.tmp_bytes), cap: mib(config.max_app_tmp), unit: "MiB" },
-        Value { limit: "data", flag: "data", value: l.data_bytes.map_or(0.0, mib), cap: data_cap, unit: "MiB" },
+        Value {
+            limit: "tmp",
+            flag: "tmp",
+            value: or_mib(own.tmp_mib, config.default_tmp),
+            cap: mib(config.max_app_tmp),
+            unit: "MiB",
+        },
+        Value {
+            limit: "data",
+            flag: "data",
+            value: or_mib(own.data_mib, config.default_data),
+            cap: mib(config.max_app_data),
+            unit: "MiB",
+        },
     ]
 }
 
@@ -131,6 +144,9 @@ mod tests {
         assert_eq!(within_caps(&c, &cpu).unwrap_err().limit, "cpu");
         let data = LimitSettings { data_mib: Some(u64::MAX >> 20), ..Default::default() };
         assert_eq!(within_caps(&c, &data).unwrap_err().limit, "data");
+        // 2^44 MiB is 0 once shifted into bytes: it must still count as huge.
+        let wraps = LimitSettings { memory_mib: Some(1 << 44), tmp_mib: Some(1 << 44), ..Default::default() };
+        assert_eq!(within_caps(&c, &wraps).unwrap_err().limit, "memory");
     }
 
     #[test]

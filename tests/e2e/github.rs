@@ -202,6 +202,41 @@ fn a_pull_request_gets_its_preview_reported_and_merging_it_makes_that_binary_pro
 }
 
 #[test]
+fn a_tenant_naming_another_repository_gets_no_report_there() {
+    let gh = FakeGitHub::start();
+    let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
+    let key = r.create_app("web");
+    let goweb = fixtures::go(Go::Static);
+    // The app is linked to its repository (id REPO_ID) by its first push.
+    let first = run_action(&r, &key, "pull_request", &pull_request("pull_request.opened", 7, &sha()), &goweb);
+    assert_eq!(first.out.code, 0, "{:?}", first.out);
+    eventually(20, "the first comment", || gh.calls_to("POST", &format!("/repos/{REPO}/issues/7/comments")).pop());
+
+    // The tenant's push claims the victim's name with its own repository's id:
+    // the reports go to the linked repository alone.
+    let victim = "victim-org/victim-repo";
+    let claimed =
+        with(pull_request("pull_request.synchronize", 8, &sha()), &[("/repository/full_name", victim.into())]);
+    let run = run_action_with(&r, &key, "pull_request", &claimed, &goweb, &[("GITHUB_REPOSITORY", victim)]);
+    assert_eq!(run.out.code, 0, "{:?}", run.out);
+    eventually(20, "the comment on the linked repository", || {
+        gh.calls_to("POST", &format!("/repos/{REPO}/issues/8/comments")).pop()
+    });
+    // And a push from another repository id is refused outright.
+    let other = with(claimed.clone(), &[("/repository/id", 999_999.into())]);
+    let refused = run_action_with(&r, &key, "pull_request", &other, &goweb, &[("GITHUB_REPOSITORY", victim)]);
+    assert_eq!(refused.out.code, 1, "{:?}", refused.out);
+    assert!(
+        refused.out.stderr.contains(&format!("is linked to the GitHub repository {REPO}")),
+        "{}",
+        refused.out.stderr
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let leaked: Vec<String> = gh.calls().into_iter().map(|c| c.path).filter(|p| p.contains("victim")).collect();
+    assert!(leaked.is_empty(), "the platform's token reached {leaked:?}");
+}
+
+#[test]
 fn pushes_to_the_production_branch_promote_unless_the_app_waits_for_merges() {
     let r = Receiver::start();
     let key = r.create_app("web");

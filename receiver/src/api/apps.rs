@@ -59,10 +59,11 @@ pub async fn settings(
     let l = &settings.limits;
     let positive = [l.memory_mib, l.nofile, l.tmp_mib, l.data_mib].iter().all(|v| v.is_none_or(|v| v > 0))
         && l.pids.is_none_or(|p| p > 0)
-        && l.cpu.is_none_or(|c| c > 0.0 && c.is_finite());
+        && l.cpu.is_none_or(|c| c >= 0.01 && c.is_finite());
     if !positive {
-        return Err(ApiError::BadRequest("limits must be positive numbers".into()));
+        return Err(ApiError::BadRequest("limits must be positive numbers, and cpu at least 0.01".into()));
     }
+    super::deployments::check_args(&settings.args)?;
     if let Some(HealthSetting::Http { path }) = &settings.health {
         if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ApiError::BadRequest(format!(

@@ -142,7 +142,7 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
     if !timestamp_fresh(timestamp, now) {
         return Err(ApiError::Unauthorized(format!(
             "header {HEADER_TIMESTAMP} is {}s away from the receiver's clock (the limit is {CLOCK_WINDOW_SECS}s); fix the clock of the client or the server",
-            timestamp - now
+            timestamp.saturating_sub(now)
         )));
     }
     let nonce = header(h, HEADER_NONCE)?;

@@ -42,14 +42,21 @@ fn parse_meta(caller: &Caller) -> Result<PushMeta, ApiError> {
     let Some(bytes) = &caller.meta else { return Ok(PushMeta::default()) };
     let meta: PushMeta = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("the push metadata (x-nx-meta) is not valid: {e}")))?;
-    let total: usize = meta.args.iter().map(String::len).sum();
-    if meta.args.len() > MAX_ARGS || total > MAX_ARGS_BYTES {
+    check_args(&meta.args)?;
+    Ok(meta)
+}
+
+/// The arguments a deployment may be started with, from a push or from the
+/// app's default arguments.
+pub(super) fn check_args(args: &[String]) -> Result<(), ApiError> {
+    let total: usize = args.iter().map(String::len).sum();
+    if args.len() > MAX_ARGS || total > MAX_ARGS_BYTES {
         return Err(ApiError::BadRequest(format!("at most {MAX_ARGS} arguments of {MAX_ARGS_BYTES} bytes in all")));
     }
-    if meta.args.iter().any(|a| a.contains('\0')) {
+    if args.iter().any(|a| a.contains('\0')) {
         return Err(ApiError::BadRequest("arguments may not contain NUL bytes".into()));
     }
-    Ok(meta)
+    Ok(())
 }
 
 /// Push: stream the binary in, verify it, store it by digest, run it, and answer

@@ -62,11 +62,18 @@ struct Origin<'a> {
     sha: &'a str,
 }
 
-fn origin(row: &DeploymentRow) -> Option<Origin<'_>> {
-    Some(Origin {
-        repository: row.repository.as_deref()?,
-        repository_id: row.repository_id?,
-        sha: row.git_sha.as_deref()?,
+/// Where to report a deployment: only to the repository its app is linked
+/// to (by id, named as the link names it), never to one the push claimed,
+/// and only for a commit id that is one.
+fn origin<'a>(row: &'a DeploymentRow, app: &'a AppRow) -> Option<Origin<'a>> {
+    let link = app.settings.github.as_ref()?;
+    let repository_id = i64::try_from(link.id?).ok()?;
+    let sha = row.git_sha.as_deref()?;
+    let is_commit = sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    (row.repository_id == Some(repository_id) && is_commit).then_some(Origin {
+        repository: &link.repository,
+        repository_id,
+        sha,
     })
 }
 
@@ -115,8 +122,8 @@ impl Sender {
             | Event::ActionFailed { deployment: id, .. } => id,
         };
         let Some(row) = self.db.deployment(id).await? else { return Ok(()) };
-        let Some(o) = origin(&row) else { return Ok(()) };
         let Some(app) = self.db.app_by_id(row.app_id).await? else { return Ok(()) };
+        let Some(o) = origin(&row, &app) else { return Ok(()) };
         let info = self.deployer.info(&row, Vec::new())?;
         let mut report = self.db.github_report(id).await?;
         match event {
@@ -220,8 +227,8 @@ impl Sender {
     /// Brings the check run of another deployment up to date (its buttons).
     async fn refresh_check_run(&self, id: &str) -> anyhow::Result<()> {
         let Some(row) = self.db.deployment(id).await? else { return Ok(()) };
-        let Some(o) = origin(&row) else { return Ok(()) };
         let Some(app) = self.db.app_by_id(row.app_id).await? else { return Ok(()) };
+        let Some(o) = origin(&row, &app) else { return Ok(()) };
         let mut report = self.db.github_report(id).await?;
         if report.check_run_id.is_none() {
             return Ok(());
