@@ -111,6 +111,17 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ROUTER_BIN")]
     pub router_bin: Option<PathBuf>,
 
+    /// Unprivileged system user nx-router becomes once its sockets are open
+    /// (created when missing); it owns only the router's state directory.
+    #[arg(long, env = "NX_ROUTER_USER", default_value = "nx-router")]
+    pub router_user: String,
+
+    /// An extra nx-router flag, passed on as given; repeat for several (for
+    /// example `--router-arg=--max-connections=20000`; `nx-router --help`
+    /// lists them with their defaults).
+    #[arg(long = "router-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
+
     /// An external PostgreSQL cluster (`postgres://admin:password@host:port/db`) with a
     /// role that may create roles and databases; without it an embedded cluster runs.
     #[arg(long, env = "NX_DATABASE_URL")]

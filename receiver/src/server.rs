@@ -121,7 +121,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     make_dir(&data, 0o711)?;
-    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o700)] {
+    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o711)] {
         make_dir(&data.join(sub), mode)?;
     }
     let config = Arc::new(config);
@@ -199,7 +199,17 @@ async fn run(
             }),
             _ => None,
         };
-        let settings = RouterSettings { bin, listen: config.router_listen, socket, tls, dir: data.join("router"), log };
+        crate::routing::prepare_router_user(&pm, &config.router_user, &data.join("router")).await?;
+        let settings = RouterSettings {
+            user: config.router_user.clone(),
+            bin,
+            listen: config.router_listen,
+            socket,
+            tls,
+            dir: data.join("router"),
+            log,
+            extra_args: config.router_args.clone(),
+        };
         Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone()).await?))
     };
     if let Some(router) = &router {

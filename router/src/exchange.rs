@@ -143,10 +143,16 @@ impl Exchange {
         self.route.as_ref().map_or(("", ""), |e| (e.route.app.as_str(), e.route.deployment.as_str()))
     }
 
-    /// The page for an upstream that did not answer.
-    pub fn upstream_down(&self) -> Page {
+    /// The page for an upstream that failed with `e` before its response
+    /// started: 504 when it took too long (to accept or to answer), 502 else.
+    pub fn upstream_failed(&self, e: &pingora::Error) -> Page {
         let (app, deployment) = self.names();
-        Page::upstream_down(app, deployment)
+        match e.etype() {
+            pingora::ErrorType::ConnectTimedout | pingora::ErrorType::ReadTimedout => {
+                Page::upstream_timeout(app, deployment)
+            }
+            _ => Page::upstream_down(app, deployment),
+        }
     }
 
     /// Turns the client's request header into the one the upstream gets:
