@@ -58,11 +58,39 @@ fn forwarding_headers_request_ids_and_hop_by_hop_headers() {
     for hop in ["x-secret-hop", "keep-alive", "proxy-authorization"] {
         assert!(!body.contains(hop), "{hop} crossed the hop: {body}");
     }
-    let given = raw(
+    // Forged forwarding claims: replaced by the router's or dropped; the
+    // client's request id is passed on apart, never as the router's.
+    let forged = raw(
         r.router_port,
-        &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: mine-123\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: mine-123\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Forwarded-For: 10.0.0.2\r\nX-Real-IP: 10.0.0.3\r\nForwarded: for=10.0.0.4\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: admin.example\r\nX-Client-Request-Id: forged\r\nConnection: close\r\n\r\n"
+        ),
     );
-    assert!(given.to_ascii_lowercase().contains("x-request-id: mine-123"), "{given}");
+    let (head, body) = forged.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{forged}");
+    let id = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .expect("a request id");
+    assert_eq!(id.len(), 32, "the router's own id, not the client's: {id}");
+    let echoed: Vec<String> = body
+        .lines()
+        .map(str::to_ascii_lowercase)
+        .filter(|l| l.starts_with("x-") || l.starts_with("forwarded"))
+        .collect();
+    assert_eq!(
+        echoed,
+        [
+            "x-client-request-id: mine-123".to_owned(),
+            "x-forwarded-for: 127.0.0.1".into(),
+            format!("x-forwarded-host: {}", host.split(':').next().unwrap()),
+            "x-forwarded-proto: http".into(),
+            "x-real-ip: 127.0.0.1".into(),
+            format!("x-request-id: {id}"),
+        ]
+    );
 }
 
 #[test]
