@@ -392,6 +392,24 @@ impl ArtifactStore {
         Ok(dest)
     }
 
+    /// The digests of the artifacts in the store last written more than `age`
+    /// ago (other objects, backups and anything not named by a digest, are
+    /// left out).
+    pub async fn artifacts_older_than(&self, age: std::time::Duration) -> Result<Vec<String>, StoreError> {
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        let prefix = ObjectPath::from("artifacts");
+        let mut listing = self.store.list(Some(&prefix));
+        let mut old = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|source| StoreError::Unavailable { store: self.description.clone(), source })?;
+            let Some(name) = meta.location.filename() else { continue };
+            if meta.last_modified < cutoff && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                old.push(name.to_owned());
+            }
+        }
+        Ok(old)
+    }
+
     /// Removes an artifact from the store and from the local cache.
     pub async fn delete(&self, sha: &str) -> Result<(), StoreError> {
         match self.store.delete(&object_key(sha)).await {
