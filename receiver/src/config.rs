@@ -156,6 +156,12 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_MAX_UPLOAD", default_value = "512MiB", value_parser = parse_size)]
     pub max_upload: u64,
 
+    /// Uploads in progress at once, over SFTP and the HTTP API together (each
+    /// holds a temporary file of up to --max-upload); beyond it a push is
+    /// refused with a message to try again (HTTP 503).
+    #[arg(long, env = "NX_MAX_CONCURRENT_UPLOADS", default_value_t = crate::store::DEFAULT_MAX_UPLOADS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_uploads: u64,
+
     /// Loopback ports handed to sandboxes, `FIRST-LAST`.
     #[arg(long, env = "NX_PORT_RANGE", default_value = "20000-29999", value_parser = parse_range)]
     pub port_range: RangeInclusive<u16>,

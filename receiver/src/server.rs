@@ -149,7 +149,8 @@ async fn run(
     let db = Db::new(cluster.metadata_pool().await?);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
-    let store = ArtifactStore::open(config.store.as_deref(), &data)?;
+    let store =
+        ArtifactStore::open(config.store.as_deref(), &data)?.with_max_uploads(config.max_concurrent_uploads as usize);
     let swept = store.clean_temporary();
     if swept > 0 {
         tracing::info!(files = swept, "removed uploads left by an earlier crash");
