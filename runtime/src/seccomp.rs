@@ -359,7 +359,8 @@ mod tests {
         for arch in [Arch::X86_64, Arch::Aarch64] {
             let router = router_filter(arch);
             for s in DENIED.iter().chain(EXEC) {
-                let nr = s.nr(arch).unwrap_or_else(|| unreachable!("{} is on both machines", s.name));
+                // Some denied calls exist on x86-64 only.
+                let Some(nr) = s.nr(arch) else { continue };
                 let got = run(&router, &Data { nr, arch: arch.audit(), args: [0; 6] });
                 assert_eq!(got, RET_ERRNO | EPERM, "{arch:?} {}", s.name);
             }
