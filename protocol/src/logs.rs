@@ -27,10 +27,13 @@ pub fn is_hidden(c: char) -> bool {
             | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
-/// Whether an app's line would pass for one of the platform's: it starts with
-/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped.
+/// Whether an app's line could pass for one of the platform's: it starts with
+/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped,
+/// or it holds the mark and any hidden character (an escape sequence or a
+/// carriage return can make a terminal show the mark first).
 pub fn looks_like_platform(line: &str) -> bool {
     line.trim_start_matches(|c: char| c.is_whitespace() || is_hidden(c)).starts_with(PLATFORM_MARK)
+        || (line.contains(PLATFORM_MARK) && line.chars().any(is_hidden))
 }
 
 /// `line` with every hidden character but the tab shown as an escape (`\x1b`,
@@ -62,10 +65,12 @@ mod tests {
 
     #[test]
     fn an_app_line_passes_for_the_platform_only_with_the_mark_first() {
-        for forged in ["[nx] healthy on 127.0.0.1:1", "  [nx] x", "\u{1b}[0m[nx] x", "\u{200b}[nx] x", "\r[nx] x"] {
+        for forged in
+            ["[nx] healthy on 127.0.0.1:1", "  [nx] x", "\u{1b}[0m[nx] x", "\u{200b}[nx] x", "\r[nx] x", "ok\r[nx] x"]
+        {
             assert!(looks_like_platform(forged), "{forged:?}");
         }
-        for honest in ["hello [nx]", "[nxx]", "nx: started", ""] {
+        for honest in ["hello [nx]", "[nxx]", "nx: started", "\u{1b}[31mred\u{1b}[0m", ""] {
             assert!(!looks_like_platform(honest), "{honest:?}");
         }
     }
