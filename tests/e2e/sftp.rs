@@ -376,7 +376,7 @@ fn concurrent_uploads_are_capped_across_sftp_and_the_api() {
     );
     let second = sftp(&r, &alice, &format!("put {} web/second\n", goweb.display()));
     assert!(!second.status.success(), "{}", text(&second));
-    assert!(text(&second).contains("remote open(\"/web/second\"): Failure"), "{}", text(&second));
+    assert!(text(&second).contains("dest open \"/web/second\": Failure"), "{}", text(&second));
     assert_eq!(leftovers(&r).len(), 1, "the refused uploads wrote nothing");
     slow.kill().unwrap();
     slow.wait().unwrap();
