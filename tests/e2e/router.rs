@@ -425,6 +425,7 @@ fn tls_terminates_with_http2() {
             cert.display().to_string(),
             "--router-tls-key".into(),
             key.display().to_string(),
+            "--router-arg=--tls-handshake-timeout=1s".into(),
         ],
         ..Options::default()
     });
@@ -447,6 +448,15 @@ fn tls_terminates_with_http2() {
         assert!(body.contains("x-forwarded-proto: https"), "{version:?}: {body}");
         assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{version:?}: {body}");
     }
+    // A client that starts no handshake is closed at the handshake timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    silent.read_to_end(&mut got).expect("closed by the router, not by the read timeout");
+    let waited = started.elapsed();
+    assert_eq!(got, b"");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
 }
 
 #[test]
