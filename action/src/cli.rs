@@ -357,6 +357,13 @@ pub struct LogsArgs {
     /// How many of the last lines to print first.
     #[arg(long, short = 'n', default_value_t = 100)]
     pub lines: usize,
+    /// Write the lines as stored, control characters included. Without it,
+    /// on a terminal, escape sequences, carriage returns, bidirectional and
+    /// invisible characters an app printed are shown as escapes (`\x1b`)
+    /// instead of acting on the terminal; into a pipe or file, lines are
+    /// always written as stored.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Args)]

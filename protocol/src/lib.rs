@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod logs;
 pub mod names;
 pub mod routes;
 pub mod target;

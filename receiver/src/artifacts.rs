@@ -48,9 +48,16 @@ pub async fn register(
 }
 
 /// Removes the artifacts no deployment uses and nobody pushed for
-/// `grace_secs`, from the database and the store; returns how many went. The
-/// grace period must outlast a push: it registers its artifact a moment
-/// before it records its deployment.
+/// `grace_secs`, from the database and then the store, and the objects in
+/// the store that no row names and that are older than the grace period (left
+/// by a crash between the two); returns how many artifacts went. The grace
+/// period must outlast a push: it registers its artifact a moment before it
+/// records its deployment.
+///
+/// The row goes first: a crash before the bytes go leaves an object nothing
+/// names, which a later round removes. The other order would leave a row
+/// without its bytes, which the next push of the same binary would take up
+/// (its digest is known) for a deployment that cannot start.
 pub async fn collect_garbage(db: &Db, store: &ArtifactStore, grace_secs: i64) -> Result<usize, ArtifactError> {
     let mut removed = 0;
     for sha in db.unused_artifacts(grace_secs).await? {
@@ -59,12 +66,32 @@ pub async fn collect_garbage(db: &Db, store: &ArtifactStore, grace_secs: i64) ->
         if !Db::delete_unused_artifact(&mut tx, &sha, grace_secs).await? {
             continue;
         }
-        // The bytes go before the row is committed away: if deleting them
-        // fails, the row stays and the next round tries again.
-        store.delete(&sha).await?;
         tx.commit().await?;
-        tracing::info!(sha256 = %sha, "unused artifact removed");
+        if delete_orphan(db, store, &sha).await? {
+            tracing::info!(sha256 = %sha, "unused artifact removed");
+        }
         removed += 1;
     }
+    let grace = std::time::Duration::from_secs(grace_secs.max(0) as u64);
+    let named = db.artifact_digests().await?;
+    for sha in store.artifacts_older_than(grace).await? {
+        if !named.contains(&sha) && delete_orphan(db, store, &sha).await? {
+            tracing::info!(sha256 = %sha, "artifact no row names removed from the store");
+        }
+    }
     Ok(removed)
+}
+
+/// Deletes the bytes of `sha` from the store unless a row names them again (a
+/// push of the same binary registered them meanwhile); true when deleted.
+/// Under the artifact's lock, so no push registers them while they go.
+async fn delete_orphan(db: &Db, store: &ArtifactStore, sha: &str) -> Result<bool, ArtifactError> {
+    let mut tx = db.begin().await?;
+    Db::lock_artifact(&mut tx, sha).await?;
+    if Db::artifact_exists(&mut tx, sha).await? {
+        return Ok(false);
+    }
+    store.delete(sha).await?;
+    tx.commit().await?;
+    Ok(true)
 }

@@ -111,6 +111,17 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ROUTER_BIN")]
     pub router_bin: Option<PathBuf>,
 
+    /// Unprivileged system user nx-router becomes once its sockets are open
+    /// (created when missing); it owns only the router's state directory.
+    #[arg(long, env = "NX_ROUTER_USER", default_value = "nx-router")]
+    pub router_user: String,
+
+    /// An extra nx-router flag, passed on as given; repeat for several (for
+    /// example `--router-arg=--max-connections=20000`; `nx-router --help`
+    /// lists them with their defaults).
+    #[arg(long = "router-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
+
     /// An external PostgreSQL cluster (`postgres://admin:password@host:port/db`) with a
     /// role that may create roles and databases; without it an embedded cluster runs.
     #[arg(long, env = "NX_DATABASE_URL", hide_env_values = true)]
@@ -144,6 +155,12 @@ pub struct ServeConfig {
     /// Largest binary accepted, with a unit (`512MiB`, `2GiB`).
     #[arg(long, env = "NX_MAX_UPLOAD", default_value = "512MiB", value_parser = parse_size)]
     pub max_upload: u64,
+
+    /// Uploads in progress at once, over SFTP and the HTTP API together (each
+    /// holds a temporary file of up to --max-upload); beyond it a push is
+    /// refused with a message to try again (HTTP 503).
+    #[arg(long, env = "NX_MAX_CONCURRENT_UPLOADS", default_value_t = crate::store::DEFAULT_MAX_UPLOADS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_uploads: u64,
 
     /// Loopback ports handed to sandboxes, `FIRST-LAST`.
     #[arg(long, env = "NX_PORT_RANGE", default_value = "20000-29999", value_parser = parse_range)]

@@ -196,6 +196,10 @@ pub struct RouterSettings {
     pub tls: Option<RouterTls>,
     pub dir: PathBuf,
     pub log: Log,
+    /// `--router-arg` flags, after the receiver's own.
+    pub extra_args: Vec<String>,
+    /// The unprivileged user the router becomes once its sockets are open.
+    pub user: String,
 }
 
 const HTTP_FD: i32 = 3;
@@ -204,6 +208,14 @@ const TLS_FD: i32 = 4;
 impl RouterSettings {
     pub fn control_socket(dir: &Path) -> PathBuf {
         dir.join("control.sock")
+    }
+
+    /// Where the router keeps its state file: the one directory it may write
+    /// once unprivileged. The control socket stays in the root-owned `dir`,
+    /// where only root (the receiver, and each router before it drops root)
+    /// creates or replaces anything.
+    pub fn state_dir(dir: &Path) -> PathBuf {
+        dir.join("state")
     }
 
     fn command(&self) -> std::io::Result<Command> {
@@ -215,7 +227,9 @@ impl RouterSettings {
             "--control".into(),
             Self::control_socket(&self.dir).into_os_string(),
             "--state".into(),
-            self.dir.join("routes.json").into_os_string(),
+            Self::state_dir(&self.dir).join("routes.json").into_os_string(),
+            "--user".into(),
+            self.user.clone().into(),
         ]);
         cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*self.socket).try_clone_to_owned()?, HTTP_FD));
         if let Some(tls) = &self.tls {
@@ -231,12 +245,53 @@ impl RouterSettings {
             ]);
             cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*tls.socket).try_clone_to_owned()?, TLS_FD));
         }
+        cmd.args.extend(self.extra_args.iter().map(Into::into));
         cmd.env = std::env::vars_os().filter(|(k, _)| k == "RUST_LOG" || k == "NX_LOG_FORMAT").collect();
         cmd.stdout = Stream::Pipe;
         cmd.stderr = Stream::ToStdout;
         cmd.parent_death_signal = Some(Signal::SIGTERM);
         Ok(cmd)
     }
+}
+
+/// Why the router's user or state directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterUserError {
+    #[error("cannot create the system user {user} for nx-router: {reason}")]
+    User { user: String, reason: String },
+    #[error("cannot prepare the router's state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+}
+
+/// Creates the unprivileged user nx-router runs as (a system user, when
+/// missing) and gives it its state directory inside `dir` (root's, 0711).
+pub async fn prepare_router_user(pm: &ProcessManager, user: &str, dir: &Path) -> Result<(), RouterUserError> {
+    // Receivers starting at once on one host race for /etc/passwd's lock;
+    // the loser finds the user there on a later try.
+    let mut tries = 0;
+    let (uid, gid) = loop {
+        match crate::pg::embedded::ensure_system_user(pm, user).await {
+            Ok(ids) => break ids,
+            Err(e) if tries < 10 => {
+                tries += 1;
+                tracing::debug!(error = %e, user, "creating the router's user; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(RouterUserError::User { user: user.into(), reason: e.to_string() }),
+        }
+    };
+    let state = RouterSettings::state_dir(dir);
+    let failed = |source| RouterUserError::StateDir { path: state.clone(), source };
+    match std::fs::create_dir(&state) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(failed(e)),
+    }
+    // By path, safely: `dir` is root's, so nobody else can swap `state` for a link.
+    nix::unistd::chown(&state, Some(uid.into()), Some(gid.into())).map_err(|e| failed(e.into()))?;
+    std::fs::set_permissions(&state, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700))
+        .map_err(failed)?;
+    Ok(())
 }
 
 enum RouterCommand {

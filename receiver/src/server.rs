@@ -121,7 +121,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     make_dir(&data, 0o711)?;
-    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o700)] {
+    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o711)] {
         make_dir(&data.join(sub), mode)?;
     }
     let config = Arc::new(config);
@@ -149,7 +149,8 @@ async fn run(
     let db = Db::new(cluster.metadata_pool().await?);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
-    let store = ArtifactStore::open(config.store.as_deref(), &data)?;
+    let store =
+        ArtifactStore::open(config.store.as_deref(), &data)?.with_max_uploads(config.max_concurrent_uploads as usize);
     let swept = store.clean_temporary();
     if swept > 0 {
         tracing::info!(files = swept, "removed uploads left by an earlier crash");
@@ -199,7 +200,17 @@ async fn run(
             }),
             _ => None,
         };
-        let settings = RouterSettings { bin, listen: config.router_listen, socket, tls, dir: data.join("router"), log };
+        crate::routing::prepare_router_user(&pm, &config.router_user, &data.join("router")).await?;
+        let settings = RouterSettings {
+            user: config.router_user.clone(),
+            bin,
+            listen: config.router_listen,
+            socket,
+            tls,
+            dir: data.join("router"),
+            log,
+            extra_args: config.router_args.clone(),
+        };
         Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone()).await?))
     };
     if let Some(router) = &router {

@@ -20,6 +20,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::secrets::random_lower;
 
@@ -44,6 +45,8 @@ pub enum StoreError {
     Missing { sha256: String, store: String },
     #[error("the object store URL {url:?} is not usable: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{max} uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)")]
+    Busy { max: usize },
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> StoreError {
@@ -60,6 +63,8 @@ pub struct Upload {
     path: PathBuf,
     pub sha256: String,
     pub size: u64,
+    /// The upload's place among those in progress, until it is published or dropped.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Upload {
@@ -86,6 +91,7 @@ pub struct PartialUpload {
     /// The end of the furthest write.
     len: u64,
     limit: u64,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl PartialUpload {
@@ -113,7 +119,7 @@ impl PartialUpload {
         let size = self.len;
         let file = self.file.try_clone().map_err(|e| io_error(&path, e))?;
         // From here on the Upload owns (and on failure removes) the file.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size };
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size, _slot: self.slot.take() };
         let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             use std::io::Read;
             file.sync_all()?;
@@ -144,6 +150,9 @@ impl Drop for PartialUpload {
     }
 }
 
+/// Uploads in progress at once unless [`ArtifactStore::with_max_uploads`] says otherwise.
+pub const DEFAULT_MAX_UPLOADS: usize = 8;
+
 /// The artifact store.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
@@ -155,6 +164,9 @@ pub struct ArtifactStore {
     /// Local copies of artifacts from a remote store.
     cache_dir: PathBuf,
     description: String,
+    /// Places for uploads in progress.
+    uploads: Arc<Semaphore>,
+    max_uploads: usize,
 }
 
 fn object_key(sha256: &str) -> ObjectPath {
@@ -205,6 +217,8 @@ impl ArtifactStore {
                 local_root: Some(root),
                 tmp_dir: tmp_dir.clone(),
                 cache_dir: cache_dir.clone(),
+                uploads: Arc::new(Semaphore::new(DEFAULT_MAX_UPLOADS)),
+                max_uploads: DEFAULT_MAX_UPLOADS,
             })
         };
         let Some(url) = url else { return local(data_dir.join("store")) };
@@ -225,16 +239,38 @@ impl ArtifactStore {
         } else {
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
-        Ok(ArtifactStore { store, local_root: None, tmp_dir, cache_dir, description: without_secrets(&parsed) })
+        Ok(ArtifactStore {
+            store,
+            local_root: None,
+            tmp_dir,
+            cache_dir,
+            description: without_secrets(&parsed),
+            uploads: Arc::new(Semaphore::new(DEFAULT_MAX_UPLOADS)),
+            max_uploads: DEFAULT_MAX_UPLOADS,
+        })
     }
 
     pub fn describe(&self) -> &str {
         &self.description
     }
 
+    /// Caps the uploads in progress at once, SFTP and HTTP together: each
+    /// holds a temporary file of up to --max-upload bytes.
+    pub fn with_max_uploads(mut self, max: usize) -> ArtifactStore {
+        self.uploads = Arc::new(Semaphore::new(max));
+        self.max_uploads = max;
+        self
+    }
+
+    /// A place among the uploads in progress, or [`StoreError::Busy`].
+    fn upload_slot(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        self.uploads.clone().try_acquire_owned().map_err(|_| StoreError::Busy { max: self.max_uploads })
+    }
+
     /// A new upload written at offsets, at most `limit` bytes.
     pub fn partial_upload(&self, limit: u64) -> Result<PartialUpload, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
+        let slot = self.upload_slot()?;
         let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -243,11 +279,12 @@ impl ArtifactStore {
             .mode(0o600)
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
-        Ok(PartialUpload { path, file, len: 0, limit })
+        Ok(PartialUpload { path, file, len: 0, limit, slot: Some(slot) })
     }
 
     /// Streams `body` into a temporary file while hashing it, enforcing `limit`
-    /// as bytes arrive, then checks length and digest against what was signed.
+    /// as bytes arrive, then checks length and digest against what was signed;
+    /// refused with [`StoreError::Busy`] when too many uploads are in progress.
     pub async fn receive<S, E>(
         &self,
         body: S,
@@ -259,9 +296,27 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        let slot = self.upload_slot()?;
+        self.receive_into(body, expected_sha256, expected_len, limit, Some(slot)).await
+    }
+
+    /// [`ArtifactStore::receive`], holding `slot` (none for the platform's
+    /// own fetches from a remote store).
+    async fn receive_into<S, E>(
+        &self,
+        body: S,
+        expected_sha256: &str,
+        expected_len: u64,
+        limit: u64,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Upload, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
         let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
         // Created before anything can fail, so Drop always cleans up.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0 };
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: slot };
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -397,7 +452,7 @@ impl ArtifactStore {
             Err(e) => return Err(unavailable(e)),
         };
         let size = result.meta.size;
-        let upload = self.receive(result.into_stream(), sha, size, u64::MAX).await?;
+        let upload = self.receive_into(result.into_stream(), sha, size, u64::MAX, None).await?;
         self.publish_local_copy(upload).await
     }
 
@@ -407,6 +462,24 @@ impl ArtifactStore {
         rename_durably(&upload.path, &dest)?;
         upload.path = PathBuf::new();
         Ok(dest)
+    }
+
+    /// The digests of the artifacts in the store last written more than `age`
+    /// ago (other objects, backups and anything not named by a digest, are
+    /// left out).
+    pub async fn artifacts_older_than(&self, age: std::time::Duration) -> Result<Vec<String>, StoreError> {
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        let prefix = ObjectPath::from("artifacts");
+        let mut listing = self.store.list(Some(&prefix));
+        let mut old = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|source| StoreError::Unavailable { store: self.description.clone(), source })?;
+            let Some(name) = meta.location.filename() else { continue };
+            if meta.last_modified < cutoff && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                old.push(name.to_owned());
+            }
+        }
+        Ok(old)
     }
 
     /// Removes an artifact from the store and from the local cache.
@@ -496,6 +569,30 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o555);
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(store.materialize(&sha(b"hello world")).await.unwrap(), path);
+    }
+
+    #[tokio::test]
+    async fn uploads_beyond_the_cap_are_refused_until_one_ends() {
+        let d = data_dir("busy");
+        let store = ArtifactStore::open(None, &d).unwrap().with_max_uploads(2);
+        let sftp = store.partial_upload(100).unwrap();
+        let http = store.receive(body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
+        let err = store.partial_upload(100).unwrap_err();
+        assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "2 uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)"
+        );
+        let err = store.receive(body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
+        assert_eq!(files_in(&d.join("tmp")), 2, "a refused upload writes nothing");
+        // A finished SFTP upload keeps its place until published.
+        let finished = sftp.finish().await.unwrap();
+        assert!(matches!(store.partial_upload(100), Err(StoreError::Busy { .. })));
+        store.publish(finished).await.unwrap();
+        drop(store.partial_upload(100).unwrap());
+        drop(http);
+        assert!(store.receive(body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
     }
 
     #[tokio::test]

@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use nx_protocol::units::parse_duration;
 
 /// `nx-router` flags; every flag has an environment fallback.
 #[derive(Debug, Clone, clap::Parser)]
@@ -39,13 +42,70 @@ pub struct Config {
     /// idle ones left are closed.
     #[arg(long, env = "NX_ROUTER_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
-    /// Seconds an upstream has to accept a connection.
+    /// Seconds an app has to accept a connection; then the client gets a 504 page.
     #[arg(long, env = "NX_ROUTER_CONNECT_TIMEOUT", default_value_t = 5)]
     pub connect_timeout_secs: u64,
     /// Seconds an idle pooled upstream connection is kept.
     #[arg(long, env = "NX_ROUTER_IDLE_TIMEOUT", default_value_t = 60)]
     pub idle_timeout_secs: u64,
+    /// Time a client has to complete its TLS handshake; then its connection is closed.
+    #[arg(long, env = "NX_ROUTER_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Time a client has to send a whole request head (request line and
+    /// headers), counted from the connection's start for its first request and
+    /// from the first byte for a kept-alive one; a total, not a per-byte wait.
+    /// A head still incomplete then gets 408 and its connection is closed.
+    #[arg(long, env = "NX_ROUTER_REQUEST_HEAD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub request_head_timeout: Duration,
+    /// Time a kept-alive client connection may wait for its next request, and
+    /// the longest a client may leave the router's reads of its body or writes
+    /// of its response unserved.
+    #[arg(long, env = "NX_ROUTER_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub client_idle_timeout: Duration,
+    /// Time an app has to start its response (its status line and headers)
+    /// once the request is sent; then the client gets a 504 page. Each write of
+    /// a request to an app is bounded by it too.
+    #[arg(long, env = "NX_ROUTER_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_response_timeout: Duration,
+    /// Client connections served at once, over every listener and worker;
+    /// beyond it a new connection is closed at once (the client reads the end
+    /// of the stream) and the open ones keep being served. Each takes up to two
+    /// descriptors (client and app): the router raises its open-file limit to
+    /// fit, and warns when the hard limit is too low.
+    #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Once its sockets, control socket and TLS key are open, become this
+    /// user (and its group, without supplementary groups); the state file is
+    /// then read and written as this user. Without it the router keeps its
+    /// user. Either way it then runs under a seccomp filter that refuses exec,
+    /// ptrace, mounts, module loading and bpf.
+    #[arg(long, env = "NX_ROUTER_USER")]
+    pub user: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// The bounds on what one client connection may hold, and on how many there are.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub tls_handshake: Duration,
+    pub request_head: Duration,
+    pub client_idle: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub max_connections: usize,
+}
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            tls_handshake: self.tls_handshake_timeout,
+            request_head: self.request_head_timeout,
+            client_idle: self.client_idle_timeout,
+            upstream_connect: Duration::from_secs(self.connect_timeout_secs),
+            upstream_response: self.upstream_response_timeout,
+            max_connections: self.max_connections as usize,
+        }
+    }
 }

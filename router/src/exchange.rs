@@ -15,8 +15,25 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use crate::pages::Page;
 use crate::table::{Entry, RouteStore};
 
-/// Request id header, generated when the client sent none.
+/// Request id header: always the router's own, so an id in the logs names
+/// one request, whatever the client sent.
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// A client's own `X-Request-Id`, passed on under this name: apps can still
+/// join their traces with a caller's, and cannot mistake it for the router's.
+pub const CLIENT_REQUEST_ID: &str = "x-client-request-id";
+
+/// Headers that claim where a request came from or how: only the router may
+/// say, so a client's are dropped. X-Forwarded-For, -Proto, -Host and
+/// X-Real-IP are then set by the router (replaced, never appended to).
+const FORGEABLE: [HeaderName; 6] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static(CLIENT_REQUEST_ID),
+];
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
 /// `connection` and `upgrade` are handled apart: an upgrade needs them.
@@ -63,7 +80,10 @@ pub struct Exchange {
     pub host: String,
     pub route: Option<Arc<Entry>>,
     pub upstream: Option<SocketAddr>,
+    /// The router's id for this request.
     pub request_id: String,
+    /// The client's own `X-Request-Id`, when it sent a usable one.
+    pub client_request_id: Option<String>,
     pub started: Instant,
 }
 
@@ -103,18 +123,19 @@ pub fn is_upgrade(req: &RequestHeader) -> bool {
 }
 
 impl Exchange {
-    /// Routes a request by its host and takes (or makes) its request id.
+    /// Routes a request by its host and gives it an id.
     pub fn begin(store: &RouteStore, req: &RequestHeader) -> (Exchange, Decision) {
         let mut ex = Exchange {
             host: request_host(req),
             route: None,
             upstream: None,
-            request_id: req
+            request_id: new_request_id(),
+            client_request_id: req
                 .headers
                 .get(REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .filter(|v| !v.is_empty() && v.len() <= 128)
-                .map_or_else(new_request_id, str::to_owned),
+                .map(str::to_owned),
             started: Instant::now(),
         };
         let Some(entry) = store.lookup(&ex.host) else {
@@ -143,15 +164,22 @@ impl Exchange {
         self.route.as_ref().map_or(("", ""), |e| (e.route.app.as_str(), e.route.deployment.as_str()))
     }
 
-    /// The page for an upstream that did not answer.
-    pub fn upstream_down(&self) -> Page {
+    /// The page for an upstream that failed with `e` before its response
+    /// started: 504 when it took too long (to accept or to answer), 502 else.
+    pub fn upstream_failed(&self, e: &pingora::Error) -> Page {
         let (app, deployment) = self.names();
-        Page::upstream_down(app, deployment)
+        match e.etype() {
+            pingora::ErrorType::ConnectTimedout | pingora::ErrorType::ReadTimedout => {
+                Page::upstream_timeout(app, deployment)
+            }
+            _ => Page::upstream_down(app, deployment),
+        }
     }
 
     /// Turns the client's request header into the one the upstream gets:
     /// hop-by-hop headers out (and those the client named in `Connection`),
-    /// the forwarding headers and the request id in. `Connection` and
+    /// the client's claims of where it came from out, the router's forwarding
+    /// headers and request id in. `Connection` and
     /// `Upgrade` stay only for an upgrade, so upstream connections are kept
     /// alive whatever the client asked for its own connection.
     pub fn rewrite_request(&self, upstream: &mut RequestHeader, client: &Client) -> pingora::Result<()> {
@@ -179,14 +207,23 @@ impl Exchange {
         if upgrade {
             upstream.insert_header(header::CONNECTION, "upgrade")?;
         }
-        if let Some(ip) = &client.ip {
-            match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prior) if !prior.is_empty() => {
-                    let appended = format!("{prior}, {}", ip.to_str().unwrap_or_default());
-                    upstream.insert_header("x-forwarded-for", appended)?;
-                }
-                _ => upstream.insert_header("x-forwarded-for", ip.clone())?,
+        for h in &FORGEABLE {
+            if upstream.headers.contains_key(h) {
+                upstream.remove_header(h);
             }
+        }
+        match &client.ip {
+            Some(ip) => {
+                upstream.insert_header("x-forwarded-for", ip.clone())?;
+                upstream.insert_header("x-real-ip", ip.clone())?;
+            }
+            None => {
+                upstream.remove_header("x-forwarded-for");
+                upstream.remove_header("x-real-ip");
+            }
+        }
+        if let Some(theirs) = &self.client_request_id {
+            upstream.insert_header(CLIENT_REQUEST_ID, theirs.as_str())?;
         }
         upstream.insert_header("x-forwarded-proto", if client.tls { "https" } else { "http" })?;
         upstream.insert_header("x-forwarded-host", self.host.as_str())?;
@@ -237,6 +274,7 @@ impl Exchange {
             deployment,
             upstream = ?self.upstream,
             request_id = %self.request_id,
+            client_request_id = self.client_request_id.as_deref(),
             micros = self.started.elapsed().as_micros() as u64,
             error,
         );
@@ -261,6 +299,7 @@ mod tests {
             route: None,
             upstream: None,
             request_id: "id-1".into(),
+            client_request_id: None,
             started: Instant::now(),
         }
     }
@@ -281,10 +320,45 @@ mod tests {
             assert_eq!(get(gone), None, "{gone} crossed the hop");
         }
         assert_eq!(get("x-kept").as_deref(), Some("yes"));
-        assert_eq!(get("x-forwarded-for").as_deref(), Some("10.0.0.1, 127.0.0.1"));
+        assert_eq!(get("x-forwarded-for").as_deref(), Some("127.0.0.1"));
         assert_eq!(get("x-forwarded-proto").as_deref(), Some("https"));
         assert_eq!(get("x-forwarded-host").as_deref(), Some("app.localhost"));
         assert_eq!(get(REQUEST_ID).as_deref(), Some("id-1"));
+    }
+
+    #[test]
+    fn forwarding_claims_of_the_client_are_replaced_or_dropped() {
+        let mut req = request(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-real-ip", "10.0.0.3"),
+            ("forwarded", "for=10.0.0.4;proto=https"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "admin.example"),
+            ("x-forwarded-port", "443"),
+            ("x-client-request-id", "forged"),
+            ("x-request-id", "theirs"),
+        ]);
+        let ex = Exchange { client_request_id: Some("theirs".into()), ..exchange() };
+        ex.rewrite_request(&mut req, &Client::new(Some("192.0.2.7".parse().unwrap()), false)).unwrap();
+        let all = |h: &str| {
+            req.headers.get_all(h).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>().join(" | ")
+        };
+        assert_eq!(all("x-forwarded-for"), "192.0.2.7");
+        assert_eq!(all("x-real-ip"), "192.0.2.7");
+        assert_eq!(all("forwarded"), "");
+        assert_eq!(all("x-forwarded-proto"), "http");
+        assert_eq!(all("x-forwarded-host"), "app.localhost");
+        assert_eq!(all("x-forwarded-port"), "");
+        assert_eq!(all(REQUEST_ID), "id-1");
+        assert_eq!(all(CLIENT_REQUEST_ID), "theirs");
+        // Without an address, none is claimed; without a client id, none is passed.
+        let mut req =
+            request(&[("x-forwarded-for", "10.0.0.1"), ("x-real-ip", "10.0.0.3"), ("x-client-request-id", "x")]);
+        exchange().rewrite_request(&mut req, &Client::new(None, true)).unwrap();
+        for gone in ["x-forwarded-for", "x-real-ip", CLIENT_REQUEST_ID] {
+            assert!(req.headers.get(gone).is_none(), "{gone}");
+        }
     }
 
     #[test]

@@ -16,20 +16,29 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::BytesMut;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::v1::server::HttpSession as Downstream;
 use pingora::protocols::Stream;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::config::Limits;
 use crate::exchange::{Client, Decision, Exchange};
 use crate::pool::{Conn, Pool};
 use crate::table::RouteStore;
 
-/// Seconds a client connection may idle between requests (pingora's default).
-const CLIENT_IDLE_SECS: u64 = 60;
+/// Bytes read at once while waiting for a request to start.
+const START_READ: usize = 4096;
+
+/// What a client whose request head is late gets before its connection closes.
+const HEAD_TIMEOUT_ANSWER: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
 
 /// Which side of the proxy a failure came from: an upstream failure before
 /// the response started gets the "not answering" page; a client failure just
@@ -47,6 +56,7 @@ pub struct H1 {
     pool: Arc<Pool>,
     /// Set once the router drains: every response closes its connection.
     draining: Arc<AtomicBool>,
+    limits: Limits,
 }
 
 /// A bodiless answer for a request the router refuses outright.
@@ -63,39 +73,74 @@ fn expects_continue(req: &RequestHeader) -> bool {
 }
 
 impl H1 {
-    pub fn new(store: Arc<RouteStore>, pool: Arc<Pool>, draining: Arc<AtomicBool>) -> H1 {
-        H1 { store, pool, draining }
+    pub fn new(store: Arc<RouteStore>, pool: Arc<Pool>, draining: Arc<AtomicBool>, limits: Limits) -> H1 {
+        H1 { store, pool, draining, limits }
     }
 
     /// Serves one client connection until it closes, fails, or `shutdown`
     /// turns true while it waits for a request.
+    ///
+    /// Each request head must be complete within the head timeout: counted
+    /// from the connection's start for the first request, from its first byte
+    /// for a later one (which may first wait the idle timeout). pingora bounds
+    /// each read of a head, not the whole: a client sending a byte now and
+    /// then would hold its connection for ever.
     pub async fn serve(&self, mut stream: Stream, client: Client, mut shutdown: watch::Receiver<bool>) {
         // Bytes of the next request the client sent before this answer
-        // (HTTP/1.1 pipelining); they start the next request's header.
-        let mut pipelined = None;
+        // (HTTP/1.1 pipelining), or its first bytes: they start the next
+        // request's header.
+        let mut pipelined: Option<BytesMut> = None;
+        let mut head_due = Instant::now() + self.limits.request_head;
+        let mut first = true;
         loop {
+            if pipelined.is_none() {
+                let wait = if first { head_due } else { Instant::now() + self.limits.client_idle };
+                let mut start = BytesMut::with_capacity(START_READ);
+                let read = tokio::select! {
+                    biased;
+                    read = tokio::time::timeout_at(wait, stream.read_buf(&mut start)) => read,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                };
+                // Closed, failed, or idle for too long: nothing was asked, so
+                // nothing is answered.
+                let Ok(Ok(1..)) = read else { return };
+                pipelined = Some(start);
+            }
+            if !first {
+                head_due = Instant::now() + self.limits.request_head;
+            }
+            first = false;
             let mut down = Downstream::new(stream);
-            down.set_server_keepalive(Some(CLIENT_IDLE_SECS));
+            down.set_server_keepalive(Some(self.limits.client_idle.as_secs().max(1)));
+            down.set_read_timeout(Some(self.limits.client_idle));
+            down.set_write_timeout(Some(self.limits.client_idle));
             down.set_pipelining_enabled(true);
             if let Some(prefix) = pipelined.take() {
                 down.set_pipelined_prefix(prefix);
             }
             let read = tokio::select! {
                 biased;
-                read = down.read_request() => read,
+                read = tokio::time::timeout_at(head_due, down.read_request()) => read,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             match read {
-                Ok(Some(_)) => {}
+                Ok(Ok(Some(_))) => {}
                 // The client closed its kept-alive connection.
-                Ok(None) => return,
-                Err(e) => {
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "unreadable request");
                     if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
                         if let Ok(resp) = refusal(400) {
                             let _ = down.write_response_header(resp).await;
                         }
                     }
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(timeout = ?self.limits.request_head, "request head not complete in time");
+                    let mut stream = down.into_inner();
+                    let _ = stream.write_all(HEAD_TIMEOUT_ANSWER).await;
+                    let _ = stream.shutdown().await;
                     return;
                 }
             }
@@ -133,7 +178,7 @@ impl H1 {
                 if down.response_written().is_none() {
                     // The connection closes after this page: the request's
                     // body may be half sent.
-                    if let Err(we) = write_page(down, &ex, &ex.upstream_down(), true).await {
+                    if let Err(we) = write_page(down, &ex, &ex.upstream_failed(&e), true).await {
                         tracing::debug!(error = ?we, "could not write the error page");
                     }
                 }
@@ -184,21 +229,28 @@ impl H1 {
             Some(conn) => (conn, true),
             None => (self.pool.connect(addr).await.map_err(Failure::Upstream)?, false),
         };
-        let mut up = Upstream::new(conn.stream);
+        let timeout = self.limits.upstream_response;
+        let mut up = upstream_session(conn.stream, timeout);
         let req = Self::upstream_request(down, ex, client, has_body)?;
-        match send(down, &mut up, req, has_body).await {
+        match send(down, &mut up, req, has_body, timeout).await {
             Ok(()) => {}
             // A kept-alive connection the app closed (just as it was taken,
             // or without the pool noticing): an idempotent request without a
             // body is sent again on a new connection; any other may have been
-            // acted on, and gets the error page instead.
-            Err(Failure::Upstream(e)) if reused && !has_body && down.req_header().method.is_idempotent() => {
+            // acted on, and gets the error page instead. An app that took too
+            // long is not given a second wait.
+            Err(Failure::Upstream(e))
+                if reused
+                    && !has_body
+                    && down.req_header().method.is_idempotent()
+                    && e.etype() != &pingora::ErrorType::ReadTimedout =>
+            {
                 tracing::debug!(error = %e, upstream = %addr, "kept-alive upstream connection failed; retrying");
                 let fresh = self.pool.connect(addr).await.map_err(Failure::Upstream)?;
                 conn.fd = fresh.fd;
-                up = Upstream::new(fresh.stream);
+                up = upstream_session(fresh.stream, timeout);
                 let req = Self::upstream_request(down, ex, client, has_body)?;
-                send(down, &mut up, req, has_body).await?;
+                send(down, &mut up, req, has_body, timeout).await?;
             }
             Err(e) => return Err(e),
         }
@@ -254,13 +306,25 @@ fn close_delimited(resp: &ResponseHeader, method: &http::Method, body_done: bool
         && !resp.headers.contains_key(header::CONTENT_LENGTH)
 }
 
+/// An HTTP/1 session on an upstream connection whose every write is bounded
+/// by `timeout` (an app that stops reading its request must not hold the
+/// router's task for ever).
+fn upstream_session(stream: Stream, timeout: Duration) -> Upstream {
+    let mut up = Upstream::new(stream);
+    up.write_timeout = Some(timeout);
+    up
+}
+
 /// Sends the request (header and body) and reads the response header,
-/// skipping interim 1xx answers other than 101.
+/// skipping interim 1xx answers other than 101. The whole response header
+/// (interim answers included) must arrive within `timeout` of the request's
+/// end; the response body is not bounded (server-sent events idle for long).
 async fn send(
     down: &mut Downstream,
     up: &mut Upstream,
     req: Box<RequestHeader>,
     has_body: bool,
+    timeout: Duration,
 ) -> Result<(), Failure> {
     let continue_first = has_body && expects_continue(down.req_header());
     up.write_request_header(req).await.map_err(Failure::Upstream)?;
@@ -273,13 +337,21 @@ async fn send(
         }
     }
     up.finish_body().await.map_err(Failure::Upstream)?;
-    loop {
-        up.read_response().await.map_err(Failure::Upstream)?;
-        match up.get_status() {
-            Some(s) if s.is_informational() && s != http::StatusCode::SWITCHING_PROTOCOLS => continue,
-            _ => return Ok(()),
+    let head = async {
+        loop {
+            up.read_response().await.map_err(Failure::Upstream)?;
+            match up.get_status() {
+                Some(s) if s.is_informational() && s != http::StatusCode::SWITCHING_PROTOCOLS => continue,
+                _ => return Ok(()),
+            }
         }
-    }
+    };
+    tokio::time::timeout(timeout, head).await.unwrap_or_else(|_| {
+        Err(Failure::Upstream(pingora::Error::explain(
+            pingora::ErrorType::ReadTimedout,
+            format!("no response header within {timeout:?}"),
+        )))
+    })
 }
 
 /// After a 101: bytes both ways as they come, until the app's side ends.
@@ -330,9 +402,7 @@ async fn write_page(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
 
     use nx_protocol::routes::{Route, RouteTable, Target};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -408,14 +478,37 @@ mod tests {
         addr
     }
 
+    /// Generous bounds: no test but those of the bounds reaches them.
+    const LIMITS: Limits = Limits {
+        tls_handshake: Duration::from_secs(10),
+        request_head: Duration::from_secs(20),
+        client_idle: Duration::from_secs(60),
+        upstream_connect: Duration::from_secs(2),
+        upstream_response: Duration::from_secs(60),
+        max_connections: 1024,
+    };
+
     /// A router (HTTP/1 path only) routing app.localhost to `upstream`.
     async fn router(upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir) {
+        router_with(LIMITS, &[("app.localhost", upstream)]).await
+    }
+
+    /// A router (HTTP/1 path only) with these bounds, routing each host to its
+    /// upstream (deployment d1, d2, ... in order).
+    async fn router_with(limits: Limits, hosts: &[(&str, SocketAddr)]) -> (SocketAddr, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
-        let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Live { addr: upstream } };
-        store.replace(RouteTable { generation: 1, routes: BTreeMap::from([("app.localhost".into(), route)]) }).unwrap();
-        let pool = Arc::new(Pool::new(Duration::from_secs(2), Duration::from_secs(60)));
-        let h1 = Arc::new(H1::new(store, pool, Arc::new(AtomicBool::new(false))));
+        let routes = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (host, upstream))| {
+                let target = Target::Live { addr: *upstream };
+                ((*host).to_owned(), Route { app: "web".into(), deployment: format!("d{}", i + 1), target })
+            })
+            .collect();
+        store.replace(RouteTable { generation: 1, routes }).unwrap();
+        let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
+        let h1 = Arc::new(H1::new(store, pool, Arc::new(AtomicBool::new(false)), limits));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_keep, shutdown) = watch::channel(false);
@@ -577,5 +670,207 @@ mod tests {
             assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
         }
         assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached the app");
+    }
+
+    /// An app that reads requests and never answers them.
+    async fn silent_app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let _ = read_request(&mut s).await;
+                    // Holds the connection open, answering nothing.
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Asks `host` for / on a new connection while the router is busy with a
+    /// hostile client: the answer must come at once.
+    async fn served(addr: SocketAddr, host: &str) -> String {
+        let started = Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+        let answer = read_response(&mut client).await;
+        assert!(started.elapsed() < Duration::from_millis(300), "served late: {:?}", started.elapsed());
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_client_sending_its_head_a_byte_at_a_time_is_cut_at_the_head_deadline() {
+        let (app, _) = app(usize::MAX).await;
+        let deadline = Duration::from_millis(800);
+        let (addr, _dir) = router_with(
+            Limits { request_head: deadline, ..LIMITS },
+            &[("app.localhost", app), ("other.localhost", app)],
+        )
+        .await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let (mut reader, mut writer) = slow.split();
+        let head =
+            b"GET / HTTP/1.1\r\nHost: app.localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let drip = async {
+            for byte in head {
+                if writer.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the whole head was sent: the router never cut the connection");
+        };
+        let mut answer = Vec::new();
+        let cut = async {
+            let _ = reader.read_to_end(&mut answer).await;
+            started.elapsed()
+        };
+        // Another app is served meanwhile.
+        let other = async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            served(addr, "other.localhost").await
+        };
+        let (elapsed, other) = tokio::select! {
+            _ = drip => unreachable!(),
+            both = async { tokio::join!(cut, other) } => both,
+        };
+        assert!(other.starts_with("http/1.1 200"), "{other}");
+        assert!(other.contains("host: other.localhost"), "{other}");
+        assert_eq!(String::from_utf8_lossy(&answer), String::from_utf8_lossy(HEAD_TIMEOUT_ANSWER));
+        assert!(
+            elapsed >= deadline && elapsed < deadline + Duration::from_millis(300),
+            "closed after {elapsed:?}, deadline {deadline:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_is_closed_when_idle_and_then_gets_a_whole_head_deadline() {
+        let (app, _) = app(usize::MAX).await;
+        let idle = Duration::from_millis(600);
+        let head_deadline = Duration::from_millis(400);
+        let (addr, _dir) =
+            router_with(Limits { client_idle: idle, request_head: head_deadline, ..LIMITS }, &[("app.localhost", app)])
+                .await;
+        // Idle longer than the head deadline (the wait for a next request is
+        // not a head), then a whole request: served.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("http/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("http/1.1 200"));
+        // Idle past the idle timeout: closed without a word.
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert_eq!(rest, b"", "an idle connection is closed without an answer");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= idle - Duration::from_millis(50) && elapsed < idle + Duration::from_millis(300),
+            "{elapsed:?}"
+        );
+        // A kept-alive request whose head starts but does not end in time: 408.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("http/1.1 200"));
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert_eq!(rest, HEAD_TIMEOUT_ANSWER);
+        let elapsed = started.elapsed();
+        assert!(elapsed < head_deadline + Duration::from_millis(300), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_app_that_never_answers_gets_a_504_at_the_response_timeout() {
+        let (app, _) = app(usize::MAX).await;
+        let silent = silent_app().await;
+        let timeout = Duration::from_millis(700);
+        let (addr, _dir) = router_with(
+            Limits { upstream_response: timeout, ..LIMITS },
+            &[("silent.localhost", silent), ("app.localhost", app)],
+        )
+        .await;
+        let started = Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET /slow HTTP/1.1\r\nHost: silent.localhost\r\n\r\n").await.unwrap();
+        let other = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            served(addr, "app.localhost").await
+        };
+        let (answer, other) = tokio::join!(read_response(&mut client), other);
+        let elapsed = started.elapsed();
+        assert!(other.starts_with("http/1.1 200"), "{other}");
+        assert!(answer.starts_with("http/1.1 504"), "{answer}");
+        assert!(answer.contains("Deployment d1 of web did not answer in time"), "{answer}");
+        assert!(elapsed >= timeout && elapsed < timeout + Duration::from_millis(300), "{elapsed:?}");
+        // The page closes the connection (its request may be half done upstream).
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert_eq!(rest, b"");
+    }
+
+    #[tokio::test]
+    async fn beyond_the_connection_cap_new_connections_are_closed_and_open_ones_served() {
+        use crate::listener::{serve, Connections, Proxies};
+        let (app, _) = app(usize::MAX).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
+        let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Live { addr: app } };
+        store.replace(RouteTable { generation: 1, routes: [("app.localhost".into(), route)].into() }).unwrap();
+        let cap = 3;
+        let limits = Limits { max_connections: cap, ..LIMITS };
+        let draining = Arc::new(AtomicBool::new(false));
+        let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
+        let conf = Arc::new(pingora::server::configuration::ServerConf::default());
+        let h2 = crate::proxy::Router::new(store.clone(), limits, Duration::from_secs(60), draining.clone());
+        let proxies = Proxies {
+            h1: Arc::new(H1::new(store, pool, draining.clone(), limits)),
+            h2: Arc::new(pingora::proxy::http_proxy(&conf, h2)),
+        };
+        let connections = Connections::new(draining, cap);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop) = watch::channel(false);
+        tokio::spawn(serve(listener, None, limits.tls_handshake, proxies, connections.clone(), stop));
+
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while connections.open() < cap {
+            assert!(Instant::now() < deadline, "the held connections were not all accepted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Beyond the cap: closed at once, nothing read, nothing answered.
+        for _ in 0..2 {
+            let mut extra = TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut got))
+                .await
+                .expect("a connection beyond the cap is closed at once")
+                .unwrap();
+            assert_eq!(got, b"");
+        }
+        assert_eq!(connections.open(), cap);
+        // The open ones are served, and keep being.
+        for client in &mut held {
+            client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+            assert!(read_response(client).await.starts_with("http/1.1 200"));
+        }
+        // A closed one makes room for a new one.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while connections.open() >= cap {
+            assert!(Instant::now() < deadline, "the closed connection is still counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(served(addr, "app.localhost").await.starts_with("http/1.1 200"));
     }
 }

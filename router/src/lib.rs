@@ -14,10 +14,15 @@
 //! - SIGTERM loses no request: the router stops accepting, answers further
 //!   requests on open connections with `Connection: close`, and exits when the
 //!   last connection is gone ([`listener`]). The listening sockets usually come
-//!   from the receiver, so a replacement router takes over without a gap.
+//!   from the receiver, so a replacement router takes over without a gap;
+//! - once its sockets and TLS key are open, the router runs as `--user` under
+//!   a seccomp filter that refuses exec ([`confine`]), and bounds every wait
+//!   of a client or an app and the number of client connections
+//!   ([`config::Limits`]).
 
 pub mod buffered;
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod exchange;
 pub mod h1;

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,10 +51,15 @@ impl Source {
     }
 }
 
-/// Live connections, and the signals that end them.
+/// Live connections, their cap, and the signals that end them.
 #[derive(Debug)]
 pub struct Connections {
     open: AtomicUsize,
+    /// Connections served at once; beyond it new ones are closed at once.
+    max: usize,
+    /// The second a refusal was last logged: one line per second at most,
+    /// whatever the flood.
+    refusal_logged: AtomicU64,
     /// Set when draining starts: responses close their connections.
     pub draining: Arc<AtomicBool>,
     /// Turned true at the very end, to drop the idle connections left.
@@ -65,11 +70,13 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(draining: Arc<AtomicBool>) -> Arc<Connections> {
+    pub fn new(draining: Arc<AtomicBool>, max: usize) -> Arc<Connections> {
         let (shutdown, _) = watch::channel(false);
         let (done, _) = watch::channel(false);
         Arc::new(Connections {
             open: AtomicUsize::new(0),
+            max,
+            refusal_logged: AtomicU64::new(0),
             draining,
             shutdown,
             changed: tokio::sync::Notify::new(),
@@ -79,6 +86,21 @@ impl Connections {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new connection in, unless the cap is reached: then None, and
+    /// the caller closes it. Counted first and checked after, so connections
+    /// accepted at once on several workers cannot pass the cap together.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Guard> {
+        if self.open.fetch_add(1, Ordering::Relaxed) < self.max {
+            return Some(Guard(self.clone()));
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.refusal_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(max = self.max, %peer, "connection cap reached: new connections are closed");
+        }
+        None
     }
 
     /// A receiver that turns true when the drain is over.
@@ -137,10 +159,12 @@ impl std::fmt::Debug for Proxies {
     }
 }
 
-/// Accepts connections until `stop` turns true, handing each to its proxy.
+/// Accepts connections until `stop` turns true, handing each to its proxy;
+/// a TLS handshake must end within `tls_handshake`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Acceptor>>,
+    tls_handshake: Duration,
     proxies: Proxies,
     connections: Arc<Connections>,
     mut stop: watch::Receiver<bool>,
@@ -160,8 +184,7 @@ pub async fn serve(
                 }
             },
         };
-        connections.open.fetch_add(1, Ordering::Relaxed);
-        let guard = Guard(connections.clone());
+        let Some(guard) = connections.admit(peer) else { continue };
         let proxies = proxies.clone();
         let tls = tls.clone();
         let shutdown = connections.shutdown.subscribe();
@@ -176,12 +199,13 @@ pub async fn serve(
                 proxies.h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
                 return;
             };
-            match acceptor.tls_handshake(stream).await {
-                Ok(s) if s.selected_alpn_proto() == Some(ALPN::H2) => {
+            match tokio::time::timeout(tls_handshake, acceptor.tls_handshake(stream)).await {
+                Ok(Ok(s)) if s.selected_alpn_proto() == Some(ALPN::H2) => {
                     proxies.h2.process_new(Box::new(s), &shutdown).await;
                 }
-                Ok(s) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
-                Err(e) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Ok(Ok(s)) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, timeout = ?tls_handshake, "TLS handshake not done in time"),
             }
         });
     }

@@ -56,6 +56,16 @@ impl Page {
         }
     }
 
+    pub fn upstream_timeout(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 504,
+            title: "App too slow",
+            message: format!(
+                "Deployment {deployment} of {app} did not answer in time. `nx logs {deployment}` shows what it is doing."
+            ),
+        }
+    }
+
     /// The HTML body.
     pub fn html(&self) -> String {
         let refresh = if self.status == 503 { "<meta http-equiv=\"refresh\" content=\"2\">" } else { "" };

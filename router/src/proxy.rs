@@ -12,6 +12,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::config::Limits;
 use crate::exchange::{Client, Decision, Exchange};
 use crate::pages::Page;
 use crate::table::RouteStore;
@@ -20,7 +21,7 @@ use crate::table::RouteStore;
 #[derive(Debug, Clone)]
 pub struct Router {
     store: Arc<RouteStore>,
-    connect_timeout: Duration,
+    limits: Limits,
     idle_timeout: Duration,
     /// Set once this process is handing over to a new one or shutting down:
     /// every response then says `Connection: close`, so clients leave
@@ -29,13 +30,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
-        store: Arc<RouteStore>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        draining: Arc<AtomicBool>,
-    ) -> Router {
-        Router { store, connect_timeout, idle_timeout, draining }
+    pub fn new(store: Arc<RouteStore>, limits: Limits, idle_timeout: Duration, draining: Arc<AtomicBool>) -> Router {
+        Router { store, limits, idle_timeout, draining }
     }
 
     /// Whether responses close their connections now; if so, the session's does.
@@ -88,8 +84,13 @@ impl ProxyHttp for Router {
         // blocking DNS. Peers are pooled by their hash, so a fresh peer per
         // request still reuses kept-alive connections.
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.connection_timeout = Some(self.limits.upstream_connect);
         peer.options.idle_timeout = Some(self.idle_timeout);
+        // pingora bounds each read of the response, not its head alone: on
+        // HTTP/2 the response timeout also ends a body the app leaves silent
+        // for that long.
+        peer.options.read_timeout = Some(self.limits.upstream_response);
+        peer.options.write_timeout = Some(self.limits.upstream_response);
         Ok(Box::new(peer))
     }
 
@@ -130,7 +131,7 @@ impl ProxyHttp for Router {
             || matches!(e.etype(), pingora::ErrorType::ConnectRefused | pingora::ErrorType::ConnectTimedout);
         let code = match ctx {
             Some(ex) if upstream_fault && session.response_written().is_none() => {
-                let page = ex.upstream_down();
+                let page = ex.upstream_failed(e);
                 if let Err(we) = write_page(self, session, &page, ex).await {
                     tracing::debug!(error = %we, "could not write the error page");
                 }

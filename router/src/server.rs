@@ -15,7 +15,7 @@ use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::h1::H1;
 use crate::listener::{self, Connections, Proxies, Source};
 use crate::pool::Pool;
@@ -44,6 +44,29 @@ fn open_sockets(config: &Config) -> anyhow::Result<Sockets> {
     Ok(Sockets { http, tls })
 }
 
+/// Descriptors kept apart from connections: listeners, control socket,
+/// state file, logs.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one, so `max_connections`
+/// connections (a client and an app descriptor each) fit; warns when even
+/// the hard limit is too low, as accept then fails before the cap is reached.
+fn raise_open_files(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let needed = 2 * max_connections as u64 + SPARE_FILES;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::warn!(soft, hard, "cannot raise the open-file limit");
+    }
+    if hard < needed {
+        tracing::warn!(
+            hard,
+            needed,
+            "the open-file limit is lower than --max-connections needs; lower --max-connections or raise the limit"
+        );
+    }
+}
+
 /// How often each worker closes its expired or app-closed idle upstream connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -66,9 +89,10 @@ fn worker(
         Some((s, acceptor, _)) => Some((s.try_clone()?, acceptor.clone())),
         None => None,
     };
-    let pool = Arc::new(Pool::new(h1.connect_timeout, h1.idle_timeout));
+    let pool = Arc::new(Pool::new(h1.limits.upstream_connect, h1.idle_timeout));
+    let tls_handshake = h1.limits.tls_handshake;
     let proxies = Proxies {
-        h1: Arc::new(H1::new(h1.store, pool.clone(), h1.draining)),
+        h1: Arc::new(H1::new(h1.store, pool.clone(), h1.draining, h1.limits)),
         h2: Arc::new(pingora::proxy::http_proxy(conf, router)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -84,11 +108,25 @@ fn worker(
             });
             let mut loops = tokio::task::JoinSet::new();
             if let Ok(l) = tokio::net::TcpListener::from_std(http) {
-                loops.spawn(listener::serve(l, None, proxies.clone(), connections.clone(), stop.clone()));
+                loops.spawn(listener::serve(
+                    l,
+                    None,
+                    tls_handshake,
+                    proxies.clone(),
+                    connections.clone(),
+                    stop.clone(),
+                ));
             }
             if let Some((socket, acceptor)) = tls {
                 if let Ok(l) = tokio::net::TcpListener::from_std(socket) {
-                    loops.spawn(listener::serve(l, Some(acceptor), proxies.clone(), connections.clone(), stop.clone()));
+                    loops.spawn(listener::serve(
+                        l,
+                        Some(acceptor),
+                        tls_handshake,
+                        proxies.clone(),
+                        connections.clone(),
+                        stop.clone(),
+                    ));
                 }
             }
             while loops.join_next().await.is_some() {}
@@ -104,13 +142,22 @@ fn worker(
 struct H1Parts {
     store: Arc<RouteStore>,
     draining: Arc<AtomicBool>,
-    connect_timeout: Duration,
+    limits: Limits,
+    /// How long an idle pooled upstream connection is kept.
     idle_timeout: Duration,
 }
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     telemetry::init(&config.log_format);
     let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let sockets = open_sockets(&config)?;
+    let control_listener = control::bind(&config.control)
+        .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
+    let limits = config.limits();
+    raise_open_files(limits.max_connections);
+    // Before any worker thread exists; the filter would reach them anyway.
+    crate::confine::confine(config.user.as_deref())?;
+    tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
     let store = Arc::new(RouteStore::open(&config.state)?);
     tracing::info!(
         hosts = store.snapshot().routes.len(),
@@ -118,20 +165,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         state = %config.state.display(),
         "route table restored"
     );
-    let sockets = open_sockets(&config)?;
-    let control_listener = control::bind(&config.control)
-        .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
 
     let draining = Arc::new(AtomicBool::new(false));
     let h1 = H1Parts {
         store: store.clone(),
         draining: draining.clone(),
-        connect_timeout: Duration::from_secs(config.connect_timeout_secs),
+        limits,
         idle_timeout: Duration::from_secs(config.idle_timeout_secs),
     };
-    let router = Router::new(store.clone(), h1.connect_timeout, h1.idle_timeout, draining.clone());
+    let router = Router::new(store.clone(), limits, h1.idle_timeout, draining.clone());
     let conf = Arc::new(ServerConf::default());
-    let connections = Connections::new(draining);
+    let connections = Connections::new(draining, limits.max_connections);
     let (stop_accepting, stop_rx) = watch::channel(false);
     let workers = (0..threads)
         .map(|_| worker(&sockets, &conf, router.clone(), h1.clone(), connections.clone(), stop_rx.clone()))

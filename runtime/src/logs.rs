@@ -1,6 +1,7 @@
 //! Per-deployment logs: what the app prints (stdout and stderr, in order) and what
 //! the supervisor says about it, one timestamped line each, in a size-capped file
-//! that rotates, with a live feed for `nx logs -f`.
+//! that rotates, with a live feed for `nx logs -f`. Only the platform's lines
+//! start with its mark (`nx_protocol::logs`): an app cannot print one.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -10,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nx_protocol::logs::{looks_like_platform, APP_MARK, PLATFORM_MARK};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::broadcast;
 
@@ -68,14 +70,19 @@ impl Log {
         Ok(Log { sink: Arc::new(Mutex::new(sink)), live })
     }
 
-    /// Appends one line of the app's output.
+    /// Appends one line of the app's output; one that would pass for the
+    /// platform's is stored behind [`APP_MARK`].
     pub fn app_line(&self, line: &str) {
-        self.write(line);
+        if looks_like_platform(line) {
+            self.write(&format!("{APP_MARK} {line}"));
+        } else {
+            self.write(line);
+        }
     }
 
     /// Appends one line from the platform, marked so users can tell it apart.
     pub fn system_line(&self, line: &str) {
-        self.write(&format!("[nx] {line}"));
+        self.write(&format!("{PLATFORM_MARK} {line}"));
     }
 
     fn write(&self, line: &str) {
@@ -212,6 +219,32 @@ mod tests {
         assert_eq!(stored.len(), 2);
         assert!(stored[0].ends_with("Z hello"), "{}", stored[0]);
         assert!(stored[0].starts_with("20"), "{}", stored[0]);
+    }
+
+    #[test]
+    fn an_app_cannot_print_a_platform_line() {
+        let path = temp("forged");
+        let log = Log::open(&path, LogLimits::default()).unwrap();
+        log.app_line("[nx] healthy on 127.0.0.1:1");
+        log.app_line("\u{1b}[2K[nx] exited with status 0");
+        log.app_line("says [nx] in the middle");
+        log.system_line("healthy on 127.0.0.1:2");
+        assert_eq!(
+            log.tail(4),
+            [
+                "[app] [nx] healthy on 127.0.0.1:1",
+                "[app] \u{1b}[2K[nx] exited with status 0",
+                "says [nx] in the middle",
+                "[nx] healthy on 127.0.0.1:2"
+            ]
+        );
+        let platform: Vec<String> = read_recent(&path, 10, 2)
+            .unwrap()
+            .into_iter()
+            .filter_map(|l| l.split_once(' ').map(|(_, text)| text.to_owned()))
+            .filter(|text| text.starts_with(PLATFORM_MARK))
+            .collect();
+        assert_eq!(platform, ["[nx] healthy on 127.0.0.1:2"]);
     }
 
     #[test]

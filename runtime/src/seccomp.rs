@@ -193,8 +193,22 @@ enum Op {
     Mark(Label),
 }
 
-/// Builds the filter for `arch`.
+/// Starting a program: nx-router has no reason to, so a hijacked router
+/// cannot run a shell.
+pub const EXEC: &[Syscall] = &[both("execve", 59, 221), both("execveat", 322, 281)];
+
+/// Builds the sandboxes' filter for `arch`.
 pub fn filter(arch: Arch) -> Vec<Insn> {
+    build(arch, &[])
+}
+
+/// Builds nx-router's filter for `arch`: the sandboxes' one, and no exec.
+pub fn router_filter(arch: Arch) -> Vec<Insn> {
+    build(arch, EXEC)
+}
+
+/// The filter refusing [`DENIED`] and `also_denied` with EPERM.
+fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
     use Label::*;
     use Target::Next;
     let jeq = |k, jt: Target| Op::Jump { code: BPF_JMP_JEQ_K, k, jt, jf: Next };
@@ -204,7 +218,7 @@ pub fn filter(arch: Arch) -> Vec<Insn> {
     if arch == Arch::X86_64 {
         ops.push(Op::Jump { code: BPF_JMP_JGE_K, k: X32_SYSCALL_BIT, jt: Target::Label(Eperm), jf: Next });
     }
-    for s in DENIED {
+    for s in DENIED.iter().chain(also_denied) {
         if let Some(nr) = s.nr(arch) {
             ops.push(jeq(nr, Target::Label(Eperm)));
         }
@@ -324,7 +338,7 @@ mod tests {
     }
 
     fn call(arch: Arch, name: &str, args: [u64; 6]) -> u32 {
-        let table = DENIED.iter().chain([CLONE, CLONE3, IOCTL].iter());
+        let table = DENIED.iter().chain(EXEC).chain([CLONE, CLONE3, IOCTL].iter());
         let nr = table.clone().find(|s| s.name == name).and_then(|s| s.nr(arch)).unwrap_or_else(|| panic!("{name}"));
         run(&filter(arch), &Data { nr, arch: arch.audit(), args })
     }
@@ -337,6 +351,27 @@ mod tests {
                     assert_eq!(call(arch, s.name, [0; 6]), RET_ERRNO | EPERM, "{arch:?} {}", s.name);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_router_filter_refuses_exec_and_every_denied_call_and_the_sandbox_filter_allows_exec() {
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let router = router_filter(arch);
+            for s in DENIED.iter().chain(EXEC) {
+                // Some denied calls exist on x86-64 only.
+                let Some(nr) = s.nr(arch) else { continue };
+                let got = run(&router, &Data { nr, arch: arch.audit(), args: [0; 6] });
+                assert_eq!(got, RET_ERRNO | EPERM, "{arch:?} {}", s.name);
+            }
+            for s in EXEC {
+                assert_eq!(call(arch, s.name, [0; 6]), RET_ALLOW, "sandboxes run their app: {arch:?} {}", s.name);
+            }
+        }
+        let router = router_filter(Arch::X86_64);
+        // read, write, socket, connect, accept4, epoll_wait, mmap, futex.
+        for nr in [0u32, 1, 41, 42, 288, 232, 9, 202] {
+            assert_eq!(run(&router, &Data { nr, arch: AUDIT_ARCH_X86_64, args: [0; 6] }), RET_ALLOW, "nr {nr}");
         }
     }
 

@@ -236,6 +236,33 @@ pub fn pipe_with(contents: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
     Ok(read)
 }
 
+/// Confines this process, every thread of it, for the rest of its life:
+/// no_new_privs, then the seccomp `program` ([`crate::seccomp`] builds it).
+pub fn confine_self(program: &[crate::seccomp::Insn]) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+    let mut filter: Vec<libc::sock_filter> =
+        program.iter().map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k }).collect();
+    let len = u16::try_from(filter.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a seccomp program has at most 65535 instructions"))?;
+    let prog = libc::sock_fprog { len, filter: filter.as_mut_ptr() };
+    // SAFETY: `prog` points at `filter`, both alive for the call; the kernel
+    // copies the program. TSYNC puts every thread of the process under it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER as libc::c_ulong,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    match ret {
+        0 => Ok(()),
+        r if r < 0 => Err(io::Error::last_os_error()),
+        thread => Err(io::Error::other(format!("thread {thread} could not take the seccomp filter"))),
+    }
+}
+
 /// Looks up a user by name: `(uid, gid)`.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))

@@ -118,6 +118,10 @@ fn old_deployments_and_binaries_nothing_uses_are_removed() {
     let c2 = r.push("web", &c, &[]);
     let artifacts = r.data_dir().join("store/artifacts");
     let stored = |d: &serde_json::Value| artifacts.join(d["digest"].as_str().unwrap()).exists();
+    // An object no row names, as a crash between the collector's commit and
+    // its delete leaves: collected too.
+    let orphan = artifacts.join("ab".repeat(32));
+    std::fs::write(&orphan, b"left by a crash").unwrap();
 
     eventually(15, "the oldest preview to be removed", || (!states(&r, "web").contains_key(&id(&goweb))).then_some(()));
     let s = states(&r, "web");
@@ -130,5 +134,6 @@ fn old_deployments_and_binaries_nothing_uses_are_removed() {
     assert!(!r.data_dir().join(format!("logs/deployments/{}.log", id(&goweb))).exists(), "and its log");
     eventually(15, "the binary nothing uses to be deleted", || (!stored(&goweb)).then_some(()));
     assert!(stored(&hello) && stored(&c1), "binaries in use stay");
+    eventually(15, "the object no row names to be deleted", || (!orphan.exists()).then_some(()));
     assert_eq!(r.get(c2["preview_url"].as_str().unwrap()).body, "hello from c\n");
 }

@@ -58,11 +58,39 @@ fn forwarding_headers_request_ids_and_hop_by_hop_headers() {
     for hop in ["x-secret-hop", "keep-alive", "proxy-authorization"] {
         assert!(!body.contains(hop), "{hop} crossed the hop: {body}");
     }
-    let given = raw(
+    // Forged forwarding claims: replaced by the router's or dropped; the
+    // client's request id is passed on apart, never as the router's.
+    let forged = raw(
         r.router_port,
-        &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: mine-123\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: mine-123\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Forwarded-For: 10.0.0.2\r\nX-Real-IP: 10.0.0.3\r\nForwarded: for=10.0.0.4\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: admin.example\r\nX-Client-Request-Id: forged\r\nConnection: close\r\n\r\n"
+        ),
     );
-    assert!(given.to_ascii_lowercase().contains("x-request-id: mine-123"), "{given}");
+    let (head, body) = forged.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{forged}");
+    let id = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .expect("a request id");
+    assert_eq!(id.len(), 32, "the router's own id, not the client's: {id}");
+    let echoed: Vec<String> = body
+        .lines()
+        .map(str::to_ascii_lowercase)
+        .filter(|l| l.starts_with("x-") || l.starts_with("forwarded"))
+        .collect();
+    assert_eq!(
+        echoed,
+        [
+            "x-client-request-id: mine-123".to_owned(),
+            "x-forwarded-for: 127.0.0.1".into(),
+            format!("x-forwarded-host: {}", host.split(':').next().unwrap()),
+            "x-forwarded-proto: http".into(),
+            "x-real-ip: 127.0.0.1".into(),
+            format!("x-request-id: {id}"),
+        ]
+    );
 }
 
 #[test]
@@ -169,6 +197,103 @@ impl Read for ChunkReader {
     }
 }
 
+/// Sends a raw request on a new connection and returns the answer and how
+/// long it took.
+fn timed(port: u16, request: &str) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let answer = raw(port, request);
+    (answer, started.elapsed())
+}
+
+#[test]
+fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
+    const HEAD: Duration = Duration::from_secs(1);
+    const RESPONSE: Duration = Duration::from_secs(1);
+    const CAP: usize = 12;
+    let r = Receiver::start_with(Options {
+        args: vec![
+            format!("--router-arg=--request-head-timeout={}ms", HEAD.as_millis()),
+            format!("--router-arg=--upstream-response-timeout={}ms", RESPONSE.as_millis()),
+            format!("--router-arg=--max-connections={CAP}"),
+        ],
+        ..Options::default()
+    });
+    r.create_app("web");
+    r.create_app("other");
+    let web = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let other = host_of(goweb(&r, "other", &[])["preview_url"].as_str().unwrap());
+    let port = r.router_port;
+    let other_request = format!("GET / HTTP/1.1\r\nHost: {other}\r\nConnection: close\r\n\r\n");
+    let assert_other_served = || {
+        let (answer, took) = timed(port, &other_request);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("goweb\n"), "{answer}");
+        assert!(took < Duration::from_millis(500), "the other app was served late: {took:?}");
+    };
+
+    // Slowloris: a header byte every 100 ms, cut at the head deadline.
+    let slow = {
+        let head = format!("GET / HTTP/1.1\r\nHost: {web}\r\nX-Padding: {}\r\n\r\n", "a".repeat(64));
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let started = std::time::Instant::now();
+            let reader = s.try_clone().unwrap();
+            let cut = std::thread::spawn(move || {
+                let mut answer = String::new();
+                let _ = (&reader).read_to_string(&mut answer);
+                (answer, started.elapsed())
+            });
+            for byte in head.as_bytes() {
+                if s.write_all(&[*byte]).is_err() || cut.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            cut.join().unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_other_served();
+    let (answer, elapsed) = slow.join().unwrap();
+    assert_eq!(
+        answer,
+        "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    );
+    assert!(elapsed >= HEAD && elapsed < HEAD + Duration::from_millis(500), "cut after {elapsed:?}");
+
+    // An app that never answers: 504 at the response timeout, others served.
+    let hang = std::thread::spawn(move || {
+        timed(port, &format!("GET /hang HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n"))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_other_served();
+    let (answer, took) = hang.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("did not answer in time"), "{answer}");
+    assert!(took >= RESPONSE && took < RESPONSE + Duration::from_millis(500), "504 after {took:?}");
+
+    // The connection cap: CAP idle connections held, the next ones closed at
+    // once, the held ones served; once the head deadline closes the idle
+    // ones, new connections are served again.
+    let mut held: Vec<TcpStream> = (0..CAP).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..3 {
+        let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = Vec::new();
+        extra.read_to_end(&mut got).expect("a connection beyond the cap is closed at once");
+        assert_eq!(got, b"", "a connection beyond the cap gets no answer");
+    }
+    let first = &mut held[0];
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    first.write_all(other_request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    first.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "a connection within the cap is served: {answer}");
+    std::thread::sleep(HEAD + Duration::from_millis(300));
+    assert_other_served();
+    drop(held);
+}
+
 #[test]
 fn twenty_promotions_and_rollbacks_under_load_fail_no_request() {
     let r = Receiver::start();
@@ -188,32 +313,81 @@ fn twenty_promotions_and_rollbacks_under_load_fail_no_request() {
     assert!(ok > 200, "the load ran: {ok}");
 }
 
+/// The pid of the receiver's router, when exactly one runs.
+fn router_pid(r: &Receiver) -> Option<i32> {
+    let pids: Vec<i32> = nx_e2e::processes_of(&r.data_dir(), &[])
+        .into_iter()
+        .filter(|(_, c)| c.contains("nx-router"))
+        .map(|(p, _)| p)
+        .collect();
+    (pids.len() == 1).then(|| pids[0])
+}
+
+/// `POST /v1/admin/router/reload`: a new router takes over the sockets.
+fn reload_router(r: &Receiver) {
+    let s = Signed::new("POST", "/v1/admin/router/reload", b"", None);
+    let mut req = reqwest::blocking::Client::new().post(format!("{}/v1/admin/router/reload", r.api()));
+    for (k, v) in s.headers(&r.admin_token) {
+        req = req.header(k, v);
+    }
+    let resp = req.send().unwrap();
+    assert_eq!(resp.status().as_u16(), 204, "{}", resp.text().unwrap());
+}
+
+#[test]
+fn the_router_runs_unprivileged_under_seccomp_before_and_after_a_reload() {
+    use std::os::unix::fs::MetadataExt;
+    let r = Receiver::start();
+    r.create_app("web");
+    let d = goweb(&r, "web", &[]);
+    let url = d["preview_url"].as_str().unwrap();
+    let user = nix::unistd::User::from_name("nx-router").unwrap().expect("the receiver created nx-router");
+    assert_ne!(user.uid.as_raw(), 0);
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let mut before = None;
+    for round in ["first", "reloaded"] {
+        let pid = eventually(20, "one router process", || router_pid(&r).filter(|p| Some(*p) != before));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
+        };
+        assert_eq!(field("Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"), "{round}: {status}");
+        assert_eq!(field("Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"), "{round}: {status}");
+        assert_eq!(field("Groups:"), "", "{round}: no supplementary groups");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{round}");
+        assert_eq!(field("CapPrm:"), "0000000000000000", "{round}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{round}");
+        assert_eq!(field("Seccomp:"), "2", "{round}: a seccomp filter");
+        let answer = r.get(url);
+        assert_eq!(answer.status, 200, "{round}: {answer:?}");
+        if before.is_none() {
+            reload_router(&r);
+        }
+        before = Some(pid);
+    }
+    // The unprivileged router saved the table in its own directory; the
+    // control socket stays root's, in root's directory.
+    let router_dir = r.data_dir().join("router");
+    let state = std::fs::metadata(router_dir.join("state/routes.json")).unwrap();
+    assert_eq!((state.uid(), state.gid()), (uid, gid));
+    let control = std::fs::metadata(router_dir.join("control.sock")).unwrap();
+    assert_eq!((control.uid(), control.mode() & 0o777), (0, 0o600));
+    let dir = std::fs::metadata(&router_dir).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o711));
+}
+
 #[test]
 fn a_router_reload_under_load_fails_no_request() {
     let r = Receiver::start();
     r.create_app("web");
     let d = goweb(&r, "web", &[]);
     r.nx_ok(&["promote", d["id"].as_str().unwrap()]);
-    let data = r.data_dir();
-    let router_pid = || {
-        let pids: Vec<i32> = nx_e2e::processes_of(&data, &[])
-            .into_iter()
-            .filter(|(_, c)| c.contains("nx-router"))
-            .map(|(p, _)| p)
-            .collect();
-        (pids.len() == 1).then(|| pids[0])
-    };
+    let router_pid = || router_pid(&r);
     let load = Load::start(r.router_port, format!("web.localhost:{}", r.router_port));
     eventually(10, "the load to run", || (load.ok.load(Ordering::Relaxed) > 50).then_some(()));
     for _ in 0..3 {
         let before = eventually(20, "one router process", &router_pid);
-        let s = Signed::new("POST", "/v1/admin/router/reload", b"", None);
-        let mut req = reqwest::blocking::Client::new().post(format!("{}/v1/admin/router/reload", r.api()));
-        for (k, v) in s.headers(&r.admin_token) {
-            req = req.header(k, v);
-        }
-        let resp = req.send().unwrap();
-        assert_eq!(resp.status().as_u16(), 204, "{}", resp.text().unwrap());
+        reload_router(&r);
         eventually(20, "the old router to hand over and exit", || router_pid().filter(|p| *p != before));
         let seen = load.ok.load(Ordering::Relaxed);
         eventually(10, "requests through the new router", || {
@@ -251,6 +425,7 @@ fn tls_terminates_with_http2() {
             cert.display().to_string(),
             "--router-tls-key".into(),
             key.display().to_string(),
+            "--router-arg=--tls-handshake-timeout=1s".into(),
         ],
         ..Options::default()
     });
@@ -273,6 +448,15 @@ fn tls_terminates_with_http2() {
         assert!(body.contains("x-forwarded-proto: https"), "{version:?}: {body}");
         assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{version:?}: {body}");
     }
+    // A client that starts no handshake is closed at the handshake timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    silent.read_to_end(&mut got).expect("closed by the router, not by the read timeout");
+    let waited = started.elapsed();
+    assert_eq!(got, b"");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
 }
 
 #[test]

@@ -11,9 +11,14 @@ use nx_e2e::{bin, eventually, require_program, Receiver};
 
 /// An ed25519 key pair made by ssh-keygen; returns the private key's path.
 fn keypair(dir: &Path, name: &str) -> PathBuf {
+    keypair_with_passphrase(dir, name, "")
+}
+
+/// [`keypair`], the private key encrypted with `passphrase`.
+fn keypair_with_passphrase(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
     let path = dir.join(name);
     let out = Command::new(require_program("ssh-keygen", "openssh-client"))
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .args(["-q", "-t", "ed25519", "-N", passphrase, "-C", name, "-f"])
         .arg(&path)
         .output()
         .unwrap();
@@ -258,4 +263,192 @@ fn what_sftp_must_refuse_it_refuses_and_stores_nothing() {
     refuse("setuid", "chmod 4755 web/goweb\n".to_owned());
     refuse("a removal", "rm web/goweb\n".to_owned());
     refuse("reading a binary back", format!("get web/goweb {}\n", dir.path().join("back").display()));
+}
+
+/// The id and last use of the SSH key of `app` named `comment`.
+fn ssh_key(r: &Receiver, app: &str, comment: &str) -> (String, serde_json::Value) {
+    let listed = r.nx_ok(&["--json", "keys", "ls", app]).json();
+    let keys = listed["ssh_keys"].as_array().unwrap_or_else(|| panic!("no ssh_keys in {listed}"));
+    let key = keys.iter().find(|k| k["comment"] == comment).unwrap_or_else(|| panic!("no key {comment}: {listed}"));
+    (key["id"].as_str().unwrap().to_owned(), key["last_used_at"].clone())
+}
+
+#[test]
+fn a_revoked_key_ends_its_live_session_and_only_a_signature_is_a_use() {
+    let r = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = keypair(dir.path(), "alice");
+    // A key whose holder cannot sign: its public half is offered (and
+    // accepted as one that could log in), but no signature follows.
+    let locked = keypair_with_passphrase(dir.path(), "locked", "not given");
+    r.create_app("web");
+    for key in [&alice, &locked] {
+        r.nx_ok(&["keys", "add-ssh", "web", key.with_extension("pub").to_str().unwrap()]);
+    }
+    let offered = Command::new("sftp")
+        .args(ssh_options(&r, &locked, "-P"))
+        .args(["-o", "BatchMode=yes", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!offered.status.success(), "{}", text(&offered));
+    assert!(text(&offered).contains("Permission denied (publickey)"), "{}", text(&offered));
+    assert_eq!(ssh_key(&r, "web", "locked").1, serde_json::Value::Null, "an offer alone is no use of the key");
+    let (alice_id, unused) = ssh_key(&r, "web", "alice");
+    assert_eq!(unused, serde_json::Value::Null);
+
+    // A live session, kept busy by keepalives, ends when its key is revoked.
+    let mut live = Command::new("sftp")
+        .args(ssh_options(&r, &alice, "-P"))
+        .args(["-o", "ServerAliveInterval=1", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = live.stdin.take().unwrap();
+    use std::io::{BufRead as _, Write as _};
+    writeln!(stdin, "ls /").unwrap();
+    let mut stdout = std::io::BufReader::new(live.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("web") {
+        assert!(stdout.read_line(&mut seen).unwrap() > 0, "the session ended before listing: {seen}");
+    }
+    assert!(ssh_key(&r, "web", "alice").1.is_string(), "a signed login is a use");
+    // sftp's connection is its ssh child; sftp itself waits on its batch
+    // input and would notice only at its next command.
+    let sftp_pid = live.id();
+    let children = std::fs::read_to_string(format!("/proc/{sftp_pid}/task/{sftp_pid}/children")).unwrap();
+    let ssh_pid: u32 = children.split_whitespace().next().expect("sftp's ssh child").parse().unwrap();
+    let connected = || {
+        std::fs::read_to_string(format!("/proc/{ssh_pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z')))
+    };
+    assert!(connected());
+    r.nx_ok(&["keys", "revoke", "web", &alice_id]);
+    let revoked = std::time::Instant::now();
+    while connected() {
+        assert!(revoked.elapsed() < std::time::Duration::from_secs(10), "the session outlived its key:\n{}", r.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(revoked.elapsed() < std::time::Duration::from_secs(5), "ended after {:?}", revoked.elapsed());
+    writeln!(stdin, "ls /").unwrap();
+    drop(stdin);
+    let status = live.wait().unwrap();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut live.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("this SSH key was revoked or its apps changed; connect again"), "{stderr}");
+    let again = sftp(&r, &alice, "ls /\n");
+    assert!(!again.status.success() && text(&again).contains("Permission denied (publickey)"), "{}", text(&again));
+}
+
+#[test]
+fn concurrent_uploads_are_capped_across_sftp_and_the_api() {
+    let r = Receiver::start_with(Options {
+        args: vec!["--max-concurrent-uploads".into(), "1".into()],
+        ..Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let alice = keypair(dir.path(), "alice");
+    r.create_app("web");
+    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    let goweb = fixtures::go(Go::Static);
+    // One slow upload holds the only place.
+    let mut slow = Command::new("sftp")
+        .args(ssh_options(&r, &alice, "-P"))
+        .args(["-l", "800", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(slow.stdin.take().unwrap(), "put {} web/slow", goweb.display()).unwrap();
+    eventually(20, "the slow upload to begin", || (!leftovers(&r).is_empty()).then_some(()));
+    let pushed = r.nx(&["push", goweb.to_str().unwrap(), "--app", "web"]);
+    assert_ne!(pushed.code, 0, "{pushed:?}");
+    assert!(
+        pushed
+            .stderr
+            .contains("1 uploads are in progress on this receiver, the most it takes at once; push again in a moment"),
+        "{pushed:?}"
+    );
+    let second = sftp(&r, &alice, &format!("put {} web/second\n", goweb.display()));
+    assert!(!second.status.success(), "{}", text(&second));
+    assert!(text(&second).contains("dest open \"/web/second\": Failure"), "{}", text(&second));
+    assert_eq!(leftovers(&r).len(), 1, "the refused uploads wrote nothing");
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    eventually(20, "the dropped upload to free its place", || leftovers(&r).is_empty().then_some(()));
+    let d = r.push("web", &goweb, &[]);
+    assert_eq!(r.get(d["preview_url"].as_str().unwrap()).body, "goweb\n");
+}
+
+/// An SSH client that trusts any host key: the test's own receiver.
+struct TrustingClient;
+
+impl russh::client::Handler for TrustingClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKey) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Opens `n` uploads in one SFTP session without closing any (OpenSSH's sftp
+/// closes each file before it opens the next), with russh's client; returns
+/// the outcome of each open.
+async fn open_uploads(r: &Receiver, key: &Path, n: usize) -> Vec<Result<(), String>> {
+    use std::sync::Arc;
+    let config = Arc::new(russh::client::Config::default());
+    let mut ssh = russh::client::connect(config, ("127.0.0.1", r.sftp_port), TrustingClient).await.unwrap();
+    let key = russh::keys::load_secret_key(key, None).unwrap();
+    let auth = ssh
+        .authenticate_publickey("deploy", russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None))
+        .await
+        .unwrap();
+    assert!(auth.success(), "{auth:?}");
+    let channel = ssh.channel_open_session().await.unwrap();
+    channel.request_subsystem(true, "sftp").await.unwrap();
+    let sftp = russh_sftp::client::SftpSession::new(channel.into_stream()).await.unwrap();
+    let mut open = Vec::new();
+    let mut outcomes = Vec::new();
+    for i in 0..n {
+        match sftp.create(format!("web/file{i}")).await {
+            Ok(file) => {
+                open.push(file);
+                outcomes.push(Ok(()));
+            }
+            Err(e) => outcomes.push(Err(e.to_string())),
+        }
+    }
+    outcomes
+}
+
+#[test]
+fn an_sftp_session_holds_at_most_sixteen_handles() {
+    // Uploads at once are capped too (8 by default): above the handle cap here.
+    let r = Receiver::start_with(Options {
+        args: vec!["--max-concurrent-uploads".into(), "32".into()],
+        ..Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let alice = keypair(dir.path(), "alice");
+    r.create_app("web");
+    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let outcomes = runtime.block_on(open_uploads(&r, &alice, 18));
+    // Ends the client's connection task, so its socket closes.
+    drop(runtime);
+    assert!(outcomes[..16].iter().all(Result::is_ok), "{outcomes:?}");
+    for refused in &outcomes[16..] {
+        let message = refused.as_ref().unwrap_err();
+        assert!(
+            message.contains("16 files or folders are open in this session, the most allowed; close one first"),
+            "{message}"
+        );
+    }
+    // The session is gone, and its uploads with it.
+    eventually(20, "the open uploads to be discarded", || leftovers(&r).is_empty().then_some(()));
 }

@@ -164,3 +164,49 @@ fn an_explicit_health_path_must_answer_success() {
     r.nx(&["apps", "set", "web", "--health-tcp"]).success();
     assert_eq!(r.push("web", &fixtures::go(Go::Static), &[])["state"], "healthy");
 }
+
+#[test]
+fn an_app_cannot_forge_platform_lines_or_drive_the_terminal_of_nx_logs() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = d["id"].as_str().unwrap();
+    let url = d["preview_url"].as_str().unwrap();
+    // "[nx] healthy on forged", then a terminal title change and a clear screen.
+    for text in ["%5Bnx%5D%20healthy%20on%20forged", "title%1B%5D0%3Bpwned%07%1B%5B2Jcleared"] {
+        assert_eq!(r.get(&format!("{url}/print?text={text}")).body, "printed\n");
+    }
+    // Into a pipe: the lines as stored, the forged one behind the app's mark.
+    let logs = eventually(10, "the printed lines in the log", || {
+        let logs = r.nx(&["logs", id]).success().stdout;
+        logs.contains("cleared").then_some(logs)
+    });
+    let platform: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(_, text)| text)
+        .filter(|t| t.starts_with("[nx]"))
+        .collect();
+    assert!(!platform.is_empty() && platform.iter().all(|t| !t.contains("forged")), "{platform:?}");
+    assert!(logs.contains(" [app] [nx] healthy on forged\n"), "{logs}");
+    assert!(logs.contains(" title\u{1b}]0;pwned\u{7}\u{1b}[2Jcleared\n"), "stored as printed: {logs}");
+    // On a terminal (a pseudo-terminal from script(1)): shown, not acted on.
+    let on_terminal = |extra: &str| {
+        let command = format!("{} logs {extra} {id}", bin("nx").display());
+        let out = Command::new(nx_e2e::require_program("script", "bsdutils"))
+            .args(["-qec", &command, "/dev/null"])
+            .env("NX_SERVER", r.api())
+            .env("NX_KEY", &r.admin_token)
+            .env("HOME", r.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = on_terminal("");
+    assert!(shown.contains(" title\\x1b]0;pwned\\x07\\x1b[2Jcleared\r\n"), "{shown:?}");
+    assert!(!shown.contains('\u{1b}'), "{shown:?}");
+    let raw = on_terminal("--raw");
+    assert!(raw.contains(" title\u{1b}]0;pwned\u{7}\u{1b}[2Jcleared"), "{raw:?}");
+}

@@ -116,11 +116,34 @@ pub async fn logs(g: &Global, args: LogsArgs) -> anyhow::Result<()> {
         format!("/v1/apps/{app}/deployments/{}/logs?lines={}&follow={}", args.deployment, args.lines, args.follow);
     let resp = client.get_stream(&path).await?;
     let mut body = resp.bytes_stream();
+    let neutral = !args.raw && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut out = std::io::stdout().lock();
+    let mut pending = Vec::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| Failure::Unreachable(format!("the log stream broke off: {e}")))?;
-        out.write_all(&chunk)?;
+        if neutral {
+            write_neutralised(&mut out, &mut pending, &chunk)?;
+        } else {
+            out.write_all(&chunk)?;
+        }
         out.flush()?;
+    }
+    if !pending.is_empty() {
+        pending.push(b'\n');
+        write_neutralised(&mut out, &mut Vec::new(), &pending)?;
+    }
+    Ok(())
+}
+
+/// Writes the whole lines of `pending` and `chunk` with what a terminal would
+/// act on shown as escapes; keeps an unfinished line in `pending` (a chunk may
+/// end inside a line, or inside a character).
+fn write_neutralised(out: &mut impl std::io::Write, pending: &mut Vec<u8>, chunk: &[u8]) -> std::io::Result<()> {
+    pending.extend_from_slice(chunk);
+    let Some(end) = pending.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
+    let lines: Vec<u8> = pending.drain(..=end).collect();
+    for line in String::from_utf8_lossy(&lines[..end]).split('\n') {
+        writeln!(out, "{}", nx_protocol::logs::neutralise(line))?;
     }
     Ok(())
 }
@@ -189,4 +212,27 @@ pub async fn open(g: &Global, args: OpenArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::write_neutralised;
+
+    #[test]
+    fn lines_split_across_chunks_are_neutralised_whole() {
+        let text = "2026-01-01T00:00:00.000Z \u{1b}]0;pwned\u{7}é\r[nx] fake\n2026-01-01T00:00:01.000Z ok\tdone\n";
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        // Cut inside the escape sequence and inside the two bytes of é.
+        let e_acute = text.find('é').unwrap();
+        for part in [&bytes[..27], &bytes[27..e_acute + 1], &bytes[e_acute + 1..]] {
+            write_neutralised(&mut out, &mut pending, part).unwrap();
+        }
+        assert!(pending.is_empty());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-01-01T00:00:00.000Z \\x1b]0;pwned\\x07é\\x0d[nx] fake\n2026-01-01T00:00:01.000Z ok\tdone\n"
+        );
+    }
 }

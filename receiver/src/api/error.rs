@@ -82,7 +82,7 @@ impl From<StoreError> for ApiError {
                 ApiError::BadRequest(message)
             }
             StoreError::DiskFull { .. } => ApiError::InsufficientStorage(message),
-            StoreError::Unavailable { .. } => ApiError::Unavailable(message),
+            StoreError::Unavailable { .. } | StoreError::Busy { .. } => ApiError::Unavailable(message),
             StoreError::Io { .. } | StoreError::Missing { .. } | StoreError::BadUrl { .. } => {
                 ApiError::Internal(e.into())
             }

@@ -623,6 +623,20 @@ impl Db {
         .await
     }
 
+    /// Whether an artifact row names `sha256`.
+    pub async fn artifact_exists(tx: &mut Transaction<'_, Postgres>, sha256: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE sha256 = $1)")
+            .bind(sha256)
+            .fetch_one(&mut **tx)
+            .await
+    }
+
+    /// Every artifact digest with a row.
+    pub async fn artifact_digests(&self) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+        let all: Vec<String> = sqlx::query_scalar("SELECT sha256 FROM artifacts").fetch_all(&self.pool).await?;
+        Ok(all.into_iter().collect())
+    }
+
     /// Forgets an artifact unless a deployment or a push took it up
     /// meanwhile; `true` when it was forgotten (and its bytes may go).
     pub async fn delete_unused_artifact(

@@ -77,12 +77,8 @@ impl Db {
 
     /// The apps a key (by fingerprint and exact public key) may upload to;
     /// marks the key used.
+    /// The apps a key is registered for; looking does not count as a use.
     pub async fn apps_of_ssh_key(&self, fingerprint: &str, public_key: &str) -> Result<Vec<AppRow>, sqlx::Error> {
-        sqlx::query("UPDATE ssh_keys SET last_used_at = now() WHERE fingerprint = $1 AND public_key = $2")
-            .bind(fingerprint)
-            .bind(public_key)
-            .execute(self.pool())
-            .await?;
         sqlx::query_as(
             "SELECT a.* FROM apps a JOIN ssh_keys k ON k.app_id = a.id WHERE k.fingerprint = $1 AND k.public_key = $2 ORDER BY a.name",
         )
@@ -90,6 +86,16 @@ impl Db {
         .bind(public_key)
         .fetch_all(self.pool())
         .await
+    }
+
+    /// Records a use of a key: only once its holder proved it (a signature).
+    pub async fn touch_ssh_key(&self, fingerprint: &str, public_key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE ssh_keys SET last_used_at = now() WHERE fingerprint = $1 AND public_key = $2")
+            .bind(fingerprint)
+            .bind(public_key)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
     }
 
     pub async fn record_upload(

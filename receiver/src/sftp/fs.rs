@@ -22,6 +22,11 @@ use crate::db::{AppRow, Db};
 use crate::deploy::Deployer;
 use crate::store::{ArtifactStore, PartialUpload};
 
+/// Handles (files and folders) one session may hold open at once: each
+/// upload holds a temporary file, and a client opening without closing must
+/// run out here, not in the receiver's descriptors or disk.
+pub const MAX_HANDLES: usize = 16;
+
 /// The suffix of the outcome files.
 pub const OUTCOME: &str = ".deploy.txt";
 
@@ -138,6 +143,16 @@ impl Session {
 
     fn app_names(&self) -> String {
         self.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Refuses a new handle once [`MAX_HANDLES`] are open.
+    fn room(&self) -> Result<(), StatusReply> {
+        if self.handles.len() >= MAX_HANDLES {
+            return Err(failure(format!(
+                "{MAX_HANDLES} files or folders are open in this session, the most allowed; close one first"
+            )));
+        }
+        Ok(())
     }
 
     fn handle(&mut self, open: Open) -> String {
@@ -269,6 +284,7 @@ impl russh_sftp::server::Handler for Session {
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
+        self.room()?;
         let entries = match Place::parse(&path)? {
             Place::Root => self.apps.iter().map(|a| File::new(&a.name, dir_attrs())).collect(),
             Place::App(a) => {
@@ -298,6 +314,7 @@ impl russh_sftp::server::Handler for Session {
         pflags: OpenFlags,
         _attrs: FileAttributes,
     ) -> Result<Handle, Self::Error> {
+        self.room()?;
         let Place::File { app, name } = Place::parse(&filename)? else {
             return Err(failure(format!("{filename}: upload into an app's folder, as APP/FILE")));
         };
@@ -305,7 +322,11 @@ impl russh_sftp::server::Handler for Session {
         let open = if pflags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND)
         {
             check_name(&name)?;
-            let upload = self.shared.store.partial_upload(self.shared.max_upload).map_err(internal)?;
+            let upload = match self.shared.store.partial_upload(self.shared.max_upload) {
+                Ok(upload) => upload,
+                Err(e @ crate::store::StoreError::Busy { .. }) => return Err(failure(e.to_string())),
+                Err(e) => return Err(internal(e)),
+            };
             Open::Upload { app: Box::new(app), name, upload: Some(upload), refused: None }
         } else if let Some(binary) = name.strip_suffix(OUTCOME) {
             let uploads = self.shared.db.uploads(app.id).await.map_err(internal)?;

@@ -53,6 +53,8 @@ impl russh::server::Server for Server {
             peer,
             apps: Vec::new(),
             fingerprint: String::new(),
+            key: None,
+            alive: None,
             channels: HashMap::new(),
         }
     }
@@ -69,19 +71,78 @@ struct Connection {
     /// The apps the authenticated key may upload to.
     apps: Vec<crate::db::AppRow>,
     fingerprint: String,
+    /// The accepted key, as the database names it.
+    key: Option<(String, String)>,
+    /// Dropped with the connection, which stops its key's watch.
+    alive: Option<tokio::sync::oneshot::Sender<()>>,
     channels: HashMap<ChannelId, Channel<Msg>>,
+}
+
+/// How often a session's key is looked up again: a key revoked (or moved to
+/// other apps) ends its sessions within this, busy or idle.
+const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A key as the database stores it: its SHA256 fingerprint and its OpenSSH
+/// text without comment.
+fn key_names(key: &PublicKey) -> Result<(String, String), russh::Error> {
+    let canonical = PublicKey::new(key.key_data().clone(), "").to_openssh().map_err(|_| russh::Error::Inconsistent)?;
+    Ok((key.fingerprint(HashAlg::Sha256).to_string(), canonical))
+}
+
+/// The apps the key named `(fingerprint, canonical)` is registered for.
+async fn apps_of(shared: &Shared, (fingerprint, canonical): &(String, String)) -> Result<Vec<String>, russh::Error> {
+    let apps = shared.db.apps_of_ssh_key(fingerprint, canonical).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot look up an SSH key");
+        russh::Error::Inconsistent
+    })?;
+    Ok(apps.into_iter().map(|a| a.name).collect())
 }
 
 impl Connection {
     /// The apps `key` is registered for.
     async fn apps_of(&self, key: &PublicKey) -> Result<Vec<crate::db::AppRow>, russh::Error> {
-        let canonical =
-            PublicKey::new(key.key_data().clone(), "").to_openssh().map_err(|_| russh::Error::Inconsistent)?;
-        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let (fingerprint, canonical) = key_names(key)?;
         self.shared.db.apps_of_ssh_key(&fingerprint, &canonical).await.map_err(|e| {
             tracing::error!(error = %e, "cannot look up an SSH key");
             russh::Error::Inconsistent
         })
+    }
+}
+
+/// Ends the connection behind `handle` as soon as its key no longer gives it
+/// the apps it was let in with (revoked, or moved to other apps). It runs on
+/// its own clock: traffic, keepalives included, does not keep a session alive.
+/// Ends with the connection, when `gone` (its sender, held by the
+/// connection) is dropped.
+async fn watch_key(
+    shared: Arc<Shared>,
+    key: (String, String),
+    apps: Vec<String>,
+    handle: russh::server::Handle,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEY_RECHECK) => {}
+            _ = &mut gone => return,
+        }
+        // A lookup that fails (the database away) ends nothing: it says nothing
+        // about the key.
+        match apps_of(&shared, &key).await {
+            Ok(now) if now == apps => continue,
+            Ok(_) => {
+                tracing::info!(fingerprint = %key.0, "SSH key revoked or changed: ending its session");
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "this SSH key was revoked or its apps changed; connect again".into(),
+                        String::new(),
+                    )
+                    .await;
+                return;
+            }
+            Err(_) => continue,
+        }
     }
 }
 
@@ -100,9 +161,26 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::reject());
         }
         tracing::info!(peer = ?self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
+        // russh calls this only once the client signed with the key: only now
+        // is the key used (an offer alone proves nothing).
+        let names = key_names(key)?;
+        if let Err(e) = self.shared.db.touch_ssh_key(&names.0, &names.1).await {
+            tracing::warn!(error = %e, fingerprint, "cannot record the SSH key's use");
+        }
         self.apps = apps;
         self.fingerprint = fingerprint;
+        self.key = Some(names);
         Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(key) = self.key.clone() {
+            let apps = self.apps.iter().map(|a| a.name.clone()).collect();
+            let (alive, gone) = tokio::sync::oneshot::channel();
+            self.alive = Some(alive);
+            tokio::spawn(watch_key(self.shared.clone(), key, apps, session.handle(), gone));
+        }
+        Ok(())
     }
 
     async fn channel_open_session(

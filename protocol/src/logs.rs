@@ -1,0 +1,87 @@
+//! The deployment log's line format, shared by the receiver, which writes it,
+//! and `nx logs`, which shows it.
+//!
+//! Each stored line is `<timestamp> <text>`. The platform's own lines start
+//! their text with [`PLATFORM_MARK`]; an app's line never does: one that would
+//! (once whatever does not show is skipped) is stored behind [`APP_MARK`]. An
+//! app's bytes are stored as printed; what a terminal would act on instead of
+//! show is neutralised when `nx logs` writes to one ([`neutralise`]).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// Starts the text of the platform's lines, and of no app line.
+pub const PLATFORM_MARK: &str = "[nx]";
+
+/// Put before an app's line that would otherwise start with [`PLATFORM_MARK`].
+pub const APP_MARK: &str = "[app]";
+
+/// Whether `c` changes how the text around it looks without showing itself:
+/// control characters (escape sequences, carriage return, backspace),
+/// bidirectional overrides and isolates, zero-width and other invisible
+/// formatting characters.
+pub fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// Whether an app's line could pass for one of the platform's: it starts with
+/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped,
+/// or it holds the mark and any hidden character (an escape sequence or a
+/// carriage return can make a terminal show the mark first).
+pub fn looks_like_platform(line: &str) -> bool {
+    line.trim_start_matches(|c: char| c.is_whitespace() || is_hidden(c)).starts_with(PLATFORM_MARK)
+        || (line.contains(PLATFORM_MARK) && line.chars().any(is_hidden))
+}
+
+/// `line` with every hidden character but the tab shown as an escape (`\x1b`,
+/// `\u{202e}`), so that a terminal shows it instead of acting on it, and a
+/// backslash doubled where it starts something that reads as one.
+pub fn neutralise(line: &str) -> Cow<'_, str> {
+    if !line.chars().any(|c| c != '\t' && is_hidden(c)) {
+        return Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if is_hidden(c) && (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if is_hidden(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_app_line_passes_for_the_platform_only_with_the_mark_first() {
+        for forged in
+            ["[nx] healthy on 127.0.0.1:1", "  [nx] x", "\u{1b}[0m[nx] x", "\u{200b}[nx] x", "\r[nx] x", "ok\r[nx] x"]
+        {
+            assert!(looks_like_platform(forged), "{forged:?}");
+        }
+        for honest in ["hello [nx]", "[nxx]", "nx: started", "\u{1b}[31mred\u{1b}[0m", ""] {
+            assert!(!looks_like_platform(honest), "{honest:?}");
+        }
+    }
+
+    #[test]
+    fn terminal_controls_are_shown_not_acted_on() {
+        assert_eq!(neutralise("plain\ttext é"), "plain\ttext é");
+        assert!(matches!(neutralise("plain"), Cow::Borrowed(_)));
+        assert_eq!(neutralise("\u{1b}]0;title\u{7}red\u{1b}[31m"), "\\x1b]0;title\\x07red\\x1b[31m");
+        assert_eq!(neutralise("ok\rno\u{8}\u{7f}"), "ok\\x0dno\\x08\\x7f");
+        assert_eq!(neutralise("\u{9b}2J"), "\\x9b2J", "the one-byte CSI");
+        assert_eq!(neutralise("abc\u{202e}fed\u{200b}"), "abc\\u{202e}fed\\u{200b}");
+    }
+}
