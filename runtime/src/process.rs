@@ -62,6 +62,8 @@ pub struct Command {
     /// Descriptors the child inherits at fixed numbers (for example a seccomp
     /// program for `bwrap --add-seccomp-fd`).
     pub pass_fds: Vec<(OwnedFd, RawFd)>,
+    /// A Landlock ruleset the child restricts itself to before `exec`.
+    pub landlock: Option<OwnedFd>,
 }
 
 impl Command {
@@ -374,6 +376,7 @@ fn spawn_now(command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, 
         fd_moves: command.pass_fds.iter().map(|(fd, to)| (std::os::fd::AsRawFd::as_raw_fd(fd), *to)).collect(),
         user: command.user,
         parent_death_signal: command.parent_death_signal.map(|s| s as i32),
+        landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
     };
     if merge {
         // dup2(1, 2) after std has set up stdout.
@@ -391,6 +394,7 @@ fn spawn_now(command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, 
     drop(table);
     // The descriptors passed to the child are closed here, in the parent.
     drop(command.pass_fds);
+    drop(command.landlock);
     Ok(Spawned {
         pid,
         stdin: child.stdin.take().map(OwnedFd::from),

@@ -3,10 +3,11 @@
 //! the book. Each attack must fail, and the host and the other app must be
 //! intact afterwards.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use nx_e2e::fixtures::{self, Go};
-use nx_e2e::{deployment_processes, processes_of, Receiver};
+use nx_e2e::receiver::free_port;
+use nx_e2e::{deployment_processes, eventually, processes_of, Receiver};
 
 struct Lab {
     r: Receiver,
@@ -99,8 +100,33 @@ fn hostile_app_cannot_escape_its_sandbox() {
     assert!(setuid.contains("euid=1000"), "{setuid}");
     let tiocsti = lab.blocked("tiocsti");
     assert!(tiocsti.contains("TIOCSTI: Operation not permitted"), "the seccomp filter refused it: {tiocsti}");
-    lab.blocked("rawsock");
-    lab.blocked("bind?port=80");
+    // A raw IP socket needs CAP_NET_RAW (dropped); a packet socket's family
+    // is refused by the seccomp filter before any capability is checked.
+    assert_eq!(
+        lab.blocked("rawsock"),
+        "BLOCKED raw: Operation not permitted, packet: Address family not supported by protocol"
+    );
+    // Every family but unix, IPv4, IPv6 and netlink route queries answers as
+    // on a kernel without it; the allowed ones work.
+    let refused = "Address family not supported by protocol";
+    assert_eq!(
+        lab.blocked("families"),
+        format!(
+            "BLOCKED alg: {refused}, vsock: {refused}, packet: {refused}, tipc: {refused}, netlink-audit: {refused}, \
+             netlink-uevent: {refused}, netlink-netfilter: {refused}, socketpair-tipc: {refused}; \
+             unix: ok, inet: ok, inet6: ok, netlink-route: ok, "
+        )
+    );
+    // Abstract unix sockets are shared by the network namespace, so a host
+    // daemon's would be one connect away; Landlock's scope refuses it.
+    let name = format!("nx-e2e-host-daemon-{}", std::process::id());
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name).unwrap();
+    let _daemon = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    assert_eq!(
+        lab.blocked(&format!("abstract?name={name}")),
+        format!("BLOCKED connect @{name}: Operation not permitted")
+    );
 
     // The network: other apps, the receiver, the router, the metadata address.
     for port in [lab.victim_port, r.api_port, r.router_port] {
@@ -196,6 +222,17 @@ fn hostile_app_cannot_escape_its_sandbox() {
         (by("nofile").as_str(), by("tmp").as_str(), by("data").as_str(), by("network").as_str()),
         ("rlimit", "tmpfs", "ext4 volume", "nftables")
     );
+    assert_eq!((by("ports").as_str(), by("abstract sockets").as_str()), ("landlock", "landlock"));
+    let status = r.nx(&["--json", "status"]).success().json();
+    let isolation: Vec<(String, String)> = status["isolation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["limit"].as_str().unwrap().to_owned(), e["by"].as_str().unwrap_or("NOT ENFORCED").to_owned()))
+        .collect();
+    for line in [("ports", "landlock"), ("abstract sockets", "landlock"), ("syscalls", "seccomp")] {
+        assert!(isolation.contains(&(line.0.to_owned(), line.1.to_owned())), "{line:?} in {isolation:?}");
+    }
 
     // The host and the other app are intact.
     let victim = r.get(&lab.victim_url);
@@ -204,4 +241,138 @@ fn hostile_app_cannot_escape_its_sandbox() {
     let health = reqwest::blocking::get(format!("{}/v1/health", r.api())).unwrap();
     assert!(health.status().is_success());
     assert!(r.pid().is_some());
+}
+
+/// The app's processes (inside the sandbox) of one deployment: `(pid, command line)`.
+fn app_processes(r: &Receiver, deployment: &str) -> Vec<(i32, String)> {
+    deployment_processes(&r.data_dir(), deployment).into_iter().filter(|(_, cmd)| cmd.starts_with("/app/")).collect()
+}
+
+#[test]
+fn a_squatter_never_gets_its_neighbours_port() {
+    let lab = lab();
+    let r = &lab.r;
+    let port = lab.victim_port;
+    // Landlock refuses the bind itself (EACCES), before the kernel would say
+    // the port is in use; a free port that is not its own is refused alike.
+    assert_eq!(lab.blocked(&format!("bind?port={port}")), format!("BLOCKED bind {port}: Permission denied"));
+    let free = free_port();
+    assert_eq!(lab.blocked(&format!("bind?port={free}")), format!("BLOCKED bind {free}: Permission denied"));
+
+    // The neighbour crashes and restarts while the squatter tries all along.
+    let victim = r.nx(&["--json", "ls", "victim"]).success().json();
+    let victim_id = victim[0]["deployments"][0]["id"].as_str().unwrap().to_owned();
+    let before = app_processes(r, &victim_id);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let squat_url = format!("{}attack/squat?port={port}&ms=5000", lab.evil_url);
+    let router_port = r.router_port;
+    let squatter = std::thread::spawn(move || nx_e2e::http::get_url(router_port, &squat_url));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(before[0].0), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Every answer while it restarts is the neighbour's or the router's, never the squatter's.
+    let restarted = eventually(30, "the neighbour to restart and answer", || {
+        let a = r.get(&lab.victim_url);
+        assert_ne!(a.body, "squatted", "the squatter answered the neighbour's request");
+        let now = app_processes(r, &victim_id);
+        (a.status == 200 && now.len() == 1 && now[0].0 != before[0].0).then_some(a)
+    });
+    assert_eq!(restarted.body, "goweb\n");
+    let squat = squatter.join().unwrap();
+    assert_eq!(squat.status, 200, "{squat:?}");
+    let tries = number_after(&squat.body, &format!("squat {port}:"));
+    assert!(tries > 100, "{}", squat.body);
+    assert_eq!(
+        squat.body,
+        format!("BLOCKED squat {port}: {tries} tries, EACCES {tries}, EADDRINUSE 0, other 0 (-), bound 0, served 0")
+    );
+}
+
+#[test]
+fn tenant_variables_reach_only_the_app() {
+    let r = Receiver::start();
+    r.create_app("evil");
+    r.push("evil", &fixtures::evil(), &["--arg", "serve"]);
+    // The app's own files on the host: a library, by a name for LD_PRELOAD
+    // and by the name of a library bwrap links (for LD_LIBRARY_PATH), and a
+    // directory for GCONV_PATH.
+    let data = r.data_dir().join("apps/evil/data");
+    let uid = std::fs::metadata(&data).unwrap().uid();
+    for dir in ["lib", "gconv"] {
+        std::fs::create_dir(data.join(dir)).unwrap();
+        std::os::unix::fs::chown(data.join(dir), Some(uid), Some(uid)).unwrap();
+    }
+    for name in ["preload.so", "lib/libcap.so.2"] {
+        std::fs::copy(fixtures::preload_marker(), data.join(name)).unwrap();
+        std::os::unix::fs::chown(data.join(name), Some(uid), Some(uid)).unwrap();
+    }
+    // Where the library reports having been loaded: the host's /tmp, writable by all.
+    let witness = tempfile::Builder::new().prefix("nx-e2e-preload-").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(witness.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let preload = data.join("preload.so").display().to_string();
+    let vars = [
+        ("LD_PRELOAD", preload.clone()),
+        ("LD_LIBRARY_PATH", data.join("lib").display().to_string()),
+        ("GCONV_PATH", data.join("gconv").display().to_string()),
+        ("NX_PRELOAD_MARKER", witness.path().join("loaded").display().to_string()),
+    ];
+    // The witness works: a host program given these variables does load it.
+    let control = std::process::Command::new("/bin/true")
+        .env("LD_PRELOAD", &preload)
+        .env("NX_PRELOAD_MARKER", witness.path().join("control"))
+        .status()
+        .unwrap();
+    assert!(control.success());
+    assert!(std::fs::read_to_string(witness.path().join("control")).unwrap().starts_with("/bin/true (uid 0)"));
+
+    let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut args = vec!["env", "set"];
+    args.extend(assignments.iter().map(String::as_str));
+    args.extend(["--app", "evil"]);
+    let set = r.nx(&args);
+    // Checked first: had bwrap loaded the library, this says where it ran.
+    assert!(
+        !witness.path().join("loaded").exists(),
+        "tenant code ran outside the sandbox: {}",
+        std::fs::read_to_string(witness.path().join("loaded")).unwrap_or_default()
+    );
+    set.success();
+    // The app runs with them...
+    let (app, environ) = eventually(60, "the app to run with its variables", || {
+        let listing = r.nx(&["--json", "ls", "evil"]).success().json();
+        listing[0]["deployments"].as_array().unwrap().iter().find_map(|d| {
+            let id = d["id"].as_str()?;
+            app_processes(&r, id).into_iter().find_map(|(pid, _)| {
+                let environ =
+                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).ok()?).into_owned();
+                environ.contains(&assignments[0]).then_some((id.to_owned(), environ))
+            })
+        })
+    });
+    let inside: Vec<&str> = environ.split('\0').collect();
+    for a in &assignments {
+        assert!(inside.contains(&a.as_str()), "{a} not in the app's environment: {inside:?}");
+    }
+    // ...and nothing on the host side loaded the library.
+    assert!(
+        !witness.path().join("loaded").exists(),
+        "tenant code ran outside the sandbox: {}",
+        std::fs::read_to_string(witness.path().join("loaded")).unwrap_or_default()
+    );
+    // No value is on any command line, and bwrap's own environment is the platform's.
+    let mut bwraps = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).into_owned();
+        for (k, v) in &vars {
+            assert!(!cmdline.contains(v.as_str()), "the value of {k} is on the command line of {pid}: {cmdline:?}");
+        }
+        if cmdline.starts_with("/usr/bin/bwrap\0") && cmdline.contains(&format!("/run/{app}/")) {
+            bwraps += 1;
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            assert_eq!(String::from_utf8_lossy(&environ), "PATH=/usr/sbin:/usr/bin:/sbin:/bin\0", "bwrap {pid}");
+        }
+    }
+    assert!(bwraps >= 1, "no bwrap process of deployment {app} was found");
+    assert!(!witness.path().join("loaded").exists());
 }

@@ -88,12 +88,15 @@ impl Deployer {
         report
     }
 
-    /// Isolation besides limits: the system call filter and the network.
+    /// Isolation besides limits: the system call filter, the network, ports
+    /// and abstract sockets.
     pub fn isolation(&self) -> Vec<nx_protocol::api::Enforcement> {
-        vec![
+        let mut report = vec![
             nx_protocol::api::Enforcement::enforced("syscalls", "filtered".into(), "seccomp"),
             self.services.network.clone(),
-        ]
+        ];
+        report.extend(self.services.landlock.report());
+        report
     }
 
     pub(super) async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
@@ -114,16 +117,16 @@ impl Deployer {
         let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
         enforced.report.push(data_limit);
         enforced.report.push(self.services.network.clone());
+        enforced.report.extend(self.services.landlock.report());
         self.services.db.set_limits(&row.id, &enforced.report).await?;
 
         let etc = data_root.join("run").join(&row.id).join("etc");
         std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|_| "nameserver 1.1.1.1\n".into());
         let files = [
             ("passwd", passwd_file(&app.name)),
             ("group", group_file(&app.name)),
             ("hosts", hosts_file(&app.name)),
-            ("resolv.conf", resolv),
+            ("resolv.conf", self.services.resolv_conf.clone()),
             ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
         ];
         let mut etc_files = Vec::new();
@@ -219,6 +222,7 @@ impl Deployer {
                 dynamic: row.linkage == "dynamic",
                 tmp_size_bytes: limits.tmp_bytes,
                 seccomp_fd: None,
+                env_fd: None,
                 share_net: true,
                 ro_binds,
             },
@@ -244,6 +248,7 @@ impl Deployer {
             cgroup: Some(enforced.cgroup),
             rlimits: enforced.rlimits,
             proc_root: PathBuf::from("/proc"),
+            landlock: self.services.landlock,
         })
     }
 }
