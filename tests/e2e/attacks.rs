@@ -376,3 +376,45 @@ fn tenant_variables_reach_only_the_app() {
     assert!(bwraps >= 1, "no bwrap process of deployment {app} was found");
     assert!(!witness.path().join("loaded").exists());
 }
+
+/// What `head -c1 PATH` run as `uid` says on stderr (empty when it read).
+fn read_as(uid: u32, path: &std::path::Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("/usr/bin/head").arg("-c1").arg(path).uid(uid).gid(uid).output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tenant_files_are_readable_by_their_uid_alone() {
+    let r = Receiver::start();
+    r.create_app("victim");
+    r.create_app("other");
+    let victim = r.push("victim", &fixtures::go(Go::Static), &[]);
+    r.push("other", &fixtures::go(Go::Static), &[]);
+    let id = victim["id"].as_str().unwrap();
+    let digest = victim["digest"].as_str().unwrap();
+    let data = r.data_dir();
+    let uid_of = |app: &str| std::fs::metadata(data.join(format!("apps/{app}/data"))).unwrap().uid();
+    let (victim_uid, other_uid) = (uid_of("victim"), uid_of("other"));
+    let files = [
+        data.join("apps/victim/data.img"),
+        data.join(format!("logs/deployments/{id}.log")),
+        data.join(format!("run/{id}/binary")),
+        data.join(format!("store/artifacts/{}", digest.trim_start_matches("sha256:"))),
+    ];
+    for file in &files {
+        assert!(file.is_file(), "{} is missing", file.display());
+        for (who, uid) in [("nobody", 65_534), ("another app", other_uid)] {
+            assert_eq!(
+                read_as(uid, file),
+                format!("/usr/bin/head: cannot open '{}' for reading: Permission denied\n", file.display()),
+                "{who} read {}",
+                file.display()
+            );
+        }
+    }
+    // The image is root's alone; the binary is the app's to read through its run directory.
+    let image = std::fs::metadata(&files[0]).unwrap();
+    assert_eq!((image.uid(), image.mode() & 0o777), (0, 0o600));
+    assert_eq!(read_as(victim_uid, &files[2]), "");
+}
