@@ -259,6 +259,18 @@ pub fn sealed_file_with(name: &str, contents: &[u8]) -> io::Result<std::os::fd::
     Ok(file.into())
 }
 
+/// `fd` itself if its number is at least `min`, else a close-on-exec duplicate
+/// numbered `min` or above (and `fd` is closed).
+pub fn renumber_above(fd: std::os::fd::OwnedFd, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    if fd.as_raw_fd() >= min {
+        return Ok(fd);
+    }
+    let dup = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)).map_err(io::Error::from)?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) })
+}
+
 /// `struct landlock_ruleset_attr` (linux/landlock.h); older kernels accept it
 /// whole as long as the fields they do not know are zero.
 #[repr(C)]
