@@ -166,6 +166,15 @@ fn hostile_app_cannot_escape_its_sandbox() {
         let out = lab.blocked(&format!("connect?host=127.0.0.1&port={port}"));
         assert!(out.contains("Connection refused"), "{out}");
     }
+    // The host's DNS port: closed unless the operator allows it. Something
+    // listens there (this test's listener, or the host's resolver), so only
+    // the rule can refuse the connection.
+    let _dns = match std::net::TcpListener::bind("127.0.0.1:53") {
+        Ok(l) => Some(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => None,
+        Err(e) => panic!("cannot listen on 127.0.0.1:53: {e}"),
+    };
+    assert_eq!(lab.blocked("connect?host=127.0.0.1&port=53"), "BLOCKED connect 127.0.0.1:53: Connection refused");
     // Cloud metadata and private networks: refused by nftables before a
     // packet leaves (one attempt each; the route would lead off the host).
     for host in ["169.254.169.254", "10.0.0.1"] {
@@ -457,4 +466,29 @@ fn tenant_files_are_readable_by_their_uid_alone() {
     let image = std::fs::metadata(&files[0]).unwrap();
     assert_eq!((image.uid(), image.mode() & 0o777), (0, 0o600));
     assert_eq!(read_as(victim_uid, &files[2]), "");
+}
+
+#[test]
+fn the_operator_opens_private_ranges_and_host_dns_by_flag() {
+    let r = Receiver::start_with(nx_e2e::receiver::Options {
+        args: ["--allow-egress", "10.20.0.0/16,fd00:1::/32", "--allow-host-dns"].map(String::from).to_vec(),
+        ..Default::default()
+    });
+    let status = r.nx(&["--json", "status"]).success().json();
+    let network = status["isolation"].as_array().unwrap().iter().find(|e| e["limit"] == "network").unwrap().clone();
+    assert_eq!(network["by"], "nftables");
+    assert_eq!(
+        network["value"],
+        "local ports closed except the database (".to_owned()
+            + &r.pg_port.to_string()
+            + ") and DNS; private, CGNAT, link-local and unique-local addresses closed except 10.20.0.0/16, fd00:1::/32"
+    );
+    // A range with host bits is refused with the range to write instead.
+    let bad = std::process::Command::new(nx_e2e::bin("nx-receiver"))
+        .args(["serve", "--allow-egress", "10.20.0.1/16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("write the range's first address (10.20.0.0/16)"), "{err}");
 }
