@@ -23,6 +23,8 @@ pub struct Host {
     pub pm: ProcessManager,
     pub layout: Arc<HostLayout>,
     pub seccomp: Arc<[u8]>,
+    /// Applied as the receiver applies it.
+    pub landlock: nx_runtime::landlock::Support,
     pub cgroups: Driver,
     pub dir: tempfile::TempDir,
     /// The binary: the musl-static C server of the test fixtures.
@@ -39,6 +41,7 @@ impl Host {
             pm: ProcessManager::global()?,
             layout: Arc::new(HostLayout::detect(Path::new("/"))),
             seccomp: nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into(),
+            landlock: nx_runtime::landlock::Support::detect(),
             cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),
             dir,
             binary: nx_e2e::fixtures::c_musl_static(),
@@ -79,6 +82,7 @@ impl Host {
                 dynamic: false,
                 tmp_size_bytes: limits.tmp_bytes,
                 seccomp_fd: None,
+                env_fd: None,
                 share_net: true,
                 ro_binds: Vec::new(),
             },
@@ -95,6 +99,7 @@ impl Host {
             cgroup: Some(enforced.cgroup),
             rlimits: enforced.rlimits,
             proc_root: "/proc".into(),
+            landlock: self.landlock,
         })
     }
 

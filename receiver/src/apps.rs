@@ -38,6 +38,14 @@ pub fn info(row: &AppRow, config: &ServeConfig) -> Option<AppInfo> {
     })
 }
 
+/// `next` as a uid if it lies in the `span` uids from `base`: the range the
+/// network rules and cgroups cover. An app outside it would run unconfined by
+/// them, so past its end no app is created at all.
+pub fn uid_in_range(next: i64, base: u32, span: u32) -> Option<u32> {
+    let uid = u32::try_from(next).ok()?;
+    (uid >= base && u64::from(uid) < u64::from(base) + u64::from(span)).then_some(uid)
+}
+
 /// Generates a deploy key: returns the credential (shown once) and its id.
 pub fn new_deploy_key() -> Credential {
     Credential::deploy_key(&random_lower(10), &random_token(40))
@@ -74,8 +82,9 @@ pub async fn create(
 
     let key = new_deploy_key();
     let recorded = async {
-        let row = Db::insert_app(&mut tx, name.as_str(), config.uid_base as i32, &db_name, &master.seal_str(&password))
-            .await?;
+        let next = Db::next_uid(&mut tx, i64::from(config.uid_base)).await?;
+        let Some(uid) = uid_in_range(next, config.uid_base, crate::network::UID_SPAN) else { return Ok(None) };
+        let row = Db::insert_app(&mut tx, name.as_str(), uid, &db_name, &master.seal_str(&password)).await?;
         Db::insert_key(&mut tx, key.key_id(), Some(row.id), "deploy", &master.seal_str(key.expose_secret())).await?;
         tx.commit().await?;
         Ok::<Option<AppRow>, sqlx::Error>(Some(row))
@@ -97,5 +106,27 @@ pub async fn create(
             }
             Err(AppError::Db(e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_never_leave_the_isolated_range() {
+        let (base, span) = (700_000, 4);
+        for next in 700_000..700_004 {
+            assert_eq!(uid_in_range(next, base, span), Some(next as u32));
+        }
+        assert_eq!(uid_in_range(700_004, base, span), None, "one past the range");
+        assert_eq!(uid_in_range(699_999, base, span), None);
+        assert_eq!(uid_in_range(i64::from(u32::MAX) + 1, base, span), None);
+        assert_eq!(uid_in_range(i64::from(u32::MAX), u32::MAX - 1, 4), Some(u32::MAX), "no overflow at the top");
+        let full = AppError::NoUids { base, span };
+        assert_eq!(
+            full.to_string(),
+            "this receiver has handed out all 4 app uids from 700000; start a receiver with another --uid-base for more apps"
+        );
     }
 }

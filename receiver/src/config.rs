@@ -303,6 +303,19 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]
     pub network_isolation: NetworkIsolation,
 
+    /// A private address range apps may reach (`10.1.0.0/16`, `fd00:1::/32`);
+    /// repeat, or separate with commas, for more. Without it, private (RFC
+    /// 1918), CGNAT, link-local and unique-local destinations are closed to apps.
+    #[arg(long = "allow-egress", env = "NX_ALLOW_EGRESS", value_delimiter = ',', value_name = "CIDR")]
+    pub allow_egress: Vec<crate::network::Cidr>,
+
+    /// Let apps ask the host's DNS resolvers: a local one on port 53 and the
+    /// nameservers of /etc/resolv.conf even at private addresses. Without it,
+    /// sandboxes get the host's nameservers they can reach, else 1.1.1.1 and
+    /// 9.9.9.9.
+    #[arg(long, env = "NX_ALLOW_HOST_DNS")]
+    pub allow_host_dns: bool,
+
     /// Root of the cgroup filesystem.
     #[arg(long, env = "NX_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -362,6 +375,28 @@ mod tests {
         assert_eq!(parse_range("20000-20009").unwrap(), 20000..=20009);
         assert!(parse_range("9-1").is_err());
         assert!(parse_range("0-10").is_err());
+    }
+
+    #[test]
+    fn egress_ranges_are_typed_and_repeatable() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["nx-receiver", "serve"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(c) => {
+                    (c.allow_egress.iter().map(ToString::to_string).collect::<Vec<_>>(), c.allow_host_dns)
+                }
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), (vec![], false));
+        assert_eq!(
+            parse(&["--allow-egress", "10.1.0.0/16", "--allow-egress", "fd00::/8,192.168.5.0/24", "--allow-host-dns"])
+                .unwrap(),
+            (vec!["10.1.0.0/16".to_owned(), "fd00::/8".to_owned(), "192.168.5.0/24".to_owned()], true)
+        );
+        let err = parse(&["--allow-egress", "10.1.2.3/16"]).unwrap_err().to_string();
+        assert!(err.contains("write the range's first address (10.1.0.0/16)"), "{err}");
     }
 
     #[test]

@@ -6,9 +6,17 @@
 //!
 //! Rules, in order, for packets leaving a socket owned by an app uid: replies
 //! on connections others opened to the app pass; new connections to a local
-//! address pass only to the database port and DNS; every other local address is
-//! refused (a TCP reset, so clients fail at once instead of timing out); link-
-//! local and cloud metadata addresses are refused.
+//! address pass only to the database port (and to port 53 with
+//! `--allow-host-dns`); every other local address is refused (a TCP reset, so
+//! clients fail at once instead of timing out); cloud metadata addresses are
+//! refused; the host's resolvers pass on port 53 with `--allow-host-dns`; the
+//! operator's `--allow-egress` ranges pass; private, shared (CGNAT), link-local
+//! and unique-local destinations are refused: the host's neighbours, its VPC
+//! and its management network are not the internet.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use nx_protocol::api::Enforcement;
 use nx_runtime::process::{Command, ProcessManager};
@@ -31,11 +39,100 @@ pub enum NetworkError {
     Spawn(#[from] nx_runtime::process::SpawnError),
 }
 
+/// An address range, `10.0.0.0/8` or `fd00::/8`, with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+/// A range that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("{0:?} is not an address range; write it like 10.1.0.0/16 or fd00:1::/32")]
+    Syntax(String),
+    #[error("{0:?} has bits set after its prefix; write the range's first address ({1})")]
+    HostBits(String, Cidr),
+}
+
+impl Cidr {
+    fn bits(addr: IpAddr) -> (u128, u8) {
+        match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        }
+    }
+
+    fn is_v4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ((net, width), (value, other)) = (Cidr::bits(self.addr), Cidr::bits(ip));
+        let shift = u32::from(width - self.prefix);
+        width == other && net.checked_shr(shift).unwrap_or(0) == value.checked_shr(shift).unwrap_or(0)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        let syntax = || CidrError::Syntax(s.to_owned());
+        let (addr, prefix) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+        let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
+        let (value, width) = Cidr::bits(addr);
+        if prefix > width {
+            return Err(syntax());
+        }
+        let host = if prefix == width { 0 } else { (1u128 << (width - prefix)) - 1 };
+        if value & host != 0 {
+            let first = match addr {
+                IpAddr::V4(_) => IpAddr::V4(((value & !host) as u32).into()),
+                IpAddr::V6(_) => IpAddr::V6((value & !host).into()),
+            };
+            return Err(CidrError::HostBits(s.to_owned(), Cidr { addr: first, prefix }));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Destinations closed to apps unless the operator allows them: private
+/// (RFC 1918), shared address space (CGNAT, RFC 6598), link-local, and IPv6
+/// unique-local and link-local.
+pub const PRIVATE_V4: &str = "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16";
+pub const PRIVATE_V6: &str = "fc00::/7, fe80::/10";
+
+/// The nameservers a resolv.conf names.
+pub fn nameservers(resolv: &str) -> Vec<IpAddr> {
+    resolv
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
+        .collect()
+}
+
+/// Resolvers for sandboxes when none of the host's is reachable for them.
+const PUBLIC_RESOLVERS: &str = "nameserver 1.1.1.1\nnameserver 9.9.9.9\n";
+
 /// The table for one receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub uid_first: u32,
     pub db_port: u16,
+    /// Ranges apps may reach although they are private (`--allow-egress`).
+    pub allow_egress: Vec<Cidr>,
+    /// The host's resolvers apps may ask on port 53 (`--allow-host-dns`):
+    /// local addresses and these, the nameservers of its resolv.conf.
+    pub host_dns: Option<Vec<IpAddr>>,
 }
 
 impl Policy {
@@ -49,25 +146,72 @@ impl Policy {
     pub fn ruleset(&self) -> String {
         let t = self.table();
         let last = self.uid_first + UID_SPAN - 1;
+        let mut rules = vec![
+            format!("meta skuid != {}-{last} accept", self.uid_first),
+            "ct state established,related accept".to_owned(),
+            format!("fib daddr type local tcp dport {} accept", self.db_port),
+        ];
+        if let Some(resolvers) = &self.host_dns {
+            rules.push("fib daddr type local meta l4proto { tcp, udp } th dport 53 accept".to_owned());
+            for ip in resolvers {
+                let family = if ip.is_ipv4() { "ip" } else { "ip6" };
+                rules.push(format!("{family} daddr {ip} meta l4proto {{ tcp, udp }} th dport 53 accept"));
+            }
+        }
+        rules.push("fib daddr type local meta l4proto tcp reject with tcp reset".to_owned());
+        rules.push("fib daddr type local reject with icmpx admin-prohibited".to_owned());
+        // Cloud metadata stays closed whatever else is allowed: it hands out
+        // the host's credentials.
+        rules.push("ip daddr 169.254.169.254 reject with icmpx admin-prohibited".to_owned());
+        rules.push("ip6 daddr fd00:ec2::254 reject with icmpx admin-prohibited".to_owned());
+        // One rule per range: overlapping ranges in one set are an nft error.
+        for range in &self.allow_egress {
+            let family = if range.is_v4() { "ip" } else { "ip6" };
+            rules.push(format!("{family} daddr {range} accept"));
+        }
+        rules.push(format!("ip daddr {{ {PRIVATE_V4} }} reject with icmpx admin-prohibited"));
+        rules.push(format!("ip6 daddr {{ {PRIVATE_V6} }} reject with icmpx admin-prohibited"));
+        let body: String = rules.iter().map(|r| format!("\t\t{r}\n")).collect();
         format!(
             "table inet {t}\n\
              delete table inet {t}\n\
              table inet {t} {{\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
-             \t\tmeta skuid != {first}-{last} accept\n\
-             \t\tct state established,related accept\n\
-             \t\tfib daddr type local tcp dport {db} accept\n\
-             \t\tfib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n\
-             \t\tfib daddr type local meta l4proto tcp reject with tcp reset\n\
-             \t\tfib daddr type local reject with icmpx admin-prohibited\n\
-             \t\tip daddr 169.254.0.0/16 reject with icmpx admin-prohibited\n\
-             \t\tip6 daddr {{ fe80::/10, fd00:ec2::254 }} reject with icmpx admin-prohibited\n\
+             {body}\
              \t}}\n\
-             }}\n",
-            first = self.uid_first,
-            db = self.db_port,
+             }}\n"
         )
+    }
+
+    /// Whether an app may send DNS queries to `ip`.
+    fn reaches_dns(&self, ip: IpAddr) -> bool {
+        if self.host_dns.as_ref().is_some_and(|r| r.contains(&ip)) {
+            return true;
+        }
+        let private = PRIVATE_V4.split(", ").chain(PRIVATE_V6.split(", ")).filter_map(|r| r.parse::<Cidr>().ok());
+        let closed = ip.is_loopback() || ip.is_unspecified() || private.into_iter().any(|r| r.contains(ip));
+        !closed || self.allow_egress.iter().any(|r| r.contains(ip))
+    }
+
+    /// The resolv.conf sandboxes get, given the host's: the host's own with
+    /// `--allow-host-dns`, else only the nameservers apps can reach, else
+    /// public resolvers (a resolver they could not reach would make every
+    /// lookup wait for its timeout).
+    pub fn resolv_conf(&self, host: &str) -> String {
+        if self.host_dns.is_some() {
+            return host.to_owned();
+        }
+        let reachable: String = nameservers(host)
+            .into_iter()
+            .filter(|ip| self.reaches_dns(*ip))
+            .map(|ip| format!("nameserver {ip}\n"))
+            .collect();
+        if reachable.is_empty() {
+            PUBLIC_RESOLVERS.to_owned()
+        } else {
+            reachable
+        }
     }
 
     /// Installs (or replaces) the table.
@@ -99,11 +243,14 @@ impl Policy {
 
     /// The report line every deployment carries.
     pub fn enforcement(&self) -> Enforcement {
-        Enforcement::enforced(
-            "network",
-            format!("local ports closed except the database ({})", self.db_port),
-            "nftables",
-        )
+        let mut value = format!("local ports closed except the database ({})", self.db_port);
+        value.push_str(if self.host_dns.is_some() { " and DNS" } else { "" });
+        value.push_str("; private, CGNAT, link-local and unique-local addresses closed");
+        if !self.allow_egress.is_empty() {
+            let ranges: Vec<String> = self.allow_egress.iter().map(Cidr::to_string).collect();
+            value.push_str(&format!(" except {}", ranges.join(", ")));
+        }
+        Enforcement::enforced("network", value, "nftables")
     }
 }
 
@@ -120,15 +267,89 @@ pub fn not_enforced() -> Enforcement {
 mod tests {
     use super::*;
 
+    fn policy() -> Policy {
+        Policy { uid_first: 700_000, db_port: 54320, allow_egress: vec![], host_dns: None }
+    }
+
     #[test]
     fn ruleset_matches_only_this_receivers_uids() {
-        let r = Policy { uid_first: 700_000, db_port: 54320 }.ruleset();
+        let r = policy().ruleset();
         assert!(r.starts_with("table inet nx_sandbox_700000\ndelete table inet nx_sandbox_700000\n"), "{r}");
         assert!(r.contains("meta skuid != 700000-765535 accept"), "{r}");
         assert!(r.contains("tcp dport 54320 accept"), "{r}");
         let established = r.find("ct state established").unwrap();
         let refuse = r.find("reject with tcp reset").unwrap();
         assert!(established < refuse, "replies pass before anything is refused");
-        assert!(r.contains("169.254.0.0/16 reject"));
+        assert!(r.contains("ip daddr 169.254.169.254 reject"));
+    }
+
+    #[test]
+    fn private_ranges_and_host_dns_are_closed_by_default() {
+        let r = policy().ruleset();
+        assert!(
+            r.contains(
+                "\t\tip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16 } \
+                 reject with icmpx admin-prohibited\n"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("\t\tip6 daddr { fc00::/7, fe80::/10 } reject with icmpx admin-prohibited\n"), "{r}");
+        assert!(!r.contains("dport 53"), "no DNS unless allowed: {r}");
+        assert!(!r.contains(" accept\n\t\tip daddr {"), "nothing allowed before the private ranges: {r}");
+    }
+
+    #[test]
+    fn allowed_ranges_and_resolvers_pass_before_the_private_ranges_close() {
+        let p = Policy {
+            allow_egress: vec!["10.20.0.0/16".parse().unwrap(), "fd00:1::/32".parse().unwrap()],
+            host_dns: Some(vec!["10.255.255.53".parse().unwrap()]),
+            ..policy()
+        };
+        let r = p.ruleset();
+        let at = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle:?} missing from {r}"));
+        let closed = at("ip daddr { 10.0.0.0/8");
+        assert!(at("\t\tip daddr 10.20.0.0/16 accept\n") < closed);
+        assert!(at("\t\tip6 daddr fd00:1::/32 accept\n") < at("ip6 daddr { fc00::/7"));
+        assert!(at("fib daddr type local meta l4proto { tcp, udp } th dport 53 accept") < at("tcp reset"));
+        assert!(at("\t\tip daddr 10.255.255.53 meta l4proto { tcp, udp } th dport 53 accept\n") < closed);
+        // Metadata stays closed even inside an allowed range.
+        assert!(at("ip daddr 169.254.169.254 reject") < at("10.20.0.0/16 accept"));
+        assert!(p.enforcement().value.ends_with(" except 10.20.0.0/16, fd00:1::/32"), "{:?}", p.enforcement());
+    }
+
+    #[test]
+    fn sandboxes_get_only_resolvers_they_can_reach() {
+        let host = "# generated\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver 8.8.8.8\noptions edns0\n";
+        assert_eq!(nameservers(host).len(), 3);
+        assert_eq!(policy().resolv_conf(host), "nameserver 8.8.8.8\n");
+        assert_eq!(policy().resolv_conf("nameserver 127.0.0.53\nnameserver fe80::1%eth0\n"), PUBLIC_RESOLVERS);
+        let allowed = Policy { allow_egress: vec!["10.255.0.0/16".parse().unwrap()], ..policy() };
+        assert_eq!(allowed.resolv_conf(host), "nameserver 10.255.255.53\nnameserver 8.8.8.8\n");
+        let host_dns = Policy { host_dns: Some(nameservers(host)), ..policy() };
+        assert_eq!(host_dns.resolv_conf(host), host);
+    }
+
+    #[test]
+    fn ranges_contain_their_addresses_only() {
+        let r: Cidr = "172.16.0.0/12".parse().unwrap();
+        assert!(r.contains("172.31.255.255".parse().unwrap()));
+        assert!(!r.contains("172.32.0.0".parse().unwrap()));
+        assert!(!r.contains("::ffff:172.16.0.1".parse().unwrap()), "families never mix");
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!("fc00::/7".parse::<Cidr>().unwrap().contains("fd00:ec2::254".parse().unwrap()));
+    }
+
+    #[test]
+    fn ranges_parse_strictly() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+        assert_eq!("192.168.1.7/32".parse::<Cidr>().unwrap().prefix, 32);
+        assert_eq!(
+            "10.1.2.3/8".parse::<Cidr>().unwrap_err().to_string(),
+            "\"10.1.2.3/8\" has bits set after its prefix; write the range's first address (10.0.0.0/8)"
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/33", "::/129", "ten/8", "10.0.0.0/-1", ""] {
+            assert_eq!(bad.parse::<Cidr>(), Err(CidrError::Syntax(bad.to_owned())), "{bad}");
+        }
     }
 }

@@ -160,9 +160,16 @@ async fn run(
         .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
     let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();
     let host = Arc::new(HostLayout::detect(Path::new("/")));
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let policy = match config.network_isolation {
         NetworkIsolation::Nftables => {
-            let p = network::Policy { uid_first: config.uid_base, db_port: cluster.endpoint().port };
+            let resolvers = network::nameservers(&host_resolv);
+            let p = network::Policy {
+                uid_first: config.uid_base,
+                db_port: cluster.endpoint().port,
+                allow_egress: config.allow_egress.clone(),
+                host_dns: config.allow_host_dns.then_some(resolvers),
+            };
             p.install(&pm).await?;
             Some(p)
         }
@@ -172,6 +179,9 @@ async fn run(
         }
     };
     let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
+    let resolv_conf = policy.as_ref().map_or(host_resolv.clone(), |p| p.resolv_conf(&host_resolv));
+    let landlock = nx_runtime::landlock::Support::detect();
+    tracing::info!(landlock = ?landlock, "port and abstract socket confinement");
     let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
     let databases = crate::databases::Databases::new(cluster.clone(), master.clone(), data.join("tmp"));
     let volumes = crate::volumes::Volumes::probe(pm.clone());
@@ -240,6 +250,8 @@ async fn run(
         databases: databases.clone(),
         cgroups,
         network: network_report,
+        resolv_conf,
+        landlock,
         volumes: volumes.clone(),
         reporter: reporter.clone(),
         target: target.clone(),

@@ -204,11 +204,13 @@ impl ArtifactStore {
         let tmp_dir = data_dir.join("tmp");
         let cache_dir = data_dir.join("cache");
         ensure_dir(&tmp_dir, 0o700)?;
-        // Sandboxes (other uids) must be able to reach their binary by path.
-        ensure_dir(&cache_dir, 0o711)?;
+        // Closed to every uid but root: an artifact's digest is public (check
+        // runs show it), so a path by digest must lead nowhere for other users.
+        // Sandboxes reach their binary through a link in their run directory.
+        ensure_dir(&cache_dir, 0o700)?;
         let local = |root: PathBuf| -> Result<ArtifactStore, StoreError> {
-            ensure_dir(&root, 0o711)?;
-            ensure_dir(&root.join("artifacts"), 0o711)?;
+            ensure_dir(&root, 0o700)?;
+            ensure_dir(&root.join("artifacts"), 0o700)?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
                 .map_err(|e| StoreError::BadUrl { url: root.display().to_string(), reason: e.to_string() })?;
             Ok(ArtifactStore {

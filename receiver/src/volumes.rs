@@ -23,6 +23,23 @@ pub enum VolumeError {
     Spawn(#[from] nx_runtime::process::SpawnError),
 }
 
+/// Opens (creating, or emptying with `truncate`) an image file as root's with mode 0600, set on
+/// the descriptor: the image holds the app's whole `/data`, readable through
+/// it by anyone who can read the file.
+fn private_file(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    std::os::unix::fs::fchown(&file, Some(0), Some(0))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 /// Whether `dir` is a mount point (it sits on another device than its parent).
 pub fn is_mount_point(dir: &Path) -> bool {
     let (Ok(me), Some(Ok(parent))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) else {
@@ -94,7 +111,7 @@ impl Volumes {
                 ));
             }
             let tmp = app_dir.join("data.img.tmp");
-            let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let file = private_file(&tmp, true).map_err(io(&tmp))?;
             file.set_len(size).map_err(io(&tmp))?;
             drop(file);
             let owner = format!("root_owner={uid}:{uid}");
@@ -102,6 +119,8 @@ impl Volumes {
             self.run(MKFS, &["-q", "-F", "-m", "0", "-E", &owner, &tmp_s], &tmp).await?;
             std::fs::rename(&tmp, &image).map_err(io(&image))?;
         }
+        // Images made before they were private are made so before each mount.
+        private_file(&image, false).map_err(io(&image))?;
         let (image_s, data_s) = (image.to_string_lossy().into_owned(), data.to_string_lossy().into_owned());
         self.run("/usr/bin/mount", &["-o", "loop,nosuid,nodev", &image_s, &data_s], &data).await?;
         // The filesystem root is the app's alone; lost+found is not needed.

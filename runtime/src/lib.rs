@@ -5,8 +5,9 @@
 //!   as a pure function; what is not on that line is not in the sandbox.
 //! - Every sandbox is started by the [`process::ProcessManager`] thread as the
 //!   app's own unprivileged host uid, with an empty environment plus the app's
-//!   variables (never on the command line), in its own session, and dies with
-//!   this process (parent-death signal).
+//!   variables (never on the command line nor in bwrap's own environment), in
+//!   its own session, confined by Landlock where the kernel has it, and dies
+//!   with this process (parent-death signal).
 //! - [`supervisor::Sandbox`] reports `Starting → Healthy`, restarts crashes with
 //!   capped backoff, ends as `Failed` with the last log lines, and `stop` returns
 //!   only when every process of the sandbox is gone.
@@ -15,6 +16,7 @@
 
 pub mod cgroup;
 pub mod health;
+pub mod landlock;
 pub mod logs;
 pub mod process;
 pub mod seccomp;

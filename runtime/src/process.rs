@@ -62,6 +62,8 @@ pub struct Command {
     /// Descriptors the child inherits at fixed numbers (for example a seccomp
     /// program for `bwrap --add-seccomp-fd`).
     pub pass_fds: Vec<(OwnedFd, RawFd)>,
+    /// A Landlock ruleset the child restricts itself to before `exec`.
+    pub landlock: Option<OwnedFd>,
 }
 
 impl Command {
@@ -349,9 +351,21 @@ fn reap(children: &Mutex<ChildTable>) {
     }
 }
 
-fn spawn_now(command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, SpawnError> {
+fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, SpawnError> {
     let program = command.program.display().to_string();
     let start_err = |source: std::io::Error| SpawnError::Start { program: program.clone(), source };
+    // The child moves descriptors onto fixed numbers one after the other, and
+    // applies the Landlock ruleset after that: a descriptor that already sat
+    // on one of those numbers would be overwritten first. So every descriptor
+    // handed over is numbered above them all.
+    let above = command.pass_fds.iter().map(|(_, to)| *to).max().unwrap_or(2) + 1;
+    command.pass_fds = std::mem::take(&mut command.pass_fds)
+        .into_iter()
+        .map(|(fd, to)| Ok((sys::renumber_above(fd, above)?, to)))
+        .collect::<std::io::Result<_>>()
+        .map_err(start_err)?;
+    command.landlock =
+        command.landlock.take().map(|fd| sys::renumber_above(fd, above)).transpose().map_err(start_err)?;
     let mut cmd = std::process::Command::new(&command.program);
     cmd.args(&command.args).env_clear().envs(command.env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &command.cwd {
@@ -374,6 +388,7 @@ fn spawn_now(command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, 
         fd_moves: command.pass_fds.iter().map(|(fd, to)| (std::os::fd::AsRawFd::as_raw_fd(fd), *to)).collect(),
         user: command.user,
         parent_death_signal: command.parent_death_signal.map(|s| s as i32),
+        landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
     };
     if merge {
         // dup2(1, 2) after std has set up stdout.
@@ -391,6 +406,7 @@ fn spawn_now(command: Command, children: &Mutex<ChildTable>) -> Result<Spawned, 
     drop(table);
     // The descriptors passed to the child are closed here, in the parent.
     drop(command.pass_fds);
+    drop(command.landlock);
     Ok(Spawned {
         pid,
         stdin: child.stdin.take().map(OwnedFd::from),
@@ -461,6 +477,20 @@ mod tests {
         pipe.read_to_string(&mut text).await.unwrap();
         child.wait().await;
         assert_eq!(text, "1\n2\n3\n");
+    }
+
+    #[tokio::test]
+    async fn passed_descriptors_never_overwrite_each_other() {
+        let pm = ProcessManager::global().unwrap();
+        // Each file sits on the number the other one is to be moved to.
+        let a = sys::renumber_above(sys::sealed_file_with("a", b"A").unwrap(), 500).unwrap();
+        let b = sys::renumber_above(sys::sealed_file_with("b", b"B").unwrap(), 501).unwrap();
+        let numbers = [std::os::fd::AsRawFd::as_raw_fd(&a), std::os::fd::AsRawFd::as_raw_fd(&b)];
+        assert_eq!(numbers, [500, 501]);
+        let mut c = Command::new("/bin/cat").args(["/proc/self/fd/500", "/proc/self/fd/501"]);
+        c.pass_fds = vec![(a, 501), (b, 500)];
+        let out = pm.output(c).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "BA");
     }
 
     #[tokio::test]

@@ -4,7 +4,11 @@
 //! It blocks what a web app never needs and what kernel exploits and sandbox
 //! escapes start with: tracing other processes, mounting, new namespaces, the
 //! keyring, BPF, perf, userfaultfd, io_uring, kexec, kernel modules, handle-based
-//! opens, and the terminal-injection ioctls. Any other architecture's system
+//! opens, and the terminal-injection ioctls. Sockets may be made only in the
+//! families a web app uses (unix, IPv4, IPv6, and netlink for route queries,
+//! which `getaddrinfo` and `getifaddrs` make); every other family (AF_ALG,
+//! AF_VSOCK, AF_PACKET, AF_TIPC, other netlink protocols: the usual homes of
+//! kernel bugs) answers EAFNOSUPPORT, as on a kernel built without it. Any other architecture's system
 //! call table (i386 through `int 0x80`, 32-bit ARM) kills the process; on x86-64
 //! every x32 call is refused. `clone3` answers ENOSYS, so C libraries fall back to
 //! `clone`, whose flags a filter can inspect (clone3 passes them in memory).
@@ -48,6 +52,13 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
+const EAFNOSUPPORT: u32 = 97;
+
+/// Socket families `socket` and `socketpair` may use; AF_NETLINK only with
+/// [`NETLINK_ROUTE`].
+const ALLOWED_FAMILIES: [u32; 3] = [libc::AF_UNIX as u32, libc::AF_INET as u32, libc::AF_INET6 as u32];
+const AF_NETLINK: u32 = libc::AF_NETLINK as u32;
+const NETLINK_ROUTE: u32 = libc::NETLINK_ROUTE as u32;
 
 /// Namespace flags `clone` may not carry.
 const NAMESPACE_FLAGS: u32 = (libc::CLONE_NEWUSER
@@ -158,6 +169,8 @@ pub const DENIED: &[Syscall] = &[
 const CLONE: Syscall = both("clone", 56, 220);
 const CLONE3: Syscall = both("clone3", 435, 435);
 const IOCTL: Syscall = both("ioctl", 16, 29);
+const SOCKET: Syscall = both("socket", 41, 198);
+const SOCKETPAIR: Syscall = both("socketpair", 53, 199);
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
 
@@ -179,11 +192,15 @@ enum Target {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Label {
+    Allow,
     Kill,
     Eperm,
     Enosys,
+    Eafnosupport,
     Clone,
     Ioctl,
+    Socket,
+    Netlink,
 }
 
 enum Op {
@@ -223,7 +240,7 @@ fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
             ops.push(jeq(nr, Target::Label(Eperm)));
         }
     }
-    for (call, label) in [(CLONE, Clone), (IOCTL, Ioctl), (CLONE3, Enosys)] {
+    for (call, label) in [(CLONE, Clone), (IOCTL, Ioctl), (CLONE3, Enosys), (SOCKET, Socket), (SOCKETPAIR, Socket)] {
         if let Some(nr) = call.nr(arch) {
             ops.push(jeq(nr, Target::Label(label)));
         }
@@ -237,6 +254,24 @@ fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
     ops.push(Op::Load(off_arg_lo(1)));
     ops.push(jeq(TIOCSTI, Target::Label(Eperm)));
     ops.push(jeq(TIOCLINUX, Target::Label(Eperm)));
+    ops.push(Op::Ret(RET_ALLOW));
+    ops.push(Op::Mark(Socket));
+    ops.push(Op::Load(off_arg_lo(0)));
+    for family in ALLOWED_FAMILIES {
+        ops.push(jeq(family, Target::Label(Allow)));
+    }
+    ops.push(Op::Jump {
+        code: BPF_JMP_JEQ_K,
+        k: AF_NETLINK,
+        jt: Target::Label(Netlink),
+        jf: Target::Label(Eafnosupport),
+    });
+    ops.push(Op::Mark(Netlink));
+    ops.push(Op::Load(off_arg_lo(2)));
+    ops.push(jeq(NETLINK_ROUTE, Target::Label(Allow)));
+    ops.push(Op::Mark(Eafnosupport));
+    ops.push(Op::Ret(RET_ERRNO | EAFNOSUPPORT));
+    ops.push(Op::Mark(Allow));
     ops.push(Op::Ret(RET_ALLOW));
     ops.push(Op::Mark(Eperm));
     ops.push(Op::Ret(RET_ERRNO | EPERM));
@@ -338,7 +373,7 @@ mod tests {
     }
 
     fn call(arch: Arch, name: &str, args: [u64; 6]) -> u32 {
-        let table = DENIED.iter().chain(EXEC).chain([CLONE, CLONE3, IOCTL].iter());
+        let table = DENIED.iter().chain(EXEC).chain([CLONE, CLONE3, IOCTL, SOCKET, SOCKETPAIR].iter());
         let nr = table.clone().find(|s| s.name == name).and_then(|s| s.nr(arch)).unwrap_or_else(|| panic!("{name}"));
         run(&filter(arch), &Data { nr, arch: arch.audit(), args })
     }
@@ -378,7 +413,7 @@ mod tests {
     #[test]
     fn ordinary_calls_pass() {
         let prog = filter(Arch::X86_64);
-        for nr in [0u32, 1, 2, 3, 41, 42, 43, 49, 50, 57, 59, 60, 231, 257] {
+        for nr in [0u32, 1, 2, 3, 42, 43, 49, 50, 57, 59, 60, 231, 257] {
             assert_eq!(run(&prog, &Data { nr, arch: AUDIT_ARCH_X86_64, args: [0; 6] }), RET_ALLOW, "nr {nr}");
         }
     }
@@ -406,6 +441,35 @@ mod tests {
         // The high half of the argument is ignored by the kernel for ioctl numbers.
         assert_eq!(call(Arch::X86_64, "ioctl", [0, (1 << 32) | u64::from(TIOCSTI), 0, 0, 0, 0]), RET_ERRNO | EPERM);
         assert_eq!(call(Arch::X86_64, "ioctl", [0, 0x5401, 0, 0, 0, 0]), RET_ALLOW, "TCGETS");
+    }
+
+    #[test]
+    fn sockets_only_in_web_families() {
+        let af = |f: i32| f as u64;
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            for name in ["socket", "socketpair"] {
+                for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+                    let sock_stream = libc::SOCK_STREAM as u64 | libc::SOCK_CLOEXEC as u64;
+                    assert_eq!(call(arch, name, [af(family), sock_stream, 0, 0, 0, 0]), RET_ALLOW, "{name} {family}");
+                }
+                for family in [libc::AF_ALG, libc::AF_VSOCK, libc::AF_PACKET, libc::AF_TIPC, libc::AF_BLUETOOTH, 4242] {
+                    assert_eq!(
+                        call(arch, name, [af(family), 0, 0, 0, 0, 0]),
+                        RET_ERRNO | EAFNOSUPPORT,
+                        "{arch:?} {name} {family}"
+                    );
+                }
+                let netlink = |proto: i32| call(arch, name, [af(libc::AF_NETLINK), 3, proto as u64, 0, 0, 0]);
+                assert_eq!(netlink(libc::NETLINK_ROUTE), RET_ALLOW);
+                for proto in
+                    [libc::NETLINK_AUDIT, libc::NETLINK_KOBJECT_UEVENT, libc::NETLINK_NETFILTER, libc::NETLINK_XFRM]
+                {
+                    assert_eq!(netlink(proto), RET_ERRNO | EAFNOSUPPORT, "netlink protocol {proto}");
+                }
+            }
+            // Only the low 32 bits are the family, as the kernel reads an int.
+            assert_eq!(call(arch, "socket", [(1 << 32) | af(libc::AF_ALG), 0, 0, 0, 0, 0]), RET_ERRNO | EAFNOSUPPORT);
+        }
     }
 
     #[test]
@@ -447,6 +511,8 @@ mod tests {
         assert_eq!(CLONE.nr(arch), Some(libc::SYS_clone as u32));
         assert_eq!(CLONE3.nr(arch), Some(libc::SYS_clone3 as u32));
         assert_eq!(IOCTL.nr(arch), Some(libc::SYS_ioctl as u32));
+        assert_eq!(SOCKET.nr(arch), Some(libc::SYS_socket as u32));
+        assert_eq!(SOCKETPAIR.nr(arch), Some(libc::SYS_socketpair as u32));
         assert_eq!(TIOCSTI, libc::TIOCSTI as u32);
     }
 

@@ -19,6 +19,13 @@ pub const APP_DIR: &str = "/app";
 pub const DATA_DIR: &str = "/data";
 /// The descriptor number bwrap finds the seccomp program at.
 pub const SECCOMP_FD: std::os::fd::RawFd = 10;
+/// The descriptor number bwrap reads the app's environment from (`--args`).
+pub const ENV_FD: std::os::fd::RawFd = 11;
+/// The whole environment of bwrap itself. The app's variables never go there:
+/// bwrap is a dynamically linked host program, and `LD_PRELOAD`,
+/// `LD_LIBRARY_PATH`, `GCONV_PATH` and friends in its environment would make
+/// the host's loader run tenant code before any namespace or filter exists.
+pub const HOST_ENV: [(&str, &str); 1] = [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")];
 
 /// Everything that varies between sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +46,9 @@ pub struct SandboxSpec {
     pub tmp_size_bytes: u64,
     /// A compiled seccomp program, passed to bwrap at this descriptor number.
     pub seccomp_fd: Option<RawFd>,
+    /// The app's environment as bwrap arguments ([`env_args`]), passed at this
+    /// descriptor number so no value is on a command line.
+    pub env_fd: Option<RawFd>,
     /// Keep the host's network namespace (the app binds its loopback port there).
     pub share_net: bool,
     /// Further read-only mounts: `(host path, sandbox path)`.
@@ -114,6 +124,9 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     if let Some(fd) = spec.seccomp_fd {
         push(&mut a, &["--add-seccomp-fd", &fd.to_string()]);
     }
+    if let Some(fd) = spec.env_fd {
+        push(&mut a, &["--args", &fd.to_string()]);
+    }
     push(&mut a, &["--proc", "/proc", "--dev", "/dev"]);
     push(&mut a, &["--size", &spec.tmp_size_bytes.to_string(), "--perms", "1777", "--tmpfs", "/tmp"]);
     if spec.dynamic {
@@ -142,6 +155,32 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", &binary_in_sandbox]);
     a.extend(spec.args.iter().map(OsString::from));
     a
+}
+
+/// A variable that cannot be passed to the app.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "environment variable {name:?} cannot be passed: names must be non-empty without '=' or NUL, values without NUL"
+)]
+pub struct InvalidEnv {
+    pub name: String,
+}
+
+/// The app's environment as the NUL-separated arguments bwrap's `--args`
+/// reads: `--clearenv`, then `--setenv NAME VALUE` for each variable. bwrap
+/// applies them to the app only after its own loader has run.
+pub fn env_args(env: &[(String, String)]) -> Result<Vec<u8>, InvalidEnv> {
+    let mut out = b"--clearenv\0".to_vec();
+    for (name, value) in env {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(InvalidEnv { name: name.clone() });
+        }
+        for part in ["--setenv", name, value] {
+            out.extend_from_slice(part.as_bytes());
+            out.push(0);
+        }
+    }
+    Ok(out)
 }
 
 /// The synthetic `/etc/passwd` of every sandbox: the app user and nobody, no root
@@ -175,6 +214,7 @@ mod tests {
             dynamic: false,
             tmp_size_bytes: 64 << 20,
             seccomp_fd: Some(9),
+            env_fd: Some(11),
             share_net: true,
             ro_binds: vec![],
         }
@@ -214,8 +254,23 @@ mod tests {
         assert!(has_seq(&a, &["--cap-drop", "ALL"]));
         assert!(has_seq(&a, &["--uid", "1000", "--gid", "1000"]));
         assert!(has_seq(&a, &["--add-seccomp-fd", "9"]));
+        assert!(has_seq(&a, &["--args", "11"]));
         assert!(!a.contains(&"--unshare-net".to_string()));
         assert!(!a.iter().any(|x| x == "--setenv"), "environment values must never be on the command line");
+    }
+
+    #[test]
+    fn the_environment_goes_to_bwrap_as_setenv_arguments() {
+        let env = [("PGPASSWORD".to_owned(), "s3cret value".to_owned()), ("EMPTY".to_owned(), String::new())];
+        assert_eq!(
+            env_args(&env).unwrap(),
+            b"--clearenv\0--setenv\0PGPASSWORD\0s3cret value\0--setenv\0EMPTY\0\0".to_vec()
+        );
+        assert_eq!(env_args(&[]).unwrap(), b"--clearenv\0".to_vec());
+        for (name, value) in [("A=B", "x"), ("", "x"), ("A\0", "x"), ("A", "x\0y")] {
+            let err = env_args(&[(name.to_owned(), value.to_owned())]).unwrap_err();
+            assert_eq!(err, InvalidEnv { name: name.to_owned() });
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::health::{self, HealthCheck};
 use crate::logs::Log;
 use crate::process::{Command, ExitWatch, ProcessManager, Stream};
-use crate::spec::{bwrap_args, HostLayout, SandboxSpec, SECCOMP_FD};
+use crate::spec::{bwrap_args, env_args, HostLayout, SandboxSpec, ENV_FD, HOST_ENV, SECCOMP_FD};
 use crate::sys::{self, Rlimit};
 
 /// When to restart and when to give up.
@@ -82,6 +82,8 @@ pub struct SandboxConfig {
     pub rlimits: Vec<Rlimit>,
     /// The host's `/proc`, to find the sandbox's processes.
     pub proc_root: PathBuf,
+    /// What Landlock can enforce here: bind rules for `addr`'s port, scopes.
+    pub landlock: crate::landlock::Support,
 }
 
 impl std::fmt::Debug for SandboxConfig {
@@ -279,12 +281,18 @@ fn sandbox_command(cfg: &SandboxConfig) -> std::io::Result<Command> {
     let mut spec = cfg.spec.clone();
     let mut pass_fds = Vec::new();
     if let Some(program) = &cfg.seccomp {
-        pass_fds.push((sys::pipe_with(program)?, SECCOMP_FD));
+        pass_fds.push((sys::sealed_file_with("nx-seccomp", program)?, SECCOMP_FD));
         spec.seccomp_fd = Some(SECCOMP_FD);
     }
+    // The app's variables reach bwrap only through this descriptor: never its
+    // own environment (its loader would act on them on the host) nor its
+    // command line (readable by every user in /proc).
+    let env = env_args(&cfg.env).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    pass_fds.push((sys::sealed_file_with("nx-env", &env)?, ENV_FD));
+    spec.env_fd = Some(ENV_FD);
     let mut cmd = Command::new(&cfg.bwrap).args(bwrap_args(&spec, &cfg.host));
     cmd.pass_fds = pass_fds;
-    cmd.env = cfg.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    cmd.env = HOST_ENV.iter().map(|(k, v)| (k.into(), v.into())).collect();
     cmd.cwd = Some(PathBuf::from("/"));
     cmd.user = Some(cfg.host_ids);
     cmd.stdout = Stream::Pipe;
@@ -293,6 +301,7 @@ fn sandbox_command(cfg: &SandboxConfig) -> std::io::Result<Command> {
     cmd.parent_death_signal = Some(Signal::SIGKILL);
     cmd.cgroup_procs = cfg.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
     cmd.rlimits = cfg.rlimits.clone();
+    cmd.landlock = cfg.landlock.ruleset(cfg.addr.port())?;
     Ok(cmd)
 }
 
@@ -410,6 +419,7 @@ mod tests {
                 dynamic: false,
                 tmp_size_bytes: 1,
                 seccomp_fd: None,
+                env_fd: None,
                 share_net: true,
                 ro_binds: vec![],
             },
@@ -426,6 +436,7 @@ mod tests {
             cgroup: None,
             rlimits: vec![],
             proc_root: "/proc".into(),
+            landlock: crate::landlock::Support::Abi(0),
         };
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }

@@ -57,7 +57,8 @@ impl RlimitResource {
 /// this process inherited or a library opened without the flag never reaches a
 /// child), drop to the target user (supplementary groups first), and last set
 /// the parent-death signal, because the kernel clears it on every credential
-/// change.
+/// change. A Landlock ruleset, if any, is applied after the user switch and
+/// before the parent-death signal.
 #[derive(Debug, Default)]
 pub struct ChildSetup {
     /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
@@ -70,6 +71,9 @@ pub struct ChildSetup {
     pub user: Option<(u32, u32)>,
     /// Signal sent to the child when the thread that spawned it exits.
     pub parent_death_signal: Option<i32>,
+    /// A Landlock ruleset ([`landlock_ruleset`]) the child restricts itself
+    /// to, after setting no_new_privs, once it runs as the target user.
+    pub landlock: Option<RawFd>,
 }
 
 impl ChildSetup {
@@ -117,6 +121,14 @@ impl ChildSetup {
                 check(unsafe { libc::setgid(gid) })?;
                 // SAFETY: as above.
                 check(unsafe { libc::setuid(uid) })?;
+            }
+            if let Some(ruleset) = self.landlock {
+                // Landlock requires no_new_privs from an unprivileged process;
+                // bwrap sets it for the app anyway.
+                // SAFETY: prctl with integer arguments only.
+                check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+                // SAFETY: landlock_restrict_self takes a descriptor and flags.
+                check(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) } as libc::c_int)?;
             }
             if let Some(sig) = self.parent_death_signal {
                 // SAFETY: prctl with integer arguments only.
@@ -225,15 +237,117 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ms: u16) -> io::Result<()> 
     }
 }
 
-/// A pipe whose read end yields `contents` and then end-of-file: how a
-/// program (a seccomp filter) is handed to a child by descriptor.
-pub fn pipe_with(contents: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
-    use std::io::Write;
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let mut write = std::fs::File::from(write);
-    // Far below the pipe's 64 KiB buffer, so this never blocks.
-    write.write_all(contents)?;
-    Ok(read)
+/// A sealed memory file holding `contents`, positioned at its start: how a
+/// program (a seccomp filter) or arguments (the app's environment) are handed
+/// to a child by descriptor. Unlike a pipe it never blocks the writer however
+/// large the contents, and its seals keep anyone who gets the descriptor from
+/// changing what the child reads.
+pub fn sealed_file_with(name: &str, contents: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    let name = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: name is a valid NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    check(fd)?;
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let mut file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    file.write_all(contents)?;
+    file.rewind()?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on a descriptor owned by `file`, integer arguments only.
+    check(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) })?;
+    Ok(file.into())
+}
+
+/// `fd` itself if its number is at least `min`, else a close-on-exec duplicate
+/// numbered `min` or above (and `fd` is closed).
+pub fn renumber_above(fd: std::os::fd::OwnedFd, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    if fd.as_raw_fd() >= min {
+        return Ok(fd);
+    }
+    let dup = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)).map_err(io::Error::from)?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) })
+}
+
+/// `struct landlock_ruleset_attr` (linux/landlock.h); older kernels accept it
+/// whole as long as the fields they do not know are zero.
+#[repr(C)]
+struct LandlockRulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+/// `struct landlock_net_port_attr`.
+#[repr(C)]
+struct LandlockNetPortAttr {
+    allowed_access: u64,
+    port: u64,
+}
+
+const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+const LANDLOCK_RULE_NET_PORT: libc::c_uint = 2;
+/// `LANDLOCK_ACCESS_NET_BIND_TCP` (ABI 4).
+pub const LANDLOCK_NET_BIND_TCP: u64 = 1 << 0;
+/// `LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET` (ABI 6).
+pub const LANDLOCK_SCOPE_ABSTRACT_UNIX: u64 = 1 << 0;
+/// `LANDLOCK_SCOPE_SIGNAL` (ABI 6).
+pub const LANDLOCK_SCOPE_SIGNAL: u64 = 1 << 1;
+
+/// The Landlock ABI version the running kernel offers, or the errno that says
+/// why there is none (`ENOSYS`: not built in, `EOPNOTSUPP`: disabled at boot).
+pub fn landlock_abi() -> Result<u32, Errno> {
+    // SAFETY: with the VERSION flag the kernel reads neither pointer nor size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<LandlockRulesetAttr>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r as u32)
+    }
+}
+
+/// A Landlock ruleset that handles `handled_net` accesses, allows TCP binds
+/// only to `bind_ports`, and applies the `scoped` restrictions. Returned as a
+/// close-on-exec descriptor for [`ChildSetup::landlock`].
+pub fn landlock_ruleset(handled_net: u64, bind_ports: &[u16], scoped: u64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let attr = LandlockRulesetAttr { handled_access_fs: 0, handled_access_net: handled_net, scoped };
+    // SAFETY: attr is a valid struct of the size given, read during the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const LandlockRulesetAttr,
+            std::mem::size_of::<LandlockRulesetAttr>(),
+            0u32,
+        )
+    };
+    check(r as libc::c_int)?;
+    // SAFETY: the kernel returned a new descriptor (close-on-exec) that nothing else owns.
+    let ruleset = unsafe { std::os::fd::OwnedFd::from_raw_fd(r as RawFd) };
+    for &port in bind_ports {
+        let rule = LandlockNetPortAttr { allowed_access: LANDLOCK_NET_BIND_TCP, port: u64::from(port) };
+        // SAFETY: rule is a valid struct read during the call; the descriptor is owned above.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset.as_raw_fd(),
+                LANDLOCK_RULE_NET_PORT,
+                &rule as *const LandlockNetPortAttr,
+                0u32,
+            )
+        };
+        check(r as libc::c_int)?;
+    }
+    Ok(ruleset)
 }
 
 /// Confines this process, every thread of it, for the rest of its life:

@@ -170,3 +170,15 @@ pub fn evil() -> PathBuf {
         run(cmd, "gcc evil.c");
     })
 }
+
+/// A shared library whose constructor appends the name of the program that
+/// loaded it to `$NX_PRELOAD_MARKER` (`tests/fixtures/evil/preload.c`): the
+/// proof, if the file appears, that a program loaded it.
+pub fn preload_marker() -> PathBuf {
+    let gcc = require_program("gcc", "gcc");
+    build_once("preload.so", &[source("evil/preload.c")], |out| {
+        let mut cmd = Command::new(gcc);
+        cmd.args(["-O2", "-shared", "-fPIC", "-o"]).arg(out).arg(source("evil/preload.c"));
+        run(cmd, "gcc -shared preload.c");
+    })
+}

@@ -164,22 +164,34 @@ impl Db {
     }
 
     /// Records a new app with the next free uid at or above `uid_base`.
+    /// The uid the next app would get: one past every uid ever handed out,
+    /// at least `uid_base`. Locks the apps table until the transaction ends,
+    /// so the uid is still free when [`Db::insert_app`] takes it.
+    pub async fn next_uid(tx: &mut Transaction<'_, Postgres>, uid_base: i64) -> Result<i64, sqlx::Error> {
+        // Serialises uid allocation; uids are never reused, even after removal.
+        sqlx::query("LOCK TABLE apps IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
+        sqlx::query_scalar(
+            "SELECT GREATEST($1, (SELECT COALESCE(MAX(uid)::bigint + 1, $1) FROM apps), \
+                                 (SELECT COALESCE(MAX(uid)::bigint + 1, $1) FROM removed_apps))",
+        )
+        .bind(uid_base)
+        .fetch_one(&mut **tx)
+        .await
+    }
+
+    /// Records an app with the uid [`Db::next_uid`] gave in the same transaction.
     pub async fn insert_app(
         tx: &mut Transaction<'_, Postgres>,
         name: &str,
-        uid_base: i32,
+        uid: u32,
         db_name: &str,
         sealed_password: &[u8],
     ) -> Result<AppRow, sqlx::Error> {
-        // Serialises uid allocation; uids are never reused, even after removal.
-        sqlx::query("LOCK TABLE apps IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
         sqlx::query_as(
-            "INSERT INTO apps (name, uid, db_name, db_role, db_password) \
-             VALUES ($1, GREATEST($2, (SELECT COALESCE(MAX(uid) + 1, $2) FROM apps), \
-                                     (SELECT COALESCE(MAX(uid) + 1, $2) FROM removed_apps)), $3, $3, $4) RETURNING *",
+            "INSERT INTO apps (name, uid, db_name, db_role, db_password) VALUES ($1, $2, $3, $3, $4) RETURNING *",
         )
         .bind(name)
-        .bind(uid_base)
+        .bind(uid as i32)
         .bind(db_name)
         .bind(sealed_password)
         .fetch_one(&mut **tx)

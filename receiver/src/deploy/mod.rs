@@ -101,6 +101,10 @@ pub struct Services {
     pub cgroups: nx_runtime::cgroup::Driver,
     /// How network isolation is enforced, for every deployment's report.
     pub network: nx_protocol::api::Enforcement,
+    /// The resolv.conf every sandbox gets (`network::Policy::resolv_conf`).
+    pub resolv_conf: String,
+    /// What Landlock enforces here (ports, abstract sockets), detected once.
+    pub landlock: nx_runtime::landlock::Support,
     pub volumes: Volumes,
     /// Tells GitHub about deployments pushed from it.
     pub reporter: crate::github::report::Reporter,

@@ -78,6 +78,36 @@ pub fn expand_arg(arg: &str, vars: &[(&str, &str)]) -> String {
     out
 }
 
+/// Creates `dir` (its parent is root's) and makes it root's with mode 0750 and
+/// group `gid`, on the open descriptor.
+fn group_only_dir(dir: &Path, gid: u32) -> Result<(), DeployError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(io_err(dir))?;
+    std::os::unix::fs::fchown(&d, Some(0), Some(gid)).map_err(io_err(dir))?;
+    d.set_permissions(std::fs::Permissions::from_mode(0o750)).map_err(io_err(dir))
+}
+
+/// Puts the stored binary at `dest` (in a root-owned directory): a hard link,
+/// or a copy where the store is on another filesystem.
+fn link_or_copy(stored: &Path, dest: &Path) -> Result<(), DeployError> {
+    match std::fs::remove_file(dest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(dest)(e)),
+        _ => {}
+    }
+    match std::fs::hard_link(stored, dest) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(stored, dest).map_err(io_err(dest))?;
+            Ok(())
+        }
+        other => other.map_err(io_err(dest)),
+    }
+}
+
 impl Deployer {
     /// The limits a deployment gets unless its app asks otherwise, and what
     /// enforces each on this host.
@@ -88,16 +118,19 @@ impl Deployer {
         report
     }
 
-    /// Isolation besides limits: the system call filter and the network.
+    /// Isolation besides limits: the system call filter, the network, ports
+    /// and abstract sockets.
     pub fn isolation(&self) -> Vec<nx_protocol::api::Enforcement> {
-        vec![
+        let mut report = vec![
             nx_protocol::api::Enforcement::enforced("syscalls", "filtered".into(), "seccomp"),
             self.services.network.clone(),
-        ]
+        ];
+        report.extend(self.services.landlock.report());
+        report
     }
 
     pub(super) async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
-        let binary = self.services.store.materialize(&row.artifact_sha256).await?;
+        let stored = self.services.store.materialize(&row.artifact_sha256).await?;
         let uid = app.uid as u32;
         let data_root = &self.services.config.data_dir;
         let app_dir = data_root.join("apps").join(&app.name);
@@ -114,16 +147,23 @@ impl Deployer {
         let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
         enforced.report.push(data_limit);
         enforced.report.push(self.services.network.clone());
+        enforced.report.extend(self.services.landlock.report());
         self.services.db.set_limits(&row.id, &enforced.report).await?;
 
-        let etc = data_root.join("run").join(&row.id).join("etc");
+        // The deployment's directory is root's and open to the app's group
+        // alone: the store is closed to app uids (a binary's digest is no
+        // secret), so the binary is reached through a link in here.
+        let run = data_root.join("run").join(&row.id);
+        group_only_dir(&run, uid)?;
+        let binary = run.join("binary");
+        link_or_copy(&stored, &binary)?;
+        let etc = run.join("etc");
         std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|_| "nameserver 1.1.1.1\n".into());
         let files = [
             ("passwd", passwd_file(&app.name)),
             ("group", group_file(&app.name)),
             ("hosts", hosts_file(&app.name)),
-            ("resolv.conf", resolv),
+            ("resolv.conf", self.services.resolv_conf.clone()),
             ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
         ];
         let mut etc_files = Vec::new();
@@ -219,6 +259,7 @@ impl Deployer {
                 dynamic: row.linkage == "dynamic",
                 tmp_size_bytes: limits.tmp_bytes,
                 seccomp_fd: None,
+                env_fd: None,
                 share_net: true,
                 ro_binds,
             },
@@ -244,6 +285,7 @@ impl Deployer {
             cgroup: Some(enforced.cgroup),
             rlimits: enforced.rlimits,
             proc_root: PathBuf::from("/proc"),
+            landlock: self.services.landlock,
         })
     }
 }
