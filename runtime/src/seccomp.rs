@@ -404,9 +404,10 @@ mod tests {
             }
         }
         let router = router_filter(Arch::X86_64);
-        // read, write, socket, connect, accept4, epoll_wait, mmap, futex.
+        // read, write, socket(AF_INET), connect, accept4, epoll_wait, mmap, futex.
         for nr in [0u32, 1, 41, 42, 288, 232, 9, 202] {
-            assert_eq!(run(&router, &Data { nr, arch: AUDIT_ARCH_X86_64, args: [0; 6] }), RET_ALLOW, "nr {nr}");
+            let args = [u64::from(libc::AF_INET as u32), 0, 0, 0, 0, 0];
+            assert_eq!(run(&router, &Data { nr, arch: AUDIT_ARCH_X86_64, args }), RET_ALLOW, "nr {nr}");
         }
     }
 
