@@ -43,8 +43,8 @@ pub fn new_deploy_key() -> Credential {
     Credential::deploy_key(&random_lower(10), &random_token(40))
 }
 
-/// Creates an app: database and role first (kept if they exist from a crash
-/// half-way), then the app row and its deploy key, committed together. The
+/// Creates an app: database and role first (both must be new: a name already
+/// in the cluster is refused, never taken over), then the app row and its deploy key, committed together. The
 /// whole creation holds a transaction-scoped advisory lock, so two concurrent
 /// creations of one name (even on two receivers) cannot touch each other's
 /// database; if recording fails, the new database is dropped again.

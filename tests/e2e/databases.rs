@@ -1,6 +1,7 @@
 //! App databases: sealed from every other tenant, backups and restores that
 //! lose nothing, previews with their own databases, and an external cluster.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nx_e2e::receiver::{psql, Options};
@@ -36,7 +37,6 @@ fn an_app_reaches_its_own_database_and_nothing_else() {
         ("another app's database", with_db(&web, "app_api")),
         ("the metadata database", with_db(&web, "nx")),
         ("the postgres database", with_db(&web, "postgres")),
-        ("the admin role", with_user(&web, "nx_admin")),
     ] {
         let err = psql(&url, "SELECT 1").expect_err(what);
         assert!(
@@ -63,6 +63,141 @@ fn an_app_reaches_its_own_database_and_nothing_else() {
     // The other app's data stays its own.
     let api = r.db_url("api");
     assert!(psql(&api, "SELECT * FROM notes").unwrap_err().contains("does not exist"));
+}
+
+#[test]
+fn the_superuser_cannot_be_tried_over_the_network_even_with_its_password() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let web = r.db_url("web");
+    let real = r.admin_url("postgres");
+    let password = real.strip_prefix("postgresql://nx_admin:").unwrap().split_once('@').unwrap().0.to_owned();
+    // As a sandbox would: TCP to 127.0.0.1, a guess, the real password, and
+    // the database named like the role (which a `samerole` rule would match).
+    for (what, url) in [
+        ("a guess", with_user(&web, "nx_admin")),
+        ("the real password", format!("postgres://nx_admin:{password}@127.0.0.1:{}/postgres", r.pg_port)),
+        ("its own name", format!("postgres://nx_admin:{password}@127.0.0.1:{}/nx_admin", r.pg_port)),
+    ] {
+        let err = psql(&url, "SELECT 1").expect_err(what);
+        assert!(
+            err.contains("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"nx_admin\""),
+            "{what}: {err}"
+        );
+    }
+    // Over its socket, which only root and the cluster's user can enter, it logs in.
+    assert_eq!(psql(&real, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user").unwrap(), "t");
+}
+
+/// Whether `role` is a superuser, as the cluster says.
+fn is_superuser(r: &Receiver, role: &str) -> String {
+    psql(&r.admin_url("postgres"), &format!("SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'")).unwrap()
+}
+
+/// The roles the platform makes for one restore or dump, left in the cluster.
+fn operation_roles(r: &Receiver) -> String {
+    let sql = "SELECT coalesce(string_agg(rolname, ','), '') FROM pg_roles WHERE rolname LIKE '%\\_\\_%'";
+    psql(&r.admin_url("postgres"), sql).unwrap()
+}
+
+/// A backup of `app` written by `nx db backup` itself, with the text of a
+/// table comment replaced by `payload` of the same length: a dump anyone with
+/// the app's deploy key can make and upload.
+fn crafted_dump(r: &Receiver, app: &str, tag: usize, payload: &str) -> PathBuf {
+    let padding = "x".repeat(400);
+    psql(
+        &r.db_url(app),
+        &format!("CREATE TABLE IF NOT EXISTS carrier (x int); COMMENT ON TABLE carrier IS '{padding}'"),
+    )
+    .unwrap();
+    let clean = r.dir.path().join(format!("{app}-clean.dump"));
+    r.nx(&["db", "backup", app, "-o", clean.to_str().unwrap()]).success();
+    let mut bytes = std::fs::read(&clean).unwrap();
+    let entry = format!("COMMENT ON TABLE public.carrier IS '{padding}';");
+    let at = bytes.windows(entry.len()).position(|w| w == entry.as_bytes()).expect("the comment's TOC entry");
+    assert!(payload.len() <= entry.len(), "payload too long");
+    let replacement = format!("{payload:<width$}", width = entry.len());
+    bytes[at..at + entry.len()].copy_from_slice(replacement.as_bytes());
+    let crafted = r.dir.path().join(format!("crafted-{tag}.dump"));
+    std::fs::write(&crafted, bytes).unwrap();
+    crafted
+}
+
+fn restore(r: &Receiver, app: &str, dump: &Path) -> nx_e2e::receiver::NxOutput {
+    r.nx(&["db", "restore", app, dump.to_str().unwrap()])
+}
+
+#[test]
+fn a_crafted_dump_can_do_no_more_than_the_app_itself() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.create_app("api");
+    psql(&r.db_url("web"), "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('web before')").unwrap();
+    psql(&r.db_url("api"), "CREATE TABLE secrets (t text); INSERT INTO secrets VALUES ('api only')").unwrap();
+    // Where the cluster's user could write, were the program run.
+    let marker = std::env::temp_dir().join(format!("nx-copy-to-program-{}", std::process::id()));
+    let refused = [
+        (
+            "RESET ROLE; ALTER ROLE app_web SUPERUSER; --",
+            "must be superuser to alter superuser roles or change superuser attribute",
+        ),
+        ("SET SESSION AUTHORIZATION nx_admin; ALTER ROLE app_web SUPERUSER;", "permission denied to set session authorization"),
+        ("RESET SESSION AUTHORIZATION; ALTER ROLE app_web SUPERUSER;", "must be superuser to alter superuser roles"),
+        (
+            &*format!("COPY (SELECT 1) TO PROGRAM 'touch {}';", marker.display()),
+            "must be superuser or have privileges of the pg_execute_server_program role to COPY to or from an external program",
+        ),
+        ("CREATE EXTENSION dblink SCHEMA public;", "permission denied to create extension \"dblink\""),
+        ("ALTER ROLE app_api PASSWORD 'known';", "permission denied"),
+        ("GRANT pg_read_server_files TO app_web;", "must have admin option on role \"pg_read_server_files\""),
+    ];
+    for (tag, (payload, error)) in refused.into_iter().enumerate() {
+        let dump = crafted_dump(&r, "web", tag, payload);
+        let out = restore(&r, "web", &dump);
+        assert_eq!(out.code, 1, "{payload}: {out:?}");
+        assert!(
+            out.stderr.contains("the dump could not be restored, so nothing was changed"),
+            "{payload}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(error), "{payload}: {}", out.stderr);
+        assert_eq!(is_superuser(&r, "app_web"), "f", "{payload}");
+        assert_eq!(psql(&r.db_url("web"), "SELECT string_agg(t, ',') FROM notes").unwrap(), "web before", "{payload}");
+        assert_eq!(operation_roles(&r), "", "{payload}: no staging or dump role is left");
+    }
+    assert!(!marker.exists(), "no program ran");
+    assert_eq!(psql(&r.db_url("api"), "SELECT string_agg(t, ',') FROM secrets").unwrap(), "api only");
+    assert_eq!(is_superuser(&r, "app_api"), "f");
+
+    // A SECURITY DEFINER function restores, and runs as the app: the role it
+    // was restored by is gone, and the superuser never owned it.
+    let definer =
+        "CREATE FUNCTION public.whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT current_user::text';";
+    let dump = crafted_dump(&r, "web", 100, definer);
+    restore(&r, "web", &dump).success();
+    let web = r.db_url("web");
+    assert_eq!(psql(&web, "SELECT public.whoami()").unwrap(), "app_web");
+    let owners = "SELECT string_agg(DISTINCT pg_get_userbyid(relowner), ',') FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+    assert_eq!(psql(&web, owners).unwrap(), "app_web", "every restored object belongs to the app");
+    let owner =
+        psql(&r.admin_url("postgres"), "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app_web'");
+    assert_eq!(owner.unwrap(), "app_web");
+    assert_eq!(is_superuser(&r, "app_web"), "f");
+    assert_eq!(operation_roles(&r), "");
+
+    // Another app's dump: web gets a copy of the rows, api keeps its own and
+    // is reached by nothing of web's.
+    let api_dump = r.dir.path().join("api.dump");
+    r.nx(&["db", "backup", "api", "-o", api_dump.to_str().unwrap()]).success();
+    restore(&r, "web", &api_dump).success();
+    psql(&web, "UPDATE secrets SET t = 'changed by web'").unwrap();
+    assert_eq!(psql(&r.db_url("api"), "SELECT string_agg(t, ',') FROM secrets").unwrap(), "api only");
+    assert_eq!(
+        psql(&web, "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'secrets'").unwrap(),
+        "app_web"
+    );
+    let databases = psql(&r.admin_url("postgres"), "SELECT string_agg(datname, ',') FROM pg_database").unwrap();
+    assert!(!databases.contains("__"), "no staging database is left: {databases}");
 }
 
 /// The spare databases of the cluster, sorted.
@@ -203,7 +338,7 @@ fn previews_get_their_own_database_which_goes_when_they_stop_or_are_promoted() {
     r.nx(&["apps", "set", "web", "--preview-db", "copy"]).success();
     let copy = r.push("web", &hello, &["--pr", "7"]);
     let db = copy["database"].as_str().expect("a preview database").to_owned();
-    assert!(db.starts_with("app_web_"), "{db}");
+    assert!(db.starts_with("prv_web_"), "{db}");
     let body = r.get(copy["preview_url"].as_str().unwrap()).body;
     let n: i64 = body.trim().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n > main_rows, "the copy holds production's rows: {body}");

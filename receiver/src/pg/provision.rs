@@ -30,6 +30,8 @@ const SPARE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('nx.spares'))";
 pub enum ProvisionError {
     #[error("cannot {action} for {database}: {source}")]
     Sql { action: &'static str, database: String, source: sqlx::Error },
+    #[error("a {kind} named {name} already exists in the cluster and nothing was changed; if no app or preview uses it, it is a leftover: drop it (DROP DATABASE / DROP ROLE) and try again")]
+    Exists { kind: &'static str, name: String },
 }
 
 fn quote_ident(name: &str) -> String {
@@ -44,21 +46,86 @@ async fn exists(admin: &mut PgConnection, query: &'static str, name: &str) -> Re
     sqlx::query_scalar(query).bind(name).fetch_one(&mut *admin).await.map_err(sql("look up existing objects", name))
 }
 
-/// Creates (or, after a crash half-way, completes) the role and the database.
-/// An existing database is kept as it is, so nothing is ever lost here.
-pub async fn create_app_database(admin: &mut PgConnection, name: &str, password: &str) -> Result<(), ProvisionError> {
-    let ident = quote_ident(name);
+/// The attributes of every role an app or the platform logs in with for it:
+/// none that reaches past its own objects.
+const PLAIN_ROLE: &str = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
+
+/// Creates a new login role `name` with `password` (sent as a SCRAM verifier)
+/// and `extra` attributes; an existing role of that name is an error, so no
+/// creation ever takes over a role it did not make.
+async fn create_role(admin: &mut PgConnection, name: &str, password: &str, extra: &str) -> Result<(), ProvisionError> {
     let salt: [u8; 16] = rand::random();
     let verifier = scram::verifier(password, &salt);
-    // The verifier is safe to inline: base64 and '$' ':' only, no quotes.
-    let attrs = format!(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {CONNECTION_LIMIT} PASSWORD '{verifier}'"
-    );
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
-    let role_exists = exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", name).await?;
-    let verb = if role_exists { "ALTER" } else { "CREATE" };
-    admin.execute(format!("{verb} ROLE {ident} {attrs}").as_str()).await.map_err(sql("create the role", name))?;
-    ensure_database(admin, name, Some(name)).await
+    if exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", name).await? {
+        return Err(ProvisionError::Exists { kind: "role", name: name.to_owned() });
+    }
+    // The verifier is safe to inline: base64 and '$' ':' only, no quotes.
+    let create = format!("CREATE ROLE {} {PLAIN_ROLE} {extra} PASSWORD '{verifier}'", quote_ident(name));
+    admin.execute(create.as_str()).await.map_err(sql("create the role", name))?;
+    Ok(())
+}
+
+/// Creates the role and the database of an app (or of a preview, a restore's
+/// staging copy, a verification): both must be new. A name already taken is
+/// an error that changes nothing, never a takeover of what is there.
+pub async fn create_app_database(admin: &mut PgConnection, name: &str, password: &str) -> Result<(), ProvisionError> {
+    admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
+    if exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).await? {
+        return Err(ProvisionError::Exists { kind: "database", name: name.to_owned() });
+    }
+    create_role(admin, name, password, &format!("CONNECTION LIMIT {CONNECTION_LIMIT}")).await?;
+    let created = ensure_database(admin, name, Some(name)).await;
+    if created.is_err() {
+        let _ = admin.execute(format!("DROP ROLE IF EXISTS {}", quote_ident(name)).as_str()).await;
+    }
+    created
+}
+
+/// Creates a login role that holds the rights of `app_role` and nothing more,
+/// for the platform's own sessions in the app's database (pg_dump): they are
+/// not counted against the app's connection limit, and what the app's data
+/// makes them do, the app could do itself. It expires within the hour should
+/// the platform die before dropping it.
+pub async fn create_member_role(
+    admin: &mut PgConnection,
+    name: &str,
+    password: &str,
+    app_role: &str,
+) -> Result<(), ProvisionError> {
+    let extra = format!("CONNECTION LIMIT 2 VALID UNTIL '{}' IN ROLE {}", valid_until(), quote_ident(app_role));
+    create_role(admin, name, password, &extra).await
+}
+
+/// An hour from now, as a timestamp literal PostgreSQL reads.
+fn valid_until() -> String {
+    (chrono::Utc::now() + chrono::Duration::hours(1)).format("%Y-%m-%d %H:%M:%S+00").to_string()
+}
+
+/// Drops a login role made by `create_member_role`.
+pub async fn drop_role(admin: &mut PgConnection, name: &str) -> Result<(), ProvisionError> {
+    admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
+    admin
+        .execute(format!("DROP ROLE IF EXISTS {}", quote_ident(name)).as_str())
+        .await
+        .map_err(sql("drop the role", name))?;
+    Ok(())
+}
+
+/// Gives everything `from` owns in the database `conn` is connected to, and
+/// the database itself, to `to`, and drops what else `from` holds there
+/// (privileges, default privileges), so `from` can be dropped. Runs no code of
+/// the database's: ownership changes call no function.
+pub async fn hand_over(conn: &mut PgConnection, from: &str, to: &str) -> Result<(), ProvisionError> {
+    conn.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", from))?;
+    let (from_i, to_i) = (quote_ident(from), quote_ident(to));
+    conn.execute(format!("REASSIGN OWNED BY {from_i} TO {to_i}").as_str())
+        .await
+        .map_err(sql("give the restored objects to the app's role", from))?;
+    conn.execute(format!("DROP OWNED BY {from_i}").as_str())
+        .await
+        .map_err(sql("drop what is left of the staging role", from))?;
+    Ok(())
 }
 
 /// Creates database `name` unless it exists (owned by `owner`, or by the admin
@@ -166,13 +233,6 @@ pub async fn close_to_public(admin: &mut PgConnection, databases: &[&str]) -> Re
             .map_err(sql("revoke public access", name))?;
     }
     Ok(())
-}
-
-/// Creates database `name` owned by the existing role `owner` (a restore's
-/// staging database), closed to PUBLIC.
-pub async fn create_database_owned_by(admin: &mut PgConnection, name: &str, owner: &str) -> Result<(), ProvisionError> {
-    admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
-    ensure_database(admin, name, Some(owner)).await
 }
 
 /// Drops the database and the role of the same name, if there is one. Used to
