@@ -105,7 +105,7 @@ impl Databases {
         let name = preview_database_name(&app.db_name, deployment);
         let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
-        provision::create_app_database(&mut admin, &name, &password).await?;
+        provision::create_app_database(&mut admin, &name, &password, self.cluster.limits()).await?;
         self.cluster.refill_spares();
         if mode == PreviewDb::Copy {
             let login = own_login(&name, &password);
@@ -162,7 +162,7 @@ impl Databases {
         let scratch = format!("{}__verify_{}", app.db_name, random_lower(6));
         let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
-        provision::create_app_database(&mut admin, &scratch, &password).await?;
+        provision::create_app_database(&mut admin, &scratch, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
         let restored = self.cluster.tools().restore(file, &own_login(&scratch, &password)).await;
         provision::drop_app_database(&mut admin, &scratch).await?;
@@ -184,7 +184,7 @@ impl Databases {
         let mut admin = self.cluster.admin_connection("postgres").await?;
         // Left over from a restore that died half-way.
         provision::drop_app_database(&mut admin, &staging).await?;
-        provision::create_app_database(&mut admin, &staging, &password).await?;
+        provision::create_app_database(&mut admin, &staging, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
         if let Err(e) = self.cluster.tools().restore(file, &own_login(&staging, &password)).await {
             let _ = provision::drop_app_database(&mut admin, &staging).await;

@@ -381,3 +381,149 @@ fn an_external_cluster_given_by_database_url_works_the_same() {
     let dump = r.dir.path().join("ext.dump");
     r.nx(&["db", "backup", "web", "-o", dump.to_str().unwrap()]).success();
 }
+
+/// The app's entry in `nx apps ls --json`.
+fn app_info(r: &Receiver, app: &str) -> serde_json::Value {
+    let list = r.nx(&["--json", "apps", "ls"]).success().json();
+    list.as_array().unwrap().iter().find(|a| a["name"] == app).cloned().expect("the app is listed")
+}
+
+#[test]
+fn one_app_cannot_starve_the_others_through_the_database() {
+    let mut r = Receiver::start_with(Options {
+        env: [
+            ("NX_DB_MAX_CONNECTIONS", "100"),
+            ("NX_DB_RESERVED_CONNECTIONS", "50"),
+            ("NX_DB_APP_CONNECTIONS", "20"),
+            ("NX_DB_STATEMENT_TIMEOUT", "2s"),
+            ("NX_DB_TEMP_FILE_LIMIT", "1MiB"),
+            ("NX_DB_QUOTA", "24MiB"),
+            ("NX_DB_WATCHDOG_INTERVAL", "300ms"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Options::default()
+    });
+    // Connections: two apps of 20 fit in 100 less 50 reserved; a third does not.
+    r.create_app("web");
+    r.create_app("api");
+    let out = r.nx(&["apps", "create", "big"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("no database connections are left for app_big")
+            && out.stderr.contains("hold 40 of the cluster's max_connections of 100, 50 are reserved")
+            && out.stderr.contains("--db-max-connections"),
+        "{}",
+        out.stderr
+    );
+    let admin = r.admin_url("postgres");
+    let roles = psql(&admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_big'").unwrap();
+    assert_eq!(roles, "0", "a refused app leaves no role behind");
+
+    // temp_file_limit: set on the role, and the app can lift it neither for
+    // its session nor for its role.
+    let web = r.db_url("web");
+    assert_eq!(psql(&web, "SHOW temp_file_limit").unwrap(), "1MB");
+    for sql in ["SET temp_file_limit = '10GB'", "ALTER ROLE app_web SET temp_file_limit = '10GB'"] {
+        let err = psql(&web, sql).unwrap_err();
+        assert!(err.contains("permission denied to set parameter \"temp_file_limit\""), "{sql}: {err}");
+    }
+    let sort =
+        "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT g FROM generate_series(1, 500000) g ORDER BY g DESC) s";
+    let err = psql(&web, sort).unwrap_err();
+    assert!(err.contains("temporary file size exceeds temp_file_limit (1024kB)"), "{err}");
+
+    // Statement time: the app turns its own timeout off, the watchdog cancels
+    // the statement anyway.
+    let started = std::time::Instant::now();
+    let err = psql(&web, "SET statement_timeout = 0; SELECT pg_sleep(60)").unwrap_err();
+    let took = started.elapsed();
+    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(20), "{took:?}");
+
+    // Size: over the quota the app reads but its sessions start read-only.
+    let api = r.db_url("api");
+    // Rows of 1 kB are stored as they are, uncompressed; a session writing
+    // when the quota is crossed is ended, and its transaction with it.
+    psql(&api, "CREATE TABLE big (t text)").unwrap();
+    let fill = "INSERT INTO big SELECT repeat('x', 1000) FROM generate_series(1, 5000)";
+    let mut committed = 0;
+    eventually(60, "api read-only", || {
+        if psql(&api, fill).is_ok() {
+            committed += 5000;
+        }
+        (app_info(&r, "api")["database_quota"] == "read-only").then_some(())
+    });
+    assert!(app_info(&r, "web").get("database_quota").is_none(), "the neighbour is not affected");
+    let err = psql(&api, "INSERT INTO big VALUES ('y')").unwrap_err();
+    assert!(err.contains("cannot execute INSERT in a read-only transaction"), "{err}");
+    assert_eq!(psql(&api, "SELECT count(*) FROM big").unwrap(), committed.to_string());
+    psql(&web, "CREATE TABLE ok (x int); INSERT INTO ok VALUES (1)").unwrap();
+
+    // An app that lifts read-only and goes on writing loses its login; what
+    // it committed stays.
+    let lifted = format!("{api}?options=-cdefault_transaction_read_only%3Doff");
+    assert_eq!(psql(&lifted, "SHOW transaction_read_only").unwrap(), "off", "an app can lift read-only");
+    let read_only_rows = committed;
+    eventually(60, "api locked", || {
+        if psql(&lifted, fill).is_ok() {
+            committed += 5000;
+        }
+        (app_info(&r, "api")["database_quota"] == "locked").then_some(())
+    });
+    assert!(committed > read_only_rows, "the lifted writes went through until the lock");
+    let err = psql(&api, "SELECT 1").unwrap_err();
+    assert!(err.contains("role \"app_api\" is not permitted to log in"), "{err}");
+    let rows = psql(&r.admin_url("app_api"), "SELECT count(*) FROM big").unwrap();
+    assert_eq!(rows, committed.to_string(), "nothing is deleted");
+
+    // A larger quota gives everything back.
+    r.options.env.push(("NX_DB_QUOTA".into(), "1GiB".into()));
+    r.restart();
+    eventually(30, "api writable again", || psql(&api, "INSERT INTO big VALUES ('z')").ok());
+    assert!(app_info(&r, "api").get("database_quota").is_none());
+}
+
+#[test]
+fn preview_and_app_database_names_never_meet_and_creation_takes_over_nothing() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let preview = r.push("web", &bin("hello"), &["--pr", "3"]);
+    let id = preview["id"].as_str().unwrap().to_owned();
+    let db = preview["database"].as_str().unwrap().to_owned();
+    assert_eq!(db, format!("prv_web_{id}"));
+    let visits_before = r.get(preview["preview_url"].as_str().unwrap()).body;
+
+    // The app whose database name a preview used to share.
+    r.create_app(&format!("web-{id}"));
+    let twin = r.db_url(&format!("web-{id}"));
+    assert_eq!(psql(&twin, "SELECT current_database()").unwrap(), format!("app_web_{id}"));
+    assert!(
+        psql(&twin, "SELECT count(*) FROM visits").unwrap_err().contains("does not exist"),
+        "a database of its own"
+    );
+    let body = r.get(preview["preview_url"].as_str().unwrap()).body;
+    assert_ne!(body, visits_before, "the preview still counts on its own database: {body}");
+
+    // A database already there under an app's name is refused, not taken over.
+    let admin = r.admin_url("postgres");
+    psql(&admin, "CREATE DATABASE app_stray").unwrap();
+    psql(&r.admin_url("app_stray"), "CREATE TABLE keep (x int); INSERT INTO keep VALUES (7)").unwrap();
+    let out = r.nx(&["apps", "create", "stray"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("a database named app_stray already exists in the cluster and nothing was changed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(psql(&r.admin_url("app_stray"), "SELECT x FROM keep").unwrap(), "7");
+    assert_eq!(psql(&admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_stray'").unwrap(), "0");
+    // So is a role of that name (whose password creation used to reset).
+    psql(&admin, "CREATE ROLE app_lone LOGIN").unwrap();
+    let out = r.nx(&["apps", "create", "lone"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("a role named app_lone already exists"), "{}", out.stderr);
+    assert_eq!(psql(&admin, "SELECT count(*) FROM pg_database WHERE datname = 'app_lone'").unwrap(), "0");
+}

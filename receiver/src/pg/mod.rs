@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod provision;
 pub mod scram;
 pub mod tools;
+pub mod watchdog;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -51,6 +52,10 @@ pub struct Cluster {
     embedded: Option<Embedded>,
     /// How many spare databases to keep ready.
     spares: usize,
+    /// What each app's role may use of the cluster.
+    limits: provision::Limits,
+    /// Where app databases stand against their quota, kept by the watchdog.
+    quotas: watchdog::QuotaStates,
 }
 
 impl Cluster {
@@ -73,6 +78,8 @@ impl Cluster {
                     endpoint,
                     embedded: None,
                     spares: config.spare_databases,
+                    limits: limits(config),
+                    quotas: watchdog::QuotaStates::default(),
                 }
             }
             None => {
@@ -85,12 +92,21 @@ impl Cluster {
                     port: config.pg_port,
                     ids,
                     log_path: data_dir.join("logs/postgres.log"),
+                    max_connections: config.db_max_connections,
                 };
                 let admin = ec.admin_options(admin_password);
                 let endpoint = AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port };
                 let tools = tools::PgTools::new(ec.bin.clone(), endpoint.clone(), pm.clone());
                 let embedded = Embedded::start(pm, ec, admin_password, log).await?;
-                Cluster { admin, endpoint, tools, embedded: Some(embedded), spares: config.spare_databases }
+                Cluster {
+                    admin,
+                    endpoint,
+                    tools,
+                    embedded: Some(embedded),
+                    spares: config.spare_databases,
+                    limits: limits(config),
+                    quotas: watchdog::QuotaStates::default(),
+                }
             }
         };
         Ok(cluster)
@@ -152,6 +168,14 @@ impl Cluster {
         &self.endpoint
     }
 
+    pub fn quota_states(&self) -> &watchdog::QuotaStates {
+        &self.quotas
+    }
+
+    pub fn limits(&self) -> &provision::Limits {
+        &self.limits
+    }
+
     pub fn tools(&self) -> &tools::PgTools {
         &self.tools
     }
@@ -161,6 +185,16 @@ impl Cluster {
         if let Some(e) = self.embedded {
             e.stop().await;
         }
+    }
+}
+
+/// The limits of app roles the configuration asks for.
+fn limits(config: &ServeConfig) -> provision::Limits {
+    provision::Limits {
+        connections: config.db_app_connections,
+        reserved: config.db_reserved_connections,
+        temp_file_limit_kb: config.db_temp_file_limit.div_ceil(1024),
+        statement_timeout_ms: config.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
     }
 }
 

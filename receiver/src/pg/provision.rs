@@ -12,8 +12,83 @@ use sqlx::{Executor, PgConnection};
 
 use super::scram;
 
-/// Connections one app may hold at once; the platform keeps the rest.
-pub const CONNECTION_LIMIT: u32 = 20;
+/// Connections of the roles the platform makes for one restore or
+/// verification: pg_restore needs one.
+const OPERATION_CONNECTIONS: u32 = 2;
+
+/// What the role of an app (or of a preview's database) may use of the
+/// cluster. All are set by the superuser on the role: `temp_file_limit` is a
+/// superuser-only setting, so the app cannot lift it; `statement_timeout` is
+/// only the role's default, the watchdog enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections one app may hold at once.
+    pub connections: u32,
+    /// Connections no app may take, for the platform.
+    pub reserved: u32,
+    pub temp_file_limit_kb: u64,
+    pub statement_timeout_ms: u64,
+}
+
+impl Limits {
+    /// The limits of a role made for one restore or verification.
+    pub fn for_operation(&self) -> Limits {
+        Limits { connections: OPERATION_CONNECTIONS, ..self.clone() }
+    }
+}
+
+/// Serialises the connection budget check with the role it admits, across
+/// receivers sharing one cluster.
+const BUDGET_LOCK: &str = "SELECT pg_advisory_lock(hashtext('nx.connections'))";
+const BUDGET_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('nx.connections'))";
+
+/// What the roles of apps and previews hold of the cluster's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_connections: u32,
+    pub held: u32,
+}
+
+/// The cluster's `max_connections` and the connection limits its plain roles
+/// hold (superusers and roles without a limit are the operator's own).
+async fn budget(admin: &mut PgConnection) -> Result<Budget, ProvisionError> {
+    let (max, held): (i32, i64) = sqlx::query_as(
+        "SELECT current_setting('max_connections')::int, \
+         coalesce(sum(rolconnlimit) FILTER (WHERE rolconnlimit > 0 AND NOT rolsuper), 0)::bigint FROM pg_roles",
+    )
+    .fetch_one(&mut *admin)
+    .await
+    .map_err(sql("count connections", "the cluster"))?;
+    Ok(Budget { max_connections: max.max(0) as u32, held: held.clamp(0, u32::MAX as i64) as u32 })
+}
+
+/// Refuses a role of `want` connections when the roles already there and the
+/// platform's reserve would not leave them.
+fn admit(budget: Budget, want: u32, reserved: u32, name: &str) -> Result<(), ProvisionError> {
+    if u64::from(budget.held) + u64::from(want) + u64::from(reserved) > u64::from(budget.max_connections) {
+        return Err(ProvisionError::Connections {
+            name: name.to_owned(),
+            want,
+            held: budget.held,
+            max: budget.max_connections,
+            reserved,
+        });
+    }
+    Ok(())
+}
+
+/// Sets the limits of `role` that are settings (rather than attributes).
+pub async fn apply_limits(admin: &mut PgConnection, role: &str, limits: &Limits) -> Result<(), ProvisionError> {
+    let ident = quote_ident(role);
+    for statement in [
+        format!("ALTER ROLE {ident} CONNECTION LIMIT {}", limits.connections),
+        format!("ALTER ROLE {ident} SET temp_file_limit = '{}kB'", limits.temp_file_limit_kb),
+        format!("ALTER ROLE {ident} SET statement_timeout = '{}ms'", limits.statement_timeout_ms),
+    ] {
+        admin.execute(statement.as_str()).await.map_err(sql("set the role's limits", role))?;
+    }
+    Ok(())
+}
 
 /// Names of the empty databases kept ready for the next app or preview.
 /// `CREATE DATABASE` creates a file per catalog relation, some 300 of them,
@@ -30,6 +105,8 @@ const SPARE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('nx.spares'))";
 pub enum ProvisionError {
     #[error("cannot {action} for {database}: {source}")]
     Sql { action: &'static str, database: String, source: sqlx::Error },
+    #[error("no database connections are left for {name}: the roles of apps and previews hold {held} of the cluster's max_connections of {max}, {reserved} are reserved for the platform (--db-reserved-connections), and it needs {want}; raise --db-max-connections (NX_DB_MAX_CONNECTIONS), lower --db-app-connections, or remove apps or previews with databases of their own")]
+    Connections { name: String, want: u32, held: u32, max: u32, reserved: u32 },
     #[error("a {kind} named {name} already exists in the cluster and nothing was changed; if no app or preview uses it, it is a leftover: drop it (DROP DATABASE / DROP ROLE) and try again")]
     Exists { kind: &'static str, name: String },
 }
@@ -69,13 +146,31 @@ async fn create_role(admin: &mut PgConnection, name: &str, password: &str, extra
 /// Creates the role and the database of an app (or of a preview, a restore's
 /// staging copy, a verification): both must be new. A name already taken is
 /// an error that changes nothing, never a takeover of what is there.
-pub async fn create_app_database(admin: &mut PgConnection, name: &str, password: &str) -> Result<(), ProvisionError> {
+///
+/// The role's connection limit must fit the cluster's budget, and it gets the
+/// `limits` a role cannot lift itself.
+pub async fn create_app_database(
+    admin: &mut PgConnection,
+    name: &str,
+    password: &str,
+    limits: &Limits,
+) -> Result<(), ProvisionError> {
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;
     if exists(admin, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).await? {
         return Err(ProvisionError::Exists { kind: "database", name: name.to_owned() });
     }
-    create_role(admin, name, password, &format!("CONNECTION LIMIT {CONNECTION_LIMIT}")).await?;
-    let created = ensure_database(admin, name, Some(name)).await;
+    admin.execute(BUDGET_LOCK).await.map_err(sql("take the connection budget lock", name))?;
+    let role = async {
+        admit(budget(admin).await?, limits.connections, limits.reserved, name)?;
+        create_role(admin, name, password, &format!("CONNECTION LIMIT {}", limits.connections)).await
+    }
+    .await;
+    let _ = admin.execute(BUDGET_UNLOCK).await;
+    role?;
+    let created = match apply_limits(admin, name, limits).await {
+        Ok(()) => ensure_database(admin, name, Some(name)).await,
+        Err(e) => Err(e),
+    };
     if created.is_err() {
         let _ = admin.execute(format!("DROP ROLE IF EXISTS {}", quote_ident(name)).as_str()).await;
     }
@@ -258,6 +353,18 @@ pub async fn ensure_metadata_database(admin: &mut PgConnection, name: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_is_admitted_only_within_the_budget() {
+        let budget = Budget { max_connections: 100, held: 60 };
+        assert!(admit(budget, 20, 20, "app_web").is_ok(), "exactly full is fine");
+        let err = admit(budget, 21, 20, "app_web").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ProvisionError::Connections { want: 21, held: 60, max: 100, reserved: 20, .. }));
+        assert!(text.contains("--db-max-connections") && text.contains("app_web"), "{text}");
+        // Overflow does not wrap into admission.
+        assert!(admit(Budget { max_connections: u32::MAX, held: u32::MAX }, 1, 0, "x").is_err());
+    }
 
     #[test]
     fn identifiers_are_quoted() {

@@ -1,0 +1,210 @@
+//! The database watchdog: what PostgreSQL lets an app lift, enforced from
+//! outside. Every interval it cancels statements of app roles that ran longer
+//! than the cap (`statement_timeout` is the app's to change), and holds every
+//! app database to its size quota.
+//!
+//! Over the quota, the app's sessions are ended and its role's new sessions
+//! start read-only (`default_transaction_read_only`, which an app can lift
+//! again: that stage is for well-behaved apps, which see clear errors on
+//! writes and keep reading). If the database still grows by more than the
+//! grace after that, the role loses `LOGIN` (only a role with CREATEROLE can
+//! give it back) and its sessions are ended. Under the quota again, both are
+//! undone. Nothing is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::{Executor, PgConnection};
+use tokio::sync::watch;
+
+use super::provision::{self, Limits, ProvisionError};
+use super::Cluster;
+
+/// Roles and databases of apps and of previews with their own database; the
+/// platform's staging, verification and dump roles contain `__`.
+const APP_ROLE: &str = "rolname ~ '^(app|prv)_' AND rolname !~ '__'";
+
+/// What the watchdog holds an app to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchdogSettings {
+    pub interval: Duration,
+    pub statement_timeout: Duration,
+    pub quota: u64,
+}
+
+/// Where an app database stands against its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaState {
+    /// Over the quota: new sessions are read-only.
+    ReadOnly { size: u64 },
+    /// Grew past the grace while read-only: its role cannot log in.
+    Locked { size: u64 },
+}
+
+/// The quota states by database name, for `nx status` and app info.
+#[derive(Debug, Clone, Default)]
+pub struct QuotaStates(Arc<Mutex<HashMap<String, QuotaState>>>);
+
+impl QuotaStates {
+    pub fn get(&self, database: &str) -> Option<QuotaState> {
+        self.lock().get(database).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, QuotaState>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How much an over-quota database may still grow before its role is locked
+/// out: room for what PostgreSQL itself writes (visibility maps, free space
+/// maps) but not for an app that lifted read-only and went on.
+fn grace(quota: u64) -> u64 {
+    (quota / 100).max(16 << 20)
+}
+
+/// Runs until `stop` says so; a failed round is logged and the next one tries
+/// again on a new connection.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    settings: WatchdogSettings,
+    states: QuotaStates,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conn: Option<PgConnection> = None;
+    let mut reconciled = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = stop.changed() => return,
+        }
+        if conn.is_none() {
+            match cluster.admin_connection("postgres").await {
+                Ok(mut c) => {
+                    if c.execute("SET search_path = pg_catalog").await.is_ok() {
+                        conn = Some(c);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the database watchdog cannot connect"),
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        if !reconciled {
+            match reconcile(c, cluster.limits()).await {
+                Ok(()) => reconciled = true,
+                Err(e) => tracing::warn!(error = %e, "cannot give the roles of existing apps their limits"),
+            }
+        }
+        let round = async {
+            cancel_long_statements(c, settings.statement_timeout).await?;
+            hold_quotas(c, settings.quota, &states).await
+        };
+        if let Err(e) = round.await {
+            tracing::warn!(error = %e, "database watchdog round failed");
+            conn = None;
+        }
+    }
+}
+
+/// Gives the roles of apps made before (or under other settings) the limits
+/// configured now.
+async fn reconcile(c: &mut PgConnection, limits: &Limits) -> Result<(), ProvisionError> {
+    let roles: Vec<String> = sqlx::query_scalar(&format!("SELECT rolname::text FROM pg_roles WHERE {APP_ROLE}"))
+        .fetch_all(&mut *c)
+        .await
+        .map_err(|source| ProvisionError::Sql { action: "list", database: "the app roles".into(), source })?;
+    for role in roles {
+        provision::apply_limits(c, &role, limits).await?;
+    }
+    Ok(())
+}
+
+/// Cancels statements of app roles older than `cap`; one that outlives twice
+/// the cap (a cancel can be held off in some C code) has its session ended.
+async fn cancel_long_statements(c: &mut PgConnection, cap: Duration) -> Result<(), sqlx::Error> {
+    let ms = cap.as_millis().min(i64::MAX as u128) as i64;
+    let stopped: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT usename::text, CASE WHEN now() - query_start > 2 * $1 * interval '1 millisecond' \
+                THEN 'ended: ' || pg_terminate_backend(pid)::text \
+                ELSE 'cancelled: ' || pg_cancel_backend(pid)::text END \
+         FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid \
+         WHERE {APP_ROLE} AND state = 'active' AND now() - query_start > $1 * interval '1 millisecond'"
+    ))
+    .bind(ms)
+    .fetch_all(&mut *c)
+    .await?;
+    for (role, what) in stopped {
+        tracing::warn!(role, what, limit_ms = ms, "an app's statement ran over the time limit");
+    }
+    Ok(())
+}
+
+/// Compares every app database with the quota and moves it between states.
+async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> Result<(), sqlx::Error> {
+    let sizes: Vec<(String, i64, bool)> = sqlx::query_as(&format!(
+        "SELECT rolname::text, pg_database_size(d.oid), rolcanlogin FROM pg_database d \
+         JOIN pg_roles r ON r.rolname = d.datname WHERE {APP_ROLE}"
+    ))
+    .fetch_all(&mut *c)
+    .await?;
+    let before = states.lock().clone();
+    let mut now = HashMap::new();
+    for (name, size, can_login) in sizes {
+        let size = size.max(0) as u64;
+        let ident = format!("\"{}\"", name.replace('"', "\"\""));
+        let state = match before.get(&name) {
+            _ if size <= quota => {
+                if before.contains_key(&name) || !can_login {
+                    c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
+                    c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
+                    tracing::info!(database = name, size, quota, "app database under its quota again: writes allowed");
+                }
+                continue;
+            }
+            None if can_login => {
+                c.execute(format!("ALTER ROLE {ident} SET default_transaction_read_only = on").as_str()).await?;
+                end_sessions(c, &name).await?;
+                tracing::warn!(database = name, size, quota, "app database over its quota: read-only");
+                QuotaState::ReadOnly { size }
+            }
+            Some(QuotaState::ReadOnly { size: at }) if size > at + grace(quota) => {
+                c.execute(format!("ALTER ROLE {ident} NOLOGIN").as_str()).await?;
+                end_sessions(c, &name).await?;
+                tracing::warn!(
+                    database = name,
+                    size,
+                    quota,
+                    "app database grew while over its quota: its role cannot log in"
+                );
+                QuotaState::Locked { size }
+            }
+            // Locked before a restart of the receiver, or still where it was.
+            None => QuotaState::Locked { size },
+            Some(QuotaState::ReadOnly { size: at }) => QuotaState::ReadOnly { size: *at },
+            Some(QuotaState::Locked { .. }) => QuotaState::Locked { size },
+        };
+        now.insert(name, state);
+    }
+    *states.lock() = now;
+    Ok(())
+}
+
+/// Ends every session of `role`.
+async fn end_sessions(c: &mut PgConnection, role: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
+        .bind(role)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_is_a_hundredth_of_the_quota_and_at_least_16_mib() {
+        assert_eq!(grace(10 << 30), (10 << 30) / 100);
+        assert_eq!(grace(100 << 20), 16 << 20);
+    }
+}
