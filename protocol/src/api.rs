@@ -306,6 +306,17 @@ pub enum DatabaseQuota {
     Locked,
 }
 
+impl fmt::Display for DatabaseQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DatabaseQuota::ReadOnly => "its database is over its size quota: read-only until it is under it",
+            DatabaseQuota::Locked => {
+                "its database went on growing over its size quota: the app cannot log in to it until it is under the quota (raise --db-quota or restore a smaller dump)"
+            }
+        })
+    }
+}
+
 /// The answer to `POST /v1/apps`: the deploy key is shown here once and never again.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct CreatedApp {

@@ -420,6 +420,12 @@ fn one_app_cannot_starve_the_others_through_the_database() {
     let admin = r.admin_url("postgres");
     let roles = psql(&admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_big'").unwrap();
     assert_eq!(roles, "0", "a refused app leaves no role behind");
+    // A preview with a database of its own needs a share too.
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let hello = bin("hello");
+    let out = r.nx(&["push", hello.to_str().unwrap(), "--app", "web", "--pr", "1"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no database connections are left for prv_web_"), "{}", out.stderr);
 
     // temp_file_limit: set on the role, and the app can lift it neither for
     // its session nor for its role.
@@ -475,6 +481,8 @@ fn one_app_cannot_starve_the_others_through_the_database() {
     assert!(committed > read_only_rows, "the lifted writes went through until the lock");
     let err = psql(&api, "SELECT 1").unwrap_err();
     assert!(err.contains("role \"app_api\" is not permitted to log in"), "{err}");
+    let listed = r.nx(&["apps", "ls"]).success();
+    assert!(listed.stderr.contains("api: its database went on growing over its size quota"), "{}", listed.stderr);
     let rows = psql(&r.admin_url("app_api"), "SELECT count(*) FROM big").unwrap();
     assert_eq!(rows, committed.to_string(), "nothing is deleted");
 
