@@ -143,15 +143,11 @@ impl Databases {
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::create_member_role(&mut admin, &user, &password, &app.db_role).await?;
         let login = Login { user: user.clone(), password: Secret::new(password), database: app.db_name.clone() };
-        let dumped = self.cluster.tools().dump(&login, &file).await;
-        let dropped = provision::drop_role(&mut admin, &user).await;
-        if let Err(e) = dumped {
+        let dumped = self.cluster.tools().dump(&login, &file).await.map_err(DatabaseError::from);
+        let dropped = provision::drop_role(&mut admin, &user).await.map_err(DatabaseError::from);
+        if let Err(e) = dumped.and(dropped) {
             let _ = std::fs::remove_file(&file);
-            return Err(e.into());
-        }
-        if let Err(e) = dropped {
-            let _ = std::fs::remove_file(&file);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(file)
     }

@@ -143,6 +143,7 @@ fn a_crafted_dump_can_do_no_more_than_the_app_itself() {
         ),
         ("SET SESSION AUTHORIZATION nx_admin; ALTER ROLE app_web SUPERUSER;", "permission denied to set session authorization"),
         ("RESET SESSION AUTHORIZATION; ALTER ROLE app_web SUPERUSER;", "must be superuser to alter superuser roles"),
+        ("SET ROLE app_web; DROP TABLE public.notes;", "permission denied to set role \"app_web\""),
         (
             &*format!("COPY (SELECT 1) TO PROGRAM 'touch {}';", marker.display()),
             "must be superuser or have privileges of the pg_execute_server_program role to COPY to or from an external program",
