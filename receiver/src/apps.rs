@@ -37,7 +37,7 @@ pub fn info(row: &AppRow, config: &ServeConfig, quota: Option<QuotaState>) -> Op
         database: row.db_name.clone(),
         database_quota: quota.map(|q| match q {
             QuotaState::ReadOnly { .. } => DatabaseQuota::ReadOnly,
-            QuotaState::Locked { .. } => DatabaseQuota::Locked,
+            QuotaState::Locked => DatabaseQuota::Locked,
         }),
         settings: row.settings.0.clone(),
         created_at: row.created_at,

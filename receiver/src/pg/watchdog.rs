@@ -36,10 +36,11 @@ pub struct WatchdogSettings {
 /// Where an app database stands against its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaState {
-    /// Over the quota: new sessions are read-only.
+    /// Over the quota: new sessions are read-only. `size` is what the
+    /// database held then, the base of the grace.
     ReadOnly { size: u64 },
     /// Grew past the grace while read-only: its role cannot log in.
-    Locked { size: u64 },
+    Locked,
 }
 
 /// The quota states by database name, for `nx status` and app info.
@@ -139,6 +140,34 @@ async fn cancel_long_statements(c: &mut PgConnection, cap: Duration) -> Result<(
     Ok(())
 }
 
+/// What a round does to one database's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Nothing,
+    /// Under the quota again: login and writes back.
+    Free,
+    /// Newly over the quota: read-only, sessions ended.
+    ReadOnly,
+    /// Grew past the grace: no login, sessions ended.
+    Lock,
+}
+
+/// The step for a database of `size` whose role `can_login`, and its state
+/// afterwards (`None`: under the quota).
+fn step(before: Option<QuotaState>, size: u64, can_login: bool, quota: u64) -> (Step, Option<QuotaState>) {
+    if size <= quota {
+        let step = if before.is_some() || !can_login { Step::Free } else { Step::Nothing };
+        return (step, None);
+    }
+    match before {
+        None if can_login => (Step::ReadOnly, Some(QuotaState::ReadOnly { size })),
+        Some(QuotaState::ReadOnly { size: at }) if size > at + grace(quota) => (Step::Lock, Some(QuotaState::Locked)),
+        // Locked before the receiver restarted.
+        None => (Step::Nothing, Some(QuotaState::Locked)),
+        Some(state) => (Step::Nothing, Some(state)),
+    }
+}
+
 /// Compares every app database with the quota and moves it between states.
 async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> Result<(), sqlx::Error> {
     let sizes: Vec<(String, i64, bool)> = sqlx::query_as(&format!(
@@ -152,22 +181,20 @@ async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> 
     for (name, size, can_login) in sizes {
         let size = size.max(0) as u64;
         let ident = format!("\"{}\"", name.replace('"', "\"\""));
-        let state = match before.get(&name) {
-            _ if size <= quota => {
-                if before.contains_key(&name) || !can_login {
-                    c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
-                    c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
-                    tracing::info!(database = name, size, quota, "app database under its quota again: writes allowed");
-                }
-                continue;
+        let (step, state) = step(before.get(&name).copied(), size, can_login, quota);
+        match step {
+            Step::Nothing => {}
+            Step::Free => {
+                c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
+                c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
+                tracing::info!(database = name, size, quota, "app database under its quota again: writes allowed");
             }
-            None if can_login => {
+            Step::ReadOnly => {
                 c.execute(format!("ALTER ROLE {ident} SET default_transaction_read_only = on").as_str()).await?;
                 end_sessions(c, &name).await?;
                 tracing::warn!(database = name, size, quota, "app database over its quota: read-only");
-                QuotaState::ReadOnly { size }
             }
-            Some(QuotaState::ReadOnly { size: at }) if size > at + grace(quota) => {
+            Step::Lock => {
                 c.execute(format!("ALTER ROLE {ident} NOLOGIN").as_str()).await?;
                 end_sessions(c, &name).await?;
                 tracing::warn!(
@@ -176,14 +203,11 @@ async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> 
                     quota,
                     "app database grew while over its quota: its role cannot log in"
                 );
-                QuotaState::Locked { size }
             }
-            // Locked before a restart of the receiver, or still where it was.
-            None => QuotaState::Locked { size },
-            Some(QuotaState::ReadOnly { size: at }) => QuotaState::ReadOnly { size: *at },
-            Some(QuotaState::Locked { .. }) => QuotaState::Locked { size },
-        };
-        now.insert(name, state);
+        }
+        if let Some(state) = state {
+            now.insert(name, state);
+        }
     }
     *states.lock() = now;
     Ok(())
@@ -201,6 +225,24 @@ async fn end_sessions(c: &mut PgConnection, role: &str) -> Result<(), sqlx::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_the_quota_read_only_then_locked_then_free_again() {
+        let q = 100 << 20;
+        let g = grace(q);
+        assert_eq!(step(None, q, true, q), (Step::Nothing, None), "at the quota is not over it");
+        let ro = QuotaState::ReadOnly { size: q + 1 };
+        assert_eq!(step(None, q + 1, true, q), (Step::ReadOnly, Some(ro)));
+        assert_eq!(step(Some(ro), q + 1 + g, true, q), (Step::Nothing, Some(ro)), "within the grace");
+        assert_eq!(step(Some(ro), q + 2 + g, true, q), (Step::Lock, Some(QuotaState::Locked)));
+        assert_eq!(step(Some(QuotaState::Locked), q + 9 * g, false, q), (Step::Nothing, Some(QuotaState::Locked)));
+        // After a restart: a role without login over the quota stays locked.
+        assert_eq!(step(None, q + 1, false, q), (Step::Nothing, Some(QuotaState::Locked)));
+        // Under the quota (raised, or a smaller dump restored): freed.
+        assert_eq!(step(Some(QuotaState::Locked), q, false, q), (Step::Free, None));
+        assert_eq!(step(Some(ro), q, true, q), (Step::Free, None));
+        assert_eq!(step(None, q, false, q), (Step::Free, None), "locked before a restart");
+    }
 
     #[test]
     fn grace_is_a_hundredth_of_the_quota_and_at_least_16_mib() {
