@@ -31,6 +31,8 @@ pub enum DatabaseError {
     Provision(#[from] provision::ProvisionError),
     #[error("the dump could not be restored, so nothing was changed: {0}")]
     RestoreFailed(ToolError),
+    #[error("the dump could not be restored, so nothing was changed: restoring it grew {database} over the quota of {quota} bytes (--db-quota)")]
+    RestoreOverQuota { database: String, quota: u64 },
     #[error(transparent)]
     Tool(#[from] ToolError),
     #[error("the database password of {app} cannot be opened: {source}")]
@@ -108,12 +110,11 @@ impl Databases {
         provision::create_app_database(&mut admin, &name, &password, self.cluster.limits()).await?;
         self.cluster.refill_spares();
         if mode == PreviewDb::Copy {
-            let login = own_login(&name, &password);
             let copied = async {
                 let dump = self.dump(app).await?;
-                let restored = self.cluster.tools().restore(&dump, &login).await;
+                let restored = self.restore_as_owner(&dump, &name, &password).await;
                 let _ = std::fs::remove_file(&dump);
-                Ok::<(), DatabaseError>(restored?)
+                restored
             }
             .await;
             if let Err(e) = copied {
@@ -160,9 +161,25 @@ impl Databases {
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::create_app_database(&mut admin, &scratch, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
-        let restored = self.cluster.tools().restore(file, &own_login(&scratch, &password)).await;
+        let restored = self.restore_as_owner(file, &scratch, &password).await;
         provision::drop_app_database(&mut admin, &scratch).await?;
-        restored.map_err(DatabaseError::RestoreFailed)
+        restored
+    }
+
+    /// Restores `file` into the new database `name` as its own role. When
+    /// that fails, says whether the watchdog ended it for going over the
+    /// quota, which pg_restore cannot tell.
+    async fn restore_as_owner(&self, file: &Path, name: &str, password: &str) -> Result<(), DatabaseError> {
+        let restored = self.cluster.tools().restore(file, &own_login(name, password)).await;
+        let over_quota = self.cluster.quota_states().take_ended(name);
+        match restored {
+            Ok(()) => Ok(()),
+            Err(_) if over_quota => Err(DatabaseError::RestoreOverQuota {
+                database: name.to_owned(),
+                quota: self.cluster.limits().quota_kb.saturating_mul(1024),
+            }),
+            Err(e) => Err(DatabaseError::RestoreFailed(e)),
+        }
     }
 
     /// Loads `file` into a new database and, only if that worked, swaps it in
@@ -182,9 +199,9 @@ impl Databases {
         provision::drop_app_database(&mut admin, &staging).await?;
         provision::create_app_database(&mut admin, &staging, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
-        if let Err(e) = self.cluster.tools().restore(file, &own_login(&staging, &password)).await {
+        if let Err(e) = self.restore_as_owner(file, &staging, &password).await {
             let _ = provision::drop_app_database(&mut admin, &staging).await;
-            return Err(DatabaseError::RestoreFailed(e));
+            return Err(e);
         }
         let handed = async {
             let mut conn = self.cluster.admin_connection(&staging).await?;

@@ -449,6 +449,26 @@ fn one_app_cannot_starve_the_others_through_the_database() {
     assert!(err.contains("canceling statement due to user request"), "{err}");
     assert!(took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(20), "{took:?}");
 
+    // A dump's SQL is held to the same: a restore that sleeps or fills the
+    // disk is stopped, and nothing changes.
+    for (tag, (payload, error)) in [
+        ("SELECT pg_sleep(60);", "canceling statement due to user request"),
+        (
+            "CREATE TABLE public.fill AS SELECT repeat('x', 1000) AS t FROM generate_series(1, 100000);",
+            "restoring it grew app_web__restore over the quota of 25165824 bytes (--db-quota)",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dump = crafted_dump(&r, "web", tag, payload);
+        let out = restore(&r, "web", &dump);
+        assert_eq!(out.code, 1, "{payload}: {out:?}");
+        assert!(out.stderr.contains("nothing was changed") && out.stderr.contains(error), "{payload}: {}", out.stderr);
+        assert_eq!(operation_roles(&r), "", "{payload}: the staging role is dropped");
+    }
+    assert!(psql(&web, "SELECT 1 FROM carrier").is_ok(), "web's own database is the same");
+
     // Size: over the quota the app reads but its sessions start read-only.
     let api = r.db_url("api");
     // Rows of 1 kB are stored as they are, uncompressed; a session writing

@@ -195,6 +195,7 @@ fn limits(config: &ServeConfig) -> provision::Limits {
         reserved: config.db_reserved_connections,
         temp_file_limit_kb: config.db_temp_file_limit.div_ceil(1024),
         statement_timeout_ms: config.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
+        quota_kb: config.db_quota.div_ceil(1024),
     }
 }
 

@@ -28,12 +28,19 @@ pub struct Limits {
     pub reserved: u32,
     pub temp_file_limit_kb: u64,
     pub statement_timeout_ms: u64,
+    /// The size quota of a database, in kB.
+    pub quota_kb: u64,
 }
 
 impl Limits {
-    /// The limits of a role made for one restore or verification.
+    /// The limits of a role made for one restore or verification: index
+    /// builds of a dump that fits the quota may sort as much as it holds.
     pub fn for_operation(&self) -> Limits {
-        Limits { connections: OPERATION_CONNECTIONS, ..self.clone() }
+        Limits {
+            connections: OPERATION_CONNECTIONS,
+            temp_file_limit_kb: self.temp_file_limit_kb.max(self.quota_kb),
+            ..self.clone()
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! give it back) and its sessions are ended. Under the quota again, both are
 //! undone. Nothing is deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,9 +21,15 @@ use tokio::sync::watch;
 use super::provision::{self, Limits, ProvisionError};
 use super::Cluster;
 
-/// Roles and databases of apps and of previews with their own database; the
-/// platform's staging, verification and dump roles contain `__`.
-const APP_ROLE: &str = "rolname ~ '^(app|prv)_' AND rolname !~ '__'";
+/// Roles (and databases) of apps and of previews with their own database; the
+/// names the platform makes for one operation contain `__`.
+const APP_ROLES: &str = "rolname ~ '^(app|prv)_' AND rolname !~ '__'";
+
+/// The roles held to the statement cap and the quota: those of apps and
+/// previews, and of the staging and verification copies a dump is restored
+/// into (whatever SQL a dump holds runs as those). pg_dump's roles
+/// (`__dump_`) run nothing of the app's and may take long.
+const HELD_ROLES: &str = "rolname ~ '^(app|prv)_' AND rolname !~ '__dump_'";
 
 /// What the watchdog holds an app to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,16 +49,31 @@ pub enum QuotaState {
     Locked,
 }
 
-/// The quota states by database name, for `nx status` and app info.
+/// The quota states by database name, for `nx status` and app info, and the
+/// databases whose sessions were ended for their size.
 #[derive(Debug, Clone, Default)]
-pub struct QuotaStates(Arc<Mutex<HashMap<String, QuotaState>>>);
+pub struct QuotaStates(Arc<Mutex<Quotas>>);
+
+#[derive(Debug, Default)]
+struct Quotas {
+    states: HashMap<String, QuotaState>,
+    /// Ended for the quota and not yet asked about by `take_ended`.
+    ended: HashSet<String>,
+}
 
 impl QuotaStates {
     pub fn get(&self, database: &str) -> Option<QuotaState> {
-        self.lock().get(database).copied()
+        self.lock().states.get(database).copied()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, QuotaState>> {
+    /// Whether sessions in `database` were ended for its size since the last
+    /// call: how a restore whose session died learns why (an aborted
+    /// restore's files are gone by the time anyone could measure them).
+    pub fn take_ended(&self, database: &str) -> bool {
+        self.lock().ended.remove(database)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Quotas> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -110,7 +131,7 @@ pub async fn run(
 /// Gives the roles of apps made before (or under other settings) the limits
 /// configured now.
 async fn reconcile(c: &mut PgConnection, limits: &Limits) -> Result<(), ProvisionError> {
-    let roles: Vec<String> = sqlx::query_scalar(&format!("SELECT rolname::text FROM pg_roles WHERE {APP_ROLE}"))
+    let roles: Vec<String> = sqlx::query_scalar(&format!("SELECT rolname::text FROM pg_roles WHERE {APP_ROLES}"))
         .fetch_all(&mut *c)
         .await
         .map_err(|source| ProvisionError::Sql { action: "list", database: "the app roles".into(), source })?;
@@ -129,7 +150,7 @@ async fn cancel_long_statements(c: &mut PgConnection, cap: Duration) -> Result<(
                 THEN 'ended: ' || pg_terminate_backend(pid)::text \
                 ELSE 'cancelled: ' || pg_cancel_backend(pid)::text END \
          FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid \
-         WHERE {APP_ROLE} AND state = 'active' AND now() - query_start > $1 * interval '1 millisecond'"
+         WHERE {HELD_ROLES} AND state = 'active' AND now() - query_start > $1 * interval '1 millisecond'"
     ))
     .bind(ms)
     .fetch_all(&mut *c)
@@ -172,11 +193,11 @@ fn step(before: Option<QuotaState>, size: u64, can_login: bool, quota: u64) -> (
 async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> Result<(), sqlx::Error> {
     let sizes: Vec<(String, i64, bool)> = sqlx::query_as(&format!(
         "SELECT rolname::text, pg_database_size(d.oid), rolcanlogin FROM pg_database d \
-         JOIN pg_roles r ON r.rolname = d.datname WHERE {APP_ROLE}"
+         JOIN pg_roles r ON r.rolname = d.datname WHERE {HELD_ROLES}"
     ))
     .fetch_all(&mut *c)
     .await?;
-    let before = states.lock().clone();
+    let before = states.lock().states.clone();
     let mut now = HashMap::new();
     for (name, size, can_login) in sizes {
         let size = size.max(0) as u64;
@@ -185,17 +206,20 @@ async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> 
         match step {
             Step::Nothing => {}
             Step::Free => {
+                states.lock().ended.remove(&name);
                 c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
                 c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
                 tracing::info!(database = name, size, quota, "app database under its quota again: writes allowed");
             }
             Step::ReadOnly => {
                 c.execute(format!("ALTER ROLE {ident} SET default_transaction_read_only = on").as_str()).await?;
+                states.lock().ended.insert(name.clone());
                 end_sessions(c, &name).await?;
                 tracing::warn!(database = name, size, quota, "app database over its quota: read-only");
             }
             Step::Lock => {
                 c.execute(format!("ALTER ROLE {ident} NOLOGIN").as_str()).await?;
+                states.lock().ended.insert(name.clone());
                 end_sessions(c, &name).await?;
                 tracing::warn!(
                     database = name,
@@ -209,7 +233,7 @@ async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> 
             now.insert(name, state);
         }
     }
-    *states.lock() = now;
+    states.lock().states = now;
     Ok(())
 }
 
