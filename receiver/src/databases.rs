@@ -93,7 +93,7 @@ impl Databases {
         self.tmp_dir.join(format!("{what}-{}.dump", random_lower(12)))
     }
 
-    /// Creates the own database of a preview (`<app db>_<deployment>`), empty
+    /// Creates the own database of a preview (`prv_<app>_<deployment>`), empty
     /// or filled with a copy of production's data.
     pub async fn create_preview(
         &self,
