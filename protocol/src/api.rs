@@ -289,8 +289,32 @@ pub struct AppInfo {
     pub production_url: String,
     /// Name of the app's own Postgres database.
     pub database: String,
+    /// Set while the database is over its size quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_quota: Option<DatabaseQuota>,
     pub settings: AppSettings,
     pub created_at: DateTime<Utc>,
+}
+
+/// What an app database over its size quota may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseQuota {
+    /// New sessions are read-only; reads work.
+    ReadOnly,
+    /// It went on growing: its role cannot log in until it is under the quota.
+    Locked,
+}
+
+impl fmt::Display for DatabaseQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DatabaseQuota::ReadOnly => "its database is over its size quota: read-only until it is under it",
+            DatabaseQuota::Locked => {
+                "its database went on growing over its size quota: the app cannot log in to it until it is under the quota (raise --db-quota or restore a smaller dump)"
+            }
+        })
+    }
 }
 
 /// The answer to `POST /v1/apps`: the deploy key is shown here once and never again.

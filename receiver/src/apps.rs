@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use nx_protocol::api::AppInfo;
+use nx_protocol::api::{AppInfo, DatabaseQuota};
 use nx_protocol::auth::Credential;
 use nx_protocol::names::{production_host, url_for_host, AppName, DeploymentId};
 
 use crate::config::ServeConfig;
 use crate::db::{AppRow, Db};
+use crate::pg::watchdog::QuotaState;
 use crate::pg::{provision, Cluster, ClusterError};
 use crate::secrets::{random_lower, random_token, MasterKey};
 
@@ -25,14 +26,19 @@ pub enum AppError {
     Db(#[from] sqlx::Error),
 }
 
-/// The API view of an app.
-pub fn info(row: &AppRow, config: &ServeConfig) -> Option<AppInfo> {
+/// The API view of an app; `quota` is where its database stands against its
+/// size quota, when over it.
+pub fn info(row: &AppRow, config: &ServeConfig, quota: Option<QuotaState>) -> Option<AppInfo> {
     let name = AppName::parse(&row.name).ok()?;
     Some(AppInfo {
         production_url: url_for_host(&config.public_scheme, &production_host(&name, &config.domain), config.url_port()),
         name,
         production: row.production_id.as_deref().and_then(|p| DeploymentId::parse(p).ok()),
         database: row.db_name.clone(),
+        database_quota: quota.map(|q| match q {
+            QuotaState::ReadOnly { .. } => DatabaseQuota::ReadOnly,
+            QuotaState::Locked => DatabaseQuota::Locked,
+        }),
         settings: row.settings.0.clone(),
         created_at: row.created_at,
     })
@@ -51,8 +57,8 @@ pub fn new_deploy_key() -> Credential {
     Credential::deploy_key(&random_lower(10), &random_token(40))
 }
 
-/// Creates an app: database and role first (kept if they exist from a crash
-/// half-way), then the app row and its deploy key, committed together. The
+/// Creates an app: database and role first (both must be new: a name already
+/// in the cluster is refused, never taken over), then the app row and its deploy key, committed together. The
 /// whole creation holds a transaction-scoped advisory lock, so two concurrent
 /// creations of one name (even on two receivers) cannot touch each other's
 /// database; if recording fails, the new database is dropped again.
@@ -77,7 +83,9 @@ pub async fn create(
     let password = random_token(32);
     let db_error = |source: ClusterError| AppError::Database { app: name.to_string(), source };
     let mut admin = cluster.admin_connection("postgres").await.map_err(db_error)?;
-    provision::create_app_database(&mut admin, &db_name, &password).await.map_err(|e| db_error(e.into()))?;
+    provision::create_app_database(&mut admin, &db_name, &password, cluster.limits())
+        .await
+        .map_err(|e| db_error(e.into()))?;
     cluster.refill_spares();
 
     let key = new_deploy_key();

@@ -147,6 +147,44 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_SPARE_DATABASES", default_value_t = 2)]
     pub spare_databases: usize,
 
+    /// `max_connections` of the embedded cluster (an external cluster's own
+    /// setting is read from it instead). Every app, and every preview with a
+    /// database of its own, holds `--db-app-connections` of them; an app whose
+    /// share would not fit is refused.
+    #[arg(long, env = "NX_DB_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub db_max_connections: u32,
+
+    /// Connections no app may take: the platform's own sessions (metadata
+    /// pool, backups, restores, the watchdog) and PostgreSQL's superuser slots.
+    #[arg(long, env = "NX_DB_RESERVED_CONNECTIONS", default_value_t = 50)]
+    pub db_reserved_connections: u32,
+
+    /// Connections one app (or preview with its own database) may hold at once.
+    #[arg(long, env = "NX_DB_APP_CONNECTIONS", default_value_t = 20)]
+    pub db_app_connections: u32,
+
+    /// Longest an app's statement may run: the database watchdog cancels any
+    /// that runs longer, whatever `statement_timeout` the app set itself.
+    #[arg(long, env = "NX_DB_STATEMENT_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub db_statement_timeout: Duration,
+
+    /// Temporary file space one session of an app may use (sorts, hashes):
+    /// PostgreSQL's `temp_file_limit`, set on the app's role, which only a
+    /// superuser can change.
+    #[arg(long, env = "NX_DB_TEMP_FILE_LIMIT", default_value = "1GiB", value_parser = parse_size)]
+    pub db_temp_file_limit: u64,
+
+    /// Size one app database may reach. Over it, the app's sessions are ended
+    /// and its new ones are read-only; an app that goes on writing anyway
+    /// loses its login until the database is under the quota again (the
+    /// quota raised, or a smaller dump restored). Nothing is deleted.
+    #[arg(long, env = "NX_DB_QUOTA", default_value = "10GiB", value_parser = parse_size)]
+    pub db_quota: u64,
+
+    /// How often the database watchdog checks statement times and sizes.
+    #[arg(long, env = "NX_DB_WATCHDOG_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub db_watchdog_interval: Duration,
+
     /// Object store for artifacts, as an object_store URL (`s3://bucket/prefix`,
     /// `gs://...`, `az://...`, `file:///path`); the default is `<data-dir>/store`.
     #[arg(long, env = "NX_STORE")]

@@ -2,6 +2,13 @@
 //! databases (`empty` or a `copy` of production's), backups to a file or to the
 //! object store (verified by a restore into a scratch database), and restores
 //! that swap the new data in only when they succeeded.
+//!
+//! No SQL that came from an app (its data, a dump it uploaded) ever runs as the
+//! cluster's superuser. pg_dump logs in as a role holding the app's rights
+//! alone; pg_restore always restores into a new database as that database's
+//! own new role, made for the occasion, which can do less than the app itself.
+//! The superuser only creates, renames, hands over and drops databases and
+//! roles.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,8 +16,9 @@ use std::sync::Arc;
 use nx_protocol::api::{DbCredentials, PreviewDb};
 use sqlx::Executor;
 
+use crate::config::Secret;
 use crate::db::AppRow;
-use crate::pg::tools::ToolError;
+use crate::pg::tools::{Login, ToolError};
 use crate::pg::{app_database_env, provision, AppEndpoint, Cluster, ClusterError};
 use crate::secrets::{random_lower, random_token, MasterKey, SecretError};
 
@@ -23,6 +31,8 @@ pub enum DatabaseError {
     Provision(#[from] provision::ProvisionError),
     #[error("the dump could not be restored, so nothing was changed: {0}")]
     RestoreFailed(ToolError),
+    #[error("the dump could not be restored, so nothing was changed: restoring it grew {database} over the quota of {quota} bytes (--db-quota)")]
+    RestoreOverQuota { database: String, quota: u64 },
     #[error(transparent)]
     Tool(#[from] ToolError),
     #[error("the database password of {app} cannot be opened: {source}")]
@@ -83,7 +93,7 @@ impl Databases {
         self.tmp_dir.join(format!("{what}-{}.dump", random_lower(12)))
     }
 
-    /// Creates the own database of a preview (`<app db>_<deployment>`), empty
+    /// Creates the own database of a preview (`prv_<app>_<deployment>`), empty
     /// or filled with a copy of production's data.
     pub async fn create_preview(
         &self,
@@ -94,22 +104,22 @@ impl Databases {
         if mode == PreviewDb::Shared {
             return Ok(None);
         }
-        let name = format!("{}_{deployment}", app.db_name);
+        let name = preview_database_name(&app.db_name, deployment);
         let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
-        provision::create_app_database(&mut admin, &name, &password).await?;
+        provision::create_app_database(&mut admin, &name, &password, self.cluster.limits()).await?;
         self.cluster.refill_spares();
         if mode == PreviewDb::Copy {
-            let dump = self.temp_path("preview-copy");
             let copied = async {
-                self.cluster.tools().dump(&app.db_name, &dump).await?;
-                self.cluster.tools().restore(&dump, &name, &name).await
+                let dump = self.dump(app).await?;
+                let restored = self.restore_as_owner(&dump, &name, &password).await;
+                let _ = std::fs::remove_file(&dump);
+                restored
             }
             .await;
-            let _ = std::fs::remove_file(&dump);
             if let Err(e) = copied {
                 let _ = provision::drop_app_database(&mut admin, &name).await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         Ok(Some(PreviewDatabase { name, password }))
@@ -124,11 +134,21 @@ impl Databases {
     }
 
     /// Dumps the app's database to a temporary file and returns its path.
+    /// pg_dump logs in as a role made for this dump that holds the app's
+    /// rights and no more, so it takes none of the app's connections and
+    /// whatever the app's objects make it run, runs as the app.
     pub async fn dump(&self, app: &AppRow) -> Result<PathBuf, DatabaseError> {
         let file = self.temp_path("backup");
-        if let Err(e) = self.cluster.tools().dump(&app.db_name, &file).await {
+        let user = format!("{}__dump_{}", app.db_name, random_lower(6));
+        let password = random_token(32);
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        provision::create_member_role(&mut admin, &user, &password, &app.db_role).await?;
+        let login = Login { user: user.clone(), password: Secret::new(password), database: app.db_name.clone() };
+        let dumped = self.cluster.tools().dump(&login, &file).await.map_err(DatabaseError::from);
+        let dropped = provision::drop_role(&mut admin, &user).await.map_err(DatabaseError::from);
+        if let Err(e) = dumped.and(dropped) {
             let _ = std::fs::remove_file(&file);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(file)
     }
@@ -137,28 +157,62 @@ impl Databases {
     /// backup can be restored.
     pub async fn verify(&self, app: &AppRow, file: &Path) -> Result<(), DatabaseError> {
         let scratch = format!("{}__verify_{}", app.db_name, random_lower(6));
+        let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
-        provision::create_app_database(&mut admin, &scratch, &random_token(32)).await?;
+        provision::create_app_database(&mut admin, &scratch, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
-        let restored = self.cluster.tools().restore(file, &scratch, &scratch).await;
+        let restored = self.restore_as_owner(file, &scratch, &password).await;
         provision::drop_app_database(&mut admin, &scratch).await?;
-        restored.map_err(DatabaseError::RestoreFailed)
+        restored
+    }
+
+    /// Restores `file` into the new database `name` as its own role. When
+    /// that fails, says whether the watchdog ended it for going over the
+    /// quota, which pg_restore cannot tell.
+    async fn restore_as_owner(&self, file: &Path, name: &str, password: &str) -> Result<(), DatabaseError> {
+        let restored = self.cluster.tools().restore(file, &own_login(name, password)).await;
+        let over_quota = self.cluster.quota_states().take_ended(name);
+        match restored {
+            Ok(()) => Ok(()),
+            Err(_) if over_quota => Err(DatabaseError::RestoreOverQuota {
+                database: name.to_owned(),
+                quota: self.cluster.limits().quota_kb.saturating_mul(1024),
+            }),
+            Err(e) => Err(DatabaseError::RestoreFailed(e)),
+        }
     }
 
     /// Loads `file` into a new database and, only if that worked, swaps it in
     /// for the app's database: connections are closed, the old database is
     /// renamed away and dropped, the new one takes its name. A failed restore
     /// changes nothing.
+    ///
+    /// The new database has a new role of its own name, and pg_restore logs in
+    /// as that role: the dump's SQL can touch nothing but the staging database
+    /// (not even the app's live data). Only then does the superuser give what
+    /// was restored to the app's role, which runs none of it.
     pub async fn restore(&self, app: &AppRow, file: &Path) -> Result<(), DatabaseError> {
         let staging = format!("{}__restore", app.db_name);
+        let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
         // Left over from a restore that died half-way.
         provision::drop_app_database(&mut admin, &staging).await?;
-        provision::create_database_owned_by(&mut admin, &staging, &app.db_role).await?;
+        provision::create_app_database(&mut admin, &staging, &password, &self.cluster.limits().for_operation()).await?;
         self.cluster.refill_spares();
-        if let Err(e) = self.cluster.tools().restore(file, &staging, &app.db_role).await {
+        if let Err(e) = self.restore_as_owner(file, &staging, &password).await {
             let _ = provision::drop_app_database(&mut admin, &staging).await;
-            return Err(DatabaseError::RestoreFailed(e));
+            return Err(e);
+        }
+        let handed = async {
+            let mut conn = self.cluster.admin_connection(&staging).await?;
+            provision::hand_over(&mut conn, &staging, &app.db_role).await?;
+            let _ = sqlx::Connection::close(conn).await;
+            Ok::<(), DatabaseError>(())
+        }
+        .await;
+        if let Err(e) = handed {
+            let _ = provision::drop_app_database(&mut admin, &staging).await;
+            return Err(e);
         }
         let live = quote(&app.db_name);
         let old_name = format!("{}__old_{}", app.db_name, random_lower(6));
@@ -184,11 +238,55 @@ impl Databases {
             return Err(DatabaseError::Swap { database: app.db_name.clone(), source });
         }
         provision::drop_app_database(&mut admin, &old_name).await?;
+        // The staging role, which owns nothing any more.
+        provision::drop_role(&mut admin, &staging).await?;
         tracing::info!(app = %app.name, database = %app.db_name, "database restored from a dump");
         Ok(())
     }
 }
 
+/// The database (and role) of a preview: `prv_<app>_<deployment>`. Every app
+/// database starts with `app_`, so no preview can ever be given the name of an
+/// app's database, whatever the two are called; deployment ids have a fixed
+/// length and no `_`, so two previews cannot share one either.
+pub fn preview_database_name(app_db: &str, deployment: &str) -> String {
+    let app = app_db.strip_prefix(APP_PREFIX).unwrap_or(app_db);
+    format!("{PREVIEW_PREFIX}{app}_{deployment}")
+}
+
+/// How app databases begin (see `AppName::database_name`).
+const APP_PREFIX: &str = "app_";
+/// How preview databases begin.
+const PREVIEW_PREFIX: &str = "prv_";
+
+/// The login of a database's own role.
+fn own_login(name: &str, password: &str) -> Login {
+    Login { user: name.to_owned(), password: Secret::new(password.to_owned()), database: name.to_owned() }
+}
+
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use nx_protocol::names::{AppName, DeploymentId};
+
+    use super::*;
+
+    #[test]
+    fn preview_databases_never_take_an_app_database_name() {
+        // The collision of old: app "a" previewing deployment x, and app "a-x".
+        let id = DeploymentId::from_random([0; 8]);
+        let a = AppName::parse("a2").unwrap();
+        let a_id = AppName::parse(&format!("a2-{id}")).unwrap();
+        let preview = preview_database_name(&a.database_name(), id.as_str());
+        assert_eq!(preview, format!("prv_a2_{id}"));
+        assert_ne!(preview, a_id.database_name());
+        assert!(a_id.database_name().starts_with(APP_PREFIX));
+        assert!(!preview.starts_with(APP_PREFIX));
+        // The longest names still fit PostgreSQL's 63 bytes.
+        let long = AppName::parse(&"a".repeat(32)).unwrap();
+        assert!(preview_database_name(&long.database_name(), id.as_str()).len() <= 63);
+    }
 }

@@ -228,6 +228,13 @@ async fn run(
     }
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
     tokio::spawn(expire_records(db.clone(), stop_rx.clone()));
+    let watchdog = crate::pg::watchdog::WatchdogSettings {
+        interval: config.db_watchdog_interval,
+        statement_timeout: config.db_statement_timeout,
+        quota: config.db_quota,
+    };
+    let quotas = cluster.quota_states().clone();
+    tokio::spawn(crate::pg::watchdog::run(cluster.clone(), watchdog, quotas, stop_rx.clone()));
 
     let github = crate::github::client::Client::from_config(&config, db.clone())?.map(Arc::new);
     let (reporter, reports) = match &github {

@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use nix::errno::Errno;
@@ -385,4 +386,56 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
 /// The effective user id of this process.
 pub fn effective_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
+}
+
+/// Replaces the file `name` in directory `dir` with `contents`, owned by
+/// `owner` with `mode`, when another user (the one who will read the file)
+/// owns `dir` and may plant links in it at any moment. Nothing here acts by
+/// path inside `dir`: the directory is opened without following a link, the
+/// new file is created under a fresh name that must not exist (`O_EXCL`, so a
+/// planted link makes it fail rather than be followed), its owner and mode
+/// are set on the open descriptor, and it is renamed over `name` within the
+/// same open directory (a rename replaces a link, never follows it).
+pub fn replace_file_in(dir: &Path, name: &str, contents: &[u8], mode: u32, owner: (u32, u32)) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+
+    let dir_file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW).bits())
+        .open(dir)?;
+    let dirfd = dir_file.as_raw_fd();
+    let tmp = format!(".{name}.{:016x}.tmp", rand_u64());
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let raw = nix::fcntl::openat(Some(dirfd), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))?;
+    // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    let written = (|| -> io::Result<()> {
+        file.write_all(contents)?;
+        nix::unistd::fchown(
+            file.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(owner.0)),
+            Some(nix::unistd::Gid::from_raw(owner.1)),
+        )?;
+        nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode))?;
+        file.sync_all()?;
+        nix::fcntl::renameat(Some(dirfd), tmp.as_str(), Some(dirfd), name)?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = nix::unistd::unlinkat(Some(dirfd), tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+    written
+}
+
+/// A random number for a temporary name: std's hasher keys are random per
+/// instance. A name someone guessed and planted only makes the `O_EXCL`
+/// creation fail, never follow their link.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }

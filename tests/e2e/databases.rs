@@ -1,6 +1,7 @@
 //! App databases: sealed from every other tenant, backups and restores that
 //! lose nothing, previews with their own databases, and an external cluster.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nx_e2e::receiver::{psql, Options};
@@ -36,7 +37,6 @@ fn an_app_reaches_its_own_database_and_nothing_else() {
         ("another app's database", with_db(&web, "app_api")),
         ("the metadata database", with_db(&web, "nx")),
         ("the postgres database", with_db(&web, "postgres")),
-        ("the admin role", with_user(&web, "nx_admin")),
     ] {
         let err = psql(&url, "SELECT 1").expect_err(what);
         assert!(
@@ -63,6 +63,142 @@ fn an_app_reaches_its_own_database_and_nothing_else() {
     // The other app's data stays its own.
     let api = r.db_url("api");
     assert!(psql(&api, "SELECT * FROM notes").unwrap_err().contains("does not exist"));
+}
+
+#[test]
+fn the_superuser_cannot_be_tried_over_the_network_even_with_its_password() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let web = r.db_url("web");
+    let real = r.admin_url("postgres");
+    let password = real.strip_prefix("postgresql://nx_admin:").unwrap().split_once('@').unwrap().0.to_owned();
+    // As a sandbox would: TCP to 127.0.0.1, a guess, the real password, and
+    // the database named like the role (which a `samerole` rule would match).
+    for (what, url) in [
+        ("a guess", with_user(&web, "nx_admin")),
+        ("the real password", format!("postgres://nx_admin:{password}@127.0.0.1:{}/postgres", r.pg_port)),
+        ("its own name", format!("postgres://nx_admin:{password}@127.0.0.1:{}/nx_admin", r.pg_port)),
+    ] {
+        let err = psql(&url, "SELECT 1").expect_err(what);
+        assert!(
+            err.contains("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"nx_admin\""),
+            "{what}: {err}"
+        );
+    }
+    // Over its socket, which only root and the cluster's user can enter, it logs in.
+    assert_eq!(psql(&real, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user").unwrap(), "t");
+}
+
+/// Whether `role` is a superuser, as the cluster says.
+fn is_superuser(r: &Receiver, role: &str) -> String {
+    psql(&r.admin_url("postgres"), &format!("SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'")).unwrap()
+}
+
+/// The roles the platform makes for one restore or dump, left in the cluster.
+fn operation_roles(r: &Receiver) -> String {
+    let sql = "SELECT coalesce(string_agg(rolname, ','), '') FROM pg_roles WHERE rolname LIKE '%\\_\\_%'";
+    psql(&r.admin_url("postgres"), sql).unwrap()
+}
+
+/// A backup of `app` written by `nx db backup` itself, with the text of a
+/// table comment replaced by `payload` of the same length: a dump anyone with
+/// the app's deploy key can make and upload.
+fn crafted_dump(r: &Receiver, app: &str, tag: usize, payload: &str) -> PathBuf {
+    let padding = "x".repeat(400);
+    psql(
+        &r.db_url(app),
+        &format!("CREATE TABLE IF NOT EXISTS carrier (x int); COMMENT ON TABLE carrier IS '{padding}'"),
+    )
+    .unwrap();
+    let clean = r.dir.path().join(format!("{app}-clean.dump"));
+    r.nx(&["db", "backup", app, "-o", clean.to_str().unwrap()]).success();
+    let mut bytes = std::fs::read(&clean).unwrap();
+    let entry = format!("COMMENT ON TABLE public.carrier IS '{padding}';");
+    let at = bytes.windows(entry.len()).position(|w| w == entry.as_bytes()).expect("the comment's TOC entry");
+    assert!(payload.len() <= entry.len(), "payload too long");
+    let replacement = format!("{payload:<width$}", width = entry.len());
+    bytes[at..at + entry.len()].copy_from_slice(replacement.as_bytes());
+    let crafted = r.dir.path().join(format!("crafted-{tag}.dump"));
+    std::fs::write(&crafted, bytes).unwrap();
+    crafted
+}
+
+fn restore(r: &Receiver, app: &str, dump: &Path) -> nx_e2e::receiver::NxOutput {
+    r.nx(&["db", "restore", app, dump.to_str().unwrap()])
+}
+
+#[test]
+fn a_crafted_dump_can_do_no_more_than_the_app_itself() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.create_app("api");
+    psql(&r.db_url("web"), "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('web before')").unwrap();
+    psql(&r.db_url("api"), "CREATE TABLE secrets (t text); INSERT INTO secrets VALUES ('api only')").unwrap();
+    // Where the cluster's user could write, were the program run.
+    let marker = std::env::temp_dir().join(format!("nx-copy-to-program-{}", std::process::id()));
+    let refused = [
+        (
+            "RESET ROLE; ALTER ROLE app_web SUPERUSER; --",
+            "must be superuser to alter superuser roles or change superuser attribute",
+        ),
+        ("SET SESSION AUTHORIZATION nx_admin; ALTER ROLE app_web SUPERUSER;", "permission denied to set session authorization"),
+        ("RESET SESSION AUTHORIZATION; ALTER ROLE app_web SUPERUSER;", "must be superuser to alter superuser roles"),
+        ("SET ROLE app_web; DROP TABLE public.notes;", "permission denied to set role \"app_web\""),
+        (
+            &*format!("COPY (SELECT 1) TO PROGRAM 'touch {}';", marker.display()),
+            "must be superuser or have privileges of the pg_execute_server_program role to COPY to or from an external program",
+        ),
+        ("CREATE EXTENSION dblink SCHEMA public;", "permission denied to create extension \"dblink\""),
+        ("ALTER ROLE app_api PASSWORD 'known';", "permission denied"),
+        ("GRANT pg_read_server_files TO app_web;", "must have admin option on role \"pg_read_server_files\""),
+    ];
+    for (tag, (payload, error)) in refused.into_iter().enumerate() {
+        let dump = crafted_dump(&r, "web", tag, payload);
+        let out = restore(&r, "web", &dump);
+        assert_eq!(out.code, 1, "{payload}: {out:?}");
+        assert!(
+            out.stderr.contains("the dump could not be restored, so nothing was changed"),
+            "{payload}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(error), "{payload}: {}", out.stderr);
+        assert_eq!(is_superuser(&r, "app_web"), "f", "{payload}");
+        assert_eq!(psql(&r.db_url("web"), "SELECT string_agg(t, ',') FROM notes").unwrap(), "web before", "{payload}");
+        assert_eq!(operation_roles(&r), "", "{payload}: no staging or dump role is left");
+    }
+    assert!(!marker.exists(), "no program ran");
+    assert_eq!(psql(&r.db_url("api"), "SELECT string_agg(t, ',') FROM secrets").unwrap(), "api only");
+    assert_eq!(is_superuser(&r, "app_api"), "f");
+
+    // A SECURITY DEFINER function restores, and runs as the app: the role it
+    // was restored by is gone, and the superuser never owned it.
+    let definer =
+        "CREATE FUNCTION public.whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT current_user::text';";
+    let dump = crafted_dump(&r, "web", 100, definer);
+    restore(&r, "web", &dump).success();
+    let web = r.db_url("web");
+    assert_eq!(psql(&web, "SELECT public.whoami()").unwrap(), "app_web");
+    let owners = "SELECT string_agg(DISTINCT pg_get_userbyid(relowner), ',') FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+    assert_eq!(psql(&web, owners).unwrap(), "app_web", "every restored object belongs to the app");
+    let owner =
+        psql(&r.admin_url("postgres"), "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app_web'");
+    assert_eq!(owner.unwrap(), "app_web");
+    assert_eq!(is_superuser(&r, "app_web"), "f");
+    assert_eq!(operation_roles(&r), "");
+
+    // Another app's dump: web gets a copy of the rows, api keeps its own and
+    // is reached by nothing of web's.
+    let api_dump = r.dir.path().join("api.dump");
+    r.nx(&["db", "backup", "api", "-o", api_dump.to_str().unwrap()]).success();
+    restore(&r, "web", &api_dump).success();
+    psql(&web, "UPDATE secrets SET t = 'changed by web'").unwrap();
+    assert_eq!(psql(&r.db_url("api"), "SELECT string_agg(t, ',') FROM secrets").unwrap(), "api only");
+    assert_eq!(
+        psql(&web, "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'secrets'").unwrap(),
+        "app_web"
+    );
+    let databases = psql(&r.admin_url("postgres"), "SELECT string_agg(datname, ',') FROM pg_database").unwrap();
+    assert!(!databases.contains("__"), "no staging database is left: {databases}");
 }
 
 /// The spare databases of the cluster, sorted.
@@ -203,7 +339,7 @@ fn previews_get_their_own_database_which_goes_when_they_stop_or_are_promoted() {
     r.nx(&["apps", "set", "web", "--preview-db", "copy"]).success();
     let copy = r.push("web", &hello, &["--pr", "7"]);
     let db = copy["database"].as_str().expect("a preview database").to_owned();
-    assert!(db.starts_with("app_web_"), "{db}");
+    assert!(db.starts_with("prv_web_"), "{db}");
     let body = r.get(copy["preview_url"].as_str().unwrap()).body;
     let n: i64 = body.trim().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n > main_rows, "the copy holds production's rows: {body}");
@@ -245,4 +381,178 @@ fn an_external_cluster_given_by_database_url_works_the_same() {
     assert!(psql(&with_db(&url, "app_nope"), "SELECT 1").is_err());
     let dump = r.dir.path().join("ext.dump");
     r.nx(&["db", "backup", "web", "-o", dump.to_str().unwrap()]).success();
+}
+
+/// The app's entry in `nx apps ls --json`.
+fn app_info(r: &Receiver, app: &str) -> serde_json::Value {
+    let list = r.nx(&["--json", "apps", "ls"]).success().json();
+    list.as_array().unwrap().iter().find(|a| a["name"] == app).cloned().expect("the app is listed")
+}
+
+#[test]
+fn one_app_cannot_starve_the_others_through_the_database() {
+    let mut r = Receiver::start_with(Options {
+        env: [
+            ("NX_DB_MAX_CONNECTIONS", "100"),
+            ("NX_DB_RESERVED_CONNECTIONS", "50"),
+            ("NX_DB_APP_CONNECTIONS", "20"),
+            ("NX_DB_STATEMENT_TIMEOUT", "2s"),
+            ("NX_DB_TEMP_FILE_LIMIT", "1MiB"),
+            ("NX_DB_QUOTA", "24MiB"),
+            ("NX_DB_WATCHDOG_INTERVAL", "300ms"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Options::default()
+    });
+    // Connections: two apps of 20 fit in 100 less 50 reserved; a third does not.
+    r.create_app("web");
+    r.create_app("api");
+    let out = r.nx(&["apps", "create", "big"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("no database connections are left for app_big")
+            && out.stderr.contains("hold 40 of the cluster's max_connections of 100, 50 are reserved")
+            && out.stderr.contains("--db-max-connections"),
+        "{}",
+        out.stderr
+    );
+    let admin = r.admin_url("postgres");
+    let roles = psql(&admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_big'").unwrap();
+    assert_eq!(roles, "0", "a refused app leaves no role behind");
+    // A preview with a database of its own needs a share too.
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let hello = bin("hello");
+    let out = r.nx(&["push", hello.to_str().unwrap(), "--app", "web", "--pr", "1"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no database connections are left for prv_web_"), "{}", out.stderr);
+
+    // temp_file_limit: set on the role, and the app can lift it neither for
+    // its session nor for its role.
+    let web = r.db_url("web");
+    assert_eq!(psql(&web, "SHOW temp_file_limit").unwrap(), "1MB");
+    for sql in ["SET temp_file_limit = '10GB'", "ALTER ROLE app_web SET temp_file_limit = '10GB'"] {
+        let err = psql(&web, sql).unwrap_err();
+        assert!(err.contains("permission denied to set parameter \"temp_file_limit\""), "{sql}: {err}");
+    }
+    let sort =
+        "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT g FROM generate_series(1, 500000) g ORDER BY g DESC) s";
+    let err = psql(&web, sort).unwrap_err();
+    assert!(err.contains("temporary file size exceeds temp_file_limit (1024kB)"), "{err}");
+
+    // Statement time: the app turns its own timeout off, the watchdog cancels
+    // the statement anyway.
+    let started = std::time::Instant::now();
+    let err = psql(&web, "SET statement_timeout = 0; SELECT pg_sleep(60)").unwrap_err();
+    let took = started.elapsed();
+    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(20), "{took:?}");
+
+    // A dump's SQL is held to the same: a restore that sleeps or fills the
+    // disk is stopped, and nothing changes.
+    for (tag, (payload, error)) in [
+        ("SELECT pg_sleep(60);", "canceling statement due to user request"),
+        (
+            "CREATE TABLE public.fill AS SELECT repeat('x', 1000) AS t FROM generate_series(1, 100000);",
+            "restoring it grew app_web__restore over the quota of 25165824 bytes (--db-quota)",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dump = crafted_dump(&r, "web", tag, payload);
+        let out = restore(&r, "web", &dump);
+        assert_eq!(out.code, 1, "{payload}: {out:?}");
+        assert!(out.stderr.contains("nothing was changed") && out.stderr.contains(error), "{payload}: {}", out.stderr);
+        assert_eq!(operation_roles(&r), "", "{payload}: the staging role is dropped");
+    }
+    assert!(psql(&web, "SELECT 1 FROM carrier").is_ok(), "web's own database is the same");
+
+    // Size: over the quota the app reads but its sessions start read-only.
+    let api = r.db_url("api");
+    // Rows of 1 kB are stored as they are, uncompressed; a session writing
+    // when the quota is crossed is ended, and its transaction with it.
+    psql(&api, "CREATE TABLE big (t text)").unwrap();
+    let fill = "INSERT INTO big SELECT repeat('x', 1000) FROM generate_series(1, 5000)";
+    let mut committed = 0;
+    eventually(60, "api read-only", || {
+        if psql(&api, fill).is_ok() {
+            committed += 5000;
+        }
+        (app_info(&r, "api")["database_quota"] == "read-only").then_some(())
+    });
+    assert!(app_info(&r, "web").get("database_quota").is_none(), "the neighbour is not affected");
+    let err = psql(&api, "INSERT INTO big VALUES ('y')").unwrap_err();
+    assert!(err.contains("cannot execute INSERT in a read-only transaction"), "{err}");
+    assert_eq!(psql(&api, "SELECT count(*) FROM big").unwrap(), committed.to_string());
+    psql(&web, "CREATE TABLE ok (x int); INSERT INTO ok VALUES (1)").unwrap();
+
+    // An app that lifts read-only and goes on writing loses its login; what
+    // it committed stays.
+    let lifted = format!("{api}?options=-cdefault_transaction_read_only%3Doff");
+    assert_eq!(psql(&lifted, "SHOW transaction_read_only").unwrap(), "off", "an app can lift read-only");
+    let read_only_rows = committed;
+    eventually(60, "api locked", || {
+        if psql(&lifted, fill).is_ok() {
+            committed += 5000;
+        }
+        (app_info(&r, "api")["database_quota"] == "locked").then_some(())
+    });
+    assert!(committed > read_only_rows, "the lifted writes went through until the lock");
+    let err = psql(&api, "SELECT 1").unwrap_err();
+    assert!(err.contains("role \"app_api\" is not permitted to log in"), "{err}");
+    let listed = r.nx(&["apps", "ls"]).success();
+    assert!(listed.stderr.contains("api: its database went on growing over its size quota"), "{}", listed.stderr);
+    let rows = psql(&r.admin_url("app_api"), "SELECT count(*) FROM big").unwrap();
+    assert_eq!(rows, committed.to_string(), "nothing is deleted");
+
+    // A larger quota gives everything back.
+    r.options.env.push(("NX_DB_QUOTA".into(), "1GiB".into()));
+    r.restart();
+    eventually(30, "api writable again", || psql(&api, "INSERT INTO big VALUES ('z')").ok());
+    assert!(app_info(&r, "api").get("database_quota").is_none());
+}
+
+#[test]
+fn preview_and_app_database_names_never_meet_and_creation_takes_over_nothing() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let preview = r.push("web", &bin("hello"), &["--pr", "3"]);
+    let id = preview["id"].as_str().unwrap().to_owned();
+    let db = preview["database"].as_str().unwrap().to_owned();
+    assert_eq!(db, format!("prv_web_{id}"));
+    let visits_before = r.get(preview["preview_url"].as_str().unwrap()).body;
+
+    // The app whose database name a preview used to share.
+    r.create_app(&format!("web-{id}"));
+    let twin = r.db_url(&format!("web-{id}"));
+    assert_eq!(psql(&twin, "SELECT current_database()").unwrap(), format!("app_web_{id}"));
+    assert!(
+        psql(&twin, "SELECT count(*) FROM visits").unwrap_err().contains("does not exist"),
+        "a database of its own"
+    );
+    let body = r.get(preview["preview_url"].as_str().unwrap()).body;
+    assert_ne!(body, visits_before, "the preview still counts on its own database: {body}");
+
+    // A database already there under an app's name is refused, not taken over.
+    let admin = r.admin_url("postgres");
+    psql(&admin, "CREATE DATABASE app_stray").unwrap();
+    psql(&r.admin_url("app_stray"), "CREATE TABLE keep (x int); INSERT INTO keep VALUES (7)").unwrap();
+    let out = r.nx(&["apps", "create", "stray"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("a database named app_stray already exists in the cluster and nothing was changed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(psql(&r.admin_url("app_stray"), "SELECT x FROM keep").unwrap(), "7");
+    assert_eq!(psql(&admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_stray'").unwrap(), "0");
+    // So is a role of that name (whose password creation used to reset).
+    psql(&admin, "CREATE ROLE app_lone LOGIN").unwrap();
+    let out = r.nx(&["apps", "create", "lone"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("a role named app_lone already exists"), "{}", out.stderr);
+    assert_eq!(psql(&admin, "SELECT count(*) FROM pg_database WHERE datname = 'app_lone'").unwrap(), "0");
 }

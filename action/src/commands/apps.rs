@@ -124,6 +124,11 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
                 rows.push(vec![a.name.to_string(), prod, a.production_url.clone()]);
             }
             print!("{}", table(&rows));
+            for a in &apps {
+                if let Some(quota) = a.database_quota {
+                    eprintln!("{}: {quota}", a.name);
+                }
+            }
             Ok(())
         }
     }

@@ -13,16 +13,24 @@ use crate::db::AppRow;
 
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
-        match e {
-            AppError::Exists(_) => ApiError::Conflict(e.to_string()),
-            AppError::NoUids { .. } => ApiError::Unavailable(e.to_string()),
+        use crate::pg::provision::ProvisionError;
+        use crate::pg::ClusterError;
+        match &e {
+            AppError::Exists(_)
+            | AppError::Database { source: ClusterError::Provision(ProvisionError::Exists { .. }), .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            AppError::NoUids { .. }
+            | AppError::Database { source: ClusterError::Provision(ProvisionError::Connections { .. }), .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
             AppError::Database { .. } | AppError::Db(_) => ApiError::internal(e),
         }
     }
 }
 
 fn to_info(state: &AppState, row: &AppRow) -> Result<AppInfo, ApiError> {
-    apps::info(row, &state.config)
+    apps::info(row, &state.config, state.cluster.quota_states().get(&row.db_name))
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("stored app name {:?} is invalid", row.name)))
 }
 

@@ -19,8 +19,13 @@ use crate::db::BackupRow;
 
 impl From<DatabaseError> for ApiError {
     fn from(e: DatabaseError) -> Self {
-        match e {
-            DatabaseError::RestoreFailed(_) => ApiError::Unprocessable(e.to_string()),
+        use crate::pg::provision::ProvisionError;
+        match &e {
+            DatabaseError::RestoreFailed(_) | DatabaseError::RestoreOverQuota { .. } => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            DatabaseError::Provision(ProvisionError::Connections { .. }) => ApiError::Unavailable(e.to_string()),
+            DatabaseError::Provision(ProvisionError::Exists { .. }) => ApiError::Conflict(e.to_string()),
             _ => ApiError::internal(e),
         }
     }

@@ -28,11 +28,11 @@ impl From<DeployError> for ApiError {
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             DeployError::WillNotRun(_) => ApiError::Unprocessable(e.to_string()),
             DeployError::Artifact(a) => a.into(),
+            DeployError::Database(d) => d.into(),
             DeployError::Db(_)
             | DeployError::Io { .. }
             | DeployError::Secret { .. }
             | DeployError::Volume(_)
-            | DeployError::Database(_)
             | DeployError::Cgroup(_) => ApiError::internal(e),
         }
     }

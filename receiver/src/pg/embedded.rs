@@ -2,7 +2,7 @@
 //! supervised child running as an unprivileged system user, listening on a unix
 //! socket in the data directory and on a loopback port.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -101,6 +101,7 @@ pub struct EmbeddedConfig {
     pub port: u16,
     pub ids: (u32, u32),
     pub log_path: PathBuf,
+    pub max_connections: u32,
 }
 
 impl EmbeddedConfig {
@@ -134,15 +135,19 @@ pub struct Embedded {
     config: EmbeddedConfig,
 }
 
-/// Rules that admit the admin everywhere (from the socket and loopback) and every
-/// other role only to the database of its own name (`sameuser`), by password.
+/// Rules that admit the superuser only over the unix socket (whose directory
+/// only root and the cluster's user can enter), refuse it over the network
+/// before any password is asked, so a sandbox has nothing to guess, and admit
+/// every other role only to the database of the role's name or of a role it
+/// is a member of (`samerole`: the platform's pg_dump role holds the app's
+/// role), by password.
 fn hba_rules() -> String {
     format!(
         "# Written by nx-receiver at every start; edits are lost.\n\
          local all {ADMIN_ROLE} scram-sha-256\n\
-         host all {ADMIN_ROLE} 127.0.0.1/32 scram-sha-256\n\
-         host sameuser all 127.0.0.1/32 scram-sha-256\n\
-         host sameuser all ::1/128 scram-sha-256\n"
+         host all {ADMIN_ROLE} all reject\n\
+         host samerole all 127.0.0.1/32 scram-sha-256\n\
+         host samerole all ::1/128 scram-sha-256\n"
     )
 }
 
@@ -154,16 +159,10 @@ fn ensure_dir(path: &Path, mode: u32, ids: Option<(u32, u32)>) -> Result<(), Emb
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
 }
 
-fn write_owned(path: &Path, contents: &str, ids: (u32, u32)) -> Result<(), EmbeddedError> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        std::io::Write::write_all(&mut f, contents.as_bytes())?;
-        std::os::unix::fs::chown(&tmp, Some(ids.0), Some(ids.1))?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(io_err(path))
+/// Writes a file the cluster's user reads into a directory that user owns
+/// (and could plant links in): never by path, see `replace_file_in`.
+fn write_owned(dir: &Path, name: &str, contents: &str, ids: (u32, u32)) -> Result<(), EmbeddedError> {
+    nx_runtime::sys::replace_file_in(dir, name, contents.as_bytes(), 0o600, ids).map_err(io_err(&dir.join(name)))
 }
 
 impl Embedded {
@@ -183,7 +182,7 @@ impl Embedded {
         if !cluster.join("PG_VERSION").exists() {
             initdb(pm, &config, password).await?;
         }
-        write_owned(&cluster.join("pg_hba.conf"), &hba_rules(), ids)?;
+        write_owned(&cluster, "pg_hba.conf", &hba_rules(), ids)?;
         wait_for_previous(&cluster).await?;
 
         let mut cmd = Command::new(config.bin.join("postgres")).args([
@@ -198,7 +197,7 @@ impl Embedded {
             "-c".into(),
             "password_encryption=scram-sha-256".into(),
             "-c".into(),
-            "max_connections=300".into(),
+            format!("max_connections={}", config.max_connections).into(),
         ]);
         cmd.env = vec![("LC_ALL".into(), "C".into())];
         cmd.cwd = Some(cluster.clone());
@@ -254,8 +253,9 @@ impl Embedded {
 async fn initdb(pm: &ProcessManager, config: &EmbeddedConfig, password: &str) -> Result<(), EmbeddedError> {
     let cluster = config.cluster_dir();
     // initdb reads the superuser password from a file the cluster's user can read.
-    let pwfile = config.socket_dir().join(format!("pwfile-{}", random_token(8)));
-    write_owned(&pwfile, password, config.ids)?;
+    let pwname = format!("pwfile-{}", random_token(8));
+    let pwfile = config.socket_dir().join(&pwname);
+    write_owned(&config.socket_dir(), &pwname, password, config.ids)?;
     let mut cmd = Command::new(config.bin.join("initdb")).args([
         "-D".into(),
         cluster.clone().into_os_string(),
@@ -313,11 +313,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hba_admits_apps_only_to_their_own_database() {
+    fn hba_admits_apps_only_to_their_own_database_and_the_superuser_only_locally() {
         let rules = hba_rules();
-        assert!(rules.contains("host sameuser all 127.0.0.1/32 scram-sha-256"));
+        assert!(rules.contains("host samerole all 127.0.0.1/32 scram-sha-256"));
         assert!(!rules.contains("trust"));
         assert!(!rules.lines().any(|l| l.starts_with("host all all")));
+        // First match wins: the superuser's reject comes before any host rule
+        // that would ask it for a password.
+        let host_rules: Vec<&str> = rules.lines().filter(|l| l.starts_with("host")).collect();
+        assert_eq!(host_rules[0], format!("host all {ADMIN_ROLE} all reject"));
+    }
+
+    /// A fresh directory under the system's temporary directory.
+    fn scratch_dir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nx-{what}-{}", random_token(8)));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_link_planted_where_the_file_goes_is_replaced_not_followed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch_dir("hba");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "root's own").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let before = std::fs::metadata(&victim).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("pg_hba.conf")).unwrap();
+        // Root hands the file to another user; anyone else hands it to itself.
+        let ids = if nx_runtime::sys::effective_uid() == 0 { (65534, 65534) } else { (before.uid(), before.gid()) };
+
+        write_owned(&dir, "pg_hba.conf", "rules\n", ids).unwrap();
+
+        let written = std::fs::symlink_metadata(dir.join("pg_hba.conf")).unwrap();
+        assert!(written.file_type().is_file(), "the link itself was replaced by a file");
+        assert_eq!((written.uid(), written.gid(), written.mode() & 0o7777), (ids.0, ids.1, 0o600));
+        assert_eq!(std::fs::read_to_string(dir.join("pg_hba.conf")).unwrap(), "rules\n");
+        let after = std::fs::metadata(&victim).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's own", "the link's target was not written");
+        assert_eq!((after.uid(), after.gid(), after.mode()), (before.uid(), before.gid(), before.mode()));
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_link_is_refused() {
+        let dir = scratch_dir("hba-dir");
+        let elsewhere = scratch_dir("hba-elsewhere");
+        let link = dir.join("cluster");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let err = write_owned(&link, "pg_hba.conf", "rules\n", (0, 0)).unwrap_err();
+        let EmbeddedError::Io { source, .. } = &err else { panic!("{err}") };
+        // O_DIRECTORY|O_NOFOLLOW on a link: Linux answers ENOTDIR.
+        assert_eq!(source.raw_os_error(), Some(nix::errno::Errno::ENOTDIR as i32), "{err}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written through the link");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&elsewhere).unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod provision;
 pub mod scram;
 pub mod tools;
+pub mod watchdog;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -51,6 +52,10 @@ pub struct Cluster {
     embedded: Option<Embedded>,
     /// How many spare databases to keep ready.
     spares: usize,
+    /// What each app's role may use of the cluster.
+    limits: provision::Limits,
+    /// Where app databases stand against their quota, kept by the watchdog.
+    quotas: watchdog::QuotaStates,
 }
 
 impl Cluster {
@@ -62,29 +67,19 @@ impl Cluster {
         admin_password: &str,
         log: nx_runtime::Log,
     ) -> Result<Cluster, ClusterError> {
-        let tool_env = |host: &str, port: u16, user: &str, password: &str| {
-            vec![
-                ("PGHOST".to_owned(), host.to_owned()),
-                ("PGPORT".to_owned(), port.to_string()),
-                ("PGUSER".to_owned(), user.to_owned()),
-                ("PGPASSWORD".to_owned(), password.to_owned()),
-            ]
-        };
         let cluster = match &config.database_url {
             Some(url) => {
                 let admin = PgConnectOptions::from_str(url.expose()).map_err(ClusterError::BadUrl)?;
                 let endpoint = AppEndpoint { host: admin.get_host().to_owned(), port: admin.get_port() };
-                let parsed = url::Url::parse(url.expose())
-                    .map_err(|e| ClusterError::BadUrl(sqlx::Error::Configuration(e.into())))?;
-                let password = parsed.password().map(urlencoding_decode).unwrap_or_default();
                 let bin = embedded::find_bin_dir(config.pg_bin.as_deref(), &["pg_dump", "pg_restore"])?;
-                let env = tool_env(admin.get_host(), admin.get_port(), admin.get_username(), &password);
                 Cluster {
                     admin,
+                    tools: tools::PgTools::new(bin, endpoint.clone(), pm.clone()),
                     endpoint,
-                    tools: tools::PgTools::new(bin, env, pm.clone()),
                     embedded: None,
                     spares: config.spare_databases,
+                    limits: limits(config),
+                    quotas: watchdog::QuotaStates::default(),
                 }
             }
             None => {
@@ -97,17 +92,20 @@ impl Cluster {
                     port: config.pg_port,
                     ids,
                     log_path: data_dir.join("logs/postgres.log"),
+                    max_connections: config.db_max_connections,
                 };
                 let admin = ec.admin_options(admin_password);
-                let env = tool_env(&ec.socket_dir().to_string_lossy(), ec.port, embedded::ADMIN_ROLE, admin_password);
-                let tools = tools::PgTools::new(ec.bin.clone(), env, pm.clone());
+                let endpoint = AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port };
+                let tools = tools::PgTools::new(ec.bin.clone(), endpoint.clone(), pm.clone());
                 let embedded = Embedded::start(pm, ec, admin_password, log).await?;
                 Cluster {
                     admin,
-                    endpoint: AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port },
+                    endpoint,
                     tools,
                     embedded: Some(embedded),
                     spares: config.spare_databases,
+                    limits: limits(config),
+                    quotas: watchdog::QuotaStates::default(),
                 }
             }
         };
@@ -170,6 +168,14 @@ impl Cluster {
         &self.endpoint
     }
 
+    pub fn quota_states(&self) -> &watchdog::QuotaStates {
+        &self.quotas
+    }
+
+    pub fn limits(&self) -> &provision::Limits {
+        &self.limits
+    }
+
     pub fn tools(&self) -> &tools::PgTools {
         &self.tools
     }
@@ -182,24 +188,15 @@ impl Cluster {
     }
 }
 
-/// Decodes the percent-escapes of a URL component (passwords may contain any byte).
-fn urlencoding_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+/// The limits of app roles the configuration asks for.
+fn limits(config: &ServeConfig) -> provision::Limits {
+    provision::Limits {
+        connections: config.db_app_connections,
+        reserved: config.db_reserved_connections,
+        temp_file_limit_kb: config.db_temp_file_limit.div_ceil(1024),
+        statement_timeout_ms: config.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
+        quota_kb: config.db_quota.div_ceil(1024),
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The variables an app sees for its database.
@@ -218,13 +215,6 @@ pub fn app_database_env(endpoint: &AppEndpoint, role: &str, database: &str, pass
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn url_passwords_are_decoded() {
-        assert_eq!(urlencoding_decode("p%40ss%2Fw%C3%A9"), "p@ss/wé");
-        assert_eq!(urlencoding_decode("50%"), "50%");
-        assert_eq!(urlencoding_decode("%zz%é"), "%zz%é");
-    }
 
     #[test]
     fn app_env_carries_url_and_pg_variables() {

@@ -1,10 +1,13 @@
-//! pg_dump and pg_restore, run as the cluster's admin with the credentials in
-//! their environment (never on their command line).
+//! pg_dump and pg_restore. They never run as the cluster's superuser: each
+//! connects over the apps' own endpoint as a plain login role (the app's, or
+//! one made for the operation) whose credentials are in its environment, never
+//! on its command line. Whatever SQL a dump holds runs with that role's rights.
 
 use std::path::{Path, PathBuf};
 
 use nx_runtime::process::{Command, ProcessManager};
 
+use super::AppEndpoint;
 use crate::config::Secret;
 
 /// Failures of the client tools; their own words are kept.
@@ -18,29 +21,48 @@ pub enum ToolError {
     Spawn(#[from] nx_runtime::process::SpawnError),
 }
 
-/// The tools and how they reach the cluster as its admin.
+/// Who a tool logs in as, and into which database.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: Secret<String>,
+    pub database: String,
+}
+
+/// The tools and where they reach the cluster.
 #[derive(Debug, Clone)]
 pub struct PgTools {
     bin: PathBuf,
-    env: Secret<Vec<(String, String)>>,
+    endpoint: AppEndpoint,
     pm: ProcessManager,
 }
 
 impl PgTools {
-    /// `env` holds PGHOST, PGPORT, PGUSER and PGPASSWORD for the admin.
-    pub fn new(bin: PathBuf, env: Vec<(String, String)>, pm: ProcessManager) -> PgTools {
-        PgTools { bin, env: Secret::new(env), pm }
+    pub fn new(bin: PathBuf, endpoint: AppEndpoint, pm: ProcessManager) -> PgTools {
+        PgTools { bin, endpoint, pm }
     }
 
-    fn command(&self, program: &'static str, database: &str) -> Result<Command, ToolError> {
+    /// The program with an environment built here alone: nothing of the
+    /// receiver's (a `~/.pgpass`, `PGSERVICE`) takes part.
+    fn command(&self, program: &'static str, login: &Login) -> Result<Command, ToolError> {
         let path = self.bin.join(program);
         if !path.is_file() {
             return Err(ToolError::Missing { program, dir: self.bin.clone() });
         }
         let mut cmd = Command::new(path);
-        cmd.env = self.env.expose().iter().map(|(k, v)| (k.into(), v.into())).collect();
-        cmd.env.push(("PGDATABASE".into(), database.into()));
-        cmd.env.push(("LC_ALL".into(), "C".into()));
+        cmd.env = [
+            ("PGHOST", self.endpoint.host.as_str()),
+            ("PGPORT", &self.endpoint.port.to_string()),
+            ("PGUSER", &login.user),
+            ("PGPASSWORD", login.password.expose()),
+            ("PGDATABASE", &login.database),
+            ("PGPASSFILE", "/dev/null"),
+            ("PGSYSCONFDIR", "/nonexistent"),
+            ("LC_ALL", "C"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
         Ok(cmd)
     }
 
@@ -53,20 +75,21 @@ impl PgTools {
         }
     }
 
-    /// Dumps `database` in pg_dump's custom format to `file`. pg_dump reads a
-    /// consistent snapshot without blocking the app's writes.
-    pub async fn dump(&self, database: &str, file: &Path) -> Result<(), ToolError> {
-        let cmd = self.command("pg_dump", database)?.args(["--format=custom", "--no-owner", "--file"]).arg(file);
+    /// Dumps the database of `login` in pg_dump's custom format to `file`.
+    /// pg_dump reads a consistent snapshot without blocking the app's writes.
+    pub async fn dump(&self, login: &Login, file: &Path) -> Result<(), ToolError> {
+        let cmd = self.command("pg_dump", login)?.args(["--format=custom", "--no-owner", "--file"]).arg(file);
         self.run("pg_dump", cmd).await
     }
 
-    /// Restores `file` into `database`, every object owned by `role`; stops at
-    /// the first error.
-    pub async fn restore(&self, file: &Path, database: &str, role: &str) -> Result<(), ToolError> {
+    /// Restores `file` into the database of `login`, every object owned by the
+    /// login role; ownership and privilege statements of the dump are skipped,
+    /// and the first error undoes everything.
+    pub async fn restore(&self, file: &Path, login: &Login) -> Result<(), ToolError> {
         let cmd = self
-            .command("pg_restore", database)?
-            .args(["--exit-on-error", "--no-owner", "--no-privileges", "--single-transaction", "--dbname", database])
-            .arg(format!("--role={role}"))
+            .command("pg_restore", login)?
+            .args(["--exit-on-error", "--no-owner", "--no-privileges", "--single-transaction", "--dbname"])
+            .arg(&login.database)
             .arg(file);
         self.run("pg_restore", cmd).await
     }
