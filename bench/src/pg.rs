@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use nx_receiver::config::ServeConfig;
 use nx_receiver::pg::embedded::{ensure_system_user, find_bin_dir, Embedded, EmbeddedConfig};
 use nx_receiver::pg::provision;
 use nx_runtime::{Log, LogLimits, ProcessManager};
@@ -23,7 +24,9 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
             port: crate::sandbox::free_port()?,
             ids: ensure_system_user(&pm, "nx-postgres").await?,
             log_path: dir.path().join("postgres.log"),
+            max_connections: ServeConfig::defaults().db_max_connections,
         };
+        let limits = nx_receiver::pg::limits(&ServeConfig::defaults());
         let password = nx_receiver::secrets::random_token(32);
         let options = config.admin_options(&password);
         let log = Log::open(&dir.path().join("cluster.log"), LogLimits::default())?;
@@ -36,11 +39,13 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
             // provisionings; here that happens off the clock.
             provision::refill_spares(&mut admin, 2).await?;
             let t = Instant::now();
-            provision::create_app_database(&mut admin, &format!("app_bench_{i}"), "a-password-of-the-app").await?;
+            provision::create_app_database(&mut admin, &format!("app_bench_{i}"), "a-password-of-the-app", &limits)
+                .await?;
             ours.push_ms(t.elapsed());
             provision::refill_spares(&mut admin, 0).await?;
             let t = Instant::now();
-            provision::create_app_database(&mut admin, &format!("app_cold_{i}"), "a-password-of-the-app").await?;
+            provision::create_app_database(&mut admin, &format!("app_cold_{i}"), "a-password-of-the-app", &limits)
+                .await?;
             cold.push_ms(t.elapsed());
             let t = Instant::now();
             admin.execute(format!("CREATE ROLE raw_{i} LOGIN PASSWORD 'a-password-of-the-app'").as_str()).await?;

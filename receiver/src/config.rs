@@ -369,6 +369,17 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The configuration `nx-receiver serve` runs with when given no flag
+    /// (environment fallbacks still apply).
+    pub fn defaults() -> ServeConfig {
+        #[derive(Debug, clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        <Serve as clap::Parser>::parse_from(["nx-receiver"]).serve
+    }
+
     /// The port shown in URLs.
     pub fn url_port(&self) -> u16 {
         self.public_port.unwrap_or(self.router_listen.port())

@@ -113,17 +113,16 @@ pub fn raised(config: &ServeConfig, current: &LimitSettings, new: &LimitSettings
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    fn config(extra: &[&str]) -> ServeConfig {
-        #[derive(Debug, clap::Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            serve: ServeConfig,
+    fn config(caps: &[(&str, &str)]) -> ServeConfig {
+        let mut config = ServeConfig::defaults();
+        for (flag, value) in caps {
+            match *flag {
+                "--max-app-memory" => config.max_app_memory = nx_protocol::units::parse_size(value).unwrap(),
+                other => panic!("{other} is not set by these tests"),
+            }
         }
-        let mut args = vec!["nx-receiver"];
-        args.extend_from_slice(extra);
-        Wrap::parse_from(args).serve
+        config
     }
 
     #[test]
@@ -133,7 +132,7 @@ mod tests {
 
     #[test]
     fn a_limit_over_its_cap_is_refused_with_the_flag_to_raise_it() {
-        let c = config(&["--max-app-memory", "2GiB"]);
+        let c = config(&[("--max-app-memory", "2GiB")]);
         let ask = LimitSettings { memory_mib: Some(100_000 * 1024), ..Default::default() };
         let err = within_caps(&c, &ask).unwrap_err();
         assert_eq!(

@@ -189,7 +189,7 @@ impl Cluster {
 }
 
 /// The limits of app roles the configuration asks for.
-fn limits(config: &ServeConfig) -> provision::Limits {
+pub fn limits(config: &ServeConfig) -> provision::Limits {
     provision::Limits {
         connections: config.db_app_connections,
         reserved: config.db_reserved_connections,
