@@ -258,7 +258,7 @@ pub struct SetArgs {
     #[arg(long, value_parser = ["push", "merge", "approval", "manual"])]
     pub promote_on: Option<String>,
     /// The GitHub repository (owner/name) whose webhooks act on this app, or
-    /// `none`; the first push from the GitHub Action sets it when unset.
+    /// `none` (admin token: the receiver reports there with its own identity).
     #[arg(long, value_name = "OWNER/NAME")]
     pub github_repo: Option<String>,
 }

@@ -20,6 +20,8 @@ pub enum ConfineError {
     Arch,
     #[error("cannot install the seccomp filter: {0}")]
     Filter(std::io::Error),
+    #[error("cannot keep the parent-death signal across the change of user: {0}")]
+    DeathSignal(std::io::Error),
 }
 
 /// Becomes `user` (when given and not already it), then installs the router's
@@ -43,6 +45,10 @@ fn become_user(name: &str) -> Result<(), ConfineError> {
         return Ok(());
     }
     let switch = |source| ConfineError::Switch { user: name.into(), uid: user.uid.as_raw(), source };
+    // The receiver gave the router a parent-death signal; changing user
+    // clears it, and a router left behind by a killed receiver would keep
+    // the listening sockets from the next one.
+    let (death_signal, parent) = nx_runtime::sys::parent_death_signal().map_err(ConfineError::DeathSignal)?;
     nix::unistd::setgroups(&[]).map_err(switch)?;
     nix::unistd::setgid(user.gid).map_err(switch)?;
     nix::unistd::setuid(user.uid).map_err(switch)?;
@@ -50,7 +56,7 @@ fn become_user(name: &str) -> Result<(), ConfineError> {
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok() || Gid::effective() != user.gid {
         return Err(switch(nix::errno::Errno::EPERM));
     }
-    Ok(())
+    nx_runtime::sys::restore_parent_death_signal(death_signal, parent).map_err(ConfineError::DeathSignal)
 }
 
 #[cfg(test)]

@@ -378,6 +378,34 @@ pub fn confine_self(program: &[crate::seccomp::Insn]) -> io::Result<()> {
     }
 }
 
+/// This process's parent-death signal (0 for none) and its parent's pid.
+pub fn parent_death_signal() -> io::Result<(i32, i32)> {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which
+    // points at a live local.
+    check(unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int as libc::c_ulong, 0, 0, 0) })?;
+    // SAFETY: getppid has no arguments and cannot fail.
+    Ok((signal, unsafe { libc::getppid() }))
+}
+
+/// Sets the parent-death signal again after a change of user: the kernel
+/// clears it then, and a process that must not outlive its parent would
+/// otherwise do so. If the parent (`parent`) is already gone, the signal is
+/// raised at once, as the kernel would have.
+pub fn restore_parent_death_signal(signal: i32, parent: i32) -> io::Result<()> {
+    if signal == 0 {
+        return Ok(());
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
+    // SAFETY: getppid has no arguments and cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        // SAFETY: raising a signal at this process.
+        check(unsafe { libc::raise(signal) })?;
+    }
+    Ok(())
+}
+
 /// Looks up a user by name: `(uid, gid)`.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))

@@ -23,6 +23,14 @@ fn receiver(github: &FakeGitHub, auth: &[&str]) -> Receiver {
     Receiver::start_with(Options { args, ..Options::default() })
 }
 
+/// Creates the app `web` linked (by the admin) to our repository, and
+/// returns its deploy key.
+fn linked_app(r: &Receiver) -> String {
+    let key = r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
+    key
+}
+
 fn sha() -> String {
     format!("{:040x}", rand::random::<u128>())
 }
@@ -102,7 +110,7 @@ fn state_of(r: &Receiver, id: &str) -> String {
 fn a_pull_request_gets_its_preview_reported_and_merging_it_makes_that_binary_production() {
     let gh = FakeGitHub::start();
     let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
-    let key = r.create_app("web");
+    let key = linked_app(&r);
     r.nx_ok(&["apps", "set", "web", "--promote-on", "merge"]);
     let goweb = fixtures::go(Go::Static);
 
@@ -207,14 +215,24 @@ fn a_tenant_naming_another_repository_gets_no_report_there() {
     let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
     let key = r.create_app("web");
     let goweb = fixtures::go(Go::Static);
-    // The app is linked to its repository (id REPO_ID) by its first push.
+    // A deploy key cannot link an unlinked app to the repository it names.
+    let victim = "victim-org/victim-repo";
+    let unlinked = with(pull_request("pull_request.opened", 6, &sha()), &[("/repository/full_name", victim.into())]);
+    let refused = run_action_with(&r, &key, "pull_request", &unlinked, &goweb, &[("GITHUB_REPOSITORY", victim)]);
+    assert_eq!(refused.out.code, 1, "{:?}", refused.out);
+    assert!(
+        refused.out.stderr.contains(&format!("a deploy key may not link it to {victim}")),
+        "{}",
+        refused.out.stderr
+    );
+    // The admin links it by name; its first push learns the id (REPO_ID).
+    r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
     let first = run_action(&r, &key, "pull_request", &pull_request("pull_request.opened", 7, &sha()), &goweb);
     assert_eq!(first.out.code, 0, "{:?}", first.out);
     eventually(20, "the first comment", || gh.calls_to("POST", &format!("/repos/{REPO}/issues/7/comments")).pop());
 
     // The tenant's push claims the victim's name with its own repository's id:
     // the reports go to the linked repository alone.
-    let victim = "victim-org/victim-repo";
     let claimed =
         with(pull_request("pull_request.synchronize", 8, &sha()), &[("/repository/full_name", victim.into())]);
     let run = run_action_with(&r, &key, "pull_request", &claimed, &goweb, &[("GITHUB_REPOSITORY", victim)]);
@@ -239,7 +257,7 @@ fn a_tenant_naming_another_repository_gets_no_report_there() {
 #[test]
 fn pushes_to_the_production_branch_promote_unless_the_app_waits_for_merges() {
     let r = Receiver::start();
-    let key = r.create_app("web");
+    let key = linked_app(&r);
     let push = with(payload("push"), &[("/repository/id", REPO_ID.into()), ("/repository/full_name", REPO.into())]);
     let goweb = fixtures::go(Go::Static);
     let branch = |name: &str| run_action_with(&r, &key, "push", &push, &goweb, &[("GITHUB_REF_NAME", name)]);
@@ -261,7 +279,7 @@ fn pushes_to_the_production_branch_promote_unless_the_app_waits_for_merges() {
 fn check_run_buttons_and_approvals_promote_and_roll_back() {
     let gh = FakeGitHub::start();
     let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
-    let key = r.create_app("web");
+    let key = linked_app(&r);
     r.nx_ok(&["apps", "set", "web", "--promote-on", "approval"]);
     let goweb = fixtures::go(Go::Static);
     let (a_sha, b_sha) = (sha(), sha());
@@ -350,7 +368,7 @@ fn as_a_github_app_with_installation_tokens_and_github_down_a_deploy_never_waits
     let made = std::process::Command::new(openssl).args(["genrsa", "-out"]).arg(&pem).arg("2048").output().unwrap();
     assert!(made.status.success(), "{made:?}");
     let r = receiver(&gh, &["--github-app-id", "77", "--github-app-key", pem.to_str().unwrap()]);
-    let key = r.create_app("web");
+    let key = linked_app(&r);
     let installed = with(
         payload("installation.created"),
         &[("/installation/id", 555.into()), ("/installation/account/login", "nx-test".into())],

@@ -99,6 +99,23 @@ fn leftovers(r: &Receiver) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Starts an upload of `file` to `dest` at 800 kbit/s with OpenSSH's sftp,
+/// and returns once the receiver holds part of it.
+fn slow_upload(r: &Receiver, key: &Path, file: &Path, dest: &str) -> std::process::Child {
+    use std::io::Write as _;
+    let mut slow = Command::new("sftp")
+        .args(ssh_options(r, key, "-P"))
+        .args(["-l", "800", "-b", "-", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(slow.stdin.take().unwrap(), "put {} {dest}", file.display()).unwrap();
+    eventually(20, "the slow upload to begin", || (!leftovers(r).is_empty()).then_some(()));
+    slow
+}
+
 #[test]
 fn sftp_and_scp_uploads_deploy_and_say_how_it_went() {
     let mut r = Receiver::start();
@@ -225,17 +242,7 @@ fn what_sftp_must_refuse_it_refuses_and_stores_nothing() {
     let big = sftp(&r, &alice, &format!("put {} web/caddy\n", caddy.display()));
     assert!(!big.status.success(), "{}", text(&big));
     // Dropped mid-file: nothing kept either.
-    let mut slow = Command::new("sftp")
-        .args(ssh_options(&r, &alice, "-P"))
-        .args(["-l", "800", "-b", "-", "deploy@127.0.0.1"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    writeln!(slow.stdin.take().unwrap(), "put {} web/goweb", goweb.display()).unwrap();
-    eventually(20, "the slow upload to begin", || (!leftovers(&r).is_empty()).then_some(()));
+    let mut slow = slow_upload(&r, &alice, &goweb, "web/goweb");
     slow.kill().unwrap();
     slow.wait().unwrap();
     eventually(20, "the dropped upload to be discarded", || leftovers(&r).is_empty().then_some(()));
@@ -355,17 +362,7 @@ fn concurrent_uploads_are_capped_across_sftp_and_the_api() {
     r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
     let goweb = fixtures::go(Go::Static);
     // One slow upload holds the only place.
-    let mut slow = Command::new("sftp")
-        .args(ssh_options(&r, &alice, "-P"))
-        .args(["-l", "800", "-b", "-", "deploy@127.0.0.1"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    writeln!(slow.stdin.take().unwrap(), "put {} web/slow", goweb.display()).unwrap();
-    eventually(20, "the slow upload to begin", || (!leftovers(&r).is_empty()).then_some(()));
+    let mut slow = slow_upload(&r, &alice, &goweb, "web/slow");
     let pushed = r.nx(&["push", goweb.to_str().unwrap(), "--app", "web"]);
     assert_ne!(pushed.code, 0, "{pushed:?}");
     assert!(

@@ -77,6 +77,7 @@ pub async fn push(
         )));
     }
     let meta = parse_meta(&caller)?;
+    crate::github::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?;
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 
     let upload = state.store.receive(body.into_data_stream(), &caller.content_sha256, length, limit).await?;
