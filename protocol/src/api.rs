@@ -494,6 +494,9 @@ pub struct ServerStatus {
     pub preview_idle_secs: u64,
     /// Deployments kept per app; older ones are removed.
     pub keep_deployments: u32,
+    /// The apps (of those the key sees) whose database is over its size quota.
+    #[serde(default)]
+    pub databases_over_quota: BTreeMap<String, DatabaseQuota>,
 }
 
 /// `GET /v1/health`, unauthenticated.

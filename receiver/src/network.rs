@@ -106,10 +106,16 @@ impl fmt::Display for Cidr {
 }
 
 /// Destinations closed to apps unless the operator allows them: private
-/// (RFC 1918), shared address space (CGNAT, RFC 6598), link-local, and IPv6
-/// unique-local and link-local.
-pub const PRIVATE_V4: &str = "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16";
-pub const PRIVATE_V6: &str = "fc00::/7, fe80::/10";
+/// (RFC 1918), shared address space (CGNAT, RFC 6598), link-local, multicast
+/// and broadcast (mDNS, SSDP, LLMNR reach the LAN's neighbours), and IPv6
+/// unique-local, link-local, multicast and the NAT64 prefixes (which reach
+/// private IPv4 hosts through a NAT64 gateway).
+pub const PRIVATE_V4: &str =
+    "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16, 224.0.0.0/4, 255.255.255.255";
+pub const PRIVATE_V6: &str = "fc00::/7, fe80::/10, ff00::/8, 64:ff9b::/96, 64:ff9b:1::/48";
+/// Addresses that hand out the host's credentials or control its agent
+/// (AWS/GCP/Azure metadata, Azure's WireServer): closed whatever is allowed.
+const METADATA_V4: &str = "169.254.169.254, 168.63.129.16";
 
 /// The nameservers a resolv.conf names.
 pub fn nameservers(resolv: &str) -> Vec<IpAddr> {
@@ -162,7 +168,7 @@ impl Policy {
         rules.push("fib daddr type local reject with icmpx admin-prohibited".to_owned());
         // Cloud metadata stays closed whatever else is allowed: it hands out
         // the host's credentials.
-        rules.push("ip daddr 169.254.169.254 reject with icmpx admin-prohibited".to_owned());
+        rules.push(format!("ip daddr {{ {METADATA_V4} }} reject with icmpx admin-prohibited"));
         rules.push("ip6 daddr fd00:ec2::254 reject with icmpx admin-prohibited".to_owned());
         // One rule per range: overlapping ranges in one set are an nft error.
         for range in &self.allow_egress {
@@ -280,7 +286,7 @@ mod tests {
         let established = r.find("ct state established").unwrap();
         let refuse = r.find("reject with tcp reset").unwrap();
         assert!(established < refuse, "replies pass before anything is refused");
-        assert!(r.contains("ip daddr 169.254.169.254 reject"));
+        assert!(r.contains("ip daddr { 169.254.169.254, 168.63.129.16 } reject"));
     }
 
     #[test]
@@ -288,12 +294,18 @@ mod tests {
         let r = policy().ruleset();
         assert!(
             r.contains(
-                "\t\tip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16 } \
+                "\t\tip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16, \
+                 224.0.0.0/4, 255.255.255.255 } reject with icmpx admin-prohibited\n"
+            ),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "\t\tip6 daddr { fc00::/7, fe80::/10, ff00::/8, 64:ff9b::/96, 64:ff9b:1::/48 } \
                  reject with icmpx admin-prohibited\n"
             ),
             "{r}"
         );
-        assert!(r.contains("\t\tip6 daddr { fc00::/7, fe80::/10 } reject with icmpx admin-prohibited\n"), "{r}");
         assert!(!r.contains("dport 53"), "no DNS unless allowed: {r}");
         assert!(!r.contains(" accept\n\t\tip daddr {"), "nothing allowed before the private ranges: {r}");
     }
@@ -313,7 +325,7 @@ mod tests {
         assert!(at("fib daddr type local meta l4proto { tcp, udp } th dport 53 accept") < at("tcp reset"));
         assert!(at("\t\tip daddr 10.255.255.53 meta l4proto { tcp, udp } th dport 53 accept\n") < closed);
         // Metadata stays closed even inside an allowed range.
-        assert!(at("ip daddr 169.254.169.254 reject") < at("10.20.0.0/16 accept"));
+        assert!(at("ip daddr { 169.254.169.254, 168.63.129.16 } reject") < at("10.20.0.0/16 accept"));
         assert!(p.enforcement().value.ends_with(" except 10.20.0.0/16, fd00:1::/32"), "{:?}", p.enforcement());
     }
 

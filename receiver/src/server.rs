@@ -234,7 +234,8 @@ async fn run(
         quota: config.db_quota,
     };
     let quotas = cluster.quota_states().clone();
-    tokio::spawn(crate::pg::watchdog::run(cluster.clone(), watchdog, quotas, stop_rx.clone()));
+    // Joined at shutdown: it holds the cluster, which stops only once no one does.
+    let watchdog = tokio::spawn(crate::pg::watchdog::run(cluster.clone(), watchdog, quotas, stop_rx.clone()));
 
     let github = crate::github::client::Client::from_config(&config, db.clone())?.map(Arc::new);
     let (reporter, reports) = match &github {
@@ -328,6 +329,7 @@ async fn run(
     let served = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal()).await;
 
     let _ = stop_tx.send(true);
+    let _ = watchdog.await;
     deployer.shutdown().await;
     volumes.unmount_all(&data.join("apps")).await;
     if let Some(p) = policy {

@@ -53,10 +53,18 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
 const EAFNOSUPPORT: u32 = 97;
+const EPROTONOSUPPORT: u32 = 93;
 
-/// Socket families `socket` and `socketpair` may use; AF_NETLINK only with
-/// [`NETLINK_ROUTE`].
-const ALLOWED_FAMILIES: [u32; 3] = [libc::AF_UNIX as u32, libc::AF_INET as u32, libc::AF_INET6 as u32];
+/// Socket families `socket` and `socketpair` may use; AF_INET and AF_INET6
+/// only with [`INET_PROTOCOLS`], AF_NETLINK only with [`NETLINK_ROUTE`].
+const AF_UNIX: u32 = libc::AF_UNIX as u32;
+const INET_FAMILIES: [u32; 2] = [libc::AF_INET as u32, libc::AF_INET6 as u32];
+/// The protocols of AF_INET and AF_INET6 sockets: the default for the type,
+/// TCP, UDP and ICMP (ping). Landlock's bind rule covers plain TCP alone, so
+/// MPTCP, SCTP or SMC sockets would let an app bind a neighbour's port (an
+/// MPTCP listener answers plain TCP clients); they answer EPROTONOSUPPORT.
+const INET_PROTOCOLS: [u32; 5] =
+    [0, libc::IPPROTO_TCP as u32, libc::IPPROTO_UDP as u32, libc::IPPROTO_ICMP as u32, libc::IPPROTO_ICMPV6 as u32];
 const AF_NETLINK: u32 = libc::AF_NETLINK as u32;
 const NETLINK_ROUTE: u32 = libc::NETLINK_ROUTE as u32;
 
@@ -200,6 +208,7 @@ enum Label {
     Clone,
     Ioctl,
     Socket,
+    Inet,
     Netlink,
 }
 
@@ -257,8 +266,9 @@ fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
     ops.push(Op::Ret(RET_ALLOW));
     ops.push(Op::Mark(Socket));
     ops.push(Op::Load(off_arg_lo(0)));
-    for family in ALLOWED_FAMILIES {
-        ops.push(jeq(family, Target::Label(Allow)));
+    ops.push(jeq(AF_UNIX, Target::Label(Allow)));
+    for family in INET_FAMILIES {
+        ops.push(jeq(family, Target::Label(Inet)));
     }
     ops.push(Op::Jump {
         code: BPF_JMP_JEQ_K,
@@ -271,6 +281,12 @@ fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
     ops.push(jeq(NETLINK_ROUTE, Target::Label(Allow)));
     ops.push(Op::Mark(Eafnosupport));
     ops.push(Op::Ret(RET_ERRNO | EAFNOSUPPORT));
+    ops.push(Op::Mark(Inet));
+    ops.push(Op::Load(off_arg_lo(2)));
+    for protocol in INET_PROTOCOLS {
+        ops.push(jeq(protocol, Target::Label(Allow)));
+    }
+    ops.push(Op::Ret(RET_ERRNO | EPROTONOSUPPORT));
     ops.push(Op::Mark(Allow));
     ops.push(Op::Ret(RET_ALLOW));
     ops.push(Op::Mark(Eperm));
@@ -459,6 +475,16 @@ mod tests {
                         RET_ERRNO | EAFNOSUPPORT,
                         "{arch:?} {name} {family}"
                     );
+                }
+                let inet = |family: i32, proto: i32| call(arch, name, [af(family), 1, proto as u64, 0, 0, 0]);
+                for family in [libc::AF_INET, libc::AF_INET6] {
+                    for proto in [libc::IPPROTO_TCP, libc::IPPROTO_UDP, libc::IPPROTO_ICMP, libc::IPPROTO_ICMPV6] {
+                        assert_eq!(inet(family, proto), RET_ALLOW, "{family} protocol {proto}");
+                    }
+                    // MPTCP (262), SCTP, SMC (256): Landlock's TCP bind rule does not cover them.
+                    for proto in [262, libc::IPPROTO_SCTP, 256, libc::IPPROTO_RAW] {
+                        assert_eq!(inet(family, proto), RET_ERRNO | EPROTONOSUPPORT, "{family} protocol {proto}");
+                    }
                 }
                 let netlink = |proto: i32| call(arch, name, [af(libc::AF_NETLINK), 3, proto as u64, 0, 0, 0]);
                 assert_eq!(netlink(libc::NETLINK_ROUTE), RET_ALLOW);

@@ -142,11 +142,13 @@ fn hostile_app_cannot_escape_its_sandbox() {
     // Every family but unix, IPv4, IPv6 and netlink route queries answers as
     // on a kernel without it; the allowed ones work.
     let refused = "Address family not supported by protocol";
+    let protocol = "Protocol not supported";
     assert_eq!(
         lab.blocked("families"),
         format!(
             "BLOCKED alg: {refused}, vsock: {refused}, packet: {refused}, tipc: {refused}, netlink-audit: {refused}, \
-             netlink-uevent: {refused}, netlink-netfilter: {refused}, socketpair-tipc: {refused}; \
+             netlink-uevent: {refused}, netlink-netfilter: {refused}, mptcp: {protocol}, sctp: {protocol}, \
+             socketpair-tipc: {refused}; \
              unix: ok, inet: ok, inet6: ok, netlink-route: ok, "
         )
     );

@@ -500,6 +500,8 @@ fn one_app_cannot_starve_the_others_through_the_database() {
         (app_info(&r, "api")["database_quota"] == "locked").then_some(())
     });
     assert!(committed > read_only_rows, "the lifted writes went through until the lock");
+    let status = r.nx_ok(&["--json", "status"]).json();
+    assert_eq!(status["databases_over_quota"], serde_json::json!({ "api": "locked" }), "nx status says so");
     let err = psql(&api, "SELECT 1").unwrap_err();
     assert!(err.contains("role \"app_api\" is not permitted to log in"), "{err}");
     let listed = r.nx(&["apps", "ls"]).success();

@@ -54,6 +54,9 @@ pub async fn run(g: &Global) -> anyhow::Result<()> {
     println!("store: {}", status.store);
     print!("{}", rows("limits of a deployment unless its app sets its own", &status.default_limits));
     print!("{}", rows("isolation", &status.isolation));
+    for (app, quota) in &status.databases_over_quota {
+        println!("{}", paint(&format!("{app}: {quota}"), Color::Red));
+    }
     println!(
         "uploads up to {}; previews stop after {} without requests; the last {} deployments of each app are kept",
         bytes(status.max_upload_bytes),

@@ -19,6 +19,18 @@ pub async fn status(
         Role::Admin | Role::ReadOnly => None,
     };
     let (apps, states) = state.db.counts(only).await?;
+    let quotas = state.cluster.quota_states();
+    let databases_over_quota = state
+        .db
+        .apps()
+        .await?
+        .into_iter()
+        .filter(|a| caller.sees(&a.name))
+        .filter_map(|a| {
+            let info = crate::apps::info(&a, &state.config, quotas.get(&a.db_name))?;
+            Some((a.name, info.database_quota?))
+        })
+        .collect();
     let config = &state.config;
     let database = match &config.database_url {
         Some(_) => "external PostgreSQL".to_owned(),
@@ -38,5 +50,6 @@ pub async fn status(
         max_upload_bytes: config.max_upload,
         preview_idle_secs: config.preview_idle.as_secs(),
         keep_deployments: config.keep_deployments,
+        databases_over_quota,
     }))
 }
