@@ -128,8 +128,25 @@ impl Databases {
     /// Drops a database and the role of the same name: a preview's own, or a
     /// removed app's.
     pub async fn drop_database(&self, name: &str) -> Result<(), DatabaseError> {
+        self.release(name).await?;
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::drop_app_database(&mut admin, name).await?;
+        Ok(())
+    }
+
+    /// Drops what other databases hold for the platform's role `role`, so it
+    /// can be dropped: an app that granted a preview's or a backup's role a
+    /// privilege on its own tables would otherwise keep that role alive, its
+    /// connections counted against every app's budget.
+    async fn release(&self, role: &str) -> Result<(), DatabaseError> {
+        let mut admin = self.cluster.admin_connection("postgres").await?;
+        for database in provision::databases_holding(&mut admin, role).await? {
+            let mut conn = self.cluster.admin_connection(&database).await?;
+            provision::drop_owned(&mut conn, role).await?;
+        }
+        // Privileges on shared objects (`GRANT CONNECT ON DATABASE app_x`)
+        // are revoked from any database.
+        provision::drop_owned(&mut admin, role).await?;
         Ok(())
     }
 
@@ -145,7 +162,9 @@ impl Databases {
         provision::create_member_role(&mut admin, &user, &password, &app.db_role).await?;
         let login = Login { user: user.clone(), password: Secret::new(password), database: app.db_name.clone() };
         let dumped = self.cluster.tools().dump(&login, &file).await.map_err(DatabaseError::from);
+        let released = self.release(&user).await;
         let dropped = provision::drop_role(&mut admin, &user).await.map_err(DatabaseError::from);
+        let dropped = released.and(dropped);
         if let Err(e) = dumped.and(dropped) {
             let _ = std::fs::remove_file(&file);
             return Err(e);

@@ -558,3 +558,74 @@ fn preview_and_app_database_names_never_meet_and_creation_takes_over_nothing() {
     assert!(out.stderr.contains("a role named app_lone already exists"), "{}", out.stderr);
     assert_eq!(psql(&admin, "SELECT count(*) FROM pg_database WHERE datname = 'app_lone'").unwrap(), "0");
 }
+
+/// A psql session kept open: what is written to it runs as it comes.
+fn open_session(url: &str) -> std::process::Child {
+    Command::new("psql")
+        .args([url, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_tenant_holding_its_role_locked_neither_stops_the_watchdog_nor_keeps_a_transaction() {
+    use std::io::Write as _;
+    let r = Receiver::start_with(Options {
+        env: [("NX_DB_STATEMENT_TIMEOUT", "2s"), ("NX_DB_QUOTA", "24MiB"), ("NX_DB_WATCHDOG_INTERVAL", "300ms")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        ..Options::default()
+    });
+    r.create_app("api");
+    let api = r.db_url("api");
+    // Session A takes the role's catalog row and sits in its transaction.
+    let mut holder = open_session(&api);
+    writeln!(holder.stdin.as_mut().unwrap(), "BEGIN; ALTER ROLE app_api SET work_mem = '8MB';").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Session B fills the database past the quota.
+    psql(&api, "CREATE TABLE fill AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 30000) g").unwrap();
+    eventually(30, "api read-only although its role row was held", || {
+        let info = r.nx_ok(&["--json", "apps", "ls"]).json();
+        let api = info.as_array().unwrap().iter().find(|a| a["name"] == "api").cloned().unwrap();
+        (api["database_quota"] == "read-only").then_some(())
+    });
+    // The session holding the row was ended: its next statement finds out.
+    writeln!(holder.stdin.as_mut().unwrap(), "SELECT 1;").unwrap();
+    drop(holder.stdin.take());
+    let out = holder.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("terminating connection"), "{said}");
+    let admin = r.admin_url("postgres");
+    let settings = psql(
+        &admin,
+        "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole \
+        WHERE r.rolname = 'app_api' AND array_to_string(s.setconfig, ',') LIKE '%work_mem%'",
+    )
+    .unwrap();
+    assert_eq!(settings, "0", "the held ALTER ROLE never committed");
+}
+
+#[test]
+fn an_app_cannot_keep_a_previews_role_alive_by_granting_it_something() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx(&["apps", "set", "web", "--preview-db", "empty"]).success();
+    let d = r.push("web", &bin("hello"), &["--pr", "3"]);
+    let id = d["id"].as_str().unwrap();
+    let role = format!("prv_web_{id}");
+    let web = r.db_url("web");
+    psql(&web, "CREATE TABLE t (x int)").unwrap();
+    psql(&web, &format!("GRANT SELECT ON t TO {role}")).unwrap();
+    psql(&web, &format!("GRANT CONNECT ON DATABASE app_web TO {role}")).unwrap();
+    r.nx(&["stop", "--pr", "3", "--app", "web"]).success();
+    let admin = r.admin_url("postgres");
+    eventually(20, "the preview's role dropped", || {
+        let left = psql(&admin, &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'")).unwrap();
+        (left == "0").then_some(())
+    });
+    assert_eq!(psql(&web, "SELECT count(*) FROM t").unwrap(), "0", "the app's own table is untouched");
+}

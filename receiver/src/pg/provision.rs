@@ -204,6 +204,31 @@ fn valid_until() -> String {
     (chrono::Utc::now() + chrono::Duration::hours(1)).format("%Y-%m-%d %H:%M:%S+00").to_string()
 }
 
+/// The databases other than `except` in which something is held for `role`:
+/// privileges an app granted it on its own objects, which keep the role from
+/// being dropped.
+pub async fn databases_holding(admin: &mut PgConnection, role: &str) -> Result<Vec<String>, ProvisionError> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT d.datname::text FROM pg_shdepend s \
+         JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.refobjid \
+         WHERE r.rolname = $1 AND d.datname <> $1",
+    )
+    .bind(role)
+    .fetch_all(&mut *admin)
+    .await
+    .map_err(sql("find what other databases hold for", role))
+}
+
+/// Drops what `role` owns and is granted in the database `conn` is connected
+/// to. Runs no code of the database's.
+pub async fn drop_owned(conn: &mut PgConnection, role: &str) -> Result<(), ProvisionError> {
+    conn.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", role))?;
+    conn.execute(format!("DROP OWNED BY {}", quote_ident(role)).as_str())
+        .await
+        .map_err(sql("drop what is held for", role))?;
+    Ok(())
+}
+
 /// Drops a login role made by `create_member_role`.
 pub async fn drop_role(admin: &mut PgConnection, name: &str) -> Result<(), ProvisionError> {
     admin.execute("SET search_path = pg_catalog").await.map_err(sql("set search_path", name))?;

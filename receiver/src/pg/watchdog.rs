@@ -103,7 +103,11 @@ pub async fn run(
         if conn.is_none() {
             match cluster.admin_connection("postgres").await {
                 Ok(mut c) => {
-                    if c.execute("SET search_path = pg_catalog").await.is_ok() {
+                    // A tenant can hold a lock on its own role's catalog rows
+                    // (an open `ALTER ROLE ... SET`): the watchdog waits for no
+                    // lock, so one tenant cannot stop it for everyone.
+                    let setup = "SET search_path = pg_catalog; SET lock_timeout = '2s'; SET statement_timeout = '60s'";
+                    if c.execute(setup).await.is_ok() {
                         conn = Some(c);
                     }
                 }
@@ -141,16 +145,21 @@ async fn reconcile(c: &mut PgConnection, limits: &Limits) -> Result<(), Provisio
     Ok(())
 }
 
-/// Cancels statements of app roles older than `cap`; one that outlives twice
-/// the cap (a cancel can be held off in some C code) has its session ended.
+/// Cancels statements of app roles older than `cap` (fast-path function
+/// calls included); one that outlives twice the cap (a cancel can be held off
+/// in some C code) has its session ended, and so has a session idle in a
+/// transaction for longer than the cap (it holds locks and old snapshots).
 async fn cancel_long_statements(c: &mut PgConnection, cap: Duration) -> Result<(), sqlx::Error> {
     let ms = cap.as_millis().min(i64::MAX as u128) as i64;
     let stopped: Vec<(String, String)> = sqlx::query_as(&format!(
-        "SELECT usename::text, CASE WHEN now() - query_start > 2 * $1 * interval '1 millisecond' \
+        "SELECT usename::text, CASE \
+                WHEN state LIKE 'idle in transaction%' OR now() - query_start > 2 * $1 * interval '1 millisecond' \
                 THEN 'ended: ' || pg_terminate_backend(pid)::text \
                 ELSE 'cancelled: ' || pg_cancel_backend(pid)::text END \
          FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid \
-         WHERE {HELD_ROLES} AND state = 'active' AND now() - query_start > $1 * interval '1 millisecond'"
+         WHERE {HELD_ROLES} AND ( \
+             (state IN ('active', 'fastpath function call') AND now() - query_start > $1 * interval '1 millisecond') \
+             OR (state LIKE 'idle in transaction%' AND now() - state_change > $1 * interval '1 millisecond'))"
     ))
     .bind(ms)
     .fetch_all(&mut *c)
@@ -201,40 +210,50 @@ async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> 
     let mut now = HashMap::new();
     for (name, size, can_login) in sizes {
         let size = size.max(0) as u64;
-        let ident = format!("\"{}\"", name.replace('"', "\"\""));
-        let (step, state) = step(before.get(&name).copied(), size, can_login, quota);
-        match step {
-            Step::Nothing => {}
-            Step::Free => {
-                states.lock().ended.remove(&name);
-                c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
-                c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
-                tracing::info!(database = name, size, quota, "app database under its quota again: writes allowed");
+        let was = before.get(&name).copied();
+        let (step, state) = step(was, size, can_login, quota);
+        // A step that fails (a lock held past the timeout) is tried again
+        // next round; the other roles are held to the quota meanwhile.
+        let state = match take_step(c, &name, step, states).await {
+            Ok(()) => {
+                if step != Step::Nothing {
+                    tracing::info!(database = name, size, quota, ?step, "app database quota step");
+                }
+                state
             }
-            Step::ReadOnly => {
-                c.execute(format!("ALTER ROLE {ident} SET default_transaction_read_only = on").as_str()).await?;
-                states.lock().ended.insert(name.clone());
-                end_sessions(c, &name).await?;
-                tracing::warn!(database = name, size, quota, "app database over its quota: read-only");
+            Err(e) => {
+                tracing::warn!(database = name, ?step, error = %e, "cannot hold an app database to its quota this round");
+                was
             }
-            Step::Lock => {
-                c.execute(format!("ALTER ROLE {ident} NOLOGIN").as_str()).await?;
-                states.lock().ended.insert(name.clone());
-                end_sessions(c, &name).await?;
-                tracing::warn!(
-                    database = name,
-                    size,
-                    quota,
-                    "app database grew while over its quota: its role cannot log in"
-                );
-            }
-        }
+        };
         if let Some(state) = state {
             now.insert(name, state);
         }
     }
     states.lock().states = now;
     Ok(())
+}
+
+/// Carries out `step` for the role `name`. Sessions are ended before the
+/// role is changed (one of them may hold the role's catalog row) and again
+/// after (one may have started in between, without the change).
+async fn take_step(c: &mut PgConnection, name: &str, step: Step, states: &QuotaStates) -> Result<(), sqlx::Error> {
+    let ident = format!("\"{}\"", name.replace('"', "\"\""));
+    let change = match step {
+        Step::Nothing => return Ok(()),
+        Step::Free => {
+            states.lock().ended.remove(name);
+            c.execute(format!("ALTER ROLE {ident} LOGIN").as_str()).await?;
+            c.execute(format!("ALTER ROLE {ident} RESET default_transaction_read_only").as_str()).await?;
+            return Ok(());
+        }
+        Step::ReadOnly => format!("ALTER ROLE {ident} SET default_transaction_read_only = on"),
+        Step::Lock => format!("ALTER ROLE {ident} NOLOGIN"),
+    };
+    states.lock().ended.insert(name.to_owned());
+    end_sessions(c, name).await?;
+    c.execute(change.as_str()).await?;
+    end_sessions(c, name).await
 }
 
 /// Ends every session of `role`.
