@@ -384,6 +384,14 @@ fn an_external_cluster_given_by_database_url_works_the_same() {
 }
 
 /// The app's entry in `nx apps ls --json`.
+/// A receiver with these environment settings.
+fn receiver_with(env: &[(&str, &str)]) -> Receiver {
+    Receiver::start_with(Options {
+        env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Options::default()
+    })
+}
+
 fn app_info(r: &Receiver, app: &str) -> serde_json::Value {
     let list = r.nx(&["--json", "apps", "ls"]).success().json();
     list.as_array().unwrap().iter().find(|a| a["name"] == app).cloned().expect("the app is listed")
@@ -391,21 +399,15 @@ fn app_info(r: &Receiver, app: &str) -> serde_json::Value {
 
 #[test]
 fn one_app_cannot_starve_the_others_through_the_database() {
-    let mut r = Receiver::start_with(Options {
-        env: [
-            ("NX_DB_MAX_CONNECTIONS", "100"),
-            ("NX_DB_RESERVED_CONNECTIONS", "50"),
-            ("NX_DB_APP_CONNECTIONS", "20"),
-            ("NX_DB_STATEMENT_TIMEOUT", "2s"),
-            ("NX_DB_TEMP_FILE_LIMIT", "1MiB"),
-            ("NX_DB_QUOTA", "24MiB"),
-            ("NX_DB_WATCHDOG_INTERVAL", "300ms"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-        ..Options::default()
-    });
+    let mut r = receiver_with(&[
+        ("NX_DB_MAX_CONNECTIONS", "100"),
+        ("NX_DB_RESERVED_CONNECTIONS", "50"),
+        ("NX_DB_APP_CONNECTIONS", "20"),
+        ("NX_DB_STATEMENT_TIMEOUT", "2s"),
+        ("NX_DB_TEMP_FILE_LIMIT", "1MiB"),
+        ("NX_DB_QUOTA", "24MiB"),
+        ("NX_DB_WATCHDOG_INTERVAL", "300ms"),
+    ]);
     // Connections: two apps of 20 fit in 100 less 50 reserved; a third does not.
     r.create_app("web");
     r.create_app("api");
@@ -573,25 +575,23 @@ fn open_session(url: &str) -> std::process::Child {
 #[test]
 fn a_tenant_holding_its_role_locked_neither_stops_the_watchdog_nor_keeps_a_transaction() {
     use std::io::Write as _;
-    let r = Receiver::start_with(Options {
-        env: [("NX_DB_STATEMENT_TIMEOUT", "2s"), ("NX_DB_QUOTA", "24MiB"), ("NX_DB_WATCHDOG_INTERVAL", "300ms")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        ..Options::default()
-    });
+    let r = receiver_with(&[
+        ("NX_DB_STATEMENT_TIMEOUT", "2s"),
+        ("NX_DB_QUOTA", "24MiB"),
+        ("NX_DB_WATCHDOG_INTERVAL", "300ms"),
+    ]);
     r.create_app("api");
     let api = r.db_url("api");
     // Session A takes the role's catalog row and sits in its transaction.
     let mut holder = open_session(&api);
     writeln!(holder.stdin.as_mut().unwrap(), "BEGIN; ALTER ROLE app_api SET work_mem = '8MB';").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    // Session B fills the database past the quota.
-    psql(&api, "CREATE TABLE fill AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 30000) g").unwrap();
+    // Other sessions fill the database past the quota, a few MB at a time
+    // (the watchdog may end one of them as it turns the database read-only).
+    psql(&api, "CREATE TABLE fill (g int, pad text)").unwrap();
     eventually(30, "api read-only although its role row was held", || {
-        let info = r.nx_ok(&["--json", "apps", "ls"]).json();
-        let api = info.as_array().unwrap().iter().find(|a| a["name"] == "api").cloned().unwrap();
-        (api["database_quota"] == "read-only").then_some(())
+        let _ = psql(&api, "INSERT INTO fill SELECT g, repeat('x', 1000) FROM generate_series(1, 5000) g");
+        (app_info(&r, "api")["database_quota"] == "read-only").then_some(())
     });
     // The session holding the row was ended: its next statement finds out.
     writeln!(holder.stdin.as_mut().unwrap(), "SELECT 1;").unwrap();
@@ -628,4 +628,21 @@ fn an_app_cannot_keep_a_previews_role_alive_by_granting_it_something() {
         (left == "0").then_some(())
     });
     assert_eq!(psql(&web, "SELECT count(*) FROM t").unwrap(), "0", "the app's own table is untouched");
+}
+
+#[test]
+fn what_an_app_stores_in_the_shared_catalogs_counts_against_its_quota() {
+    let r = receiver_with(&[("NX_DB_QUOTA", "24MiB"), ("NX_DB_WATCHDOG_INTERVAL", "300ms")]);
+    r.create_app("api");
+    // 32 MB of hex, which does not compress, as a comment on its database:
+    // stored in pg_shdescription, outside pg_database_size.
+    psql(
+        &r.db_url("api"),
+        "DO $$ BEGIN EXECUTE format('COMMENT ON DATABASE app_api IS %L', \
+         (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 1000000) g)); END $$",
+    )
+    .unwrap();
+    eventually(30, "api read-only for its comment", || {
+        (app_info(&r, "api")["database_quota"] == "read-only").then_some(())
+    });
 }

@@ -198,10 +198,19 @@ fn step(before: Option<QuotaState>, size: u64, can_login: bool, quota: u64) -> (
     }
 }
 
+/// What a role can store outside its database, in the cluster's shared
+/// catalogs, counted against its quota: a comment on its database and the
+/// settings of its role and database (`COMMENT ON DATABASE`, `ALTER ROLE ...
+/// SET`, `ALTER DATABASE ... SET` take up to a gigabyte each).
+const SHARED_BYTES: &str = "coalesce((SELECT sum(pg_column_size(description)) FROM pg_shdescription \
+     WHERE objoid = d.oid), 0) \
+     + coalesce((SELECT sum(pg_column_size(setconfig)) FROM pg_db_role_setting \
+     WHERE setdatabase = d.oid OR setrole = r.oid), 0)";
+
 /// Compares every app database with the quota and moves it between states.
 async fn hold_quotas(c: &mut PgConnection, quota: u64, states: &QuotaStates) -> Result<(), sqlx::Error> {
     let sizes: Vec<(String, i64, bool)> = sqlx::query_as(&format!(
-        "SELECT rolname::text, pg_database_size(d.oid), rolcanlogin FROM pg_database d \
+        "SELECT rolname::text, pg_database_size(d.oid) + {SHARED_BYTES}, rolcanlogin FROM pg_database d \
          JOIN pg_roles r ON r.rolname = d.datname WHERE {HELD_ROLES}"
     ))
     .fetch_all(&mut *c)
