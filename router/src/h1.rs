@@ -435,47 +435,53 @@ mod tests {
     /// does whose idle timeout fires just as the request comes). Counts the
     /// requests seen.
     async fn app(answers: usize) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
         let counter = seen.clone();
+        let addr = serving(move |mut s| {
+            let seen = counter.clone();
+            async move {
+                for _ in 0..answers {
+                    let Some((head, body)) = read_request(&mut s).await else { return };
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let answer = format!("{head}body: {}\n", body.len());
+                    let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
+                    s.write_all(reply.as_bytes()).await.unwrap();
+                }
+                if read_request(&mut s).await.is_some() {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .await;
+        (addr, seen)
+    }
+
+    /// An app on a port of its own that hands every connection to `serve`.
+    async fn serving<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let seen = counter.clone();
-                tokio::spawn(async move {
-                    for _ in 0..answers {
-                        let Some((head, body)) = read_request(&mut s).await else { return };
-                        seen.fetch_add(1, Ordering::SeqCst);
-                        let answer = format!("{head}body: {}\n", body.len());
-                        let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
-                        s.write_all(reply.as_bytes()).await.unwrap();
-                    }
-                    if read_request(&mut s).await.is_some() {
-                        seen.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve(s));
             }
         });
-        (addr, seen)
+        addr
     }
 
     /// An app that answers the first request on each connection with `reply`,
     /// as it is, and then closes the connection.
     async fn app_answering_once(reply: &'static [u8]) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    if read_request(&mut s).await.is_some() {
-                        let _ = s.write_all(reply).await;
-                    }
-                });
+        serving(move |mut s| async move {
+            if read_request(&mut s).await.is_some() {
+                let _ = s.write_all(reply).await;
             }
-        });
-        addr
+        })
+        .await
     }
 
     /// Generous bounds: no test but those of the bounds reaches them.
@@ -674,20 +680,13 @@ mod tests {
 
     /// An app that reads requests and never answers them.
     async fn silent_app() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let _ = read_request(&mut s).await;
-                    // Holds the connection open, answering nothing.
-                    let mut rest = Vec::new();
-                    let _ = s.read_to_end(&mut rest).await;
-                });
-            }
-        });
-        addr
+        serving(|mut s| async move {
+            let _ = read_request(&mut s).await;
+            // Holds the connection open, answering nothing.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await
     }
 
     /// Asks `host` for / on a new connection while the router is busy with a
