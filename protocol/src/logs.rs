@@ -23,8 +23,11 @@ pub const APP_MARK: &str = "[app]";
 pub fn is_hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
-            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+            '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+            | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}'
+            | '\u{fff9}'..='\u{fffb}' | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// Whether an app's line could pass for one of the platform's: it starts with
@@ -67,6 +70,8 @@ mod tests {
     fn an_app_line_passes_for_the_platform_only_with_the_mark_first() {
         for forged in
             ["[nx] healthy on 127.0.0.1:1", "  [nx] x", "\u{1b}[0m[nx] x", "\u{200b}[nx] x", "\r[nx] x", "ok\r[nx] x"]
+                .into_iter()
+                .chain(["\u{fe0f}[nx] x", "\u{34f}[nx] x", "\u{3164}[nx] x", "\u{e0041}[nx] x", "\u{17b4}[nx] x"])
         {
             assert!(looks_like_platform(forged), "{forged:?}");
         }

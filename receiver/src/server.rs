@@ -132,10 +132,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     let pg_log = Log::open(&data.join("logs/postgres.log"), LogLimits::default())?;
     let cluster = Arc::new(Cluster::start(&config, &pm, &data, &pg_password, pg_log).await?);
     let result = run(config.clone(), pm, master, cluster.clone()).await;
-    match Arc::try_unwrap(cluster) {
-        Ok(c) => c.stop().await,
-        Err(_) => tracing::warn!("the database cluster is still in use; it stops with the process"),
-    }
+    cluster.stop().await;
     result
 }
 

@@ -643,6 +643,9 @@ fn what_an_app_stores_in_the_shared_catalogs_counts_against_its_quota() {
     )
     .unwrap();
     eventually(30, "api read-only for its comment", || {
-        (app_info(&r, "api")["database_quota"] == "read-only").then_some(())
+        let listed = r.nx(&["--json", "apps", "ls"]);
+        assert_eq!(listed.code, 0, "{listed:?}\n{}", r.log());
+        let api = listed.json().as_array().unwrap().iter().find(|a| a["name"] == "api").cloned().unwrap();
+        (api["database_quota"] == "read-only").then_some(())
     });
 }

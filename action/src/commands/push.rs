@@ -139,7 +139,9 @@ pub fn failed(info: &DeploymentInfo) -> Failure {
     }
     if !info.log_tail.is_empty() {
         msg.push_str("\nlast lines of its log:\n");
-        msg.push_str(&info.log_tail.iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
+        // The app's own words: shown, never acted on by the terminal.
+        let tail = info.log_tail.iter().map(|l| format!("  | {}", nx_protocol::logs::neutralise(l)));
+        msg.push_str(&tail.collect::<Vec<_>>().join("\n"));
     }
     Failure::Refused(msg)
 }

@@ -49,7 +49,11 @@ pub struct Cluster {
     admin: PgConnectOptions,
     endpoint: AppEndpoint,
     tools: tools::PgTools,
-    embedded: Option<Embedded>,
+    /// Taken out when it is stopped: a task still holding the cluster (a
+    /// spare refill, say) must not keep PostgreSQL running past the receiver.
+    embedded: std::sync::Mutex<Option<Embedded>>,
+    /// Whether the cluster is the receiver's own (embedded).
+    own: bool,
     /// How many spare databases to keep ready.
     spares: usize,
     /// What each app's role may use of the cluster.
@@ -76,7 +80,8 @@ impl Cluster {
                     admin,
                     tools: tools::PgTools::new(bin, endpoint.clone(), pm.clone()),
                     endpoint,
-                    embedded: None,
+                    embedded: std::sync::Mutex::new(None),
+                    own: false,
                     spares: config.spare_databases,
                     limits: limits(config),
                     quotas: watchdog::QuotaStates::default(),
@@ -102,7 +107,8 @@ impl Cluster {
                     admin,
                     endpoint,
                     tools,
-                    embedded: Some(embedded),
+                    embedded: std::sync::Mutex::new(Some(embedded)),
+                    own: true,
                     spares: config.spare_databases,
                     limits: limits(config),
                     quotas: watchdog::QuotaStates::default(),
@@ -131,7 +137,7 @@ impl Cluster {
     pub async fn metadata_pool(&self) -> Result<PgPool, ClusterError> {
         let mut admin = self.admin_connection("postgres").await?;
         provision::ensure_metadata_database(&mut admin, METADATA_DB).await?;
-        if self.embedded.is_some() {
+        if self.own {
             // The cluster is ours: no role but the admin connects anywhere it
             // was not given (pg_hba already says so; this is a second wall).
             provision::close_to_public(&mut admin, &["postgres", "template1"]).await?;
@@ -180,9 +186,11 @@ impl Cluster {
         &self.tools
     }
 
-    /// Stops the embedded cluster; an external one is left alone.
-    pub async fn stop(self) {
-        if let Some(e) = self.embedded {
+    /// Stops the embedded cluster; an external one is left alone. Whoever
+    /// still holds the cluster afterwards finds it gone, as after any outage.
+    pub async fn stop(&self) {
+        let embedded = self.embedded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(e) = embedded {
             e.stop().await;
         }
     }
