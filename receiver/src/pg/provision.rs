@@ -85,6 +85,15 @@ fn admit(budget: Budget, want: u32, reserved: u32, name: &str) -> Result<(), Pro
 }
 
 /// Sets the limits of `role` that are settings (rather than attributes).
+/// [`apply_limits`] under the connection budget lock, for roles that may be
+/// being made or changed at the same moment.
+pub async fn apply_limits_locked(admin: &mut PgConnection, role: &str, limits: &Limits) -> Result<(), ProvisionError> {
+    admin.execute(BUDGET_LOCK).await.map_err(sql("take the connection budget lock", role))?;
+    let applied = apply_limits(admin, role, limits).await;
+    let _ = admin.execute(BUDGET_UNLOCK).await;
+    applied
+}
+
 pub async fn apply_limits(admin: &mut PgConnection, role: &str, limits: &Limits) -> Result<(), ProvisionError> {
     let ident = quote_ident(role);
     for statement in [
@@ -167,14 +176,17 @@ pub async fn create_app_database(
         return Err(ProvisionError::Exists { kind: "database", name: name.to_owned() });
     }
     admin.execute(BUDGET_LOCK).await.map_err(sql("take the connection budget lock", name))?;
+    // The limits are applied under the lock too: the watchdog gives roles
+    // their limits under it, and two ALTER ROLEs of one role at once fail
+    // ("tuple concurrently updated").
     let role = async {
         admit(budget(admin).await?, limits.connections, limits.reserved, name)?;
-        create_role(admin, name, password, &format!("CONNECTION LIMIT {}", limits.connections)).await
+        create_role(admin, name, password, &format!("CONNECTION LIMIT {}", limits.connections)).await?;
+        Ok(apply_limits(admin, name, limits).await)
     }
     .await;
     let _ = admin.execute(BUDGET_UNLOCK).await;
-    role?;
-    let created = match apply_limits(admin, name, limits).await {
+    let created = match role? {
         Ok(()) => ensure_database(admin, name, Some(name)).await,
         Err(e) => Err(e),
     };

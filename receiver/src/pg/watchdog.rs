@@ -140,7 +140,7 @@ async fn reconcile(c: &mut PgConnection, limits: &Limits) -> Result<(), Provisio
         .await
         .map_err(|source| ProvisionError::Sql { action: "list", database: "the app roles".into(), source })?;
     for role in roles {
-        provision::apply_limits(c, &role, limits).await?;
+        provision::apply_limits_locked(c, &role, limits).await?;
     }
     Ok(())
 }
