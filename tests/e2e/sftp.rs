@@ -99,6 +99,21 @@ fn leftovers(r: &Receiver) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A receiver allowing `uploads` at once, with the app `web` and an SSH key
+/// of alice's that uploads to it (in a directory that lives as long as the
+/// returned handle).
+fn alice_uploads_to_web(uploads: u32) -> (Receiver, tempfile::TempDir, std::path::PathBuf) {
+    let r = Receiver::start_with(Options {
+        args: vec!["--max-concurrent-uploads".into(), uploads.to_string()],
+        ..Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let alice = keypair(dir.path(), "alice");
+    r.create_app("web");
+    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    (r, dir, alice)
+}
+
 /// Starts an upload of `file` to `dest` at 800 kbit/s with OpenSSH's sftp,
 /// and returns once the receiver holds part of it.
 fn slow_upload(r: &Receiver, key: &Path, file: &Path, dest: &str) -> std::process::Child {
@@ -352,14 +367,7 @@ fn a_revoked_key_ends_its_live_session_and_only_a_signature_is_a_use() {
 
 #[test]
 fn concurrent_uploads_are_capped_across_sftp_and_the_api() {
-    let r = Receiver::start_with(Options {
-        args: vec!["--max-concurrent-uploads".into(), "1".into()],
-        ..Options::default()
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let alice = keypair(dir.path(), "alice");
-    r.create_app("web");
-    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    let (r, _dir, alice) = alice_uploads_to_web(1);
     let goweb = fixtures::go(Go::Static);
     // One slow upload holds the only place.
     let mut slow = slow_upload(&r, &alice, &goweb, "web/slow");
@@ -426,14 +434,7 @@ async fn open_uploads(r: &Receiver, key: &Path, n: usize) -> Vec<Result<(), Stri
 #[test]
 fn an_sftp_session_holds_at_most_sixteen_handles() {
     // Uploads at once are capped too (8 by default): above the handle cap here.
-    let r = Receiver::start_with(Options {
-        args: vec!["--max-concurrent-uploads".into(), "32".into()],
-        ..Options::default()
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let alice = keypair(dir.path(), "alice");
-    r.create_app("web");
-    r.nx_ok(&["keys", "add-ssh", "web", alice.with_extension("pub").to_str().unwrap()]);
+    let (r, _dir, alice) = alice_uploads_to_web(32);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let outcomes = runtime.block_on(open_uploads(&r, &alice, 18));
     // Ends the client's connection task, so its socket closes.
