@@ -31,12 +31,32 @@ pub fn is_hidden(c: char) -> bool {
 }
 
 /// Whether an app's line could pass for one of the platform's: it starts with
-/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped,
-/// or it holds the mark and any hidden character (an escape sequence or a
-/// carriage return can make a terminal show the mark first).
+/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped and
+/// lookalike characters are folded ([`fold`]), or it holds the mark and any
+/// hidden character (an escape sequence or a carriage return can make a
+/// terminal show the mark first).
 pub fn looks_like_platform(line: &str) -> bool {
-    line.trim_start_matches(|c: char| c.is_whitespace() || is_hidden(c)).starts_with(PLATFORM_MARK)
-        || (line.contains(PLATFORM_MARK) && line.chars().any(is_hidden))
+    let shown = line.trim_start_matches(|c: char| c.is_whitespace() || is_hidden(c));
+    let mark_len = PLATFORM_MARK.chars().count();
+    fold(shown).take(mark_len).eq(PLATFORM_MARK.chars())
+        || (line.chars().any(is_hidden) && fold(line).collect::<String>().contains(PLATFORM_MARK))
+}
+
+/// `text` as a reader would take it: compatibility forms (fullwidth `［ｎｘ］`,
+/// mathematical `𝐧𝐱`, circled `ⓝ`) normalised to their plain letters, hidden
+/// characters dropped, letters lowercased, and the Cyrillic, Greek and
+/// Armenian letters and brackets that look like those of the mark replaced
+/// by them. Only the mark is compared after folding, so the table needs only
+/// its characters' lookalikes.
+fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
+    use unicode_normalization::UnicodeNormalization as _;
+    text.nfkc().filter(|c| !is_hidden(*c)).flat_map(char::to_lowercase).map(|c| match c {
+        'х' | 'χ' | 'ҳ' | 'ӽ' | 'ӿ' | '×' | '⨯' | '᙮' => 'x',
+        'п' | 'ո' | 'ռ' | 'ɴ' | 'ח' | 'η' | 'ŋ' => 'n',
+        '⟦' | '〚' | '〔' | '【' | '〖' | '⁅' | '⦋' | '⦍' | '⦏' => '[',
+        '⟧' | '〛' | '〕' | '】' | '〗' | '⁆' | '⦌' | '⦎' | '⦐' => ']',
+        c => c,
+    })
 }
 
 /// `line` with every hidden character but the tab shown as an escape (`\x1b`,
@@ -72,10 +92,22 @@ mod tests {
             ["[nx] healthy on 127.0.0.1:1", "  [nx] x", "\u{1b}[0m[nx] x", "\u{200b}[nx] x", "\r[nx] x", "ok\r[nx] x"]
                 .into_iter()
                 .chain(["\u{fe0f}[nx] x", "\u{34f}[nx] x", "\u{3164}[nx] x", "\u{e0041}[nx] x", "\u{17b4}[nx] x"])
+                .chain([
+                    "［ｎｘ］ deployed",
+                    "[nх] deployed",
+                    "[пx] x",
+                    "【nx】 x",
+                    "[NX] x",
+                    "[𝐧𝐱] x",
+                    "[ⓝⓧ] x",
+                    "[n\u{200b}x] x",
+                ])
         {
             assert!(looks_like_platform(forged), "{forged:?}");
         }
-        for honest in ["hello [nx]", "[nxx]", "nx: started", "\u{1b}[31mred\u{1b}[0m", ""] {
+        for honest in
+            ["hello [nx]", "[nxx]", "nx: started", "\u{1b}[31mred\u{1b}[0m", "", "[nginx] up", "hello ［ｎｘ］"]
+        {
             assert!(!looks_like_platform(honest), "{honest:?}");
         }
     }

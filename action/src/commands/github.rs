@@ -127,9 +127,21 @@ fn summary(pushed: &Pushed, app: &AppName, ctx: &RunContext) -> String {
         s.push_str(&format!("\n**Failed:** {e}\n"));
     }
     if !d.log_tail.is_empty() {
-        s.push_str(&format!("\n```\n{}\n```\n", d.log_tail.join("\n")));
+        s.push('\n');
+        s.push_str(&code_block(&d.log_tail));
     }
     s
+}
+
+/// The app's lines as a Markdown code block that they cannot end: the fence
+/// is one backtick longer than any run of backticks in them (CommonMark closes
+/// a fence only with one at least as long), and what a terminal or a renderer
+/// would act on instead of show is neutralised.
+fn code_block(lines: &[String]) -> String {
+    let longest_run = lines.iter().flat_map(|l| l.split(|c| c != '`')).map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest_run.max(2) + 1);
+    let body: Vec<_> = lines.iter().map(|l| nx_protocol::logs::neutralise(l)).collect();
+    format!("{fence}text\n{}\n{fence}\n", body.join("\n"))
 }
 
 fn truthy(v: Option<String>, default: bool) -> Result<bool, Failure> {
@@ -286,6 +298,20 @@ pub async fn run(g: &Global) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_app_line_cannot_close_the_summary_code_block() {
+        let lines = vec!["```".to_owned(), "![x](https://evil.example/)".to_owned(), "ok ````` \u{1b}[2J".to_owned()];
+        let block = code_block(&lines);
+        let fence = "``````";
+        assert!(block.starts_with(&format!("{fence}text\n")), "{block}");
+        assert!(block.ends_with(&format!("\n{fence}\n")), "{block}");
+        // Inside, no line is a fence at least as long as the opening one.
+        let inner: Vec<_> = block.lines().skip(1).collect();
+        assert_eq!(inner.iter().filter(|l| l.trim_start().starts_with(fence)).count(), 1, "only the closing fence");
+        assert!(block.contains("ok ````` \\x1b[2J"), "escape shown, not acted on: {block}");
+        assert_eq!(code_block(&["plain".to_owned()]), "```text\nplain\n```\n");
+    }
 
     #[test]
     fn commands_escape_newlines_and_percent() {
