@@ -26,6 +26,10 @@ if ! command -v cargo-auditable >/dev/null; then
     echo "==> installing cargo-auditable (the suite checks binaries built with it)"
     cargo install --locked cargo-auditable
 fi
+if ! command -v cargo-machete >/dev/null; then
+    echo "==> installing cargo-machete (the lints refuse a dependency no code uses)"
+    cargo install --locked cargo-machete@0.9.2
+fi
 
 echo "==> building"
 cargo build --workspace --all-targets --locked
@@ -33,6 +37,9 @@ cargo build --workspace --all-targets --locked
 echo "==> format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# rustc's unused_crate_dependencies fires for every binary and test target
+# that does not use its library's dependencies, so unused ones are found here.
+cargo machete
 
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
