@@ -71,12 +71,7 @@ pub async fn create(
     actor: &str,
 ) -> Result<(AppRow, Credential), AppError> {
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nx.apps.create'))").execute(&mut *tx).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM apps WHERE name = $1)")
-        .bind(name.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-    if exists {
+    if Db::lock_app_creation(&mut tx, name.as_str()).await? {
         return Err(AppError::Exists(name.to_string()));
     }
     let db_name = name.database_name();

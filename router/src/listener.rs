@@ -11,7 +11,7 @@
 //! only idle connections are left).
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +41,9 @@ impl Source {
     pub fn open(&self) -> std::io::Result<std::net::TcpListener> {
         let std_listener = match self {
             Source::Bind(addr) => std::net::TcpListener::bind(addr)?,
-            // SAFETY: the receiver passes a listening TCP socket at this number
-            // and nothing else in this process owns it.
-            #[allow(unsafe_code)]
-            Source::Inherited(fd) => unsafe { std::net::TcpListener::from_raw_fd(*fd) },
+            // The receiver passes a listening TCP socket at this number and
+            // nothing else in this process owns it.
+            Source::Inherited(fd) => nx_runtime::sys::inherited_listener(*fd)?,
         };
         std_listener.set_nonblocking(true)?;
         Ok(std_listener)

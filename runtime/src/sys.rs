@@ -406,6 +406,24 @@ pub fn restore_parent_death_signal(signal: i32, parent: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes ownership of a listening TCP socket this process inherited at `fd`
+/// (the receiver keeps the router's sockets and passes them on). Refused
+/// unless `fd` is an open socket that is listening, so a wrong number given
+/// on the command line cannot make the caller own (and later close) a
+/// descriptor something else in the process holds.
+pub fn inherited_listener(fd: RawFd) -> io::Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor is only borrowed for the duration of the check;
+    // getsockopt fails with EBADF or ENOTSOCK if it is not an open socket.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::AcceptConn)? {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} is not a listening socket")));
+    }
+    // SAFETY: `fd` is an open listening socket (checked above), and the caller
+    // states that nothing else in this process owns it.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
+}
+
 /// Looks up a user by name: `(uid, gid)`.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))
@@ -466,4 +484,27 @@ pub fn replace_file_in(dir: &Path, name: &str, contents: &[u8], mode: u32, owner
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn only_a_listening_socket_is_taken_as_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let taken = inherited_listener(listener.into_raw_fd()).unwrap();
+        assert_eq!(taken.local_addr().unwrap(), addr);
+
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let err = inherited_listener(std::os::fd::AsRawFd::as_raw_fd(&file)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK), "{err}");
+
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let err = inherited_listener(fd).unwrap_err();
+        assert_eq!(err.to_string(), format!("descriptor {fd} is not a listening socket"));
+    }
 }

@@ -163,7 +163,15 @@ impl Db {
         sqlx::query_as("SELECT * FROM apps ORDER BY name").fetch_all(&self.pool).await
     }
 
-    /// Records a new app with the next free uid at or above `uid_base`.
+    /// Whether an app of this name exists, once no other creation of an app
+    /// can run until `tx` ends: the lock is transaction-scoped and advisory, so
+    /// it holds across receivers sharing the metadata database, and the
+    /// cluster's database of that name is made under it.
+    pub async fn lock_app_creation(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nx.apps.create'))").execute(&mut **tx).await?;
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM apps WHERE name = $1)").bind(name).fetch_one(&mut **tx).await
+    }
+
     /// The uid the next app would get: one past every uid ever handed out,
     /// at least `uid_base`. Locks the apps table until the transaction ends,
     /// so the uid is still free when [`Db::insert_app`] takes it.
