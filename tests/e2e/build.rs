@@ -82,9 +82,15 @@ fn go_and_c_projects_build_push_and_answer_and_errors_name_the_fix() {
         "c",
         &[("nx.toml", "app = \"web\"\nbuild = \"musl-gcc -static -O2 -o hello-c hello.c\"\nbinary = \"hello-c\"\n")],
     );
-    let pushed = nx_in(&r, Path::new("/"), &["--json", "push", c.path().to_str().unwrap()], None);
+    // The project's nx.toml names the app, not the one where nx runs.
+    r.create_app("other");
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("nx.toml"), "app = \"other\"\n").unwrap();
+    let pushed = nx_in(&r, elsewhere.path(), &["--json", "push", c.path().to_str().unwrap()], None);
     assert_eq!(pushed.code, 0, "{pushed:?}");
-    assert_eq!(r.get(&pushed_preview(&pushed)).body, "hello from c\n");
+    let preview = pushed_preview(&pushed);
+    assert!(preview.contains("--web."), "pushed to the project's app: {preview}");
+    assert_eq!(r.get(&preview).body, "hello from c\n");
 
     // A dynamic C build is checked like any binary; a project nx does not
     // know says which nx.toml keys to set; cgo cannot cross-build.

@@ -7,18 +7,23 @@ use super::print_json;
 use crate::build::{plan, Host};
 use crate::cli::{BuildArgs, Global};
 use crate::failure::Failure;
+use crate::manifest::Manifest;
 use crate::output::bytes;
+use nx_protocol::target::ServerTarget;
 
-/// Builds the project in `dir` for the configured server (or `target`),
-/// copies the binary to `output` when given, and verifies it. Returns where
-/// the binary is.
-pub async fn build_dir(g: &Global, dir: &Path, output: Option<&Path>, target: Option<&str>) -> anyhow::Result<PathBuf> {
+/// Builds the project in `dir` (with its nx.toml, `manifest`, already read)
+/// for `target`, copies the binary to `output` when given, and verifies it
+/// against `target`. Returns where the binary is.
+pub async fn build_dir(
+    dir: &Path,
+    manifest: Option<&Manifest>,
+    output: Option<&Path>,
+    target: &ServerTarget,
+) -> anyhow::Result<PathBuf> {
     if !dir.is_dir() {
         return Err(Failure::Usage(format!("{} is not a directory", dir.display())).into());
     }
-    let target = super::verify::server_target(g, target).await?;
-    let manifest = crate::manifest::load_for(dir, g.manifest.as_deref())?;
-    let plan = plan(dir, manifest.as_ref().map(|(_, m)| m), &target, &Host::probe())?;
+    let plan = plan(dir, manifest, target, &Host::probe())?;
     eprintln!(
         "building the {} in {} for {}/{}:\n  {}",
         plan.kind,
@@ -37,7 +42,7 @@ pub async fn build_dir(g: &Global, dir: &Path, output: Option<&Path>, target: Op
     };
     let data =
         tokio::fs::read(&binary).await.map_err(|e| Failure::Usage(format!("cannot read {}: {e}", binary.display())))?;
-    if let Some(refused) = super::verify::refusal(&binary, &data, &target) {
+    if let Some(refused) = super::verify::refusal(&binary, &data, target) {
         return Err(refused.into());
     }
     eprintln!(
@@ -51,7 +56,9 @@ pub async fn build_dir(g: &Global, dir: &Path, output: Option<&Path>, target: Op
 }
 
 pub async fn run(g: &Global, args: BuildArgs) -> anyhow::Result<()> {
-    let binary = build_dir(g, &args.dir, args.output.as_deref(), args.target.as_deref()).await?;
+    let target = super::verify::server_target(g, args.target.as_deref()).await?;
+    let manifest = crate::manifest::load_for(&args.dir, g.manifest.as_deref())?;
+    let binary = build_dir(&args.dir, manifest.as_ref().map(|(_, m)| m), args.output.as_deref(), &target).await?;
     if g.json {
         print_json(&serde_json::json!({ "binary": binary }))
     } else {

@@ -172,7 +172,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&client, &app, pr, env).await;
     }
-    let binary = binary_from_inputs(g, input("BINARY"), input("BUILD"), m).await?;
+    let binary = binary_from_inputs(client.server(), input("BINARY"), input("BUILD"), m).await?;
     let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
     // The input decides when given; else nx.toml's [promote] rule; else the
     // app's own.
@@ -236,7 +236,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
 /// of the working directory; else a shell command, then `binary` or nx.toml's
 /// `binary` names its result).
 async fn binary_from_inputs(
-    g: &Global,
+    server: &str,
     binary: Option<String>,
     build: Option<String>,
     manifest: Option<&crate::manifest::Manifest>,
@@ -246,7 +246,10 @@ async fn binary_from_inputs(
             Failure::Usage("give the input `binary` (a file to push) or `build` (true, or a build command)".into())
                 .into()
         }),
-        Some("true") => super::build::build_dir(g, Path::new(binary.as_deref().unwrap_or(".")), None, None).await,
+        Some("true") => {
+            let target = crate::client::get_public(server, "/v1/target").await?;
+            super::build::build_dir(Path::new(binary.as_deref().unwrap_or(".")), manifest, None, &target).await
+        }
         Some(command) => {
             let output = binary.or_else(|| manifest.and_then(|m| m.binary.clone())).ok_or_else(|| {
                 Failure::Usage(

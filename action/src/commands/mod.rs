@@ -61,13 +61,17 @@ fn client(g: &Global) -> anyhow::Result<Client> {
 /// The app a command acts on: `--app`, else `app` in nx.toml, else the only
 /// app the key can see.
 async fn resolve_app(client: &Client, g: &Global, flag: Option<&str>) -> anyhow::Result<String> {
-    if let Some(app) = flag {
-        return Ok(app.to_owned());
-    }
-    if let Some((_, manifest)) = crate::manifest::load(g.manifest.as_deref())? {
-        if let Some(app) = manifest.app {
-            return Ok(app);
-        }
+    let named = match flag {
+        Some(app) => Some(app.to_owned()),
+        None => crate::manifest::load(g.manifest.as_deref())?.and_then(|(_, m)| m.app),
+    };
+    named_or_only_app(client, named).await
+}
+
+/// `named`, else the only app the key can see.
+async fn named_or_only_app(client: &Client, named: Option<String>) -> anyhow::Result<String> {
+    if let Some(app) = named {
+        return Ok(app);
     }
     let apps: Vec<AppInfo> = client.get("/v1/apps").await?;
     match apps.as_slice() {

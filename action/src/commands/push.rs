@@ -11,7 +11,7 @@ use nx_protocol::AppName;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{client, print_json, resolve_app};
+use super::{client, named_or_only_app, print_json};
 use crate::cli::{Global, PushArgs};
 use crate::client::{get_public, Client};
 use crate::failure::Failure;
@@ -147,17 +147,22 @@ pub fn failed(info: &DeploymentInfo) -> Failure {
 }
 
 pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
-    // A directory is built first; its nx.toml is the one that applies.
-    let manifest = if args.path.is_dir() {
-        let dir = args.path.clone();
-        args.path = super::build::build_dir(g, &dir, None, None).await?;
-        crate::manifest::load_for(&dir, g.manifest.as_deref())?
-    } else {
-        crate::manifest::load(g.manifest.as_deref())?
+    // A directory is built first; its nx.toml is the one that applies, read
+    // once, and the server's target is asked once for the build and its check.
+    let dir = args.path.is_dir().then(|| args.path.clone());
+    let manifest = match &dir {
+        Some(dir) => crate::manifest::load_for(dir, g.manifest.as_deref())?,
+        None => crate::manifest::load(g.manifest.as_deref())?,
     };
     let client = client(g)?;
+    let mut verify = !args.skip_verify;
+    if let Some(dir) = &dir {
+        let target = get_public(client.server(), "/v1/target").await?;
+        args.path = super::build::build_dir(dir, manifest.as_ref().map(|(_, m)| m), None, &target).await?;
+        verify = false;
+    }
     let named = args.app.app.clone().or_else(|| manifest.as_ref().and_then(|(_, m)| m.app.clone()));
-    let app = resolve_app(&client, g, named.as_deref()).await?;
+    let app = named_or_only_app(&client, named).await?;
     let app = AppName::parse(&app).map_err(|e| Failure::Usage(e.to_string()))?;
     let (mut env, manifest_args) = match &manifest {
         Some((_, m)) => (m.env.clone(), m.args.clone()),
@@ -178,7 +183,7 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
         path: &args.path,
         app: &app,
         meta,
-        verify: !args.skip_verify,
+        verify,
         promote: args.promote,
         quiet: g.json,
         manifest: manifest.as_ref(),
