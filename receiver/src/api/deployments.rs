@@ -33,7 +33,8 @@ impl From<DeployError> for ApiError {
             | DeployError::Io { .. }
             | DeployError::Secret { .. }
             | DeployError::Volume(_)
-            | DeployError::Cgroup(_) => ApiError::internal(e),
+            | DeployError::Cgroup(_)
+            | DeployError::Internal(_) => ApiError::internal(e),
         }
     }
 }
@@ -189,4 +190,17 @@ pub async fn logs(
         }
     };
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_mistakes_are_400s_and_the_platforms_faults_500s_without_their_cause() {
+        let mistake = ApiError::from(DeployError::Invalid("FOO is set by the platform".into()));
+        assert_eq!((mistake.status().as_u16(), mistake.to_string().as_str()), (400, "FOO is set by the platform"));
+        let fault = ApiError::from(DeployError::Internal("stored deployment x is damaged: bad id".into()));
+        assert_eq!((fault.status().as_u16(), fault.to_string().as_str()), (500, "internal error"));
+    }
 }

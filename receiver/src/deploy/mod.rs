@@ -61,8 +61,14 @@ pub enum DeployError {
     IsProduction { app: String, id: String },
     #[error(transparent)]
     Cgroup(#[from] nx_runtime::cgroup::CgroupError),
+    /// The caller asked for something that cannot be done; the message says
+    /// what and how to fix it (a 400).
     #[error("{0}")]
     Invalid(String),
+    /// A fault of the platform's own (damaged stored state, a task that
+    /// died): logged with its cause, answered as a 500 without it.
+    #[error("{0}")]
+    Internal(String),
     #[error("this binary will not run on the server: {0}")]
     WillNotRun(String),
     #[error(transparent)]
@@ -146,7 +152,7 @@ impl Deployer {
     /// The API view of a deployment row.
     pub fn info(&self, row: &DeploymentRow, log_tail: Vec<String>) -> Result<DeploymentInfo, DeployError> {
         let damaged =
-            |e: nx_protocol::NameError| DeployError::Invalid(format!("stored deployment {} is damaged: {e}", row.id));
+            |e: nx_protocol::NameError| DeployError::Internal(format!("stored deployment {} is damaged: {e}", row.id));
         let id = DeploymentId::parse(&row.id).map_err(damaged)?;
         let app = AppName::parse(&row.app_name).map_err(damaged)?;
         Ok(DeploymentInfo {
@@ -210,7 +216,7 @@ impl Deployer {
             (report, verdict)
         })
         .await
-        .map_err(|e| DeployError::Invalid(format!("the inspection of the binary failed: {e}")))?;
+        .map_err(|e| DeployError::Internal(format!("the inspection of the binary failed: {e}")))?;
         if !verdict.runs {
             let reason = verdict.message();
             let _ = self
@@ -252,7 +258,8 @@ impl Deployer {
         let env = if meta.env.is_empty() {
             None
         } else {
-            let json = serde_json::to_vec(&meta.env).map_err(|e| DeployError::Invalid(e.to_string()))?;
+            let json = serde_json::to_vec(&meta.env)
+                .map_err(|e| DeployError::Internal(format!("cannot encode the push's variables: {e}")))?;
             Some(self.services.master.seal(&json))
         };
         let id = new_id();
@@ -563,7 +570,7 @@ fn new_id() -> String {
 }
 
 fn poisoned() -> DeployError {
-    DeployError::Invalid("internal state lock poisoned".into())
+    DeployError::Internal("the deployer's state lock is poisoned".into())
 }
 
 /// Where a sandbox's watcher applies its statuses.

@@ -224,7 +224,7 @@ impl Deployer {
                 .open(sealed)
                 .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
             let own: BTreeMap<String, String> = serde_json::from_slice(&json)
-                .map_err(|e| DeployError::Invalid(format!("stored environment is damaged: {e}")))?;
+                .map_err(|e| DeployError::Internal(format!("stored environment is damaged: {e}")))?;
             for (k, v) in own {
                 env.retain(|(name, _)| *name != k);
                 env.push((k, v));
