@@ -53,6 +53,31 @@ impl RestartPolicy {
         let factor = 1u32.checked_shl(n.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
         self.backoff_base.saturating_mul(factor).min(self.backoff_cap)
     }
+
+    /// What follows a crash at `now`, given the earlier crashes still in the
+    /// window (which this updates): a restart after the backoff for that
+    /// many crashes, or giving up once there are more than `max_restarts`.
+    pub fn after_crash(&self, crashes: &mut VecDeque<Instant>, now: Instant) -> AfterCrash {
+        crashes.push_back(now);
+        while crashes.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+            crashes.pop_front();
+        }
+        let count = crashes.len() as u32;
+        if count > self.max_restarts {
+            AfterCrash::GiveUp { crashes: count }
+        } else {
+            AfterCrash::Restart(self.backoff(count))
+        }
+    }
+}
+
+/// What [`RestartPolicy::after_crash`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCrash {
+    /// Start the app again after this pause.
+    Restart(Duration),
+    /// Crash-looping: this many crashes within the window.
+    GiveUp { crashes: u32 },
 }
 
 /// Everything needed to run one sandbox. `Debug` leaves out the environment,
@@ -236,23 +261,19 @@ async fn supervise(
             }
         };
         finish_pump(pump).await;
-        let now = Instant::now();
-        crashes.push_back(now);
-        while crashes.front().is_some_and(|t| now.duration_since(*t) > cfg.restart.window) {
-            crashes.pop_front();
-        }
-        if crashes.len() as u32 > cfg.restart.max_restarts {
-            return fail(
-                &status,
-                format!(
-                    "crashed {} times within {:?}, giving up; last exit: {}",
-                    crashes.len(),
-                    cfg.restart.window,
-                    describe_exit(code)
-                ),
-            );
-        }
-        let pause = cfg.restart.backoff(crashes.len() as u32);
+        let pause = match cfg.restart.after_crash(&mut crashes, Instant::now()) {
+            AfterCrash::Restart(pause) => pause,
+            AfterCrash::GiveUp { crashes } => {
+                return fail(
+                    &status,
+                    format!(
+                        "crashed {crashes} times within {:?}, giving up; last exit: {}",
+                        cfg.restart.window,
+                        describe_exit(code)
+                    ),
+                );
+            }
+        };
         log.system_line(&format!("exited ({}), restarting in {pause:?}", describe_exit(code)));
         restarts += 1;
         let _ = status.send(Status::Starting { restarts });
@@ -382,6 +403,28 @@ mod tests {
         assert_eq!(p.backoff(3), Duration::from_secs(2));
         assert_eq!(p.backoff(4), Duration::from_secs(3));
         assert_eq!(p.backoff(40), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn crashes_restart_with_backoff_until_too_many_fall_in_the_window() {
+        let p = RestartPolicy {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+        };
+        let t0 = Instant::now();
+        let mut crashes = VecDeque::new();
+        assert_eq!(p.after_crash(&mut crashes, t0), AfterCrash::Restart(Duration::from_secs(1)));
+        assert_eq!(
+            p.after_crash(&mut crashes, t0 + Duration::from_secs(10)),
+            AfterCrash::Restart(Duration::from_secs(2))
+        );
+        // The first crash leaves the window: two in it, a restart.
+        let later = t0 + Duration::from_secs(65);
+        assert_eq!(p.after_crash(&mut crashes, later), AfterCrash::Restart(Duration::from_secs(2)));
+        assert_eq!(crashes.len(), 2);
+        assert_eq!(p.after_crash(&mut crashes, later + Duration::from_secs(1)), AfterCrash::GiveUp { crashes: 3 });
     }
 
     #[test]

@@ -582,43 +582,89 @@ struct Watcher {
     app: String,
 }
 
+/// What the watcher does with a status: record `state` (and `error`, with a
+/// `failed` event), publish the routes, and report to GitHub when `settled`.
+#[derive(Debug, PartialEq, Eq)]
+struct Step {
+    state: DeploymentState,
+    error: Option<String>,
+    settled: bool,
+}
+
+/// The watcher's decision for `status` when `applied` is the state it last
+/// recorded: nothing when the state is unchanged (the supervisor announces
+/// `Starting` again as it spawns; a second write costs a commit and a route
+/// publish for nothing) or when the sandbox stopped (stops are recorded by
+/// whoever asked for them; a receiver shutdown records nothing, so the
+/// deployment comes back at the next start).
+fn step(applied: Option<DeploymentState>, status: &Status) -> Option<Step> {
+    let (state, error) = match status {
+        Status::Starting { .. } => (DeploymentState::Starting, None),
+        Status::Healthy { .. } => (DeploymentState::Healthy, None),
+        Status::Failed { reason, .. } => (DeploymentState::Failed, Some(reason.clone())),
+        Status::Stopped => return None,
+    };
+    let settled = matches!(state, DeploymentState::Healthy | DeploymentState::Failed);
+    (applied != Some(state)).then_some(Step { state, error, settled })
+}
+
 /// Applies each status of one sandbox to the database and the router, then
 /// publishes it as applied, and reports it to GitHub.
 async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Sender<Status>, w: Watcher) {
     let Watcher { db, routes, reporter, id, app } = w;
-    // The supervisor announces `Starting` again as it spawns; a state already
-    // applied costs a commit and a route publish for nothing.
     let mut applied_state = None;
     loop {
         let current = status.borrow_and_update().clone();
-        let write = match &current {
-            Status::Starting { .. } => Some((DeploymentState::Starting, None)),
-            Status::Healthy { .. } => Some((DeploymentState::Healthy, None)),
-            Status::Failed { reason, .. } => Some((DeploymentState::Failed, Some(reason.clone()))),
-            // Stops are recorded by whoever asked for them; a receiver shutdown
-            // records nothing, so the deployment comes back at the next start.
-            Status::Stopped => None,
-        };
-        let write = write.filter(|(state, _)| applied_state != Some(*state));
-        if let Some((state, error)) = write {
-            applied_state = Some(state);
-            if let Err(e) = db.set_state(&id, state, error.as_deref()).await {
+        if let Some(step) = step(applied_state, &current) {
+            applied_state = Some(step.state);
+            if let Err(e) = db.set_state(&id, step.state, step.error.as_deref()).await {
                 tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
             }
-            if let Status::Failed { reason, .. } = &current {
+            if let Some(reason) = &step.error {
                 let _ = db
                     .event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason }))
                     .await;
             }
             let _ = routes.publish().await;
-            tracing::info!(deployment = %id, app = %app, state = state.as_str(), "deployment state");
-            if matches!(state, DeploymentState::Healthy | DeploymentState::Failed) {
+            tracing::info!(deployment = %id, app = %app, state = step.state.as_str(), "deployment state");
+            if step.settled {
                 reporter.send(crate::github::report::Event::Settled(id.clone()));
             }
         }
         let _ = applied.send(current.clone());
         if current.is_final() || status.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(reason: &str) -> Status {
+        Status::Failed { reason: reason.into(), log_tail: vec!["boom".into()] }
+    }
+
+    #[test]
+    fn each_state_is_recorded_once_and_settled_states_are_reported() {
+        use DeploymentState::{Failed, Healthy, Starting};
+        let starting = Some(Step { state: Starting, error: None, settled: false });
+        assert_eq!(step(None, &Status::Starting { restarts: 0 }), starting);
+        assert_eq!(step(Some(Starting), &Status::Starting { restarts: 1 }), None, "a respawn is no new state");
+        assert_eq!(
+            step(Some(Starting), &Status::Healthy { restarts: 0 }),
+            Some(Step { state: Healthy, error: None, settled: true })
+        );
+        assert_eq!(step(Some(Healthy), &Status::Healthy { restarts: 0 }), None);
+        assert_eq!(step(Some(Healthy), &Status::Starting { restarts: 1 }), starting, "a crash restarts");
+        assert_eq!(
+            step(Some(Starting), &failed("crashed 6 times")),
+            Some(Step { state: Failed, error: Some("crashed 6 times".into()), settled: true })
+        );
+        assert_eq!(step(Some(Failed), &failed("again")), None);
+        for applied in [None, Some(Starting), Some(Healthy)] {
+            assert_eq!(step(applied, &Status::Stopped), None, "whoever stops records it");
         }
     }
 }
