@@ -245,6 +245,14 @@ impl ProcessManager {
         Ok(GLOBAL.get_or_init(|| pm).clone())
     }
 
+    /// The manager of this process if one has been started. A program that
+    /// has one must start every child through it: the manager reaps with
+    /// `waitpid(-1)`, so a child started beside it loses its exit status
+    /// (`ECHILD`) whenever the manager collects it first.
+    pub fn current() -> Option<ProcessManager> {
+        GLOBAL.get().cloned()
+    }
+
     fn start() -> std::io::Result<ProcessManager> {
         sys::set_child_subreaper()?;
         let (wake_tx, wake_rx) = UnixStream::pair()?;

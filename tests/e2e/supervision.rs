@@ -210,3 +210,27 @@ fn an_app_cannot_forge_platform_lines_or_drive_the_terminal_of_nx_logs() {
     let raw = on_terminal("--raw");
     assert!(raw.contains(" title\u{1b}]0;pwned\u{7}\u{1b}[2Jcleared"), "{raw:?}");
 }
+
+/// The receiver reaps every child with `waitpid(-1)`; a tool it ran beside
+/// its process manager would lose its exit status at random. Dumps, restores,
+/// filesystem creation and app creation all keep theirs while a sandbox
+/// crashes and restarts many times a second.
+#[test]
+fn tools_keep_their_exit_status_while_sandboxes_exit_around_them() {
+    let r = with_args(&["--max-restarts", "100000", "--restart-backoff", "10ms"]);
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "EXIT_AFTER_MS=30"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let restarts = |r: &Receiver| r.nx(&["logs", &id]).success().stdout.matches("restarting").count();
+    eventually(30, "the app to crash and restart", || (restarts(&r) >= 3).then_some(()));
+    let before = restarts(&r);
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..4 {
+        let dump = dir.path().join(format!("web-{round}.dump"));
+        r.nx(&["db", "backup", "web", "-o", dump.to_str().unwrap()]).success();
+        assert!(std::fs::metadata(&dump).unwrap().len() > 0, "a dump was written");
+        r.nx(&["db", "restore", "web", dump.to_str().unwrap()]).success();
+        r.create_app(&format!("other{round}"));
+    }
+    assert!(restarts(&r) > before, "sandboxes kept exiting during the tools' runs");
+}

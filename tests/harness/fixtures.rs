@@ -40,7 +40,7 @@ fn build_once(name: &str, sources: &[PathBuf], build: impl FnOnce(&Path)) -> Pat
 }
 
 fn run(mut cmd: Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let out = crate::exec::output(&mut cmd).unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(
         out.status.success(),
         "{what} failed:\n{}{}",

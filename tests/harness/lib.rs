@@ -9,6 +9,7 @@
 // Harness code fails the test on the first surprise; unwrap says so plainly.
 #![allow(clippy::unwrap_used)]
 
+pub mod exec;
 pub mod fixtures;
 pub mod github;
 pub mod http;

@@ -29,12 +29,13 @@ impl Moto {
             server.display()
         );
         let port = free_port();
-        let child = Command::new(server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
+        let child = crate::exec::spawn(
+            Command::new(server)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("start moto_server");
         let moto = Moto { port, bucket: "nx-artifacts".into(), child: Some(child) };
         let client = reqwest::blocking::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -38,25 +38,27 @@ impl ExternalCluster {
         std::fs::write(&pwfile, &password).unwrap();
         std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).unwrap();
         let data = dir.path().join("data");
-        let out = as_postgres("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "admin", "--auth=scram-sha-256", "--no-locale", "-E", "UTF8"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .unwrap();
+        let out = crate::exec::output(
+            as_postgres("initdb")
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "admin", "--auth=scram-sha-256", "--no-locale", "-E", "UTF8"])
+                .arg(format!("--pwfile={}", pwfile.display())),
+        )
+        .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let child = as_postgres("postgres")
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-k")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = crate::exec::spawn(
+            as_postgres("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+                .arg("-k")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap();
         let cluster = ExternalCluster { dir, port, password, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while psql(&cluster.admin_url(), "SELECT 1").is_err() {

@@ -135,7 +135,7 @@ impl Receiver {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        let child = cmd.spawn().expect("start nx-receiver");
+        let child = crate::exec::spawn(&mut cmd).expect("start nx-receiver");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -208,7 +208,7 @@ impl Receiver {
 
     /// Runs `nx` with another key.
     pub fn nx_with_key(&self, key: &str, args: &[&str]) -> NxOutput {
-        NxOutput::from(self.nx_command(key).args(args).output().expect("run nx"))
+        NxOutput::from(crate::exec::output(self.nx_command(key).args(args)).expect("run nx"))
     }
 
     /// An `nx` command with a clean environment pointed at this receiver
@@ -296,11 +296,10 @@ impl NxOutput {
 /// Runs one SQL statement with psql against `url`: the output (unaligned,
 /// tuples only), or psql's error.
 pub fn psql(url: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("run psql (apt-get install postgresql-client)");
+    let out = crate::exec::output(
+        Command::new("psql").args([url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql]).env("PGCONNECT_TIMEOUT", "5"),
+    )
+    .expect("run psql (apt-get install postgresql-client)");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
