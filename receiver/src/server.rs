@@ -266,15 +266,14 @@ async fn run(
         tracing::info!(api = %config.github_api, "reporting to GitHub");
     }
     let webhooks = config.github_webhook_secret.clone().map(|secret| {
-        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(crate::github::webhook::work(
-            rx,
-            deployer.clone(),
-            db.clone(),
-            reporter.clone(),
-            github.clone(),
-            stop_rx.clone(),
-        ));
+        let (queue, rx) = tokio::sync::mpsc::channel(usize::from(config.github_webhook_queue));
+        let worker = crate::github::webhook::Worker {
+            deployer: deployer.clone(),
+            db: db.clone(),
+            reporter: reporter.clone(),
+            client: github.clone(),
+        };
+        tokio::spawn(crate::github::webhook::work(rx, worker, stop_rx.clone()));
         let reading = Arc::new(tokio::sync::Semaphore::new(crate::github::webhook::READING_AT_ONCE));
         crate::github::webhook::Webhooks { secret, queue, reading }
     });
@@ -368,8 +367,11 @@ async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
             tracing::warn!(error = %e, "cannot expire nonces");
         }
         // GitHub redelivers for a few days at most.
-        if let Err(e) = db.expire_deliveries(14).await {
+        if let Err(e) = db.expire_deliveries(crate::github::webhook::DELIVERY_RETENTION_DAYS).await {
             tracing::warn!(error = %e, "cannot expire webhook deliveries");
+        }
+        if let Err(e) = db.expire_github_events(crate::github::webhook::EVENT_RETENTION_DAYS).await {
+            tracing::warn!(error = %e, "cannot expire the GitHub events acted on");
         }
     }
 }
