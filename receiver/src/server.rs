@@ -355,12 +355,11 @@ async fn reload_on_sighup(router: Arc<RouterProcess>, mut stop: watch::Receiver<
     }
 }
 
+/// Forgets nonces, webhook deliveries and GitHub events past their
+/// retention: at start (a receiver stopped for long prunes at once) and
+/// every minute.
 async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-            _ = stop.changed() => return,
-        }
         // Twice the clock window: a nonce older than that is refused by its
         // timestamp anyway.
         if let Err(e) = db.expire_nonces(2 * nx_protocol::auth::CLOCK_WINDOW_SECS).await {
@@ -372,6 +371,10 @@ async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
         }
         if let Err(e) = db.expire_github_events(crate::github::webhook::EVENT_RETENTION_DAYS).await {
             tracing::warn!(error = %e, "cannot expire the GitHub events acted on");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::github::{payload, summary, with, Call, Delivery, FakeGitHub};
+use nx_e2e::receiver::psql;
 use nx_e2e::{eventually, Receiver};
 
 use crate::github::{
@@ -276,4 +277,51 @@ fn a_full_webhook_queue_answers_503_with_retry_after_and_takes_the_redelivery() 
     wait_production(&r, &a, "the clicked preview");
     eventually(20, "the redelivery to be queued", || (refused.send(&r.api(), SECRET) == queued()).then_some(()));
     assert_eq!(refused.send(&r.api(), SECRET), (200, "duplicate delivery, ignored\n".into()));
+}
+
+#[test]
+fn delivery_ids_are_kept_fourteen_days_and_events_a_month_and_older_events_are_not_acted_on() {
+    let gh = FakeGitHub::start();
+    let mut r = receiver(&gh, &["--github-token", "ghp_test_token"]);
+    linked_app(&r);
+    let count = |r: &Receiver, table: &str| psql(&r.admin_url("nx"), &format!("SELECT count(*) FROM {table}")).unwrap();
+    let closed = Delivery::new("pull_request", &pull_request("pull_request.closed", 5, &sha()));
+    assert_eq!(closed.send(&r.api(), SECRET), queued());
+    eventually(20, "the closing to be acted on", || (count(&r, "github_events") == "1").then_some(()));
+
+    // Fifteen days on (a restart prunes at once): the delivery id is
+    // forgotten, the event is not, so the same delivery is taken and ignored.
+    age(&r, "github_deliveries", "received_at", 15);
+    age(&r, "github_events", "handled_at", 15);
+    r.restart();
+    assert_eq!(count(&r, "github_deliveries"), "0", "deliveries older than 14 days are pruned");
+    assert_eq!(count(&r, "github_events"), "1", "events are kept a month");
+    assert_eq!(closed.send(&r.api(), SECRET), queued());
+    eventually(20, "the replay to be ignored", || {
+        r.log().contains("event already acted on; replay ignored").then_some(())
+    });
+
+    // A month on, the event is forgotten too; an event that old is not acted
+    // on at all, whatever its delivery id.
+    age(&r, "github_events", "handled_at", 31);
+    r.restart();
+    assert_eq!(count(&r, "github_events"), "0", "events older than 30 days are pruned");
+    let month_ago =
+        (chrono::Utc::now() - chrono::Duration::days(31)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let old = with(body_of(&closed), &[("/pull_request/closed_at", month_ago.into())]);
+    assert_eq!(Delivery::new("pull_request", &old).send(&r.api(), SECRET), queued());
+    eventually(20, "the old event to be ignored", || {
+        r.log().contains("event older than 30 days ignored").then_some(())
+    });
+    assert_eq!(count(&r, "github_events"), "0", "an event not acted on is not recorded");
+}
+
+/// Makes every row of `table` `days` older, by its time `column`.
+fn age(r: &Receiver, table: &str, column: &str, days: u32) {
+    psql(&r.admin_url("nx"), &format!("UPDATE {table} SET {column} = now() - interval '{days} days'")).unwrap();
+}
+
+/// The JSON body of a delivery.
+fn body_of(d: &Delivery) -> serde_json::Value {
+    serde_json::from_slice(&d.body).unwrap()
 }
