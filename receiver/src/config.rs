@@ -338,7 +338,7 @@ pub struct ServeConfig {
     pub github_webhook_secret: Option<Secret<String>>,
 
     /// Webhook deliveries that may wait for the worker; one more is answered
-    /// 503 with Retry-After, and GitHub redelivers it.
+    /// 503 with Retry-After and not recorded, so its redelivery is taken.
     #[arg(long, env = "NX_GITHUB_WEBHOOK_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub github_webhook_queue: u16,
 

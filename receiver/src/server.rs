@@ -365,7 +365,7 @@ async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
         if let Err(e) = db.expire_nonces(2 * nx_protocol::auth::CLOCK_WINDOW_SECS).await {
             tracing::warn!(error = %e, "cannot expire nonces");
         }
-        // GitHub redelivers for a few days at most.
+        // GitHub offers redelivery for a few days at most.
         if let Err(e) = db.expire_deliveries(crate::github::webhook::DELIVERY_RETENTION_DAYS).await {
             tracing::warn!(error = %e, "cannot expire webhook deliveries");
         }

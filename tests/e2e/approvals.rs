@@ -269,10 +269,13 @@ fn a_full_webhook_queue_answers_503_with_retry_after_and_takes_the_redelivery() 
     assert_eq!(answer.status().as_u16(), 503);
     assert_eq!(answer.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("10"));
     let body = answer.text().unwrap();
-    assert!(body.contains("the receiver's webhook queue is full (1 waiting); GitHub redelivers this one"), "{body}");
+    assert!(
+        body.contains("the receiver's webhook queue is full (1 waiting); redeliver this delivery once it drains"),
+        "{body}"
+    );
 
     // GitHub answers again: the click is done, and the refused delivery,
-    // redelivered under its own id, is taken.
+    // redelivered (the same delivery id), is taken.
     gh.stall(false);
     wait_production(&r, &a, "the clicked preview");
     eventually(20, "the redelivery to be queued", || (refused.send(&r.api(), SECRET) == queued()).then_some(()));

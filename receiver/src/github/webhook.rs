@@ -1,9 +1,10 @@
 //! `POST /v1/github/webhook`: what GitHub tells the receiver. A delivery is
 //! verified (`X-Hub-Signature-256`, compared in constant time), deduplicated
 //! by `X-GitHub-Delivery`, queued (a bounded queue: when it is full the
-//! delivery is answered 503 with `Retry-After`, before it is recorded, so
-//! GitHub's redelivery is taken) and handled by one worker in the order it
-//! came:
+//! delivery is answered 503 with `Retry-After`, before it is recorded, so a
+//! redelivery, which keeps the delivery id, is taken; GitHub does not retry
+//! by itself, a person or a script redelivers) and handled by one worker in
+//! the order it came:
 //!
 //! - `pull_request` closed: merged, and the app promotes on merge → the
 //!   newest healthy deployment of the pull request's head commit becomes
@@ -265,8 +266,8 @@ pub async fn receive(
                 "webhook queue full; delivery refused"
             );
             ApiError::Unavailable(format!(
-                "the receiver's webhook queue is full ({} waiting); GitHub redelivers this one, \
-                 or redeliver it from the webhook's settings",
+                "the receiver's webhook queue is full ({} waiting); redeliver this delivery once it drains \
+                 (the webhook's Recent Deliveries, or GitHub's redeliver API: GitHub does not retry on its own)",
                 github.queue.max_capacity()
             ))
         })?),
@@ -314,7 +315,7 @@ pub struct Worker {
 }
 
 /// The worker: does the queued work in order until `stop`. Work that fails
-/// forgets its delivery, so GitHub's redelivery of it is taken.
+/// forgets its delivery, so a redelivery of it is taken.
 pub async fn work(mut rx: mpsc::Receiver<Queued>, worker: Worker, mut stop: watch::Receiver<bool>) {
     loop {
         let Queued { delivery, work } = tokio::select! {
