@@ -256,35 +256,34 @@ pub async fn receive(
         parse(&event, &payload)
     };
     // A place in the queue first: a delivery refused for want of one is not
-    // recorded, so GitHub's redelivery (same delivery id) is taken.
-    let slot = match &work {
-        Some(_) => Some(github.queue.try_reserve().map_err(|_| {
-            tracing::warn!(
-                delivery,
-                event,
-                waiting = github.queue.max_capacity(),
-                "webhook queue full; delivery refused"
-            );
-            ApiError::Unavailable(format!(
-                "the receiver's webhook queue is full ({} waiting); redeliver this delivery once it drains \
-                 (the webhook's Recent Deliveries, or GitHub's redeliver API: GitHub does not retry on its own)",
-                github.queue.max_capacity()
-            ))
-        })?),
+    // recorded, so its redelivery (same delivery id) is taken.
+    let queued = match work {
+        Some(work) => {
+            let slot = github.queue.try_reserve().map_err(|_| {
+                let waiting = github.queue.max_capacity();
+                tracing::warn!(delivery, event, waiting, "webhook queue full; delivery refused");
+                ApiError::Unavailable(format!(
+                    "the receiver's webhook queue is full ({waiting} waiting); redeliver this delivery once it \
+                     drains (the webhook's Recent Deliveries, or GitHub's redeliver API: GitHub does not retry \
+                     on its own)"
+                ))
+            })?;
+            Some((work, slot))
+        }
         None => None,
     };
     if !state.db.record_delivery(&delivery, &event).await? {
         tracing::info!(delivery, event, "duplicate webhook delivery ignored");
         return Ok((StatusCode::OK, "duplicate delivery, ignored\n".into()));
     }
-    match (work, slot) {
-        (Some(work), Some(slot)) => {
+    match queued {
+        Some((work, slot)) => {
             tracing::info!(delivery, event, ?work, "webhook queued");
             slot.send(Queued { delivery, work });
             Ok((StatusCode::ACCEPTED, "queued\n".into()))
         }
-        _ if event == "ping" => Ok((StatusCode::OK, "pong\n".into())),
-        _ => Ok((StatusCode::ACCEPTED, "ignored\n".into())),
+        None if event == "ping" => Ok((StatusCode::OK, "pong\n".into())),
+        None => Ok((StatusCode::ACCEPTED, "ignored\n".into())),
     }
 }
 
