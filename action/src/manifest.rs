@@ -25,6 +25,11 @@
 //!                     # "merge": the merged pull request's preview (webhook);
 //!                     # "approval": an approving review (webhook); "manual"
 //! branch = "main"     # default: the repository's default branch
+//! approvals = 2       # with "approval": distinct approvers needed (default 1);
+//!                     # only people with write access count, on the commit
+//!                     # that was previewed last
+//! reviewers = ["octocat", "@my-org/release-team"]  # who must be among them
+//! allow_author = false  # the pull request's author's approval counts (default no)
 //! ```
 
 use std::collections::BTreeMap;
@@ -103,6 +108,10 @@ pub struct Promote {
     /// The branch whose pushes promote (with `on = "push"`); the
     /// repository's default branch when not given.
     pub branch: Option<String>,
+    /// With `on = "approval"`: see [`nx_protocol::api::ApprovalRule`].
+    pub approvals: Option<u32>,
+    pub reviewers: Option<Vec<String>>,
+    pub allow_author: Option<bool>,
 }
 
 impl Manifest {
@@ -143,6 +152,11 @@ impl Manifest {
         if let Some(on) = self.promote.on {
             s.promote_on = on;
         }
+        let p = &self.promote;
+        s.approval.approvals = p.approvals.unwrap_or(s.approval.approvals);
+        s.approval.reviewers = p.reviewers.clone().unwrap_or(s.approval.reviewers);
+        s.approval.allow_author = p.allow_author.unwrap_or(s.approval.allow_author);
+        s.approval.check()?;
         Ok((s != *current).then_some(s))
     }
 }
@@ -202,6 +216,8 @@ data = "2GiB"
 database = "empty"
 [promote]
 on = "manual"
+approvals = 2
+reviewers = ["octocat", "@nx-test/release"]
 "#;
 
     #[test]
@@ -218,6 +234,7 @@ on = "manual"
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
         assert_eq!(s.promote_on, PromoteOn::Manual);
+        assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));
         // Applied once, the same file changes nothing.
         assert_eq!(m.settings_over(&s).unwrap(), None);
     }
@@ -232,6 +249,10 @@ on = "manual"
         assert!(e.contains("exactly one"), "{e}");
         let e = Manifest::parse("[preview]\ndatabase = \"fresh\"\n", Path::new("nx.toml")).unwrap_err().to_string();
         assert!(e.contains("shared") && e.contains("empty"), "{e}");
+        let e = Manifest::parse("[promote]\napprovals = 0\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("approvals must be at least 1"), "{e}");
+        let e = Manifest::parse("[promote]\nreviewers = [\"@org\"]\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("\"@org\" is neither a GitHub login"), "{e}");
     }
 
     #[test]

@@ -209,6 +209,59 @@ pub enum PromoteOn {
     Manual,
 }
 
+/// When an approving review promotes (`promote_on = "approval"`). Whatever
+/// the rule, only approvals from people with write, maintain or admin
+/// permission on the repository count, and only on the commit that was
+/// previewed last on the pull request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    /// Distinct approvers needed on that commit.
+    #[serde(default = "ApprovalRule::one")]
+    pub approvals: u32,
+    /// Who must be among them: a login (`octocat`) or a team (`@org/team-slug`).
+    #[serde(default)]
+    pub reviewers: Vec<String>,
+    /// Whether the pull request's author's own approval counts (GitHub
+    /// forbids it, but the receiver does not rely on that).
+    #[serde(default)]
+    pub allow_author: bool,
+}
+
+impl ApprovalRule {
+    fn one() -> u32 {
+        1
+    }
+
+    /// Refuses a rule no pull request could meet or that names nobody.
+    pub fn check(&self) -> Result<(), String> {
+        if self.approvals == 0 {
+            return Err("[promote] approvals must be at least 1".into());
+        }
+        let name = |s: &str| {
+            !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        for r in &self.reviewers {
+            let valid = match r.strip_prefix('@') {
+                Some(team) => team.split_once('/').is_some_and(|(org, slug)| name(org) && name(slug)),
+                None => name(r),
+            };
+            if !valid {
+                return Err(format!(
+                    "[promote] reviewers: {r:?} is neither a GitHub login (octocat) nor a team (@org/team-slug)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for ApprovalRule {
+    fn default() -> Self {
+        ApprovalRule { approvals: 1, reviewers: Vec::new(), allow_author: false }
+    }
+}
+
 /// The GitHub repository an app is built from: webhooks of that repository
 /// (matched by its numeric id) act on the app, and its pull requests get the
 /// app's previews reported.
@@ -240,6 +293,9 @@ pub struct AppSettings {
     pub args: Vec<String>,
     #[serde(default)]
     pub promote_on: PromoteOn,
+    /// Which approvals promote, with `promote_on = "approval"`.
+    #[serde(default)]
+    pub approval: ApprovalRule,
     #[serde(default)]
     pub github: Option<GitHubLink>,
 }

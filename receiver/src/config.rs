@@ -320,7 +320,8 @@ pub struct ServeConfig {
 
     /// A token for GitHub's API (fine-grained: pull requests, issues,
     /// statuses, checks and deployments of the repositories, read and
-    /// write). Either this or a GitHub App.
+    /// write; metadata read, to ask who may approve; organization members
+    /// read, for `[promote] reviewers` teams). Either this or a GitHub App.
     #[arg(long, env = "NX_GITHUB_TOKEN", hide_env_values = true, conflicts_with = "github_app_id")]
     pub github_token: Option<Secret<String>>,
 
@@ -335,6 +336,11 @@ pub struct ServeConfig {
     /// The secret GitHub signs webhooks with; webhooks are refused without it.
     #[arg(long, env = "NX_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
     pub github_webhook_secret: Option<Secret<String>>,
+
+    /// Webhook deliveries that may wait for the worker; one more is answered
+    /// 503 with Retry-After and not recorded, so its redelivery is taken.
+    #[arg(long, env = "NX_GITHUB_WEBHOOK_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub github_webhook_queue: u16,
 
     /// How apps are kept off the host's other ports: `nftables` (rules on the
     /// apps' uids) or `off` (reported as not enforced on every deployment).

@@ -266,15 +266,14 @@ async fn run(
         tracing::info!(api = %config.github_api, "reporting to GitHub");
     }
     let webhooks = config.github_webhook_secret.clone().map(|secret| {
-        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(crate::github::webhook::work(
-            rx,
-            deployer.clone(),
-            db.clone(),
-            reporter.clone(),
-            github.clone(),
-            stop_rx.clone(),
-        ));
+        let (queue, rx) = tokio::sync::mpsc::channel(usize::from(config.github_webhook_queue));
+        let worker = crate::github::webhook::Worker {
+            deployer: deployer.clone(),
+            db: db.clone(),
+            reporter: reporter.clone(),
+            client: github.clone(),
+        };
+        tokio::spawn(crate::github::webhook::work(rx, worker, stop_rx.clone()));
         let reading = Arc::new(tokio::sync::Semaphore::new(crate::github::webhook::READING_AT_ONCE));
         crate::github::webhook::Webhooks { secret, queue, reading }
     });
@@ -356,20 +355,26 @@ async fn reload_on_sighup(router: Arc<RouterProcess>, mut stop: watch::Receiver<
     }
 }
 
+/// Forgets nonces, webhook deliveries and GitHub events past their
+/// retention: at start (a receiver stopped for long prunes at once) and
+/// every minute.
 async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-            _ = stop.changed() => return,
-        }
         // Twice the clock window: a nonce older than that is refused by its
         // timestamp anyway.
         if let Err(e) = db.expire_nonces(2 * nx_protocol::auth::CLOCK_WINDOW_SECS).await {
             tracing::warn!(error = %e, "cannot expire nonces");
         }
-        // GitHub redelivers for a few days at most.
-        if let Err(e) = db.expire_deliveries(14).await {
+        // GitHub offers redelivery for a few days at most.
+        if let Err(e) = db.expire_deliveries(crate::github::webhook::DELIVERY_RETENTION_DAYS).await {
             tracing::warn!(error = %e, "cannot expire webhook deliveries");
+        }
+        if let Err(e) = db.expire_github_events(crate::github::webhook::EVENT_RETENTION_DAYS).await {
+            tracing::warn!(error = %e, "cannot expire the GitHub events acted on");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
         }
     }
 }

@@ -13,11 +13,11 @@ use nx_e2e::{eventually, require_program, Receiver};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const SECRET: &str = "webhook-secret-for-tests";
-const REPO: &str = "nx-test/web";
-const REPO_ID: i64 = 700_001;
+pub(crate) const SECRET: &str = "webhook-secret-for-tests";
+pub(crate) const REPO: &str = "nx-test/web";
+pub(crate) const REPO_ID: i64 = 700_001;
 
-fn receiver(github: &FakeGitHub, auth: &[&str]) -> Receiver {
+pub(crate) fn receiver(github: &FakeGitHub, auth: &[&str]) -> Receiver {
     let mut args = vec!["--github-api".to_owned(), github.url.clone(), "--github-webhook-secret".into(), SECRET.into()];
     args.extend(auth.iter().map(|a| (*a).to_owned()));
     Receiver::start_with(Options { args, ..Options::default() })
@@ -25,13 +25,13 @@ fn receiver(github: &FakeGitHub, auth: &[&str]) -> Receiver {
 
 /// Creates the app `web` linked (by the admin) to our repository, and
 /// returns its deploy key.
-fn linked_app(r: &Receiver) -> String {
+pub(crate) fn linked_app(r: &Receiver) -> String {
     let key = r.create_app("web");
     r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
     key
 }
 
-fn sha() -> String {
+pub(crate) fn sha() -> String {
     format!("{:040x}", rand::random::<u128>())
 }
 
@@ -40,9 +40,10 @@ fn digest(file: &Path) -> String {
 }
 
 /// A pull request event of GitHub's examples, made to be about pull request
-/// `pr` at commit `head` of our repository.
-fn pull_request(name: &str, pr: i64, head: &str) -> Value {
-    with(
+/// `pr` at commit `head` of our repository (closed just now, if closed: the
+/// receiver ignores events older than a month).
+pub(crate) fn pull_request(name: &str, pr: i64, head: &str) -> Value {
+    let mut p = with(
         payload(name),
         &[
             ("/number", pr.into()),
@@ -51,22 +52,76 @@ fn pull_request(name: &str, pr: i64, head: &str) -> Value {
             ("/repository/id", REPO_ID.into()),
             ("/repository/full_name", REPO.into()),
         ],
+    );
+    if !p["pull_request"]["closed_at"].is_null() {
+        p["pull_request"]["closed_at"] = now().into();
+    }
+    p
+}
+
+/// The time now as GitHub writes it.
+pub(crate) fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// An approving (or other) review by `reviewer` of commit `commit` of pull
+/// request `pr`, which `author` opened: GitHub's example, submitted just now.
+pub(crate) fn review(pr: i64, id: i64, reviewer: &str, author: &str, commit: &str, state: &str) -> Value {
+    with(
+        payload("pull_request_review.submitted"),
+        &[
+            ("/review/id", id.into()),
+            ("/review/state", state.into()),
+            ("/review/user/login", reviewer.into()),
+            ("/review/commit_id", commit.into()),
+            ("/review/submitted_at", now().into()),
+            ("/sender/login", reviewer.into()),
+            ("/pull_request/number", pr.into()),
+            ("/pull_request/user/login", author.into()),
+            ("/repository/id", REPO_ID.into()),
+            ("/repository/full_name", REPO.into()),
+        ],
+    )
+}
+
+/// A click by `by` on the `action` button of `deployment`'s check run
+/// (`check_run` its id, `head` its commit): GitHub's example made ours.
+pub(crate) fn button(deployment: &str, check_run: i64, head: &str, action: &str, by: &str) -> Value {
+    with(
+        payload("check_run.requested_action"),
+        &[
+            ("/check_run/id", check_run.into()),
+            ("/check_run/external_id", deployment.into()),
+            ("/check_run/head_sha", head.into()),
+            ("/check_run/completed_at", now().into()),
+            ("/requested_action/identifier", action.into()),
+            ("/sender/login", by.into()),
+            ("/repository/id", REPO_ID.into()),
+            ("/repository/full_name", REPO.into()),
+        ],
     )
 }
 
 /// What a run of the action left: its outputs, its job summary, its output.
-struct Run {
-    outputs: HashMap<String, String>,
-    summary: String,
-    out: NxOutput,
+pub(crate) struct Run {
+    pub(crate) outputs: HashMap<String, String>,
+    pub(crate) summary: String,
+    pub(crate) out: NxOutput,
 }
 
 /// Runs `nx github-action` as a GitHub runner runs the action's step.
-fn run_action(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Path) -> Run {
+pub(crate) fn run_action(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Path) -> Run {
     run_action_with(r, key, event, payload, binary, &[])
 }
 
-fn run_action_with(r: &Receiver, key: &str, event: &str, payload: &Value, binary: &Path, env: &[(&str, &str)]) -> Run {
+pub(crate) fn run_action_with(
+    r: &Receiver,
+    key: &str,
+    event: &str,
+    payload: &Value,
+    binary: &Path,
+    env: &[(&str, &str)],
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let (event_path, output, step_summary) =
         (dir.path().join("event.json"), dir.path().join("output"), dir.path().join("summary"));
@@ -95,12 +150,12 @@ fn run_action_with(r: &Receiver, key: &str, event: &str, payload: &Value, binary
     Run { outputs, summary: std::fs::read_to_string(&step_summary).unwrap_or_default(), out }
 }
 
-fn production(r: &Receiver) -> Option<String> {
+pub(crate) fn production(r: &Receiver) -> Option<String> {
     let apps = r.nx_ok(&["--json", "apps", "ls"]).json();
     apps[0]["production"].as_str().map(str::to_owned)
 }
 
-fn state_of(r: &Receiver, id: &str) -> String {
+pub(crate) fn state_of(r: &Receiver, id: &str) -> String {
     let listing = r.nx_ok(&["--json", "ls", "web"]).json();
     let d = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned();
     d.map_or_else(|| "gone".into(), |d| d["state"].as_str().unwrap().to_owned())
@@ -206,7 +261,7 @@ fn a_pull_request_gets_its_preview_reported_and_merging_it_makes_that_binary_pro
     });
 
     // Delivered again, it is ignored.
-    assert_eq!(delivery.send(&r.api(), SECRET), (200, "already handled\n".into()));
+    assert_eq!(delivery.send(&r.api(), SECRET), (200, "duplicate delivery, ignored\n".into()));
 }
 
 #[test]
@@ -292,26 +347,24 @@ fn check_run_buttons_and_approvals_promote_and_roll_back() {
         &fixtures::c_musl_static(),
     );
     let (a, b) = (a.outputs["deployment-id"].clone(), b.outputs["deployment-id"].clone());
-    let button = |deployment: &str, action: &str, repository_id: i64| {
+    gh.set_permission("maintainer", "write");
+    let click = |deployment: &str, action: &str, repository_id: i64| {
+        let (check_run, head) = if deployment == a { (1, &a_sha) } else { (2, &b_sha) };
         let p = with(
-            payload("check_run.requested_action"),
-            &[
-                ("/check_run/external_id", deployment.into()),
-                ("/requested_action/identifier", action.into()),
-                ("/repository/id", repository_id.into()),
-            ],
+            button(deployment, check_run, head, action, "maintainer"),
+            &[("/repository/id", repository_id.into())],
         );
         Delivery::new("check_run", &p).send(&r.api(), SECRET)
     };
 
     // A button from another repository is ignored.
-    assert_eq!(button(&a, "promote", 12345).0, 202);
+    assert_eq!(click(&a, "promote", 12345).0, 202);
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(production(&r), None);
 
-    assert_eq!(button(&a, "promote", REPO_ID).0, 202);
+    assert_eq!(click(&a, "promote", REPO_ID).0, 202);
     eventually(20, "A to be production", || (production(&r).as_deref() == Some(a.as_str())).then_some(()));
-    assert_eq!(button(&b, "promote", REPO_ID).0, 202);
+    assert_eq!(click(&b, "promote", REPO_ID).0, 202);
     eventually(20, "B to be production", || (production(&r).as_deref() == Some(b.as_str())).then_some(()));
     // B's check run now offers the way back.
     eventually(20, "a Rollback button on B's check run", || {
@@ -319,26 +372,19 @@ fn check_run_buttons_and_approvals_promote_and_roll_back() {
             .into_iter()
             .find(|c| c.body["external_id"] == b.as_str() && c.body["actions"].to_string().contains("rollback"))
     });
-    assert_eq!(button(&b, "rollback", REPO_ID).0, 202);
+    assert_eq!(click(&b, "rollback", REPO_ID).0, 202);
     eventually(20, "A to be production again", || (production(&r).as_deref() == Some(a.as_str())).then_some(()));
 
-    // An approving review of PR #9 promotes its head commit's deployment; a
-    // mere comment does not.
-    let review = |state: &str| {
-        let p = with(
-            payload("pull_request_review.submitted"),
-            &[
-                ("/review/state", state.into()),
-                ("/pull_request/head/sha", b_sha.as_str().into()),
-                ("/repository/id", REPO_ID.into()),
-            ],
-        );
+    // An approving review of PR #9 by a maintainer promotes its head
+    // commit's deployment; a mere comment does not.
+    let submit = |id: i64, state: &str| {
+        let p = review(9, id, "maintainer", "Codertocat", &b_sha, state);
         Delivery::new("pull_request_review", &p).send(&r.api(), SECRET)
     };
-    assert_eq!(review("commented"), (202, "ignored\n".into()));
+    assert_eq!(submit(1, "commented"), (202, "ignored\n".into()));
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(production(&r).as_deref(), Some(a.as_str()));
-    assert_eq!(review("approved"), (202, "queued\n".into()));
+    assert_eq!(submit(2, "approved"), (202, "queued\n".into()));
     eventually(20, "the approved PR to be production", || {
         (production(&r).as_deref() == Some(b.as_str())).then_some(())
     });

@@ -1,12 +1,14 @@
 //! A local stand-in for GitHub: its REST API, as far as the receiver uses it,
 //! answering with GitHub's published response examples
-//! (`tests/fixtures/github/api`) and recording every call; and webhook
-//! deliveries signed the way GitHub signs them.
+//! (`tests/fixtures/github/api`) and recording every call; who may write to
+//! the repository, the reviews of its pull requests and the members of its
+//! teams are set by the test; and webhook deliveries signed the way GitHub
+//! signs them.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -35,6 +37,15 @@ struct State {
     next_id: AtomicI64,
     /// Answer this many calls with 500 before behaving.
     failures: AtomicU32,
+    /// While set, calls wait before they are answered.
+    stalled: AtomicBool,
+    /// Permission on the repository by login (lower case); `read` otherwise,
+    /// as GitHub answers for anyone on a public repository.
+    permissions: Mutex<HashMap<String, String>>,
+    /// The reviews of each pull request, in the order they were submitted.
+    reviews: Mutex<HashMap<i64, Vec<Value>>>,
+    /// Active members (lower case) of each team, by `org/slug`.
+    teams: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// The fake API, serving on a loopback port until dropped.
@@ -100,6 +111,35 @@ impl FakeGitHub {
     pub fn fail_next(&self, n: u32) {
         self.state.failures.store(n, Ordering::SeqCst);
     }
+
+    /// Holds every answer while `stalled` (the calls are recorded at once).
+    pub fn stall(&self, stalled: bool) {
+        self.state.stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    /// Gives `login` a permission on the repository: `admin`, `write`
+    /// (GitHub's answer for maintain too), `read` or `none`.
+    pub fn set_permission(&self, login: &str, permission: &str) {
+        self.state.permissions.lock().unwrap().insert(login.to_lowercase(), permission.into());
+    }
+
+    /// Records a review of pull request `pr` as GitHub lists it (`state` in
+    /// upper case, as the REST API writes it); returns it.
+    pub fn add_review(&self, pr: i64, id: i64, login: &str, state: &str, commit_id: &str) -> Value {
+        let mut review = example("list-reviews")[0].clone();
+        review["id"] = id.into();
+        review["user"]["login"] = login.into();
+        review["state"] = state.into();
+        review["commit_id"] = commit_id.into();
+        self.state.reviews.lock().unwrap().entry(pr).or_default().push(review.clone());
+        review
+    }
+
+    /// Makes `logins` the active members of the team `org/slug`.
+    pub fn set_team(&self, org: &str, slug: &str, logins: &[&str]) {
+        let members = logins.iter().map(|l| l.to_lowercase()).collect();
+        self.state.teams.lock().unwrap().insert(format!("{org}/{slug}").to_lowercase(), members);
+    }
 }
 
 async fn answer(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -126,6 +166,9 @@ async fn answer(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
         r.headers_mut().insert("content-type", "application/json".parse().unwrap());
         Ok(r)
     };
+    while state.stalled.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     if state.failures.load(Ordering::SeqCst) > 0 {
         state.failures.fetch_sub(1, Ordering::SeqCst);
         return reply(500, json!({ "message": "Server Error" }));
@@ -173,6 +216,30 @@ async fn answer(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
         ("POST", ["repos", _, _, "deployments", _, "statuses"]) => {
             reply(201, with(example("create-deployment-status"), &[("id", id.into())]))
         }
+        ("GET", ["repos", _, _, "collaborators", login, "permission"]) => {
+            let permission =
+                state.permissions.lock().unwrap().get(&login.to_lowercase()).cloned().unwrap_or_else(|| "read".into());
+            let mut answer = example("get-collaborator-permission-level.admin");
+            answer["role_name"] = permission.clone().into();
+            answer["permission"] = permission.into();
+            answer["user"]["login"] = (*login).into();
+            reply(200, answer)
+        }
+        ("GET", ["repos", _, _, "pulls", pr, "reviews"]) => {
+            let pr: i64 = pr.parse().unwrap_or(0);
+            reply(200, Value::Array(state.reviews.lock().unwrap().get(&pr).cloned().unwrap_or_default()))
+        }
+        ("GET", ["orgs", org, "teams", slug, "memberships", login]) => {
+            let team = format!("{org}/{slug}").to_lowercase();
+            let member = state.teams.lock().unwrap().get(&team).is_some_and(|m| m.contains(&login.to_lowercase()));
+            if member {
+                let mut answer = example("get-team-membership.maintainer");
+                answer["role"] = "member".into();
+                reply(200, answer)
+            } else {
+                reply(404, json!({ "message": "Not Found", "documentation_url": "https://docs.github.com/rest" }))
+            }
+        }
         _ => reply(404, json!({ "message": "Not Found", "documentation_url": "https://docs.github.com/rest" })),
     }
 }
@@ -204,7 +271,17 @@ impl Delivery {
     /// Posts it to the receiver's webhook endpoint with `signature`; returns
     /// the status and body.
     pub fn send_signed(&self, api: &str, signature: &str) -> (u16, String) {
-        let resp = reqwest::blocking::Client::new()
+        let resp = self.post_signed(api, signature);
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    }
+
+    /// Posts it signed with `secret`; returns the whole answer (headers too).
+    pub fn post(&self, api: &str, secret: &str) -> reqwest::blocking::Response {
+        self.post_signed(api, &self.signature(secret))
+    }
+
+    fn post_signed(&self, api: &str, signature: &str) -> reqwest::blocking::Response {
+        reqwest::blocking::Client::new()
             .post(format!("{api}/v1/github/webhook"))
             .header("content-type", "application/json")
             .header("x-github-event", &self.event)
@@ -213,8 +290,7 @@ impl Delivery {
             .header("user-agent", "GitHub-Hookshot/fake")
             .body(self.body.clone())
             .send()
-            .unwrap();
-        (resp.status().as_u16(), resp.text().unwrap_or_default())
+            .unwrap()
     }
 
     /// Posts it signed with `secret`.

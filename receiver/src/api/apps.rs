@@ -79,6 +79,7 @@ pub async fn settings(
             )));
         }
     }
+    settings.approval.check().map_err(ApiError::BadRequest)?;
     if let Some(link) = &settings.github {
         let valid = link.repository.split_once('/').is_some_and(|(owner, name)| {
             let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));

@@ -90,6 +90,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// What a 503 tells the client to wait before trying again, in seconds.
+pub const RETRY_AFTER_SECS: u32 = 10;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -100,7 +103,12 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (status, Json(ErrorBody { error })).into_response()
+        let mut response = (status, Json(ErrorBody { error })).into_response();
+        // Every 503 is a passing condition (busy, full): say when to come back.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 

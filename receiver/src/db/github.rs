@@ -51,6 +51,86 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Forgets a delivery whose work failed, so GitHub's redelivery (which
+    /// keeps the delivery id) is taken.
+    pub async fn forget_delivery(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM github_deliveries WHERE id = $1").bind(id).execute(self.pool()).await.map(|_| ())
+    }
+
+    /// The delivery that already acted on the event `key`, if one did.
+    pub async fn github_event(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT delivery FROM github_events WHERE key = $1")
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await
+    }
+
+    /// Remembers that `delivery` acted on the event `key`.
+    pub async fn record_github_event(&self, key: &str, delivery: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO github_events (key, delivery) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(key)
+            .bind(delivery)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+    }
+
+    /// The permission on its repository GitHub gave the author of a review.
+    pub async fn review_permission(&self, review_id: i64) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT permission FROM github_review_permissions WHERE review_id = $1")
+            .bind(review_id)
+            .fetch_optional(self.pool())
+            .await
+    }
+
+    pub async fn save_review_permission(
+        &self,
+        review_id: i64,
+        repository_id: i64,
+        login: &str,
+        permission: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO github_review_permissions (review_id, repository_id, login, permission) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (review_id) DO NOTHING",
+        )
+        .bind(review_id)
+        .bind(repository_id)
+        .bind(login)
+        .bind(permission)
+        .execute(self.pool())
+        .await
+        .map(|_| ())
+    }
+
+    /// Forgets the events acted on and the review permissions older than
+    /// `older_than_days`.
+    pub async fn expire_github_events(&self, older_than_days: i32) -> Result<u64, sqlx::Error> {
+        let events = sqlx::query("DELETE FROM github_events WHERE handled_at < now() - make_interval(days => $1)")
+            .bind(older_than_days)
+            .execute(self.pool())
+            .await?;
+        let reviews =
+            sqlx::query("DELETE FROM github_review_permissions WHERE checked_at < now() - make_interval(days => $1)")
+                .bind(older_than_days)
+                .execute(self.pool())
+                .await?;
+        Ok(events.rows_affected() + reviews.rows_affected())
+    }
+
+    /// The newest deployment pushed for pull request `pr` and its commit:
+    /// the one an approval must be about.
+    pub async fn latest_preview(&self, app_id: i64, pr: i64) -> Result<Option<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, git_sha FROM deployments WHERE app_id = $1 AND pr_number = $2 AND git_sha IS NOT NULL \
+             ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(app_id)
+        .bind(pr)
+        .fetch_optional(self.pool())
+        .await
+    }
+
     /// Forgets deliveries older than GitHub ever redelivers.
     pub async fn expire_deliveries(&self, older_than_days: i32) -> Result<u64, sqlx::Error> {
         let r = sqlx::query("DELETE FROM github_deliveries WHERE received_at < now() - make_interval(days => $1)")

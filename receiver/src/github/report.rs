@@ -26,8 +26,9 @@ pub enum Event {
     Settled(String),
     /// A deployment became production, replacing `previous`.
     Promoted { deployment: String, previous: Option<String> },
-    /// A button of a deployment's check run could not do what it asked.
-    ActionFailed { deployment: String, message: String },
+    /// Why a button of a deployment's check run, or an approval of its
+    /// pull request, did nothing: shown on the deployment's check run.
+    Note { deployment: String, title: String, message: String },
 }
 
 /// Queues events for the reporting task; does nothing when GitHub is not
@@ -117,9 +118,7 @@ fn logged<T>(what: &str, result: Result<T, super::client::CallError>) -> Option<
 impl Sender {
     async fn handle(&self, event: &Event) -> anyhow::Result<()> {
         let id = match event {
-            Event::Settled(id)
-            | Event::Promoted { deployment: id, .. }
-            | Event::ActionFailed { deployment: id, .. } => id,
+            Event::Settled(id) | Event::Promoted { deployment: id, .. } | Event::Note { deployment: id, .. } => id,
         };
         let Some(row) = self.db.deployment(id).await? else { return Ok(()) };
         let Some(app) = self.db.app_by_id(row.app_id).await? else { return Ok(()) };
@@ -142,9 +141,9 @@ impl Sender {
                     self.refresh_check_run(prev).await?;
                 }
             }
-            Event::ActionFailed { message, .. } => {
+            Event::Note { title, message, .. } => {
                 if let Some(check) = report.check_run_id {
-                    let body = json!({ "output": { "title": "The action failed", "summary": message } });
+                    let body = json!({ "output": { "title": title, "summary": message } });
                     logged(
                         "update check run",
                         self.call(&o, Method::Patch, &format!("check-runs/{check}"), &body).await,
