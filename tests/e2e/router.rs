@@ -94,6 +94,48 @@ fn forwarding_headers_request_ids_and_hop_by_hop_headers() {
 }
 
 #[test]
+fn underscored_headers_are_dropped_and_absolute_targets_reach_the_app_in_origin_form() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let host = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let name = host.split(':').next().unwrap();
+    let app_saw = |request: String| {
+        let answer = raw(r.router_port, &request);
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+        body.lines().map(str::to_ascii_lowercase).filter(|l| !l.starts_with("x-request-id: ")).collect::<Vec<_>>()
+    };
+    // Without Host: routed by the target's host, which the app gets as Host
+    // and X-Forwarded-Host; the target arrives in origin-form. Headers named
+    // with `_` (which Go, CGI and others fold into their `-` twins) are gone.
+    let seen = app_saw(format!(
+        "GET http://{host}/headers?x=1 HTTP/1.1\r\nX_Forwarded_For: 10.0.0.1\r\nX_Real_IP: 10.0.0.2\r\n\
+         X-Forwarded_Host: admin.example\r\nConnection: close\r\n\r\n"
+    ));
+    assert_eq!(
+        seen,
+        [
+            format!("host: {name}"),
+            "uri: /headers?x=1".into(),
+            "x-forwarded-for: 127.0.0.1".into(),
+            format!("x-forwarded-host: {name}"),
+            "x-forwarded-proto: http".into(),
+            "x-real-ip: 127.0.0.1".into(),
+        ]
+    );
+    // With the same Host: origin-form too, the client's Host kept.
+    let seen = app_saw(format!("GET http://{host}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(seen[..2], [format!("host: {host}"), "uri: /headers".into()]);
+    assert!(seen.contains(&format!("x-forwarded-host: {name}")), "{seen:?}");
+    // A target naming another host than Host: refused, nothing forwarded.
+    let answer = raw(
+        r.router_port,
+        &format!("GET http://other.localhost/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[test]
 fn websockets_and_server_sent_events_pass_through_unbuffered() {
     let r = Receiver::start();
     r.create_app("web");
