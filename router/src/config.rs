@@ -62,9 +62,20 @@ pub struct Config {
     /// of its response unserved.
     #[arg(long, env = "NX_ROUTER_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub client_idle_timeout: Duration,
+    /// Time a client has to send a whole request body, counted from the end
+    /// of its head; a total, not a per-read wait (each read is also bounded by
+    /// --client-idle-timeout). A body still incomplete then gets 408 and its
+    /// connection is closed: a client trickling a byte now and then cannot
+    /// hold a connection for longer. Raise it for apps taking large uploads
+    /// over slow links.
+    #[arg(long, env = "NX_ROUTER_REQUEST_BODY_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
     /// Time an app has to start its response (its status line and headers)
     /// once the request is sent; then the client gets a 504 page. Each write of
-    /// a request to an app is bounded by it too.
+    /// a request to an app is bounded by it too, and so is each wait for the
+    /// next bytes of a response body (as nginx's proxy_read_timeout): a body
+    /// left silent that long is cut and its connection closed, so server-sent
+    /// events need a heartbeat more often than that.
     #[arg(long, env = "NX_ROUTER_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub upstream_response_timeout: Duration,
     /// Client connections served at once, over every listener and worker;
@@ -74,6 +85,15 @@ pub struct Config {
     /// fit, and warns when the hard limit is too low.
     #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Client connections one client address may hold at once, within
+    /// --max-connections (default: an eighth of it); an IPv6 client counts by
+    /// its /64, which a client usually holds whole. Beyond it a new connection
+    /// from that address is closed at once, while other addresses keep being
+    /// served. Loopback is not exempt: behind a tunnel or CDN connector on
+    /// this host every client shares its address, so raise this to
+    /// --max-connections there.
+    #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: Option<u32>,
     /// Once its sockets, control socket and TLS key are open, become this
     /// user (and its group, without supplementary groups); the state file is
     /// then read and written as this user. Without it the router keeps its
@@ -94,7 +114,9 @@ pub struct Limits {
     pub client_idle: Duration,
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
+    pub request_body: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Config {
@@ -105,7 +127,12 @@ impl Config {
             client_idle: self.client_idle_timeout,
             upstream_connect: Duration::from_secs(self.connect_timeout_secs),
             upstream_response: self.upstream_response_timeout,
+            request_body: self.request_body_timeout,
             max_connections: self.max_connections as usize,
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .map_or((self.max_connections as usize / 8).max(1), |n| n as usize)
+                .min(self.max_connections as usize),
         }
     }
 }

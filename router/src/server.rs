@@ -175,7 +175,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let router = Router::new(store.clone(), limits, h1.idle_timeout, draining.clone());
     let conf = Arc::new(ServerConf::default());
-    let connections = Connections::new(draining, limits.max_connections);
+    let connections = Connections::new(draining, limits.max_connections, limits.max_connections_per_ip);
     let (stop_accepting, stop_rx) = watch::channel(false);
     let workers = (0..threads)
         .map(|_| worker(&sockets, &conf, router.clone(), h1.clone(), connections.clone(), stop_rx.clone()))

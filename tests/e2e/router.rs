@@ -257,6 +257,7 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
             format!("--router-arg=--request-head-timeout={}ms", HEAD.as_millis()),
             format!("--router-arg=--upstream-response-timeout={}ms", RESPONSE.as_millis()),
             format!("--router-arg=--max-connections={CAP}"),
+            format!("--router-arg=--max-connections-per-ip={CAP}"),
         ],
         ..Options::default()
     });
@@ -334,6 +335,88 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
     std::thread::sleep(HEAD + Duration::from_millis(300));
     assert_other_served();
     drop(held);
+}
+
+/// A new TCP connection to the router from a loopback address of its own.
+fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &nix::sys::socket::SockaddrIn::new(from[0], from[1], from[2], from[3], 0),
+    )
+    .unwrap();
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .unwrap();
+    TcpStream::from(socket)
+}
+
+#[test]
+fn one_client_address_gets_its_share_of_connections_and_a_slow_body_gets_408() {
+    const SHARE: usize = 3;
+    const BODY: Duration = Duration::from_secs(1);
+    let r = Receiver::start_with(Options {
+        args: vec![
+            format!("--router-arg=--max-connections-per-ip={SHARE}"),
+            format!("--router-arg=--request-body-timeout={}ms", BODY.as_millis()),
+        ],
+        ..Options::default()
+    });
+    r.create_app("web");
+    let web = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let port = r.router_port;
+    let request = format!("GET /headers HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n");
+    let ask = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    // 127.0.0.1 holds its share; its next connection is closed at once.
+    let held: Vec<TcpStream> = (0..SHARE).map(|_| connect_from([127, 0, 0, 1], port)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = connect_from([127, 0, 0, 1], port);
+    extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = Vec::new();
+    extra.read_to_end(&mut got).expect("a connection beyond the share is closed at once");
+    assert_eq!(got, b"", "a connection beyond the share gets no answer");
+    // 127.0.0.2 is another client: served.
+    let answer = ask(connect_from([127, 0, 0, 2], port));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("X-Forwarded-For: 127.0.0.2"), "{answer}");
+    // The held ones are served, and once they are gone 127.0.0.1 is again.
+    for s in held {
+        assert!(ask(s).starts_with("HTTP/1.1 200"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ask(connect_from([127, 0, 0, 1], port)).starts_with("HTTP/1.1 200"));
+
+    // A body trickled a byte every 100 ms: 408 at the body deadline.
+    let mut slow = connect_from([127, 0, 0, 1], port);
+    slow.write_all(format!("POST /count HTTP/1.1\r\nHost: {web}\r\nContent-Length: 1000\r\n\r\n").as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let reader = slow.try_clone().unwrap();
+    let cut = std::thread::spawn(move || {
+        let mut answer = String::new();
+        let _ = (&reader).read_to_string(&mut answer);
+        (answer, started.elapsed())
+    });
+    while !cut.is_finished() && slow.write_all(b"x").is_ok() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (answer, took) = cut.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+    assert!(took >= BODY && took < BODY + Duration::from_millis(500), "408 after {took:?}");
 }
 
 #[test]
