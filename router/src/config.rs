@@ -94,6 +94,12 @@ pub struct Config {
     /// --max-connections there.
     #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: Option<u32>,
+    /// Streams one HTTP/2 client connection may have open at once; beyond it
+    /// a new stream is refused (RST_STREAM REFUSED_STREAM, which clients retry
+    /// once one ends). Each open stream may hold an app connection: the
+    /// router's open-file need counts this many per connection when HTTPS is on.
+    #[arg(long, env = "NX_ROUTER_H2_MAX_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_streams: u32,
     /// Once its sockets, control socket and TLS key are open, become this
     /// user (and its group, without supplementary groups); the state file is
     /// then read and written as this user. Without it the router keeps its
@@ -117,6 +123,7 @@ pub struct Limits {
     pub request_body: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub h2_max_streams: u32,
 }
 
 impl Config {
@@ -133,6 +140,7 @@ impl Config {
                 .max_connections_per_ip
                 .map_or((self.max_connections as usize / 8).max(1), |n| n as usize)
                 .min(self.max_connections as usize),
+            h2_max_streams: self.h2_max_streams,
         }
     }
 }

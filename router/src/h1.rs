@@ -426,7 +426,7 @@ async fn write_page(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
@@ -483,7 +483,7 @@ mod tests {
     }
 
     /// An app on a port of its own that hands every connection to `serve`.
-    async fn serving<F, Fut>(serve: F) -> SocketAddr
+    pub(crate) async fn serving<F, Fut>(serve: F) -> SocketAddr
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -511,7 +511,7 @@ mod tests {
     }
 
     /// Generous bounds: no test but those of the bounds reaches them.
-    const LIMITS: Limits = Limits {
+    pub(crate) const LIMITS: Limits = Limits {
         tls_handshake: Duration::from_secs(10),
         request_head: Duration::from_secs(20),
         client_idle: Duration::from_secs(60),
@@ -520,6 +520,7 @@ mod tests {
         request_body: Duration::from_secs(300),
         max_connections: 1024,
         max_connections_per_ip: 1024,
+        h2_max_streams: 16,
     };
 
     /// A router (HTTP/1 path only) routing app.localhost to `upstream`.
@@ -843,10 +844,12 @@ mod tests {
     }
 
     /// The router's whole accept path (caps included) on a port of its own,
-    /// routing app.localhost to `app`, with these bounds.
-    async fn listening(
+    /// routing app.localhost to `app`, with these bounds, over TLS with this
+    /// acceptor if any.
+    pub(crate) async fn listening(
         limits: Limits,
         app: SocketAddr,
+        tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
     ) -> (SocketAddr, Arc<crate::listener::Connections>, tempfile::TempDir, watch::Sender<bool>) {
         use crate::listener::{serve, Connections, Proxies};
         let dir = tempfile::tempdir().unwrap();
@@ -859,13 +862,13 @@ mod tests {
         let h2 = crate::proxy::Router::new(store.clone(), limits, Duration::from_secs(60), draining.clone());
         let proxies = Proxies {
             h1: Arc::new(H1::new(store, pool, draining.clone(), limits)),
-            h2: Arc::new(pingora::proxy::http_proxy(&conf, h2)),
+            h2: Arc::new(crate::h2::proxy(&conf, h2, &limits)),
         };
         let connections = Connections::new(draining, limits.max_connections, limits.max_connections_per_ip);
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
         let (stop_tx, stop) = watch::channel(false);
-        tokio::spawn(serve(listener, None, limits.tls_handshake, proxies, connections.clone(), stop));
+        tokio::spawn(serve(listener, tls, limits, proxies, connections.clone(), stop));
         (addr, connections, dir, stop_tx)
     }
 
@@ -897,7 +900,7 @@ mod tests {
         let (app, _) = app(usize::MAX).await;
         let cap = 3;
         let (addr, connections, _dir, _stop) =
-            listening(Limits { max_connections: cap, max_connections_per_ip: cap, ..LIMITS }, app).await;
+            listening(Limits { max_connections: cap, max_connections_per_ip: cap, ..LIMITS }, app, None).await;
 
         let mut held = Vec::new();
         for _ in 0..cap {
@@ -929,7 +932,7 @@ mod tests {
         let (app, _) = app(usize::MAX).await;
         let share = 2;
         let (addr, connections, _dir, _stop) =
-            listening(Limits { max_connections: 10, max_connections_per_ip: share, ..LIMITS }, app).await;
+            listening(Limits { max_connections: 10, max_connections_per_ip: share, ..LIMITS }, app, None).await;
         let mut held = Vec::new();
         for _ in 0..share {
             held.push(TcpStream::connect(addr).await.unwrap());

@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pingora::apps::ServerApp;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, ALPN};
 use pingora::proxy::HttpProxy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::Limits;
 use crate::exchange::Client;
 use crate::h1::H1;
 use crate::proxy::Router;
@@ -211,11 +211,12 @@ impl std::fmt::Debug for Proxies {
 }
 
 /// Accepts connections until `stop` turns true, handing each to its proxy;
-/// a TLS handshake must end within `tls_handshake`.
+/// a TLS handshake must end within the TLS handshake timeout, an HTTP/2
+/// preface within the request head deadline of the connection's start.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Acceptor>>,
-    tls_handshake: Duration,
+    limits: Limits,
     proxies: Proxies,
     connections: Arc<Connections>,
     mut stop: watch::Receiver<bool>,
@@ -239,6 +240,7 @@ pub async fn serve(
         let proxies = proxies.clone();
         let tls = tls.clone();
         let shutdown = connections.shutdown.subscribe();
+        let head_due = tokio::time::Instant::now() + limits.request_head;
         tokio::spawn(async move {
             let _guard = guard;
             let _ = tcp.set_nodelay(true);
@@ -250,9 +252,10 @@ pub async fn serve(
                 proxies.h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
                 return;
             };
+            let tls_handshake = limits.tls_handshake;
             match tokio::time::timeout(tls_handshake, acceptor.tls_handshake(stream)).await {
                 Ok(Ok(s)) if s.selected_alpn_proto() == Some(ALPN::H2) => {
-                    proxies.h2.process_new(Box::new(s), &shutdown).await;
+                    crate::h2::serve(&proxies.h2, Box::new(s), head_due, &shutdown).await;
                 }
                 Ok(Ok(s)) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
