@@ -337,26 +337,17 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
     drop(held);
 }
 
-/// A new TCP connection to the router from a loopback address of its own.
+/// A new TCP connection to the router from a loopback address of its own
+/// (std cannot bind a socket before it connects; tokio can).
 fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
-    let socket = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Stream,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    nix::sys::socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&socket),
-        &nix::sys::socket::SockaddrIn::new(from[0], from[1], from[2], from[3], 0),
-    )
-    .unwrap();
-    nix::sys::socket::connect(
-        std::os::fd::AsRawFd::as_raw_fd(&socket),
-        &nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port),
-    )
-    .unwrap();
-    TcpStream::from(socket)
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap().into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    })
 }
 
 #[test]
@@ -551,6 +542,7 @@ fn tls_terminates_with_http2() {
             "--router-tls-key".into(),
             key.display().to_string(),
             "--router-arg=--tls-handshake-timeout=1s".into(),
+            "--router-arg=--h2-max-streams=4".into(),
         ],
         ..Options::default()
     });
