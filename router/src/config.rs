@@ -55,11 +55,14 @@ pub struct Config {
     /// headers), counted from the connection's start for its first request and
     /// from the first byte for a kept-alive one; a total, not a per-byte wait.
     /// A head still incomplete then gets 408 and its connection is closed.
+    /// An HTTP/2 connection must send its preface within it (from the
+    /// connection's start) or is closed.
     #[arg(long, env = "NX_ROUTER_REQUEST_HEAD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub request_head_timeout: Duration,
-    /// Time a kept-alive client connection may wait for its next request, and
-    /// the longest a client may leave the router's reads of its body or writes
-    /// of its response unserved.
+    /// Time a kept-alive client connection (an HTTP/2 one with no stream
+    /// open too) may wait for its next request, and the longest a client may
+    /// leave the router's reads of its body (then 408) or writes of its
+    /// response unserved; a WebSocket tunnel silent both ways that long ends.
     #[arg(long, env = "NX_ROUTER_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub client_idle_timeout: Duration,
     /// Time a client has to send a whole request body, counted from the end
@@ -80,8 +83,9 @@ pub struct Config {
     pub upstream_response_timeout: Duration,
     /// Client connections served at once, over every listener and worker;
     /// beyond it a new connection is closed at once (the client reads the end
-    /// of the stream) and the open ones keep being served. Each takes up to two
-    /// descriptors (client and app): the router raises its open-file limit to
+    /// of the stream) and the open ones keep being served. Each takes a
+    /// descriptor and one per app connection it holds (one for HTTP/1, up to
+    /// --h2-max-streams for HTTP/2): the router raises its open-file limit to
     /// fit, and warns when the hard limit is too low.
     #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
