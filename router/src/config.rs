@@ -69,8 +69,10 @@ pub struct Config {
     /// of its head; a total, not a per-read wait (each read is also bounded by
     /// --client-idle-timeout). A body still incomplete then gets 408 and its
     /// connection is closed: a client trickling a byte now and then cannot
-    /// hold a connection for longer. Raise it for apps taking large uploads
-    /// over slow links.
+    /// hold a connection for longer. On HTTP/2 (whose body reads pingora
+    /// does not bound) a body still arriving after it is cut at its next
+    /// chunk with 408, and its stream ends. Raise it for apps taking large
+    /// uploads over slow links.
     #[arg(long, env = "NX_ROUTER_REQUEST_BODY_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
     /// Time an app has to start its response (its status line and headers)

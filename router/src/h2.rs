@@ -9,7 +9,9 @@
 //! head), a connection with no stream open is closed after the client idle
 //! timeout, and streams per connection are capped (`--h2-max-streams`): a
 //! stream beyond the cap is refused by the h2 library with `RST_STREAM`
-//! `REFUSED_STREAM`, which clients retry once a stream ends.
+//! `REFUSED_STREAM`, which clients retry once a stream ends. A request body
+//! still arriving after the request body timeout is cut by
+//! [`crate::proxy`]'s body filter.
 
 use std::io;
 use std::pin::Pin;
@@ -225,6 +227,7 @@ mod tests {
     const SETTINGS: u8 = 0x4;
     const RST_STREAM: u8 = 0x3;
     const HEADERS: u8 = 0x1;
+    const DATA: u8 = 0x0;
     const REFUSED_STREAM: u32 = 0x7;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -330,6 +333,61 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(opened.load(Ordering::SeqCst), cap as usize);
+    }
+
+    #[tokio::test]
+    async fn a_body_trickled_over_http2_gets_408_at_the_body_deadline() {
+        // Reads whatever comes and never answers: only the body deadline ends the stream.
+        let app = serving(|mut s| async move {
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await;
+        let deadline = Duration::from_millis(800);
+        let (addr, cert, _keep) = router(Limits { request_body: deadline, ..LIMITS }, app).await;
+        let mut client = connect(addr, &cert).await;
+        start(&mut client).await;
+        // POST /up for app.localhost, content-length 100; the body follows in DATA frames.
+        let mut block = vec![0x83, 0x87]; // :method POST, :scheme https
+        for (name, value) in [(&[0x04][..], "/up"), (&[0x01], "app.localhost"), (&[0x0f, 0x0d], "100")] {
+            block.extend(name);
+            block.push(value.len() as u8);
+            block.extend(value.as_bytes());
+        }
+        client.write_all(&frame(HEADERS, 0x4, 1, &block)).await.unwrap();
+        let started = Instant::now();
+        let (reader, mut writer) = tokio::io::split(client);
+        let drip = async {
+            for _ in 0..100 {
+                writer.write_all(&frame(DATA, 0, 1, b"x")).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the whole body was sent: the router never cut it");
+        };
+        let answer = async {
+            let mut reader = reader;
+            loop {
+                let mut head = [0u8; 9];
+                reader.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                reader.read_exact(&mut payload).await.unwrap();
+                if head[3] == HEADERS {
+                    return (payload, started.elapsed());
+                }
+            }
+        };
+        let (block, elapsed) = tokio::select! {
+            () = drip => unreachable!(),
+            answered = answer => answered,
+        };
+        // `:status: 408`, a literal with the static table's :status name (8),
+        // its value plain or Huffman-coded (RFC 7541 appendix B).
+        assert!(
+            block.starts_with(&[0x48, 0x03, b'4', b'0', b'8']) || block.starts_with(&[0x48, 0x83, 0x68, 0x0f, 0x7f]),
+            "{block:02x?}"
+        );
+        assert!(elapsed >= deadline && elapsed < deadline + Duration::from_millis(300), "{elapsed:?}");
     }
 
     #[tokio::test]
