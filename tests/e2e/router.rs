@@ -543,6 +543,8 @@ fn tls_terminates_with_http2() {
             key.display().to_string(),
             "--router-arg=--tls-handshake-timeout=1s".into(),
             "--router-arg=--h2-max-streams=4".into(),
+            "--router-arg=--request-head-timeout=1s".into(),
+            "--router-arg=--client-idle-timeout=2s".into(),
         ],
         ..Options::default()
     });
@@ -574,6 +576,34 @@ fn tls_terminates_with_http2() {
     let waited = started.elapsed();
     assert_eq!(got, b"");
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
+    // HTTP/2 (TLS with ALPN h2, OpenSSL's client): no preface, closed at the
+    // head deadline (1 s); the preface and empty settings, then nothing,
+    // closed at the idle timeout (2 s). Either way the router sent its own
+    // SETTINGS frame first, and ended the connection without TLS close_notify.
+    let hello = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
+    for (sent, bound) in [(&b""[..], Duration::from_secs(1)), (&hello[..], Duration::from_secs(2))] {
+        let started = std::time::Instant::now();
+        let mut client = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{tls_port}"), "-alpn", "h2", "-quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its stdin stays open: only the router can end the connection.
+        let mut stdin = client.stdin.take().unwrap();
+        stdin.write_all(sent).unwrap();
+        eventually(10, "openssl s_client to end", || client.try_wait().unwrap());
+        let took = started.elapsed();
+        let mut stdout = Vec::new();
+        client.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+        let mut stderr = String::new();
+        client.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!(stdout.get(3), Some(&4), "a SETTINGS frame first: {stdout:02x?}");
+        assert!(stderr.contains("unexpected eof while reading"), "{stderr}");
+        assert!(took >= bound && took < bound + Duration::from_millis(1500), "{sent:?}: closed after {took:?}");
+        drop(stdin);
+    }
 }
 
 #[test]
