@@ -92,7 +92,9 @@ pub struct Config {
     #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Client connections one client address may hold at once, within
-    /// --max-connections (default: an eighth of it); an IPv6 client counts by
+    /// --max-connections (default: an eighth of it, but at least 64, or all of
+    /// it when it is smaller: a browser alone opens several connections per
+    /// site, and several people may share an address); an IPv6 client counts by
     /// its /64, which a client usually holds whole. Beyond it a new connection
     /// from that address is closed at once, while other addresses keep being
     /// served. Loopback is not exempt: behind a tunnel or CDN connector on
@@ -117,6 +119,9 @@ pub struct Config {
     #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
+
+/// The least default share of the connections one client address gets.
+const MIN_DEFAULT_PER_IP: usize = 64;
 
 /// The bounds on what one client connection may hold, and on how many there are.
 #[derive(Debug, Clone, Copy)]
@@ -144,9 +149,30 @@ impl Config {
             max_connections: self.max_connections as usize,
             max_connections_per_ip: self
                 .max_connections_per_ip
-                .map_or((self.max_connections as usize / 8).max(1), |n| n as usize)
+                .map_or((self.max_connections as usize / 8).max(MIN_DEFAULT_PER_IP), |n| n as usize)
                 .min(self.max_connections as usize),
             h2_max_streams: self.h2_max_streams,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn per_ip(args: &[&str]) -> usize {
+        Config::try_parse_from([&["nx-router"], args].concat()).unwrap().limits().max_connections_per_ip
+    }
+
+    #[test]
+    fn the_default_share_per_address_is_an_eighth_of_the_cap_within_bounds() {
+        assert_eq!(per_ip(&[]), 512);
+        assert_eq!(per_ip(&["--max-connections", "20000"]), 2500);
+        assert_eq!(per_ip(&["--max-connections", "100"]), 64);
+        assert_eq!(per_ip(&["--max-connections", "12"]), 12);
+        assert_eq!(per_ip(&["--max-connections", "100", "--max-connections-per-ip", "5"]), 5);
+        assert_eq!(per_ip(&["--max-connections", "100", "--max-connections-per-ip", "500"]), 100);
+        assert!(Config::try_parse_from(["nx-router", "--max-connections-per-ip", "0"]).is_err());
     }
 }
