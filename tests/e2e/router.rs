@@ -1,5 +1,7 @@
-//! nx-router: forwarding headers, hop-by-hop headers, WebSocket, server-sent
-//! events, streamed bodies, error pages, TLS with HTTP/2, its state file, and
+//! nx-router: forwarding headers, hop-by-hop headers, headers named with `_`
+//! and absolute-form targets, WebSocket, server-sent events, streamed bodies,
+//! error pages, TLS with HTTP/2 and its bounds, the bounds on slow clients and
+//! silent apps, each address's share of the connections, its state file, and
 //! zero failed requests through promotions, rollbacks and router reloads.
 
 use std::io::{BufRead, BufReader, Read, Write};
