@@ -55,25 +55,59 @@ pub struct Config {
     /// headers), counted from the connection's start for its first request and
     /// from the first byte for a kept-alive one; a total, not a per-byte wait.
     /// A head still incomplete then gets 408 and its connection is closed.
+    /// An HTTP/2 connection must send its preface within it (from the
+    /// connection's start) or is closed.
     #[arg(long, env = "NX_ROUTER_REQUEST_HEAD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub request_head_timeout: Duration,
-    /// Time a kept-alive client connection may wait for its next request, and
-    /// the longest a client may leave the router's reads of its body or writes
-    /// of its response unserved.
+    /// Time a kept-alive client connection (an HTTP/2 one with no stream
+    /// open too) may wait for its next request, and the longest a client may
+    /// leave the router's reads of its body (then 408) or writes of its
+    /// response unserved; a WebSocket tunnel silent both ways that long ends.
     #[arg(long, env = "NX_ROUTER_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub client_idle_timeout: Duration,
+    /// Time a client has to send a whole request body, counted from the end
+    /// of its head; a total, not a per-read wait (each read is also bounded by
+    /// --client-idle-timeout). A body still incomplete then gets 408 and its
+    /// connection is closed: a client trickling a byte now and then cannot
+    /// hold a connection for longer. On HTTP/2 (whose body reads pingora
+    /// does not bound) a body still arriving after it is cut at its next
+    /// chunk with 408, and its stream ends. Raise it for apps taking large
+    /// uploads over slow links.
+    #[arg(long, env = "NX_ROUTER_REQUEST_BODY_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
     /// Time an app has to start its response (its status line and headers)
     /// once the request is sent; then the client gets a 504 page. Each write of
-    /// a request to an app is bounded by it too.
+    /// a request to an app is bounded by it too, and so is each wait for the
+    /// next bytes of a response body (as nginx's proxy_read_timeout): a body
+    /// left silent that long is cut and its connection closed, so server-sent
+    /// events need a heartbeat more often than that.
     #[arg(long, env = "NX_ROUTER_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub upstream_response_timeout: Duration,
     /// Client connections served at once, over every listener and worker;
     /// beyond it a new connection is closed at once (the client reads the end
-    /// of the stream) and the open ones keep being served. Each takes up to two
-    /// descriptors (client and app): the router raises its open-file limit to
+    /// of the stream) and the open ones keep being served. Each takes a
+    /// descriptor and one per app connection it holds (one for HTTP/1, up to
+    /// --h2-max-streams for HTTP/2): the router raises its open-file limit to
     /// fit, and warns when the hard limit is too low.
     #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Client connections one client address may hold at once, within
+    /// --max-connections (default: an eighth of it, but at least 64, or all of
+    /// it when it is smaller: a browser alone opens several connections per
+    /// site, and several people may share an address); an IPv6 client counts by
+    /// its /64, which a client usually holds whole. Beyond it a new connection
+    /// from that address is closed at once, while other addresses keep being
+    /// served. Loopback is not exempt: behind a tunnel or CDN connector on
+    /// this host every client shares its address, so raise this to
+    /// --max-connections there.
+    #[arg(long, env = "NX_ROUTER_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: Option<u32>,
+    /// Streams one HTTP/2 client connection may have open at once; beyond it
+    /// a new stream is refused (RST_STREAM REFUSED_STREAM, which clients retry
+    /// once one ends). Each open stream may hold an app connection: the
+    /// router's open-file need counts this many per connection when HTTPS is on.
+    #[arg(long, env = "NX_ROUTER_H2_MAX_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_streams: u32,
     /// Once its sockets, control socket and TLS key are open, become this
     /// user (and its group, without supplementary groups); the state file is
     /// then read and written as this user. Without it the router keeps its
@@ -86,6 +120,9 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// The least default share of the connections one client address gets.
+const MIN_DEFAULT_PER_IP: usize = 64;
+
 /// The bounds on what one client connection may hold, and on how many there are.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -94,7 +131,10 @@ pub struct Limits {
     pub client_idle: Duration,
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
+    pub request_body: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub h2_max_streams: u32,
 }
 
 impl Config {
@@ -105,7 +145,34 @@ impl Config {
             client_idle: self.client_idle_timeout,
             upstream_connect: Duration::from_secs(self.connect_timeout_secs),
             upstream_response: self.upstream_response_timeout,
+            request_body: self.request_body_timeout,
             max_connections: self.max_connections as usize,
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .map_or((self.max_connections as usize / 8).max(MIN_DEFAULT_PER_IP), |n| n as usize)
+                .min(self.max_connections as usize),
+            h2_max_streams: self.h2_max_streams,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn per_ip(args: &[&str]) -> usize {
+        Config::try_parse_from([&["nx-router"], args].concat()).unwrap().limits().max_connections_per_ip
+    }
+
+    #[test]
+    fn the_default_share_per_address_is_an_eighth_of_the_cap_within_bounds() {
+        assert_eq!(per_ip(&[]), 512);
+        assert_eq!(per_ip(&["--max-connections", "20000"]), 2500);
+        assert_eq!(per_ip(&["--max-connections", "100"]), 64);
+        assert_eq!(per_ip(&["--max-connections", "12"]), 12);
+        assert_eq!(per_ip(&["--max-connections", "100", "--max-connections-per-ip", "5"]), 5);
+        assert_eq!(per_ip(&["--max-connections", "100", "--max-connections-per-ip", "500"]), 100);
+        assert!(Config::try_parse_from(["nx-router", "--max-connections-per-ip", "0"]).is_err());
     }
 }

@@ -91,10 +91,37 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The authority of an absolute-form request target (`GET http://host/path`),
+/// which pingora keeps in the raw target only (its `Uri` holds the path).
+fn target_authority(raw: &[u8]) -> Option<&str> {
+    let raw = std::str::from_utf8(raw).ok()?;
+    let (scheme, rest) = raw.split_once("://")?;
+    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
+        return None;
+    }
+    Some(rest.split(['/', '?', '#']).next().unwrap_or_default())
+}
+
+/// The host a request is routed by: its Host header, else the authority of
+/// an absolute-form target (pingora refuses the two when they differ), else
+/// the URI's (HTTP/2's `:authority`).
 fn request_host(req: &RequestHeader) -> String {
-    let raw =
-        req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host()).unwrap_or_default();
+    let raw = req
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| target_authority(req.raw_path()))
+        .or_else(|| req.uri.host())
+        .unwrap_or_default();
     normalize_host(raw)
+}
+
+/// Whether a header name holds `_`: many frameworks fold `_` and `-`
+/// together (CGI, WSGI, Rack, PHP), so `X_Real_IP` would reach them as the
+/// `X-Real-IP` the router sets. Dropped, as nginx's `underscores_in_headers
+/// off` does.
+fn has_underscore(name: &HeaderName) -> bool {
+    name.as_str().contains('_')
 }
 
 /// 128 random bits in lowercase hex.
@@ -178,13 +205,25 @@ impl Exchange {
 
     /// Turns the client's request header into the one the upstream gets:
     /// hop-by-hop headers out (and those the client named in `Connection`),
-    /// the client's claims of where it came from out, the router's forwarding
-    /// headers and request id in. `Connection` and
-    /// `Upgrade` stay only for an upgrade, so upstream connections are kept
-    /// alive whatever the client asked for its own connection.
+    /// the client's claims of where it came from out (headers whose names hold
+    /// `_` too), the router's forwarding headers and request id in. `Connection`
+    /// and `Upgrade` stay only for an upgrade, so upstream connections are kept
+    /// alive whatever the client asked for its own connection. An absolute-form
+    /// target is sent in origin-form, with the Host the request was routed by:
+    /// an app reading the target's host could otherwise see another one.
     pub fn rewrite_request(&self, upstream: &mut RequestHeader, client: &Client) -> pingora::Result<()> {
         let upgrade = is_upgrade(upstream);
+        if target_authority(upstream.raw_path()).is_some() {
+            let origin = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+            let origin = http::Uri::try_from(origin)
+                .map_err(|e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "request target", e))?;
+            upstream.set_uri(origin);
+        }
+        if !upstream.headers.contains_key(header::HOST) {
+            upstream.insert_header(header::HOST, self.host.as_str())?;
+        }
         let mut gone = hop_by_hop(&upstream.headers);
+        gone.extend(upstream.headers.keys().filter(|k| has_underscore(k)).cloned());
         if upstream.headers.contains_key(header::CONNECTION) {
             gone.extend(
                 upstream
@@ -359,6 +398,43 @@ mod tests {
         for gone in ["x-forwarded-for", "x-real-ip", CLIENT_REQUEST_ID] {
             assert!(req.headers.get(gone).is_none(), "{gone}");
         }
+    }
+
+    #[test]
+    fn headers_named_with_underscores_never_reach_the_app() {
+        let mut req = request(&[
+            ("x_forwarded_for", "10.0.0.1"),
+            ("X_Real_IP", "10.0.0.2"),
+            ("x_forwarded_host", "admin.example"),
+            ("x-kept", "yes"),
+        ]);
+        exchange().rewrite_request(&mut req, &Client::new(Some("192.0.2.7".parse().unwrap()), false)).unwrap();
+        let mut names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-kept", "x-real-ip", REQUEST_ID]
+        );
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_routed_by_its_host_and_sent_in_origin_form() {
+        let req = RequestHeader::build("GET", b"http://App.LocalHost:8080/p?q=1", None).unwrap();
+        assert_eq!(request_host(&req), "app.localhost");
+        let mut up = req.clone();
+        exchange().rewrite_request(&mut up, &Client::new(None, false)).unwrap();
+        assert_eq!(up.raw_path(), b"/p?q=1");
+        assert_eq!(up.headers.get("host").unwrap(), "app.localhost");
+        assert_eq!(up.headers.get("x-forwarded-host").unwrap(), "app.localhost");
+        // The Host header is routed by (pingora refuses a target that names another).
+        let mut with_host = RequestHeader::build("GET", b"https://app.localhost/", None).unwrap();
+        with_host.insert_header("host", "app.localhost").unwrap();
+        assert_eq!(request_host(&with_host), "app.localhost");
+        exchange().rewrite_request(&mut with_host, &Client::new(None, true)).unwrap();
+        assert_eq!(with_host.raw_path(), b"/");
+        assert_eq!(with_host.headers.get_all("host").iter().count(), 1);
+        assert_eq!(target_authority(b"/plain"), None);
+        assert_eq!(target_authority(b"ftp://x/"), None);
     }
 
     #[test]

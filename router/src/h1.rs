@@ -184,7 +184,16 @@ impl H1 {
                 }
                 (false, Some(e))
             }
-            Err(Failure::Client(e)) => (false, Some(e)),
+            Err(Failure::Client(e)) => {
+                // A body too slow (in total or in one read): told so, as a
+                // late head is, when nothing was answered yet.
+                if down.response_written().is_none() && e.etype() == &pingora::ErrorType::ReadTimedout {
+                    if let Ok(resp) = refusal(408) {
+                        let _ = down.write_response_header(resp).await;
+                    }
+                }
+                (false, Some(e))
+            }
         };
         let status = down.response_written().map_or(0, |r| r.status.as_u16());
         ex.log(down.req_header(), status, error.map(|e| e.to_string()));
@@ -232,7 +241,7 @@ impl H1 {
         let timeout = self.limits.upstream_response;
         let mut up = upstream_session(conn.stream, timeout);
         let req = Self::upstream_request(down, ex, client, has_body)?;
-        match send(down, &mut up, req, has_body, timeout).await {
+        match send(down, &mut up, req, has_body, &self.limits).await {
             Ok(()) => {}
             // A kept-alive connection the app closed (just as it was taken,
             // or without the pool noticing): an idempotent request without a
@@ -250,7 +259,7 @@ impl H1 {
                 conn.fd = fresh.fd;
                 up = upstream_session(fresh.stream, timeout);
                 let req = Self::upstream_request(down, ex, client, has_body)?;
-                send(down, &mut up, req, has_body, timeout).await?;
+                send(down, &mut up, req, has_body, &self.limits).await?;
             }
             Err(e) => return Err(e),
         }
@@ -283,6 +292,9 @@ impl H1 {
             tunnel(down, &mut up).await?;
             return Ok(false);
         }
+        // An app that starts a body and then goes silent would hold the
+        // client's connection (and its descriptors) for ever.
+        up.read_timeout = Some(timeout);
         while let Some(chunk) = up.read_body_bytes().await.map_err(Failure::Upstream)? {
             down.write_body(&chunk).await.map_err(Failure::Client)?;
         }
@@ -316,27 +328,38 @@ fn upstream_session(stream: Stream, timeout: Duration) -> Upstream {
 }
 
 /// Sends the request (header and body) and reads the response header,
-/// skipping interim 1xx answers other than 101. The whole response header
-/// (interim answers included) must arrive within `timeout` of the request's
-/// end; the response body is not bounded (server-sent events idle for long).
+/// skipping interim 1xx answers other than 101. The whole body must arrive
+/// within the request body timeout; the whole response header (interim
+/// answers included) within the upstream response timeout of the request's end.
 async fn send(
     down: &mut Downstream,
     up: &mut Upstream,
     req: Box<RequestHeader>,
     has_body: bool,
-    timeout: Duration,
+    limits: &Limits,
 ) -> Result<(), Failure> {
     let continue_first = has_body && expects_continue(down.req_header());
     up.write_request_header(req).await.map_err(Failure::Upstream)?;
     if has_body {
-        if continue_first {
-            down.write_continue_response().await.map_err(Failure::Client)?;
-        }
-        while let Some(chunk) = down.read_body_bytes().await.map_err(Failure::Client)? {
-            up.write_body(&chunk).await.map_err(Failure::Upstream)?;
-        }
+        let body_due = Instant::now() + limits.request_body;
+        let body = async {
+            if continue_first {
+                down.write_continue_response().await.map_err(Failure::Client)?;
+            }
+            while let Some(chunk) = down.read_body_bytes().await.map_err(Failure::Client)? {
+                up.write_body(&chunk).await.map_err(Failure::Upstream)?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout_at(body_due, body).await.unwrap_or_else(|_| {
+            Err(Failure::Client(pingora::Error::explain(
+                pingora::ErrorType::ReadTimedout,
+                format!("request body not complete within {:?}", limits.request_body),
+            )))
+        })?;
     }
     up.finish_body().await.map_err(Failure::Upstream)?;
+    let timeout = limits.upstream_response;
     let head = async {
         loop {
             up.read_response().await.map_err(Failure::Upstream)?;
@@ -355,6 +378,9 @@ async fn send(
 }
 
 /// After a 101: bytes both ways as they come, until the app's side ends.
+/// The client's end ends it too (pingora then closes the app's side), and so
+/// does silence both ways for the client idle timeout: each wait for the
+/// client is a read bounded by it, started anew whenever either side moves.
 async fn tunnel(down: &mut Downstream, up: &mut Upstream) -> Result<(), Failure> {
     up.maybe_upgrade_body_writer();
     let mut client_open = true;
@@ -400,7 +426,7 @@ async fn write_page(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
@@ -457,7 +483,7 @@ mod tests {
     }
 
     /// An app on a port of its own that hands every connection to `serve`.
-    async fn serving<F, Fut>(serve: F) -> SocketAddr
+    pub(crate) async fn serving<F, Fut>(serve: F) -> SocketAddr
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -485,13 +511,16 @@ mod tests {
     }
 
     /// Generous bounds: no test but those of the bounds reaches them.
-    const LIMITS: Limits = Limits {
+    pub(crate) const LIMITS: Limits = Limits {
         tls_handshake: Duration::from_secs(10),
         request_head: Duration::from_secs(20),
         client_idle: Duration::from_secs(60),
         upstream_connect: Duration::from_secs(2),
         upstream_response: Duration::from_secs(60),
+        request_body: Duration::from_secs(300),
         max_connections: 1024,
+        max_connections_per_ip: 1024,
+        h2_max_streams: 16,
     };
 
     /// A router (HTTP/1 path only) routing app.localhost to `upstream`.
@@ -814,48 +843,73 @@ mod tests {
         assert_eq!(rest, b"");
     }
 
-    #[tokio::test]
-    async fn beyond_the_connection_cap_new_connections_are_closed_and_open_ones_served() {
+    /// The router's whole accept path (caps included) on a port of its own,
+    /// routing app.localhost to `app`, with these bounds, over TLS with this
+    /// acceptor if any.
+    pub(crate) async fn listening(
+        limits: Limits,
+        app: SocketAddr,
+        tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+    ) -> (SocketAddr, Arc<crate::listener::Connections>, tempfile::TempDir, watch::Sender<bool>) {
         use crate::listener::{serve, Connections, Proxies};
-        let (app, _) = app(usize::MAX).await;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Live { addr: app } };
         store.replace(RouteTable { generation: 1, routes: [("app.localhost".into(), route)].into() }).unwrap();
-        let cap = 3;
-        let limits = Limits { max_connections: cap, ..LIMITS };
         let draining = Arc::new(AtomicBool::new(false));
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
         let conf = Arc::new(pingora::server::configuration::ServerConf::default());
         let h2 = crate::proxy::Router::new(store.clone(), limits, Duration::from_secs(60), draining.clone());
         let proxies = Proxies {
             h1: Arc::new(H1::new(store, pool, draining.clone(), limits)),
-            h2: Arc::new(pingora::proxy::http_proxy(&conf, h2)),
+            h2: Arc::new(crate::h2::proxy(&conf, h2, &limits)),
         };
-        let connections = Connections::new(draining, cap);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, stop) = watch::channel(false);
-        tokio::spawn(serve(listener, None, limits.tls_handshake, proxies, connections.clone(), stop));
+        let connections = Connections::new(draining, limits.max_connections, limits.max_connections_per_ip);
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(serve(listener, tls, limits, proxies, connections.clone(), stop));
+        (addr, connections, dir, stop_tx)
+    }
+
+    /// Waits until the router counts `n` open connections.
+    async fn until_open(connections: &crate::listener::Connections, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while connections.open() != n {
+            assert!(Instant::now() < deadline, "{} connections open, not {n}", connections.open());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A new connection to `addr` from `from`: the router must close it at
+    /// once, having read nothing and answered nothing.
+    async fn refused_from(from: std::net::IpAddr, addr: SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let mut extra = socket.connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut got))
+            .await
+            .expect("a connection beyond the cap is closed at once")
+            .unwrap();
+        assert_eq!(got, b"");
+    }
+
+    #[tokio::test]
+    async fn beyond_the_connection_cap_new_connections_are_closed_and_open_ones_served() {
+        let (app, _) = app(usize::MAX).await;
+        let cap = 3;
+        let (addr, connections, _dir, _stop) =
+            listening(Limits { max_connections: cap, max_connections_per_ip: cap, ..LIMITS }, app, None).await;
 
         let mut held = Vec::new();
         for _ in 0..cap {
             held.push(TcpStream::connect(addr).await.unwrap());
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while connections.open() < cap {
-            assert!(Instant::now() < deadline, "the held connections were not all accepted");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_open(&connections, cap).await;
         // Beyond the cap: closed at once, nothing read, nothing answered.
         for _ in 0..2 {
-            let mut extra = TcpStream::connect(addr).await.unwrap();
-            let mut got = Vec::new();
-            tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut got))
-                .await
-                .expect("a connection beyond the cap is closed at once")
-                .unwrap();
-            assert_eq!(got, b"");
+            refused_from([127, 0, 0, 1].into(), addr).await;
         }
         assert_eq!(connections.open(), cap);
         // The open ones are served, and keep being.
@@ -871,5 +925,153 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(served(addr, "app.localhost").await.starts_with("http/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_and_another_address_is_still_served() {
+        let (app, _) = app(usize::MAX).await;
+        let share = 2;
+        let (addr, connections, _dir, _stop) =
+            listening(Limits { max_connections: 10, max_connections_per_ip: share, ..LIMITS }, app, None).await;
+        let mut held = Vec::new();
+        for _ in 0..share {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        until_open(&connections, share).await;
+        // The third from 127.0.0.1 is closed at once, though the cap is far.
+        refused_from([127, 0, 0, 1].into(), addr).await;
+        assert_eq!(connections.open(), share);
+        // Another address is served meanwhile, and so are the held ones.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+        let mut other = socket.connect(addr).await.unwrap();
+        other.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        let answer = read_response(&mut other).await;
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-forwarded-for: 127.0.0.2"), "{answer}");
+        for client in &mut held {
+            client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+            assert!(read_response(client).await.starts_with("http/1.1 200"));
+        }
+        // One closed, 127.0.0.1 gets a place again.
+        drop(held.pop());
+        until_open(&connections, share).await;
+        assert!(served(addr, "app.localhost").await.starts_with("http/1.1 200"));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        use crate::listener::client_key;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(client_key(ip("2001:db8:1:2:ffff:1:2:3")), ip("2001:db8:1:2::"));
+        assert_ne!(client_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_key(ip("192.0.2.7")), ip("192.0.2.7"));
+    }
+
+    #[tokio::test]
+    async fn a_request_body_sent_slowly_gets_408_at_the_body_deadline() {
+        let (app, seen) = app(usize::MAX).await;
+        let deadline = Duration::from_millis(800);
+        let (addr, _dir) = router_with(Limits { request_body: deadline, ..LIMITS }, &[("app.localhost", app)]).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /up HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100\r\n\r\n").await.unwrap();
+        let started = Instant::now();
+        let (mut reader, mut writer) = slow.split();
+        // A byte every 100 ms: each read is well within the idle timeout.
+        let drip = async {
+            for _ in 0..100 {
+                if writer.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let mut answer = Vec::new();
+        let cut = async {
+            let _ = reader.read_to_end(&mut answer).await;
+            started.elapsed()
+        };
+        let elapsed = tokio::select! {
+            () = drip => unreachable!(),
+            elapsed = cut => elapsed,
+        };
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
+        assert!(answer.contains("\r\nConnection: close\r\n") && answer.ends_with("\r\n\r\n"), "{answer}");
+        assert!(elapsed >= deadline && elapsed < deadline + Duration::from_millis(300), "{elapsed:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "the app never got a whole request");
+    }
+
+    #[tokio::test]
+    async fn an_app_silent_in_the_middle_of_its_body_is_cut_at_the_response_timeout() {
+        let app = serving(|mut s| async move {
+            let _ = read_request(&mut s).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial").await;
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await;
+        let timeout = Duration::from_millis(700);
+        let (addr, _dir) =
+            router_with(Limits { upstream_response: timeout, ..LIMITS }, &[("app.localhost", app)]).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+            .await
+            .expect("the router closes the connection")
+            .unwrap();
+        let elapsed = started.elapsed();
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(got.starts_with("http/1.1 200") && got.ends_with("\r\n\r\npartial"), "{got}");
+        assert!(elapsed >= timeout && elapsed < timeout + Duration::from_millis(300), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_idle_both_ways_is_closed_at_the_idle_timeout() {
+        // Switches protocols, then never sends a byte nor closes.
+        let app = serving(|mut s| async move {
+            let _ = read_request(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .await;
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let idle = Duration::from_millis(700);
+        let (addr, _dir) = router_with(Limits { client_idle: idle, ..LIMITS }, &[("app.localhost", app)]).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+        // Traffic keeps the tunnel: a byte every half idle timeout.
+        for _ in 0..4 {
+            tokio::time::sleep(idle / 2).await;
+            client.write_all(b"x").await.unwrap();
+        }
+        // Both sides silent: closed at the idle timeout.
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel ends")
+            .unwrap();
+        let elapsed = started.elapsed();
+        let rest = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+        assert!(rest.ends_with("\r\n\r\n"), "nothing after the 101's head: {rest}");
+        assert!(
+            elapsed >= idle - Duration::from_millis(50) && elapsed < idle + Duration::from_millis(300),
+            "{elapsed:?}"
+        );
     }
 }

@@ -26,6 +26,7 @@ pub mod confine;
 pub mod control;
 pub mod exchange;
 pub mod h1;
+pub mod h2;
 pub mod listener;
 pub mod pages;
 pub mod pool;

@@ -10,19 +10,20 @@
 //! exits when its last connection is gone (or after the drain timeout, when
 //! only idle connections are left).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pingora::apps::ServerApp;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, ALPN};
 use pingora::proxy::HttpProxy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::Limits;
 use crate::exchange::Client;
 use crate::h1::H1;
 use crate::proxy::Router;
@@ -50,12 +51,29 @@ impl Source {
     }
 }
 
-/// Live connections, their cap, and the signals that end them.
+/// The client a connection is counted against: its IPv4 address (an
+/// IPv4-mapped IPv6 one too), or the /64 of an IPv6 address, as a client
+/// usually holds a whole /64 and could take one address per connection.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Live connections, their caps, and the signals that end them.
 #[derive(Debug)]
 pub struct Connections {
     open: AtomicUsize,
     /// Connections served at once; beyond it new ones are closed at once.
     max: usize,
+    /// Connections open per client (see [`client_key`]); absent at zero.
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections one client may hold at once.
+    max_per_client: usize,
     /// The second a refusal was last logged: one line per second at most,
     /// whatever the flood.
     refusal_logged: AtomicU64,
@@ -69,12 +87,14 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(draining: Arc<AtomicBool>, max: usize) -> Arc<Connections> {
+    pub fn new(draining: Arc<AtomicBool>, max: usize, max_per_client: usize) -> Arc<Connections> {
         let (shutdown, _) = watch::channel(false);
         let (done, _) = watch::channel(false);
         Arc::new(Connections {
             open: AtomicUsize::new(0),
             max,
+            per_client: Mutex::new(HashMap::new()),
+            max_per_client,
             refusal_logged: AtomicU64::new(0),
             draining,
             shutdown,
@@ -87,19 +107,35 @@ impl Connections {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Counts a new connection in, unless the cap is reached: then None, and
-    /// the caller closes it. Counted first and checked after, so connections
-    /// accepted at once on several workers cannot pass the cap together.
+    /// Counts a new connection in, unless the cap or its client's share is
+    /// reached: then None, and the caller closes it. Counted first and checked
+    /// after, so connections accepted at once on several workers cannot pass
+    /// the cap together.
     fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Guard> {
-        if self.open.fetch_add(1, Ordering::Relaxed) < self.max {
-            return Some(Guard(self.clone()));
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.refused(peer, "connection cap reached: new connections are closed");
+            return None;
         }
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        let client = client_key(peer.ip());
+        let mut per_client = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let held = per_client.entry(client).or_insert(0);
+        if *held >= self.max_per_client {
+            drop(per_client);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.refused(peer, "a client address holds its share of the connections: its new ones are closed");
+            return None;
+        }
+        *held += 1;
+        Some(Guard { connections: self.clone(), client })
+    }
+
+    /// Logs a refusal: one line per second at most, whatever the flood.
+    fn refused(&self, peer: SocketAddr, what: &str) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if self.refusal_logged.swap(now, Ordering::Relaxed) != now {
-            tracing::warn!(max = self.max, %peer, "connection cap reached: new connections are closed");
+            tracing::warn!(max = self.max, max_per_client = self.max_per_client, %peer, "{what}");
         }
-        None
     }
 
     /// A receiver that turns true when the drain is over.
@@ -135,12 +171,27 @@ impl Connections {
     }
 }
 
-struct Guard(Arc<Connections>);
+/// One admitted connection: counted out of the total and its client's share
+/// when dropped.
+struct Guard {
+    connections: Arc<Connections>,
+    client: IpAddr,
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.changed.notify_waiters();
+        let c = &self.connections;
+        {
+            let mut per_client = c.per_client.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = per_client.get_mut(&self.client) {
+                *held -= 1;
+                if *held == 0 {
+                    per_client.remove(&self.client);
+                }
+            }
+        }
+        c.open.fetch_sub(1, Ordering::Relaxed);
+        c.changed.notify_waiters();
     }
 }
 
@@ -159,11 +210,12 @@ impl std::fmt::Debug for Proxies {
 }
 
 /// Accepts connections until `stop` turns true, handing each to its proxy;
-/// a TLS handshake must end within `tls_handshake`.
+/// a TLS handshake must end within the TLS handshake timeout, an HTTP/2
+/// preface within the request head deadline of the connection's start.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Acceptor>>,
-    tls_handshake: Duration,
+    limits: Limits,
     proxies: Proxies,
     connections: Arc<Connections>,
     mut stop: watch::Receiver<bool>,
@@ -187,6 +239,7 @@ pub async fn serve(
         let proxies = proxies.clone();
         let tls = tls.clone();
         let shutdown = connections.shutdown.subscribe();
+        let head_due = tokio::time::Instant::now() + limits.request_head;
         tokio::spawn(async move {
             let _guard = guard;
             let _ = tcp.set_nodelay(true);
@@ -198,9 +251,10 @@ pub async fn serve(
                 proxies.h1.serve(Box::new(stream), Client::new(Some(peer.ip()), false), shutdown).await;
                 return;
             };
+            let tls_handshake = limits.tls_handshake;
             match tokio::time::timeout(tls_handshake, acceptor.tls_handshake(stream)).await {
                 Ok(Ok(s)) if s.selected_alpn_proto() == Some(ALPN::H2) => {
-                    proxies.h2.process_new(Box::new(s), &shutdown).await;
+                    crate::h2::serve(&proxies.h2, Box::new(s), head_due, &shutdown).await;
                 }
                 Ok(Ok(s)) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -105,6 +106,26 @@ impl ProxyHttp for Router {
         match ctx {
             Some(ex) => ex.rewrite_request(upstream, &Client::new(client_ip, tls)),
             None => Ok(()),
+        }
+    }
+
+    /// pingora reads an HTTP/2 request body with no deadline (its h2
+    /// session has no read timeout): a body still arriving after the request
+    /// body timeout is cut at its next chunk with 408. (A client that sends
+    /// nothing more waits for the app, whose response head is bounded.)
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Option<Exchange>,
+    ) -> pingora::Result<()> {
+        match ctx {
+            Some(ex) if !end_of_stream && ex.started.elapsed() > self.limits.request_body => pingora::Error::e_explain(
+                pingora::ErrorType::HTTPStatus(408),
+                format!("request body not complete within {:?}", self.limits.request_body),
+            ),
+            _ => Ok(()),
         }
     }
 

@@ -49,11 +49,14 @@ fn open_sockets(config: &Config) -> anyhow::Result<Sockets> {
 const SPARE_FILES: u64 = 64;
 
 /// Raises the soft open-file limit to the hard one, so `max_connections`
-/// connections (a client and an app descriptor each) fit; warns when even
-/// the hard limit is too low, as accept then fails before the cap is reached.
-fn raise_open_files(max_connections: usize) {
+/// connections fit: each a client descriptor and its app connections, one
+/// for HTTP/1, up to `--h2-max-streams` for HTTP/2 (when HTTPS is on). Warns
+/// when even the hard limit is too low, as accept then fails before the cap
+/// is reached.
+fn raise_open_files(limits: &Limits, https: bool) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let needed = 2 * max_connections as u64 + SPARE_FILES;
+    let upstreams = if https { u64::from(limits.h2_max_streams.max(1)) } else { 1 };
+    let needed = (1 + upstreams) * limits.max_connections as u64 + SPARE_FILES;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
     if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
         tracing::warn!(soft, hard, "cannot raise the open-file limit");
@@ -62,7 +65,7 @@ fn raise_open_files(max_connections: usize) {
         tracing::warn!(
             hard,
             needed,
-            "the open-file limit is lower than --max-connections needs; lower --max-connections or raise the limit"
+            "the open-file limit is lower than --max-connections needs; lower --max-connections (or --h2-max-streams) or raise the limit"
         );
     }
 }
@@ -90,10 +93,10 @@ fn worker(
         None => None,
     };
     let pool = Arc::new(Pool::new(h1.limits.upstream_connect, h1.idle_timeout));
-    let tls_handshake = h1.limits.tls_handshake;
+    let limits = h1.limits;
     let proxies = Proxies {
         h1: Arc::new(H1::new(h1.store, pool.clone(), h1.draining, h1.limits)),
-        h2: Arc::new(pingora::proxy::http_proxy(conf, router)),
+        h2: Arc::new(crate::h2::proxy(conf, router, &limits)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     Ok(std::thread::Builder::new().name("nx-router-worker".into()).spawn(move || {
@@ -108,21 +111,14 @@ fn worker(
             });
             let mut loops = tokio::task::JoinSet::new();
             if let Ok(l) = tokio::net::TcpListener::from_std(http) {
-                loops.spawn(listener::serve(
-                    l,
-                    None,
-                    tls_handshake,
-                    proxies.clone(),
-                    connections.clone(),
-                    stop.clone(),
-                ));
+                loops.spawn(listener::serve(l, None, limits, proxies.clone(), connections.clone(), stop.clone()));
             }
             if let Some((socket, acceptor)) = tls {
                 if let Ok(l) = tokio::net::TcpListener::from_std(socket) {
                     loops.spawn(listener::serve(
                         l,
                         Some(acceptor),
-                        tls_handshake,
+                        limits,
                         proxies.clone(),
                         connections.clone(),
                         stop.clone(),
@@ -154,7 +150,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let control_listener = control::bind(&config.control)
         .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
     let limits = config.limits();
-    raise_open_files(limits.max_connections);
+    raise_open_files(&limits, sockets.tls.is_some());
     // Before any worker thread exists; the filter would reach them anyway.
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
@@ -175,7 +171,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let router = Router::new(store.clone(), limits, h1.idle_timeout, draining.clone());
     let conf = Arc::new(ServerConf::default());
-    let connections = Connections::new(draining, limits.max_connections);
+    let connections = Connections::new(draining, limits.max_connections, limits.max_connections_per_ip);
     let (stop_accepting, stop_rx) = watch::channel(false);
     let workers = (0..threads)
         .map(|_| worker(&sockets, &conf, router.clone(), h1.clone(), connections.clone(), stop_rx.clone()))

@@ -1,5 +1,7 @@
-//! nx-router: forwarding headers, hop-by-hop headers, WebSocket, server-sent
-//! events, streamed bodies, error pages, TLS with HTTP/2, its state file, and
+//! nx-router: forwarding headers, hop-by-hop headers, headers named with `_`
+//! and absolute-form targets, WebSocket, server-sent events, streamed bodies,
+//! error pages, TLS with HTTP/2 and its bounds, the bounds on slow clients and
+//! silent apps, each address's share of the connections, its state file, and
 //! zero failed requests through promotions, rollbacks and router reloads.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -91,6 +93,48 @@ fn forwarding_headers_request_ids_and_hop_by_hop_headers() {
             format!("x-request-id: {id}"),
         ]
     );
+}
+
+#[test]
+fn underscored_headers_are_dropped_and_absolute_targets_reach_the_app_in_origin_form() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let host = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let name = host.split(':').next().unwrap();
+    let app_saw = |request: String| {
+        let answer = raw(r.router_port, &request);
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+        body.lines().map(str::to_ascii_lowercase).filter(|l| !l.starts_with("x-request-id: ")).collect::<Vec<_>>()
+    };
+    // Without Host: routed by the target's host, which the app gets as Host
+    // and X-Forwarded-Host; the target arrives in origin-form. Headers named
+    // with `_` (which Go, CGI and others fold into their `-` twins) are gone.
+    let seen = app_saw(format!(
+        "GET http://{host}/headers?x=1 HTTP/1.1\r\nX_Forwarded_For: 10.0.0.1\r\nX_Real_IP: 10.0.0.2\r\n\
+         X-Forwarded_Host: admin.example\r\nConnection: close\r\n\r\n"
+    ));
+    assert_eq!(
+        seen,
+        [
+            format!("host: {name}"),
+            "uri: /headers?x=1".into(),
+            "x-forwarded-for: 127.0.0.1".into(),
+            format!("x-forwarded-host: {name}"),
+            "x-forwarded-proto: http".into(),
+            "x-real-ip: 127.0.0.1".into(),
+        ]
+    );
+    // With the same Host: origin-form too, the client's Host kept.
+    let seen = app_saw(format!("GET http://{host}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(seen[..2], [format!("host: {host}"), "uri: /headers".into()]);
+    assert!(seen.contains(&format!("x-forwarded-host: {name}")), "{seen:?}");
+    // A target naming another host than Host: refused, nothing forwarded.
+    let answer = raw(
+        r.router_port,
+        &format!("GET http://other.localhost/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
 #[test]
@@ -215,6 +259,7 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
             format!("--router-arg=--request-head-timeout={}ms", HEAD.as_millis()),
             format!("--router-arg=--upstream-response-timeout={}ms", RESPONSE.as_millis()),
             format!("--router-arg=--max-connections={CAP}"),
+            format!("--router-arg=--max-connections-per-ip={CAP}"),
         ],
         ..Options::default()
     });
@@ -292,6 +337,79 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
     std::thread::sleep(HEAD + Duration::from_millis(300));
     assert_other_served();
     drop(held);
+}
+
+/// A new TCP connection to the router from a loopback address of its own
+/// (std cannot bind a socket before it connects; tokio can).
+fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap().into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    })
+}
+
+#[test]
+fn one_client_address_gets_its_share_of_connections_and_a_slow_body_gets_408() {
+    const SHARE: usize = 3;
+    const BODY: Duration = Duration::from_secs(1);
+    let r = Receiver::start_with(Options {
+        args: vec![
+            format!("--router-arg=--max-connections-per-ip={SHARE}"),
+            format!("--router-arg=--request-body-timeout={}ms", BODY.as_millis()),
+        ],
+        ..Options::default()
+    });
+    r.create_app("web");
+    let web = host_of(goweb(&r, "web", &[])["preview_url"].as_str().unwrap());
+    let port = r.router_port;
+    let request = format!("GET /headers HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n");
+    let ask = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    // 127.0.0.1 holds its share; its next connection is closed at once.
+    let held: Vec<TcpStream> = (0..SHARE).map(|_| connect_from([127, 0, 0, 1], port)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = connect_from([127, 0, 0, 1], port);
+    extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = Vec::new();
+    extra.read_to_end(&mut got).expect("a connection beyond the share is closed at once");
+    assert_eq!(got, b"", "a connection beyond the share gets no answer");
+    // 127.0.0.2 is another client: served.
+    let answer = ask(connect_from([127, 0, 0, 2], port));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("X-Forwarded-For: 127.0.0.2"), "{answer}");
+    // The held ones are served, and once they are gone 127.0.0.1 is again.
+    for s in held {
+        assert!(ask(s).starts_with("HTTP/1.1 200"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ask(connect_from([127, 0, 0, 1], port)).starts_with("HTTP/1.1 200"));
+
+    // A body trickled a byte every 100 ms: 408 at the body deadline.
+    let mut slow = connect_from([127, 0, 0, 1], port);
+    slow.write_all(format!("POST /count HTTP/1.1\r\nHost: {web}\r\nContent-Length: 1000\r\n\r\n").as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let reader = slow.try_clone().unwrap();
+    let cut = std::thread::spawn(move || {
+        let mut answer = String::new();
+        let _ = (&reader).read_to_string(&mut answer);
+        (answer, started.elapsed())
+    });
+    while !cut.is_finished() && slow.write_all(b"x").is_ok() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (answer, took) = cut.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+    assert!(took >= BODY && took < BODY + Duration::from_millis(500), "408 after {took:?}");
 }
 
 #[test]
@@ -426,6 +544,9 @@ fn tls_terminates_with_http2() {
             "--router-tls-key".into(),
             key.display().to_string(),
             "--router-arg=--tls-handshake-timeout=1s".into(),
+            "--router-arg=--h2-max-streams=4".into(),
+            "--router-arg=--request-head-timeout=1s".into(),
+            "--router-arg=--client-idle-timeout=2s".into(),
         ],
         ..Options::default()
     });
@@ -457,6 +578,34 @@ fn tls_terminates_with_http2() {
     let waited = started.elapsed();
     assert_eq!(got, b"");
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
+    // HTTP/2 (TLS with ALPN h2, OpenSSL's client): no preface, closed at the
+    // head deadline (1 s); the preface and empty settings, then nothing,
+    // closed at the idle timeout (2 s). Either way the router sent its own
+    // SETTINGS frame first, and ended the connection without TLS close_notify.
+    let hello = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
+    for (sent, bound) in [(&b""[..], Duration::from_secs(1)), (&hello[..], Duration::from_secs(2))] {
+        let started = std::time::Instant::now();
+        let mut client = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{tls_port}"), "-alpn", "h2", "-quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its stdin stays open: only the router can end the connection.
+        let mut stdin = client.stdin.take().unwrap();
+        stdin.write_all(sent).unwrap();
+        eventually(10, "openssl s_client to end", || client.try_wait().unwrap());
+        let took = started.elapsed();
+        let mut stdout = Vec::new();
+        client.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+        let mut stderr = String::new();
+        client.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!(stdout.get(3), Some(&4), "a SETTINGS frame first: {stdout:02x?}");
+        assert!(stderr.contains("unexpected eof while reading"), "{stderr}");
+        assert!(took >= bound && took < bound + Duration::from_millis(1500), "{sent:?}: closed after {took:?}");
+        drop(stdin);
+    }
 }
 
 #[test]
