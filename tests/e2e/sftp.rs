@@ -616,16 +616,25 @@ fn a_key_revoked_mid_upload_deploys_nothing_and_serves_nothing_more() {
     runtime.block_on(async {
         let ssh = connect(&r, &alice).await;
         let sftp = raw_sftp(&ssh).await;
+        // A second connection, idle meanwhile.
+        let idle = connect(&r, &alice).await;
+        let reader = raw_sftp(&idle).await;
         let handle = create(&sftp, "web/goweb").await.unwrap();
         for (i, chunk) in goweb.chunks(32 << 10).enumerate() {
             sftp.write(handle.as_str(), (i * (32 << 10)) as u64, chunk.to_vec()).await.unwrap();
         }
         tokio::task::block_in_place(|| r.nx_ok(&["keys", "revoke", "web", &alice_id]));
         let close = sftp.close(handle.as_str()).await.map_err(refusal);
-        let revoked = "this SSH key was revoked or no longer uploads to web; nothing was deployed";
+        let revoked =
+            "this SSH key was revoked or no longer uploads to web; nothing more is read, stored or deployed with it";
         assert_eq!(close.unwrap_err(), (StatusCode::PermissionDenied, revoked.to_owned()));
         // Nothing more is served on that connection.
         let after = sftp.opendir("/").await;
+        assert!(after.is_err(), "served after revocation: {after:?}");
+        // The other connection's next look into web finds the key revoked too.
+        let listing = reader.opendir("web").await.map_err(refusal);
+        assert_eq!(listing.unwrap_err(), (StatusCode::PermissionDenied, revoked.to_owned()));
+        let after = reader.opendir("/").await;
         assert!(after.is_err(), "served after revocation: {after:?}");
     });
     drop(runtime);

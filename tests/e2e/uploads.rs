@@ -229,6 +229,29 @@ fn one_app_cannot_take_every_upload_place_and_a_stalled_upload_is_cut_off() {
 }
 
 #[test]
+fn a_key_revoked_while_its_push_is_uploading_deploys_nothing() {
+    let r = Receiver::start();
+    let web = r.create_app("web");
+    let key_id = web.split('_').nth(1).unwrap();
+    let body = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let m = meta(serde_json::json!({ "filename": "goweb" }));
+    let mut stream = half_upload(&r, "web", &web, &body, &m);
+    eventually(10, "the upload to begin", || (in_progress(&r) == 1).then_some(()));
+    r.nx(&["keys", "revoke", "web", key_id]).success();
+    std::io::Write::write_all(&mut stream, &body[body.len() / 2..]).unwrap();
+    assert_eq!(
+        answer(&mut stream),
+        (
+            401,
+            format!(
+                "key {key_id} was revoked, or its app removed, while its upload was in progress; nothing was deployed"
+            )
+        )
+    );
+    nothing_recorded(&r, "web");
+}
+
+#[test]
 fn a_full_disk_is_a_clear_error_and_records_nothing() {
     let r = Receiver::start();
     r.create_app("web");

@@ -81,6 +81,7 @@ pub async fn push(
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 
     let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    caller.still_valid(&state).await?;
     let info = state.deployer.push(&app, upload, &meta, &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }

@@ -10,8 +10,9 @@
 //! limit. A file whose connection drops before it is closed is discarded,
 //! and so is one still open past --upload-timeout.
 //!
-//! The key is looked up again when an upload is opened and when it is
-//! closed: a key revoked (or an app removed) since login deploys nothing.
+//! The key is looked up again whenever a file or an app's folder is opened
+//! and when an upload is closed: a key revoked (or an app removed) since
+//! login reads nothing more and deploys nothing.
 //! Handles are counted per key, across its connections and sessions.
 
 use std::collections::HashMap;
@@ -170,7 +171,7 @@ impl Session {
                 tracing::info!(fingerprint = %self.login.fingerprint, app = %app.name, "SSH key revoked: upload refused");
                 self.login.revoked.store(true, Ordering::SeqCst);
                 Err(denied(format!(
-                    "this SSH key was revoked or no longer uploads to {}; nothing was deployed",
+                    "this SSH key was revoked or no longer uploads to {}; nothing more is read, stored or deployed with it",
                     app.name
                 )))
             }
@@ -343,7 +344,7 @@ impl russh_sftp::server::Handler for Session {
         let entries = match Place::parse(&path)? {
             Place::Root => self.apps.iter().map(|a| File::new(&a.name, dir_attrs())).collect(),
             Place::App(a) => {
-                let app = self.app(&a)?.clone();
+                let app = self.still_allowed(self.app(&a)?).await?;
                 self.listing(&app).await?
             }
             Place::File { .. } => return Err(failure(format!("{path}: not a folder"))),
@@ -373,11 +374,10 @@ impl russh_sftp::server::Handler for Session {
         let Place::File { app, name } = Place::parse(&filename)? else {
             return Err(failure(format!("{filename}: upload into an app's folder, as APP/FILE")));
         };
-        let app = self.app(&app)?.clone();
+        let app = self.still_allowed(self.app(&app)?).await?;
         let open = if pflags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND)
         {
             check_name(&name)?;
-            let app = self.still_allowed(&app).await?;
             let upload = self.shared.store.partial_upload(&app, self.shared.max_upload).map_err(store_failure)?;
             Open::Upload { app: Box::new(app), name, upload: Some(upload), refused: None }
         } else if let Some(binary) = name.strip_suffix(OUTCOME) {
