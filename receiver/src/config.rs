@@ -483,6 +483,29 @@ mod tests {
     }
 
     #[test]
+    fn each_app_gets_a_quarter_of_the_upload_places_unless_told() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["nx-receiver", "serve"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(c) => (c.uploads_per_app(), c.upload_timeout),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), (2, Duration::from_secs(600)));
+        assert_eq!(parse(&["--max-concurrent-uploads", "3"]).unwrap().0, 1, "at least one");
+        assert_eq!(
+            parse(&["--max-concurrent-uploads", "3", "--max-uploads-per-app", "9"]).unwrap().0,
+            3,
+            "at most all"
+        );
+        assert_eq!(parse(&["--upload-timeout", "30s"]).unwrap().1, Duration::from_secs(30));
+        let err = parse(&["--upload-timeout", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("must be more than 0s"), "{err}");
+        assert!(parse(&["--max-uploads-per-app", "0"]).is_err());
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug() {
         let s: Secret<String> = "postgres://a:hunter2@h/db".parse().unwrap();
         assert_eq!(format!("{s:?}"), "<redacted>");
