@@ -11,8 +11,8 @@
 //! and so is one still open past --upload-timeout.
 //!
 //! The key is looked up again whenever a file or an app's folder is opened
-//! and when an upload is closed: a key revoked (or an app removed) since
-//! login reads nothing more and deploys nothing.
+//! and when an upload is closed: with a key revoked (or an app removed)
+//! since login, nothing more is read and nothing is deployed.
 //! Handles are counted per key, across its connections and sessions.
 
 use std::collections::HashMap;
@@ -162,13 +162,13 @@ impl Session {
 
     /// `app` as the database has it now, if the key still uploads to it:
     /// not revoked, and the app not removed (nor made anew under its name).
-    /// Otherwise the connection is marked revoked, which ends it.
+    /// Otherwise the connection is marked revoked: it serves nothing more.
     async fn still_allowed(&self, app: &AppRow) -> Result<AppRow, StatusReply> {
         let now = self.shared.db.apps_of_ssh_key(&self.login.fingerprint, &self.login.public_key).await;
         match now.map_err(internal)?.into_iter().find(|a| a.id == app.id) {
             Some(fresh) => Ok(fresh),
             None => {
-                tracing::info!(fingerprint = %self.login.fingerprint, app = %app.name, "SSH key revoked: upload refused");
+                tracing::info!(fingerprint = %self.login.fingerprint, app = %app.name, "SSH key revoked: request refused");
                 self.login.revoked.store(true, Ordering::SeqCst);
                 Err(denied(format!(
                     "this SSH key was revoked or no longer uploads to {}; nothing more is read, stored or deployed with it",

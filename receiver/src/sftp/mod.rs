@@ -239,6 +239,10 @@ impl russh::server::Handler for Connection {
         channel: Channel<Msg>,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if self.revoked.load(Ordering::SeqCst) {
+            // The watch disconnects soon; until then nothing new opens.
+            return Ok(false);
+        }
         if self.sessions.len() >= MAX_SESSIONS {
             tracing::info!(peer = ?self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
             return Ok(false);
