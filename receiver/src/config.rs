@@ -200,6 +200,19 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_MAX_CONCURRENT_UPLOADS", default_value_t = crate::store::DEFAULT_MAX_UPLOADS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_uploads: u64,
 
+    /// Uploads one app may have in progress at once, out of
+    /// --max-concurrent-uploads (a quarter of it, at least 1, unless set);
+    /// beyond it a push of that app is refused with a message to try again
+    /// once one has finished (HTTP 429), while other apps still push.
+    #[arg(long, env = "NX_MAX_UPLOADS_PER_APP", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_uploads_per_app: Option<u64>,
+
+    /// How long one upload (HTTP or SFTP, from its start to its last byte)
+    /// may take (`10m`, `1h`); a slower one is cut off with HTTP 408 or an
+    /// SFTP failure, and nothing of it is kept.
+    #[arg(long, env = "NX_UPLOAD_TIMEOUT", default_value = "10m", value_parser = parse_nonzero_duration)]
+    pub upload_timeout: Duration,
+
     /// Loopback ports handed to sandboxes, `FIRST-LAST`.
     #[arg(long, env = "NX_PORT_RANGE", default_value = "20000-29999", value_parser = parse_range)]
     pub port_range: RangeInclusive<u16>,
@@ -314,6 +327,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_NO_SFTP")]
     pub no_sftp: bool,
 
+    /// How often a live SFTP session's key is looked up again (`2s`): a key
+    /// revoked or moved to other apps ends its sessions within this, busy or
+    /// idle. Uploads also check their key when they are opened and closed,
+    /// whatever this says.
+    #[arg(long, env = "NX_SSH_KEY_RECHECK", default_value = "2s", value_parser = parse_nonzero_duration)]
+    pub ssh_key_recheck: Duration,
+
     /// GitHub's API, or a GitHub Enterprise server's (`https://HOST/api/v3`).
     #[arg(long, env = "NX_GITHUB_API", default_value = "https://api.github.com")]
     pub github_api: String,
@@ -386,6 +406,12 @@ impl ServeConfig {
         <Serve as clap::Parser>::parse_from(["nx-receiver"]).serve
     }
 
+    /// Each app's share of --max-concurrent-uploads.
+    pub fn uploads_per_app(&self) -> u64 {
+        let max = self.max_concurrent_uploads;
+        self.max_uploads_per_app.unwrap_or(crate::store::default_share(max as usize) as u64).min(max)
+    }
+
     /// The port shown in URLs.
     pub fn url_port(&self) -> u16 {
         self.public_port.unwrap_or(self.router_listen.port())
@@ -408,6 +434,14 @@ impl ServeConfig {
     /// range, so two receivers on one host never share one.
     pub fn cgroup_group(&self) -> String {
         format!("nx-sandbox-{}", self.uid_base)
+    }
+}
+
+/// A duration that is not zero (zero would refuse everything, or spin).
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0s".into()),
+        d => Ok(d),
     }
 }
 
@@ -452,6 +486,29 @@ mod tests {
         );
         let err = parse(&["--allow-egress", "10.1.2.3/16"]).unwrap_err().to_string();
         assert!(err.contains("write the range's first address (10.1.0.0/16)"), "{err}");
+    }
+
+    #[test]
+    fn each_app_gets_a_quarter_of_the_upload_places_unless_told() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["nx-receiver", "serve"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(c) => (c.uploads_per_app(), c.upload_timeout),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), (2, Duration::from_secs(600)));
+        assert_eq!(parse(&["--max-concurrent-uploads", "3"]).unwrap().0, 1, "at least one");
+        assert_eq!(
+            parse(&["--max-concurrent-uploads", "3", "--max-uploads-per-app", "9"]).unwrap().0,
+            3,
+            "at most all"
+        );
+        assert_eq!(parse(&["--upload-timeout", "30s"]).unwrap().1, Duration::from_secs(30));
+        let err = parse(&["--upload-timeout", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("must be more than 0s"), "{err}");
+        assert!(parse(&["--max-uploads-per-app", "0"]).is_err());
     }
 
     #[test]

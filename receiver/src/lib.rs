@@ -29,6 +29,7 @@ pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod sftp;
+pub mod shares;
 pub mod store;
 pub mod telemetry;
 pub mod volumes;

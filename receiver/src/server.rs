@@ -146,8 +146,11 @@ async fn run(
     let db = Db::new(cluster.metadata_pool().await?);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
-    let store =
-        ArtifactStore::open(config.store.as_deref(), &data)?.with_max_uploads(config.max_concurrent_uploads as usize);
+    let store = ArtifactStore::open(config.store.as_deref(), &data)?.with_upload_limits(
+        config.max_concurrent_uploads as usize,
+        config.uploads_per_app() as usize,
+        config.upload_timeout,
+    );
     let swept = store.clean_temporary();
     if swept > 0 {
         tracing::info!(files = swept, "removed uploads left by an earlier crash");
@@ -294,6 +297,8 @@ async fn run(
             db: db.clone(),
             store: store.clone(),
             max_upload: config.max_upload,
+            key_recheck: config.ssh_key_recheck,
+            handles: crate::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
         };
         tokio::spawn(crate::sftp::serve(listener, key, shared, stop_rx.clone()));
     }

@@ -9,10 +9,16 @@
 //! on remote stores by a multipart upload whose completion is atomic. The
 //! metadata row is written by the caller after [`ArtifactStore::publish`]
 //! returns, so a row always points at a durable object.
+//!
+//! Uploads hold places: at most `--max-concurrent-uploads` across the
+//! receiver, of which one app holds at most `--max-uploads-per-app`, each for
+//! at most `--upload-timeout` (a slow or stalled upload is cut off, its file
+//! removed), so one deploy key cannot keep every other app from pushing.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -22,7 +28,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::db::AppRow;
 use crate::secrets::random_lower;
+use crate::shares::{Share, Shares};
 
 /// Why an upload or a fetch failed; each variant maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +55,10 @@ pub enum StoreError {
     BadUrl { url: String, reason: String },
     #[error("{max} uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)")]
     Busy { max: usize },
+    #[error("{share} uploads to {app} are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)")]
+    AppBusy { app: String, share: usize },
+    #[error("the upload did not finish within {}, the most this receiver gives one; nothing was kept: push again over a faster link (or raise --upload-timeout on the receiver)", nx_protocol::units::format_duration(*.after))]
+    TimedOut { after: Duration },
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> StoreError {
@@ -57,14 +69,23 @@ fn io_error(path: &Path, source: std::io::Error) -> StoreError {
     }
 }
 
+/// An upload's place among those in progress: one of the receiver's and one
+/// of its app's share. Given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _place: OwnedSemaphorePermit,
+    _share: Share<i64>,
+}
+
 /// A received, verified upload not yet published. Dropping it removes the file.
 #[derive(Debug)]
 pub struct Upload {
     path: PathBuf,
     pub sha256: String,
     pub size: u64,
-    /// The upload's place among those in progress, until it is published or dropped.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// The upload's place among those in progress, until it is published or
+    /// dropped (none for the platform's own fetches from a remote store).
+    _slot: Option<Slot>,
 }
 
 impl Upload {
@@ -81,45 +102,76 @@ impl Drop for Upload {
     }
 }
 
-/// An upload written piece by piece, at offsets (SFTP writes), and hashed
-/// once complete. Dropping it before [`PartialUpload::finish`] (a dropped
-/// connection, say) removes the file: nothing of it is stored.
+/// The file of a [`PartialUpload`] being written, and its place. Dropping
+/// it (the upload's end, or its deadline) removes the file and frees the place.
 #[derive(Debug)]
-pub struct PartialUpload {
+struct Receiving {
     path: PathBuf,
     file: std::fs::File,
     /// The end of the furthest write.
     len: u64,
+    slot: Option<Slot>,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// An upload written piece by piece, at offsets (SFTP writes), and hashed
+/// once complete. Dropping it before [`PartialUpload::finish`] (a dropped
+/// connection, say) removes the file: nothing of it is stored. So does its
+/// deadline, whether or not its client is still writing: a handle left open
+/// does not keep its place.
+#[derive(Debug)]
+pub struct PartialUpload {
+    /// Emptied at the deadline.
+    receiving: Arc<Mutex<Option<Receiving>>>,
     limit: u64,
-    slot: Option<OwnedSemaphorePermit>,
+    timeout: Duration,
+    deadline: tokio::task::JoinHandle<()>,
 }
 
 impl PartialUpload {
-    /// Writes `data` at `offset`; refuses to grow past the limit.
+    fn receiving(&self) -> std::sync::MutexGuard<'_, Option<Receiving>> {
+        self.receiving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `data` at `offset`; refuses to grow past the limit, or once
+    /// the deadline has passed.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
-        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= self.limit);
-        let Some(end) = end else { return Err(StoreError::TooLarge { limit: self.limit }) };
-        self.file.write_all_at(data, offset).map_err(|e| io_error(&self.path, e))?;
-        self.len = self.len.max(end);
+        let (limit, timeout) = (self.limit, self.timeout);
+        let mut receiving = self.receiving();
+        let Some(r) = receiving.as_mut() else { return Err(StoreError::TimedOut { after: timeout }) };
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= limit);
+        let Some(end) = end else { return Err(StoreError::TooLarge { limit }) };
+        r.file.write_all_at(data, offset).map_err(|e| io_error(&r.path, e))?;
+        r.len = r.len.max(end);
         Ok(())
     }
 
+    /// The end of the furthest write (0 once the deadline has passed).
     pub fn len(&self) -> u64 {
-        self.len
+        self.receiving().as_ref().map_or(0, |r| r.len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Makes the file durable and hashes it: an [`Upload`] like a pushed one.
-    pub async fn finish(mut self) -> Result<Upload, StoreError> {
-        let path = std::mem::take(&mut self.path);
-        let size = self.len;
-        let file = self.file.try_clone().map_err(|e| io_error(&path, e))?;
+    pub async fn finish(self) -> Result<Upload, StoreError> {
+        let taken = self.receiving().take();
+        let Some(mut receiving) = taken else { return Err(StoreError::TimedOut { after: self.timeout }) };
+        let path = std::mem::take(&mut receiving.path);
+        let size = receiving.len;
+        let file = receiving.file.try_clone().map_err(|e| io_error(&path, e))?;
         // From here on the Upload owns (and on failure removes) the file.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size, _slot: self.slot.take() };
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size, _slot: receiving.slot.take() };
         let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             use std::io::Read;
             file.sync_all()?;
@@ -144,14 +196,24 @@ impl PartialUpload {
 
 impl Drop for PartialUpload {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        // The file goes with the last reference to it, this one.
+        self.deadline.abort();
     }
 }
 
-/// Uploads in progress at once unless [`ArtifactStore::with_max_uploads`] says otherwise.
+/// Uploads in progress at once unless [`ArtifactStore::with_upload_limits`] says otherwise.
 pub const DEFAULT_MAX_UPLOADS: usize = 8;
+
+/// How long an upload may take unless [`ArtifactStore::with_upload_limits`]
+/// says otherwise: 512 MiB (the default size cap) at 7 Mbit/s.
+pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The uploads one app may have in progress at once out of `max`: a quarter,
+/// at least one, so that an app using all of its share leaves room for three
+/// others.
+pub fn default_share(max: usize) -> usize {
+    (max / 4).max(1)
+}
 
 /// The artifact store.
 #[derive(Debug, Clone)]
@@ -167,6 +229,10 @@ pub struct ArtifactStore {
     /// Places for uploads in progress.
     uploads: Arc<Semaphore>,
     max_uploads: usize,
+    /// Each app's share of them.
+    shares: Shares<i64>,
+    /// How long one upload may hold its place.
+    upload_timeout: Duration,
 }
 
 fn object_key(sha256: &str) -> ObjectPath {
@@ -221,6 +287,8 @@ impl ArtifactStore {
                 cache_dir: cache_dir.clone(),
                 uploads: Arc::new(Semaphore::new(DEFAULT_MAX_UPLOADS)),
                 max_uploads: DEFAULT_MAX_UPLOADS,
+                shares: Shares::new(default_share(DEFAULT_MAX_UPLOADS)),
+                upload_timeout: DEFAULT_UPLOAD_TIMEOUT,
             })
         };
         let Some(url) = url else { return local(data_dir.join("store")) };
@@ -249,6 +317,8 @@ impl ArtifactStore {
             description: without_secrets(&parsed),
             uploads: Arc::new(Semaphore::new(DEFAULT_MAX_UPLOADS)),
             max_uploads: DEFAULT_MAX_UPLOADS,
+            shares: Shares::new(default_share(DEFAULT_MAX_UPLOADS)),
+            upload_timeout: DEFAULT_UPLOAD_TIMEOUT,
         })
     }
 
@@ -256,23 +326,34 @@ impl ArtifactStore {
         &self.description
     }
 
-    /// Caps the uploads in progress at once, SFTP and HTTP together: each
-    /// holds a temporary file of up to --max-upload bytes.
-    pub fn with_max_uploads(mut self, max: usize) -> ArtifactStore {
+    /// Caps the uploads in progress at once, SFTP and HTTP together (each
+    /// holds a temporary file of up to --max-upload bytes), those of one app
+    /// at `per_app`, and how long each may take.
+    pub fn with_upload_limits(mut self, max: usize, per_app: usize, timeout: Duration) -> ArtifactStore {
         self.uploads = Arc::new(Semaphore::new(max));
         self.max_uploads = max;
+        self.shares = Shares::new(per_app);
+        self.upload_timeout = timeout;
         self
     }
 
-    /// A place among the uploads in progress, or [`StoreError::Busy`].
-    fn upload_slot(&self) -> Result<OwnedSemaphorePermit, StoreError> {
-        self.uploads.clone().try_acquire_owned().map_err(|_| StoreError::Busy { max: self.max_uploads })
+    /// A place among the uploads in progress for an upload to `app`, or
+    /// [`StoreError::AppBusy`] when the app holds its whole share, or
+    /// [`StoreError::Busy`] when the receiver has none left.
+    fn upload_slot(&self, app: &AppRow) -> Result<Slot, StoreError> {
+        let share = self
+            .shares
+            .take(app.id)
+            .ok_or_else(|| StoreError::AppBusy { app: app.name.clone(), share: self.shares.cap() })?;
+        let place = self.uploads.clone().try_acquire_owned().map_err(|_| StoreError::Busy { max: self.max_uploads })?;
+        Ok(Slot { _place: place, _share: share })
     }
 
-    /// A new upload written at offsets, at most `limit` bytes.
-    pub fn partial_upload(&self, limit: u64) -> Result<PartialUpload, StoreError> {
+    /// A new upload to `app` written at offsets, at most `limit` bytes, for at
+    /// most the upload timeout. Needs a tokio runtime (for the deadline).
+    pub fn partial_upload(&self, app: &AppRow, limit: u64) -> Result<PartialUpload, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let slot = self.upload_slot()?;
+        let slot = self.upload_slot(app)?;
         let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -281,14 +362,29 @@ impl ArtifactStore {
             .mode(0o600)
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
-        Ok(PartialUpload { path, file, len: 0, limit, slot: Some(slot) })
+        let receiving = Arc::new(Mutex::new(Some(Receiving { path, file, len: 0, slot: Some(slot) })));
+        let expiring = Arc::downgrade(&receiving);
+        let timeout = self.upload_timeout;
+        let deadline = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(receiving) = expiring.upgrade() {
+                let expired = receiving.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(r) = expired {
+                    tracing::info!(path = %r.path.display(), "an SFTP upload passed --upload-timeout: discarded");
+                }
+            }
+        });
+        Ok(PartialUpload { receiving, limit, timeout, deadline })
     }
 
-    /// Streams `body` into a temporary file while hashing it, enforcing `limit`
-    /// as bytes arrive, then checks length and digest against what was signed;
-    /// refused with [`StoreError::Busy`] when too many uploads are in progress.
+    /// Streams `body` (an upload to `app`) into a temporary file while
+    /// hashing it, enforcing `limit` as bytes arrive and the upload timeout,
+    /// then checks length and digest against what was signed; refused with
+    /// [`StoreError::AppBusy`] or [`StoreError::Busy`] when too many uploads
+    /// are in progress.
     pub async fn receive<S, E>(
         &self,
+        app: &AppRow,
         body: S,
         expected_sha256: &str,
         expected_len: u64,
@@ -298,8 +394,11 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let slot = self.upload_slot()?;
-        self.receive_into(body, expected_sha256, expected_len, limit, Some(slot)).await
+        let slot = self.upload_slot(app)?;
+        let timeout = self.upload_timeout;
+        let received = self.receive_into(body, expected_sha256, expected_len, limit, Some(slot));
+        // On timeout the future is dropped, and with it the Upload that removes the file.
+        tokio::time::timeout(timeout, received).await.map_err(|_| StoreError::TimedOut { after: timeout })?
     }
 
     /// [`ArtifactStore::receive`], holding `slot` (none for the platform's
@@ -310,7 +409,7 @@ impl ArtifactStore {
         expected_sha256: &str,
         expected_len: u64,
         limit: u64,
-        slot: Option<OwnedSemaphorePermit>,
+        slot: Option<Slot>,
     ) -> Result<Upload, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>>,
@@ -559,11 +658,27 @@ mod tests {
         std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
     }
 
+    fn app(id: i64, name: &str) -> AppRow {
+        AppRow {
+            id,
+            name: name.into(),
+            uid: 0,
+            db_name: String::new(),
+            db_role: String::new(),
+            db_password: Vec::new(),
+            settings: sqlx::types::Json(Default::default()),
+            production_id: None,
+            previous_production_id: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
     #[tokio::test]
     async fn uploads_are_verified_then_published_by_digest() {
         let d = data_dir("ok");
         let store = ArtifactStore::open(None, &d).unwrap();
-        let up = store.receive(body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
+        let up =
+            store.receive(&app(1, "web"), body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
         assert_eq!(up.size, 11);
         let path = store.publish(up).await.unwrap();
         assert_eq!(path, d.join("store/artifacts").join(sha(b"hello world")));
@@ -576,42 +691,89 @@ mod tests {
     #[tokio::test]
     async fn uploads_beyond_the_cap_are_refused_until_one_ends() {
         let d = data_dir("busy");
-        let store = ArtifactStore::open(None, &d).unwrap().with_max_uploads(2);
-        let sftp = store.partial_upload(100).unwrap();
-        let http = store.receive(body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
-        let err = store.partial_upload(100).unwrap_err();
+        let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(2, 2, DEFAULT_UPLOAD_TIMEOUT);
+        let web = app(1, "web");
+        let sftp = store.partial_upload(&web, 100).unwrap();
+        let http = store.receive(&app(2, "api"), body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
+        let err = store.partial_upload(&web, 100).unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(
             err.to_string(),
             "2 uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)"
         );
-        let err = store.receive(body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(&web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 2, "a refused upload writes nothing");
         // A finished SFTP upload keeps its place until published.
         let finished = sftp.finish().await.unwrap();
-        assert!(matches!(store.partial_upload(100), Err(StoreError::Busy { .. })));
+        assert!(matches!(store.partial_upload(&web, 100), Err(StoreError::Busy { .. })));
         store.publish(finished).await.unwrap();
-        drop(store.partial_upload(100).unwrap());
+        drop(store.partial_upload(&web, 100).unwrap());
         drop(http);
-        assert!(store.receive(body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+        assert!(store.receive(&web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn one_app_holds_at_most_its_share_of_the_places() {
+        let d = data_dir("share");
+        let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(4, 1, DEFAULT_UPLOAD_TIMEOUT);
+        let (web, api) = (app(1, "web"), app(2, "api"));
+        let held = store.partial_upload(&web, 100).unwrap();
+        let err = store.receive(&web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "1 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)"
+        );
+        assert!(matches!(store.partial_upload(&web, 100), Err(StoreError::AppBusy { share: 1, .. })));
+        assert!(store.receive(&api, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.is_ok(), "api is not held back");
+        drop(held);
+        assert!(store.receive(&web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_upload_past_its_deadline_is_cut_off_and_leaves_nothing() {
+        let d = data_dir("deadline");
+        let timeout = Duration::from_secs(2);
+        let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(1, 1, timeout);
+        let web = app(1, "web");
+        // A body that sends two bytes, then nothing.
+        let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"he"))])
+            .chain(futures_util::stream::pending());
+        let err = store.receive(&web, stalled, &sha(b"hello"), 5, 100).await.unwrap_err();
+        assert!(matches!(err, StoreError::TimedOut { after } if after == timeout), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the upload did not finish within 2 seconds, the most this receiver gives one; nothing was kept: push again over a faster link (or raise --upload-timeout on the receiver)"
+        );
+        assert_eq!(files_in(&d.join("tmp")), 0);
+        // An SFTP upload loses its file and its place at the deadline, written to or not.
+        let mut open = store.partial_upload(&web, 100).unwrap();
+        open.write_at(0, b"he").unwrap();
+        tokio::time::sleep(timeout * 2).await;
+        assert_eq!(files_in(&d.join("tmp")), 0);
+        let next = store.partial_upload(&web, 100).expect("the place is free again");
+        assert!(matches!(open.write_at(2, b"llo"), Err(StoreError::TimedOut { .. })));
+        assert!(matches!(open.finish().await, Err(StoreError::TimedOut { .. })));
+        drop(next);
+        assert_eq!(files_in(&d.join("tmp")), 0);
     }
 
     #[tokio::test]
     async fn bad_uploads_leave_nothing_behind() {
         let d = data_dir("bad");
         let store = ArtifactStore::open(None, &d).unwrap();
-        let err = store.receive(body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
+        let err = store.receive(&app(1, "web"), body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
-        let err = store.receive(body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
+        let err = store.receive(&app(1, "web"), body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
-        let err = store.receive(body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
+        let err =
+            store.receive(&app(1, "web"), body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
         let broken = futures_util::stream::iter(vec![
             Ok(Bytes::from_static(b"he")),
             Err(std::io::Error::other("connection reset")),
         ]);
-        let err = store.receive(broken, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(&app(1, "web"), broken, &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(files_in(&d.join("store/artifacts")), 0);

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::receiver::{psql, Options};
 use nx_e2e::{bin, eventually, require_program, Receiver};
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 
 /// An ed25519 key pair made by ssh-keygen; returns the private key's path.
 fn keypair(dir: &Path, name: &str) -> PathBuf {
@@ -99,14 +101,13 @@ fn leftovers(r: &Receiver) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A receiver allowing `uploads` at once, with the app `web` and an SSH key
-/// of alice's that uploads to it (in a directory that lives as long as the
-/// returned handle).
-fn alice_uploads_to_web(uploads: u32) -> (Receiver, tempfile::TempDir, std::path::PathBuf) {
-    let r = Receiver::start_with(Options {
-        args: vec!["--max-concurrent-uploads".into(), uploads.to_string()],
-        ..Options::default()
-    });
+/// A receiver allowing `uploads` at once (and started with `more` flags),
+/// with the app `web` and an SSH key of alice's that uploads to it (in a
+/// directory that lives as long as the returned handle).
+fn alice_uploads_to_web(uploads: u32, more: &[&str]) -> (Receiver, tempfile::TempDir, std::path::PathBuf) {
+    let mut args = vec!["--max-concurrent-uploads".to_owned(), uploads.to_string()];
+    args.extend(more.iter().map(|a| a.to_string()));
+    let r = Receiver::start_with(Options { args, ..Options::default() });
     let dir = tempfile::tempdir().unwrap();
     let alice = keypair(dir.path(), "alice");
     r.create_app("web");
@@ -367,11 +368,12 @@ fn a_revoked_key_ends_its_live_session_and_only_a_signature_is_a_use() {
 
 #[test]
 fn concurrent_uploads_are_capped_across_sftp_and_the_api() {
-    let (r, _dir, alice) = alice_uploads_to_web(1);
+    let (r, _dir, alice) = alice_uploads_to_web(1, &[]);
+    r.create_app("api");
     let goweb = fixtures::go(Go::Static);
-    // One slow upload holds the only place.
+    // One slow upload holds the only place: another app finds none.
     let mut slow = slow_upload(&r, &alice, &goweb, "web/slow");
-    let pushed = r.nx(&["push", goweb.to_str().unwrap(), "--app", "web"]);
+    let pushed = r.nx(&["push", goweb.to_str().unwrap(), "--app", "api"]);
     assert_ne!(pushed.code, 0, "{pushed:?}");
     assert!(
         pushed
@@ -401,10 +403,9 @@ impl russh::client::Handler for TrustingClient {
     }
 }
 
-/// Opens `n` uploads in one SFTP session without closing any (OpenSSH's sftp
-/// closes each file before it opens the next), with russh's client; returns
-/// the outcome of each open.
-async fn open_uploads(r: &Receiver, key: &Path, n: usize) -> Vec<Result<(), String>> {
+/// An SSH connection with `key`, by russh's client (which, unlike OpenSSH's
+/// sftp, lets a test hold files open, pause mid-file and see each status).
+async fn connect(r: &Receiver, key: &Path) -> russh::client::Handle<TrustingClient> {
     use std::sync::Arc;
     let config = Arc::new(russh::client::Config::default());
     let mut ssh = russh::client::connect(config, ("127.0.0.1", r.sftp_port), TrustingClient).await.unwrap();
@@ -414,39 +415,251 @@ async fn open_uploads(r: &Receiver, key: &Path, n: usize) -> Vec<Result<(), Stri
         .await
         .unwrap();
     assert!(auth.success(), "{auth:?}");
+    ssh
+}
+
+/// A new SFTP session on `ssh`, at the protocol level.
+async fn raw_sftp(ssh: &russh::client::Handle<TrustingClient>) -> RawSftpSession {
     let channel = ssh.channel_open_session().await.unwrap();
     channel.request_subsystem(true, "sftp").await.unwrap();
-    let sftp = russh_sftp::client::SftpSession::new(channel.into_stream()).await.unwrap();
-    let mut open = Vec::new();
-    let mut outcomes = Vec::new();
-    for i in 0..n {
-        match sftp.create(format!("web/file{i}")).await {
-            Ok(file) => {
-                open.push(file);
-                outcomes.push(Ok(()));
-            }
-            Err(e) => outcomes.push(Err(e.to_string())),
-        }
+    let sftp = RawSftpSession::new(channel.into_stream());
+    sftp.init().await.unwrap();
+    sftp
+}
+
+/// Opens `path` for writing: the handle, or the refusal's status and message.
+async fn create(sftp: &RawSftpSession, path: &str) -> Result<String, (StatusCode, String)> {
+    let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
+    sftp.open(path, flags, FileAttributes::empty()).await.map(|h| h.handle).map_err(refusal)
+}
+
+/// The status and message of a refused request.
+fn refusal(e: russh_sftp::client::error::Error) -> (StatusCode, String) {
+    match e {
+        russh_sftp::client::error::Error::Status(s) => (s.status_code, s.error_message),
+        other => panic!("not a status: {other}"),
     }
-    outcomes
+}
+
+/// [`eventually`] for async checks.
+async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut f: impl FnMut() -> F) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A runtime for russh's client; dropping it ends the client's connection
+/// tasks, so their sockets close.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 #[test]
-fn an_sftp_session_holds_at_most_sixteen_handles() {
-    // Uploads at once are capped too (8 by default): above the handle cap here.
-    let (r, _dir, alice) = alice_uploads_to_web(32);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let outcomes = runtime.block_on(open_uploads(&r, &alice, 18));
-    // Ends the client's connection task, so its socket closes.
+fn an_sftp_key_holds_at_most_sixteen_handles_over_all_its_connections() {
+    // Uploads at once are capped too: above the handle cap here.
+    let (r, _dir, alice) = alice_uploads_to_web(64, &["--max-uploads-per-app", "64"]);
+    let runtime = client_runtime();
+    let outcomes = runtime.block_on(async {
+        // Two connections, each with two sessions: one count for the key.
+        let (first, second) = (connect(&r, &alice).await, connect(&r, &alice).await);
+        let sessions =
+            [raw_sftp(&first).await, raw_sftp(&first).await, raw_sftp(&second).await, raw_sftp(&second).await];
+        let mut outcomes = Vec::new();
+        for i in 0..18 {
+            outcomes.push(create(&sessions[i % 4], &format!("web/file{i}")).await);
+        }
+        outcomes
+    });
     drop(runtime);
     assert!(outcomes[..16].iter().all(Result::is_ok), "{outcomes:?}");
+    let expected = "16 files or folders are open with this SSH key, the most one key may have over all its connections; close one first";
     for refused in &outcomes[16..] {
-        let message = refused.as_ref().unwrap_err();
-        assert!(
-            message.contains("16 files or folders are open in this session, the most allowed; close one first"),
-            "{message}"
-        );
+        assert_eq!(refused, &Err((StatusCode::Failure, expected.to_owned())));
     }
-    // The session is gone, and its uploads with it.
+    // The sessions are gone, and their uploads with them.
     eventually(20, "the open uploads to be discarded", || leftovers(&r).is_empty().then_some(()));
+}
+
+#[test]
+fn one_connection_opens_at_most_two_sessions() {
+    let (r, dir, alice) = alice_uploads_to_web(8, &[]);
+    let runtime = client_runtime();
+    runtime.block_on(async {
+        let ssh = connect(&r, &alice).await;
+        let (one, _two) = (raw_sftp(&ssh).await, raw_sftp(&ssh).await);
+        let third = ssh.channel_open_session().await.map(|_| ()).unwrap_err();
+        assert!(
+            matches!(third, russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::AdministrativelyProhibited)),
+            "{third:?}"
+        );
+        // One closed, a new one opens.
+        one.close_session().unwrap();
+        eventually_async("a session's place to be free again", || async { ssh.channel_open_session().await.ok() })
+            .await;
+    });
+    drop(runtime);
+
+    // OpenSSH multiplexing sessions over one connection (ControlMaster) gets the same.
+    let control = dir.path().join("control");
+    let mut master = Command::new("ssh")
+        .args(ssh_options(&r, &alice, "-p"))
+        .args(["-M", "-S"])
+        .arg(&control)
+        .args(["-N", "deploy@127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(20, "the master connection", || control.exists().then_some(()));
+    let mux = || {
+        let mut c = Command::new("sftp");
+        c.args(ssh_options(&r, &alice, "-P")).arg("-o").arg(format!("ControlPath={}", control.display()));
+        c.args(["-b", "-", "deploy@127.0.0.1"]);
+        c
+    };
+    let held: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            use std::io::{BufRead as _, Write as _};
+            let mut held = mux()
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            writeln!(held.stdin.as_mut().unwrap(), "ls /").unwrap();
+            let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
+            let mut seen = String::new();
+            while !seen.contains("web") {
+                assert!(out.read_line(&mut seen).unwrap() > 0, "a multiplexed session ended: {seen}");
+            }
+            held
+        })
+        .collect();
+    let list = |c: &mut Command| {
+        let mut child = c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"ls /\n").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // The master refuses a third session; OpenSSH then falls back to a
+    // connection of its own, which has its own two.
+    let third = list(mux().stderr(std::process::Stdio::piped()));
+    assert!(text(&third).contains("Session open refused by peer"), "{}", text(&third));
+    assert!(String::from_utf8_lossy(&third.stdout).contains("/web"), "{}", text(&third));
+    for mut h in held {
+        drop(h.stdin.take());
+        assert!(h.wait().unwrap().success());
+    }
+    let again = list(mux().stderr(std::process::Stdio::piped()));
+    assert!(!text(&again).contains("refused"), "a session's place is free again: {}", text(&again));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("/web"), "{}", text(&again));
+    master.kill().unwrap();
+    master.wait().unwrap();
+}
+
+#[test]
+fn one_app_holds_at_most_its_share_of_sftp_uploads_and_a_stalled_one_is_cut_off() {
+    // Two places, one per app: web alone could otherwise take both.
+    let (r, dir, alice) = alice_uploads_to_web(2, &["--upload-timeout", "10s"]);
+    let bob = keypair(dir.path(), "bob");
+    r.create_app("api");
+    r.nx_ok(&["keys", "add-ssh", "api", bob.with_extension("pub").to_str().unwrap()]);
+    let goweb = fixtures::go(Go::Static);
+    let runtime = client_runtime();
+    runtime.block_on(async {
+        let ssh = connect(&r, &alice).await;
+        let sftp = raw_sftp(&ssh).await;
+        let stalled = create(&sftp, "web/stalled").await.unwrap();
+        sftp.write(stalled.as_str(), 0, vec![0x7f; 1024]).await.unwrap();
+        let refused = create(&sftp, "web/second").await.unwrap_err();
+        let share = "1 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)";
+        assert_eq!(refused, (StatusCode::Failure, share.to_owned()));
+        // Another app's upload goes through meanwhile.
+        let put = tokio::task::block_in_place(|| sftp_put(&r, &bob, &goweb, "api/goweb"));
+        assert!(put.status.success(), "{}\n{}", text(&put), r.log());
+        assert_eq!(leftovers(&r).len(), 1, "web's stalled upload is still there");
+
+        // Past the deadline the stalled upload is gone, file and place, though its handle is open.
+        eventually_async("the stalled upload to be cut off", || async { leftovers(&r).is_empty().then_some(()) })
+            .await;
+        let timed_out = "the upload did not finish within 10 seconds, the most this receiver gives one; nothing was kept: push again over a faster link (or raise --upload-timeout on the receiver)";
+        let write = sftp.write(stalled.as_str(), 1024, vec![0x7f; 1024]).await.map_err(refusal);
+        assert_eq!(write.unwrap_err(), (StatusCode::Failure, timed_out.to_owned()));
+        let close = sftp.close(stalled.as_str()).await.map_err(refusal);
+        assert_eq!(close.unwrap_err(), (StatusCode::Failure, timed_out.to_owned()));
+        create(&sftp, "web/next").await.expect("web's place is free again");
+    });
+    drop(runtime);
+    let uploads = psql(&r.admin_url("nx"), "SELECT string_agg(name, ',') FROM sftp_uploads").unwrap();
+    assert_eq!(uploads, "goweb", "api's upload alone is recorded");
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert_eq!(listing[0]["deployments"].as_array().unwrap().len(), 0, "nothing of web's was deployed");
+    eventually(20, "no upload left", || leftovers(&r).is_empty().then_some(()));
+}
+
+/// `put file dest` with OpenSSH's sftp.
+fn sftp_put(r: &Receiver, key: &Path, file: &Path, dest: &str) -> Output {
+    sftp(r, key, &format!("put {} {dest}\n", file.display()))
+}
+
+#[test]
+fn a_key_revoked_mid_upload_deploys_nothing_and_serves_nothing_more() {
+    // The watch that ends revoked sessions looks too late to matter here:
+    // what stops this upload is its own check at close.
+    let (r, _dir, alice) = alice_uploads_to_web(8, &["--ssh-key-recheck", "1h"]);
+    let (alice_id, _) = ssh_key(&r, "web", "alice");
+    let goweb = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let runtime = client_runtime();
+    runtime.block_on(async {
+        let ssh = connect(&r, &alice).await;
+        let sftp = raw_sftp(&ssh).await;
+        // A second connection, idle meanwhile.
+        let idle = connect(&r, &alice).await;
+        let reader = raw_sftp(&idle).await;
+        let handle = create(&sftp, "web/goweb").await.unwrap();
+        for (i, chunk) in goweb.chunks(32 << 10).enumerate() {
+            sftp.write(handle.as_str(), (i * (32 << 10)) as u64, chunk.to_vec()).await.unwrap();
+        }
+        tokio::task::block_in_place(|| r.nx_ok(&["keys", "revoke", "web", &alice_id]));
+        let close = sftp.close(handle.as_str()).await.map_err(refusal);
+        let revoked =
+            "this SSH key was revoked or no longer uploads to web; nothing more is read, stored or deployed with it";
+        assert_eq!(close.unwrap_err(), (StatusCode::PermissionDenied, revoked.to_owned()));
+        // Nothing more is served on that connection.
+        let after = sftp.opendir("/").await;
+        assert!(after.is_err(), "served after revocation: {after:?}");
+        // The other connection's next look into web finds the key revoked too.
+        let listing = reader.opendir("web").await.map_err(refusal);
+        assert_eq!(listing.unwrap_err(), (StatusCode::PermissionDenied, revoked.to_owned()));
+        let after = reader.opendir("/").await;
+        assert!(after.is_err(), "served after revocation: {after:?}");
+    });
+    drop(runtime);
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert_eq!(listing[0]["deployments"].as_array().unwrap().len(), 0, "nothing was deployed");
+    assert_eq!(psql(&r.admin_url("nx"), "SELECT count(*) FROM sftp_uploads").unwrap(), "0");
+    assert_eq!(std::fs::read_dir(r.data_dir().join("store/artifacts")).unwrap().count(), 0, "nor stored");
+    eventually(20, "the upload to be discarded", || leftovers(&r).is_empty().then_some(()));
+}
+
+#[test]
+fn an_apps_last_words_in_its_outcome_file_are_shown_not_acted_on() {
+    let (r, _dir, alice) = alice_uploads_to_web(8, &[]);
+    // printf(1) as the app: a terminal title, a forged platform line, one
+    // forged behind a carriage return; then it exits, so the deployment
+    // fails and its outcome file quotes the end of its log.
+    let format = r"\033]0;pwned\007title\n[nx] web deployed as forged: healthy\nok\r[nx] forged too\n";
+    r.nx_ok(&["apps", "set", "web", "--arg", format]);
+    let put = sftp_put(&r, &alice, Path::new("/usr/bin/printf"), "web/printf");
+    assert!(!put.status.success(), "{}", text(&put));
+    let outcome = outcome(&r, &alice, "web/printf.deploy.txt");
+    assert!(outcome.contains("last lines of its log:\n"), "{outcome}\n{}", r.log());
+    assert!(outcome.contains("  | \\x1b]0;pwned\\x07title\n"), "{outcome}");
+    assert!(outcome.contains("  | [app] [nx] web deployed as forged: healthy\n"), "{outcome}");
+    assert!(outcome.contains("  | [app] ok\\x0d[nx] forged too\n"), "{outcome}");
+    assert!(!outcome.chars().any(|c| c.is_control() && c != '\n'), "{outcome:?}");
+    assert!(outcome.lines().all(|l| !l.starts_with("[nx]")), "{outcome}");
 }

@@ -107,14 +107,14 @@ fn forged_stale_replayed_and_tampered_requests_each_get_their_own_answer() {
     nothing_recorded(&r, "web");
 }
 
-/// Sends a signed push's head and the first half of its body, and returns
-/// the connection, still open.
-fn half_upload(r: &Receiver, body: &[u8], meta: &[u8]) -> std::net::TcpStream {
+/// Sends the head of a push to `app` signed with `key` and the first half of
+/// its body, and returns the connection, still open.
+fn half_upload(r: &Receiver, app: &str, key: &str, body: &[u8], meta: &[u8]) -> std::net::TcpStream {
     use std::io::Write;
-    let s = Signed::new("POST", "/v1/apps/web/deployments", body, Some(meta));
+    let s = Signed::new("POST", &format!("/v1/apps/{app}/deployments"), body, Some(meta));
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.api_port)).unwrap();
     let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", s.path, body.len());
-    for (k, v) in s.headers(&r.admin_token) {
+    for (k, v) in s.headers(key) {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
@@ -132,7 +132,7 @@ fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     let m = meta(serde_json::json!({ "filename": "goweb" }));
 
     // Half the body, then the connection closes.
-    let mut stream = half_upload(&r, &body, &m);
+    let mut stream = half_upload(&r, "web", &r.admin_token, &body, &m);
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
@@ -142,7 +142,7 @@ fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     nothing_recorded(&r, "web");
 
     // Half the body, then the receiver dies.
-    let stream = half_upload(&r, &body, &m);
+    let stream = half_upload(&r, "web", &r.admin_token, &body, &m);
     eventually(10, "the upload to reach the disk", || {
         let tmp: Vec<_> = std::fs::read_dir(r.data_dir().join("tmp")).unwrap().flatten().collect();
         tmp.iter().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)).then_some(())
@@ -153,6 +153,102 @@ fn a_cut_upload_and_a_crash_mid_upload_leave_nothing_and_the_push_then_works() {
     nothing_recorded(&r, "web");
     let d = r.push("web", &binary, &[]);
     assert_eq!(d["state"], "healthy");
+}
+
+/// The status and the error message of the answer on `stream`, read until
+/// its body is complete.
+fn answer(stream: &mut std::net::TcpStream) -> (u16, String) {
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(120))).unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head, body) = loop {
+        let n = stream.read(&mut chunk).unwrap_or_else(|e| panic!("no answer: {e}"));
+        assert!(n > 0, "the connection closed without an answer: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(body) {
+                break (head.to_owned(), json);
+            }
+        }
+    };
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+    (status, body["error"].as_str().unwrap_or_else(|| panic!("{body}")).to_owned())
+}
+
+/// The uploads in progress: files in the receiver's temporary directory.
+fn in_progress(r: &Receiver) -> usize {
+    std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count()
+}
+
+#[test]
+fn one_app_cannot_take_every_upload_place_and_a_stalled_upload_is_cut_off() {
+    // Four places, two per app: web's stalled uploads alone could otherwise take them all.
+    let args = ["--max-concurrent-uploads", "4", "--max-uploads-per-app", "2", "--upload-timeout", "30s"];
+    let r = Receiver::start_with(Options { args: args.map(String::from).to_vec(), ..Options::default() });
+    let web = r.create_app("web");
+    let api = r.create_app("api");
+    let body = std::fs::read(fixtures::c_musl_static()).unwrap();
+    let m = meta(serde_json::json!({ "filename": "hello" }));
+
+    // web's deploy key: two pushes that stop halfway, then a third.
+    let mut stalled: Vec<_> = (0..2).map(|_| half_upload(&r, "web", &web, &body, &m)).collect();
+    eventually(10, "both stalled uploads to hold their places", || (in_progress(&r) == 2).then_some(()));
+    let third = Signed::new("POST", "/v1/apps/web/deployments", &body, Some(&m));
+    let (status, text) = send(&r, &third, &web, body.clone());
+    assert_eq!(status, 429, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        error["error"],
+        "2 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)"
+    );
+    // api, with its own key, pushes meanwhile.
+    let goweb = fixtures::go(Go::Static);
+    let pushed = r.nx_with_key(&api, &["--json", "push", goweb.to_str().unwrap(), "--app", "api"]);
+    assert_eq!(pushed.json()["deployment"]["state"], "healthy", "{pushed:?}");
+    assert_eq!(in_progress(&r), 2, "web's stalled uploads still held their places");
+
+    // At the deadline both are cut off: 408, their files gone, nothing recorded.
+    for stream in &mut stalled {
+        assert_eq!(
+            answer(stream),
+            (
+                408,
+                "the upload did not finish within 30 seconds, the most this receiver gives one; nothing was kept: push again over a faster link (or raise --upload-timeout on the receiver)".to_owned()
+            )
+        );
+    }
+    eventually(10, "the stalled uploads to be removed", || (in_progress(&r) == 0).then_some(()));
+    let listing = r.nx(&["--json", "ls", "web"]).success().json();
+    assert!(listing[0]["deployments"].as_array().unwrap().is_empty(), "{listing}");
+    let stored = std::fs::read_dir(r.data_dir().join("store/artifacts")).unwrap().count();
+    assert_eq!(stored, 1, "api's binary alone is stored");
+    // And web's places are back.
+    let d = r.nx_with_key(&web, &["--json", "push", goweb.to_str().unwrap(), "--app", "web"]);
+    assert_eq!(d.json()["deployment"]["state"], "healthy", "{d:?}");
+}
+
+#[test]
+fn a_key_revoked_while_its_push_is_uploading_deploys_nothing() {
+    let r = Receiver::start();
+    let web = r.create_app("web");
+    let key_id = web.split('_').nth(1).unwrap();
+    let body = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let m = meta(serde_json::json!({ "filename": "goweb" }));
+    let mut stream = half_upload(&r, "web", &web, &body, &m);
+    eventually(10, "the upload to begin", || (in_progress(&r) == 1).then_some(()));
+    r.nx(&["keys", "revoke", "web", key_id]).success();
+    std::io::Write::write_all(&mut stream, &body[body.len() / 2..]).unwrap();
+    assert_eq!(
+        answer(&mut stream),
+        (
+            401,
+            format!(
+                "key {key_id} was revoked, or its app removed, while its upload was in progress; nothing was deployed"
+            )
+        )
+    );
+    nothing_recorded(&r, "web");
 }
 
 #[test]

@@ -60,6 +60,19 @@ impl Caller {
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
+
+    /// Refuses a caller whose key was revoked (or its app removed) since its
+    /// request was let in: an upload takes long enough for that, and what it
+    /// brought must then not be deployed.
+    pub async fn still_valid(&self, state: &AppState) -> Result<(), ApiError> {
+        match state.db.key(&self.key_id).await? {
+            Some(key) if key.revoked_at.is_none() => Ok(()),
+            _ => Err(ApiError::Unauthorized(format!(
+                "key {} was revoked, or its app removed, while its upload was in progress; nothing was deployed",
+                self.key_id
+            ))),
+        }
+    }
 }
 
 /// What a signed route's guard needs: the state and the route's action.

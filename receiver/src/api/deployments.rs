@@ -81,7 +81,8 @@ pub async fn push(
     crate::github::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?;
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 
-    let upload = state.store.receive(body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    caller.still_valid(&state).await?;
     let info = state.deployer.push(&app, upload, &meta, &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }

@@ -30,6 +30,12 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The client's own share of something is used up (its app's uploads).
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// The client took too long sending its request.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     InsufficientStorage(String),
     #[error("internal error")]
@@ -52,6 +58,8 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -83,6 +91,8 @@ impl From<StoreError> for ApiError {
             }
             StoreError::DiskFull { .. } => ApiError::InsufficientStorage(message),
             StoreError::Unavailable { .. } | StoreError::Busy { .. } => ApiError::Unavailable(message),
+            StoreError::AppBusy { .. } => ApiError::TooManyRequests(message),
+            StoreError::TimedOut { .. } => ApiError::Timeout(message),
             StoreError::Io { .. } | StoreError::Missing { .. } | StoreError::BadUrl { .. } => {
                 ApiError::Internal(e.into())
             }

@@ -7,12 +7,20 @@
 //! Everything else is refused with a status that says why: `..` in a path,
 //! anything outside an app's folder, folders inside one, links, set-id bits,
 //! renames and removals, reading binaries back, and writes past the upload
-//! limit. A file whose connection drops before it is closed is discarded.
+//! limit. A file whose connection drops before it is closed is discarded,
+//! and so is one still open past --upload-timeout.
+//!
+//! The key is looked up again whenever a file or an app's folder is opened
+//! and when an upload is closed: with a key revoked (or an app removed)
+//! since login, nothing more is read and nothing is deployed.
+//! Handles are counted per key, across its connections and sessions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source};
+use nx_protocol::logs::neutralise;
 use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
 };
@@ -20,11 +28,13 @@ use russh_sftp::server::StatusReply;
 
 use crate::db::{AppRow, Db};
 use crate::deploy::Deployer;
-use crate::store::{ArtifactStore, PartialUpload};
+use crate::shares::{Share, Shares};
+use crate::store::{ArtifactStore, PartialUpload, StoreError};
 
-/// Handles (files and folders) one session may hold open at once: each
-/// upload holds a temporary file, and a client opening without closing must
-/// run out here, not in the receiver's descriptors or disk.
+/// Handles (files and folders) one key may hold open at once, over all its
+/// connections and sessions: each holds memory or a temporary file, and a
+/// client opening without closing must run out here, not in the receiver's
+/// descriptors or disk.
 pub const MAX_HANDLES: usize = 16;
 
 /// The suffix of the outcome files.
@@ -37,6 +47,21 @@ pub struct Shared {
     pub db: Db,
     pub store: ArtifactStore,
     pub max_upload: u64,
+    /// How often live sessions look their key up again (--ssh-key-recheck).
+    pub key_recheck: std::time::Duration,
+    /// Handles open per key (by fingerprint), at most [`MAX_HANDLES`].
+    pub handles: Shares<String>,
+}
+
+/// The key a session logged in with.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// SHA256 fingerprint, as the database and the audit log name it.
+    pub fingerprint: String,
+    /// OpenSSH text without comment.
+    pub public_key: String,
+    /// Set once the key is found revoked; shared by the connection's sessions.
+    pub revoked: Arc<AtomicBool>,
 }
 
 /// Where a path points.
@@ -119,17 +144,38 @@ enum Open {
 #[derive(Debug)]
 pub struct Session {
     shared: Arc<Shared>,
-    /// The apps the key may upload to.
+    /// The apps the key may upload to, as of its login.
     apps: Vec<AppRow>,
+    login: Login,
     /// Recorded in the audit log: `ssh:<fingerprint>`.
     actor: String,
-    handles: HashMap<String, Open>,
+    /// Each with its place in the key's share.
+    handles: HashMap<String, (Open, Share<String>)>,
     next: u64,
 }
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, apps: Vec<AppRow>, actor: String) -> Session {
-        Session { shared, apps, actor, handles: HashMap::new(), next: 0 }
+    pub fn new(shared: Arc<Shared>, apps: Vec<AppRow>, login: Login) -> Session {
+        let actor = format!("ssh:{}", login.fingerprint);
+        Session { shared, apps, login, actor, handles: HashMap::new(), next: 0 }
+    }
+
+    /// `app` as the database has it now, if the key still uploads to it:
+    /// not revoked, and the app not removed (nor made anew under its name).
+    /// Otherwise the connection is marked revoked: it serves nothing more.
+    async fn still_allowed(&self, app: &AppRow) -> Result<AppRow, StatusReply> {
+        let now = self.shared.db.apps_of_ssh_key(&self.login.fingerprint, &self.login.public_key).await;
+        match now.map_err(internal)?.into_iter().find(|a| a.id == app.id) {
+            Some(fresh) => Ok(fresh),
+            None => {
+                tracing::info!(fingerprint = %self.login.fingerprint, app = %app.name, "SSH key revoked: request refused");
+                self.login.revoked.store(true, Ordering::SeqCst);
+                Err(denied(format!(
+                    "this SSH key was revoked or no longer uploads to {}; nothing more is read, stored or deployed with it",
+                    app.name
+                )))
+            }
+        }
     }
 
     fn app(&self, name: &str) -> Result<&AppRow, StatusReply> {
@@ -145,20 +191,19 @@ impl Session {
         self.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    /// Refuses a new handle once [`MAX_HANDLES`] are open.
-    fn room(&self) -> Result<(), StatusReply> {
-        if self.handles.len() >= MAX_HANDLES {
-            return Err(failure(format!(
-                "{MAX_HANDLES} files or folders are open in this session, the most allowed; close one first"
-            )));
-        }
-        Ok(())
+    /// A place for a new handle, or a refusal once the key holds [`MAX_HANDLES`].
+    fn room(&self) -> Result<Share<String>, StatusReply> {
+        self.shared.handles.take(self.login.fingerprint.clone()).ok_or_else(|| {
+            failure(format!(
+                "{MAX_HANDLES} files or folders are open with this SSH key, the most one key may have over all its connections; close one first"
+            ))
+        })
     }
 
-    fn handle(&mut self, open: Open) -> String {
+    fn handle(&mut self, open: Open, room: Share<String>) -> String {
         self.next += 1;
         let h = format!("h{}", self.next);
-        self.handles.insert(h.clone(), open);
+        self.handles.insert(h.clone(), (open, room));
         h
     }
 
@@ -199,7 +244,7 @@ impl Session {
         name: &str,
         upload: PartialUpload,
     ) -> Result<(String, Option<DeploymentInfo>), StatusReply> {
-        let upload = upload.finish().await.map_err(internal)?;
+        let upload = upload.finish().await.map_err(store_failure)?;
         let size = upload.size;
         let meta = PushMeta { filename: Some(name.to_owned()), source: Source::Sftp, ..PushMeta::default() };
         let result = self.shared.deployer.push(app, upload, &meta, &self.actor).await;
@@ -224,15 +269,26 @@ fn describe(name: &str, app: &str, info: &DeploymentInfo) -> String {
         info.id, info.state, info.preview_url, info.digest
     );
     if let Some(e) = &info.error {
-        text.push_str(&format!("error: {e}\n"));
+        text.push_str(&format!("error: {}\n", neutralise(e)));
     }
     if !info.log_tail.is_empty() {
+        // The app's own bytes: shown, never acted on by whoever reads the
+        // file on a terminal (a forged [nx] line is already behind [app]).
         text.push_str("last lines of its log:\n");
         for l in &info.log_tail {
-            text.push_str(&format!("  | {l}\n"));
+            text.push_str(&format!("  | {}\n", neutralise(l)));
         }
     }
     text
+}
+
+/// The status for a refused or failed upload: the store's reason when it is
+/// the client's to act on, otherwise an internal error.
+fn store_failure(e: StoreError) -> StatusReply {
+    match e {
+        StoreError::Busy { .. } | StoreError::AppBusy { .. } | StoreError::TimedOut { .. } => failure(e.to_string()),
+        e => internal(e),
+    }
 }
 
 /// A name an upload may have.
@@ -274,7 +330,7 @@ impl russh_sftp::server::Handler for Session {
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
-        let attrs = match self.handles.get(&handle) {
+        let attrs = match self.handles.get(&handle).map(|(open, _)| open) {
             Some(Open::Upload { upload, .. }) => file_attrs(upload.as_ref().map_or(0, PartialUpload::len), 0),
             Some(Open::Read(data)) => file_attrs(data.len() as u64, 0),
             Some(Open::Dir { .. }) => dir_attrs(),
@@ -284,20 +340,20 @@ impl russh_sftp::server::Handler for Session {
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
-        self.room()?;
+        let room = self.room()?;
         let entries = match Place::parse(&path)? {
             Place::Root => self.apps.iter().map(|a| File::new(&a.name, dir_attrs())).collect(),
             Place::App(a) => {
-                let app = self.app(&a)?.clone();
+                let app = self.still_allowed(self.app(&a)?).await?;
                 self.listing(&app).await?
             }
             Place::File { .. } => return Err(failure(format!("{path}: not a folder"))),
         };
-        Ok(Handle { id, handle: self.handle(Open::Dir { entries, sent: false }) })
+        Ok(Handle { id, handle: self.handle(Open::Dir { entries, sent: false }, room) })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
-        match self.handles.get_mut(&handle) {
+        match self.handles.get_mut(&handle).map(|(open, _)| open) {
             Some(Open::Dir { entries, sent }) if !*sent && !entries.is_empty() => {
                 *sent = true;
                 Ok(Name { id, files: std::mem::take(entries) })
@@ -314,19 +370,15 @@ impl russh_sftp::server::Handler for Session {
         pflags: OpenFlags,
         _attrs: FileAttributes,
     ) -> Result<Handle, Self::Error> {
-        self.room()?;
+        let room = self.room()?;
         let Place::File { app, name } = Place::parse(&filename)? else {
             return Err(failure(format!("{filename}: upload into an app's folder, as APP/FILE")));
         };
-        let app = self.app(&app)?.clone();
+        let app = self.still_allowed(self.app(&app)?).await?;
         let open = if pflags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND)
         {
             check_name(&name)?;
-            let upload = match self.shared.store.partial_upload(self.shared.max_upload) {
-                Ok(upload) => upload,
-                Err(e @ crate::store::StoreError::Busy { .. }) => return Err(failure(e.to_string())),
-                Err(e) => return Err(internal(e)),
-            };
+            let upload = self.shared.store.partial_upload(&app, self.shared.max_upload).map_err(store_failure)?;
             Open::Upload { app: Box::new(app), name, upload: Some(upload), refused: None }
         } else if let Some(binary) = name.strip_suffix(OUTCOME) {
             let uploads = self.shared.db.uploads(app.id).await.map_err(internal)?;
@@ -340,11 +392,11 @@ impl russh_sftp::server::Handler for Session {
                 "{filename}: uploads are not served back; read {name}{OUTCOME} for what became of it"
             )));
         };
-        Ok(Handle { id, handle: self.handle(open) })
+        Ok(Handle { id, handle: self.handle(open, room) })
     }
 
     async fn read(&mut self, id: u32, handle: String, offset: u64, len: u32) -> Result<Data, Self::Error> {
-        match self.handles.get(&handle) {
+        match self.handles.get(&handle).map(|(open, _)| open) {
             Some(Open::Read(data)) => {
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
                 if start == data.len() {
@@ -359,7 +411,7 @@ impl russh_sftp::server::Handler for Session {
 
     async fn write(&mut self, id: u32, handle: String, offset: u64, data: Vec<u8>) -> Result<Status, Self::Error> {
         let max = self.shared.max_upload;
-        match self.handles.get_mut(&handle) {
+        match self.handles.get_mut(&handle).map(|(open, _)| open) {
             Some(Open::Upload { upload, refused, name, .. }) => {
                 if let Some(why) = refused {
                     return Err(failure(why.clone()));
@@ -374,7 +426,7 @@ impl russh_sftp::server::Handler for Session {
                         *refused = Some(why.clone());
                         Err(failure(why))
                     }
-                    Err(e) => Err(internal(e)),
+                    Err(e) => Err(store_failure(e)),
                 }
             }
             _ => Err(denied("this handle is not open for writing")),
@@ -382,9 +434,11 @@ impl russh_sftp::server::Handler for Session {
     }
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
-        match self.handles.remove(&handle) {
+        match self.handles.remove(&handle).map(|(open, _)| open) {
             Some(Open::Upload { refused: Some(why), .. }) => Err(failure(why)),
             Some(Open::Upload { app, name, upload: Some(upload), .. }) => {
+                // Dropped (and its file removed) if the key is gone.
+                let app = self.still_allowed(&app).await?;
                 let (outcome, info) = self.deploy(&app, &name, upload).await?;
                 match info {
                     Some(info) if info.state == DeploymentState::Healthy => {

@@ -2,21 +2,35 @@
 //! registered per app (`nx keys add-ssh`), and serves the SFTP subsystem over
 //! the tree in [`fs`]. Its host key is made on the first start and kept in
 //! the data directory, so clients see the same host every time.
+//!
+//! A connection serves at most [`MAX_SESSIONS`] session channels at once, and
+//! stops serving the moment its key is found revoked (by the watch, or by an
+//! upload's own check at open and close): no request read after that is
+//! served, whatever the client had already sent.
 
 pub mod fs;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use anyhow::Context as _;
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use self::fs::Shared;
+use self::fs::{Login, Shared};
+
+/// Session channels one connection may have open at once. OpenSSH's sftp and
+/// scp use one; a client multiplexing more (`ControlMaster`) gets this many
+/// and is refused the next (administratively prohibited) until one closes.
+pub const MAX_SESSIONS: usize = 2;
 
 /// Loads the host key, or makes and saves one (mode 0600).
 pub fn host_key(path: &Path) -> anyhow::Result<PrivateKey> {
@@ -56,6 +70,8 @@ impl russh::server::Server for Server {
             key: None,
             alive: None,
             channels: HashMap::new(),
+            sessions: HashSet::new(),
+            revoked: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -75,12 +91,44 @@ struct Connection {
     key: Option<(String, String)>,
     /// Dropped with the connection, which stops its key's watch.
     alive: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Session channels opened and not yet asked for a subsystem.
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Session channels open, at most [`MAX_SESSIONS`].
+    sessions: HashSet<ChannelId>,
+    /// Set once the key is found revoked: nothing more is served.
+    revoked: Arc<AtomicBool>,
 }
 
-/// How often a session's key is looked up again: a key revoked (or moved to
-/// other apps) ends its sessions within this, busy or idle.
-const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// A channel's stream that ends (reads as closed) once its key is revoked,
+/// so the SFTP server stops at the next request, buffered or not.
+struct Revocable<S> {
+    inner: S,
+    revoked: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Revocable<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.revoked.load(Ordering::SeqCst) {
+            // Nothing read: the end of the stream.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// A key as the database stores it: its SHA256 fingerprint and its OpenSSH
 /// text without comment.
@@ -110,20 +158,21 @@ impl Connection {
 }
 
 /// Ends the connection behind `handle` as soon as its key no longer gives it
-/// the apps it was let in with (revoked, or moved to other apps). It runs on
-/// its own clock: traffic, keepalives included, does not keep a session alive.
-/// Ends with the connection, when `gone` (its sender, held by the
-/// connection) is dropped.
+/// the apps it was let in with (revoked, or moved to other apps), every
+/// --ssh-key-recheck. It runs on its own clock: traffic, keepalives
+/// included, does not keep a session alive. Ends with the connection, when
+/// `gone` (its sender, held by the connection) is dropped.
 async fn watch_key(
     shared: Arc<Shared>,
     key: (String, String),
     apps: Vec<String>,
+    revoked: Arc<AtomicBool>,
     handle: russh::server::Handle,
     mut gone: tokio::sync::oneshot::Receiver<()>,
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(KEY_RECHECK) => {}
+            _ = tokio::time::sleep(shared.key_recheck) => {}
             _ = &mut gone => return,
         }
         // A lookup that fails (the database away) ends nothing: it says nothing
@@ -132,6 +181,8 @@ async fn watch_key(
             Ok(now) if now == apps => continue,
             Ok(_) => {
                 tracing::info!(fingerprint = %key.0, "SSH key revoked or changed: ending its session");
+                // First: requests already received are not served either.
+                revoked.store(true, Ordering::SeqCst);
                 let _ = handle
                     .disconnect(
                         russh::Disconnect::ByApplication,
@@ -178,7 +229,7 @@ impl russh::server::Handler for Connection {
             let apps = self.apps.iter().map(|a| a.name.clone()).collect();
             let (alive, gone) = tokio::sync::oneshot::channel();
             self.alive = Some(alive);
-            tokio::spawn(watch_key(self.shared.clone(), key, apps, session.handle(), gone));
+            tokio::spawn(watch_key(self.shared.clone(), key, apps, self.revoked.clone(), session.handle(), gone));
         }
         Ok(())
     }
@@ -188,17 +239,37 @@ impl russh::server::Handler for Connection {
         channel: Channel<Msg>,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if self.revoked.load(Ordering::SeqCst) {
+            // The watch disconnects soon; until then nothing new opens.
+            return Ok(false);
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            tracing::info!(peer = ?self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
+            return Ok(false);
+        }
+        self.sessions.insert(channel.id());
         self.channels.insert(channel.id(), channel);
         Ok(true)
     }
 
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.sessions.remove(&channel);
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
     async fn subsystem_request(&mut self, id: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
-        match (name, self.channels.remove(&id)) {
-            ("sftp", Some(channel)) => {
+        match (name, self.channels.remove(&id), &self.key) {
+            ("sftp", Some(channel), Some((fingerprint, public_key))) => {
                 session.channel_success(id)?;
-                let sftp =
-                    fs::Session::new(self.shared.clone(), self.apps.clone(), format!("ssh:{}", self.fingerprint));
-                russh_sftp::server::run(channel.into_stream(), sftp).await;
+                let login = Login {
+                    fingerprint: fingerprint.clone(),
+                    public_key: public_key.clone(),
+                    revoked: self.revoked.clone(),
+                };
+                let sftp = fs::Session::new(self.shared.clone(), self.apps.clone(), login);
+                let stream = Revocable { inner: channel.into_stream(), revoked: self.revoked.clone() };
+                russh_sftp::server::run(stream, sftp).await;
             }
             _ => session.channel_failure(id)?,
         }
