@@ -127,8 +127,10 @@ impl Work {
             Work::PullRequestClosed { repository_id, pr, head_sha, closed_at, .. } => {
                 Some(format!("pull_request:{repository_id}:{pr}:closed:{head_sha}:{closed_at}"))
             }
-            Work::CheckRunAction { repository_id, check_run, deployment, action, head_sha, completed_at, .. } => {
-                Some(format!("check_run:{repository_id}:{check_run}:{deployment}:{action}:{head_sha}:{completed_at}"))
+            // Whoever clicked is part of it: a click refused for lack of
+            // permission must not use up the button for someone who has it.
+            Work::CheckRunAction { repository_id, check_run, deployment, action, head_sha, completed_at, by } => {
+                Some(format!("check_run:{repository_id}:{check_run}:{deployment}:{action}:{head_sha}:{completed_at}:{by}"))
             }
             Work::ReviewApproved { repository_id, review, .. } => Some(format!("review:{repository_id}:{}", review.id)),
             Work::InstallationCreated { .. } | Work::InstallationDeleted { .. } => None,
@@ -573,7 +575,11 @@ mod tests {
         ));
         // The same button of the same check run, once the check run changed: another event.
         action["check_run"]["completed_at"] = "2026-11-29T21:00:00Z".into();
-        assert_ne!(parse("check_run", &action).unwrap().key(), button.key());
+        let changed = parse("check_run", &action).unwrap();
+        assert_ne!(changed.key(), button.key());
+        // Another person's click of the same button: another event too.
+        action["sender"]["login"] = "someone-else".into();
+        assert_ne!(parse("check_run", &action).unwrap().key(), changed.key());
         let mut review = payload("pull_request_review.submitted");
         assert_eq!(parse("pull_request_review", &review), None, "a comment is not an approval");
         review["review"]["state"] = "approved".into();
