@@ -71,6 +71,12 @@ impl Db {
     /// Records an app's link to a repository, leaving the rest of its
     /// settings as they are.
     pub async fn link_repository(&self, app_id: i64, link: &nx_protocol::api::GitHubLink) -> Result<(), sqlx::Error> {
+        self.set_link(app_id, Some(link)).await
+    }
+
+    /// Sets or (with `None`) removes an app's link, leaving the rest of its
+    /// settings as they are.
+    pub async fn set_link(&self, app_id: i64, link: Option<&nx_protocol::api::GitHubLink>) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE apps SET settings = jsonb_set(settings, '{github}', $2) WHERE id = $1")
             .bind(app_id)
             .bind(Json(link))

@@ -1,10 +1,11 @@
 //! The GitHub integration: previews reported on pull requests ([`report`]),
 //! webhooks acted on ([`webhook`]), apps linked to their repositories
-//! ([`link`]), all calls made through [`client`] as a token or a GitHub App.
+//! ([`link`]), workflows' OIDC tokens verified ([`oidc`]), all calls made through [`client`] as a token or a GitHub App.
 //! Everything here is optional: without a token or app nothing is reported,
 //! without a webhook secret no webhook is taken.
 
 pub mod client;
 pub mod link;
+pub mod oidc;
 pub mod report;
 pub mod webhook;
