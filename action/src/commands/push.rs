@@ -11,7 +11,7 @@ use nx_protocol::AppName;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{client, print_json, resolve_app};
+use super::{print_json, resolve_app};
 use crate::cli::{Global, PushArgs};
 use crate::client::{get_public, Client};
 use crate::failure::Failure;
@@ -155,7 +155,8 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
     } else {
         crate::manifest::load(g.manifest.as_deref())?
     };
-    let client = client(g)?;
+    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
+    let client = Client::for_push(&target).await?;
     let named = args.app.app.clone().or_else(|| manifest.as_ref().and_then(|(_, m)| m.app.clone()));
     let app = resolve_app(&client, g, named.as_deref()).await?;
     let app = AppName::parse(&app).map_err(|e| Failure::Usage(e.to_string()))?;
