@@ -12,6 +12,7 @@ mod core;
 mod databases;
 mod github;
 mod lifecycle;
+mod oidc;
 mod router;
 mod sftp;
 mod supervision;

@@ -14,6 +14,7 @@ pub mod github;
 pub mod http;
 pub mod load;
 pub mod moto;
+pub mod oidc;
 pub mod postgres;
 pub mod receiver;
 pub mod signed;
