@@ -81,7 +81,8 @@ pub fn send_with_token(api: &str, method: &str, path: &str, body: &[u8], token: 
     send_as(api, &Signed::new(method, path, body, None), &Credential::github_oidc(token), body.to_vec())
 }
 
-fn send_as(api: &str, s: &Signed, cred: &Credential, body: Vec<u8>) -> (u16, String) {
+/// Sends `s` signed with `cred` (a key or a GitHub OIDC token), with `body`.
+pub fn send_as(api: &str, s: &Signed, cred: &Credential, body: Vec<u8>) -> (u16, String) {
     let client =
         reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(60)).build().expect("a client");
     let mut req = client.request(s.method.parse().expect("a method"), format!("{api}{}", s.path)).body(body);

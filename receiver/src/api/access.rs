@@ -112,10 +112,10 @@ pub enum Denied {
     )]
     ReadOnly { key: String },
     #[error(
-        "a GitHub workflow's OIDC token may push to app '{own}', read its deployments and apply its nx.toml \
-         settings, nothing else; use the app's deploy key or the admin token"
+        "a GitHub workflow's OIDC token may push to the app that trusts its repository (named with --app), read \
+         its deployments and apply its nx.toml settings, nothing else; use the app's deploy key or the admin token"
     )]
-    Workflow { own: String },
+    Workflow,
     #[error("this GitHub workflow's OIDC token is for app '{own}' and cannot act on app '{app}'")]
     WorkflowOtherApp { own: String, app: String },
 }
@@ -153,7 +153,7 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
         // need), no other app, and no app-less route: the token names no app.
         Role::Workflow { app: own, .. } => {
             if !matches!(action, Action::ReadApp | Action::Deploy | Action::Configure) {
-                return Err(Denied::Workflow { own: own.clone() });
+                return Err(Denied::Workflow);
             }
             if app != own {
                 return Err(Denied::WorkflowOtherApp { own: own.clone(), app: app.to_owned() });
@@ -278,7 +278,7 @@ mod tests {
                     "{action:?} on another app"
                 );
             } else {
-                assert_eq!(own, Err(Denied::Workflow { own: "web".into() }), "{action:?}");
+                assert_eq!(own, Err(Denied::Workflow), "{action:?}");
             }
         }
     }

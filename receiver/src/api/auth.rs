@@ -277,10 +277,9 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
         }
     })?;
     if app.is_empty() {
-        return Err(ApiError::Forbidden(
-            "a GitHub workflow's OIDC token acts only on the app that trusts its repository; name the app (--app)"
-                .into(),
-        ));
+        // No app-less action is a workflow's (see access::decide); refused
+        // here too, since without an app no trust can be checked.
+        return Err(ApiError::Forbidden(super::access::Denied::Workflow.to_string()));
     }
     // An app that does not exist trusts nothing: the same answer as an app
     // without a policy, so a token cannot probe which apps exist.
