@@ -3,16 +3,20 @@
 //! does), the receiver verifies it against that issuer's published keys and
 //! the app's trust policy, and records what it proved. Every way a token can
 //! be wrong is refused with its own answer, and leaves no trace; a deploy key
-//! cannot aim the platform's GitHub identity at another repository.
+//! cannot aim the platform's GitHub identity at another repository. And the
+//! composite action itself, run as a runner runs it, installs its release and
+//! deploys with the job's token alone.
 
 use std::path::Path;
 
 use nx_e2e::fixtures::{self, Go};
-use nx_e2e::github::FakeGitHub;
+use nx_e2e::github::{payload, with, FakeGitHub};
 use nx_e2e::oidc::{Issuer, Mint, Signing, OWNER_ID, REPOSITORY, REPOSITORY_ID, SHA, WORKFLOW};
 use nx_e2e::receiver::{NxOutput, Options};
-use nx_e2e::{eventually, Receiver};
+use nx_e2e::runner::{self, Releases};
+use nx_e2e::{bin, eventually, Receiver};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 fn receiver(issuer: &Issuer, extra: &[&str]) -> Receiver {
     let mut args = issuer.receiver_args();
@@ -373,4 +377,110 @@ fn action_with_key(r: &Receiver, key: &str, binary: &Path, repository: &str, id:
             .output()
             .unwrap(),
     )
+}
+
+/// A job of our repository on `event`, as GitHub's runner describes it to a
+/// step, with `permissions: id-token: write` when `oidc`.
+fn job(issuer: &Issuer, tag: &str, event: &str, payload: Value, sha: &str, oidc: bool) -> runner::Job {
+    let mut env: Vec<(String, String)> = vec![
+        ("GITHUB_EVENT_NAME".into(), event.into()),
+        ("GITHUB_SHA".into(), sha.into()),
+        ("GITHUB_REPOSITORY".into(), REPOSITORY.into()),
+        ("GITHUB_REPOSITORY_ID".into(), REPOSITORY_ID.to_string()),
+        ("GITHUB_REF_NAME".into(), "main".into()),
+        ("GITHUB_REF".into(), "refs/heads/main".into()),
+    ];
+    if oidc {
+        env.extend(issuer.job_env().into_iter().map(|(k, v)| (k.to_owned(), v)));
+    }
+    runner::Job { action_repository: "nx-sandbox/nx-sandbox".into(), action_ref: tag.into(), env, event: payload }
+}
+
+/// One of GitHub's example payloads, about our repository (default branch `main`).
+fn ours(name: &str, changes: &[(&str, Value)]) -> Value {
+    let mut all = vec![
+        ("/repository/full_name", REPOSITORY.into()),
+        ("/repository/id", REPOSITORY_ID.into()),
+        ("/repository/default_branch", "main".into()),
+    ];
+    all.extend(changes.iter().cloned());
+    with(payload(name), &all)
+}
+
+#[test]
+fn the_composite_action_installs_its_release_and_deploys_with_the_jobs_oidc_token_alone() {
+    let issuer = Issuer::start();
+    let r = receiver(&issuer, &[]);
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--github-trust", &format!("{REPOSITORY}:deploy.yml")]);
+    let goweb = fixtures::go(Go::Static);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // The release the install script downloads: this build's nx, with its checksum.
+    let releases = Releases::new();
+    let asset = "nx-x86_64-unknown-linux-musl";
+    let nx = std::fs::read(bin("nx")).unwrap();
+    let checksum = format!("{}  {asset}\n", hex::encode(Sha256::digest(&nx)));
+    releases.publish("nx-sandbox/nx-sandbox", "v1.2.3", asset, &nx);
+    releases.publish("nx-sandbox/nx-sandbox", "v1.2.3", &format!("{asset}.sha256"), checksum.as_bytes());
+    let inputs = [("server", r.api()), ("binary", goweb.to_str().unwrap().to_owned()), ("app", "web".to_owned())];
+    let inputs: Vec<(&str, &str)> = inputs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // A push to main, no key: installed, deployed, promoted, told.
+    let push = job(&issuer, "v1.2.3", "push", ours("push", &[("/after", SHA.into())]), SHA, true);
+    let run = runner::run(&root, &inputs, &push, &releases);
+    assert_eq!(run.code, 0, "{}\n{}", run.log, r.log());
+    assert!(run.log.contains("using released nx v1.2.3 (x86_64-unknown-linux-musl, sha256 "), "{}", run.log);
+    let id = run.outputs["deployment-id"].clone();
+    assert_eq!(run.outputs["digest"], hex::encode(Sha256::digest(std::fs::read(&goweb).unwrap())));
+    assert_eq!(r.get(&run.outputs["preview-url"]).body, "goweb\n");
+    let production = r.nx_ok(&["--json", "apps", "ls"]).json()[0]["production"].clone();
+    assert_eq!(production, id.as_str(), "a push to the default branch promotes");
+    for expected in [id.as_str(), &SHA[..12], "| production |"] {
+        assert!(run.summary.contains(expected), "{expected:?} missing from the summary:\n{}", run.summary);
+    }
+    let d = deployments(&r, "web").into_iter().find(|d| d["id"] == id.as_str()).unwrap();
+    assert_eq!(
+        (d["github"]["event_name"].as_str(), d["github"]["ref"].as_str()),
+        (Some("push"), Some("refs/heads/main"))
+    );
+
+    // A pull request's run: its token names refs/pull/7/merge; a preview, not production.
+    let head = "0123456789abcdef0123456789abcdef01234567";
+    let merge = "89abcdef0123456789abcdef0123456789abcdef";
+    issuer.next(Mint::with(&[
+        ("ref", "refs/pull/7/merge".into()),
+        ("event_name", "pull_request".into()),
+        ("sha", merge.into()),
+    ]));
+    let event = ours(
+        "pull_request.opened",
+        &[("/number", 7.into()), ("/pull_request/number", 7.into()), ("/pull_request/head/sha", head.into())],
+    );
+    let run = runner::run(&root, &inputs, &job(&issuer, "v1.2.3", "pull_request", event, merge, true), &releases);
+    assert_eq!(run.code, 0, "{}", run.log);
+    assert!(run.summary.contains("| pull request | #7 |"), "{}", run.summary);
+    let preview =
+        deployments(&r, "web").into_iter().find(|d| d["id"] == run.outputs["deployment-id"].as_str()).unwrap();
+    assert_eq!((preview["pr"].as_u64(), preview["git_sha"].as_str()), (Some(7), Some(head)));
+    assert_eq!(r.nx_ok(&["--json", "apps", "ls"]).json()[0]["production"], id.as_str());
+
+    // A release whose bytes are not the ones its checksum names is not run.
+    releases.publish("nx-sandbox/nx-sandbox", "v1.2.4", asset, b"#!/bin/sh\necho pwned\n");
+    releases.publish("nx-sandbox/nx-sandbox", "v1.2.4", &format!("{asset}.sha256"), checksum.as_bytes());
+    issuer.next(Mint::default());
+    let before = deployments(&r, "web").len();
+    let run = runner::run(&root, &inputs, &job(&issuer, "v1.2.4", "push", ours("push", &[]), SHA, true), &releases);
+    assert_eq!(run.code, 1, "{}", run.log);
+    assert!(run.log.contains("but its release says"), "{}", run.log);
+    assert!(run.log.contains("refusing to run it") && !run.log.contains("pwned"), "{}", run.log);
+
+    // No key and no `id-token: write`: the step says what to do.
+    let run = runner::run(&root, &inputs, &job(&issuer, "v1.2.3", "push", ours("push", &[]), SHA, false), &releases);
+    assert_eq!(run.code, 2, "{}", run.log);
+    assert!(
+        run.log.contains("::error title=NX Sandbox push failed::no key to push with: set NX_KEY or grant `permissions: id-token: write`"),
+        "{}",
+        run.log
+    );
+    assert_eq!(deployments(&r, "web").len(), before, "nothing was pushed");
 }

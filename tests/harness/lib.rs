@@ -17,6 +17,7 @@ pub mod moto;
 pub mod oidc;
 pub mod postgres;
 pub mod receiver;
+pub mod runner;
 pub mod signed;
 
 use std::path::{Path, PathBuf};
