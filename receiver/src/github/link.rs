@@ -67,14 +67,19 @@ pub async fn check_push(
     actor: &str,
 ) -> Result<(), DeployError> {
     if let Some(proved) = proved {
-        let trust = app.settings.github.as_ref().and_then(|l| l.trust.clone());
-        let pinned = GitHubLink {
-            repository: proved.repository.clone(),
-            id: Some(proved.repository_id),
-            owner_id: Some(proved.repository_owner_id),
-            trust,
-        };
-        return learn(db, app, pinned, actor).await;
+        let linked = app.settings.github.as_ref();
+        let known = linked.is_some_and(|l| {
+            l.repository == proved.repository
+                && l.id == Some(proved.repository_id)
+                && l.owner_id == Some(proved.repository_owner_id)
+        });
+        if !known {
+            // Only the identity: the trust is the admin's, who may be changing it now.
+            db.pin_repository(app.id, proved).await?;
+            record(db, app, &proved.repository, Some(proved.repository_id), Some(proved.repository_owner_id), actor)
+                .await?;
+        }
+        return Ok(());
     }
     let (Some(name), Some(id)) = (&meta.repository, meta.repository_id) else { return Ok(()) };
     let learned = match &app.settings.github {
@@ -98,20 +103,29 @@ pub async fn check_push(
 }
 
 async fn learn(db: &Db, app: &AppRow, link: GitHubLink, actor: &str) -> Result<(), DeployError> {
-    if app.settings.github.as_ref() == Some(&link) {
-        return Ok(());
-    }
     db.link_repository(app.id, &link).await?;
+    record(db, app, &link.repository, link.id, link.owner_id, actor).await
+}
+
+/// The audit event and log line of a link learned from a push.
+async fn record(
+    db: &Db,
+    app: &AppRow,
+    repository: &str,
+    id: Option<u64>,
+    owner_id: Option<u64>,
+    actor: &str,
+) -> Result<(), DeployError> {
     let was = app.settings.github.as_ref().map(|l| l.repository.as_str());
     db.event(
         Some(&app.name),
         None,
         "github.link",
         actor,
-        serde_json::json!({ "repository": link.repository, "id": link.id, "owner_id": link.owner_id, "was": was }),
+        serde_json::json!({ "repository": repository, "id": id, "owner_id": owner_id, "was": was }),
     )
     .await?;
-    tracing::info!(app = %app.name, repository = %link.repository, id = ?link.id, "app linked to its GitHub repository");
+    tracing::info!(app = %app.name, repository, ?id, "app linked to its GitHub repository");
     Ok(())
 }
 
