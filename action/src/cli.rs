@@ -259,8 +259,16 @@ pub struct SetArgs {
     pub promote_on: Option<String>,
     /// The GitHub repository (owner/name) whose webhooks act on this app, or
     /// `none` (admin token: the receiver reports there with its own identity).
-    #[arg(long, value_name = "OWNER/NAME")]
+    /// Links without trusting its workflows; see --github-trust.
+    #[arg(long, value_name = "OWNER/NAME", conflicts_with = "github_trust")]
     pub github_repo: Option<String>,
+    /// Links the app to the repository and lets its GitHub Actions runs push
+    /// with their OIDC token (`permissions: id-token: write`) instead of a
+    /// deploy key: only the workflow file given (`deploy.yml` or
+    /// `.github/workflows/deploy.yml`) and refs matching the pattern
+    /// (`main`, `refs/heads/*`, `refs/tags/v*`) when given (admin token).
+    #[arg(long, value_name = "OWNER/REPO[:WORKFLOW][@REF]")]
+    pub github_trust: Option<String>,
 }
 
 #[derive(Debug, Args)]

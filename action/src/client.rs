@@ -13,7 +13,7 @@ use nx_protocol::auth::{
     sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META,
     HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -54,8 +54,9 @@ fn unreachable(server: &str, e: &reqwest::Error) -> Failure {
     ))
 }
 
-/// Turns an error answer into a [`Failure`] with the server's message.
-async fn failure(resp: reqwest::Response) -> Failure {
+/// Turns an error answer into a [`Failure`] with the server's message, and
+/// `hint` (how to set another credential) when it refused the credential.
+async fn failure(resp: reqwest::Response, hint: &str) -> Failure {
     let status = resp.status();
     if status.is_redirection() {
         let to = resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("elsewhere");
@@ -72,10 +73,49 @@ async fn failure(resp: reqwest::Response) -> Failure {
         }
     });
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        Failure::Refused(format!("{message} (set the key with `nx login --key KEY` or NX_KEY)"))
+        Failure::Refused(format!("{message}{hint}"))
     } else {
         Failure::Refused(message)
     }
+}
+
+/// Added to a refusal of a key.
+const KEY_HINT: &str = " (set the key with `nx login --key KEY` or NX_KEY)";
+
+/// GitHub's variables in a job with `permissions: id-token: write`: where to
+/// ask for an OIDC token, and the bearer token to ask with.
+const OIDC_REQUEST_URL: &str = "ACTIONS_ID_TOKEN_REQUEST_URL";
+const OIDC_REQUEST_TOKEN: &str = "ACTIONS_ID_TOKEN_REQUEST_TOKEN";
+
+/// Asks GitHub (at `url`, with the job's request `token`) for an OIDC token
+/// whose audience is the receiver `server`, which accepts no other.
+async fn github_oidc_token(url: &str, token: &str, server: &str) -> anyhow::Result<String> {
+    let mut request = url::Url::parse(url)
+        .map_err(|e| Failure::Usage(format!("{OIDC_REQUEST_URL} is not a URL ({e}); it is GitHub's to set")))?;
+    request.query_pairs_mut().append_pair("audience", server);
+    let origin = request.origin().ascii_serialization();
+    let resp = http_client()
+        .get(request)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("cannot ask {origin} for the job's OIDC token: {e}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(Failure::Refused(format!(
+            "GitHub refused the job's OIDC token ({status}: {}); the job needs `permissions: id-token: write`",
+            text.trim()
+        ))
+        .into());
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        value: String,
+    }
+    let answer: Answer =
+        resp.json().await.map_err(|e| Failure::Refused(format!("{origin} answered no OIDC token ({e})")))?;
+    Ok(answer.value)
 }
 
 /// An unsigned GET, for the endpoints anyone may call (`/v1/health`, `/v1/target`).
@@ -83,7 +123,7 @@ pub async fn get_public<T: DeserializeOwned>(server: &str, path: &str) -> anyhow
     let url = format!("{server}{path}");
     let resp = http_client().get(&url).send().await.map_err(|e| unreachable(server, &e))?;
     if !resp.status().is_success() {
-        return Err(failure(resp).await.into());
+        return Err(failure(resp, KEY_HINT).await.into());
     }
     resp.json().await.map_err(|e| Failure::Refused(format!("{url} did not answer with what nx expects: {e}")).into())
 }
@@ -97,6 +137,35 @@ impl Client {
             )
         })?;
         Ok(Client { http: http_client(), server: target.server.clone(), key })
+    }
+
+    /// A client for a push: with the configured key, else, in a GitHub
+    /// Actions job allowed to (`permissions: id-token: write`), with the
+    /// job's OIDC token for this server, which the receiver accepts for the
+    /// app that trusts the job's repository.
+    pub async fn for_push(target: &Target) -> anyhow::Result<Client> {
+        if target.key.is_some() {
+            return Client::new(target);
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (Some(url), Some(token)) = (env(OIDC_REQUEST_URL), env(OIDC_REQUEST_TOKEN)) else {
+            return Err(Failure::Usage(
+                "no key to push with: set NX_KEY or grant `permissions: id-token: write` to the workflow, whose \
+                 repository the admin trusts with `nx apps set APP --github-trust owner/repo`"
+                    .into(),
+            )
+            .into());
+        };
+        let jwt = github_oidc_token(&url, &token, &target.server).await?;
+        Ok(Client { http: http_client(), server: target.server.clone(), key: Credential::github_oidc(&jwt) })
+    }
+
+    /// What to add to a refusal of this client's credential.
+    fn hint(&self) -> &'static str {
+        match self.key.bearer() {
+            Some(_) => " (the workflow's GitHub OIDC token was used, as no NX_KEY is set)",
+            None => KEY_HINT,
+        }
     }
 
     pub fn server(&self) -> &str {
@@ -133,6 +202,12 @@ impl Client {
         if let Some(m) = meta {
             put(HEADER_META, B64.encode(m));
         }
+        if let Some(token) = self.key.bearer() {
+            if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                v.set_sensitive(true);
+                h.insert(AUTHORIZATION, v);
+            }
+        }
         h
     }
 
@@ -146,7 +221,7 @@ impl Client {
             req = req.body(body);
         }
         let resp = req.headers(headers).send().await.map_err(|e| unreachable(&self.server, &e))?;
-        decode(resp).await
+        decode(resp, self.hint()).await
     }
 
     /// A signed GET whose body the caller reads as it arrives (logs).
@@ -160,7 +235,7 @@ impl Client {
             .await
             .map_err(|e| unreachable(&self.server, &e))?;
         if !resp.status().is_success() {
-            return Err(failure(resp).await.into());
+            return Err(failure(resp, self.hint()).await.into());
         }
         Ok(resp)
     }
@@ -243,13 +318,13 @@ impl Client {
             .send()
             .await
             .map_err(|e| unreachable(&self.server, &e))?;
-        decode(resp).await
+        decode(resp, self.hint()).await
     }
 }
 
-async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response, hint: &str) -> anyhow::Result<T> {
     if !resp.status().is_success() {
-        return Err(failure(resp).await.into());
+        return Err(failure(resp, hint).await.into());
     }
     if resp.status() == StatusCode::NO_CONTENT {
         return serde_json::from_value(serde_json::Value::Null).map_err(|e| Failure::Refused(e.to_string()).into());

@@ -268,11 +268,175 @@ impl Default for ApprovalRule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitHubLink {
-    /// `owner/name`.
+    /// `owner/name`; follows renames once the id is known (an OIDC-verified
+    /// push names the repository as it is called now).
     pub repository: String,
     /// Learned from the first push of the GitHub Action, or from GitHub.
     #[serde(default)]
     pub id: Option<u64>,
+    /// The numeric id of the repository's owner, learned with the id from the
+    /// first OIDC-verified push: a repository moved to another owner is no
+    /// longer the one the admin trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<u64>,
+    /// Which of the repository's workflows may push with their OIDC token
+    /// instead of a deploy key; `None`: none may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<WorkflowTrust>,
+}
+
+/// Which GitHub Actions runs of the linked repository may push to an app with
+/// their OIDC token (`permissions: id-token: write`) and no deploy key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowTrust {
+    /// `.github/workflows/deploy.yml`; `None`: any workflow of the repository.
+    #[serde(default)]
+    pub workflow: Option<String>,
+    /// `refs/heads/main`, `refs/tags/v*` (`*` matches any characters, `/`
+    /// included); `None`: any ref.
+    #[serde(default)]
+    pub ref_pattern: Option<String>,
+}
+
+/// Why a `--github-trust` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustSpecError {
+    #[error("GitHub repository {0:?} must be written owner/name")]
+    Repository(String),
+    #[error("workflow {0:?} must be a file of .github/workflows ending in .yml or .yaml")]
+    Workflow(String),
+    #[error("ref pattern {0:?} must be a ref (refs/heads/main, refs/tags/v*, or a branch name) without spaces")]
+    RefPattern(String),
+}
+
+/// Whether `s` is `owner/name` as GitHub allows them.
+pub fn is_repository_name(s: &str) -> bool {
+    s.split_once('/').is_some_and(|(owner, name)| {
+        let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        ok(owner) && ok(name)
+    })
+}
+
+impl WorkflowTrust {
+    /// Parses `owner/repo[:workflow-path][@ref-pattern]` into the repository
+    /// and the trust. A bare workflow file name is taken from
+    /// `.github/workflows/`, a bare branch name (pattern) from `refs/heads/`.
+    pub fn parse(spec: &str) -> Result<(String, WorkflowTrust), TrustSpecError> {
+        let spec = spec.trim();
+        let (rest, ref_pattern) = match spec.split_once('@') {
+            Some((rest, r)) => (rest, Some(r)),
+            None => (spec, None),
+        };
+        let (repository, workflow) = match rest.split_once(':') {
+            Some((repo, w)) => (repo, Some(w)),
+            None => (rest, None),
+        };
+        if !is_repository_name(repository) {
+            return Err(TrustSpecError::Repository(repository.to_owned()));
+        }
+        let trust = WorkflowTrust {
+            workflow: workflow.map(Self::workflow_path).transpose()?,
+            ref_pattern: ref_pattern.map(Self::ref_pattern).transpose()?,
+        };
+        Ok((repository.to_owned(), trust))
+    }
+
+    fn workflow_path(w: &str) -> Result<String, TrustSpecError> {
+        let path = if w.contains('/') { w.to_owned() } else { format!(".github/workflows/{w}") };
+        let file = path.strip_prefix(".github/workflows/").unwrap_or_default();
+        let valid = !file.is_empty()
+            && !file.contains('/')
+            && (file.ends_with(".yml") || file.ends_with(".yaml"))
+            && file.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if valid {
+            Ok(path)
+        } else {
+            Err(TrustSpecError::Workflow(w.to_owned()))
+        }
+    }
+
+    fn ref_pattern(r: &str) -> Result<String, TrustSpecError> {
+        let valid = !r.is_empty() && r.chars().all(|c| c.is_ascii_graphic() && !"@:~^?[\\".contains(c));
+        if !valid {
+            return Err(TrustSpecError::RefPattern(r.to_owned()));
+        }
+        Ok(if r.starts_with("refs/") { r.to_owned() } else { format!("refs/heads/{r}") })
+    }
+
+    /// Checks a trust that came over the wire as [`WorkflowTrust::parse`]
+    /// would have made it.
+    pub fn validate(&self) -> Result<(), TrustSpecError> {
+        if let Some(w) = &self.workflow {
+            if Self::workflow_path(w)? != *w {
+                return Err(TrustSpecError::Workflow(w.clone()));
+            }
+        }
+        if let Some(r) = &self.ref_pattern {
+            if Self::ref_pattern(r)? != *r {
+                return Err(TrustSpecError::RefPattern(r.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `git_ref` (a token's `ref` claim) matches the pattern.
+    pub fn ref_matches(&self, git_ref: &str) -> bool {
+        self.ref_pattern.as_deref().is_none_or(|p| glob(p.as_bytes(), git_ref.as_bytes()))
+    }
+
+    /// `owner/repo[:workflow][@ref]`, as `--github-trust` takes it.
+    pub fn spec(&self, repository: &str) -> String {
+        let mut s = repository.to_owned();
+        if let Some(w) = &self.workflow {
+            s.push(':');
+            s.push_str(w);
+        }
+        if let Some(r) = &self.ref_pattern {
+            s.push('@');
+            s.push_str(r);
+        }
+        s
+    }
+}
+
+/// `*` matches any run of bytes; everything else matches itself.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
+}
+
+/// `PUT /v1/apps/{app}/github`: link the app to a repository (the admin's
+/// call), and say which of its workflows may push with their OIDC token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetGitHub {
+    /// `owner/name`, or `None` to unlink.
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub trust: Option<WorkflowTrust>,
+}
+
+/// What a GitHub Actions OIDC token proved about a push, as the receiver
+/// verified it; recorded with the deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedGitHub {
+    pub repository: String,
+    pub repository_id: u64,
+    pub repository_owner_id: u64,
+    /// `refs/heads/main`, `refs/pull/7/merge`.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    pub sha: String,
+    /// `owner/repo/.github/workflows/deploy.yml@refs/heads/main`.
+    pub workflow_ref: String,
+    /// `push`, `pull_request`, `workflow_dispatch`...
+    pub event_name: String,
+    /// Who started the run.
+    pub actor: String,
 }
 
 /// An app's settings (`PUT /v1/apps/{app}/settings`); they apply to the
@@ -416,6 +580,10 @@ pub struct DeploymentInfo {
     /// The database it uses, when it is not the app's own (a preview's).
     #[serde(default)]
     pub database: Option<String>,
+    /// What the GitHub Actions OIDC token of the push proved, when it came
+    /// with one instead of a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<VerifiedGitHub>,
 }
 
 /// `POST /v1/apps/{app}/ssh-keys`: a public key that may upload to the app
@@ -582,6 +750,39 @@ mod tests {
         let meta: PushMeta = serde_json::from_str(r#"{"pr":7,"source":"action"}"#).unwrap();
         assert_eq!(meta.pr, Some(7));
         assert_eq!(meta.source, Source::Action);
+    }
+
+    #[test]
+    fn trust_specs_parse_with_their_defaults() {
+        let (repo, trust) = WorkflowTrust::parse("acme/web").unwrap();
+        assert_eq!((repo.as_str(), trust), ("acme/web", WorkflowTrust::default()));
+        let (repo, trust) = WorkflowTrust::parse("acme/web:deploy.yml@main").unwrap();
+        assert_eq!(repo, "acme/web");
+        assert_eq!(trust.workflow.as_deref(), Some(".github/workflows/deploy.yml"));
+        assert_eq!(trust.ref_pattern.as_deref(), Some("refs/heads/main"));
+        assert_eq!(trust.spec(&repo), "acme/web:.github/workflows/deploy.yml@refs/heads/main");
+        assert_eq!(trust.validate(), Ok(()));
+        let (_, trust) = WorkflowTrust::parse("acme/web@refs/tags/v*").unwrap();
+        assert!(trust.ref_matches("refs/tags/v1.2.0"));
+        assert!(!trust.ref_matches("refs/heads/v1"));
+        assert_eq!(WorkflowTrust::parse("acme"), Err(TrustSpecError::Repository("acme".into())));
+        assert_eq!(WorkflowTrust::parse("acme/web:../x.yml"), Err(TrustSpecError::Workflow("../x.yml".into())));
+        assert_eq!(WorkflowTrust::parse("acme/web:deploy.sh"), Err(TrustSpecError::Workflow("deploy.sh".into())));
+        assert_eq!(WorkflowTrust::parse("acme/web@ma in"), Err(TrustSpecError::RefPattern("ma in".into())));
+        let sent = WorkflowTrust { workflow: Some("deploy.yml".into()), ref_pattern: None };
+        assert_eq!(sent.validate(), Err(TrustSpecError::Workflow("deploy.yml".into())));
+    }
+
+    #[test]
+    fn ref_patterns_match_whole_refs() {
+        let any_branch = WorkflowTrust { ref_pattern: Some("refs/heads/*".into()), ..WorkflowTrust::default() };
+        assert!(any_branch.ref_matches("refs/heads/main"));
+        assert!(any_branch.ref_matches("refs/heads/feature/x"));
+        assert!(!any_branch.ref_matches("refs/pull/7/merge"));
+        let main = WorkflowTrust { ref_pattern: Some("refs/heads/main".into()), ..WorkflowTrust::default() };
+        assert!(main.ref_matches("refs/heads/main"));
+        assert!(!main.ref_matches("refs/heads/main2"));
+        assert!(WorkflowTrust::default().ref_matches("refs/pull/7/merge"));
     }
 
     #[test]

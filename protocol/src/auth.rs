@@ -35,6 +35,9 @@ pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934c
 
 /// Key id of the admin token.
 pub const ADMIN_KEY_ID: &str = "admin";
+/// Key id of a request signed with a GitHub Actions OIDC token instead of a
+/// key. Stored key ids are alphanumeric, so none can be this one.
+pub const GITHUB_OIDC_KEY_ID: &str = "github-oidc";
 const DEPLOY_KEY_PREFIX: &str = "nxk_";
 const ADMIN_TOKEN_PREFIX: &str = "nxa_";
 
@@ -74,6 +77,24 @@ impl Credential {
     /// Builds a deploy key from its id and random part.
     pub fn deploy_key(id: &str, random: &str) -> Self {
         Self { key_id: id.to_owned(), secret: format!("{DEPLOY_KEY_PREFIX}{id}_{random}") }
+    }
+
+    /// A GitHub Actions OIDC token (a JWT) used as a credential. The request
+    /// carries the token itself in `Authorization: Bearer`, since the receiver
+    /// must read its signed claims, and is signed like any other with the token
+    /// as the HMAC key: the receiver keeps one request format and one check of
+    /// method, path, body digest, metadata, clock and nonce for every caller.
+    /// The HMAC adds no secrecy (the token travels with it); what makes the
+    /// token worth little to a thief is its audience, its minutes of life and
+    /// the one app it may push to.
+    pub fn github_oidc(token: &str) -> Self {
+        Self { key_id: GITHUB_OIDC_KEY_ID.to_owned(), secret: token.trim().to_owned() }
+    }
+
+    /// The bearer token to send with each request: a GitHub OIDC token, or
+    /// nothing for keys, whose secret never crosses the wire.
+    pub fn bearer(&self) -> Option<&str> {
+        (self.key_id == GITHUB_OIDC_KEY_ID).then_some(self.secret.as_str())
     }
 
     /// Builds an admin token from its random part.

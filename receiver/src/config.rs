@@ -362,6 +362,26 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_GITHUB_WEBHOOK_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub github_webhook_queue: u16,
 
+    /// The issuer of the GitHub Actions OIDC tokens a workflow may push with
+    /// instead of a deploy key (a GitHub Enterprise server's own, or a local
+    /// one in tests); its signing keys are read from its
+    /// `/.well-known/openid-configuration`.
+    #[arg(long, env = "NX_GITHUB_OIDC_ISSUER", default_value = "https://token.actions.githubusercontent.com")]
+    pub github_oidc_issuer: String,
+
+    /// The audience a workflow's OIDC token must be issued for: this API's
+    /// URL as workflows reach it (the action asks for a token with its
+    /// server URL as audience). Defaults to `http://` and --listen; set it
+    /// when the API is reached through another name or a TLS proxy.
+    #[arg(long, env = "NX_GITHUB_OIDC_AUDIENCE")]
+    pub github_oidc_audience: Option<String>,
+
+    /// Least time between two fetches of the issuer's signing keys: a token
+    /// signed with a key not seen yet makes the receiver fetch them again,
+    /// at most this often, so unknown key ids cannot make it hammer the issuer.
+    #[arg(long, env = "NX_GITHUB_OIDC_REFRESH", default_value = "1m", value_parser = parse_duration)]
+    pub github_oidc_refresh: Duration,
+
     /// How apps are kept off the host's other ports: `nftables` (rules on the
     /// apps' uids) or `off` (reported as not enforced on every deployment).
     #[arg(long, env = "NX_NETWORK_ISOLATION", value_enum, default_value_t = NetworkIsolation::Nftables)]
@@ -410,6 +430,14 @@ impl ServeConfig {
     pub fn uploads_per_app(&self) -> u64 {
         let max = self.max_concurrent_uploads;
         self.max_uploads_per_app.unwrap_or(crate::store::default_share(max as usize) as u64).min(max)
+    }
+
+    /// The audience GitHub OIDC tokens must name (see `github_oidc_audience`).
+    pub fn oidc_audience(&self) -> String {
+        match &self.github_oidc_audience {
+            Some(a) => a.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.listen),
+        }
     }
 
     /// The port shown in URLs.

@@ -519,6 +519,7 @@ mod tests {
             db_password: None,
             repository: None,
             repository_id: None,
+            github: None,
             is_production: prod,
         }
     }

@@ -315,6 +315,11 @@ async fn run(
         target,
         started: std::time::Instant::now(),
         github: webhooks,
+        oidc: Arc::new(crate::github::oidc::Verifier::new(
+            &config.github_oidc_issuer,
+            &config.oidc_audience(),
+            config.github_oidc_refresh,
+        )),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

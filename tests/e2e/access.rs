@@ -1,11 +1,15 @@
 //! The authorization model from the outside: every signed route, called with
 //! every kind of key (the admin token, the app's own deploy key, another
-//! app's deploy key, a read-only key), is let through or refused exactly as
+//! app's deploy key, a read-only key) and a workflow's GitHub OIDC token that
+//! the app trusts, is let through or refused exactly as
 //! `api::access` says; and the holes a deploy key used to open (lifting its
 //! limits, minting keys, reading the database) stay shut.
 
-use nx_e2e::signed::{send, Signed};
+use nx_e2e::oidc::{Issuer, REPOSITORY};
+use nx_e2e::receiver::Options;
+use nx_e2e::signed::{send_as, Signed};
 use nx_e2e::Receiver;
+use nx_protocol::auth::Credential;
 use nx_receiver::api::access::{self, Role};
 use nx_receiver::api::SIGNED_ROUTES;
 
@@ -24,27 +28,35 @@ fn request(method: &str, template: &str) -> (Signed, Vec<u8>) {
 
 #[test]
 fn every_route_admits_exactly_the_keys_the_access_table_admits() {
-    let r = Receiver::start();
+    let issuer = Issuer::start();
+    let r = Receiver::start_with(Options { args: issuer.receiver_args(), ..Options::default() });
     let web_key = r.create_app("web");
     let site_key = r.create_app("site");
+    r.nx_ok(&["apps", "set", "web", "--github-trust", REPOSITORY]);
     let read_only = r.nx(&["--json", "keys", "create", "--read-only"]).success().json();
     let read_key = read_only["secret"].as_str().unwrap().to_owned();
-    let key_id = |k: &str| k.split('_').nth(1).unwrap().to_owned();
+    let key = |k: &str| Credential::parse(k).unwrap();
     let callers = [
-        ("admin", r.admin_token.clone(), Role::Admin),
-        ("web's deploy key", web_key.clone(), Role::Deploy { app_id: 0, app: "web".into() }),
-        ("site's deploy key", site_key.clone(), Role::Deploy { app_id: 0, app: "site".into() }),
-        ("a read-only key", read_key.clone(), Role::ReadOnly),
+        ("admin", key(&r.admin_token), Role::Admin),
+        ("web's deploy key", key(&web_key), Role::Deploy { app_id: 0, app: "web".into() }),
+        ("site's deploy key", key(&site_key), Role::Deploy { app_id: 0, app: "site".into() }),
+        ("a read-only key", key(&read_key), Role::ReadOnly),
+        // One token for the walk: it lives five minutes, and every request
+        // still has its own nonce.
+        (
+            "web's trusted workflow",
+            Credential::github_oidc(&issuer.token(&r.api())),
+            Role::Workflow { app_id: 0, app: "web".into() },
+        ),
     ];
 
     assert!(SIGNED_ROUTES.len() >= 30, "the table lists every signed route");
     let mut refused = 0;
     for (method, template, action) in SIGNED_ROUTES {
-        for (who, key, role) in &callers {
-            let id = if *role == Role::Admin { "admin".to_owned() } else { key_id(key) };
+        for (who, cred, role) in &callers {
             let (signed, body) = request(method, template);
-            let (status, text) = send(&r.api(), &signed, key, body);
-            match access::decide(role, &id, *action, "web") {
+            let (status, text) = send_as(&r.api(), &signed, cred, body);
+            match access::decide(role, cred.key_id(), *action, if action.app_scoped() { "web" } else { "" }) {
                 Ok(()) => assert!(
                     status != 401 && status != 403,
                     "{method} {template} ({action:?}) by {who} must pass the guard, got {status}: {text}"

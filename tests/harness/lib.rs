@@ -15,8 +15,10 @@ pub mod github;
 pub mod http;
 pub mod load;
 pub mod moto;
+pub mod oidc;
 pub mod postgres;
 pub mod receiver;
+pub mod runner;
 pub mod signed;
 
 use std::path::{Path, PathBuf};

@@ -34,8 +34,12 @@ impl Signed {
 
     /// The headers for `key` (a deploy key or admin token string).
     pub fn headers(&self, key: &str) -> Vec<(&'static str, String)> {
+        self.headers_for(&Credential::parse(key).expect("a well-formed key"))
+    }
+
+    /// The headers for a credential, a GitHub OIDC token's included.
+    pub fn headers_for(&self, cred: &Credential) -> Vec<(&'static str, String)> {
         use base64::Engine as _;
-        let cred = Credential::parse(key).expect("a well-formed key");
         let meta_sha = self.meta.as_deref().map(sha256_hex);
         let canonical = CanonicalRequest {
             method: &self.method,
@@ -58,6 +62,9 @@ impl Signed {
         if let Some(m) = &self.meta {
             h.push((HEADER_META, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(m)));
         }
+        if let Some(token) = cred.bearer() {
+            h.push(("authorization", format!("Bearer {token}")));
+        }
         h
     }
 }
@@ -65,10 +72,21 @@ impl Signed {
 /// Sends `s` to the receiver at `api`, signed with `key`, with `body` (which
 /// a test may make differ from what was signed); the status and the text.
 pub fn send(api: &str, s: &Signed, key: &str, body: Vec<u8>) -> (u16, String) {
+    send_as(api, s, &Credential::parse(key).expect("a well-formed key"), body)
+}
+
+/// `method path` with `body`, signed with a GitHub OIDC token as `nx push`
+/// signs with one; the status and the text.
+pub fn send_with_token(api: &str, method: &str, path: &str, body: &[u8], token: &str) -> (u16, String) {
+    send_as(api, &Signed::new(method, path, body, None), &Credential::github_oidc(token), body.to_vec())
+}
+
+/// Sends `s` signed with `cred` (a key or a GitHub OIDC token), with `body`.
+pub fn send_as(api: &str, s: &Signed, cred: &Credential, body: Vec<u8>) -> (u16, String) {
     let client =
         reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(60)).build().expect("a client");
     let mut req = client.request(s.method.parse().expect("a method"), format!("{api}{}", s.path)).body(body);
-    for (k, v) in s.headers(key) {
+    for (k, v) in s.headers_for(cred) {
         req = req.header(k, v);
     }
     let resp = req.send().expect("the receiver answers");

@@ -1,6 +1,6 @@
 //! `nx apps create|ls|set|rm`.
 
-use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, GitHubLink, HealthSetting};
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting, SetGitHub, WorkflowTrust};
 use nx_protocol::AppName;
 
 use super::{client, print_json};
@@ -56,6 +56,20 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
         }
         AppsCommand::Set(args) => {
             let args = *args;
+            // The link first: its own call, the admin's alone.
+            let link = match (args.github_repo.as_deref(), args.github_trust.as_deref()) {
+                (Some("none"), _) => Some(SetGitHub { repository: None, trust: None }),
+                (Some(repo), _) => Some(SetGitHub { repository: Some(repo.to_owned()), trust: None }),
+                (None, Some(spec)) => {
+                    let (repository, trust) = WorkflowTrust::parse(spec)
+                        .map_err(|e| Failure::Usage(format!("--github-trust {spec}: {e}")))?;
+                    Some(SetGitHub { repository: Some(repository), trust: Some(trust) })
+                }
+                (None, None) => None,
+            };
+            if let Some(link) = &link {
+                client.put::<_, AppInfo>(&format!("/v1/apps/{}/github", args.app), link).await?;
+            }
             let mut info: AppInfo = client.get(&format!("/v1/apps/{}", args.app)).await?;
             let l = &mut info.settings.limits;
             let mib = |b: u64| (b >> 20).max(1);
@@ -79,24 +93,21 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             if let Some(on) = args.promote_on {
                 info.settings.promote_on = serde_json::from_value(serde_json::Value::String(on))?;
             }
-            match args.github_repo.as_deref() {
-                None => {}
-                Some("none") => info.settings.github = None,
-                Some(repo) => {
-                    let keep_id = info
-                        .settings
-                        .github
-                        .as_ref()
-                        .filter(|l| l.repository.eq_ignore_ascii_case(repo))
-                        .and_then(|l| l.id);
-                    info.settings.github = Some(GitHubLink { repository: repo.to_owned(), id: keep_id });
-                }
-            }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {
                 return print_json(&updated);
             }
             println!("settings of {} saved; deployments started from now on use them", updated.name);
+            if let Some(link) = &updated.settings.github {
+                match &link.trust {
+                    Some(trust) => println!(
+                        "GitHub: linked to {}; runs of {} may push with their OIDC token, no deploy key needed",
+                        link.repository,
+                        trust.spec(&link.repository)
+                    ),
+                    None => println!("GitHub: linked to {}", link.repository),
+                }
+            }
             Ok(())
         }
         AppsCommand::Rm { name, yes } => {

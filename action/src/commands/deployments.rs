@@ -35,6 +35,24 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
         }
         let mut rows =
             vec![vec!["  ID".into(), "STATE".into(), "AGE".into(), "DIGEST".into(), "PR".into(), "URL".into()]];
+        // What an OIDC token proved about a push, under the table.
+        let proved: Vec<String> = deployments
+            .iter()
+            .filter_map(|d| {
+                let p = d.github.as_ref()?;
+                Some(format!(
+                    "  {} pushed by the GitHub workflow {} ({} of {} at {}, repository {} id {}, run by {})",
+                    d.id,
+                    p.workflow_ref,
+                    p.event_name,
+                    p.git_ref,
+                    &p.sha[..p.sha.len().min(12)],
+                    p.repository,
+                    p.repository_id,
+                    p.actor
+                ))
+            })
+            .collect();
         for d in deployments {
             let id = if d.production { format!("* {}", d.id) } else { format!("  {}", d.id) };
             rows.push(vec![
@@ -48,6 +66,9 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
             ]);
         }
         print!("{}", table(&rows));
+        for line in proved {
+            println!("{}", nx_protocol::logs::neutralise(&line));
+        }
     }
     Ok(())
 }

@@ -168,11 +168,12 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
     let ctx = RunContext::from_env(env)?;
     let target = config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
-    let client = Client::new(&target)?;
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
-        return close_previews(&client, &app, pr, env).await;
+        return close_previews(&Client::for_push(&target).await?, &app, pr, env).await;
     }
-    let binary = binary_from_inputs(client.server(), input("BINARY"), input("BUILD"), m).await?;
+    let binary = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
+    // After the build: an OIDC token lives minutes, and the build may be long.
+    let client = Client::for_push(&target).await?;
     let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
     // The input decides when given; else nx.toml's [promote] rule; else the
     // app's own.

@@ -11,7 +11,7 @@ use nx_protocol::AppName;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{client, named_or_only_app, print_json};
+use super::{named_or_only_app, print_json};
 use crate::cli::{Global, PushArgs};
 use crate::client::{get_public, Client};
 use crate::failure::Failure;
@@ -154,13 +154,15 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
         Some(dir) => crate::manifest::load_for(dir, g.manifest.as_deref())?,
         None => crate::manifest::load(g.manifest.as_deref())?,
     };
-    let client = client(g)?;
+    let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     let mut verify = !args.skip_verify;
     if let Some(dir) = &dir {
-        let target = get_public(client.server(), "/v1/target").await?;
-        args.path = super::build::build_dir(dir, manifest.as_ref().map(|(_, m)| m), None, &target).await?;
+        let server_target = get_public(&target.server, "/v1/target").await?;
+        args.path = super::build::build_dir(dir, manifest.as_ref().map(|(_, m)| m), None, &server_target).await?;
         verify = false;
     }
+    // After the build: an OIDC token lives minutes, and the build may be long.
+    let client = Client::for_push(&target).await?;
     let named = args.app.app.clone().or_else(|| manifest.as_ref().and_then(|(_, m)| m.app.clone()));
     let app = named_or_only_app(&client, named).await?;
     let app = AppName::parse(&app).map_err(|e| Failure::Usage(e.to_string()))?;

@@ -19,6 +19,10 @@ pub enum Role {
     /// A read-only key for dashboards and monitoring: reads every app, changes
     /// nothing, and sees no secret (database credentials, dumps).
     ReadOnly,
+    /// A GitHub Actions run whose OIDC token the app's trust policy accepts
+    /// (`nx apps set APP --github-trust`): less than a deploy key, for one
+    /// app, for the minutes the token lives.
+    Workflow { app_id: i64, app: String },
 }
 
 impl Role {
@@ -28,6 +32,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Deploy { .. } => "deploy",
             Role::ReadOnly => "read",
+            Role::Workflow { .. } => "github-oidc",
         }
     }
 }
@@ -55,6 +60,10 @@ pub enum Action {
     Configure,
     /// Mint, rotate and revoke an app's deploy keys and SSH keys.
     ManageKeys,
+    /// Link the app to a GitHub repository and say which of its workflows
+    /// may push with their OIDC token: the platform reports there with its
+    /// own identity, and those workflows need no key.
+    LinkRepository,
     /// The app's database: credentials, dumps, restores, backups.
     Database,
     /// Remove an app and everything it has.
@@ -65,7 +74,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, for the tables that list them.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 13] = [
         Action::Status,
         Action::ListApps,
         Action::CreateApp,
@@ -75,6 +84,7 @@ impl Action {
         Action::SetEnv,
         Action::Configure,
         Action::ManageKeys,
+        Action::LinkRepository,
         Action::Database,
         Action::RemoveApp,
         Action::Platform,
@@ -101,6 +111,13 @@ pub enum Denied {
          use a deploy key or the admin token"
     )]
     ReadOnly { key: String },
+    #[error(
+        "a GitHub workflow's OIDC token may push to the app that trusts its repository (named with --app), read \
+         its deployments and apply its nx.toml settings, nothing else; use the app's deploy key or the admin token"
+    )]
+    Workflow,
+    #[error("this GitHub workflow's OIDC token is for app '{own}' and cannot act on app '{app}'")]
+    WorkflowOtherApp { own: String, app: String },
 }
 
 /// Whether `role` (holding key `key`) may perform `action` on `app` (the app
@@ -130,6 +147,19 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
             Action::Status | Action::ListApps | Action::ReadApp | Action::ReadKeys => Ok(()),
             _ => Err(Denied::ReadOnly { key: key.to_owned() }),
         },
+        // What the push of a workflow needs, on its one app: read the app,
+        // apply nx.toml (Configure, with a deploy key's bounds), push and
+        // promote. No variables (they hold the secrets the workflow should not
+        // need), no other app, and no app-less route: the token names no app.
+        Role::Workflow { app: own, .. } => {
+            if !matches!(action, Action::ReadApp | Action::Deploy | Action::Configure) {
+                return Err(Denied::Workflow);
+            }
+            if app != own {
+                return Err(Denied::WorkflowOtherApp { own: own.clone(), app: app.to_owned() });
+            }
+            Ok(())
+        }
     }
 }
 
@@ -138,7 +168,7 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
 pub fn sees(role: &Role, app: &str) -> bool {
     match role {
         Role::Admin | Role::ReadOnly => true,
-        Role::Deploy { app: own, .. } => own == app,
+        Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } => own == app,
     }
 }
 
@@ -149,6 +179,7 @@ pub struct Table;
 impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let own = Role::Deploy { app_id: 0, app: "own".into() };
+        let workflow = Role::Workflow { app_id: 0, app: "own".into() };
         let cell = |role: &Role, action: Action| -> &'static str {
             match (
                 decide(role, "k", action, "own").is_ok(),
@@ -160,15 +191,16 @@ impl fmt::Display for Table {
                 (false, _) => "no",
             }
         };
-        writeln!(f, "| action | admin token | deploy key | read-only key |")?;
-        writeln!(f, "| --- | --- | --- | --- |")?;
+        writeln!(f, "| action | admin token | deploy key | read-only key | GitHub workflow (OIDC) |")?;
+        writeln!(f, "| --- | --- | --- | --- | --- |")?;
         for action in Action::ALL {
             writeln!(
                 f,
-                "| {action:?} | {} | {} | {} |",
+                "| {action:?} | {} | {} | {} | {} |",
                 cell(&Role::Admin, action),
                 cell(&own, action),
-                cell(&Role::ReadOnly, action)
+                cell(&Role::ReadOnly, action),
+                cell(&workflow, action)
             )?;
         }
         Ok(())
@@ -214,6 +246,7 @@ mod tests {
         for action in [
             Action::ManageKeys,
             Action::ReadKeys,
+            Action::LinkRepository,
             Action::Database,
             Action::CreateApp,
             Action::RemoveApp,
@@ -232,11 +265,38 @@ mod tests {
     }
 
     #[test]
+    fn a_workflow_pushes_to_its_own_app_and_does_nothing_else() {
+        let workflow = Role::Workflow { app_id: 1, app: "web".into() };
+        let allowed = [Action::ReadApp, Action::Deploy, Action::Configure];
+        for action in Action::ALL {
+            let own = decide(&workflow, "github-oidc", action, "web");
+            if allowed.contains(&action) {
+                assert_eq!(own, Ok(()), "{action:?}");
+                assert_eq!(
+                    decide(&workflow, "github-oidc", action, "site"),
+                    Err(Denied::WorkflowOtherApp { own: "web".into(), app: "site".into() }),
+                    "{action:?} on another app"
+                );
+            } else {
+                assert_eq!(own, Err(Denied::Workflow), "{action:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_admin_links_repositories() {
+        assert_eq!(decide(&Role::Admin, "admin", Action::LinkRepository, "web"), Ok(()));
+        assert!(decide(&deploy(), "k1", Action::LinkRepository, "web").is_err());
+        assert!(decide(&Role::ReadOnly, "r1", Action::LinkRepository, "web").is_err());
+    }
+
+    #[test]
     fn only_a_deploy_key_is_blind_to_other_apps() {
         assert!(sees(&Role::Admin, "site"));
         assert!(sees(&Role::ReadOnly, "site"));
         assert!(sees(&deploy(), "web"));
         assert!(!sees(&deploy(), "site"));
+        assert!(!sees(&Role::Workflow { app_id: 1, app: "web".into() }, "site"));
     }
 
     #[test]
@@ -248,8 +308,9 @@ mod tests {
     #[test]
     fn the_table_says_own_app_for_deploy_keys() {
         let text = Table.to_string();
-        assert!(text.contains("| Deploy | any app | own app | no |"), "{text}");
-        assert!(text.contains("| Database | any app | no | no |"), "{text}");
-        assert!(text.contains("| Status | yes | yes | yes |"), "{text}");
+        assert!(text.contains("| Deploy | any app | own app | no | own app |"), "{text}");
+        assert!(text.contains("| Database | any app | no | no | no |"), "{text}");
+        assert!(text.contains("| Status | yes | yes | yes | no |"), "{text}");
+        assert!(text.contains("| LinkRepository | any app | no | no | no |"), "{text}");
     }
 }

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use nx_protocol::api::{AppInfo, AppSettings, CreateApp, CreatedApp, HealthSetting};
+use nx_protocol::api::{AppInfo, AppSettings, CreateApp, CreatedApp, GitHubLink, HealthSetting, SetGitHub};
 
 use super::auth::{AppScope, Caller, VerifiedJson};
 use super::error::ApiError;
@@ -81,16 +81,7 @@ pub async fn settings(
     }
     settings.approval.check().map_err(ApiError::BadRequest)?;
     if let Some(link) = &settings.github {
-        let valid = link.repository.split_once('/').is_some_and(|(owner, name)| {
-            let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            ok(owner) && ok(name)
-        });
-        if !valid {
-            return Err(ApiError::BadRequest(format!(
-                "GitHub repository {:?} must be written owner/name",
-                link.repository
-            )));
-        }
+        check_link(link)?;
     }
     if !caller.is_admin() {
         let current = &row.settings.0;
@@ -116,6 +107,63 @@ pub async fn settings(
             "settings",
             &caller.actor(),
             serde_json::to_value(&settings).map_err(ApiError::internal)?,
+        )
+        .await?;
+    let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;
+    Ok(Json(to_info(&state, &row)?))
+}
+
+fn check_link(link: &GitHubLink) -> Result<(), ApiError> {
+    if !nx_protocol::api::is_repository_name(&link.repository) {
+        return Err(ApiError::BadRequest(format!(
+            "GitHub repository {:?} must be written owner/name",
+            link.repository
+        )));
+    }
+    if let Some(trust) = &link.trust {
+        trust.validate().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `PUT /v1/apps/{app}/github` (the admin's): links the app to a repository,
+/// with or without a trust for its workflows' OIDC tokens, or unlinks it.
+/// The repository's ids stay known when the name stays the same, unless they
+/// were learned from a deploy key's push and workflows are now trusted: then
+/// the first push proved by an OIDC token learns them.
+pub async fn github(
+    State(state): State<AppState>,
+    AppScope { caller, app: row }: AppScope,
+    VerifiedJson(req): VerifiedJson<SetGitHub>,
+) -> Result<Json<AppInfo>, ApiError> {
+    let link = match req.repository {
+        None if req.trust.is_some() => {
+            return Err(ApiError::BadRequest("a trust for workflows needs the repository they run in".into()))
+        }
+        None => None,
+        Some(repository) => {
+            let known = row.settings.github.as_ref().filter(|l| {
+                l.repository.eq_ignore_ascii_case(&repository) && (l.owner_id.is_some() || req.trust.is_none())
+            });
+            let link = GitHubLink {
+                repository,
+                id: known.and_then(|l| l.id),
+                owner_id: known.and_then(|l| l.owner_id),
+                trust: req.trust,
+            };
+            check_link(&link)?;
+            Some(link)
+        }
+    };
+    state.db.set_link(row.id, link.as_ref()).await?;
+    state
+        .db
+        .event(
+            Some(&row.name),
+            None,
+            "github.link",
+            &caller.actor(),
+            serde_json::to_value(&link).map_err(ApiError::internal)?,
         )
         .await?;
     let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;

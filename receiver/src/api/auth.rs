@@ -6,6 +6,12 @@
 //! route on one app it then loads the app, which the handler takes as an
 //! [`AppScope`]. Bodies are checked against the signed digest as they are read:
 //! by [`VerifiedJson`] for small JSON bodies, by the artifact store for uploads.
+//!
+//! A GitHub Actions run may sign with its OIDC token instead of a key (key id
+//! `github-oidc`, the token in `Authorization: Bearer`): the token is verified
+//! (`github::oidc`), the app named in the path must trust what it proves,
+//! and the caller is then a [`Role::Workflow`] of that app, decided on like
+//! any other role.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -15,9 +21,11 @@ use axum::response::Response;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use nx_protocol::api::app_of_path;
+use nx_protocol::api::VerifiedGitHub;
 use nx_protocol::auth::{
     is_sha256_hex, is_valid_nonce, sha256_hex, timestamp_fresh, CanonicalRequest, CLOCK_WINDOW_SECS, EMPTY_SHA256,
-    HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    GITHUB_OIDC_KEY_ID, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
 };
 use serde::de::DeserializeOwned;
 
@@ -40,6 +48,8 @@ pub struct Caller {
     pub content_length: Option<u64>,
     /// Decoded `x-nx-meta`, covered by the signature.
     pub meta: Option<Vec<u8>>,
+    /// What the GitHub OIDC token proved, for a [`Role::Workflow`].
+    pub github: Option<VerifiedGitHub>,
 }
 
 impl Caller {
@@ -49,6 +59,10 @@ impl Caller {
             Role::Admin => "admin".to_owned(),
             Role::Deploy { app, .. } => format!("key:{}@{app}", self.key_id),
             Role::ReadOnly => format!("key:{}(read-only)", self.key_id),
+            Role::Workflow { .. } => match &self.github {
+                Some(g) => format!("github:{} ({})", g.workflow_ref, g.actor),
+                None => "github".to_owned(),
+            },
         }
     }
 
@@ -186,16 +200,11 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
         };
     let signature = header(h, HEADER_SIGNATURE)?;
 
-    let key = state.db.key(key_id).await?.ok_or_else(|| {
-        ApiError::Unauthorized(format!(
-            "unknown key {key_id} (header {HEADER_KEY}): it never existed or its app was removed; create one with `nx keys create APP`"
-        ))
-    })?;
-    if let Some(at) = key.revoked_at {
-        return Err(ApiError::Unauthorized(format!("key {key_id} was revoked at {at}; use a current key")));
-    }
-    let secret = state.master.open_str(&key.secret).map_err(ApiError::internal)?;
     let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let signer = match key_id {
+        GITHUB_OIDC_KEY_ID => workflow(state, h, app_of_path(path)).await?,
+        _ => key(state, key_id).await?,
+    };
     let meta_sha = meta.as_deref().map(sha256_hex);
     let canonical = CanonicalRequest {
         method: req.method.as_str(),
@@ -208,7 +217,7 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
         content_length: content_length.unwrap_or(0),
         meta_sha256: meta_sha.as_deref().unwrap_or(EMPTY_SHA256),
     };
-    if !canonical.verify(&secret, signature) {
+    if !canonical.verify(&signer.secret, signature) {
         return Err(ApiError::Unauthorized(format!(
             "the signature (header {HEADER_SIGNATURE}) does not match: the key is wrong, or the request was changed after it was signed"
         )));
@@ -218,16 +227,84 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
             "nonce {nonce} was already used: this request is a replay; sign every request anew"
         )));
     }
+    if matches!(signer.role, Role::Admin | Role::Deploy { .. } | Role::ReadOnly) {
+        if let Err(e) = state.db.touch_key(key_id).await {
+            tracing::warn!(key = key_id, error = %e, "cannot record key use");
+        }
+    }
+    Ok(Caller {
+        key_id: key_id.to_owned(),
+        role: signer.role,
+        content_sha256: content_sha256.to_owned(),
+        content_length,
+        meta,
+        github: signer.github,
+    })
+}
+
+/// What signed a request: the HMAC key to check the signature with, and the
+/// role it gives.
+struct Signer {
+    secret: String,
+    role: Role,
+    github: Option<VerifiedGitHub>,
+}
+
+/// A stored key, unless unknown or revoked.
+async fn key(state: &AppState, key_id: &str) -> Result<Signer, ApiError> {
+    let key = state.db.key(key_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized(format!(
+            "unknown key {key_id} (header {HEADER_KEY}): it never existed or its app was removed; create one with `nx keys create APP`"
+        ))
+    })?;
+    if let Some(at) = key.revoked_at {
+        return Err(ApiError::Unauthorized(format!("key {key_id} was revoked at {at}; use a current key")));
+    }
+    let secret = state.master.open_str(&key.secret).map_err(ApiError::internal)?;
     let role = match (key.kind.as_str(), key.app_id, key.app_name) {
         ("admin", _, _) => Role::Admin,
         ("read", _, _) => Role::ReadOnly,
         ("deploy", Some(app_id), Some(app)) => Role::Deploy { app_id, app },
         (kind, _, _) => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} of kind {kind} has no role"))),
     };
-    if let Err(e) = state.db.touch_key(key_id).await {
-        tracing::warn!(key = key_id, error = %e, "cannot record key use");
+    Ok(Signer { secret, role, github: None })
+}
+
+/// A GitHub Actions OIDC token (`Authorization: Bearer`), verified, for the
+/// app named in the path, which must trust what it proves. Nothing is
+/// written here: the app's link learns the repository's ids at the push.
+async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, ApiError> {
+    let token = header(h, axum::http::header::AUTHORIZATION.as_str())?
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| {
+            ApiError::Unauthorized(format!(
+                "a request signed as {GITHUB_OIDC_KEY_ID} carries the workflow's OIDC token as `Authorization: Bearer TOKEN`"
+            ))
+        })?
+        .trim();
+    let claims = state.oidc.verify(token).await.map_err(|e| {
+        if e.is_unavailable() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::Unauthorized(e.to_string())
+        }
+    })?;
+    if app.is_empty() {
+        // No app-less action is a workflow's (see access::decide); refused
+        // here too, since without an app no trust can be checked.
+        return Err(ApiError::Forbidden(super::access::Denied::Workflow.to_string()));
     }
-    Ok(Caller { key_id: key_id.to_owned(), role, content_sha256: content_sha256.to_owned(), content_length, meta })
+    // An app that does not exist trusts nothing: the same answer as an app
+    // without a policy, so a token cannot probe which apps exist.
+    let row = state.db.app(app).await?;
+    let link = row.as_ref().and_then(|r| r.settings.github.as_ref());
+    crate::github::oidc::trusts(app, link, &claims).map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    let Some(row) = row else { return Err(ApiError::internal(anyhow::anyhow!("a trusted app {app} has no row"))) };
+    Ok(Signer {
+        secret: token.to_owned(),
+        role: Role::Workflow { app_id: row.id, app: row.name },
+        github: Some(claims),
+    })
 }
 
 /// A JSON body whose sha256 matches the signed digest.

@@ -77,13 +77,17 @@ pub async fn push(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
         )));
     }
-    let meta = parse_meta(&caller)?;
-    crate::github::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?;
+    let mut meta = parse_meta(&caller)?;
+    match &caller.github {
+        // What the OIDC token proved replaces what the push says.
+        Some(proved) => crate::github::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
+        None => crate::github::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
+    }
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 
     let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
     caller.still_valid(&state).await?;
-    let info = state.deployer.push(&app, upload, &meta, &caller.actor()).await?;
+    let info = state.deployer.push(&app, upload, &meta, caller.github.as_ref(), &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -46,6 +46,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// GitHub's webhooks, when a webhook secret is configured.
     pub github: Option<crate::github::webhook::Webhooks>,
+    /// Verifies the GitHub Actions OIDC tokens workflows push with.
+    pub oidc: Arc<crate::github::oidc::Verifier>,
 }
 
 /// Declares every signed route once, with the action it performs: the list
@@ -83,6 +85,7 @@ signed_routes! {
     GET "/v1/apps/{app}" ReadApp => apps::show,
     DELETE "/v1/apps/{app}" RemoveApp => lifecycle::remove,
     PUT "/v1/apps/{app}/settings" Configure => apps::settings,
+    PUT "/v1/apps/{app}/github" LinkRepository => apps::github,
     GET "/v1/apps/{app}/env" ReadApp => lifecycle::env_list,
     PATCH "/v1/apps/{app}/env" SetEnv => lifecycle::env_change,
     POST "/v1/apps/{app}/rollback" Deploy => lifecycle::rollback,

@@ -15,7 +15,9 @@ pub async fn status(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<ServerStatus>, ApiError> {
     let only = match caller.role {
-        Role::Deploy { app_id, .. } => Some(app_id),
+        // A workflow never gets here (decide refuses it Status); were it let
+        // through, it would see its own app alone.
+        Role::Deploy { app_id, .. } | Role::Workflow { app_id, .. } => Some(app_id),
         Role::Admin | Role::ReadOnly => None,
     };
     let (apps, states) = state.db.counts(only).await?;

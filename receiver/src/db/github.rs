@@ -151,6 +151,35 @@ impl Db {
     /// Records an app's link to a repository, leaving the rest of its
     /// settings as they are.
     pub async fn link_repository(&self, app_id: i64, link: &nx_protocol::api::GitHubLink) -> Result<(), sqlx::Error> {
+        self.set_link(app_id, Some(link)).await
+    }
+
+    /// Records the repository's current name, id and owner's id in an app's
+    /// link, leaving its trust (which the admin may be changing) as it is now.
+    pub async fn pin_repository(
+        &self,
+        app_id: i64,
+        proved: &nx_protocol::api::VerifiedGitHub,
+    ) -> Result<(), sqlx::Error> {
+        let identity = serde_json::json!({
+            "repository": proved.repository,
+            "id": proved.repository_id,
+            "owner_id": proved.repository_owner_id,
+        });
+        sqlx::query(
+            "UPDATE apps SET settings = jsonb_set(settings, '{github}', (settings -> 'github') || $2) \
+             WHERE id = $1 AND jsonb_typeof(settings -> 'github') = 'object'",
+        )
+        .bind(app_id)
+        .bind(Json(identity))
+        .execute(self.pool())
+        .await
+        .map(|_| ())
+    }
+
+    /// Sets or (with `None`) removes an app's link, leaving the rest of its
+    /// settings as they are.
+    pub async fn set_link(&self, app_id: i64, link: Option<&nx_protocol::api::GitHubLink>) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE apps SET settings = jsonb_set(settings, '{github}', $2) WHERE id = $1")
             .bind(app_id)
             .bind(Json(link))

@@ -67,6 +67,8 @@ pub struct DeploymentRow {
     pub db_password: Option<Vec<u8>>,
     pub repository: Option<String>,
     pub repository_id: Option<i64>,
+    /// What the push's GitHub OIDC token proved, when it came with one.
+    pub github: Option<Json<nx_protocol::api::VerifiedGitHub>>,
     pub is_production: bool,
 }
 
@@ -124,6 +126,7 @@ pub struct NewDeployment<'a> {
     pub push_id: Option<&'a str>,
     pub repository: Option<&'a str>,
     pub repository_id: Option<i64>,
+    pub github: Option<&'a nx_protocol::api::VerifiedGitHub>,
 }
 
 /// A deployment that lifecycle rules never touch: its app's production or
@@ -132,7 +135,7 @@ const NOT_PROTECTED: &str = "d.id IS DISTINCT FROM a.production_id AND d.id IS D
 
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
-     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, d.github, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
 
@@ -428,8 +431,8 @@ impl Db {
 
     pub async fn insert_deployment(&self, d: &NewDeployment<'_>) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id, repository, repository_id) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id, repository, repository_id, github) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(d.id)
         .bind(d.app_id)
@@ -445,6 +448,7 @@ impl Db {
         .bind(d.push_id)
         .bind(d.repository)
         .bind(d.repository_id)
+        .bind(d.github.map(Json))
         .execute(&self.pool)
         .await
         .map(|_| ())

@@ -81,6 +81,7 @@ impl Deployer {
             push_id: None,
             repository: old.repository.as_deref(),
             repository_id: old.repository_id,
+            github: old.github.as_ref().map(|g| &g.0),
         })
         .await?;
         self.services

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source};
+use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source, VerifiedGitHub};
 use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
 use nx_runtime::spec::HostLayout;
 use nx_runtime::supervisor::Status;
@@ -178,6 +178,7 @@ impl Deployer {
             log_tail,
             limits: row.limits.0.clone(),
             database: row.db_name.clone(),
+            github: row.github.as_ref().map(|g| g.0.clone()),
         })
     }
 
@@ -206,6 +207,7 @@ impl Deployer {
         app: &AppRow,
         upload: crate::store::Upload,
         meta: &PushMeta,
+        proved: Option<&VerifiedGitHub>,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         let bytes = tokio::fs::read(upload.path()).await.map_err(io_err(upload.path()))?;
@@ -233,7 +235,7 @@ impl Deployer {
             return Err(DeployError::WillNotRun(reason));
         }
         let artifact = crate::artifacts::register(&self.services.db, &self.services.store, upload, &report).await?;
-        self.deploy(app, &artifact, meta, actor).await
+        self.deploy(app, &artifact, meta, proved, actor).await
     }
 
     /// Records a deployment of `artifact` to `app`, starts it, and returns once
@@ -243,10 +245,11 @@ impl Deployer {
         app: &AppRow,
         artifact: &ArtifactRow,
         meta: &PushMeta,
+        proved: Option<&VerifiedGitHub>,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
-        crate::github::link::check_push(&self.services.db, app, meta, actor).await?;
+        crate::github::link::check_push(&self.services.db, app, meta, proved, actor).await?;
         if let Some(push_id) = &meta.push_id {
             if !nx_protocol::auth::is_valid_nonce(push_id) {
                 return Err(DeployError::Invalid("push_id must be 16 to 64 characters of A-Z a-z 0-9 - _".into()));
@@ -280,6 +283,7 @@ impl Deployer {
                 push_id: meta.push_id.as_deref(),
                 repository: meta.repository.as_deref(),
                 repository_id: meta.repository_id.map(|i| i as i64),
+                github: proved,
             })
             .await;
         if let Err(e) = recorded {

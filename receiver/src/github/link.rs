@@ -1,11 +1,14 @@
-//! Which repository an app is built from. The link is the admin's to make
-//! (`nx apps set APP --github-repo owner/name`, or an admin-signed push from
-//! the GitHub Action to an unlinked app): the platform reports to that
-//! repository with its own GitHub identity, so a deploy key, which anyone
-//! with the repository's secrets holds, must not choose it. A push from
-//! another repository is refused until the link is changed.
+//! Which repository an app is built from. The link is a fact, not a claim:
+//! the admin makes it (`nx apps set APP --github-repo owner/name` or
+//! `--github-trust owner/name...`, or an admin-signed push from the GitHub
+//! Action to an unlinked app), and a push proved by a GitHub Actions OIDC
+//! token pins the repository's id and its owner's id and follows a rename.
+//! The platform reports to that repository with its own GitHub identity, so
+//! a deploy key, which anyone with the repository's secrets holds, must not
+//! choose it. A push from another repository is refused until the link is
+//! changed.
 
-use nx_protocol::api::{GitHubLink, PushMeta};
+use nx_protocol::api::{GitHubLink, PushMeta, VerifiedGitHub};
 
 use crate::db::{AppRow, Db};
 use crate::deploy::DeployError;
@@ -23,15 +26,70 @@ pub fn may_link(app: &AppRow, meta: &PushMeta, caller_may_link: bool) -> Result<
     }
 }
 
-/// Checks the push's repository against the app's link, linking an unlinked
-/// app (or learning the id of a link made by name).
-pub async fn check_push(db: &Db, app: &AppRow, meta: &PushMeta, actor: &str) -> Result<(), DeployError> {
+/// Makes a push proved by an OIDC token say what the token proved: its
+/// repository is the token's, and the commit or pull request it names must
+/// be the one the token was issued for.
+pub fn bind(meta: &mut PushMeta, proved: &VerifiedGitHub) -> Result<(), String> {
+    meta.repository = Some(proved.repository.clone());
+    meta.repository_id = Some(proved.repository_id);
+    let pull = proved.git_ref.strip_prefix("refs/pull/").and_then(|r| r.split('/').next()?.parse::<u64>().ok());
+    match (meta.pr, pull) {
+        // A pull request's run builds its head commit; the token names the
+        // merge commit GitHub made for it, so the pull request is what binds.
+        (Some(pr), Some(proved_pr)) if pr == proved_pr => Ok(()),
+        (Some(pr), _) => Err(format!(
+            "the push is for pull request #{pr}, but the GitHub OIDC token was issued for {}",
+            proved.git_ref
+        )),
+        (None, _) => match &meta.git_sha {
+            Some(sha) if !sha.eq_ignore_ascii_case(&proved.sha) => Err(format!(
+                "the push is for commit {sha}, but the GitHub OIDC token was issued for commit {}",
+                proved.sha
+            )),
+            _ => {
+                meta.git_sha = Some(proved.sha.clone());
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Checks the push's repository against the app's link. A push proved by an
+/// OIDC token (`proved`) pins the link's ids and takes the repository's
+/// current name. Any other push may link an unlinked app (the admin's; see
+/// [`may_link`]), or learn the id of a link made by name unless the app
+/// trusts workflows: there only a proved push sets what the trust compares.
+pub async fn check_push(
+    db: &Db,
+    app: &AppRow,
+    meta: &PushMeta,
+    proved: Option<&VerifiedGitHub>,
+    actor: &str,
+) -> Result<(), DeployError> {
+    if let Some(proved) = proved {
+        let linked = app.settings.github.as_ref();
+        let known = linked.is_some_and(|l| {
+            l.repository == proved.repository
+                && l.id == Some(proved.repository_id)
+                && l.owner_id == Some(proved.repository_owner_id)
+        });
+        if !known {
+            // Only the identity: the trust is the admin's, who may be changing it now.
+            db.pin_repository(app.id, proved).await?;
+            record(db, app, &proved.repository, Some(proved.repository_id), Some(proved.repository_owner_id), actor)
+                .await?;
+        }
+        return Ok(());
+    }
     let (Some(name), Some(id)) = (&meta.repository, meta.repository_id) else { return Ok(()) };
     let learned = match &app.settings.github {
-        None => GitHubLink { repository: name.clone(), id: Some(id) },
+        None => GitHubLink { repository: name.clone(), id: Some(id), owner_id: None, trust: None },
         Some(GitHubLink { id: Some(linked), .. }) if *linked == id => return Ok(()),
-        Some(GitHubLink { repository, id: None }) if repository.eq_ignore_ascii_case(name) => {
-            GitHubLink { repository: repository.clone(), id: Some(id) }
+        Some(GitHubLink { repository, id: None, trust: Some(_), .. }) if repository.eq_ignore_ascii_case(name) => {
+            return Ok(())
+        }
+        Some(link @ GitHubLink { repository, id: None, .. }) if repository.eq_ignore_ascii_case(name) => {
+            GitHubLink { id: Some(id), ..link.clone() }
         }
         Some(GitHubLink { repository, .. }) => {
             return Err(DeployError::Invalid(format!(
@@ -41,8 +99,72 @@ pub async fn check_push(db: &Db, app: &AppRow, meta: &PushMeta, actor: &str) -> 
             )))
         }
     };
-    db.link_repository(app.id, &learned).await?;
-    db.event(Some(&app.name), None, "github.link", actor, serde_json::json!({ "repository": name, "id": id })).await?;
-    tracing::info!(app = %app.name, repository = %name, id, "app linked to its GitHub repository");
+    learn(db, app, learned, actor).await
+}
+
+async fn learn(db: &Db, app: &AppRow, link: GitHubLink, actor: &str) -> Result<(), DeployError> {
+    db.link_repository(app.id, &link).await?;
+    record(db, app, &link.repository, link.id, link.owner_id, actor).await
+}
+
+/// The audit event and log line of a link learned from a push.
+async fn record(
+    db: &Db,
+    app: &AppRow,
+    repository: &str,
+    id: Option<u64>,
+    owner_id: Option<u64>,
+    actor: &str,
+) -> Result<(), DeployError> {
+    let was = app.settings.github.as_ref().map(|l| l.repository.as_str());
+    db.event(
+        Some(&app.name),
+        None,
+        "github.link",
+        actor,
+        serde_json::json!({ "repository": repository, "id": id, "owner_id": owner_id, "was": was }),
+    )
+    .await?;
+    tracing::info!(app = %app.name, repository, ?id, "app linked to its GitHub repository");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proved(git_ref: &str) -> VerifiedGitHub {
+        VerifiedGitHub {
+            repository: "acme/web".into(),
+            repository_id: 42,
+            repository_owner_id: 7,
+            git_ref: git_ref.into(),
+            sha: "b".repeat(40),
+            workflow_ref: "acme/web/.github/workflows/deploy.yml@refs/heads/main".into(),
+            event_name: "push".into(),
+            actor: "octocat".into(),
+        }
+    }
+
+    #[test]
+    fn a_proved_push_names_the_proved_repository_commit_and_pull_request() {
+        let mut meta =
+            PushMeta { repository: Some("victim/repo".into()), repository_id: Some(1), ..PushMeta::default() };
+        bind(&mut meta, &proved("refs/heads/main")).unwrap();
+        assert_eq!((meta.repository.as_deref(), meta.repository_id), (Some("acme/web"), Some(42)));
+        assert_eq!(meta.git_sha, Some("b".repeat(40)));
+
+        let mut other_commit = PushMeta { git_sha: Some("c".repeat(40)), ..PushMeta::default() };
+        let refused = bind(&mut other_commit, &proved("refs/heads/main")).unwrap_err();
+        assert!(refused.contains("issued for commit bbbb"), "{refused}");
+
+        let mut pr = PushMeta { pr: Some(7), git_sha: Some("c".repeat(40)), ..PushMeta::default() };
+        assert_eq!(bind(&mut pr, &proved("refs/pull/7/merge")), Ok(()));
+        assert_eq!(pr.git_sha, Some("c".repeat(40)), "a pull request's head commit is kept");
+        let mut other_pr = PushMeta { pr: Some(8), ..PushMeta::default() };
+        assert_eq!(
+            bind(&mut other_pr, &proved("refs/pull/7/merge")),
+            Err("the push is for pull request #8, but the GitHub OIDC token was issued for refs/pull/7/merge".into())
+        );
+    }
 }
