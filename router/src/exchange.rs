@@ -47,6 +47,10 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 
 /// The hop-by-hop headers present in `headers`. Most requests and responses
 /// have none, and a scan of the names is cheaper than removing each absent one.
+/// Headers that `Connection` cannot name: they frame the message or say
+/// where it goes, and the router relies on them reaching the app.
+const END_TO_END: [HeaderName; 4] = [header::HOST, header::CONTENT_LENGTH, header::TRANSFER_ENCODING, header::UPGRADE];
+
 fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
     headers.keys().filter(|k| HOP_BY_HOP.contains(k)).cloned().collect()
 }
@@ -65,11 +69,33 @@ impl Client {
     }
 }
 
+/// An app's listener as the router reaches it: its address, and which
+/// deployment owns it. Connections are kept and reused by both: a port that
+/// one deployment gives up and another is given must not carry the new
+/// owner's requests over connections the old one accepted (and may have
+/// handed, still open, to a process of its own that outlives it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The owning deployment's id, hashed (ids are the receiver's random
+    /// choice, so no tenant can make two of them collide).
+    pub owner: u64,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, deployment: &str) -> Backend {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        deployment.hash(&mut h);
+        Backend { addr, owner: h.finish() }
+    }
+}
+
 /// What the router does with a request.
 #[derive(Debug)]
 pub enum Decision {
     /// Proxy it to this upstream.
-    Forward(SocketAddr),
+    Forward(Backend),
     /// Answer it with this page.
     Answer(Page),
 }
@@ -79,7 +105,7 @@ pub enum Decision {
 pub struct Exchange {
     pub host: String,
     pub route: Option<Arc<Entry>>,
-    pub upstream: Option<SocketAddr>,
+    pub upstream: Option<Backend>,
     /// The router's id for this request.
     pub request_id: String,
     /// The client's own `X-Request-Id`, when it sent a usable one.
@@ -173,8 +199,9 @@ impl Exchange {
         let route = &entry.route;
         let decision = match &route.target {
             Target::Live { addr } => {
-                ex.upstream = Some(*addr);
-                Decision::Forward(*addr)
+                let upstream = Backend::new(*addr, &route.deployment);
+                ex.upstream = Some(upstream);
+                Decision::Forward(upstream)
             }
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
@@ -219,9 +246,6 @@ impl Exchange {
                 .map_err(|e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "request target", e))?;
             upstream.set_uri(origin);
         }
-        if !upstream.headers.contains_key(header::HOST) {
-            upstream.insert_header(header::HOST, self.host.as_str())?;
-        }
         let mut gone = hop_by_hop(&upstream.headers);
         gone.extend(upstream.headers.keys().filter(|k| has_underscore(k)).cloned());
         if upstream.headers.contains_key(header::CONNECTION) {
@@ -233,7 +257,10 @@ impl Exchange {
                     .filter_map(|v| v.to_str().ok())
                     .flat_map(|v| v.split(','))
                     .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                    .filter(|h| h != header::UPGRADE && h.as_str() != "keep-alive" && h.as_str() != "close"),
+                    // A client cannot name away what frames the message or
+                    // says where it goes (`Connection: host` would leave the
+                    // app a request without the Host it was routed by).
+                    .filter(|h| !END_TO_END.contains(h) && h.as_str() != "keep-alive" && h.as_str() != "close"),
             );
             gone.push(header::CONNECTION);
         }
@@ -245,6 +272,9 @@ impl Exchange {
         }
         if upgrade {
             upstream.insert_header(header::CONNECTION, "upgrade")?;
+        }
+        if !upstream.headers.contains_key(header::HOST) {
+            upstream.insert_header(header::HOST, self.host.as_str())?;
         }
         for h in &FORGEABLE {
             if upstream.headers.contains_key(h) {
@@ -311,7 +341,7 @@ impl Exchange {
             status,
             app,
             deployment,
-            upstream = ?self.upstream,
+            upstream = ?self.upstream.map(|u| u.addr),
             request_id = %self.request_id,
             client_request_id = self.client_request_id.as_deref(),
             micros = self.started.elapsed().as_micros() as u64,
@@ -415,6 +445,21 @@ mod tests {
             names,
             ["host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-kept", "x-real-ip", REQUEST_ID]
         );
+    }
+
+    #[test]
+    fn connection_cannot_name_away_the_host_or_the_bodys_framing() {
+        let mut req = request(&[
+            ("host", "app.localhost"),
+            ("content-length", "3"),
+            ("connection", "host, Content-Length, transfer-encoding, x-private"),
+            ("x-private", "hop"),
+        ]);
+        exchange().rewrite_request(&mut req, &Client::new(None, false)).unwrap();
+        assert_eq!(req.headers.get("host").unwrap(), "app.localhost");
+        assert_eq!(req.headers.get("content-length").unwrap(), "3");
+        assert!(req.headers.get("x-private").is_none(), "a hop-by-hop header the client named is dropped");
+        assert!(req.headers.get("connection").is_none());
     }
 
     #[test]

@@ -13,7 +13,6 @@
 //! reads it all first); an upgrade (WebSocket) turns the connection into a
 //! tunnel both ways; a response body is passed on as it comes.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Limits;
-use crate::exchange::{Client, Decision, Exchange};
+use crate::exchange::{Backend, Client, Decision, Exchange};
 use crate::pool::{Conn, Pool};
 use crate::table::RouteStore;
 
@@ -169,7 +168,7 @@ impl H1 {
             down.set_server_keepalive(None);
         }
         let result = match decision {
-            Decision::Forward(addr) => self.forward(down, &ex, addr, client, draining).await,
+            Decision::Forward(upstream) => self.forward(down, &ex, upstream, client, draining).await,
             Decision::Answer(page) => write_page(down, &ex, &page, draining).await.map(|()| true),
         };
         let (reusable, error) = match result {
@@ -223,18 +222,19 @@ impl H1 {
         Ok(req)
     }
 
-    /// Proxies one request to `addr`; true when the client connection may
-    /// carry another.
+    /// Proxies one request to `upstream`; true when the client connection
+    /// may carry another.
     async fn forward(
         &self,
         down: &mut Downstream,
         ex: &Exchange,
-        addr: SocketAddr,
+        upstream: Backend,
         client: &Client,
         draining: bool,
     ) -> Result<bool, Failure> {
+        let addr = upstream.addr;
         let has_body = !down.is_body_empty();
-        let (mut conn, reused) = match self.pool.take(addr) {
+        let (mut conn, reused) = match self.pool.take(upstream) {
             Some(conn) => (conn, true),
             None => (self.pool.connect(addr).await.map_err(Failure::Upstream)?, false),
         };
@@ -300,7 +300,7 @@ impl H1 {
         }
         down.finish_body().await.map_err(Failure::Client)?;
         if let Some(stream) = up.reuse().await {
-            self.pool.put(addr, Conn { fd: conn.fd, stream });
+            self.pool.put(upstream, Conn { fd: conn.fd, stream });
         }
         Ok(true)
     }
@@ -428,6 +428,7 @@ async fn write_page(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
 
     use nx_protocol::routes::{Route, RouteTable, Target};
@@ -531,6 +532,15 @@ pub(crate) mod tests {
     /// A router (HTTP/1 path only) with these bounds, routing each host to its
     /// upstream (deployment d1, d2, ... in order).
     async fn router_with(limits: Limits, hosts: &[(&str, SocketAddr)]) -> (SocketAddr, tempfile::TempDir) {
+        let (addr, dir, _store) = router_and_routes(limits, hosts).await;
+        (addr, dir)
+    }
+
+    /// [`router_with`], and the route store the test may replace tables in.
+    async fn router_and_routes(
+        limits: Limits,
+        hosts: &[(&str, SocketAddr)],
+    ) -> (SocketAddr, tempfile::TempDir, Arc<RouteStore>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         let routes = hosts
@@ -543,7 +553,7 @@ pub(crate) mod tests {
             .collect();
         store.replace(RouteTable { generation: 1, routes }).unwrap();
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
-        let h1 = Arc::new(H1::new(store, pool, Arc::new(AtomicBool::new(false)), limits));
+        let h1 = Arc::new(H1::new(store.clone(), pool, Arc::new(AtomicBool::new(false)), limits));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_keep, shutdown) = watch::channel(false);
@@ -558,7 +568,7 @@ pub(crate) mod tests {
                 });
             }
         });
-        (addr, dir)
+        (addr, dir, store)
     }
 
     /// Reads one response (header and Content-Length body) as text.
@@ -568,6 +578,47 @@ pub(crate) mod tests {
             .expect("an answer in time")
             .expect("an answer before the connection closed");
         format!("{head}{}", String::from_utf8_lossy(&body))
+    }
+
+    /// A deployment that gives up its port keeps the connections it accepted
+    /// (it can hand them to a process of its own that lives on); the next
+    /// owner of the port must never get requests over them.
+    #[tokio::test]
+    async fn a_ports_next_owner_never_gets_requests_over_its_previous_owners_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap();
+        let (addr, _dir, store) = router_and_routes(LIMITS, &[("app.localhost", port)]).await;
+        let held = Arc::new(AtomicUsize::new(0));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await.unwrap();
+        let (mut kept, _) = listener.accept().await.unwrap();
+        read_request(&mut kept).await.unwrap();
+        kept.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nold").await.unwrap();
+        assert!(read_response(&mut client).await.ends_with("old"));
+        // The old owner stops listening but keeps the connection the router
+        // pooled, answering whatever comes on it.
+        drop(listener);
+        let seen = held.clone();
+        tokio::spawn(async move {
+            while read_request(&mut kept).await.is_some() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = kept.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstolen").await;
+            }
+        });
+        // The port goes to another deployment, under the same host.
+        let victim = TcpListener::bind(port).await.unwrap();
+        let route = Route { app: "web".into(), deployment: "d2".into(), target: Target::Live { addr: port } };
+        store.replace(RouteTable { generation: 2, routes: [("app.localhost".to_owned(), route)].into() }).unwrap();
+        client
+            .write_all(b"GET /account HTTP/1.1\r\nHost: app.localhost\r\nCookie: session=secret\r\n\r\n")
+            .await
+            .unwrap();
+        let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(5), victim.accept()).await.unwrap().unwrap();
+        let (head, _) = read_request(&mut fresh).await.unwrap();
+        assert!(head.contains("cookie: session=secret"), "{head}");
+        fresh.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnew").await.unwrap();
+        assert!(read_response(&mut client).await.ends_with("new"));
+        assert_eq!(held.load(Ordering::SeqCst), 0, "the old owner's connection carried no request");
     }
 
     #[tokio::test]

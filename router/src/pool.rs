@@ -11,10 +11,11 @@
 //! connection closed anyway (the app crashed) the HTTP/1 proxy sends an
 //! idempotent request without a body again on a new connection. A sweep every
 //! few seconds closes the connections that idled past the timeout or were
-//! closed by the app, so none lingers half-closed.
+//! closed by the app, so none lingers half-closed. Connections are kept per
+//! [`Backend`], the address and the deployment that owns it, so a freed port
+//! given to another deployment never gets a connection the old one accepted.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, OrErr as _};
 
 use crate::buffered::Buffered;
+use crate::exchange::Backend;
 
 /// Idle connections kept per upstream; beyond it the oldest are closed.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -48,7 +50,7 @@ struct Idle {
 /// The idle upstream connections of one worker.
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<HashMap<Backend, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -65,15 +67,15 @@ impl Pool {
         Pool { idle: Mutex::new(HashMap::new()), connect_timeout, idle_timeout }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Backend, Vec<Idle>>> {
         // A panic while holding the lock leaves a plain list behind: still usable.
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `addr` that is still usable.
-    pub fn take(&self, addr: SocketAddr) -> Option<Conn> {
+    /// The most recently used idle connection to `upstream` that is still usable.
+    pub fn take(&self, upstream: Backend) -> Option<Conn> {
         let mut idle = self.lock();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&upstream)?;
         while let Some(Idle { conn, since }) = list.pop() {
             let idle = since.elapsed();
             if idle < self.idle_timeout && (idle < CHECK_AFTER || usable(conn.fd)) {
@@ -84,7 +86,7 @@ impl Pool {
     }
 
     /// A new connection to `addr`, within the connect timeout.
-    pub async fn connect(&self, addr: SocketAddr) -> pingora::Result<Conn> {
+    pub async fn connect(&self, addr: std::net::SocketAddr) -> pingora::Result<Conn> {
         let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
@@ -106,10 +108,10 @@ impl Pool {
         Ok(Conn { fd, stream: Box::new(Buffered::new(tcp)) })
     }
 
-    /// Keeps a connection for the next request to `addr`.
-    pub fn put(&self, addr: SocketAddr, conn: Conn) {
+    /// Keeps a connection for the next request to `upstream`.
+    pub fn put(&self, upstream: Backend, conn: Conn) {
         let mut idle = self.lock();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(upstream).or_default();
         if list.len() >= MAX_IDLE_PER_UPSTREAM {
             list.remove(0);
         }
@@ -136,69 +138,79 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    async fn upstream() -> (tokio::net::TcpListener, SocketAddr) {
+    async fn upstream() -> (tokio::net::TcpListener, Backend) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        (l, addr)
+        (l, Backend::new(addr, "d1"))
     }
 
     #[tokio::test]
     async fn a_kept_connection_is_reused_until_the_app_closes_it() {
-        let (listener, addr) = upstream().await;
+        let (listener, up) = upstream().await;
         let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60));
-        let conn = pool.connect(addr).await.unwrap();
+        let conn = pool.connect(up.addr).await.unwrap();
         let (mut app_side, _) = listener.accept().await.unwrap();
         let fd = conn.fd;
-        pool.put(addr, conn);
-        let again = pool.take(addr).expect("the idle connection is handed out");
+        pool.put(up, conn);
+        let again = pool.take(up).expect("the idle connection is handed out");
         assert_eq!(again.fd, fd);
-        pool.put(addr, again);
+        pool.put(up, again);
         app_side.shutdown().await.unwrap();
         drop(app_side);
         tokio::time::sleep(CHECK_AFTER + Duration::from_millis(50)).await;
-        assert!(pool.take(addr).is_none(), "a connection the app closed is not handed out");
+        assert!(pool.take(up).is_none(), "a connection the app closed is not handed out");
         assert_eq!(pool.idle(), 0);
     }
 
     #[tokio::test]
     async fn stray_bytes_expiry_and_the_sweep_close_idle_connections() {
-        let (listener, addr) = upstream().await;
+        let (listener, up) = upstream().await;
         let pool = Pool::new(Duration::from_secs(1), Duration::from_millis(100));
-        let chatty = pool.connect(addr).await.unwrap();
+        let chatty = pool.connect(up.addr).await.unwrap();
         let (mut chatty_app, _) = listener.accept().await.unwrap();
-        let quiet = pool.connect(addr).await.unwrap();
+        let quiet = pool.connect(up.addr).await.unwrap();
         let (_quiet_app, _) = listener.accept().await.unwrap();
-        pool.put(addr, quiet);
-        pool.put(addr, chatty);
+        pool.put(up, quiet);
+        pool.put(up, chatty);
         chatty_app.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         pool.sweep();
         assert_eq!(pool.idle(), 1, "the connection with unread bytes is closed");
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(pool.take(addr).is_none(), "an expired connection is not handed out");
-        pool.put(addr, pool.connect(addr).await.unwrap());
+        assert!(pool.take(up).is_none(), "an expired connection is not handed out");
+        pool.put(up, pool.connect(up.addr).await.unwrap());
         tokio::time::sleep(Duration::from_millis(120)).await;
         pool.sweep();
         assert_eq!(pool.idle(), 0, "the sweep closes expired connections");
     }
 
     #[tokio::test]
+    async fn a_connection_kept_for_one_deployment_is_never_handed_to_another_on_its_port() {
+        let (_listener, old) = upstream().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60));
+        pool.put(old, pool.connect(old.addr).await.unwrap());
+        let next_owner = Backend::new(old.addr, "d2");
+        assert!(pool.take(next_owner).is_none());
+        assert!(pool.take(old).is_some(), "still there for its own deployment");
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_says_so() {
-        let (listener, addr) = upstream().await;
+        let (listener, up) = upstream().await;
         drop(listener);
         let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60));
-        let e = pool.connect(addr).await.unwrap_err();
+        let e = pool.connect(up.addr).await.unwrap_err();
         assert_eq!(e.etype(), &ErrorType::ConnectRefused);
-        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+        assert!(e.to_string().contains(&up.addr.to_string()), "{e}");
     }
 
     #[tokio::test]
     async fn at_most_the_cap_of_idle_connections_is_kept() {
-        let (listener, addr) = upstream().await;
+        let (listener, up) = upstream().await;
         let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut apps = Vec::new();
         for _ in 0..MAX_IDLE_PER_UPSTREAM + 3 {
-            pool.put(addr, pool.connect(addr).await.unwrap());
+            pool.put(up, pool.connect(up.addr).await.unwrap());
             apps.push(listener.accept().await.unwrap());
         }
         assert_eq!(pool.idle(), MAX_IDLE_PER_UPSTREAM);

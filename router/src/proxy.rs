@@ -77,14 +77,17 @@ impl ProxyHttp for Router {
         _session: &mut Session,
         ctx: &mut Option<Exchange>,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let addr = ctx
+        let upstream = ctx
             .as_ref()
             .and_then(|ex| ex.upstream)
             .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))?;
         // A SocketAddr, never a host name: HttpPeer::new would resolve names with
         // blocking DNS. Peers are pooled by their hash, so a fresh peer per
         // request still reuses kept-alive connections.
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = HttpPeer::new(upstream.addr, false, String::new());
+        // pingora keeps connections per peer hash, which the group key is
+        // part of: a port's next owner never gets its previous owner's.
+        peer.group_key = upstream.owner;
         peer.options.connection_timeout = Some(self.limits.upstream_connect);
         peer.options.idle_timeout = Some(self.idle_timeout);
         // pingora bounds each read of the response, not its head alone: on

@@ -129,9 +129,9 @@ impl Work {
             }
             // Whoever clicked is part of it: a click refused for lack of
             // permission must not use up the button for someone who has it.
-            Work::CheckRunAction { repository_id, check_run, deployment, action, head_sha, completed_at, by } => {
-                Some(format!("check_run:{repository_id}:{check_run}:{deployment}:{action}:{head_sha}:{completed_at}:{by}"))
-            }
+            Work::CheckRunAction { repository_id, check_run, deployment, action, head_sha, completed_at, by } => Some(
+                format!("check_run:{repository_id}:{check_run}:{deployment}:{action}:{head_sha}:{completed_at}:{by}"),
+            ),
             Work::ReviewApproved { repository_id, review, .. } => Some(format!("review:{repository_id}:{}", review.id)),
             Work::InstallationCreated { .. } | Work::InstallationDeleted { .. } => None,
         }
