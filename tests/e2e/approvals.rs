@@ -311,12 +311,21 @@ fn delivery_ids_are_kept_fourteen_days_and_events_a_month_and_older_events_are_n
     assert_eq!(count(&r, "github_events"), "0", "events older than 30 days are pruned");
     let month_ago =
         (chrono::Utc::now() - chrono::Duration::days(31)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let old = with(body_of(&closed), &[("/pull_request/closed_at", month_ago.into())]);
+    let old = with(body_of(&closed), &[("/pull_request/closed_at", month_ago.clone().into())]);
     assert_eq!(Delivery::new("pull_request", &old).send(&r.api(), SECRET), queued());
     eventually(20, "the old event to be ignored", || {
         r.log().contains("event older than 30 days ignored").then_some(())
     });
     assert_eq!(count(&r, "github_events"), "0", "an event not acted on is not recorded");
+    // A click is as old as the check run it is on: a captured Promote click
+    // replayed a month on does nothing either.
+    let click =
+        with(button("7kq3mz2a", 1, &sha(), "promote", "writer"), &[("/check_run/completed_at", month_ago.into())]);
+    assert_eq!(Delivery::new("check_run", &click).send(&r.api(), SECRET), queued());
+    eventually(20, "the old click to be ignored", || {
+        (r.log().matches("event older than 30 days ignored").count() == 2).then_some(())
+    });
+    assert_eq!(count(&r, "github_events"), "0");
 }
 
 /// Makes every row of `table` `days` older, by its time `column`.

@@ -142,7 +142,10 @@ impl Work {
         let at = match self {
             Work::PullRequestClosed { closed_at, .. } => closed_at,
             Work::ReviewApproved { submitted_at, .. } => submitted_at,
-            _ => return None,
+            // A click carries no time of its own; the check run it is on was
+            // last completed before it, and every update moves that on.
+            Work::CheckRunAction { completed_at, .. } => completed_at,
+            Work::InstallationCreated { .. } | Work::InstallationDeleted { .. } => return None,
         };
         chrono::DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&chrono::Utc))
     }
