@@ -30,27 +30,39 @@ pub fn is_hidden(c: char) -> bool {
             | '\u{e0000}'..='\u{e0fff}')
 }
 
-/// Whether an app's line could pass for one of the platform's: it starts with
-/// [`PLATFORM_MARK`] once leading blanks and hidden characters are skipped and
-/// lookalike characters are folded ([`fold`]), or it holds the mark and any
-/// hidden character (an escape sequence or a carriage return can make a
-/// terminal show the mark first).
+/// Whether an app's line could pass for one of the platform's: once leading
+/// blanks and hidden characters are skipped and the text is folded
+/// ([`fold`]), it starts with [`PLATFORM_MARK`], or with anything shaped like
+/// it that is not plainly another ASCII tag: a two-letter tag between two
+/// marks that are not letters or digits, whose letters fold to `n` and `x`
+/// or are not ASCII (`〘nx〙`, `[ꞑx]`, `⟮nꭓ⟯`). A list of lookalikes can never
+/// be complete; the shape can. Or the line holds the mark and any hidden
+/// character (an escape sequence or a carriage return can make a terminal
+/// show the mark first).
 pub fn looks_like_platform(line: &str) -> bool {
     let shown = line.trim_start_matches(|c: char| c.is_whitespace() || is_hidden(c));
-    let mark_len = PLATFORM_MARK.chars().count();
-    fold(shown).take(mark_len).eq(PLATFORM_MARK.chars())
-        || (line.chars().any(is_hidden) && fold(line).collect::<String>().contains(PLATFORM_MARK))
+    let head: Vec<char> = fold(shown).take(4).collect();
+    let tag_like = match head.as_slice() {
+        [open, a, b, close] => {
+            let mark = |c: &char| !c.is_alphanumeric() && !c.is_whitespace();
+            let letter = |c: &char, plain: char| *c == plain || (c.is_alphabetic() && !c.is_ascii());
+            mark(open) && mark(close) && letter(a, 'n') && letter(b, 'x')
+        }
+        _ => false,
+    };
+    tag_like || (line.chars().any(is_hidden) && fold(line).collect::<String>().contains(PLATFORM_MARK))
 }
 
 /// `text` as a reader would take it: compatibility forms (fullwidth `［ｎｘ］`,
-/// mathematical `𝐧𝐱`, circled `ⓝ`) normalised to their plain letters, hidden
+/// mathematical `𝐧𝐱`, circled `ⓝ`) decomposed to their plain letters,
+/// accents and other combining marks dropped (`n̲x`, `nx́`), hidden
 /// characters dropped, letters lowercased, and the Cyrillic, Greek and
 /// Armenian letters and brackets that look like those of the mark replaced
-/// by them. Only the mark is compared after folding, so the table needs only
-/// its characters' lookalikes.
+/// by them.
 fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
+    use unicode_normalization::char::is_combining_mark;
     use unicode_normalization::UnicodeNormalization as _;
-    text.nfkc().filter(|c| !is_hidden(*c)).flat_map(char::to_lowercase).map(|c| match c {
+    text.nfkd().filter(|c| !is_hidden(*c) && !is_combining_mark(*c)).flat_map(char::to_lowercase).map(|c| match c {
         'х' | 'χ' | 'ҳ' | 'ӽ' | 'ӿ' | '×' | '⨯' | '᙮' => 'x',
         'п' | 'ո' | 'ռ' | 'ɴ' | 'ח' | 'η' | 'ŋ' => 'n',
         '⟦' | '〚' | '〔' | '【' | '〖' | '⁅' | '⦋' | '⦍' | '⦏' => '[',
@@ -105,9 +117,19 @@ mod tests {
         {
             assert!(looks_like_platform(forged), "{forged:?}");
         }
-        for honest in
-            ["hello [nx]", "[nxx]", "nx: started", "\u{1b}[31mred\u{1b}[0m", "", "[nginx] up", "hello ［ｎｘ］"]
-        {
+        for honest in [
+            "hello [nx]",
+            "[nxx]",
+            "nx: started",
+            "\u{1b}[31mred\u{1b}[0m",
+            "",
+            "[nginx] up",
+            "hello ［ｎｘ］",
+            "[ok] fine",
+            "(ab) c",
+            "[n] x",
+            "nx: up",
+        ] {
             assert!(!looks_like_platform(honest), "{honest:?}");
         }
     }
