@@ -258,3 +258,46 @@ fn the_receivers_help_shows_no_secret_from_its_environment() {
     assert!(help.contains("--database-url"), "{help}");
     assert!(!help.contains("hunter2"), "{help}");
 }
+
+/// Every route that names a deployment or key under an app, called under
+/// one's own app with an id of another app's: not found, and the other app's
+/// deployment, deploy key and SSH key are as they were. The walk above uses
+/// ids that name nothing; this one uses real ones, so a handler that looked
+/// an id up without its app would act.
+#[test]
+fn ids_of_another_app_are_not_found_under_ones_own() {
+    let r = Receiver::start();
+    let web_key = r.create_app("web");
+    let site_key = r.create_app("site");
+    let binary = nx_e2e::fixtures::c_musl_static();
+    r.push("web", &binary, &[]);
+    let site = r.push("site", &binary, &[]);
+    let site_deployment = site["id"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let ssh = crate::sftp::keypair(dir.path(), "site-ssh");
+    r.nx_ok(&["keys", "add-ssh", "site", ssh.with_extension("pub").to_str().unwrap()]);
+    let (site_ssh, _) = crate::sftp::ssh_key(&r, "site", "site-ssh");
+    let site_key_id = Credential::parse(&site_key).unwrap().key_id().to_owned();
+
+    let mut tried = 0;
+    for (method, template, _) in SIGNED_ROUTES.iter().filter(|(_, t, _)| t.starts_with("/v1/apps/{app}/")) {
+        let (id, caller) = match template {
+            t if t.contains("/deployments/{id}") => (site_deployment.as_str(), web_key.as_str()),
+            t if t.contains("/ssh-keys/{id}") => (site_ssh.as_str(), r.admin_token.as_str()),
+            t if t.contains("/keys/{id}") => (site_key_id.as_str(), r.admin_token.as_str()),
+            _ => continue,
+        };
+        let path = template.replace("{app}", "web").replace("{id}", id);
+        let body: &[u8] = if matches!(*method, "POST" | "PUT" | "PATCH") { b"{}" } else { b"" };
+        let signed = Signed::new(method, &path, body, None);
+        let (status, text) = send_as(&r.api(), &signed, &Credential::parse(caller).unwrap(), body.to_vec());
+        assert_eq!(status, 404, "{method} {path}: {text}");
+        assert!(text.contains(id) && text.contains("web"), "{method} {path} says what was not found where: {text}");
+        tried += 1;
+    }
+    assert!(tried >= 7, "every id route was tried ({tried})");
+    let listed = r.nx_ok(&["--json", "ls", "site"]).json();
+    assert_eq!(listed[0]["deployments"][0]["state"], "healthy", "{listed}");
+    assert_eq!(r.nx_with_key(&site_key, &["--json", "ls", "site"]).code, 0, "site's deploy key still works");
+    assert_eq!(crate::sftp::ssh_key(&r, "site", "site-ssh").0, site_ssh, "site's SSH key is still there");
+}

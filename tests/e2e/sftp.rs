@@ -12,7 +12,7 @@ use russh_sftp::client::RawSftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 
 /// An ed25519 key pair made by ssh-keygen; returns the private key's path.
-fn keypair(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn keypair(dir: &Path, name: &str) -> PathBuf {
     keypair_with_passphrase(dir, name, "")
 }
 
@@ -289,7 +289,7 @@ fn what_sftp_must_refuse_it_refuses_and_stores_nothing() {
 }
 
 /// The id and last use of the SSH key of `app` named `comment`.
-fn ssh_key(r: &Receiver, app: &str, comment: &str) -> (String, serde_json::Value) {
+pub(crate) fn ssh_key(r: &Receiver, app: &str, comment: &str) -> (String, serde_json::Value) {
     let listed = r.nx_ok(&["--json", "keys", "ls", app]).json();
     let keys = listed["ssh_keys"].as_array().unwrap_or_else(|| panic!("no ssh_keys in {listed}"));
     let key = keys.iter().find(|k| k["comment"] == comment).unwrap_or_else(|| panic!("no key {comment}: {listed}"));
