@@ -5,7 +5,8 @@
 //! library. Polling starts at 1 ms and backs off to 50 ms: most apps are up within
 //! a few milliseconds and the start-to-healthy time is a figure we publish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,48 @@ fn parse_status(buf: &[u8]) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
+/// The uids owning the sockets that listen on `addr`: on its port, at its
+/// address or a wildcard one, read from the kernel's tables under
+/// `proc_root` (`net/tcp`, `net/tcp6`). Sandboxes share the host's network
+/// namespace, so an answer on an app's port proves nothing about who gave
+/// it; the owner of the listening socket does.
+pub fn listeners(proc_root: &Path, addr: SocketAddr) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for table in ["net/tcp", "net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(proc_root.join(table)) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+            let (Some(local), Some(&"0A"), Some(uid)) = (fields.get(1), fields.get(3), fields.get(7)) else { continue };
+            let Some((ip, port)) = parse_local(local) else { continue };
+            let wildcard = ip.is_unspecified();
+            let same = ip == addr.ip() || ip.to_canonical() == addr.ip();
+            if port == addr.port() && (same || wildcard) {
+                uids.extend(uid.parse::<u32>().ok());
+            }
+        }
+    }
+    uids
+}
+
+/// A `local_address` of the kernel's tables: the address as hex 32-bit
+/// words printed as the machine reads the network-order bytes (so their
+/// native-endian bytes are the address), a colon, the hex port.
+fn parse_local(field: &str) -> Option<(IpAddr, u16)> {
+    let (hex, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in 0..hex.len() / 8 {
+        bytes.extend(u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes());
+    }
+    let ip = match (hex.len(), <[u8; 4]>::try_from(bytes.as_slice()), <[u8; 16]>::try_from(bytes.as_slice())) {
+        (8, Ok(v4), _) => IpAddr::V4(Ipv4Addr::from(v4)),
+        (32, _, Ok(v6)) => IpAddr::V6(Ipv6Addr::from(v6)),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
 /// How long after the start probes run every millisecond.
 const FAST_POLL: Duration = Duration::from_millis(100);
 
@@ -134,6 +177,45 @@ mod tests {
     fn free_addr() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
+    }
+
+    #[test]
+    fn listening_sockets_are_found_with_their_owner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let me = crate::sys::effective_uid();
+        assert_eq!(listeners(Path::new("/proc"), addr), vec![me]);
+        drop(l);
+        assert_eq!(listeners(Path::new("/proc"), addr), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn the_kernels_tables_are_read_for_both_families_and_wildcards() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("net")).unwrap();
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        // As the kernel prints it: the network-order bytes read as a native u32.
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        std::fs::write(
+            dir.path().join("net/tcp"),
+            format!(
+                "{head}   0: {v4:08X}:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  7001        0 1 1\n\
+                    1: {v4:08X}:1F91 00000000:0000 01 00000000:00000000 00:00000000 00000000  7002        0 2 1\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("net/tcp6"),
+            format!("{head}   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  7003        0 3 1\n"),
+        )
+        .unwrap();
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(listeners(dir.path(), addr), vec![7001, 7003], "the address itself, and [::] which takes IPv4 too");
+        assert_eq!(
+            listeners(dir.path(), "127.0.0.1:8081".parse().unwrap()),
+            Vec::<u32>::new(),
+            "established, not listening"
+        );
     }
 
     #[tokio::test]

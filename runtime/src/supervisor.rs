@@ -80,6 +80,21 @@ pub enum AfterCrash {
     GiveUp { crashes: u32 },
 }
 
+/// Why an answer on `addr` does not count as the app's: some socket that
+/// listens there belongs to another user than the app's `uid`, or none does.
+fn foreign_listener(owners: &[u32], uid: u32, addr: SocketAddr) -> Option<String> {
+    match owners.iter().find(|o| **o != uid) {
+        Some(other) => Some(format!(
+            "{addr} is held by a socket of uid {other}, not this app's (uid {uid}); the answer was not the app's, \
+             so it is not served (push again to get another port)"
+        )),
+        None if owners.is_empty() => {
+            Some(format!("the answer on {addr} came from no socket of this app's (uid {uid})"))
+        }
+        None => None,
+    }
+}
+
 /// Everything needed to run one sandbox. `Debug` leaves out the environment,
 /// which holds the app's secrets.
 #[derive(Clone)]
@@ -248,6 +263,13 @@ async fn supervise(
             finish_pump(pump).await;
             return fail(&status, format!("exited ({}) before answering its health check", describe_exit(code)));
         }
+        // Apps share the host's network namespace: the answer must come from
+        // a socket of this app's own, not one another app holds on its port.
+        if let Some(reason) = foreign_listener(&health::listeners(&cfg.proc_root, cfg.addr), cfg.host_ids.0, cfg.addr) {
+            terminate(&cfg, &mut exit, &log).await;
+            finish_pump(pump).await;
+            return fail(&status, reason);
+        }
         log.system_line(&format!("healthy on {}", cfg.addr));
         let _ = status.send(Status::Healthy { restarts });
 
@@ -403,6 +425,19 @@ mod tests {
         assert_eq!(p.backoff(3), Duration::from_secs(2));
         assert_eq!(p.backoff(4), Duration::from_secs(3));
         assert_eq!(p.backoff(40), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn only_the_apps_own_listener_makes_it_healthy() {
+        let addr: SocketAddr = "127.0.0.1:20000".parse().unwrap();
+        assert_eq!(foreign_listener(&[7001], 7001, addr), None);
+        assert_eq!(foreign_listener(&[7001, 7001], 7001, addr), None, "SO_REUSEPORT listeners of the app's own");
+        let held = foreign_listener(&[7001, 7002], 7001, addr).unwrap();
+        assert!(
+            held.starts_with("127.0.0.1:20000 is held by a socket of uid 7002, not this app's (uid 7001)"),
+            "{held}"
+        );
+        assert!(foreign_listener(&[], 7001, addr).is_some());
     }
 
     #[test]
