@@ -508,3 +508,29 @@ fn the_action_and_the_workflows_pass_actionlint_and_githubs_schemas() {
         .args(["--builtin-schema", "vendor.github-workflows"])
         .args(workflows));
 }
+
+/// A pull request from a fork has no secrets and no OIDC token in GitHub: the
+/// step says why there is no preview and succeeds, and nothing is deployed.
+#[test]
+fn a_pull_request_from_a_fork_gets_no_preview_and_the_step_says_why() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let from_fork = with(
+        pull_request("pull_request.opened", 11, &sha()),
+        &[
+            ("/pull_request/head/repo/full_name", "mallory/web".into()),
+            ("/pull_request/base/repo/full_name", REPO.into()),
+        ],
+    );
+    // No key at all, as in a fork's run.
+    let run = run_action(&r, "", "pull_request", &from_fork, &fixtures::go(Go::Static));
+    assert_eq!(run.out.code, 0, "{:?}", run.out);
+    assert!(
+        run.summary.contains("No preview for pull request #11: it comes from the fork mallory/web"),
+        "{}",
+        run.summary
+    );
+    assert!(run.out.stdout.contains("::notice title=NX Sandbox: no preview for a fork::"), "{}", run.out.stdout);
+    let listed = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert_eq!(listed[0]["deployments"], serde_json::json!([]), "{listed}");
+}

@@ -32,6 +32,8 @@ pub struct RunContext {
     pub default_branch: Option<String>,
     /// The event is a pull request being closed (merged or not).
     pub pr_closed: bool,
+    /// The pull request comes from this other repository (a fork).
+    pub fork: Option<String>,
 }
 
 impl RunContext {
@@ -47,6 +49,7 @@ impl RunContext {
             event: env("GITHUB_EVENT_NAME"),
             default_branch: None,
             pr_closed: false,
+            fork: None,
         };
         if let Some(path) = env("GITHUB_EVENT_PATH") {
             let text = std::fs::read_to_string(&path)
@@ -61,6 +64,12 @@ impl RunContext {
                 }
                 if let Some(r) = pr["head"]["ref"].as_str() {
                     ctx.git_ref = Some(r.to_owned());
+                }
+                // A fork's head repository has another name; a deleted
+                // fork's is null.
+                let head = pr["head"]["repo"]["full_name"].as_str();
+                if head != pr["base"]["repo"]["full_name"].as_str() {
+                    ctx.fork = Some(head.unwrap_or("a deleted fork").to_owned());
                 }
             }
             if let Some(name) = event["repository"]["full_name"].as_str() {
@@ -167,6 +176,9 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         .ok_or_else(|| Failure::Usage("name the app: the input `app`, or `app = \"NAME\"` in nx.toml".into()))?;
     let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
     let ctx = RunContext::from_env(env)?;
+    if let (Some(fork), Some(pr)) = (&ctx.fork, ctx.pr) {
+        return skip_fork(&app, pr, fork, env);
+    }
     let target = config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&Client::for_push(&target).await?, &app, pr, env).await;
@@ -273,6 +285,25 @@ async fn binary_from_inputs(
     }
 }
 
+/// A pull request from a fork gets no preview: GitHub gives its workflows
+/// neither the repository's secrets nor an OIDC token (a fork's code must not
+/// push under the repository's name), so there is nothing to push with. The
+/// step says so and succeeds rather than failing for want of a key; the
+/// receiver still closes previews on GitHub's webhook.
+fn skip_fork(app: &AppName, pr: u64, fork: &str, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let why = format!(
+        "No preview for pull request #{pr}: it comes from the fork {fork}, and GitHub gives workflows of forks \
+         neither secrets nor an OIDC token. A maintainer can push its head with `nx push --pr {pr}` after \
+         reviewing it."
+    );
+    println!("::notice title=NX Sandbox: no preview for a fork::{}", escape_command(&why));
+    if let Some(path) = env("GITHUB_STEP_SUMMARY") {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+        writeln!(f, "### NX Sandbox: {app}\n\n{why}\n")?;
+    }
+    Ok(())
+}
+
 /// A closed pull request: its previews stop (and their own databases go).
 async fn close_previews(
     client: &Client,
@@ -350,8 +381,21 @@ mod tests {
                 event: None,
                 default_branch: None,
                 pr_closed: false,
+                fork: None,
             }
         );
+        std::fs::write(
+            &event,
+            r#"{"pull_request":{"number":8,"head":{"sha":"d","repo":{"full_name":"mallory/r"}},"base":{"repo":{"full_name":"o/r"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(RunContext::from_env(&env).unwrap().fork.as_deref(), Some("mallory/r"));
+        std::fs::write(
+            &event,
+            r#"{"pull_request":{"number":8,"head":{"repo":null},"base":{"repo":{"full_name":"o/r"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(RunContext::from_env(&env).unwrap().fork.as_deref(), Some("a deleted fork"));
     }
 
     #[test]

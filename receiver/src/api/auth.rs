@@ -79,6 +79,19 @@ impl Caller {
     /// request was let in: an upload takes long enough for that, and what it
     /// brought must then not be deployed.
     pub async fn still_valid(&self, state: &AppState) -> Result<(), ApiError> {
+        // A workflow has no key to revoke: what can be withdrawn is its app's
+        // trust (or the app itself).
+        if let (Role::Workflow { app, .. }, Some(claims)) = (&self.role, &self.github) {
+            let row = state.db.app(app).await?;
+            let link = row.as_ref().and_then(|r| r.settings.github.as_ref());
+            return match (row.is_some(), crate::github::oidc::trusts(app, link, claims)) {
+                (true, Ok(())) => Ok(()),
+                _ => Err(ApiError::Unauthorized(format!(
+                    "app {app} stopped trusting this workflow, or was removed, while its upload was in progress; \
+                     nothing was deployed"
+                ))),
+            };
+        }
         match state.db.key(&self.key_id).await? {
             Some(key) if key.revoked_at.is_none() => Ok(()),
             _ => Err(ApiError::Unauthorized(format!(
