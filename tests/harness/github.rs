@@ -16,7 +16,6 @@ use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
@@ -53,7 +52,7 @@ struct State {
 pub struct FakeGitHub {
     pub url: String,
     state: Arc<State>,
-    _runtime: tokio::runtime::Runtime,
+    _server: crate::server::Local,
 }
 
 fn fixtures() -> PathBuf {
@@ -74,23 +73,9 @@ pub fn payload(name: &str) -> Value {
 
 impl FakeGitHub {
     pub fn start() -> FakeGitHub {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(State { next_id: AtomicI64::new(1000), ..State::default() });
-        let shared = state.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| answer(req, state.clone()));
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-        FakeGitHub { url, state, _runtime: runtime }
+        let (server, state) =
+            crate::server::serve(|_| State { next_id: AtomicI64::new(1000), ..State::default() }, answer);
+        FakeGitHub { url: server.url.clone(), state, _server: server }
     }
 
     /// Every call so far.

@@ -19,6 +19,7 @@ pub mod oidc;
 pub mod postgres;
 pub mod receiver;
 pub mod runner;
+pub mod server;
 pub mod signed;
 
 use std::path::{Path, PathBuf};

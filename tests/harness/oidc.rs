@@ -18,7 +18,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
@@ -89,7 +88,7 @@ pub struct Issuer {
     pub url: String,
     state: Arc<State>,
     _dir: tempfile::TempDir,
-    _runtime: tokio::runtime::Runtime,
+    _server: crate::server::Local,
 }
 
 /// A new 2048-bit RSA key (PEM) and its modulus.
@@ -109,30 +108,18 @@ impl Issuer {
         let dir = tempfile::tempdir().unwrap();
         let (key_pem, modulus) = rsa_key(dir.path(), "issuer.pem");
         let (other_pem, _) = rsa_key(dir.path(), "other.pem");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(State {
-            url: url.clone(),
-            key_pem,
-            other_pem,
-            modulus,
-            mint: Mutex::new(Mint::default()),
-            jwks_fetches: AtomicU32::new(0),
-        });
-        let shared = state.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| answer(req, state.clone()));
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-        Issuer { url, state, _dir: dir, _runtime: runtime }
+        let (server, state) = crate::server::serve(
+            |url| State {
+                url: url.to_owned(),
+                key_pem,
+                other_pem,
+                modulus,
+                mint: Mutex::new(Mint::default()),
+                jwks_fetches: AtomicU32::new(0),
+            },
+            answer,
+        );
+        Issuer { url: server.url.clone(), state, _dir: dir, _server: server }
     }
 
     /// The flags that make a receiver trust this issuer.
