@@ -240,10 +240,10 @@ async fn run(
     let github = crate::github::client::Client::from_config(&config, db.clone())?.map(Arc::new);
     let (reporter, reports) = match &github {
         Some(_) => {
-            let (r, rx) = crate::github::report::Reporter::new();
+            let (r, rx) = crate::deploy::events::Reporter::new();
             (r, Some(rx))
         }
-        None => (crate::github::report::Reporter::off(), None),
+        None => (crate::deploy::events::Reporter::off(), None),
     };
     let deployer = Arc::new(Deployer::new(Services {
         db: db.clone(),

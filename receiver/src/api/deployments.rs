@@ -80,8 +80,8 @@ pub async fn push(
     let mut meta = parse_meta(&caller)?;
     match &caller.github {
         // What the OIDC token proved replaces what the push says.
-        Some(proved) => crate::github::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
-        None => crate::github::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
+        Some(proved) => crate::deploy::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
+        None => crate::deploy::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
     }
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
 

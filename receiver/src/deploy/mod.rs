@@ -6,6 +6,9 @@
 //! deployment's state: it applies every status change to the database, then to
 //! the router, and only then tells waiters, so a caller that saw "healthy" can
 //! rely on the URL answering.
+//!
+//! What happens next elsewhere (GitHub reports) is queued on [`events`];
+//! whether a push may name its repository is [`link`]'s to say.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +32,9 @@ use crate::secrets::MasterKey;
 use crate::store::{ArtifactStore, StoreError};
 use crate::volumes::{VolumeError, Volumes};
 
+pub mod events;
 mod lifecycle;
+pub mod link;
 mod sandbox;
 
 pub use sandbox::{expand_arg, validate_env, RESERVED_ENV};
@@ -113,7 +118,7 @@ pub struct Services {
     pub landlock: nx_runtime::landlock::Support,
     pub volumes: Volumes,
     /// Tells GitHub about deployments pushed from it.
-    pub reporter: crate::github::report::Reporter,
+    pub reporter: events::Reporter,
     /// What binaries this server runs.
     pub target: Arc<nx_protocol::target::ServerTarget>,
 }
@@ -249,7 +254,7 @@ impl Deployer {
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
-        crate::github::link::check_push(&self.services.db, app, meta, proved, actor).await?;
+        link::check_push(&self.services.db, app, meta, proved, actor).await?;
         if let Some(push_id) = &meta.push_id {
             if !nx_protocol::auth::is_valid_nonce(push_id) {
                 return Err(DeployError::Invalid("push_id must be 16 to 64 characters of A-Z a-z 0-9 - _".into()));
@@ -470,9 +475,7 @@ impl Deployer {
         if let Err(e) = self.services.routes.publish().await {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
-        self.services
-            .reporter
-            .send(crate::github::report::Event::Promoted { deployment: id.to_owned(), previous: previous.clone() });
+        self.services.reporter.send(events::Event::Promoted { deployment: id.to_owned(), previous: previous.clone() });
         if let Some(db) = preview_db {
             self.services.databases.drop_database(&db).await?;
         }
@@ -581,7 +584,7 @@ fn poisoned() -> DeployError {
 struct Watcher {
     db: Db,
     routes: Arc<RoutePublisher>,
-    reporter: crate::github::report::Reporter,
+    reporter: events::Reporter,
     id: String,
     app: String,
 }
@@ -632,7 +635,7 @@ async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Send
             let _ = routes.publish().await;
             tracing::info!(deployment = %id, app = %app, state = step.state.as_str(), "deployment state");
             if step.settled {
-                reporter.send(crate::github::report::Event::Settled(id.clone()));
+                reporter.send(events::Event::Settled(id.clone()));
             }
         }
         let _ = applied.send(current.clone());

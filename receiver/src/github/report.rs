@@ -17,44 +17,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::client::{Client, Method};
 use crate::db::{AppRow, Db, DeploymentRow, ReportRow};
+use crate::deploy::events::Event;
 use crate::deploy::Deployer;
-
-/// Something to tell GitHub.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A deployment became healthy or failed.
-    Settled(String),
-    /// A deployment became production, replacing `previous`.
-    Promoted { deployment: String, previous: Option<String> },
-    /// Why a button of a deployment's check run, or an approval of its
-    /// pull request, did nothing: shown on the deployment's check run.
-    Note { deployment: String, title: String, message: String },
-}
-
-/// Queues events for the reporting task; does nothing when GitHub is not
-/// configured.
-#[derive(Debug, Clone, Default)]
-pub struct Reporter {
-    tx: Option<mpsc::UnboundedSender<Event>>,
-}
-
-impl Reporter {
-    pub fn new() -> (Reporter, mpsc::UnboundedReceiver<Event>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Reporter { tx: Some(tx) }, rx)
-    }
-
-    /// A reporter that reports nothing.
-    pub fn off() -> Reporter {
-        Reporter { tx: None }
-    }
-
-    pub fn send(&self, event: Event) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(event);
-        }
-    }
-}
 
 /// Where a deployment came from on GitHub.
 struct Origin<'a> {

@@ -36,10 +36,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::approval::{may_promote, Access, Review, Verdict};
 use super::client::Client;
-use super::report::{Event, Reporter};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::db::{AppRow, Db};
+use crate::deploy::events::{Event, Reporter};
 use crate::deploy::Deployer;
 
 /// The largest delivery GitHub sends is 25 MB; anything larger is refused.
