@@ -103,6 +103,9 @@ pub enum Command {
     Open(OpenArgs),
     /// The receiver's health, version, limits and isolation.
     Status,
+    /// The audit log: who pushed, promoted, rolled back, changed variables
+    /// (names only), keys or links, and when. A deploy key sees its own app's.
+    Events(EventsArgs),
     /// Print a completion script for your shell, for example
     /// `nx completions bash > /etc/bash_completion.d/nx`.
     Completions {
@@ -350,6 +353,19 @@ pub struct OpenArgs {
     pub deployment: Option<String>,
     #[command(flatten)]
     pub app: AppArg,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this app's events.
+    #[arg(long, short)]
+    pub app: Option<String>,
+    /// How far back: a duration (24h, 7d) or an RFC 3339 time.
+    #[arg(long, default_value = "24h")]
+    pub since: String,
+    /// At most this many events, newest first (up to 1000).
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub limit: u32,
 }
 
 #[derive(Debug, Args)]

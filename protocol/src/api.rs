@@ -692,6 +692,23 @@ pub struct ClosedPull {
     pub stopped: Vec<DeploymentId>,
 }
 
+/// One entry of the audit log (`GET /v1/events`): who did what, when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventInfo {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub app: Option<String>,
+    pub deployment: Option<String>,
+    /// `push`, `promote`, `env`, `key.revoke`, `github.link`, ...
+    pub kind: String,
+    /// Who: `admin`, `key:<id>@<app>`, `key:<id>(read-only)`,
+    /// `github:<workflow_ref> (<actor>)`, `github:<login>`, `janitor`, ...
+    pub actor: String,
+    /// What, as the platform recorded it: names, ids and reasons, never a
+    /// variable's value or a secret.
+    pub detail: serde_json::Value,
+}
+
 /// `GET /v1/status`: the receiver's health, version and limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerStatus {

@@ -303,6 +303,10 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_PREVIEW_IDLE", default_value = "7d", value_parser = parse_duration)]
     pub preview_idle: Duration,
 
+    /// How long the audit log (`nx events`) keeps an event.
+    #[arg(long, env = "NX_EVENTS_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub events_retention: Duration,
+
     /// Deployments kept per app, newest first; older ones are removed with
     /// their logs (production and the rollback target always stay).
     #[arg(long, env = "NX_KEEP_DEPLOYMENTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]

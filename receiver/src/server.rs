@@ -227,7 +227,8 @@ async fn run(
         tokio::spawn(reload_on_sighup(router.clone(), stop_rx.clone()));
     }
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
-    tokio::spawn(expire_records(db.clone(), stop_rx.clone()));
+    let events_days = u32::try_from(config.events_retention.as_secs().div_ceil(86_400).max(1)).unwrap_or(u32::MAX);
+    tokio::spawn(expire_records(db.clone(), events_days, stop_rx.clone()));
     let watchdog = crate::pg::watchdog::WatchdogSettings {
         interval: config.db_watchdog_interval,
         statement_timeout: config.db_statement_timeout,
@@ -365,10 +366,10 @@ async fn reload_on_sighup(router: Arc<RouterProcess>, mut stop: watch::Receiver<
     }
 }
 
-/// Forgets nonces, webhook deliveries and GitHub events past their
-/// retention: at start (a receiver stopped for long prunes at once) and
-/// every minute.
-async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
+/// Forgets nonces, webhook deliveries, GitHub events and audit events
+/// (after `events_days`) past their retention: at start (a receiver stopped
+/// for long prunes at once) and every minute.
+async fn expire_records(db: Db, events_days: u32, mut stop: watch::Receiver<bool>) {
     loop {
         // Twice the clock window: a nonce older than that is refused by its
         // timestamp anyway.
@@ -381,6 +382,9 @@ async fn expire_records(db: Db, mut stop: watch::Receiver<bool>) {
         }
         if let Err(e) = db.expire_github_events(crate::github::webhook::EVENT_RETENTION_DAYS).await {
             tracing::warn!(error = %e, "cannot expire the GitHub events acted on");
+        }
+        if let Err(e) = db.expire_events(events_days).await {
+            tracing::warn!(error = %e, "cannot expire audit events");
         }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}

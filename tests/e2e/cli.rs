@@ -340,3 +340,54 @@ database = "empty"
         broken.stderr
     );
 }
+
+/// `nx events` answers "who did this?": pushes, promotions, variable changes
+/// (names, never values) and key changes, each with the key that did it; a
+/// deploy key reads its own app's events alone.
+#[test]
+fn the_audit_log_says_who_did_what_and_shows_each_key_its_own() {
+    let r = Receiver::start();
+    let web_key = r.create_app("web");
+    let site_key = r.create_app("site");
+    let web_key_id = nx_protocol::auth::Credential::parse(&web_key).unwrap().key_id().to_owned();
+    let binary = nx_e2e::fixtures::c_musl_static();
+    let pushed = r.nx_with_key(&web_key, &["--json", "push", binary.to_str().unwrap(), "--app", "web"]).success();
+    let d = pushed.json()["deployment"].clone();
+    let id = d["id"].as_str().unwrap();
+    assert_eq!(r.nx_with_key(&web_key, &["promote", id, "--app", "web"]).code, 0);
+    assert_eq!(r.nx_with_key(&web_key, &["env", "set", "API_TOKEN=hunter2-secret", "--app", "web"]).code, 0);
+    r.nx_ok(&["keys", "create", "web"]);
+
+    let events = r.nx_ok(&["--json", "events", "--app", "web"]).json();
+    let by_kind = |kind: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}: {events}"))
+            .clone()
+    };
+    let tenant = format!("key:{web_key_id}@web");
+    assert_eq!(by_kind("push")["actor"], tenant.as_str());
+    assert_eq!(by_kind("push")["deployment"], id);
+    assert_eq!(by_kind("promote")["actor"], tenant.as_str());
+    assert_eq!(by_kind("env")["actor"], tenant.as_str());
+    assert_eq!(by_kind("key.create")["actor"], "admin");
+    assert_eq!(by_kind("app.create")["actor"], "admin");
+    let text = events.to_string();
+    assert!(text.contains("API_TOKEN") && !text.contains("hunter2"), "names, never values: {text}");
+    assert!(events.as_array().unwrap().iter().all(|e| e["app"] == "web"), "{events}");
+
+    // A deploy key reads its own app's events, and no other's.
+    let own = r.nx_with_key(&site_key, &["--json", "events"]).success().json();
+    assert!(own.as_array().unwrap().iter().all(|e| e["app"] == "site"), "{own}");
+    let other = r.nx_with_key(&site_key, &["events", "--app", "web"]);
+    assert_eq!(other.code, 1, "{other:?}");
+    assert!(other.stderr.contains("belongs to app 'site' and reads that app's events alone"), "{}", other.stderr);
+    let bad = r.nx(&["events", "--since", "yesterday"]);
+    assert!(bad.stderr.contains("since \"yesterday\" is neither a duration (24h, 7d) nor an RFC 3339 time"), "{bad:?}");
+    let table = r.nx_ok(&["events", "--app", "web"]).stdout;
+    assert!(table.lines().next().unwrap().starts_with("time"), "{table}");
+    assert!(table.contains(&tenant), "{table}");
+}

@@ -5,6 +5,7 @@ mod build;
 mod db;
 mod deployments;
 mod env;
+mod events;
 mod github;
 mod keys;
 mod login;
@@ -36,6 +37,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Env(cmd) => env::run(g, cmd).await,
         Command::Open(args) => deployments::open(g, args).await,
         Command::Status => status::run(g).await,
+        Command::Events(args) => events::run(g, args).await,
         Command::Verify(args) => verify::run(g, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod database;
 pub mod deployments;
 pub mod error;
+pub mod events;
 pub mod keys;
 pub mod lifecycle;
 pub mod ssh_keys;
@@ -80,6 +81,7 @@ macro_rules! signed_routes {
 
 signed_routes! {
     GET "/v1/status" Status => status::status,
+    GET "/v1/events" Status => events::list,
     GET "/v1/apps" ListApps => apps::list,
     POST "/v1/apps" CreateApp => apps::create,
     GET "/v1/apps/{app}" ReadApp => apps::show,
