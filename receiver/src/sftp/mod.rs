@@ -12,6 +12,7 @@ pub mod fs;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -343,6 +344,12 @@ async fn connection(
 ) {
     let peer = handler.peer;
     let deadline = tokio::time::Instant::now() + auth_timeout;
+    // russh reads a session's disconnect request only outside a key
+    // exchange, which a client can leave unfinished: the socket is then shut
+    // down through this second descriptor of it.
+    let Ok(socket) = stream.as_fd().try_clone_to_owned().map(std::net::TcpStream::from) else {
+        return tracing::warn!(?peer, "cannot duplicate an SSH connection's socket; closed");
+    };
     let session = match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler)).await {
         Ok(Ok(session)) => session,
         Ok(Err(e)) => return tracing::debug!(?peer, error = %e, "SSH connection setup failed"),
@@ -368,7 +375,14 @@ async fn connection(
     };
     tracing::info!(?peer, reason, "SSH client disconnected");
     let _ = handle.disconnect(russh::Disconnect::ByApplication, reason, String::new()).await;
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut session).await.is_err() {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }
 }
+
+/// How long a disconnected client's session has to send its reason and end
+/// before its socket is shut down under it.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
 fn session_ended(peer: Option<SocketAddr>, ended: Result<(), russh::Error>) {
     if let Err(e) = ended {
