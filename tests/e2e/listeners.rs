@@ -146,12 +146,23 @@ fn refused(from: [u8; 4], port: u16) -> bool {
 
 #[test]
 fn one_address_holds_its_share_of_api_connections_and_others_are_served_up_to_the_cap() {
+    // The receiver inherits a soft open-file limit below its hard one (each
+    // test runs in its own process: only this one's children see it).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 1024.min(hard), hard).unwrap();
     // A cap of 20: each address may hold 16 (the share's floor).
     let r = Receiver::start_with(Options {
         args: vec!["--api-max-connections".into(), "20".into(), "--api-header-timeout".into(), "60s".into()],
         ..Options::default()
     });
     let port = r.api_port;
+    // Its open-file limit was raised to the hard limit: connections within
+    // the caps cannot use up the descriptors sandbox starts need.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", r.pid().unwrap())).unwrap();
+    let files: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!((files[3], files[4]), (&*hard.to_string(), &*hard.to_string()), "{limits}");
     let mut mine = held_api([127, 0, 0, 1], port, 16);
     assert!(refused([127, 0, 0, 1], port), "127.0.0.1's 17th connection is closed unanswered");
     // Loopback is not exempt, but another address is another client.
