@@ -59,7 +59,7 @@ impl Connection {
     fn new(shared: Arc<Shared>, peer: SocketAddr, logged_in: tokio::sync::oneshot::Sender<()>) -> Connection {
         Connection {
             shared,
-            peer: Some(peer),
+            peer,
             apps: Vec::new(),
             fingerprint: String::new(),
             key: None,
@@ -75,7 +75,7 @@ impl Connection {
 /// One SSH connection.
 struct Connection {
     shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
+    peer: SocketAddr,
     /// The apps the authenticated key may upload to.
     apps: Vec<crate::db::AppRow>,
     fingerprint: String,
@@ -202,10 +202,10 @@ impl russh::server::Handler for Connection {
         let apps = self.apps_of(key).await?;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         if apps.is_empty() {
-            tracing::info!(peer = ?self.peer, user, fingerprint, "SSH key refused: registered for no app");
+            tracing::info!(peer = %self.peer, user, fingerprint, "SSH key refused: registered for no app");
             return Ok(Auth::reject());
         }
-        tracing::info!(peer = ?self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
+        tracing::info!(peer = %self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
         // russh calls this only once the client signed with the key: only now
         // is the key used (an offer alone proves nothing).
         let names = key_names(key)?;
@@ -241,7 +241,7 @@ impl russh::server::Handler for Connection {
             return Ok(false);
         }
         if self.sessions.len() >= MAX_SESSIONS {
-            tracing::info!(peer = ?self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
+            tracing::info!(peer = %self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
             return Ok(false);
         }
         self.sessions.insert(channel.id());
@@ -348,13 +348,13 @@ async fn connection(
     // exchange, which a client can leave unfinished: the socket is then shut
     // down through this second descriptor of it.
     let Ok(socket) = stream.as_fd().try_clone_to_owned().map(std::net::TcpStream::from) else {
-        return tracing::warn!(?peer, "cannot duplicate an SSH connection's socket; closed");
+        return tracing::warn!(%peer, "cannot duplicate an SSH connection's socket; closed");
     };
     let session = match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler)).await {
         Ok(Ok(session)) => session,
-        Ok(Err(e)) => return tracing::debug!(?peer, error = %e, "SSH connection setup failed"),
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "SSH connection setup failed"),
         // Dropping the setup closes the socket.
-        Err(_) => return tracing::info!(?peer, "SSH client disconnected: no greeting before the login deadline"),
+        Err(_) => return tracing::info!(%peer, "SSH client disconnected: no greeting before the login deadline"),
     };
     let handle = session.handle();
     let mut session = std::pin::pin!(session);
@@ -373,7 +373,7 @@ async fn connection(
             _ = stop.changed() => "the receiver is stopping".to_owned(),
         },
     };
-    tracing::info!(?peer, reason, "SSH client disconnected");
+    tracing::info!(%peer, reason, "SSH client disconnected");
     let _ = handle.disconnect(russh::Disconnect::ByApplication, reason, String::new()).await;
     if tokio::time::timeout(DISCONNECT_GRACE, &mut session).await.is_err() {
         let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -384,8 +384,8 @@ async fn connection(
 /// before its socket is shut down under it.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
-fn session_ended(peer: Option<SocketAddr>, ended: Result<(), russh::Error>) {
+fn session_ended(peer: SocketAddr, ended: Result<(), russh::Error>) {
     if let Err(e) = ended {
-        tracing::debug!(?peer, error = %e, "ssh session ended with an error");
+        tracing::debug!(%peer, error = %e, "ssh session ended with an error");
     }
 }
