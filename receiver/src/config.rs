@@ -75,6 +75,23 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_LISTEN", default_value = "127.0.0.1:8070")]
     pub listen: SocketAddr,
 
+    /// How long an API client has to send a whole request head, from its
+    /// connection (or the end of its previous response: this is also the
+    /// keep-alive idle timeout); a slower one is disconnected.
+    #[arg(long, env = "NX_API_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_nonzero_duration)]
+    pub api_header_timeout: Duration,
+
+    /// How long a JSON request body may take to arrive whole; a slower one
+    /// is answered 408. Uploads have --upload-timeout instead.
+    #[arg(long, env = "NX_API_BODY_TIMEOUT", default_value = "30s", value_parser = parse_nonzero_duration)]
+    pub api_body_timeout: Duration,
+
+    /// API connections open at once; one client address holds at most an
+    /// eighth of them (at least 16). Beyond either, a new connection is
+    /// closed before anything is read.
+    #[arg(long, env = "NX_API_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_max_connections: u64,
+
     /// Base domain: previews are `<deployment>--<app>.<domain>`, production `<app>.<domain>`.
     #[arg(long, env = "NX_DOMAIN", default_value = "localhost")]
     pub domain: String,
@@ -326,6 +343,17 @@ pub struct ServeConfig {
     /// 0.0.0.0:2222 to take uploads from other machines.
     #[arg(long, env = "NX_SFTP_LISTEN", default_value = "127.0.0.1:2222")]
     pub sftp_listen: SocketAddr,
+
+    /// SSH connections open at once; one client address holds at most an
+    /// eighth of them (at least 16). Beyond either, a new connection is
+    /// closed before the SSH greeting.
+    #[arg(long, env = "NX_SFTP_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sftp_max_connections: u64,
+
+    /// How long an SSH client has from its connection to a successful
+    /// login; one that has not logged in by then is disconnected.
+    #[arg(long, env = "NX_SFTP_AUTH_TIMEOUT", default_value = "20s", value_parser = parse_nonzero_duration)]
+    pub sftp_auth_timeout: Duration,
 
     /// Do not run the SFTP server.
     #[arg(long, env = "NX_NO_SFTP")]

@@ -23,6 +23,7 @@ pub mod db;
 pub mod deploy;
 pub mod github;
 pub mod limits;
+pub mod listeners;
 pub mod network;
 pub mod pg;
 pub mod routing;

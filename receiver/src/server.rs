@@ -109,6 +109,13 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         nx_runtime::sys::effective_uid() == 0,
         "nx-receiver serve must run as root: it runs every app as its own unprivileged uid and the database as a system user"
     );
+    // Connections (API, SSH, webhooks) each hold a descriptor: with the
+    // usual soft limit of 1024 a client could leave none for starting
+    // sandboxes. The listeners' caps keep them well under the hard limit.
+    match nx_runtime::sys::raise_open_files() {
+        Ok(hard) => tracing::debug!(limit = hard, "open-file limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     config.data_dir = cwd.join(&config.data_dir);
     let data = config.data_dir.clone();
@@ -278,7 +285,10 @@ async fn run(
             client: github.clone(),
         };
         tokio::spawn(crate::github::webhook::work(rx, worker, stop_rx.clone()));
-        let reading = Arc::new(tokio::sync::Semaphore::new(crate::github::webhook::READING_AT_ONCE));
+        let reading = crate::listeners::Gate::with_share(
+            crate::github::webhook::READING_AT_ONCE,
+            crate::github::webhook::READING_PER_ADDRESS,
+        );
         crate::github::webhook::Webhooks { secret, queue, reading }
     });
     let restarted = deployer.reconcile().await?;
@@ -301,7 +311,14 @@ async fn run(
             key_recheck: config.ssh_key_recheck,
             handles: crate::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
         };
-        tokio::spawn(crate::sftp::serve(listener, key, shared, stop_rx.clone()));
+        tokio::spawn(crate::sftp::serve(
+            listener,
+            key,
+            shared,
+            crate::listeners::Gate::new(config.sftp_max_connections as usize),
+            config.sftp_auth_timeout,
+            stop_rx.clone(),
+        ));
     }
 
     let state = AppState {
@@ -333,7 +350,14 @@ async fn run(
         data = %data.display(),
         "nx-receiver ready"
     );
-    let served = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal()).await;
+    crate::listeners::serve_api(
+        listener,
+        api::app(state),
+        crate::listeners::Gate::new(config.api_max_connections as usize),
+        config.api_header_timeout,
+        shutdown_signal(),
+    )
+    .await;
 
     let _ = stop_tx.send(true);
     let _ = watchdog.await;
@@ -345,7 +369,7 @@ async fn run(
     if let Some(r) = router {
         r.stop().await;
     }
-    served.context("the API server failed")
+    Ok(())
 }
 
 /// SIGHUP replaces nx-router without dropping a request (after an upgrade of

@@ -11,7 +11,7 @@
 //! only idle connections are left).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,18 +51,7 @@ impl Source {
     }
 }
 
-/// The client a connection is counted against: its IPv4 address (an
-/// IPv4-mapped IPv6 one too), or the /64 of an IPv6 address, as a client
-/// usually holds a whole /64 and could take one address per connection.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
-    }
-}
+pub use nx_runtime::net::client_key;
 
 /// Live connections, their caps, and the signals that end them.
 #[derive(Debug)]

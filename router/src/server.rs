@@ -54,13 +54,15 @@ const SPARE_FILES: u64 = 64;
 /// when even the hard limit is too low, as accept then fails before the cap
 /// is reached.
 fn raise_open_files(limits: &Limits, https: bool) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let upstreams = if https { u64::from(limits.h2_max_streams.max(1)) } else { 1 };
     let needed = (1 + upstreams) * limits.max_connections as u64 + SPARE_FILES;
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-        tracing::warn!(soft, hard, "cannot raise the open-file limit");
-    }
+    let hard = match nx_runtime::sys::raise_open_files() {
+        Ok(hard) => hard,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            return;
+        }
+    };
     if hard < needed {
         tracing::warn!(
             hard,

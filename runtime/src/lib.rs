@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod health;
 pub mod landlock;
 pub mod logs;
+pub mod net;
 pub mod process;
 pub mod seccomp;
 pub mod spec;

@@ -406,6 +406,18 @@ pub fn restore_parent_death_signal(signal: i32, parent: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit on open files to its hard limit, so a
+/// server's many client connections cannot leave it without descriptors for
+/// its own work (files, sandboxes, databases). Returns the hard limit.
+pub fn raise_open_files() -> Result<u64, Errno> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
 /// Takes ownership of a listening TCP socket this process inherited at `fd`
 /// (the receiver keeps the router's sockets and passes them on). Refused
 /// unless `fd` is an open socket that is listening, so a wrong number given

@@ -13,6 +13,7 @@ mod core;
 mod databases;
 mod github;
 mod lifecycle;
+mod listeners;
 mod oidc;
 mod router;
 mod sftp;

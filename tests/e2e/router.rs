@@ -341,7 +341,7 @@ fn a_slow_client_a_silent_app_and_a_connection_flood_leave_other_apps_served() {
 
 /// A new TCP connection to the router from a loopback address of its own
 /// (std cannot bind a socket before it connects; tokio can).
-fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+pub(crate) fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
     runtime.block_on(async {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -327,7 +327,7 @@ pub struct VerifiedJson<T>(pub T);
 impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let caller = req
             .extensions()
             .get::<Caller>()
@@ -339,20 +339,32 @@ impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
         if caller.content_length.is_some_and(|n| n > MAX_JSON_BODY as u64) {
             return Err(too_large());
         }
-        let body: Bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BODY).await.map_err(|e| {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            let limited = std::iter::from_fn(|| {
-                let current = cause?;
-                cause = current.source();
-                Some(current)
-            })
-            .any(|c| c.is::<http_body_util::LengthLimitError>());
-            if limited {
-                too_large()
-            } else {
-                ApiError::BadRequest(format!("cannot read the request body: {e}"))
-            }
-        })?;
+        // A deadline for the whole body, so a trickle cannot hold the
+        // connection and its handler for ever.
+        let deadline = state.config.api_body_timeout;
+        let reading = tokio::time::timeout(deadline, axum::body::to_bytes(req.into_body(), MAX_JSON_BODY));
+        let body: Bytes = reading
+            .await
+            .map_err(|_| {
+                ApiError::Timeout(format!(
+                    "the request body did not arrive whole within {}s (--api-body-timeout)",
+                    deadline.as_secs_f32()
+                ))
+            })?
+            .map_err(|e| {
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                let limited = std::iter::from_fn(|| {
+                    let current = cause?;
+                    cause = current.source();
+                    Some(current)
+                })
+                .any(|c| c.is::<http_body_util::LengthLimitError>());
+                if limited {
+                    too_large()
+                } else {
+                    ApiError::BadRequest(format!("cannot read the request body: {e}"))
+                }
+            })?;
         if sha256_hex(&body) != caller.content_sha256 {
             return Err(ApiError::BadRequest(format!(
                 "the body does not match header {HEADER_CONTENT_SHA256}; it was changed after signing"

@@ -23,10 +23,11 @@
 //! one older than [`EVENT_RETENTION_DAYS`] (by its signed time) not at all.
 //! Repositories are matched by their numeric id, never by name.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use nx_protocol::api::PromoteOn;
@@ -51,8 +52,24 @@ pub const MAX_BODY: usize = 25 << 20;
 /// taken is answered 503 (GitHub lets it be redelivered).
 pub const READING_AT_ONCE: usize = 4;
 
-/// How long the body of one delivery may take to arrive.
-pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Deliveries read at once from one client address: a sender of bogus
+/// deliveries holds at most this many of [`READING_AT_ONCE`], and GitHub's
+/// own deliveries, from other addresses, are still read.
+pub const READING_PER_ADDRESS: usize = 1;
+
+/// A delivery's whole body arrives within this much time, plus its size at
+/// [`READ_RATE`]: a trickled body loses its reading place quickly.
+pub const READ_DEADLINE_BASE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The slowest body rate a delivery is given time for, in bytes a second.
+pub const READ_RATE: u64 = 256 << 10;
+
+/// How long a body of `len` bytes may take to arrive whole: ten seconds for
+/// anything under about a megabyte (GitHub's deliveries are), a 25 MB
+/// delivery about two minutes.
+pub fn read_deadline(len: u64) -> std::time::Duration {
+    READ_DEADLINE_BASE + std::time::Duration::from_secs(len / READ_RATE)
+}
 
 /// How long a delivery id is remembered: longer than GitHub offers to
 /// redeliver (three days).
@@ -210,6 +227,7 @@ pub fn parse(event: &str, payload: &Value) -> Option<Work> {
 /// before anything is recorded.
 pub async fn receive(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, String), ApiError> {
@@ -226,21 +244,27 @@ pub async fn receive(
         ));
     }
     let too_large = || ApiError::TooLarge(format!("webhook deliveries are at most {MAX_BODY} bytes"));
-    if header("content-length").parse::<usize>().is_ok_and(|n| n > MAX_BODY) {
+    // GitHub always says how long a delivery is, which sets its deadline.
+    let Some(len) = header("content-length").parse::<u64>().ok() else {
+        return Err(ApiError::LengthRequired("a delivery needs Content-Length (GitHub always sends one)".into()));
+    };
+    if len > MAX_BODY as u64 {
         return Err(too_large());
     }
-    let Ok(_reading) = github.reading.clone().try_acquire_owned() else {
+    let Some(_reading) = github.reading.admit(peer.ip()) else {
         return Err(ApiError::Unavailable(format!(
-            "{READING_AT_ONCE} deliveries are being read already; redeliver this one from the webhook's settings"
+            "{READING_AT_ONCE} deliveries are being read already ({READING_PER_ADDRESS} at most from one address); \
+             redeliver this one from the webhook's settings"
         )));
     };
-    let body = match tokio::time::timeout(READ_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
+    let deadline = read_deadline(len);
+    let body = match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(body)) => body,
         Ok(Err(_)) => return Err(too_large()),
         Err(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "the delivery's body did not arrive within {}s",
-                READ_DEADLINE.as_secs()
+            return Err(ApiError::Timeout(format!(
+                "the delivery's {len} bytes did not arrive within {}s",
+                deadline.as_secs()
             )))
         }
     };
@@ -305,8 +329,9 @@ pub struct Webhooks {
     pub secret: crate::config::Secret<String>,
     /// Bounded (`--github-webhook-queue`).
     pub queue: mpsc::Sender<Queued>,
-    /// One permit per delivery being read (see [`READING_AT_ONCE`]).
-    pub reading: Arc<tokio::sync::Semaphore>,
+    /// One place per delivery being read ([`READING_AT_ONCE`], of them
+    /// [`READING_PER_ADDRESS`] per client address).
+    pub reading: crate::listeners::Gate,
 }
 
 /// What the worker acts with.

@@ -12,11 +12,13 @@ pub mod fs;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
@@ -52,38 +54,28 @@ pub fn host_key(path: &Path) -> anyhow::Result<PrivateKey> {
     }
 }
 
-/// The SSH server.
-#[derive(Debug, Clone)]
-struct Server {
-    shared: Arc<Shared>,
-}
-
-impl russh::server::Server for Server {
-    type Handler = Connection;
-
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
+impl Connection {
+    /// A connection from `peer`; `logged_in` is told when its client logs in.
+    fn new(shared: Arc<Shared>, peer: SocketAddr, logged_in: tokio::sync::oneshot::Sender<()>) -> Connection {
         Connection {
-            shared: self.shared.clone(),
+            shared,
             peer,
             apps: Vec::new(),
             fingerprint: String::new(),
             key: None,
             alive: None,
+            logged_in: Some(logged_in),
             channels: HashMap::new(),
             sessions: HashSet::new(),
             revoked: Arc::new(AtomicBool::new(false)),
         }
-    }
-
-    fn handle_session_error(&mut self, error: <Self::Handler as russh::server::Handler>::Error) {
-        tracing::debug!(error = %error, "ssh session ended with an error");
     }
 }
 
 /// One SSH connection.
 struct Connection {
     shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
+    peer: SocketAddr,
     /// The apps the authenticated key may upload to.
     apps: Vec<crate::db::AppRow>,
     fingerprint: String,
@@ -91,6 +83,8 @@ struct Connection {
     key: Option<(String, String)>,
     /// Dropped with the connection, which stops its key's watch.
     alive: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Told at login, which lifts the login deadline (`--sftp-auth-timeout`).
+    logged_in: Option<tokio::sync::oneshot::Sender<()>>,
     /// Session channels opened and not yet asked for a subsystem.
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Session channels open, at most [`MAX_SESSIONS`].
@@ -208,10 +202,10 @@ impl russh::server::Handler for Connection {
         let apps = self.apps_of(key).await?;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         if apps.is_empty() {
-            tracing::info!(peer = ?self.peer, user, fingerprint, "SSH key refused: registered for no app");
+            tracing::info!(peer = %self.peer, user, fingerprint, "SSH key refused: registered for no app");
             return Ok(Auth::reject());
         }
-        tracing::info!(peer = ?self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
+        tracing::info!(peer = %self.peer, user, fingerprint, apps = apps.len(), "SSH key accepted");
         // russh calls this only once the client signed with the key: only now
         // is the key used (an offer alone proves nothing).
         let names = key_names(key)?;
@@ -225,6 +219,9 @@ impl russh::server::Handler for Connection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(logged_in) = self.logged_in.take() {
+            let _ = logged_in.send(());
+        }
         if let Some(key) = self.key.clone() {
             let apps = self.apps.iter().map(|a| a.name.clone()).collect();
             let (alive, gone) = tokio::sync::oneshot::channel();
@@ -244,7 +241,7 @@ impl russh::server::Handler for Connection {
             return Ok(false);
         }
         if self.sessions.len() >= MAX_SESSIONS {
-            tracing::info!(peer = ?self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
+            tracing::info!(peer = %self.peer, fingerprint = %self.fingerprint, "session channel refused: {MAX_SESSIONS} already open on this connection");
             return Ok(false);
         }
         self.sessions.insert(channel.id());
@@ -299,29 +296,96 @@ impl russh::server::Handler for Connection {
     }
 }
 
-/// Serves SFTP on `listener` until `stop`.
+/// Serves SFTP on `listener` until `stop`: connections admitted by `gate`,
+/// each disconnected unless it logs in within `auth_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     host_key: PrivateKey,
     shared: Shared,
+    gate: crate::listeners::Gate,
+    auth_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    use russh::server::Server as _;
-    let config = russh::server::Config {
+    let config = Arc::new(russh::server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         keys: vec![host_key],
-        auth_rejection_time: std::time::Duration::from_millis(300),
-        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
-        inactivity_timeout: Some(std::time::Duration::from_secs(600)),
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: Some(Duration::from_secs(600)),
         ..Default::default()
+    });
+    let shared = Arc::new(shared);
+    loop {
+        let (stream, peer, admitted) = tokio::select! {
+            next = crate::listeners::accept(&listener, &gate, "sftp") => next,
+            _ = stop.changed() => return,
+        };
+        let (logged_in, login) = tokio::sync::oneshot::channel();
+        let handler = Connection::new(shared.clone(), peer, logged_in);
+        let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            connection(config, stream, handler, login, auth_timeout, stop).await;
+            drop(admitted);
+        });
+    }
+}
+
+/// Runs one SSH connection to its end: cut at `auth_timeout` unless `login`
+/// comes first (the greeting and key exchange count against it too), and at
+/// `stop`.
+async fn connection(
+    config: Arc<russh::server::Config>,
+    stream: tokio::net::TcpStream,
+    handler: Connection,
+    login: tokio::sync::oneshot::Receiver<()>,
+    auth_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = handler.peer;
+    let deadline = tokio::time::Instant::now() + auth_timeout;
+    // russh reads a session's disconnect request only outside a key
+    // exchange, which a client can leave unfinished: the socket is then shut
+    // down through this second descriptor of it.
+    let Ok(socket) = stream.as_fd().try_clone_to_owned().map(std::net::TcpStream::from) else {
+        return tracing::warn!(%peer, "cannot duplicate an SSH connection's socket; closed");
     };
-    let mut server = Server { shared: Arc::new(shared) };
-    let running = server.run_on_socket(Arc::new(config), &listener);
-    let handle = running.handle();
-    tokio::select! {
-        result = running => if let Err(e) = result {
-            tracing::error!(error = %e, "the SFTP server stopped");
+    let session = match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler)).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "SSH connection setup failed"),
+        // Dropping the setup closes the socket.
+        Err(_) => return tracing::info!(%peer, "SSH client disconnected: no greeting before the login deadline"),
+    };
+    let handle = session.handle();
+    let mut session = std::pin::pin!(session);
+    let reason = tokio::select! {
+        ended = &mut session => return session_ended(peer, ended),
+        logged_in = tokio::time::timeout_at(deadline, login) => match logged_in {
+            Ok(_) => None,
+            Err(_) => Some(format!("not logged in within {}s", auth_timeout.as_secs_f32())),
         },
-        _ = stop.changed() => handle.shutdown("the receiver is stopping".into()),
+        _ = stop.changed() => Some("the receiver is stopping".to_owned()),
+    };
+    let reason = match reason {
+        Some(reason) => reason,
+        None => tokio::select! {
+            ended = &mut session => return session_ended(peer, ended),
+            _ = stop.changed() => "the receiver is stopping".to_owned(),
+        },
+    };
+    tracing::info!(%peer, reason, "SSH client disconnected");
+    let _ = handle.disconnect(russh::Disconnect::ByApplication, reason, String::new()).await;
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut session).await.is_err() {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// How long a disconnected client's session has to send its reason and end
+/// before its socket is shut down under it.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+
+fn session_ended(peer: SocketAddr, ended: Result<(), russh::Error>) {
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "ssh session ended with an error");
     }
 }

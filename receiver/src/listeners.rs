@@ -1,0 +1,170 @@
+//! The receiver's own listeners (the HTTP API and the SSH server) and the
+//! bounds they share: a cap on connections open at once and a share of it
+//! per client address (IPv6 counted by its /64, see
+//! [`nx_runtime::net::client_key`]; loopback is not exempt). A connection
+//! beyond either is closed at once, before a byte is read, so one client
+//! can neither use up the process's descriptors nor lock other clients out.
+//!
+//! The API's connections are served by hyper directly (not `axum::serve`,
+//! which sets no timer): a request head must arrive whole within
+//! `--api-header-timeout`, counted from the moment the connection is ready
+//! for it (its accept, or the end of the previous response, so it is also
+//! the keep-alive idle timeout); bodies have their own deadlines where they
+//! are read (JSON: `--api-body-timeout`, uploads: `--upload-timeout`,
+//! webhooks: their minimum rate).
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::shares::{Share, Shares};
+
+/// The connections one client address may hold: an eighth of the cap, at
+/// least 16 (so a few clients behind one NAT are not starved), never more
+/// than the cap.
+pub fn share_per_client(max: usize) -> usize {
+    (max / 8).max(16).min(max)
+}
+
+/// The connections a listener serves at once, in all and per client.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    open: Arc<Semaphore>,
+    per_client: Shares<IpAddr>,
+    /// The second a refusal was last logged: one line per second at most,
+    /// whatever the flood.
+    refusal_logged: Arc<AtomicU64>,
+}
+
+/// A connection's place, given back when it is dropped with the connection.
+#[derive(Debug)]
+pub struct Admitted {
+    _open: OwnedSemaphorePermit,
+    _client: Share<IpAddr>,
+}
+
+impl Gate {
+    /// At most `max` connections, [`share_per_client`] of them per client.
+    pub fn new(max: usize) -> Gate {
+        Gate::with_share(max, share_per_client(max))
+    }
+
+    /// At most `max` places, `per_client` of them per client.
+    pub fn with_share(max: usize, per_client: usize) -> Gate {
+        Gate {
+            open: Arc::new(Semaphore::new(max)),
+            per_client: Shares::new(per_client),
+            refusal_logged: Arc::default(),
+        }
+    }
+
+    /// A place for `peer`, or `None` when the listener or that client holds
+    /// all it may.
+    pub fn admit(&self, peer: IpAddr) -> Option<Admitted> {
+        let client = self.per_client.take(nx_runtime::net::client_key(peer))?;
+        let open = self.open.clone().try_acquire_owned().ok()?;
+        Some(Admitted { _open: open, _client: client })
+    }
+
+    fn log_refusal(&self, listener: &str, peer: SocketAddr) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        if self.refusal_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(
+                listener,
+                %peer,
+                per_client = self.per_client.cap(),
+                "connection refused: the listener or this client holds all the connections it may"
+            );
+        }
+    }
+}
+
+/// The next connection on `listener` that `gate` admits; the others are
+/// closed as they come. Accept errors (out of descriptors, say) are waited
+/// out, never fatal.
+pub async fn accept(listener: &TcpListener, gate: &Gate, name: &str) -> (TcpStream, SocketAddr, Admitted) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match gate.admit(peer.ip()) {
+                Some(admitted) => return (stream, peer, admitted),
+                None => gate.log_refusal(name, peer),
+            },
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then stops accepting, lets
+/// requests in flight finish and closes idle connections (as
+/// `axum::serve`'s graceful shutdown does). Handlers see the peer as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve_api(
+    listener: TcpListener,
+    app: axum::Router,
+    gate: Gate,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    loop {
+        let (stream, peer, admitted) = tokio::select! {
+            next = accept(&listener, &gate, "api") => next,
+            () = &mut shutdown => break,
+        };
+        let app = TowerToHyperService::new(app.clone());
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            hyper::service::Service::call(&app, req)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "API connection ended");
+            }
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_client_gets_an_eighth_of_the_cap_but_at_least_sixteen() {
+        assert_eq!(share_per_client(512), 64);
+        assert_eq!(share_per_client(64), 16);
+        assert_eq!(share_per_client(4), 4);
+    }
+
+    #[test]
+    fn a_client_beyond_its_share_is_refused_and_others_are_not() {
+        let gate = Gate::new(20);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..16).map(|_| gate.admit(a).expect("within a's share")).collect();
+        assert!(gate.admit(a).is_none(), "a holds its share");
+        let others: Vec<_> = (0..4).map(|_| gate.admit(b).expect("b is not held back by a")).collect();
+        assert!(gate.admit(b).is_none(), "the cap is reached");
+        drop(held);
+        assert!(gate.admit(a).is_some(), "a's closed connections gave their places back");
+        drop(others);
+    }
+}
