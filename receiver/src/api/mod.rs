@@ -12,6 +12,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod ssh_keys;
 pub mod status;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -123,7 +124,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/target", get(target))
         // Signed by GitHub, not by nx: verified in the handler.
-        .route("/v1/github/webhook", post(crate::github::webhook::receive))
+        .route("/v1/github/webhook", post(webhook::receive))
         .merge(signed(&state))
         .fallback(not_found)
         // Uploads are streamed and capped by the store, not buffered here.

@@ -1,4 +1,5 @@
-//! `POST /v1/github/webhook`: what GitHub tells the receiver. A delivery is
+//! What GitHub tells the receiver (`POST /v1/github/webhook`, whose handler
+//! is `api::webhook`'s: data flows from the API to here). A delivery is
 //! verified (`X-Hub-Signature-256`, compared in constant time), deduplicated
 //! by `X-GitHub-Delivery`, queued (a bounded queue: when it is full the
 //! delivery is answered 503 with `Retry-After`, before it is recorded, so a
@@ -23,12 +24,8 @@
 //! one older than [`EVENT_RETENTION_DAYS`] (by its signed time) not at all.
 //! Repositories are matched by their numeric id, never by name.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use nx_protocol::api::PromoteOn;
 use serde_json::Value;
@@ -37,8 +34,6 @@ use tokio::sync::{mpsc, watch};
 
 use super::approval::{may_promote, Access, Review, Verdict};
 use super::client::Client;
-use crate::api::error::ApiError;
-use crate::api::AppState;
 use crate::db::{AppRow, Db};
 use crate::deploy::events::{Event, Reporter};
 use crate::deploy::Deployer;
@@ -82,7 +77,7 @@ pub const EVENT_RETENTION_DAYS: i32 = 30;
 
 /// Whether a signature header is well formed (`sha256=` and 64 hex digits),
 /// checked before any of the body is read.
-fn signature_well_formed(header: &str) -> bool {
+pub fn signature_well_formed(header: &str) -> bool {
     header.strip_prefix("sha256=").is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
@@ -219,100 +214,6 @@ pub fn parse(event: &str, payload: &Value) -> Option<Work> {
             })
         }
         _ => None,
-    }
-}
-
-/// The handler. Answers 202 once the work is queued (or 200 for a ping and a
-/// repeated delivery); 401 for a bad signature and 503 for a full queue,
-/// before anything is recorded.
-pub async fn receive(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<(StatusCode, String), ApiError> {
-    let Some(github) = &state.github else {
-        return Err(ApiError::NotFound(
-            "GitHub webhooks are off: start nx-receiver with --github-webhook-secret".into(),
-        ));
-    };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let signature = header("x-hub-signature-256");
-    if !signature_well_formed(&signature) {
-        return Err(ApiError::Unauthorized(
-            "a delivery needs X-Hub-Signature-256: sha256=<hex>; set the webhook's secret on GitHub".into(),
-        ));
-    }
-    let too_large = || ApiError::TooLarge(format!("webhook deliveries are at most {MAX_BODY} bytes"));
-    // GitHub always says how long a delivery is, which sets its deadline.
-    let Some(len) = header("content-length").parse::<u64>().ok() else {
-        return Err(ApiError::LengthRequired("a delivery needs Content-Length (GitHub always sends one)".into()));
-    };
-    if len > MAX_BODY as u64 {
-        return Err(too_large());
-    }
-    let Some(_reading) = github.reading.admit(peer.ip()) else {
-        return Err(ApiError::Unavailable(format!(
-            "{READING_AT_ONCE} deliveries are being read already ({READING_PER_ADDRESS} at most from one address); \
-             redeliver this one from the webhook's settings"
-        )));
-    };
-    let deadline = read_deadline(len);
-    let body = match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(_)) => return Err(too_large()),
-        Err(_) => {
-            return Err(ApiError::Timeout(format!(
-                "the delivery's {len} bytes did not arrive within {}s",
-                deadline.as_secs()
-            )))
-        }
-    };
-    if !signature_valid(github.secret.expose().as_bytes(), &body, &signature) {
-        return Err(ApiError::Unauthorized(
-            "the X-Hub-Signature-256 of this delivery does not match: check the webhook secret".into(),
-        ));
-    }
-    let (delivery, event) = (header("x-github-delivery"), header("x-github-event"));
-    if delivery.is_empty() || event.is_empty() {
-        return Err(ApiError::BadRequest("a delivery needs X-GitHub-Delivery and X-GitHub-Event".into()));
-    }
-    let work = if event == "ping" {
-        None
-    } else {
-        let payload: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("the delivery is not JSON: {e}")))?;
-        parse(&event, &payload)
-    };
-    // A place in the queue first: a delivery refused for want of one is not
-    // recorded, so its redelivery (same delivery id) is taken.
-    let queued = match work {
-        Some(work) => {
-            let slot = github.queue.try_reserve().map_err(|_| {
-                let waiting = github.queue.max_capacity();
-                tracing::warn!(delivery, event, waiting, "webhook queue full; delivery refused");
-                ApiError::Unavailable(format!(
-                    "the receiver's webhook queue is full ({waiting} waiting); redeliver this delivery once it \
-                     drains (the webhook's Recent Deliveries, or GitHub's redeliver API: GitHub does not retry \
-                     on its own)"
-                ))
-            })?;
-            Some((work, slot))
-        }
-        None => None,
-    };
-    if !state.db.record_delivery(&delivery, &event).await? {
-        tracing::info!(delivery, event, "duplicate webhook delivery ignored");
-        return Ok((StatusCode::OK, "duplicate delivery, ignored\n".into()));
-    }
-    match queued {
-        Some((work, slot)) => {
-            tracing::info!(delivery, event, ?work, "webhook queued");
-            slot.send(Queued { delivery, work });
-            Ok((StatusCode::ACCEPTED, "queued\n".into()))
-        }
-        None if event == "ping" => Ok((StatusCode::OK, "pong\n".into())),
-        None => Ok((StatusCode::ACCEPTED, "ignored\n".into())),
     }
 }
 
