@@ -14,6 +14,7 @@ mod databases;
 mod github;
 mod lifecycle;
 mod oidc;
+mod quotas;
 mod router;
 mod sftp;
 mod supervision;
