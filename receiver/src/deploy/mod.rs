@@ -232,15 +232,20 @@ impl Deployer {
         proved: Option<&VerifiedGitHub>,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
-        let bytes = tokio::fs::read(upload.path()).await.map_err(io_err(upload.path()))?;
+        // Mapped, not read: a binary of up to --max-upload bytes per upload
+        // in progress is not copied into the receiver's memory. The upload's
+        // file is the receiver's own, so it cannot shrink under the map.
+        let path = upload.path().to_owned();
         let target = self.services.target.clone();
         let (report, verdict) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+            let bytes = nx_runtime::sys::MappedFile::map(&file).map_err(io_err(&path))?;
             let report = nx_verify::inspect(&bytes);
             let verdict = nx_verify::judge(&report, &target);
-            (report, verdict)
+            Ok::<_, DeployError>((report, verdict))
         })
         .await
-        .map_err(|e| DeployError::Internal(format!("the inspection of the binary failed: {e}")))?;
+        .map_err(|e| DeployError::Internal(format!("the inspection of the binary failed: {e}")))??;
         if !verdict.runs {
             let reason = verdict.message();
             let _ = self
