@@ -171,6 +171,22 @@ fn a_preview_past_the_database_cap_is_refused_and_racing_pushes_take_the_last_pl
         );
     }
     assert_eq!(databases(), "2");
+
+    // A reserved database that was never made (the receiver stopped between
+    // the two) fails its preview at the next start: never production's
+    // database in its place.
+    let mut r = r;
+    let winner = id(&winner);
+    metadata(&r, &format!("UPDATE deployments SET db_password = NULL WHERE id = '{winner}'"));
+    r.restart();
+    let failed = metadata(&r, &format!("SELECT state || ': ' || error FROM deployments WHERE id = '{winner}'"));
+    assert_eq!(
+        failed,
+        format!(
+            "failed: cannot prepare the sandbox: its own database prv_web_{winner} was never made; push again to get \
+             a preview that has one"
+        )
+    );
 }
 
 #[test]
