@@ -51,7 +51,11 @@ fn a_push_past_the_running_cap_is_refused_naming_the_running_ones_while_env_chan
     let goweb = fixtures::go(Go::Static);
     let rollback = r.push("web", &goweb, &["--promote"]);
     let production = r.push("web", &goweb, &["--promote"]);
-    let preview = r.push("web", &goweb, &["--pr", "4"]);
+    let bytes = std::fs::read(&goweb).unwrap();
+    let third = serde_json::json!({ "filename": "goweb", "pr": 4, "push_id": "quotas-third-push-1" });
+    let (status, preview) = raw_push(&r, &key, "web", &bytes, third.clone());
+    assert_eq!(status, 201, "{preview}");
+    let preview: serde_json::Value = serde_json::from_str(&preview).unwrap();
     let rollback_url = rollback["preview_url"].as_str().unwrap().to_owned();
     let (rollback, production, preview) = (id(&rollback), id(&production), id(&preview));
     let refusal = format!(
@@ -62,7 +66,6 @@ fn a_push_past_the_running_cap_is_refused_naming_the_running_ones_while_env_chan
 
     // The app's own deploy key, waiting or not for the outcome: 409, the
     // running ones named, nothing recorded.
-    let bytes = std::fs::read(&goweb).unwrap();
     for meta in
         [serde_json::json!({ "filename": "goweb" }), serde_json::json!({ "filename": "goweb", "no_wait": true })]
     {
@@ -73,6 +76,10 @@ fn a_push_past_the_running_cap_is_refused_naming_the_running_ones_while_env_chan
     assert_eq!(cli.code, 1, "{cli:?}");
     assert!(cli.stderr.contains(&refusal), "{}", cli.stderr);
     assert_eq!(deployments_of(&r, "web"), "3", "a refused push records nothing");
+    // A retry of a push already recorded takes no new place: it gets its deployment.
+    let (status, retried) = raw_push(&r, &key, "web", &bytes, third);
+    assert_eq!(status, 201, "{retried}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&retried).unwrap()["id"], preview.as_str());
 
     // Another app is not held back by it.
     r.push("other", &goweb, &["--promote"]);

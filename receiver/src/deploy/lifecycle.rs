@@ -115,7 +115,11 @@ impl Deployer {
         let displaced = app.previous_production_id.clone().filter(|d| *d != current);
         let previous = self.promote(&app, &id, actor).await?;
         if let Some(displaced) = displaced {
-            self.stop_if_over_cap(&app, &displaced, actor).await?;
+            // Production is replaced either way; a failed stop leaves the app
+            // over its cap, and its next push is refused until one is stopped.
+            if let Err(e) = self.stop_if_over_cap(&app, &displaced, actor).await {
+                tracing::warn!(app = %app.name, deployment = %displaced, error = %e, "cannot stop the displaced rollback target");
+            }
         }
         Ok((id, previous))
     }

@@ -382,6 +382,13 @@ impl Deployer {
     /// room for; [`Deployer::deploy`] checks again when it records it.
     pub async fn check_room(&self, app: &AppRow, meta: &PushMeta) -> Result<(), DeployError> {
         quotas::check_push_env(&meta.env)?;
+        // A retry of a push already recorded takes no new place: it gets
+        // the deployment its first attempt made.
+        if let Some(push_id) = &meta.push_id {
+            if self.services.db.deployment_by_push_id(app.id, push_id).await?.is_some() {
+                return Ok(());
+            }
+        }
         let database = meta.pr.is_some() && app.settings.preview_db != PreviewDb::Shared;
         let held = self.services.db.occupancy(app.id).await?;
         quotas::admit(&app.name, self.caps(), &held, Claim::Push { database })
