@@ -117,7 +117,9 @@ fn a_push_past_the_running_cap_is_refused_naming_the_running_ones_while_env_chan
 
 #[test]
 fn a_preview_past_the_database_cap_is_refused_and_racing_pushes_take_the_last_place_once() {
-    let r = receiver(&["--max-preview-databases-per-app", "2"]);
+    // Three uploads of one app at once are within the upload caps, so the
+    // race below is decided by the database cap alone.
+    let r = receiver(&["--max-preview-databases-per-app", "2", "--max-uploads-per-app", "3"]);
     let key = r.create_app("web");
     r.create_app("other");
     for app in ["web", "other"] {
