@@ -329,6 +329,23 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_KEEP_DEPLOYMENTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_deployments: u32,
 
+    /// Deployments one app may have running at once (starting or healthy,
+    /// production and the rollback target included): a push beyond it is
+    /// refused (409) until one is stopped, so one deploy key cannot fill the
+    /// host with sandboxes of its app's full limits. At least 2, so a new
+    /// deployment can always be pushed next to production once the rollback
+    /// target is stopped. Replacing production for an environment change may
+    /// exceed it by one (see ARCHITECTURE.md, "Lifecycle").
+    #[arg(long, env = "NX_MAX_RUNNING_PER_APP", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_running_per_app: u32,
+
+    /// Previews of one app that may have a database of their own at once
+    /// (`preview_db = empty|copy`): each takes --db-app-connections of the
+    /// cluster's budget, so a preview push beyond it is refused (409) until
+    /// one of them is stopped.
+    #[arg(long, env = "NX_MAX_PREVIEW_DATABASES_PER_APP", default_value_t = 5)]
+    pub max_preview_databases_per_app: u32,
+
     /// How long a binary no deployment uses stays in the object store after
     /// its last push.
     #[arg(long, env = "NX_ARTIFACT_GRACE", default_value = "1h", value_parser = parse_duration)]

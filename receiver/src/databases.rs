@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nx_protocol::api::{DbCredentials, PreviewDb};
+use nx_protocol::api::DbCredentials;
 use sqlx::Executor;
 
 use crate::config::Secret;
@@ -93,23 +93,16 @@ impl Databases {
         self.tmp_dir.join(format!("{what}-{}.dump", random_lower(12)))
     }
 
-    /// Creates the own database of a preview (`prv_<app>_<deployment>`), empty
-    /// or filled with a copy of production's data.
-    pub async fn create_preview(
-        &self,
-        app: &AppRow,
-        deployment: &str,
-        mode: PreviewDb,
-    ) -> Result<Option<PreviewDatabase>, DatabaseError> {
-        if mode == PreviewDb::Shared {
-            return Ok(None);
-        }
-        let name = preview_database_name(&app.db_name, deployment);
+    /// Creates the own database of a preview, `name` from
+    /// [`preview_database_name`], empty or (`copy`) filled with a copy of
+    /// production's data.
+    pub async fn create_preview(&self, app: &AppRow, name: &str, copy: bool) -> Result<PreviewDatabase, DatabaseError> {
+        let name = name.to_owned();
         let password = random_token(32);
         let mut admin = self.cluster.admin_connection("postgres").await?;
         provision::create_app_database(&mut admin, &name, &password, self.cluster.limits()).await?;
         self.cluster.refill_spares();
-        if mode == PreviewDb::Copy {
+        if copy {
             let copied = async {
                 let dump = self.dump(app).await?;
                 let restored = self.restore_as_owner(&dump, &name, &password).await;
@@ -122,7 +115,7 @@ impl Databases {
                 return Err(e);
             }
         }
-        Ok(Some(PreviewDatabase { name, password }))
+        Ok(PreviewDatabase { name, password })
     }
 
     /// Drops a database and the role of the same name: a preview's own, or a

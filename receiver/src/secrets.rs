@@ -17,6 +17,10 @@ use rand::RngCore;
 
 const NONCE_LEN: usize = 12;
 
+/// What sealing adds to a secret: the nonce before it and the tag after it,
+/// so sizes of plain values can be told from the sealed ones.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + 16;
+
 /// Errors about secrets; messages name the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -146,6 +150,7 @@ mod tests {
         let sealed = key.seal_str("hunter2-very-secret");
         assert!(!sealed.windows(6).any(|w| w == b"hunter"));
         assert_eq!(key.open_str(&sealed).unwrap(), "hunter2-very-secret");
+        assert_eq!(sealed.len(), "hunter2-very-secret".len() + SEAL_OVERHEAD, "variable sizes are told from this");
         // The same key is loaded again on the next start.
         let again = MasterKey::load_or_create(&d.join("master.key")).unwrap();
         assert_eq!(again.open_str(&sealed).unwrap(), "hunter2-very-secret");

@@ -498,10 +498,105 @@ fn rand_u64() -> u64 {
     std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
+/// A whole file mapped read-only and private: how the receiver inspects an
+/// upload of up to `--max-upload` bytes without a copy of it in its own
+/// memory (the kernel reads pages in from the page cache as they are looked
+/// at, and may drop them again). Only for files nobody else can write: a
+/// read past the end of a file that shrank while mapped is a SIGBUS.
+pub struct MappedFile {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and private, owned by this value alone
+// (unmapped once, in Drop); reading it from any thread is like reading a
+// `Box<[u8]>`.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above; nothing writes through the mapping.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    /// Maps `file` as it is now, from its first byte to its last.
+    pub fn map(file: &std::fs::File) -> io::Result<MappedFile> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+        if len == 0 {
+            // mmap refuses a length of 0; an empty file is an empty slice.
+            return Ok(MappedFile { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a new mapping chosen by the kernel (no address given), of a
+        // descriptor `file` keeps open for the call; nothing aliases it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedFile { ptr, len })
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is a live readable mapping of `len` bytes until Drop,
+        // and the returned slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `map`, once; no
+            // slice of it outlives `self`.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedFile({} bytes)", self.len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn a_mapped_file_reads_as_its_bytes_and_an_empty_one_as_nothing() {
+        use std::io::Write;
+        let mut file = tempfile_in_tmp();
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&bytes).unwrap();
+        assert_eq!(&*MappedFile::map(&file).unwrap(), &bytes[..]);
+        assert_eq!(&*MappedFile::map(&tempfile_in_tmp()).unwrap(), b"");
+    }
+
+    /// An unnamed temporary file.
+    fn tempfile_in_tmp() -> std::fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open("/tmp")
+            .unwrap()
+    }
 
     #[test]
     fn only_a_listening_socket_is_taken_as_one() {

@@ -24,7 +24,13 @@ impl From<DeployError> for ApiError {
             DeployError::Store(s) => s.into(),
             DeployError::NoPort { .. } => ApiError::Unavailable(e.to_string()),
             DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
-            DeployError::NotHealthy { .. } | DeployError::IsProduction { .. } => ApiError::Conflict(e.to_string()),
+            // The app's state, not the request, stands in the way, and waiting
+            // does not clear it: 409, not 429 (which clients retry later).
+            DeployError::NotHealthy { .. }
+            | DeployError::IsProduction { .. }
+            | DeployError::TooManyRunning { .. }
+            | DeployError::TooManyPreviewDatabases { .. } => ApiError::Conflict(e.to_string()),
+            DeployError::TooManyVariables { .. } => ApiError::TooLarge(e.to_string()),
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             DeployError::WillNotRun(_) => ApiError::Unprocessable(e.to_string()),
             DeployError::Artifact(a) => a.into(),
@@ -84,6 +90,8 @@ pub async fn push(
         None => crate::deploy::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
     }
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
+    // Before the binary is read: a push the app has no room for costs no upload.
+    state.deployer.check_room(&app, &meta).await?;
 
     let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
     caller.still_valid(&state).await?;

@@ -127,6 +127,36 @@ pub struct NewDeployment<'a> {
     pub repository: Option<&'a str>,
     pub repository_id: Option<i64>,
     pub github: Option<&'a nx_protocol::api::VerifiedGitHub>,
+    /// The database of its own a preview will get, reserved with the row so
+    /// that it counts against the app's cap from the start (its password
+    /// comes once it is made).
+    pub db_name: Option<&'a str>,
+}
+
+/// A deployment as it counts against its app's caps.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Held {
+    pub id: String,
+    pub pr_number: Option<i64>,
+    pub is_production: bool,
+    pub is_rollback_target: bool,
+}
+
+/// What an app holds of the host when a deployment is to be added: its
+/// running deployments and the previews with a database of their own,
+/// oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    pub running: Vec<Held>,
+    pub databases: Vec<Held>,
+}
+
+/// An app's variables as they count against its cap: how many, and the bytes
+/// of their names and plain values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnvTotals {
+    pub names: usize,
+    pub bytes: usize,
 }
 
 /// A deployment that lifecycle rules never touch: its app's production or
@@ -138,6 +168,40 @@ const DEPLOYMENT_COLUMNS: &str =
      d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, d.github, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
+
+/// See [`Db::occupancy`].
+async fn occupancy(conn: &mut sqlx::PgConnection, app_id: i64) -> Result<Occupancy, sqlx::Error> {
+    let held = |condition: &str| {
+        format!(
+            "SELECT d.id, d.pr_number, (a.production_id IS NOT DISTINCT FROM d.id) AS is_production, \
+             (a.previous_production_id IS NOT DISTINCT FROM d.id) AS is_rollback_target \
+             FROM deployments d JOIN apps a ON a.id = d.app_id WHERE d.app_id = $1 AND {condition} \
+             ORDER BY d.created_at, d.id"
+        )
+    };
+    let running = sqlx::query_as(&held("d.state IN ('pending', 'starting', 'healthy')"))
+        .bind(app_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let databases = sqlx::query_as(&held("d.db_name IS NOT NULL")).bind(app_id).fetch_all(&mut *conn).await?;
+    Ok(Occupancy { running, databases })
+}
+
+/// See [`EnvTotals`]; values are stored sealed, each [`SEAL_OVERHEAD`] bytes
+/// longer than its plain text.
+///
+/// [`SEAL_OVERHEAD`]: crate::secrets::SEAL_OVERHEAD
+async fn env_totals(conn: &mut sqlx::PgConnection, app_id: i64) -> Result<EnvTotals, sqlx::Error> {
+    let (names, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(octet_length(name) + octet_length(value) - $2), 0)::bigint \
+         FROM app_env WHERE app_id = $1",
+    )
+    .bind(app_id)
+    .bind(crate::secrets::SEAL_OVERHEAD as i32)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(EnvTotals { names: names.max(0) as usize, bytes: bytes.max(0) as usize })
+}
 
 impl Db {
     pub fn new(pool: PgPool) -> Db {
@@ -242,13 +306,19 @@ impl Db {
 
     /// Sets and unsets variables of an app in one transaction; returns the
     /// names that did change (an unset of a missing name changes nothing).
-    pub async fn change_env(
+    /// `admit` is shown the app's totals before and after the change, in the
+    /// same transaction (the app's row locked), and refuses it by returning
+    /// an error: nothing is then changed.
+    pub async fn change_env<E: From<sqlx::Error>>(
         &self,
         app_id: i64,
         set: &[(String, Vec<u8>)],
         unset: &[String],
-    ) -> Result<Vec<String>, sqlx::Error> {
+        admit: impl FnOnce(EnvTotals, EnvTotals) -> Result<(), E>,
+    ) -> Result<Vec<String>, E> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE").bind(app_id).execute(&mut *tx).await?;
+        let before = env_totals(&mut tx, app_id).await?;
         let mut changed = Vec::new();
         for (name, sealed) in set {
             sqlx::query(
@@ -272,6 +342,7 @@ impl Db {
                 changed.push(name.clone());
             }
         }
+        admit(before, env_totals(&mut tx, app_id).await?)?;
         tx.commit().await?;
         Ok(changed)
     }
@@ -429,10 +500,26 @@ impl Db {
 
     // --- deployments ---
 
-    pub async fn insert_deployment(&self, d: &NewDeployment<'_>) -> Result<(), sqlx::Error> {
+    /// What `app_id` holds now (see [`Occupancy`]).
+    pub async fn occupancy(&self, app_id: i64) -> Result<Occupancy, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        occupancy(&mut conn, app_id).await
+    }
+
+    /// Records a new deployment if `admit` accepts what its app holds. The
+    /// app's row is locked while it is counted and the row inserted, so two
+    /// pushes at once cannot both take the last place.
+    pub async fn insert_deployment<E: From<sqlx::Error>>(
+        &self,
+        d: &NewDeployment<'_>,
+        admit: impl FnOnce(&Occupancy) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE").bind(d.app_id).execute(&mut *tx).await?;
+        admit(&occupancy(&mut tx, d.app_id).await?)?;
         sqlx::query(
-            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id, repository, repository_id, github) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "INSERT INTO deployments (id, app_id, artifact_sha256, state, port, args, env, filename, git_sha, git_ref, pr_number, source, push_id, repository, repository_id, github, db_name) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(d.id)
         .bind(d.app_id)
@@ -449,9 +536,11 @@ impl Db {
         .bind(d.repository)
         .bind(d.repository_id)
         .bind(d.github.map(Json))
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        .bind(d.db_name)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, sqlx::Error> {

@@ -14,7 +14,7 @@ use nx_protocol::units::format_duration;
 use nx_runtime::supervisor::Status;
 use tokio::sync::watch;
 
-use super::{new_id, validate_env, DeployError, Deployer};
+use super::{new_id, quotas, validate_env, Claim, DeployError, Deployer};
 use crate::db::{AppRow, DeploymentRow, NewDeployment};
 
 /// What an environment change did; see [`nx_protocol::api::EnvChanged`].
@@ -54,6 +54,11 @@ impl Deployer {
     /// settings and environment, and promotes it once healthy: production
     /// never stops answering. The old production stays up as the rollback
     /// target. Returns the new production and the one it replaced.
+    ///
+    /// The app's cap on running deployments does not refuse it (see
+    /// [`Claim::Replacement`]); once it is production, the deployment it
+    /// pushed out of the rollback place is stopped if the app runs more than
+    /// its cap, so repeated changes cannot pile up sandboxes.
     pub async fn replace_production(
         &self,
         app: &AppRow,
@@ -66,23 +71,28 @@ impl Deployer {
             .ok_or_else(|| DeployError::Invalid(format!("app {} has no production deployment to replace", app.name)))?;
         let old = self.row(&current).await?;
         let id = new_id();
-        self.record(NewDeployment {
-            id: &id,
-            app_id: app.id,
-            artifact_sha256: &old.artifact_sha256,
-            port: 0,
-            args: &old.args.0,
-            env: old.env.clone(),
-            filename: old.filename.as_deref(),
-            git_sha: old.git_sha.as_deref(),
-            git_ref: old.git_ref.as_deref(),
-            pr_number: None,
-            source: &old.source,
-            push_id: None,
-            repository: old.repository.as_deref(),
-            repository_id: old.repository_id,
-            github: old.github.as_ref().map(|g| &g.0),
-        })
+        self.record(
+            NewDeployment {
+                id: &id,
+                app_id: app.id,
+                artifact_sha256: &old.artifact_sha256,
+                port: 0,
+                args: &old.args.0,
+                env: old.env.clone(),
+                filename: old.filename.as_deref(),
+                git_sha: old.git_sha.as_deref(),
+                git_ref: old.git_ref.as_deref(),
+                pr_number: None,
+                source: &old.source,
+                push_id: None,
+                repository: old.repository.as_deref(),
+                repository_id: old.repository_id,
+                github: old.github.as_ref().map(|g| &g.0),
+                db_name: None,
+            },
+            app,
+            Claim::Replacement,
+        )
         .await?;
         self.services
             .db
@@ -102,8 +112,31 @@ impl Deployer {
             });
         }
         let app = self.services.db.app_by_id(app.id).await?.unwrap_or_else(|| app.clone());
+        let displaced = app.previous_production_id.clone().filter(|d| *d != current);
         let previous = self.promote(&app, &id, actor).await?;
+        if let Some(displaced) = displaced {
+            // Production is replaced either way; a failed stop leaves the app
+            // over its cap, and its next push is refused until one is stopped.
+            if let Err(e) = self.stop_if_over_cap(&app, &displaced, actor).await {
+                tracing::warn!(app = %app.name, deployment = %displaced, error = %e, "cannot stop the displaced rollback target");
+            }
+        }
         Ok((id, previous))
+    }
+
+    /// Stops `id`, no longer production nor rollback target, if its app runs
+    /// more deployments than `--max-running-per-app`.
+    async fn stop_if_over_cap(&self, app: &AppRow, id: &str, actor: &str) -> Result<(), DeployError> {
+        let cap = self.services.config.max_running_per_app;
+        let running = self.services.db.occupancy(app.id).await?.running;
+        if running.len() <= cap as usize || !running.iter().any(|h| h.id == id) {
+            return Ok(());
+        }
+        let reason = format!(
+            "stopped to keep app {} within --max-running-per-app {cap}: an environment change replaced production and this was the rollback target before it",
+            app.name
+        );
+        self.stop(app, id, actor, Some(&reason)).await
     }
 
     /// Sets and removes variables of `app`, then brings its running
@@ -118,7 +151,11 @@ impl Deployer {
         }
         let sealed: Vec<(String, Vec<u8>)> =
             change.set.iter().map(|(k, v)| (k.clone(), self.services.master.seal_str(v))).collect();
-        let changed = self.services.db.change_env(app.id, &sealed, &change.unset).await?;
+        let changed = self
+            .services
+            .db
+            .change_env(app.id, &sealed, &change.unset, |before, after| quotas::admit_env(&app.name, before, after))
+            .await?;
         let mut outcome = EnvOutcome { changed, ..EnvOutcome::default() };
         if outcome.changed.is_empty() {
             return Ok(outcome);
@@ -134,6 +171,10 @@ impl Deployer {
                     Ok(promoted) => outcome.production = Some(promoted),
                     Err(e) => outcome.failed.push((row.id.clone(), e.to_string())),
                 }
+                continue;
+            }
+            // Replacing production may have stopped this one to keep the cap.
+            if !running(&self.row(&row.id).await?) {
                 continue;
             }
             match self.restart(&row.id).await? {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nx_protocol::api::{DeploymentInfo, DeploymentState, PushMeta, Source, VerifiedGitHub};
+use nx_protocol::api::{DeploymentInfo, DeploymentState, PreviewDb, PushMeta, Source, VerifiedGitHub};
 use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
 use nx_runtime::spec::HostLayout;
 use nx_runtime::supervisor::Status;
@@ -35,8 +35,11 @@ use crate::volumes::{VolumeError, Volumes};
 pub mod events;
 mod lifecycle;
 pub mod link;
+mod quotas;
 mod sandbox;
 
+use quotas::Claim;
+pub use quotas::{MAX_ENV_BYTES, MAX_ENV_NAMES};
 pub use sandbox::{expand_arg, validate_env, RESERVED_ENV};
 
 /// Failures of deployment operations; each message says what to do.
@@ -78,6 +81,20 @@ pub enum DeployError {
     WillNotRun(String),
     #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
+    #[error(
+        "app {app} already runs {count} deployments, the most one app may run on this server (--max-running-per-app {cap}): {running}; stop one it no longer needs with `nx stop ID --app {app}`, or ask the operator to raise --max-running-per-app"
+    )]
+    TooManyRunning { app: String, cap: u32, count: usize, running: String },
+    #[error(
+        "app {app} already has {count} previews with a database of their own, the most one app may have on this server (--max-preview-databases-per-app {cap}): {holding}; stop previews it no longer needs with `nx stop ID --app {app}` or `nx stop --pr N --app {app}` (their databases are dropped), or ask the operator to raise --max-preview-databases-per-app"
+    )]
+    TooManyPreviewDatabases { app: String, cap: u32, count: usize, holding: String },
+    #[error(
+        "{what} would be {names} variables of {bytes} bytes (names and values), over the limit of {} variables and {} bytes per app; {fix}",
+        MAX_ENV_NAMES,
+        MAX_ENV_BYTES
+    )]
+    TooManyVariables { what: String, names: usize, bytes: usize, fix: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
@@ -215,15 +232,20 @@ impl Deployer {
         proved: Option<&VerifiedGitHub>,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
-        let bytes = tokio::fs::read(upload.path()).await.map_err(io_err(upload.path()))?;
+        // Mapped, not read: a binary of up to --max-upload bytes per upload
+        // in progress is not copied into the receiver's memory. The upload's
+        // file is the receiver's own, so it cannot shrink under the map.
+        let path = upload.path().to_owned();
         let target = self.services.target.clone();
         let (report, verdict) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+            let bytes = nx_runtime::sys::MappedFile::map(&file).map_err(io_err(&path))?;
             let report = nx_verify::inspect(&bytes);
             let verdict = nx_verify::judge(&report, &target);
-            (report, verdict)
+            Ok::<_, DeployError>((report, verdict))
         })
         .await
-        .map_err(|e| DeployError::Internal(format!("the inspection of the binary failed: {e}")))?;
+        .map_err(|e| DeployError::Internal(format!("the inspection of the binary failed: {e}")))??;
         if !verdict.runs {
             let reason = verdict.message();
             let _ = self
@@ -254,6 +276,7 @@ impl Deployer {
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
+        quotas::check_push_env(&meta.env)?;
         link::check_push(&self.services.db, app, meta, proved, actor).await?;
         if let Some(push_id) = &meta.push_id {
             if !nx_protocol::auth::is_valid_nonce(push_id) {
@@ -271,31 +294,41 @@ impl Deployer {
             Some(self.services.master.seal(&json))
         };
         let id = new_id();
+        // A pull request's preview gets a database of its own when the app
+        // asks for one; its name is reserved with the row, so it counts
+        // against the app's cap before it exists.
+        let preview_db = (meta.pr.is_some() && app.settings.preview_db != PreviewDb::Shared)
+            .then(|| crate::databases::preview_database_name(&app.db_name, &id));
         let recorded = self
-            .record(NewDeployment {
-                id: &id,
-                app_id: app.id,
-                artifact_sha256: &artifact.sha256,
-                port: 0,
-                // A push without arguments (an SFTP upload, say) gets the app's.
-                args: if meta.args.is_empty() { &app.settings.args } else { &meta.args },
-                env,
-                filename: meta.filename.as_deref(),
-                git_sha: meta.git_sha.as_deref(),
-                git_ref: meta.git_ref.as_deref(),
-                pr_number: meta.pr.map(|p| p as i64),
-                source: meta.source.as_str(),
-                push_id: meta.push_id.as_deref(),
-                repository: meta.repository.as_deref(),
-                repository_id: meta.repository_id.map(|i| i as i64),
-                github: proved,
-            })
+            .record(
+                NewDeployment {
+                    id: &id,
+                    app_id: app.id,
+                    artifact_sha256: &artifact.sha256,
+                    port: 0,
+                    // A push without arguments (an SFTP upload, say) gets the app's.
+                    args: if meta.args.is_empty() { &app.settings.args } else { &meta.args },
+                    env,
+                    filename: meta.filename.as_deref(),
+                    git_sha: meta.git_sha.as_deref(),
+                    git_ref: meta.git_ref.as_deref(),
+                    pr_number: meta.pr.map(|p| p as i64),
+                    source: meta.source.as_str(),
+                    push_id: meta.push_id.as_deref(),
+                    repository: meta.repository.as_deref(),
+                    repository_id: meta.repository_id.map(|i| i as i64),
+                    github: proved,
+                    db_name: preview_db.as_deref(),
+                },
+                app,
+                Claim::Push { database: preview_db.is_some() },
+            )
             .await;
         if let Err(e) = recorded {
             // Two attempts of one push raced; the other one recorded it.
-            if let Some(earlier) = match &meta.push_id {
-                Some(p) => self.services.db.deployment_by_push_id(app.id, p).await?,
-                None => None,
+            if let Some(earlier) = match (&e, &meta.push_id) {
+                (DeployError::Db(_), Some(p)) => self.services.db.deployment_by_push_id(app.id, p).await?,
+                _ => None,
             } {
                 return self.earlier_attempt(earlier, artifact, meta).await;
             }
@@ -310,8 +343,10 @@ impl Deployer {
                 serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
             )
             .await?;
-        if meta.pr.is_some() {
-            if let Err(e) = self.attach_preview_db(app, &id).await {
+        if let Some(name) = &preview_db {
+            if let Err(e) = self.attach_preview_db(app, &id, name).await {
+                // Whatever stands under that name now is not this preview's.
+                self.services.db.set_preview_db(&id, None).await?;
                 let reason = format!("cannot make the preview's own database: {e}");
                 self.services.db.set_state(&id, DeploymentState::Failed, Some(&reason)).await?;
                 let _ = self.services.routes.publish().await;
@@ -328,24 +363,45 @@ impl Deployer {
         self.info(&row, tail)
     }
 
-    /// Records a new deployment on a free port. Ports are chosen and recorded
-    /// under one lock so two deployments never take the same one.
-    async fn record(&self, mut new: NewDeployment<'_>) -> Result<(), DeployError> {
+    /// Records a new deployment on a free port, if its app has room for
+    /// `claim`. Ports are chosen and recorded under one lock so two
+    /// deployments never take the same one.
+    async fn record(&self, mut new: NewDeployment<'_>, app: &AppRow, claim: Claim) -> Result<(), DeployError> {
         let _guard = self.port_lock.lock().await;
         new.port = i32::from(self.allocate_port().await?);
-        self.services.db.insert_deployment(&new).await?;
-        Ok(())
+        let caps = self.caps();
+        self.services.db.insert_deployment(&new, |held| quotas::admit(&app.name, caps, held, claim)).await
     }
 
-    /// Gives a pull-request deployment its own database when the app asks for
-    /// one (`empty` or `copy`).
-    async fn attach_preview_db(&self, app: &AppRow, id: &str) -> Result<(), DeployError> {
-        let created = self.services.databases.create_preview(app, id, app.settings.preview_db).await?;
-        if let Some(p) = created {
-            let sealed = self.services.master.seal_str(&p.password);
-            self.services.db.set_preview_db(id, Some((&p.name, &sealed))).await?;
-            tracing::info!(deployment = id, database = %p.name, mode = ?app.settings.preview_db, "preview database made");
+    fn caps(&self) -> quotas::Caps {
+        let config = &self.services.config;
+        quotas::Caps { running: config.max_running_per_app, databases: config.max_preview_databases_per_app }
+    }
+
+    /// Refuses early, before its binary is received, a push its app has no
+    /// room for; [`Deployer::deploy`] checks again when it records it.
+    pub async fn check_room(&self, app: &AppRow, meta: &PushMeta) -> Result<(), DeployError> {
+        quotas::check_push_env(&meta.env)?;
+        // A retry of a push already recorded takes no new place: it gets
+        // the deployment its first attempt made.
+        if let Some(push_id) = &meta.push_id {
+            if self.services.db.deployment_by_push_id(app.id, push_id).await?.is_some() {
+                return Ok(());
+            }
         }
+        let database = meta.pr.is_some() && app.settings.preview_db != PreviewDb::Shared;
+        let held = self.services.db.occupancy(app.id).await?;
+        quotas::admit(&app.name, self.caps(), &held, Claim::Push { database })
+    }
+
+    /// Makes the database `name` reserved for preview `id` (`empty` or a
+    /// `copy` of production's, as the app asks).
+    async fn attach_preview_db(&self, app: &AppRow, id: &str, name: &str) -> Result<(), DeployError> {
+        let copy = app.settings.preview_db == PreviewDb::Copy;
+        let p = self.services.databases.create_preview(app, name, copy).await?;
+        let sealed = self.services.master.seal_str(&p.password);
+        self.services.db.set_preview_db(id, Some((&p.name, &sealed))).await?;
+        tracing::info!(deployment = id, database = %p.name, mode = ?app.settings.preview_db, "preview database made");
         Ok(())
     }
 

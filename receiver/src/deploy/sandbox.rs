@@ -205,7 +205,14 @@ impl Deployer {
                     .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
                 env.extend(app_database_env(&self.services.endpoint, name, name, &own));
             }
-            _ => env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password)),
+            // Reserved, never made (the receiver stopped while making it):
+            // never fall back to production's database.
+            (Some(name), None) => {
+                return Err(DeployError::Invalid(format!(
+                    "its own database {name} was never made; push again to get a preview that has one"
+                )))
+            }
+            (None, _) => env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password)),
         }
         // The app's variables, then the push's own over them.
         for (k, sealed) in self.services.db.env_sealed(app.id).await? {
