@@ -105,13 +105,11 @@ fn a_trusted_workflow_pushes_without_a_key_and_its_deployment_shows_what_github_
         ("workflow_ref", format!("{renamed}/{WORKFLOW}@refs/heads/main").into()),
     ]));
     let out = push_as_job(&r, &issuer, "web", &goweb);
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains(&format!(
+    refused(
+        &out,
+        &format!(
             "the repository {renamed} (id 700002) is not trusted for app web: it trusts {renamed} (id {REPOSITORY_ID})"
-        )),
-        "{}",
-        out.stderr
+        ),
     );
     // Moved to another owner: no longer what the admin trusted.
     issuer.next(Mint::with(&[
@@ -191,14 +189,7 @@ fn bad_tokens_are_refused_each_with_its_reason_and_leave_no_trace() {
             r.nx_ok(&["apps", "set", app, flag, REPOSITORY]);
         }
         let out = push_as_job(&r, &issuer, app, &goweb);
-        assert_eq!(out.code, 1, "{out:?}");
-        assert!(
-            out.stderr.contains(&format!(
-                "app {app} trusts no GitHub workflow, so it takes no OIDC token; the admin allows one with `nx apps set {app} --github-trust owner/repo[:workflow][@ref]`"
-            )),
-            "{}",
-            out.stderr
-        );
+        refused(&out, &format!("app {app} trusts no GitHub workflow, so it takes no OIDC token; the admin allows one with `nx apps set {app} --github-trust owner/repo[:workflow][@ref]`"));
     }
     r.nx_ok(&["apps", "set", "web", "--github-trust", &format!("{REPOSITORY}:{WORKFLOW}@main")]);
 
@@ -483,4 +474,10 @@ fn the_composite_action_installs_its_release_and_deploys_with_the_jobs_oidc_toke
         run.log
     );
     assert_eq!(deployments(&r, "web").len(), before, "nothing was pushed");
+}
+
+/// `nx` failed (exit 1) saying `says`.
+fn refused(out: &nx_e2e::receiver::NxOutput, says: &str) {
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(says), "{}", out.stderr);
 }

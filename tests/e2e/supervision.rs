@@ -219,8 +219,11 @@ fn an_app_cannot_forge_platform_lines_or_drive_the_terminal_of_nx_logs() {
 fn tools_keep_their_exit_status_while_sandboxes_exit_around_them() {
     let r = with_args(&["--max-restarts", "100000", "--restart-backoff", "10ms"]);
     r.create_app("web");
-    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "EXIT_AFTER_MS=30"]);
-    let id = d["id"].as_str().unwrap().to_owned();
+    // It may be between two lives when the push answers: healthy or not, it
+    // is the deployment that matters.
+    let goweb = fixtures::go(Go::Static);
+    let pushed = r.nx(&["--json", "push", goweb.to_str().unwrap(), "--app", "web", "--env", "EXIT_AFTER_MS=30"]);
+    let id = pushed.json()["deployment"]["id"].as_str().unwrap().to_owned();
     let restarts = |r: &Receiver| r.nx(&["logs", &id]).success().stdout.matches("restarting").count();
     eventually(30, "the app to crash and restart", || (restarts(&r) >= 3).then_some(()));
     let before = restarts(&r);
