@@ -99,18 +99,7 @@ pub async fn settings(
     }
     crate::limits::within_caps(&state.config, &settings.limits).map_err(|e| ApiError::Forbidden(e.to_string()))?;
     state.db.set_settings(row.id, &settings).await?;
-    state
-        .db
-        .event(
-            Some(&row.name),
-            None,
-            "settings",
-            &caller.actor(),
-            serde_json::to_value(&settings).map_err(ApiError::internal)?,
-        )
-        .await?;
-    let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;
-    Ok(Json(to_info(&state, &row)?))
+    changed(&state, &row, &caller, "settings", serde_json::to_value(&settings).map_err(ApiError::internal)?).await
 }
 
 fn check_link(link: &GitHubLink) -> Result<(), ApiError> {
@@ -156,20 +145,23 @@ pub async fn github(
         }
     };
     state.db.set_link(row.id, link.as_ref()).await?;
-    state
-        .db
-        .event(
-            Some(&row.name),
-            None,
-            "github.link",
-            &caller.actor(),
-            serde_json::to_value(&link).map_err(ApiError::internal)?,
-        )
-        .await?;
-    let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;
-    Ok(Json(to_info(&state, &row)?))
+    changed(&state, &row, &caller, "github.link", serde_json::to_value(&link).map_err(ApiError::internal)?).await
 }
 
 pub async fn show(State(state): State<AppState>, AppScope { app, .. }: AppScope) -> Result<Json<AppInfo>, ApiError> {
     Ok(Json(to_info(&state, &app)?))
+}
+
+/// Records a change of `row` in the audit log and answers with the app as
+/// it is now.
+async fn changed(
+    state: &AppState,
+    row: &AppRow,
+    caller: &Caller,
+    kind: &str,
+    detail: serde_json::Value,
+) -> Result<Json<AppInfo>, ApiError> {
+    state.db.event(Some(&row.name), None, kind, &caller.actor(), detail).await?;
+    let row = state.db.app(&row.name).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("app vanished")))?;
+    Ok(Json(to_info(state, &row)?))
 }
