@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
+use nx_cluster::embedded::{ensure_system_user, find_bin_dir, Embedded, EmbeddedConfig};
+use nx_cluster::provision;
 use nx_receiver::config::ServeConfig;
-use nx_receiver::pg::embedded::{ensure_system_user, find_bin_dir, Embedded, EmbeddedConfig};
-use nx_receiver::pg::provision;
 use nx_runtime::{Log, LogLimits, ProcessManager};
 use sqlx::{Connection, Executor};
 
@@ -26,7 +26,7 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
             log_path: dir.path().join("postgres.log"),
             max_connections: ServeConfig::defaults().db_max_connections,
         };
-        let limits = nx_receiver::pg::limits(&ServeConfig::defaults());
+        let limits = ServeConfig::defaults().cluster().limits;
         let password = nx_receiver::secrets::random_token(32);
         let options = config.admin_options(&password);
         let log = Log::open(&dir.path().join("cluster.log"), LogLimits::default())?;

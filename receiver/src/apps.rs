@@ -9,9 +9,9 @@ use nx_protocol::names::{production_host, url_for_host, AppName, DeploymentId};
 
 use crate::config::ServeConfig;
 use crate::db::{AppRow, Db};
-use crate::pg::watchdog::QuotaState;
-use crate::pg::{provision, Cluster, ClusterError};
 use crate::secrets::{random_lower, random_token, MasterKey};
+use nx_cluster::watchdog::QuotaState;
+use nx_cluster::{provision, Cluster, ClusterError};
 
 /// Failures of app operations.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 use nx_verify::report::{Linkage, Report};
 
 use crate::db::{ArtifactRow, Db};
-use crate::store::{ArtifactStore, StoreError, Upload};
+use nx_store::{ArtifactStore, StoreError, Upload};
 
 /// Failures of artifact bookkeeping.
 #[derive(Debug, thiserror::Error)]

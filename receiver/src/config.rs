@@ -1,41 +1,13 @@
 //! The receiver's configuration: parsed once at startup from flags, each with an
 //! environment fallback, into typed fields.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
+pub use nx_protocol::secret::Secret;
 use nx_protocol::units::{parse_duration, parse_size};
-
-/// A value that must never appear in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    pub fn new(value: T) -> Self {
-        Self(value)
-    }
-
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl<T: FromStr> FromStr for Secret<T> {
-    type Err = T::Err;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse().map(Secret)
-    }
-}
 
 /// `nx-receiver` and its subcommands.
 #[derive(Debug, clap::Parser)]
@@ -214,7 +186,7 @@ pub struct ServeConfig {
     /// Uploads in progress at once, over SFTP and the HTTP API together (each
     /// holds a temporary file of up to --max-upload); beyond it a push is
     /// refused with a message to try again (HTTP 503).
-    #[arg(long, env = "NX_MAX_CONCURRENT_UPLOADS", default_value_t = crate::store::DEFAULT_MAX_UPLOADS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "NX_MAX_CONCURRENT_UPLOADS", default_value_t = nx_store::DEFAULT_MAX_UPLOADS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_uploads: u64,
 
     /// Uploads one app may have in progress at once, out of
@@ -475,10 +447,30 @@ impl ServeConfig {
         <Serve as clap::Parser>::parse_from(["nx-receiver"]).serve
     }
 
+    /// What the PostgreSQL cluster is to be, from the `--pg-*`, `--db-*` and
+    /// `--database-url` flags.
+    pub fn cluster(&self) -> nx_cluster::ClusterConfig {
+        nx_cluster::ClusterConfig {
+            database_url: self.database_url.clone(),
+            pg_bin: self.pg_bin.clone(),
+            pg_user: self.pg_user.clone(),
+            pg_port: self.pg_port,
+            max_connections: self.db_max_connections,
+            spare_databases: self.spare_databases,
+            limits: nx_cluster::provision::Limits {
+                connections: self.db_app_connections,
+                reserved: self.db_reserved_connections,
+                temp_file_limit_kb: self.db_temp_file_limit.div_ceil(1024),
+                statement_timeout_ms: self.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
+                quota_kb: self.db_quota.div_ceil(1024),
+            },
+        }
+    }
+
     /// Each app's share of --max-concurrent-uploads.
     pub fn uploads_per_app(&self) -> u64 {
         let max = self.max_concurrent_uploads;
-        self.max_uploads_per_app.unwrap_or(crate::store::default_share(max as usize) as u64).min(max)
+        self.max_uploads_per_app.unwrap_or(nx_store::default_share(max as usize) as u64).min(max)
     }
 
     /// The audience GitHub OIDC tokens must name (see `github_oidc_audience`).

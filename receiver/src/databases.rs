@@ -18,9 +18,9 @@ use sqlx::Executor;
 
 use crate::config::Secret;
 use crate::db::AppRow;
-use crate::pg::tools::{Login, ToolError};
-use crate::pg::{app_database_env, provision, AppEndpoint, Cluster, ClusterError};
 use crate::secrets::{random_lower, random_token, MasterKey, SecretError};
+use nx_cluster::tools::{Login, ToolError};
+use nx_cluster::{app_database_env, provision, AppEndpoint, Cluster, ClusterError};
 
 /// Failures of database operations; each says what happened to the data.
 #[derive(Debug, thiserror::Error)]

@@ -25,13 +25,10 @@ pub mod github;
 pub mod limits;
 pub mod listeners;
 pub mod network;
-pub mod pg;
 pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod sftp;
-pub mod shares;
-pub mod store;
 pub mod telemetry;
 pub mod volumes;
 

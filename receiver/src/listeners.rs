@@ -26,7 +26,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::shares::{Share, Shares};
+use nx_store::shares::{Share, Shares};
 
 /// The connections one client address may hold: an eighth of the cap, at
 /// least 16 (so a few clients behind one NAT are not starved), never more

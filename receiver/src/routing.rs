@@ -270,7 +270,7 @@ pub async fn prepare_router_user(pm: &ProcessManager, user: &str, dir: &Path) ->
     // the loser finds the user there on a later try.
     let mut tries = 0;
     let (uid, gid) = loop {
-        match crate::pg::embedded::ensure_system_user(pm, user).await {
+        match nx_cluster::embedded::ensure_system_user(pm, user).await {
             Ok(ids) => break ids,
             Err(e) if tries < 10 => {
                 tries += 1;

@@ -17,10 +17,10 @@ use crate::config::{NetworkIsolation, ServeConfig};
 use crate::db::Db;
 use crate::deploy::{Deployer, Services};
 use crate::network;
-use crate::pg::Cluster;
 use crate::routing::{RoutePublisher, RouterProcess, RouterSettings, RouterTls};
 use crate::secrets::{random_token, MasterKey};
-use crate::store::ArtifactStore;
+use nx_cluster::Cluster;
+use nx_store::ArtifactStore;
 
 /// The first ancestor of `path` that other users cannot traverse, if any.
 pub fn untraversable_ancestor(path: &Path) -> Option<(PathBuf, u32)> {
@@ -137,7 +137,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     let pg_password = secret_file(&data.join("secrets/postgres-admin.password"), 40)?;
 
     let pg_log = Log::open(&data.join("logs/postgres.log"), LogLimits::default())?;
-    let cluster = Arc::new(Cluster::start(&config, &pm, &data, &pg_password, pg_log).await?);
+    let cluster = Arc::new(Cluster::start(&config.cluster(), &pm, &data, &pg_password, pg_log).await?);
     let result = run(config.clone(), pm, master, cluster.clone()).await;
     cluster.stop().await;
     result
@@ -150,7 +150,9 @@ async fn run(
     cluster: Arc<Cluster>,
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
-    let db = Db::new(cluster.metadata_pool().await?);
+    let pool = cluster.metadata_pool().await?;
+    sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply the metadata migrations")?;
+    let db = Db::new(pool);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
     let store = ArtifactStore::open(config.store.as_deref(), &data)?.with_upload_limits(
@@ -236,14 +238,14 @@ async fn run(
     tokio::spawn(routes.clone().retry_loop(stop_rx.clone()));
     let events_days = u32::try_from(config.events_retention.as_secs().div_ceil(86_400).max(1)).unwrap_or(u32::MAX);
     tokio::spawn(expire_records(db.clone(), events_days, stop_rx.clone()));
-    let watchdog = crate::pg::watchdog::WatchdogSettings {
+    let watchdog = nx_cluster::watchdog::WatchdogSettings {
         interval: config.db_watchdog_interval,
         statement_timeout: config.db_statement_timeout,
         quota: config.db_quota,
     };
     let quotas = cluster.quota_states().clone();
     // Joined at shutdown: it holds the cluster, which stops only once no one does.
-    let watchdog = tokio::spawn(crate::pg::watchdog::run(cluster.clone(), watchdog, quotas, stop_rx.clone()));
+    let watchdog = tokio::spawn(nx_cluster::watchdog::run(cluster.clone(), watchdog, quotas, stop_rx.clone()));
 
     let github = crate::github::client::Client::from_config(&config, db.clone())?.map(Arc::new);
     let (reporter, reports) = match &github {
@@ -309,7 +311,7 @@ async fn run(
             store: store.clone(),
             max_upload: config.max_upload,
             key_recheck: config.ssh_key_recheck,
-            handles: crate::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
+            handles: nx_store::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
         };
         tokio::spawn(crate::sftp::serve(
             listener,

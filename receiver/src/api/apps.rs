@@ -13,8 +13,8 @@ use crate::db::AppRow;
 
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
-        use crate::pg::provision::ProvisionError;
-        use crate::pg::ClusterError;
+        use nx_cluster::provision::ProvisionError;
+        use nx_cluster::ClusterError;
         match &e {
             AppError::Exists(_)
             | AppError::Database { source: ClusterError::Provision(ProvisionError::Exists { .. }), .. } => {

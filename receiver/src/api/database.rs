@@ -19,7 +19,7 @@ use crate::db::BackupRow;
 
 impl From<DatabaseError> for ApiError {
     fn from(e: DatabaseError) -> Self {
-        use crate::pg::provision::ProvisionError;
+        use nx_cluster::provision::ProvisionError;
         match &e {
             DatabaseError::RestoreFailed(_) | DatabaseError::RestoreOverQuota { .. } => {
                 ApiError::Unprocessable(e.to_string())
@@ -94,7 +94,8 @@ pub async fn restore(
             "the dump is {length} bytes, over the limit of {limit}; raise --max-upload"
         )));
     }
-    let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    let upload =
+        state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
     caller.still_valid(&state).await?;
     state.databases.restore(&app, upload.path()).await?;
     state.db.event(Some(&app.name), None, "db.restore", &caller.actor(), serde_json::json!({ "size": length })).await?;

@@ -93,7 +93,8 @@ pub async fn push(
     // Before the binary is read: a push the app has no room for costs no upload.
     state.deployer.check_room(&app, &meta).await?;
 
-    let upload = state.store.receive(&app, body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+    let upload =
+        state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
     caller.still_valid(&state).await?;
     let info = state.deployer.push(&app, upload, &meta, caller.github.as_ref(), &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nx_protocol::api::ErrorBody;
 
-use crate::store::StoreError;
+use nx_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

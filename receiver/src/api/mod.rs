@@ -26,10 +26,10 @@ use crate::config::ServeConfig;
 use crate::databases::Databases;
 use crate::db::Db;
 use crate::deploy::Deployer;
-use crate::pg::Cluster;
 use crate::routing::RouterProcess;
 use crate::secrets::MasterKey;
-use crate::store::ArtifactStore;
+use nx_cluster::Cluster;
+use nx_store::ArtifactStore;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]

@@ -32,6 +32,13 @@ pub struct AppRow {
     pub created_at: DateTime<Utc>,
 }
 
+impl AppRow {
+    /// The app as the artifact store counts its uploads.
+    pub fn store_ref(&self) -> nx_store::AppRef<'_> {
+        nx_store::AppRef { id: self.id, name: &self.name }
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ArtifactRow {
     pub sha256: String,

@@ -26,11 +26,11 @@ use tokio::sync::watch;
 use crate::config::ServeConfig;
 use crate::databases::{DatabaseError, Databases};
 use crate::db::{AppRow, ArtifactRow, Db, DeploymentRow, NewDeployment, PromoteOutcome};
-use crate::pg::AppEndpoint;
 use crate::routing::RoutePublisher;
 use crate::secrets::MasterKey;
-use crate::store::{ArtifactStore, StoreError};
 use crate::volumes::{VolumeError, Volumes};
+use nx_cluster::AppEndpoint;
+use nx_store::{ArtifactStore, StoreError};
 
 pub mod events;
 mod lifecycle;
@@ -227,7 +227,7 @@ impl Deployer {
     pub async fn push(
         &self,
         app: &AppRow,
-        upload: crate::store::Upload,
+        upload: nx_store::Upload,
         meta: &PushMeta,
         proved: Option<&VerifiedGitHub>,
         actor: &str,

@@ -13,7 +13,7 @@ use nx_runtime::HealthCheck;
 
 use super::{io_err, DeployError, Deployer};
 use crate::db::{AppRow, DeploymentRow};
-use crate::pg::app_database_env;
+use nx_cluster::app_database_env;
 
 /// Variables the platform sets and pushes may not override.
 pub const RESERVED_ENV: [&str; 4] = ["PORT", "HOST", "NX_APP", "NX_DEPLOYMENT"];

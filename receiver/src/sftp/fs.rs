@@ -28,8 +28,8 @@ use russh_sftp::server::StatusReply;
 
 use crate::db::{AppRow, Db};
 use crate::deploy::Deployer;
-use crate::shares::{Share, Shares};
-use crate::store::{ArtifactStore, PartialUpload, StoreError};
+use nx_store::shares::{Share, Shares};
+use nx_store::{ArtifactStore, PartialUpload, StoreError};
 
 /// Handles (files and folders) one key may hold open at once, over all its
 /// connections and sessions: each holds memory or a temporary file, and a
@@ -378,7 +378,8 @@ impl russh_sftp::server::Handler for Session {
         let open = if pflags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND)
         {
             check_name(&name)?;
-            let upload = self.shared.store.partial_upload(&app, self.shared.max_upload).map_err(store_failure)?;
+            let upload =
+                self.shared.store.partial_upload(app.store_ref(), self.shared.max_upload).map_err(store_failure)?;
             Open::Upload { app: Box::new(app), name, upload: Some(upload), refused: None }
         } else if let Some(binary) = name.strip_suffix(OUTCOME) {
             let uploads = self.shared.db.uploads(app.id).await.map_err(internal)?;
@@ -419,7 +420,7 @@ impl russh_sftp::server::Handler for Session {
                 let Some(file) = upload.as_mut() else { return Err(failure("the upload was discarded")) };
                 match file.write_at(offset, &data) {
                     Ok(()) => Ok(ok(id, "")),
-                    Err(crate::store::StoreError::TooLarge { .. }) => {
+                    Err(nx_store::StoreError::TooLarge { .. }) => {
                         // Dropped now: nothing of it stays on disk.
                         *upload = None;
                         let why = format!("{name} is larger than this receiver's upload limit of {max} bytes; nothing was stored (raise --max-upload on the receiver)");

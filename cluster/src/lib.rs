@@ -1,6 +1,16 @@
 //! The PostgreSQL cluster behind the receiver: embedded (started here) or
-//! external (`--database-url`). It holds the metadata database and one database
-//! per app.
+//! external (`--database-url`). It holds the receiver's catalog (its metadata
+//! database) and one database per app.
+//!
+//! Contract of this crate:
+//! - it knows PostgreSQL, not the receiver: it takes a [`ClusterConfig`] and
+//!   secrets, and never reads the receiver's catalog or configuration;
+//! - every role and database it makes for an app is named by
+//!   [`provision`]'s rules, and an app role can reach its own database only;
+//! - every PostgreSQL program it runs (initdb, postgres, pg_dump, pg_restore)
+//!   goes through the caller's [`nx_runtime::ProcessManager`];
+//! - [`watchdog`] holds app roles to what [`provision::Limits`] says, from
+//!   outside, whatever the app sets for itself.
 
 pub mod embedded;
 pub mod provision;
@@ -16,7 +26,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool};
 
 use self::embedded::{Embedded, EmbeddedConfig, EmbeddedError};
-use crate::config::ServeConfig;
 
 /// Name of the metadata database.
 pub const METADATA_DB: &str = "nx";
@@ -32,8 +41,25 @@ pub enum ClusterError {
     Connect { target: String, source: sqlx::Error },
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
-    #[error("cannot apply the metadata migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// What the receiver's configuration says of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// An external cluster's admin URL; `None` starts the embedded one.
+    pub database_url: Option<nx_protocol::secret::Secret<String>>,
+    /// Where PostgreSQL's programs are; `None` looks in the usual places.
+    pub pg_bin: Option<std::path::PathBuf>,
+    /// The system user the embedded cluster runs as.
+    pub pg_user: String,
+    /// The embedded cluster's TCP port (loopback).
+    pub pg_port: u16,
+    /// The embedded cluster's `max_connections`.
+    pub max_connections: u32,
+    /// How many empty app databases to keep ready.
+    pub spare_databases: usize,
+    /// What each app's role may use of the cluster.
+    pub limits: provision::Limits,
 }
 
 /// How apps reach their database, for `DATABASE_URL` and the `PG*` variables.
@@ -65,7 +91,7 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the embedded cluster, or checks the external one.
     pub async fn start(
-        config: &ServeConfig,
+        config: &ClusterConfig,
         pm: &ProcessManager,
         data_dir: &Path,
         admin_password: &str,
@@ -83,7 +109,7 @@ impl Cluster {
                     embedded: std::sync::Mutex::new(None),
                     own: false,
                     spares: config.spare_databases,
-                    limits: limits(config),
+                    limits: config.limits.clone(),
                     quotas: watchdog::QuotaStates::default(),
                 }
             }
@@ -97,7 +123,7 @@ impl Cluster {
                     port: config.pg_port,
                     ids,
                     log_path: data_dir.join("logs/postgres.log"),
-                    max_connections: config.db_max_connections,
+                    max_connections: config.max_connections,
                 };
                 let admin = ec.admin_options(admin_password);
                 let endpoint = AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port };
@@ -110,7 +136,7 @@ impl Cluster {
                     embedded: std::sync::Mutex::new(Some(embedded)),
                     own: true,
                     spares: config.spare_databases,
-                    limits: limits(config),
+                    limits: config.limits.clone(),
                     quotas: watchdog::QuotaStates::default(),
                 }
             }
@@ -132,8 +158,9 @@ impl Cluster {
             .map_err(|source| ClusterError::Connect { target: self.describe(), source })
     }
 
-    /// Creates the metadata database if needed, applies the migrations and
-    /// returns a pool whose sessions always use the `public` schema only.
+    /// Creates the metadata database if needed and returns a pool whose
+    /// sessions always use the `public` schema only; its schema is the
+    /// caller's to migrate.
     pub async fn metadata_pool(&self) -> Result<PgPool, ClusterError> {
         let mut admin = self.admin_connection("postgres").await?;
         provision::ensure_metadata_database(&mut admin, METADATA_DB).await?;
@@ -148,7 +175,6 @@ impl Cluster {
             .connect_with(options)
             .await
             .map_err(|source| ClusterError::Connect { target: self.describe(), source })?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(pool)
     }
 
@@ -193,17 +219,6 @@ impl Cluster {
         if let Some(e) = embedded {
             e.stop().await;
         }
-    }
-}
-
-/// The limits of app roles the configuration asks for.
-pub fn limits(config: &ServeConfig) -> provision::Limits {
-    provision::Limits {
-        connections: config.db_app_connections,
-        reserved: config.db_reserved_connections,
-        temp_file_limit_kb: config.db_temp_file_limit.div_ceil(1024),
-        statement_timeout_ms: config.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
-        quota_kb: config.db_quota.div_ceil(1024),
     }
 }
 

@@ -14,6 +14,10 @@
 //! receiver, of which one app holds at most `--max-uploads-per-app`, each for
 //! at most `--upload-timeout` (a slow or stalled upload is cut off, its file
 //! removed), so one deploy key cannot keep every other app from pushing.
+//!
+//! Contract of this crate: nothing is visible under `artifacts/` that was not
+//! received whole, hashed and found equal to what was signed; a failed or cut
+//! upload leaves no file behind; URLs are shown without their credentials.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,9 +32,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::db::AppRow;
-use crate::secrets::random_lower;
-use crate::shares::{Share, Shares};
+use rand::distributions::{Alphanumeric, DistString};
+
+pub mod shares;
+
+pub use crate::shares::{Share, Shares};
 
 /// Why an upload or a fetch failed; each variant maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +217,19 @@ pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The uploads one app may have in progress at once out of `max`: a quarter,
 /// at least one, so that an app using all of its share leaves room for three
 /// others.
+/// The app an upload is for: its share of the uploads in progress is
+/// counted by `id`, and a refusal names it by `name`.
+#[derive(Debug, Clone, Copy)]
+pub struct AppRef<'a> {
+    pub id: i64,
+    pub name: &'a str,
+}
+
+/// A name for an upload's temporary file that no other upload has.
+fn temporary_name() -> String {
+    format!("upload-{}", Alphanumeric.sample_string(&mut rand::rngs::OsRng, 16))
+}
+
 pub fn default_share(max: usize) -> usize {
     (max / 4).max(1)
 }
@@ -340,21 +359,21 @@ impl ArtifactStore {
     /// A place among the uploads in progress for an upload to `app`, or
     /// [`StoreError::AppBusy`] when the app holds its whole share, or
     /// [`StoreError::Busy`] when the receiver has none left.
-    fn upload_slot(&self, app: &AppRow) -> Result<Slot, StoreError> {
+    fn upload_slot(&self, app: AppRef<'_>) -> Result<Slot, StoreError> {
         let share = self
             .shares
             .take(app.id)
-            .ok_or_else(|| StoreError::AppBusy { app: app.name.clone(), share: self.shares.cap() })?;
+            .ok_or_else(|| StoreError::AppBusy { app: app.name.to_owned(), share: self.shares.cap() })?;
         let place = self.uploads.clone().try_acquire_owned().map_err(|_| StoreError::Busy { max: self.max_uploads })?;
         Ok(Slot { _place: place, _share: share })
     }
 
     /// A new upload to `app` written at offsets, at most `limit` bytes, for at
     /// most the upload timeout. Needs a tokio runtime (for the deadline).
-    pub fn partial_upload(&self, app: &AppRow, limit: u64) -> Result<PartialUpload, StoreError> {
+    pub fn partial_upload(&self, app: AppRef<'_>, limit: u64) -> Result<PartialUpload, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
         let slot = self.upload_slot(app)?;
-        let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
+        let path = self.tmp_dir.join(temporary_name());
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -384,7 +403,7 @@ impl ArtifactStore {
     /// are in progress.
     pub async fn receive<S, E>(
         &self,
-        app: &AppRow,
+        app: AppRef<'_>,
         body: S,
         expected_sha256: &str,
         expected_len: u64,
@@ -415,7 +434,7 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let path = self.tmp_dir.join(format!("upload-{}", random_lower(16)));
+        let path = self.tmp_dir.join(temporary_name());
         // Created before anything can fail, so Drop always cleans up.
         let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: slot };
         let mut file = tokio::fs::OpenOptions::new()
@@ -658,19 +677,8 @@ mod tests {
         std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
     }
 
-    fn app(id: i64, name: &str) -> AppRow {
-        AppRow {
-            id,
-            name: name.into(),
-            uid: 0,
-            db_name: String::new(),
-            db_role: String::new(),
-            db_password: Vec::new(),
-            settings: sqlx::types::Json(Default::default()),
-            production_id: None,
-            previous_production_id: None,
-            created_at: chrono::Utc::now(),
-        }
+    fn app(id: i64, name: &str) -> AppRef<'_> {
+        AppRef { id, name }
     }
 
     #[tokio::test]
@@ -678,7 +686,7 @@ mod tests {
         let d = data_dir("ok");
         let store = ArtifactStore::open(None, &d).unwrap();
         let up =
-            store.receive(&app(1, "web"), body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
+            store.receive(app(1, "web"), body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
         assert_eq!(up.size, 11);
         let path = store.publish(up).await.unwrap();
         assert_eq!(path, d.join("store/artifacts").join(sha(b"hello world")));
@@ -693,24 +701,24 @@ mod tests {
         let d = data_dir("busy");
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(2, 2, DEFAULT_UPLOAD_TIMEOUT);
         let web = app(1, "web");
-        let sftp = store.partial_upload(&web, 100).unwrap();
-        let http = store.receive(&app(2, "api"), body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
-        let err = store.partial_upload(&web, 100).unwrap_err();
+        let sftp = store.partial_upload(web, 100).unwrap();
+        let http = store.receive(app(2, "api"), body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
+        let err = store.partial_upload(web, 100).unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(
             err.to_string(),
             "2 uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)"
         );
-        let err = store.receive(&web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 2, "a refused upload writes nothing");
         // A finished SFTP upload keeps its place until published.
         let finished = sftp.finish().await.unwrap();
-        assert!(matches!(store.partial_upload(&web, 100), Err(StoreError::Busy { .. })));
+        assert!(matches!(store.partial_upload(web, 100), Err(StoreError::Busy { .. })));
         store.publish(finished).await.unwrap();
-        drop(store.partial_upload(&web, 100).unwrap());
+        drop(store.partial_upload(web, 100).unwrap());
         drop(http);
-        assert!(store.receive(&web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+        assert!(store.receive(web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -718,16 +726,16 @@ mod tests {
         let d = data_dir("share");
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(4, 1, DEFAULT_UPLOAD_TIMEOUT);
         let (web, api) = (app(1, "web"), app(2, "api"));
-        let held = store.partial_upload(&web, 100).unwrap();
-        let err = store.receive(&web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        let held = store.partial_upload(web, 100).unwrap();
+        let err = store.receive(web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "1 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)"
         );
-        assert!(matches!(store.partial_upload(&web, 100), Err(StoreError::AppBusy { share: 1, .. })));
-        assert!(store.receive(&api, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.is_ok(), "api is not held back");
+        assert!(matches!(store.partial_upload(web, 100), Err(StoreError::AppBusy { share: 1, .. })));
+        assert!(store.receive(api, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.is_ok(), "api is not held back");
         drop(held);
-        assert!(store.receive(&web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+        assert!(store.receive(web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -739,7 +747,7 @@ mod tests {
         // A body that sends two bytes, then nothing.
         let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"he"))])
             .chain(futures_util::stream::pending());
-        let err = store.receive(&web, stalled, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, stalled, &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::TimedOut { after } if after == timeout), "{err}");
         assert_eq!(
             err.to_string(),
@@ -747,11 +755,11 @@ mod tests {
         );
         assert_eq!(files_in(&d.join("tmp")), 0);
         // An SFTP upload loses its file and its place at the deadline, written to or not.
-        let mut open = store.partial_upload(&web, 100).unwrap();
+        let mut open = store.partial_upload(web, 100).unwrap();
         open.write_at(0, b"he").unwrap();
         tokio::time::sleep(timeout * 2).await;
         assert_eq!(files_in(&d.join("tmp")), 0);
-        let next = store.partial_upload(&web, 100).expect("the place is free again");
+        let next = store.partial_upload(web, 100).expect("the place is free again");
         assert!(matches!(open.write_at(2, b"llo"), Err(StoreError::TimedOut { .. })));
         assert!(matches!(open.finish().await, Err(StoreError::TimedOut { .. })));
         drop(next);
@@ -762,18 +770,18 @@ mod tests {
     async fn bad_uploads_leave_nothing_behind() {
         let d = data_dir("bad");
         let store = ArtifactStore::open(None, &d).unwrap();
-        let err = store.receive(&app(1, "web"), body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
+        let err = store.receive(app(1, "web"), body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
-        let err = store.receive(&app(1, "web"), body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
+        let err = store.receive(app(1, "web"), body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
         let err =
-            store.receive(&app(1, "web"), body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
+            store.receive(app(1, "web"), body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
         let broken = futures_util::stream::iter(vec![
             Ok(Bytes::from_static(b"he")),
             Err(std::io::Error::other("connection reset")),
         ]);
-        let err = store.receive(&app(1, "web"), broken, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(app(1, "web"), broken, &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(files_in(&d.join("store/artifacts")), 0);

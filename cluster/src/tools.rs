@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nx_runtime::process::{Command, ProcessManager};
 
 use super::AppEndpoint;
-use crate::config::Secret;
+use nx_protocol::secret::Secret;
 
 /// Failures of the client tools; their own words are kept.
 #[derive(Debug, thiserror::Error)]

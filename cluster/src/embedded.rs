@@ -12,7 +12,7 @@ use nx_runtime::Log;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions as _;
 
-use crate::secrets::random_token;
+use rand::distributions::{Alphanumeric, DistString};
 
 /// The cluster's superuser; the receiver is its only user.
 pub const ADMIN_ROLE: &str = "nx_admin";
@@ -253,7 +253,7 @@ impl Embedded {
 async fn initdb(pm: &ProcessManager, config: &EmbeddedConfig, password: &str) -> Result<(), EmbeddedError> {
     let cluster = config.cluster_dir();
     // initdb reads the superuser password from a file the cluster's user can read.
-    let pwname = format!("pwfile-{}", random_token(8));
+    let pwname = format!("pwfile-{}", Alphanumeric.sample_string(&mut rand::rngs::OsRng, 8));
     let pwfile = config.socket_dir().join(&pwname);
     write_owned(&config.socket_dir(), &pwname, password, config.ids)?;
     let mut cmd = Command::new(config.bin.join("initdb")).args([
@@ -326,7 +326,8 @@ mod tests {
 
     /// A fresh directory under the system's temporary directory.
     fn scratch_dir(what: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("nx-{what}-{}", random_token(8)));
+        let dir =
+            std::env::temp_dir().join(format!("nx-{what}-{}", Alphanumeric.sample_string(&mut rand::rngs::OsRng, 8)));
         std::fs::create_dir(&dir).unwrap();
         dir
     }
