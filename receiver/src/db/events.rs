@@ -1,0 +1,66 @@
+//! The audit log: what was done, by whom, when.
+
+use chrono::{DateTime, Utc};
+
+use super::Db;
+
+impl Db {
+    /// The audit log, newest first: the events of `app` (or all) since `since`.
+    pub async fn events(
+        &self,
+        app: Option<&str>,
+        since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<nx_protocol::api::EventInfo>, sqlx::Error> {
+        type Row = (i64, DateTime<Utc>, Option<String>, Option<String>, String, String, serde_json::Value);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, at, app, deployment_id, kind, actor, detail FROM events \
+                 WHERE ($1::text IS NULL OR app = $1) AND at >= $2 ORDER BY at DESC, id DESC LIMIT $3",
+        )
+        .bind(app)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, at, app, deployment, kind, actor, detail)| nx_protocol::api::EventInfo {
+                id,
+                at,
+                app,
+                deployment,
+                kind,
+                actor,
+                detail,
+            })
+            .collect())
+    }
+
+    /// Forgets audit events older than `days`.
+    pub async fn expire_events(&self, days: u32) -> Result<u64, sqlx::Error> {
+        sqlx::query("DELETE FROM events WHERE at < now() - make_interval(days => $1)")
+            .bind(days as i32)
+            .execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+    }
+
+    pub async fn event(
+        &self,
+        app: Option<&str>,
+        deployment: Option<&str>,
+        kind: &str,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO events (app, deployment_id, kind, actor, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(app)
+            .bind(deployment)
+            .bind(kind)
+            .bind(actor)
+            .bind(detail)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+}
