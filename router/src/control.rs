@@ -8,9 +8,14 @@
 //! - `GET /routes`: the current table as JSON
 //! - `PUT /routes`: replace the table (409 when older than the current one)
 //! - `GET /activity`: when each deployment was last requested
+//!
+//! While the router hands over to a successor ([`crate::upgrade`]) a table
+//! change waits ([`Gate`]); once the successor serves, the old router answers
+//! it 503, and the receiver publishes again, to the successor.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -49,8 +54,46 @@ pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     Ok(listener)
 }
 
+/// Holds table changes while the router hands over to a successor, which
+/// reads the state file meanwhile; refuses them once it has.
+#[derive(Debug, Default)]
+pub struct Gate {
+    changes: tokio::sync::RwLock<()>,
+    handed_over: AtomicBool,
+}
+
+/// Table changes held: released when dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    gate: &'a Gate,
+    _changes: tokio::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Held<'_> {
+    /// The successor serves: every table change from now on is refused.
+    pub fn handed_over(self) {
+        self.gate.handed_over.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    /// Waits for the table change under way, if any, then holds the others.
+    pub async fn hold(&self) -> Held<'_> {
+        Held { gate: self, _changes: self.changes.write().await }
+    }
+
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
+    }
+}
+
 /// Serves the control channel until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, store: Arc<RouteStore>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<RouteStore>,
+    gate: Arc<Gate>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -62,9 +105,9 @@ pub async fn serve(listener: UnixListener, store: Arc<RouteStore>, mut shutdown:
             },
             _ = shutdown.changed() => return,
         };
-        let store = store.clone();
+        let (store, gate) = (store.clone(), gate.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, store.clone()));
+            let svc = service_fn(move |req| handle(req, store.clone(), gate.clone()));
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 tracing::debug!(error = %e, "control connection ended with an error");
@@ -82,6 +125,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 async fn handle(
     req: Request<Incoming>,
     store: Arc<RouteStore>,
+    gate: Arc<Gate>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_owned();
     let response = match (req.method().clone(), path.as_str()) {
@@ -95,6 +139,13 @@ async fn handle(
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
+            let _change = gate.changes.read().await;
+            if gate.is_handed_over() {
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this router has handed over to its successor; publish again\n",
+                ));
+            }
             let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the table: {e}\n"))),
