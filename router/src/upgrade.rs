@@ -56,8 +56,8 @@ const SERVING_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a successor could not take over; the running router keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("no running nx-router answers on {path}: {source}; start nx-router without --upgrade")]
-    NoPredecessor { path: PathBuf, source: std::io::Error },
+    #[error("no running nx-router answers on {path}: {error}; start nx-router without --upgrade")]
+    NoPredecessor { path: PathBuf, error: std::io::Error },
     #[error("cannot take the sockets of the nx-router on {path}: {reason}")]
     Handoff { path: PathBuf, reason: String },
     #[error(
@@ -108,8 +108,7 @@ impl Predecessor {
 /// Takes the sockets of the router answering on `path`. `tls` says whether
 /// this router is configured for HTTPS: it must match the running one.
 pub fn take_over(path: &Path, tls: bool) -> Result<(Taken, Predecessor), UpgradeError> {
-    let stream =
-        UnixStream::connect(path).map_err(|source| UpgradeError::NoPredecessor { path: path.into(), source })?;
+    let stream = UnixStream::connect(path).map_err(|error| UpgradeError::NoPredecessor { path: path.into(), error })?;
     let failed = |reason: String| UpgradeError::Handoff { path: path.into(), reason };
     stream.set_read_timeout(Some(SERVING_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
     let mut header = [0u8; HEADER_LEN];
