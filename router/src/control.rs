@@ -178,6 +178,58 @@ async fn handle(
 mod tests {
     use super::*;
 
+    /// PUTs `table` on the control socket at `path`; the status and body.
+    async fn put(path: &Path, table: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let request = format!(
+            "PUT {CONTROL_ROUTES_PATH} HTTP/1.1\r\nHost: nx-router\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{table}",
+            table.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        let status = answer[9..12].parse().unwrap();
+        (status, answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn table_changes_wait_during_a_handoff_and_are_refused_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
+        let gate = Arc::new(Gate::default());
+        let listener = UnixListener::from_std(bind(&socket).unwrap()).unwrap();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve(listener, store.clone(), gate.clone(), stopped));
+
+        // Held, then released without a successor: the change goes through.
+        let held = gate.hold().await;
+        let waiting = tokio::spawn({
+            let socket = socket.clone();
+            async move { put(&socket, r#"{"generation": 2, "routes": {}}"#).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a change waits while the handoff runs");
+        assert_eq!(store.snapshot().generation, 0);
+        drop(held);
+        assert_eq!(waiting.await.unwrap().0, 204);
+        assert_eq!(store.snapshot().generation, 2);
+
+        // Handed over: a change held meanwhile, and any later, gets 503.
+        let held = gate.hold().await;
+        let waiting = tokio::spawn({
+            let socket = socket.clone();
+            async move { put(&socket, r#"{"generation": 3, "routes": {}}"#).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        held.handed_over();
+        let refused = (503, "this router has handed over to its successor; publish again\n".to_owned());
+        assert_eq!(waiting.await.unwrap(), refused);
+        assert_eq!(put(&socket, r#"{"generation": 4, "routes": {}}"#).await, refused);
+        assert_eq!(store.snapshot().generation, 2, "the old router's table stays what the successor read");
+    }
+
     #[test]
     fn the_socket_is_private_and_an_existing_directory_keeps_its_mode() {
         let shared = tempfile::tempdir().unwrap();

@@ -68,6 +68,12 @@ impl Standalone {
     }
 }
 
+/// Kills a router left running at the end of a test, and reaps it.
+fn reap(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Waits for `child` to exit; its status.
 fn exited(child: &mut Child, secs: u64, what: &str) -> std::process::ExitStatus {
     eventually(secs, what, || child.try_wait().unwrap())
@@ -142,7 +148,7 @@ fn a_standalone_router_replaced_twice_under_load_on_three_apps_fails_no_request(
         total += ok;
     }
     assert!(total > 500, "the load ran: {total} requests");
-    let _ = current.kill();
+    reap(current);
 }
 
 #[test]
@@ -197,7 +203,7 @@ fn a_successor_that_fails_leaves_the_old_router_serving_and_taking_tables() {
     let mut next = router.spawn("next", &["--upgrade"]);
     assert!(exited(&mut current, 30, "the old router to exit").success());
     assert_eq!(nx_e2e::http::get_host(router.port, &format!("web.localhost:{}", router.port), "/").status, 200);
-    let _ = next.kill();
+    reap(next);
 }
 
 /// Reads HTTP/2 frames from `out` until a GOAWAY: its last stream id and error code.
@@ -313,5 +319,47 @@ fn http2_clients_get_goaway_and_carry_on_through_an_upgrade() {
     assert!(failures.is_empty(), "{} of {} HTTP/2 requests failed: {failures:?}", failures.len(), ok);
     assert!(ok > 20, "the HTTP/2 client ran: {ok}");
     assert!(next.try_wait().unwrap().is_none(), "the successor serves: {}", router.log("second"));
-    let _ = next.kill();
+    reap(next);
+}
+
+#[test]
+fn the_systemd_units_verify_and_set_only_real_settings() {
+    let analyze = nx_e2e::require_program("systemd-analyze", "systemd");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for (unit, binary, help) in [
+        ("nx-router.service", "nx-router", &["--help"][..]),
+        ("nx-receiver.service", "nx-receiver", &["serve", "--help"]),
+    ] {
+        let text = std::fs::read_to_string(shipped.join(unit)).unwrap();
+        let help = Command::new(bin(binary)).args(help).output().unwrap();
+        // Unwrapped: clap wraps its help at 100 columns.
+        let help = String::from_utf8_lossy(&help.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+        // Every variable a unit sets is the fallback of one of its binary's flags.
+        let set: Vec<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("Environment=")).map(|v| v.split('=').next().unwrap()).collect();
+        assert!(set.len() >= 3, "{unit}: {set:?}");
+        for name in set {
+            assert!(help.contains(&format!("[env: {name}=")), "{unit} sets {name}, which {binary} does not read");
+        }
+        // systemd's own check, on the binaries just built.
+        let here = format!("{}/", bin(binary).parent().unwrap().display());
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text.replace("/usr/local/bin/", &here)).unwrap();
+        units.push(path);
+    }
+    let has = |unit: &str, line: &str| {
+        let text = std::fs::read_to_string(shipped.join(unit)).unwrap();
+        assert!(text.lines().any(|l| l == line), "{unit} lacks {line:?}");
+    };
+    has("nx-router.service", "ExecReload=/usr/bin/setsid -f /usr/local/bin/nx-router --upgrade");
+    // The successor's MAINPID= comes from a process that is not the main one yet.
+    has("nx-router.service", "Type=notify");
+    has("nx-router.service", "NotifyAccess=all");
+    has("nx-receiver.service", "Environment=NX_NO_ROUTER=true");
+    has("nx-receiver.service", "KillMode=process");
+    let out = Command::new(analyze).arg("verify").args(&units).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "systemd-analyze verify: {stderr}");
 }
