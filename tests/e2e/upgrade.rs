@@ -200,7 +200,7 @@ fn a_successor_that_fails_leaves_the_old_router_serving_and_taking_tables() {
         load.finish_without_failures();
     }
     // And a good successor still takes over.
-    let mut next = router.spawn("next", &["--upgrade"]);
+    let next = router.spawn("next", &["--upgrade"]);
     assert!(exited(&mut current, 30, "the old router to exit").success());
     assert_eq!(nx_e2e::http::get_host(router.port, &format!("web.localhost:{}", router.port), "/").status, 200);
     reap(next);
