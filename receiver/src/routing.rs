@@ -138,8 +138,20 @@ impl RoutePublisher {
     }
 
     async fn send(&self, table: &RouteTable) -> Result<(), PublishError> {
-        let json = serde_json::to_vec(table).map_err(|e| PublishError::Refused { status: 0, body: e.to_string() })?;
-        let (status, body) = self.request("PUT", CONTROL_ROUTES_PATH, Bytes::from(json)).await?;
+        let json = Bytes::from(
+            serde_json::to_vec(table).map_err(|e| PublishError::Refused { status: 0, body: e.to_string() })?,
+        );
+        let mut tries = 0;
+        let (status, body) = loop {
+            let (status, body) = self.request("PUT", CONTROL_ROUTES_PATH, json.clone()).await?;
+            // A router that has just handed over to its successor (nx-router
+            // --upgrade) answers 503; the successor accepts on the same socket.
+            if status != 503 || tries == HANDED_OVER_RETRIES {
+                break (status, body);
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         if (200..300).contains(&status) {
             tracing::debug!(generation = table.generation, hosts = table.routes.len(), "route table published");
             Ok(())
@@ -174,6 +186,10 @@ impl RoutePublisher {
         }
     }
 }
+
+/// Publishes sent again after a router answered that it handed over (503):
+/// a second of tries, far more than a successor needs.
+const HANDED_OVER_RETRIES: u32 = 20;
 
 /// The HTTPS side of the router.
 #[derive(Debug, Clone)]

@@ -32,6 +32,18 @@ pub struct Config {
     /// Unix socket on which the receiver publishes route tables (created mode 0600).
     #[arg(long, env = "NX_ROUTER_CONTROL", default_value = ".nx/router/control.sock")]
     pub control: PathBuf,
+    /// Unix socket (created mode 0600) on which this router hands its
+    /// listening sockets to a successor started with --upgrade (default:
+    /// `upgrade.sock` beside --control).
+    #[arg(long, env = "NX_ROUTER_UPGRADE_SOCKET")]
+    pub upgrade_socket: Option<PathBuf>,
+    /// Replace the router running on --upgrade-socket: take its listening
+    /// sockets (--listen, --tls-listen and their descriptors are then not
+    /// used; the HTTPS settings must match), its control socket and its
+    /// upgrade socket, serve, then let it drain and exit. If this process
+    /// fails first, the running router keeps serving. For `systemctl reload`.
+    #[arg(long, env = "NX_ROUTER_UPGRADE")]
+    pub upgrade: bool,
     /// File the route table is saved to on every change and restored from at boot.
     #[arg(long, env = "NX_ROUTER_STATE", default_value = ".nx/router/routes.json")]
     pub state: PathBuf,
@@ -138,6 +150,11 @@ pub struct Limits {
 }
 
 impl Config {
+    /// Where this router listens for a successor, and a successor finds it.
+    pub fn upgrade_socket(&self) -> PathBuf {
+        self.upgrade_socket.clone().unwrap_or_else(|| crate::upgrade::default_path(&self.control))
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             tls_handshake: self.tls_handshake_timeout,

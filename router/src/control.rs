@@ -8,9 +8,14 @@
 //! - `GET /routes`: the current table as JSON
 //! - `PUT /routes`: replace the table (409 when older than the current one)
 //! - `GET /activity`: when each deployment was last requested
+//!
+//! While the router hands over to a successor ([`crate::upgrade`]) a table
+//! change waits ([`Gate`]); once the successor serves, the old router answers
+//! it 503, and the receiver publishes again, to the successor.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -49,8 +54,46 @@ pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     Ok(listener)
 }
 
+/// Holds table changes while the router hands over to a successor, which
+/// reads the state file meanwhile; refuses them once it has.
+#[derive(Debug, Default)]
+pub struct Gate {
+    changes: tokio::sync::RwLock<()>,
+    handed_over: AtomicBool,
+}
+
+/// Table changes held: released when dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    gate: &'a Gate,
+    _changes: tokio::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Held<'_> {
+    /// The successor serves: every table change from now on is refused.
+    pub fn handed_over(self) {
+        self.gate.handed_over.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    /// Waits for the table change under way, if any, then holds the others.
+    pub async fn hold(&self) -> Held<'_> {
+        Held { gate: self, _changes: self.changes.write().await }
+    }
+
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
+    }
+}
+
 /// Serves the control channel until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, store: Arc<RouteStore>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<RouteStore>,
+    gate: Arc<Gate>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -62,9 +105,9 @@ pub async fn serve(listener: UnixListener, store: Arc<RouteStore>, mut shutdown:
             },
             _ = shutdown.changed() => return,
         };
-        let store = store.clone();
+        let (store, gate) = (store.clone(), gate.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, store.clone()));
+            let svc = service_fn(move |req| handle(req, store.clone(), gate.clone()));
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 tracing::debug!(error = %e, "control connection ended with an error");
@@ -82,6 +125,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 async fn handle(
     req: Request<Incoming>,
     store: Arc<RouteStore>,
+    gate: Arc<Gate>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = req.uri().path().to_owned();
     let response = match (req.method().clone(), path.as_str()) {
@@ -95,6 +139,13 @@ async fn handle(
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
+            let _change = gate.changes.read().await;
+            if gate.is_handed_over() {
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this router has handed over to its successor; publish again\n",
+                ));
+            }
             let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the table: {e}\n"))),
@@ -126,6 +177,58 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PUTs `table` on the control socket at `path`; the status and body.
+    async fn put(path: &Path, table: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let request = format!(
+            "PUT {CONTROL_ROUTES_PATH} HTTP/1.1\r\nHost: nx-router\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{table}",
+            table.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        let status = answer[9..12].parse().unwrap();
+        (status, answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn table_changes_wait_during_a_handoff_and_are_refused_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
+        let gate = Arc::new(Gate::default());
+        let listener = UnixListener::from_std(bind(&socket).unwrap()).unwrap();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve(listener, store.clone(), gate.clone(), stopped));
+
+        // Held, then released without a successor: the change goes through.
+        let held = gate.hold().await;
+        let waiting = tokio::spawn({
+            let socket = socket.clone();
+            async move { put(&socket, r#"{"generation": 2, "routes": {}}"#).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a change waits while the handoff runs");
+        assert_eq!(store.snapshot().generation, 0);
+        drop(held);
+        assert_eq!(waiting.await.unwrap().0, 204);
+        assert_eq!(store.snapshot().generation, 2);
+
+        // Handed over: a change held meanwhile, and any later, gets 503.
+        let held = gate.hold().await;
+        let waiting = tokio::spawn({
+            let socket = socket.clone();
+            async move { put(&socket, r#"{"generation": 3, "routes": {}}"#).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        held.handed_over();
+        let refused = (503, "this router has handed over to its successor; publish again\n".to_owned());
+        assert_eq!(waiting.await.unwrap(), refused);
+        assert_eq!(put(&socket, r#"{"generation": 4, "routes": {}}"#).await, refused);
+        assert_eq!(store.snapshot().generation, 2, "the old router's table stays what the successor read");
+    }
 
     #[test]
     fn the_socket_is_private_and_an_existing_directory_keeps_its_mode() {

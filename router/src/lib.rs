@@ -8,6 +8,9 @@
 //!   socket, mode 0600, [`control`]), is written to a state file on every change
 //!   and read back at boot, so the router serves the last known routes while the
 //!   receiver is away;
+//! - a new router process takes over the listening sockets of the running one
+//!   before that one stops accepting, and a failed successor leaves it
+//!   serving ([`upgrade`]);
 //! - hosts that are unknown, starting, stopped or failed get a clear page with
 //!   the matching status ([`pages`]); nothing the client sends chooses an upstream
 //!   other than through the table;
@@ -34,3 +37,4 @@ pub mod proxy;
 pub mod server;
 pub mod table;
 pub mod telemetry;
+pub mod upgrade;

@@ -4,11 +4,13 @@
 //! The listening sockets usually come from the receiver (inherited
 //! descriptors), which keeps them open across router restarts and reloads:
 //! connections wait in the kernel's backlog while no router runs, and during a
-//! reload old and new router share the socket. Draining (SIGTERM) is ordered
-//! so that no request is lost: the old router stops accepting at once, answers
-//! every further request on its open connections with `Connection: close`, and
-//! exits when its last connection is gone (or after the drain timeout, when
-//! only idle connections are left).
+//! reload old and new router share the socket. Draining (SIGTERM, or a
+//! successor taking over: [`crate::upgrade`]) is ordered so that no request is
+//! lost: the old router stops accepting at once, answers every further HTTP/1
+//! request on its open connections with `Connection: close`, sends GOAWAY on
+//! its HTTP/2 ones (their streams under way finish; clients open a new
+//! connection for the next), and exits when its last connection is gone (or
+//! after the drain timeout, when only idle connections are left).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +70,8 @@ pub struct Connections {
     refusal_logged: AtomicU64,
     /// Set when draining starts: responses close their connections.
     pub draining: Arc<AtomicBool>,
+    /// Turned true when draining starts: HTTP/2 connections send GOAWAY.
+    goaway: watch::Sender<bool>,
     /// Turned true at the very end, to drop the idle connections left.
     shutdown: watch::Sender<bool>,
     changed: tokio::sync::Notify,
@@ -78,6 +82,7 @@ pub struct Connections {
 impl Connections {
     pub fn new(draining: Arc<AtomicBool>, max: usize, max_per_client: usize) -> Arc<Connections> {
         let (shutdown, _) = watch::channel(false);
+        let (goaway, _) = watch::channel(false);
         let (done, _) = watch::channel(false);
         Arc::new(Connections {
             open: AtomicUsize::new(0),
@@ -86,6 +91,7 @@ impl Connections {
             max_per_client,
             refusal_logged: AtomicU64::new(0),
             draining,
+            goaway,
             shutdown,
             changed: tokio::sync::Notify::new(),
             done,
@@ -136,6 +142,7 @@ impl Connections {
     /// whatever idle connections are left.
     pub async fn drain(&self, timeout: Duration) {
         self.draining.store(true, Ordering::Relaxed);
+        self.goaway.send_replace(true);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -228,6 +235,11 @@ pub async fn serve(
         let proxies = proxies.clone();
         let tls = tls.clone();
         let shutdown = connections.shutdown.subscribe();
+        let mut goaway = connections.goaway.subscribe();
+        // Accepted as draining began: GOAWAY at once all the same.
+        if *goaway.borrow() {
+            goaway.mark_changed();
+        }
         let head_due = tokio::time::Instant::now() + limits.request_head;
         tokio::spawn(async move {
             let _guard = guard;
@@ -243,7 +255,7 @@ pub async fn serve(
             let tls_handshake = limits.tls_handshake;
             match tokio::time::timeout(tls_handshake, acceptor.tls_handshake(stream)).await {
                 Ok(Ok(s)) if s.selected_alpn_proto() == Some(ALPN::H2) => {
-                    crate::h2::serve(&proxies.h2, Box::new(s), head_due, &shutdown).await;
+                    crate::h2::serve(&proxies.h2, Box::new(s), head_due, &goaway).await;
                 }
                 Ok(Ok(s)) => proxies.h1.serve(Box::new(s), Client::new(Some(peer.ip()), true), shutdown).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),

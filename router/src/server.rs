@@ -2,10 +2,12 @@
 //! runtime per worker with its own accept loops (no work stealing, so a
 //! request stays on the thread that accepted it: measured faster than one
 //! multi-threaded runtime), and the signals. SIGTERM drains (stop accepting,
-//! close every connection after its current request, exit when none is left);
-//! SIGINT exits at once.
+//! close every connection after its current request, exit when none is left),
+//! and so does a successor taking over ([`crate::upgrade`]); SIGINT exits at
+//! once.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,27 +23,60 @@ use crate::listener::{self, Connections, Proxies, Source};
 use crate::pool::Pool;
 use crate::proxy::Router;
 use crate::table::RouteStore;
-use crate::{control, telemetry};
+use crate::{control, telemetry, upgrade};
 
-/// The listening sockets every worker accepts on (each worker registers its
-/// own copy of the descriptor with its own runtime).
+/// The sockets of the router: the listening sockets every worker accepts on
+/// (each worker registers its own copy of the descriptor with its own
+/// runtime), the control socket and the upgrade socket. The main thread keeps
+/// them until draining starts, to hand them to a successor.
 struct Sockets {
     http: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, Arc<Acceptor>, SocketAddr)>,
+    control: std::os::unix::net::UnixListener,
+    upgrade: std::os::unix::net::UnixListener,
 }
 
-fn open_sockets(config: &Config) -> anyhow::Result<Sockets> {
+/// The router this one replaces (with `--upgrade`) and its table's generation.
+type Replacing = Option<(upgrade::Predecessor, u64)>;
+
+/// Binds the sockets (or takes the receiver's inherited listening sockets),
+/// or with `--upgrade` takes them all from the running router.
+fn open_sockets(config: &Config) -> anyhow::Result<(Sockets, Replacing)> {
+    let tls_files = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some((addr, cert, key)),
+        _ => None,
+    };
+    if config.upgrade {
+        let (taken, predecessor) = upgrade::take_over(&config.upgrade_socket(), tls_files.is_some())?;
+        let tls = match (taken.tls, tls_files) {
+            (Some(socket), Some((addr, cert, key))) => Some((socket, listener::tls_acceptor(cert, key)?, addr)),
+            _ => None,
+        };
+        let sockets = Sockets { http: taken.http, tls, control: taken.control, upgrade: taken.upgrade };
+        // The flag belongs to the socket, shared with the old router, which set it.
+        sockets.http.set_nonblocking(true)?;
+        if let Some((s, _, _)) = &sockets.tls {
+            s.set_nonblocking(true)?;
+        }
+        sockets.control.set_nonblocking(true)?;
+        sockets.upgrade.set_nonblocking(true)?;
+        return Ok((sockets, Some((predecessor, taken.generation))));
+    }
     let http_source = config.listen_fd.map_or(Source::Bind(config.listen), Source::Inherited);
     let http = http_source.open().with_context(|| format!("cannot listen on {} ({http_source:?})", config.listen))?;
-    let tls = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
-        (Some(addr), Some(cert), Some(key)) => {
+    let tls = match tls_files {
+        Some((addr, cert, key)) => {
             let source = config.tls_listen_fd.map_or(Source::Bind(addr), Source::Inherited);
             let socket = source.open().with_context(|| format!("cannot listen on {addr} ({source:?})"))?;
             Some((socket, listener::tls_acceptor(cert, key)?, addr))
         }
-        _ => None,
+        None => None,
     };
-    Ok(Sockets { http, tls })
+    let control = control::bind(&config.control)
+        .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
+    let path = config.upgrade_socket();
+    let upgrade = control::bind(&path).with_context(|| format!("cannot bind the upgrade socket {}", path.display()))?;
+    Ok((Sockets { http, tls, control, upgrade }, None))
 }
 
 /// Descriptors kept apart from connections: listeners, control socket,
@@ -148,11 +183,10 @@ struct H1Parts {
 pub fn run(config: Config) -> anyhow::Result<()> {
     telemetry::init(&config.log_format);
     let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    let sockets = open_sockets(&config)?;
-    let control_listener = control::bind(&config.control)
-        .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
+    let (sockets, replacing) = open_sockets(&config)?;
     let limits = config.limits();
     raise_open_files(&limits, sockets.tls.is_some());
+    let notifier = upgrade::Notifier::from_env();
     // Before any worker thread exists; the filter would reach them anyway.
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
@@ -163,6 +197,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         state = %config.state.display(),
         "route table restored"
     );
+    if let Some((_, theirs)) = &replacing {
+        let ours = store.snapshot().generation;
+        if ours < *theirs {
+            return Err(upgrade::UpgradeError::StaleState { path: config.state.clone(), ours, theirs: *theirs }.into());
+        }
+    }
 
     let draining = Arc::new(AtomicBool::new(false));
     let h1 = H1Parts {
@@ -181,28 +221,73 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some((_, _, addr)) = &sockets.tls {
         tracing::info!(listen = %addr, "HTTPS enabled (HTTP/2 and HTTP/1.1)");
     }
-    tracing::info!(listen = %config.listen, control = %config.control.display(), threads, "nx-router serving");
-    drop(sockets);
+    let listen = sockets.http.local_addr()?;
+    tracing::info!(%listen, control = %config.control.display(), threads, "nx-router serving");
 
     let main = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     main.block_on(async {
+        let gate = Arc::new(control::Gate::default());
         let (stop_control, control_rx) = watch::channel(false);
-        let control_listener = tokio::net::UnixListener::from_std(control_listener)?;
-        let control = tokio::spawn(control::serve(control_listener, store, control_rx));
+        let control_listener = tokio::net::UnixListener::from_std(sockets.control.try_clone()?)?;
+        let control = tokio::spawn(control::serve(control_listener, store.clone(), gate.clone(), control_rx));
+        let upgrades = tokio::net::UnixListener::from_std(sockets.upgrade.try_clone()?)?;
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut quit = signal(SignalKind::quit())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let graceful = tokio::select! {
-            _ = term.recv() => true,
-            _ = quit.recv() => true,
-            _ = int.recv() => false,
+        match replacing {
+            Some((predecessor, _)) => {
+                // systemd follows this process from now on, before the old one exits.
+                notifier.send(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                match predecessor.serving() {
+                    Ok(()) => tracing::info!("took over from the running router, which now drains"),
+                    // It died or gave up waiting: this one serves alone either way.
+                    Err(e) => tracing::warn!(error = %e, "the router being replaced did not wait for this one"),
+                }
+            }
+            None => notifier.send("READY=1"),
+        }
+        let graceful = loop {
+            tokio::select! {
+                _ = term.recv() => break true,
+                _ = quit.recv() => break true,
+                _ = int.recv() => break false,
+                accepted = upgrades.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upgrade socket accept failed");
+                            continue;
+                        }
+                    };
+                    let handing = upgrade::Handing {
+                        http: sockets.http.as_fd(),
+                        tls: sockets.tls.as_ref().map(|(s, _, _)| s.as_fd()),
+                        control: sockets.control.as_fd(),
+                        upgrade: sockets.upgrade.as_fd(),
+                    };
+                    tracing::info!("a successor asks for the sockets");
+                    match upgrade::hand_over(stream, handing, &store, &gate).await {
+                        Ok(()) => break true,
+                        Err(e) => tracing::warn!(error = %e, "the successor did not take over; this router keeps serving"),
+                    }
+                }
+            }
         };
         let _ = stop_accepting.send(true);
+        // The successor accepts on the same control socket now.
+        let handed_over = gate.is_handed_over();
+        if handed_over {
+            let _ = stop_control.send(true);
+        }
+        drop(upgrades);
+        // Closed here unless a successor holds them: new connections are then refused, not left waiting.
+        drop(sockets);
         if graceful {
             tracing::info!(
                 open = connections.open(),
-                "draining: no new connections, every response closes its connection"
+                handed_over,
+                "draining: no new connections, every response closes its connection, HTTP/2 gets GOAWAY"
             );
             connections.drain(Duration::from_secs(config.drain_timeout_secs)).await;
         } else {

@@ -436,6 +436,49 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<std::net::TcpListener> {
     Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
 }
 
+/// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`) over a
+/// connected unix stream socket: how a router hands its listening sockets to
+/// its successor. The receiving process gets its own copies; ours stay open.
+pub fn send_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [io::IoSlice::new(data)];
+    let sent = sendmsg::<()>(socket.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)?;
+    if sent != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, format!("sent {sent} of {} bytes", data.len())));
+    }
+    Ok(())
+}
+
+/// Receives one message of at most `buf.len()` bytes and the descriptors
+/// attached to it (at most `MAX_FDS`, close-on-exec), as sent by
+/// [`send_fds`]. Returns the bytes read and the descriptors, now owned here.
+pub fn receive_fds<const MAX_FDS: usize>(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            // SAFETY: the kernel installed these descriptors in this process
+            // for this message; nothing else knows their numbers yet.
+            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors were sent than expected"));
+    }
+    Ok((msg.bytes, fds))
+}
+
 /// Looks up a user by name: `(uid, gid)`.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))

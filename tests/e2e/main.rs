@@ -19,5 +19,6 @@ mod quotas;
 mod router;
 mod sftp;
 mod supervision;
+mod upgrade;
 mod uploads;
 mod verify;

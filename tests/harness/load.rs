@@ -1,5 +1,6 @@
 //! A bounded load generator for the zero-failure tests: keep-alive clients
-//! requesting one host through the router until told to stop.
+//! (or clients opening a new connection for every request) requesting one
+//! host through the router until told to stop.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,18 +20,29 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts four clients requesting `/` of `host` through the router on `port`.
+    /// Starts four keep-alive clients requesting `/` of `host` through the router on `port`.
     pub fn start(port: u16, host: String) -> Load {
+        Self::start_with(port, host, 4, true)
+    }
+
+    /// Starts `clients` clients requesting `/` of `host` through the router
+    /// on `port`, each keeping its connection alive or (`keep_alive` false)
+    /// opening a new one for every request.
+    pub fn start_with(port: u16, host: String, clients: usize, keep_alive: bool) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let bodies = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let threads = (0..4)
+        let threads = (0..clients)
             .map(|_| {
                 let (stop, ok, failures, bodies, host) =
                     (stop.clone(), ok.clone(), failures.clone(), bodies.clone(), host.clone());
                 std::thread::spawn(move || {
-                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+                    let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+                    if !keep_alive {
+                        builder = builder.pool_max_idle_per_host(0);
+                    }
+                    let client = builder.build().unwrap();
                     while !stop.load(Ordering::Relaxed) {
                         match client.get(format!("http://127.0.0.1:{port}/")).header("Host", &host).send() {
                             Ok(resp) if resp.status() == 200 => {
