@@ -309,7 +309,12 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
     if app.is_empty() {
         // No app-less action is a workflow's (see access::decide); refused
         // here too, since without an app no trust can be checked.
-        return Err(ApiError::Forbidden(super::access::Denied::Workflow.to_string()));
+        let denied = if claims.is_pull_request_target() {
+            super::access::Denied::ForkPreview
+        } else {
+            super::access::Denied::Workflow
+        };
+        return Err(ApiError::Forbidden(denied.to_string()));
     }
     // An app that does not exist trusts nothing: the same answer as an app
     // without a policy, so a token cannot probe which apps exist.
