@@ -156,10 +156,18 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     assert_eq!(data["by"], "an empty read-only /data (a fork's preview)");
     // None of the app's variables: the default greeting, not the secret.
     assert_eq!(r.get(&run.outputs["preview-url"]).body, "goweb\n");
-    // Reported on the pull request, in the linked repository.
+    // Reported on the pull request, in the linked repository, with no
+    // Promote button on its check run.
     eventually(20, "the commit status of the fork's head", || {
         gh.calls_to("POST", &format!("/repos/{REPO}/statuses/{head}")).pop()
     });
+    let check = eventually(20, "the check run of the fork's head", || {
+        gh.calls_to("POST", &format!("/repos/{REPO}/check-runs"))
+            .into_iter()
+            .find(|c| c.body["head_sha"] == head.as_str())
+    });
+    assert_eq!(check.body["external_id"], id.as_str());
+    assert_eq!(check.body["actions"], json!([]), "a fork's preview offers no Promote button");
 
     // The same token does nothing else: each refused with the same answer.
     let token = issuer.token(&r.api());
