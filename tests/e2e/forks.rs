@@ -26,14 +26,14 @@ const PR: i64 = 21;
 /// A receiver that trusts the local issuer, reports to the fake GitHub and
 /// takes its webhooks, with the app `web` trusting our repository's
 /// workflows, its id pinned by a first keyless push of `main`.
-fn receiver(issuer: &Issuer, gh: &FakeGitHub) -> Receiver {
+fn receiver(issuer: &Issuer, gh: &FakeGitHub) -> (Receiver, String) {
     let mut args = issuer.receiver_args();
     args.extend(
         ["--github-api", &gh.url, "--github-webhook-secret", SECRET, "--github-token", "ghp_test_token"]
             .map(String::from),
     );
     let r = Receiver::start_with(Options { args, ..Options::default() });
-    r.create_app("web");
+    let key = r.create_app("web");
     r.nx_ok(&["apps", "set", "web", "--github-trust", REPOSITORY]);
     let pinned = NxOutput::from(
         r.nx_command("")
@@ -43,7 +43,7 @@ fn receiver(issuer: &Issuer, gh: &FakeGitHub) -> Receiver {
             .unwrap(),
     );
     assert_eq!(pinned.code, 0, "{pinned:?}");
-    r
+    (r, key)
 }
 
 /// A pull request event of GitHub's examples about pull request [`PR`] from
@@ -102,7 +102,7 @@ fn call(r: &Receiver, token: &str, method: &str, path: &str, meta: Option<&Value
 fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     let issuer = Issuer::start();
     let gh = FakeGitHub::start();
-    let r = receiver(&issuer, &gh);
+    let (r, key) = receiver(&issuer, &gh);
     r.nx_ok(&["env", "set", "web", "GREETING=the app's secret"]);
     let goweb = fixtures::go(Go::Static);
     issuer.next(Mint::with(&[("event_name", "pull_request_target".into())]));
@@ -111,7 +111,22 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     // Without `[preview] forks = "label"`, such a token is refused as before.
     refused(
         &fork_run(&r, &issuer, &head, &goweb),
-        "tokens of pull_request_target runs are never trusted: they run with the base repository's rights",
+        "tokens of pull_request_target runs are never trusted as workflows: they run with the base repository's \
+         rights on code a pull request may have written; deploy from push, pull_request or workflow_dispatch runs, \
+         or let the app preview forks' pull requests a maintainer labels (`[preview] forks = \"label\"`)",
+    );
+    // The job runs the fork's code: the action takes no key there (a usage
+    // error, exit 2).
+    let keyed =
+        run_action_with(&r, &key, "pull_request_target", &fork_event("labeled", &head, "maintainer"), &goweb, &[]);
+    assert_eq!(keyed.out.code, 2, "{:?}", keyed.out);
+    assert!(
+        keyed.out.stdout.starts_with(
+            "::error title=NX Sandbox push failed::a pull_request_target run must not be given a key (input `key`, \
+             NX_KEY): a fork's code runs in this job"
+        ),
+        "{}",
+        keyed.out.stdout
     );
     r.nx_ok(&["apps", "set", "web", "--preview-forks", "label"]);
 

@@ -85,8 +85,9 @@ pub enum Untrusted {
     #[error("the workflow {workflow} is not trusted for app {app}: it trusts {trusted}")]
     Workflow { app: String, workflow: String, trusted: String },
     #[error(
-        "tokens of pull_request_target runs are never trusted: they run with the base repository's rights on \
-         code a pull request may have written; deploy from push, pull_request or workflow_dispatch runs"
+        "tokens of pull_request_target runs are never trusted as workflows: they run with the base repository's \
+         rights on code a pull request may have written; deploy from push, pull_request or workflow_dispatch runs, \
+         or let the app preview forks' pull requests a maintainer labels (`[preview] forks = \"label\"`)"
     )]
     PullRequestTarget,
 }
