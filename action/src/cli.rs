@@ -260,6 +260,14 @@ pub struct SetArgs {
     /// push (the action, on the production branch), merge, approval or manual.
     #[arg(long, value_parser = ["push", "merge", "approval", "manual"])]
     pub promote_on: Option<String>,
+    /// Previews of pull requests from forks: never, or label (a
+    /// `pull_request_target` run previews the head commit someone with write
+    /// access labeled; see workflows/README.md).
+    #[arg(long, value_parser = ["never", "label"])]
+    pub preview_forks: Option<String>,
+    /// The label that opts a fork's pull request in (default nx-preview).
+    #[arg(long, value_name = "LABEL")]
+    pub fork_label: Option<String>,
     /// The GitHub repository (owner/name) whose webhooks act on this app, or
     /// `none` (admin token: the receiver reports there with its own identity).
     /// Links without trusting its workflows; see --github-trust.

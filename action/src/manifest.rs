@@ -19,6 +19,9 @@
 //!
 //! [preview]
 //! database = "empty"  # shared, empty or copy
+//! forks = "label"     # previews of forks' pull requests a maintainer labels
+//!                     # (default "never"); see workflows/README.md
+//! fork_label = "nx-preview"  # the label (default nx-preview)
 //!
 //! [promote]
 //! on = "push"         # the action promotes pushes to `branch` (default);
@@ -35,7 +38,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nx_protocol::api::{AppSettings, HealthSetting, PreviewDb, PromoteOn};
+use nx_protocol::api::{check_fork_label, AppSettings, ForkPreviews, HealthSetting, PreviewDb, PromoteOn};
 use nx_protocol::units::parse_size;
 use serde::Deserialize;
 
@@ -97,6 +100,9 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct Preview {
     pub database: Option<PreviewDb>,
+    /// `never` or `label`; see [`ForkPreviews`].
+    pub forks: Option<ForkPreviews>,
+    pub fork_label: Option<String>,
 }
 
 /// `[promote]`: what makes production.
@@ -148,6 +154,13 @@ impl Manifest {
         s.limits.nofile = l.nofile.or(s.limits.nofile);
         if let Some(db) = self.preview.database {
             s.preview_db = db;
+        }
+        if let Some(forks) = self.preview.forks {
+            s.preview_forks = forks;
+        }
+        if let Some(label) = &self.preview.fork_label {
+            check_fork_label(label).map_err(|e| format!("[preview] {e}"))?;
+            s.fork_label = Some(label.clone());
         }
         if let Some(on) = self.promote.on {
             s.promote_on = on;
@@ -214,6 +227,8 @@ cpu = 0.5
 data = "2GiB"
 [preview]
 database = "empty"
+forks = "label"
+fork_label = "safe to preview"
 [promote]
 on = "manual"
 approvals = 2
@@ -233,6 +248,7 @@ reviewers = ["octocat", "@nx-test/release"]
         assert_eq!(s.limits.data_mib, Some(2048));
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
+        assert_eq!((s.preview_forks, s.fork_label()), (ForkPreviews::Label, "safe to preview"));
         assert_eq!(s.promote_on, PromoteOn::Manual);
         assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));
         // Applied once, the same file changes nothing.
@@ -249,6 +265,10 @@ reviewers = ["octocat", "@nx-test/release"]
         assert!(e.contains("exactly one"), "{e}");
         let e = Manifest::parse("[preview]\ndatabase = \"fresh\"\n", Path::new("nx.toml")).unwrap_err().to_string();
         assert!(e.contains("shared") && e.contains("empty"), "{e}");
+        let e = Manifest::parse("[preview]\nforks = \"always\"\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("never") && e.contains("label"), "{e}");
+        let e = Manifest::parse("[preview]\nfork_label = \"\"\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("nx.toml: [preview] fork label \"\" must be 1 to 50 characters"), "{e}");
         let e = Manifest::parse("[promote]\napprovals = 0\n", Path::new("nx.toml")).unwrap_err().to_string();
         assert!(e.contains("approvals must be at least 1"), "{e}");
         let e = Manifest::parse("[promote]\nreviewers = [\"@org\"]\n", Path::new("nx.toml")).unwrap_err().to_string();

@@ -191,6 +191,39 @@ pub enum PreviewDb {
     Copy,
 }
 
+/// Whether pull requests from forks get previews. GitHub gives a fork's
+/// `pull_request` runs neither secrets nor an OIDC token, so a fork's preview
+/// can only come from a `pull_request_target` run, which runs the fork's code
+/// with the base repository's rights: the receiver takes such a run's token
+/// only for the one commit someone with write access labeled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForkPreviews {
+    /// No previews of forks' pull requests.
+    #[default]
+    Never,
+    /// The head commit of a fork's pull request labeled with the app's
+    /// [`AppSettings::fork_label`] by someone with write, maintain or admin
+    /// permission is previewed, by a `pull_request_target` run's OIDC token.
+    Label,
+}
+
+/// The label that opts a fork's pull request in, unless the app names another.
+pub const DEFAULT_FORK_LABEL: &str = "nx-preview";
+
+/// Refuses a label name GitHub would not take (1 to 50 characters, none of
+/// them a control character).
+pub fn check_fork_label(label: &str) -> Result<(), String> {
+    let chars = label.chars().count();
+    if chars == 0 || chars > 50 || label.chars().any(char::is_control) || label.trim() != label {
+        return Err(format!(
+            "fork label {label:?} must be 1 to 50 characters without control characters or surrounding spaces, \
+             as GitHub's labels are"
+        ));
+    }
+    Ok(())
+}
+
 /// What makes a deployment production, besides `nx promote` and the Promote
 /// button of its check run, which always do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +472,15 @@ pub struct VerifiedGitHub {
     pub actor: String,
 }
 
+impl VerifiedGitHub {
+    /// Whether the token is a `pull_request_target` run's: such a run may
+    /// execute a fork's code with the base repository's rights, and its
+    /// claims name the base branch, not the pull request.
+    pub fn is_pull_request_target(&self) -> bool {
+        self.event_name == "pull_request_target"
+    }
+}
+
 /// An app's settings (`PUT /v1/apps/{app}/settings`); they apply to the
 /// deployments started after the change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -462,6 +504,19 @@ pub struct AppSettings {
     pub approval: ApprovalRule,
     #[serde(default)]
     pub github: Option<GitHubLink>,
+    /// Whether pull requests from forks get previews (`[preview] forks`).
+    #[serde(default)]
+    pub preview_forks: ForkPreviews,
+    /// The label that opts a fork's pull request in; `None`: [`DEFAULT_FORK_LABEL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_label: Option<String>,
+}
+
+impl AppSettings {
+    /// The label that opts a fork's pull request in.
+    pub fn fork_label(&self) -> &str {
+        self.fork_label.as_deref().unwrap_or(DEFAULT_FORK_LABEL)
+    }
 }
 
 /// `GET /v1/apps/{app}/db`: how to reach the app's database.

@@ -335,6 +335,7 @@ async fn run(
         target,
         started: std::time::Instant::now(),
         github: webhooks,
+        github_client: github,
         oidc: Arc::new(crate::github::oidc::Verifier::new(
             &config.github_oidc_issuer,
             &config.oidc_audience(),

@@ -1,11 +1,12 @@
 //! The authorization model from the outside: every signed route, called with
 //! every kind of key (the admin token, the app's own deploy key, another
-//! app's deploy key, a read-only key) and a workflow's GitHub OIDC token that
-//! the app trusts, is let through or refused exactly as
+//! app's deploy key, a read-only key), a workflow's GitHub OIDC token that
+//! the app trusts and a fork preview's (a `pull_request_target` run's), is
+//! let through or refused exactly as
 //! `api::access` says; and the holes a deploy key used to open (lifting its
 //! limits, minting keys, reading the database) stay shut.
 
-use nx_e2e::oidc::{Issuer, REPOSITORY};
+use nx_e2e::oidc::{Issuer, Mint, REPOSITORY};
 use nx_e2e::receiver::Options;
 use nx_e2e::signed::{send_as, Signed};
 use nx_e2e::Receiver;
@@ -33,6 +34,10 @@ fn every_route_admits_exactly_the_keys_the_access_table_admits() {
     let web_key = r.create_app("web");
     let site_key = r.create_app("site");
     r.nx_ok(&["apps", "set", "web", "--github-trust", REPOSITORY]);
+    r.nx_ok(&["apps", "set", "web", "--preview-forks", "label"]);
+    issuer.next(Mint::with(&[("event_name", "pull_request_target".into())]));
+    let fork_token = issuer.token(&r.api());
+    issuer.next(Mint::default());
     let read_only = r.nx(&["--json", "keys", "create", "--read-only"]).success().json();
     let read_key = read_only["secret"].as_str().unwrap().to_owned();
     let key = |k: &str| Credential::parse(k).unwrap();
@@ -48,7 +53,15 @@ fn every_route_admits_exactly_the_keys_the_access_table_admits() {
             Credential::github_oidc(&issuer.token(&r.api())),
             Role::Workflow { app_id: 0, app: "web".into() },
         ),
+        (
+            "web's fork preview",
+            Credential::github_oidc(&fork_token),
+            Role::ForkPreview { app_id: 0, app: "web".into() },
+        ),
     ];
+    // Past the guard, a fork preview's push must name the labeled pull
+    // request and commit, and this one names none.
+    let fork_push = serde_json::json!({ "error": "a pull_request_target run's OIDC token pushes only a preview of a fork's pull request, and this push names no pull request; production is deployed by runs of the production branch" });
 
     assert!(SIGNED_ROUTES.len() >= 30, "the table lists every signed route");
     let mut refused = 0;
@@ -57,6 +70,9 @@ fn every_route_admits_exactly_the_keys_the_access_table_admits() {
             let (signed, body) = request(method, template);
             let (status, text) = send_as(&r.api(), &signed, cred, body);
             match access::decide(role, cred.key_id(), *action, if action.app_scoped() { "web" } else { "" }) {
+                Ok(()) if matches!(role, Role::ForkPreview { .. }) => {
+                    assert_eq!((status, serde_json::from_str(&text).unwrap()), (403, fork_push.clone()), "{who}")
+                }
                 Ok(()) => assert!(
                     status != 401 && status != 403,
                     "{method} {template} ({action:?}) by {who} must pass the guard, got {status}: {text}"

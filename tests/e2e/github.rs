@@ -8,7 +8,7 @@ use std::path::Path;
 
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::github::{payload, summary, with, Delivery, FakeGitHub};
-use nx_e2e::receiver::{NxOutput, Options};
+use nx_e2e::receiver::{psql, NxOutput, Options};
 use nx_e2e::{eventually, require_program, Receiver};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -280,8 +280,9 @@ fn a_tenant_naming_another_repository_gets_no_report_there() {
         "{}",
         refused.out.stderr
     );
-    // The admin links it by name; its first push learns the id (REPO_ID).
-    r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
+    // The admin links it by name; GitHub gives its id (REPO_ID).
+    let linked = r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
+    assert!(linked.stdout.contains(&format!("linked to {REPO} (repository id {REPO_ID})")), "{}", linked.stdout);
     let first = run_action(&r, &key, "pull_request", &pull_request("pull_request.opened", 7, &sha()), &goweb);
     assert_eq!(first.out.code, 0, "{:?}", first.out);
     eventually(20, "the first comment", || gh.calls_to("POST", &format!("/repos/{REPO}/issues/7/comments")).pop());
@@ -307,6 +308,58 @@ fn a_tenant_naming_another_repository_gets_no_report_there() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     let leaked: Vec<String> = gh.calls().into_iter().map(|c| c.path).filter(|p| p.contains("victim")).collect();
     assert!(leaked.is_empty(), "the platform's token reached {leaked:?}");
+}
+
+/// An app linked by name whose id GitHub does not give (the receiver's
+/// token cannot see the repository): a deploy key's push naming the
+/// repository and an id deploys, but links nothing, so webhooks of that id
+/// act on nothing and nothing is reported; the admin's own push sets the id.
+#[test]
+fn a_deploy_keys_claim_links_nothing_and_its_reports_go_nowhere() {
+    let gh = FakeGitHub::start();
+    gh.hide_repositories();
+    let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
+    let key = r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--promote-on", "merge"]);
+    let linked = r.nx_ok(&["apps", "set", "web", "--github-repo", REPO]);
+    assert!(linked.stdout.contains("whose id GitHub did not give the receiver"), "{}", linked.stdout);
+    let id = |r: &Receiver| r.nx_ok(&["--json", "ls", "web"]).json()[0]["app"]["settings"]["github"]["id"].clone();
+    assert_eq!(id(&r), Value::Null);
+
+    let head = sha();
+    let run = run_action(
+        &r,
+        &key,
+        "pull_request",
+        &pull_request("pull_request.opened", 12, &head),
+        &fixtures::go(Go::Static),
+    );
+    assert_eq!(run.out.code, 0, "{:?}", run.out);
+    assert_eq!(id(&r), Value::Null, "the deploy key's claim set no id");
+    let preview = run.outputs["deployment-id"].clone();
+    // A merge webhook of the id it claimed promotes nothing, closes nothing.
+    let merged = with(pull_request("pull_request.closed", 12, &head), &[("/pull_request/merged", true.into())]);
+    assert_eq!(Delivery::new("pull_request", &merged).send(&r.api(), SECRET), (202, "queued\n".into()));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(production(&r), None);
+    assert_eq!(state_of(&r, &preview), "healthy");
+    let reported: Vec<String> = gh.calls().into_iter().filter(|c| c.method != "GET").map(|c| c.path).collect();
+    assert!(reported.is_empty(), "nothing is reported anywhere: {reported:?}");
+
+    // The admin's push is the admin's word: it sets the id, and the
+    // platform reports there from then on.
+    let admin = run_action(
+        &r,
+        &r.admin_token,
+        "pull_request",
+        &pull_request("pull_request.synchronize", 12, &sha()),
+        &fixtures::go(Go::Static),
+    );
+    assert_eq!(admin.out.code, 0, "{:?}", admin.out);
+    assert_eq!(id(&r).as_i64(), Some(REPO_ID));
+    eventually(20, "the comment on the linked repository", || {
+        gh.calls_to("POST", &format!("/repos/{REPO}/issues/12/comments")).pop()
+    });
 }
 
 #[test]
@@ -413,12 +466,17 @@ fn as_a_github_app_with_installation_tokens_and_github_down_a_deploy_never_waits
     let made = std::process::Command::new(openssl).args(["genrsa", "-out"]).arg(&pem).arg("2048").output().unwrap();
     assert!(made.status.success(), "{made:?}");
     let r = receiver(&gh, &["--github-app-id", "77", "--github-app-key", pem.to_str().unwrap()]);
-    let key = linked_app(&r);
     let installed = with(
         payload("installation.created"),
         &[("/installation/id", 555.into()), ("/installation/account/login", "nx-test".into())],
     );
     assert_eq!(Delivery::new("installation", &installed).send(&r.api(), SECRET).0, 202);
+    // Linked once the installation is known: the link asks GitHub for the
+    // repository's id with the installation's token.
+    eventually(20, "the installation to be recorded", || {
+        (psql(&r.admin_url("nx"), "SELECT count(*) FROM github_installations").unwrap() == "1").then_some(())
+    });
+    let key = linked_app(&r);
 
     // GitHub fails its next calls: the push is healthy all the same, and the
     // report arrives once GitHub is back.

@@ -45,7 +45,14 @@ struct State {
     reviews: Mutex<HashMap<i64, Vec<Value>>>,
     /// Active members (lower case) of each team, by `org/slug`.
     teams: Mutex<HashMap<String, Vec<String>>>,
+    /// The repositories GitHub shows: ids and owner ids by `owner/name`
+    /// (lower case); [`REPOSITORY`] unless a test says otherwise.
+    repositories: Mutex<HashMap<String, (i64, i64)>>,
 }
+
+/// The repository the suite's apps are linked to, its id and its owner's
+/// id (the same as the OIDC issuer's tokens name).
+pub const REPOSITORY: (&str, i64, i64) = ("nx-test/web", 700_001, 9_001);
 
 /// The fake API, serving on a loopback port until dropped.
 #[derive(Debug)]
@@ -73,8 +80,15 @@ pub fn payload(name: &str) -> Value {
 
 impl FakeGitHub {
     pub fn start() -> FakeGitHub {
-        let (server, state) =
-            crate::server::serve(|_| State { next_id: AtomicI64::new(1000), ..State::default() }, answer);
+        let (name, id, owner) = REPOSITORY;
+        let (server, state) = crate::server::serve(
+            |_| State {
+                next_id: AtomicI64::new(1000),
+                repositories: Mutex::new([(name.to_owned(), (id, owner))].into()),
+                ..State::default()
+            },
+            answer,
+        );
         FakeGitHub { url: server.url.clone(), state, _server: server }
     }
 
@@ -118,6 +132,12 @@ impl FakeGitHub {
         review["commit_id"] = commit_id.into();
         self.state.reviews.lock().unwrap().entry(pr).or_default().push(review.clone());
         review
+    }
+
+    /// Makes GitHub show no repository at all (`GET /repos/{owner}/{name}`
+    /// answers 404, as for a repository the token cannot see).
+    pub fn hide_repositories(&self) {
+        self.state.repositories.lock().unwrap().clear();
     }
 
     /// Makes `logins` the active members of the team `org/slug`.
@@ -200,6 +220,25 @@ async fn answer(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
         ),
         ("POST", ["repos", _, _, "deployments", _, "statuses"]) => {
             reply(201, with(example("create-deployment-status"), &[("id", id.into())]))
+        }
+        // GitHub's repository object, as its webhooks carry it, made this one.
+        ("GET", ["repos", owner, name]) => {
+            let full_name = format!("{owner}/{name}");
+            let known = state.repositories.lock().unwrap().get(&full_name.to_lowercase()).copied();
+            match known {
+                Some((id, owner_id)) => {
+                    let mut repository = payload("pull_request.opened")["repository"].clone();
+                    repository["id"] = id.into();
+                    repository["name"] = (*name).into();
+                    repository["full_name"] = full_name.into();
+                    repository["owner"]["login"] = (*owner).into();
+                    repository["owner"]["id"] = owner_id.into();
+                    reply(200, repository)
+                }
+                None => {
+                    reply(404, json!({ "message": "Not Found", "documentation_url": "https://docs.github.com/rest" }))
+                }
+            }
         }
         ("GET", ["repos", _, _, "collaborators", login, "permission"]) => {
             let permission =

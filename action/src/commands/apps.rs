@@ -93,6 +93,12 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             if let Some(on) = args.promote_on {
                 info.settings.promote_on = serde_json::from_value(serde_json::Value::String(on))?;
             }
+            if let Some(forks) = args.preview_forks {
+                info.settings.preview_forks = serde_json::from_value(serde_json::Value::String(forks))?;
+            }
+            if let Some(label) = args.fork_label {
+                info.settings.fork_label = Some(label);
+            }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {
                 return print_json(&updated);
@@ -105,7 +111,15 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
                         link.repository,
                         trust.spec(&link.repository)
                     ),
-                    None => println!("GitHub: linked to {}", link.repository),
+                    None => match link.id {
+                        Some(id) => println!("GitHub: linked to {} (repository id {id})", link.repository),
+                        None => println!(
+                            "GitHub: linked to {}, whose id GitHub did not give the receiver (no --github-token or \
+                             GitHub App, or it cannot see the repository): webhooks and reports wait until it is \
+                             known, from a push of the admin token or one proved by a trusted workflow's OIDC token",
+                            link.repository
+                        ),
+                    },
                 }
             }
             Ok(())

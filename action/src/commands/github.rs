@@ -176,17 +176,20 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         .ok_or_else(|| Failure::Usage("name the app: the input `app`, or `app = \"NAME\"` in nx.toml".into()))?;
     let app = AppName::parse(app.trim()).map_err(|e| Failure::Usage(format!("input `app`: {e}")))?;
     let ctx = RunContext::from_env(env)?;
-    if let (Some(fork), Some(pr)) = (&ctx.fork, ctx.pr) {
+    let target_run = ctx.event.as_deref() == Some("pull_request_target");
+    if let (Some(fork), Some(pr), false) = (&ctx.fork, ctx.pr, target_run) {
         return skip_fork(&app, pr, fork, env);
     }
     let target = config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
+    if target_run {
+        return fork_preview(&target, &app, &ctx, m, env).await;
+    }
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&Client::for_push(&target).await?, &app, pr, env).await;
     }
     let binary = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
     // After the build: an OIDC token lives minutes, and the build may be long.
     let client = Client::for_push(&target).await?;
-    let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
     // The input decides when given; else nx.toml's [promote] rule; else the
     // app's own.
     let promote = match input("PROMOTE") {
@@ -200,13 +203,34 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
             ctx.promotes(on, rule.and_then(|p| p.branch.as_deref()))
         }
     };
+    let job = Job {
+        path: &binary,
+        app: &app,
+        meta: push_meta(&input, m, &ctx, &binary)?,
+        verify: true,
+        promote,
+        quiet: false,
+        manifest: manifest.as_ref(),
+        fork_preview: false,
+    };
+    report(&client, job, &ctx, env).await
+}
+
+/// What a push from the inputs, nx.toml and the run says about itself.
+fn push_meta(
+    input: &dyn Fn(&str) -> Option<String>,
+    m: Option<&crate::manifest::Manifest>,
+    ctx: &RunContext,
+    binary: &Path,
+) -> anyhow::Result<PushMeta> {
+    let wait = truthy(input("WAIT"), true).map_err(|e| Failure::Usage(format!("input `wait`: {e}")))?;
     let mut vars = m.map(|m| m.env.clone()).unwrap_or_default();
     vars.extend(parse_env(&lines(input("ENV")))?);
     let args = match lines(input("ARGS")) {
         a if a.is_empty() => m.map(|m| m.args.clone()).unwrap_or_default(),
         a => a,
     };
-    let meta = PushMeta {
+    Ok(PushMeta {
         args,
         env: vars,
         filename: binary.file_name().map(|f| f.to_string_lossy().into_owned()),
@@ -218,9 +242,18 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         repository_id: ctx.repository_id,
         no_wait: !wait,
         push_id: None,
-    };
-    let job = Job { path: &binary, app: &app, meta, verify: true, promote, quiet: false, manifest: manifest.as_ref() };
-    let pushed = execute(&client, job).await?;
+    })
+}
+
+/// Pushes `job`, then writes the step's outputs and job summary.
+async fn report(
+    client: &Client,
+    job: Job<'_>,
+    ctx: &RunContext,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let (app, wait) = (job.app.clone(), !job.meta.no_wait);
+    let pushed = execute(client, job).await?;
     let d = &pushed.deployment;
     if let Some(path) = env("GITHUB_OUTPUT") {
         write_outputs(
@@ -234,7 +267,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     }
     if let Some(path) = env("GITHUB_STEP_SUMMARY") {
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
-        f.write_all(summary(&pushed, &app, &ctx).as_bytes())?;
+        f.write_all(summary(&pushed, &app, ctx).as_bytes())?;
     }
     println!("{} {} {}: {}", app, d.id, d.state, d.preview_url);
     let ok = d.state == DeploymentState::Healthy || (!wait && d.state == DeploymentState::Starting);
@@ -285,6 +318,59 @@ async fn binary_from_inputs(
     }
 }
 
+/// A `pull_request_target` run (the workflow's `labeled` path, see
+/// workflows/README.md): it checked out a fork's head commit, so the fork's
+/// code ran in this job. It pushes a preview of that commit with the job's
+/// OIDC token, which the receiver takes only for a commit someone with write
+/// access labeled, and only as a preview: no key, no nx.toml settings, no
+/// promotion.
+async fn fork_preview(
+    target: &config::Target,
+    app: &AppName,
+    ctx: &RunContext,
+    m: Option<&crate::manifest::Manifest>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let input = |name: &str| env(&format!("INPUT_{name}")).filter(|v| !v.trim().is_empty());
+    if target.key.is_some() {
+        return Err(Failure::Usage(
+            "a pull_request_target run must not be given a key (input `key`, NX_KEY): a fork's code runs in this job \
+             and would read it; leave it out, and the job pushes with its OIDC token (`permissions: id-token: write`)"
+                .into(),
+        )
+        .into());
+    }
+    let Some(pr) = ctx.pr else {
+        return Err(Failure::Usage(
+            "a pull_request_target run previews a pull request, and this event names none".into(),
+        )
+        .into());
+    };
+    if ctx.pr_closed {
+        println!("pull request #{pr} closed: the receiver stops its previews on GitHub's webhook");
+        return Ok(());
+    }
+    if truthy(input("PROMOTE"), false).map_err(|e| Failure::Usage(format!("input `promote`: {e}")))? {
+        return Err(Failure::Usage(
+            "a pull_request_target run only previews a fork's pull request; leave the input `promote` out".into(),
+        )
+        .into());
+    }
+    let binary = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
+    let client = Client::for_push(target).await?;
+    let job = Job {
+        path: &binary,
+        app,
+        meta: push_meta(&input, m, ctx, &binary)?,
+        verify: true,
+        promote: false,
+        quiet: false,
+        manifest: None,
+        fork_preview: true,
+    };
+    report(&client, job, ctx, env).await
+}
+
 /// A pull request from a fork gets no preview: GitHub gives its workflows
 /// neither the repository's secrets nor an OIDC token (a fork's code must not
 /// push under the repository's name), so there is nothing to push with. The
@@ -293,8 +379,9 @@ async fn binary_from_inputs(
 fn skip_fork(app: &AppName, pr: u64, fork: &str, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
     let why = format!(
         "No preview for pull request #{pr}: it comes from the fork {fork}, and GitHub gives workflows of forks \
-         neither secrets nor an OIDC token. A maintainer can push its head with `nx push --pr {pr}` after \
-         reviewing it."
+         neither secrets nor an OIDC token. Where the app previews forks by label (`[preview] forks = \"label\"`), \
+         someone with write access adds the label (default `nx-preview`) once they have read the commit; or a \
+         maintainer pushes its head with `nx push --pr {pr}`."
     );
     println!("::notice title=NX Sandbox: no preview for a fork::{}", escape_command(&why));
     if let Some(path) = env("GITHUB_STEP_SUMMARY") {

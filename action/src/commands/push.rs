@@ -54,6 +54,10 @@ pub struct Job<'a> {
     /// The nx.toml whose settings (health, limits, preview database) the app
     /// is brought to before the upload.
     pub manifest: Option<&'a (std::path::PathBuf, Manifest)>,
+    /// A preview of a fork's pull request, pushed by a `pull_request_target`
+    /// run's token, which may push and nothing else: the app is not read
+    /// first and no nx.toml is applied.
+    pub fork_preview: bool,
 }
 
 /// What a push produced.
@@ -71,19 +75,10 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", job.path.display())))?;
     let size = data.len() as u64;
     let sha256 = hex::encode(Sha256::digest(&data));
-    // A signed call first: a wrong key or an unknown app is answered before
-    // megabytes are sent (a server refusing an upload stops reading it, which
-    // can cut the answer off).
-    let info: AppInfo = client.get(&format!("/v1/apps/{}", job.app)).await?;
-    if let Some((path, manifest)) = job.manifest {
-        let wanted =
-            manifest.settings_over(&info.settings).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
-        if let Some(settings) = wanted {
-            client.put::<_, AppInfo>(&format!("/v1/apps/{}/settings", job.app), &settings).await?;
-            if !job.quiet {
-                eprintln!("settings of {} updated from {}", job.app, path.display());
-            }
-        }
+    // A fork's preview may not read the app; its upload is refused early
+    // enough on the signature of its head alone.
+    if !job.fork_preview {
+        apply_manifest(client, &job).await?;
     }
     if job.verify {
         let target: ServerTarget = get_public(client.server(), "/v1/target").await?;
@@ -129,6 +124,25 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
         None
     };
     Ok(Pushed { deployment, promotion })
+}
+
+/// The push's first signed call, which a wrong key or an unknown app fails
+/// before megabytes are sent (a server refusing an upload stops reading it,
+/// which can cut the answer off), then nx.toml's settings, if they change
+/// anything.
+async fn apply_manifest(client: &Client, job: &Job<'_>) -> anyhow::Result<()> {
+    let info: AppInfo = client.get(&format!("/v1/apps/{}", job.app)).await?;
+    if let Some((path, manifest)) = job.manifest {
+        let wanted =
+            manifest.settings_over(&info.settings).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+        if let Some(settings) = wanted {
+            client.put::<_, AppInfo>(&format!("/v1/apps/{}/settings", job.app), &settings).await?;
+            if !job.quiet {
+                eprintln!("settings of {} updated from {}", job.app, path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The error for a deployment that did not become healthy, with its last words.
@@ -189,6 +203,7 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
         promote: args.promote,
         quiet: g.json,
         manifest: manifest.as_ref(),
+        fork_preview: false,
     };
     let pushed = execute(&client, job).await?;
     let info = &pushed.deployment;

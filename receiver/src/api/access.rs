@@ -23,6 +23,11 @@ pub enum Role {
     /// (`nx apps set APP --github-trust`): less than a deploy key, for one
     /// app, for the minutes the token lives.
     Workflow { app_id: i64, app: String },
+    /// A `pull_request_target` run's OIDC token, for an app that previews
+    /// forks' pull requests by label (`[preview] forks = "label"`): such a
+    /// run may execute a fork's code, so it may push a preview of the one
+    /// commit a maintainer labeled (checked by the push) and nothing else.
+    ForkPreview { app_id: i64, app: String },
 }
 
 impl Role {
@@ -33,6 +38,7 @@ impl Role {
             Role::Deploy { .. } => "deploy",
             Role::ReadOnly => "read",
             Role::Workflow { .. } => "github-oidc",
+            Role::ForkPreview { .. } => "github-oidc-fork",
         }
     }
 }
@@ -50,7 +56,10 @@ pub enum Action {
     ReadApp,
     /// An app's deploy and SSH keys, without secrets.
     ReadKeys,
-    /// Push, promote, roll back and stop deployments; close a pull request's previews.
+    /// Push a binary (`POST /v1/apps/{app}/deployments`): a deployment, or a
+    /// pull request's preview.
+    Push,
+    /// Promote, roll back and stop deployments; close a pull request's previews.
     Deploy,
     /// Set and unset an app's variables.
     SetEnv,
@@ -74,12 +83,13 @@ pub enum Action {
 
 impl Action {
     /// Every action, for the tables that list them.
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::Status,
         Action::ListApps,
         Action::CreateApp,
         Action::ReadApp,
         Action::ReadKeys,
+        Action::Push,
         Action::Deploy,
         Action::SetEnv,
         Action::Configure,
@@ -118,6 +128,12 @@ pub enum Denied {
     Workflow,
     #[error("this GitHub workflow's OIDC token is for app '{own}' and cannot act on app '{app}'")]
     WorkflowOtherApp { own: String, app: String },
+    #[error(
+        "a pull_request_target run's OIDC token may only push a preview of the head commit of a fork's pull request \
+         that a maintainer labeled, to the app that previews it; it cannot promote, roll back, stop, configure, read \
+         the app or its database, or act on another app"
+    )]
+    ForkPreview,
 }
 
 /// Whether `role` (holding key `key`) may perform `action` on `app` (the app
@@ -131,6 +147,7 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
                 Action::Status
                     | Action::ListApps
                     | Action::ReadApp
+                    | Action::Push
                     | Action::Deploy
                     | Action::SetEnv
                     | Action::Configure
@@ -152,7 +169,7 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
         // promote. No variables (they hold the secrets the workflow should not
         // need), no other app, and no app-less route: the token names no app.
         Role::Workflow { app: own, .. } => {
-            if !matches!(action, Action::ReadApp | Action::Deploy | Action::Configure) {
+            if !matches!(action, Action::ReadApp | Action::Push | Action::Deploy | Action::Configure) {
                 return Err(Denied::Workflow);
             }
             if app != own {
@@ -160,6 +177,12 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
             }
             Ok(())
         }
+        // A fork's code may run in the job that holds this token: it pushes
+        // (the push handler holds it to the labeled commit), and that is all.
+        Role::ForkPreview { app: own, .. } => match action {
+            Action::Push if app == own => Ok(()),
+            _ => Err(Denied::ForkPreview),
+        },
     }
 }
 
@@ -168,7 +191,9 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
 pub fn sees(role: &Role, app: &str) -> bool {
     match role {
         Role::Admin | Role::ReadOnly => true,
-        Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } => own == app,
+        Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } | Role::ForkPreview { app: own, .. } => {
+            own == app
+        }
     }
 }
 
@@ -180,6 +205,7 @@ impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let own = Role::Deploy { app_id: 0, app: "own".into() };
         let workflow = Role::Workflow { app_id: 0, app: "own".into() };
+        let fork = Role::ForkPreview { app_id: 0, app: "own".into() };
         let cell = |role: &Role, action: Action| -> &'static str {
             match (
                 decide(role, "k", action, "own").is_ok(),
@@ -191,16 +217,20 @@ impl fmt::Display for Table {
                 (false, _) => "no",
             }
         };
-        writeln!(f, "| action | admin token | deploy key | read-only key | GitHub workflow (OIDC) |")?;
-        writeln!(f, "| --- | --- | --- | --- | --- |")?;
+        writeln!(
+            f,
+            "| action | admin token | deploy key | read-only key | GitHub workflow (OIDC) | fork preview (OIDC, labeled) |"
+        )?;
+        writeln!(f, "| --- | --- | --- | --- | --- | --- |")?;
         for action in Action::ALL {
             writeln!(
                 f,
-                "| {action:?} | {} | {} | {} | {} |",
+                "| {action:?} | {} | {} | {} | {} | {} |",
                 cell(&Role::Admin, action),
                 cell(&own, action),
                 cell(&Role::ReadOnly, action),
-                cell(&workflow, action)
+                cell(&workflow, action),
+                cell(&fork, action)
             )?;
         }
         Ok(())
@@ -224,8 +254,15 @@ mod tests {
 
     #[test]
     fn a_deploy_key_ships_its_own_app_and_nothing_else() {
-        let allowed =
-            [Action::Status, Action::ListApps, Action::ReadApp, Action::Deploy, Action::SetEnv, Action::Configure];
+        let allowed = [
+            Action::Status,
+            Action::ListApps,
+            Action::ReadApp,
+            Action::Push,
+            Action::Deploy,
+            Action::SetEnv,
+            Action::Configure,
+        ];
         for action in Action::ALL {
             let own = decide(&deploy(), "k1", action, "web");
             assert_eq!(own.is_ok(), allowed.contains(&action), "{action:?} on its own app");
@@ -267,7 +304,7 @@ mod tests {
     #[test]
     fn a_workflow_pushes_to_its_own_app_and_does_nothing_else() {
         let workflow = Role::Workflow { app_id: 1, app: "web".into() };
-        let allowed = [Action::ReadApp, Action::Deploy, Action::Configure];
+        let allowed = [Action::ReadApp, Action::Push, Action::Deploy, Action::Configure];
         for action in Action::ALL {
             let own = decide(&workflow, "github-oidc", action, "web");
             if allowed.contains(&action) {
@@ -281,6 +318,20 @@ mod tests {
                 assert_eq!(own, Err(Denied::Workflow), "{action:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_fork_preview_pushes_to_its_own_app_and_does_nothing_else() {
+        let fork = Role::ForkPreview { app_id: 1, app: "web".into() };
+        for action in Action::ALL {
+            let expected = match action {
+                Action::Push => Ok(()),
+                _ => Err(Denied::ForkPreview),
+            };
+            assert_eq!(decide(&fork, "github-oidc", action, "web"), expected, "{action:?}");
+        }
+        assert_eq!(decide(&fork, "github-oidc", Action::Push, "site"), Err(Denied::ForkPreview));
+        assert!(!sees(&fork, "site"));
     }
 
     #[test]
@@ -308,9 +359,10 @@ mod tests {
     #[test]
     fn the_table_says_own_app_for_deploy_keys() {
         let text = Table.to_string();
-        assert!(text.contains("| Deploy | any app | own app | no | own app |"), "{text}");
-        assert!(text.contains("| Database | any app | no | no | no |"), "{text}");
-        assert!(text.contains("| Status | yes | yes | yes | no |"), "{text}");
-        assert!(text.contains("| LinkRepository | any app | no | no | no |"), "{text}");
+        assert!(text.contains("| Push | any app | own app | no | own app | own app |"), "{text}");
+        assert!(text.contains("| Deploy | any app | own app | no | own app | no |"), "{text}");
+        assert!(text.contains("| Database | any app | no | no | no | no |"), "{text}");
+        assert!(text.contains("| Status | yes | yes | yes | no | no |"), "{text}");
+        assert!(text.contains("| LinkRepository | any app | no | no | no | no |"), "{text}");
     }
 }

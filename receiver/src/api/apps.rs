@@ -80,6 +80,9 @@ pub async fn settings(
         }
     }
     settings.approval.check().map_err(ApiError::BadRequest)?;
+    if let Some(label) = &settings.fork_label {
+        nx_protocol::api::check_fork_label(label).map_err(ApiError::BadRequest)?;
+    }
     if let Some(link) = &settings.github {
         check_link(link)?;
     }
@@ -118,8 +121,11 @@ fn check_link(link: &GitHubLink) -> Result<(), ApiError> {
 /// `PUT /v1/apps/{app}/github` (the admin's): links the app to a repository,
 /// with or without a trust for its workflows' OIDC tokens, or unlinks it.
 /// The repository's ids stay known when the name stays the same, unless they
-/// were learned from a deploy key's push and workflows are now trusted: then
-/// the first push proved by an OIDC token learns them.
+/// were not proved (by GitHub or an OIDC token) and workflows are now
+/// trusted: then the first push proved by an OIDC token learns them. A link
+/// without a trust learns them from GitHub, when the receiver can ask it
+/// (else from the admin's first push, or a proved one); a deploy key's push
+/// never sets them.
 pub async fn github(
     State(state): State<AppState>,
     AppScope { caller, app: row }: AppScope,
@@ -134,13 +140,18 @@ pub async fn github(
             let known = row.settings.github.as_ref().filter(|l| {
                 l.repository.eq_ignore_ascii_case(&repository) && (l.owner_id.is_some() || req.trust.is_none())
             });
-            let link = GitHubLink {
+            let mut link = GitHubLink {
                 repository,
                 id: known.and_then(|l| l.id),
                 owner_id: known.and_then(|l| l.owner_id),
                 trust: req.trust,
             };
             check_link(&link)?;
+            if let (None, None, Some(client)) = (link.id, &link.trust, &state.github_client) {
+                if let Some((id, owner_id, name)) = client.repository_ids(&link.repository).await {
+                    link = GitHubLink { repository: name, id: Some(id), owner_id: Some(owner_id), ..link };
+                }
+            }
             Some(link)
         }
     };

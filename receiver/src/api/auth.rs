@@ -10,8 +10,9 @@
 //! A GitHub Actions run may sign with its OIDC token instead of a key (key id
 //! `github-oidc`, the token in `Authorization: Bearer`): the token is verified
 //! (`github::oidc`), the app named in the path must trust what it proves,
-//! and the caller is then a [`Role::Workflow`] of that app, decided on like
-//! any other role.
+//! and the caller is then a [`Role::Workflow`] of that app (or, for a
+//! `pull_request_target` run where the app previews forks by label, a
+//! [`Role::ForkPreview`]), decided on like any other role.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -33,6 +34,7 @@ use super::access::{self, Action, Role};
 use super::error::{unknown_app, ApiError};
 use super::AppState;
 use crate::db::AppRow;
+use crate::github::oidc::Admission;
 
 /// Largest JSON body an API call takes.
 const MAX_JSON_BODY: usize = 1 << 20;
@@ -48,7 +50,8 @@ pub struct Caller {
     pub content_length: Option<u64>,
     /// Decoded `x-nx-meta`, covered by the signature.
     pub meta: Option<Vec<u8>>,
-    /// What the GitHub OIDC token proved, for a [`Role::Workflow`].
+    /// What the GitHub OIDC token proved, for a [`Role::Workflow`] or a
+    /// [`Role::ForkPreview`].
     pub github: Option<VerifiedGitHub>,
 }
 
@@ -59,7 +62,8 @@ impl Caller {
             Role::Admin => "admin".to_owned(),
             Role::Deploy { app, .. } => format!("key:{}@{app}", self.key_id),
             Role::ReadOnly => format!("key:{}(read-only)", self.key_id),
-            Role::Workflow { .. } => match &self.github {
+            Role::Workflow { .. } | Role::ForkPreview { .. } => match &self.github {
+                Some(g) if g.is_pull_request_target() => format!("github-fork:{} ({})", g.workflow_ref, g.actor),
                 Some(g) => format!("github:{} ({})", g.workflow_ref, g.actor),
                 None => "github".to_owned(),
             },
@@ -81,11 +85,11 @@ impl Caller {
     pub async fn still_valid(&self, state: &AppState) -> Result<(), ApiError> {
         // A workflow has no key to revoke: what can be withdrawn is its app's
         // trust (or the app itself).
-        if let (Role::Workflow { app, .. }, Some(claims)) = (&self.role, &self.github) {
+        if let (Role::Workflow { app, .. } | Role::ForkPreview { app, .. }, Some(claims)) = (&self.role, &self.github) {
             let row = state.db.app(app).await?;
-            let link = row.as_ref().and_then(|r| r.settings.github.as_ref());
-            return match (row.is_some(), crate::github::oidc::trusts(app, link, claims)) {
-                (true, Ok(())) => Ok(()),
+            let admitted = crate::github::oidc::trusts(app, row.as_ref().map(|r| &r.settings.0), claims);
+            return match admitted {
+                Ok(a) if role_of(a, 0, app).kind() == self.role.kind() => Ok(()),
                 _ => Err(ApiError::Unauthorized(format!(
                     "app {app} stopped trusting this workflow, or was removed, while its upload was in progress; \
                      nothing was deployed"
@@ -305,19 +309,28 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
     if app.is_empty() {
         // No app-less action is a workflow's (see access::decide); refused
         // here too, since without an app no trust can be checked.
-        return Err(ApiError::Forbidden(super::access::Denied::Workflow.to_string()));
+        let denied = if claims.is_pull_request_target() {
+            super::access::Denied::ForkPreview
+        } else {
+            super::access::Denied::Workflow
+        };
+        return Err(ApiError::Forbidden(denied.to_string()));
     }
     // An app that does not exist trusts nothing: the same answer as an app
     // without a policy, so a token cannot probe which apps exist.
     let row = state.db.app(app).await?;
-    let link = row.as_ref().and_then(|r| r.settings.github.as_ref());
-    crate::github::oidc::trusts(app, link, &claims).map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    let admitted = crate::github::oidc::trusts(app, row.as_ref().map(|r| &r.settings.0), &claims)
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
     let Some(row) = row else { return Err(ApiError::internal(anyhow::anyhow!("a trusted app {app} has no row"))) };
-    Ok(Signer {
-        secret: token.to_owned(),
-        role: Role::Workflow { app_id: row.id, app: row.name },
-        github: Some(claims),
-    })
+    Ok(Signer { secret: token.to_owned(), role: role_of(admitted, row.id, &row.name), github: Some(claims) })
+}
+
+/// The role a token an app admitted gets.
+fn role_of(admitted: Admission, app_id: i64, app: &str) -> Role {
+    match admitted {
+        Admission::Workflow => Role::Workflow { app_id, app: app.to_owned() },
+        Admission::ForkPreview => Role::ForkPreview { app_id, app: app.to_owned() },
+    }
 }
 
 /// A JSON body whose sha256 matches the signed digest.

@@ -9,9 +9,11 @@ use nx_protocol::api::{DeploymentInfo, Promotion, PushMeta};
 use nx_protocol::names::DeploymentId;
 use nx_runtime::LogLimits;
 
+use super::access::Role;
 use super::auth::{AppScope, Caller};
 use super::error::ApiError;
 use super::AppState;
+use crate::deploy::link::ForkPushRefused;
 use crate::deploy::DeployError;
 
 /// Most arguments a push may carry, and their total size.
@@ -28,6 +30,7 @@ impl From<DeployError> for ApiError {
             // does not clear it: 409, not 429 (which clients retry later).
             DeployError::NotHealthy { .. }
             | DeployError::IsProduction { .. }
+            | DeployError::ForkPreview { .. }
             | DeployError::TooManyRunning { .. }
             | DeployError::TooManyPreviewDatabases { .. } => ApiError::Conflict(e.to_string()),
             DeployError::TooManyVariables { .. } => ApiError::TooLarge(e.to_string()),
@@ -84,19 +87,27 @@ pub async fn push(
         )));
     }
     let mut meta = parse_meta(&caller)?;
-    match &caller.github {
+    match (&caller.github, &caller.role) {
+        // A fork's code may have asked for the token: only the labeled commit.
+        (Some(proved), Role::ForkPreview { .. }) => {
+            crate::deploy::link::bind_fork(&state.db, &app, &mut meta, proved).await.map_err(|e| match e {
+                ForkPushRefused::Db(e) => ApiError::from(e),
+                refused => ApiError::Forbidden(refused.to_string()),
+            })?
+        }
         // What the OIDC token proved replaces what the push says.
-        Some(proved) => crate::deploy::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
-        None => crate::deploy::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
+        (Some(proved), _) => crate::deploy::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
+        (None, _) => crate::deploy::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
     }
     crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
     // Before the binary is read: a push the app has no room for costs no upload.
-    state.deployer.check_room(&app, &meta).await?;
+    state.deployer.check_room(&app, &meta, caller.github.as_ref()).await?;
 
     let upload =
         state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
     caller.still_valid(&state).await?;
-    let info = state.deployer.push(&app, upload, &meta, caller.github.as_ref(), &caller.actor()).await?;
+    let info =
+        state.deployer.push(&app, upload, &meta, caller.github.as_ref(), caller.is_admin(), &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -31,13 +31,18 @@ pub async fn list(
     Query(q): Query<EventQuery>,
 ) -> Result<Json<Vec<EventInfo>>, ApiError> {
     let app = match (&caller.role, q.app) {
-        (Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. }, Some(asked)) if asked != *own => {
+        (
+            Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } | Role::ForkPreview { app: own, .. },
+            Some(asked),
+        ) if asked != *own => {
             return Err(ApiError::Forbidden(format!(
                 "the key {} belongs to app '{own}' and reads that app's events alone",
                 caller.key_id
             )))
         }
-        (Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. }, _) => Some(own.clone()),
+        (Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } | Role::ForkPreview { app: own, .. }, _) => {
+            Some(own.clone())
+        }
         (Role::Admin | Role::ReadOnly, asked) => asked,
     };
     let since = match q.since.as_deref() {

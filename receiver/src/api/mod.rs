@@ -48,6 +48,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// GitHub's webhooks, when a webhook secret is configured.
     pub github: Option<crate::github::webhook::Webhooks>,
+    /// Asks GitHub about repositories, when a token or a GitHub App is configured.
+    pub github_client: Option<Arc<crate::github::client::Client>>,
     /// Verifies the GitHub Actions OIDC tokens workflows push with.
     pub oidc: Arc<crate::github::oidc::Verifier>,
 }
@@ -94,7 +96,7 @@ signed_routes! {
     POST "/v1/apps/{app}/rollback" Deploy => lifecycle::rollback,
     POST "/v1/apps/{app}/pulls/{pr}/close" Deploy => lifecycle::close_pull,
     GET "/v1/apps/{app}/deployments" ReadApp => deployments::list,
-    POST "/v1/apps/{app}/deployments" Deploy => deployments::push,
+    POST "/v1/apps/{app}/deployments" Push => deployments::push,
     GET "/v1/apps/{app}/deployments/{id}" ReadApp => deployments::show,
     POST "/v1/apps/{app}/deployments/{id}/promote" Deploy => deployments::promote,
     GET "/v1/apps/{app}/deployments/{id}/logs" ReadApp => deployments::logs,

@@ -17,7 +17,7 @@ pub async fn status(
     let only = match caller.role {
         // A workflow never gets here (decide refuses it Status); were it let
         // through, it would see its own app alone.
-        Role::Deploy { app_id, .. } | Role::Workflow { app_id, .. } => Some(app_id),
+        Role::Deploy { app_id, .. } | Role::Workflow { app_id, .. } | Role::ForkPreview { app_id, .. } => Some(app_id),
         Role::Admin | Role::ReadOnly => None,
     };
     let (apps, states) = state.db.counts(only).await?;

@@ -44,6 +44,13 @@ impl DeploymentRow {
     pub fn state(&self) -> DeploymentState {
         DeploymentState::parse(&self.state).unwrap_or(DeploymentState::Failed)
     }
+
+    /// Whether a `pull_request_target` run's token pushed it: a preview of a
+    /// fork's code, which gets none of the app's variables, data or database
+    /// and never becomes production.
+    pub fn is_fork_preview(&self) -> bool {
+        self.github.as_ref().is_some_and(|g| g.is_pull_request_target())
+    }
 }
 
 /// A new deployment to record.

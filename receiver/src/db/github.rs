@@ -1,9 +1,19 @@
 //! The metadata of the GitHub integration: installations, webhook
-//! deliveries, and what was reported where.
+//! deliveries, what was reported where, and the labels that opt forks'
+//! pull requests in.
 
 use sqlx::types::Json;
 
 use super::{AppRow, Db};
+
+/// A label that opts a fork's pull request in, or was refused.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ForkLabel {
+    pub labeled_by: String,
+    /// What GitHub said `labeled_by` may do on the repository.
+    pub permission: String,
+    pub allowed: bool,
+}
 
 /// What was reported about one deployment.
 #[derive(Debug, Clone, Default, sqlx::FromRow)]
@@ -188,10 +198,64 @@ impl Db {
             .map(|_| ())
     }
 
+    /// Records that `by`, who has `permission` on the repository, labeled
+    /// head commit `head_sha` of pull request `pr` for a fork preview of
+    /// `app_id`; `allowed` says whether that opts it in. A later label of the
+    /// same commit replaces it.
+    pub async fn record_fork_label(
+        &self,
+        app_id: i64,
+        pr: i64,
+        head_sha: &str,
+        by: &str,
+        permission: &str,
+        allowed: bool,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO fork_preview_labels (app_id, pr_number, head_sha, labeled_by, permission, allowed) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (app_id, pr_number, head_sha) DO UPDATE \
+             SET labeled_by = $4, permission = $5, allowed = $6, labeled_at = now()",
+        )
+        .bind(app_id)
+        .bind(pr)
+        .bind(head_sha.to_ascii_lowercase())
+        .bind(by)
+        .bind(permission)
+        .bind(allowed)
+        .execute(self.pool())
+        .await
+        .map(|_| ())
+    }
+
+    /// The label of head commit `head_sha` of pull request `pr`, if any.
+    pub async fn fork_label(&self, app_id: i64, pr: i64, head_sha: &str) -> Result<Option<ForkLabel>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT labeled_by, permission, allowed FROM fork_preview_labels \
+             WHERE app_id = $1 AND pr_number = $2 AND head_sha = $3",
+        )
+        .bind(app_id)
+        .bind(pr)
+        .bind(head_sha.to_ascii_lowercase())
+        .fetch_optional(self.pool())
+        .await
+    }
+
+    /// Withdraws every label of pull request `pr`; how many there were.
+    pub async fn withdraw_fork_labels(&self, app_id: i64, pr: i64) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query("DELETE FROM fork_preview_labels WHERE app_id = $1 AND pr_number = $2")
+            .bind(app_id)
+            .bind(pr)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     /// The newest healthy deployment of `app` built from commit `sha`.
     pub async fn newest_healthy_of_commit(&self, app_id: i64, sha: &str) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar(
-            "SELECT id FROM deployments WHERE app_id = $1 AND git_sha = $2 AND state = 'healthy' ORDER BY created_at DESC LIMIT 1",
+            // A fork's preview never becomes production (see Deployer::promote).
+            "SELECT id FROM deployments WHERE app_id = $1 AND git_sha = $2 AND state = 'healthy' \
+             AND COALESCE(github ->> 'event_name', '') <> 'pull_request_target' ORDER BY created_at DESC LIMIT 1",
         )
         .bind(app_id)
         .bind(sha)

@@ -16,7 +16,7 @@ pub use apps::{AppRow, EnvTotals};
 pub use artifacts::ArtifactRow;
 pub use backups::BackupRow;
 pub use deployments::{DeploymentRow, Held, NewDeployment, Occupancy, PromoteOutcome};
-pub use github::ReportRow;
+pub use github::{ForkLabel, ReportRow};
 pub use keys::{KeyListing, KeyRow};
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};
 

@@ -5,8 +5,9 @@
 //! token pins the repository's id and its owner's id and follows a rename.
 //! The platform reports to that repository with its own GitHub identity, so
 //! a deploy key, which anyone with the repository's secrets holds, must not
-//! choose it. A push from another repository is refused until the link is
-//! changed.
+//! choose it: what a deploy key's push says of its repository can only match
+//! the link, never set it or its id. A push from another repository is
+//! refused until the link is changed.
 
 use nx_protocol::api::{GitHubLink, PushMeta, VerifiedGitHub};
 
@@ -54,16 +55,90 @@ pub fn bind(meta: &mut PushMeta, proved: &VerifiedGitHub) -> Result<(), String> 
     }
 }
 
+/// Why a fork preview's push (a `pull_request_target` run's token) was
+/// refused; the text is the 403 answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkPushRefused {
+    #[error(
+        "a pull_request_target run's OIDC token pushes only a preview of a fork's pull request, and this push names \
+         no pull request; production is deployed by runs of the production branch"
+    )]
+    NoPullRequest,
+    #[error(
+        "a pull_request_target run's OIDC token pushes only the labeled head commit of a fork's pull request, and \
+         this push for #{pr} names no commit (a 40-digit sha)"
+    )]
+    NoCommit { pr: u64 },
+    #[error(
+        "pull request #{pr} at commit {sha} is not labeled {label:?} for a preview of app {app}: someone with write \
+         access to the repository adds that label once they have read the commit; a commit pushed after the label \
+         needs it again (remove it and add it), and a label added seconds ago may not have reached the receiver yet \
+         (re-run the job)"
+    )]
+    NotLabeled { app: String, pr: u64, sha: String, label: String },
+    #[error(
+        "the label {label:?} on commit {sha} of pull request #{pr} was added by @{by}, who has {permission} \
+         permission on {repository}: only a label from someone with write, maintain or admin permission opts a \
+         fork's pull request in"
+    )]
+    LabeledBy { pr: u64, sha: String, label: String, by: String, permission: String, repository: String },
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Makes a fork preview's push (proved by a `pull_request_target` run's
+/// token, whose claims name the base branch, not the pull request) what it
+/// may be: a preview of the pull request and head commit it names, which
+/// someone with write access labeled for this app. Its repository is the
+/// token's.
+pub async fn bind_fork(
+    db: &Db,
+    app: &AppRow,
+    meta: &mut PushMeta,
+    proved: &VerifiedGitHub,
+) -> Result<(), ForkPushRefused> {
+    let pr = meta.pr.ok_or(ForkPushRefused::NoPullRequest)?;
+    let sha = meta
+        .git_sha
+        .clone()
+        .filter(|s| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or(ForkPushRefused::NoCommit { pr })?
+        .to_ascii_lowercase();
+    let label = app.settings.fork_label().to_owned();
+    let pr_number = i64::try_from(pr).map_err(|_| ForkPushRefused::NoPullRequest)?;
+    match db.fork_label(app.id, pr_number, &sha).await? {
+        None => return Err(ForkPushRefused::NotLabeled { app: app.name.clone(), pr, sha, label }),
+        Some(l) if !l.allowed => {
+            return Err(ForkPushRefused::LabeledBy {
+                pr,
+                sha,
+                label,
+                by: l.labeled_by,
+                permission: l.permission,
+                repository: proved.repository.clone(),
+            })
+        }
+        Some(_) => {}
+    }
+    meta.git_sha = Some(sha);
+    meta.repository = Some(proved.repository.clone());
+    meta.repository_id = Some(proved.repository_id);
+    Ok(())
+}
+
 /// Checks the push's repository against the app's link. A push proved by an
 /// OIDC token (`proved`) pins the link's ids and takes the repository's
-/// current name. Any other push may link an unlinked app (the admin's; see
-/// [`may_link`]), or learn the id of a link made by name unless the app
-/// trusts workflows: there only a proved push sets what the trust compares.
+/// current name. The admin's push (`caller_may_link`) may link an unlinked
+/// app, or learn the id of a link made by name unless the app trusts
+/// workflows: there only a proved push sets what the trust compares. What
+/// any other push says (a deploy key's, an upload's) is a claim: it must
+/// match the link, and sets nothing.
 pub async fn check_push(
     db: &Db,
     app: &AppRow,
     meta: &PushMeta,
     proved: Option<&VerifiedGitHub>,
+    caller_may_link: bool,
     actor: &str,
 ) -> Result<(), DeployError> {
     if let Some(proved) = proved {
@@ -83,14 +158,19 @@ pub async fn check_push(
     }
     let (Some(name), Some(id)) = (&meta.repository, meta.repository_id) else { return Ok(()) };
     let learned = match &app.settings.github {
-        None => GitHubLink { repository: name.clone(), id: Some(id), owner_id: None, trust: None },
+        None if caller_may_link => GitHubLink { repository: name.clone(), id: Some(id), owner_id: None, trust: None },
+        // An upload's claim (a deploy key's is refused by `may_link` first).
+        None => return Ok(()),
         Some(GitHubLink { id: Some(linked), .. }) if *linked == id => return Ok(()),
-        Some(GitHubLink { repository, id: None, trust: Some(_), .. }) if repository.eq_ignore_ascii_case(name) => {
-            return Ok(())
-        }
-        Some(link @ GitHubLink { repository, id: None, .. }) if repository.eq_ignore_ascii_case(name) => {
+        Some(link @ GitHubLink { repository, id: None, trust: None, .. })
+            if caller_may_link && repository.eq_ignore_ascii_case(name) =>
+        {
             GitHubLink { id: Some(id), ..link.clone() }
         }
+        // Its name matches, and its id is not known: the push deploys, but
+        // its claim neither sets the id nor makes the platform report there
+        // (reports go to a link's id; see github::report).
+        Some(GitHubLink { repository, id: None, .. }) if repository.eq_ignore_ascii_case(name) => return Ok(()),
         Some(GitHubLink { repository, .. }) => {
             return Err(DeployError::Invalid(format!(
                 "app {} is linked to the GitHub repository {repository}, but this push comes from {name}; \

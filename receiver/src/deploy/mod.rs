@@ -67,6 +67,11 @@ pub enum DeployError {
     Database(#[from] DatabaseError),
     #[error("deployment {id} is the production of {app}; promote another deployment before stopping it")]
     IsProduction { app: String, id: String },
+    #[error(
+        "deployment {id} is a preview of pull request #{pr} from a fork, pushed by a pull_request_target run: it \
+         never becomes production; once the pull request is merged, a push of the production branch deploys it"
+    )]
+    ForkPreview { id: String, pr: i64 },
     #[error(transparent)]
     Cgroup(#[from] nx_runtime::cgroup::CgroupError),
     /// The caller asked for something that cannot be done; the message says
@@ -95,6 +100,20 @@ pub enum DeployError {
         MAX_ENV_BYTES
     )]
     TooManyVariables { what: String, names: usize, bytes: usize, fix: String },
+}
+
+/// Whether a push gets a database of its own, and which: a pull request's
+/// preview when the app asks for one (`empty` or a `copy` of production's);
+/// a fork's preview always, and always empty, since a fork's code must reach
+/// neither production's database nor a copy of its data.
+fn own_database(app: &AppRow, meta: &PushMeta, proved: Option<&VerifiedGitHub>) -> Option<PreviewDb> {
+    let fork = proved.is_some_and(VerifiedGitHub::is_pull_request_target);
+    match (meta.pr, app.settings.preview_db) {
+        (None, _) => None,
+        (Some(_), _) if fork => Some(PreviewDb::Empty),
+        (Some(_), PreviewDb::Shared) => None,
+        (Some(_), mode) => Some(mode),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
@@ -230,6 +249,7 @@ impl Deployer {
         upload: nx_store::Upload,
         meta: &PushMeta,
         proved: Option<&VerifiedGitHub>,
+        caller_may_link: bool,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         // Mapped, not read: a binary of up to --max-upload bytes per upload
@@ -262,22 +282,25 @@ impl Deployer {
             return Err(DeployError::WillNotRun(reason));
         }
         let artifact = crate::artifacts::register(&self.services.db, &self.services.store, upload, &report).await?;
-        self.deploy(app, &artifact, meta, proved, actor).await
+        self.deploy(app, &artifact, meta, proved, caller_may_link, actor).await
     }
 
     /// Records a deployment of `artifact` to `app`, starts it, and returns once
-    /// it is healthy or has failed.
+    /// it is healthy or has failed. `proved`: what a GitHub OIDC token proved
+    /// about the push; `caller_may_link`: the admin's push, whose repository
+    /// may link the app (see [`link::check_push`]).
     pub async fn deploy(
         &self,
         app: &AppRow,
         artifact: &ArtifactRow,
         meta: &PushMeta,
         proved: Option<&VerifiedGitHub>,
+        caller_may_link: bool,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
         validate_env(&meta.env)?;
         quotas::check_push_env(&meta.env)?;
-        link::check_push(&self.services.db, app, meta, proved, actor).await?;
+        link::check_push(&self.services.db, app, meta, proved, caller_may_link, actor).await?;
         if let Some(push_id) = &meta.push_id {
             if !nx_protocol::auth::is_valid_nonce(push_id) {
                 return Err(DeployError::Invalid("push_id must be 16 to 64 characters of A-Z a-z 0-9 - _".into()));
@@ -294,11 +317,10 @@ impl Deployer {
             Some(self.services.master.seal(&json))
         };
         let id = new_id();
-        // A pull request's preview gets a database of its own when the app
-        // asks for one; its name is reserved with the row, so it counts
-        // against the app's cap before it exists.
-        let preview_db = (meta.pr.is_some() && app.settings.preview_db != PreviewDb::Shared)
-            .then(|| crate::databases::preview_database_name(&app.db_name, &id));
+        // Its name is reserved with the row, so it counts against the app's
+        // cap before it exists.
+        let own_db = own_database(app, meta, proved);
+        let preview_db = own_db.map(|_| crate::databases::preview_database_name(&app.db_name, &id));
         let recorded = self
             .record(
                 NewDeployment {
@@ -343,8 +365,8 @@ impl Deployer {
                 serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
             )
             .await?;
-        if let Some(name) = &preview_db {
-            if let Err(e) = self.attach_preview_db(app, &id, name).await {
+        if let (Some(name), Some(mode)) = (&preview_db, own_db) {
+            if let Err(e) = self.attach_preview_db(app, &id, name, mode).await {
                 // Whatever stands under that name now is not this preview's.
                 self.services.db.set_preview_db(&id, None).await?;
                 let reason = format!("cannot make the preview's own database: {e}");
@@ -380,7 +402,12 @@ impl Deployer {
 
     /// Refuses early, before its binary is received, a push its app has no
     /// room for; [`Deployer::deploy`] checks again when it records it.
-    pub async fn check_room(&self, app: &AppRow, meta: &PushMeta) -> Result<(), DeployError> {
+    pub async fn check_room(
+        &self,
+        app: &AppRow,
+        meta: &PushMeta,
+        proved: Option<&VerifiedGitHub>,
+    ) -> Result<(), DeployError> {
         quotas::check_push_env(&meta.env)?;
         // A retry of a push already recorded takes no new place: it gets
         // the deployment its first attempt made.
@@ -389,19 +416,18 @@ impl Deployer {
                 return Ok(());
             }
         }
-        let database = meta.pr.is_some() && app.settings.preview_db != PreviewDb::Shared;
+        let database = own_database(app, meta, proved).is_some();
         let held = self.services.db.occupancy(app.id).await?;
         quotas::admit(&app.name, self.caps(), &held, Claim::Push { database })
     }
 
     /// Makes the database `name` reserved for preview `id` (`empty` or a
-    /// `copy` of production's, as the app asks).
-    async fn attach_preview_db(&self, app: &AppRow, id: &str, name: &str) -> Result<(), DeployError> {
-        let copy = app.settings.preview_db == PreviewDb::Copy;
-        let p = self.services.databases.create_preview(app, name, copy).await?;
+    /// `copy` of production's).
+    async fn attach_preview_db(&self, app: &AppRow, id: &str, name: &str, mode: PreviewDb) -> Result<(), DeployError> {
+        let p = self.services.databases.create_preview(app, name, mode == PreviewDb::Copy).await?;
         let sealed = self.services.master.seal_str(&p.password);
         self.services.db.set_preview_db(id, Some((&p.name, &sealed))).await?;
-        tracing::info!(deployment = id, database = %p.name, mode = ?app.settings.preview_db, "preview database made");
+        tracing::info!(deployment = id, database = %p.name, ?mode, "preview database made");
         Ok(())
     }
 
@@ -500,6 +526,11 @@ impl Deployer {
     /// previous production keeps running for a rollback.
     pub async fn promote(&self, app: &AppRow, id: &str, actor: &str) -> Result<Option<String>, DeployError> {
         let row = self.row(id).await?;
+        // Whoever asks (the admin, a button, a merge): a fork's code ran in
+        // the job that built it, with its own database and no secrets.
+        if row.is_fork_preview() {
+            return Err(DeployError::ForkPreview { id: id.to_owned(), pr: row.pr_number.unwrap_or_default() });
+        }
         let preview_db = row.db_name.clone();
         if let Some(db) = &preview_db {
             // Production uses the app's database: the preview is restarted on

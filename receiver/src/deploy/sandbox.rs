@@ -140,9 +140,21 @@ impl Deployer {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(&dir))?;
         }
         let limits = self.services.config.limits_for(&app.settings.limits);
-        let data_limit = self.services.volumes.ensure(&app_dir, uid, limits.data_bytes.unwrap_or(0)).await?;
-        std::os::unix::fs::chown(&data_dir, Some(uid), Some(uid)).map_err(io_err(&data_dir))?;
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+        // A fork's code gets none of the app's data: an empty /data it
+        // cannot write to (made below), and none of its variables.
+        let fork = row.is_fork_preview();
+        let data_limit = if fork {
+            nx_protocol::api::Enforcement::enforced(
+                "data",
+                "none".into(),
+                "an empty read-only /data (a fork's preview)",
+            )
+        } else {
+            let limit = self.services.volumes.ensure(&app_dir, uid, limits.data_bytes.unwrap_or(0)).await?;
+            std::os::unix::fs::chown(&data_dir, Some(uid), Some(uid)).map_err(io_err(&data_dir))?;
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+            limit
+        };
         let group = self.services.config.cgroup_group();
         let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
         enforced.report.push(data_limit);
@@ -157,6 +169,14 @@ impl Deployer {
         group_only_dir(&run, uid)?;
         let binary = run.join("binary");
         link_or_copy(&stored, &binary)?;
+        let data_dir = if fork {
+            let empty = run.join("data");
+            std::fs::create_dir_all(&empty).map_err(io_err(&empty))?;
+            std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o555)).map_err(io_err(&empty))?;
+            empty
+        } else {
+            data_dir
+        };
         let etc = run.join("etc");
         std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
         let files = [
@@ -212,10 +232,17 @@ impl Deployer {
                     "its own database {name} was never made; push again to get a preview that has one"
                 )))
             }
+            (None, _) if fork => {
+                return Err(DeployError::Invalid(
+                    "a fork's preview runs on a database of its own, and it has none; push again".into(),
+                ))
+            }
             (None, _) => env.extend(app_database_env(&self.services.endpoint, &app.db_role, &app.db_name, &password)),
         }
-        // The app's variables, then the push's own over them.
-        for (k, sealed) in self.services.db.env_sealed(app.id).await? {
+        // The app's variables (none for a fork's code: they are the app's
+        // secrets), then the push's own over them.
+        let app_env = if fork { Vec::new() } else { self.services.db.env_sealed(app.id).await? };
+        for (k, sealed) in app_env {
             let v = self
                 .services
                 .master

@@ -143,6 +143,20 @@ impl Client {
         self.installations.lock().await.remove(&owner.to_lowercase());
     }
 
+    /// The numeric ids of `repository` (`owner/name`) and of its owner, and
+    /// its name as GitHub writes it (`GET /repos/{owner}/{name}`): what the
+    /// admin's link by name is identified by. `None` when GitHub does not show
+    /// the repository to the receiver or cannot be asked (logged).
+    pub async fn repository_ids(&self, repository: &str) -> Option<(u64, u64, String)> {
+        match self.call(repository, Method::Get, &format!("/repos/{repository}"), None).await {
+            Ok(v) => Some((v["id"].as_u64()?, v["owner"]["id"].as_u64()?, v["full_name"].as_str()?.to_owned())),
+            Err(e) => {
+                tracing::warn!(repository, error = %e, "cannot ask GitHub for the repository's id; linked by name");
+                None
+            }
+        }
+    }
+
     /// One API call on behalf of `repository`, retried with backoff while
     /// the failure is transient.
     pub async fn call(

@@ -9,7 +9,9 @@
 //! `iss`, `aud`, `exp`, `nbf` and `iat` with [`SKEW_SECS`] of tolerance.
 //! [`trusts`] then says whether the app the request names trusts what the
 //! token proves: the repository (by id once known, and its owner's id), the
-//! ref, the workflow and the event. Every refusal says exactly what was wrong.
+//! ref, the workflow and the event; a `pull_request_target` run's token only
+//! where the app previews forks' pull requests by label, and then only as a
+//! [`Admission::ForkPreview`]. Every refusal says exactly what was wrong.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use nx_protocol::api::{GitHubLink, VerifiedGitHub};
+use nx_protocol::api::{AppSettings, ForkPreviews, VerifiedGitHub};
 use serde::Deserialize;
 
 /// Tolerance on `exp`, `nbf` and `iat` for clocks that disagree a little.
@@ -83,8 +85,9 @@ pub enum Untrusted {
     #[error("the workflow {workflow} is not trusted for app {app}: it trusts {trusted}")]
     Workflow { app: String, workflow: String, trusted: String },
     #[error(
-        "tokens of pull_request_target runs are never trusted: they run with the base repository's rights on \
-         code a pull request may have written; deploy from push, pull_request or workflow_dispatch runs"
+        "tokens of pull_request_target runs are never trusted as workflows: they run with the base repository's \
+         rights on code a pull request may have written; deploy from push, pull_request or workflow_dispatch runs, \
+         or let the app preview forks' pull requests a maintainer labels (`[preview] forks = \"label\"`)"
     )]
     PullRequestTarget,
 }
@@ -283,8 +286,21 @@ fn header(token: &str) -> Result<(String, Option<String>), OidcError> {
     Ok((h.alg, h.kid))
 }
 
-/// Whether the app `app`, linked by `link`, takes a push proved by `claims`.
-pub fn trusts(app: &str, link: Option<&GitHubLink>, claims: &VerifiedGitHub) -> Result<(), Untrusted> {
+/// What a token an app takes may do there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A run of a trusted workflow: a push of the action (`Role::Workflow`).
+    Workflow,
+    /// A `pull_request_target` run of a trusted workflow, for an app whose
+    /// forks' pull requests may be previewed by label: a preview of a labeled
+    /// commit and nothing else (`Role::ForkPreview`).
+    ForkPreview,
+}
+
+/// Whether the app `app`, with `settings` (`None`: no such app), takes a
+/// push proved by `claims`, and as what.
+pub fn trusts(app: &str, settings: Option<&AppSettings>, claims: &VerifiedGitHub) -> Result<Admission, Untrusted> {
+    let link = settings.and_then(|s| s.github.as_ref());
     let (Some(link), Some(trust)) = (link, link.and_then(|l| l.trust.as_ref())) else {
         return Err(Untrusted::NoPolicy { app: app.to_owned() });
     };
@@ -314,9 +330,14 @@ pub fn trusts(app: &str, link: Option<&GitHubLink>, claims: &VerifiedGitHub) -> 
             trusted: owner,
         });
     }
-    if claims.event_name == "pull_request_target" {
-        return Err(Untrusted::PullRequestTarget);
-    }
+    // Such a run may execute a fork's code with the repository's rights, and
+    // any of its steps can ask for a token: only a preview of the commit a
+    // maintainer labeled, and only where the app asks for those.
+    let admission = match settings.map(|s| s.preview_forks) {
+        _ if !claims.is_pull_request_target() => Admission::Workflow,
+        Some(ForkPreviews::Label) => Admission::ForkPreview,
+        _ => return Err(Untrusted::PullRequestTarget),
+    };
     if !trust.ref_matches(&claims.git_ref) {
         return Err(Untrusted::Ref {
             app: app.to_owned(),
@@ -334,7 +355,7 @@ pub fn trusts(app: &str, link: Option<&GitHubLink>, claims: &VerifiedGitHub) -> 
             });
         }
     }
-    Ok(())
+    Ok(admission)
 }
 
 /// `.github/workflows/deploy.yml` of `owner/repo/.github/workflows/deploy.yml@refs/heads/main`,
@@ -349,7 +370,7 @@ fn workflow_path<'a>(workflow_ref: &'a str, repository: &str) -> Option<&'a str>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nx_protocol::api::WorkflowTrust;
+    use nx_protocol::api::{GitHubLink, WorkflowTrust};
 
     fn claims() -> VerifiedGitHub {
         VerifiedGitHub {
@@ -364,14 +385,18 @@ mod tests {
         }
     }
 
-    fn link(id: Option<u64>, trust: WorkflowTrust) -> GitHubLink {
-        GitHubLink { repository: "acme/web".into(), id, owner_id: id.map(|_| 7), trust: Some(trust) }
+    fn link(id: Option<u64>, trust: WorkflowTrust) -> AppSettings {
+        let github = GitHubLink { repository: "acme/web".into(), id, owner_id: id.map(|_| 7), trust: Some(trust) };
+        AppSettings { github: Some(github), ..AppSettings::default() }
     }
 
     #[test]
     fn a_link_without_trust_takes_no_token() {
-        let plain = GitHubLink { repository: "acme/web".into(), id: Some(42), owner_id: None, trust: None };
-        for l in [None, Some(&plain)] {
+        let plain = AppSettings {
+            github: Some(GitHubLink { repository: "acme/web".into(), id: Some(42), owner_id: None, trust: None }),
+            ..AppSettings::default()
+        };
+        for l in [None, Some(&AppSettings::default()), Some(&plain)] {
             assert_eq!(trusts("web", l, &claims()), Err(Untrusted::NoPolicy { app: "web".into() }));
         }
     }
@@ -379,9 +404,9 @@ mod tests {
     #[test]
     fn the_repository_is_its_id_once_known_and_its_name_before() {
         let trust = WorkflowTrust::default();
-        assert_eq!(trusts("web", Some(&link(None, trust.clone())), &claims()), Ok(()));
+        assert_eq!(trusts("web", Some(&link(None, trust.clone())), &claims()), Ok(Admission::Workflow));
         let renamed = VerifiedGitHub { repository: "acme/site".into(), ..claims() };
-        assert_eq!(trusts("web", Some(&link(Some(42), trust.clone())), &renamed), Ok(()));
+        assert_eq!(trusts("web", Some(&link(Some(42), trust.clone())), &renamed), Ok(Admission::Workflow));
         let impostor = VerifiedGitHub { repository_id: 43, ..claims() };
         assert_eq!(
             trusts("web", Some(&link(Some(42), trust.clone())), &impostor),
@@ -403,7 +428,7 @@ mod tests {
             ref_pattern: Some("refs/heads/*".into()),
         };
         let l = link(Some(42), trust);
-        assert_eq!(trusts("web", Some(&l), &claims()), Ok(()));
+        assert_eq!(trusts("web", Some(&l), &claims()), Ok(Admission::Workflow));
         let tag = VerifiedGitHub { git_ref: "refs/tags/v1".into(), ..claims() };
         assert!(matches!(trusts("web", Some(&l), &tag), Err(Untrusted::Ref { .. })));
         let other =
@@ -414,6 +439,23 @@ mod tests {
         assert!(matches!(trusts("web", Some(&l), &reusable), Err(Untrusted::Workflow { .. })));
         let target = VerifiedGitHub { event_name: "pull_request_target".into(), ..claims() };
         assert_eq!(trusts("web", Some(&l), &target), Err(Untrusted::PullRequestTarget));
+    }
+
+    #[test]
+    fn pull_request_target_runs_only_preview_forks_where_the_app_asks_for_it() {
+        let trust = WorkflowTrust { workflow: Some(".github/workflows/deploy.yml".into()), ref_pattern: None };
+        let labeled = AppSettings { preview_forks: ForkPreviews::Label, ..link(Some(42), trust) };
+        let target = VerifiedGitHub { event_name: "pull_request_target".into(), ..claims() };
+        assert_eq!(trusts("web", Some(&labeled), &target), Ok(Admission::ForkPreview));
+        assert_eq!(trusts("web", Some(&labeled), &claims()), Ok(Admission::Workflow), "other events as before");
+        // The rest of the trust still holds for it.
+        let other = VerifiedGitHub {
+            workflow_ref: "acme/web/.github/workflows/labeler.yml@refs/heads/main".into(),
+            ..target.clone()
+        };
+        assert!(matches!(trusts("web", Some(&labeled), &other), Err(Untrusted::Workflow { .. })));
+        let impostor = VerifiedGitHub { repository_id: 43, ..target };
+        assert!(matches!(trusts("web", Some(&labeled), &impostor), Err(Untrusted::Repository { .. })));
     }
 
     #[test]

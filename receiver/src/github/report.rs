@@ -233,7 +233,8 @@ impl Sender {
     ) {
         let ok = row.state() == DeploymentState::Healthy;
         let mut actions = Vec::new();
-        if ok && !row.is_production {
+        // A fork's preview is never promoted (Deployer::promote): no button.
+        if ok && !row.is_production && !row.is_fork_preview() {
             actions.push(json!({ "label": "Promote", "identifier": "promote", "description": "Make this deployment production" }));
         }
         // Only production's own check run offers the way back.

@@ -16,6 +16,11 @@
 //! - `pull_request_review` submitted and approved, and the app promotes on
 //!   approval → the previewed commit's deployment, if the approval counts
 //!   ([`super::approval`]); otherwise the check run says why not;
+//! - `pull_request` labeled with an app's fork label (`[preview] forks =
+//!   "label"`): the head commit may be previewed by a `pull_request_target`
+//!   run if whoever labeled it may write to the repository (asked as for
+//!   approvals); otherwise the refusal is kept, for the push to say why;
+//!   unlabeled: withdrawn, and the pull request's previews stop;
 //! - `installation` created / deleted: remembered / forgotten;
 //! - `ping`: answered; anything else: acknowledged and ignored.
 //!
@@ -27,7 +32,7 @@
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
-use nx_protocol::api::PromoteOn;
+use nx_protocol::api::{ForkPreviews, PromoteOn};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::{mpsc, watch};
@@ -120,6 +125,17 @@ pub enum Work {
         review: Review,
         submitted_at: String,
     },
+    /// A label added to (`added`) or removed from a pull request.
+    PullRequestLabel {
+        repository_id: i64,
+        pr: i64,
+        head_sha: String,
+        label: String,
+        added: bool,
+        /// The pull request's `updated_at`, which every label change moves on.
+        updated_at: String,
+        by: String,
+    },
     InstallationCreated {
         id: i64,
         account: String,
@@ -145,6 +161,12 @@ impl Work {
                 format!("check_run:{repository_id}:{check_run}:{deployment}:{action}:{head_sha}:{completed_at}:{by}"),
             ),
             Work::ReviewApproved { repository_id, review, .. } => Some(format!("review:{repository_id}:{}", review.id)),
+            // A replayed label must not opt a pull request in again after
+            // its label was removed.
+            Work::PullRequestLabel { repository_id, pr, head_sha, label, added, updated_at, by } => Some(format!(
+                "pull_request:{repository_id}:{pr}:{}:{label}:{head_sha}:{updated_at}:{by}",
+                if *added { "labeled" } else { "unlabeled" }
+            )),
             Work::InstallationCreated { .. } | Work::InstallationDeleted { .. } => None,
         }
     }
@@ -154,6 +176,7 @@ impl Work {
         let at = match self {
             Work::PullRequestClosed { closed_at, .. } => closed_at,
             Work::ReviewApproved { submitted_at, .. } => submitted_at,
+            Work::PullRequestLabel { updated_at, .. } => updated_at,
             // A click carries no time of its own; the check run it is on was
             // last completed before it, and every update moves that on.
             Work::CheckRunAction { completed_at, .. } => completed_at,
@@ -177,6 +200,15 @@ pub fn parse(event: &str, payload: &Value) -> Option<Work> {
             merged: payload["pull_request"]["merged"].as_bool().unwrap_or(false),
             head_sha: payload["pull_request"]["head"]["sha"].as_str()?.to_owned(),
             closed_at: text(&payload["pull_request"]["closed_at"]),
+            by,
+        }),
+        ("pull_request", "labeled" | "unlabeled") => Some(Work::PullRequestLabel {
+            repository_id: repository_id?,
+            pr: payload["pull_request"]["number"].as_i64().or_else(|| payload["number"].as_i64())?,
+            head_sha: payload["pull_request"]["head"]["sha"].as_str()?.to_owned(),
+            label: payload["label"]["name"].as_str()?.to_owned(),
+            added: action == "labeled",
+            updated_at: text(&payload["pull_request"]["updated_at"]),
             by,
         }),
         ("check_run", "requested_action") => Some(Work::CheckRunAction {
@@ -323,6 +355,13 @@ impl Worker {
                 };
                 self.button(&app, deployment, action, by).await?;
             }
+            Work::PullRequestLabel { repository_id, pr, head_sha, label, added, by, .. } => {
+                for app in db.apps_of_repository(*repository_id).await? {
+                    if app.settings.preview_forks == ForkPreviews::Label && app.settings.fork_label() == label {
+                        self.fork_label(&app, *pr, head_sha, *added, by).await?;
+                    }
+                }
+            }
             Work::InstallationCreated { id, account } => {
                 db.add_github_installation(*id, account).await?;
                 tracing::info!(installation = id, account, "GitHub App installed");
@@ -375,6 +414,30 @@ impl Worker {
                 Ok(())
             }
         }
+    }
+
+    /// `app`'s fork label added to (`added`) or removed from pull request
+    /// `pr`, whose head is `head_sha`, by `by`.
+    async fn fork_label(&self, app: &AppRow, pr: i64, head_sha: &str, added: bool, by: &str) -> anyhow::Result<()> {
+        if !added {
+            let withdrawn = self.db.withdraw_fork_labels(app.id, pr).await?;
+            let stopped = self.deployer.close_pull_request(app, pr as u64, &format!("github:{by}")).await?;
+            tracing::info!(app = %app.name, pr, by, withdrawn, stopped = stopped.len(), "fork preview label removed");
+            return Ok(());
+        }
+        let permission = match self.access(app) {
+            Some(access) => access.permission(by).await?,
+            None => "unknown (the receiver has no --github-token or GitHub App to ask GitHub with)".to_owned(),
+        };
+        let allowed = may_promote(&permission);
+        self.db.record_fork_label(app.id, pr, head_sha, by, &permission, allowed).await?;
+        if allowed {
+            tracing::info!(app = %app.name, pr, commit = head_sha, by, "fork pull request labeled for a preview");
+        } else {
+            tracing::warn!(app = %app.name, pr, commit = head_sha, by, permission,
+                "fork preview label does not count: only write, maintain or admin may opt a fork in");
+        }
+        Ok(())
     }
 
     /// A Promote or Rollback button of `deployment`'s check run, clicked by
@@ -492,6 +555,26 @@ mod tests {
             "pull_request:186853002:2:closed:ec26c3e57ca3a959ca5aad62de7213c562f8c821:2019-05-15T15:21:18Z"
         );
         assert_eq!(parse("pull_request", &payload("pull_request.opened")), None, "opened is the action's job");
+        let mut labeled = payload("pull_request.opened");
+        labeled["action"] = "labeled".into();
+        labeled["label"] = serde_json::json!({ "id": 1, "name": "nx-preview", "color": "0e8a16", "default": false });
+        let label = parse("pull_request", &labeled).unwrap();
+        assert_eq!(
+            label,
+            Work::PullRequestLabel {
+                repository_id: 186853002,
+                pr: 2,
+                head_sha: "ec26c3e57ca3a959ca5aad62de7213c562f8c821".into(),
+                label: "nx-preview".into(),
+                added: true,
+                updated_at: "2019-05-15T15:20:33Z".into(),
+                by: "Codertocat".into()
+            }
+        );
+        labeled["action"] = "unlabeled".into();
+        let unlabel = parse("pull_request", &labeled).unwrap();
+        assert!(matches!(unlabel, Work::PullRequestLabel { added: false, .. }));
+        assert_ne!(unlabel.key(), label.key(), "a removal is not a replay of the label");
         let mut action = payload("check_run.requested_action");
         assert_eq!(parse("check_run", &action), None, "a check run that is not ours has no deployment id");
         action["check_run"]["external_id"] = "7kq3mz2a".into();

@@ -247,7 +247,7 @@ impl Session {
         let upload = upload.finish().await.map_err(store_failure)?;
         let size = upload.size;
         let meta = PushMeta { filename: Some(name.to_owned()), source: Source::Sftp, ..PushMeta::default() };
-        let result = self.shared.deployer.push(app, upload, &meta, None, &self.actor).await;
+        let result = self.shared.deployer.push(app, upload, &meta, None, false, &self.actor).await;
         let (outcome, info) = match result {
             Ok(info) => (describe(name, &app.name, &info), Some(info)),
             Err(e) => (format!("{name} was not deployed: {e}\n"), None),
