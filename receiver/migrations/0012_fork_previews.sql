@@ -12,5 +12,6 @@ CREATE TABLE fork_preview_labels (
     permission TEXT NOT NULL,
     allowed    BOOLEAN NOT NULL,
     labeled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    used_at    TIMESTAMPTZ,
     PRIMARY KEY (app_id, pr_number, head_sha)
 );

@@ -128,6 +128,20 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
         "{}",
         keyed.out.stdout
     );
+    // Letting fork previews in is part of the trust: the app's own deploy
+    // key cannot, nor name another label.
+    for args in [&["apps", "set", "web", "--preview-forks", "label"][..], &["apps", "set", "web", "--fork-label", "ok"]]
+    {
+        let by_key = r.nx_with_key(&key, args);
+        assert_eq!(by_key.code, 1, "{by_key:?}");
+        assert!(
+            by_key.stderr.contains(
+                "letting forks' pull requests be previewed (`[preview] forks`, `fork_label`) needs the admin token"
+            ),
+            "{}",
+            by_key.stderr
+        );
+    }
     r.nx_ok(&["apps", "set", "web", "--preview-forks", "label"]);
 
     // Not labeled yet.
@@ -157,8 +171,26 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     eventually(20, "the label to be withdrawn", || labels(&r).is_empty().then_some(()));
     let writers = label(&r, "labeled", &head, "maintainer");
     eventually(20, "the writer's label to be recorded", || (labels(&r) == "maintainer:true").then_some(()));
+    // The token names no pull request: a run somebody else started (another
+    // pull request's, a re-run) does not ride on this label.
+    refused(
+        &fork_run(&r, &issuer, &head, &goweb),
+        &format!(
+            "the label \"nx-preview\" on commit {head} of pull request #{PR} was added by @maintainer, and this run \
+             was started by @octocat: only the run the label started pushes its preview"
+        ),
+    );
+    issuer.next(Mint::with(&[("event_name", "pull_request_target".into()), ("actor", "maintainer".into())]));
     let run = fork_run(&r, &issuer, &head, &goweb);
     assert_eq!(run.out.code, 0, "{:?}\n{}", run.out, r.log());
+    // Each label serves one push.
+    refused(
+        &fork_run(&r, &issuer, &head, &goweb),
+        &format!(
+            "the label \"nx-preview\" on commit {head} of pull request #{PR} has served its push already: each \
+             label previews once"
+        ),
+    );
     let id = run.outputs["deployment-id"].clone();
     assert!(run.summary.contains(&format!("| pull request | #{PR} |")), "{}", run.summary);
     let listing = r.nx_ok(&["--json", "ls", "web"]).json();
@@ -232,5 +264,16 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     assert_eq!(replay.send(&r.api(), SECRET), (202, "queued\n".into()));
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(labels(&r), "", "a replayed label opts nothing in");
+    refused(&fork_run(&r, &issuer, &head, &goweb), &not_labeled(&head));
+
+    // A pull request that closes takes its labels with it.
+    label(&r, "labeled", &head, "maintainer");
+    eventually(20, "the label to be recorded again", || (labels(&r) == "maintainer:true").then_some(()));
+    let closed = Delivery::new(
+        "pull_request",
+        &with(fork_event("closed", &head, "maintainer"), &[("/pull_request/state", "closed".into())]),
+    );
+    assert_eq!(closed.send(&r.api(), SECRET), (202, "queued\n".into()));
+    eventually(20, "the closed pull request's labels to go", || labels(&r).is_empty().then_some(()));
     refused(&fork_run(&r, &issuer, &head, &goweb), &not_labeled(&head));
 }

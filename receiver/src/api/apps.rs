@@ -99,6 +99,15 @@ pub async fn settings(
                     .into(),
             ));
         }
+        // Who may push fork previews is part of the trust, as the link is:
+        // it lets pull_request_target tokens in.
+        if settings.preview_forks != current.preview_forks || settings.fork_label() != current.fork_label() {
+            return Err(ApiError::Forbidden(
+                "letting forks' pull requests be previewed (`[preview] forks`, `fork_label`) needs the admin token \
+                 (`nx apps set APP --preview-forks label`); nx.toml may repeat what the admin set"
+                    .into(),
+            ));
+        }
     }
     crate::limits::within_caps(&state.config, &settings.limits).map_err(|e| ApiError::Forbidden(e.to_string()))?;
     state.db.set_settings(row.id, &settings).await?;

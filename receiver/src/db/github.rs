@@ -13,6 +13,8 @@ pub struct ForkLabel {
     /// What GitHub said `labeled_by` may do on the repository.
     pub permission: String,
     pub allowed: bool,
+    /// Whether a push took this allowance already: each serves one.
+    pub used: bool,
 }
 
 /// What was reported about one deployment.
@@ -214,7 +216,7 @@ impl Db {
         sqlx::query(
             "INSERT INTO fork_preview_labels (app_id, pr_number, head_sha, labeled_by, permission, allowed) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (app_id, pr_number, head_sha) DO UPDATE \
-             SET labeled_by = $4, permission = $5, allowed = $6, labeled_at = now()",
+             SET labeled_by = $4, permission = $5, allowed = $6, labeled_at = now(), used_at = NULL",
         )
         .bind(app_id)
         .bind(pr)
@@ -230,7 +232,7 @@ impl Db {
     /// The label of head commit `head_sha` of pull request `pr`, if any.
     pub async fn fork_label(&self, app_id: i64, pr: i64, head_sha: &str) -> Result<Option<ForkLabel>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT labeled_by, permission, allowed FROM fork_preview_labels \
+            "SELECT labeled_by, permission, allowed, used_at IS NOT NULL AS used FROM fork_preview_labels \
              WHERE app_id = $1 AND pr_number = $2 AND head_sha = $3",
         )
         .bind(app_id)
@@ -238,6 +240,21 @@ impl Db {
         .bind(head_sha.to_ascii_lowercase())
         .fetch_optional(self.pool())
         .await
+    }
+
+    /// Takes the allowance of head commit `head_sha` of pull request `pr`
+    /// for one push; false when it is gone or was taken already.
+    pub async fn use_fork_label(&self, app_id: i64, pr: i64, head_sha: &str) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE fork_preview_labels SET used_at = now() \
+             WHERE app_id = $1 AND pr_number = $2 AND head_sha = $3 AND allowed AND used_at IS NULL",
+        )
+        .bind(app_id)
+        .bind(pr)
+        .bind(head_sha.to_ascii_lowercase())
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Withdraws every label of pull request `pr`; how many there were.

@@ -82,6 +82,16 @@ pub enum ForkPushRefused {
          fork's pull request in"
     )]
     LabeledBy { pr: u64, sha: String, label: String, by: String, permission: String, repository: String },
+    #[error(
+        "the label {label:?} on commit {sha} of pull request #{pr} was added by @{by}, and this run was started by \
+         @{actor}: only the run the label started pushes its preview; to preview again, remove the label and add it"
+    )]
+    OtherActor { pr: u64, sha: String, label: String, by: String, actor: String },
+    #[error(
+        "the label {label:?} on commit {sha} of pull request #{pr} has served its push already: each label previews \
+         once; to preview again, remove the label and add it"
+    )]
+    Used { pr: u64, sha: String, label: String },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -89,8 +99,9 @@ pub enum ForkPushRefused {
 /// Makes a fork preview's push (proved by a `pull_request_target` run's
 /// token, whose claims name the base branch, not the pull request) what it
 /// may be: a preview of the pull request and head commit it names, which
-/// someone with write access labeled for this app. Its repository is the
-/// token's.
+/// someone with write access labeled for this app, pushed by the run that
+/// label started (the token's actor is the labeler), once. Its repository is
+/// the token's.
 pub async fn bind_fork(
     db: &Db,
     app: &AppRow,
@@ -118,7 +129,16 @@ pub async fn bind_fork(
                 repository: proved.repository.clone(),
             })
         }
-        Some(_) => {}
+        Some(l) if !l.labeled_by.eq_ignore_ascii_case(&proved.actor) => {
+            // The token names no pull request: what ties it to the label is
+            // that the labeler started its run, as a `labeled` event does.
+            return Err(ForkPushRefused::OtherActor { pr, sha, label, by: l.labeled_by, actor: proved.actor.clone() });
+        }
+        Some(_) => {
+            if !db.use_fork_label(app.id, pr_number, &sha).await? {
+                return Err(ForkPushRefused::Used { pr, sha, label });
+            }
+        }
     }
     meta.git_sha = Some(sha);
     meta.repository = Some(proved.repository.clone());

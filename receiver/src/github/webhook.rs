@@ -330,6 +330,8 @@ impl Worker {
                         self.promote_commit(&app, head_sha, &actor).await?;
                     }
                     let app = db.app_by_id(app.id).await?.unwrap_or(app);
+                    // A closed pull request's labels allow nothing any more.
+                    db.withdraw_fork_labels(app.id, *pr).await?;
                     let stopped = self.deployer.close_pull_request(&app, *pr as u64, &actor).await?;
                     tracing::info!(app = %app.name, pr, merged, stopped = stopped.len(), "pull request closed");
                 }
