@@ -11,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod logs;
+pub mod metrics;
 pub mod names;
 pub mod routes;
 pub mod target;

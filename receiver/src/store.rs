@@ -493,17 +493,23 @@ impl ArtifactStore {
         }
     }
 
+    /// The object store failed `source`; counted for the metrics.
+    fn unavailable(&self, source: object_store::Error) -> StoreError {
+        crate::counters::platform().store_errors.inc();
+        StoreError::Unavailable { store: self.description.clone(), source }
+    }
+
     /// Removes the object `key`; a missing one is not an error.
     pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
         match self.store.delete(&ObjectPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StoreError::Unavailable { store: self.description.clone(), source }),
+            Err(source) => Err(self.unavailable(source)),
         }
     }
 
     async fn upload_file(&self, path: &Path, key: &ObjectPath) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
-        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let unavailable = |source| self.unavailable(source);
         let multipart = self.store.put_multipart(key).await.map_err(unavailable)?;
         let mut writer = WriteMultipart::new_with_chunk_size(multipart, 8 << 20);
         let mut file = tokio::fs::File::open(path).await.map_err(|e| io_error(path, e))?;
@@ -544,7 +550,7 @@ impl ArtifactStore {
         if dest.exists() {
             return Ok(dest);
         }
-        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let unavailable = |source| self.unavailable(source);
         let result = match self.store.get(&object_key(sha)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => {
@@ -574,7 +580,7 @@ impl ArtifactStore {
         let mut listing = self.store.list(Some(&prefix));
         let mut old = Vec::new();
         while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|source| StoreError::Unavailable { store: self.description.clone(), source })?;
+            let meta = meta.map_err(|source| self.unavailable(source))?;
             let Some(name) = meta.location.filename() else { continue };
             if meta.last_modified < cutoff && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
                 old.push(name.to_owned());
@@ -587,7 +593,7 @@ impl ArtifactStore {
     pub async fn delete(&self, sha: &str) -> Result<(), StoreError> {
         match self.store.delete(&object_key(sha)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => return Err(StoreError::Unavailable { store: self.description.clone(), source }),
+            Err(source) => return Err(self.unavailable(source)),
         }
         let _ = std::fs::remove_file(self.cache_dir.join(sha));
         Ok(())

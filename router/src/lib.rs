@@ -34,3 +34,4 @@ pub mod proxy;
 pub mod server;
 pub mod table;
 pub mod telemetry;
+pub mod traffic;

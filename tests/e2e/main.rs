@@ -14,6 +14,7 @@ mod databases;
 mod github;
 mod lifecycle;
 mod listeners;
+mod metrics;
 mod oidc;
 mod quotas;
 mod router;

@@ -8,9 +8,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 mod github;
 mod ssh;
+mod stats;
 
 pub use github::ReportRow;
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};
+pub use stats::DatabaseFigures;
 
 /// Cheap-to-clone handle to the metadata pool.
 #[derive(Debug, Clone)]
