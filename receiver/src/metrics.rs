@@ -20,6 +20,7 @@ use std::sync::Arc;
 use nx_protocol::metrics::{
     DeploymentMetrics, MetricsSnapshot, Resources, Role, RouterTraffic, Traffic, DURATION_BUCKETS, STATUS_CLASSES,
 };
+use nx_runtime::cgroup::Driver;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -61,15 +62,32 @@ fn read_number(file: &Path, key: Option<&str>) -> Option<u64> {
     }
 }
 
-/// A cgroup v2 directory's figures; the files a controller did not create are
-/// left out (memory.peak needs Linux 5.19).
-pub fn cgroup_resources(dir: &Path) -> Resources {
-    Resources {
-        cpu_seconds: read_number(&dir.join("cpu.stat"), Some("usage_usec")).map(|us| us as f64 / 1e6),
-        memory_bytes: read_number(&dir.join("memory.current"), None),
-        memory_peak_bytes: read_number(&dir.join("memory.peak"), None),
-        oom_kills: read_number(&dir.join("memory.events"), Some("oom_kill")),
-        pids: read_number(&dir.join("pids.current"), None),
+/// The figures of the cgroup `group/id` in the host's layout; a figure the
+/// layout does not give is absent: on cgroup v2 memory.peak needs Linux
+/// 5.19, on v1 CPU time needs the cpuacct controller mounted with cpu.
+pub fn cgroup_resources(driver: &Driver, group: &str, id: &str) -> Resources {
+    let read = |hierarchy: Option<&PathBuf>, file: &str, key: Option<&str>| {
+        read_number(&hierarchy?.join(group).join(id).join(file), key)
+    };
+    match driver {
+        Driver::V2 { root, .. } => {
+            let root = Some(root);
+            Resources {
+                cpu_seconds: read(root, "cpu.stat", Some("usage_usec")).map(|us| us as f64 / 1e6),
+                memory_bytes: read(root, "memory.current", None),
+                memory_peak_bytes: read(root, "memory.peak", None),
+                oom_kills: read(root, "memory.events", Some("oom_kill")),
+                pids: read(root, "pids.current", None),
+            }
+        }
+        Driver::V1 { memory, cpu, pids } => Resources {
+            cpu_seconds: read(cpu.as_ref(), "cpuacct.usage", None).map(|ns| ns as f64 / 1e9),
+            memory_bytes: read(memory.as_ref(), "memory.usage_in_bytes", None),
+            memory_peak_bytes: read(memory.as_ref(), "memory.max_usage_in_bytes", None),
+            oom_kills: read(memory.as_ref(), "memory.oom_control", Some("oom_kill")),
+            pids: read(pids.as_ref(), "pids.current", None),
+        },
+        Driver::None => Resources::default(),
     }
 }
 
@@ -82,6 +100,7 @@ fn deployments(
     visible: &(dyn Fn(&str) -> bool + Sync),
 ) -> Vec<DeploymentMetrics> {
     use nx_runtime::supervisor::Status;
+    let (driver, group) = deployer.cgroups();
     rows.iter()
         .filter(|r| visible(&r.app_name))
         .filter_map(|row| {
@@ -95,7 +114,7 @@ fn deployments(
                 role: if row.is_production { Role::Production } else { Role::Preview },
                 state: row.state(),
                 traffic: traffic.deployments.get(&row.id).cloned().unwrap_or_default(),
-                resources: deployer.cgroup_dir(&row.id).map(|d| cgroup_resources(&d)).unwrap_or_default(),
+                resources: cgroup_resources(driver, &group, &row.id),
                 restarts,
             })
         })
@@ -345,27 +364,44 @@ mod tests {
     use nx_protocol::api::DeploymentState;
 
     #[test]
-    fn a_cgroup_directory_is_read_and_missing_files_are_left_out() {
-        let dir = std::env::temp_dir().join(format!("nx-metrics-cgroup-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
-        write("cpu.stat", "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n");
-        write("memory.current", "1048576\n");
-        write("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n");
-        write("pids.current", "4\n");
-        let r = cgroup_resources(&dir);
-        assert_eq!(
-            r,
-            Resources {
-                cpu_seconds: Some(2.5),
-                memory_bytes: Some(1_048_576),
-                memory_peak_bytes: None,
-                oom_kills: Some(1),
-                pids: Some(4),
-            }
-        );
-        assert_eq!(cgroup_resources(&dir.join("gone")), Resources::default());
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn both_cgroup_layouts_are_read_and_missing_files_are_left_out() {
+        let root = std::env::temp_dir().join(format!("nx-metrics-cgroup-{}", std::process::id()));
+        let write = |dir: &str, name: &str, text: &str| {
+            let dir = root.join(dir).join("nx-sandbox-7/abcdefgh");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), text).unwrap();
+        };
+        write("v2", "cpu.stat", "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n");
+        write("v2", "memory.current", "1048576\n");
+        write("v2", "memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n");
+        write("v2", "pids.current", "4\n");
+        let v2 = Driver::V2 { root: root.join("v2"), controllers: vec!["memory".into()] };
+        let expected = Resources {
+            cpu_seconds: Some(2.5),
+            memory_bytes: Some(1_048_576),
+            memory_peak_bytes: None,
+            oom_kills: Some(1),
+            pids: Some(4),
+        };
+        assert_eq!(cgroup_resources(&v2, "nx-sandbox-7", "abcdefgh"), expected);
+        assert_eq!(cgroup_resources(&v2, "nx-sandbox-7", "gone"), Resources::default());
+
+        write("memory", "memory.usage_in_bytes", "1048576\n");
+        write("memory", "memory.max_usage_in_bytes", "2097152\n");
+        write("memory", "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n");
+        write("cpu", "cpuacct.usage", "2500000000\n");
+        write("pids", "pids.current", "4\n");
+        let v1 = Driver::V1 {
+            memory: Some(root.join("memory")),
+            cpu: Some(root.join("cpu")),
+            pids: Some(root.join("pids")),
+        };
+        let got = cgroup_resources(&v1, "nx-sandbox-7", "abcdefgh");
+        assert_eq!(got, Resources { memory_peak_bytes: Some(2_097_152), ..expected });
+        let no_cpu = Driver::V1 { memory: Some(root.join("memory")), cpu: None, pids: None };
+        let got = cgroup_resources(&no_cpu, "nx-sandbox-7", "abcdefgh");
+        assert_eq!((got.cpu_seconds, got.pids, got.memory_bytes), (None, None, Some(1_048_576)));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     fn deployment(app: &str, id: &str, role: Role) -> DeploymentMetrics {

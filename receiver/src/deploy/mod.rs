@@ -634,15 +634,10 @@ impl Deployer {
         self.running.lock().ok()?.get(id).map(|r| r.applied.borrow().clone())
     }
 
-    /// The cgroup (v2) directory of a deployment's sandbox, where its
-    /// figures are read; none on cgroup v1 or without cgroups.
-    pub fn cgroup_dir(&self, id: &str) -> Option<PathBuf> {
-        match &self.services.cgroups {
-            nx_runtime::cgroup::Driver::V2 { root, .. } => {
-                Some(root.join(self.services.config.cgroup_group()).join(id))
-            }
-            _ => None,
-        }
+    /// The host's cgroup layout and the group sandboxes are made in: a
+    /// deployment's cgroup is `<hierarchy>/<group>/<id>`.
+    pub fn cgroups(&self) -> (&nx_runtime::cgroup::Driver, String) {
+        (&self.services.cgroups, self.services.config.cgroup_group())
     }
 
     pub fn is_shutting_down(&self) -> bool {
