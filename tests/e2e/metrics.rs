@@ -115,6 +115,13 @@ fn prometheus_sees_each_apps_traffic_and_resources_as_they_were_made() {
     prometheus.eventually(10, &format!(r#"nx_deployment_restarts_total{{{prod_labels}}}"#), exactly(0.0));
     prometheus.eventually(10, &format!(r#"nx_deployment_pids{{deployment="{prod_id}"}}"#), |v| v >= 1.0);
     prometheus.eventually(10, r#"nx_app_database_size_bytes{app="web",database="app_web"}"#, |v| v > 0.0);
+    let volume = r#"nx_app_volume_used_bytes{app="web"}"#;
+    if nx_receiver::volumes::is_mount_point(&r.data_dir().join("apps/web/data")) {
+        // A fresh ext4 image uses some blocks for itself.
+        prometheus.eventually(10, volume, |v| v > 0.0);
+    } else {
+        assert!(prometheus.query(volume).is_empty(), "a data directory on the host's disk is not the app's use");
+    }
     prometheus.eventually(10, "nx_router_up", exactly(1.0));
     prometheus.eventually(10, "nx_push_duration_seconds_count", exactly(3.0));
     prometheus.eventually(10, "nx_start_to_healthy_seconds_count", exactly(3.0));
