@@ -106,6 +106,12 @@ pub enum Command {
     /// The audit log: who pushed, promoted, rolled back, changed variables
     /// (names only), keys or links, and when. A deploy key sees its own app's.
     Events(EventsArgs),
+    /// Every app's running deployments, refreshing: requests/s, p50 and p99
+    /// latency, error rate, CPU, memory and restarts. With --json, one
+    /// measurement over --interval. A deploy key sees its own app.
+    Top(TopArgs),
+    /// What `nx top` shows, for one app.
+    Metrics(MetricsArgs),
     /// Print a completion script for your shell, for example
     /// `nx completions bash > /etc/bash_completion.d/nx`.
     Completions {
@@ -374,6 +380,33 @@ pub struct EventsArgs {
     /// At most this many events, newest first (up to 1000).
     #[arg(long, short = 'n', default_value_t = 100)]
     pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Time between two readings: rates are over it, and the view refreshes at it.
+    #[arg(long, short = 'n', default_value = "2s", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+    /// Print one measurement and stop (as --json does).
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The app (default: `app` in nx.toml, or the only app the key can see).
+    pub app: Option<String>,
+    #[command(flatten)]
+    pub top: TopArgs,
+}
+
+/// An interval for `nx top`: a duration of at least 100ms.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = nx_protocol::units::parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("{s} is too short; give at least 100ms (for example 1s or 5s)"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]

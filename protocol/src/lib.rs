@@ -13,6 +13,7 @@
 pub mod api;
 pub mod auth;
 pub mod logs;
+pub mod metrics;
 pub mod names;
 pub mod routes;
 pub mod secret;

@@ -333,6 +333,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_SFTP_LISTEN", default_value = "127.0.0.1:2222")]
     pub sftp_listen: SocketAddr,
 
+    /// Address of the Prometheus endpoint, `GET /metrics`: every app's
+    /// traffic and resources, and the platform's. Off unless given. It is
+    /// not signed (a scraper cannot sign requests), so give it a loopback or
+    /// private address (127.0.0.1:9464): it names every app and deployment.
+    #[arg(long, env = "NX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// SSH connections open at once; one client address holds at most an
     /// eighth of them (at least 16). Beyond either, a new connection is
     /// closed before the SSH greeting.

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use nx_protocol::api::DeploymentState;
+use nx_protocol::metrics::{RouterTraffic, CONTROL_TRAFFIC_PATH};
 use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
 use nx_protocol::routes::{Activity, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
 use nx_runtime::process::{Child, Command, ProcessManager, Stream};
@@ -170,6 +171,12 @@ impl RoutePublisher {
     /// When the router last saw a request for each deployment.
     pub async fn activity(&self) -> Result<Activity, PublishError> {
         let (status, body) = self.request("GET", CONTROL_ACTIVITY_PATH, Bytes::new()).await?;
+        serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })
+    }
+
+    /// The traffic the router counted for each deployment in its table.
+    pub async fn traffic(&self) -> Result<RouterTraffic, PublishError> {
+        let (status, body) = self.request("GET", CONTROL_TRAFFIC_PATH, Bytes::new()).await?;
         serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })
     }
 

@@ -323,7 +323,29 @@ async fn run(
         ));
     }
 
+    let metrics = crate::metrics::Sources {
+        db: db.clone(),
+        deployer: deployer.clone(),
+        routes: routes.clone(),
+        data_dir: data.clone(),
+    };
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::listeners::serve_api(
+            listener,
+            crate::metrics::app(metrics.clone()),
+            crate::listeners::Gate::new(METRICS_CONNECTIONS),
+            config.api_header_timeout,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+    }
     let state = AppState {
+        metrics,
         db,
         master,
         store,
@@ -349,6 +371,7 @@ async fn run(
         api = %config.listen,
         router = %config.router_listen,
         sftp = %if config.no_sftp { "off".to_owned() } else { config.sftp_listen.to_string() },
+        metrics = %config.metrics_listen.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         domain = %config.domain,
         data = %data.display(),
         "nx-receiver ready"
@@ -374,6 +397,9 @@ async fn run(
     }
     Ok(())
 }
+
+/// Connections the metrics listener serves at once: a few scrapers.
+const METRICS_CONNECTIONS: usize = 16;
 
 /// SIGHUP replaces nx-router without dropping a request (after an upgrade of
 /// its binary, say).

@@ -48,6 +48,18 @@ pub fn is_mount_point(dir: &Path) -> bool {
     me.dev() != parent.dev()
 }
 
+/// Bytes in use on the data volume of the app whose directory is `app_dir`
+/// (as `df` counts them); none when it has no volume of its own, since its
+/// filesystem's use is then not the app's.
+pub fn used_bytes(app_dir: &Path) -> Option<u64> {
+    let data = app_dir.join("data");
+    if !is_mount_point(&data) {
+        return None;
+    }
+    let s = nix::sys::statvfs::statvfs(&data).ok()?;
+    Some((s.blocks() - s.blocks_free()) as u64 * s.fragment_size() as u64)
+}
+
 /// Creates and mounts data volumes.
 #[derive(Debug, Clone)]
 pub struct Volumes {

@@ -8,6 +8,7 @@
 //! - `GET /routes`: the current table as JSON
 //! - `PUT /routes`: replace the table (409 when older than the current one)
 //! - `GET /activity`: when each deployment was last requested
+//! - `GET /traffic`: each deployment's requests, durations and bytes
 //!
 //! While the router hands over to a successor ([`crate::upgrade`]) a table
 //! change waits ([`Gate`]); once the successor serves, the old router answers
@@ -24,6 +25,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use nx_protocol::metrics::CONTROL_TRAFFIC_PATH;
 use nx_protocol::routes::{RouteTable, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
 use tokio::net::UnixListener;
 
@@ -122,6 +124,13 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+fn json(encoded: serde_json::Result<Vec<u8>>) -> Response<Full<Bytes>> {
+    match encoded {
+        Ok(json) => text(StatusCode::OK, json),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     store: Arc<RouteStore>,
@@ -130,14 +139,9 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let response = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/health") => text(StatusCode::OK, "ok\n"),
-        (Method::GET, p) if p == CONTROL_ROUTES_PATH => match serde_json::to_vec(&*store.snapshot()) {
-            Ok(json) => text(StatusCode::OK, json),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => match serde_json::to_vec(&store.activity()) {
-            Ok(json) => text(StatusCode::OK, json),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
+        (Method::GET, p) if p == CONTROL_ROUTES_PATH => json(serde_json::to_vec(&*store.snapshot())),
+        (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => json(serde_json::to_vec(&store.activity())),
+        (Method::GET, p) if p == CONTROL_TRAFFIC_PATH => json(serde_json::to_vec(&store.traffic())),
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
             let _change = gate.changes.read().await;
             if gate.is_handed_over() {
@@ -169,7 +173,10 @@ async fn handle(
                 }
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "unknown control path; use GET /health, GET /activity, GET or PUT /routes\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "unknown control path; use GET /health, GET /activity, GET /traffic, GET or PUT /routes\n",
+        ),
     };
     Ok(response)
 }

@@ -111,6 +111,17 @@ pub struct Exchange {
     /// The client's own `X-Request-Id`, when it sent a usable one.
     pub client_request_id: Option<String>,
     pub started: Instant,
+    /// Whether the request is counted as open on its deployment (it is
+    /// proxied), to be counted closed when it is dropped.
+    open: bool,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let (true, Some(entry)) = (self.open, &self.route) {
+            entry.traffic().close();
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -190,6 +201,7 @@ impl Exchange {
                 .filter(|v| !v.is_empty() && v.len() <= 128)
                 .map(str::to_owned),
             started: Instant::now(),
+            open: false,
         };
         let Some(entry) = store.lookup(&ex.host) else {
             let page = Page::unknown_host(&ex.host);
@@ -201,6 +213,8 @@ impl Exchange {
             Target::Live { addr } => {
                 let upstream = Backend::new(*addr, &route.deployment);
                 ex.upstream = Some(upstream);
+                entry.traffic().open();
+                ex.open = true;
                 Decision::Forward(upstream)
             }
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
@@ -330,8 +344,14 @@ impl Exchange {
         Ok((Box::new(resp), body))
     }
 
-    /// The access log line: one per request, structured.
-    pub fn log(&self, req: &RequestHeader, status: u16, error: Option<String>) {
+    /// The end of a request: counted on its deployment (`status` 0 when no
+    /// response was sent; body bytes read from and sent to the client), and
+    /// the access log line, structured.
+    pub fn finish(&self, req: &RequestHeader, status: u16, bytes: (usize, usize), error: Option<String>) {
+        let micros = self.started.elapsed().as_micros() as u64;
+        if let Some(entry) = &self.route {
+            entry.traffic().record(status, micros, bytes.0 as u64, bytes.1 as u64);
+        }
         let (app, deployment) = self.names();
         tracing::info!(
             target: "access",
@@ -344,7 +364,7 @@ impl Exchange {
             upstream = ?self.upstream.map(|u| u.addr),
             request_id = %self.request_id,
             client_request_id = self.client_request_id.as_deref(),
-            micros = self.started.elapsed().as_micros() as u64,
+            micros,
             error,
         );
     }
@@ -370,6 +390,7 @@ mod tests {
             request_id: "id-1".into(),
             client_request_id: None,
             started: Instant::now(),
+            open: false,
         }
     }
 
@@ -408,7 +429,8 @@ mod tests {
             ("x-client-request-id", "forged"),
             ("x-request-id", "theirs"),
         ]);
-        let ex = Exchange { client_request_id: Some("theirs".into()), ..exchange() };
+        let mut ex = exchange();
+        ex.client_request_id = Some("theirs".into());
         ex.rewrite_request(&mut req, &Client::new(Some("192.0.2.7".parse().unwrap()), false)).unwrap();
         let all = |h: &str| {
             req.headers.get_all(h).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>().join(" | ")

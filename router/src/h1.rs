@@ -195,7 +195,8 @@ impl H1 {
             }
         };
         let status = down.response_written().map_or(0, |r| r.status.as_u16());
-        ex.log(down.req_header(), status, error.map(|e| e.to_string()));
+        let bytes = (down.body_bytes_read(), down.body_bytes_sent());
+        ex.finish(down.req_header(), status, bytes, error.map(|e| e.to_string()));
         reusable
     }
 

@@ -37,4 +37,5 @@ pub mod proxy;
 pub mod server;
 pub mod table;
 pub mod telemetry;
+pub mod traffic;
 pub mod upgrade;

@@ -177,7 +177,8 @@ impl ProxyHttp for Router {
     async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Option<Exchange>) {
         if let Some(ex) = ctx {
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            ex.log(session.req_header(), status, e.map(|e| e.to_string()));
+            let bytes = (session.body_bytes_read(), session.body_bytes_sent());
+            ex.finish(session.req_header(), status, bytes, e.map(|e| e.to_string()));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The live route table: swapped whole and atomically, persisted on every
 //! change, indexed by host for the request path, and counting when each
-//! deployment was last requested.
+//! deployment was last requested and its traffic.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use nx_protocol::metrics::RouterTraffic;
 use nx_protocol::routes::{Activity, Route, RouteTable};
+
+use crate::traffic::Counters;
 
 /// Why a table was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -28,18 +31,32 @@ pub enum TableError {
 #[derive(Debug)]
 pub struct Entry {
     pub route: Route,
-    /// Unix seconds of the deployment's last request; shared by every host of
-    /// the deployment and kept across table replacements.
-    last_request: Arc<AtomicU64>,
+    /// What is counted of the deployment; shared by every host of the
+    /// deployment and kept across table replacements.
+    counted: Arc<Counted>,
+}
+
+/// What the router counts of one deployment.
+#[derive(Debug, Default)]
+struct Counted {
+    /// Unix seconds of the deployment's last request.
+    last_request: AtomicU64,
+    traffic: Counters,
 }
 
 impl Entry {
     /// Records a request at `now` (Unix seconds). Stores only when the second
     /// changed, so busy hosts do not bounce the cache line between workers.
     pub fn touch(&self, now: u64) {
-        if self.last_request.load(Ordering::Relaxed) < now {
-            self.last_request.store(now, Ordering::Relaxed);
+        let last = &self.counted.last_request;
+        if last.load(Ordering::Relaxed) < now {
+            last.store(now, Ordering::Relaxed);
         }
+    }
+
+    /// The deployment's traffic counters.
+    pub fn traffic(&self) -> &Counters {
+        &self.counted.traffic
     }
 }
 
@@ -56,8 +73,8 @@ pub struct RouteStore {
     current: ArcSwap<Live>,
     state_file: PathBuf,
     /// Serialises writers, so generation checks and saves happen in order;
-    /// holds the activity counter of every deployment in the table.
-    write: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// holds the counters of every deployment in the table.
+    write: Mutex<HashMap<String, Arc<Counted>>>,
 }
 
 impl RouteStore {
@@ -90,9 +107,19 @@ impl RouteStore {
     /// When each deployment was last requested through this router.
     pub fn activity(&self) -> Activity {
         let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let deployments =
-            counters.iter().map(|(d, t)| (d.clone(), t.load(Ordering::Relaxed))).filter(|(_, t)| *t > 0).collect();
+        let deployments = counters
+            .iter()
+            .map(|(d, c)| (d.clone(), c.last_request.load(Ordering::Relaxed)))
+            .filter(|(_, t)| *t > 0)
+            .collect();
         Activity { deployments }
+    }
+
+    /// The traffic of every deployment in the table; one that left the table
+    /// is gone with its counters, so the receiver's families lose it too.
+    pub fn traffic(&self) -> RouterTraffic {
+        let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        RouterTraffic { deployments: counters.iter().map(|(d, c)| (d.clone(), c.traffic.read())).collect() }
     }
 
     /// Saves `table` and then makes it current. A table with an older generation
@@ -111,17 +138,17 @@ impl RouteStore {
     }
 }
 
-/// Indexes `table` by host, giving each entry its deployment's activity
-/// counter: the existing one, or a new one. Counters of deployments no longer
-/// in the table are dropped.
-fn index(table: RouteTable, activity: &mut HashMap<String, Arc<AtomicU64>>) -> Live {
+/// Indexes `table` by host, giving each entry its deployment's counters: the
+/// existing ones, or new ones. Counters of deployments no longer in the table
+/// are dropped.
+fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>) -> Live {
     activity.retain(|d, _| table.routes.values().any(|r| &r.deployment == d));
     let hosts = table
         .routes
         .iter()
         .map(|(host, route)| {
-            let last_request = activity.entry(route.deployment.clone()).or_default().clone();
-            (host.clone(), Arc::new(Entry { route: route.clone(), last_request }))
+            let counted = activity.entry(route.deployment.clone()).or_default().clone();
+            (host.clone(), Arc::new(Entry { route: route.clone(), counted }))
         })
         .collect();
     Live { table: Arc::new(table), hosts }
@@ -229,9 +256,18 @@ mod tests {
         store.lookup("abcdefgh--web.localhost").unwrap().touch(2_000);
         assert_eq!(store.activity().deployments.get("abcdefgh"), Some(&2_000), "hosts of one deployment share it");
 
+        // Traffic is per deployment too, whichever host it came by.
+        store.lookup("web.localhost").unwrap().traffic().record(200, 10, 0, 5);
+        store.lookup("abcdefgh--web.localhost").unwrap().traffic().record(500, 10, 0, 7);
+        let traffic = store.traffic();
+        let web = &traffic.deployments["abcdefgh"];
+        assert_eq!((web.total(), web.errors(), web.bytes_out), (2, 1, 12));
+        assert_eq!(traffic.deployments["zzzzzzzz"].total(), 0);
+
         // ...and forgets the ones it no longer routes.
         store.replace(RouteTable { generation: 3, ..Default::default() }).unwrap();
         assert!(store.activity().deployments.is_empty());
+        assert!(store.traffic().deployments.is_empty(), "a deployment that left the table leaves the metrics");
     }
 
     #[test]

@@ -217,6 +217,15 @@ pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The uploads one app may have in progress at once out of `max`: a quarter,
 /// at least one, so that an app using all of its share leaves room for three
 /// others.
+/// Operations on the object store that failed since the process started.
+static FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many operations on the object store failed since the process
+/// started, for the platform's metrics.
+pub fn failures() -> u64 {
+    FAILURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The app an upload is for: its share of the uploads in progress is
 /// counted by `id`, and a refusal names it by `name`.
 #[derive(Debug, Clone, Copy)]
@@ -512,17 +521,23 @@ impl ArtifactStore {
         }
     }
 
+    /// The object store failed `source`; counted for the metrics.
+    fn unavailable(&self, source: object_store::Error) -> StoreError {
+        FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StoreError::Unavailable { store: self.description.clone(), source }
+    }
+
     /// Removes the object `key`; a missing one is not an error.
     pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
         match self.store.delete(&ObjectPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StoreError::Unavailable { store: self.description.clone(), source }),
+            Err(source) => Err(self.unavailable(source)),
         }
     }
 
     async fn upload_file(&self, path: &Path, key: &ObjectPath) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
-        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let unavailable = |source| self.unavailable(source);
         let multipart = self.store.put_multipart(key).await.map_err(unavailable)?;
         let mut writer = WriteMultipart::new_with_chunk_size(multipart, 8 << 20);
         let mut file = tokio::fs::File::open(path).await.map_err(|e| io_error(path, e))?;
@@ -563,7 +578,7 @@ impl ArtifactStore {
         if dest.exists() {
             return Ok(dest);
         }
-        let unavailable = |source| StoreError::Unavailable { store: self.description.clone(), source };
+        let unavailable = |source| self.unavailable(source);
         let result = match self.store.get(&object_key(sha)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => {
@@ -593,7 +608,7 @@ impl ArtifactStore {
         let mut listing = self.store.list(Some(&prefix));
         let mut old = Vec::new();
         while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|source| StoreError::Unavailable { store: self.description.clone(), source })?;
+            let meta = meta.map_err(|source| self.unavailable(source))?;
             let Some(name) = meta.location.filename() else { continue };
             if meta.last_modified < cutoff && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
                 old.push(name.to_owned());
@@ -606,7 +621,7 @@ impl ArtifactStore {
     pub async fn delete(&self, sha: &str) -> Result<(), StoreError> {
         match self.store.delete(&object_key(sha)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => return Err(StoreError::Unavailable { store: self.description.clone(), source }),
+            Err(source) => return Err(self.unavailable(source)),
         }
         let _ = std::fs::remove_file(self.cache_dir.join(sha));
         Ok(())

@@ -15,6 +15,7 @@ mod forks;
 mod github;
 mod lifecycle;
 mod listeners;
+mod metrics;
 mod oidc;
 mod quotas;
 mod router;

@@ -17,6 +17,7 @@ pub mod load;
 pub mod moto;
 pub mod oidc;
 pub mod postgres;
+pub mod prometheus;
 pub mod receiver;
 pub mod runner;
 pub mod server;

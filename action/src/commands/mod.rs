@@ -9,6 +9,7 @@ mod events;
 mod github;
 mod keys;
 mod login;
+mod metrics;
 mod push;
 mod status;
 mod verify;
@@ -38,6 +39,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Open(args) => deployments::open(g, args).await,
         Command::Status => status::run(g).await,
         Command::Events(args) => events::run(g, args).await,
+        Command::Top(args) => metrics::top(g, args).await,
+        Command::Metrics(args) => metrics::app(g, args).await,
         Command::Verify(args) => verify::run(g, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;

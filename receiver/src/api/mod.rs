@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod lifecycle;
+pub mod metrics;
 pub mod ssh_keys;
 pub mod status;
 pub mod webhook;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub github_client: Option<Arc<crate::github::client::Client>>,
     /// Verifies the GitHub Actions OIDC tokens workflows push with.
     pub oidc: Arc<crate::github::oidc::Verifier>,
+    /// Where the metrics API reads its figures.
+    pub metrics: crate::metrics::Sources,
 }
 
 /// Declares every signed route once, with the action it performs: the list
@@ -86,8 +89,10 @@ signed_routes! {
     GET "/v1/status" Status => status::status,
     GET "/v1/events" Status => events::list,
     GET "/v1/apps" ListApps => apps::list,
+    GET "/v1/metrics" ListApps => metrics::all,
     POST "/v1/apps" CreateApp => apps::create,
     GET "/v1/apps/{app}" ReadApp => apps::show,
+    GET "/v1/apps/{app}/metrics" ReadApp => metrics::app,
     DELETE "/v1/apps/{app}" RemoveApp => lifecycle::remove,
     PUT "/v1/apps/{app}/settings" Configure => apps::settings,
     PUT "/v1/apps/{app}/github" LinkRepository => apps::github,

@@ -11,6 +11,7 @@ mod events;
 mod github;
 mod keys;
 mod ssh;
+mod stats;
 
 pub use apps::{AppRow, EnvTotals};
 pub use artifacts::ArtifactRow;
@@ -19,6 +20,7 @@ pub use deployments::{DeploymentRow, Held, NewDeployment, Occupancy, PromoteOutc
 pub use github::{ForkLabel, ReportRow};
 pub use keys::{KeyListing, KeyRow};
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};
+pub use stats::DatabaseFigures;
 
 /// Cheap-to-clone handle to the metadata pool.
 #[derive(Debug, Clone)]

@@ -38,7 +38,9 @@ impl Reporter {
 
     pub fn send(&self, event: Event) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(event);
+            if tx.send(event).is_ok() {
+                crate::counters::platform().github_queue.inc();
+            }
         }
     }
 }

@@ -252,6 +252,21 @@ impl Deployer {
         caller_may_link: bool,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
+        let started = std::time::Instant::now();
+        let pushed = self.verify_and_deploy(app, upload, meta, proved, caller_may_link, actor).await;
+        crate::counters::platform().pushed(started.elapsed());
+        pushed
+    }
+
+    async fn verify_and_deploy(
+        &self,
+        app: &AppRow,
+        upload: nx_store::Upload,
+        meta: &PushMeta,
+        proved: Option<&VerifiedGitHub>,
+        caller_may_link: bool,
+        actor: &str,
+    ) -> Result<DeploymentInfo, DeployError> {
         // Mapped, not read: a binary of up to --max-upload bytes per upload
         // in progress is not copied into the receiver's memory. The upload's
         // file is the receiver's own, so it cannot shrink under the map.
@@ -651,6 +666,12 @@ impl Deployer {
         self.running.lock().ok()?.get(id).map(|r| r.applied.borrow().clone())
     }
 
+    /// The host's cgroup layout and the group sandboxes are made in: a
+    /// deployment's cgroup is `<hierarchy>/<group>/<id>`.
+    pub fn cgroups(&self) -> (&nx_runtime::cgroup::Driver, String) {
+        (&self.services.cgroups, self.services.config.cgroup_group())
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
@@ -707,10 +728,16 @@ fn step(applied: Option<DeploymentState>, status: &Status) -> Option<Step> {
 async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Sender<Status>, w: Watcher) {
     let Watcher { db, routes, reporter, id, app } = w;
     let mut applied_state = None;
+    // The sandbox was started just before its watcher.
+    let (started, mut was_healthy) = (std::time::Instant::now(), false);
     loop {
         let current = status.borrow_and_update().clone();
         if let Some(step) = step(applied_state, &current) {
             applied_state = Some(step.state);
+            if step.state == DeploymentState::Healthy && !was_healthy {
+                was_healthy = true;
+                crate::counters::platform().became_healthy(started.elapsed());
+            }
             if let Err(e) = db.set_state(&id, step.state, step.error.as_deref()).await {
                 tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
             }

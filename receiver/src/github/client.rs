@@ -182,6 +182,7 @@ impl Client {
             match result {
                 Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                     tracing::info!(route, attempt, error = %e, pause_ms = pause.as_millis() as u64, "GitHub call failed; trying again");
+                    crate::counters::platform().github_retries.inc();
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                     attempt += 1;

@@ -56,6 +56,7 @@ pub async fn run(
             e = rx.recv() => match e { Some(e) => e, None => return },
             _ = stop.changed() => return,
         };
+        crate::counters::platform().github_queue.dec();
         if let Err(e) = sender.handle(&event).await {
             tracing::warn!(?event, error = %e, "cannot report to GitHub");
         }
