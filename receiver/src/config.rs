@@ -96,20 +96,68 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_DOMAIN", default_value = "localhost")]
     pub domain: String,
 
+    /// Domain of the preview URLs (`<deployment>--<app>.<preview-domain>`),
+    /// when they should not share --domain: give a registrable domain of its
+    /// own (one on the Public Suffix List, or at least not --domain nor under
+    /// it), so a preview cannot set cookies on production or on other apps.
+    /// Defaults to --domain.
+    #[arg(long, env = "NX_PREVIEW_DOMAIN")]
+    pub preview_domain: Option<String>,
+
+    /// The addresses the router is reached at from the internet: the A/AAAA
+    /// records `nx domains add` asks for an apex domain (which cannot be a
+    /// CNAME), and what `nx domains verify` accepts instead of the CNAME.
+    /// Repeat for several; without one, apex domains cannot be added.
+    #[arg(long = "public-address", env = "NX_PUBLIC_ADDRESS", value_delimiter = ',')]
+    pub public_addresses: Vec<std::net::IpAddr>,
+
+    /// The DNS server `nx domains verify` asks (`host:port`, over UDP and
+    /// TCP, no cache kept between checks); by default the system's resolvers
+    /// from /etc/resolv.conf.
+    #[arg(long, env = "NX_DNS_RESOLVER")]
+    pub dns_resolver: Option<SocketAddr>,
+
+    /// The ACME directory certificates of custom domains come from:
+    /// `letsencrypt`, `letsencrypt-staging`, or a URL (another CA). Issuance
+    /// runs only with an HTTPS listener (--router-tls-listen); `off` never
+    /// asks for certificates.
+    #[arg(long, env = "NX_ACME_DIRECTORY", default_value = "letsencrypt")]
+    pub acme_directory: String,
+
+    /// PEM root certificate to trust for the ACME directory's own HTTPS
+    /// (a private or test CA such as pebble), instead of the system's roots.
+    #[arg(long, env = "NX_ACME_CA_ROOT")]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// Contact address given to the ACME CA (expiry notices), e.g. `ops@example.com`.
+    #[arg(long, env = "NX_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+
+    /// A certificate is renewed this long before it expires.
+    #[arg(long, env = "NX_ACME_RENEW_BEFORE", default_value = "30d", value_parser = parse_duration)]
+    pub acme_renew_before: Duration,
+
+    /// The wait after a first failed attempt to obtain a certificate; it
+    /// doubles with each failure in a row, up to a day.
+    #[arg(long, env = "NX_ACME_RETRY", default_value = "5m", value_parser = parse_duration)]
+    pub acme_retry: Duration,
+
     /// Address the router listens on.
     #[arg(long, env = "NX_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
     pub router_listen: SocketAddr,
 
-    /// Address for the router's HTTPS listener (HTTP/2), with the two flags below.
-    #[arg(long, env = "NX_ROUTER_TLS_LISTEN", requires_all = ["router_tls_cert", "router_tls_key"])]
+    /// Address for the router's HTTPS listener (HTTP/2): custom domains are
+    /// served there with their ACME certificates, every other name with the
+    /// two flags below when given.
+    #[arg(long, env = "NX_ROUTER_TLS_LISTEN")]
     pub router_tls_listen: Option<SocketAddr>,
 
     /// PEM certificate chain for --router-tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_CERT")]
+    #[arg(long, env = "NX_ROUTER_TLS_CERT", requires_all = ["router_tls_listen", "router_tls_key"])]
     pub router_tls_cert: Option<PathBuf>,
 
     /// PEM private key for --router-tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_KEY")]
+    #[arg(long, env = "NX_ROUTER_TLS_KEY", requires_all = ["router_tls_listen", "router_tls_cert"])]
     pub router_tls_key: Option<PathBuf>,
 
     /// Scheme of the URLs handed to users (`https` when a TLS proxy sits in front).
@@ -486,6 +534,23 @@ impl ServeConfig {
         match &self.github_oidc_audience {
             Some(a) => a.trim_end_matches('/').to_owned(),
             None => format!("http://{}", self.listen),
+        }
+    }
+
+    /// The domain of preview URLs.
+    pub fn preview_domain(&self) -> &str {
+        self.preview_domain.as_deref().unwrap_or(&self.domain)
+    }
+
+    /// The ACME directory URL, or `None` when certificates are not asked for
+    /// (`--acme-directory off`, or no HTTPS listener to serve them).
+    pub fn acme_directory_url(&self) -> Option<&str> {
+        self.router_tls_listen?;
+        match self.acme_directory.as_str() {
+            "off" => None,
+            "letsencrypt" => Some("https://acme-v02.api.letsencrypt.org/directory"),
+            "letsencrypt-staging" => Some("https://acme-staging-v02.api.letsencrypt.org/directory"),
+            url => Some(url),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod config;
 pub mod databases;
 pub mod db;
 pub mod deploy;
+pub mod domains;
 pub mod github;
 pub mod limits;
 pub mod listeners;

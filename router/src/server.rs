@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Limits};
 use crate::h1::H1;
+use crate::certs::{self, CertStore};
 use crate::listener::{self, Connections, Proxies, Source};
 use crate::pool::Pool;
 use crate::proxy::Router;
@@ -28,20 +29,32 @@ use crate::{control, telemetry};
 struct Sockets {
     http: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, Arc<Acceptor>, SocketAddr)>,
+    /// The certificates the HTTPS listener serves by SNI.
+    certs: Arc<CertStore>,
 }
 
 fn open_sockets(config: &Config) -> anyhow::Result<Sockets> {
     let http_source = config.listen_fd.map_or(Source::Bind(config.listen), Source::Inherited);
     let http = http_source.open().with_context(|| format!("cannot listen on {} ({http_source:?})", config.listen))?;
-    let tls = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
-        (Some(addr), Some(cert), Some(key)) => {
-            let source = config.tls_listen_fd.map_or(Source::Bind(addr), Source::Inherited);
-            let socket = source.open().with_context(|| format!("cannot listen on {addr} ({source:?})"))?;
-            Some((socket, listener::tls_acceptor(cert, key)?, addr))
+    // The operator's certificate is read now, before the router gives up
+    // its user; the receiver's come later with the route tables.
+    let fallback = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            Some(certs::certified_key(&cert.display().to_string(), &read(cert)?, &read(key)?)?)
         }
         _ => None,
     };
-    Ok(Sockets { http, tls })
+    let certs = Arc::new(CertStore::new(fallback));
+    let tls = match config.tls_listen {
+        Some(addr) => {
+            let source = config.tls_listen_fd.map_or(Source::Bind(addr), Source::Inherited);
+            let socket = source.open().with_context(|| format!("cannot listen on {addr} ({source:?})"))?;
+            Some((socket, listener::tls_acceptor(certs.clone()), addr))
+        }
+        None => None,
+    };
+    Ok(Sockets { http, tls, certs })
 }
 
 /// Descriptors kept apart from connections: listeners, control socket,
@@ -156,7 +169,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Before any worker thread exists; the filter would reach them anyway.
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
-    let store = Arc::new(RouteStore::open(&config.state)?);
+    let https_port = sockets.tls.as_ref().map(|(_, _, addr)| addr.port());
+    let store = Arc::new(RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?);
     tracing::info!(
         hosts = store.snapshot().routes.len(),
         generation = store.snapshot().generation,

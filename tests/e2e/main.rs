@@ -11,6 +11,7 @@ mod build;
 mod cli;
 mod core;
 mod databases;
+mod domains;
 mod github;
 mod lifecycle;
 mod listeners;

@@ -6,9 +6,11 @@ use nx_protocol::api::DeploymentState;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
+mod domains;
 mod github;
 mod ssh;
 
+pub use domains::{Added, DomainRow};
 pub use github::ReportRow;
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};
 
