@@ -329,7 +329,10 @@ async fn run(
     let acme = crate::domains::acme::Acme::new(db.clone(), master.clone(), routes.clone(), config.clone());
     if let Some(acme) = &acme {
         tokio::spawn(acme.clone().run(stop_rx.clone()));
-        tracing::info!(directory = config.acme_directory_url().unwrap_or_default(), "certificates of custom domains by ACME");
+        tracing::info!(
+            directory = config.acme_directory_url().unwrap_or_default(),
+            "certificates of custom domains by ACME"
+        );
     }
     let state = AppState {
         routes: routes.clone(),

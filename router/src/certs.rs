@@ -71,9 +71,7 @@ impl CertStore {
     /// The receiver's certificate for `host`: its own, else a wildcard of its parent.
     fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         let map = self.by_host.load();
-        map.get(host)
-            .or_else(|| host.split_once('.').and_then(|(_, parent)| map.get(&format!("*.{parent}"))))
-            .cloned()
+        map.get(host).or_else(|| host.split_once('.').and_then(|(_, parent)| map.get(&format!("*.{parent}")))).cloned()
     }
 
     /// Whether the receiver gave a certificate for `host` (so plain HTTP
@@ -107,8 +105,7 @@ mod tests {
         let mut map = HashMap::new();
         let fake = Arc::new(CertifiedKey::new(
             vec![CertificateDer::from(vec![1u8])],
-            rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::from_pem_slice(TEST_KEY).unwrap())
-                .unwrap(),
+            rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::from_pem_slice(TEST_KEY).unwrap()).unwrap(),
         ));
         map.insert("*.preview.test".to_owned(), fake);
         store.by_host.store(Arc::new(map));

@@ -608,7 +608,13 @@ pub(crate) mod tests {
         // The port goes to another deployment, under the same host.
         let victim = TcpListener::bind(port).await.unwrap();
         let route = Route { app: "web".into(), deployment: "d2".into(), target: Target::Live { addr: port } };
-        store.replace(RouteTable { generation: 2, routes: [("app.localhost".to_owned(), route)].into(), ..Default::default() }).unwrap();
+        store
+            .replace(RouteTable {
+                generation: 2,
+                routes: [("app.localhost".to_owned(), route)].into(),
+                ..Default::default()
+            })
+            .unwrap();
         client
             .write_all(b"GET /account HTTP/1.1\r\nHost: app.localhost\r\nCookie: session=secret\r\n\r\n")
             .await
@@ -906,7 +912,13 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Live { addr: app } };
-        store.replace(RouteTable { generation: 1, routes: [("app.localhost".into(), route)].into(), ..Default::default() }).unwrap();
+        store
+            .replace(RouteTable {
+                generation: 1,
+                routes: [("app.localhost".into(), route)].into(),
+                ..Default::default()
+            })
+            .unwrap();
         let draining = Arc::new(AtomicBool::new(false));
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
         let conf = Arc::new(pingora::server::configuration::ServerConf::default());

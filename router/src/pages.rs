@@ -87,12 +87,7 @@ impl Page {
 
     /// The answer to an ACME HTTP-01 challenge: the key authorization as text.
     pub fn challenge(key_authorization: String) -> Page {
-        Page {
-            status: 200,
-            title: "ACME challenge",
-            message: String::new(),
-            kind: PageKind::Text(key_authorization),
-        }
+        Page { status: 200, title: "ACME challenge", message: String::new(), kind: PageKind::Text(key_authorization) }
     }
 
     /// A permanent redirect of a plain HTTP request to `location` (308

@@ -15,9 +15,9 @@ use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
+use crate::certs::{self, CertStore};
 use crate::config::{Config, Limits};
 use crate::h1::H1;
-use crate::certs::{self, CertStore};
 use crate::listener::{self, Connections, Proxies, Source};
 use crate::pool::Pool;
 use crate::proxy::Router;

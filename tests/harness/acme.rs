@@ -80,7 +80,12 @@ impl Acme {
         let acme = Acme { dir, dns_port, dns_management, acme_port, pebble_management, children: vec![child] };
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::blocking::Client::new();
-        while client.post(format!("http://127.0.0.1:{dns_management}/clear-txt")).body("{\"host\":\"x.\"}").send().is_err() {
+        while client
+            .post(format!("http://127.0.0.1:{dns_management}/clear-txt"))
+            .body("{\"host\":\"x.\"}")
+            .send()
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "pebble-challtestsrv did not come up: {}", acme.logs());
             std::thread::sleep(Duration::from_millis(100));
         }

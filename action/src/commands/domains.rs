@@ -16,20 +16,16 @@ fn records(d: &DomainInfo) -> String {
 /// Domains as a table: name, state, certificate issuer and expiry, last error.
 fn domain_table(domains: &[DomainInfo]) -> String {
     let now = chrono::Utc::now();
-    let mut rows = vec![vec![
-        "DOMAIN".into(),
-        "STATE".into(),
-        "ISSUER".into(),
-        "EXPIRES".into(),
-        "LAST ERROR".into(),
-    ]];
+    let mut rows = vec![vec!["DOMAIN".into(), "STATE".into(), "ISSUER".into(), "EXPIRES".into(), "LAST ERROR".into()]];
     for d in domains {
         let state = match (d.verified_at, d.expires_at) {
             (None, _) => paint("unverified", Color::Yellow),
             (Some(_), None) => paint("verified, no certificate yet", Color::Yellow),
             (Some(_), Some(_)) => paint("https", Color::Green),
         };
-        let expires = d.expires_at.map_or_else(|| "-".into(), |t| format!("{} ({})", t.format("%Y-%m-%d %H:%M UTC"), until(t, now)));
+        let expires = d
+            .expires_at
+            .map_or_else(|| "-".into(), |t| format!("{} ({})", t.format("%Y-%m-%d %H:%M UTC"), until(t, now)));
         let error = match (&d.last_error, d.next_attempt_at) {
             (Some(e), Some(next)) => format!("{e} (next attempt {})", until(next, now)),
             (Some(e), None) => e.clone(),

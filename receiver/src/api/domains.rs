@@ -28,7 +28,10 @@ fn to_info(state: &AppState, row: &DomainRow) -> Result<DomainInfo, ApiError> {
 async fn attached(state: &AppState, app: &crate::db::AppRow, name: &str) -> Result<DomainRow, ApiError> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     state.db.domain(&name).await?.filter(|d| d.app_id == app.id).ok_or_else(|| {
-        ApiError::NotFound(format!("app '{}' has no domain {name}; `nx domains ls {}` lists its domains", app.name, app.name))
+        ApiError::NotFound(format!(
+            "app '{}' has no domain {name}; `nx domains ls {}` lists its domains",
+            app.name, app.name
+        ))
     })
 }
 
@@ -108,7 +111,10 @@ pub async fn remove(
 ) -> Result<StatusCode, ApiError> {
     let row = attached(&state, &app, &name).await?;
     state.db.remove_domain(app.id, &row.name).await?;
-    state.db.event(Some(&app.name), None, "domain.remove", &caller.actor(), serde_json::json!({ "domain": row.name })).await?;
+    state
+        .db
+        .event(Some(&app.name), None, "domain.remove", &caller.actor(), serde_json::json!({ "domain": row.name }))
+        .await?;
     let _ = state.routes.publish().await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -30,9 +30,13 @@ const DOMAIN_COLUMNS: &str = "d.id, d.name, d.app_id, a.name AS app_name, d.toke
 pub enum Added {
     Added(DomainRow),
     /// The name is attached to this app already (this one or another).
-    Taken { app: String },
+    Taken {
+        app: String,
+    },
     /// The app has a domain already.
-    Full { domain: String },
+    Full {
+        domain: String,
+    },
 }
 
 impl Db {
@@ -57,12 +61,13 @@ impl Db {
         if let Some(domain) = existing {
             return Ok(Added::Full { domain });
         }
-        let inserted = sqlx::query("INSERT INTO domains (name, app_id, token) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(app_id)
-            .bind(token)
-            .execute(&mut *tx)
-            .await?;
+        let inserted =
+            sqlx::query("INSERT INTO domains (name, app_id, token) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .bind(app_id)
+                .bind(token)
+                .execute(&mut *tx)
+                .await?;
         if inserted.rows_affected() == 0 {
             // Another app's request took it between the check and the insert.
             tx.rollback().await?;
@@ -75,7 +80,10 @@ impl Db {
     }
 
     pub async fn domain(&self, name: &str) -> Result<Option<DomainRow>, sqlx::Error> {
-        sqlx::query_as(&format!("SELECT {DOMAIN_COLUMNS} WHERE d.name = $1")).bind(name).fetch_optional(&self.pool).await
+        sqlx::query_as(&format!("SELECT {DOMAIN_COLUMNS} WHERE d.name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn app_domains(&self, app_id: i64) -> Result<Vec<DomainRow>, sqlx::Error> {
@@ -139,15 +147,13 @@ impl Db {
         error: &str,
         next_attempt_at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE domains SET last_error = $2, failures = failures + 1, next_attempt_at = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(error)
-        .bind(next_attempt_at)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        sqlx::query("UPDATE domains SET last_error = $2, failures = failures + 1, next_attempt_at = $3 WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .bind(next_attempt_at)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// The sealed credentials of the ACME account at `directory`.

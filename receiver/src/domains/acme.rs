@@ -59,7 +59,12 @@ pub struct Acme {
 impl Acme {
     /// The issuer, unless certificates are off (`--acme-directory off`, or no
     /// HTTPS listener to serve them).
-    pub fn new(db: Db, master: Arc<MasterKey>, routes: Arc<RoutePublisher>, config: Arc<ServeConfig>) -> Option<Arc<Acme>> {
+    pub fn new(
+        db: Db,
+        master: Arc<MasterKey>,
+        routes: Arc<RoutePublisher>,
+        config: Arc<ServeConfig>,
+    ) -> Option<Arc<Acme>> {
         let directory = config.acme_directory_url()?.to_owned();
         Some(Arc::new(Acme { db, master, routes, config, directory, wake: Notify::new() }))
     }
@@ -135,8 +140,11 @@ impl Acme {
         let contact = self.config.acme_email.as_ref().map(|e| format!("mailto:{e}"));
         let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
         let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
-        let (account, credentials) =
-            builder().map_err(|e| self.ca(e))?.create(&new, self.directory.clone(), None).await.map_err(|e| self.ca(e))?;
+        let (account, credentials) = builder()
+            .map_err(|e| self.ca(e))?
+            .create(&new, self.directory.clone(), None)
+            .await
+            .map_err(|e| self.ca(e))?;
         let json = serde_json::to_string(&credentials).map_err(|e| AcmeError::Account(e.to_string()))?;
         self.db.set_acme_account(&self.directory, &self.master.seal_str(&json)).await?;
         Ok(account)
@@ -155,26 +163,40 @@ impl Acme {
             if auth.status != AuthorizationStatus::Pending {
                 continue;
             }
-            let mut challenge =
-                auth.challenge(ChallengeType::Http01).ok_or_else(|| AcmeError::NoHttp01 { domain: row.name.clone() })?;
+            let mut challenge = auth
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| AcmeError::NoHttp01 { domain: row.name.clone() })?;
             self.routes.set_challenge(&row.name, &challenge.token, Some(challenge.key_authorization().as_str().into()));
             tokens.push(challenge.token.clone());
-            answered = self.routes.publish().await.map_err(|e| AcmeError::Router { domain: row.name.clone(), reason: e.to_string() });
+            answered = self
+                .routes
+                .publish()
+                .await
+                .map_err(|e| AcmeError::Router { domain: row.name.clone(), reason: e.to_string() });
             if answered.is_err() {
                 break;
             }
             challenge.set_ready().await.map_err(|e| self.ca(e))?;
         }
         let status = match answered {
-            Ok(()) => order.poll_ready(&POLL).await.map_err(|e| self.ca(e)),
-            Err(e) => Err(e),
+            Ok(()) => order.poll_ready(&POLL).await,
+            Err(e) => {
+                self.forget(&row.name, &tokens).await;
+                return Err(e);
+            }
         };
-        for token in &tokens {
-            self.routes.set_challenge(&row.name, token, None);
-        }
-        let _ = self.routes.publish().await;
-        if status? != OrderStatus::Ready {
-            return Err(AcmeError::Invalid { domain: row.name.clone(), detail: self.why_invalid(&mut order).await });
+        self.forget(&row.name, &tokens).await;
+        match status {
+            Ok(OrderStatus::Ready) => {}
+            // An invalid order, with or without the CA's problem on it: the
+            // challenges say why.
+            Ok(_) | Err(instant_acme::Error::Api(_)) => {
+                let problem = status.err().map(|e| e.to_string());
+                let detail = self.why_invalid(&mut order).await.or(problem);
+                let detail = detail.unwrap_or_else(|| "the order became invalid without a reason".into());
+                return Err(AcmeError::Invalid { domain: row.name.clone(), detail });
+            }
+            Err(e) => return Err(self.ca(e)),
         }
         let key_pem = order.finalize().await.map_err(|e| self.ca(e))?;
         let chain_pem = order.poll_certificate(&POLL).await.map_err(|e| self.ca(e))?;
@@ -183,8 +205,16 @@ impl Acme {
         Ok(Obtained { chain_pem, key_pem, issuer, expires_at })
     }
 
+    /// Stops answering `tokens` on `name`.
+    async fn forget(&self, name: &str, tokens: &[String]) {
+        for token in tokens {
+            self.routes.set_challenge(name, token, None);
+        }
+        let _ = self.routes.publish().await;
+    }
+
     /// What the CA said of the failed challenges of an invalid order.
-    async fn why_invalid(&self, order: &mut instant_acme::Order) -> String {
+    async fn why_invalid(&self, order: &mut instant_acme::Order) -> Option<String> {
         let mut details = Vec::new();
         let mut auths = order.authorizations();
         while let Some(Ok(mut auth)) = auths.next().await {
@@ -197,11 +227,7 @@ impl Acme {
                     .map(|p| p.detail.clone().unwrap_or_else(|| p.to_string())),
             );
         }
-        if details.is_empty() {
-            "the order became invalid without a reason".into()
-        } else {
-            details.join("; ")
-        }
+        (!details.is_empty()).then(|| details.join("; "))
     }
 }
 

@@ -130,7 +130,11 @@ pub fn resolver(config: &ServeConfig) -> Result<TokioResolver, ResolveError> {
     opts.attempts = 2;
     let builder = match config.dns_resolver {
         Some(addr) => TokioResolver::builder_with_config(
-            ResolverConfig::from_parts(None, vec![], NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true)),
+            ResolverConfig::from_parts(
+                None,
+                vec![],
+                NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true),
+            ),
             TokioConnectionProvider::default(),
         ),
         None => TokioResolver::builder_tokio()?,
@@ -264,12 +268,15 @@ mod tests {
         let c = config(&["--public-address", "192.0.2.1,2001:db8::1"]);
         let app = AppName::parse("web").unwrap();
         let cname = pointing("www.example.test", &app, &c);
-        assert_eq!(cname, [DnsRecord { kind: "CNAME".into(), name: "www.example.test".into(), value: "web.apps.test".into() }]);
+        assert_eq!(
+            cname,
+            [DnsRecord { kind: "CNAME".into(), name: "www.example.test".into(), value: "web.apps.test".into() }]
+        );
         let apex = pointing("example.test", &app, &c);
-        assert_eq!(apex.iter().map(|r| (r.kind.as_str(), r.value.as_str())).collect::<Vec<_>>(), [
-            ("A", "192.0.2.1"),
-            ("AAAA", "2001:db8::1")
-        ]);
+        assert_eq!(
+            apex.iter().map(|r| (r.kind.as_str(), r.value.as_str())).collect::<Vec<_>>(),
+            [("A", "192.0.2.1"), ("AAAA", "2001:db8::1")]
+        );
         assert_eq!(ownership("www.example.test", "abc").name, "_nx-verify.www.example.test");
         assert_eq!(ownership("www.example.test", "abc").value, "nx-verify=abc");
     }
