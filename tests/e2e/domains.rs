@@ -27,13 +27,19 @@ fn txt_value(r: &Receiver, app: &str) -> String {
     txt["value"].as_str().unwrap().to_owned()
 }
 
-/// curl's status line and Location for a plain or HTTPS request, with
+/// curl's HTTP version, status and Location for a plain or HTTPS request, with
 /// `DOMAIN` resolved to 127.0.0.1 and pebble's root trusted.
 fn curl(url: &str, port: u16, root: &std::path::Path) -> (i32, String) {
     let out = Command::new(nx_e2e::require_program("curl", "curl"))
         .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(root)
-        .args(["--resolve", &format!("{DOMAIN}:{port}:127.0.0.1"), "-w", "\n%{http_code} %{redirect_url}", url])
+        .args([
+            "--resolve",
+            &format!("{DOMAIN}:{port}:127.0.0.1"),
+            "-w",
+            "\nHTTP/%{http_version} %{http_code} %{redirect_url}",
+            url,
+        ])
         .output()
         .unwrap();
     (
@@ -168,11 +174,11 @@ fn a_verified_domain_gets_an_acme_certificate_served_by_sni_and_renewed() {
     let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/headers"), tls_port, &root);
     assert_eq!(code, 0, "{out}\n{}", r.log());
     assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
-    assert!(out.ends_with("200 "), "{out}");
+    assert!(out.ends_with("HTTP/2 200 "), "{out}");
     // Plain HTTP for the name goes to HTTPS, keeping path and query.
     let (code, out) = curl(&format!("http://{DOMAIN}:{}/a/b?c=1", r.router_port), r.router_port, &root);
     assert_eq!(code, 0, "{out}");
-    assert!(out.ends_with(&format!("308 https://{DOMAIN}:{tls_port}/a/b?c=1")), "{out}");
+    assert!(out.ends_with(&format!("HTTP/1.1 308 https://{DOMAIN}:{tls_port}/a/b?c=1")), "{out}");
     // Other hosts stay on plain HTTP.
     assert_eq!(get_host(r.router_port, "web.localhost", "/").status, 200);
 

@@ -241,10 +241,9 @@ mod tests {
 
     fn config(extra: &[&str]) -> ServeConfig {
         let args = [&["serve", "--domain", "apps.test", "--preview-domain", "previews.test"], extra].concat();
-        match crate::config::Cli::try_parse_from([&["nx-receiver"], &args[..]].concat()).unwrap().command {
-            crate::config::Command::Serve(c) => *c,
-            _ => unreachable!(),
-        }
+        let crate::config::Command::Serve(c) =
+            crate::config::Cli::try_parse_from([&["nx-receiver"], &args[..]].concat()).unwrap().command;
+        *c
     }
 
     #[test]
