@@ -121,7 +121,7 @@ pub struct ServeConfig {
     /// `letsencrypt`, `letsencrypt-staging`, or a URL (another CA). Issuance
     /// runs only with an HTTPS listener (--router-tls-listen); `off` never
     /// asks for certificates.
-    #[arg(long, env = "NX_ACME_DIRECTORY", default_value = "letsencrypt")]
+    #[arg(long, env = "NX_ACME_DIRECTORY", default_value = "letsencrypt", value_parser = parse_acme_directory)]
     pub acme_directory: String,
 
     /// PEM root certificate to trust for the ACME directory's own HTTPS
@@ -542,6 +542,23 @@ impl ServeConfig {
         self.preview_domain.as_deref().unwrap_or(&self.domain)
     }
 
+    /// Refuses a `--preview-domain` that shares cookies with `--domain`: the
+    /// same domain, or one under the other (a host may set cookies for its
+    /// parent domains).
+    pub fn check_preview_domain(&self) -> Result<(), String> {
+        let Some(preview) = &self.preview_domain else { return Ok(()) };
+        let (p, d) = (preview.to_ascii_lowercase(), self.domain.to_ascii_lowercase());
+        if p == d || p.ends_with(&format!(".{d}")) || d.ends_with(&format!(".{p}")) {
+            return Err(format!(
+                "--preview-domain {preview} shares cookies with --domain {}: give previews a registrable domain of \
+                 their own (one on the Public Suffix List, or at least neither --domain nor under it), or leave the \
+                 flag out to serve previews under --domain",
+                self.domain
+            ));
+        }
+        Ok(())
+    }
+
     /// The ACME directory URL, or `None` when certificates are not asked for
     /// (`--acme-directory off`, or no HTTPS listener to serve them).
     pub fn acme_directory_url(&self) -> Option<&str> {
@@ -587,6 +604,16 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_acme_directory(s: &str) -> Result<String, String> {
+    let named = matches!(s, "letsencrypt" | "letsencrypt-staging" | "off");
+    let url = url::Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some());
+    if named || url {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not letsencrypt, letsencrypt-staging, off or the URL of an ACME directory (https://...)"))
+    }
+}
+
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let err = || format!("{s:?} is not a port range; write it like 20000-29999");
     let (a, b) = s.split_once('-').ok_or_else(err)?;
@@ -600,6 +627,29 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve(extra: &[&str]) -> Result<ServeConfig, clap::Error> {
+        use clap::Parser;
+        let Command::Serve(c) = Cli::try_parse_from([&["nx-receiver", "serve"], extra].concat())?.command;
+        Ok(*c)
+    }
+
+    #[test]
+    fn acme_directories_are_named_or_urls_and_previews_never_share_cookies_with_production() {
+        assert!(serve(&["--acme-directory", "letsencrypt-staging"]).is_ok());
+        assert!(serve(&["--acme-directory", "https://127.0.0.1:14000/dir"]).is_ok());
+        let e = serve(&["--acme-directory", "letsencrpyt"]).unwrap_err().to_string();
+        assert!(e.contains("\"letsencrpyt\" is not letsencrypt, letsencrypt-staging, off or the URL"), "{e}");
+        let check = |domain: &str, preview: &str| {
+            serve(&["--domain", domain, "--preview-domain", preview]).unwrap().check_preview_domain()
+        };
+        assert_eq!(check("example.com", "example-previews.net"), Ok(()));
+        for (domain, preview) in [("example.com", "previews.example.com"), ("apps.example.com", "example.com")] {
+            let e = check(domain, preview).unwrap_err();
+            assert!(e.starts_with(&format!("--preview-domain {preview} shares cookies with --domain {domain}")), "{e}");
+        }
+        assert_eq!(serve(&[]).unwrap().check_preview_domain(), Ok(()));
+    }
 
     #[test]
     fn port_ranges_parse() {
