@@ -124,6 +124,10 @@ pub enum Command {
     /// Create, list, rotate and revoke deploy keys; rotate the admin token.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Custom domains of an app's production (admin): the DNS records to
+    /// create, their verification, and the certificates obtained for them.
+    #[command(subcommand)]
+    Domains(DomainsCommand),
     /// Say whether a binary will run on the server, and how to fix it if not.
     Verify(VerifyArgs),
     /// The step of the GitHub Action: reads INPUT_* and GITHUB_* variables.
@@ -198,6 +202,22 @@ pub enum EnvCommand {
         #[command(flatten)]
         app: AppArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainsCommand {
+    /// Attach DOMAIN to APP's production and print the DNS records to create:
+    /// a CNAME to the app's host (A/AAAA for an apex) and a TXT record proving
+    /// the domain is yours.
+    Add { app: String, domain: String },
+    /// The app's domains: verified or not, certificate issuer and expiry, and
+    /// why the last attempt to obtain one failed.
+    Ls { app: String },
+    /// Look the DNS records up; says exactly which is missing, else the
+    /// domain is served from now on and its certificate is obtained.
+    Verify { app: String, domain: String },
+    /// Stop serving DOMAIN for APP and forget its certificate.
+    Rm { app: String, domain: String },
 }
 
 #[derive(Debug, Subcommand)]

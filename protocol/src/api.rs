@@ -571,6 +571,41 @@ pub struct AppInfo {
     pub created_at: DateTime<Utc>,
 }
 
+/// `POST /v1/apps/{app}/domains`: attach a custom domain to the app's production.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddDomain {
+    pub domain: String,
+}
+
+/// A DNS record the owner of a custom domain creates at their DNS provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsRecord {
+    /// `CNAME`, `A`, `AAAA` or `TXT`.
+    pub kind: String,
+    pub name: String,
+    pub value: String,
+}
+
+/// A custom domain of an app, and where its certificate stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub domain: String,
+    pub app: AppName,
+    /// The records to create: where the name points, and the TXT record that
+    /// proves it is the app owner's.
+    pub records: Vec<DnsRecord>,
+    /// When the records were found; the domain is served from then on.
+    pub verified_at: Option<DateTime<Utc>>,
+    /// The issuer of the current certificate (its subject's common name or organisation).
+    pub issuer: Option<String>,
+    /// When the current certificate expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why the last attempt to obtain a certificate failed, while it stands.
+    pub last_error: Option<String>,
+    /// When the next attempt to obtain or renew the certificate is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
 /// What an app database over its size quota may still do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -14,6 +14,9 @@ pub const CONTROL_ROUTES_PATH: &str = "/routes";
 /// (`GET`, an [`Activity`]); the receiver stops previews nobody visits.
 pub const CONTROL_ACTIVITY_PATH: &str = "/activity";
 
+/// The path prefix of ACME HTTP-01 challenges (RFC 8555 section 8.3).
+pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
 /// When each deployment last had a request through this router, in Unix
 /// seconds; deployments without one since the router started are absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,29 @@ pub struct RouteTable {
     pub generation: u64,
     /// Lowercase host names without port.
     pub routes: BTreeMap<String, Route>,
+    /// ACME HTTP-01 answers: host, then token, then key authorization. The
+    /// router answers `/.well-known/acme-challenge/<token>` with it on that host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub challenges: BTreeMap<String, BTreeMap<String, String>>,
+    /// Certificates served by SNI. They hold private keys: the router keeps
+    /// them in memory and never writes them to its state file; the receiver
+    /// sends them with every table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Certificate>,
+}
+
+/// A certificate chain and its private key, both PEM, for the hosts it names.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub hosts: Vec<String>,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate").field("hosts", &self.hosts).field("key_pem", &"<redacted>").finish()
+    }
 }
 
 /// Normalises a `Host` header value to a table key: lowercase, port and a

@@ -68,20 +68,68 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_DOMAIN", default_value = "localhost")]
     pub domain: String,
 
+    /// Domain of the preview URLs (`<deployment>--<app>.<preview-domain>`),
+    /// when they should not share --domain: give a registrable domain of its
+    /// own (one on the Public Suffix List, or at least not --domain nor under
+    /// it), so a preview cannot set cookies on production or on other apps.
+    /// Defaults to --domain.
+    #[arg(long, env = "NX_PREVIEW_DOMAIN")]
+    pub preview_domain: Option<String>,
+
+    /// The addresses the router is reached at from the internet: the A/AAAA
+    /// records `nx domains add` asks for an apex domain (which cannot be a
+    /// CNAME), and what `nx domains verify` accepts instead of the CNAME.
+    /// Repeat for several; without one, apex domains cannot be added.
+    #[arg(long = "public-address", env = "NX_PUBLIC_ADDRESS", value_delimiter = ',')]
+    pub public_addresses: Vec<std::net::IpAddr>,
+
+    /// The DNS server `nx domains verify` asks (`host:port`, over UDP and
+    /// TCP, no cache kept between checks); by default the system's resolvers
+    /// from /etc/resolv.conf.
+    #[arg(long, env = "NX_DNS_RESOLVER")]
+    pub dns_resolver: Option<SocketAddr>,
+
+    /// The ACME directory certificates of custom domains come from:
+    /// `letsencrypt`, `letsencrypt-staging`, or a URL (another CA). Issuance
+    /// runs only with an HTTPS listener (--router-tls-listen); `off` never
+    /// asks for certificates.
+    #[arg(long, env = "NX_ACME_DIRECTORY", default_value = "letsencrypt", value_parser = parse_acme_directory)]
+    pub acme_directory: String,
+
+    /// PEM root certificate to trust for the ACME directory's own HTTPS
+    /// (a private or test CA such as pebble), instead of the system's roots.
+    #[arg(long, env = "NX_ACME_CA_ROOT")]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// Contact address given to the ACME CA (expiry notices), e.g. `ops@example.com`.
+    #[arg(long, env = "NX_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+
+    /// A certificate is renewed this long before it expires.
+    #[arg(long, env = "NX_ACME_RENEW_BEFORE", default_value = "30d", value_parser = parse_duration)]
+    pub acme_renew_before: Duration,
+
+    /// The wait after a first failed attempt to obtain a certificate; it
+    /// doubles with each failure in a row, up to a day.
+    #[arg(long, env = "NX_ACME_RETRY", default_value = "5m", value_parser = parse_duration)]
+    pub acme_retry: Duration,
+
     /// Address the router listens on.
     #[arg(long, env = "NX_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
     pub router_listen: SocketAddr,
 
-    /// Address for the router's HTTPS listener (HTTP/2), with the two flags below.
-    #[arg(long, env = "NX_ROUTER_TLS_LISTEN", requires_all = ["router_tls_cert", "router_tls_key"])]
+    /// Address for the router's HTTPS listener (HTTP/2): custom domains are
+    /// served there with their ACME certificates, every other name with the
+    /// two flags below when given.
+    #[arg(long, env = "NX_ROUTER_TLS_LISTEN")]
     pub router_tls_listen: Option<SocketAddr>,
 
     /// PEM certificate chain for --router-tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_CERT")]
+    #[arg(long, env = "NX_ROUTER_TLS_CERT", requires_all = ["router_tls_listen", "router_tls_key"])]
     pub router_tls_cert: Option<PathBuf>,
 
     /// PEM private key for --router-tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_KEY")]
+    #[arg(long, env = "NX_ROUTER_TLS_KEY", requires_all = ["router_tls_listen", "router_tls_cert"])]
     pub router_tls_key: Option<PathBuf>,
 
     /// Scheme of the URLs handed to users (`https` when a TLS proxy sits in front).
@@ -488,6 +536,40 @@ impl ServeConfig {
         }
     }
 
+    /// The domain of preview URLs.
+    pub fn preview_domain(&self) -> &str {
+        self.preview_domain.as_deref().unwrap_or(&self.domain)
+    }
+
+    /// Refuses a `--preview-domain` that shares cookies with `--domain`: the
+    /// same domain, or one under the other (a host may set cookies for its
+    /// parent domains).
+    pub fn check_preview_domain(&self) -> Result<(), String> {
+        let Some(preview) = &self.preview_domain else { return Ok(()) };
+        let (p, d) = (preview.to_ascii_lowercase(), self.domain.to_ascii_lowercase());
+        if p == d || p.ends_with(&format!(".{d}")) || d.ends_with(&format!(".{p}")) {
+            return Err(format!(
+                "--preview-domain {preview} shares cookies with --domain {}: give previews a registrable domain of \
+                 their own (one on the Public Suffix List, or at least neither --domain nor under it), or leave the \
+                 flag out to serve previews under --domain",
+                self.domain
+            ));
+        }
+        Ok(())
+    }
+
+    /// The ACME directory URL, or `None` when certificates are not asked for
+    /// (`--acme-directory off`, or no HTTPS listener to serve them).
+    pub fn acme_directory_url(&self) -> Option<&str> {
+        self.router_tls_listen?;
+        match self.acme_directory.as_str() {
+            "off" => None,
+            "letsencrypt" => Some("https://acme-v02.api.letsencrypt.org/directory"),
+            "letsencrypt-staging" => Some("https://acme-staging-v02.api.letsencrypt.org/directory"),
+            url => Some(url),
+        }
+    }
+
     /// The port shown in URLs.
     pub fn url_port(&self) -> u16 {
         self.public_port.unwrap_or(self.router_listen.port())
@@ -521,6 +603,16 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_acme_directory(s: &str) -> Result<String, String> {
+    let named = matches!(s, "letsencrypt" | "letsencrypt-staging" | "off");
+    let url = url::Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some());
+    if named || url {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not letsencrypt, letsencrypt-staging, off or the URL of an ACME directory (https://...)"))
+    }
+}
+
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let err = || format!("{s:?} is not a port range; write it like 20000-29999");
     let (a, b) = s.split_once('-').ok_or_else(err)?;
@@ -534,6 +626,29 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve(extra: &[&str]) -> Result<ServeConfig, clap::Error> {
+        use clap::Parser;
+        let Command::Serve(c) = Cli::try_parse_from([&["nx-receiver", "serve"], extra].concat())?.command;
+        Ok(*c)
+    }
+
+    #[test]
+    fn acme_directories_are_named_or_urls_and_previews_never_share_cookies_with_production() {
+        assert!(serve(&["--acme-directory", "letsencrypt-staging"]).is_ok());
+        assert!(serve(&["--acme-directory", "https://127.0.0.1:14000/dir"]).is_ok());
+        let e = serve(&["--acme-directory", "letsencrpyt"]).unwrap_err().to_string();
+        assert!(e.contains("\"letsencrpyt\" is not letsencrypt, letsencrypt-staging, off or the URL"), "{e}");
+        let check = |domain: &str, preview: &str| {
+            serve(&["--domain", domain, "--preview-domain", preview]).unwrap().check_preview_domain()
+        };
+        assert_eq!(check("example.com", "example-previews.net"), Ok(()));
+        for (domain, preview) in [("example.com", "previews.example.com"), ("apps.example.com", "example.com")] {
+            let e = check(domain, preview).unwrap_err();
+            assert!(e.starts_with(&format!("--preview-domain {preview} shares cookies with --domain {domain}")), "{e}");
+        }
+        assert_eq!(serve(&[]).unwrap().check_preview_domain(), Ok(()));
+    }
 
     #[test]
     fn port_ranges_parse() {

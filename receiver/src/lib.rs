@@ -22,6 +22,7 @@ pub mod counters;
 pub mod databases;
 pub mod db;
 pub mod deploy;
+pub mod domains;
 pub mod github;
 pub mod limits;
 pub mod listeners;

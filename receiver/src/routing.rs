@@ -2,6 +2,7 @@
 //! metadata database, publishes it to nx-router over the control socket, and runs
 //! nx-router as a supervised child.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,15 @@ use nix::sys::signal::Signal;
 use nx_protocol::api::DeploymentState;
 use nx_protocol::metrics::{RouterTraffic, CONTROL_TRAFFIC_PATH};
 use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
-use nx_protocol::routes::{Activity, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
+use nx_protocol::routes::{
+    Activity, Certificate, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH,
+};
 use nx_runtime::process::{Child, Command, ProcessManager, Stream};
 use nx_runtime::Log;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-use crate::db::{Db, DeploymentRow};
+use crate::db::{Db, DeploymentRow, DomainRow};
+use crate::secrets::MasterKey;
 
 /// Why a table did not reach the router.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +46,17 @@ fn target_of(row: &DeploymentRow) -> Target {
     }
 }
 
-/// The table for `rows`: one preview host per deployment, and the production
-/// host of each app pointing where its production deployment points.
-pub fn build_table(rows: &[DeploymentRow], domain: &str, generation: u64) -> RouteTable {
+/// The table for `rows`: one preview host per deployment (under
+/// `preview_domain`), the production host of each app pointing where its
+/// production deployment points, and each verified custom domain of
+/// `domains` pointing there too.
+pub fn build_table(
+    rows: &[DeploymentRow],
+    domains: &[DomainRow],
+    domain: &str,
+    preview_domain: &str,
+    generation: u64,
+) -> RouteTable {
     let mut table = RouteTable { generation, ..RouteTable::default() };
     for row in rows {
         let (Ok(app), Ok(id)) = (AppName::parse(&row.app_name), DeploymentId::parse(&row.id)) else { continue };
@@ -52,17 +64,46 @@ pub fn build_table(rows: &[DeploymentRow], domain: &str, generation: u64) -> Rou
         if row.is_production {
             table.routes.insert(production_host(&app, domain), route.clone());
         }
-        table.routes.insert(preview_host(&id, &app, domain), route);
+        table.routes.insert(preview_host(&id, &app, preview_domain), route);
+    }
+    for d in domains.iter().filter(|d| d.verified_at.is_some()) {
+        let Ok(app) = AppName::parse(&d.app_name) else { continue };
+        if let Some(route) = table.routes.get(&production_host(&app, domain)).cloned() {
+            table.routes.insert(d.name.clone(), route);
+        }
     }
     table
+}
+
+/// The certificates of `domains`, unsealed. One that cannot be opened is
+/// left out and said in the log; the domain is then served with the
+/// fallback certificate until it is renewed.
+fn certificates(domains: &[DomainRow], master: &MasterKey) -> Vec<Certificate> {
+    domains
+        .iter()
+        .filter_map(|d| {
+            let (chain, key) = (d.cert_chain.as_ref()?, d.cert_key.as_ref()?);
+            match (master.open_str(chain), master.open_str(key)) {
+                (Ok(chain_pem), Ok(key_pem)) => Some(Certificate { hosts: vec![d.name.clone()], chain_pem, key_pem }),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(domain = %d.name, error = %e, "certificate cannot be unsealed; left out");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// Publishes route tables; serialises publishers so tables arrive in order.
 #[derive(Debug)]
 pub struct RoutePublisher {
     db: Db,
+    master: Arc<MasterKey>,
     control: PathBuf,
     domain: String,
+    preview_domain: String,
+    /// ACME HTTP-01 answers being asked for: host, token, key authorization.
+    challenges: std::sync::Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// The last generation sent; tables only move forward.
     generation: Mutex<u64>,
     /// Set when the last publish failed, so the retry loop tries again.
@@ -70,8 +111,42 @@ pub struct RoutePublisher {
 }
 
 impl RoutePublisher {
-    pub fn new(db: Db, control: PathBuf, domain: String) -> RoutePublisher {
-        RoutePublisher { db, control, domain, generation: Mutex::new(0), dirty: false.into() }
+    pub fn new(
+        db: Db,
+        master: Arc<MasterKey>,
+        control: PathBuf,
+        domain: String,
+        preview_domain: String,
+    ) -> RoutePublisher {
+        RoutePublisher {
+            db,
+            master,
+            control,
+            domain,
+            preview_domain,
+            challenges: Default::default(),
+            generation: Mutex::new(0),
+            dirty: false.into(),
+        }
+    }
+
+    /// Answers `token` on `host` with `key_authorization` (`Some`), or no
+    /// longer (`None`), from the next table on.
+    pub fn set_challenge(&self, host: &str, token: &str, key_authorization: Option<String>) {
+        let mut challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+        match key_authorization {
+            Some(answer) => {
+                challenges.entry(host.to_owned()).or_default().insert(token.to_owned(), answer);
+            }
+            None => {
+                if let Some(tokens) = challenges.get_mut(host) {
+                    tokens.remove(token);
+                    if tokens.is_empty() {
+                        challenges.remove(host);
+                    }
+                }
+            }
+        }
     }
 
     pub fn control_socket(&self) -> &Path {
@@ -98,17 +173,19 @@ impl RoutePublisher {
 
     async fn publish_locked(&self, generation: &mut u64) -> Result<(), PublishError> {
         let rows = self.db.routed_deployments().await?;
+        let domains = self.db.verified_domains().await?;
         // Microseconds since the epoch move forward across receiver restarts.
         let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
         *generation = (*generation + 1).max(now);
-        let table = build_table(&rows, &self.domain, *generation);
+        let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
+        table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        table.certificates = certificates(&domains, &self.master);
         match self.send(&table).await {
             Err(PublishError::Refused { status: 409, .. }) => {
                 // The router holds a newer table (our clock went back): continue
                 // from its generation.
-                let theirs = self.current_generation().await?;
-                *generation = theirs + 1;
-                let table = build_table(&rows, &self.domain, *generation);
+                table.generation = self.current_generation().await? + 1;
+                *generation = table.generation;
                 self.send(&table).await
             }
             other => other,
@@ -203,8 +280,9 @@ const HANDED_OVER_RETRIES: u32 = 20;
 pub struct RouterTls {
     pub socket: Arc<std::net::TcpListener>,
     pub addr: std::net::SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// The operator's certificate and key (`--router-tls-cert`, `--router-tls-key`),
+    /// for names without one of their own.
+    pub cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Settings of the supervised router. The listening sockets are the
@@ -261,11 +339,15 @@ impl RouterSettings {
                 tls.addr.to_string().into(),
                 "--tls-listen-fd".into(),
                 TLS_FD.to_string().into(),
-                "--tls-cert".into(),
-                tls.cert.clone().into_os_string(),
-                "--tls-key".into(),
-                tls.key.clone().into_os_string(),
             ]);
+            if let Some((cert, key)) = &tls.cert {
+                cmd.args.extend([
+                    "--tls-cert".into(),
+                    cert.clone().into_os_string(),
+                    "--tls-key".into(),
+                    key.clone().into_os_string(),
+                ]);
+            }
             cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*tls.socket).try_clone_to_owned()?, TLS_FD));
         }
         cmd.args.extend(self.extra_args.iter().map(Into::into));
@@ -558,7 +640,7 @@ mod tests {
             },
             row("dddddddd", "api", "failed", 20004, false),
         ];
-        let t = build_table(&rows, "localhost", 7);
+        let t = build_table(&rows, &[], "localhost", "localhost", 7);
         assert_eq!(t.generation, 7);
         assert_eq!(t.routes["web.localhost"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
         assert_eq!(t.routes["aaaaaaaa--web.localhost"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
@@ -570,5 +652,40 @@ mod tests {
         assert_eq!(t.routes["dddddddd--api.localhost"].target, Target::Failed);
         assert!(!t.routes.contains_key("api.localhost"), "no production without a promotion");
         assert_eq!(t.routes.len(), 5);
+    }
+
+    fn domain(name: &str, app: &str, verified: bool) -> DomainRow {
+        DomainRow {
+            id: 1,
+            name: name.into(),
+            app_id: 1,
+            app_name: app.into(),
+            token: "t".into(),
+            verified_at: verified.then(chrono::Utc::now),
+            cert_chain: None,
+            cert_key: None,
+            issuer: None,
+            expires_at: None,
+            last_error: None,
+            failures: 0,
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn previews_live_on_their_own_domain_and_verified_custom_domains_follow_production() {
+        let rows = [row("aaaaaaaa", "web", "healthy", 20001, true), row("bbbbbbbb", "api", "healthy", 20002, false)];
+        let domains = [
+            domain("www.example.test", "web", true),
+            domain("unverified.example.test", "web", false),
+            domain("api.example.test", "api", true),
+        ];
+        let t = build_table(&rows, &domains, "apps.test", "previews.test", 1);
+        assert_eq!(t.routes["web.apps.test"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
+        assert_eq!(t.routes["www.example.test"], t.routes["web.apps.test"]);
+        assert!(t.routes.contains_key("aaaaaaaa--web.previews.test"));
+        assert!(!t.routes.contains_key("aaaaaaaa--web.apps.test"), "no preview under the production domain");
+        assert!(!t.routes.contains_key("unverified.example.test"), "served only once verified");
+        assert!(!t.routes.contains_key("api.example.test"), "an app without production serves nothing there");
     }
 }

@@ -116,6 +116,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         Ok(hard) => tracing::debug!(limit = hard, "open-file limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    config.check_preview_domain().map_err(anyhow::Error::msg)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     config.data_dir = cwd.join(&config.data_dir);
     let data = config.data_dir.clone();
@@ -196,7 +197,13 @@ async fn run(
     let volumes = crate::volumes::Volumes::probe(pm.clone());
     tracing::info!(cgroups = ?cgroups, "resource limits");
     let control = RouterSettings::control_socket(&data.join("router"));
-    let routes = Arc::new(RoutePublisher::new(db.clone(), control, config.domain.clone()));
+    let routes = Arc::new(RoutePublisher::new(
+        db.clone(),
+        master.clone(),
+        control,
+        config.domain.clone(),
+        config.preview_domain().to_owned(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let router = if config.no_router {
         None
@@ -210,14 +217,13 @@ async fn run(
             std::net::TcpListener::bind(addr).map(Arc::new).with_context(|| format!("cannot listen on {addr} ({flag})"))
         };
         let socket = bind(config.router_listen, "--router-listen")?;
-        let tls = match (config.router_tls_listen, &config.router_tls_cert, &config.router_tls_key) {
-            (Some(addr), Some(cert), Some(key)) => Some(RouterTls {
+        let tls = match config.router_tls_listen {
+            Some(addr) => Some(RouterTls {
                 socket: bind(addr, "--router-tls-listen")?,
                 addr,
-                cert: cert.clone(),
-                key: key.clone(),
+                cert: config.router_tls_cert.clone().zip(config.router_tls_key.clone()),
             }),
-            _ => None,
+            None => None,
         };
         crate::routing::prepare_router_user(&pm, &config.router_user, &data.join("router")).await?;
         let settings = RouterSettings {
@@ -344,8 +350,18 @@ async fn run(
             },
         ));
     }
+    let acme = crate::domains::acme::Acme::new(db.clone(), master.clone(), routes.clone(), config.clone());
+    if let Some(acme) = &acme {
+        tokio::spawn(acme.clone().run(stop_rx.clone()));
+        tracing::info!(
+            directory = config.acme_directory_url().unwrap_or_default(),
+            "certificates of custom domains by ACME"
+        );
+    }
     let state = AppState {
         metrics,
+        routes: routes.clone(),
+        acme,
         db,
         master,
         store,

@@ -17,17 +17,20 @@ pub struct Config {
     /// (the receiver passes its socket, which outlives router restarts).
     #[arg(long, env = "NX_ROUTER_LISTEN_FD")]
     pub listen_fd: Option<i32>,
-    /// Address for HTTPS (HTTP/2 and HTTP/1.1), with --tls-cert and --tls-key.
-    #[arg(long, env = "NX_ROUTER_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    /// Address for HTTPS (HTTP/2 and HTTP/1.1). Certificates are chosen by
+    /// SNI among those the receiver sends with its route tables (custom
+    /// domains), else --tls-cert and --tls-key when given.
+    #[arg(long, env = "NX_ROUTER_TLS_LISTEN")]
     pub tls_listen: Option<SocketAddr>,
     /// Serve HTTPS on this inherited listening socket instead of binding --tls-listen.
     #[arg(long, env = "NX_ROUTER_TLS_LISTEN_FD", requires = "tls_listen")]
     pub tls_listen_fd: Option<i32>,
-    /// PEM certificate chain for --tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_CERT", requires = "tls_listen")]
+    /// PEM certificate chain for --tls-listen, served to names the receiver
+    /// has no certificate for.
+    #[arg(long, env = "NX_ROUTER_TLS_CERT", requires_all = ["tls_listen", "tls_key"])]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-listen.
-    #[arg(long, env = "NX_ROUTER_TLS_KEY", requires = "tls_listen")]
+    #[arg(long, env = "NX_ROUTER_TLS_KEY", requires_all = ["tls_listen", "tls_cert"])]
     pub tls_key: Option<PathBuf>,
     /// Unix socket on which the receiver publishes route tables (created mode 0600).
     #[arg(long, env = "NX_ROUTER_CONTROL", default_value = ".nx/router/control.sock")]

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use nx_protocol::routes::{normalize_host, Target};
+use nx_protocol::names::url_for_host;
+use nx_protocol::routes::{normalize_host, Target, ACME_CHALLENGE_PREFIX};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::pages::Page;
+use crate::pages::{Page, PageKind};
 use crate::table::{Entry, RouteStore};
 
 /// Request id header: always the router's own, so an id in the logs names
@@ -66,6 +67,11 @@ pub struct Client {
 impl Client {
     pub fn new(ip: Option<IpAddr>, tls: bool) -> Client {
         Client { ip: ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()), tls }
+    }
+
+    /// Whether the client connected over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 }
 
@@ -187,8 +193,10 @@ pub fn is_upgrade(req: &RequestHeader) -> bool {
 }
 
 impl Exchange {
-    /// Routes a request by its host and gives it an id.
-    pub fn begin(store: &RouteStore, req: &RequestHeader) -> (Exchange, Decision) {
+    /// Routes a request by its host and gives it an id. ACME challenges for
+    /// the host are answered first (on plain HTTP too, as the CA asks there),
+    /// then a plain request for a host with a certificate is redirected to HTTPS.
+    pub fn begin(store: &RouteStore, req: &RequestHeader, tls: bool) -> (Exchange, Decision) {
         let mut ex = Exchange {
             host: request_host(req),
             route: None,
@@ -203,6 +211,16 @@ impl Exchange {
             started: Instant::now(),
             open: false,
         };
+        if let Some(answer) =
+            req.uri.path().strip_prefix(ACME_CHALLENGE_PREFIX).and_then(|token| store.challenge(&ex.host, token))
+        {
+            return (ex, Decision::Answer(Page::challenge(answer)));
+        }
+        if let Some(port) = store.https_port_for(&ex.host).filter(|_| !tls) {
+            let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let location = format!("{}{target}", url_for_host("https", &ex.host, port));
+            return (ex, Decision::Answer(Page::redirect(location)));
+        }
         let Some(entry) = store.lookup(&ex.host) else {
             let page = Page::unknown_host(&ex.host);
             return (ex, Decision::Answer(page));
@@ -329,9 +347,22 @@ impl Exchange {
 
     /// The header and body of one of the router's own pages.
     pub fn page(&self, page: &Page, draining: bool) -> pingora::Result<(Box<ResponseHeader>, Bytes)> {
-        let body = Bytes::from(page.html());
-        let mut resp = ResponseHeader::build(page.status, Some(6))?;
-        resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+        let mut resp = ResponseHeader::build(page.status, Some(7))?;
+        let body = match &page.kind {
+            PageKind::Text(text) => {
+                resp.insert_header(header::CONTENT_TYPE, "text/plain")?;
+                Bytes::from(text.clone())
+            }
+            PageKind::Redirect(location) => {
+                resp.insert_header(header::LOCATION, location.as_str())?;
+                resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+                Bytes::from(page.html())
+            }
+            PageKind::Html => {
+                resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+                Bytes::from(page.html())
+            }
+        };
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_header(REQUEST_ID, self.request_id.as_str())?;

@@ -162,7 +162,7 @@ impl H1 {
 
     /// Answers one request; true when the client connection may carry another.
     async fn exchange(&self, down: &mut Downstream, client: &Client) -> bool {
-        let (ex, decision) = Exchange::begin(&self.store, down.req_header());
+        let (ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls());
         let draining = self.draining.load(Ordering::Relaxed);
         if draining {
             down.set_server_keepalive(None);
@@ -552,7 +552,7 @@ pub(crate) mod tests {
                 ((*host).to_owned(), Route { app: "web".into(), deployment: format!("d{}", i + 1), target })
             })
             .collect();
-        store.replace(RouteTable { generation: 1, routes }).unwrap();
+        store.replace(RouteTable { generation: 1, routes, ..Default::default() }).unwrap();
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
         let h1 = Arc::new(H1::new(store.clone(), pool, Arc::new(AtomicBool::new(false)), limits));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -609,7 +609,13 @@ pub(crate) mod tests {
         // The port goes to another deployment, under the same host.
         let victim = TcpListener::bind(port).await.unwrap();
         let route = Route { app: "web".into(), deployment: "d2".into(), target: Target::Live { addr: port } };
-        store.replace(RouteTable { generation: 2, routes: [("app.localhost".to_owned(), route)].into() }).unwrap();
+        store
+            .replace(RouteTable {
+                generation: 2,
+                routes: [("app.localhost".to_owned(), route)].into(),
+                ..Default::default()
+            })
+            .unwrap();
         client
             .write_all(b"GET /account HTTP/1.1\r\nHost: app.localhost\r\nCookie: session=secret\r\n\r\n")
             .await
@@ -907,7 +913,13 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Live { addr: app } };
-        store.replace(RouteTable { generation: 1, routes: [("app.localhost".into(), route)].into() }).unwrap();
+        store
+            .replace(RouteTable {
+                generation: 1,
+                routes: [("app.localhost".into(), route)].into(),
+                ..Default::default()
+            })
+            .unwrap();
         let draining = Arc::new(AtomicBool::new(false));
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
         let conf = Arc::new(pingora::server::configuration::ServerConf::default());

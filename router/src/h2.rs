@@ -204,7 +204,10 @@ mod tests {
         pingora::tls::install_default_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = certificate(dir.path());
-        let acceptor = crate::listener::tls_acceptor(&cert, &key).unwrap();
+        let fallback =
+            crate::certs::certified_key("test", &std::fs::read(&cert).unwrap(), &std::fs::read(&key).unwrap());
+        let acceptor =
+            crate::listener::tls_acceptor(std::sync::Arc::new(crate::certs::CertStore::new(Some(fallback.unwrap()))));
         let (addr, _, state, stop) = listening(limits, app, Some(acceptor)).await;
         (addr, cert, (dir, state, stop))
     }

@@ -18,12 +18,15 @@
 //!   requests on open connections with `Connection: close`, and exits when the
 //!   last connection is gone ([`listener`]). The listening sockets usually come
 //!   from the receiver, so a replacement router takes over without a gap;
+//! - HTTPS certificates are chosen by SNI ([`certs`]): the receiver's come
+//!   with each route table and are never written to disk by the router;
 //! - once its sockets and TLS key are open, the router runs as `--user` under
 //!   a seccomp filter that refuses exec ([`confine`]), and bounds every wait
 //!   of a client or an app and the number of client connections
 //!   ([`config::Limits`]).
 
 pub mod buffered;
+pub mod certs;
 pub mod config;
 pub mod confine;
 pub mod control;

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pingora::listeners::tls::{Acceptor, TlsSettings};
+
+use crate::certs::CertStore;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Ssl, ALPN};
 use pingora::proxy::HttpProxy;
 use tokio::net::TcpListener;
@@ -265,11 +267,15 @@ pub async fn serve(
     }
 }
 
-/// The TLS acceptor for a certificate and key, HTTP/2 offered by ALPN.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<Acceptor>> {
-    let mut settings = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy()).map_err(|e| {
-        anyhow::anyhow!("cannot load the TLS certificate {} or key {}: {e}", cert.display(), key.display())
-    })?;
+/// The TLS acceptor choosing each connection's certificate by SNI from
+/// `certs`, HTTP/2 offered by ALPN.
+pub fn tls_acceptor(certs: Arc<CertStore>) -> Arc<Acceptor> {
+    // No paths: with a resolver, pingora loads no files.
+    let mut settings = match TlsSettings::intermediate("", "") {
+        Ok(settings) => settings,
+        Err(e) => unreachable!("pingora's TLS settings without files cannot fail: {e}"),
+    };
+    settings.set_cert_resolver(certs);
     settings.enable_h2();
-    Ok(Arc::new(settings.build()))
+    Arc::new(settings.build())
 }

@@ -6,6 +6,19 @@ pub struct Page {
     pub status: u16,
     pub title: &'static str,
     pub message: String,
+    pub kind: PageKind,
+}
+
+/// What a page is besides its HTML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageKind {
+    /// The HTML page alone.
+    Html,
+    /// This text instead of HTML (an ACME key authorization, which the CA
+    /// compares byte for byte).
+    Text(String),
+    /// A redirect to this URL (`Location`), with the HTML page as its body.
+    Redirect(String),
 }
 
 impl Page {
@@ -16,6 +29,7 @@ impl Page {
             message: format!(
                 "No deployment is routed at {host}. Check the URL printed by `nx push` or listed by `nx ls`."
             ),
+            kind: PageKind::Html,
         }
     }
 
@@ -24,6 +38,7 @@ impl Page {
             status: 503,
             title: "Starting",
             message: format!("Deployment {deployment} of {app} is starting. This page reloads by itself."),
+            kind: PageKind::Html,
         }
     }
 
@@ -35,6 +50,7 @@ impl Page {
             message: format!(
                 "Deployment {deployment} of {app} was stopped{why}. Push again, or ask its owner to, for a new preview."
             ),
+            kind: PageKind::Html,
         }
     }
 
@@ -43,6 +59,7 @@ impl Page {
             status: 502,
             title: "Deployment failed",
             message: format!("Deployment {deployment} of {app} failed to start. `nx logs {deployment}` shows why."),
+            kind: PageKind::Html,
         }
     }
 
@@ -53,6 +70,7 @@ impl Page {
             message: format!(
                 "Deployment {deployment} of {app} did not answer. It may be restarting; `nx logs {deployment}` shows what it printed."
             ),
+            kind: PageKind::Html,
         }
     }
 
@@ -63,6 +81,23 @@ impl Page {
             message: format!(
                 "Deployment {deployment} of {app} did not answer in time. `nx logs {deployment}` shows what it is doing."
             ),
+            kind: PageKind::Html,
+        }
+    }
+
+    /// The answer to an ACME HTTP-01 challenge: the key authorization as text.
+    pub fn challenge(key_authorization: String) -> Page {
+        Page { status: 200, title: "ACME challenge", message: String::new(), kind: PageKind::Text(key_authorization) }
+    }
+
+    /// A permanent redirect of a plain HTTP request to `location` (308
+    /// keeps the method and body).
+    pub fn redirect(location: String) -> Page {
+        Page {
+            status: 308,
+            title: "Moved to HTTPS",
+            message: format!("This site is served over HTTPS at {location}."),
+            kind: PageKind::Redirect(location),
         }
     }
 

@@ -17,6 +17,7 @@ use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
+use crate::certs::{self, CertStore};
 use crate::config::{Config, Limits};
 use crate::h1::H1;
 use crate::listener::{self, Connections, Proxies, Source};
@@ -34,6 +35,8 @@ struct Sockets {
     tls: Option<(std::net::TcpListener, Arc<Acceptor>, SocketAddr)>,
     control: std::os::unix::net::UnixListener,
     upgrade: std::os::unix::net::UnixListener,
+    /// The certificates the HTTPS listener serves by SNI.
+    certs: Arc<CertStore>,
 }
 
 /// The router this one replaces (with `--upgrade`) and its table's generation.
@@ -42,17 +45,23 @@ type Replacing = Option<(upgrade::Predecessor, u64)>;
 /// Binds the sockets (or takes the receiver's inherited listening sockets),
 /// or with `--upgrade` takes them all from the running router.
 fn open_sockets(config: &Config) -> anyhow::Result<(Sockets, Replacing)> {
-    let tls_files = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
-        (Some(addr), Some(cert), Some(key)) => Some((addr, cert, key)),
+    // The operator's certificate is read now, before the router gives up
+    // its user; the receiver's come later with the route tables.
+    let fallback = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            Some(certs::certified_key(&cert.display().to_string(), &read(cert)?, &read(key)?)?)
+        }
         _ => None,
     };
+    let certs = Arc::new(CertStore::new(fallback));
     if config.upgrade {
-        let (taken, predecessor) = upgrade::take_over(&config.upgrade_socket(), tls_files.is_some())?;
-        let tls = match (taken.tls, tls_files) {
-            (Some(socket), Some((addr, cert, key))) => Some((socket, listener::tls_acceptor(cert, key)?, addr)),
+        let (taken, predecessor) = upgrade::take_over(&config.upgrade_socket(), config.tls_listen.is_some())?;
+        let tls = match (taken.tls, config.tls_listen) {
+            (Some(socket), Some(addr)) => Some((socket, listener::tls_acceptor(certs.clone()), addr)),
             _ => None,
         };
-        let sockets = Sockets { http: taken.http, tls, control: taken.control, upgrade: taken.upgrade };
+        let sockets = Sockets { http: taken.http, tls, control: taken.control, upgrade: taken.upgrade, certs };
         // The flag belongs to the socket, shared with the old router, which set it.
         sockets.http.set_nonblocking(true)?;
         if let Some((s, _, _)) = &sockets.tls {
@@ -64,11 +73,11 @@ fn open_sockets(config: &Config) -> anyhow::Result<(Sockets, Replacing)> {
     }
     let http_source = config.listen_fd.map_or(Source::Bind(config.listen), Source::Inherited);
     let http = http_source.open().with_context(|| format!("cannot listen on {} ({http_source:?})", config.listen))?;
-    let tls = match tls_files {
-        Some((addr, cert, key)) => {
+    let tls = match config.tls_listen {
+        Some(addr) => {
             let source = config.tls_listen_fd.map_or(Source::Bind(addr), Source::Inherited);
             let socket = source.open().with_context(|| format!("cannot listen on {addr} ({source:?})"))?;
-            Some((socket, listener::tls_acceptor(cert, key)?, addr))
+            Some((socket, listener::tls_acceptor(certs.clone()), addr))
         }
         None => None,
     };
@@ -76,7 +85,7 @@ fn open_sockets(config: &Config) -> anyhow::Result<(Sockets, Replacing)> {
         .with_context(|| format!("cannot bind the control socket {}", config.control.display()))?;
     let path = config.upgrade_socket();
     let upgrade = control::bind(&path).with_context(|| format!("cannot bind the upgrade socket {}", path.display()))?;
-    Ok((Sockets { http, tls, control, upgrade }, None))
+    Ok((Sockets { http, tls, control, upgrade, certs }, None))
 }
 
 /// Descriptors kept apart from connections: listeners, control socket,
@@ -190,7 +199,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Before any worker thread exists; the filter would reach them anyway.
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
-    let store = Arc::new(RouteStore::open(&config.state)?);
+    let https_port = sockets.tls.as_ref().map(|(_, _, addr)| addr.port());
+    let store = Arc::new(RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?);
     tracing::info!(
         hosts = store.snapshot().routes.len(),
         generation = store.snapshot().generation,

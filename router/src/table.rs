@@ -1,6 +1,7 @@
 //! The live route table: swapped whole and atomically, persisted on every
-//! change, indexed by host for the request path, and counting when each
-//! deployment was last requested and its traffic.
+//! change (without its certificates, which stay in memory), indexed by host
+//! for the request path, and counting when each deployment was last requested
+//! and its traffic.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -12,6 +13,7 @@ use arc_swap::ArcSwap;
 use nx_protocol::metrics::RouterTraffic;
 use nx_protocol::routes::{Activity, Route, RouteTable};
 
+use crate::certs::CertStore;
 use crate::traffic::Counters;
 
 /// Why a table was not taken.
@@ -75,11 +77,26 @@ pub struct RouteStore {
     /// Serialises writers, so generation checks and saves happen in order;
     /// holds the counters of every deployment in the table.
     write: Mutex<HashMap<String, Arc<Counted>>>,
+    /// The certificates of the current table, served by SNI.
+    certs: Arc<CertStore>,
+    /// The port HTTPS is served on, when it is: plain requests for a host
+    /// with a certificate are redirected there.
+    https_port: Option<u16>,
 }
 
 impl RouteStore {
     /// Restores the table saved in `state_file`, or starts empty when there is none.
     pub fn open(state_file: &Path) -> Result<RouteStore, TableError> {
+        RouteStore::with_certs(state_file, Arc::new(CertStore::new(None)), None)
+    }
+
+    /// [`RouteStore::open`], with the certificate store the HTTPS listener
+    /// resolves names through and the port it listens on.
+    pub fn with_certs(
+        state_file: &Path,
+        certs: Arc<CertStore>,
+        https_port: Option<u16>,
+    ) -> Result<RouteStore, TableError> {
         let table = match std::fs::read(state_file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|source| TableError::Parse { path: state_file.to_owned(), source })?,
@@ -92,7 +109,20 @@ impl RouteStore {
             current: ArcSwap::from_pointee(live),
             state_file: state_file.to_owned(),
             write: Mutex::new(activity),
+            certs,
+            https_port,
         })
+    }
+
+    /// The key authorization for an ACME HTTP-01 `token` on `host`.
+    pub fn challenge(&self, host: &str, token: &str) -> Option<String> {
+        self.current.load().table.challenges.get(host).and_then(|t| t.get(token)).cloned()
+    }
+
+    /// Where a plain HTTP request for `host` is redirected: the HTTPS port,
+    /// when HTTPS is served and the receiver gave a certificate for `host`.
+    pub fn https_port_for(&self, host: &str) -> Option<u16> {
+        self.https_port.filter(|_| self.certs.covers(host))
     }
 
     /// The route for a normalised host.
@@ -125,7 +155,8 @@ impl RouteStore {
     /// Saves `table` and then makes it current. A table with an older generation
     /// than the current one is refused; the same generation is accepted again
     /// (the receiver re-sends after it restarts).
-    pub fn replace(&self, table: RouteTable) -> Result<(), TableError> {
+    pub fn replace(&self, mut table: RouteTable) -> Result<(), TableError> {
+        let certificates = std::mem::take(&mut table.certificates);
         let mut activity = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.current.load().table.generation;
         if table.generation < current {
@@ -133,6 +164,7 @@ impl RouteStore {
         }
         save_atomically(&self.state_file, &table)
             .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
+        self.certs.replace(&certificates);
         self.current.store(Arc::new(index(table, &mut activity)));
         Ok(())
     }
@@ -268,6 +300,27 @@ mod tests {
         store.replace(RouteTable { generation: 3, ..Default::default() }).unwrap();
         assert!(store.activity().deployments.is_empty());
         assert!(store.traffic().deployments.is_empty(), "a deployment that left the table leaves the metrics");
+    }
+
+    #[test]
+    fn private_keys_never_reach_the_state_file_and_challenges_are_per_host() {
+        let d = dir("keys");
+        let state = d.join("routes.json");
+        let store = RouteStore::open(&state).unwrap();
+        let mut t = table(1, 20001);
+        t.certificates.push(nx_protocol::routes::Certificate {
+            hosts: vec!["web.localhost".into()],
+            chain_pem: "chain".into(),
+            key_pem: "THE-PRIVATE-KEY".into(),
+        });
+        t.challenges.insert("web.localhost".into(), [("tok".to_owned(), "tok.thumb".to_owned())].into());
+        store.replace(t).unwrap();
+        let saved = std::fs::read_to_string(&state).unwrap();
+        assert!(!saved.contains("THE-PRIVATE-KEY"), "{saved}");
+        assert!(store.snapshot().certificates.is_empty());
+        assert_eq!(store.challenge("web.localhost", "tok").as_deref(), Some("tok.thumb"));
+        assert_eq!(store.challenge("other.localhost", "tok"), None);
+        assert_eq!(store.challenge("web.localhost", "other"), None);
     }
 
     #[test]

@@ -60,9 +60,7 @@ pub enum UpgradeError {
     NoPredecessor { path: PathBuf, error: std::io::Error },
     #[error("cannot take the sockets of the nx-router on {path}: {reason}")]
     Handoff { path: PathBuf, reason: String },
-    #[error(
-        "the running nx-router serves HTTPS and this one has no --tls-listen, --tls-cert and --tls-key; give it the same HTTPS settings"
-    )]
+    #[error("the running nx-router serves HTTPS and this one has no --tls-listen; give it the same HTTPS settings")]
     MissingTls,
     #[error(
         "the running nx-router serves no HTTPS, so it has no socket for --tls-listen; stop it and start this one without --upgrade"

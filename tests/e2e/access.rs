@@ -21,7 +21,8 @@ fn request(method: &str, template: &str) -> (Signed, Vec<u8>) {
     let path = template
         .replace("{app}", "web")
         .replace("{id}", if template.contains("/deployments/") { "abcdefgh" } else { "nosuchkey1" })
-        .replace("{pr}", "999");
+        .replace("{pr}", "999")
+        .replace("{domain}", "www.example.test");
     let bodied = matches!(method, "POST" | "PUT" | "PATCH");
     let signed = Signed::new(method, &path, if bodied { b"{}" } else { b"" }, None);
     (signed, if bodied { b"[]".to_vec() } else { Vec::new() })

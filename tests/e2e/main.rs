@@ -11,6 +11,7 @@ mod build;
 mod cli;
 mod core;
 mod databases;
+mod domains;
 mod forks;
 mod github;
 mod lifecycle;

@@ -9,6 +9,7 @@
 // Harness code fails the test on the first surprise; unwrap says so plainly.
 #![allow(clippy::unwrap_used)]
 
+pub mod acme;
 pub mod exec;
 pub mod fixtures;
 pub mod github;

@@ -4,6 +4,7 @@ mod apps;
 mod build;
 mod db;
 mod deployments;
+mod domains;
 mod env;
 mod events;
 mod github;
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => deployments::rollback(g, args).await,
         Command::Logs(args) => deployments::logs(g, args).await,
         Command::Keys(cmd) => keys::run(g, cmd).await,
+        Command::Domains(cmd) => domains::run(g, cmd).await,
         Command::Db(cmd) => db::run(g, cmd).await,
         Command::Stop(args) => deployments::stop(g, args).await,
         Command::Env(cmd) => env::run(g, cmd).await,

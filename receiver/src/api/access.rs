@@ -73,6 +73,10 @@ pub enum Action {
     /// may push with their OIDC token: the platform reports there with its
     /// own identity, and those workflows need no key.
     LinkRepository,
+    /// Attach, verify and remove the app's custom domains: a name serves
+    /// the public, takes it from every other app, and spends the platform's
+    /// ACME account (whose rate limits all apps share).
+    Domains,
     /// The app's database: credentials, dumps, restores, backups.
     Database,
     /// Remove an app and everything it has.
@@ -83,7 +87,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, for the tables that list them.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Status,
         Action::ListApps,
         Action::CreateApp,
@@ -95,6 +99,7 @@ impl Action {
         Action::Configure,
         Action::ManageKeys,
         Action::LinkRepository,
+        Action::Domains,
         Action::Database,
         Action::RemoveApp,
         Action::Platform,
@@ -284,6 +289,7 @@ mod tests {
             Action::ManageKeys,
             Action::ReadKeys,
             Action::LinkRepository,
+            Action::Domains,
             Action::Database,
             Action::CreateApp,
             Action::RemoveApp,
@@ -332,6 +338,15 @@ mod tests {
         }
         assert_eq!(decide(&fork, "github-oidc", Action::Push, "site"), Err(Denied::ForkPreview));
         assert!(!sees(&fork, "site"));
+    }
+
+    #[test]
+    fn only_the_admin_attaches_domains() {
+        assert_eq!(decide(&Role::Admin, "admin", Action::Domains, "web"), Ok(()));
+        assert!(matches!(decide(&deploy(), "k1", Action::Domains, "web"), Err(Denied::DeployKey { .. })));
+        assert!(matches!(decide(&Role::ReadOnly, "r1", Action::Domains, "web"), Err(Denied::ReadOnly { .. })));
+        let workflow = Role::Workflow { app_id: 1, app: "web".into() };
+        assert_eq!(decide(&workflow, "github-oidc", Action::Domains, "web"), Err(Denied::Workflow));
     }
 
     #[test]

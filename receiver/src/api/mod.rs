@@ -6,6 +6,7 @@ pub mod apps;
 pub mod auth;
 pub mod database;
 pub mod deployments;
+pub mod domains;
 pub mod error;
 pub mod events;
 pub mod keys;
@@ -55,6 +56,10 @@ pub struct AppState {
     pub oidc: Arc<crate::github::oidc::Verifier>,
     /// Where the metrics API reads its figures.
     pub metrics: crate::metrics::Sources,
+    /// Publishes route tables (a domain verified or removed changes them).
+    pub routes: Arc<crate::routing::RoutePublisher>,
+    /// Obtains certificates for verified domains, unless ACME is off.
+    pub acme: Option<Arc<crate::domains::acme::Acme>>,
 }
 
 /// Declares every signed route once, with the action it performs: the list
@@ -96,6 +101,10 @@ signed_routes! {
     DELETE "/v1/apps/{app}" RemoveApp => lifecycle::remove,
     PUT "/v1/apps/{app}/settings" Configure => apps::settings,
     PUT "/v1/apps/{app}/github" LinkRepository => apps::github,
+    GET "/v1/apps/{app}/domains" ReadApp => domains::list,
+    POST "/v1/apps/{app}/domains" Domains => domains::add,
+    POST "/v1/apps/{app}/domains/{domain}/verify" Domains => domains::verify,
+    DELETE "/v1/apps/{app}/domains/{domain}" Domains => domains::remove,
     GET "/v1/apps/{app}/env" ReadApp => lifecycle::env_list,
     PATCH "/v1/apps/{app}/env" SetEnv => lifecycle::env_change,
     POST "/v1/apps/{app}/rollback" Deploy => lifecycle::rollback,

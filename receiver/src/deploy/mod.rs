@@ -197,7 +197,7 @@ impl Deployer {
         let id = DeploymentId::parse(&row.id).map_err(damaged)?;
         let app = AppName::parse(&row.app_name).map_err(damaged)?;
         Ok(DeploymentInfo {
-            preview_url: self.url(&preview_host(&id, &app, &self.services.config.domain)),
+            preview_url: self.url(&preview_host(&id, &app, self.services.config.preview_domain())),
             id,
             app,
             state: row.state(),

@@ -1,0 +1,313 @@
+//! Certificates for verified custom domains from an ACME CA (RFC 8555), by
+//! HTTP-01: the router answers the CA's challenge, the certificate and its
+//! key are stored sealed with the master key and sent to the router with the
+//! route table. A certificate is renewed `--acme-renew-before` its expiry; a
+//! failed attempt is retried after `--acme-retry`, doubling up to a day,
+//! with the error kept for `nx domains ls`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::config::ServeConfig;
+use crate::db::{Db, DomainRow};
+use crate::routing::RoutePublisher;
+use crate::secrets::MasterKey;
+
+/// The longest wait between two failed attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+
+/// How long the CA has to validate a challenge, and to issue once finalized.
+const POLL: RetryPolicy = RetryPolicy::new().initial_delay(Duration::from_millis(250)).timeout(Duration::from_secs(90));
+
+/// Why a certificate was not obtained; the text is what `nx domains ls` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("the ACME CA at {directory}: {source}")]
+    Ca { directory: String, source: instant_acme::Error },
+    #[error("the ACME CA refused the HTTP-01 validation of {domain}: {detail}")]
+    Invalid { domain: String, detail: String },
+    #[error("the ACME CA offers no HTTP-01 challenge for {domain}")]
+    NoHttp01 { domain: String },
+    #[error("the ACME CA's certificate for {domain} cannot be read: {reason}")]
+    Certificate { domain: String, reason: String },
+    #[error("the router did not take the challenge for {domain}: {reason}")]
+    Router { domain: String, reason: String },
+    #[error("cannot read or store the ACME state: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("the stored ACME account cannot be read: {0}")]
+    Account(String),
+}
+
+/// Obtains and renews the certificates of verified domains.
+#[derive(Debug)]
+pub struct Acme {
+    db: Db,
+    master: Arc<MasterKey>,
+    routes: Arc<RoutePublisher>,
+    config: Arc<ServeConfig>,
+    directory: String,
+    wake: Notify,
+}
+
+impl Acme {
+    /// The issuer, unless certificates are off (`--acme-directory off`, or no
+    /// HTTPS listener to serve them).
+    pub fn new(
+        db: Db,
+        master: Arc<MasterKey>,
+        routes: Arc<RoutePublisher>,
+        config: Arc<ServeConfig>,
+    ) -> Option<Arc<Acme>> {
+        let directory = config.acme_directory_url()?.to_owned();
+        Some(Arc::new(Acme { db, master, routes, config, directory, wake: Notify::new() }))
+    }
+
+    /// Looks for due work now (a domain was just verified).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Obtains what is due, then waits for the next due time (at most a
+    /// minute) or a wake-up, until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "ACME round failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One pass over the verified domains: each that is due gets an attempt.
+    async fn round(&self) -> Result<(), sqlx::Error> {
+        let now = Utc::now();
+        let renew_before = chrono::Duration::from_std(self.config.acme_renew_before).unwrap_or(chrono::Duration::MAX);
+        for row in self.db.verified_domains().await? {
+            if !due(&row, now, renew_before) {
+                continue;
+            }
+            match self.obtain(&row).await {
+                Ok(cert) => {
+                    self.db
+                        .set_certificate(
+                            row.id,
+                            &self.master.seal_str(&cert.chain_pem),
+                            &self.master.seal_str(&cert.key_pem),
+                            &cert.issuer,
+                            cert.expires_at,
+                        )
+                        .await?;
+                    tracing::info!(domain = %row.name, issuer = %cert.issuer, expires = %cert.expires_at, "certificate obtained");
+                    let _ = self.routes.publish().await;
+                }
+                Err(e) => {
+                    let next = Utc::now() + backoff(self.config.acme_retry, row.failures);
+                    tracing::warn!(domain = %row.name, error = %e, next = %next, "certificate not obtained");
+                    self.db.set_certificate_failure(row.id, &e.to_string(), next).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ca(&self, source: instant_acme::Error) -> AcmeError {
+        AcmeError::Ca { directory: self.directory.clone(), source }
+    }
+
+    /// The account at this directory: the stored one, else a new one, stored.
+    async fn account(&self) -> Result<Account, AcmeError> {
+        let builder = || match &self.config.acme_ca_root {
+            Some(root) => Account::builder_with_root(root),
+            None => Account::builder(),
+        };
+        if let Some(sealed) = self.db.acme_account(&self.directory).await? {
+            let json = self.master.open_str(&sealed).map_err(|e| AcmeError::Account(e.to_string()))?;
+            let credentials: AccountCredentials =
+                serde_json::from_str(&json).map_err(|e| AcmeError::Account(e.to_string()))?;
+            return builder().map_err(|e| self.ca(e))?.from_credentials(credentials).await.map_err(|e| self.ca(e));
+        }
+        let contact = self.config.acme_email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
+        let (account, credentials) = builder()
+            .map_err(|e| self.ca(e))?
+            .create(&new, self.directory.clone(), None)
+            .await
+            .map_err(|e| self.ca(e))?;
+        let json = serde_json::to_string(&credentials).map_err(|e| AcmeError::Account(e.to_string()))?;
+        self.db.set_acme_account(&self.directory, &self.master.seal_str(&json)).await?;
+        Ok(account)
+    }
+
+    /// One order for `row`'s name, validated by HTTP-01.
+    async fn obtain(&self, row: &DomainRow) -> Result<Obtained, AcmeError> {
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(row.name.clone())];
+        let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| self.ca(e))?;
+        let mut tokens = Vec::new();
+        let mut auths = order.authorizations();
+        let mut answered = Ok(());
+        while let Some(auth) = auths.next().await {
+            let mut auth = auth.map_err(|e| self.ca(e))?;
+            if auth.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            let mut challenge = auth
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| AcmeError::NoHttp01 { domain: row.name.clone() })?;
+            self.routes.set_challenge(&row.name, &challenge.token, Some(challenge.key_authorization().as_str().into()));
+            tokens.push(challenge.token.clone());
+            answered = self
+                .routes
+                .publish()
+                .await
+                .map_err(|e| AcmeError::Router { domain: row.name.clone(), reason: e.to_string() });
+            if answered.is_err() {
+                break;
+            }
+            challenge.set_ready().await.map_err(|e| self.ca(e))?;
+        }
+        let status = match answered {
+            Ok(()) => order.poll_ready(&POLL).await,
+            Err(e) => {
+                self.forget(&row.name, &tokens).await;
+                return Err(e);
+            }
+        };
+        self.forget(&row.name, &tokens).await;
+        match status {
+            Ok(OrderStatus::Ready) => {}
+            // An invalid order, with or without the CA's problem on it: the
+            // challenges say why.
+            Ok(_) | Err(instant_acme::Error::Api(_)) => {
+                let problem = status.err().map(|e| e.to_string());
+                let detail = self.why_invalid(&mut order).await.or(problem);
+                let detail = detail.unwrap_or_else(|| "the order became invalid without a reason".into());
+                return Err(AcmeError::Invalid { domain: row.name.clone(), detail });
+            }
+            Err(e) => return Err(self.ca(e)),
+        }
+        let key_pem = order.finalize().await.map_err(|e| self.ca(e))?;
+        let chain_pem = order.poll_certificate(&POLL).await.map_err(|e| self.ca(e))?;
+        let (issuer, expires_at) = read_certificate(&chain_pem)
+            .map_err(|reason| AcmeError::Certificate { domain: row.name.clone(), reason })?;
+        Ok(Obtained { chain_pem, key_pem, issuer, expires_at })
+    }
+
+    /// Stops answering `tokens` on `name`.
+    async fn forget(&self, name: &str, tokens: &[String]) {
+        for token in tokens {
+            self.routes.set_challenge(name, token, None);
+        }
+        let _ = self.routes.publish().await;
+    }
+
+    /// What the CA said of the failed challenges of an invalid order.
+    async fn why_invalid(&self, order: &mut instant_acme::Order) -> Option<String> {
+        let mut details = Vec::new();
+        let mut auths = order.authorizations();
+        while let Some(Ok(mut auth)) = auths.next().await {
+            let Ok(state) = auth.refresh().await else { continue };
+            details.extend(
+                state
+                    .challenges
+                    .iter()
+                    .filter_map(|c| c.error.as_ref())
+                    .map(|p| p.detail.clone().unwrap_or_else(|| p.to_string())),
+            );
+        }
+        (!details.is_empty()).then(|| details.join("; "))
+    }
+}
+
+/// A certificate as the CA gave it.
+struct Obtained {
+    chain_pem: String,
+    key_pem: String,
+    issuer: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// Whether `row` needs a certificate now: it has none or one within the
+/// renewal window, and no failed attempt holds it back.
+fn due(row: &DomainRow, now: DateTime<Utc>, renew_before: chrono::Duration) -> bool {
+    let needed = row.expires_at.is_none_or(|exp| exp.checked_sub_signed(renew_before).is_none_or(|at| at <= now));
+    needed && row.next_attempt_at.is_none_or(|at| at <= now)
+}
+
+/// The wait after `failures` failed attempts in a row: `base`, doubling, up to a day.
+fn backoff(base: Duration, failures: i32) -> chrono::Duration {
+    let wait = base.saturating_mul(1u32 << failures.clamp(0, 20)).min(MAX_BACKOFF);
+    chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::days(1))
+}
+
+/// The issuer (common name, else organisation) and expiry of the first
+/// certificate of a PEM chain.
+fn read_certificate(chain_pem: &str) -> Result<(String, DateTime<Utc>), String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
+    let issuer = cert.issuer();
+    let name = issuer
+        .iter_common_name()
+        .chain(issuer.iter_organization())
+        .find_map(|a| a.as_str().ok())
+        .unwrap_or("unknown issuer")
+        .to_owned();
+    let expires = DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+        .ok_or_else(|| "its expiry is out of range".to_owned())?;
+    Ok((name, expires))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(expires_at: Option<DateTime<Utc>>, next_attempt_at: Option<DateTime<Utc>>) -> DomainRow {
+        DomainRow {
+            id: 1,
+            name: "www.example.test".into(),
+            app_id: 1,
+            app_name: "web".into(),
+            token: "t".into(),
+            verified_at: Some(Utc::now()),
+            cert_chain: None,
+            cert_key: None,
+            issuer: None,
+            expires_at,
+            last_error: None,
+            failures: 0,
+            next_attempt_at,
+        }
+    }
+
+    #[test]
+    fn certificates_are_due_when_missing_or_in_the_renewal_window_unless_backing_off() {
+        let now = Utc::now();
+        let window = chrono::Duration::days(30);
+        assert!(due(&row(None, None), now, window));
+        assert!(!due(&row(Some(now + chrono::Duration::days(60)), None), now, window));
+        assert!(due(&row(Some(now + chrono::Duration::days(29)), None), now, window));
+        assert!(!due(&row(None, Some(now + chrono::Duration::minutes(1))), now, window));
+        assert!(due(&row(None, Some(now - chrono::Duration::minutes(1))), now, window));
+    }
+
+    #[test]
+    fn the_backoff_doubles_up_to_a_day() {
+        let base = Duration::from_secs(300);
+        assert_eq!(backoff(base, 0), chrono::Duration::minutes(5));
+        assert_eq!(backoff(base, 1), chrono::Duration::minutes(10));
+        assert_eq!(backoff(base, 3), chrono::Duration::minutes(40));
+        assert_eq!(backoff(base, 30), chrono::Duration::days(1));
+    }
+}

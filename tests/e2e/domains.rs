@@ -1,0 +1,248 @@
+//! Custom domains against real DNS and a real ACME CA: pebble-challtestsrv
+//! answers the receiver's (and pebble's) DNS questions, pebble issues
+//! certificates after validating HTTP-01 through the router, and curl checks
+//! the served certificate against pebble's root.
+
+use std::process::Command;
+
+use nx_e2e::acme::Acme;
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::http::get_host;
+use nx_e2e::receiver::{free_port, Options};
+use nx_e2e::{eventually, Receiver};
+
+const DOMAIN: &str = "www.example.test";
+
+fn goweb_in_production(r: &Receiver, app: &str) {
+    let pushed = r.push(app, &fixtures::go(Go::Static), &[]);
+    r.nx_ok(&["promote", pushed["id"].as_str().unwrap()]);
+}
+
+/// The TXT record's token, as `nx domains ls` gives it.
+fn txt_value(r: &Receiver, app: &str) -> String {
+    let listed = r.nx_ok(&["--json", "domains", "ls", app]).json();
+    let records = listed[0]["records"].as_array().unwrap();
+    let txt = records.iter().find(|r| r["kind"] == "TXT").unwrap();
+    assert_eq!(txt["name"], format!("_nx-verify.{DOMAIN}"));
+    txt["value"].as_str().unwrap().to_owned()
+}
+
+/// curl's HTTP version, status and Location for a plain or HTTPS request, with
+/// `DOMAIN` resolved to 127.0.0.1 and pebble's root trusted.
+fn curl(url: &str, port: u16, root: &std::path::Path) -> (i32, String) {
+    let out = Command::new(nx_e2e::require_program("curl", "curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(root)
+        .args([
+            "--resolve",
+            &format!("{DOMAIN}:{port}:127.0.0.1"),
+            "-w",
+            "\nHTTP/%{http_version} %{http_code} %{redirect_url}",
+            url,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[test]
+fn a_domain_is_served_only_once_its_records_are_found_and_belongs_to_one_app() {
+    let acme = Acme::start();
+    let r = Receiver::start_with(Options {
+        args: vec![format!("--dns-resolver=127.0.0.1:{}", acme.dns_port), "--acme-directory=off".into()],
+        ..Options::default()
+    });
+    let web_key = r.create_app("web");
+    r.create_app("site");
+    goweb_in_production(&r, "web");
+
+    let added = r.nx_ok(&["domains", "add", "web", "WWW.Example.Test."]);
+    let txt = txt_value(&r, "web");
+    assert!(txt.starts_with("nx-verify=") && txt.len() == "nx-verify=".len() + 32, "{txt}");
+    let txt_name = format!("_nx-verify.{DOMAIN}");
+    for record in [[DOMAIN, "CNAME", "web.localhost"], [txt_name.as_str(), "TXT", txt.as_str()]] {
+        let printed = added.stdout.lines().any(|l| l.split_whitespace().eq(record.iter().copied()));
+        assert!(printed, "{record:?} in:\n{}", added.stdout);
+    }
+
+    // Nothing there yet: verify says exactly what to create, and the router
+    // does not serve the name.
+    let missing = r.nx(&["domains", "verify", "web", DOMAIN]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(
+        missing.stderr.contains(&format!(
+            "{DOMAIN} is not verified: no TXT record at _nx-verify.{DOMAIN}; create it with the value {txt}; \
+             {DOMAIN} has no CNAME, A or AAAA record; create {DOMAIN} CNAME web.localhost"
+        )),
+        "{}",
+        missing.stderr
+    );
+    assert_eq!(get_host(r.router_port, DOMAIN, "/").status, 404);
+
+    // The CNAME alone, and a TXT record of someone else's: still refused, saying why.
+    acme.set_cname(DOMAIN, "web.localhost");
+    acme.set_txt(&format!("_nx-verify.{DOMAIN}"), "nx-verify=0000");
+    let wrong = r.nx(&["domains", "verify", "web", DOMAIN]);
+    assert!(
+        wrong.stderr.contains(&format!(
+            "{DOMAIN} is not verified: the TXT records at _nx-verify.{DOMAIN} are \"nx-verify=0000\", and none is {txt}; add that value"
+        )),
+        "{}",
+        wrong.stderr
+    );
+    assert!(!wrong.stderr.contains("CNAME"), "the CNAME is there: {}", wrong.stderr);
+    assert_eq!(get_host(r.router_port, DOMAIN, "/").status, 404);
+
+    acme.set_txt(&format!("_nx-verify.{DOMAIN}"), &txt);
+    let verified = r.nx_ok(&["domains", "verify", "web", DOMAIN]);
+    assert!(verified.stdout.contains(&format!("{DOMAIN} is verified and served by web")), "{}", verified.stdout);
+    let served = get_host(r.router_port, DOMAIN, "/headers");
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert!(served.body.to_ascii_lowercase().contains(&format!("host: {DOMAIN}")), "{}", served.body);
+
+    // One app per domain, one domain per app; only the admin attaches them.
+    let taken = r.nx(&["domains", "add", "site", DOMAIN]);
+    assert_eq!(taken.code, 1);
+    assert!(
+        taken.stderr.contains(&format!(
+            "{DOMAIN} is attached to another app; a domain belongs to one app at most (remove it there first)"
+        )),
+        "{}",
+        taken.stderr
+    );
+    let second = r.nx(&["domains", "add", "web", "shop.example.test"]);
+    assert!(second.stderr.contains(&format!("app 'web' has the domain {DOMAIN} already")), "{}", second.stderr);
+    let tenant = r.nx_with_key(&web_key, &["domains", "add", "web", "shop.example.test"]);
+    assert_eq!(tenant.code, 1);
+    assert!(tenant.stderr.contains("this needs the admin token"), "{}", tenant.stderr);
+    let platform = r.nx(&["domains", "add", "site", "site.localhost"]);
+    assert!(
+        platform.stderr.contains("site.localhost is under the platform's own domain localhost"),
+        "{}",
+        platform.stderr
+    );
+    assert!(r.nx_ok(&["--json", "domains", "ls", "site"]).json().as_array().unwrap().is_empty());
+
+    // Removed: no longer served, and free for another app.
+    r.nx_ok(&["domains", "rm", "web", DOMAIN]);
+    assert_eq!(get_host(r.router_port, DOMAIN, "/").status, 404);
+    r.nx_ok(&["domains", "add", "site", DOMAIN]);
+
+    let events = r.nx_ok(&["--json", "events", "--app", "web"]).json();
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    for kind in ["domain.add", "domain.verify", "domain.remove"] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+}
+
+#[test]
+fn a_verified_domain_gets_an_acme_certificate_served_by_sni_and_renewed() {
+    let mut acme = Acme::start();
+    let tls_port = free_port();
+    let mut args = acme.receiver_args();
+    args.extend([
+        format!("--router-tls-listen=127.0.0.1:{tls_port}"),
+        "--public-address=127.0.0.1".into(),
+        // pebble's certificates live five years: within this window every
+        // certificate is due for renewal at once.
+        "--acme-renew-before=3650d".into(),
+    ]);
+    let r = Receiver::start_with(Options { args, ..Options::default() });
+    acme.start_ca(r.router_port);
+    r.create_app("web");
+    goweb_in_production(&r, "web");
+    r.nx_ok(&["domains", "add", "web", DOMAIN]);
+    acme.add_a(DOMAIN, "127.0.0.1");
+    acme.set_txt(&format!("_nx-verify.{DOMAIN}"), &txt_value(&r, "web"));
+    r.nx_ok(&["domains", "verify", "web", DOMAIN]);
+
+    let first = eventually(60, "a certificate", || {
+        let d = r.nx_ok(&["--json", "domains", "ls", "web"]).json()[0].clone();
+        d["expires_at"].is_string().then_some(d)
+    });
+    assert!(first["issuer"].as_str().unwrap().starts_with("Pebble Intermediate CA"), "{first}");
+    assert!(first["last_error"].is_null(), "{first}");
+    let table = r.nx_ok(&["domains", "ls", "web"]).stdout;
+    assert!(table.contains("https") && table.contains("Pebble Intermediate CA"), "{table}");
+
+    // A client trusting pebble's root completes the handshake for the name
+    // and is answered by the app, over HTTP/2.
+    let root = acme.issuing_root();
+    let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/headers"), tls_port, &root);
+    assert_eq!(code, 0, "{out}\n{}", r.log());
+    assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
+    assert!(out.ends_with("HTTP/2 200 "), "{out}");
+    // Plain HTTP for the name goes to HTTPS, keeping path and query.
+    let (code, out) = curl(&format!("http://{DOMAIN}:{}/a/b?c=1", r.router_port), r.router_port, &root);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with(&format!("HTTP/1.1 308 https://{DOMAIN}:{tls_port}/a/b?c=1")), "{out}");
+    // Other hosts stay on plain HTTP.
+    assert_eq!(get_host(r.router_port, "web.localhost", "/").status, 200);
+
+    // Renewal: the certificate is in its renewal window, so the next round
+    // (verify wakes it) replaces it with a new one.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    r.nx_ok(&["domains", "verify", "web", DOMAIN]);
+    let renewed = eventually(60, "a renewed certificate", || {
+        let d = r.nx_ok(&["--json", "domains", "ls", "web"]).json()[0].clone();
+        (d["expires_at"] != first["expires_at"]).then_some(d)
+    });
+    assert!(renewed["expires_at"].as_str() > first["expires_at"].as_str(), "{renewed} after {first}");
+    let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/"), tls_port, &root);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_failed_validation_is_shown_with_the_cas_reason_and_retried_later() {
+    let mut acme = Acme::start();
+    let mut args = acme.receiver_args();
+    // The name resolves to an address the router does not listen on: the
+    // receiver's check passes (it is a public address) and pebble's
+    // validation cannot connect.
+    args.extend([format!("--router-tls-listen=127.0.0.1:{}", free_port()), "--public-address=127.0.0.2".into()]);
+    let r = Receiver::start_with(Options { args, ..Options::default() });
+    acme.start_ca(r.router_port);
+    r.create_app("web");
+    r.nx_ok(&["domains", "add", "web", DOMAIN]);
+    acme.add_a(DOMAIN, "127.0.0.2");
+    acme.set_txt(&format!("_nx-verify.{DOMAIN}"), &txt_value(&r, "web"));
+    r.nx_ok(&["domains", "verify", "web", DOMAIN]);
+    let failed = eventually(60, "a failed attempt", || {
+        let d = r.nx_ok(&["--json", "domains", "ls", "web"]).json()[0].clone();
+        d["last_error"].as_str().is_some().then_some(d)
+    });
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(error.starts_with(&format!("the ACME CA refused the HTTP-01 validation of {DOMAIN}: ")), "{error}");
+    assert!(
+        error.contains("127.0.0.2") && error.to_ascii_lowercase().contains("connection refused"),
+        "{error}\n{}",
+        acme.logs()
+    );
+    assert!(failed["expires_at"].is_null());
+    let next: chrono::DateTime<chrono::Utc> = failed["next_attempt_at"].as_str().unwrap().parse().unwrap();
+    let wait = next - chrono::Utc::now();
+    assert!(
+        wait > chrono::Duration::minutes(3) && wait <= chrono::Duration::minutes(5),
+        "the default first retry is 5m: {wait}"
+    );
+    let table = r.nx_ok(&["domains", "ls", "web"]).stdout;
+    assert!(table.contains("verified, no certificate yet") && table.contains(error), "{table}");
+}
+
+#[test]
+fn previews_are_served_on_the_preview_domain_alone() {
+    let r =
+        Receiver::start_with(Options { args: vec!["--preview-domain=nxpreview.test".into()], ..Options::default() });
+    r.create_app("web");
+    let pushed = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = pushed["id"].as_str().unwrap();
+    let url = pushed["preview_url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("http://{id}--web.nxpreview.test:")), "{url}");
+    assert_eq!(r.get(url).status, 200);
+    assert_eq!(get_host(r.router_port, &format!("{id}--web.localhost"), "/").status, 404);
+    r.nx_ok(&["promote", id]);
+    assert_eq!(get_host(r.router_port, "web.localhost", "/").status, 200, "production stays on --domain");
+}
