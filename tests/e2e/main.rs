@@ -15,6 +15,7 @@ mod github;
 mod lifecycle;
 mod listeners;
 mod oidc;
+mod outlive;
 mod quotas;
 mod router;
 mod sftp;

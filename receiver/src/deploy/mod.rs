@@ -138,6 +138,8 @@ pub struct Services {
     pub reporter: events::Reporter,
     /// What binaries this server runs.
     pub target: Arc<nx_protocol::target::ServerTarget>,
+    /// The nx-shim executable every sandbox runs under.
+    pub shim: PathBuf,
 }
 
 /// The deployment service.
@@ -460,10 +462,18 @@ impl Deployer {
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = self.log_path(&row.id);
-        let log = Log::open(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
-        self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-        let sandbox = Sandbox::start(config, self.services.pm.clone(), log.clone());
-        let (applied_tx, applied) = watch::channel(Status::Starting { restarts: 0 });
+        // The sandbox's shim writes the app's lines to the same file.
+        let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
+        // One a previous receiver started may still run: taken back as it is,
+        // so a receiver restart is no restart of its apps.
+        let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
+            Ok(adopted) => adopted,
+            Err(config) => {
+                self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+                Sandbox::start(config, self.services.pm.clone(), log.clone())
+            }
+        };
+        let (applied_tx, applied) = watch::channel(sandbox.status());
         tokio::spawn(watch_sandbox(
             sandbox.watch(),
             applied_tx,
@@ -592,22 +602,25 @@ impl Deployer {
         Ok(count)
     }
 
-    /// Stops every sandbox without recording them as stopped, so the next start
-    /// brings them back.
+    /// Lets go of every sandbox without stopping it: each runs on under its
+    /// shim, and the next start adopts it (`nx-receiver stop-all` stops them).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         let running: Vec<Running> = match self.running.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
         };
-        let count = running.len();
-        futures_util::future::join_all(running.into_iter().map(|r| r.sandbox.stop())).await;
-        tracing::info!(count, "all sandboxes stopped");
+        tracing::info!(count = running.len(), "sandboxes left running under their shims");
     }
 
     /// Where a deployment's log is kept.
     pub fn log_path(&self, id: &str) -> PathBuf {
         self.services.config.data_dir.join("logs/deployments").join(format!("{id}.log"))
+    }
+
+    /// The state directory of a deployment's shim.
+    pub fn shim_dir(&self, id: &str) -> PathBuf {
+        shims_dir(&self.services.config.data_dir).join(id)
     }
 
     /// The live log of a running deployment.
@@ -623,6 +636,11 @@ impl Deployer {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+}
+
+/// Where the shims of the receiver on `data_dir` keep their state.
+pub fn shims_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("shims")
 }
 
 /// A fresh random deployment id.
