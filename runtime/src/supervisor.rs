@@ -190,6 +190,10 @@ impl Sandbox {
     /// for [`Sandbox::start`].
     pub async fn adopt(config: SandboxConfig, pm: ProcessManager, log: Log) -> Result<Sandbox, SandboxConfig> {
         let Some(mut shim) = Shim::attach(&config.state_dir).await else {
+            // The shim records how the life ended for a receiver that was away.
+            if let Some(exit) = crate::shim::last_exit(&config.state_dir) {
+                log.system_line(&format!("exited ({}) while no receiver watched it", exit.describe()));
+            }
             clear_leftovers(&config, &log).await;
             return Err(config);
         };
@@ -307,7 +311,7 @@ async fn supervise(
                             format!("did not pass its health check within {:?}: {e}", cfg.start_timeout),
                         );
                     }
-                    let ended = describe_outcome(&cfg, shim.wait().await);
+                    let ended = describe_outcome(&cfg, shim.wait().await).await;
                     return fail(&status, format!("exited ({ended}) before answering its health check"));
                 }
                 // Apps share the host's network namespace: the answer must come from
@@ -332,7 +336,7 @@ async fn supervise(
                 return;
             }
         };
-        let ended = describe_outcome(&cfg, outcome);
+        let ended = describe_outcome(&cfg, outcome).await;
         let pause = match cfg.restart.after_crash(&mut crashes, Instant::now()) {
             AfterCrash::Restart(pause) => pause,
             AfterCrash::GiveUp { crashes } => {
@@ -358,26 +362,21 @@ async fn supervise(
 /// How a life ended, for the log; a shim that went away without saying
 /// (killed) took its sandbox along, and whatever the cgroup still holds is
 /// killed here, before another life can start.
-fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> String {
+async fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> String {
     match outcome {
         Outcome::Exited(exit) => exit.describe(),
         Outcome::Lost => {
-            if let Some(cg) = &cfg.cgroup {
-                cg.kill_all();
+            if let Some(cg) = cfg.cgroup.clone() {
+                let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
             }
             "its shim was killed, and the sandbox with it".to_owned()
         }
     }
 }
 
-/// Ends what a previous life left when no shim answers for it: the shim's
-/// recorded exit goes to the log, and processes still in the cgroup (a shim
-/// killed while its sandbox lived on) are killed.
+/// Ends what a previous life left when no shim answers for it: processes
+/// still in the cgroup (a shim killed while its sandbox lived on) are killed.
 async fn clear_leftovers(cfg: &SandboxConfig, log: &Log) {
-    if let Some(exit) = crate::shim::last_exit(&cfg.state_dir) {
-        log.system_line(&format!("exited ({}) while no receiver watched it", exit.describe()));
-        let _ = std::fs::remove_file(cfg.state_dir.join("exit"));
-    }
     if let Some(cg) = cfg.cgroup.clone() {
         let left = cg.pids();
         if !left.is_empty() {
