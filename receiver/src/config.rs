@@ -581,6 +581,7 @@ mod tests {
                 Command::Serve(c) => {
                     (c.allow_egress.iter().map(ToString::to_string).collect::<Vec<_>>(), c.allow_host_dns)
                 }
+                other => panic!("serve parsed as {other:?}"),
             })
         };
         assert_eq!(parse(&[]).unwrap(), (vec![], false));
@@ -601,6 +602,7 @@ mod tests {
             args.extend_from_slice(extra);
             Cli::try_parse_from(args).map(|cli| match cli.command {
                 Command::Serve(c) => (c.uploads_per_app(), c.upload_timeout),
+                other => panic!("serve parsed as {other:?}"),
             })
         };
         assert_eq!(parse(&[]).unwrap(), (2, Duration::from_secs(600)));
