@@ -405,7 +405,6 @@ fn lock_data_dir(data: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs
 /// network rules. The deployments stay as they are recorded: the next
 /// `serve` starts them again.
 pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()> {
-    use nx_runtime::shim::{read_spec, Shim};
     let data = std::env::current_dir().context("cannot read the working directory")?.join(&config.data_dir);
     anyhow::ensure!(data.is_dir(), "{} is not a data directory (give the receiver's --data-dir)", data.display());
     let _lock = lock_data_dir(&data)?.ok_or_else(|| {
@@ -418,14 +417,8 @@ pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()
     let shims = crate::deploy::shims_dir(&data);
     let mut stopped = 0;
     for entry in std::fs::read_dir(&shims).into_iter().flatten().flatten() {
-        let dir = entry.path();
-        if let Some(mut shim) = Shim::attach(&dir).await {
-            shim.stop(config.stop_grace).await;
+        if nx_runtime::shim::stop_dir(&entry.path(), config.stop_grace).await {
             stopped += 1;
-        }
-        if let Some(spec) = read_spec(&dir) {
-            let cgroup = spec.cgroup();
-            tokio::task::spawn_blocking(move || cgroup.destroy()).await?;
         }
     }
     crate::volumes::Volumes::probe(pm.clone()).unmount_all(&data.join("apps")).await;

@@ -136,6 +136,24 @@ pub fn last_exit(dir: &Path) -> Option<Exit> {
     Exit::decode(&std::fs::read_to_string(dir.join(EXIT)).ok()?)
 }
 
+/// Ends whatever runs from the state directory `dir`: stops its shim's
+/// sandbox (SIGKILL after `grace`), then kills what its cgroup still holds
+/// and removes the cgroup. Returns whether a shim was running.
+pub async fn stop_dir(dir: &Path, grace: Duration) -> bool {
+    let running = match Shim::attach(dir).await {
+        Some(mut shim) => {
+            shim.stop(grace).await;
+            true
+        }
+        None => false,
+    };
+    if let Some(spec) = read_spec(dir) {
+        let cgroup = spec.cgroup();
+        let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+    }
+    running
+}
+
 /// What the receiver holds of a running shim: the connection to its control
 /// socket. Dropping it leaves the shim and its sandbox running.
 #[derive(Debug)]

@@ -212,3 +212,19 @@ fn stop_all_stops_what_a_stopped_receiver_left_running_and_refuses_while_one_run
 }
 
 const SEQ: std::sync::atomic::Ordering = std::sync::atomic::Ordering::SeqCst;
+
+#[test]
+fn a_sandbox_left_running_for_a_deployment_no_longer_running_is_stopped_at_the_next_start() {
+    let mut r = Receiver::start();
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    assert_eq!(app_pids(&r, &id).len(), 1);
+    // The row changes behind the receiver's back, as when it changed while
+    // no receiver ran: the next start must not leave the sandbox running.
+    let set = format!("UPDATE deployments SET state = 'stopped' WHERE id = '{id}'");
+    nx_e2e::receiver::psql(&r.admin_url("nx"), &set).unwrap();
+    r.restart();
+    assert!(deployment_processes(&r.data_dir(), &id).is_empty(), "{:?}", deployment_processes(&r.data_dir(), &id));
+    assert!(r.log().contains("stopped a sandbox whose deployment is no longer running"), "{}", r.log());
+}

@@ -451,7 +451,9 @@ impl Deployer {
         let config = match self.sandbox_config(&app, row).await {
             Ok(c) => c,
             Err(e) => {
-                // Fail closed: no sandbox unless it is exactly as specified.
+                // Fail closed: no sandbox unless it is exactly as specified,
+                // not even one a previous receiver left running.
+                nx_runtime::shim::stop_dir(&self.shim_dir(&row.id), self.services.config.stop_grace).await;
                 let reason = format!("cannot prepare the sandbox: {e}");
                 tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "sandbox not started");
                 self.services.db.set_state(&row.id, DeploymentState::Failed, Some(&reason)).await?;
@@ -586,6 +588,18 @@ impl Deployer {
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, DeployError> {
         let rows = self.services.db.live_deployments().await?;
         let count = rows.len();
+        // A sandbox left running for a deployment that is no longer live
+        // (its row changed while no receiver ran) is stopped, never leaked.
+        let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let shims = shims_dir(&self.services.config.data_dir);
+        for entry in std::fs::read_dir(&shims).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(name.as_str())
+                && nx_runtime::shim::stop_dir(&entry.path(), self.services.config.stop_grace).await
+            {
+                tracing::info!(deployment = %name, "stopped a sandbox whose deployment is no longer running");
+            }
+        }
         let mut tasks = Vec::new();
         for row in rows {
             let me = self.clone();
