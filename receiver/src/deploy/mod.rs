@@ -1,6 +1,7 @@
 //! Deployments: record them, run them in sandboxes, follow their health into the
-//! database and the route table, promote them, and bring them back after a
-//! restart.
+//! database and the route table, promote them, and take them back after a
+//! restart: each sandbox runs under its own shim and outlives this process, so
+//! a start adopts what still runs and starts only what does not.
 //!
 //! Each running sandbox has a watcher task that is the only writer of its
 //! deployment's state: it applies every status change to the database, then to
@@ -584,7 +585,8 @@ impl Deployer {
         Ok(())
     }
 
-    /// Starts every deployment that was running before this process started.
+    /// Takes back (or starts) every deployment that was running before this
+    /// process started, and stops sandboxes left for any other.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, DeployError> {
         let rows = self.services.db.live_deployments().await?;
         let count = rows.len();
