@@ -176,15 +176,19 @@ impl Log {
 impl Sink {
     fn append(&mut self, line: &str) -> io::Result<()> {
         let record = format!("{line}\n");
-        if self.written + record.len() as u64 > self.limits.max_file_bytes && self.written > 0 {
-            // The other writer may have rotated already: then follow it.
-            let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
-            if current != Some(self.file.metadata()?.ino()) {
-                self.file = open_append(&self.path)?;
-            } else {
-                self.rotate()?;
-            }
+        // The other writer may have rotated the file: then write to the new one.
+        let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
+        if current != Some(self.file.metadata()?.ino()) {
+            self.file = open_append(&self.path)?;
             self.written = self.file.metadata()?.len();
+        }
+        if self.written + record.len() as u64 > self.limits.max_file_bytes && self.written > 0 {
+            // The other writer's lines count too.
+            self.written = self.file.metadata()?.len();
+            if self.written + record.len() as u64 > self.limits.max_file_bytes {
+                self.rotate()?;
+                self.written = 0;
+            }
         }
         // One write in append mode: a line never interleaves with another
         // process's.
@@ -212,13 +216,12 @@ impl Sink {
 
 /// Sends every line appended to the log at `path` (from `(inode, offset)` on)
 /// to `live`, following rotations, while the log and a subscriber exist.
-async fn follow(
-    path: PathBuf,
-    mut at: (u64, u64),
-    sink: std::sync::Weak<Mutex<Sink>>,
-    live: broadcast::Sender<String>,
-) {
+async fn follow(path: PathBuf, at: (u64, u64), sink: std::sync::Weak<Mutex<Sink>>, live: broadcast::Sender<String>) {
     let mut partial: Vec<u8> = Vec::new();
+    // The file being read, held open: what was appended to it before a
+    // rotation is read through it whatever it is called by then.
+    let mut current: Option<(u64, File)> = None;
+    let mut offset = at.1;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if sink.strong_count() == 0 {
@@ -227,25 +230,49 @@ async fn follow(
         let Ok(meta) = std::fs::metadata(&path) else { continue };
         if live.receiver_count() == 0 {
             // Nobody follows: skip what was written meanwhile.
-            at = (meta.ino(), meta.len());
+            current = None;
+            offset = meta.len();
             partial.clear();
             continue;
         }
-        if meta.ino() != at.0 {
-            // Rotated: the rest of the old file is now `.1`.
-            let rest = read_from(&rotated(&path, 1), at.1).unwrap_or_default();
-            send_lines(&live, &mut partial, &rest);
-            at = (meta.ino(), 0);
+        let ino = current.as_ref().map_or(at.0, |(i, _)| *i);
+        if current.is_none() {
+            current = File::open(&path).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == ino)).map(|f| (ino, f));
+            if current.is_none() {
+                offset = 0;
+            }
         }
-        if meta.len() < at.1 {
-            at.1 = 0;
+        if meta.ino() != ino {
+            // Rotated: the rest of the file read so far, then any rotated
+            // file newer than it, then the new one from its start.
+            if let Some((_, file)) = &mut current {
+                send_lines(&live, &mut partial, &read_rest(file, offset));
+            }
+            let keep = sink.upgrade().and_then(|s| s.lock().ok().map(|s| s.limits.keep_rotated)).unwrap_or(0);
+            let rotated_files: Vec<PathBuf> = (1..=keep).map(|i| rotated(&path, i)).collect();
+            if let Some(pos) = rotated_files.iter().position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == ino)) {
+                for newer in rotated_files[..pos].iter().rev() {
+                    send_lines(&live, &mut partial, &read_from(newer, 0).unwrap_or_default());
+                }
+            }
+            current = File::open(&path).ok().and_then(|f| f.metadata().ok().map(|m| (m.ino(), f)));
+            offset = 0;
         }
-        if meta.len() > at.1 {
-            let new = read_from(&path, at.1).unwrap_or_default();
-            at.1 += new.len() as u64;
+        if let Some((_, file)) = &mut current {
+            let new = read_rest(file, offset);
+            offset += new.len() as u64;
             send_lines(&live, &mut partial, &new);
         }
     }
+}
+
+fn read_rest(file: &mut File, offset: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(offset)).is_ok() {
+        let _ = file.read_to_end(&mut buf);
+    }
+    buf
 }
 
 fn read_from(path: &Path, offset: u64) -> io::Result<Vec<u8>> {

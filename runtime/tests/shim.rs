@@ -39,6 +39,12 @@ async fn a_shim_runs_one_life_logs_it_and_outlives_its_connection() {
     let spec = spec(&log, "echo out; echo err >&2; exec sleep 30");
     let first = Shim::launch(&pm, &program(), &state, &spec, vec![]).await.unwrap();
     let pid = first.pid();
+    // Stopped only once it has printed (a stop before would end it first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains(" err\n") {
+        assert!(std::time::Instant::now() < deadline, "nothing printed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(first);
     // A new connection finds the same process: how a receiver re-attaches.
     let mut again = Shim::attach(&state).await.expect("the shim outlives the connection");
