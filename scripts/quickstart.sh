@@ -29,7 +29,7 @@ echo "==> installing system packages (bubblewrap, postgresql, nftables, cmake)"
 install_packages bubblewrap postgresql nftables e2fsprogs cmake gcc libc6-dev pkg-config curl ca-certificates
 
 echo "==> building (release)"
-cargo build --release --locked -p nx-receiver -p nx-router -p nx-action -p hello
+cargo build --release --locked -p nx-receiver -p nx-router -p nx-runtime -p nx-action -p hello
 bin="$PWD/target/release"
 nx="$bin/nx"
 
@@ -52,7 +52,12 @@ fi
 echo "==> starting nx-receiver (data in $NX_DATA_DIR, log in $log)"
 "$bin/nx-receiver" serve >>"$log" 2>&1 &
 receiver=$!
-stop() { kill -INT "$receiver" 2>/dev/null || true; wait "$receiver" 2>/dev/null || true; }
+# Apps outlive the receiver (each runs under its nx-shim); stop-all stops them too.
+stop() {
+    kill -INT "$receiver" 2>/dev/null || true
+    wait "$receiver" 2>/dev/null || true
+    "$bin/nx-receiver" stop-all >>"$log" 2>&1 || true
+}
 trap 'echo; echo "==> stopping"; stop; exit 130' INT TERM
 for _ in $(seq 1 300); do
     curl -fsS "$api/v1/health" >/dev/null 2>&1 && break
@@ -88,7 +93,7 @@ NX Sandbox is running.
 EOF
 if $detach; then
     trap - INT TERM
-    echo "running in the background (pid $receiver); stop it with: kill -INT $receiver"
+    echo "running in the background (pid $receiver); stop it with: kill -INT $receiver; then stop its apps with: NX_DATA_DIR=$NX_DATA_DIR $bin/nx-receiver stop-all"
     exit 0
 fi
 echo "Ctrl-C stops the platform and every app it runs."

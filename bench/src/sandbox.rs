@@ -100,6 +100,8 @@ impl Host {
             rlimits: enforced.rlimits,
             proc_root: "/proc".into(),
             landlock: self.landlock,
+            shim: nx_e2e::bin("nx-shim"),
+            state_dir: root.join("shim"),
         })
     }
 

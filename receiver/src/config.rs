@@ -24,7 +24,30 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Run the receiver: API, embedded Postgres, sandboxes and the router.
+    /// Stopping it (SIGTERM, SIGINT) leaves the apps running under their
+    /// shims; the next start on the same data directory takes them back.
     Serve(Box<ServeConfig>),
+    /// Stop every app a receiver left running on a data directory (its
+    /// receiver must be stopped first), unmount their data volumes and
+    /// remove their network rules: everything `serve` leaves running.
+    StopAll(StopAllConfig),
+}
+
+/// What `nx-receiver stop-all` needs: the flags of `serve` that say where
+/// its apps are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StopAllConfig {
+    /// The data directory of the receiver whose apps to stop.
+    #[arg(long, env = "NX_DATA_DIR", default_value = ".nx")]
+    pub data_dir: PathBuf,
+
+    /// The first app uid of that receiver (names its network rules).
+    #[arg(long, env = "NX_UID_BASE", default_value_t = 700_000)]
+    pub uid_base: u32,
+
+    /// How long each app has between SIGTERM and SIGKILL.
+    #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
 }
 
 /// See `ServeConfig::network_isolation`.
@@ -147,6 +170,11 @@ pub struct ServeConfig {
     /// The nx-router executable; by default the one next to this executable.
     #[arg(long, env = "NX_ROUTER_BIN")]
     pub router_bin: Option<PathBuf>,
+
+    /// The nx-shim executable that runs each sandbox (and outlives the
+    /// receiver); by default the one next to this executable.
+    #[arg(long, env = "NX_SHIM_BIN")]
+    pub shim_bin: Option<PathBuf>,
 
     /// Unprivileged system user nx-router becomes once its sockets are open
     /// (created when missing); it owns only the router's state directory.
@@ -667,6 +695,7 @@ mod tests {
                 Command::Serve(c) => {
                     (c.allow_egress.iter().map(ToString::to_string).collect::<Vec<_>>(), c.allow_host_dns)
                 }
+                other => panic!("serve parsed as {other:?}"),
             })
         };
         assert_eq!(parse(&[]).unwrap(), (vec![], false));
@@ -687,6 +716,7 @@ mod tests {
             args.extend_from_slice(extra);
             Cli::try_parse_from(args).map(|cli| match cli.command {
                 Command::Serve(c) => (c.uploads_per_app(), c.upload_timeout),
+                other => panic!("serve parsed as {other:?}"),
             })
         };
         assert_eq!(parse(&[]).unwrap(), (2, Duration::from_secs(600)));

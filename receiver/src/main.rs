@@ -23,5 +23,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(nx_receiver::server::serve(*config))
         }
+        Command::StopAll(config) => {
+            nx_receiver::telemetry::init(&nx_receiver::config::ServeConfig::defaults().log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(nx_receiver::server::stop_all(config))
+        }
     }
 }

@@ -129,6 +129,26 @@ pub fn nameservers(resolv: &str) -> Vec<IpAddr> {
 /// Resolvers for sandboxes when none of the host's is reachable for them.
 const PUBLIC_RESOLVERS: &str = "nameserver 1.1.1.1\nnameserver 9.9.9.9\n";
 
+/// The name of the table of the receiver whose apps start at `uid_first`.
+fn table_name(uid_first: u32) -> String {
+    format!("nx_sandbox_{uid_first}")
+}
+
+/// Removes the table of the receiver whose apps start at `uid_first`, once
+/// no sandbox of it runs (`nx-receiver stop-all`): it outlives the receiver
+/// with the apps it confines. A table that is not there is no error.
+pub async fn remove_table(pm: &ProcessManager, uid_first: u32) {
+    if !std::path::Path::new(NFT).exists() {
+        return;
+    }
+    let out = pm.output(Command::new(NFT).args(["delete", "table", "inet"]).arg(table_name(uid_first))).await;
+    if let Ok(o) = out {
+        if !o.status.success() && !o.last_words().contains("No such file or directory") {
+            tracing::warn!(error = %o.last_words(), "cannot remove the nftables table");
+        }
+    }
+}
+
 /// The table for one receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -143,7 +163,7 @@ pub struct Policy {
 
 impl Policy {
     fn table(&self) -> String {
-        format!("nx_sandbox_{}", self.uid_first)
+        table_name(self.uid_first)
     }
 
     /// The ruleset: creates the table if missing, deletes it, and defines it
@@ -235,16 +255,6 @@ impl Policy {
         }
         tracing::info!(table = %self.table(), uids = %format!("{}-{}", self.uid_first, self.uid_first + UID_SPAN - 1), "network isolation installed");
         Ok(())
-    }
-
-    /// Removes the table (at shutdown, once no sandbox runs).
-    pub async fn remove(&self, pm: &ProcessManager) {
-        let out = pm.output(Command::new(NFT).args(["delete", "table", "inet"]).arg(self.table())).await;
-        if let Ok(o) = out {
-            if !o.status.success() {
-                tracing::warn!(error = %o.last_words(), "cannot remove the nftables table");
-            }
-        }
     }
 
     /// The report line every deployment carries.

@@ -2,7 +2,7 @@
 //! SIGTERM, then take everything down in reverse order.
 
 use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -129,7 +129,18 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     make_dir(&data, 0o711)?;
-    for (sub, mode) in [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o711)] {
+    // One receiver per data directory: a second would start every
+    // deployment's sandbox again beside the first one's.
+    let _lock = match lock_data_dir(&data)? {
+        Some(lock) => lock,
+        None => anyhow::bail!(
+            "another nx-receiver runs on the data directory {}; stop it first (or give this one another --data-dir)",
+            data.display()
+        ),
+    };
+    for (sub, mode) in
+        [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o711), ("shims", 0o700)]
+    {
         make_dir(&data.join(sub), mode)?;
     }
     let config = Arc::new(config);
@@ -279,6 +290,10 @@ async fn run(
         volumes: volumes.clone(),
         reporter: reporter.clone(),
         target: target.clone(),
+        shim: match &config.shim_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?.with_file_name("nx-shim"),
+        },
     }));
     if let (Some(client), Some(rx)) = (&github, reports) {
         tokio::spawn(crate::github::report::run(rx, client.clone(), deployer.clone(), db.clone(), stop_rx.clone()));
@@ -403,11 +418,9 @@ async fn run(
 
     let _ = stop_tx.send(true);
     let _ = watchdog.await;
+    // The apps run on, so their data volumes and network rules stay;
+    // `nx-receiver stop-all` removes them with the apps.
     deployer.shutdown().await;
-    volumes.unmount_all(&data.join("apps")).await;
-    if let Some(p) = policy {
-        p.remove(&pm).await;
-    }
     if let Some(r) = router {
         r.stop().await;
     }
@@ -416,6 +429,48 @@ async fn run(
 
 /// Connections the metrics listener serves at once: a few scrapers.
 const METRICS_CONNECTIONS: usize = 16;
+
+/// Holds the data directory's lock (`receiver.lock`) while it lives; `None`
+/// when a running receiver holds it.
+fn lock_data_dir(data: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let path = data.join("receiver.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nx_runtime::sys::try_lock(file).with_context(|| format!("cannot lock {}", path.display()))
+}
+
+/// `nx-receiver stop-all`: stops every sandbox a stopped receiver left
+/// running on the data directory (through its shim; what a dead shim left
+/// is killed by its cgroup), then unmounts the data volumes and removes the
+/// network rules. The deployments stay as they are recorded: the next
+/// `serve` starts them again.
+pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()> {
+    let data = std::env::current_dir().context("cannot read the working directory")?.join(&config.data_dir);
+    anyhow::ensure!(data.is_dir(), "{} is not a data directory (give the receiver's --data-dir)", data.display());
+    let _lock = lock_data_dir(&data)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "an nx-receiver runs on {}; stop it first (its apps keep running until stop-all)",
+            data.display()
+        )
+    })?;
+    let pm = ProcessManager::global().context("cannot start the process manager")?;
+    let shims = crate::deploy::shims_dir(&data);
+    let mut stopped = 0;
+    for entry in std::fs::read_dir(&shims).into_iter().flatten().flatten() {
+        if nx_runtime::shim::stop_dir(&entry.path(), config.stop_grace).await {
+            stopped += 1;
+        }
+    }
+    crate::volumes::Volumes::probe(pm.clone()).unmount_all(&data.join("apps")).await;
+    network::remove_table(&pm, config.uid_base).await;
+    println!("stopped {stopped} sandboxes of {}", data.display());
+    Ok(())
+}
 
 /// SIGHUP replaces nx-router without dropping a request (after an upgrade of
 /// its binary, say).

@@ -299,9 +299,30 @@ impl Cgroup {
         pids
     }
 
-    /// Kills whatever is still inside (`cgroup.kill` on v2, SIGKILL per process
-    /// on v1) and removes the directories. Safe to call on an empty cgroup.
+    /// The cgroup made of these directories (as [`Cgroup::dirs`] gave them),
+    /// for a process that did not create it: a shim, or `stop-all`.
+    pub fn from_dirs(dirs: Vec<PathBuf>) -> Cgroup {
+        Cgroup { dirs }
+    }
+
+    /// One directory per v1 hierarchy, one for v2.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Kills whatever is still inside and removes the directories. Safe to
+    /// call on an empty cgroup.
     pub fn destroy(&self) {
+        self.kill_all();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Kills every process inside (`cgroup.kill` on v2, SIGKILL per process
+    /// on v1) and waits, up to a second, until none is left; the directories
+    /// stay, so a new sandbox can join them.
+    pub fn kill_all(&self) {
         for dir in &self.dirs {
             let kill = dir.join("cgroup.kill");
             if kill.exists() {
@@ -317,9 +338,6 @@ impl Cgroup {
                 let _ = sys::signal_process(pid, Signal::SIGKILL);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir(dir);
         }
     }
 

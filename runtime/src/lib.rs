@@ -3,11 +3,12 @@
 //! Contract of this crate:
 //! - [`spec::bwrap_args`] turns a [`spec::SandboxSpec`] into bwrap's command line
 //!   as a pure function; what is not on that line is not in the sandbox.
-//! - Every sandbox is started by the [`process::ProcessManager`] thread as the
-//!   app's own unprivileged host uid, with an empty environment plus the app's
-//!   variables (never on the command line nor in bwrap's own environment), in
-//!   its own session, confined by Landlock where the kernel has it, and dies
-//!   with this process (parent-death signal).
+//! - Every sandbox is started by its own [`shim`] (which the
+//!   [`process::ProcessManager`] thread starts) as the app's own unprivileged
+//!   host uid, with an empty environment plus the app's variables (never on
+//!   the command line nor in bwrap's own environment), in its own session,
+//!   confined by Landlock where the kernel has it. It outlives this process
+//!   and dies with its shim (parent-death signal).
 //! - [`supervisor::Sandbox`] reports `Starting → Healthy`, restarts crashes with
 //!   capped backoff, ends as `Failed` with the last log lines, and `stop` returns
 //!   only when every process of the sandbox is gone.
@@ -21,6 +22,7 @@ pub mod logs;
 pub mod net;
 pub mod process;
 pub mod seccomp;
+pub mod shim;
 pub mod spec;
 pub mod supervisor;
 pub mod sys;

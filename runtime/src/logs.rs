@@ -2,12 +2,18 @@
 //! the supervisor says about it, one timestamped line each, in a size-capped file
 //! that rotates, with a live feed for `nx logs -f`. Only the platform's lines
 //! start with its mark (`nx_protocol::logs`): an app cannot print one.
+//!
+//! Two processes write a deployment's file: its shim (what the app prints, and
+//! how it stopped) and the receiver (health, restarts). Each line is one
+//! `write` in append mode, so lines never interleave, and a writer that finds
+//! the file rotated by the other one follows it rather than rotating again.
+//! The receiver's live feed therefore follows the file, not its own writes.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +23,6 @@ use tokio::sync::broadcast;
 
 /// Longest line kept; longer ones are cut, so one runaway line cannot fill memory.
 pub const MAX_LINE: usize = 16 * 1024;
-/// Lines kept in memory for failure reports.
-const TAIL_LINES: usize = 50;
 
 /// How much log to keep per deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +44,6 @@ struct Sink {
     file: File,
     written: u64,
     limits: LogLimits,
-    tail: VecDeque<String>,
 }
 
 /// A deployment's log; cheap to clone.
@@ -48,6 +51,9 @@ struct Sink {
 pub struct Log {
     sink: Arc<Mutex<Sink>>,
     live: broadcast::Sender<String>,
+    /// Whether the live feed comes from following the file (another process
+    /// writes to it too) rather than from this handle's own writes.
+    followed: bool,
 }
 
 impl std::fmt::Debug for Log {
@@ -63,11 +69,42 @@ fn open_append(path: &Path) -> io::Result<File> {
 impl Log {
     /// Opens (appending) the log at `path`.
     pub fn open(path: &Path, limits: LogLimits) -> io::Result<Log> {
+        Self::open_with(path, limits, 1024, false)
+    }
+
+    /// Opens the log at `path` for a writer that keeps no live feed (a
+    /// shim: nobody subscribes in its process, so it holds no queue).
+    pub fn open_writer(path: &Path, limits: LogLimits) -> io::Result<Log> {
+        Self::open_with(path, limits, 1, false)
+    }
+
+    /// Opens the log at `path`, which another process (the deployment's
+    /// shim) writes too: the live feed follows the file, so it carries every
+    /// line whoever wrote it. Needs a tokio runtime; the following stops when
+    /// the last clone of the log is dropped.
+    pub fn open_shared(path: &Path, limits: LogLimits) -> io::Result<Log> {
+        let log = Self::open_with(path, limits, 1024, true)?;
+        let start = std::fs::metadata(path)?;
+        tokio::spawn(follow(path.to_owned(), (start.ino(), start.len()), Arc::downgrade(&log.sink), log.live.clone()));
+        Ok(log)
+    }
+
+    fn open_with(path: &Path, limits: LogLimits, capacity: usize, followed: bool) -> io::Result<Log> {
         let file = open_append(path)?;
         let written = file.metadata()?.len();
-        let (live, _) = broadcast::channel(1024);
-        let sink = Sink { path: path.to_owned(), file, written, limits, tail: VecDeque::with_capacity(TAIL_LINES) };
-        Ok(Log { sink: Arc::new(Mutex::new(sink)), live })
+        let (live, _) = broadcast::channel(capacity);
+        let sink = Sink { path: path.to_owned(), file, written, limits };
+        Ok(Log { sink: Arc::new(Mutex::new(sink)), live, followed })
+    }
+
+    /// Where the log is stored.
+    pub fn path(&self) -> PathBuf {
+        self.sink.lock().map(|s| s.path.clone()).unwrap_or_default()
+    }
+
+    /// How much of it is kept.
+    pub fn limits(&self) -> LogLimits {
+        self.sink.lock().map(|s| s.limits).unwrap_or_default()
     }
 
     /// Appends one line of the app's output; one that would pass for the
@@ -100,19 +137,19 @@ impl Log {
         if let Err(e) = sink.append(&stamped) {
             tracing::warn!(path = %sink.path.display(), error = %e, "cannot write log");
         }
-        if sink.tail.len() == TAIL_LINES {
-            sink.tail.pop_front();
-        }
-        sink.tail.push_back(line);
         drop(sink);
-        // Nobody listening is fine.
-        let _ = self.live.send(stamped);
+        if !self.followed {
+            // Nobody listening is fine.
+            let _ = self.live.send(stamped);
+        }
     }
 
-    /// The last lines written (without timestamps), oldest first.
+    /// The last `n` lines stored (without timestamps), oldest first, whoever
+    /// wrote them.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let Ok(sink) = self.sink.lock() else { return Vec::new() };
-        sink.tail.iter().skip(sink.tail.len().saturating_sub(n)).cloned().collect()
+        let lines = read_recent(&sink.path, n, sink.limits.keep_rotated).unwrap_or_default();
+        lines.into_iter().map(|l| l.split_once(' ').map_or(l.clone(), |(_, text)| text.to_owned())).collect()
     }
 
     /// A feed of every line written from now on.
@@ -138,12 +175,25 @@ impl Log {
 
 impl Sink {
     fn append(&mut self, line: &str) -> io::Result<()> {
-        if self.written + line.len() as u64 + 1 > self.limits.max_file_bytes && self.written > 0 {
-            self.rotate()?;
+        let record = format!("{line}\n");
+        // The other writer may have rotated the file: then write to the new one.
+        let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
+        if current != Some(self.file.metadata()?.ino()) {
+            self.file = open_append(&self.path)?;
+            self.written = self.file.metadata()?.len();
         }
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
-        self.written += line.len() as u64 + 1;
+        if self.written + record.len() as u64 > self.limits.max_file_bytes && self.written > 0 {
+            // The other writer's lines count too.
+            self.written = self.file.metadata()?.len();
+            if self.written + record.len() as u64 > self.limits.max_file_bytes {
+                self.rotate()?;
+                self.written = 0;
+            }
+        }
+        // One write in append mode: a line never interleaves with another
+        // process's.
+        self.file.write_all(record.as_bytes())?;
+        self.written += record.len() as u64;
         Ok(())
     }
 
@@ -161,6 +211,84 @@ impl Sink {
         self.file = open_append(&self.path)?;
         self.written = 0;
         Ok(())
+    }
+}
+
+/// Sends every line appended to the log at `path` (from `(inode, offset)` on)
+/// to `live`, following rotations, while the log and a subscriber exist.
+async fn follow(path: PathBuf, at: (u64, u64), sink: std::sync::Weak<Mutex<Sink>>, live: broadcast::Sender<String>) {
+    let mut partial: Vec<u8> = Vec::new();
+    // The file being read, held open: what was appended to it before a
+    // rotation is read through it whatever it is called by then.
+    let mut current: Option<(u64, File)> = None;
+    let mut offset = at.1;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if sink.strong_count() == 0 {
+            return;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if live.receiver_count() == 0 {
+            // Nobody follows: skip what was written meanwhile.
+            current = None;
+            offset = meta.len();
+            partial.clear();
+            continue;
+        }
+        let ino = current.as_ref().map_or(at.0, |(i, _)| *i);
+        if current.is_none() {
+            current = File::open(&path).ok().filter(|f| f.metadata().is_ok_and(|m| m.ino() == ino)).map(|f| (ino, f));
+            if current.is_none() {
+                offset = 0;
+            }
+        }
+        if meta.ino() != ino {
+            // Rotated: the rest of the file read so far, then any rotated
+            // file newer than it, then the new one from its start.
+            if let Some((_, file)) = &mut current {
+                send_lines(&live, &mut partial, &read_rest(file, offset));
+            }
+            let keep = sink.upgrade().and_then(|s| s.lock().ok().map(|s| s.limits.keep_rotated)).unwrap_or(0);
+            let rotated_files: Vec<PathBuf> = (1..=keep).map(|i| rotated(&path, i)).collect();
+            if let Some(pos) = rotated_files.iter().position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == ino)) {
+                for newer in rotated_files[..pos].iter().rev() {
+                    send_lines(&live, &mut partial, &read_from(newer, 0).unwrap_or_default());
+                }
+            }
+            current = File::open(&path).ok().and_then(|f| f.metadata().ok().map(|m| (m.ino(), f)));
+            offset = 0;
+        }
+        if let Some((_, file)) = &mut current {
+            let new = read_rest(file, offset);
+            offset += new.len() as u64;
+            send_lines(&live, &mut partial, &new);
+        }
+    }
+}
+
+fn read_rest(file: &mut File, offset: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(offset)).is_ok() {
+        let _ = file.read_to_end(&mut buf);
+    }
+    buf
+}
+
+fn read_from(path: &Path, offset: u64) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn send_lines(live: &broadcast::Sender<String>, partial: &mut Vec<u8>, bytes: &[u8]) {
+    partial.extend_from_slice(bytes);
+    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = partial.drain(..=end).collect();
+        let _ = live.send(String::from_utf8_lossy(&line[..end]).into_owned());
     }
 }
 
@@ -275,6 +403,37 @@ mod tests {
         let tail = log.tail(1);
         assert!(tail[0].ends_with("[line cut]"));
         assert!(tail[0].len() <= MAX_LINE + 20);
+    }
+
+    #[tokio::test]
+    async fn a_shared_log_feeds_the_other_writers_lines_across_rotations() {
+        let path = temp("shared");
+        let limits = LogLimits { max_file_bytes: 400, keep_rotated: 2 };
+        let receiver = Log::open_shared(&path, limits).unwrap();
+        let mut feed = receiver.subscribe();
+        // The shim's handle, as another process would hold it.
+        let shim = Log::open_writer(&path, limits).unwrap();
+        for i in 0..20 {
+            shim.app_line(&format!("app line {i:02}"));
+            if i % 5 == 0 {
+                receiver.system_line(&format!("platform line {i:02}"));
+            }
+            // The feed polls the file; a rotation at a time between polls.
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 24 {
+            let line = tokio::time::timeout(std::time::Duration::from_secs(5), feed.recv()).await.unwrap().unwrap();
+            seen.push(line.split_once(' ').unwrap().1.to_owned());
+        }
+        let apps: Vec<&String> = seen.iter().filter(|l| l.starts_with("app line")).collect();
+        assert_eq!(apps.len(), 20, "{seen:?}");
+        assert!(apps.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+        assert!(seen.contains(&"[nx] platform line 15".to_owned()), "{seen:?}");
+        // Every line is whole in the files, and the tail reads them back.
+        let stored = read_recent(&path, 100, 2).unwrap();
+        assert!(stored.iter().all(|l| l.ends_with(|c: char| c.is_ascii_digit())), "{stored:?}");
+        assert_eq!(receiver.tail(1), ["app line 19"]);
     }
 
     #[tokio::test]

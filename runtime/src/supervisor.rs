@@ -3,12 +3,17 @@
 //! crashes, give up with the last log lines when it crash-loops, and stop the
 //! whole process tree on request.
 //!
-//! Stopping: bwrap's outer process (our child) runs an init process (pid 1 of the
-//! sandbox's pid namespace) which runs the app. SIGTERM goes to the app's process
-//! group so it can shut down cleanly; after the grace period SIGKILL goes to the
-//! sandbox's init, and the kernel then kills every process of the namespace and
-//! init reaps them. The outer process sees its child gone and exits, and we reap
-//! it. Nothing is left as a zombie or an orphan.
+//! Each life of the sandbox runs under its own [`crate::shim`], so the sandbox
+//! keeps running when this process stops; [`Sandbox::adopt`] re-attaches to a
+//! life a previous process started.
+//!
+//! Stopping (the shim does it): bwrap's outer process (the shim's child) runs
+//! an init process (pid 1 of the sandbox's pid namespace) which runs the app.
+//! SIGTERM goes to the app's process group so it can shut down cleanly; after
+//! the grace period SIGKILL goes to the sandbox's init, and the kernel then
+//! kills every process of the namespace and init reaps them. The outer process
+//! sees its child gone and exits, and the shim reaps it. Nothing is left as a
+//! zombie or an orphan; whatever the cgroup still holds is killed.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -21,7 +26,8 @@ use tokio::sync::watch;
 
 use crate::health::{self, HealthCheck};
 use crate::logs::Log;
-use crate::process::{Command, ExitWatch, ProcessManager, Stream};
+use crate::process::ProcessManager;
+use crate::shim::{Outcome, Shim, ShimError, ShimSpec, LANDLOCK_FD};
 use crate::spec::{bwrap_args, env_args, HostLayout, SandboxSpec, ENV_FD, HOST_ENV, SECCOMP_FD};
 use crate::sys::{self, Rlimit};
 
@@ -124,6 +130,10 @@ pub struct SandboxConfig {
     pub proc_root: PathBuf,
     /// What Landlock can enforce here: bind rules for `addr`'s port, scopes.
     pub landlock: crate::landlock::Support,
+    /// The shim program (`nx-shim`).
+    pub shim: PathBuf,
+    /// The shim's state directory: one per sandbox, root's alone.
+    pub state_dir: PathBuf,
 }
 
 impl std::fmt::Debug for SandboxConfig {
@@ -166,13 +176,60 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Starts supervising; returns at once.
+    /// Starts supervising; returns at once. A sandbox of this state
+    /// directory that still runs (its shim alive, or processes left in its
+    /// cgroup) is ended first: never two instances.
     pub fn start(config: SandboxConfig, pm: ProcessManager, log: Log) -> Sandbox {
-        let (status_tx, status) = watch::channel(Status::Starting { restarts: 0 });
+        Self::supervised(config, pm, log, None)
+    }
+
+    /// Re-attaches to the sandbox a previous process started, if its shim
+    /// still runs it and it answers its health check: supervision goes on
+    /// from `Healthy` without a restart. Otherwise ends whatever is left of
+    /// it (saying in the log how it ended) and gives the configuration back,
+    /// for [`Sandbox::start`].
+    pub async fn adopt(config: SandboxConfig, pm: ProcessManager, log: Log) -> Result<Sandbox, SandboxConfig> {
+        let Some(mut shim) = Shim::attach(&config.state_dir).await else {
+            // The shim records how the life ended for a receiver that was away.
+            if let Some(exit) = crate::shim::last_exit(&config.state_dir) {
+                log.system_line(&format!("exited ({}) while no receiver watched it", exit.describe()));
+            }
+            clear_leftovers(&config, &log).await;
+            return Err(config);
+        };
+        let probe = shim.probe();
+        let answered = health::wait_healthy(config.addr, &config.health, config.start_timeout, || probe.exited()).await;
+        let foreign =
+            foreign_listener(&health::listeners(&config.proc_root, config.addr), config.host_ids.0, config.addr);
+        match (answered, foreign) {
+            (Ok(()), None) => {
+                log.system_line(&format!("sandbox (pid {}) adopted, healthy on {}", shim.pid(), config.addr));
+                Ok(Self::supervised(config, pm, log, Some(shim)))
+            }
+            (Err(e), _) => {
+                log.system_line(&format!(
+                    "the running sandbox (pid {}) does not answer ({e}); replacing it",
+                    shim.pid()
+                ));
+                terminate(&config, &mut shim).await;
+                Err(config)
+            }
+            (Ok(()), Some(reason)) => {
+                log.system_line(&format!("the running sandbox is not adopted: {reason}"));
+                terminate(&config, &mut shim).await;
+                Err(config)
+            }
+        }
+    }
+
+    fn supervised(config: SandboxConfig, pm: ProcessManager, log: Log, adopted: Option<Shim>) -> Sandbox {
+        let initial =
+            if adopted.is_some() { Status::Healthy { restarts: 0 } } else { Status::Starting { restarts: 0 } };
+        let (status_tx, status) = watch::channel(initial);
         let (stop, stop_rx) = watch::channel(false);
         let cgroup = config.cgroup.clone();
         let task = tokio::spawn(async move {
-            supervise(config, pm, log, status_tx, stop_rx).await;
+            supervise(config, pm, log, status_tx, stop_rx, adopted).await;
             // The tree is gone by now; this catches anything that slipped out
             // of the namespace and frees the cgroup.
             if let Some(cg) = cgroup {
@@ -219,6 +276,7 @@ async fn supervise(
     log: Log,
     status: watch::Sender<Status>,
     mut stop: watch::Receiver<bool>,
+    mut adopted: Option<Shim>,
 ) {
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut restarts = 0u32;
@@ -227,76 +285,68 @@ async fn supervise(
         let _ = status.send(Status::Failed { reason, log_tail: log.tail(20) });
     };
     loop {
-        let _ = status.send(Status::Starting { restarts });
-        let command = match sandbox_command(&cfg) {
-            Ok(c) => c,
-            Err(e) => return fail(&status, format!("cannot prepare the sandbox: {e}")),
+        let mut shim = match adopted.take() {
+            Some(shim) => shim,
+            None => {
+                let _ = status.send(Status::Starting { restarts });
+                let mut shim = match launch(&cfg, &pm, &log).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
+                };
+                log.system_line(&format!("sandbox started (pid {})", shim.pid()));
+                let probe = shim.probe();
+                let healthy = tokio::select! {
+                    r = health::wait_healthy(cfg.addr, &cfg.health, cfg.start_timeout, || probe.exited()) => r,
+                    _ = stop_requested(&mut stop) => {
+                        terminate(&cfg, &mut shim).await;
+                        let _ = status.send(Status::Stopped);
+                        return;
+                    }
+                };
+                if let Err(e) = healthy {
+                    if !shim.exited() {
+                        terminate(&cfg, &mut shim).await;
+                        return fail(
+                            &status,
+                            format!("did not pass its health check within {:?}: {e}", cfg.start_timeout),
+                        );
+                    }
+                    let ended = describe_outcome(&cfg, shim.wait().await).await;
+                    return fail(&status, format!("exited ({ended}) before answering its health check"));
+                }
+                // Apps share the host's network namespace: the answer must come from
+                // a socket of this app's own, not one another app holds on its port.
+                if let Some(reason) =
+                    foreign_listener(&health::listeners(&cfg.proc_root, cfg.addr), cfg.host_ids.0, cfg.addr)
+                {
+                    terminate(&cfg, &mut shim).await;
+                    return fail(&status, reason);
+                }
+                log.system_line(&format!("healthy on {}", cfg.addr));
+                let _ = status.send(Status::Healthy { restarts });
+                shim
+            }
         };
-        let mut child = match pm.spawn(command).await {
-            Ok(c) => c,
-            Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
-        };
-        log.system_line(&format!("sandbox started (pid {})", child.pid()));
-        let mut exit = child.exit_watch();
-        let pump = child.stdout.take().map(|fd| {
-            let log = log.clone();
-            tokio::spawn(async move { log.pump(fd).await })
-        });
 
-        let probe_exit = exit.clone();
-        let healthy = tokio::select! {
-            r = health::wait_healthy(cfg.addr, &cfg.health, cfg.start_timeout, || probe_exit.exited()) => r,
+        let outcome = tokio::select! {
+            outcome = shim.wait() => outcome,
             _ = stop_requested(&mut stop) => {
-                terminate(&cfg, &mut exit, &log).await;
-                finish_pump(pump).await;
+                terminate(&cfg, &mut shim).await;
                 let _ = status.send(Status::Stopped);
                 return;
             }
         };
-        if let Err(e) = healthy {
-            if !exit.exited() {
-                terminate(&cfg, &mut exit, &log).await;
-                finish_pump(pump).await;
-                return fail(&status, format!("did not pass its health check within {:?}: {e}", cfg.start_timeout));
-            }
-            let code = exit.wait().await;
-            finish_pump(pump).await;
-            return fail(&status, format!("exited ({}) before answering its health check", describe_exit(code)));
-        }
-        // Apps share the host's network namespace: the answer must come from
-        // a socket of this app's own, not one another app holds on its port.
-        if let Some(reason) = foreign_listener(&health::listeners(&cfg.proc_root, cfg.addr), cfg.host_ids.0, cfg.addr) {
-            terminate(&cfg, &mut exit, &log).await;
-            finish_pump(pump).await;
-            return fail(&status, reason);
-        }
-        log.system_line(&format!("healthy on {}", cfg.addr));
-        let _ = status.send(Status::Healthy { restarts });
-
-        let code = tokio::select! {
-            code = exit.wait() => code,
-            _ = stop_requested(&mut stop) => {
-                terminate(&cfg, &mut exit, &log).await;
-                finish_pump(pump).await;
-                let _ = status.send(Status::Stopped);
-                return;
-            }
-        };
-        finish_pump(pump).await;
+        let ended = describe_outcome(&cfg, outcome).await;
         let pause = match cfg.restart.after_crash(&mut crashes, Instant::now()) {
             AfterCrash::Restart(pause) => pause,
             AfterCrash::GiveUp { crashes } => {
                 return fail(
                     &status,
-                    format!(
-                        "crashed {crashes} times within {:?}, giving up; last exit: {}",
-                        cfg.restart.window,
-                        describe_exit(code)
-                    ),
+                    format!("crashed {crashes} times within {:?}, giving up; last exit: {ended}", cfg.restart.window),
                 );
             }
         };
-        log.system_line(&format!("exited ({}), restarting in {pause:?}", describe_exit(code)));
+        log.system_line(&format!("exited ({ended}), restarting in {pause:?}"));
         restarts += 1;
         let _ = status.send(Status::Starting { restarts });
         tokio::select! {
@@ -309,43 +359,87 @@ async fn supervise(
     }
 }
 
-async fn finish_pump(pump: Option<tokio::task::JoinHandle<()>>) {
-    // The pipe closes when the last process of the sandbox exits; a descendant
-    // that escaped into its own session could keep it open, so do not wait long.
-    if let Some(p) = pump {
-        let abort = p.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), p).await.is_err() {
-            abort.abort();
+/// How a life ended, for the log; a shim that went away without saying
+/// (killed) took its sandbox along, and whatever the cgroup still holds is
+/// killed here, before another life can start.
+async fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Exited(exit) => exit.describe(),
+        Outcome::Lost => {
+            if let Some(cg) = cfg.cgroup.clone() {
+                let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+            }
+            "its shim was killed, and the sandbox with it".to_owned()
         }
     }
 }
 
-fn sandbox_command(cfg: &SandboxConfig) -> std::io::Result<Command> {
+/// Ends what a previous life left when no shim answers for it: processes
+/// still in the cgroup (a shim killed while its sandbox lived on) are killed.
+async fn clear_leftovers(cfg: &SandboxConfig, log: &Log) {
+    if let Some(cg) = cfg.cgroup.clone() {
+        let left = cg.pids();
+        if !left.is_empty() {
+            log.system_line(&format!(
+                "{} processes of this sandbox were running without their shim; killed them",
+                left.len()
+            ));
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+        }
+    }
+}
+
+/// Starts one life under a new shim, after making sure no other runs.
+async fn launch(cfg: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Shim, ShimError> {
+    if let Some(mut old) = Shim::attach(&cfg.state_dir).await {
+        log.system_line(&format!("another instance (pid {}) was still running; stopping it first", old.pid()));
+        terminate(cfg, &mut old).await;
+    }
+    clear_leftovers(cfg, log).await;
+    let (spec, fds) = shim_spec(cfg, log).map_err(|source| ShimError::State { path: cfg.state_dir.clone(), source })?;
+    Shim::launch(pm, &cfg.shim, &cfg.state_dir, &spec, fds).await
+}
+
+fn shim_spec(cfg: &SandboxConfig, log: &Log) -> std::io::Result<(ShimSpec, Vec<(std::os::fd::OwnedFd, i32)>)> {
     let mut spec = cfg.spec.clone();
-    let mut pass_fds = Vec::new();
+    let mut fds = Vec::new();
     if let Some(program) = &cfg.seccomp {
-        pass_fds.push((sys::sealed_file_with("nx-seccomp", program)?, SECCOMP_FD));
+        fds.push((sys::sealed_file_with("nx-seccomp", program)?, SECCOMP_FD));
         spec.seccomp_fd = Some(SECCOMP_FD);
     }
     // The app's variables reach bwrap only through this descriptor: never its
     // own environment (its loader would act on them on the host) nor its
-    // command line (readable by every user in /proc).
+    // command line (readable by every user in /proc), nor the shim's spec.
     let env = env_args(&cfg.env).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    pass_fds.push((sys::sealed_file_with("nx-env", &env)?, ENV_FD));
+    fds.push((sys::sealed_file_with("nx-env", &env)?, ENV_FD));
     spec.env_fd = Some(ENV_FD);
-    let mut cmd = Command::new(&cfg.bwrap).args(bwrap_args(&spec, &cfg.host));
-    cmd.pass_fds = pass_fds;
-    cmd.env = HOST_ENV.iter().map(|(k, v)| (k.into(), v.into())).collect();
-    cmd.cwd = Some(PathBuf::from("/"));
-    cmd.user = Some(cfg.host_ids);
-    cmd.stdout = Stream::Pipe;
-    cmd.stderr = Stream::ToStdout;
-    cmd.new_session = true;
-    cmd.parent_death_signal = Some(Signal::SIGKILL);
-    cmd.cgroup_procs = cfg.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-    cmd.rlimits = cfg.rlimits.clone();
-    cmd.landlock = cfg.landlock.ruleset(cfg.addr.port())?;
-    Ok(cmd)
+    let pass_fds = fds.iter().map(|(_, n)| *n).collect();
+    let landlock = cfg.landlock.ruleset(cfg.addr.port())?;
+    let has_landlock = landlock.is_some();
+    fds.extend(landlock.map(|fd| (fd, LANDLOCK_FD)));
+    let args = bwrap_args(&spec, &cfg.host)
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a:?} is not UTF-8")))
+        })
+        .collect::<Result<_, _>>()?;
+    let limits = log.limits();
+    let shim = ShimSpec {
+        program: cfg.bwrap.clone(),
+        args,
+        env: HOST_ENV.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        user: cfg.host_ids,
+        rlimits: cfg.rlimits.clone(),
+        cgroup: cfg.cgroup.as_ref().map(|c| c.dirs().to_vec()).unwrap_or_default(),
+        pass_fds,
+        landlock: has_landlock,
+        log: log.path(),
+        log_max_file_bytes: limits.max_file_bytes,
+        log_keep_rotated: limits.keep_rotated,
+        proc_root: cfg.proc_root.clone(),
+    };
+    Ok((shim, fds))
 }
 
 /// "status 3" or "signal 9 (SIGKILL)".
@@ -373,39 +467,17 @@ pub fn children_of(proc_root: &Path, pid: i32) -> Vec<i32> {
     out
 }
 
-async fn terminate(cfg: &SandboxConfig, exit: &mut ExitWatch, log: &Log) {
-    if exit.exited() {
+/// Stops one life through its shim and waits until it has ended; if the shim
+/// does not say so in time (or is gone), whatever is in the cgroup is killed.
+async fn terminate(cfg: &SandboxConfig, shim: &mut Shim) {
+    if shim.exited() && matches!(shim.wait().await, Outcome::Exited(_)) {
         return;
     }
-    // bwrap's outer process -> the namespace's init -> the app.
-    let init = children_of(&cfg.proc_root, exit.pid()).into_iter().next();
-    match init {
-        Some(init) => {
-            for app in children_of(&cfg.proc_root, init) {
-                // The app leads its own session and process group (--new-session).
-                let _ = sys::signal_group(app, Signal::SIGTERM);
-                let _ = sys::signal_process(app, Signal::SIGTERM);
-            }
-        }
-        None => {
-            let _ = exit.signal(Signal::SIGTERM);
+    if let Outcome::Lost = shim.stop(cfg.stop_grace).await {
+        if let Some(cg) = cfg.cgroup.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
         }
     }
-    if tokio::time::timeout(cfg.stop_grace, exit.wait()).await.is_ok() {
-        log.system_line("stopped");
-        return;
-    }
-    log.system_line(&format!("did not exit within {:?} of SIGTERM, killing it", cfg.stop_grace));
-    // SIGKILL from an ancestor namespace is always delivered to a pid-namespace init.
-    let init = children_of(&cfg.proc_root, exit.pid()).into_iter().next();
-    if let Some(init) = init {
-        let _ = sys::signal_process(init, Signal::SIGKILL);
-    }
-    if tokio::time::timeout(Duration::from_secs(2), exit.wait()).await.is_err() {
-        let _ = exit.signal(Signal::SIGKILL);
-        exit.wait().await;
-    }
-    log.system_line("killed");
 }
 
 #[cfg(test)]
@@ -515,6 +587,8 @@ mod tests {
             rlimits: vec![],
             proc_root: "/proc".into(),
             landlock: crate::landlock::Support::Abi(0),
+            shim: "/nx-shim".into(),
+            state_dir: "/s".into(),
         };
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }

@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 /// A resource limit applied in the child before `exec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rlimit {
     pub resource: RlimitResource,
     pub soft: u64,
@@ -23,7 +23,7 @@ pub struct Rlimit {
 }
 
 /// The resource limits the runtime sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RlimitResource {
     /// Open file descriptors.
     NoFile,
@@ -477,6 +477,38 @@ pub fn receive_fds<const MAX_FDS: usize>(
         return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors were sent than expected"));
     }
     Ok((msg.bytes, fds))
+}
+
+/// Takes ownership of descriptor `fd`, which this process inherited (a shim
+/// gets a sandbox's seccomp program, environment and Landlock ruleset this
+/// way). Refused unless `fd` is open, so a wrong number cannot make the
+/// caller own a descriptor it never had.
+pub fn inherited_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    // SAFETY: `fd` is open (checked above), and the caller states that it
+    // was inherited and nothing else in this process owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes reads of `fd` return `WouldBlock` instead of waiting.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// An exclusive lock on `file` (`flock`), held until the returned value is
+/// dropped or the process dies however it dies; `None` when another open
+/// file description holds it.
+pub fn try_lock(file: std::fs::File) -> io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(io::Error::from(e)),
+    }
 }
 
 /// Looks up a user by name: `(uid, gid)`.

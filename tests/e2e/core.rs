@@ -165,20 +165,31 @@ fn a_script_is_refused_before_upload_and_by_the_server() {
 }
 
 #[test]
-fn sigint_stops_everything_it_started_and_a_second_start_works() {
+fn sigint_stops_the_receiver_but_not_its_apps_and_stop_all_stops_them() {
     let mut r = Receiver::start();
     r.create_app("web");
     let d = r.push("web", &bin("hello"), &[]);
     let id = d["id"].as_str().unwrap();
     let running = processes_of(&r.data_dir(), &[id]);
-    for what in ["postgres", "nx-router", "bwrap", "/app/hello"] {
+    for what in ["postgres", "nx-router", "nx-shim", "bwrap", "/app/hello"] {
         assert!(running.iter().any(|(_, c)| c.contains(what)), "{what} is not running: {running:?}");
     }
     let status = r.stop_with(Signal::SIGINT);
     assert!(status.success(), "{status}:\n{}", r.log());
+    // What the receiver runs for itself stops with it; the app runs on
+    // under its shim, the same processes.
     let left = processes_of(&r.data_dir(), &[id]);
-    assert!(left.is_empty(), "processes outlived the receiver: {left:?}");
+    for gone in ["postgres", "nx-router"] {
+        assert!(!left.iter().any(|(_, c)| c.contains(gone)), "{gone} outlived the receiver: {left:?}");
+    }
     assert!(!r.data_dir().join("postgres/cluster/postmaster.pid").exists(), "postgres shut down cleanly");
+    let app = |list: &[(i32, String)]| list.iter().find(|(_, c)| c.starts_with("/app/hello")).map(|(pid, _)| *pid);
+    assert_eq!(app(&left), app(&running), "the app was not restarted: {left:?}");
+    // The explicit way to stop everything.
+    let out = r.stop_all();
+    assert_eq!(out.code, 0, "{out:?}");
+    let left = processes_of(&r.data_dir(), &[id]);
+    assert!(left.is_empty(), "processes outlived stop-all: {left:?}");
 
     r.start_again();
     let a = r.get(d["preview_url"].as_str().unwrap());

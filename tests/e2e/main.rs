@@ -18,6 +18,7 @@ mod lifecycle;
 mod listeners;
 mod metrics;
 mod oidc;
+mod outlive;
 mod quotas;
 mod router;
 mod sftp;

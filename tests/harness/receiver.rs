@@ -187,6 +187,19 @@ impl Receiver {
         self.spawn();
     }
 
+    /// Runs `nx-receiver stop-all` on this receiver's data directory (it
+    /// must be stopped): the apps it left running under their shims stop.
+    pub fn stop_all(&self) -> NxOutput {
+        let mut cmd = Command::new(bin("nx-receiver"));
+        cmd.arg("stop-all")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--uid-base", &self.uid_base.to_string(), "--stop-grace", "3s"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        NxOutput::from(crate::exec::output(&mut cmd).expect("run nx-receiver stop-all"))
+    }
+
     /// Runs `nx` with this receiver and the admin token.
     pub fn nx(&self, args: &[&str]) -> NxOutput {
         self.nx_with_key(&self.admin_token, args)
@@ -247,18 +260,26 @@ impl Receiver {
 }
 
 impl Drop for Receiver {
+    /// Stops the receiver, then the apps it leaves running.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(30);
+            let mut exited = false;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
-                    return;
+                    exited = true;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if !exited {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if self.data_dir().is_dir() {
+            let _ = self.stop_all();
         }
     }
 }

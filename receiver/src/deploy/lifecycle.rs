@@ -249,7 +249,7 @@ impl Deployer {
         Ok(())
     }
 
-    /// Removes a deployment's log and run directory.
+    /// Removes a deployment's log, run directory and shim state.
     fn remove_files(&self, id: &str) {
         let log = self.log_path(id);
         let mut paths = vec![log.clone()];
@@ -265,6 +265,7 @@ impl Deployer {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(self.services.config.data_dir.join("run").join(id));
+        let _ = std::fs::remove_dir_all(self.shim_dir(id));
     }
 
     /// One janitor round: learn from the router when previews were last

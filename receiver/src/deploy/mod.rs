@@ -1,6 +1,7 @@
 //! Deployments: record them, run them in sandboxes, follow their health into the
-//! database and the route table, promote them, and bring them back after a
-//! restart.
+//! database and the route table, promote them, and take them back after a
+//! restart: each sandbox runs under its own shim and outlives this process, so
+//! a start adopts what still runs and starts only what does not.
 //!
 //! Each running sandbox has a watcher task that is the only writer of its
 //! deployment's state: it applies every status change to the database, then to
@@ -157,6 +158,8 @@ pub struct Services {
     pub reporter: events::Reporter,
     /// What binaries this server runs.
     pub target: Arc<nx_protocol::target::ServerTarget>,
+    /// The nx-shim executable every sandbox runs under.
+    pub shim: PathBuf,
 }
 
 /// The deployment service.
@@ -490,7 +493,9 @@ impl Deployer {
         let config = match self.sandbox_config(&app, row).await {
             Ok(c) => c,
             Err(e) => {
-                // Fail closed: no sandbox unless it is exactly as specified.
+                // Fail closed: no sandbox unless it is exactly as specified,
+                // not even one a previous receiver left running.
+                nx_runtime::shim::stop_dir(&self.shim_dir(&row.id), self.services.config.stop_grace).await;
                 let reason = format!("cannot prepare the sandbox: {e}");
                 tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "sandbox not started");
                 self.services.db.set_state(&row.id, DeploymentState::Failed, Some(&reason)).await?;
@@ -501,10 +506,18 @@ impl Deployer {
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = self.log_path(&row.id);
-        let log = Log::open(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
-        self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-        let sandbox = Sandbox::start(config, self.services.pm.clone(), log.clone());
-        let (applied_tx, applied) = watch::channel(Status::Starting { restarts: 0 });
+        // The sandbox's shim writes the app's lines to the same file.
+        let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
+        // One a previous receiver started may still run: taken back as it is,
+        // so a receiver restart is no restart of its apps.
+        let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
+            Ok(adopted) => adopted,
+            Err(config) => {
+                self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+                Sandbox::start(config, self.services.pm.clone(), log.clone())
+            }
+        };
+        let (applied_tx, applied) = watch::channel(sandbox.status());
         tokio::spawn(watch_sandbox(
             sandbox.watch(),
             applied_tx,
@@ -618,10 +631,23 @@ impl Deployer {
         Ok(())
     }
 
-    /// Starts every deployment that was running before this process started.
+    /// Takes back (or starts) every deployment that was running before this
+    /// process started, and stops sandboxes left for any other.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, DeployError> {
         let rows = self.services.db.live_deployments().await?;
         let count = rows.len();
+        // A sandbox left running for a deployment that is no longer live
+        // (its row changed while no receiver ran) is stopped, never leaked.
+        let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let shims = shims_dir(&self.services.config.data_dir);
+        for entry in std::fs::read_dir(&shims).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(name.as_str())
+                && nx_runtime::shim::stop_dir(&entry.path(), self.services.config.stop_grace).await
+            {
+                tracing::info!(deployment = %name, "stopped a sandbox whose deployment is no longer running");
+            }
+        }
         let mut tasks = Vec::new();
         for row in rows {
             let me = self.clone();
@@ -638,22 +664,25 @@ impl Deployer {
         Ok(count)
     }
 
-    /// Stops every sandbox without recording them as stopped, so the next start
-    /// brings them back.
+    /// Lets go of every sandbox without stopping it: each runs on under its
+    /// shim, and the next start adopts it (`nx-receiver stop-all` stops them).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         let running: Vec<Running> = match self.running.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
         };
-        let count = running.len();
-        futures_util::future::join_all(running.into_iter().map(|r| r.sandbox.stop())).await;
-        tracing::info!(count, "all sandboxes stopped");
+        tracing::info!(count = running.len(), "sandboxes left running under their shims");
     }
 
     /// Where a deployment's log is kept.
     pub fn log_path(&self, id: &str) -> PathBuf {
         self.services.config.data_dir.join("logs/deployments").join(format!("{id}.log"))
+    }
+
+    /// The state directory of a deployment's shim.
+    pub fn shim_dir(&self, id: &str) -> PathBuf {
+        shims_dir(&self.services.config.data_dir).join(id)
     }
 
     /// The live log of a running deployment.
@@ -675,6 +704,11 @@ impl Deployer {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+}
+
+/// Where the shims of the receiver on `data_dir` keep their state.
+pub fn shims_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("shims")
 }
 
 /// A fresh random deployment id.

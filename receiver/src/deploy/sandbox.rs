@@ -189,7 +189,11 @@ impl Deployer {
         let mut etc_files = Vec::new();
         for (name, contents) in files {
             let path = etc.join(name);
-            std::fs::write(&path, contents).map_err(io_err(&path))?;
+            // A sandbox adopted after a restart has these bound in: rewriting
+            // the same bytes would show it an empty file for a moment.
+            if std::fs::read(&path).ok().as_deref() != Some(contents.as_bytes()) {
+                std::fs::write(&path, contents).map_err(io_err(&path))?;
+            }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&path))?;
             etc_files.push((path, name.to_owned()));
         }
@@ -320,6 +324,8 @@ impl Deployer {
             rlimits: enforced.rlimits,
             proc_root: PathBuf::from("/proc"),
             landlock: self.services.landlock,
+            shim: self.services.shim.clone(),
+            state_dir: self.shim_dir(&row.id),
         })
     }
 }

@@ -1,0 +1,604 @@
+//! The shim: one small process per sandbox life that owns the sandbox, so the
+//! sandbox does not belong to the receiver's process and a receiver restart (or
+//! upgrade, or crash) stops no app. As containerd's shim and conmon do, it is
+//! the sandbox's parent (and a child subreaper, so the sandbox's orphans stay
+//! its own), owns the pipe the sandbox writes its output to and writes the
+//! deployment's log, stops the sandbox on request, and records how it ended.
+//!
+//! It runs one life: the restart policy, health checks and states stay in the
+//! receiver, which starts a new shim for each life. A shim is thus a loop over
+//! `poll` with no runtime and no policy, and a crash while the receiver is
+//! away waits for the receiver (seconds, during an upgrade) with its exit
+//! recorded, rather than putting the policy in two places.
+//!
+//! Its state directory (root's, 0700) holds `spec.json` (what to run; no
+//! secret: the app's environment comes by descriptor), `control.sock` while
+//! it runs, and `exit` once the sandbox has ended. On the control socket the
+//! shim says `running <pid>` to every client that connects and `exited <raw
+//! wait status> <oom kills>` when the sandbox has ended; a client may send
+//! `stop <grace in ms>`. A receiver that starts finds a live shim by
+//! connecting: that is how it re-attaches. A shim killed outright takes its
+//! sandbox along (parent-death signal), and whoever finds the cgroup still
+//! populated without a shim kills what is in it: never two instances.
+
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::cgroup::Cgroup;
+use crate::logs::{Log, LogLimits, MAX_LINE};
+use crate::process::{Command, ProcessManager, Stream};
+use crate::supervisor::{children_of, describe_exit};
+use crate::sys::{self, ChildSetup, Rlimit};
+
+/// The descriptor a shim gets the sandbox's Landlock ruleset on (its
+/// seccomp program and environment come on bwrap's own numbers).
+pub const LANDLOCK_FD: RawFd = 12;
+
+const SPEC: &str = "spec.json";
+const CONTROL: &str = "control.sock";
+const EXIT: &str = "exit";
+
+/// What a shim runs: bwrap's command line and how to start it. No secret:
+/// the app's environment reaches the shim by descriptor only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `(uid, gid)` the sandbox runs as.
+    pub user: (u32, u32),
+    pub rlimits: Vec<Rlimit>,
+    /// The sandbox's cgroup directories: it joins them, and they say what
+    /// is left of it.
+    pub cgroup: Vec<PathBuf>,
+    /// Descriptors the shim inherited and hands on at the same numbers.
+    pub pass_fds: Vec<RawFd>,
+    /// Whether a Landlock ruleset waits on [`LANDLOCK_FD`].
+    pub landlock: bool,
+    pub log: PathBuf,
+    pub log_max_file_bytes: u64,
+    pub log_keep_rotated: u32,
+    /// The host's `/proc`.
+    pub proc_root: PathBuf,
+}
+
+impl ShimSpec {
+    /// The sandbox's cgroup.
+    pub fn cgroup(&self) -> Cgroup {
+        Cgroup::from_dirs(self.cgroup.clone())
+    }
+}
+
+/// How a sandbox's life ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The raw wait status of bwrap's outer process.
+    pub raw: i32,
+    /// Processes the kernel killed in its cgroup for memory during this life.
+    pub oom_kills: u64,
+}
+
+impl Exit {
+    pub fn status(&self) -> ExitStatus {
+        ExitStatus::from_raw(self.raw)
+    }
+
+    /// "status 3", or "signal 9 (SIGKILL), killed for memory".
+    pub fn describe(&self) -> String {
+        let status = describe_exit(self.status());
+        if self.oom_kills > 0 {
+            format!("{status}, killed for memory ({} OOM kills in its cgroup)", self.oom_kills)
+        } else {
+            status
+        }
+    }
+
+    fn encode(&self) -> String {
+        format!("exited {} {}", self.raw, self.oom_kills)
+    }
+
+    fn decode(line: &str) -> Option<Exit> {
+        let mut words = line.trim().strip_prefix("exited ")?.split(' ');
+        let raw = words.next()?.parse().ok()?;
+        let oom_kills = words.next()?.parse().ok()?;
+        Some(Exit { raw, oom_kills })
+    }
+}
+
+/// Why a shim could not start its sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("cannot prepare the shim's directory {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the shim {program}: {reason}")]
+    Start { program: String, reason: String },
+    /// The shim ran but could not start the sandbox; its words.
+    #[error("{0}")]
+    Sandbox(String),
+}
+
+/// The spec a shim in `dir` runs (or ran), if it is readable.
+pub fn read_spec(dir: &Path) -> Option<ShimSpec> {
+    serde_json::from_slice(&std::fs::read(dir.join(SPEC)).ok()?).ok()
+}
+
+/// How the last life run from `dir` ended, if its shim recorded it.
+pub fn last_exit(dir: &Path) -> Option<Exit> {
+    Exit::decode(&std::fs::read_to_string(dir.join(EXIT)).ok()?)
+}
+
+/// Ends whatever runs from the state directory `dir`: stops its shim's
+/// sandbox (SIGKILL after `grace`), then kills what its cgroup still holds
+/// and removes the cgroup. Returns whether a shim was running.
+pub async fn stop_dir(dir: &Path, grace: Duration) -> bool {
+    let running = match Shim::attach(dir).await {
+        Some(mut shim) => {
+            shim.stop(grace).await;
+            true
+        }
+        None => false,
+    };
+    if let Some(spec) = read_spec(dir) {
+        let cgroup = spec.cgroup();
+        let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+    }
+    running
+}
+
+/// What the receiver holds of a running shim: the connection to its control
+/// socket. Dropping it leaves the shim and its sandbox running.
+#[derive(Debug)]
+pub struct Shim {
+    pid: i32,
+    exit: watch::Receiver<Option<Outcome>>,
+    control: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// How a connection to a shim ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sandbox ended so.
+    Exited(Exit),
+    /// The shim went away without saying (killed): its sandbox died with it
+    /// unless something of it slipped away, which only its cgroup can tell.
+    Lost,
+}
+
+/// A handle to wait for a shim's outcome without the connection; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExitProbe(watch::Receiver<Option<Outcome>>);
+
+impl ExitProbe {
+    pub fn exited(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+}
+
+impl Shim {
+    /// Starts a shim running `spec` from `dir` with `fds` (moved onto their
+    /// numbers), and connects to it once it has started the sandbox.
+    pub async fn launch(
+        pm: &ProcessManager,
+        program: &Path,
+        dir: &Path,
+        spec: &ShimSpec,
+        fds: Vec<(OwnedFd, RawFd)>,
+    ) -> Result<Shim, ShimError> {
+        let state = |source| ShimError::State { path: dir.to_owned(), source };
+        prepare_dir(dir).map_err(state)?;
+        let json = serde_json::to_vec_pretty(spec).map_err(|e| state(std::io::Error::other(e)))?;
+        std::fs::write(dir.join(SPEC), json).map_err(state)?;
+        let mut cmd = Command::new(program).arg(dir);
+        cmd.pass_fds = fds;
+        cmd.cwd = Some(PathBuf::from("/"));
+        cmd.stdout = Stream::Pipe;
+        // Its own session and no parent-death signal: it outlives the receiver.
+        cmd.new_session = true;
+        let describe = program.display().to_string();
+        let start = |reason: String| ShimError::Start { program: describe.clone(), reason };
+        let mut child = pm.spawn(cmd).await.map_err(|e| start(e.to_string()))?;
+        let out = child.stdout.take().ok_or_else(|| start("no pipe to it".into()))?;
+        let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(out).map_err(|e| start(e.to_string()))?;
+        let mut first = String::new();
+        let mut said = tokio::io::BufReader::new(pipe);
+        let read = tokio::io::AsyncBufReadExt::read_line(&mut said, &mut first);
+        match tokio::time::timeout(Duration::from_secs(30), read).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(start(e.to_string())),
+            Err(_) => {
+                let _ = child.signal(Signal::SIGKILL);
+                return Err(start("it said nothing within 30s".into()));
+            }
+        }
+        if let Some(words) = first.trim_end().strip_prefix("error ") {
+            return Err(ShimError::Sandbox(words.to_owned()));
+        }
+        if !first.starts_with("started ") {
+            let status = child.wait().await;
+            return Err(start(format!("it exited ({}) before starting the sandbox", describe_exit(status))));
+        }
+        Shim::attach(dir).await.ok_or_else(|| start("its control socket does not answer".into()))
+    }
+
+    /// Connects to the shim running in `dir`; `None` when none runs there.
+    pub async fn attach(dir: &Path) -> Option<Shim> {
+        let stream = tokio::net::UnixStream::connect(dir.join(CONTROL)).await.ok()?;
+        let (read, control) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read);
+        let mut first = String::new();
+        let said =
+            tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first))
+                .await;
+        let pid = match said {
+            Ok(Ok(_)) => first.trim().strip_prefix("running ")?.parse().ok()?,
+            _ => return None,
+        };
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let mut line = String::new();
+            let outcome = loop {
+                line.clear();
+                match tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await {
+                    Ok(0) | Err(_) => break Outcome::Lost,
+                    Ok(_) => {
+                        if let Some(exit) = Exit::decode(&line) {
+                            break Outcome::Exited(exit);
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(Some(outcome));
+        });
+        Some(Shim { pid, exit, control })
+    }
+
+    /// The sandbox's pid (bwrap's outer process) on the host.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+
+    pub fn probe(&self) -> ExitProbe {
+        ExitProbe(self.exit.clone())
+    }
+
+    /// Waits until the sandbox has ended or the shim is gone; cancel-safe.
+    pub async fn wait(&mut self) -> Outcome {
+        match self.exit.wait_for(Option::is_some).await {
+            Ok(o) => o.unwrap_or(Outcome::Lost),
+            Err(_) => Outcome::Lost,
+        }
+    }
+
+    /// Asks the shim to stop the sandbox (SIGTERM to the app, SIGKILL after
+    /// `grace`) and waits for the outcome, at most `grace` and 10s more.
+    pub async fn stop(&mut self, grace: Duration) -> Outcome {
+        let ask = format!("stop {}\n", grace.as_millis());
+        if tokio::io::AsyncWriteExt::write_all(&mut self.control, ask.as_bytes()).await.is_err() {
+            return self.wait().await;
+        }
+        tokio::time::timeout(grace + Duration::from_secs(10), self.wait()).await.unwrap_or(Outcome::Lost)
+    }
+}
+
+/// Makes `dir` root's alone and clears what an earlier life left there.
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for name in [CONTROL, EXIT] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The shim's program: runs the spec in `dir` and returns its exit code.
+/// Before the sandbox runs, a failure is one line `error <why>` on stdout;
+/// once it runs, `started <pid>`.
+pub fn main(dir: &Path) -> i32 {
+    let spec = match read_spec(dir) {
+        Some(s) => s,
+        None => return say_error(&format!("cannot read {}", dir.join(SPEC).display())),
+    };
+    match Running::start(dir, &spec) {
+        Ok(mut running) => {
+            println!("started {}", running.pid);
+            let _ = std::io::stdout().flush();
+            running.run();
+            0
+        }
+        Err(e) => say_error(&e.to_string()),
+    }
+}
+
+fn say_error(words: &str) -> i32 {
+    println!("error {}", words.replace('\n', " "));
+    let _ = std::io::stdout().flush();
+    1
+}
+
+/// A sandbox the shim started and watches.
+struct Running<'a> {
+    dir: &'a Path,
+    spec: &'a ShimSpec,
+    pid: i32,
+    log: Log,
+    output: Option<std::fs::File>,
+    partial: Vec<u8>,
+    listener: UnixListener,
+    clients: Vec<UnixStream>,
+    sigchld: UnixStream,
+    cgroup: Cgroup,
+    oom_before: u64,
+    status: Option<(i32, Instant)>,
+    stopping: Option<Stopping>,
+}
+
+/// Where a requested stop is.
+struct Stopping {
+    grace: Duration,
+    since: Instant,
+    killed: Option<Instant>,
+}
+
+impl<'a> Running<'a> {
+    fn start(dir: &'a Path, spec: &'a ShimSpec) -> std::io::Result<Running<'a>> {
+        sys::set_child_subreaper()?;
+        let (sig_tx, sigchld) = UnixStream::pair()?;
+        sigchld.set_nonblocking(true)?;
+        sys::notify_on_sigchld(sig_tx)?;
+        let control = dir.join(CONTROL);
+        let _ = std::fs::remove_file(&control);
+        let listener = UnixListener::bind(&control)?;
+        listener.set_nonblocking(true)?;
+        let limits = LogLimits { max_file_bytes: spec.log_max_file_bytes, keep_rotated: spec.log_keep_rotated };
+        let log = Log::open_writer(&spec.log, limits)?;
+        let cgroup = spec.cgroup();
+        let oom_before = cgroup.oom_kills();
+
+        let inherited: Vec<OwnedFd> =
+            spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
+        let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
+        let mut cmd = std::process::Command::new(&spec.program);
+        cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir("/");
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
+        let setup = ChildSetup {
+            cgroup_procs: cgroup
+                .procs_files()
+                .iter()
+                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other))
+                .collect::<Result<_, _>>()?,
+            rlimits: spec.rlimits.clone(),
+            new_session: true,
+            // stderr joins stdout, in order; the rest keep their numbers.
+            fd_moves: std::iter::once((1, 2)).chain(spec.pass_fds.iter().map(|fd| (*fd, *fd))).collect(),
+            user: Some(spec.user),
+            // The shim is one thread that lives as long as the sandbox: a
+            // shim killed outright takes its sandbox along.
+            parent_death_signal: Some(libc::SIGKILL),
+            landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        };
+        setup.install(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))?;
+        // The secrets and rules are the sandbox's now; the shim keeps none.
+        drop(inherited);
+        drop(landlock);
+        let output = child.stdout.take().map(|o| std::fs::File::from(OwnedFd::from(o)));
+        if let Some(o) = &output {
+            sys::set_nonblocking(o.as_fd())?;
+        }
+        let pid = child.id() as i32;
+        // The std handle is never waited on: the loop reaps with waitpid(-1).
+        drop(child);
+        let _ = std::fs::write(dir.join("pid"), format!("{} {pid}\n", std::process::id()));
+        Ok(Running {
+            dir,
+            spec,
+            pid,
+            log,
+            output,
+            partial: Vec::new(),
+            listener,
+            clients: Vec::new(),
+            sigchld,
+            cgroup,
+            oom_before,
+            status: None,
+            stopping: None,
+        })
+    }
+
+    fn run(&mut self) {
+        loop {
+            self.accept();
+            self.read_clients();
+            self.pump();
+            self.reap();
+            self.advance_stop();
+            if let Some((_, at)) = self.status {
+                // The pipe closes when the last process of the sandbox exits;
+                // do not wait long for one that escaped into its own session.
+                if self.output.is_none() || at.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+            let timeout = if self.stopping.is_some() || self.status.is_some() { 100 } else { 1000 };
+            let mut fds = vec![self.listener.as_fd(), self.sigchld.as_fd()];
+            fds.extend(self.output.as_ref().map(AsFd::as_fd));
+            fds.extend(self.clients.iter().map(AsFd::as_fd));
+            let _ = sys::wait_readable(&fds, timeout);
+        }
+        self.finish();
+    }
+
+    fn accept(&mut self) {
+        while let Ok((mut client, _)) = self.listener.accept() {
+            if client.write_all(format!("running {}\n", self.pid).as_bytes()).is_ok()
+                && client.set_nonblocking(true).is_ok()
+            {
+                self.clients.push(client);
+            }
+        }
+    }
+
+    fn read_clients(&mut self) {
+        let mut asked = None;
+        self.clients.retain_mut(|client| {
+            let mut buf = [0u8; 128];
+            match client.read(&mut buf) {
+                Ok(0) => false,
+                Ok(n) => {
+                    for line in buf[..n].lines().map_while(Result::ok) {
+                        if let Some(ms) = line.strip_prefix("stop ").and_then(|m| m.trim().parse::<u64>().ok()) {
+                            asked = Some(Duration::from_millis(ms));
+                        }
+                    }
+                    true
+                }
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        });
+        if let (Some(grace), None) = (asked, &self.stopping) {
+            self.begin_stop(grace);
+        }
+    }
+
+    /// SIGTERM to the app, which leads its own session and process group
+    /// (bwrap's outer process -> the namespace's init -> the app).
+    fn begin_stop(&mut self, grace: Duration) {
+        self.stopping = Some(Stopping { grace, since: Instant::now(), killed: None });
+        if self.status.is_some() {
+            return;
+        }
+        match children_of(&self.spec.proc_root, self.pid).into_iter().next() {
+            Some(init) => {
+                for app in children_of(&self.spec.proc_root, init) {
+                    let _ = sys::signal_group(app, Signal::SIGTERM);
+                    let _ = sys::signal_process(app, Signal::SIGTERM);
+                }
+            }
+            None => {
+                let _ = sys::signal_process(self.pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// After the grace period SIGKILL goes to the sandbox's init (from an
+    /// ancestor namespace it is always delivered), which takes the whole
+    /// namespace along; bwrap itself if that did not end it.
+    fn advance_stop(&mut self) {
+        let (Some(stop), None) = (&mut self.stopping, self.status) else { return };
+        match stop.killed {
+            None if stop.since.elapsed() >= stop.grace => {
+                self.log.system_line(&format!("did not exit within {:?} of SIGTERM, killing it", stop.grace));
+                match children_of(&self.spec.proc_root, self.pid).into_iter().next() {
+                    Some(init) => {
+                        let _ = sys::signal_process(init, Signal::SIGKILL);
+                    }
+                    None => {
+                        let _ = sys::signal_process(self.pid, Signal::SIGKILL);
+                    }
+                }
+                stop.killed = Some(Instant::now());
+            }
+            Some(at) if at.elapsed() > Duration::from_secs(2) => {
+                let _ = sys::signal_process(self.pid, Signal::SIGKILL);
+            }
+            _ => {}
+        }
+    }
+
+    fn pump(&mut self) {
+        let Some(output) = &mut self.output else { return };
+        let mut buf = [0u8; 8192];
+        loop {
+            match output.read(&mut buf) {
+                Ok(0) => {
+                    self.output = None;
+                    break;
+                }
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.output = None;
+                    break;
+                }
+            }
+        }
+        // Whole lines, and a line longer than the limit in pieces (the log
+        // cuts each and says so).
+        loop {
+            let end = match self.partial.iter().position(|b| *b == b'\n') {
+                Some(i) if i <= MAX_LINE => i + 1,
+                _ if self.partial.len() > MAX_LINE => MAX_LINE + 1,
+                _ => break,
+            };
+            let line: Vec<u8> = self.partial.drain(..end).collect();
+            self.log.app_line(&String::from_utf8_lossy(&line));
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut scratch = [0u8; 64];
+        while matches!(self.sigchld.read(&mut scratch), Ok(n) if n > 0) {}
+        while let Some((pid, raw)) = sys::reap_one() {
+            if pid == self.pid {
+                self.status = Some((raw, Instant::now()));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.log.app_line(&String::from_utf8_lossy(&rest));
+        }
+        let raw = self.status.map_or(libc::SIGKILL, |(raw, _)| raw);
+        let exit = Exit { raw, oom_kills: self.cgroup.oom_kills().saturating_sub(self.oom_before) };
+        if let Some(stop) = &self.stopping {
+            self.log.system_line(if stop.killed.is_some() { "killed" } else { "stopped" });
+        }
+        let tmp = self.dir.join(".exit.tmp");
+        if std::fs::write(&tmp, exit.encode()).is_ok() {
+            let _ = std::fs::rename(&tmp, self.dir.join(EXIT));
+        }
+        let _ = std::fs::remove_file(self.dir.join(CONTROL));
+        let line = format!("{}\n", exit.encode());
+        for client in &mut self.clients {
+            let _ = client.set_nonblocking(false);
+            let _ = client.write_all(line.as_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_travel_as_one_line_and_say_what_killed() {
+        let e = Exit { raw: 9, oom_kills: 1 };
+        assert_eq!(Exit::decode(&e.encode()), Some(e));
+        assert_eq!(e.describe(), "signal 9 (SIGKILL), killed for memory (1 OOM kills in its cgroup)");
+        assert_eq!(Exit { raw: 3 << 8, oom_kills: 0 }.describe(), "status 3");
+        assert_eq!(Exit::decode("running 12"), None);
+    }
+}

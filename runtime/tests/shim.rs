@@ -1,0 +1,76 @@
+//! The shim binary on its own: one life of a process, its output in the log,
+//! a re-attach after the first connection is gone, and a stop on request.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nx_runtime::shim::{last_exit, Outcome, Shim, ShimSpec};
+use nx_runtime::ProcessManager;
+
+fn spec(log: &Path, script: &str) -> ShimSpec {
+    ShimSpec {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        user: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+        rlimits: vec![],
+        cgroup: vec![],
+        pass_fds: vec![],
+        landlock: false,
+        log: log.to_owned(),
+        log_max_file_bytes: 1 << 20,
+        log_keep_rotated: 1,
+        proc_root: "/proc".into(),
+    }
+}
+
+fn program() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nx-shim"))
+}
+
+#[tokio::test]
+async fn a_shim_runs_one_life_logs_it_and_outlives_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let state = dir.path().join("shim");
+    let pm = ProcessManager::global().unwrap();
+    let spec = spec(&log, "echo out; echo err >&2; exec sleep 30");
+    let first = Shim::launch(&pm, &program(), &state, &spec, vec![]).await.unwrap();
+    let pid = first.pid();
+    // Stopped only once it has printed (a stop before would end it first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains(" err\n") {
+        assert!(std::time::Instant::now() < deadline, "nothing printed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(first);
+    // A new connection finds the same process: how a receiver re-attaches.
+    let mut again = Shim::attach(&state).await.expect("the shim outlives the connection");
+    assert_eq!(again.pid(), pid);
+    let outcome = again.stop(Duration::from_secs(5)).await;
+    let Outcome::Exited(exit) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(exit.status().signal(), Some(libc::SIGTERM), "{}", exit.describe());
+    assert_eq!(last_exit(&state), Some(exit), "the exit is recorded for a receiver that was away");
+    assert!(Shim::attach(&state).await.is_none(), "a shim runs one life");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" out\n") && text.contains(" err\n"), "{text}");
+    assert!(text.contains(" [nx] stopped\n"), "{text}");
+}
+
+#[tokio::test]
+async fn an_exit_is_told_to_the_connected_receiver_and_a_failed_start_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let pm = ProcessManager::global().unwrap();
+    let mut shim =
+        Shim::launch(&pm, &program(), &dir.path().join("a"), &spec(&log, "sleep 0.2; exit 3"), vec![]).await.unwrap();
+    let outcome = shim.wait().await;
+    assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(3)), "{outcome:?}");
+
+    let mut missing = spec(&log, "");
+    missing.program = "/nonexistent/bwrap".into();
+    let err = Shim::launch(&pm, &program(), &dir.path().join("b"), &missing, vec![]).await.unwrap_err();
+    assert!(err.to_string().starts_with("cannot start /nonexistent/bwrap: "), "{err}");
+}
