@@ -14,6 +14,12 @@ pub const CONTROL_ROUTES_PATH: &str = "/routes";
 /// (`GET`, an [`Activity`]); the receiver stops previews nobody visits.
 pub const CONTROL_ACTIVITY_PATH: &str = "/activity";
 
+/// Where the control channel tells which hosts have a certificate of the
+/// receiver's (`GET`, a list of host names): a router restarted from its
+/// state file has none until it is sent a table, as certificates are never
+/// written to disk.
+pub const CONTROL_CERTIFICATES_PATH: &str = "/certificates";
+
 /// The path prefix of ACME HTTP-01 challenges (RFC 8555 section 8.3).
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 

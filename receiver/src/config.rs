@@ -530,6 +530,16 @@ impl ServeConfig {
         <Serve as clap::Parser>::parse_from(["nx-receiver"]).serve
     }
 
+    /// `nx-receiver serve` with `extra` flags, as the tests give them.
+    #[cfg(test)]
+    pub fn parse(extra: &[&str]) -> Result<ServeConfig, clap::Error> {
+        use clap::Parser;
+        match Cli::try_parse_from([&["nx-receiver", "serve"], extra].concat())?.command {
+            Command::Serve(c) => Ok(*c),
+            other => panic!("serve parsed as {other:?}"),
+        }
+    }
+
     /// What the PostgreSQL cluster is to be, from the `--pg-*`, `--db-*` and
     /// `--database-url` flags.
     pub fn cluster(&self) -> nx_cluster::ClusterConfig {
@@ -655,27 +665,21 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 mod tests {
     use super::*;
 
-    fn serve(extra: &[&str]) -> Result<ServeConfig, clap::Error> {
-        use clap::Parser;
-        let Command::Serve(c) = Cli::try_parse_from([&["nx-receiver", "serve"], extra].concat())?.command;
-        Ok(*c)
-    }
-
     #[test]
     fn acme_directories_are_named_or_urls_and_previews_never_share_cookies_with_production() {
-        assert!(serve(&["--acme-directory", "letsencrypt-staging"]).is_ok());
-        assert!(serve(&["--acme-directory", "https://127.0.0.1:14000/dir"]).is_ok());
-        let e = serve(&["--acme-directory", "letsencrpyt"]).unwrap_err().to_string();
+        assert!(ServeConfig::parse(&["--acme-directory", "letsencrypt-staging"]).is_ok());
+        assert!(ServeConfig::parse(&["--acme-directory", "https://127.0.0.1:14000/dir"]).is_ok());
+        let e = ServeConfig::parse(&["--acme-directory", "letsencrpyt"]).unwrap_err().to_string();
         assert!(e.contains("\"letsencrpyt\" is not letsencrypt, letsencrypt-staging, off or the URL"), "{e}");
         let check = |domain: &str, preview: &str| {
-            serve(&["--domain", domain, "--preview-domain", preview]).unwrap().check_preview_domain()
+            ServeConfig::parse(&["--domain", domain, "--preview-domain", preview]).unwrap().check_preview_domain()
         };
         assert_eq!(check("example.com", "example-previews.net"), Ok(()));
         for (domain, preview) in [("example.com", "previews.example.com"), ("apps.example.com", "example.com")] {
             let e = check(domain, preview).unwrap_err();
             assert!(e.starts_with(&format!("--preview-domain {preview} shares cookies with --domain {domain}")), "{e}");
         }
-        assert_eq!(serve(&[]).unwrap().check_preview_domain(), Ok(()));
+        assert_eq!(ServeConfig::parse(&[]).unwrap().check_preview_domain(), Ok(()));
     }
 
     #[test]
@@ -687,16 +691,9 @@ mod tests {
 
     #[test]
     fn egress_ranges_are_typed_and_repeatable() {
-        use clap::Parser;
         let parse = |extra: &[&str]| {
-            let mut args = vec!["nx-receiver", "serve"];
-            args.extend_from_slice(extra);
-            Cli::try_parse_from(args).map(|cli| match cli.command {
-                Command::Serve(c) => {
-                    (c.allow_egress.iter().map(ToString::to_string).collect::<Vec<_>>(), c.allow_host_dns)
-                }
-                other => panic!("serve parsed as {other:?}"),
-            })
+            ServeConfig::parse(extra)
+                .map(|c| (c.allow_egress.iter().map(ToString::to_string).collect::<Vec<_>>(), c.allow_host_dns))
         };
         assert_eq!(parse(&[]).unwrap(), (vec![], false));
         assert_eq!(
@@ -710,15 +707,7 @@ mod tests {
 
     #[test]
     fn each_app_gets_a_quarter_of_the_upload_places_unless_told() {
-        use clap::Parser;
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["nx-receiver", "serve"];
-            args.extend_from_slice(extra);
-            Cli::try_parse_from(args).map(|cli| match cli.command {
-                Command::Serve(c) => (c.uploads_per_app(), c.upload_timeout),
-                other => panic!("serve parsed as {other:?}"),
-            })
-        };
+        let parse = |extra: &[&str]| ServeConfig::parse(extra).map(|c| (c.uploads_per_app(), c.upload_timeout));
         assert_eq!(parse(&[]).unwrap(), (2, Duration::from_secs(600)));
         assert_eq!(parse(&["--max-concurrent-uploads", "3"]).unwrap().0, 1, "at least one");
         assert_eq!(

@@ -108,6 +108,9 @@ pub struct RoutePublisher {
     generation: Mutex<u64>,
     /// Set when the last publish failed, so the retry loop tries again.
     dirty: std::sync::atomic::AtomicBool,
+    /// Whether the last table sent carried certificates, which a router keeps
+    /// in memory only (see [`RoutePublisher::retry_loop`]).
+    certified: std::sync::atomic::AtomicBool,
 }
 
 impl RoutePublisher {
@@ -127,6 +130,7 @@ impl RoutePublisher {
             challenges: Default::default(),
             generation: Mutex::new(0),
             dirty: false.into(),
+            certified: false.into(),
         }
     }
 
@@ -180,6 +184,7 @@ impl RoutePublisher {
         let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
         table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
         table.certificates = certificates(&domains, &self.master);
+        self.certified.store(!table.certificates.is_empty(), std::sync::atomic::Ordering::SeqCst);
         match self.send(&table).await {
             Err(PublishError::Refused { status: 409, .. }) => {
                 // The router holds a newer table (our clock went back): continue
@@ -257,19 +262,42 @@ impl RoutePublisher {
         serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })
     }
 
-    /// Republishes whenever the last attempt failed, until `shutdown` turns true.
+    /// Whether the router serves certificates of the receiver's: one that
+    /// started from its state file (a restart under systemd, a successor
+    /// that took over) has none until it is sent a table.
+    async fn router_lost_certificates(&self) -> Result<bool, PublishError> {
+        let (status, body) = self.request("GET", nx_protocol::routes::CONTROL_CERTIFICATES_PATH, Bytes::new()).await?;
+        let hosts: Vec<String> =
+            serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })?;
+        Ok(hosts.is_empty())
+    }
+
+    /// Republishes whenever the last attempt failed, and when the router lost
+    /// the certificates it was sent, until `shutdown` turns true.
     pub async fn retry_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        loop {
+        use std::sync::atomic::Ordering;
+        for tick in 1u64.. {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
-            if self.dirty.load(std::sync::atomic::Ordering::SeqCst) {
+            let lost = tick % CERTIFICATE_CHECK_SECS == 0
+                && self.certified.load(Ordering::SeqCst)
+                && self.router_lost_certificates().await.unwrap_or(false);
+            if lost {
+                tracing::info!("the router has none of the domains' certificates (it restarted or was replaced): sending them again");
+            }
+            if lost || self.dirty.load(Ordering::SeqCst) {
                 let _ = self.publish().await;
             }
         }
     }
 }
+
+/// How often the retry loop asks whether the router still has the
+/// certificates it was sent: a restarted router serves the fallback
+/// certificate for custom domains at most this long.
+const CERTIFICATE_CHECK_SECS: u64 = 5;
 
 /// Publishes sent again after a router answered that it handed over (503):
 /// a second of tries, far more than a successor needs.

@@ -74,6 +74,13 @@ impl CertStore {
         map.get(host).or_else(|| host.split_once('.').and_then(|(_, parent)| map.get(&format!("*.{parent}")))).cloned()
     }
 
+    /// The hosts the receiver gave certificates for, sorted.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.by_host.load().keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+
     /// Whether the receiver gave a certificate for `host` (so plain HTTP
     /// requests for it are sent to HTTPS).
     pub fn covers(&self, host: &str) -> bool {
@@ -109,6 +116,8 @@ mod tests {
         ));
         map.insert("*.preview.test".to_owned(), fake);
         store.by_host.store(Arc::new(map));
+        // What the receiver asks to tell whether it must send them again.
+        assert_eq!(store.hosts(), ["*.preview.test"]);
         assert!(store.covers("abc--web.preview.test"));
         assert!(!store.covers("x.abc--web.preview.test"));
         assert!(!store.covers("preview.test"));

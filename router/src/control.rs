@@ -9,6 +9,7 @@
 //! - `PUT /routes`: replace the table (409 when older than the current one)
 //! - `GET /activity`: when each deployment was last requested
 //! - `GET /traffic`: each deployment's requests, durations and bytes
+//! - `GET /certificates`: the hosts with a certificate of the receiver's
 //!
 //! While the router hands over to a successor ([`crate::upgrade`]) a table
 //! change waits ([`Gate`]); once the successor serves, the old router answers
@@ -26,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nx_protocol::metrics::CONTROL_TRAFFIC_PATH;
-use nx_protocol::routes::{RouteTable, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH};
+use nx_protocol::routes::{RouteTable, CONTROL_ACTIVITY_PATH, CONTROL_CERTIFICATES_PATH, CONTROL_ROUTES_PATH};
 use tokio::net::UnixListener;
 
 use crate::table::{RouteStore, TableError};
@@ -142,6 +143,7 @@ async fn handle(
         (Method::GET, p) if p == CONTROL_ROUTES_PATH => json(serde_json::to_vec(&*store.snapshot())),
         (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => json(serde_json::to_vec(&store.activity())),
         (Method::GET, p) if p == CONTROL_TRAFFIC_PATH => json(serde_json::to_vec(&store.traffic())),
+        (Method::GET, p) if p == CONTROL_CERTIFICATES_PATH => json(serde_json::to_vec(&store.certified_hosts())),
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
             let _change = gate.changes.read().await;
             if gate.is_handed_over() {

@@ -134,6 +134,11 @@ impl RouteStore {
         self.current.load().table.clone()
     }
 
+    /// The hosts served with a certificate of the receiver's.
+    pub fn certified_hosts(&self) -> Vec<String> {
+        self.certs.hosts()
+    }
+
     /// When each deployment was last requested through this router.
     pub fn activity(&self) -> Activity {
         let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -321,6 +326,10 @@ mod tests {
         assert_eq!(store.challenge("web.localhost", "tok").as_deref(), Some("tok.thumb"));
         assert_eq!(store.challenge("other.localhost", "tok"), None);
         assert_eq!(store.challenge("web.localhost", "other"), None);
+        // A router started from the state file has no certificate of the
+        // receiver's, and says so (the receiver then sends them again).
+        let restarted = RouteStore::open(&state).unwrap();
+        assert!(restarted.certified_hosts().is_empty());
     }
 
     #[test]

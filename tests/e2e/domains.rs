@@ -193,6 +193,21 @@ fn a_verified_domain_gets_an_acme_certificate_served_by_sni_and_renewed() {
     assert!(renewed["expires_at"].as_str() > first["expires_at"].as_str(), "{renewed} after {first}");
     let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/"), tls_port, &root);
     assert_eq!(code, 0, "{out}");
+
+    // A name whose records are gone (it changed hands, say) is not asked of
+    // the CA again: the attempt says why, and the certificate stays as it was.
+    acme.clear_txt(&format!("_nx-verify.{DOMAIN}"));
+    let refused = eventually(90, "an attempt refused for lack of records", || {
+        let d = r.nx_ok(&["--json", "domains", "ls", "web"]).json()[0].clone();
+        d["last_error"].as_str().is_some_and(|e| e.starts_with("the DNS records of")).then_some(d)
+    });
+    let error = refused["last_error"].as_str().unwrap();
+    assert!(
+        error
+            .starts_with(&format!("the DNS records of {DOMAIN} are no longer found, so no certificate is asked for: ")),
+        "{error}"
+    );
+    assert_eq!(refused["expires_at"], renewed["expires_at"]);
 }
 
 #[test]

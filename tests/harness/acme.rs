@@ -194,6 +194,11 @@ impl Acme {
         self.manage("set-txt", serde_json::json!({ "host": format!("{host}."), "value": value }));
     }
 
+    /// `host` has no TXT record any more.
+    pub fn clear_txt(&self, host: &str) {
+        self.manage("clear-txt", serde_json::json!({ "host": format!("{host}.") }));
+    }
+
     /// What pebble and challtestsrv printed, for failure messages.
     pub fn logs(&self) -> String {
         ["pebble.log", "challtestsrv.log"]

@@ -39,6 +39,8 @@ pub enum AcmeError {
     Certificate { domain: String, reason: String },
     #[error("the router did not take the challenge for {domain}: {reason}")]
     Router { domain: String, reason: String },
+    #[error("the DNS records of {domain} are no longer found, so no certificate is asked for: {missing}")]
+    Records { domain: String, missing: String },
     #[error("cannot read or store the ACME state: {0}")]
     Db(#[from] sqlx::Error),
     #[error("the stored ACME account cannot be read: {0}")]
@@ -97,7 +99,19 @@ impl Acme {
             if !due(&row, now, renew_before) {
                 continue;
             }
-            match self.obtain(&row).await {
+            // A name is certified only while it is still ours: one that
+            // changed hands (or lost its records) is not asked of the CA,
+            // whose rate limits every app shares.
+            let missing = match super::resolver(&self.config) {
+                Ok(resolver) => super::missing(&resolver, &row, &self.config).await,
+                Err(e) => vec![format!("no DNS resolver (--dns-resolver): {e}")],
+            };
+            let attempt = if missing.is_empty() {
+                self.obtain(&row).await
+            } else {
+                Err(AcmeError::Records { domain: row.name.clone(), missing: missing.join("; ") })
+            };
+            match attempt {
                 Ok(cert) => {
                     self.db
                         .set_certificate(
@@ -156,29 +170,7 @@ impl Acme {
         let ids = [Identifier::Dns(row.name.clone())];
         let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| self.ca(e))?;
         let mut tokens = Vec::new();
-        let mut auths = order.authorizations();
-        let mut answered = Ok(());
-        while let Some(auth) = auths.next().await {
-            let mut auth = auth.map_err(|e| self.ca(e))?;
-            if auth.status != AuthorizationStatus::Pending {
-                continue;
-            }
-            let mut challenge = auth
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| AcmeError::NoHttp01 { domain: row.name.clone() })?;
-            self.routes.set_challenge(&row.name, &challenge.token, Some(challenge.key_authorization().as_str().into()));
-            tokens.push(challenge.token.clone());
-            answered = self
-                .routes
-                .publish()
-                .await
-                .map_err(|e| AcmeError::Router { domain: row.name.clone(), reason: e.to_string() });
-            if answered.is_err() {
-                break;
-            }
-            challenge.set_ready().await.map_err(|e| self.ca(e))?;
-        }
-        let status = match answered {
+        let status = match self.answer(&mut order, &row.name, &mut tokens).await {
             Ok(()) => order.poll_ready(&POLL).await,
             Err(e) => {
                 self.forget(&row.name, &tokens).await;
@@ -203,6 +195,33 @@ impl Acme {
         let (issuer, expires_at) = read_certificate(&chain_pem)
             .map_err(|reason| AcmeError::Certificate { domain: row.name.clone(), reason })?;
         Ok(Obtained { chain_pem, key_pem, issuer, expires_at })
+    }
+
+    /// Has the router answer each pending HTTP-01 challenge of `order` and
+    /// tells the CA it may validate; the tokens answered go into `tokens`.
+    async fn answer(
+        &self,
+        order: &mut instant_acme::Order,
+        name: &str,
+        tokens: &mut Vec<String>,
+    ) -> Result<(), AcmeError> {
+        let mut auths = order.authorizations();
+        while let Some(auth) = auths.next().await {
+            let mut auth = auth.map_err(|e| self.ca(e))?;
+            if auth.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            let mut challenge =
+                auth.challenge(ChallengeType::Http01).ok_or_else(|| AcmeError::NoHttp01 { domain: name.to_owned() })?;
+            self.routes.set_challenge(name, &challenge.token, Some(challenge.key_authorization().as_str().into()));
+            tokens.push(challenge.token.clone());
+            self.routes
+                .publish()
+                .await
+                .map_err(|e| AcmeError::Router { domain: name.to_owned(), reason: e.to_string() })?;
+            challenge.set_ready().await.map_err(|e| self.ca(e))?;
+        }
+        Ok(())
     }
 
     /// Stops answering `tokens` on `name`.

@@ -237,13 +237,8 @@ async fn points_here(resolver: &TokioResolver, name: &str, app: &AppName, config
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
-
     fn config(extra: &[&str]) -> ServeConfig {
-        let args = [&["serve", "--domain", "apps.test", "--preview-domain", "previews.test"], extra].concat();
-        let crate::config::Command::Serve(c) =
-            crate::config::Cli::try_parse_from([&["nx-receiver"], &args[..]].concat()).unwrap().command;
-        *c
+        ServeConfig::parse(&[&["--domain", "apps.test", "--preview-domain", "previews.test"], extra].concat()).unwrap()
     }
 
     #[test]
