@@ -135,7 +135,7 @@ fn variables_restart_previews_and_replace_production_without_a_failed_request() 
     eventually(10, "the load to run", || (load.ok.load(std::sync::atomic::Ordering::Relaxed) > 20).then_some(()));
     let set = r.nx_ok(&["env", "set", "GREETING=hello", "API_TOKEN=s3cr3t-value", "--app", "web"]);
     let (_, bodies) = load.finish_without_failures();
-    assert!(bodies.contains("goweb\n") && bodies.contains("hello\n"), "both served: {bodies:?}");
+    assert!(bodies.contains("goweb\n") && bodies.contains("hello\n"), "both served: {bodies:?}\n{set:?}\n{}", r.log());
     assert!(!set.stdout.contains("s3cr3t") && !set.stderr.contains("s3cr3t"), "values are never printed");
     assert!(set.stdout.contains(&format!("{} restarted", id(&b))), "{}", set.stdout);
     assert!(set.stdout.contains("production is now"), "{}", set.stdout);
