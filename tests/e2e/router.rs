@@ -518,22 +518,7 @@ fn a_router_reload_under_load_fails_no_request() {
 #[test]
 fn tls_terminates_with_http2() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,DNS:web.localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (cert, key) = nx_e2e::tls::self_signed(dir.path(), &["localhost", "web.localhost"]);
     let tls_port = nx_e2e::receiver::free_port();
     let r = Receiver::start_with(Options {
         args: vec![

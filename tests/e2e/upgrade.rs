@@ -236,17 +236,7 @@ fn goaway(out: &mut impl Read, settings_seen: std::sync::mpsc::Sender<()>) -> Op
 #[test]
 fn http2_clients_get_goaway_and_carry_on_through_an_upgrade() {
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:web.localhost", "-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (cert, key) = nx_e2e::tls::self_signed(certs.path(), &["web.localhost"]);
     let tls_port = free_port();
     let tls_args = vec![
         format!("--tls-listen=127.0.0.1:{tls_port}"),

@@ -23,6 +23,7 @@ pub mod receiver;
 pub mod runner;
 pub mod server;
 pub mod signed;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 
