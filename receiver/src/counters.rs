@@ -37,15 +37,29 @@ static PLATFORM: LazyLock<Platform> = LazyLock::new(|| Platform {
     github_retries: Counter::default(),
 });
 
+/// A push under way; see [`Platform::push_timer`].
+#[derive(Debug)]
+pub struct PushTimer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for PushTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// The process's counters.
 pub fn platform() -> &'static Platform {
     &PLATFORM
 }
 
 impl Platform {
-    /// A push (API or SFTP) took `took`, whatever its outcome.
-    pub fn pushed(&self, took: Duration) {
-        self.push_seconds.observe(took.as_secs_f64());
+    /// Times a push (API or SFTP) from now until the timer is dropped,
+    /// whichever way the push ends.
+    pub fn push_timer(&self) -> PushTimer<'_> {
+        PushTimer { histogram: &self.push_seconds, started: std::time::Instant::now() }
     }
 
     /// A deployment answered its health check `took` after its start.

@@ -255,21 +255,7 @@ impl Deployer {
         caller_may_link: bool,
         actor: &str,
     ) -> Result<DeploymentInfo, DeployError> {
-        let started = std::time::Instant::now();
-        let pushed = self.verify_and_deploy(app, upload, meta, proved, caller_may_link, actor).await;
-        crate::counters::platform().pushed(started.elapsed());
-        pushed
-    }
-
-    async fn verify_and_deploy(
-        &self,
-        app: &AppRow,
-        upload: nx_store::Upload,
-        meta: &PushMeta,
-        proved: Option<&VerifiedGitHub>,
-        caller_may_link: bool,
-        actor: &str,
-    ) -> Result<DeploymentInfo, DeployError> {
+        let _timing = crate::counters::platform().push_timer();
         // Mapped, not read: a binary of up to --max-upload bytes per upload
         // in progress is not copied into the receiver's memory. The upload's
         // file is the receiver's own, so it cannot shrink under the map.
