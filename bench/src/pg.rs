@@ -30,7 +30,8 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
         let password = nx_receiver::secrets::random_token(32);
         let options = config.admin_options(&password);
         let log = Log::open(&dir.path().join("cluster.log"), LogLimits::default())?;
-        let cluster = Embedded::start(&pm, config, &password, log).await?;
+        let root = config.root.clone();
+        Embedded::start(&pm, config, &password, log).await?;
         let mut admin = sqlx::PgConnection::connect_with(&options).await?;
         let mut figures = [Figure::default(), Figure::default(), Figure::default(), Figure::default()];
         let [ours, cold, raw, raw_db] = &mut figures;
@@ -55,7 +56,7 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
             raw.push_ms(t.elapsed());
         }
         drop(admin);
-        cluster.stop().await;
+        nx_cluster::embedded::stop(&root).await?;
         println!("app database provisioning ({rounds} rounds, embedded PostgreSQL)");
         println!("{}", ours.line("nx, a spare database ready", "ms"));
         println!("{}", cold.line("nx, no spare (CREATE DATABASE)", "ms"));

@@ -1,13 +1,16 @@
-//! The embedded PostgreSQL cluster: `initdb` on first start, then `postgres` as a
-//! supervised child running as an unprivileged system user, listening on a unix
-//! socket in the data directory and on a loopback port.
+//! The embedded PostgreSQL cluster: `initdb` on first start, then `postgres`
+//! running as an unprivileged system user, listening on a unix socket in the
+//! data directory and on a loopback port. The postmaster outlives the receiver
+//! that started it (apps keep their database through a receiver restart or
+//! upgrade); the next receiver adopts it through `postmaster.pid`, and
+//! `nx-receiver stop-all` stops it.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nx_runtime::process::{Child, Command, ProcessManager, Stream};
+use nx_runtime::process::{Command, ProcessManager};
 use nx_runtime::Log;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions as _;
@@ -30,8 +33,8 @@ pub enum EmbeddedError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("initdb failed: {0}")]
     Initdb(String),
-    #[error("a previous PostgreSQL (pid {pid}) still runs on {data}; stop it and start again")]
-    StillRunning { pid: i32, data: PathBuf },
+    #[error("a PostgreSQL (pid {pid}) runs on {data} but does not accept the receiver's connection ({reason}); stop it (kill -INT {pid}) and start again")]
+    Unanswering { pid: i32, data: PathBuf, reason: String },
     #[error("PostgreSQL did not start: {0}; see {1}")]
     Start(String, PathBuf),
     #[error(transparent)]
@@ -128,11 +131,12 @@ impl EmbeddedConfig {
     }
 }
 
-/// The running cluster.
+/// What `postmaster.pid` says of a running postmaster of the cluster.
 #[derive(Debug)]
-pub struct Embedded {
-    child: Child,
-    config: EmbeddedConfig,
+struct Running {
+    process: nx_runtime::sys::Pidfd,
+    port: Option<u16>,
+    socket_dir: Option<PathBuf>,
 }
 
 /// Rules that admit the superuser only over the unix socket (whose directory
@@ -165,15 +169,23 @@ fn write_owned(dir: &Path, name: &str, contents: &str, ids: (u32, u32)) -> Resul
     nx_runtime::sys::replace_file_in(dir, name, contents.as_bytes(), 0o600, ids).map_err(io_err(&dir.join(name)))
 }
 
+/// The embedded cluster: started by a receiver, outliving it, stopped only
+/// by [`stop`] (`nx-receiver stop-all`).
+#[derive(Debug)]
+pub struct Embedded;
+
 impl Embedded {
-    /// Initialises the cluster when needed, starts it and waits until it accepts
-    /// the superuser's connections.
+    /// Initialises the cluster when needed and makes sure one postmaster, and
+    /// only one, serves it with this configuration: the one an earlier
+    /// receiver left running when it answers the superuser with the same
+    /// settings, else a new one (after the previous one stopped). Returns
+    /// once it accepts the superuser's connections.
     pub async fn start(
         pm: &ProcessManager,
         config: EmbeddedConfig,
         password: &str,
         log: Log,
-    ) -> Result<Embedded, EmbeddedError> {
+    ) -> Result<(), EmbeddedError> {
         let ids = config.ids;
         ensure_dir(&config.root, 0o711, None)?;
         let cluster = config.cluster_dir();
@@ -183,70 +195,150 @@ impl Embedded {
             initdb(pm, &config, password).await?;
         }
         write_owned(&cluster, "pg_hba.conf", &hba_rules(), ids)?;
-        wait_for_previous(&cluster).await?;
-
-        let mut cmd = Command::new(config.bin.join("postgres")).args([
-            "-D".into(),
-            cluster.clone().into_os_string(),
-            "-p".into(),
-            config.port.to_string().into(),
-            "-k".into(),
-            config.socket_dir().into_os_string(),
-            "-c".into(),
-            "listen_addresses=127.0.0.1".into(),
-            "-c".into(),
-            "password_encryption=scram-sha-256".into(),
-            "-c".into(),
-            format!("max_connections={}", config.max_connections).into(),
-        ]);
-        cmd.env = vec![("LC_ALL".into(), "C".into())];
-        cmd.cwd = Some(cluster.clone());
-        cmd.user = Some(ids);
-        cmd.stdout = Stream::Pipe;
-        cmd.stderr = Stream::ToStdout;
-        // A fast shutdown if the receiver dies without stopping it.
-        cmd.parent_death_signal = Some(Signal::SIGINT);
-        let mut child = pm.spawn(cmd).await?;
-        if let Some(fd) = child.stdout.take() {
-            let log = log.clone();
-            tokio::spawn(async move { log.pump(fd).await });
-        }
-
-        let options = config.admin_options(password);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if child.try_status().is_some() {
-                let tail = log.tail(5).join(" / ");
-                return Err(EmbeddedError::Start(format!("postgres exited: {tail}"), config.log_path.clone()));
-            }
-            match options.connect().await {
-                Ok(conn) => {
-                    let _ = sqlx::Connection::close(conn).await;
-                    break;
-                }
-                Err(e) if tokio::time::Instant::now() > deadline => {
-                    let _ = child.signal(Signal::SIGINT);
-                    return Err(EmbeddedError::Start(
-                        format!("not accepting connections after 60s: {e}"),
-                        config.log_path.clone(),
-                    ));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        if let Some(running) = running_postmaster(&cluster)? {
+            if adopt(&config, password, running).await? {
+                return Ok(());
             }
         }
-        tracing::info!(port = config.port, socket = %config.socket_dir().display(), "embedded PostgreSQL ready");
-        Ok(Embedded { child, config })
+        spawn(pm, &config, password, &log).await
     }
+}
 
-    /// Fast shutdown: SIGINT, then SIGQUIT if it lingers.
-    pub async fn stop(mut self) {
-        let _ = self.child.signal(Signal::SIGINT);
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_err() {
-            tracing::warn!("PostgreSQL did not stop within 30s; sending SIGQUIT");
-            let _ = self.child.signal(Signal::SIGQUIT);
-            self.child.wait().await;
+/// Takes over a postmaster of the cluster that an earlier receiver left:
+/// `true` once it answers with this configuration; `false` once it has
+/// stopped (it was stopping, or ran with other settings and was stopped
+/// here), so a new one may start. One that runs on and never answers is an
+/// error: a second postmaster is never started beside it.
+async fn adopt(config: &EmbeddedConfig, password: &str, running: Running) -> Result<bool, EmbeddedError> {
+    let pid = running.process.pid();
+    let moved = running.port.is_some_and(|p| p != config.port)
+        || running.socket_dir.as_ref().is_some_and(|d| !same_path(d, &config.socket_dir()));
+    if moved {
+        tracing::info!(pid, "the running PostgreSQL listens elsewhere than configured now; restarting it");
+        stop_process(&running.process).await;
+        return Ok(false);
+    }
+    let options = config.admin_options(password);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let conn = loop {
+        if running.process.exited() {
+            return Ok(false);
         }
-        tracing::info!(data = %self.config.cluster_dir().display(), "embedded PostgreSQL stopped");
+        match options.connect().await {
+            Ok(conn) => break conn,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(EmbeddedError::Unanswering {
+                    pid,
+                    data: config.cluster_dir(),
+                    reason: e.to_string(),
+                })
+            }
+            // Starting up, or shutting down (then it exits, see above).
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut conn = conn;
+    let max: Result<String, _> = sqlx::query_scalar("SHOW max_connections").fetch_one(&mut conn).await;
+    let _ = sqlx::Connection::close(conn).await;
+    if max.ok().as_deref() != Some(config.max_connections.to_string().as_str()) {
+        tracing::info!(pid, "the running PostgreSQL has another max_connections than configured now; restarting it");
+        stop_process(&running.process).await;
+        return Ok(false);
+    }
+    // pg_hba.conf was just written again: make it read.
+    let _ = running.process.signal(Signal::SIGHUP);
+    tracing::info!(pid, port = config.port, "embedded PostgreSQL adopted: it kept running since the last receiver");
+    Ok(true)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
+}
+
+/// Starts a postmaster and waits until it accepts the superuser.
+async fn spawn(pm: &ProcessManager, config: &EmbeddedConfig, password: &str, log: &Log) -> Result<(), EmbeddedError> {
+    let cluster = config.cluster_dir();
+    let mut cmd = Command::new(config.bin.join("postgres")).args([
+        "-D".into(),
+        cluster.clone().into_os_string(),
+        "-p".into(),
+        config.port.to_string().into(),
+        "-k".into(),
+        config.socket_dir().into_os_string(),
+        "-c".into(),
+        "listen_addresses=127.0.0.1".into(),
+        "-c".into(),
+        "password_encryption=scram-sha-256".into(),
+        "-c".into(),
+        format!("max_connections={}", config.max_connections).into(),
+    ]);
+    cmd.env = vec![("LC_ALL".into(), "C".into())];
+    cmd.cwd = Some(cluster.clone());
+    cmd.user = Some(config.ids);
+    // It outlives the receiver: no parent-death signal, its own session (a
+    // terminal's Ctrl-C to the receiver does not reach it), and its output
+    // goes to the log file itself rather than through a pipe that would
+    // break with the receiver.
+    cmd.new_session = true;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&config.log_path)
+        .map_err(io_err(&config.log_path))?;
+    let err = out.try_clone().map_err(io_err(&config.log_path))?;
+    cmd.pass_fds = vec![(out.into(), 1), (err.into(), 2)];
+    let child = pm.spawn(cmd).await?;
+    let pid = child.pid();
+
+    let options = config.admin_options(password);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_status().is_some() {
+            let tail = log.tail(5).join(" / ");
+            return Err(EmbeddedError::Start(format!("postgres exited: {tail}"), config.log_path.clone()));
+        }
+        match options.connect().await {
+            Ok(conn) => {
+                let _ = sqlx::Connection::close(conn).await;
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                let _ = child.signal(Signal::SIGINT);
+                return Err(EmbeddedError::Start(
+                    format!("not accepting connections after 60s: {e}"),
+                    config.log_path.clone(),
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    tracing::info!(pid, port = config.port, socket = %config.socket_dir().display(), "embedded PostgreSQL ready");
+    Ok(())
+}
+
+/// Stops the postmaster of the cluster under `root` (`<data>/postgres`), if
+/// one runs: fast shutdown, then an immediate one if it lingers. Returns its pid.
+pub async fn stop(root: &Path) -> Result<Option<i32>, EmbeddedError> {
+    let Some(running) = running_postmaster(&root.join("cluster"))? else { return Ok(None) };
+    stop_process(&running.process).await;
+    Ok(Some(running.process.pid()))
+}
+
+/// SIGINT (fast shutdown: sessions ended, a checkpoint written), then
+/// SIGQUIT after 30 s; returns once the postmaster is gone.
+async fn stop_process(postmaster: &nx_runtime::sys::Pidfd) {
+    let pid = postmaster.pid();
+    for (signal, wait) in [(Signal::SIGINT, 30), (Signal::SIGQUIT, 30), (Signal::SIGKILL, 30)] {
+        let _ = postmaster.signal(signal);
+        for _ in 0..wait * 10 {
+            if postmaster.exited() {
+                tracing::info!(pid, "embedded PostgreSQL stopped");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(pid, ?signal, "PostgreSQL did not stop; sending a stronger signal");
     }
 }
 
@@ -287,25 +379,44 @@ async fn initdb(pm: &ProcessManager, config: &EmbeddedConfig, password: &str) ->
     Ok(())
 }
 
-/// A postmaster that outlived a crashed receiver gets a fast-shutdown signal from
-/// the kernel; wait for it to finish rather than fail on its lock file.
-async fn wait_for_previous(cluster: &Path) -> Result<(), EmbeddedError> {
+/// The postmaster serving `cluster`, from its `postmaster.pid`: a process
+/// with that pid, named postgres, working in that directory (a postmaster
+/// keeps its data directory as its working directory). A file naming any
+/// other process (the pid was recycled after a crash) is stale and removed
+/// here, since PostgreSQL itself would take a live process of another user
+/// for a running postmaster and refuse to start; its shared memory check
+/// still stops it if backends of a dead postmaster linger.
+fn running_postmaster(cluster: &Path) -> Result<Option<Running>, EmbeddedError> {
     let pid_file = cluster.join("postmaster.pid");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let Ok(text) = std::fs::read_to_string(&pid_file) else { return Ok(()) };
-        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return Ok(()) };
-        // The postmaster works in its data directory; a recycled pid does not.
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
-        if cwd.as_deref() != std::fs::canonicalize(cluster).ok().as_deref() {
-            // A stale file; postgres replaces it itself when it starts.
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(EmbeddedError::StillRunning { pid, data: cluster.to_owned() });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = match std::fs::read_to_string(&pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(EmbeddedError::Io { path: pid_file, source: e }),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let field = |i: usize| lines.get(i).map(|l| l.trim()).filter(|l| !l.is_empty());
+    let process = field(0)
+        .and_then(|l| l.parse::<i32>().ok())
+        .filter(|&pid| pid > 0)
+        .and_then(|pid| nx_runtime::sys::Pidfd::open(pid).ok())
+        .filter(|p| is_postmaster_of(p.pid(), cluster));
+    let Some(process) = process else {
+        tracing::info!(file = %pid_file.display(), "removing a stale postmaster.pid (its process is gone)");
+        std::fs::remove_file(&pid_file).map_err(io_err(&pid_file))?;
+        return Ok(None);
+    };
+    Ok(Some(Running {
+        process,
+        port: field(3).and_then(|l| l.parse().ok()),
+        socket_dir: field(4).map(PathBuf::from),
+    }))
+}
+
+/// Whether process `pid` is a postgres working in `cluster`.
+fn is_postmaster_of(pid: i32, cluster: &Path) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let named_postgres = std::fs::read_to_string(proc.join("comm")).is_ok_and(|c| c.trim() == "postgres");
+    named_postgres && std::fs::read_link(proc.join("cwd")).is_ok_and(|cwd| same_path(&cwd, cluster))
 }
 
 #[cfg(test)]

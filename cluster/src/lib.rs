@@ -75,9 +75,6 @@ pub struct Cluster {
     admin: PgConnectOptions,
     endpoint: AppEndpoint,
     tools: tools::PgTools,
-    /// Taken out when it is stopped: a task still holding the cluster (a
-    /// spare refill, say) must not keep PostgreSQL running past the receiver.
-    embedded: std::sync::Mutex<Option<Embedded>>,
     /// Whether the cluster is the receiver's own (embedded).
     own: bool,
     /// How many spare databases to keep ready.
@@ -106,7 +103,6 @@ impl Cluster {
                     admin,
                     tools: tools::PgTools::new(bin, endpoint.clone(), pm.clone()),
                     endpoint,
-                    embedded: std::sync::Mutex::new(None),
                     own: false,
                     spares: config.spare_databases,
                     limits: config.limits.clone(),
@@ -128,12 +124,11 @@ impl Cluster {
                 let admin = ec.admin_options(admin_password);
                 let endpoint = AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port };
                 let tools = tools::PgTools::new(ec.bin.clone(), endpoint.clone(), pm.clone());
-                let embedded = Embedded::start(pm, ec, admin_password, log).await?;
+                Embedded::start(pm, ec, admin_password, log).await?;
                 Cluster {
                     admin,
                     endpoint,
                     tools,
-                    embedded: std::sync::Mutex::new(Some(embedded)),
                     own: true,
                     spares: config.spare_databases,
                     limits: config.limits.clone(),
@@ -210,15 +205,6 @@ impl Cluster {
 
     pub fn tools(&self) -> &tools::PgTools {
         &self.tools
-    }
-
-    /// Stops the embedded cluster; an external one is left alone. Whoever
-    /// still holds the cluster afterwards finds it gone, as after any outage.
-    pub async fn stop(&self) {
-        let embedded = self.embedded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(e) = embedded {
-            e.stop().await;
-        }
     }
 }
 

@@ -17,7 +17,11 @@ use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
 use nx_protocol::routes::{
     Activity, Certificate, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH,
 };
-use nx_runtime::process::{Child, Command, ProcessManager, Stream};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+
+use nx_runtime::process::{Child, Command, ProcessManager};
+use nx_runtime::sys::Pidfd;
 use nx_runtime::Log;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
@@ -380,9 +384,14 @@ impl RouterSettings {
         }
         cmd.args.extend(self.extra_args.iter().map(Into::into));
         cmd.env = std::env::vars_os().filter(|(k, _)| k == "RUST_LOG" || k == "NX_LOG_FORMAT").collect();
-        cmd.stdout = Stream::Pipe;
-        cmd.stderr = Stream::ToStdout;
-        cmd.parent_death_signal = Some(Signal::SIGTERM);
+        // It outlives the receiver (a receiver restart or upgrade does not
+        // touch routing; the next receiver adopts it): no parent-death
+        // signal, its own session, and its output straight to the log file,
+        // not through a pipe that would break with the receiver.
+        cmd.new_session = true;
+        let log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(self.log.path())?;
+        cmd.pass_fds.push((log.try_clone()?.into(), 1));
+        cmd.pass_fds.push((log.into(), 2));
         Ok(cmd)
     }
 }
@@ -429,7 +438,7 @@ pub async fn prepare_router_user(pm: &ProcessManager, user: &str, dir: &Path) ->
 
 enum RouterCommand {
     Reload(oneshot::Sender<Result<(), String>>),
-    Stop,
+    LetGo,
 }
 
 /// nx-router as a child: restarted when it exits, replaced without dropping a
@@ -444,7 +453,7 @@ impl std::fmt::Debug for RouterCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             RouterCommand::Reload(_) => "Reload",
-            RouterCommand::Stop => "Stop",
+            RouterCommand::LetGo => "LetGo",
         })
     }
 }
@@ -456,19 +465,15 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn spawn(&self) -> Result<Child, String> {
+    async fn spawn(&self) -> Result<Router, String> {
         let command =
             self.settings.command().map_err(|e| format!("cannot pass the listening sockets to nx-router: {e}"))?;
-        let mut child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
-        if let Some(fd) = child.stdout.take() {
-            let log = self.settings.log.clone();
-            tokio::spawn(async move { log.pump(fd).await });
-        }
-        Ok(child)
+        let child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
+        Ok(Router::Child(child))
     }
 
     /// Publishes until the router takes the table (its sign of readiness).
-    async fn wait_ready(&self, child: &Child) -> Result<(), String> {
+    async fn wait_ready(&self, child: &Router) -> Result<(), String> {
         for _ in 0..400 {
             if child.try_status().is_some() {
                 break;
@@ -482,7 +487,7 @@ impl Supervisor {
         Err(format!("nx-router did not come up on {}: {tail}", self.settings.listen))
     }
 
-    async fn start(&self) -> Result<Child, String> {
+    async fn start(&self) -> Result<Router, String> {
         let child = self.spawn().await?;
         if let Err(e) = self.wait_ready(&child).await {
             let _ = child.signal(Signal::SIGKILL);
@@ -492,11 +497,59 @@ impl Supervisor {
         Ok(child)
     }
 
+    /// Takes over a router an earlier receiver started (the settings hold its
+    /// sockets): sends it the table, and replaces it (as a reload does) when
+    /// it is not what this receiver would start: another binary (an
+    /// upgrade), other arguments, or other sockets.
+    async fn adopt(&self, process: Pidfd) -> Result<Router, String> {
+        let current = Router::Adopted(process);
+        let wanted = self.settings.command().map_err(|e| format!("cannot prepare nx-router's command: {e}"))?;
+        let mut argv = vec![wanted.program.into_os_string()];
+        argv.extend(wanted.args);
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", current.pid())).unwrap_or_default();
+        let running: Vec<std::ffi::OsString> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsStr::from_bytes(a).to_owned())
+            .collect();
+        let same_binary = {
+            use std::os::unix::fs::MetadataExt;
+            let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+            let exe = std::fs::metadata(format!("/proc/{}/exe", current.pid())).map(id).ok();
+            exe.is_some() && exe == std::fs::metadata(&self.settings.bin).map(id).ok()
+        };
+        if same_binary && running == argv {
+            self.wait_ready(&current).await?;
+            tracing::info!(pid = current.pid(), "nx-router adopted: it kept serving since the last receiver");
+            return Ok(current);
+        }
+        tracing::info!(
+            pid = current.pid(),
+            same_binary,
+            "the running nx-router is not the one configured now (another binary or other settings); replacing it"
+        );
+        match self.upgrade(&current).await {
+            Ok(next) => {
+                let mut old = current;
+                tokio::spawn(async move {
+                    let status = old.wait().await;
+                    tracing::info!(status, "the replaced nx-router exited");
+                });
+                Ok(next)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the running nx-router keeps serving");
+                self.wait_ready(&current).await?;
+                Ok(current)
+            }
+        }
+    }
+
     /// A reload: a new router starts on the same listening sockets and takes
     /// the table; then the old one drains (stops accepting, closes each
     /// connection after its current request, exits when none is left). The
     /// sockets never close, so no connection is refused and no request lost.
-    async fn upgrade(&self, current: &Child) -> Result<Child, String> {
+    async fn upgrade(&self, current: &Router) -> Result<Router, String> {
         use std::os::unix::fs::MetadataExt;
         let control = RouterSettings::control_socket(&self.settings.dir);
         let before = std::fs::metadata(&control).map(|m| m.ino()).ok();
@@ -525,12 +578,145 @@ impl Supervisor {
     }
 }
 
+/// A router process: this receiver's child, or one an earlier receiver
+/// started, held by a pidfd (its exit status is init's to collect).
+#[derive(Debug)]
+enum Router {
+    Child(Child),
+    Adopted(Pidfd),
+}
+
+impl Router {
+    fn pid(&self) -> i32 {
+        match self {
+            Router::Child(c) => c.pid(),
+            Router::Adopted(p) => p.pid(),
+        }
+    }
+
+    fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        match self {
+            Router::Child(c) => c.signal(signal),
+            Router::Adopted(p) => p.signal(signal),
+        }
+    }
+
+    fn try_status(&self) -> Option<String> {
+        match self {
+            Router::Child(c) => c.try_status().map(|s| s.to_string()),
+            Router::Adopted(p) => p.exited().then(|| "exited".to_owned()),
+        }
+    }
+
+    /// Waits for the process to exit; says how, when known.
+    async fn wait(&mut self) -> String {
+        match self {
+            Router::Child(c) => c.wait().await.to_string(),
+            Router::Adopted(p) => {
+                // Not our child: no exit status to wait for, only its pidfd.
+                while !p.exited() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                "exited".to_owned()
+            }
+        }
+    }
+}
+
+/// A router an earlier receiver started and left serving, found through
+/// its control socket, with copies of its listening sockets (a socket on
+/// another address than configured now is `None`: the caller binds the
+/// new one, and the router is replaced).
+#[derive(Debug)]
+pub struct RunningRouter {
+    pub process: Pidfd,
+    pub http: Option<std::net::TcpListener>,
+    pub tls: Option<std::net::TcpListener>,
+}
+
+/// Why a router answering on the control socket cannot be taken over.
+#[derive(Debug, thiserror::Error)]
+#[error("an nx-router answers on {path} but this receiver cannot take it over: {reason}; stop it (or stop the receiver and run `nx-receiver stop-all`), or run the receiver with --no-router if it runs on its own")]
+pub struct ForeignRouter {
+    path: PathBuf,
+    reason: String,
+}
+
+/// The router serving the control socket in `dir`, if one answers: the
+/// process that listens on it (its peer credentials), which must be an
+/// nx-router. Its listening sockets are at the numbers every receiver
+/// passes them at; copies are taken with `pidfd_getfd` (root may), so this
+/// receiver holds them again, as if it had started the router: a router
+/// restarted or replaced later gets the same sockets and no connection is
+/// refused.
+pub async fn find_running(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    tls: Option<std::net::SocketAddr>,
+) -> Result<Option<RunningRouter>, ForeignRouter> {
+    let path = RouterSettings::control_socket(dir);
+    let Ok(stream) = tokio::net::UnixStream::connect(&path).await else { return Ok(None) };
+    let foreign = |reason: String| ForeignRouter { path: path.clone(), reason };
+    let pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .ok_or_else(|| foreign("the kernel does not say which process listens".into()))?;
+    let process = Pidfd::open(pid).map_err(|e| {
+        foreign(format!("the process that listens (pid {pid}) is gone ({e}); it handed its sockets to another"))
+    })?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "nx-router" {
+        return Err(foreign(format!("pid {pid} is {:?}, not nx-router", comm.trim())));
+    }
+    let socket = |fd: i32, addr: std::net::SocketAddr| {
+        let copy = process.get_fd(fd).ok()?;
+        let listener = std::net::TcpListener::from(copy);
+        let accepting = nix::sys::socket::getsockopt(&listener, nix::sys::socket::sockopt::AcceptConn).ok()?;
+        (accepting && listener.local_addr().ok()? == addr).then_some(listener)
+    };
+    let http = socket(HTTP_FD, listen);
+    let tls = tls.and_then(|addr| socket(TLS_FD, addr));
+    if http.is_none() {
+        // Started by hand or under systemd (it bound its own socket): not the
+        // receiver's to supervise.
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !ours.split(|&b| b == 0).any(|a| a == b"--listen-fd") {
+            return Err(foreign(format!("pid {pid} was not started by a receiver (no --listen-fd)")));
+        }
+    }
+    Ok(Some(RunningRouter { process, http, tls }))
+}
+
+/// Stops the router serving the control socket in `dir`, if any: SIGTERM
+/// (it drains), SIGKILL after `grace`. Returns its pid.
+pub async fn stop_running(dir: &Path, grace: Duration) -> Result<Option<i32>, ForeignRouter> {
+    let path = RouterSettings::control_socket(dir);
+    let Ok(stream) = tokio::net::UnixStream::connect(&path).await else { return Ok(None) };
+    let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+    let process = pid.and_then(|pid| Pidfd::open(pid).ok()).ok_or_else(|| ForeignRouter {
+        path: path.clone(),
+        reason: "the process that listens is gone; it handed its sockets to another".into(),
+    })?;
+    drop(stream);
+    let mut router = Router::Adopted(process);
+    let _ = router.signal(Signal::SIGTERM);
+    if tokio::time::timeout(grace, router.wait()).await.is_err() {
+        let _ = router.signal(Signal::SIGKILL);
+        router.wait().await;
+    }
+    Ok(Some(router.pid()))
+}
+
 impl RouterProcess {
-    /// Starts the router and waits until it has taken the route table.
+    /// Starts the router, or takes over the one an earlier receiver left
+    /// (`adopted`, see [`find_running`]; `settings` then hold its sockets),
+    /// and waits until it has taken the route table.
     pub async fn start(
         pm: ProcessManager,
         settings: RouterSettings,
         publisher: Arc<RoutePublisher>,
+        adopted: Option<Pidfd>,
     ) -> anyhow::Result<RouterProcess> {
         anyhow::ensure!(
             settings.bin.is_file(),
@@ -538,7 +724,10 @@ impl RouterProcess {
             settings.bin.display()
         );
         let sup = Supervisor { pm, settings, publisher };
-        let first = sup.start().await.map_err(|e| anyhow::anyhow!(e))?;
+        let first = match adopted {
+            Some(process) => sup.adopt(process).await.map_err(|e| anyhow::anyhow!(e))?,
+            None => sup.start().await.map_err(|e| anyhow::anyhow!(e))?,
+        };
         let (commands, rx) = mpsc::channel(8);
         let task = tokio::spawn(supervise(sup, first, rx));
         Ok(RouterProcess { commands, task: std::sync::Mutex::new(Some(task)) })
@@ -551,9 +740,10 @@ impl RouterProcess {
         rx.await.map_err(|_| "the router supervisor is gone".to_owned())?
     }
 
-    /// SIGTERM (pingora's graceful shutdown) and wait.
-    pub async fn stop(&self) {
-        let _ = self.commands.send(RouterCommand::Stop).await;
+    /// Stops supervising and leaves the router serving, for the next
+    /// receiver to adopt.
+    pub async fn let_go(&self) {
+        let _ = self.commands.send(RouterCommand::LetGo).await;
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = task {
             let _ = t.await;
@@ -561,7 +751,7 @@ impl RouterProcess {
     }
 }
 
-async fn supervise(sup: Supervisor, mut current: Child, mut commands: mpsc::Receiver<RouterCommand>) {
+async fn supervise(sup: Supervisor, mut current: Router, mut commands: mpsc::Receiver<RouterCommand>) {
     let mut failures = 0u32;
     loop {
         let event = tokio::select! {
@@ -576,7 +766,7 @@ async fn supervise(sup: Supervisor, mut current: Child, mut commands: mpsc::Rece
                         let mut old = std::mem::replace(&mut current, next);
                         tokio::spawn(async move {
                             let status = old.wait().await;
-                            tracing::info!(%status, "the replaced nx-router exited");
+                            tracing::info!(status, "the replaced nx-router exited");
                         });
                         Ok(())
                     }
@@ -584,22 +774,14 @@ async fn supervise(sup: Supervisor, mut current: Child, mut commands: mpsc::Rece
                 };
                 let _ = reply.send(answer);
             }
-            Ok(Some(RouterCommand::Stop) | None) => {
-                // Drain for a few seconds (busy connections finish), then stop
-                // waiting for idle ones.
-                for (signal, wait) in [(Signal::SIGTERM, 5), (Signal::SIGINT, 5), (Signal::SIGKILL, 60)] {
-                    let _ = current.signal(signal);
-                    if tokio::time::timeout(Duration::from_secs(wait), current.wait()).await.is_ok() {
-                        break;
-                    }
-                }
-                tracing::info!("nx-router stopped");
+            Ok(Some(RouterCommand::LetGo) | None) => {
+                tracing::info!(pid = current.pid(), "nx-router keeps serving for the next receiver");
                 return;
             }
             Err(status) => {
                 failures += 1;
                 let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
-                tracing::error!(%status, ?pause, "nx-router exited; restarting it");
+                tracing::error!(status, ?pause, "nx-router exited; restarting it");
                 tokio::time::sleep(pause).await;
                 match sup.start().await {
                     Ok(c) => {

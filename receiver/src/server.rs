@@ -150,9 +150,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
 
     let pg_log = Log::open(&data.join("logs/postgres.log"), LogLimits::default())?;
     let cluster = Arc::new(Cluster::start(&config.cluster(), &pm, &data, &pg_password, pg_log).await?);
-    let result = run(config.clone(), pm, master, cluster.clone()).await;
-    cluster.stop().await;
-    result
+    // PostgreSQL runs on after the receiver, as the apps do (they keep their
+    // databases through a receiver restart); the next start adopts it.
+    run(config.clone(), pm, master, cluster).await
 }
 
 async fn run(
@@ -224,13 +224,24 @@ async fn run(
             None => std::env::current_exe()?.with_file_name("nx-router"),
         };
         let log = Log::open(&data.join("logs/router.log"), LogLimits::default())?;
-        let bind = |addr: std::net::SocketAddr, flag: &str| {
-            std::net::TcpListener::bind(addr).map(Arc::new).with_context(|| format!("cannot listen on {addr} ({flag})"))
+        // The router an earlier receiver left serving, with its sockets.
+        let running =
+            crate::routing::find_running(&data.join("router"), config.router_listen, config.router_tls_listen).await?;
+        let (mut http, mut tls_socket) = (None, None);
+        let adopted = running.map(|r| {
+            (http, tls_socket) = (r.http, r.tls);
+            r.process
+        });
+        let bind = |taken: Option<std::net::TcpListener>, addr: std::net::SocketAddr, flag: &str| match taken {
+            Some(socket) => Ok(Arc::new(socket)),
+            None => std::net::TcpListener::bind(addr)
+                .map(Arc::new)
+                .with_context(|| format!("cannot listen on {addr} ({flag})")),
         };
-        let socket = bind(config.router_listen, "--router-listen")?;
+        let socket = bind(http, config.router_listen, "--router-listen")?;
         let tls = match config.router_tls_listen {
             Some(addr) => Some(RouterTls {
-                socket: bind(addr, "--router-tls-listen")?,
+                socket: bind(tls_socket, addr, "--router-tls-listen")?,
                 addr,
                 cert: config.router_tls_cert.clone().zip(config.router_tls_key.clone()),
             }),
@@ -247,7 +258,7 @@ async fn run(
             log,
             extra_args: config.router_args.clone(),
         };
-        Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone()).await?))
+        Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone(), adopted).await?))
     };
     if let Some(router) = &router {
         tokio::spawn(reload_on_sighup(router.clone(), stop_rx.clone()));
@@ -421,8 +432,9 @@ async fn run(
     // The apps run on, so their data volumes and network rules stay;
     // `nx-receiver stop-all` removes them with the apps.
     deployer.shutdown().await;
+    // nx-router too serves on: the next receiver adopts it.
     if let Some(r) = router {
-        r.stop().await;
+        r.let_go().await;
     }
     Ok(())
 }
@@ -446,8 +458,8 @@ fn lock_data_dir(data: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs
 
 /// `nx-receiver stop-all`: stops every sandbox a stopped receiver left
 /// running on the data directory (through its shim; what a dead shim left
-/// is killed by its cgroup), then unmounts the data volumes and removes the
-/// network rules. The deployments stay as they are recorded: the next
+/// is killed by its cgroup), then unmounts the data volumes, removes the
+/// network rules, and stops nx-router and the embedded PostgreSQL. The deployments stay as they are recorded: the next
 /// `serve` starts them again.
 pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()> {
     let data = std::env::current_dir().context("cannot read the working directory")?.join(&config.data_dir);
@@ -469,6 +481,13 @@ pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()
     crate::volumes::Volumes::probe(pm.clone()).unmount_all(&data.join("apps")).await;
     network::remove_table(&pm, config.uid_base).await;
     println!("stopped {stopped} sandboxes of {}", data.display());
+    // Routing and the database go last: nothing of the apps needs them now.
+    if let Some(pid) = crate::routing::stop_running(&data.join("router"), config.stop_grace).await? {
+        println!("stopped nx-router (pid {pid})");
+    }
+    if let Some(pid) = nx_cluster::embedded::stop(&data.join("postgres")).await? {
+        println!("stopped PostgreSQL (pid {pid})");
+    }
     Ok(())
 }
 

@@ -646,6 +646,77 @@ impl std::fmt::Debug for MappedFile {
     }
 }
 
+/// A process that is not (or no longer) this program's child, held by a
+/// pidfd: signals and descriptor copies reach that process and never one
+/// that later got its pid. What the receiver holds of a PostgreSQL or an
+/// nx-router started by an earlier receiver.
+#[derive(Debug)]
+pub struct Pidfd {
+    pid: i32,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Pidfd {
+    /// Opens `pid`; fails with `ESRCH` when no such process runs.
+    pub fn open(pid: i32) -> io::Result<Pidfd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags; it returns a new
+        // descriptor or -1, and reads no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just created this descriptor for us alone.
+        Ok(Pidfd { pid, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) } })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `signal`; a process that has exited is not an error.
+    pub fn signal(&self, signal: Signal) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal with a null siginfo reads no memory.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                signal as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return ignore_gone(Err(Errno::last()));
+        }
+        Ok(())
+    }
+
+    /// Whether the process has exited (its pidfd turns readable then).
+    pub fn exited(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
+    /// A copy of the process's descriptor `target` (`pidfd_getfd`, which needs
+    /// the right to ptrace it: root's): how a receiver takes back the
+    /// listening sockets of a router it did not start.
+    pub fn get_fd(&self, target: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: pidfd_getfd takes descriptor numbers and flags only.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel installed a new descriptor (close-on-exec) for us alone.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
