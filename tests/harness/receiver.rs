@@ -51,6 +51,9 @@ pub struct Options {
     pub args: Vec<String>,
     /// Extra environment for the receiver.
     pub env: Vec<(String, String)>,
+    /// The nx-receiver executable (default: the built one); a copy elsewhere
+    /// stands for a new version, with nx-router and nx-shim beside it.
+    pub bin: Option<PathBuf>,
 }
 
 /// One receiver with its own data directory and ports.
@@ -116,7 +119,7 @@ impl Receiver {
         // Disjoint sandbox port ranges keep parallel tests apart.
         let base = 20_000 + rand::thread_rng().gen_range(0..200u16) * 200;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
-        let mut cmd = Command::new(bin("nx-receiver"));
+        let mut cmd = Command::new(self.options.bin.clone().unwrap_or_else(|| bin("nx-receiver")));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
