@@ -835,6 +835,10 @@ pub struct ServerStatus {
 pub struct Health {
     pub ok: bool,
     pub version: String,
+    /// Whether the receiver has taken back its deployments since it started
+    /// (the API answers before that; requests that change deployments wait).
+    #[serde(default)]
+    pub reconciled: bool,
 }
 
 #[cfg(test)]

@@ -143,6 +143,11 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     {
         make_dir(&data.join(sub), mode)?;
     }
+    // Bound first: a client that calls while the receiver starts (after a
+    // restart or an upgrade) waits in the backlog instead of being refused.
+    let api = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
     let config = Arc::new(config);
     let pm = ProcessManager::global().context("cannot start the process manager")?;
     let master = Arc::new(MasterKey::load_or_create(&data.join("secrets/master.key"))?);
@@ -152,7 +157,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     let cluster = Arc::new(Cluster::start(&config.cluster(), &pm, &data, &pg_password, pg_log).await?);
     // PostgreSQL runs on after the receiver, as the apps do (they keep their
     // databases through a receiver restart); the next start adopts it.
-    run(config.clone(), pm, master, cluster).await
+    run(config.clone(), pm, master, cluster, api).await
 }
 
 async fn run(
@@ -160,6 +165,7 @@ async fn run(
     pm: ProcessManager,
     master: Arc<MasterKey>,
     cluster: Arc<Cluster>,
+    listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     let pool = cluster.metadata_pool().await?;
@@ -325,35 +331,52 @@ async fn run(
         );
         crate::github::webhook::Webhooks { secret, queue, reading }
     });
-    let restarted = deployer.reconcile().await?;
-    if restarted > 0 {
-        tracing::info!(count = restarted, "deployments restarted");
-    }
-    let _ = routes.publish().await;
-    tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
-
-    if !config.no_sftp {
+    let sftp = if config.no_sftp {
+        None
+    } else {
         let key = crate::sftp::host_key(&data.join("secrets/ssh_host_ed25519_key"))?;
         let listener = tokio::net::TcpListener::bind(config.sftp_listen).await.with_context(|| {
             format!("cannot listen on {} (--sftp-listen; --no-sftp turns SFTP off)", config.sftp_listen)
         })?;
-        let shared = crate::sftp::fs::Shared {
-            deployer: deployer.clone(),
-            db: db.clone(),
-            store: store.clone(),
-            max_upload: config.max_upload,
-            key_recheck: config.ssh_key_recheck,
-            handles: nx_store::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
-        };
-        tokio::spawn(crate::sftp::serve(
-            listener,
-            key,
-            shared,
-            crate::listeners::Gate::new(config.sftp_max_connections as usize),
-            config.sftp_auth_timeout,
-            stop_rx.clone(),
-        ));
-    }
+        Some((listener, key))
+    };
+    // Deployments are taken back (adopted, or started) while the API already
+    // answers; what changes deployments (API writes, SFTP uploads, the
+    // janitor) waits until that is done, so it never races the reconcile.
+    let (reconciled_tx, reconciled) = watch::channel(false);
+    let background = {
+        let (deployer, db, store, routes, config, stop_rx) =
+            (deployer.clone(), db.clone(), store.clone(), routes.clone(), config.clone(), stop_rx.clone());
+        async move {
+            match deployer.reconcile().await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "deployments restarted"),
+                Err(e) => tracing::error!(error = %e, "cannot take back the deployments; they start at the next receiver start"),
+            }
+            let _ = routes.publish().await;
+            let _ = reconciled_tx.send(true);
+            tracing::info!("deployments reconciled");
+            tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
+            if let Some((listener, key)) = sftp {
+                let shared = crate::sftp::fs::Shared {
+                    deployer: deployer.clone(),
+                    db: db.clone(),
+                    store: store.clone(),
+                    max_upload: config.max_upload,
+                    key_recheck: config.ssh_key_recheck,
+                    handles: nx_store::shares::Shares::new(crate::sftp::fs::MAX_HANDLES),
+                };
+                tokio::spawn(crate::sftp::serve(
+                    listener,
+                    key,
+                    shared,
+                    crate::listeners::Gate::new(config.sftp_max_connections as usize),
+                    config.sftp_auth_timeout,
+                    stop_rx,
+                ));
+            }
+        }
+    };
 
     let metrics = crate::metrics::Sources {
         db: db.clone(),
@@ -385,6 +408,7 @@ async fn run(
         );
     }
     let state = AppState {
+        reconciled: reconciled.clone(),
         metrics,
         routes: routes.clone(),
         acme,
@@ -406,9 +430,7 @@ async fn run(
             config.github_oidc_refresh,
         )),
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    tokio::spawn(background);
     tracing::info!(
         api = %config.listen,
         router = %config.router_listen,
@@ -418,9 +440,13 @@ async fn run(
         data = %data.display(),
         "nx-receiver ready"
     );
+    let app = api::app(state).layer(axum::middleware::from_fn(move |req, next| {
+        let reconciled = reconciled.clone();
+        after_reconcile(reconciled, req, next)
+    }));
     crate::listeners::serve_api(
         listener,
-        api::app(state),
+        app,
         crate::listeners::Gate::new(config.api_max_connections as usize),
         config.api_header_timeout,
         shutdown_signal(),
@@ -437,6 +463,20 @@ async fn run(
         r.let_go().await;
     }
     Ok(())
+}
+
+/// Lets reads through at once and holds every other request (deploys,
+/// promotions, stops, webhooks) until the deployments are reconciled: a
+/// change to a deployment the reconcile is still taking back would race it.
+async fn after_reconcile(
+    mut reconciled: watch::Receiver<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+        let _ = reconciled.wait_for(|done| *done).await;
+    }
+    next.run(req).await
 }
 
 /// Connections the metrics listener serves at once: a few scrapers.

@@ -69,6 +69,8 @@ pub struct Receiver {
     /// uids, cgroups or network rules.
     pub uid_base: u32,
     pub options: Options,
+    /// How long after its last start the receiver's API first answered.
+    pub api_answered: Option<Duration>,
     child: Option<Child>,
 }
 
@@ -92,6 +94,7 @@ impl Receiver {
             admin_token: format!("nxa_{token}"),
             uid_base: 1_000_000 + rand::thread_rng().gen_range(0..4000u32) * 65_536,
             options,
+            api_answered: None,
             child: None,
         };
         r.spawn();
@@ -138,18 +141,25 @@ impl Receiver {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        let started = Instant::now();
         let child = crate::exec::spawn(&mut cmd).expect("start nx-receiver");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
+        self.api_answered = None;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("nx-receiver exited ({status}) during startup:\n{}", self.log());
             }
-            let up = reqwest::blocking::get(format!("{}/v1/health", self.api()))
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if up {
-                return;
+            // The API answers first; the deployments are taken back after.
+            let health = reqwest::blocking::get(format!("{}/v1/health", self.api()))
+                .ok()
+                .filter(|r| r.status().is_success())
+                .and_then(|r| r.json::<serde_json::Value>().ok());
+            if let Some(health) = health {
+                self.api_answered.get_or_insert(started.elapsed());
+                if health["reconciled"] == true {
+                    return;
+                }
             }
             assert!(Instant::now() < deadline, "nx-receiver did not come up within 60s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));

@@ -60,6 +60,8 @@ pub struct AppState {
     pub routes: Arc<crate::routing::RoutePublisher>,
     /// Obtains certificates for verified domains, unless ACME is off.
     pub acme: Option<Arc<crate::domains::acme::Acme>>,
+    /// Turns true once the deployments are reconciled after the start.
+    pub reconciled: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Declares every signed route once, with the action it performs: the list
@@ -148,8 +150,9 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<Health> {
-    Json(Health { ok: true, version: env!("CARGO_PKG_VERSION").to_owned() })
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    let reconciled = *state.reconciled.borrow();
+    Json(Health { ok: true, version: env!("CARGO_PKG_VERSION").to_owned(), reconciled })
 }
 
 /// What binaries this server runs; unauthenticated, so `nx verify --server`
