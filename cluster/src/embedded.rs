@@ -227,11 +227,7 @@ async fn adopt(config: &EmbeddedConfig, password: &str, running: Running) -> Res
         match options.connect().await {
             Ok(conn) => break conn,
             Err(e) if tokio::time::Instant::now() > deadline => {
-                return Err(EmbeddedError::Unanswering {
-                    pid,
-                    data: config.cluster_dir(),
-                    reason: e.to_string(),
-                })
+                return Err(EmbeddedError::Unanswering { pid, data: config.cluster_dir(), reason: e.to_string() })
             }
             // Starting up, or shutting down (then it exits, see above).
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -405,11 +401,7 @@ fn running_postmaster(cluster: &Path) -> Result<Option<Running>, EmbeddedError> 
         std::fs::remove_file(&pid_file).map_err(io_err(&pid_file))?;
         return Ok(None);
     };
-    Ok(Some(Running {
-        process,
-        port: field(3).and_then(|l| l.parse().ok()),
-        socket_dir: field(4).map(PathBuf::from),
-    }))
+    Ok(Some(Running { process, port: field(3).and_then(|l| l.parse().ok()), socket_dir: field(4).map(PathBuf::from) }))
 }
 
 /// Whether process `pid` is a postgres working in `cluster`.
@@ -482,6 +474,21 @@ mod tests {
         assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written through the link");
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&elsewhere).unwrap();
+    }
+
+    #[test]
+    fn a_postmaster_pid_naming_another_process_is_stale_and_removed() {
+        let cluster = scratch_dir("stale-pid");
+        // This test's own process: alive, but not a postgres working there.
+        std::fs::write(cluster.join("postmaster.pid"), format!("{}\n{}\n", std::process::id(), cluster.display()))
+            .unwrap();
+        assert!(running_postmaster(&cluster).unwrap().is_none());
+        assert!(!cluster.join("postmaster.pid").exists(), "the stale file is removed");
+        // A file naming no process at all, and none at all.
+        std::fs::write(cluster.join("postmaster.pid"), "not a pid\n").unwrap();
+        assert!(running_postmaster(&cluster).unwrap().is_none());
+        assert!(running_postmaster(&cluster).unwrap().is_none());
+        std::fs::remove_dir_all(&cluster).unwrap();
     }
 
     #[test]

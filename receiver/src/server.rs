@@ -351,7 +351,9 @@ async fn run(
             match deployer.reconcile().await {
                 Ok(0) => {}
                 Ok(count) => tracing::info!(count, "deployments restarted"),
-                Err(e) => tracing::error!(error = %e, "cannot take back the deployments; they start at the next receiver start"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take back the deployments; they start at the next receiver start")
+                }
             }
             let _ = routes.publish().await;
             let _ = reconciled_tx.send(true);

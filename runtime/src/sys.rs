@@ -716,7 +716,6 @@ impl Pidfd {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
