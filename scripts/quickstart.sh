@@ -52,7 +52,7 @@ fi
 echo "==> starting nx-receiver (data in $NX_DATA_DIR, log in $log)"
 "$bin/nx-receiver" serve >>"$log" 2>&1 &
 receiver=$!
-# Apps outlive the receiver (each runs under its nx-shim); stop-all stops them too.
+# Apps, PostgreSQL and nx-router outlive the receiver; stop-all stops them too.
 stop() {
     kill -INT "$receiver" 2>/dev/null || true
     wait "$receiver" 2>/dev/null || true
@@ -93,7 +93,7 @@ NX Sandbox is running.
 EOF
 if $detach; then
     trap - INT TERM
-    echo "running in the background (pid $receiver); stop it with: kill -INT $receiver; then stop its apps with: NX_DATA_DIR=$NX_DATA_DIR $bin/nx-receiver stop-all"
+    echo "running in the background (pid $receiver); stop it with: kill -INT $receiver; then stop its apps, database and router with: NX_DATA_DIR=$NX_DATA_DIR $bin/nx-receiver stop-all"
     exit 0
 fi
 echo "Ctrl-C stops the platform and every app it runs."
