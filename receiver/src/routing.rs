@@ -669,6 +669,12 @@ pub async fn find_running(
     if comm.trim() != "nx-router" {
         return Err(foreign(format!("pid {pid} is {:?}, not nx-router", comm.trim())));
     }
+    // Started by hand or under systemd (it bound its own sockets): not the
+    // receiver's to supervise or replace.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !cmdline.split(|&b| b == 0).any(|a| a == b"--listen-fd") {
+        return Err(foreign(format!("pid {pid} was not started by a receiver (no --listen-fd)")));
+    }
     let socket = |fd: i32, addr: std::net::SocketAddr| {
         let copy = process.get_fd(fd).ok()?;
         let listener = std::net::TcpListener::from(copy);
@@ -677,14 +683,6 @@ pub async fn find_running(
     };
     let http = socket(HTTP_FD, listen);
     let tls = tls.and_then(|addr| socket(TLS_FD, addr));
-    if http.is_none() {
-        // Started by hand or under systemd (it bound its own socket): not the
-        // receiver's to supervise.
-        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !ours.split(|&b| b == 0).any(|a| a == b"--listen-fd") {
-            return Err(foreign(format!("pid {pid} was not started by a receiver (no --listen-fd)")));
-        }
-    }
     Ok(Some(RunningRouter { process, http, tls }))
 }
 

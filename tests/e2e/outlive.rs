@@ -16,10 +16,10 @@ use nx_e2e::{bin, deployment_processes, eventually, Receiver};
 /// nx-router run on its own (as under systemd, `--no-router` on the
 /// receiver), on the receiver's control socket: it keeps serving while the
 /// receiver is away.
-struct Router(Child);
+pub(crate) struct Router(Child);
 
 impl Router {
-    fn start(r: &Receiver) -> Router {
+    pub(crate) fn start(r: &Receiver) -> Router {
         let log = std::fs::File::create(r.dir.path().join("router.log")).unwrap();
         let mut cmd = Command::new(bin("nx-router"));
         cmd.args(["--listen", &format!("127.0.0.1:{}", r.router_port)])

@@ -2,7 +2,8 @@
 //! receiver runs nx-router itself) PostgreSQL, nx-router and the apps all
 //! outlive a receiver SIGTERM; the next receiver, the same binary or a new
 //! one, adopts them, and no request fails meanwhile, not even an app's that
-//! queries its database on every request. `stop-all` stops them all.
+//! queries its database on every request. `stop-all` stops them all; a
+//! router the receiver did not start is never taken over.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -170,4 +171,28 @@ fn stop_all_leaves_no_postmaster_and_no_router() {
     assert!(fresh != planted && fresh != pg && alive(fresh), "{fresh}");
     let postmasters = processes_of(&r.data_dir(), &[]).into_iter().filter(|(_, c)| c.contains("postgres -D")).count();
     assert_eq!(postmasters, 1, "one postmaster on the data directory");
+}
+
+#[test]
+fn a_router_no_receiver_started_is_neither_taken_over_nor_doubled() {
+    let mut r = Receiver::start_with(Options { args: vec!["--no-router".into()], ..Options::default() });
+    // Run on its own (as under systemd) on the receiver's control socket.
+    let router = crate::outlive::Router::start(&r);
+    let before = routers(&r);
+    r.stop_with(Signal::SIGTERM);
+    // The receiver is now started to run the router itself.
+    r.options.args.clear();
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.start_again())).unwrap_err();
+    let message = refused.downcast_ref::<String>().cloned().unwrap_or_default();
+    let control = r.data_dir().join("router/control.sock");
+    assert!(
+        message.contains(&format!(
+            "an nx-router answers on {} but this receiver cannot take it over: pid {} was not started by a receiver (no --listen-fd); stop it",
+            control.display(),
+            before[0]
+        )),
+        "{message}"
+    );
+    assert_eq!(routers(&r), before, "the router was neither replaced nor joined by a second one");
+    drop(router);
 }
