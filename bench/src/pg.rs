@@ -25,6 +25,7 @@ pub fn provision(rounds: usize) -> anyhow::Result<()> {
             ids: ensure_system_user(&pm, "nx-postgres").await?,
             log_path: dir.path().join("postgres.log"),
             max_connections: ServeConfig::defaults().db_max_connections,
+            shim: nx_e2e::bin("nx-shim"),
         };
         let limits = ServeConfig::defaults().cluster().limits;
         let password = nx_receiver::secrets::random_token(32);

@@ -5,7 +5,7 @@
 //! upgrade); the next receiver adopts it through `postmaster.pid`, and
 //! `nx-receiver stop-all` stops it.
 
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -105,6 +105,8 @@ pub struct EmbeddedConfig {
     pub ids: (u32, u32),
     pub log_path: PathBuf,
     pub max_connections: u32,
+    /// The nx-shim program, which keeps the postmaster's log (`--keep-log`).
+    pub shim: PathBuf,
 }
 
 impl EmbeddedConfig {
@@ -273,17 +275,13 @@ async fn spawn(pm: &ProcessManager, config: &EmbeddedConfig, password: &str, log
     cmd.user = Some(config.ids);
     // It outlives the receiver: no parent-death signal, its own session (a
     // terminal's Ctrl-C to the receiver does not reach it), and its output
-    // goes to the log file itself rather than through a pipe that would
-    // break with the receiver.
+    // goes to a log keeper of its own rather than through a pipe that would
+    // break with the receiver; the keeper caps and rotates the log, which a
+    // tenant's `RAISE WARNING` could otherwise grow without bound.
     cmd.new_session = true;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&config.log_path)
-        .map_err(io_err(&config.log_path))?;
+    let out = log.keeper(pm, &config.shim).await?;
     let err = out.try_clone().map_err(io_err(&config.log_path))?;
-    cmd.pass_fds = vec![(out.into(), 1), (err.into(), 2)];
+    cmd.pass_fds = vec![(out, 1), (err, 2)];
     let child = pm.spawn(cmd).await?;
     let pid = child.pid();
 

@@ -56,6 +56,8 @@ pub struct ClusterConfig {
     pub pg_port: u16,
     /// The embedded cluster's `max_connections`.
     pub max_connections: u32,
+    /// The nx-shim program, which keeps the embedded cluster's log.
+    pub shim: std::path::PathBuf,
     /// How many empty app databases to keep ready.
     pub spare_databases: usize,
     /// What each app's role may use of the cluster.
@@ -120,6 +122,7 @@ impl Cluster {
                     ids,
                     log_path: data_dir.join("logs/postgres.log"),
                     max_connections: config.max_connections,
+                    shim: config.shim.clone(),
                 };
                 let admin = ec.admin_options(admin_password);
                 let endpoint = AppEndpoint { host: "127.0.0.1".into(), port: config.pg_port };

@@ -549,6 +549,7 @@ impl ServeConfig {
             pg_user: self.pg_user.clone(),
             pg_port: self.pg_port,
             max_connections: self.db_max_connections,
+            shim: self.shim(),
             spare_databases: self.spare_databases,
             limits: nx_cluster::provision::Limits {
                 connections: self.db_app_connections,
@@ -557,6 +558,15 @@ impl ServeConfig {
                 statement_timeout_ms: self.db_statement_timeout.as_millis().min(i32::MAX as u128) as u64,
                 quota_kb: self.db_quota.div_ceil(1024),
             },
+        }
+    }
+
+    /// The nx-shim program: `--shim-bin`, or the one next to this
+    /// executable.
+    pub fn shim(&self) -> PathBuf {
+        match &self.shim_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe().unwrap_or_default().with_file_name("nx-shim"),
         }
     }
 

@@ -18,7 +18,6 @@ use nx_protocol::routes::{
     Activity, Certificate, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH,
 };
 use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 
 use nx_runtime::process::{Child, Command, ProcessManager};
 use nx_runtime::sys::Pidfd;
@@ -329,6 +328,8 @@ pub struct RouterSettings {
     pub tls: Option<RouterTls>,
     pub dir: PathBuf,
     pub log: Log,
+    /// The nx-shim program, which keeps the router's log.
+    pub shim: PathBuf,
     /// `--router-arg` flags, after the receiver's own.
     pub extra_args: Vec<String>,
     /// The unprivileged user the router becomes once its sockets are open.
@@ -386,12 +387,9 @@ impl RouterSettings {
         cmd.env = std::env::vars_os().filter(|(k, _)| k == "RUST_LOG" || k == "NX_LOG_FORMAT").collect();
         // It outlives the receiver (a receiver restart or upgrade does not
         // touch routing; the next receiver adopts it): no parent-death
-        // signal, its own session, and its output straight to the log file,
-        // not through a pipe that would break with the receiver.
+        // signal and its own session. Its output goes to a log keeper of its
+        // own (see `Supervisor::spawn`).
         cmd.new_session = true;
-        let log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(self.log.path())?;
-        cmd.pass_fds.push((log.try_clone()?.into(), 1));
-        cmd.pass_fds.push((log.into(), 2));
         Ok(cmd)
     }
 }
@@ -466,8 +464,14 @@ struct Supervisor {
 
 impl Supervisor {
     async fn spawn(&self) -> Result<Router, String> {
-        let command =
+        let mut command =
             self.settings.command().map_err(|e| format!("cannot pass the listening sockets to nx-router: {e}"))?;
+        // A keeper, not the file itself: it caps and rotates the log, which
+        // outside clients could otherwise grow without bound, and no pipe of
+        // the receiver's breaks when it restarts.
+        let out = self.settings.log.keeper(&self.pm, &self.settings.shim).await.map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| format!("cannot share nx-router's log pipe: {e}"))?;
+        command.pass_fds.extend([(out, 1), (err, 2)]);
         let child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
         Ok(Router::Child(child))
     }

@@ -262,6 +262,7 @@ async fn run(
             tls,
             dir: data.join("router"),
             log,
+            shim: config.shim(),
             extra_args: config.router_args.clone(),
         };
         Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone(), adopted).await?))
@@ -307,10 +308,7 @@ async fn run(
         volumes: volumes.clone(),
         reporter: reporter.clone(),
         target: target.clone(),
-        shim: match &config.shim_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?.with_file_name("nx-shim"),
-        },
+        shim: config.shim(),
     }));
     if let (Some(client), Some(rx)) = (&github, reports) {
         tokio::spawn(crate::github::report::run(rx, client.clone(), deployer.clone(), db.clone(), stop_rx.clone()));

@@ -8,16 +8,23 @@
 //! `write` in append mode, so lines never interleave, and a writer that finds
 //! the file rotated by the other one follows it rather than rotating again.
 //! The receiver's live feed therefore follows the file, not its own writes.
+//!
+//! Programs that outlive the receiver (PostgreSQL, nx-router) write into a
+//! pipe read by a log keeper ([`Log::keeper`]): an `nx-shim --keep-log`
+//! process of their own, which caps and rotates their log as the receiver
+//! would, and which no receiver restart breaks.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nx_protocol::logs::{looks_like_platform, APP_MARK, PLATFORM_MARK};
+
+use crate::process::{Command, ProcessManager, SpawnError, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::broadcast;
 
@@ -157,6 +164,29 @@ impl Log {
         self.live.subscribe()
     }
 
+    /// Starts a keeper of this log (`shim` is the nx-shim program) and
+    /// returns the writable end of its pipe, to become a long-lived
+    /// program's stdout and stderr. The keeper runs in its own session
+    /// without a parent-death signal, so it outlives the receiver, and ends
+    /// when the last writer closes the pipe (the program and its children
+    /// have exited).
+    pub async fn keeper(&self, pm: &ProcessManager, shim: &Path) -> Result<OwnedFd, SpawnError> {
+        let limits = self.limits();
+        let mut cmd = Command::new(shim).args([
+            "--keep-log".into(),
+            self.path().into_os_string(),
+            limits.max_file_bytes.to_string().into(),
+            limits.keep_rotated.to_string().into(),
+        ]);
+        cmd.stdin = Stream::Pipe;
+        cmd.new_session = true;
+        let mut child = pm.spawn(cmd).await?;
+        child.stdin.take().ok_or_else(|| SpawnError::Start {
+            program: shim.display().to_string(),
+            source: io::Error::other("no pipe to its stdin"),
+        })
+    }
+
     /// Copies the lines of `fd` (a pipe) into the log until it closes.
     pub async fn pump(&self, fd: OwnedFd) {
         let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
@@ -211,6 +241,24 @@ impl Sink {
         self.file = open_append(&self.path)?;
         self.written = 0;
         Ok(())
+    }
+}
+
+/// A log keeper's loop (`nx-shim --keep-log PATH MAX_FILE_BYTES KEEP`):
+/// copies the lines of `input` into the log at `path`, each cut at
+/// [`MAX_LINE`], until `input` closes.
+pub fn keep(input: impl Read, path: &Path, limits: LogLimits) -> io::Result<()> {
+    let log = Log::open_writer(path, limits)?;
+    let mut reader = BufReader::new(input);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => log.app_line(&String::from_utf8_lossy(&buf)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -334,6 +382,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("d.log")
+    }
+
+    #[test]
+    fn a_keeper_caps_lines_and_rotates_until_its_input_closes() {
+        let path = temp("keeper");
+        let long = "y".repeat(MAX_LINE + 100);
+        let input = format!("first\n{long}\n{long}\nlast without newline");
+        keep(input.as_bytes(), &path, LogLimits { max_file_bytes: 20_000, keep_rotated: 1 }).unwrap();
+        let current = std::fs::read_to_string(&path).unwrap();
+        let older = std::fs::read_to_string(rotated(&path, 1)).unwrap();
+        // Each long line was cut at MAX_LINE and the rest of it arrived as
+        // a line of its own; the second one did not fit in the first file.
+        let cut = format!(" {} [line cut]\n", "y".repeat(MAX_LINE));
+        assert!(older.contains(" first\n") && older.contains(&cut), "{}", older.len());
+        assert!(current.contains(&cut), "{}", current.len());
+        assert!(current.ends_with(" last without newline\n"), "{current}");
+        assert!(!rotated(&path, 2).exists());
     }
 
     #[test]

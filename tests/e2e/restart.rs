@@ -196,3 +196,42 @@ fn a_router_no_receiver_started_is_neither_taken_over_nor_doubled() {
     assert_eq!(routers(&r), before, "the router was neither replaced nor joined by a second one");
     drop(router);
 }
+
+/// Size of a file, 0 when it does not exist.
+fn size(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn a_tenants_warnings_keep_postgres_log_capped_even_with_no_receiver() {
+    // The postmaster outlives the receiver, so its output cannot go through
+    // a pipe of the receiver's; a tenant can write to it (`RAISE WARNING`),
+    // so straight into a file it would grow without bound. Its keeper caps
+    // it at the receiver's size (8 MiB, two rotated files) and runs on while
+    // no receiver does.
+    let mut r = Receiver::start();
+    r.create_app("web");
+    let url = r.db_url("web");
+    let log = r.data_dir().join("logs/postgres.log");
+    // 400 lines of 20 kB, each cut at 16 kB: ~6.5 MB, the file's size.
+    let flood = "SET client_min_messages = error; \
+                 DO $$ BEGIN FOR i IN 1..400 LOOP RAISE WARNING '%', repeat('x', 20000); END LOOP; END $$";
+    psql(&url, flood).unwrap();
+    eventually(10, "the warnings in postgres.log", || (size(&log) > 6_000_000).then_some(()));
+    r.stop_with(Signal::SIGTERM);
+    // No receiver now: the next floods still reach the log, which rotates.
+    for _ in 0..3 {
+        psql(&url, flood).unwrap();
+    }
+    let rotated = |i: u32| log.with_file_name(format!("postgres.log.{i}"));
+    eventually(10, "postgres.log rotated twice", || rotated(2).exists().then_some(()));
+    let cap = 8 << 20;
+    for path in [log.clone(), rotated(1), rotated(2)] {
+        assert!(size(&path) <= cap, "{} is {} bytes, over the cap", path.display(), size(&path));
+    }
+    assert!(!rotated(3).exists(), "only two rotated files are kept");
+    let tail = std::fs::read_to_string(rotated(1)).unwrap();
+    assert!(tail.contains("[line cut]"), "a 20 kB line is cut at 16 kB");
+    r.start_again();
+    assert_eq!(psql(&r.db_url("web"), "SELECT 1").unwrap(), "1");
+}
