@@ -320,6 +320,8 @@ async fn run(
     }
     let _ = routes.publish().await;
     tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
+    tokio::spawn(deployer.clone().sleeper(stop_rx.clone()));
+    tokio::spawn(deployer.clone().waker(stop_rx.clone()));
 
     if !config.no_sftp {
         let key = crate::sftp::host_key(&data.join("secrets/ssh_host_ed25519_key"))?;

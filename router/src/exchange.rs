@@ -104,6 +104,8 @@ pub enum Decision {
     Forward(Backend),
     /// Answer it with this page.
     Answer(Page),
+    /// Hold it until its sleeping deployment wakes ([`Exchange::wake`]).
+    Wake,
 }
 
 /// One request as the router sees it: its host, route, id and start time.
@@ -226,23 +228,49 @@ impl Exchange {
             return (ex, Decision::Answer(page));
         };
         entry.touch(unix_now());
+        let waking = store.wakes().is_waking(&entry.route.deployment);
+        let decision = ex.decide(entry, waking);
+        (ex, decision)
+    }
+
+    /// What to do with the request given its route; `waking`: whether a
+    /// wake of the route's deployment is under way, which a starting route
+    /// then waits for.
+    fn decide(&mut self, entry: Arc<Entry>, waking: bool) -> Decision {
         let route = &entry.route;
         let decision = match &route.target {
             Target::Live { addr } => {
                 let upstream = Backend::new(*addr, &route.deployment);
-                ex.upstream = Some(upstream);
+                self.upstream = Some(upstream);
                 entry.traffic().open();
-                ex.open = true;
+                self.open = true;
                 Decision::Forward(upstream)
             }
+            Target::Starting if waking => Decision::Wake,
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
                 Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
             }
             Target::Failed => Decision::Answer(Page::failed(&route.app, &route.deployment)),
+            Target::Sleeping => Decision::Wake,
         };
-        ex.route = Some(entry);
-        (ex, decision)
+        self.route = Some(entry);
+        decision
+    }
+
+    /// Holds a request [`Exchange::begin`] decided to [`Decision::Wake`]
+    /// until its deployment is woken, then decides again on the route its
+    /// host has then; a route still asleep gets the 503 page.
+    pub async fn wake(&mut self, store: &RouteStore) -> Decision {
+        let Some(entry) = self.route.clone() else { return Decision::Answer(Page::unknown_host(&self.host)) };
+        let (app, deployment) = (&entry.route.app, &entry.route.deployment);
+        match store.wakes().hold(store, &self.host, app, deployment).await {
+            crate::wake::Woken::Answer(page) => Decision::Answer(page),
+            crate::wake::Woken::Route(now) => match self.decide(now, false) {
+                Decision::Wake => Decision::Answer(Page::wake_timeout(app, deployment)),
+                decided => decided,
+            },
+        }
     }
 
     /// The app and deployment of the request's route, empty when none.
