@@ -22,6 +22,7 @@ mod outlive;
 mod quotas;
 mod router;
 mod sftp;
+mod sleep;
 mod supervision;
 mod upgrade;
 mod uploads;
