@@ -174,10 +174,14 @@ fn production_does_not_sleep_by_default_and_an_open_request_keeps_a_preview_awak
     let host = url(&streaming).trim_start_matches("http://").trim_end_matches('/').to_owned();
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.router_port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET /sse HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut first = [0u8; 512];
-    let n = stream.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).contains("data: one"));
+    write!(stream, "GET /sse HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: one") {
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the stream ended before its first event: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
 
     wait_for_state(&r, "web", &id(&preview), "sleeping");
     std::thread::sleep(Duration::from_secs(4));
