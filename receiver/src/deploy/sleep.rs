@@ -119,10 +119,11 @@ impl Deployer {
             }
             let idle_for = idle.observe(&row.id, traffic.deployments.get(&row.id), started, now);
             running.insert(row.id.clone());
-            if !apps.contains_key(&row.app_id) {
-                apps.insert(row.app_id, self.services.db.app_by_id(row.app_id).await?);
-            }
-            let Some(Some(app)) = apps.get(&row.app_id) else { continue };
+            let app = match apps.entry(row.app_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.services.db.app_by_id(row.app_id).await?),
+            };
+            let Some(app) = app else { continue };
             let Some(after) = app.settings.scale.sleep_after(role(&row, app)) else { continue };
             if idle_for >= after {
                 let me = self.clone();
