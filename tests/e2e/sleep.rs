@@ -216,3 +216,31 @@ fn sleep_settings_below_the_minimum_are_refused_with_the_fix() {
     let app = r.nx_ok(&["--json", "apps", "set", "web", "--sleep-after", "off"]).json();
     assert_eq!(app["settings"]["scale"]["preview_sleep_secs"], 0);
 }
+
+#[test]
+fn a_sleeping_preview_stopped_for_good_or_expired_is_never_woken_by_its_url() {
+    // Previews expire after 6 s without a request; they sleep after 2 s first.
+    let r = Receiver::start_with(Options {
+        args: ["--preview-idle", "6s", "--janitor-interval", "1s"].map(str::to_owned).to_vec(),
+        ..Options::default()
+    });
+    let stopped = sleepy(&r);
+    let expired = r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"]);
+    wait_for_state(&r, "web", &id(&stopped), "sleeping");
+    r.nx_ok(&["stop", &id(&stopped), "--app", "web"]);
+    let page = r.get(&url(&stopped));
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("Preview stopped"), "{}", page.body);
+    assert_eq!(state(&r, "web", &id(&stopped)), "stopped", "a request does not start it");
+
+    wait_for_state(&r, "web", &id(&expired), "sleeping");
+    wait_for_state(&r, "web", &id(&expired), "stopped");
+    let page = r.get(&url(&expired));
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("no requests for 6 seconds"), "{}", page.body);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(&r, "web", &id(&expired)), "stopped", "an expired preview stays stopped");
+    // Both pushes started once each, and neither ever again.
+    assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n");
+    assert!(deployment_processes(&r.data_dir(), &id(&expired)).is_empty());
+}
