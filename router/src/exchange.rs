@@ -15,6 +15,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::pages::{Page, PageKind};
 use crate::table::{Entry, RouteStore};
+use crate::wake::Wakes;
 
 /// Request id header: always the router's own, so an id in the logs names
 /// one request, whatever the client sent.
@@ -228,15 +229,14 @@ impl Exchange {
             return (ex, Decision::Answer(page));
         };
         entry.touch(unix_now());
-        let waking = store.wakes().is_waking(&entry.route.deployment);
-        let decision = ex.decide(entry, waking);
+        let decision = ex.decide(entry, Some(store.wakes()));
         (ex, decision)
     }
 
-    /// What to do with the request given its route; `waking`: whether a
-    /// wake of the route's deployment is under way, which a starting route
-    /// then waits for.
-    fn decide(&mut self, entry: Arc<Entry>, waking: bool) -> Decision {
+    /// What to do with the request given its route. A starting route waits
+    /// for the wake of its deployment when `wakes` has one under way (asked
+    /// only then: it takes a lock the request path otherwise never does).
+    fn decide(&mut self, entry: Arc<Entry>, wakes: Option<&Wakes>) -> Decision {
         let route = &entry.route;
         let decision = match &route.target {
             Target::Live { addr } => {
@@ -246,7 +246,7 @@ impl Exchange {
                 self.open = true;
                 Decision::Forward(upstream)
             }
-            Target::Starting if waking => Decision::Wake,
+            Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => Decision::Wake,
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
                 Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
@@ -266,7 +266,7 @@ impl Exchange {
         let (app, deployment) = (&entry.route.app, &entry.route.deployment);
         match store.wakes().hold(store, &self.host, app, deployment).await {
             crate::wake::Woken::Answer(page) => Decision::Answer(page),
-            crate::wake::Woken::Route(now) => match self.decide(now, false) {
+            crate::wake::Woken::Route(now) => match self.decide(now, None) {
                 Decision::Wake => Decision::Answer(Page::wake_timeout(app, deployment)),
                 decided => decided,
             },

@@ -175,11 +175,13 @@ impl Wakes {
     /// Moves each wake under way on by what `table` says of its deployment.
     /// Called with every table taken, in order, so no step is missed.
     pub fn table_replaced(&self, table: &RouteTable) {
-        let waking = lock(&self.waking);
+        let mut waking = lock(&self.waking);
         if waking.is_empty() {
             return;
         }
         let now = Instant::now();
+        // A failure nobody waits on is kept only until its retry time.
+        waking.retain(|_, w| w.held > 0 || matches!(*w.stage.borrow(), Stage::Failed(at) if now < at + RETRY_AFTER));
         for (deployment, w) in waking.iter() {
             let target = table.routes.values().find(|r| &r.deployment == deployment).map(|r| &r.target);
             let current = *w.stage.borrow();
