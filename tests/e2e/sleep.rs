@@ -3,7 +3,8 @@
 //! concurrent first requests share one start; a wake that fails says so
 //! with a 503 page and leaves the app's lines in `nx logs`; what the app
 //! keeps (its /data and its database) is there when it wakes; production
-//! stays up unless asked, and an open request keeps a deployment awake.
+//! stays up unless asked, and an open request keeps a deployment awake;
+//! the pull request comment says when a preview sleeps.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -243,4 +244,41 @@ fn a_sleeping_preview_stopped_for_good_or_expired_is_never_woken_by_its_url() {
     // Both pushes started once each, and neither ever again.
     assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n");
     assert!(deployment_processes(&r.data_dir(), &id(&expired)).is_empty());
+}
+
+#[test]
+fn the_pull_request_comment_says_a_preview_sleeps_and_then_that_it_is_healthy_again() {
+    use crate::github::{linked_app, pull_request, receiver, run_action, sha, REPO};
+    let gh = nx_e2e::github::FakeGitHub::start();
+    let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
+    let key = linked_app(&r);
+    r.nx_ok(&["apps", "set", "web", "--sleep-after", "2s"]);
+    let head = sha();
+    let run =
+        run_action(&r, &key, "pull_request", &pull_request("pull_request.opened", 7, &head), &fixtures::go(Go::Static));
+    assert_eq!(run.out.code, 0, "{:?}", run.out);
+    let (dep, preview) = (run.outputs["deployment-id"].clone(), run.outputs["preview-url"].clone());
+    let comment_says = |what: &'static str| {
+        eventually(30, what, || {
+            gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*"))
+                .into_iter()
+                .chain(gh.calls_to("POST", &format!("/repos/{REPO}/issues/7/comments")))
+                .map(|c| c.body["body"].as_str().unwrap_or_default().to_owned())
+                .find(|b| b.contains(&dep) && b.contains(what))
+        })
+    };
+    comment_says("sleeping: its next request wakes it");
+    let status = eventually(30, "a commit status for the sleeping preview", || {
+        gh.calls_to("POST", &format!("/repos/{REPO}/statuses/{head}"))
+            .into_iter()
+            .find(|c| c.body["description"].as_str().is_some_and(|d| d.contains("sleeps")))
+    });
+    assert_eq!(status.body["state"], "success", "a sleeping preview is no failure");
+    let asleep = gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*")).len();
+    assert_eq!(r.get(&preview).body, "goweb\n");
+    eventually(30, "the comment to say healthy again", || {
+        let edits = gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*"));
+        (edits.len() > asleep && edits.last().unwrap().body["body"].as_str().unwrap_or_default().contains("healthy"))
+            .then_some(())
+    });
 }
