@@ -990,8 +990,33 @@ mod tests {
             DeploymentState::Healthy,
             DeploymentState::Failed,
             DeploymentState::Stopped,
+            DeploymentState::Sleeping,
         ] {
             assert_eq!(DeploymentState::parse(s.as_str()), Some(s));
         }
+    }
+
+    #[test]
+    fn previews_sleep_after_15_minutes_and_production_never_unless_told() {
+        let default = ScaleSettings::default();
+        assert_eq!(default.sleep_after(Role::Preview), Some(std::time::Duration::from_secs(900)));
+        assert_eq!(default.sleep_after(Role::Production), None);
+        let mut s = ScaleSettings::default();
+        s.set(Role::Preview, "off").unwrap();
+        s.set(Role::Production, "1h").unwrap();
+        assert_eq!(s.sleep_after(Role::Preview), None);
+        assert_eq!(s.sleep_after(Role::Production), Some(std::time::Duration::from_secs(3600)));
+        assert!(s.check().is_ok());
+        for bad in ["1s", "0s", "1500ms", "soon"] {
+            assert!(ScaleSettings::default().set(Role::Preview, bad).is_err(), "{bad}");
+        }
+        let sent = ScaleSettings { preview_sleep_secs: Some(1), production_sleep_secs: None };
+        assert_eq!(
+            sent.check().unwrap_err(),
+            "sleep_after of 1s is below the shortest allowed, 2s; use \"2s\" or more, or \"off\""
+        );
+        // Settings saved before [scale] existed still load, as the defaults.
+        let old: AppSettings = serde_json::from_str("{}").unwrap();
+        assert_eq!(old.scale, ScaleSettings::default());
     }
 }
