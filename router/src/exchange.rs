@@ -105,8 +105,6 @@ pub enum Decision {
     Forward(Backend),
     /// Answer it with this page.
     Answer(Page),
-    /// Hold it until its sleeping deployment wakes ([`Exchange::wake`]).
-    Wake,
 }
 
 /// One request as the router sees it: its host, route, id and start time.
@@ -199,7 +197,8 @@ impl Exchange {
     /// Routes a request by its host and gives it an id. ACME challenges for
     /// the host are answered first (on plain HTTP too, as the CA asks there),
     /// then a plain request for a host with a certificate is redirected to HTTPS.
-    pub fn begin(store: &RouteStore, req: &RequestHeader, tls: bool) -> (Exchange, Decision) {
+    /// A request to a sleeping deployment is held until it wakes ([`crate::wake`]).
+    pub async fn begin(store: &RouteStore, req: &RequestHeader, tls: bool) -> (Exchange, Decision) {
         let mut ex = Exchange {
             host: request_host(req),
             route: None,
@@ -229,14 +228,18 @@ impl Exchange {
             return (ex, Decision::Answer(page));
         };
         entry.touch(unix_now());
-        let decision = ex.decide(entry, Some(store.wakes()));
+        let decision = match ex.decide(entry, Some(store.wakes())) {
+            Some(decided) => decided,
+            None => ex.wake(store).await,
+        };
         (ex, decision)
     }
 
-    /// What to do with the request given its route. A starting route waits
-    /// for the wake of its deployment when `wakes` has one under way (asked
-    /// only then: it takes a lock the request path otherwise never does).
-    fn decide(&mut self, entry: Arc<Entry>, wakes: Option<&Wakes>) -> Decision {
+    /// What to do with the request given its route; `None`: hold it until
+    /// its deployment wakes. A starting route waits for the wake of its
+    /// deployment when `wakes` has one under way (asked only then: it takes
+    /// a lock the request path otherwise never does).
+    fn decide(&mut self, entry: Arc<Entry>, wakes: Option<&Wakes>) -> Option<Decision> {
         let route = &entry.route;
         let decision = match &route.target {
             Target::Live { addr } => {
@@ -246,30 +249,35 @@ impl Exchange {
                 self.open = true;
                 Decision::Forward(upstream)
             }
-            Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => Decision::Wake,
+            Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => return self.hold(entry),
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
                 Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
             }
             Target::Failed => Decision::Answer(Page::failed(&route.app, &route.deployment)),
-            Target::Sleeping => Decision::Wake,
+            Target::Sleeping => return self.hold(entry),
         };
         self.route = Some(entry);
-        decision
+        Some(decision)
     }
 
-    /// Holds a request [`Exchange::begin`] decided to [`Decision::Wake`]
-    /// until its deployment is woken, then decides again on the route its
-    /// host has then; a route still asleep gets the 503 page.
-    pub async fn wake(&mut self, store: &RouteStore) -> Decision {
+    /// Keeps the sleeping route for [`Exchange::wake`].
+    fn hold(&mut self, entry: Arc<Entry>) -> Option<Decision> {
+        self.route = Some(entry);
+        None
+    }
+
+    /// Holds a request whose route sleeps until its deployment is woken,
+    /// then decides again on the route its host has then; a route still
+    /// asleep gets the 503 page.
+    async fn wake(&mut self, store: &RouteStore) -> Decision {
         let Some(entry) = self.route.clone() else { return Decision::Answer(Page::unknown_host(&self.host)) };
         let (app, deployment) = (&entry.route.app, &entry.route.deployment);
         match store.wakes().hold(store, &self.host, app, deployment).await {
             crate::wake::Woken::Answer(page) => Decision::Answer(page),
-            crate::wake::Woken::Route(now) => match self.decide(now, None) {
-                Decision::Wake => Decision::Answer(Page::wake_timeout(app, deployment)),
-                decided => decided,
-            },
+            crate::wake::Woken::Route(now) => {
+                self.decide(now, None).unwrap_or_else(|| Decision::Answer(Page::wake_timeout(app, deployment)))
+            }
         }
     }
 

@@ -162,10 +162,7 @@ impl H1 {
 
     /// Answers one request; true when the client connection may carry another.
     async fn exchange(&self, down: &mut Downstream, client: &Client) -> bool {
-        let (mut ex, mut decision) = Exchange::begin(&self.store, down.req_header(), client.tls());
-        if let Decision::Wake = decision {
-            decision = ex.wake(&self.store).await;
-        }
+        let (ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls()).await;
         let draining = self.draining.load(Ordering::Relaxed);
         if draining {
             down.set_server_keepalive(None);
@@ -173,7 +170,6 @@ impl H1 {
         let result = match decision {
             Decision::Forward(upstream) => self.forward(down, &ex, upstream, client, draining).await,
             Decision::Answer(page) => write_page(down, &ex, &page, draining).await.map(|()| true),
-            Decision::Wake => unreachable!("a held request is decided by Exchange::wake"),
         };
         let (reusable, error) = match result {
             Ok(reusable) => (reusable, None),

@@ -62,18 +62,14 @@ impl ProxyHttp for Router {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Option<Exchange>) -> pingora::Result<bool> {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let (ex, mut decision) = Exchange::begin(&self.store, session.req_header(), tls);
+        let (ex, decision) = Exchange::begin(&self.store, session.req_header(), tls).await;
         let ex = ctx.insert(ex);
-        if let Decision::Wake = decision {
-            decision = ex.wake(&self.store).await;
-        }
         match decision {
             Decision::Forward(_) => Ok(false),
             Decision::Answer(page) => {
                 write_page(self, session, &page, ex).await?;
                 Ok(true)
             }
-            Decision::Wake => unreachable!("a held request is decided by Exchange::wake"),
         }
     }
 
