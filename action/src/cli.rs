@@ -306,6 +306,16 @@ pub struct SetArgs {
     /// (`main`, `refs/heads/*`, `refs/tags/v*`) when given (admin token).
     #[arg(long, value_name = "OWNER/REPO[:WORKFLOW][@REF]")]
     pub github_trust: Option<String>,
+    /// Stop deployments after this long without a request (like 15m, at
+    /// least 2s), or `off`; the next request starts them again. For the
+    /// role --role names (default: preview; previews sleep after 15m unless
+    /// told otherwise, production never).
+    #[arg(long, value_name = "DURATION|off")]
+    pub sleep_after: Option<String>,
+    /// Which deployments --sleep-after is for: preview (every deployment but
+    /// production and the rollback target) or production.
+    #[arg(long, value_parser = ["preview", "production"], default_value = "preview", requires = "sleep_after")]
+    pub role: String,
 }
 
 #[derive(Debug, Args)]

@@ -23,6 +23,12 @@
 //!                     # (default "never"); see workflows/README.md
 //! fork_label = "nx-preview"  # the label (default nx-preview)
 //!
+//! [scale]
+//! sleep_after = "15m"            # previews stop after this long without a
+//!                                # request and start again on the next one
+//!                                # (default 15m; at least 2s, or "off")
+//! production_sleep_after = "off" # the same for production (default off)
+//!
 //! [promote]
 //! on = "push"         # the action promotes pushes to `branch` (default);
 //!                     # "merge": the merged pull request's preview (webhook);
@@ -38,7 +44,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nx_protocol::api::{check_fork_label, AppSettings, ForkPreviews, HealthSetting, PreviewDb, PromoteOn};
+use nx_protocol::api::{check_fork_label, AppSettings, ForkPreviews, HealthSetting, PreviewDb, PromoteOn, Role};
 use nx_protocol::units::parse_size;
 use serde::Deserialize;
 
@@ -72,6 +78,18 @@ pub struct Manifest {
     pub preview: Preview,
     #[serde(default)]
     pub promote: Promote,
+    #[serde(default)]
+    pub scale: Scale,
+}
+
+/// `[scale]`: when idle deployments sleep; see [`nx_protocol::api::ScaleSettings`].
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    /// Previews: a duration like `15m`, or `off`.
+    pub sleep_after: Option<String>,
+    /// Production and the rollback target.
+    pub production_sleep_after: Option<String>,
 }
 
 /// `[health]`: exactly one of `path` or `tcp = true`.
@@ -165,6 +183,13 @@ impl Manifest {
         if let Some(on) = self.promote.on {
             s.promote_on = on;
         }
+        for (role, value) in
+            [(Role::Preview, &self.scale.sleep_after), (Role::Production, &self.scale.production_sleep_after)]
+        {
+            if let Some(v) = value {
+                s.scale.set(role, v).map_err(|e| format!("[scale] {e}"))?;
+            }
+        }
         let p = &self.promote;
         s.approval.approvals = p.approvals.unwrap_or(s.approval.approvals);
         s.approval.reviewers = p.reviewers.clone().unwrap_or(s.approval.reviewers);
@@ -233,6 +258,9 @@ fork_label = "safe to preview"
 on = "manual"
 approvals = 2
 reviewers = ["octocat", "@nx-test/release"]
+[scale]
+sleep_after = "30m"
+production_sleep_after = "off"
 "#;
 
     #[test]
@@ -251,6 +279,7 @@ reviewers = ["octocat", "@nx-test/release"]
         assert_eq!((s.preview_forks, s.fork_label()), (ForkPreviews::Label, "safe to preview"));
         assert_eq!(s.promote_on, PromoteOn::Manual);
         assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));
+        assert_eq!((s.scale.preview_sleep_secs, s.scale.production_sleep_secs), (Some(1800), Some(0)));
         // Applied once, the same file changes nothing.
         assert_eq!(m.settings_over(&s).unwrap(), None);
     }
@@ -263,6 +292,8 @@ reviewers = ["octocat", "@nx-test/release"]
         assert!(e.contains("limits.memory"), "{e}");
         let e = Manifest::parse("[health]\npath = \"/\"\ntcp = true\n", Path::new("nx.toml")).unwrap_err().to_string();
         assert!(e.contains("exactly one"), "{e}");
+        let e = Manifest::parse("[scale]\nsleep_after = \"1s\"\n", Path::new("nx.toml")).unwrap_err().to_string();
+        assert!(e.contains("nx.toml: [scale] sleep_after \"1s\" must be whole seconds, at least 2s"), "{e}");
         let e = Manifest::parse("[preview]\ndatabase = \"fresh\"\n", Path::new("nx.toml")).unwrap_err().to_string();
         assert!(e.contains("shared") && e.contains("empty"), "{e}");
         let e = Manifest::parse("[preview]\nforks = \"always\"\n", Path::new("nx.toml")).unwrap_err().to_string();

@@ -40,7 +40,7 @@ pub fn state(s: DeploymentState) -> String {
         DeploymentState::Healthy => Color::Green,
         DeploymentState::Failed => Color::Red,
         DeploymentState::Pending | DeploymentState::Starting => Color::Yellow,
-        DeploymentState::Stopped => Color::Dim,
+        DeploymentState::Stopped | DeploymentState::Sleeping => Color::Dim,
     };
     paint(s.as_str(), color)
 }

@@ -61,6 +61,9 @@ pub enum DeploymentState {
     Failed,
     /// Stopped on purpose; its URL answers a page saying so.
     Stopped,
+    /// Stopped after no request for its app's `sleep_after`; its URL stays
+    /// routed and the first request starts it again.
+    Sleeping,
 }
 
 impl DeploymentState {
@@ -71,6 +74,7 @@ impl DeploymentState {
             Self::Healthy => "healthy",
             Self::Failed => "failed",
             Self::Stopped => "stopped",
+            Self::Sleeping => "sleeping",
         }
     }
 
@@ -81,6 +85,7 @@ impl DeploymentState {
             "healthy" => Self::Healthy,
             "failed" => Self::Failed,
             "stopped" => Self::Stopped,
+            "sleeping" => Self::Sleeping,
             _ => return None,
         })
     }
@@ -510,6 +515,91 @@ pub struct AppSettings {
     /// The label that opts a fork's pull request in; `None`: [`DEFAULT_FORK_LABEL`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_label: Option<String>,
+    /// When idle deployments sleep (`[scale]`).
+    #[serde(default, skip_serializing_if = "ScaleSettings::is_default")]
+    pub scale: ScaleSettings,
+}
+
+/// A preview sleeps after this long without a request unless its app says
+/// otherwise (`[scale] sleep_after`).
+pub const DEFAULT_PREVIEW_SLEEP_SECS: u64 = 15 * 60;
+
+/// The shortest `sleep_after` accepted: the receiver looks at the router's
+/// traffic every second, so a shorter idle time could not be told apart
+/// from a pause between two requests.
+pub const MIN_SLEEP_SECS: u64 = 2;
+
+/// Which deployments of an app a sleep setting is for: production (and the
+/// rollback target, kept for an instant rollback) or every other one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Preview,
+    Production,
+}
+
+/// `[scale]`: seconds without a request (and none open) after which a
+/// deployment is stopped until its next request; `0` never. `None`: the
+/// default, [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for production.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_sleep_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production_sleep_secs: Option<u64>,
+}
+
+impl ScaleSettings {
+    fn is_default(&self) -> bool {
+        *self == ScaleSettings::default()
+    }
+
+    /// How long a deployment of `role` may be idle before it sleeps; `None`: never.
+    pub fn sleep_after(&self, role: Role) -> Option<std::time::Duration> {
+        let secs = match role {
+            Role::Preview => self.preview_sleep_secs.unwrap_or(DEFAULT_PREVIEW_SLEEP_SECS),
+            Role::Production => self.production_sleep_secs.unwrap_or(0),
+        };
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
+    }
+
+    /// Sets the idle time of `role` from `15m`, `2s` or `off`.
+    pub fn set(&mut self, role: Role, value: &str) -> Result<(), String> {
+        let secs = parse_sleep_after(value)?;
+        match role {
+            Role::Preview => self.preview_sleep_secs = Some(secs),
+            Role::Production => self.production_sleep_secs = Some(secs),
+        }
+        Ok(())
+    }
+
+    /// Checks the values a caller sent.
+    pub fn check(&self) -> Result<(), String> {
+        for secs in [self.preview_sleep_secs, self.production_sleep_secs].into_iter().flatten() {
+            if secs != 0 && secs < MIN_SLEEP_SECS {
+                return Err(format!(
+                    "sleep_after of {secs}s is below the shortest allowed, {MIN_SLEEP_SECS}s; use \"{MIN_SLEEP_SECS}s\" or more, or \"off\""
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `off` (0: never sleeps) or a duration of at least [`MIN_SLEEP_SECS`]
+/// in whole seconds, like `15m`.
+pub fn parse_sleep_after(value: &str) -> Result<u64, String> {
+    if value.trim().eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let d = crate::units::parse_duration(value)?;
+    if d.subsec_nanos() != 0 || d.as_secs() < MIN_SLEEP_SECS {
+        return Err(format!(
+            "sleep_after {value:?} must be whole seconds, at least {MIN_SLEEP_SECS}s (like \"15m\"), or \"off\""
+        ));
+    }
+    Ok(d.as_secs())
 }
 
 impl AppSettings {
@@ -904,8 +994,33 @@ mod tests {
             DeploymentState::Healthy,
             DeploymentState::Failed,
             DeploymentState::Stopped,
+            DeploymentState::Sleeping,
         ] {
             assert_eq!(DeploymentState::parse(s.as_str()), Some(s));
         }
+    }
+
+    #[test]
+    fn previews_sleep_after_15_minutes_and_production_never_unless_told() {
+        let default = ScaleSettings::default();
+        assert_eq!(default.sleep_after(Role::Preview), Some(std::time::Duration::from_secs(900)));
+        assert_eq!(default.sleep_after(Role::Production), None);
+        let mut s = ScaleSettings::default();
+        s.set(Role::Preview, "off").unwrap();
+        s.set(Role::Production, "1h").unwrap();
+        assert_eq!(s.sleep_after(Role::Preview), None);
+        assert_eq!(s.sleep_after(Role::Production), Some(std::time::Duration::from_secs(3600)));
+        assert!(s.check().is_ok());
+        for bad in ["1s", "0s", "1500ms", "soon"] {
+            assert!(ScaleSettings::default().set(Role::Preview, bad).is_err(), "{bad}");
+        }
+        let sent = ScaleSettings { preview_sleep_secs: Some(1), production_sleep_secs: None };
+        assert_eq!(
+            sent.check().unwrap_err(),
+            "sleep_after of 1s is below the shortest allowed, 2s; use \"2s\" or more, or \"off\""
+        );
+        // Settings saved before [scale] existed still load, as the defaults.
+        let old: AppSettings = serde_json::from_str("{}").unwrap();
+        assert_eq!(old.scale, ScaleSettings::default());
     }
 }

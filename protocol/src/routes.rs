@@ -20,6 +20,22 @@ pub const CONTROL_ACTIVITY_PATH: &str = "/activity";
 /// written to disk.
 pub const CONTROL_CERTIFICATES_PATH: &str = "/certificates";
 
+/// Where the receiver long-polls for the sleeping deployments a request is
+/// held for (`GET`, a [`WakeRequests`]): the router answers as soon as there
+/// is one, or empty after [`WAKES_POLL_SECS`]. Each is handed out once.
+pub const CONTROL_WAKES_PATH: &str = "/wakes";
+
+/// The longest a `GET /wakes` waits before answering empty: well within the
+/// receiver's timeout on a control request.
+pub const WAKES_POLL_SECS: u64 = 5;
+
+/// Sleeping deployments a request waits for: the receiver starts each one
+/// that is still `sleeping` in its records, and nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeRequests {
+    pub deployments: Vec<String>,
+}
+
 /// The path prefix of ACME HTTP-01 challenges (RFC 8555 section 8.3).
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -46,6 +62,9 @@ pub enum Target {
     },
     /// The deployment failed to start: answer 502 with a page that says so.
     Failed,
+    /// The deployment sleeps: hold the request, ask the receiver to wake it
+    /// (`GET /wakes`), and forward it once the route is live again.
+    Sleeping,
 }
 
 /// One host's route; `app` and `deployment` go into the access log.

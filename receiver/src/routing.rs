@@ -15,7 +15,8 @@ use nx_protocol::api::DeploymentState;
 use nx_protocol::metrics::{RouterTraffic, CONTROL_TRAFFIC_PATH};
 use nx_protocol::names::{preview_host, production_host, AppName, DeploymentId};
 use nx_protocol::routes::{
-    Activity, Certificate, Route, RouteTable, Target, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH,
+    Activity, Certificate, Route, RouteTable, Target, WakeRequests, CONTROL_ACTIVITY_PATH, CONTROL_ROUTES_PATH,
+    CONTROL_WAKES_PATH,
 };
 use std::os::unix::ffi::OsStrExt as _;
 
@@ -46,6 +47,7 @@ fn target_of(row: &DeploymentRow) -> Target {
         DeploymentState::Failed => Target::Failed,
         // For a stopped deployment the error column holds why it was stopped.
         DeploymentState::Stopped => Target::Stopped { reason: row.error.clone() },
+        DeploymentState::Sleeping => Target::Sleeping,
     }
 }
 
@@ -263,6 +265,15 @@ impl RoutePublisher {
     pub async fn traffic(&self) -> Result<RouterTraffic, PublishError> {
         let (status, body) = self.request("GET", CONTROL_TRAFFIC_PATH, Bytes::new()).await?;
         serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })
+    }
+
+    /// The sleeping deployments the router holds requests for: answered as
+    /// soon as there is one, or empty after a few seconds (a long poll).
+    pub async fn wakes(&self) -> Result<Vec<String>, PublishError> {
+        let (status, body) = self.request("GET", CONTROL_WAKES_PATH, Bytes::new()).await?;
+        let asked: WakeRequests =
+            serde_json::from_slice(&body).map_err(|e| PublishError::Refused { status, body: e.to_string() })?;
+        Ok(asked.deployments)
     }
 
     /// Whether the router serves certificates of the receiver's: one that
@@ -851,6 +862,7 @@ mod tests {
                 ..row("cccccccc", "web", "stopped", 20003, false)
             },
             row("dddddddd", "api", "failed", 20004, false),
+            row("eeeeeeee", "api", "sleeping", 20005, false),
         ];
         let t = build_table(&rows, &[], "localhost", "localhost", 7);
         assert_eq!(t.generation, 7);
@@ -862,8 +874,9 @@ mod tests {
             Target::Stopped { reason: Some("pull request #4 was closed".into()) }
         );
         assert_eq!(t.routes["dddddddd--api.localhost"].target, Target::Failed);
+        assert_eq!(t.routes["eeeeeeee--api.localhost"].target, Target::Sleeping, "a sleeping URL stays routed");
         assert!(!t.routes.contains_key("api.localhost"), "no production without a promotion");
-        assert_eq!(t.routes.len(), 5);
+        assert_eq!(t.routes.len(), 6);
     }
 
     fn domain(name: &str, app: &str, verified: bool) -> DomainRow {

@@ -357,6 +357,10 @@ async fn run(
             let _ = reconciled_tx.send(true);
             tracing::info!("deployments reconciled");
             tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
+            // After the reconcile, so a wake never races the reconcile's
+            // start of the same deployment.
+            tokio::spawn(deployer.clone().sleeper(stop_rx.clone()));
+            tokio::spawn(deployer.clone().waker(stop_rx.clone()));
             if let Some((listener, key)) = sftp {
                 let shared = crate::sftp::fs::Shared {
                     deployer: deployer.clone(),

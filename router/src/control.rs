@@ -10,6 +10,8 @@
 //! - `GET /activity`: when each deployment was last requested
 //! - `GET /traffic`: each deployment's requests, durations and bytes
 //! - `GET /certificates`: the hosts with a certificate of the receiver's
+//! - `GET /wakes`: the sleeping deployments requests wait for, as soon as
+//!   there is one (a long poll of up to `WAKES_POLL_SECS`; see [`crate::wake`])
 //!
 //! While the router hands over to a successor ([`crate::upgrade`]) a table
 //! change waits ([`Gate`]); once the successor serves, the old router answers
@@ -27,7 +29,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nx_protocol::metrics::CONTROL_TRAFFIC_PATH;
-use nx_protocol::routes::{RouteTable, CONTROL_ACTIVITY_PATH, CONTROL_CERTIFICATES_PATH, CONTROL_ROUTES_PATH};
+use nx_protocol::routes::{
+    RouteTable, WakeRequests, CONTROL_ACTIVITY_PATH, CONTROL_CERTIFICATES_PATH, CONTROL_ROUTES_PATH,
+    CONTROL_WAKES_PATH, WAKES_POLL_SECS,
+};
 use tokio::net::UnixListener;
 
 use crate::table::{RouteStore, TableError};
@@ -144,6 +149,10 @@ async fn handle(
         (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => json(serde_json::to_vec(&store.activity())),
         (Method::GET, p) if p == CONTROL_TRAFFIC_PATH => json(serde_json::to_vec(&store.traffic())),
         (Method::GET, p) if p == CONTROL_CERTIFICATES_PATH => json(serde_json::to_vec(&store.certified_hosts())),
+        (Method::GET, p) if p == CONTROL_WAKES_PATH => {
+            let deployments = store.wakes().take(std::time::Duration::from_secs(WAKES_POLL_SECS)).await;
+            json(serde_json::to_vec(&WakeRequests { deployments }))
+        }
         (Method::PUT, p) if p == CONTROL_ROUTES_PATH => {
             let _change = gate.changes.read().await;
             if gate.is_handed_over() {
@@ -177,7 +186,7 @@ async fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown control path; use GET /health, GET /activity, GET /traffic, GET or PUT /routes\n",
+            "unknown control path; use GET /health, GET /activity, GET /traffic, GET /wakes, GET or PUT /routes\n",
         ),
     };
     Ok(response)

@@ -15,6 +15,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::pages::{Page, PageKind};
 use crate::table::{Entry, RouteStore};
+use crate::wake::Wakes;
 
 /// Request id header: always the router's own, so an id in the logs names
 /// one request, whatever the client sent.
@@ -196,7 +197,8 @@ impl Exchange {
     /// Routes a request by its host and gives it an id. ACME challenges for
     /// the host are answered first (on plain HTTP too, as the CA asks there),
     /// then a plain request for a host with a certificate is redirected to HTTPS.
-    pub fn begin(store: &RouteStore, req: &RequestHeader, tls: bool) -> (Exchange, Decision) {
+    /// A request to a sleeping deployment is held until it wakes ([`crate::wake`]).
+    pub async fn begin(store: &RouteStore, req: &RequestHeader, tls: bool) -> (Exchange, Decision) {
         let mut ex = Exchange {
             host: request_host(req),
             route: None,
@@ -226,23 +228,57 @@ impl Exchange {
             return (ex, Decision::Answer(page));
         };
         entry.touch(unix_now());
+        let decision = match ex.decide(entry, Some(store.wakes())) {
+            Some(decided) => decided,
+            None => ex.wake(store).await,
+        };
+        (ex, decision)
+    }
+
+    /// What to do with the request given its route; `None`: hold it until
+    /// its deployment wakes. A starting route waits for the wake of its
+    /// deployment when `wakes` has one under way (asked only then: it takes
+    /// a lock the request path otherwise never does).
+    fn decide(&mut self, entry: Arc<Entry>, wakes: Option<&Wakes>) -> Option<Decision> {
         let route = &entry.route;
         let decision = match &route.target {
             Target::Live { addr } => {
                 let upstream = Backend::new(*addr, &route.deployment);
-                ex.upstream = Some(upstream);
+                self.upstream = Some(upstream);
                 entry.traffic().open();
-                ex.open = true;
+                self.open = true;
                 Decision::Forward(upstream)
             }
+            Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => return self.hold(entry),
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
                 Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
             }
             Target::Failed => Decision::Answer(Page::failed(&route.app, &route.deployment)),
+            Target::Sleeping => return self.hold(entry),
         };
-        ex.route = Some(entry);
-        (ex, decision)
+        self.route = Some(entry);
+        Some(decision)
+    }
+
+    /// Keeps the sleeping route for [`Exchange::wake`].
+    fn hold(&mut self, entry: Arc<Entry>) -> Option<Decision> {
+        self.route = Some(entry);
+        None
+    }
+
+    /// Holds a request whose route sleeps until its deployment is woken,
+    /// then decides again on the route its host has then; a route still
+    /// asleep gets the 503 page.
+    async fn wake(&mut self, store: &RouteStore) -> Decision {
+        let Some(entry) = self.route.clone() else { return Decision::Answer(Page::unknown_host(&self.host)) };
+        let (app, deployment) = (&entry.route.app, &entry.route.deployment);
+        match store.wakes().hold(store, &self.host, app, deployment).await {
+            crate::wake::Woken::Answer(page) => Decision::Answer(page),
+            crate::wake::Woken::Route(now) => {
+                self.decide(now, None).unwrap_or_else(|| Decision::Answer(Page::wake_timeout(app, deployment)))
+            }
+        }
     }
 
     /// The app and deployment of the request's route, empty when none.

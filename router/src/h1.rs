@@ -162,7 +162,7 @@ impl H1 {
 
     /// Answers one request; true when the client connection may carry another.
     async fn exchange(&self, down: &mut Downstream, client: &Client) -> bool {
-        let (ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls());
+        let (ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls()).await;
         let draining = self.draining.load(Ordering::Relaxed);
         if draining {
             down.set_server_keepalive(None);

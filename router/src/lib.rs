@@ -14,6 +14,8 @@
 //! - hosts that are unknown, starting, stopped or failed get a clear page with
 //!   the matching status ([`pages`]); nothing the client sends chooses an upstream
 //!   other than through the table;
+//! - a request to a sleeping deployment is held while the receiver wakes it,
+//!   and forwarded once its route is live ([`wake`]);
 //! - SIGTERM loses no request: the router stops accepting, answers further
 //!   requests on open connections with `Connection: close`, and exits when the
 //!   last connection is gone ([`listener`]). The listening sockets usually come
@@ -42,3 +44,4 @@ pub mod table;
 pub mod telemetry;
 pub mod traffic;
 pub mod upgrade;
+pub mod wake;

@@ -63,6 +63,43 @@ impl Page {
         }
     }
 
+    /// A sleeping deployment could not be started for a held request; the
+    /// next request after `Retry-After` tries again.
+    pub fn wake_failed(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 503,
+            title: "Could not wake",
+            message: format!(
+                "Deployment {deployment} of {app} was asleep and did not start. `nx logs {deployment}` shows what it printed; the next request tries again."
+            ),
+            kind: PageKind::Html,
+        }
+    }
+
+    /// A sleeping deployment did not wake within the time a request is held.
+    pub fn wake_timeout(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 503,
+            title: "Still waking",
+            message: format!(
+                "Deployment {deployment} of {app} was asleep and is not up yet. This page reloads by itself."
+            ),
+            kind: PageKind::Html,
+        }
+    }
+
+    /// More requests wait for a sleeping deployment than the router holds.
+    pub fn wake_busy(app: &str, deployment: &str) -> Page {
+        Page {
+            status: 503,
+            title: "Waking",
+            message: format!(
+                "Deployment {deployment} of {app} is waking and too many requests already wait for it. This page reloads by itself."
+            ),
+            kind: PageKind::Html,
+        }
+    }
+
     pub fn upstream_down(app: &str, deployment: &str) -> Page {
         Page {
             status: 502,

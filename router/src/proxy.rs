@@ -62,7 +62,7 @@ impl ProxyHttp for Router {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Option<Exchange>) -> pingora::Result<bool> {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let (ex, decision) = Exchange::begin(&self.store, session.req_header(), tls);
+        let (ex, decision) = Exchange::begin(&self.store, session.req_header(), tls).await;
         let ex = ctx.insert(ex);
         match decision {
             Decision::Forward(_) => Ok(false),

@@ -15,6 +15,7 @@ use nx_protocol::routes::{Activity, Route, RouteTable};
 
 use crate::certs::CertStore;
 use crate::traffic::Counters;
+use crate::wake::Wakes;
 
 /// Why a table was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub struct RouteStore {
     /// The port HTTPS is served on, when it is: plain requests for a host
     /// with a certificate are redirected there.
     https_port: Option<u16>,
+    /// Requests held for sleeping deployments; told of every new table.
+    wakes: Wakes,
 }
 
 impl RouteStore {
@@ -111,6 +114,7 @@ impl RouteStore {
             write: Mutex::new(activity),
             certs,
             https_port,
+            wakes: Wakes::default(),
         })
     }
 
@@ -132,6 +136,11 @@ impl RouteStore {
 
     pub fn snapshot(&self) -> Arc<RouteTable> {
         self.current.load().table.clone()
+    }
+
+    /// The requests held for sleeping deployments.
+    pub fn wakes(&self) -> &Wakes {
+        &self.wakes
     }
 
     /// The hosts served with a certificate of the receiver's.
@@ -170,7 +179,11 @@ impl RouteStore {
         save_atomically(&self.state_file, &table)
             .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
         self.certs.replace(&certificates);
-        self.current.store(Arc::new(index(table, &mut activity)));
+        let live = Arc::new(index(table, &mut activity));
+        self.current.store(live.clone());
+        // After the store: a held request told its wake is over looks the
+        // new table up. Under the write lock, so wakes see tables in order.
+        self.wakes.table_replaced(&live.table);
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ mod quotas;
 mod restart;
 mod router;
 mod sftp;
+mod sleep;
 mod supervision;
 mod upgrade;
 mod uploads;

@@ -1,6 +1,6 @@
 //! `nx apps create|ls|set|rm`.
 
-use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting, SetGitHub, WorkflowTrust};
+use nx_protocol::api::{AppInfo, CreateApp, CreatedApp, HealthSetting, Role, SetGitHub, WorkflowTrust};
 use nx_protocol::AppName;
 
 use super::{client, print_json};
@@ -98,6 +98,10 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             }
             if let Some(label) = args.fork_label {
                 info.settings.fork_label = Some(label);
+            }
+            if let Some(after) = &args.sleep_after {
+                let role: Role = serde_json::from_value(serde_json::Value::String(args.role.clone()))?;
+                info.settings.scale.set(role, after).map_err(|e| Failure::Usage(format!("--sleep-after: {e}")))?;
             }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {

@@ -80,6 +80,7 @@ pub async fn settings(
         }
     }
     settings.approval.check().map_err(ApiError::BadRequest)?;
+    settings.scale.check().map_err(ApiError::BadRequest)?;
     if let Some(label) = &settings.fork_label {
         nx_protocol::api::check_fork_label(label).map_err(ApiError::BadRequest)?;
     }

@@ -115,7 +115,8 @@ async fn occupancy(conn: &mut sqlx::PgConnection, app_id: i64) -> Result<Occupan
              ORDER BY d.created_at, d.id"
         )
     };
-    let running = sqlx::query_as(&held("d.state IN ('pending', 'starting', 'healthy')"))
+    // A sleeping deployment holds its place: its next request starts it.
+    let running = sqlx::query_as(&held("d.state IN ('pending', 'starting', 'healthy', 'sleeping')"))
         .bind(app_id)
         .fetch_all(&mut *conn)
         .await?;
@@ -226,7 +227,7 @@ impl Db {
     }
 
     pub async fn used_ports(&self) -> Result<Vec<i32>, sqlx::Error> {
-        sqlx::query_scalar("SELECT port FROM deployments WHERE state IN ('pending', 'starting', 'healthy')")
+        sqlx::query_scalar("SELECT port FROM deployments WHERE state IN ('pending', 'starting', 'healthy', 'sleeping')")
             .fetch_all(&self.pool)
             .await
     }
@@ -308,7 +309,7 @@ impl Db {
     pub async fn previews_of_pr(&self, app_id: i64, pr: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
         sqlx::query_as(&format!(
             "SELECT {DEPLOYMENT_COLUMNS} WHERE d.app_id = $1 AND d.pr_number = $2 \
-             AND d.state IN ('pending', 'starting', 'healthy', 'failed') AND {NOT_PROTECTED} ORDER BY d.created_at"
+             AND d.state IN ('pending', 'starting', 'healthy', 'failed', 'sleeping') AND {NOT_PROTECTED} ORDER BY d.created_at"
         ))
         .bind(app_id)
         .bind(pr)
@@ -334,7 +335,7 @@ impl Db {
     /// push) for longer than `idle_secs`.
     pub async fn idle_previews(&self, idle_secs: i64) -> Result<Vec<DeploymentRow>, sqlx::Error> {
         sqlx::query_as(&format!(
-            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.state IN ('pending', 'starting', 'healthy', 'failed') AND {NOT_PROTECTED} \
+            "SELECT {DEPLOYMENT_COLUMNS} WHERE d.state IN ('pending', 'starting', 'healthy', 'failed', 'sleeping') AND {NOT_PROTECTED} \
              AND GREATEST(d.created_at, d.last_request_at) < now() - make_interval(secs => $1) ORDER BY d.created_at"
         ))
         .bind(idle_secs as f64)

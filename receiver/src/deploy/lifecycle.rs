@@ -195,6 +195,7 @@ impl Deployer {
                 app.name
             ))
         })?;
+        self.ensure_awake(&target).await?;
         let row = self.row(&target).await?;
         if row.state() != DeploymentState::Healthy {
             return Err(DeployError::NotHealthy {

@@ -38,6 +38,7 @@ mod lifecycle;
 pub mod link;
 mod quotas;
 mod sandbox;
+mod sleep;
 
 use quotas::Claim;
 pub use quotas::{MAX_ENV_BYTES, MAX_ENV_NAMES};
@@ -127,6 +128,8 @@ struct Running {
     sandbox: Sandbox,
     applied: watch::Receiver<Status>,
     log: Log,
+    /// When this receiver started (or adopted) it: idle time counts from here.
+    since: std::time::Instant,
 }
 
 /// What the deployment service works with.
@@ -169,6 +172,8 @@ pub struct Deployer {
     running: Mutex<HashMap<String, Running>>,
     port_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
+    /// Per deployment, held while it goes to sleep or wakes ([`sleep`]).
+    transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Deployer {
@@ -178,6 +183,7 @@ impl Deployer {
             running: Mutex::new(HashMap::new()),
             port_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            transitions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -516,8 +522,11 @@ impl Deployer {
             },
         ));
         let mut waiter = applied.clone();
-        if let Some(old) =
-            self.running.lock().map_err(|_| poisoned())?.insert(row.id.clone(), Running { sandbox, applied, log })
+        if let Some(old) = self
+            .running
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(row.id.clone(), Running { sandbox, applied, log, since: std::time::Instant::now() })
         {
             // Never two instances of one deployment.
             tokio::spawn(old.sandbox.stop());
@@ -545,6 +554,8 @@ impl Deployer {
         if row.is_fork_preview() {
             return Err(DeployError::ForkPreview { id: id.to_owned(), pr: row.pr_number.unwrap_or_default() });
         }
+        // A sleeping preview is woken first: production must answer at once.
+        self.ensure_awake(id).await?;
         let preview_db = row.db_name.clone();
         if let Some(db) = &preview_db {
             // Production uses the app's database: the preview is restarted on
@@ -674,6 +685,11 @@ impl Deployer {
     /// The live log of a running deployment.
     pub fn live_log(&self, id: &str) -> Option<Log> {
         self.running.lock().ok()?.get(id).map(|r| r.log.clone())
+    }
+
+    /// When the sandbox of a running deployment was started or adopted.
+    fn running_since(&self, id: &str) -> Option<std::time::Instant> {
+        self.running.lock().ok()?.get(id).map(|r| r.since)
     }
 
     /// The last status the watcher applied for a running deployment.

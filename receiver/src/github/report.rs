@@ -92,8 +92,10 @@ impl Sender {
         let mut report = self.db.github_report(id).await?;
         match event {
             Event::Settled(_) => {
-                if !matches!(row.state(), DeploymentState::Healthy | DeploymentState::Failed)
-                    || report.state.as_deref() == Some(row.state.as_str())
+                if !matches!(
+                    row.state(),
+                    DeploymentState::Healthy | DeploymentState::Failed | DeploymentState::Sleeping
+                ) || report.state.as_deref() == Some(row.state.as_str())
                 {
                     return Ok(());
                 }
@@ -138,14 +140,20 @@ impl Sender {
         info: &DeploymentInfo,
         report: &mut ReportRow,
     ) {
-        let ok = row.state() == DeploymentState::Healthy;
+        // A sleeping deployment is up as far as a visitor can tell.
+        let ok = matches!(row.state(), DeploymentState::Healthy | DeploymentState::Sleeping);
         if let Some(pr) = row.pr_number {
             self.comment(app, row, o, pr, info).await;
         }
+        let description = match row.state() {
+            DeploymentState::Healthy => format!("{} is up", row.id),
+            DeploymentState::Sleeping => format!("{} sleeps; its next request wakes it", row.id),
+            _ => format!("{} failed to start", row.id),
+        };
         let status = json!({
             "state": if ok { "success" } else { "failure" },
             "target_url": info.preview_url,
-            "description": if ok { format!("{} is up", row.id) } else { format!("{} failed to start", row.id) },
+            "description": description,
             "context": format!("nx-sandbox/{}", app.name),
         });
         logged("commit status", self.call(o, Method::Post, &format!("statuses/{}", o.sha), &status).await);
@@ -232,7 +240,7 @@ impl Sender {
         info: &DeploymentInfo,
         report: &mut ReportRow,
     ) {
-        let ok = row.state() == DeploymentState::Healthy;
+        let ok = matches!(row.state(), DeploymentState::Healthy | DeploymentState::Sleeping);
         let mut actions = Vec::new();
         // A fork's preview is never promoted (Deployer::promote): no button.
         if ok && !row.is_production && !row.is_fork_preview() {
@@ -245,6 +253,9 @@ impl Sender {
         }
         let title = match (ok, row.is_production) {
             (true, true) => format!("{} is production", row.id),
+            (true, false) if row.state() == DeploymentState::Sleeping => {
+                format!("{} sleeps; its next request wakes it", row.id)
+            }
             (true, false) => format!("{} is up", row.id),
             (false, _) => format!("{} failed to start", row.id),
         };
@@ -305,6 +316,7 @@ pub fn comment_body(app: &str, row: &DeploymentRow, info: &DeploymentInfo, produ
         (DeploymentState::Healthy, true) => format!("✅ healthy, **production** at {production_url}"),
         (DeploymentState::Healthy, false) => "✅ healthy".to_owned(),
         (DeploymentState::Failed, _) => "❌ failed".to_owned(),
+        (DeploymentState::Sleeping, _) => "💤 sleeping: its next request wakes it".to_owned(),
         (other, _) => other.to_string(),
     };
     let sha = row.git_sha.as_deref().unwrap_or_default();

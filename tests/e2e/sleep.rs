@@ -1,0 +1,284 @@
+//! Scale to zero: idle deployments sleep (their sandbox stopped, their URL
+//! still routed), and the first request wakes them and is answered once;
+//! concurrent first requests share one start; a wake that fails says so
+//! with a 503 page and leaves the app's lines in `nx logs`; what the app
+//! keeps (its /data and its database) is there when it wakes; production
+//! stays up unless asked, and an open request keeps a deployment awake;
+//! the pull request comment says when a preview sleeps.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::{psql, Options};
+use nx_e2e::{deployment_processes, eventually, Receiver};
+
+fn id(d: &serde_json::Value) -> String {
+    d["id"].as_str().unwrap().to_owned()
+}
+
+/// The preview URL of `d`, ending in `/` so paths can follow.
+fn url(d: &serde_json::Value) -> String {
+    format!("{}/", d["preview_url"].as_str().unwrap().trim_end_matches('/'))
+}
+
+/// The state of deployment `id` of `app`, as `nx ls` reports it.
+fn state(r: &Receiver, app: &str, id: &str) -> String {
+    let listing = r.nx_ok(&["--json", "ls", app]).json();
+    let d = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap();
+    d["state"].as_str().unwrap().to_owned()
+}
+
+fn wait_for_state(r: &Receiver, app: &str, id: &str, wanted: &str) {
+    eventually(30, &format!("deployment {id} to be {wanted}"), || (state(r, app, id) == wanted).then_some(()));
+}
+
+/// An app `web` whose previews sleep after 2 s, with goweb pushed as a
+/// preview that counts its starts in /data/starts.
+fn sleepy(r: &Receiver) -> serde_json::Value {
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--sleep-after", "2s"]);
+    r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"])
+}
+
+fn data_dir(r: &Receiver) -> std::path::PathBuf {
+    r.data_dir().join("apps/web/data")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every file under `dir` but those named in `except`, with its contents.
+fn files(dir: &Path, except: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                todo.push(p);
+            } else if !except.contains(&name.as_str()) {
+                out.insert(name, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_and_database_unchanged() {
+    let r = Receiver::start();
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    let hit = |which: &str| r.get(&format!("{url}hit?id={which}"));
+    assert_eq!(hit("before").body, "hit before\n");
+    std::fs::write(data_dir(&r).join("notes.txt"), "kept across sleep\n").unwrap();
+    let db = r.db_url("web");
+    psql(&db, "CREATE TABLE kept (v TEXT); INSERT INTO kept VALUES ('asleep and back')").unwrap();
+    let before = files(&data_dir(&r), &["starts", "hits"]);
+
+    wait_for_state(&r, "web", &dep, "sleeping");
+    assert!(deployment_processes(&r.data_dir(), &dep).is_empty(), "a sleeping deployment runs nothing");
+    let ls = r.nx_ok(&["ls", "web"]).stdout;
+    assert!(ls.contains("sleeping"), "nx ls shows it sleeping:\n{ls}");
+    let events = r.nx_ok(&["events", "--app", "web"]).stdout;
+    assert!(events.contains("sleep"), "the audit log says it went to sleep:\n{events}");
+
+    // The request that wakes it is answered by the woken app, once.
+    let woke = hit("wake");
+    assert_eq!((woke.status, woke.body.as_str()), (200, "hit wake\n"));
+    assert_eq!(read(&data_dir(&r).join("hits")), "before\nwake\n", "not lost, not duplicated");
+    assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "started once more");
+    assert_eq!(state(&r, "web", &dep), "healthy");
+    assert_eq!(files(&data_dir(&r), &["starts", "hits"]), before, "/data is as it was");
+    assert_eq!(psql(&db, "SELECT v FROM kept").unwrap(), "asleep and back");
+
+    // And it sleeps again when left alone.
+    wait_for_state(&r, "web", &dep, "sleeping");
+}
+
+#[test]
+fn fifty_concurrent_first_requests_to_a_sleeping_app_are_all_answered_after_one_start() {
+    let r = Receiver::start();
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    wait_for_state(&r, "web", &dep, "sleeping");
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let (r, url) = (&r, &url);
+                s.spawn(move || {
+                    let a = r.get(&format!("{url}hit?id={i}"));
+                    (a.status, a.body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!((*status, body.as_str()), (200, format!("hit {i}\n").as_str()), "request {i}");
+    }
+    let mut hits: Vec<u32> = read(&data_dir(&r).join("hits")).lines().map(|l| l.parse().unwrap()).collect();
+    hits.sort_unstable();
+    assert_eq!(hits, (0..50).collect::<Vec<u32>>(), "each request reached the app exactly once");
+    assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "one start for all fifty");
+}
+
+#[test]
+fn a_wake_that_fails_answers_503_with_retry_after_and_nx_logs_shows_the_apps_last_lines() {
+    // One restart, quickly: the wake fails within seconds.
+    let r = Receiver::start_with(Options {
+        args: ["--max-restarts", "1", "--restart-backoff", "100ms"].map(str::to_owned).to_vec(),
+        ..Options::default()
+    });
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    assert_eq!(r.get(&format!("{url}break?text=disk-42-is-gone")).body, "broken\n");
+    wait_for_state(&r, "web", &dep, "sleeping");
+
+    let page = r.get(&url);
+    assert_eq!(page.status, 503, "{}", page.body);
+    assert_eq!(page.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("2"));
+    assert!(page.body.contains("Could not wake"), "{}", page.body);
+    assert!(page.body.contains(&format!("nx logs {dep}")), "{}", page.body);
+    let logs = r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
+    assert!(logs.contains("refusing to start: disk-42-is-gone"), "the app's last lines:\n{logs}");
+
+    // Back asleep, saying why: a later request tries again.
+    assert_eq!(state(&r, "web", &dep), "sleeping");
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    let error = listing[0]["deployments"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.starts_with("could not wake: "), "{error}");
+    std::fs::remove_file(data_dir(&r).join("broken")).unwrap();
+    let again = eventually(10, "a later request to wake it", || {
+        let a = r.get(&url);
+        (a.status == 200).then_some(a)
+    });
+    assert_eq!(again.body, "goweb\n");
+}
+
+#[test]
+fn production_does_not_sleep_by_default_and_an_open_request_keeps_a_preview_awake() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--sleep-after", "2s"]);
+    let goweb = fixtures::go(Go::Static);
+    let production = r.push("web", &goweb, &["--promote"]);
+    let preview = r.push("web", &goweb, &[]);
+    let streaming = r.push("web", &goweb, &[]);
+
+    // A server-sent event stream open for longer than the idle time.
+    let host = url(&streaming).trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", r.router_port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET /sse HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: one") {
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the stream ended before its first event: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+
+    wait_for_state(&r, "web", &id(&preview), "sleeping");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(state(&r, "web", &id(&production)), "healthy", "production does not sleep by default");
+    assert_eq!(state(&r, "web", &id(&streaming)), "healthy", "an open request keeps it awake");
+    assert_eq!(r.get(&format!("{}release", url(&streaming))).body, "released\n");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(String::from_utf8_lossy(&rest).contains("data: two"));
+    wait_for_state(&r, "web", &id(&streaming), "sleeping");
+
+    // Asked to, production sleeps too, and its URL wakes it.
+    let app = r.nx_ok(&["--json", "apps", "set", "web", "--sleep-after", "2s", "--role", "production"]).json();
+    assert_eq!(app["settings"]["scale"]["production_sleep_secs"], 2);
+    wait_for_state(&r, "web", &id(&production), "sleeping");
+    let page = r.get(app["production_url"].as_str().unwrap());
+    assert_eq!((page.status, page.body.as_str()), (200, "goweb\n"));
+    assert_eq!(state(&r, "web", &id(&production)), "healthy");
+}
+
+#[test]
+fn sleep_settings_below_the_minimum_are_refused_with_the_fix() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let out = r.nx(&["apps", "set", "web", "--sleep-after", "1s"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("--sleep-after: sleep_after \"1s\" must be whole seconds, at least 2s"),
+        "{}",
+        out.stderr
+    );
+    let app = r.nx_ok(&["--json", "apps", "set", "web", "--sleep-after", "off"]).json();
+    assert_eq!(app["settings"]["scale"]["preview_sleep_secs"], 0);
+}
+
+#[test]
+fn a_sleeping_preview_stopped_for_good_or_expired_is_never_woken_by_its_url() {
+    // Previews expire after 6 s without a request; they sleep after 2 s first.
+    let r = Receiver::start_with(Options {
+        args: ["--preview-idle", "6s", "--janitor-interval", "1s"].map(str::to_owned).to_vec(),
+        ..Options::default()
+    });
+    let stopped = sleepy(&r);
+    let expired = r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"]);
+    wait_for_state(&r, "web", &id(&stopped), "sleeping");
+    r.nx_ok(&["stop", &id(&stopped), "--app", "web"]);
+    let page = r.get(&url(&stopped));
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("Preview stopped"), "{}", page.body);
+    assert_eq!(state(&r, "web", &id(&stopped)), "stopped", "a request does not start it");
+
+    wait_for_state(&r, "web", &id(&expired), "sleeping");
+    wait_for_state(&r, "web", &id(&expired), "stopped");
+    let page = r.get(&url(&expired));
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("no requests for 6 seconds"), "{}", page.body);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(&r, "web", &id(&expired)), "stopped", "an expired preview stays stopped");
+    // Both pushes started once each, and neither ever again.
+    assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n");
+    assert!(deployment_processes(&r.data_dir(), &id(&expired)).is_empty());
+}
+
+#[test]
+fn the_pull_request_comment_says_a_preview_sleeps_and_then_that_it_is_healthy_again() {
+    use crate::github::{linked_app, pull_request, receiver, run_action, sha, REPO};
+    let gh = nx_e2e::github::FakeGitHub::start();
+    let r = receiver(&gh, &["--github-token", "ghp_test_token"]);
+    let key = linked_app(&r);
+    r.nx_ok(&["apps", "set", "web", "--sleep-after", "2s"]);
+    let head = sha();
+    let run =
+        run_action(&r, &key, "pull_request", &pull_request("pull_request.opened", 7, &head), &fixtures::go(Go::Static));
+    assert_eq!(run.out.code, 0, "{:?}", run.out);
+    let (dep, preview) = (run.outputs["deployment-id"].clone(), run.outputs["preview-url"].clone());
+    let comment_says = |what: &'static str| {
+        eventually(30, what, || {
+            gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*"))
+                .into_iter()
+                .chain(gh.calls_to("POST", &format!("/repos/{REPO}/issues/7/comments")))
+                .map(|c| c.body["body"].as_str().unwrap_or_default().to_owned())
+                .find(|b| b.contains(&dep) && b.contains(what))
+        })
+    };
+    comment_says("sleeping: its next request wakes it");
+    let status = eventually(30, "a commit status for the sleeping preview", || {
+        gh.calls_to("POST", &format!("/repos/{REPO}/statuses/{head}"))
+            .into_iter()
+            .find(|c| c.body["description"].as_str().is_some_and(|d| d.contains("sleeps")))
+    });
+    assert_eq!(status.body["state"], "success", "a sleeping preview is no failure");
+    let asleep = gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*")).len();
+    assert_eq!(r.get(&preview).body, "goweb\n");
+    eventually(30, "the comment to say healthy again", || {
+        let edits = gh.calls_to("PATCH", &format!("/repos/{REPO}/issues/comments/*"));
+        (edits.len() > asleep && edits.last().unwrap().body["body"].as_str().unwrap_or_default().contains("healthy"))
+            .then_some(())
+    });
+}
