@@ -23,6 +23,9 @@
 //!                     # (default "never"); see workflows/README.md
 //! fork_label = "nx-preview"  # the label (default nx-preview)
 //!
+//! [scale]
+//! replicas = 3        # sandboxes production runs (default 1), balanced by the router
+//!
 //! [promote]
 //! on = "push"         # the action promotes pushes to `branch` (default);
 //!                     # "merge": the merged pull request's preview (webhook);
@@ -72,6 +75,15 @@ pub struct Manifest {
     pub preview: Preview,
     #[serde(default)]
     pub promote: Promote,
+    #[serde(default)]
+    pub scale: Scale,
+}
+
+/// `[scale]`: how many sandboxes production runs.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    pub replicas: Option<u32>,
 }
 
 /// `[health]`: exactly one of `path` or `tcp = true`.
@@ -162,6 +174,12 @@ impl Manifest {
             check_fork_label(label).map_err(|e| format!("[preview] {e}"))?;
             s.fork_label = Some(label.clone());
         }
+        if let Some(n) = self.scale.replicas {
+            if n == 0 {
+                return Err("[scale] replicas must be at least 1".into());
+            }
+            s.replicas = Some(n);
+        }
         if let Some(on) = self.promote.on {
             s.promote_on = on;
         }
@@ -229,6 +247,8 @@ data = "2GiB"
 database = "empty"
 forks = "label"
 fork_label = "safe to preview"
+[scale]
+replicas = 3
 [promote]
 on = "manual"
 approvals = 2
@@ -248,6 +268,7 @@ reviewers = ["octocat", "@nx-test/release"]
         assert_eq!(s.limits.data_mib, Some(2048));
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
+        assert_eq!(s.replicas, Some(3));
         assert_eq!((s.preview_forks, s.fork_label()), (ForkPreviews::Label, "safe to preview"));
         assert_eq!(s.promote_on, PromoteOn::Manual);
         assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));

@@ -510,9 +510,18 @@ pub struct AppSettings {
     /// The label that opts a fork's pull request in; `None`: [`DEFAULT_FORK_LABEL`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_label: Option<String>,
+    /// Sandboxes the production deployment runs as (`[scale] replicas`);
+    /// `None`: one. Previews run one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 impl AppSettings {
+    /// How many replicas production runs.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.unwrap_or(1)
+    }
+
     /// The label that opts a fork's pull request in.
     pub fn fork_label(&self) -> &str {
         self.fork_label.as_deref().unwrap_or(DEFAULT_FORK_LABEL)
@@ -674,6 +683,32 @@ pub struct DeploymentInfo {
     /// with one instead of a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub github: Option<VerifiedGitHub>,
+    /// Its running sandboxes, one per replica, while it runs on this
+    /// receiver; empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// How one replica of a running deployment is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// 0 for the first; each replica has its own port, cgroup and shim.
+    pub index: u32,
+    pub port: u16,
+    pub state: DeploymentState,
+    /// Restarts after crashes since its supervision began.
+    pub restarts: u32,
+    /// How its last life ended ("status 1", "signal 9 (SIGKILL)"), as its
+    /// shim recorded it; `None` while none ended under this receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Whether the kernel killed a process of that life for memory (its
+    /// cgroup's `memory.events`).
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Seconds since it last became healthy; `None` while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<u64>,
 }
 
 /// `POST /v1/apps/{app}/ssh-keys`: a public key that may upload to the app

@@ -20,6 +20,7 @@ mod metrics;
 mod oidc;
 mod outlive;
 mod quotas;
+mod replicas;
 mod router;
 mod sftp;
 mod supervision;

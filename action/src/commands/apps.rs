@@ -99,6 +99,9 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             if let Some(label) = args.fork_label {
                 info.settings.fork_label = Some(label);
             }
+            if let Some(n) = args.replicas {
+                info.settings.replicas = Some(n);
+            }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {
                 return print_json(&updated);
