@@ -131,3 +131,39 @@ fn replicas_beyond_the_range_or_the_apps_share_are_refused_with_what_to_do() {
     assert_eq!(set.code, 0, "the deploy key may change the replicas within the app's share: {}", set.stderr);
     assert_eq!(replicas_setting(), 4);
 }
+
+#[test]
+fn each_replica_is_adopted_as_it_runs_by_a_restarted_receiver_and_scaling_keeps_the_ones_that_stay() {
+    let mut r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--replicas", "2"]);
+    let d = r.push("web", &fixtures::go(Go::Static), &["--promote"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    eventually(30, "two healthy replicas", || all_healthy(&replicas(&r, "web"), 2).then_some(()));
+    let before: Vec<Vec<i32>> = (0..2).map(|i| replica_app_pids(&r, &replica_key(&id, i))).collect();
+    assert!(before.iter().all(|p| p.len() == 1), "{before:?}");
+
+    let status = r.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status}:\n{}", r.log());
+    r.start_again();
+    eventually(30, "both replicas adopted", || all_healthy(&replicas(&r, "web"), 2).then_some(()));
+    let after: Vec<Vec<i32>> = (0..2).map(|i| replica_app_pids(&r, &replica_key(&id, i))).collect();
+    assert_eq!(after, before, "neither replica was restarted");
+    let logs = r.nx_ok(&["logs", &id]).stdout;
+    assert_eq!(logs.matches("adopted, healthy on 127.0.0.1:").count(), 2, "{logs}");
+
+    // Three: the two that run stay as they are, a third starts.
+    r.nx_ok(&["apps", "set", "web", "--replicas", "3"]);
+    eventually(30, "a third replica", || all_healthy(&replicas(&r, "web"), 3).then_some(()));
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), before[0]);
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 1)), before[1]);
+    // One: the others stop, and their sandboxes are gone.
+    r.nx_ok(&["apps", "set", "web", "--replicas", "1"]);
+    eventually(30, "one replica", || all_healthy(&replicas(&r, "web"), 1).then_some(()));
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), before[0]);
+    eventually(30, "the other replicas' processes to end", || {
+        (1..3).all(|i| replica_app_pids(&r, &replica_key(&id, i)).is_empty()).then_some(())
+    });
+    let answer = r.get(&format!("http://web.localhost:{}/", r.router_port));
+    assert_eq!(answer.status, 200, "{answer:?}");
+}
