@@ -250,7 +250,8 @@ impl H1 {
                 Failure::Upstream(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
             })?;
             // A retry takes a new connection: the pool may hold more the app closed.
-            let (conn, reused) = match self.pool.take(upstream).filter(|_| !retried) {
+            let pooled = if retried { None } else { self.pool.take(upstream) };
+            let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None => match self.pool.connect(upstream.addr).await {
                     Ok(conn) => (conn, false),

@@ -616,14 +616,22 @@ impl Deployer {
         let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
         let previous = self.running.lock().map_err(|_| poisoned())?.remove(&row.id);
         let mut kept = Vec::new();
+        // When the replicas that stay became healthy: their uptime goes on.
+        let mut kept_since = HashMap::new();
         if let Some(previous) = previous {
             previous.watcher.abort();
-            let (stay, go): (Vec<Replica>, Vec<Replica>) =
-                previous.replicas.into_iter().partition(|r| keep && (r.index as usize) < ports.len());
-            kept = stay;
+            let since = previous.healthy_since.lock().map(|s| s.clone()).unwrap_or_default();
+            let (stay, go): (Vec<_>, Vec<_>) = previous
+                .replicas
+                .into_iter()
+                .zip(since.into_iter().chain(std::iter::repeat(None)))
+                .partition(|(r, _)| keep && (r.index as usize) < ports.len());
+            kept_since = stay.iter().map(|(r, since)| (r.index, *since)).collect();
+            kept = stay.into_iter().map(|(r, _)| r).collect();
+            let go = go.into_iter().map(|(r, _)| r);
             // Never two instances of one replica: what goes is gone before
             // anything starts in its place.
-            futures_util::future::join_all(go.into_iter().map(|r| r.sandbox.stop())).await;
+            futures_util::future::join_all(go.map(|r| r.sandbox.stop())).await;
         }
         // Replicas beyond `count` a previous receiver left running.
         for index in count..count + 16 {
@@ -671,7 +679,8 @@ impl Deployer {
         let watched = replicas.iter().map(|r| (r.port, r.sandbox.watch())).collect();
         let (applied_tx, applied) =
             watch::channel(aggregate(&replicas.iter().map(|r| r.sandbox.status()).collect::<Vec<_>>()));
-        let healthy_since = Arc::new(Mutex::new(vec![None; replicas.len()]));
+        let healthy_since =
+            Arc::new(Mutex::new(replicas.iter().map(|r| kept_since.get(&r.index).copied().flatten()).collect()));
         let watcher = tokio::spawn(watch_sandbox(
             watched,
             applied_tx,
@@ -754,14 +763,17 @@ impl Deployer {
         // Production runs as many replicas as the app asks: all of them
         // healthy before the switch.
         let replicas = app.settings.replicas();
-        if replicas > 1 {
-            let row = self.row(id).await?;
+        let row = self.row(id).await?;
+        // One that is not healthy is refused below, without sandboxes started for it.
+        if replicas > 1 && row.state() == DeploymentState::Healthy {
             let status = self.run(app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
                 let reason = match status {
                     Status::Failed { reason, .. } => reason,
                     other => format!("{other:?}"),
                 };
+                // It stays what it was: one sandbox, not production.
+                self.run(app, &row, 1, true, Wait::No).await?;
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
                     state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
@@ -894,6 +906,12 @@ impl Deployer {
     /// The live log of a running deployment.
     pub fn live_log(&self, id: &str) -> Option<Log> {
         self.running.lock().ok()?.get(id).map(|r| r.log.clone())
+    }
+
+    /// The sandbox names (cgroups) of a running deployment's replicas.
+    pub fn replica_keys(&self, id: &str) -> Vec<String> {
+        let Ok(running) = self.running.lock() else { return Vec::new() };
+        running.get(id).map_or_else(Vec::new, |r| r.replicas.iter().map(|x| replica_key(id, x.index)).collect())
     }
 
     /// The last status the watcher applied for a running deployment (of
