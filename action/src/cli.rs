@@ -294,6 +294,11 @@ pub struct SetArgs {
     /// The label that opts a fork's pull request in (default nx-preview).
     #[arg(long, value_name = "LABEL")]
     pub fork_label: Option<String>,
+    /// How many sandboxes production runs (1 to 16), each on its own port,
+    /// health-checked on its own; the router balances across the healthy
+    /// ones. Each costs the app's memory and cpu limits.
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<u32>,
     /// The GitHub repository (owner/name) whose webhooks act on this app, or
     /// `none` (admin token: the receiver reports there with its own identity).
     /// Links without trusting its workflows; see --github-trust.

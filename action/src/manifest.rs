@@ -28,6 +28,7 @@
 //!                                # request and start again on the next one
 //!                                # (default 15m; at least 2s, or "off")
 //! production_sleep_after = "off" # the same for production (default off)
+//! replicas = 3        # sandboxes production runs (default 1), balanced by the router
 //!
 //! [promote]
 //! on = "push"         # the action promotes pushes to `branch` (default);
@@ -82,10 +83,12 @@ pub struct Manifest {
     pub scale: Scale,
 }
 
-/// `[scale]`: when idle deployments sleep; see [`nx_protocol::api::ScaleSettings`].
+/// `[scale]`: how many sandboxes production runs, and when idle deployments
+/// sleep; see [`nx_protocol::api::ScaleSettings`].
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scale {
+    pub replicas: Option<u32>,
     /// Previews: a duration like `15m`, or `off`.
     pub sleep_after: Option<String>,
     /// Production and the rollback target.
@@ -180,6 +183,12 @@ impl Manifest {
             check_fork_label(label).map_err(|e| format!("[preview] {e}"))?;
             s.fork_label = Some(label.clone());
         }
+        if let Some(n) = self.scale.replicas {
+            if n == 0 {
+                return Err("[scale] replicas must be at least 1".into());
+            }
+            s.scale.replicas = Some(n);
+        }
         if let Some(on) = self.promote.on {
             s.promote_on = on;
         }
@@ -259,6 +268,7 @@ on = "manual"
 approvals = 2
 reviewers = ["octocat", "@nx-test/release"]
 [scale]
+replicas = 3
 sleep_after = "30m"
 production_sleep_after = "off"
 "#;
@@ -276,6 +286,7 @@ production_sleep_after = "off"
         assert_eq!(s.limits.data_mib, Some(2048));
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
+        assert_eq!(s.scale.replicas, Some(3));
         assert_eq!((s.preview_forks, s.fork_label()), (ForkPreviews::Label, "safe to preview"));
         assert_eq!(s.promote_on, PromoteOn::Manual);
         assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));

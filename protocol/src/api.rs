@@ -538,12 +538,16 @@ pub enum Role {
     Production,
 }
 
-/// `[scale]`: seconds without a request (and none open) after which a
-/// deployment is stopped until its next request; `0` never. `None`: the
-/// default, [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for production.
+/// `[scale]`: how many sandboxes production runs, and seconds without a
+/// request (and none open) after which a deployment is stopped until its
+/// next request; `0` never. `None`: the default, one replica, and
+/// [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for production.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleSettings {
+    /// Sandboxes the production deployment runs as; previews run one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_sleep_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -603,6 +607,11 @@ pub fn parse_sleep_after(value: &str) -> Result<u64, String> {
 }
 
 impl AppSettings {
+    /// How many replicas production runs.
+    pub fn replicas(&self) -> u32 {
+        self.scale.replicas.unwrap_or(1)
+    }
+
     /// The label that opts a fork's pull request in.
     pub fn fork_label(&self) -> &str {
         self.fork_label.as_deref().unwrap_or(DEFAULT_FORK_LABEL)
@@ -764,6 +773,32 @@ pub struct DeploymentInfo {
     /// with one instead of a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub github: Option<VerifiedGitHub>,
+    /// Its running sandboxes, one per replica, while it runs on this
+    /// receiver; empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// How one replica of a running deployment is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// 0 for the first; each replica has its own port, cgroup and shim.
+    pub index: u32,
+    pub port: u16,
+    pub state: DeploymentState,
+    /// Restarts after crashes since its supervision began.
+    pub restarts: u32,
+    /// How its last life ended ("status 1", "signal 9 (SIGKILL)"), as its
+    /// shim recorded it; `None` while none ended under this receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Whether the kernel killed a process of that life for memory (its
+    /// cgroup's `memory.events`).
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Seconds since it last became healthy; `None` while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<u64>,
 }
 
 /// `POST /v1/apps/{app}/ssh-keys`: a public key that may upload to the app
@@ -1014,7 +1049,7 @@ mod tests {
         for bad in ["1s", "0s", "1500ms", "soon"] {
             assert!(ScaleSettings::default().set(Role::Preview, bad).is_err(), "{bad}");
         }
-        let sent = ScaleSettings { preview_sleep_secs: Some(1), production_sleep_secs: None };
+        let sent = ScaleSettings { preview_sleep_secs: Some(1), ..ScaleSettings::default() };
         assert_eq!(
             sent.check().unwrap_err(),
             "sleep_after of 1s is below the shortest allowed, 2s; use \"2s\" or more, or \"off\""

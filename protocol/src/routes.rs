@@ -52,6 +52,10 @@ pub struct Activity {
 pub enum Target {
     /// A healthy sandbox listening on this address.
     Live { addr: SocketAddr },
+    /// Several healthy replicas of one deployment, each on its own address:
+    /// the router balances across them. One healthy replica is sent as
+    /// [`Target::Live`], so tables without replicas read as they always did.
+    Replicas { addrs: Vec<SocketAddr> },
     /// The deployment is starting: answer 503 with a page that says so.
     Starting,
     /// The deployment was stopped: answer 410 with a page that says so, and
@@ -149,6 +153,10 @@ mod tests {
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.contains(r#""kind":"live""#));
         assert_eq!(serde_json::from_str::<RouteTable>(&json).unwrap(), t);
+        let replicas = Target::Replicas { addrs: vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()] };
+        let json = serde_json::to_string(&replicas).unwrap();
+        assert_eq!(json, r#"{"kind":"replicas","addrs":["127.0.0.1:1","127.0.0.1:2"]}"#);
+        assert_eq!(serde_json::from_str::<Target>(&json).unwrap(), replicas);
         // Tables saved before stop reasons existed still load.
         let old: Target = serde_json::from_str(r#"{"kind":"stopped"}"#).unwrap();
         assert_eq!(old, Target::Stopped { reason: None });

@@ -101,6 +101,41 @@ pub fn within_caps(config: &ServeConfig, own: &LimitSettings) -> Result<(), Over
     Ok(())
 }
 
+/// The most replicas an app may run.
+pub const MAX_REPLICAS: u32 = 16;
+
+/// Why a replica count is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReplicasRefused {
+    #[error("replicas must be between 1 and {MAX_REPLICAS}, not {0}")]
+    OutOfRange(u32),
+    #[error("{replicas} replicas of {each} {limit} each need {total} {limit}, over this server's cap of {cap} per app; lower the replicas or the app's {limit} limit (`nx apps set APP --{flag} ...`), or the operator raises --max-app-{flag}")]
+    OverCap { replicas: u32, limit: &'static str, flag: &'static str, each: String, total: String, cap: String },
+}
+
+/// Whether `replicas` sandboxes of the limits `own` stay within the
+/// operator's per-app caps on memory and cpu: each replica has the app's
+/// limits, so N of them cost N times as much.
+pub fn replicas_within_caps(config: &ServeConfig, own: &LimitSettings, replicas: u32) -> Result<(), ReplicasRefused> {
+    if !(1..=MAX_REPLICAS).contains(&replicas) {
+        return Err(ReplicasRefused::OutOfRange(replicas));
+    }
+    for v in effective(config, own).into_iter().filter(|v| matches!(v.limit, "memory" | "cpu")) {
+        let total = v.value * f64::from(replicas);
+        if total > v.cap {
+            return Err(ReplicasRefused::OverCap {
+                replicas,
+                limit: v.limit,
+                flag: v.flag,
+                each: v.show(v.value),
+                total: v.show(total),
+                cap: v.show(v.cap),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The first limit that `new` raises over `current`, as "memory (512 MiB to 1024 MiB)".
 pub fn raised(config: &ServeConfig, current: &LimitSettings, new: &LimitSettings) -> Option<String> {
     effective(config, current)
@@ -146,6 +181,27 @@ mod tests {
         // 2^44 MiB is 0 once shifted into bytes: it must still count as huge.
         let wraps = LimitSettings { memory_mib: Some(1 << 44), tmp_mib: Some(1 << 44), ..Default::default() };
         assert_eq!(within_caps(&c, &wraps).unwrap_err().limit, "memory");
+    }
+
+    #[test]
+    fn replicas_cost_their_count_times_the_limits() {
+        let c = config(&[("--max-app-memory", "2GiB")]);
+        let own = LimitSettings { memory_mib: Some(512), cpu: Some(0.5), ..Default::default() };
+        assert_eq!(replicas_within_caps(&c, &own, 4), Ok(()));
+        assert_eq!(
+            replicas_within_caps(&c, &own, 5).unwrap_err().to_string(),
+            "5 replicas of 512 MiB memory each need 2560 MiB memory, over this server's cap of 2048 MiB per app; \
+             lower the replicas or the app's memory limit (`nx apps set APP --memory ...`), or the operator raises \
+             --max-app-memory"
+        );
+        assert_eq!(
+            replicas_within_caps(&config(&[]), &LimitSettings::default(), 5).unwrap_err().to_string(),
+            "5 replicas of 1 cpu each need 5 cpu, over this server's cap of 4 per app; lower the replicas or the \
+             app's cpu limit (`nx apps set APP --cpu ...`), or the operator raises --max-app-cpu"
+        );
+        for n in [0, MAX_REPLICAS + 1] {
+            assert_eq!(replicas_within_caps(&c, &own, n), Err(ReplicasRefused::OutOfRange(n)));
+        }
     }
 
     #[test]

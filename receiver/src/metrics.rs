@@ -10,7 +10,8 @@
 //! - traffic: nx-router counts per deployment on its request path and
 //!   answers `GET /traffic` on its control socket ([`RoutePublisher::traffic`]);
 //!   the receiver knows what the router does not (production or preview);
-//! - resources: the deployment's cgroup (v2) files;
+//! - resources: the deployment's cgroup (v2) files, summed over its replicas
+//!   (the peak too: an upper bound of the replicas' peak together);
 //! - storage: each app's data volume, its database's size and connections;
 //! - the platform: [`crate::counters`].
 
@@ -65,6 +66,24 @@ fn read_number(file: &Path, key: Option<&str>) -> Option<u64> {
 /// The figures of the cgroup `group/id` in the host's layout; a figure the
 /// layout does not give is absent: on cgroup v2 memory.peak needs Linux
 /// 5.19, on v1 CPU time needs the cpuacct controller mounted with cpu.
+/// The figures of two sandboxes of one deployment together; a figure
+/// neither has stays absent.
+fn sum_resources(a: Resources, b: Resources) -> Resources {
+    fn add<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        }
+    }
+    Resources {
+        cpu_seconds: add(a.cpu_seconds, b.cpu_seconds),
+        memory_bytes: add(a.memory_bytes, b.memory_bytes),
+        memory_peak_bytes: add(a.memory_peak_bytes, b.memory_peak_bytes),
+        oom_kills: add(a.oom_kills, b.oom_kills),
+        pids: add(a.pids, b.pids),
+    }
+}
+
 pub fn cgroup_resources(driver: &Driver, group: &str, id: &str) -> Resources {
     let read = |hierarchy: Option<&PathBuf>, file: &str, key: Option<&str>| {
         read_number(&hierarchy?.join(group).join(id).join(file), key)
@@ -114,7 +133,12 @@ fn deployments(
                 role: if row.is_production { Role::Production } else { Role::Preview },
                 state: row.state(),
                 traffic: traffic.deployments.get(&row.id).cloned().unwrap_or_default(),
-                resources: cgroup_resources(driver, &group, &row.id),
+                resources: deployer
+                    .replica_keys(&row.id)
+                    .iter()
+                    .map(|key| cgroup_resources(driver, &group, key))
+                    .reduce(sum_resources)
+                    .unwrap_or_default(),
                 restarts,
             })
         })
@@ -362,6 +386,23 @@ impl Scrape {
 mod tests {
     use super::*;
     use nx_protocol::api::DeploymentState;
+
+    #[test]
+    fn the_replicas_of_a_deployment_are_counted_together() {
+        let one = Resources { cpu_seconds: Some(1.5), memory_bytes: Some(100), pids: Some(2), ..Default::default() };
+        let two =
+            Resources { cpu_seconds: Some(0.5), memory_bytes: Some(50), oom_kills: Some(1), ..Default::default() };
+        assert_eq!(
+            sum_resources(one, two),
+            Resources {
+                cpu_seconds: Some(2.0),
+                memory_bytes: Some(150),
+                memory_peak_bytes: None,
+                oom_kills: Some(1),
+                pids: Some(2)
+            }
+        );
+    }
 
     #[test]
     fn both_cgroup_layouts_are_read_and_missing_files_are_left_out() {

@@ -2,7 +2,7 @@
 //! metadata database, publishes it to nx-router over the control socket, and runs
 //! nx-router as a supervised child.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,23 @@ pub fn build_table(
     table
 }
 
+/// Points each live route of a deployment running several replicas at its
+/// healthy ones (`healthy`: deployment id, then the ports of its healthy
+/// replicas): one healthy replica is routed as [`Target::Live`], several as
+/// [`Target::Replicas`]. A deployment with none healthy keeps its route
+/// until its watcher records it as no longer healthy.
+fn route_replicas(table: &mut RouteTable, healthy: &HashMap<String, Vec<u16>>) {
+    for route in table.routes.values_mut() {
+        let (Target::Live { .. }, Some(ports)) = (&route.target, healthy.get(&route.deployment)) else { continue };
+        let mut addrs: Vec<std::net::SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+        route.target = match addrs.len() {
+            0 => continue,
+            1 => Target::Live { addr: addrs.remove(0) },
+            _ => Target::Replicas { addrs },
+        };
+    }
+}
+
 /// The certificates of `domains`, unsealed. One that cannot be opened is
 /// left out and said in the log; the domain is then served with the
 /// fallback certificate until it is renewed.
@@ -116,6 +133,9 @@ pub struct RoutePublisher {
     /// Whether the last table sent carried certificates, which a router keeps
     /// in memory only (see [`RoutePublisher::retry_loop`]).
     certified: std::sync::atomic::AtomicBool,
+    /// The healthy replicas of each running deployment, as its watcher last
+    /// saw them: deployment id, then the replicas' ports.
+    healthy: std::sync::Mutex<HashMap<String, Vec<u16>>>,
 }
 
 impl RoutePublisher {
@@ -136,7 +156,18 @@ impl RoutePublisher {
             generation: Mutex::new(0),
             dirty: false.into(),
             certified: false.into(),
+            healthy: Default::default(),
         }
+    }
+
+    /// Routes deployment `id` to the replicas on `ports` from the next table
+    /// on (`None`: to its first port, as a deployment not running here).
+    pub fn set_healthy(&self, id: &str, ports: Option<Vec<u16>>) {
+        let mut healthy = self.healthy.lock().unwrap_or_else(|p| p.into_inner());
+        match ports {
+            Some(ports) => healthy.insert(id.to_owned(), ports),
+            None => healthy.remove(id),
+        };
     }
 
     /// Answers `token` on `host` with `key_authorization` (`Some`), or no
@@ -187,6 +218,7 @@ impl RoutePublisher {
         let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
         *generation = (*generation + 1).max(now);
         let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
+        route_replicas(&mut table, &self.healthy.lock().unwrap_or_else(|p| p.into_inner()));
         table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
         table.certificates = certificates(&domains, &self.master);
         self.certified.store(!table.certificates.is_empty(), std::sync::atomic::Ordering::SeqCst);
@@ -849,7 +881,24 @@ mod tests {
             repository_id: None,
             github: None,
             is_production: prod,
+            replica_ports: vec![],
         }
+    }
+
+    #[test]
+    fn a_deployment_with_replicas_is_routed_to_its_healthy_ones() {
+        let rows = [row("aaaaaaaa", "web", "healthy", 20001, true), row("bbbbbbbb", "api", "healthy", 20002, true)];
+        let mut t = build_table(&rows, &[], "localhost", "localhost", 1);
+        let healthy = [("aaaaaaaa".to_owned(), vec![20001, 20005, 20007]), ("bbbbbbbb".to_owned(), vec![20006])];
+        route_replicas(&mut t, &healthy.into());
+        let addrs = [20001, 20005, 20007].map(|p| ([127, 0, 0, 1], p).into()).to_vec();
+        assert_eq!(t.routes["web.localhost"].target, Target::Replicas { addrs: addrs.clone() });
+        assert_eq!(t.routes["aaaaaaaa--web.localhost"].target, Target::Replicas { addrs });
+        assert_eq!(
+            t.routes["api.localhost"].target,
+            Target::Live { addr: ([127, 0, 0, 1], 20006).into() },
+            "one healthy replica is a plain live route, on its own port"
+        );
     }
 
     #[test]

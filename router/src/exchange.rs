@@ -121,6 +121,10 @@ pub struct Exchange {
     /// Whether the request is counted as open on its deployment (it is
     /// proxied), to be counted closed when it is dropped.
     open: bool,
+    /// Which of the route's replicas it is counted on, when it has several.
+    replica: Option<usize>,
+    /// Whether it was sent to another replica already: only once.
+    failed_over: bool,
 }
 
 impl Drop for Exchange {
@@ -128,6 +132,7 @@ impl Drop for Exchange {
         if let (true, Some(entry)) = (self.open, &self.route) {
             entry.traffic().close();
         }
+        self.release();
     }
 }
 
@@ -212,6 +217,8 @@ impl Exchange {
                 .map(str::to_owned),
             started: Instant::now(),
             open: false,
+            replica: None,
+            failed_over: false,
         };
         if let Some(answer) =
             req.uri.path().strip_prefix(ACME_CHALLENGE_PREFIX).and_then(|token| store.challenge(&ex.host, token))
@@ -250,6 +257,18 @@ impl Exchange {
                 Decision::Forward(upstream)
             }
             Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => return self.hold(entry),
+            Target::Replicas { .. } => match entry.replicas.as_ref().and_then(|r| r.pick(None)) {
+                Some((i, upstream)) => {
+                    self.upstream = Some(upstream);
+                    self.replica = Some(i);
+                    entry.traffic().open();
+                    self.open = true;
+                    Decision::Forward(upstream)
+                }
+                // The receiver lists only healthy replicas, and sends a
+                // route without any as starting or failed.
+                None => Decision::Answer(Page::starting(&route.app, &route.deployment)),
+            },
             Target::Starting => Decision::Answer(Page::starting(&route.app, &route.deployment)),
             Target::Stopped { reason } => {
                 Decision::Answer(Page::stopped(&route.app, &route.deployment, reason.as_deref()))
@@ -279,6 +298,36 @@ impl Exchange {
                 self.decide(now, None).unwrap_or_else(|| Decision::Answer(Page::wake_timeout(app, deployment)))
             }
         }
+    }
+
+    /// Stops counting the request on its replica.
+    fn release(&mut self) {
+        if let (Some(i), Some(entry)) = (self.replica.take(), &self.route) {
+            if let Some(r) = &entry.replicas {
+                r.done(i);
+            }
+        }
+    }
+
+    /// Leaves the request's replica out for a while: it could not be
+    /// connected to. Nothing for a route without replicas.
+    pub fn unreachable(&self) {
+        if let (Some(i), Some(Some(r))) = (self.replica, self.route.as_ref().map(|e| e.replicas.as_ref())) {
+            r.take_out(i);
+        }
+    }
+
+    /// Another replica for a request its upstream failed before answering;
+    /// `None` when the route has no other replica.
+    pub fn fail_over(&mut self) -> Option<Backend> {
+        let failed = self.replica.filter(|_| !self.failed_over)?;
+        let replicas = self.route.as_ref()?.replicas.as_ref()?;
+        let (i, upstream) = replicas.pick(Some(failed))?;
+        replicas.done(failed);
+        self.failed_over = true;
+        self.replica = Some(i);
+        self.upstream = Some(upstream);
+        Some(upstream)
     }
 
     /// The app and deployment of the request's route, empty when none.
@@ -458,6 +507,8 @@ mod tests {
             client_request_id: None,
             started: Instant::now(),
             open: false,
+            replica: None,
+            failed_over: false,
         }
     }
 

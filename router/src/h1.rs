@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Limits;
-use crate::exchange::{Backend, Client, Decision, Exchange};
+use crate::exchange::{Client, Decision, Exchange};
 use crate::pool::{Conn, Pool};
 use crate::table::RouteStore;
 
@@ -162,13 +162,13 @@ impl H1 {
 
     /// Answers one request; true when the client connection may carry another.
     async fn exchange(&self, down: &mut Downstream, client: &Client) -> bool {
-        let (ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls()).await;
+        let (mut ex, decision) = Exchange::begin(&self.store, down.req_header(), client.tls()).await;
         let draining = self.draining.load(Ordering::Relaxed);
         if draining {
             down.set_server_keepalive(None);
         }
         let result = match decision {
-            Decision::Forward(upstream) => self.forward(down, &ex, upstream, client, draining).await,
+            Decision::Forward(_) => self.forward(down, &mut ex, client, draining).await,
             Decision::Answer(page) => write_page(down, &ex, &page, draining).await.map(|()| true),
         };
         let (reusable, error) = match result {
@@ -223,47 +223,65 @@ impl H1 {
         Ok(req)
     }
 
-    /// Proxies one request to `upstream`; true when the client connection
+    /// Proxies one request to its upstream; true when the client connection
     /// may carry another.
+    ///
+    /// A request that cannot have been acted on (idempotent, without a body)
+    /// is sent once more when its first try failed before any response
+    /// byte: to another replica when the route has several (the first may
+    /// have just died; one that refused the connection is left out a while),
+    /// else, when it went over a kept-alive connection the app had closed
+    /// (just as it was taken, or without the pool noticing), on a new
+    /// connection. Any other request may have been acted on, and gets the
+    /// error page instead. An app that took too long is not given a second wait.
     async fn forward(
         &self,
         down: &mut Downstream,
-        ex: &Exchange,
-        upstream: Backend,
+        ex: &mut Exchange,
         client: &Client,
         draining: bool,
     ) -> Result<bool, Failure> {
-        let addr = upstream.addr;
         let has_body = !down.is_body_empty();
-        let (mut conn, reused) = match self.pool.take(upstream) {
-            Some(conn) => (conn, true),
-            None => (self.pool.connect(addr).await.map_err(Failure::Upstream)?, false),
-        };
+        let resendable = !has_body && down.req_header().method.is_idempotent();
         let timeout = self.limits.upstream_response;
-        let mut up = upstream_session(conn.stream, timeout);
-        let req = Self::upstream_request(down, ex, client, has_body)?;
-        match send(down, &mut up, req, has_body, &self.limits).await {
-            Ok(()) => {}
-            // A kept-alive connection the app closed (just as it was taken,
-            // or without the pool noticing): an idempotent request without a
-            // body is sent again on a new connection; any other may have been
-            // acted on, and gets the error page instead. An app that took too
-            // long is not given a second wait.
-            Err(Failure::Upstream(e))
-                if reused
-                    && !has_body
-                    && down.req_header().method.is_idempotent()
-                    && e.etype() != &pingora::ErrorType::ReadTimedout =>
-            {
-                tracing::debug!(error = %e, upstream = %addr, "kept-alive upstream connection failed; retrying");
-                let fresh = self.pool.connect(addr).await.map_err(Failure::Upstream)?;
-                conn.fd = fresh.fd;
-                up = upstream_session(fresh.stream, timeout);
-                let req = Self::upstream_request(down, ex, client, has_body)?;
-                send(down, &mut up, req, has_body, &self.limits).await?;
+        let mut retried = false;
+        let (upstream, fd, mut up) = loop {
+            let upstream = ex.upstream.ok_or_else(|| {
+                Failure::Upstream(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
+            })?;
+            // A retry takes a new connection: the pool may hold more the app closed.
+            let pooled = if retried { None } else { self.pool.take(upstream) };
+            let (conn, reused) = match pooled {
+                Some(conn) => (conn, true),
+                None => match self.pool.connect(upstream.addr).await {
+                    Ok(conn) => (conn, false),
+                    Err(e) => {
+                        ex.unreachable();
+                        if resendable && !retried && ex.fail_over().is_some() {
+                            tracing::debug!(error = %e, upstream = %upstream.addr, "replica unreachable; retrying on another");
+                            retried = true;
+                            continue;
+                        }
+                        return Err(Failure::Upstream(e));
+                    }
+                },
+            };
+            let mut up = upstream_session(conn.stream, timeout);
+            let req = Self::upstream_request(down, ex, client, has_body)?;
+            match send(down, &mut up, req, has_body, &self.limits).await {
+                Ok(()) => break (upstream, conn.fd, up),
+                Err(Failure::Upstream(e))
+                    if resendable && !retried && e.etype() != &pingora::ErrorType::ReadTimedout =>
+                {
+                    if ex.fail_over().is_none() && !reused {
+                        return Err(Failure::Upstream(e));
+                    }
+                    tracing::debug!(error = %e, upstream = %upstream.addr, "upstream connection failed; retrying");
+                    retried = true;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        }
+        };
         up.respect_keepalive();
         let mut resp = Box::new(up.resp_header().cloned().ok_or_else(|| {
             Failure::Upstream(pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response header"))
@@ -301,7 +319,7 @@ impl H1 {
         }
         down.finish_body().await.map_err(Failure::Client)?;
         if let Some(stream) = up.reuse().await {
-            self.pool.put(upstream, Conn { fd: conn.fd, stream });
+            self.pool.put(upstream, Conn { fd, stream });
         }
         Ok(true)
     }
@@ -542,8 +560,6 @@ pub(crate) mod tests {
         limits: Limits,
         hosts: &[(&str, SocketAddr)],
     ) -> (SocketAddr, tempfile::TempDir, Arc<RouteStore>) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         let routes = hosts
             .iter()
             .enumerate()
@@ -552,6 +568,16 @@ pub(crate) mod tests {
                 ((*host).to_owned(), Route { app: "web".into(), deployment: format!("d{}", i + 1), target })
             })
             .collect();
+        router_routing(limits, routes).await
+    }
+
+    /// A router (HTTP/1 path only) serving `routes`, and its route store.
+    async fn router_routing(
+        limits: Limits,
+        routes: std::collections::BTreeMap<String, Route>,
+    ) -> (SocketAddr, tempfile::TempDir, Arc<RouteStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RouteStore::open(&dir.path().join("routes.json")).unwrap());
         store.replace(RouteTable { generation: 1, routes, ..Default::default() }).unwrap();
         let pool = Arc::new(Pool::new(limits.upstream_connect, Duration::from_secs(60)));
         let h1 = Arc::new(H1::new(store.clone(), pool, Arc::new(AtomicBool::new(false)), limits));
@@ -579,6 +605,63 @@ pub(crate) mod tests {
             .expect("an answer in time")
             .expect("an answer before the connection closed");
         format!("{head}{}", String::from_utf8_lossy(&body))
+    }
+
+    /// A router routing app.localhost to replicas at `addrs`.
+    async fn router_to_replicas(addrs: Vec<SocketAddr>) -> SocketAddr {
+        let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Replicas { addrs } };
+        let (addr, dir, _) = router_routing(LIMITS, [("app.localhost".to_owned(), route)].into()).await;
+        // The state file's directory outlives the test's requests.
+        std::mem::forget(dir);
+        addr
+    }
+
+    /// Sends `request` on a new connection and reads the answer.
+    async fn ask(router: SocketAddr, request: &[u8]) -> String {
+        let mut client = TcpStream::connect(router).await.unwrap();
+        client.write_all(request).await.unwrap();
+        read_response(&mut client).await
+    }
+
+    #[tokio::test]
+    async fn a_get_that_meets_a_refusing_or_dying_replica_is_answered_by_another() {
+        let (live, served) = app(usize::MAX).await;
+        let refusing = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        // Reads each request and closes its connection unanswered, as an app
+        // killed while the request was in flight.
+        let (dying, died) = app(0).await;
+        for dead in [refusing, dying] {
+            let router = router_to_replicas(vec![dead, live]).await;
+            for i in 0..20 {
+                let answer = ask(router, format!("GET /{i} HTTP/1.1\r\nHost: app.localhost\r\n\r\n").as_bytes()).await;
+                assert!(answer.starts_with("http/1.1 200"), "request {i} to {dead}: {answer}");
+                assert!(answer.contains(&format!("get /{i} http/1.1")), "{answer}");
+            }
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 40);
+        assert!(died.load(Ordering::SeqCst) > 0, "the dying replica was tried (and its requests sent again)");
+    }
+
+    #[tokio::test]
+    async fn a_post_that_a_replica_may_have_acted_on_is_never_sent_twice() {
+        let (live, served) = app(usize::MAX).await;
+        let (dying, died) = app(0).await;
+        let router = router_to_replicas(vec![dying, live]).await;
+        let mut failed = 0;
+        for _ in 0..30 {
+            let answer = ask(router, b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 2\r\n\r\nhi").await;
+            if answer.starts_with("http/1.1 502") {
+                failed += 1;
+            } else {
+                assert!(answer.starts_with("http/1.1 200"), "{answer}");
+            }
+        }
+        assert!(failed > 0, "p2c sends some requests to the dying replica");
+        assert_eq!(died.load(Ordering::SeqCst), failed, "each POST the dying replica saw was answered 502, not resent");
+        assert_eq!(served.load(Ordering::SeqCst), 30 - failed);
     }
 
     /// A deployment that gives up its port keeps the connections it accepted

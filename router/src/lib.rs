@@ -25,8 +25,12 @@
 //! - once its sockets and TLS key are open, the router runs as `--user` under
 //!   a seccomp filter that refuses exec ([`confine`]), and bounds every wait
 //!   of a client or an app and the number of client connections
-//!   ([`config::Limits`]).
+//!   ([`config::Limits`]);
+//! - a route with several replicas is balanced across them ([`balance`]); an
+//!   idempotent request without a body that could not reach one, or found
+//!   its connection dead before any response byte, is sent once to another.
 
+pub mod balance;
 pub mod buffered;
 pub mod certs;
 pub mod config;

@@ -99,6 +99,46 @@ impl ProxyHttp for Router {
         Ok(Box::new(peer))
     }
 
+    /// A replica that refused the connection is left out a while, and an
+    /// idempotent request without a body goes once to another replica.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Option<Exchange>,
+        mut e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
+        if let Some(ex) = ctx {
+            ex.unreachable();
+            if session.req_header().method.is_idempotent() && session.is_body_empty() && ex.fail_over().is_some() {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    /// pingora's own policy (idempotent requests, retried on a reused
+    /// connection); a retry goes to another replica when the route has several.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<pingora::Error>,
+        ctx: &mut Option<Exchange>,
+        client_reused: bool,
+    ) -> Box<pingora::Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if let (true, Some(ex)) = (e.retry(), ctx) {
+            ex.fail_over();
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use nx_protocol::metrics::RouterTraffic;
-use nx_protocol::routes::{Activity, Route, RouteTable};
+use nx_protocol::routes::{Activity, Route, RouteTable, Target};
 
+use crate::balance::Replicas;
 use crate::certs::CertStore;
 use crate::traffic::Counters;
 use crate::wake::Wakes;
@@ -37,6 +38,9 @@ pub struct Entry {
     /// What is counted of the deployment; shared by every host of the
     /// deployment and kept across table replacements.
     counted: Arc<Counted>,
+    /// The route's replicas when it has several, with their load; new with
+    /// every table, so a replica left out is back in the receiver's next one.
+    pub replicas: Option<Replicas>,
 }
 
 /// What the router counts of one deployment.
@@ -198,7 +202,11 @@ fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>) -> Liv
         .iter()
         .map(|(host, route)| {
             let counted = activity.entry(route.deployment.clone()).or_default().clone();
-            (host.clone(), Arc::new(Entry { route: route.clone(), counted }))
+            let replicas = match &route.target {
+                Target::Replicas { addrs } => Some(Replicas::new(addrs, &route.deployment)),
+                _ => None,
+            };
+            (host.clone(), Arc::new(Entry { route: route.clone(), counted, replicas }))
         })
         .collect();
     Live { table: Arc::new(table), hosts }

@@ -192,7 +192,7 @@ impl Wakes {
                 // Asleep again after it started: the receiver put it back
                 // after a failed start.
                 (Stage::Starting, Some(Target::Sleeping)) | (_, Some(Target::Failed)) => Stage::Failed(now),
-                (_, Some(Target::Live { .. } | Target::Stopped { .. }) | None) => Stage::Done,
+                (_, Some(Target::Live { .. } | Target::Replicas { .. } | Target::Stopped { .. }) | None) => Stage::Done,
             };
             if next != current {
                 w.stage.send_replace(next);

@@ -167,10 +167,21 @@ impl Status {
     }
 }
 
+/// How a sandbox's last life ended, while this process supervised it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastExit {
+    /// "status 3", "signal 9 (SIGKILL)", or that its shim was killed.
+    pub how: String,
+    /// Whether the kernel killed a process of it for memory (its cgroup's
+    /// `memory.events`, as the shim read it when the life ended).
+    pub oom_killed: bool,
+}
+
 /// A supervised sandbox. Dropping it does not stop it; call [`Sandbox::stop`].
 #[derive(Debug)]
 pub struct Sandbox {
     status: watch::Receiver<Status>,
+    last_exit: watch::Receiver<Option<LastExit>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -226,21 +237,27 @@ impl Sandbox {
         let initial =
             if adopted.is_some() { Status::Healthy { restarts: 0 } } else { Status::Starting { restarts: 0 } };
         let (status_tx, status) = watch::channel(initial);
+        let (exit_tx, last_exit) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let cgroup = config.cgroup.clone();
         let task = tokio::spawn(async move {
-            supervise(config, pm, log, status_tx, stop_rx, adopted).await;
+            supervise(config, pm, log, (status_tx, exit_tx), stop_rx, adopted).await;
             // The tree is gone by now; this catches anything that slipped out
             // of the namespace and frees the cgroup.
             if let Some(cg) = cgroup {
                 let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
             }
         });
-        Sandbox { status, stop, task }
+        Sandbox { status, last_exit, stop, task }
     }
 
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// How its last life ended, when one ended under this supervision.
+    pub fn last_exit(&self) -> Option<LastExit> {
+        self.last_exit.borrow().clone()
     }
 
     /// A receiver that sees every status change.
@@ -274,7 +291,7 @@ async fn supervise(
     cfg: SandboxConfig,
     pm: ProcessManager,
     log: Log,
-    status: watch::Sender<Status>,
+    (status, last_exit): (watch::Sender<Status>, watch::Sender<Option<LastExit>>),
     mut stop: watch::Receiver<bool>,
     mut adopted: Option<Shim>,
 ) {
@@ -312,7 +329,9 @@ async fn supervise(
                         );
                     }
                     let ended = describe_outcome(&cfg, shim.wait().await).await;
-                    return fail(&status, format!("exited ({ended}) before answering its health check"));
+                    let how = ended.how.clone();
+                    let _ = last_exit.send(Some(ended));
+                    return fail(&status, format!("exited ({how}) before answering its health check"));
                 }
                 // Apps share the host's network namespace: the answer must come from
                 // a socket of this app's own, not one another app holds on its port.
@@ -337,6 +356,8 @@ async fn supervise(
             }
         };
         let ended = describe_outcome(&cfg, outcome).await;
+        let _ = last_exit.send(Some(ended.clone()));
+        let ended = ended.how;
         let pause = match cfg.restart.after_crash(&mut crashes, Instant::now()) {
             AfterCrash::Restart(pause) => pause,
             AfterCrash::GiveUp { crashes } => {
@@ -362,14 +383,14 @@ async fn supervise(
 /// How a life ended, for the log; a shim that went away without saying
 /// (killed) took its sandbox along, and whatever the cgroup still holds is
 /// killed here, before another life can start.
-async fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> String {
+async fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> LastExit {
     match outcome {
-        Outcome::Exited(exit) => exit.describe(),
+        Outcome::Exited(exit) => LastExit { how: exit.describe(), oom_killed: exit.oom_kills > 0 },
         Outcome::Lost => {
             if let Some(cg) = cfg.cgroup.clone() {
                 let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
             }
-            "its shim was killed, and the sandbox with it".to_owned()
+            LastExit { how: "its shim was killed, and the sandbox with it".to_owned(), oom_killed: false }
         }
     }
 }

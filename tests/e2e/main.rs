@@ -20,6 +20,7 @@ mod metrics;
 mod oidc;
 mod outlive;
 mod quotas;
+mod replicas;
 mod restart;
 mod router;
 mod sftp;

@@ -103,6 +103,9 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
                 let role: Role = serde_json::from_value(serde_json::Value::String(args.role.clone()))?;
                 info.settings.scale.set(role, after).map_err(|e| Failure::Usage(format!("--sleep-after: {e}")))?;
             }
+            if let Some(n) = args.replicas {
+                info.settings.scale.replicas = Some(n);
+            }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {
                 return print_json(&updated);

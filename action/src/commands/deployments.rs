@@ -53,6 +53,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
                 ))
             })
             .collect();
+        let replicas: Vec<String> = deployments.iter().flat_map(replica_lines).collect();
         for d in deployments {
             let id = if d.production { format!("* {}", d.id) } else { format!("  {}", d.id) };
             rows.push(vec![
@@ -66,11 +67,46 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
             ]);
         }
         print!("{}", table(&rows));
+        for line in replicas {
+            println!("{line}");
+        }
         for line in proved {
             println!("{}", nx_protocol::logs::neutralise(&line));
         }
     }
     Ok(())
+}
+
+/// One line per running replica of `d`: "  ab3k9x2m replica 1 (port
+/// 20005): healthy, up 3m, 2 restarts, last exit: signal 9 (SIGKILL), killed for memory".
+fn replica_lines(d: &DeploymentInfo) -> Vec<String> {
+    d.replicas
+        .iter()
+        .map(|r| {
+            let mut line = format!("  {} replica {} (port {}): {}", d.id, r.index, r.port, r.state.as_str());
+            if let Some(up) = r.uptime_secs {
+                line.push_str(&format!(", up {}", uptime(up)));
+            }
+            line.push_str(&format!(", {} restart{}", r.restarts, if r.restarts == 1 { "" } else { "s" }));
+            if let Some(exit) = &r.last_exit {
+                line.push_str(&format!(", last exit: {exit}"));
+                if r.oom_killed {
+                    line.push_str(", killed for memory");
+                }
+            }
+            line
+        })
+        .collect()
+}
+
+/// "42s", "3m", "5h", "2d".
+fn uptime(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86_399 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
 }
 
 /// The app a deployment belongs to, searched across the apps the key sees.

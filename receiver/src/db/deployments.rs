@@ -38,6 +38,8 @@ pub struct DeploymentRow {
     /// What the push's GitHub OIDC token proved, when it came with one.
     pub github: Option<Json<nx_protocol::api::VerifiedGitHub>>,
     pub is_production: bool,
+    /// The ports of its replicas after the first, which has `port`.
+    pub replica_ports: Vec<i32>,
 }
 
 impl DeploymentRow {
@@ -101,7 +103,7 @@ const NOT_PROTECTED: &str = "d.id IS DISTINCT FROM a.production_id AND d.id IS D
 
 const DEPLOYMENT_COLUMNS: &str =
     "d.id, d.app_id, a.name AS app_name, d.artifact_sha256, ar.size, ar.linkage, d.state, d.port, \
-     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, d.github, \
+     d.args, d.env, d.filename, d.git_sha, d.git_ref, d.pr_number, d.source, d.error, d.created_at, d.promoted_at, d.limits, d.db_name, d.db_password, d.repository, d.repository_id, d.github, d.replica_ports, \
      (a.production_id IS NOT DISTINCT FROM d.id) AS is_production \
      FROM deployments d JOIN apps a ON a.id = d.app_id JOIN artifacts ar ON ar.sha256 = d.artifact_sha256";
 
@@ -227,9 +229,22 @@ impl Db {
     }
 
     pub async fn used_ports(&self) -> Result<Vec<i32>, sqlx::Error> {
-        sqlx::query_scalar("SELECT port FROM deployments WHERE state IN ('pending', 'starting', 'healthy', 'sleeping')")
-            .fetch_all(&self.pool)
+        sqlx::query_scalar(
+            "SELECT unnest(array_append(replica_ports, port)) FROM deployments \
+             WHERE state IN ('pending', 'starting', 'healthy', 'sleeping')",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Records the ports of `id`'s replicas after the first.
+    pub async fn set_replica_ports(&self, id: &str, ports: &[i32]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE deployments SET replica_ports = $2 WHERE id = $1")
+            .bind(id)
+            .bind(ports)
+            .execute(&self.pool)
             .await
+            .map(|_| ())
     }
 
     pub async fn set_state(&self, id: &str, state: DeploymentState, error: Option<&str>) -> Result<(), sqlx::Error> {

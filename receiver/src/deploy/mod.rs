@@ -122,14 +122,59 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
     move |source| DeployError::Io { path: path.to_owned(), source }
 }
 
-/// A running sandbox and what its watcher last applied.
+/// One replica of a running deployment: a sandbox on a port of its own.
+#[derive(Debug)]
+struct Replica {
+    index: u32,
+    port: u16,
+    sandbox: Sandbox,
+}
+
+/// A running deployment: its replicas, and what its watcher last applied.
 #[derive(Debug)]
 struct Running {
-    sandbox: Sandbox,
+    replicas: Vec<Replica>,
     applied: watch::Receiver<Status>,
+    /// When each replica (in the order of `replicas`) last became healthy,
+    /// while it is; kept by the watcher.
+    healthy_since: Arc<Mutex<Vec<Option<std::time::Instant>>>>,
     log: Log,
     /// When this receiver started (or adopted) it: idle time counts from here.
     since: std::time::Instant,
+    /// The watcher: replaced with the replicas, so one deployment's state
+    /// always has exactly one writer.
+    watcher: tokio::task::AbortHandle,
+}
+
+impl Running {
+    /// Ends its watcher and stops every replica.
+    async fn stop(self) {
+        self.watcher.abort();
+        futures_util::future::join_all(self.replicas.into_iter().map(|r| r.sandbox.stop())).await;
+    }
+}
+
+/// The name of replica `index` of deployment `id`, for its cgroup and shim
+/// directory: the first replica's is the deployment's id (as before
+/// replicas existed, so sandboxes started then are adopted), the others'
+/// `<id>-<index>`. One name, one sandbox: never two of one replica.
+pub fn replica_key(id: &str, index: u32) -> String {
+    if index == 0 {
+        id.to_owned()
+    } else {
+        format!("{id}-{index}")
+    }
+}
+
+/// How long [`Deployer::run`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Not at all.
+    No,
+    /// Until the deployment as a whole is decided: one replica healthy, or all failed.
+    Any,
+    /// Until every replica is decided (a promotion wants them all healthy).
+    All,
 }
 
 /// What the deployment service works with.
@@ -229,12 +274,44 @@ impl Deployer {
             limits: row.limits.0.clone(),
             database: row.db_name.clone(),
             github: row.github.as_ref().map(|g| g.0.clone()),
+            replicas: self.replicas_of(&row.id),
         })
     }
 
-    /// Picks a free port: not held by a live deployment, and bindable now.
-    async fn allocate_port(&self) -> Result<u16, DeployError> {
-        let used: std::collections::HashSet<i32> = self.services.db.used_ports().await?.into_iter().collect();
+    /// How each replica of a running deployment is doing.
+    fn replicas_of(&self, id: &str) -> Vec<nx_protocol::api::ReplicaInfo> {
+        let Ok(running) = self.running.lock() else { return Vec::new() };
+        let Some(r) = running.get(id) else { return Vec::new() };
+        let since = r.healthy_since.lock().map(|s| s.clone()).unwrap_or_default();
+        r.replicas
+            .iter()
+            .enumerate()
+            .map(|(i, replica)| {
+                let status = replica.sandbox.status();
+                let (state, restarts) = match &status {
+                    Status::Starting { restarts } => (DeploymentState::Starting, *restarts),
+                    Status::Healthy { restarts } => (DeploymentState::Healthy, *restarts),
+                    Status::Failed { .. } => (DeploymentState::Failed, 0),
+                    Status::Stopped => (DeploymentState::Stopped, 0),
+                };
+                let exit = replica.sandbox.last_exit();
+                nx_protocol::api::ReplicaInfo {
+                    index: replica.index,
+                    port: replica.port,
+                    state,
+                    restarts,
+                    oom_killed: exit.as_ref().is_some_and(|e| e.oom_killed),
+                    last_exit: exit.map(|e| e.how),
+                    uptime_secs: since.get(i).copied().flatten().map(|t| t.elapsed().as_secs()),
+                }
+            })
+            .collect()
+    }
+
+    /// Picks a free port: not held by a live deployment nor in `taken`, and bindable now.
+    async fn allocate_port(&self, taken: &[i32]) -> Result<u16, DeployError> {
+        let mut used: std::collections::HashSet<i32> = self.services.db.used_ports().await?.into_iter().collect();
+        used.extend(taken);
         let range = self.services.config.port_range.clone();
         let span = u32::from(*range.end() - *range.start()) + 1;
         let offset = rand::thread_rng().next_u32() % span;
@@ -400,7 +477,7 @@ impl Deployer {
     /// deployments never take the same one.
     async fn record(&self, mut new: NewDeployment<'_>, app: &AppRow, claim: Claim) -> Result<(), DeployError> {
         let _guard = self.port_lock.lock().await;
-        new.port = i32::from(self.allocate_port().await?);
+        new.port = i32::from(self.allocate_port(&[]).await?);
         let caps = self.caps();
         self.services.db.insert_deployment(&new, |held| quotas::admit(&app.name, caps, held, claim)).await
     }
@@ -473,73 +550,191 @@ impl Deployer {
             .ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
     }
 
-    /// Starts the sandbox of `row`; with `wait`, returns once its first start is
-    /// decided and applied, else at once.
+    /// Starts the sandboxes of `row` (as many replicas as its app asks of
+    /// its production, one for a preview), stopping any it runs already;
+    /// with `wait`, returns once its first start is decided and applied
+    /// (one replica healthy, or all failed), else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
-        let app = self
-            .services
+        let app = self.app_of(row).await?;
+        let count = if row.is_production { app.settings.replicas() } else { 1 };
+        self.run(&app, row, count, false, if wait { Wait::Any } else { Wait::No }).await
+    }
+
+    async fn app_of(&self, row: &DeploymentRow) -> Result<AppRow, DeployError> {
+        self.services
             .db
             .app_by_id(row.app_id)
             .await?
-            .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })?;
-        let config = match self.sandbox_config(&app, row).await {
-            Ok(c) => c,
-            Err(e) => {
-                // Fail closed: no sandbox unless it is exactly as specified,
-                // not even one a previous receiver left running.
-                nx_runtime::shim::stop_dir(&self.shim_dir(&row.id), self.services.config.stop_grace).await;
-                let reason = format!("cannot prepare the sandbox: {e}");
-                tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "sandbox not started");
-                self.services.db.set_state(&row.id, DeploymentState::Failed, Some(&reason)).await?;
-                let _ = self.services.routes.publish().await;
-                return Ok(Status::Failed { reason, log_tail: Vec::new() });
-            }
-        };
+            .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })
+    }
+
+    /// Runs the production of app `name` as as many replicas as its
+    /// settings ask: the replicas it has stay, the missing ones start, the
+    /// ones beyond stop. Nothing when its production does not run.
+    pub async fn scale(&self, name: &str) -> Result<(), DeployError> {
+        let Some(app) = self.services.db.app(name).await? else { return Ok(()) };
+        let Some(id) = &app.production_id else { return Ok(()) };
+        if !self.running.lock().map_err(|_| poisoned())?.contains_key(id) {
+            return Ok(());
+        }
+        let row = self.row(id).await?;
+        self.run(&app, &row, app.settings.replicas(), true, Wait::No).await?;
+        Ok(())
+    }
+
+    /// The ports of `count` replicas of `id`: its own port first, then
+    /// those recorded for its other replicas, with new ones for the
+    /// missing; recorded before any replica uses them.
+    async fn replica_ports(&self, id: &str, count: u32) -> Result<Vec<u16>, DeployError> {
+        let _guard = self.port_lock.lock().await;
+        let row = self.row(id).await?;
+        let wanted = count.saturating_sub(1) as usize;
+        let mut extra: Vec<i32> = row.replica_ports.iter().copied().take(wanted).collect();
+        while extra.len() < wanted {
+            let mut taken = extra.clone();
+            taken.push(row.port);
+            extra.push(i32::from(self.allocate_port(&taken).await?));
+        }
+        if extra != row.replica_ports {
+            self.services.db.set_replica_ports(id, &extra).await?;
+        }
+        Ok(std::iter::once(row.port).chain(extra).map(|p| p as u16).collect())
+    }
+
+    /// Runs `count` replicas of `row` under one watcher. With `keep`, the
+    /// replicas it runs already and still needs go on as they are;
+    /// without, every sandbox it ran is stopped first. A replica is adopted
+    /// when a previous receiver left it running (a receiver restart is no
+    /// restart of its apps), else started.
+    async fn run(
+        &self,
+        app: &AppRow,
+        row: &DeploymentRow,
+        count: u32,
+        keep: bool,
+        wait: Wait,
+    ) -> Result<Status, DeployError> {
+        let ports = self.replica_ports(&row.id, count).await?;
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = self.log_path(&row.id);
-        // The sandbox's shim writes the app's lines to the same file.
+        // The sandboxes' shims write the app's lines to the same file.
         let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
-        // One a previous receiver started may still run: taken back as it is,
-        // so a receiver restart is no restart of its apps.
-        let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
-            Ok(adopted) => adopted,
-            Err(config) => {
-                self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-                Sandbox::start(config, self.services.pm.clone(), log.clone())
+        let previous = self.running.lock().map_err(|_| poisoned())?.remove(&row.id);
+        let mut kept = Vec::new();
+        // When the replicas that stay became healthy: their uptime goes on.
+        let mut kept_since = HashMap::new();
+        if let Some(previous) = previous {
+            previous.watcher.abort();
+            let since = previous.healthy_since.lock().map(|s| s.clone()).unwrap_or_default();
+            let (stay, go): (Vec<_>, Vec<_>) = previous
+                .replicas
+                .into_iter()
+                .zip(since.into_iter().chain(std::iter::repeat(None)))
+                .partition(|(r, _)| keep && (r.index as usize) < ports.len());
+            kept_since = stay.iter().map(|(r, since)| (r.index, *since)).collect();
+            kept = stay.into_iter().map(|(r, _)| r).collect();
+            let go = go.into_iter().map(|(r, _)| r);
+            // Never two instances of one replica: what goes is gone before
+            // anything starts in its place.
+            futures_util::future::join_all(go.map(|r| r.sandbox.stop())).await;
+        }
+        // Replicas beyond `count` a previous receiver left running.
+        for index in count..count + 16 {
+            let dir = self.shim_dir(&replica_key(&row.id, index));
+            if index > 0 && dir.exists() {
+                nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
+                let _ = std::fs::remove_dir_all(&dir);
             }
-        };
-        let (applied_tx, applied) = watch::channel(sandbox.status());
-        tokio::spawn(watch_sandbox(
-            sandbox.watch(),
+        }
+        let mut replicas = Vec::new();
+        for (index, port) in (0u32..).zip(ports) {
+            if let Some(pos) = kept.iter().position(|r| r.index == index) {
+                replicas.push(kept.swap_remove(pos));
+                continue;
+            }
+            let config = match self.sandbox_config(app, row, index, port).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Fail closed: no sandbox unless it is exactly as specified,
+                    // not even one a previous receiver left running.
+                    futures_util::future::join_all(replicas.into_iter().map(|r: Replica| r.sandbox.stop())).await;
+                    for index in 0..count {
+                        let dir = self.shim_dir(&replica_key(&row.id, index));
+                        nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
+                    }
+                    let reason = format!("cannot prepare the sandbox: {e}");
+                    tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "sandbox not started");
+                    self.services.routes.set_healthy(&row.id, None);
+                    self.services.db.set_state(&row.id, DeploymentState::Failed, Some(&reason)).await?;
+                    let _ = self.services.routes.publish().await;
+                    return Ok(Status::Failed { reason, log_tail: Vec::new() });
+                }
+            };
+            let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
+                Ok(adopted) => adopted,
+                Err(config) => {
+                    if index == 0 {
+                        self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+                    }
+                    Sandbox::start(config, self.services.pm.clone(), log.clone())
+                }
+            };
+            replicas.push(Replica { index, port, sandbox });
+        }
+        let watched = replicas.iter().map(|r| (r.port, r.sandbox.watch())).collect();
+        let (applied_tx, applied) =
+            watch::channel(aggregate(&replicas.iter().map(|r| r.sandbox.status()).collect::<Vec<_>>()));
+        let healthy_since =
+            Arc::new(Mutex::new(replicas.iter().map(|r| kept_since.get(&r.index).copied().flatten()).collect()));
+        let watcher = tokio::spawn(watch_sandbox(
+            watched,
             applied_tx,
+            healthy_since.clone(),
             Watcher {
                 db: self.services.db.clone(),
                 routes: self.services.routes.clone(),
                 reporter: self.services.reporter.clone(),
                 id: row.id.clone(),
                 app: row.app_name.clone(),
+                recorded: if keep { Some(self.row(&row.id).await?.state()) } else { None },
             },
-        ));
+        ))
+        .abort_handle();
         let mut waiter = applied.clone();
-        if let Some(old) = self
-            .running
-            .lock()
-            .map_err(|_| poisoned())?
-            .insert(row.id.clone(), Running { sandbox, applied, log, since: std::time::Instant::now() })
-        {
-            // Never two instances of one deployment.
-            tokio::spawn(old.sandbox.stop());
+        let replica_watches: Vec<_> = replicas.iter().map(|r| r.sandbox.watch()).collect();
+        if let Some(old) = self.running.lock().map_err(|_| poisoned())?.insert(
+            row.id.clone(),
+            Running { replicas, applied, healthy_since, log, watcher, since: std::time::Instant::now() },
+        ) {
+            // Never two instances of one deployment (two starts raced).
+            tokio::spawn(old.stop());
         }
-        if !wait {
-            return Ok(Status::Starting { restarts: 0 });
-        }
-        let status = waiter
-            .wait_for(|s| !matches!(s, Status::Starting { .. }))
-            .await
-            .map(|s| s.clone())
-            .unwrap_or(Status::Stopped);
-        if matches!(status, Status::Failed { .. }) {
+        let status = match wait {
+            Wait::No => return Ok(Status::Starting { restarts: 0 }),
+            Wait::Any => waiter
+                .wait_for(|s| !matches!(s, Status::Starting { .. }))
+                .await
+                .map(|s| s.clone())
+                .unwrap_or(Status::Stopped),
+            Wait::All => {
+                let mut last = Status::Stopped;
+                for mut w in replica_watches {
+                    last = w
+                        .wait_for(|s| !matches!(s, Status::Starting { .. }))
+                        .await
+                        .map(|s| s.clone())
+                        .unwrap_or(Status::Stopped);
+                    if !matches!(last, Status::Healthy { .. }) {
+                        break;
+                    }
+                }
+                // Applied (recorded and routed) before the caller relies on it.
+                let _ = waiter.wait_for(|s| !matches!(s, Status::Starting { .. })).await;
+                last
+            }
+        };
+        if matches!(status, Status::Failed { .. }) && wait == Wait::Any {
             let _ = self.running.lock().map(|mut r| r.remove(&row.id));
         }
         Ok(status)
@@ -571,6 +766,26 @@ impl Deployer {
                 });
             }
         }
+        // Production runs as many replicas as the app asks: all of them
+        // healthy before the switch.
+        let replicas = app.settings.replicas();
+        let row = self.row(id).await?;
+        // One that is not healthy is refused below, without sandboxes started for it.
+        if replicas > 1 && row.state() == DeploymentState::Healthy {
+            let status = self.run(app, &row, replicas, true, Wait::All).await?;
+            if !matches!(status, Status::Healthy { .. }) {
+                let reason = match status {
+                    Status::Failed { reason, .. } => reason,
+                    other => format!("{other:?}"),
+                };
+                // It stays what it was: one sandbox, not production.
+                self.run(app, &row, 1, true, Wait::No).await?;
+                return Err(DeployError::NotHealthy {
+                    id: id.into(),
+                    state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
+                });
+            }
+        }
         let outcome = self.services.db.promote(app.id, id).await?;
         let previous = match outcome {
             PromoteOutcome::Promoted { previous } => previous,
@@ -588,6 +803,17 @@ impl Deployer {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
         self.services.reporter.send(events::Event::Promoted { deployment: id.to_owned(), previous: previous.clone() });
+        // The previous production stays for a rollback, as one sandbox:
+        // its other replicas stop once the router sends nothing new to them.
+        if let Some(prev) = &previous {
+            if let Ok(row) = self.row(prev).await {
+                if self.running.lock().map_err(|_| poisoned())?.contains_key(prev) {
+                    if let Err(e) = self.run(app, &row, 1, true, Wait::No).await {
+                        tracing::error!(deployment = %prev, error = %e, "cannot stop the replicas of the previous production");
+                    }
+                }
+            }
+        }
         if let Some(db) = preview_db {
             self.services.databases.drop_database(&db).await?;
         }
@@ -598,8 +824,9 @@ impl Deployer {
     async fn halt(&self, id: &str) {
         let running = self.running.lock().ok().and_then(|mut r| r.remove(id));
         if let Some(r) = running {
-            r.sandbox.stop().await;
+            r.stop().await;
         }
+        self.services.routes.set_healthy(id, None);
     }
 
     /// Stops a deployment for good: its sandbox, its own database if it had
@@ -635,12 +862,12 @@ impl Deployer {
         let count = rows.len();
         // A sandbox left running for a deployment that is no longer live
         // (its row changed while no receiver ran) is stopped, never leaked.
-        let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let live: std::collections::HashSet<String> =
+            rows.iter().flat_map(|r| (0..=r.replica_ports.len() as u32).map(|i| replica_key(&r.id, i))).collect();
         let shims = shims_dir(&self.services.config.data_dir);
         for entry in std::fs::read_dir(&shims).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !live.contains(name.as_str())
-                && nx_runtime::shim::stop_dir(&entry.path(), self.services.config.stop_grace).await
+            if !live.contains(&name) && nx_runtime::shim::stop_dir(&entry.path(), self.services.config.stop_grace).await
             {
                 tracing::info!(deployment = %name, "stopped a sandbox whose deployment is no longer running");
             }
@@ -692,7 +919,14 @@ impl Deployer {
         self.running.lock().ok()?.get(id).map(|r| r.since)
     }
 
-    /// The last status the watcher applied for a running deployment.
+    /// The sandbox names (cgroups) of a running deployment's replicas.
+    pub fn replica_keys(&self, id: &str) -> Vec<String> {
+        let Ok(running) = self.running.lock() else { return Vec::new() };
+        running.get(id).map_or_else(Vec::new, |r| r.replicas.iter().map(|x| replica_key(id, x.index)).collect())
+    }
+
+    /// The last status the watcher applied for a running deployment (of
+    /// its replicas together).
     pub fn running_status(&self, id: &str) -> Option<Status> {
         self.running.lock().ok()?.get(id).map(|r| r.applied.borrow().clone())
     }
@@ -731,6 +965,9 @@ struct Watcher {
     reporter: events::Reporter,
     id: String,
     app: String,
+    /// The state already recorded when replicas are added to or taken from
+    /// a running deployment: not recorded (nor reported) again.
+    recorded: Option<DeploymentState>,
 }
 
 /// What the watcher does with a status: record `state` (and `error`, with a
@@ -759,37 +996,98 @@ fn step(applied: Option<DeploymentState>, status: &Status) -> Option<Step> {
     (applied != Some(state)).then_some(Step { state, error, settled })
 }
 
-/// Applies each status of one sandbox to the database and the router, then
-/// publishes it as applied, and reports it to GitHub.
-async fn watch_sandbox(mut status: watch::Receiver<Status>, applied: watch::Sender<Status>, w: Watcher) {
-    let Watcher { db, routes, reporter, id, app } = w;
-    let mut applied_state = None;
+/// The status of a deployment as a whole, from its replicas': healthy when
+/// one is (the router sends requests to the healthy ones), starting while
+/// none is but one may still become so, else how the first one ended.
+fn aggregate(replicas: &[Status]) -> Status {
+    let restarts: u32 = replicas
+        .iter()
+        .map(|s| match s {
+            Status::Starting { restarts } | Status::Healthy { restarts } => *restarts,
+            _ => 0,
+        })
+        .sum();
+    if replicas.iter().any(|s| matches!(s, Status::Healthy { .. })) {
+        Status::Healthy { restarts }
+    } else if replicas.iter().any(|s| matches!(s, Status::Starting { .. })) {
+        Status::Starting { restarts }
+    } else {
+        replicas.iter().find(|s| matches!(s, Status::Failed { .. })).cloned().unwrap_or(Status::Stopped)
+    }
+}
+
+/// Applies each status of one deployment's replicas to the database and the
+/// router (which gets the healthy replicas' ports), then publishes it as
+/// applied, and reports it to GitHub.
+async fn watch_sandbox(
+    mut replicas: Vec<(u16, watch::Receiver<Status>)>,
+    applied: watch::Sender<Status>,
+    healthy_since: Arc<Mutex<Vec<Option<std::time::Instant>>>>,
+    w: Watcher,
+) {
+    let Watcher { db, routes, reporter, id, app, recorded } = w;
+    let mut applied_state = recorded;
+    let mut routed: Option<Vec<u16>> = None;
     // The sandbox was started just before its watcher.
-    let (started, mut was_healthy) = (std::time::Instant::now(), false);
+    let (started, mut was_healthy) = (std::time::Instant::now(), recorded == Some(DeploymentState::Healthy));
     loop {
-        let current = status.borrow_and_update().clone();
-        if let Some(step) = step(applied_state, &current) {
-            applied_state = Some(step.state);
-            if step.state == DeploymentState::Healthy && !was_healthy {
-                was_healthy = true;
-                crate::counters::platform().became_healthy(started.elapsed());
-            }
-            if let Err(e) = db.set_state(&id, step.state, step.error.as_deref()).await {
-                tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
-            }
-            if let Some(reason) = &step.error {
-                let _ = db
-                    .event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason }))
-                    .await;
-            }
-            let _ = routes.publish().await;
-            tracing::info!(deployment = %id, app = %app, state = step.state.as_str(), "deployment state");
-            if step.settled {
-                reporter.send(events::Event::Settled(id.clone()));
+        let statuses: Vec<Status> = replicas.iter_mut().map(|(_, s)| s.borrow_and_update().clone()).collect();
+        if let Ok(mut since) = healthy_since.lock() {
+            for (at, status) in since.iter_mut().zip(&statuses) {
+                match status {
+                    Status::Healthy { .. } => *at = at.or(Some(std::time::Instant::now())),
+                    _ => *at = None,
+                }
             }
         }
+        let healthy: Vec<u16> = replicas
+            .iter()
+            .zip(&statuses)
+            .filter(|(_, s)| matches!(s, Status::Healthy { .. }))
+            .map(|((port, _), _)| *port)
+            .collect();
+        let reroute = routed.as_ref() != Some(&healthy);
+        if reroute {
+            routes.set_healthy(&id, Some(healthy.clone()));
+            routed = Some(healthy);
+        }
+        let current = aggregate(&statuses);
+        match step(applied_state, &current) {
+            Some(step) => {
+                applied_state = Some(step.state);
+                if step.state == DeploymentState::Healthy && !was_healthy {
+                    was_healthy = true;
+                    crate::counters::platform().became_healthy(started.elapsed());
+                }
+                if let Err(e) = db.set_state(&id, step.state, step.error.as_deref()).await {
+                    tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
+                }
+                if let Some(reason) = &step.error {
+                    let _ = db
+                        .event(Some(&app), Some(&id), "failed", "supervisor", serde_json::json!({ "reason": reason }))
+                        .await;
+                }
+                let _ = routes.publish().await;
+                tracing::info!(deployment = %id, app = %app, state = step.state.as_str(), "deployment state");
+                if step.settled {
+                    reporter.send(events::Event::Settled(id.clone()));
+                }
+            }
+            // A replica came or went while the deployment stayed as it was.
+            None if reroute => {
+                let _ = routes.publish().await;
+            }
+            None => {}
+        }
         let _ = applied.send(current.clone());
-        if current.is_final() || status.changed().await.is_err() {
+        // Waits for the next change of a replica still supervised.
+        let open: Vec<_> = replicas
+            .iter_mut()
+            .zip(&statuses)
+            .filter(|(_, s)| !s.is_final())
+            .map(|((_, rx), _)| Box::pin(rx.changed()))
+            .collect();
+        if open.is_empty() || futures_util::future::select_all(open).await.0.is_err() {
             return;
         }
     }

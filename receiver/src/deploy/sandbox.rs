@@ -129,7 +129,17 @@ impl Deployer {
         report
     }
 
-    pub(super) async fn sandbox_config(&self, app: &AppRow, row: &DeploymentRow) -> Result<SandboxConfig, DeployError> {
+    /// The sandbox of replica `index` of `row`, listening on `port`: its
+    /// own cgroup and shim (named by [`super::replica_key`]), the
+    /// deployment's binary, /data and database.
+    pub(super) async fn sandbox_config(
+        &self,
+        app: &AppRow,
+        row: &DeploymentRow,
+        index: u32,
+        port: u16,
+    ) -> Result<SandboxConfig, DeployError> {
+        let key = super::replica_key(&row.id, index);
         let stored = self.services.store.materialize(&row.artifact_sha256).await?;
         let uid = app.uid as u32;
         let data_root = &self.services.config.data_dir;
@@ -156,7 +166,7 @@ impl Deployer {
             limit
         };
         let group = self.services.config.cgroup_group();
-        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &row.id, &limits)?;
+        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &key, &limits)?;
         enforced.report.push(data_limit);
         enforced.report.push(self.services.network.clone());
         enforced.report.extend(self.services.landlock.report());
@@ -208,7 +218,6 @@ impl Deployer {
             .master
             .open_str(&app.db_password)
             .map_err(|source| DeployError::Secret { app: app.name.clone(), source })?;
-        let port = row.port as u16;
         let port_s = port.to_string();
         let mut env: Vec<(String, String)> = vec![
             ("PORT".into(), port_s.clone()),
@@ -325,7 +334,7 @@ impl Deployer {
             proc_root: PathBuf::from("/proc"),
             landlock: self.services.landlock,
             shim: self.services.shim.clone(),
-            state_dir: self.shim_dir(&row.id),
+            state_dir: self.shim_dir(&key),
         })
     }
 }
