@@ -1,6 +1,7 @@
 //! Custom domains: which DNS records attach a name to an app, whether they
 //! exist (asked of `--dns-resolver`), and the certificates ACME gives for the
-//! verified ones ([`acme`]).
+//! verified ones ([`acme`]), which also obtains the platform's wildcard
+//! certificates by DNS-01 through a DNS provider ([`dns`]).
 //!
 //! A name is attached to one app at most; it is served once verified: a TXT
 //! record `_nx-verify.<name>` holding the domain's token proves the app's
@@ -8,6 +9,7 @@
 //! (or, for an apex, A/AAAA records to `--public-address`) sends it here.
 
 pub mod acme;
+pub mod dns;
 
 use std::net::IpAddr;
 
@@ -152,24 +154,27 @@ async fn lookup(resolver: &TokioResolver, name: &str, kind: RecordType) -> Resul
     }
 }
 
+/// The values of the TXT records at `name` (each record's strings joined).
+async fn txt_values(resolver: &TokioResolver, name: &str) -> Result<Vec<String>, String> {
+    let found = lookup(resolver, name, RecordType::TXT).await?;
+    Ok(found
+        .iter()
+        .filter_map(|d| match d {
+            RData::TXT(t) => Some(t.txt_data().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// What is missing for `row` to be verified, each a sentence saying which
 /// record to create; empty when everything is there.
 pub async fn missing(resolver: &TokioResolver, row: &DomainRow, config: &ServeConfig) -> Vec<String> {
     let mut problems = Vec::new();
     let Ok(app) = AppName::parse(&row.app_name) else { return vec![format!("app {:?} is invalid", row.app_name)] };
     let txt = ownership(&row.name, &row.token);
-    match lookup(resolver, &txt.name, RecordType::TXT).await {
+    match txt_values(resolver, &txt.name).await {
         Err(e) => problems.push(e),
-        Ok(found) => {
-            let values: Vec<String> = found
-                .iter()
-                .filter_map(|d| match d {
-                    RData::TXT(t) => {
-                        Some(t.txt_data().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<String>())
-                    }
-                    _ => None,
-                })
-                .collect();
+        Ok(values) => {
             if values.is_empty() {
                 problems.push(format!("no TXT record at {}; create it with the value {}", txt.name, txt.value));
             } else if !values.contains(&txt.value) {
