@@ -778,6 +778,29 @@ mod tests {
     }
 
     #[test]
+    fn wildcards_need_a_dns_provider_and_are_the_platforms_own_domains() {
+        let base = ["--domain", "apps.test", "--preview-domain", "previews.test"];
+        let parse = |extra: &[&str]| ServeConfig::parse(&[&base[..], extra].concat()).unwrap();
+        assert!(parse(&[]).wildcard_domains().is_empty(), "no DNS provider, no wildcard");
+        let token = ["--cloudflare-api-token", "t"];
+        assert_eq!(parse(&token).wildcard_domains(), ["apps.test", "previews.test"]);
+        assert_eq!(
+            parse(&[&token[..], &["--wildcard-domain", "Previews.Test."]].concat()).wildcard_domains(),
+            ["previews.test"]
+        );
+        assert_eq!(
+            parse(&[&token[..], &["--wildcard-domain", "previews.test"]].concat()).check_wildcard_domains(),
+            Ok(())
+        );
+        assert_eq!(
+            parse(&["--wildcard-domain", "example.com"]).check_wildcard_domains().unwrap_err(),
+            "--wildcard-domain example.com is neither --domain apps.test nor --preview-domain previews.test: \
+             wildcard certificates are for the platform's own hosts; custom domains get theirs by HTTP-01"
+        );
+        assert_eq!(format!("{:?}", parse(&token).cloudflare_api_token), "Some(<redacted>)");
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug() {
         let s: Secret<String> = "postgres://a:hunter2@h/db".parse().unwrap();
         assert_eq!(format!("{s:?}"), "<redacted>");
