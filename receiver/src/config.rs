@@ -171,6 +171,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ROUTER_TLS_LISTEN")]
     pub router_tls_listen: Option<SocketAddr>,
 
+    /// Send `Strict-Transport-Security: max-age=<this>` (e.g. `365d`) with the
+    /// router's HTTPS answers for names with a certificate of the receiver's
+    /// (custom domains, wildcards); none when not given. Browsers then refuse
+    /// plain HTTP for the name that long: set it once HTTPS works.
+    #[arg(long, env = "NX_ROUTER_HSTS_MAX_AGE", value_parser = parse_duration, requires = "router_tls_listen")]
+    pub router_hsts_max_age: Option<Duration>,
+
     /// PEM certificate chain for --router-tls-listen.
     #[arg(long, env = "NX_ROUTER_TLS_CERT", requires_all = ["router_tls_listen", "router_tls_key"])]
     pub router_tls_cert: Option<PathBuf>,

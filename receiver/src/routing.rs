@@ -325,6 +325,8 @@ pub struct RouterTls {
     /// The operator's certificate and key (`--router-tls-cert`, `--router-tls-key`),
     /// for names without one of their own.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// `--router-hsts-max-age`, passed on as `--hsts-max-age`.
+    pub hsts_max_age: Option<Duration>,
 }
 
 /// Settings of the supervised router. The listening sockets are the
@@ -389,6 +391,9 @@ impl RouterSettings {
                     "--tls-key".into(),
                     key.clone().into_os_string(),
                 ]);
+            }
+            if let Some(age) = tls.hsts_max_age {
+                cmd.args.extend(["--hsts-max-age".into(), format!("{}s", age.as_secs()).into()]);
             }
             cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*tls.socket).try_clone_to_owned()?, TLS_FD));
         }

@@ -234,6 +234,7 @@ async fn run(
                 socket: bind(addr, "--router-tls-listen")?,
                 addr,
                 cert: config.router_tls_cert.clone().zip(config.router_tls_key.clone()),
+                hsts_max_age: config.router_hsts_max_age,
             }),
             None => None,
         };

@@ -120,6 +120,8 @@ pub struct Exchange {
     /// Whether the request is counted as open on its deployment (it is
     /// proxied), to be counted closed when it is dropped.
     open: bool,
+    /// The `Strict-Transport-Security` header its answer carries, if any.
+    hsts: Option<HeaderValue>,
 }
 
 impl Drop for Exchange {
@@ -210,7 +212,9 @@ impl Exchange {
                 .map(str::to_owned),
             started: Instant::now(),
             open: false,
+            hsts: None,
         };
+        ex.hsts = store.hsts_for(&ex.host, tls);
         if let Some(answer) =
             req.uri.path().strip_prefix(ACME_CHALLENGE_PREFIX).and_then(|token| store.challenge(&ex.host, token))
         {
@@ -339,6 +343,9 @@ impl Exchange {
             resp.remove_header(h);
         }
         resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if let Some(hsts) = &self.hsts {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
         if draining {
             resp.insert_header(header::CONNECTION, "close")?;
         }
@@ -366,6 +373,9 @@ impl Exchange {
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if let Some(hsts) = &self.hsts {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
         if page.status == 503 {
             resp.insert_header(header::RETRY_AFTER, "2")?;
         }
@@ -422,6 +432,7 @@ mod tests {
             client_request_id: None,
             started: Instant::now(),
             open: false,
+            hsts: None,
         }
     }
 

@@ -34,10 +34,10 @@ fn curl(url: &str, port: u16, root: &std::path::Path) -> (i32, String) {
     curl_host(url, DOMAIN, port, root)
 }
 
-/// [`curl`] for `host`.
+/// [`curl`] for `host`, the answer's header included.
 fn curl_host(url: &str, host: &str, port: u16, root: &std::path::Path) -> (i32, String) {
     let out = Command::new(nx_e2e::require_program("curl", "curl"))
-        .args(["-sS", "--max-time", "10", "--cacert"])
+        .args(["-isS", "--max-time", "10", "--cacert"])
         .arg(root)
         .args([
             "--resolve",
@@ -274,12 +274,17 @@ const CLOUDFLARE_TOKEN: &str = "cf-test-token-7d1c0a9e5b";
 
 /// A receiver whose previews live under [`PREVIEWS`], with a wildcard
 /// certificate of it asked of pebble (running, DNS-01 only) through the fake
-/// Cloudflare account, authenticated by `token` given in the environment;
-/// and its HTTPS port.
+/// Cloudflare account, authenticated by `token` given in the environment,
+/// HSTS for a day, and the operator's self-signed certificate for
+/// `web.localhost` as the fallback; its HTTPS port.
 fn wildcard_receiver(acme: &Acme, cloudflare: &FakeCloudflare, token: &str) -> (Receiver, u16) {
     let tls_port = free_port();
     let mut args = acme.receiver_args();
+    let (cert, key) = nx_e2e::tls::self_signed(acme.dir.path(), &["web.localhost"]);
     args.extend([
+        format!("--router-tls-cert={}", cert.display()),
+        format!("--router-tls-key={}", key.display()),
+        "--router-hsts-max-age=1d".into(),
         format!("--router-tls-listen=127.0.0.1:{tls_port}"),
         format!("--preview-domain={PREVIEWS}"),
         format!("--wildcard-domain={PREVIEWS}"),
@@ -317,7 +322,7 @@ fn assert_records_cleaned_up(cloudflare: &FakeCloudflare) -> usize {
 }
 
 #[test]
-fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request() {
+fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request_with_hsts() {
     let mut acme = Acme::start();
     // DNS-01 alone: pebble's HTTP-01 port is never asked.
     acme.start_ca(free_port());
@@ -347,15 +352,26 @@ fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request
     assert!(out.to_ascii_lowercase().contains(&format!("host: {host}")), "{out}");
     assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
     assert!(out.ends_with("HTTP/2 200 "), "{out}");
-    // Plain HTTP for it goes to HTTPS.
+    // HSTS on the HTTPS answers of a name with a certificate of the receiver's.
+    assert!(out.contains("\nstrict-transport-security: max-age=86400\r\n"), "{out}");
+    // Plain HTTP for it goes to HTTPS, without HSTS (browsers ignore it there).
     let (code, out) = curl_host(&format!("http://{host}:{}/a?b=1", r.router_port), &host, r.router_port, &root);
     assert_eq!(code, 0, "{out}");
     assert!(out.ends_with(&format!("HTTP/1.1 308 https://{host}:{tls_port}/a?b=1")), "{out}");
-    // A wildcard covers one level: a name two levels down gets no certificate
-    // (there is no operator fallback here), so the handshake fails.
+    assert!(!out.to_ascii_lowercase().contains("strict-transport-security"), "{out}");
+    // A name served with the operator's fallback certificate gets no HSTS:
+    // that certificate may not be valid for every name.
+    r.nx_ok(&["promote", pushed["id"].as_str().unwrap()]);
+    let fallback = acme.dir.path().join("cert.pem");
+    let (code, out) = curl_host(&format!("https://web.localhost:{tls_port}/"), "web.localhost", tls_port, &fallback);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("HTTP/2 200 "), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("strict-transport-security"), "{out}");
+    // A wildcard covers one level: a name two levels down gets the fallback,
+    // which a client trusting pebble's root refuses.
     let deep = format!("x.{host}");
     let (code, out) = curl_host(&format!("https://{deep}:{tls_port}/"), &deep, tls_port, &root);
-    assert_eq!(code, 35, "curl's TLS handshake failure: {out}");
+    assert_eq!(code, 60, "curl's certificate verification failure: {out}");
 
     // Renewed like the custom domains' certificates, by the next round.
     let renewed = eventually(150, "a renewed wildcard certificate", || {
