@@ -130,6 +130,9 @@ fn a_domain_is_served_only_once_its_records_are_found_and_belongs_to_one_app() {
         "{}",
         platform.stderr
     );
+    let address = r.nx(&["domains", "add", "site", "192.0.2.1"]);
+    assert_eq!(address.code, 1);
+    assert!(address.stderr.contains("192.0.2.1 is an IP address, not a domain name"), "{}", address.stderr);
     assert!(r.nx_ok(&["--json", "domains", "ls", "site"]).json().as_array().unwrap().is_empty());
 
     // Removed: no longer served, and free for another app.

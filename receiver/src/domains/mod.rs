@@ -34,6 +34,11 @@ pub enum NameError {
          characters (253 at most in all), with at least two labels, e.g. www.example.com"
     )]
     Invalid { name: String },
+    #[error(
+        "{name} is an IP address, not a domain name: a certificate and a CNAME need a name; attach a domain \
+         whose A/AAAA records point at this server instead"
+    )]
+    IpLiteral { name: String },
     #[error("{name} is under the platform's own domain {platform}; its hosts are given to apps already")]
     Platform { name: String, platform: String },
     #[error(
@@ -56,6 +61,13 @@ pub fn normalize(name: &str, config: &ServeConfig) -> Result<String, NameError> 
             && !l.ends_with('-')
             && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
+    // An IPv4 literal is dot-separated digits; no top-level domain is all
+    // digits (RFC 3696 §2), so such a name is an address in any case.
+    if lower.parse::<IpAddr>().is_ok()
+        || labels.last().is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(NameError::IpLiteral { name: lower });
+    }
     if lower.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
         return Err(invalid());
     }
@@ -258,6 +270,15 @@ mod tests {
             "web.apps.test is under the platform's own domain apps.test; its hosts are given to apps already"
         );
         assert!(matches!(normalize("x--web.previews.test", &c), Err(NameError::Platform { .. })));
+        for address in ["192.0.2.1", "192.0.2.1.", "10.1", "2001:db8::1", "www.example.123"] {
+            assert!(matches!(normalize(address, &c), Err(NameError::IpLiteral { .. })), "{address}");
+        }
+        assert_eq!(
+            normalize("192.0.2.1", &c).unwrap_err().to_string(),
+            "192.0.2.1 is an IP address, not a domain name: a certificate and a CNAME need a name; attach a domain \
+             whose A/AAAA records point at this server instead"
+        );
+        assert_eq!(normalize("1.example.test", &c).unwrap(), "1.example.test", "digits in other labels are fine");
         assert!(matches!(normalize("example.test", &c), Err(NameError::ApexWithoutAddress { .. })));
         assert_eq!(normalize("example.test", &config(&["--public-address", "192.0.2.1"])).unwrap(), "example.test");
     }
