@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark, one command. Installs what the benchmarks need (nginx, wrk,
+# Every benchmark, one command. Installs what the benchmarks need (nginx, wrk, openssl,
 # bubblewrap, PostgreSQL, musl-gcc for the static C app), builds release
 # binaries, and prints each figure with its peer. Results are recorded by hand
 # in bench/RESULTS.md with the machine they came from.
@@ -7,25 +7,25 @@
 #   bench/run.sh                  # all benchmarks
 #   bench/run.sh router density   # only the named ones
 #
-# Names: router start density provision push concurrent promote.
+# Names: router tls start density provision push concurrent promote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 require_root_and_cargo
-install_packages nginx wrk golang-go curl python3 bubblewrap postgresql musl-tools gcc openssh-client
+install_packages nginx wrk golang-go curl openssl python3 bubblewrap postgresql musl-tools gcc openssh-client
 cargo build --release --locked --workspace --bins
 # A thousand sandboxes hold a few descriptors each in this process.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # The distribution's nginx service is not a peer; it only needs the binary.
 systemctl disable --now nginx >/dev/null 2>&1 || true
 
-all=(router start density provision push concurrent promote)
+all=(router tls start density provision push concurrent promote)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 for name in "${selected[@]}"; do
     echo "== $name"
-    if [ "$name" = router ]; then
-        bench/router.sh
+    if [ "$name" = router ] || [ "$name" = tls ]; then
+        "bench/$name.sh"
     else
         target/release/nx-bench "$name"
     fi

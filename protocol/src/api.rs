@@ -953,6 +953,24 @@ pub struct ServerStatus {
     /// The apps (of those the key sees) whose database is over its size quota.
     #[serde(default)]
     pub databases_over_quota: BTreeMap<String, DatabaseQuota>,
+    /// The wildcard certificates of the platform's domains obtained by
+    /// DNS-01 (`--wildcard-domain`), shown to the admin and read-only keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wildcards: Vec<WildcardInfo>,
+}
+
+/// Where the wildcard certificate of one of the platform's domains stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WildcardInfo {
+    /// `*.<domain>`.
+    pub name: String,
+    /// The issuer of the current certificate, if there is one.
+    pub issuer: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why the last attempt failed, while it stands.
+    pub last_error: Option<String>,
+    /// When the next attempt is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// `GET /v1/health`, unauthenticated.

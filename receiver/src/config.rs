@@ -137,6 +137,30 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ACME_RETRY", default_value = "5m", value_parser = parse_duration)]
     pub acme_retry: Duration,
 
+    /// Cloudflare API token (Zone:Read and DNS:Edit on the zones below) with
+    /// which wildcard certificates of the platform's own domains are
+    /// obtained by ACME DNS-01 (see --wildcard-domain): the receiver creates
+    /// the `_acme-challenge` TXT record, waits until --dns-resolver sees it,
+    /// and deletes it afterwards.
+    #[arg(long, env = "NX_CLOUDFLARE_API_TOKEN", hide_env_values = true)]
+    pub cloudflare_api_token: Option<Secret<String>>,
+
+    /// Base URL of Cloudflare's API (v4).
+    #[arg(long, env = "NX_CLOUDFLARE_API", default_value = "https://api.cloudflare.com/client/v4")]
+    pub cloudflare_api: String,
+
+    /// The domains whose wildcard certificate (`*.<domain>`) is obtained by
+    /// DNS-01 when a DNS provider is configured (--cloudflare-api-token), so
+    /// app and preview hosts are HTTPS from their first request: each must be
+    /// --domain or --preview-domain; by default both.
+    #[arg(long = "wildcard-domain", env = "NX_WILDCARD_DOMAIN", value_delimiter = ',')]
+    pub wildcard_domains: Vec<String>,
+
+    /// How long a DNS-01 challenge's TXT record may take to be seen through
+    /// --dns-resolver after the DNS provider accepted it.
+    #[arg(long, env = "NX_DNS_PROPAGATION_TIMEOUT", default_value = "2m", value_parser = parse_nonzero_duration)]
+    pub dns_propagation_timeout: Duration,
+
     /// Address the router listens on.
     #[arg(long, env = "NX_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
     pub router_listen: SocketAddr,
@@ -146,6 +170,13 @@ pub struct ServeConfig {
     /// two flags below when given.
     #[arg(long, env = "NX_ROUTER_TLS_LISTEN")]
     pub router_tls_listen: Option<SocketAddr>,
+
+    /// Send `Strict-Transport-Security: max-age=<this>` (e.g. `365d`) with the
+    /// router's HTTPS answers for names with a certificate of the receiver's
+    /// (custom domains, wildcards); none when not given. Browsers then refuse
+    /// plain HTTP for the name that long: set it once HTTPS works.
+    #[arg(long, env = "NX_ROUTER_HSTS_MAX_AGE", value_parser = parse_duration, requires = "router_tls_listen")]
+    pub router_hsts_max_age: Option<Duration>,
 
     /// PEM certificate chain for --router-tls-listen.
     #[arg(long, env = "NX_ROUTER_TLS_CERT", requires_all = ["router_tls_listen", "router_tls_key"])]
@@ -606,6 +637,38 @@ impl ServeConfig {
         Ok(())
     }
 
+    /// The domains whose wildcard certificate is obtained by DNS-01: none
+    /// without a DNS provider, else --wildcard-domain, by default --domain
+    /// and --preview-domain.
+    pub fn wildcard_domains(&self) -> Vec<String> {
+        if self.cloudflare_api_token.is_none() {
+            return Vec::new();
+        }
+        let mut domains = if self.wildcard_domains.is_empty() {
+            vec![self.domain.clone(), self.preview_domain().to_owned()]
+        } else {
+            self.wildcard_domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect()
+        };
+        domains.dedup();
+        domains
+    }
+
+    /// Refuses a --wildcard-domain that is neither --domain nor
+    /// --preview-domain: the router serves no other name under a wildcard,
+    /// so its certificate would only spend the CA's rate limits.
+    pub fn check_wildcard_domains(&self) -> Result<(), String> {
+        let ours = [self.domain.to_ascii_lowercase(), self.preview_domain().to_ascii_lowercase()];
+        match self.wildcard_domains.iter().find(|d| !ours.contains(&d.trim_end_matches('.').to_ascii_lowercase())) {
+            Some(other) => Err(format!(
+                "--wildcard-domain {other} is neither --domain {} nor --preview-domain {}: wildcard certificates \
+                 are for the platform's own hosts; custom domains get theirs by HTTP-01",
+                self.domain,
+                self.preview_domain()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The ACME directory URL, or `None` when certificates are not asked for
     /// (`--acme-directory off`, or no HTTPS listener to serve them).
     pub fn acme_directory_url(&self) -> Option<&str> {
@@ -729,6 +792,29 @@ mod tests {
         let err = parse(&["--upload-timeout", "0s"]).unwrap_err().to_string();
         assert!(err.contains("must be more than 0s"), "{err}");
         assert!(parse(&["--max-uploads-per-app", "0"]).is_err());
+    }
+
+    #[test]
+    fn wildcards_need_a_dns_provider_and_are_the_platforms_own_domains() {
+        let base = ["--domain", "apps.test", "--preview-domain", "previews.test"];
+        let parse = |extra: &[&str]| ServeConfig::parse(&[&base[..], extra].concat()).unwrap();
+        assert!(parse(&[]).wildcard_domains().is_empty(), "no DNS provider, no wildcard");
+        let token = ["--cloudflare-api-token", "t"];
+        assert_eq!(parse(&token).wildcard_domains(), ["apps.test", "previews.test"]);
+        assert_eq!(
+            parse(&[&token[..], &["--wildcard-domain", "Previews.Test."]].concat()).wildcard_domains(),
+            ["previews.test"]
+        );
+        assert_eq!(
+            parse(&[&token[..], &["--wildcard-domain", "previews.test"]].concat()).check_wildcard_domains(),
+            Ok(())
+        );
+        assert_eq!(
+            parse(&["--wildcard-domain", "example.com"]).check_wildcard_domains().unwrap_err(),
+            "--wildcard-domain example.com is neither --domain apps.test nor --preview-domain previews.test: \
+             wildcard certificates are for the platform's own hosts; custom domains get theirs by HTTP-01"
+        );
+        assert_eq!(format!("{:?}", parse(&token).cloudflare_api_token), "Some(<redacted>)");
     }
 
     #[test]

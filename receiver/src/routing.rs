@@ -25,7 +25,7 @@ use nx_runtime::sys::Pidfd;
 use nx_runtime::Log;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-use crate::db::{Db, DeploymentRow, DomainRow};
+use crate::db::{Db, DeploymentRow, DomainRow, WildcardRow};
 use crate::secrets::MasterKey;
 
 /// Why a table did not reach the router.
@@ -97,18 +97,30 @@ fn route_replicas(table: &mut RouteTable, healthy: &HashMap<String, Vec<u16>>) {
     }
 }
 
-/// The certificates of `domains`, unsealed. One that cannot be opened is
-/// left out and said in the log; the domain is then served with the
-/// fallback certificate until it is renewed.
-fn certificates(domains: &[DomainRow], master: &MasterKey) -> Vec<Certificate> {
-    domains
+/// The certificates of `domains` and the wildcards of `wildcards` whose
+/// domain is one of `served` (the router serves no other name under a
+/// wildcard), unsealed. One that cannot be opened is left out and said in
+/// the log; its names are then served with the fallback certificate until it
+/// is renewed.
+fn certificates(
+    domains: &[DomainRow],
+    wildcards: &[WildcardRow],
+    served: [&str; 2],
+    master: &MasterKey,
+) -> Vec<Certificate> {
+    let custom = domains.iter().map(|d| (d.name.clone(), &d.cert_chain, &d.cert_key));
+    let wildcard = wildcards
         .iter()
-        .filter_map(|d| {
-            let (chain, key) = (d.cert_chain.as_ref()?, d.cert_key.as_ref()?);
+        .filter(|w| served.contains(&w.domain.as_str()))
+        .map(|w| (format!("*.{}", w.domain), &w.cert_chain, &w.cert_key));
+    custom
+        .chain(wildcard)
+        .filter_map(|(host, chain, key)| {
+            let (chain, key) = (chain.as_ref()?, key.as_ref()?);
             match (master.open_str(chain), master.open_str(key)) {
-                (Ok(chain_pem), Ok(key_pem)) => Some(Certificate { hosts: vec![d.name.clone()], chain_pem, key_pem }),
+                (Ok(chain_pem), Ok(key_pem)) => Some(Certificate { hosts: vec![host], chain_pem, key_pem }),
                 (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(domain = %d.name, error = %e, "certificate cannot be unsealed; left out");
+                    tracing::warn!(domain = %host, error = %e, "certificate cannot be unsealed; left out");
                     None
                 }
             }
@@ -220,7 +232,9 @@ impl RoutePublisher {
         let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
         route_replicas(&mut table, &self.healthy.lock().unwrap_or_else(|p| p.into_inner()));
         table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        table.certificates = certificates(&domains, &self.master);
+        let wildcards = self.db.wildcards().await?;
+        let served = [self.domain.as_str(), self.preview_domain.as_str()];
+        table.certificates = certificates(&domains, &wildcards, served, &self.master);
         self.certified.store(!table.certificates.is_empty(), std::sync::atomic::Ordering::SeqCst);
         match self.send(&table).await {
             Err(PublishError::Refused { status: 409, .. }) => {
@@ -357,6 +371,8 @@ pub struct RouterTls {
     /// The operator's certificate and key (`--router-tls-cert`, `--router-tls-key`),
     /// for names without one of their own.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// `--router-hsts-max-age`, passed on as `--hsts-max-age`.
+    pub hsts_max_age: Option<Duration>,
 }
 
 /// Settings of the supervised router. The listening sockets are the
@@ -423,6 +439,9 @@ impl RouterSettings {
                     "--tls-key".into(),
                     key.clone().into_os_string(),
                 ]);
+            }
+            if let Some(age) = tls.hsts_max_age {
+                cmd.args.extend(["--hsts-max-age".into(), format!("{}s", age.as_secs()).into()]);
             }
             cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*tls.socket).try_clone_to_owned()?, TLS_FD));
         }

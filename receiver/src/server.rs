@@ -117,6 +117,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     config.check_preview_domain().map_err(anyhow::Error::msg)?;
+    config.check_wildcard_domains().map_err(anyhow::Error::msg)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     config.data_dir = cwd.join(&config.data_dir);
     let data = config.data_dir.clone();
@@ -250,6 +251,7 @@ async fn run(
                 socket: bind(tls_socket, addr, "--router-tls-listen")?,
                 addr,
                 cert: config.router_tls_cert.clone().zip(config.router_tls_key.clone()),
+                hsts_max_age: config.router_hsts_max_age,
             }),
             None => None,
         };

@@ -123,6 +123,23 @@ mod tests {
         assert!(!store.covers("preview.test"));
     }
 
+    #[test]
+    fn a_name_s_own_certificate_comes_before_the_wildcard() {
+        let store = CertStore::new(None);
+        let key = |byte: u8| {
+            let signer =
+                rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::from_pem_slice(TEST_KEY).unwrap())
+                    .unwrap();
+            Arc::new(CertifiedKey::new(vec![CertificateDer::from(vec![byte])], signer))
+        };
+        let map = HashMap::from([("*.apps.test".to_owned(), key(1)), ("web.apps.test".to_owned(), key(2))]);
+        store.by_host.store(Arc::new(map));
+        let served = |host: &str| store.lookup(host).map(|k| k.cert[0].as_ref().to_vec());
+        assert_eq!(served("web.apps.test"), Some(vec![2]));
+        assert_eq!(served("shop.apps.test"), Some(vec![1]));
+        assert_eq!(served("apps.test"), None);
+    }
+
     /// A throwaway P-256 key, for loading only.
     const TEST_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg+uUv2s8oM9Y2uKGL

@@ -32,6 +32,12 @@ pub struct Config {
     /// PEM private key for --tls-listen.
     #[arg(long, env = "NX_ROUTER_TLS_KEY", requires_all = ["tls_listen", "tls_cert"])]
     pub tls_key: Option<PathBuf>,
+    /// Send `Strict-Transport-Security: max-age=<this>` with HTTPS answers for
+    /// names with a certificate of the receiver's (custom domains, wildcards),
+    /// e.g. `365d`; none when not given. Browsers then refuse plain HTTP and
+    /// certificate errors for the name that long: set it once HTTPS works.
+    #[arg(long, env = "NX_ROUTER_HSTS_MAX_AGE", value_parser = parse_duration, requires = "tls_listen")]
+    pub hsts_max_age: Option<std::time::Duration>,
     /// Unix socket on which the receiver publishes route tables (created mode 0600).
     #[arg(long, env = "NX_ROUTER_CONTROL", default_value = ".nx/router/control.sock")]
     pub control: PathBuf,

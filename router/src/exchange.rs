@@ -125,6 +125,8 @@ pub struct Exchange {
     replica: Option<usize>,
     /// Whether it was sent to another replica already: only once.
     failed_over: bool,
+    /// The `Strict-Transport-Security` header its answer carries, if any.
+    hsts: Option<HeaderValue>,
 }
 
 impl Drop for Exchange {
@@ -219,7 +221,9 @@ impl Exchange {
             open: false,
             replica: None,
             failed_over: false,
+            hsts: None,
         };
+        ex.hsts = store.hsts_for(&ex.host, tls);
         if let Some(answer) =
             req.uri.path().strip_prefix(ACME_CHALLENGE_PREFIX).and_then(|token| store.challenge(&ex.host, token))
         {
@@ -424,6 +428,9 @@ impl Exchange {
             resp.remove_header(h);
         }
         resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if let Some(hsts) = &self.hsts {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
         if draining {
             resp.insert_header(header::CONNECTION, "close")?;
         }
@@ -451,6 +458,9 @@ impl Exchange {
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_header(REQUEST_ID, self.request_id.as_str())?;
+        if let Some(hsts) = &self.hsts {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
         if page.status == 503 {
             resp.insert_header(header::RETRY_AFTER, "2")?;
         }
@@ -509,6 +519,7 @@ mod tests {
             open: false,
             replica: None,
             failed_over: false,
+            hsts: None,
         }
     }
 

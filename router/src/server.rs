@@ -200,7 +200,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
     let https_port = sockets.tls.as_ref().map(|(_, _, addr)| addr.port());
-    let store = Arc::new(RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?);
+    let store = Arc::new(
+        RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?.with_hsts(config.hsts_max_age),
+    );
     tracing::info!(
         hosts = store.snapshot().routes.len(),
         generation = store.snapshot().generation,

@@ -89,6 +89,9 @@ pub struct RouteStore {
     https_port: Option<u16>,
     /// Requests held for sleeping deployments; told of every new table.
     wakes: Wakes,
+    /// The `Strict-Transport-Security` value of HTTPS answers for hosts with
+    /// a certificate of the receiver's (--hsts-max-age).
+    hsts: Option<http::HeaderValue>,
 }
 
 impl RouteStore {
@@ -119,7 +122,23 @@ impl RouteStore {
             certs,
             https_port,
             wakes: Wakes::default(),
+            hsts: None,
         })
+    }
+
+    /// Sends `Strict-Transport-Security: max-age=<max_age>` with HTTPS
+    /// answers for hosts with a certificate of the receiver's (not the
+    /// operator's fallback, which may not be valid for them): a browser then
+    /// never asks for them over plain HTTP for that long.
+    pub fn with_hsts(mut self, max_age: Option<std::time::Duration>) -> RouteStore {
+        self.hsts = max_age.and_then(|age| http::HeaderValue::try_from(format!("max-age={}", age.as_secs())).ok());
+        self
+    }
+
+    /// The `Strict-Transport-Security` value for an answer to `host`, over
+    /// TLS when `tls`.
+    pub fn hsts_for(&self, host: &str, tls: bool) -> Option<http::HeaderValue> {
+        self.hsts.clone().filter(|_| tls && self.certs.covers(host))
     }
 
     /// The key authorization for an ACME HTTP-01 `token` on `host`.

@@ -6,6 +6,7 @@
 use std::process::Command;
 
 use nx_e2e::acme::Acme;
+use nx_e2e::cloudflare::FakeCloudflare;
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::http::get_host;
 use nx_e2e::receiver::{free_port, Options};
@@ -30,12 +31,17 @@ fn txt_value(r: &Receiver, app: &str) -> String {
 /// curl's HTTP version, status and Location for a plain or HTTPS request, with
 /// `DOMAIN` resolved to 127.0.0.1 and pebble's root trusted.
 fn curl(url: &str, port: u16, root: &std::path::Path) -> (i32, String) {
+    curl_host(url, DOMAIN, port, root)
+}
+
+/// [`curl`] for `host`, the answer's header included.
+fn curl_host(url: &str, host: &str, port: u16, root: &std::path::Path) -> (i32, String) {
     let out = Command::new(nx_e2e::require_program("curl", "curl"))
-        .args(["-sS", "--max-time", "10", "--cacert"])
+        .args(["-isS", "--max-time", "10", "--cacert"])
         .arg(root)
         .args([
             "--resolve",
-            &format!("{DOMAIN}:{port}:127.0.0.1"),
+            &format!("{host}:{port}:127.0.0.1"),
             "-w",
             "\nHTTP/%{http_version} %{http_code} %{redirect_url}",
             url,
@@ -124,6 +130,9 @@ fn a_domain_is_served_only_once_its_records_are_found_and_belongs_to_one_app() {
         "{}",
         platform.stderr
     );
+    let address = r.nx(&["domains", "add", "site", "192.0.2.1"]);
+    assert_eq!(address.code, 1);
+    assert!(address.stderr.contains("192.0.2.1 is an IP address, not a domain name"), "{}", address.stderr);
     assert!(r.nx_ok(&["--json", "domains", "ls", "site"]).json().as_array().unwrap().is_empty());
 
     // Removed: no longer served, and free for another app.
@@ -260,4 +269,156 @@ fn previews_are_served_on_the_preview_domain_alone() {
     assert_eq!(get_host(r.router_port, &format!("{id}--web.localhost"), "/").status, 404);
     r.nx_ok(&["promote", id]);
     assert_eq!(get_host(r.router_port, "web.localhost", "/").status, 200, "production stays on --domain");
+}
+
+/// The preview domain of the wildcard tests, a zone of the fake Cloudflare account.
+const PREVIEWS: &str = "nxpreview.test";
+const CLOUDFLARE_TOKEN: &str = "cf-test-token-7d1c0a9e5b";
+
+/// A receiver whose previews live under [`PREVIEWS`], with a wildcard
+/// certificate of it asked of pebble (running, DNS-01 only) through the fake
+/// Cloudflare account, authenticated by `token` given in the environment,
+/// HSTS for a day, and the operator's self-signed certificate for
+/// `web.localhost` as the fallback; its HTTPS port.
+fn wildcard_receiver(acme: &Acme, cloudflare: &FakeCloudflare, token: &str) -> (Receiver, u16) {
+    let tls_port = free_port();
+    let mut args = acme.receiver_args();
+    let (cert, key) = nx_e2e::tls::self_signed(acme.dir.path(), &["web.localhost"]);
+    args.extend([
+        format!("--router-tls-cert={}", cert.display()),
+        format!("--router-tls-key={}", key.display()),
+        "--router-hsts-max-age=1d".into(),
+        format!("--router-tls-listen=127.0.0.1:{tls_port}"),
+        format!("--preview-domain={PREVIEWS}"),
+        format!("--wildcard-domain={PREVIEWS}"),
+        format!("--cloudflare-api={}", cloudflare.api),
+        // Every certificate is due for renewal at once (see above).
+        "--acme-renew-before=3650d".into(),
+    ]);
+    let env = vec![("NX_CLOUDFLARE_API_TOKEN".to_owned(), token.to_owned())];
+    (Receiver::start_with(Options { args, env }), tls_port)
+}
+
+/// The wildcard certificate's state in `nx status --json`.
+fn wildcard_status(r: &Receiver) -> serde_json::Value {
+    let status = r.nx_ok(&["--json", "status"]).json();
+    let wildcards = status["wildcards"].as_array().unwrap_or_else(|| panic!("no wildcards in {status}"));
+    assert_eq!(wildcards.len(), 1, "{status}");
+    assert_eq!(wildcards[0]["name"], format!("*.{PREVIEWS}"));
+    wildcards[0].clone()
+}
+
+/// The challenge records the fake Cloudflare was asked to create and delete:
+/// every call authenticated with the token and answered 200, and no record
+/// left behind.
+fn assert_records_cleaned_up(cloudflare: &FakeCloudflare) -> usize {
+    let calls = cloudflare.calls();
+    for call in &calls {
+        assert_eq!(call.authorization, format!("Bearer {CLOUDFLARE_TOKEN}"), "{call:?}");
+        assert_eq!(call.status, 200, "{call:?}");
+    }
+    let created = calls.iter().filter(|c| c.method == "POST" && c.path.ends_with("/dns_records")).count();
+    let deleted = calls.iter().filter(|c| c.method == "DELETE" && c.path.contains("/dns_records/")).count();
+    assert!(created >= 1 && created == deleted, "{calls:?}");
+    assert_eq!(cloudflare.records(), [], "the challenge records are deleted");
+    created
+}
+
+#[test]
+fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request_with_hsts() {
+    let mut acme = Acme::start();
+    // DNS-01 alone: pebble's HTTP-01 port is never asked.
+    acme.start_ca(free_port());
+    let cloudflare = FakeCloudflare::start(&acme, CLOUDFLARE_TOKEN, &[PREVIEWS]);
+    let (r, tls_port) = wildcard_receiver(&acme, &cloudflare, CLOUDFLARE_TOKEN);
+
+    let first = eventually(90, "a wildcard certificate", || {
+        let w = wildcard_status(&r);
+        w["expires_at"].is_string().then_some(w)
+    });
+    assert!(first["issuer"].as_str().unwrap().starts_with("Pebble Intermediate CA"), "{first}");
+    assert!(first["last_error"].is_null(), "{first}");
+    let created = assert_records_cleaned_up(&cloudflare);
+    let creates = cloudflare.calls().into_iter().filter(|c| c.method == "POST").collect::<Vec<_>>();
+    assert!(creates[0].path.starts_with("/zones/") && creates.len() == created, "{creates:?}");
+    let shown = r.nx_ok(&["status"]).stdout;
+    assert!(shown.contains(&format!("certificate *.{PREVIEWS}: from Pebble Intermediate CA")), "{shown}");
+
+    // A preview pushed now is HTTPS at its first request: a client trusting
+    // pebble's root completes the handshake and the app answers, over HTTP/2.
+    r.create_app("web");
+    let pushed = r.push("web", &fixtures::go(Go::Static), &[]);
+    let host = format!("{}--web.{PREVIEWS}", pushed["id"].as_str().unwrap());
+    let root = acme.issuing_root();
+    let (code, out) = curl_host(&format!("https://{host}:{tls_port}/headers"), &host, tls_port, &root);
+    assert_eq!(code, 0, "{out}\n{}", r.log());
+    assert!(out.to_ascii_lowercase().contains(&format!("host: {host}")), "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
+    assert!(out.ends_with("HTTP/2 200 "), "{out}");
+    // HSTS on the HTTPS answers of a name with a certificate of the receiver's.
+    assert!(out.contains("\nstrict-transport-security: max-age=86400\r\n"), "{out}");
+    // Plain HTTP for it goes to HTTPS, without HSTS (browsers ignore it there).
+    let (code, out) = curl_host(&format!("http://{host}:{}/a?b=1", r.router_port), &host, r.router_port, &root);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with(&format!("HTTP/1.1 308 https://{host}:{tls_port}/a?b=1")), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("strict-transport-security"), "{out}");
+    // A name served with the operator's fallback certificate gets no HSTS:
+    // that certificate may not be valid for every name.
+    r.nx_ok(&["promote", pushed["id"].as_str().unwrap()]);
+    let fallback = acme.dir.path().join("cert.pem");
+    let (code, out) = curl_host(&format!("https://web.localhost:{tls_port}/"), "web.localhost", tls_port, &fallback);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("HTTP/2 200 "), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("strict-transport-security"), "{out}");
+    // A wildcard covers one level: a name two levels down gets the fallback,
+    // which a client trusting pebble's root refuses.
+    let deep = format!("x.{host}");
+    let (code, out) = curl_host(&format!("https://{deep}:{tls_port}/"), &deep, tls_port, &root);
+    assert_eq!(code, 60, "curl's certificate verification failure: {out}");
+
+    // Renewed like the custom domains' certificates, by the next round.
+    let renewed = eventually(150, "a renewed wildcard certificate", || {
+        let w = wildcard_status(&r);
+        (w["expires_at"] != first["expires_at"]).then_some(w)
+    });
+    assert!(renewed["expires_at"].as_str() > first["expires_at"].as_str(), "{renewed} after {first}");
+    let (code, out) = curl_host(&format!("https://{host}:{tls_port}/"), &host, tls_port, &root);
+    assert_eq!(code, 0, "{out}");
+    assert!(assert_records_cleaned_up(&cloudflare) > created);
+}
+
+#[test]
+fn a_wrong_cloudflare_token_is_a_clear_error_in_the_status_and_creates_nothing() {
+    let mut acme = Acme::start();
+    acme.start_ca(free_port());
+    let cloudflare = FakeCloudflare::start(&acme, CLOUDFLARE_TOKEN, &[PREVIEWS]);
+    let wrong = "cf-revoked-token-0000";
+    let (r, _) = wildcard_receiver(&acme, &cloudflare, wrong);
+
+    let failed = eventually(60, "a failed attempt", || {
+        let w = wildcard_status(&r);
+        w["last_error"].is_string().then_some(w)
+    });
+    assert_eq!(
+        failed["last_error"],
+        format!(
+            "the DNS-01 challenge record of *.{PREVIEWS} was not set: Cloudflare refused to look up the zone \
+             {PREVIEWS} (HTTP 403): 9109 Invalid access token; check --cloudflare-api-token: it must be a valid \
+             API token with Zone:Read and DNS:Edit permissions on the zone"
+        ),
+        "{failed}"
+    );
+    assert!(failed["expires_at"].is_null() && failed["issuer"].is_null(), "{failed}");
+    let next: chrono::DateTime<chrono::Utc> = failed["next_attempt_at"].as_str().unwrap().parse().unwrap();
+    let wait = next - chrono::Utc::now();
+    assert!(wait > chrono::Duration::minutes(3) && wait <= chrono::Duration::minutes(5), "retried after 5m: {wait}");
+    let shown = r.nx_ok(&["status"]).stdout;
+    assert!(shown.contains(&format!("certificate *.{PREVIEWS}: not obtained yet")), "{shown}");
+    assert!(shown.contains("last attempt failed: the DNS-01 challenge record of"), "{shown}");
+
+    let calls = cloudflare.calls();
+    assert!(!calls.is_empty() && calls.iter().all(|c| c.status == 403 && c.method == "GET"), "{calls:?}");
+    assert!(calls.iter().all(|c| c.authorization == format!("Bearer {wrong}")), "{calls:?}");
+    assert_eq!(cloudflare.records(), []);
+    assert!(!r.log().contains(wrong), "the token is a secret: never logged");
 }

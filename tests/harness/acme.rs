@@ -170,6 +170,11 @@ impl Acme {
         path
     }
 
+    /// challtestsrv's management API (the fake Cloudflare writes there).
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.dns_management)
+    }
+
     fn manage(&self, what: &str, body: serde_json::Value) {
         let resp = reqwest::blocking::Client::new()
             .post(format!("http://127.0.0.1:{}/{what}", self.dns_management))

@@ -54,6 +54,17 @@ pub async fn run(g: &Global) -> anyhow::Result<()> {
     println!("store: {}", status.store);
     print!("{}", rows("limits of a deployment unless its app sets its own", &status.default_limits));
     print!("{}", rows("isolation", &status.isolation));
+    for w in &status.wildcards {
+        let state = match (&w.issuer, w.expires_at) {
+            (Some(issuer), Some(expires)) => format!("from {issuer}, expires {}", expires.format("%Y-%m-%d %H:%M UTC")),
+            _ => "not obtained yet".to_owned(),
+        };
+        println!("certificate {}: {state}", w.name);
+        if let Some(error) = &w.last_error {
+            let next = w.next_attempt_at.map(|t| format!(" (next attempt {})", t.format("%Y-%m-%d %H:%M:%S UTC")));
+            println!("{}", paint(&format!("  last attempt failed: {error}{}", next.unwrap_or_default()), Color::Red));
+        }
+    }
     for (app, quota) in &status.databases_over_quota {
         println!("{}", paint(&format!("{app}: {quota}"), Color::Red));
     }

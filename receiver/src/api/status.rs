@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::{Extension, Json};
-use nx_protocol::api::ServerStatus;
+use nx_protocol::api::{ServerStatus, WildcardInfo};
 
 use super::access::Role;
 use super::auth::Caller;
@@ -53,5 +53,27 @@ pub async fn status(
         preview_idle_secs: config.preview_idle.as_secs(),
         keep_deployments: config.keep_deployments,
         databases_over_quota,
+        wildcards: if only.is_none() { wildcards(&state).await? } else { Vec::new() },
     }))
+}
+
+/// Each wildcard certificate asked for, as far as it got (none yet before
+/// the first attempt).
+async fn wildcards(state: &AppState) -> Result<Vec<WildcardInfo>, ApiError> {
+    let rows = state.db.wildcards().await?;
+    Ok(state
+        .config
+        .wildcard_domains()
+        .into_iter()
+        .map(|domain| {
+            let row = rows.iter().find(|r| r.domain == domain);
+            WildcardInfo {
+                name: format!("*.{domain}"),
+                issuer: row.and_then(|r| r.issuer.clone()),
+                expires_at: row.and_then(|r| r.expires_at),
+                last_error: row.and_then(|r| r.last_error.clone()),
+                next_attempt_at: row.and_then(|r| r.next_attempt_at),
+            }
+        })
+        .collect())
 }

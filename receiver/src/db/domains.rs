@@ -1,4 +1,4 @@
-//! Custom domains and ACME accounts.
+//! Custom domains, the platform's wildcard certificates and ACME accounts.
 
 use chrono::{DateTime, Utc};
 
@@ -24,6 +24,19 @@ pub struct DomainRow {
 const DOMAIN_COLUMNS: &str = "d.id, d.name, d.app_id, a.name AS app_name, d.token, d.verified_at, d.cert_chain, \
      d.cert_key, d.issuer, d.expires_at, d.last_error, d.failures, d.next_attempt_at \
      FROM domains d JOIN apps a ON a.id = d.app_id";
+
+/// The wildcard certificate of one of the platform's domains (`*.<domain>`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WildcardRow {
+    pub domain: String,
+    pub cert_chain: Option<Vec<u8>>,
+    pub cert_key: Option<Vec<u8>>,
+    pub issuer: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub failures: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
 
 /// What adding a domain found.
 #[derive(Debug)]
@@ -171,6 +184,61 @@ impl Db {
         )
         .bind(directory)
         .bind(sealed)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Every wildcard certificate asked for so far, obtained or not.
+    pub async fn wildcards(&self) -> Result<Vec<WildcardRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT domain, cert_chain, cert_key, issuer, expires_at, last_error, failures, next_attempt_at \
+             FROM wildcard_certificates ORDER BY domain",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Stores a new wildcard certificate of `domain` (sealed chain and key)
+    /// and clears the failures.
+    pub async fn set_wildcard_certificate(
+        &self,
+        domain: &str,
+        chain: &[u8],
+        key: &[u8],
+        issuer: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO wildcard_certificates (domain, cert_chain, cert_key, issuer, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (domain) DO UPDATE SET cert_chain = $2, cert_key = $3, \
+             issuer = $4, expires_at = $5, last_error = NULL, failures = 0, next_attempt_at = NULL",
+        )
+        .bind(domain)
+        .bind(chain)
+        .bind(key)
+        .bind(issuer)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Records a failed attempt at `domain`'s wildcard and when to try again.
+    pub async fn set_wildcard_failure(
+        &self,
+        domain: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO wildcard_certificates (domain, last_error, failures, next_attempt_at) \
+             VALUES ($1, $2, 1, $3) ON CONFLICT (domain) DO UPDATE SET last_error = $2, \
+             failures = wildcard_certificates.failures + 1, next_attempt_at = $3",
+        )
+        .bind(domain)
+        .bind(error)
+        .bind(next_attempt_at)
         .execute(&self.pool)
         .await
         .map(|_| ())

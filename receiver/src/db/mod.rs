@@ -18,7 +18,7 @@ pub use apps::{AppRow, EnvTotals};
 pub use artifacts::ArtifactRow;
 pub use backups::BackupRow;
 pub use deployments::{DeploymentRow, Held, NewDeployment, Occupancy, PromoteOutcome};
-pub use domains::{Added, DomainRow};
+pub use domains::{Added, DomainRow, WildcardRow};
 pub use github::{ForkLabel, ReportRow};
 pub use keys::{KeyListing, KeyRow};
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};

@@ -1,6 +1,7 @@
 //! Custom domains: which DNS records attach a name to an app, whether they
 //! exist (asked of `--dns-resolver`), and the certificates ACME gives for the
-//! verified ones ([`acme`]).
+//! verified ones ([`acme`]), which also obtains the platform's wildcard
+//! certificates by DNS-01 through a DNS provider ([`dns`]).
 //!
 //! A name is attached to one app at most; it is served once verified: a TXT
 //! record `_nx-verify.<name>` holding the domain's token proves the app's
@@ -8,6 +9,7 @@
 //! (or, for an apex, A/AAAA records to `--public-address`) sends it here.
 
 pub mod acme;
+pub mod dns;
 
 use std::net::IpAddr;
 
@@ -32,6 +34,11 @@ pub enum NameError {
          characters (253 at most in all), with at least two labels, e.g. www.example.com"
     )]
     Invalid { name: String },
+    #[error(
+        "{name} is an IP address, not a domain name: a certificate and a CNAME need a name; attach a domain \
+         whose A/AAAA records point at this server instead"
+    )]
+    IpLiteral { name: String },
     #[error("{name} is under the platform's own domain {platform}; its hosts are given to apps already")]
     Platform { name: String, platform: String },
     #[error(
@@ -54,6 +61,13 @@ pub fn normalize(name: &str, config: &ServeConfig) -> Result<String, NameError> 
             && !l.ends_with('-')
             && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
+    // An IPv4 literal is dot-separated digits; no top-level domain is all
+    // digits (RFC 3696 §2), so such a name is an address in any case.
+    if lower.parse::<IpAddr>().is_ok()
+        || labels.last().is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(NameError::IpLiteral { name: lower });
+    }
     if lower.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
         return Err(invalid());
     }
@@ -152,24 +166,27 @@ async fn lookup(resolver: &TokioResolver, name: &str, kind: RecordType) -> Resul
     }
 }
 
+/// The values of the TXT records at `name` (each record's strings joined).
+async fn txt_values(resolver: &TokioResolver, name: &str) -> Result<Vec<String>, String> {
+    let found = lookup(resolver, name, RecordType::TXT).await?;
+    Ok(found
+        .iter()
+        .filter_map(|d| match d {
+            RData::TXT(t) => Some(t.txt_data().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// What is missing for `row` to be verified, each a sentence saying which
 /// record to create; empty when everything is there.
 pub async fn missing(resolver: &TokioResolver, row: &DomainRow, config: &ServeConfig) -> Vec<String> {
     let mut problems = Vec::new();
     let Ok(app) = AppName::parse(&row.app_name) else { return vec![format!("app {:?} is invalid", row.app_name)] };
     let txt = ownership(&row.name, &row.token);
-    match lookup(resolver, &txt.name, RecordType::TXT).await {
+    match txt_values(resolver, &txt.name).await {
         Err(e) => problems.push(e),
-        Ok(found) => {
-            let values: Vec<String> = found
-                .iter()
-                .filter_map(|d| match d {
-                    RData::TXT(t) => {
-                        Some(t.txt_data().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<String>())
-                    }
-                    _ => None,
-                })
-                .collect();
+        Ok(values) => {
             if values.is_empty() {
                 problems.push(format!("no TXT record at {}; create it with the value {}", txt.name, txt.value));
             } else if !values.contains(&txt.value) {
@@ -253,6 +270,15 @@ mod tests {
             "web.apps.test is under the platform's own domain apps.test; its hosts are given to apps already"
         );
         assert!(matches!(normalize("x--web.previews.test", &c), Err(NameError::Platform { .. })));
+        for address in ["192.0.2.1", "192.0.2.1.", "10.1", "2001:db8::1", "www.example.123"] {
+            assert!(matches!(normalize(address, &c), Err(NameError::IpLiteral { .. })), "{address}");
+        }
+        assert_eq!(
+            normalize("192.0.2.1", &c).unwrap_err().to_string(),
+            "192.0.2.1 is an IP address, not a domain name: a certificate and a CNAME need a name; attach a domain \
+             whose A/AAAA records point at this server instead"
+        );
+        assert_eq!(normalize("1.example.test", &c).unwrap(), "1.example.test", "digits in other labels are fine");
         assert!(matches!(normalize("example.test", &c), Err(NameError::ApexWithoutAddress { .. })));
         assert_eq!(normalize("example.test", &config(&["--public-address", "192.0.2.1"])).unwrap(), "example.test");
     }
