@@ -19,7 +19,7 @@ use nx_protocol::routes::{
 };
 use nx_runtime::process::{Child, Command, ProcessManager, Stream};
 use nx_runtime::Log;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 
 use crate::db::{Db, DeploymentRow, DomainRow};
 use crate::secrets::MasterKey;
@@ -329,10 +329,15 @@ pub struct RouterSettings {
     pub extra_args: Vec<String>,
     /// The unprivileged user the router becomes once its sockets are open.
     pub user: String,
+    /// Every access log line of the router (its JSON text), for log drains.
+    pub access: broadcast::Sender<Arc<str>>,
 }
 
 const HTTP_FD: i32 = 3;
 const TLS_FD: i32 = 4;
+/// The router writes its access log to this pipe (`--access-log-fd`), apart
+/// from its own log on stdout/stderr, so each line can be passed to its app's drains.
+const ACCESS_FD: i32 = 5;
 
 impl RouterSettings {
     pub fn control_socket(dir: &Path) -> PathBuf {
@@ -361,6 +366,7 @@ impl RouterSettings {
             self.user.clone().into(),
         ]);
         cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*self.socket).try_clone_to_owned()?, HTTP_FD));
+        cmd.args.extend(["--access-log-fd".into(), ACCESS_FD.to_string().into()]);
         if let Some(tls) = &self.tls {
             cmd.args.extend([
                 "--tls-listen".into(),
@@ -459,11 +465,17 @@ impl Supervisor {
     async fn spawn(&self) -> Result<Child, String> {
         let command =
             self.settings.command().map_err(|e| format!("cannot pass the listening sockets to nx-router: {e}"))?;
+        let mut command = command;
+        let (access, access_out) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot make the router's access log pipe: {e}"))?;
+        command.pass_fds.push((access_out, ACCESS_FD));
         let mut child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
         if let Some(fd) = child.stdout.take() {
             let log = self.settings.log.clone();
             tokio::spawn(async move { log.pump(fd).await });
         }
+        let (log, feed) = (self.settings.log.clone(), self.settings.access.clone());
+        tokio::spawn(async move { log.pump_with(access, |line| _ = feed.send(Arc::from(line))).await });
         Ok(child)
     }
 

@@ -25,6 +25,7 @@
 //!   of a client or an app and the number of client connections
 //!   ([`config::Limits`]).
 
+pub mod access;
 pub mod buffered;
 pub mod certs;
 pub mod config;

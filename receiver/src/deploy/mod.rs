@@ -676,6 +676,11 @@ impl Deployer {
         self.running.lock().ok()?.get(id).map(|r| r.log.clone())
     }
 
+    /// The live logs of every running deployment, by id (for log drains).
+    pub fn running_logs(&self) -> Vec<(String, Log)> {
+        self.running.lock().map(|r| r.iter().map(|(id, r)| (id.clone(), r.log.clone())).collect()).unwrap_or_default()
+    }
+
     /// The last status the watcher applied for a running deployment.
     pub fn running_status(&self, id: &str) -> Option<Status> {
         self.running.lock().ok()?.get(id).map(|r| r.applied.borrow().clone())
