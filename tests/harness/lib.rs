@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod acme;
+pub mod drains;
 pub mod exec;
 pub mod fixtures;
 pub mod github;
