@@ -35,6 +35,9 @@ use target::Target;
 /// How often new deployments and new audit events are looked for.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// Polls between two readings of the drains from the database.
+const RELOAD_EVERY_POLLS: u32 = 30;
+
 /// Audit events read per poll at most.
 const EVENTS_PER_POLL: i64 = 500;
 
@@ -256,10 +259,19 @@ impl Hub {
         let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut last_event = self.db.last_event_id().await.unwrap_or(0);
         let mut every = tokio::time::interval(POLL_EVERY);
+        let mut polls: u32 = 0;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = every.tick() => {}
+            }
+            polls = polls.wrapping_add(1);
+            // The API reloads on every change it makes; this catches what it
+            // could not (a database error at the time).
+            if polls % RELOAD_EVERY_POLLS == 0 {
+                if let Err(e) = self.reload().await {
+                    tracing::debug!(error = %e, "cannot read the log drains");
+                }
             }
             while let Ok(id) = ended.try_recv() {
                 followed.remove(&id);
