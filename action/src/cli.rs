@@ -128,6 +128,11 @@ pub enum Command {
     /// create, their verification, and the certificates obtained for them.
     #[command(subcommand)]
     Domains(DomainsCommand),
+    /// Log drains: ship an app's output, its platform events and the
+    /// router's access lines for it to syslog (TCP or TLS) or an HTTPS
+    /// endpoint (NDJSON); with --platform, every app's (admin).
+    #[command(subcommand)]
+    Drains(DrainsCommand),
     /// Say whether a binary will run on the server, and how to fix it if not.
     Verify(VerifyArgs),
     /// The step of the GitHub Action: reads INPUT_* and GITHUB_* variables.
@@ -218,6 +223,36 @@ pub enum DomainsCommand {
     Verify { app: String, domain: String },
     /// Stop serving DOMAIN for APP and forget its certificate.
     Rm { app: String, domain: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrainsCommand {
+    /// `nx drains add APP URL`, or `nx drains add --platform URL`: ship logs
+    /// to URL: syslog+tls://HOST:PORT (RFC 5424 over TLS), syslog+tcp://HOST:PORT
+    /// or https://HOST/PATH (NDJSON batches POSTed).
+    Add {
+        /// APP, then URL (with --platform, URL alone).
+        #[arg(num_args = 1..=2, required = true, value_names = ["APP", "URL"])]
+        args: Vec<String>,
+        /// A platform-wide drain: every app's records and the platform's events (admin).
+        #[arg(long)]
+        platform: bool,
+    },
+    /// The drains of APP (or with --platform the platform-wide ones), their URLs masked.
+    Ls {
+        #[arg(required_unless_present = "platform")]
+        app: Option<String>,
+        #[arg(long, conflicts_with = "app")]
+        platform: bool,
+    },
+    /// `nx drains rm APP ID`, or `nx drains rm --platform ID`: stop shipping to a drain.
+    Rm {
+        /// APP, then the drain's ID (with --platform, ID alone).
+        #[arg(num_args = 1..=2, required = true, value_names = ["APP", "ID"])]
+        args: Vec<String>,
+        #[arg(long)]
+        platform: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -676,6 +676,26 @@ pub struct AddDomain {
     pub domain: String,
 }
 
+/// `POST /v1/apps/{app}/drains` (an app's) or `POST /v1/drains` (platform-wide):
+/// ship logs to `url`: `syslog+tls://HOST:PORT`, `syslog+tcp://HOST:PORT` or
+/// `https://HOST/PATH` (NDJSON batches).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddDrain {
+    pub url: String,
+}
+
+/// A log drain as the API shows it: its URL with user, password, query and
+/// long path segments masked; the URL itself is never echoed back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DrainInfo {
+    pub id: String,
+    /// None for a platform-wide drain.
+    pub app: Option<String>,
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
 /// A DNS record the owner of a custom domain creates at their DNS provider.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DnsRecord {

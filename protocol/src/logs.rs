@@ -94,6 +94,40 @@ pub fn neutralise(line: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// One line of the router's access log, as nx-router writes it (one JSON
+/// object a line) and the receiver reads it to pass each app its own lines
+/// (log drains). Borrowed, so the router serializes without copying.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AccessLine<'a> {
+    /// When the request ended, in microseconds since the Unix epoch.
+    pub ts: u64,
+    #[serde(borrow)]
+    pub host: Cow<'a, str>,
+    #[serde(borrow)]
+    pub method: Cow<'a, str>,
+    #[serde(borrow)]
+    pub path: Cow<'a, str>,
+    /// 0 when no response was sent.
+    pub status: u16,
+    /// Empty when the host routes to no deployment.
+    #[serde(borrow)]
+    pub app: Cow<'a, str>,
+    #[serde(borrow)]
+    pub deployment: Cow<'a, str>,
+    #[serde(borrow)]
+    pub request_id: Cow<'a, str>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<Cow<'a, str>>,
+    /// How long the request took, in microseconds.
+    pub micros: u64,
+    /// Body bytes read from the client.
+    pub bytes_in: u64,
+    /// Body bytes sent to the client.
+    pub bytes_out: u64,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Cow<'a, str>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -447,6 +447,22 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Records one log drain holds while it is down or slow; beyond them the
+    /// oldest are dropped and counted (`nx_drain_dropped_total`).
+    #[arg(long, env = "NX_DRAIN_BUFFER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub drain_buffer: u64,
+
+    /// Let log drains reach loopback, link-local and private addresses
+    /// (refused by default: a drain URL must not reach the host's own
+    /// services or its private network). For tests and private log hosts.
+    #[arg(long, env = "NX_DRAIN_ALLOW_PRIVATE")]
+    pub drain_allow_private: bool,
+
+    /// PEM file of CA certificates log drains trust beside the public roots
+    /// (a private syslog or HTTPS endpoint; the suite's own CA).
+    #[arg(long, env = "NX_DRAIN_CA")]
+    pub drain_ca: Option<PathBuf>,
+
     /// SSH connections open at once; one client address holds at most an
     /// eighth of them (at least 16). Beyond either, a new connection is
     /// closed before the SSH greeting.

@@ -23,6 +23,7 @@ pub mod databases;
 pub mod db;
 pub mod deploy;
 pub mod domains;
+pub mod drains;
 pub mod github;
 pub mod limits;
 pub mod listeners;

@@ -51,6 +51,8 @@ pub struct Sources {
     pub routes: Arc<RoutePublisher>,
     /// The receiver's data directory (apps' volumes are under `apps/`).
     pub data_dir: PathBuf,
+    /// The log drains' queues.
+    pub drains: Arc<crate::drains::Hub>,
 }
 
 /// Reads a number from the first line of `file`, or the value of `key` in a
@@ -188,7 +190,8 @@ impl Sources {
             .into_iter()
             .filter_map(|a| crate::volumes::used_bytes(&apps_dir.join(a)).map(|b| (a.to_owned(), b)))
             .collect();
-        Scrape { deployments, router_up: traffic.is_some(), volumes, databases }.encode()
+        let drains = (self.drains.stats(), self.drains.lagged());
+        Scrape { deployments, router_up: traffic.is_some(), volumes, databases, drains }.encode()
     }
 }
 
@@ -209,6 +212,8 @@ pub struct Scrape {
     /// Bytes used on each app's data volume.
     pub volumes: Vec<(String, u64)>,
     pub databases: Vec<DatabaseFigures>,
+    /// Each log drain's figures, and the records the drains' sources lost.
+    pub drains: (Vec<crate::drains::DrainStats>, u64),
 }
 
 type Labels<'a> = [(&'static str, &'a str); 3];
@@ -364,6 +369,44 @@ impl Collector for Scrape {
             self.databases.iter().map(|d| (db_labels(d), d.connections)),
             gauge,
         )?;
+        let drain = |f: fn(&crate::drains::DrainStats) -> u64| {
+            self.drains
+                .0
+                .iter()
+                .map(move |d| ([("drain", d.id.as_str()), ("app", d.app.as_deref().unwrap_or(""))], f(d)))
+        };
+        family(
+            &mut e,
+            ("nx_drain_records", "Records taken into the log drain's queue", Counter),
+            drain(|d| d.queued),
+            counter,
+        )?;
+        family(&mut e, ("nx_drain_sent", "Records written to the log drain", Counter), drain(|d| d.sent), counter)?;
+        family(
+            &mut e,
+            ("nx_drain_dropped", "Records dropped (the oldest) because the log drain's queue was full", Counter),
+            drain(|d| d.dropped),
+            counter,
+        )?;
+        family(
+            &mut e,
+            ("nx_drain_waiting", "Records waiting in the log drain's queue", Gauge),
+            drain(|d| d.waiting),
+            gauge_u,
+        )?;
+        family(
+            &mut e,
+            ("nx_drain_up", "Whether the last attempt to ship to the log drain reached it", Gauge),
+            drain(|d| u64::from(d.up)),
+            gauge_u,
+        )?;
+        e.encode_descriptor(
+            "nx_drain_source_lagged",
+            "Log lines the drains' reader lost because it fell behind its sources",
+            None,
+            Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&self.drains.1, None)?;
         Ok(())
     }
 }
@@ -478,10 +521,27 @@ mod tests {
                 bytes: 100,
                 connections: 3,
             }],
+            drains: (
+                vec![crate::drains::DrainStats {
+                    id: "dr1".into(),
+                    app: Some("web".into()),
+                    queued: 10,
+                    sent: 6,
+                    dropped: 3,
+                    waiting: 1,
+                    up: false,
+                }],
+                4,
+            ),
         }
         .encode();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         has(r#"nx_http_requests_total{app="web",deployment="aaaaaaaa",role="production",class="2xx"} 7"#);
+        has(r#"nx_drain_dropped_total{drain="dr1",app="web"} 3"#);
+        has(r#"nx_drain_sent_total{drain="dr1",app="web"} 6"#);
+        has(r#"nx_drain_waiting{drain="dr1",app="web"} 1"#);
+        has(r#"nx_drain_up{drain="dr1",app="web"} 0"#);
+        has("nx_drain_source_lagged_total 4");
         has(r#"nx_http_requests_total{app="web",deployment="aaaaaaaa",role="production",class="5xx"} 2"#);
         has(r#"nx_http_requests_total{app="web",deployment="bbbbbbbb",role="preview",class="5xx"} 0"#);
         has(

@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use nx_runtime::process::{Child, Command, ProcessManager};
 use nx_runtime::sys::Pidfd;
 use nx_runtime::Log;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 
 use crate::db::{Db, DeploymentRow, DomainRow, WildcardRow};
 use crate::secrets::MasterKey;
@@ -393,10 +393,15 @@ pub struct RouterSettings {
     pub extra_args: Vec<String>,
     /// The unprivileged user the router becomes once its sockets are open.
     pub user: String,
+    /// Every access log line of the router (its JSON text), for log drains.
+    pub access: broadcast::Sender<Arc<str>>,
 }
 
 const HTTP_FD: i32 = 3;
 const TLS_FD: i32 = 4;
+/// The router writes its access log to this pipe (`--access-log-fd`), apart
+/// from its own log on stdout/stderr, so each line can be passed to its app's drains.
+const ACCESS_FD: i32 = 5;
 
 impl RouterSettings {
     pub fn control_socket(dir: &Path) -> PathBuf {
@@ -409,6 +414,19 @@ impl RouterSettings {
     /// creates or replaces anything.
     pub fn state_dir(dir: &Path) -> PathBuf {
         dir.join("state")
+    }
+
+    /// The FIFO the router writes its access log into (`--access-log-fd`),
+    /// apart from its own log. A FIFO rather than a pipe, because the router
+    /// outlives the receiver: the next receiver opens it again and reads on
+    /// where the last one stopped. Both ends open it read-write, so neither
+    /// ever sees the other gone: while no receiver reads, the pipe fills and
+    /// the router's access log writer drops whole batches, counted, and no
+    /// request waits.
+    fn open_access_fifo(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let path = self.dir.join("access.fifo");
+        nx_runtime::sys::make_fifo(&path, 0o600)?;
+        Ok(std::fs::OpenOptions::new().read(true).write(true).open(path)?.into())
     }
 
     fn command(&self) -> std::io::Result<Command> {
@@ -425,6 +443,7 @@ impl RouterSettings {
             self.user.clone().into(),
         ]);
         cmd.pass_fds.push((std::os::fd::AsFd::as_fd(&*self.socket).try_clone_to_owned()?, HTTP_FD));
+        cmd.args.extend(["--access-log-fd".into(), ACCESS_FD.to_string().into()]);
         if let Some(tls) = &self.tls {
             cmd.args.extend([
                 "--tls-listen".into(),
@@ -534,6 +553,9 @@ impl Supervisor {
         let out = self.settings.log.keeper(&self.pm, &self.settings.shim).await.map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| format!("cannot share nx-router's log pipe: {e}"))?;
         command.pass_fds.extend([(out, 1), (err, 2)]);
+        let access =
+            self.settings.open_access_fifo().map_err(|e| format!("cannot open the router's access log: {e}"))?;
+        command.pass_fds.push((access, ACCESS_FD));
         let child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
         Ok(Router::Child(child))
     }
@@ -787,6 +809,11 @@ impl RouterProcess {
             "nx-router not found at {}; build it (`cargo build --release`) or pass --router-bin, or run it yourself with --no-router",
             settings.bin.display()
         );
+        // The access log's reader: one per receiver, whichever router
+        // writes (an adopted one, or those it starts later).
+        let access = settings.open_access_fifo()?;
+        let (log, feed) = (settings.log.clone(), settings.access.clone());
+        tokio::spawn(async move { log.pump_with(access, |line| _ = feed.send(Arc::from(line))).await });
         let sup = Supervisor { pm, settings, publisher };
         let first = match adopted {
             Some(process) => sup.adopt(process).await.map_err(|e| anyhow::anyhow!(e))?,

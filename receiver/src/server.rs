@@ -223,6 +223,8 @@ async fn run(
         config.preview_domain().to_owned(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The router's access lines, for log drains: a slow reader loses lines, never holds the router.
+    let (access, _) = tokio::sync::broadcast::channel(ACCESS_FEED);
     let router = if config.no_router {
         None
     } else {
@@ -266,6 +268,7 @@ async fn run(
             log,
             shim: config.shim(),
             extra_args: config.router_args.clone(),
+            access: access.clone(),
         };
         Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone(), adopted).await?))
     };
@@ -384,11 +387,31 @@ async fn run(
         }
     };
 
+    let drains = crate::drains::Hub::new(
+        db.clone(),
+        master.clone(),
+        crate::drains::Settings {
+            buffer: usize::try_from(config.drain_buffer).unwrap_or(usize::MAX),
+            allow_private: config.drain_allow_private,
+            extra_roots: match &config.drain_ca {
+                Some(path) => {
+                    Some(std::fs::read(path).with_context(|| format!("cannot read --drain-ca {}", path.display()))?)
+                }
+                None => None,
+            },
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| config.domain.clone()),
+        },
+    );
+    let feed = router.as_ref().map(|_| access.subscribe());
+    tokio::spawn(drains.clone().run(deployer.clone(), feed, stop_rx.clone()));
     let metrics = crate::metrics::Sources {
         db: db.clone(),
         deployer: deployer.clone(),
         routes: routes.clone(),
         data_dir: data.clone(),
+        drains: drains.clone(),
     };
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -415,6 +438,7 @@ async fn run(
     }
     let state = AppState {
         reconciled: reconciled.clone(),
+        drains,
         metrics,
         routes: routes.clone(),
         acme,
@@ -487,6 +511,9 @@ async fn after_reconcile(
 
 /// Connections the metrics listener serves at once: a few scrapers.
 const METRICS_CONNECTIONS: usize = 16;
+
+/// Access lines waiting for the drains' reader at most; beyond, the oldest are lost (counted).
+const ACCESS_FEED: usize = 8192;
 
 /// Holds the data directory's lock (`receiver.lock`) while it lives; `None`
 /// when a running receiver holds it.

@@ -136,6 +136,15 @@ pub struct Config {
     /// ptrace, mounts, module loading and bpf.
     #[arg(long, env = "NX_ROUTER_USER")]
     pub user: Option<String>,
+    /// Write the access log: one JSON line per request (`nx_protocol::logs::AccessLine`),
+    /// batched per worker thread and written by a thread of its own; lines
+    /// the reader is too slow for are dropped and counted, never waited for.
+    #[arg(long, env = "NX_ROUTER_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+    /// Write the access log to this inherited descriptor (a pipe the
+    /// receiver reads, to pass each app its lines) instead of stdout.
+    #[arg(long, env = "NX_ROUTER_ACCESS_LOG_FD")]
+    pub access_log_fd: Option<i32>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

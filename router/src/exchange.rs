@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use nx_protocol::logs::AccessLine;
 use nx_protocol::names::url_for_host;
 use nx_protocol::routes::{normalize_host, Target, ACME_CHALLENGE_PREFIX};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -472,27 +473,30 @@ impl Exchange {
 
     /// The end of a request: counted on its deployment (`status` 0 when no
     /// response was sent; body bytes read from and sent to the client), and
-    /// the access log line, structured.
+    /// the access log line ([`crate::access`]).
     pub fn finish(&self, req: &RequestHeader, status: u16, bytes: (usize, usize), error: Option<String>) {
         let micros = self.started.elapsed().as_micros() as u64;
         if let Some(entry) = &self.route {
             entry.traffic().record(status, micros, bytes.0 as u64, bytes.1 as u64);
         }
+        let Some(log) = crate::access::installed() else { return };
         let (app, deployment) = self.names();
-        tracing::info!(
-            target: "access",
-            host = %self.host,
-            method = %req.method,
-            path = %req.uri.path(),
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        log.record(&AccessLine {
+            ts,
+            host: self.host.as_str().into(),
+            method: req.method.as_str().into(),
+            path: req.uri.path().into(),
             status,
-            app,
-            deployment,
-            upstream = ?self.upstream.map(|u| u.addr),
-            request_id = %self.request_id,
-            client_request_id = self.client_request_id.as_deref(),
+            app: app.into(),
+            deployment: deployment.into(),
+            request_id: self.request_id.as_str().into(),
+            client_request_id: self.client_request_id.as_deref().map(Into::into),
             micros,
-            error,
-        );
+            bytes_in: bytes.0 as u64,
+            bytes_out: bytes.1 as u64,
+            error: error.map(Into::into),
+        });
     }
 }
 

@@ -30,6 +30,7 @@
 //!   idempotent request without a body that could not reach one, or found
 //!   its connection dead before any response byte, is sent once to another.
 
+pub mod access;
 pub mod balance;
 pub mod buffered;
 pub mod certs;

@@ -24,7 +24,7 @@ use crate::listener::{self, Connections, Proxies, Source};
 use crate::pool::Pool;
 use crate::proxy::Router;
 use crate::table::RouteStore;
-use crate::{control, telemetry, upgrade};
+use crate::{access, control, telemetry, upgrade};
 
 /// The sockets of the router: the listening sockets every worker accepts on
 /// (each worker registers its own copy of the descriptor with its own
@@ -155,6 +155,15 @@ fn worker(
                     pool.sweep();
                 }
             });
+            if let Some(log) = access::installed() {
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(access::FLUSH_EVERY);
+                    loop {
+                        every.tick().await;
+                        log.flush();
+                    }
+                });
+            }
             let mut loops = tokio::task::JoinSet::new();
             if let Ok(l) = tokio::net::TcpListener::from_std(http) {
                 loops.spawn(listener::serve(l, None, limits, proxies.clone(), connections.clone(), stop.clone()));
@@ -175,6 +184,9 @@ fn worker(
             // Connections accepted here keep being served until they close.
             let mut done = connections.done();
             let _ = done.wait_for(|d| *d).await;
+            if let Some(log) = access::installed() {
+                log.flush();
+            }
         });
     })?)
 }
@@ -199,6 +211,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Before any worker thread exists; the filter would reach them anyway.
     crate::confine::confine(config.user.as_deref())?;
     tracing::info!(user = config.user.as_deref().unwrap_or("(unchanged)"), "confined: no exec, seccomp filter on");
+    // After confinement, so its thread runs under the filter like every other.
+    if config.access_log {
+        let out: Box<dyn std::io::Write + Send> = match config.access_log_fd {
+            Some(fd) => Box::new(std::fs::File::from(
+                nx_runtime::sys::inherited_fd(fd).with_context(|| format!("cannot take --access-log-fd {fd}"))?,
+            )),
+            None => Box::new(std::io::stdout()),
+        };
+        access::install(access::AccessLog::new(out, access::QUEUE)?);
+    }
     let https_port = sockets.tls.as_ref().map(|(_, _, addr)| addr.port());
     let store = Arc::new(
         RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?.with_hsts(config.hsts_max_age),
@@ -311,6 +333,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })?;
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(log) = access::installed() {
+        log.close();
     }
     tracing::info!("nx-router stopped");
     Ok(())

@@ -189,6 +189,11 @@ impl Log {
 
     /// Copies the lines of `fd` (a pipe) into the log until it closes.
     pub async fn pump(&self, fd: OwnedFd) {
+        self.pump_with(fd, |_| {}).await
+    }
+
+    /// [`Log::pump`], also handing each line (without its newline) to `each`.
+    pub async fn pump_with(&self, fd: OwnedFd, mut each: impl FnMut(&str)) {
         let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
         // `take` bounds each read so a line without newline cannot grow forever.
         let mut reader = tokio::io::BufReader::new(pipe);
@@ -197,7 +202,11 @@ impl Log {
             buf.clear();
             match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => self.app_line(&String::from_utf8_lossy(&buf)),
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    self.app_line(&line);
+                    each(line.trim_end_matches(['\r', '\n']));
+                }
             }
         }
     }

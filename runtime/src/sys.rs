@@ -260,6 +260,26 @@ pub fn sealed_file_with(name: &str, contents: &[u8]) -> io::Result<std::os::fd::
     Ok(file.into())
 }
 
+/// Makes a FIFO at `path` with `mode`, unless one is there already; any
+/// other file there is an error.
+pub fn make_fifo(path: &Path, mode: u32) -> io::Result<()> {
+    match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => {
+            use std::os::unix::fs::FileTypeExt as _;
+            if std::fs::symlink_metadata(path)?.file_type().is_fifo() {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a FIFO", path.display()),
+                ))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `fd` itself if its number is at least `min`, else a close-on-exec duplicate
 /// numbered `min` or above (and `fd` is closed).
 pub fn renumber_above(fd: std::os::fd::OwnedFd, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {

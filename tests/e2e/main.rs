@@ -12,6 +12,7 @@ mod cli;
 mod core;
 mod databases;
 mod domains;
+mod drains;
 mod forks;
 mod github;
 mod lifecycle;

@@ -11,6 +11,7 @@
 
 pub mod acme;
 pub mod cloudflare;
+pub mod drains;
 pub mod exec;
 pub mod fixtures;
 pub mod github;

@@ -5,6 +5,7 @@ mod build;
 mod db;
 mod deployments;
 mod domains;
+mod drains;
 mod env;
 mod events;
 mod github;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => deployments::logs(g, args).await,
         Command::Keys(cmd) => keys::run(g, cmd).await,
         Command::Domains(cmd) => domains::run(g, cmd).await,
+        Command::Drains(cmd) => drains::run(g, cmd).await,
         Command::Db(cmd) => db::run(g, cmd).await,
         Command::Stop(args) => deployments::stop(g, args).await,
         Command::Env(cmd) => env::run(g, cmd).await,

@@ -77,6 +77,12 @@ pub enum Action {
     /// the public, takes it from every other app, and spends the platform's
     /// ACME account (whose rate limits all apps share).
     Domains,
+    /// Add and remove the app's log drains (listing them is ReadApp: their
+    /// URLs are shown masked). A drain ships what the app's key may read
+    /// already (its logs, events and access lines), to an address the
+    /// receiver checks (no loopback or private network), so the deploy key
+    /// may manage its own app's.
+    Drains,
     /// The app's database: credentials, dumps, restores, backups.
     Database,
     /// Remove an app and everything it has.
@@ -87,7 +93,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, for the tables that list them.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::Status,
         Action::ListApps,
         Action::CreateApp,
@@ -100,6 +106,7 @@ impl Action {
         Action::ManageKeys,
         Action::LinkRepository,
         Action::Domains,
+        Action::Drains,
         Action::Database,
         Action::RemoveApp,
         Action::Platform,
@@ -118,7 +125,7 @@ pub enum Denied {
     OtherApp { key: String, own: String, app: String },
     #[error(
         "this needs the admin token; the deploy key {key} of app '{own}' may push, promote, roll back and stop its \
-         deployments, read its status and logs, set its variables and settings, nothing else"
+         deployments, read its status and logs, set its variables, settings and log drains, nothing else"
     )]
     DeployKey { key: String, own: String },
     #[error(
@@ -156,6 +163,7 @@ pub fn decide(role: &Role, key: &str, action: Action, app: &str) -> Result<(), D
                     | Action::Deploy
                     | Action::SetEnv
                     | Action::Configure
+                    | Action::Drains
             );
             if !allowed {
                 return Err(Denied::DeployKey { key: key.to_owned(), own: own.clone() });
@@ -267,6 +275,7 @@ mod tests {
             Action::Deploy,
             Action::SetEnv,
             Action::Configure,
+            Action::Drains,
         ];
         for action in Action::ALL {
             let own = decide(&deploy(), "k1", action, "web");
@@ -379,5 +388,6 @@ mod tests {
         assert!(text.contains("| Database | any app | no | no | no | no |"), "{text}");
         assert!(text.contains("| Status | yes | yes | yes | no | no |"), "{text}");
         assert!(text.contains("| LinkRepository | any app | no | no | no | no |"), "{text}");
+        assert!(text.contains("| Drains | any app | own app | no | no | no |"), "{text}");
     }
 }

@@ -116,5 +116,10 @@ pub async fn remove(
         )));
     }
     state.deployer.remove_app(&row, &caller.actor()).await?;
+    // Its drains went with its row: stop them now, before a new app of the
+    // same name could have records shipped to the old one's drains.
+    if let Err(e) = state.drains.reload().await {
+        tracing::warn!(app, error = %e, "cannot stop the removed app's log drains; they stop at the next reload");
+    }
     Ok(StatusCode::NO_CONTENT)
 }

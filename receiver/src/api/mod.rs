@@ -7,6 +7,7 @@ pub mod auth;
 pub mod database;
 pub mod deployments;
 pub mod domains;
+pub mod drains;
 pub mod error;
 pub mod events;
 pub mod keys;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub metrics: crate::metrics::Sources,
     /// Publishes route tables (a domain verified or removed changes them).
     pub routes: Arc<crate::routing::RoutePublisher>,
+    /// Ships apps' logs to their drains.
+    pub drains: Arc<crate::drains::Hub>,
     /// Obtains certificates for verified domains, unless ACME is off.
     pub acme: Option<Arc<crate::domains::acme::Acme>>,
     /// Turns true once the deployments are reconciled after the start.
@@ -107,6 +110,9 @@ signed_routes! {
     POST "/v1/apps/{app}/domains" Domains => domains::add,
     POST "/v1/apps/{app}/domains/{domain}/verify" Domains => domains::verify,
     DELETE "/v1/apps/{app}/domains/{domain}" Domains => domains::remove,
+    GET "/v1/apps/{app}/drains" ReadApp => drains::list,
+    POST "/v1/apps/{app}/drains" Drains => drains::add,
+    DELETE "/v1/apps/{app}/drains/{id}" Drains => drains::remove,
     GET "/v1/apps/{app}/env" ReadApp => lifecycle::env_list,
     PATCH "/v1/apps/{app}/env" SetEnv => lifecycle::env_change,
     POST "/v1/apps/{app}/rollback" Deploy => lifecycle::rollback,
@@ -132,6 +138,9 @@ signed_routes! {
     GET "/v1/keys" Platform => keys::list_platform,
     POST "/v1/keys" Platform => keys::create_read_only,
     DELETE "/v1/keys/{id}" Platform => keys::revoke_platform,
+    GET "/v1/drains" Platform => drains::list_platform,
+    POST "/v1/drains" Platform => drains::add_platform,
+    DELETE "/v1/drains/{id}" Platform => drains::remove_platform,
     POST "/v1/admin/token" Platform => keys::rotate_admin,
     POST "/v1/admin/router/reload" Platform => reload_router,
 }

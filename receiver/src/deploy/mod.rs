@@ -925,6 +925,11 @@ impl Deployer {
         running.get(id).map_or_else(Vec::new, |r| r.replicas.iter().map(|x| replica_key(id, x.index)).collect())
     }
 
+    /// The live logs of every running deployment, by id (for log drains).
+    pub fn running_logs(&self) -> Vec<(String, Log)> {
+        self.running.lock().map(|r| r.iter().map(|(id, r)| (id.clone(), r.log.clone())).collect()).unwrap_or_default()
+    }
+
     /// The last status the watcher applied for a running deployment (of
     /// its replicas together).
     pub fn running_status(&self, id: &str) -> Option<Status> {

@@ -1,0 +1,194 @@
+//! Log drains: an app's output, its events and the router's access lines for
+//! it reach a real rsyslog over TLS and an HTTPS sink exactly as shipped, a
+//! platform-wide drain gets them too, URLs are never echoed with their
+//! credentials, a deploy key manages its own app's drains only, and a drain
+//! that is down drops its oldest records with a count while the app keeps
+//! answering.
+
+use nx_e2e::drains::{HttpsSink, Rsyslog};
+use nx_e2e::fixtures::{self, Go};
+use nx_e2e::receiver::{free_port, Options};
+use nx_e2e::{eventually, tls, Receiver};
+
+/// The receiver's `/metrics` text.
+fn scrape(metrics: &str) -> String {
+    reqwest::blocking::get(format!("http://{metrics}/metrics")).unwrap().text().unwrap()
+}
+
+/// One sample of a scrape, by its exact name and labels.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The RFC 5424 message's fields after the timestamp: `HOSTNAME APP PROCID MSGID SD MSG`.
+fn after_timestamp(message: &str) -> Option<(&str, &str)> {
+    let (pri, rest) = message.split_once(' ')?;
+    let (_, rest) = rest.split_once(' ')?;
+    Some((pri, rest))
+}
+
+#[test]
+fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = tls::self_signed(certs.path(), &["localhost"]);
+    let rsyslog = Rsyslog::start(&cert, &key);
+    let sink = HttpsSink::start(&cert, &key);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let r = Receiver::start_with(Options {
+        args: vec![
+            "--drain-allow-private".into(),
+            "--drain-ca".into(),
+            cert.display().to_string(),
+            "--drain-buffer".into(),
+            "200".into(),
+            "--metrics-listen".into(),
+            metrics.clone(),
+        ],
+        ..Options::default()
+    });
+    let web_key = r.create_app("web");
+    r.create_app("site");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+
+    // The app's deploy key adds its own app's drains; the URL's secrets never come back.
+    let tls_drain = r
+        .nx_with_key(
+            &web_key,
+            &["--json", "drains", "add", "web", &format!("syslog+tls://localhost:{}", rsyslog.tls_port)],
+        )
+        .success()
+        .json();
+    assert_eq!(tls_drain["url"], format!("syslog+tls://localhost:{}", rsyslog.tls_port));
+    let secret_url = format!("https://user:s3cret@localhost:{}/ingest?token=s3cret", sink.port);
+    let https_drain = r.nx_with_key(&web_key, &["--json", "drains", "add", "web", &secret_url]).success().json();
+    let shown = format!("https://***@localhost:{}/ingest?***", sink.port);
+    assert_eq!(https_drain["url"], shown);
+    let listed = r.nx_with_key(&web_key, &["drains", "ls", "web"]).success();
+    assert!(listed.stdout.contains(&shown) && !listed.stdout.contains("s3cret"), "{}", listed.stdout);
+
+    // Not another app's, not the platform's.
+    let other = r.nx_with_key(&web_key, &["drains", "add", "site", "syslog+tcp://localhost:1"]);
+    assert_eq!(other.code, 1);
+    let web_key_id = web_key.split('_').nth(1).unwrap();
+    assert!(
+        other.stderr.contains(&format!(
+            "the key {web_key_id} belongs to app 'web' and cannot act on app 'site'; use that app's deploy key"
+        )),
+        "{}",
+        other.stderr
+    );
+    let platform = r.nx_with_key(&web_key, &["drains", "add", "--platform", "syslog+tcp://localhost:1"]);
+    assert_eq!(platform.code, 1);
+    assert!(platform.stderr.contains("this needs the admin token"), "{}", platform.stderr);
+    // Plain http is refused, saying what to write.
+    let plain = r.nx(&["drains", "add", "web", "http://localhost:1/x"]);
+    assert!(
+        plain.stderr.contains("the drain URL's scheme is \"http\"; write syslog+tls://HOST:PORT"),
+        "{}",
+        plain.stderr
+    );
+
+    // The admin's platform-wide drain (plain TCP) gets every app's records.
+    let platform_drain = r
+        .nx(&["--json", "drains", "add", "--platform", &format!("syslog+tcp://127.0.0.1:{}", rsyslog.tcp_port)])
+        .success()
+        .json();
+    assert_eq!(platform_drain["app"], serde_json::Value::Null);
+
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let base = d["preview_url"].as_str().unwrap().trim_end_matches('/').to_owned();
+    // The drains' reader follows a new deployment's log within its second:
+    // until then, lines printed are not shipped.
+    eventually(30, "a warm-up line in the HTTPS drain", || {
+        assert_eq!(r.get(&format!("{base}/print?text=warm-up")).status, 200);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        sink.lines().iter().any(|l| l["message"] == "warm-up").then_some(())
+    });
+    assert_eq!(r.get(&format!("{base}/print?text=hello-drain-1")).status, 200);
+
+    // rsyslog: the app's line, once from the app's TLS drain and once from the platform's TCP drain.
+    let app_line = format!("{hostname} web {id} app - hello-drain-1");
+    let found = eventually(30, "the app's line twice in rsyslog", || {
+        let lines: Vec<String> = rsyslog.messages();
+        let hits: Vec<String> =
+            lines.iter().filter(|m| after_timestamp(m).is_some_and(|(_, rest)| rest == app_line)).cloned().collect();
+        (hits.len() == 2).then_some(hits)
+    });
+    for m in &found {
+        assert_eq!(after_timestamp(m).unwrap().0, "<14>1", "{m}");
+    }
+    let access = eventually(30, "the access line in rsyslog", || {
+        rsyslog.messages().into_iter().find(|m| {
+            after_timestamp(m).is_some_and(|(_, rest)| {
+                rest.starts_with(&format!("{hostname} web {id} access - ")) && rest.contains(" GET /print 200 ")
+            })
+        })
+    });
+    assert!(access.contains(" request_id="), "{access}");
+    // The HTTPS drain's add event reached the TLS drain, masked.
+    let event = format!(
+        "{hostname} web - event - drain.add by key:{web_key_id}@web {{\"drain\":\"{}\",\"url\":\"{shown}\"}}",
+        https_drain["id"].as_str().unwrap()
+    );
+    eventually(30, "the drain.add event in rsyslog", || {
+        rsyslog
+            .messages()
+            .iter()
+            .any(|m| after_timestamp(m).is_some_and(|(pri, rest)| pri == "<13>1" && rest == event))
+            .then_some(())
+    });
+
+    // HTTPS: the same app line as NDJSON, POSTed to the URL with its query.
+    let line = eventually(30, "the app's line in the HTTPS sink", || {
+        sink.lines().into_iter().find(|l| l["message"] == "hello-drain-1")
+    });
+    assert_eq!(line["app"], "web");
+    assert_eq!(line["deployment"], id.as_str());
+    assert_eq!(line["source"], "app");
+    let access = eventually(30, "the access line in the HTTPS sink", || {
+        sink.lines().into_iter().find(|l| l["source"] == "access" && l["access"]["path"] == "/print")
+    });
+    assert_eq!(access["access"]["status"], 200);
+    assert_eq!(access["access"]["app"], "web");
+    assert!(sink.lines().iter().all(|l| l["app"] == "web"), "only web's records reach web's drain");
+    let (target, content_type) = sink.posts()[0].clone();
+    assert_eq!((target.as_str(), content_type.as_str()), ("/ingest?token=s3cret", "application/x-ndjson"));
+    assert!(!rsyslog.messages().iter().any(|m| m.contains("s3cret")), "a drain's secret reached a log");
+
+    // A drain that is down: its queue holds 200 records, drops the oldest
+    // with a count, and the app keeps answering.
+    let down_port = free_port();
+    let down =
+        r.nx(&["--json", "drains", "add", "web", &format!("syslog+tcp://127.0.0.1:{down_port}")]).success().json();
+    let down_id = down["id"].as_str().unwrap().to_owned();
+    for n in 0..200 {
+        assert_eq!(r.get(&format!("{base}/print?text=down-{n}")).status, 200, "request {n}");
+    }
+    let labels = format!("{{drain=\"{down_id}\",app=\"web\"}}");
+    let text = eventually(30, "the down drain's drops in /metrics", || {
+        let text = scrape(&metrics);
+        sample(&text, &format!("nx_drain_dropped_total{labels}")).is_some_and(|d| d >= 200.0).then_some(text)
+    });
+    let series = |name: &str| sample(&text, &format!("{name}{labels}")).unwrap();
+    // Nothing reached it; what it took is dropped or waiting, the queue full.
+    assert_eq!((series("nx_drain_waiting"), series("nx_drain_sent_total"), series("nx_drain_up")), (200.0, 0.0, 0.0));
+    assert_eq!(series("nx_drain_records_total"), series("nx_drain_dropped_total") + 200.0, "{text}");
+    let tls_labels = format!("{{drain=\"{}\",app=\"web\"}}", tls_drain["id"].as_str().unwrap());
+    assert_eq!(sample(&text, &format!("nx_drain_dropped_total{tls_labels}")), Some(0.0), "{text}");
+    // The up drains got every line of the burst.
+    eventually(30, "the burst's last line in rsyslog over TLS", || {
+        let last = format!("{hostname} web {id} app - down-199");
+        (rsyslog.messages().iter().filter(|m| after_timestamp(m).is_some_and(|(_, rest)| rest == last)).count() == 2)
+            .then_some(())
+    });
+    assert_eq!(r.get(&format!("{base}/print?text=still-here")).status, 200);
+
+    // Removed: nothing more is shipped to it, and it leaves /metrics.
+    r.nx(&["drains", "rm", "web", &down_id]).success();
+    eventually(10, "the removed drain gone from /metrics", || {
+        sample(&scrape(&metrics), &format!("nx_drain_records_total{labels}")).is_none().then_some(())
+    });
+    let gone = r.nx(&["drains", "rm", "web", &down_id]);
+    assert!(gone.stderr.contains(&format!("app 'web' has no log drain {down_id}")), "{}", gone.stderr);
+}
