@@ -235,3 +235,28 @@ fn a_tenants_warnings_keep_postgres_log_capped_even_with_no_receiver() {
     r.start_again();
     assert_eq!(psql(&r.db_url("web"), "SELECT 1").unwrap(), "1");
 }
+
+#[test]
+fn an_adopted_routers_access_lines_still_reach_the_receiver_even_those_served_while_none_ran() {
+    // The router outlives the receiver, so its access log cannot be a pipe
+    // of the receiver's: it is a FIFO the next receiver opens again. What
+    // the router served while no receiver ran waits in it.
+    let mut r = Receiver::start();
+    r.create_app("web");
+    let url = r.push("web", &bin("hello"), &[])["preview_url"].as_str().unwrap().to_owned();
+    let router_log = r.data_dir().join("logs/router.log");
+    let logged = |path: &str| std::fs::read_to_string(&router_log).unwrap_or_default().contains(path);
+    // The app's answer to these paths (its 404) is beside the point: every
+    // answer has its access line.
+    let answer = r.get(&format!("{url}/before-restart"));
+    eventually(10, "the access line of a request", || logged("/before-restart").then_some(()));
+    r.stop_with(Signal::SIGTERM);
+    let away = r.get(&format!("{url}/while-away"));
+    assert_eq!((away.status, &away.body), (answer.status, &answer.body), "the router serves with no receiver");
+    assert!(!logged("/while-away"), "nobody reads the access log while no receiver runs");
+    r.start_again();
+    eventually(10, "the line of the request served while away", || logged("/while-away").then_some(()));
+    assert_eq!(r.get(&format!("{url}/after-restart")).status, answer.status);
+    eventually(10, "the access line of a request to the adopted router", || logged("/after-restart").then_some(()));
+    assert!(r.log().contains("nx-router adopted"), "{}", r.log());
+}
