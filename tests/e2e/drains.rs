@@ -36,7 +36,7 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
     let metrics = format!("127.0.0.1:{}", free_port());
     let r = Receiver::start_with(Options {
         args: vec![
-            "--drain-allow-private".into(),
+            "--drain-allow-loopback".into(),
             "--drain-ca".into(),
             cert.display().to_string(),
             "--drain-buffer".into(),
