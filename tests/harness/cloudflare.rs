@@ -89,6 +89,21 @@ impl FakeCloudflare {
         self.state.records.lock().unwrap().clone()
     }
 
+    /// Puts a TXT record `name` into the zone holding it, as an earlier
+    /// receiver (marked by `comment`) or the operator left it; its id.
+    pub fn seed(&self, name: &str, content: &str, comment: Option<&str>) -> String {
+        let (zone_id, _) = self.state.zones.iter().find(|(_, z)| name.ends_with(&format!(".{z}"))).unwrap();
+        let id = format!("{:032x}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
+        self.state.records.lock().unwrap().push(Record {
+            id: id.clone(),
+            zone_id: zone_id.clone(),
+            name: name.to_owned(),
+            content: content.to_owned(),
+            comment: comment.map(str::to_owned),
+        });
+        id
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap().clone()
