@@ -452,11 +452,28 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_DRAIN_BUFFER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub drain_buffer: u64,
 
-    /// Let log drains reach loopback, link-local and private addresses
-    /// (refused by default: a drain URL must not reach the host's own
-    /// services or its private network). For tests and private log hosts.
+    /// MiB of records one log drain holds while it is down or slow (each
+    /// record counted as its text, its structured fields and 128 bytes);
+    /// beyond them the oldest are dropped and counted like those beyond
+    /// `--drain-buffer`. Whichever bound is reached first applies, so a
+    /// drain that never reads costs the receiver at most this much memory.
+    #[arg(long, env = "NX_DRAIN_BUFFER_MIB", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub drain_buffer_mib: u64,
+
+    /// Let log drains reach private addresses: RFC 1918, IPv6 unique-local
+    /// and shared address space (100.64.0.0/10), for a log host on the
+    /// private network. Refused by default, since every deploy key can add
+    /// a drain. Loopback needs `--drain-allow-loopback`; link-local and
+    /// cloud metadata (169.254.169.254, fd00:ec2::254, 100.100.100.200,
+    /// 168.63.129.16) stay refused whatever is set.
     #[arg(long, env = "NX_DRAIN_ALLOW_PRIVATE")]
     pub drain_allow_private: bool,
+
+    /// Let log drains reach the host itself (127.0.0.0/8, ::1, localhost),
+    /// where PostgreSQL, the API and other host daemons listen: any deploy
+    /// key could then write to them. For tests with a local log sink only.
+    #[arg(long, env = "NX_DRAIN_ALLOW_LOOPBACK")]
+    pub drain_allow_loopback: bool,
 
     /// PEM file of CA certificates log drains trust beside the public roots
     /// (a private syslog or HTTPS endpoint; the suite's own CA).

@@ -115,7 +115,7 @@ pub const PRIVATE_V4: &str =
 pub const PRIVATE_V6: &str = "fc00::/7, fe80::/10, ff00::/8, 64:ff9b::/96, 64:ff9b:1::/48";
 /// Addresses that hand out the host's credentials or control its agent
 /// (AWS/GCP/Azure metadata, Azure's WireServer): closed whatever is allowed.
-const METADATA_V4: &str = "169.254.169.254, 168.63.129.16";
+pub const METADATA_V4: &str = "169.254.169.254, 168.63.129.16";
 
 /// The nameservers a resolv.conf names.
 pub fn nameservers(resolv: &str) -> Vec<IpAddr> {

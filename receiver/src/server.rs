@@ -392,7 +392,11 @@ async fn run(
         master.clone(),
         crate::drains::Settings {
             buffer: usize::try_from(config.drain_buffer).unwrap_or(usize::MAX),
-            allow_private: config.drain_allow_private,
+            buffer_bytes: usize::try_from(config.drain_buffer_mib << 20).unwrap_or(usize::MAX),
+            reach: crate::drains::target::Reach {
+                private: config.drain_allow_private,
+                loopback: config.drain_allow_loopback,
+            },
             extra_roots: match &config.drain_ca {
                 Some(path) => {
                     Some(std::fs::read(path).with_context(|| format!("cannot read --drain-ca {}", path.display()))?)

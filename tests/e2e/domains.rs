@@ -299,6 +299,28 @@ fn wildcard_receiver(acme: &Acme, cloudflare: &FakeCloudflare, token: &str) -> (
     (Receiver::start_with(Options { args, env, ..Options::default() }), tls_port)
 }
 
+/// N1: a challenge record a stopped receiver left (marked as the
+/// receiver's) is deleted at the next start, before any order; the
+/// operator's own TXT record at that name is kept.
+#[test]
+fn leftover_challenge_records_are_deleted_at_start_and_the_operators_kept() {
+    let mut acme = Acme::start();
+    acme.start_ca(free_port());
+    let cloudflare = FakeCloudflare::start(&acme, CLOUDFLARE_TOKEN, &[PREVIEWS]);
+    let name = format!("_acme-challenge.{PREVIEWS}");
+    let leftover = cloudflare.seed(&name, "left-by-a-stopped-receiver", Some("nx-sandbox acme dns-01"));
+    let operators = cloudflare.seed(&name, "v=operator", None);
+    let (r, _) = wildcard_receiver(&acme, &cloudflare, CLOUDFLARE_TOKEN);
+    eventually(90, "a wildcard certificate", || wildcard_status(&r)["expires_at"].is_string().then_some(()));
+    let kept: Vec<String> = cloudflare.records().into_iter().map(|r| r.id).collect();
+    assert_eq!(kept, [operators]);
+    let calls = cloudflare.calls();
+    let first_delete = calls.iter().find(|c| c.method == "DELETE").unwrap();
+    assert!(first_delete.path.ends_with(&format!("/dns_records/{leftover}")), "{calls:?}");
+    let first_create = calls.iter().position(|c| c.method == "POST").unwrap();
+    assert!(calls.iter().position(|c| c.method == "DELETE").unwrap() < first_create, "{calls:?}");
+}
+
 /// The wildcard certificate's state in `nx status --json`.
 fn wildcard_status(r: &Receiver) -> serde_json::Value {
     let status = r.nx_ok(&["--json", "status"]).json();

@@ -36,7 +36,7 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
     let metrics = format!("127.0.0.1:{}", free_port());
     let r = Receiver::start_with(Options {
         args: vec![
-            "--drain-allow-private".into(),
+            "--drain-allow-loopback".into(),
             "--drain-ca".into(),
             cert.display().to_string(),
             "--drain-buffer".into(),
@@ -87,6 +87,22 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
         "{}",
         plain.stderr
     );
+    // With loopback allowed, private networks and cloud metadata stay closed.
+    for (url, addr, why) in [
+        ("https://169.254.169.254/latest/meta-data", "169.254.169.254", "whatever the receiver allows"),
+        ("syslog+tcp://[fd00:ec2::254]:514", "fd00:ec2::254", "whatever the receiver allows"),
+        ("syslog+tcp://10.0.0.1:514", "10.0.0.1", "unless the operator starts the receiver with --drain-allow-private"),
+    ] {
+        let refused = r.nx_with_key(&web_key, &["drains", "add", "web", url]);
+        assert_eq!(refused.code, 1, "{url}");
+        assert!(
+            refused
+                .stderr
+                .contains(&format!("reaches {addr}, which is not a public address; drains may not go there {why}")),
+            "{}",
+            refused.stderr
+        );
+    }
 
     // The admin's platform-wide drain (plain TCP) gets every app's records.
     let platform_drain = r

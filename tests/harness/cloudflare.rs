@@ -1,6 +1,7 @@
 //! A local stand-in for Cloudflare's DNS API (v4), as far as the receiver's
-//! DNS-01 provider uses it: list zones by name, create and delete TXT
-//! records. It checks the Bearer token and answers in Cloudflare's envelope
+//! DNS-01 provider uses it: list zones by name, create, list (filtered by
+//! type, name and comment, as Cloudflare's `GET dns_records` is) and delete
+//! TXT records. It checks the Bearer token and answers in Cloudflare's envelope
 //! (`{success, errors, messages, result}`, with Cloudflare's error codes),
 //! and writes each TXT record into pebble-challtestsrv (its `set-txt` /
 //! `clear-txt` management API), the DNS server pebble and the receiver ask.
@@ -24,6 +25,8 @@ pub struct Record {
     pub zone_id: String,
     pub name: String,
     pub content: String,
+    /// Cloudflare's free-text comment on the record.
+    pub comment: Option<String>,
 }
 
 /// One call, as the fake saw it.
@@ -86,6 +89,21 @@ impl FakeCloudflare {
         self.state.records.lock().unwrap().clone()
     }
 
+    /// Puts a TXT record `name` into the zone holding it, as an earlier
+    /// receiver (marked by `comment`) or the operator left it; its id.
+    pub fn seed(&self, name: &str, content: &str, comment: Option<&str>) -> String {
+        let (zone_id, _) = self.state.zones.iter().find(|(_, z)| name.ends_with(&format!(".{z}"))).unwrap();
+        let id = format!("{:032x}", self.state.next_id.fetch_add(1, Ordering::SeqCst));
+        self.state.records.lock().unwrap().push(Record {
+            id: id.clone(),
+            zone_id: zone_id.clone(),
+            name: name.to_owned(),
+            content: content.to_owned(),
+            comment: comment.map(str::to_owned),
+        });
+        id
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap().clone()
@@ -143,6 +161,7 @@ async fn route(state: &State, method: &Method, path: &str, query: &str, body: &V
             success(Value::Array(zones))
         }
         (&Method::POST, ["zones", zone, "dns_records"]) => create(state, zone, body).await,
+        (&Method::GET, ["zones", zone, "dns_records"]) => list(state, zone, query),
         (&Method::DELETE, ["zones", zone, "dns_records", id]) => delete(state, zone, id).await,
         _ => failure(404, 7000, "No route for that URI"),
     }
@@ -168,14 +187,48 @@ async fn create(state: &State, zone: &str, body: &Value) -> (u16, Value) {
         return failure(400, 1004, "DNS Validation Error: the name is not in the zone");
     }
     let id = format!("{:032x}", state.next_id.fetch_add(1, Ordering::SeqCst));
-    let record =
-        Record { id: id.clone(), zone_id: zone.to_owned(), name: name.to_owned(), content: content.to_owned() };
+    let comment = body["comment"].as_str().map(str::to_owned);
+    let record = Record {
+        id: id.clone(),
+        zone_id: zone.to_owned(),
+        name: name.to_owned(),
+        content: content.to_owned(),
+        comment: comment.clone(),
+    };
     state.records.lock().unwrap().push(record);
     challtestsrv(state, "set-txt", json!({ "host": format!("{name}."), "value": content })).await;
     success(json!({
         "id": id, "zone_id": zone, "zone_name": zone_name, "name": name, "type": "TXT",
-        "content": content, "ttl": body["ttl"].as_u64().unwrap_or(1), "proxied": false,
+        "content": content, "ttl": body["ttl"].as_u64().unwrap_or(1), "proxied": false, "comment": comment,
     }))
+}
+
+/// The zone's records matching the query's `type`, `name` and `comment`
+/// (each an exact match when given).
+fn list(state: &State, zone: &str, query: &str) -> (u16, Value) {
+    let Some(zone_name) = zone_name(state, zone) else {
+        return failure(404, 7003, "Could not route to /zones/dns_records, perhaps your object identifier is invalid?");
+    };
+    let filter: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let wanted = |key: &str, value: Option<&str>| {
+        filter.iter().filter(|(k, _)| k == key).all(|(_, v)| Some(v.as_str()) == value)
+    };
+    let records: Vec<Value> = state
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.zone_id == zone)
+        .filter(|r| wanted("type", Some("TXT")) && wanted("name", Some(r.name.as_str())))
+        .filter(|r| wanted("comment", r.comment.as_deref()))
+        .map(|r| {
+            json!({
+                "id": r.id, "zone_id": zone, "zone_name": zone_name, "name": r.name, "type": "TXT",
+                "content": r.content, "comment": r.comment,
+            })
+        })
+        .collect();
+    success(Value::Array(records))
 }
 
 async fn delete(state: &State, zone: &str, id: &str) -> (u16, Value) {

@@ -48,7 +48,7 @@ async fn add_to(
     owner: Owner<'_>,
     req: AddDrain,
 ) -> Result<(StatusCode, Json<DrainInfo>), ApiError> {
-    Target::parse(&req.url, state.drains.settings().allow_private)?;
+    Target::parse(&req.url, state.drains.settings().reach)?;
     let parsed = url::Url::parse(req.url.trim()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let shown = target::shown(&parsed);
     let mut bytes = [0u8; 8];

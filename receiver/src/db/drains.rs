@@ -91,13 +91,22 @@ impl Db {
             .map(|r| r.rows_affected() == 1)
     }
 
-    /// The audit events after `after` (by id), oldest first, at most `limit`.
-    pub async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<nx_protocol::api::EventInfo>, sqlx::Error> {
+    /// The audit events after `after` (by id) and those of the ids `gaps`
+    /// (below it, not seen yet: their transactions may commit late), oldest
+    /// first, at most `limit`.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        gaps: &[i64],
+        limit: i64,
+    ) -> Result<Vec<nx_protocol::api::EventInfo>, sqlx::Error> {
         type Row = (i64, DateTime<Utc>, Option<String>, Option<String>, String, String, serde_json::Value);
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, at, app, deployment_id, kind, actor, detail FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id, at, app, deployment_id, kind, actor, detail FROM events \
+             WHERE id > $1 OR id = ANY($2) ORDER BY id LIMIT $3",
         )
         .bind(after)
+        .bind(gaps)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;

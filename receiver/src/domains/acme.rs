@@ -135,6 +135,7 @@ impl Acme {
     /// Obtains what is due, then waits for the next due time (at most a
     /// minute) or a wake-up, until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        self.sweep().await;
         loop {
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "ACME round failed");
@@ -146,6 +147,32 @@ impl Acme {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Deletes the DNS-01 records a receiver stopped during an order (the
+    /// propagation wait is minutes long) left at the provider: nothing
+    /// remembered them, and the operator's zone would keep one per
+    /// interrupted attempt. Run before any order, so none is in flight.
+    async fn sweep(&self) {
+        let Some(dns) = &self.dns else { return };
+        for domain in self.config.wildcard_domains() {
+            let name = format!("{DNS01_LABEL}.{domain}");
+            let leftovers = match dns.leftovers(&name).await {
+                Ok(leftovers) => leftovers,
+                Err(e) => {
+                    tracing::warn!(record = %name, error = %e, "cannot list leftover DNS-01 challenge records");
+                    continue;
+                }
+            };
+            for record in &leftovers {
+                match dns.remove_txt(record).await {
+                    Ok(()) => tracing::info!(record = %name, "leftover DNS-01 challenge record deleted"),
+                    Err(e) => {
+                        tracing::warn!(record = %name, error = %e, "leftover DNS-01 challenge record not deleted")
+                    }
+                }
             }
         }
     }

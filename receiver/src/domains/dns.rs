@@ -1,7 +1,9 @@
 //! DNS providers, through which ACME DNS-01 challenges are answered: a TXT
 //! record `_acme-challenge.<domain>` is created for the CA to find and
 //! deleted afterwards. Cloudflare's API (v4) is the first; another provider
-//! is one more implementation of [`DnsProvider`].
+//! is one more implementation of [`DnsProvider`]. Records are marked as the
+//! receiver's ([`MARK`]), so those a stopped receiver left behind are found
+//! and deleted at the next start without touching the operator's own.
 
 use futures_util::future::BoxFuture;
 use nx_protocol::secret::Secret;
@@ -40,7 +42,16 @@ pub trait DnsProvider: std::fmt::Debug + Send + Sync {
 
     /// Deletes a record [`DnsProvider::set_txt`] created.
     fn remove_txt<'a>(&'a self, record: &'a TxtRecord) -> BoxFuture<'a, Result<(), DnsError>>;
+
+    /// The TXT records `name` holds that [`DnsProvider::set_txt`] created
+    /// (those an interrupted order left); the provider's other records
+    /// there are not listed.
+    fn leftovers<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<TxtRecord>, DnsError>>;
 }
+
+/// The comment the receiver's records carry at Cloudflare: what marks them
+/// as its own.
+pub const MARK: &str = "nx-sandbox acme dns-01";
 
 /// Cloudflare's DNS, through its API with a scoped API token.
 #[derive(Debug)]
@@ -139,7 +150,7 @@ impl DnsProvider for Cloudflare {
             let zone = self.zone(name).await?;
             let what = format!("create the TXT record {name}");
             // A short TTL: resolvers must not keep an old challenge's value.
-            let body = json!({ "type": "TXT", "name": name, "content": value, "ttl": 60 });
+            let body = json!({ "type": "TXT", "name": name, "content": value, "ttl": 60, "comment": MARK });
             let created =
                 self.call(&what, reqwest::Method::POST, &format!("/zones/{zone}/dns_records"), Some(body)).await?;
             let id = created["id"]
@@ -160,5 +171,97 @@ impl DnsProvider for Cloudflare {
                 .await
                 .map(|_| ())
         })
+    }
+
+    fn leftovers<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<TxtRecord>, DnsError>> {
+        Box::pin(async move {
+            let zone = self.zone(name).await?;
+            let what = format!("list the TXT records {name}");
+            let query: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("type", "TXT")
+                .append_pair("name", name)
+                .append_pair("comment", MARK)
+                .append_pair("per_page", "100")
+                .finish();
+            let listed =
+                self.call(&what, reqwest::Method::GET, &format!("/zones/{zone}/dns_records?{query}"), None).await?;
+            // Filtered again here: only a record of this name and mark is
+            // the receiver's to delete, whatever the API's filters did.
+            Ok(listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["type"] == "TXT" && r["name"] == name && r["comment"] == MARK)
+                .filter_map(|r| r["id"].as_str())
+                .map(|id| TxtRecord { name: name.to_owned(), handle: format!("{zone}/{id}") })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::{Path, Query};
+    use axum::routing::{delete, get};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// N1: a Cloudflare zone holding the receiver's leftover, the operator's
+    /// own TXT record at the same name and a marked one of another name;
+    /// only the first is listed and deleted.
+    #[tokio::test]
+    async fn leftovers_are_the_receivers_records_of_that_name_only() {
+        let deleted: Arc<Mutex<Vec<String>>> = Arc::default();
+        let asked: Arc<Mutex<Vec<HashMap<String, String>>>> = Arc::default();
+        let record = |id: &str, name: &str, comment: Option<&str>| json!({ "id": id, "type": "TXT", "name": name, "content": "v", "comment": comment });
+        // Like a Cloudflare that ignores the filters: the client must not.
+        let records = json!([
+            record("ours", "_acme-challenge.example.com", Some(MARK)),
+            record("operators", "_acme-challenge.example.com", None),
+            record("other-name", "_acme-challenge.other.example.com", Some(MARK)),
+        ]);
+        let app = axum::Router::new()
+            .route(
+                "/zones",
+                get(|| async {
+                    axum::Json(json!({ "success": true, "result": [{ "id": "z1", "name": "example.com" }] }))
+                }),
+            )
+            .route(
+                "/zones/z1/dns_records",
+                get({
+                    let asked = asked.clone();
+                    move |Query(q): Query<HashMap<String, String>>| async move {
+                        asked.lock().unwrap_or_else(|e| e.into_inner()).push(q);
+                        axum::Json(json!({ "success": true, "result": records }))
+                    }
+                }),
+            )
+            .route(
+                "/zones/z1/dns_records/{id}",
+                delete({
+                    let deleted = deleted.clone();
+                    move |Path(id): Path<String>| async move {
+                        deleted.lock().unwrap_or_else(|e| e.into_inner()).push(id.clone());
+                        axum::Json(json!({ "success": true, "result": { "id": id } }))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cf = Cloudflare::new(&format!("http://{addr}"), Secret::new("t".to_owned()));
+
+        let found = cf.leftovers("_acme-challenge.example.com").await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found, [TxtRecord { name: "_acme-challenge.example.com".into(), handle: "z1/ours".into() }]);
+        let q = asked.lock().unwrap_or_else(|e| e.into_inner())[0].clone();
+        assert_eq!(q.get("type").map(String::as_str), Some("TXT"));
+        assert_eq!(q.get("name").map(String::as_str), Some("_acme-challenge.example.com"));
+        assert_eq!(q.get("comment").map(String::as_str), Some(MARK));
+        for record in &found {
+            cf.remove_txt(record).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(*deleted.lock().unwrap_or_else(|e| e.into_inner()), ["ours"]);
     }
 }

@@ -7,7 +7,8 @@
 //! platform's own events.
 //!
 //! Nothing here waits on a drain: each has a bounded queue
-//! (`--drain-buffer` records); when it is full the oldest record is dropped
+//! (`--drain-buffer` records and `--drain-buffer-mib` of them, whichever
+//! is reached first); when it is full the oldest record is dropped
 //! and counted ([`DrainStats::dropped`], exported in /metrics), so a drain
 //! that is down or slow costs memory up to its bound and never holds an app,
 //! the router or the API. The sources are read from feeds that drop for a
@@ -40,6 +41,55 @@ const RELOAD_EVERY_POLLS: u32 = 30;
 
 /// Audit events read per poll at most.
 const EVENTS_PER_POLL: i64 = 500;
+
+/// How long an id skipped by the audit log's reading is looked for again:
+/// ids come from a sequence, so a transaction that took its id before a
+/// concurrent one can commit after it; an id that never shows up is one
+/// whose transaction rolled back.
+const GAP_WAIT: Duration = Duration::from_secs(120);
+
+/// Skipped ids looked for at most (the oldest forgotten first).
+const MAX_GAPS: usize = 10_000;
+
+/// Where the drains' reading of the audit log stands: the highest id read,
+/// and the ids below it not read yet, each with when it was first skipped.
+#[derive(Debug)]
+struct EventCursor {
+    last: i64,
+    gaps: std::collections::BTreeMap<i64, std::time::Instant>,
+}
+
+impl EventCursor {
+    fn new(last: i64) -> EventCursor {
+        EventCursor { last, gaps: Default::default() }
+    }
+
+    /// The skipped ids to read again.
+    fn gaps(&self) -> Vec<i64> {
+        self.gaps.keys().copied().collect()
+    }
+
+    /// Takes the ids of a reading (oldest first) made at `now`: each is
+    /// either above `last`, and the ids it passes over become gaps, or a gap
+    /// filled. Gaps older than [`GAP_WAIT`] are given up.
+    fn read(&mut self, ids: impl IntoIterator<Item = i64>, now: std::time::Instant) {
+        for id in ids {
+            if id > self.last {
+                let from = (self.last + 1).max(id.saturating_sub(MAX_GAPS as i64));
+                for skipped in from..id {
+                    self.gaps.insert(skipped, now);
+                }
+                self.last = id;
+            } else {
+                self.gaps.remove(&id);
+            }
+        }
+        self.gaps.retain(|_, since| now.duration_since(*since) < GAP_WAIT);
+        while self.gaps.len() > MAX_GAPS {
+            self.gaps.pop_first();
+        }
+    }
+}
 
 /// Which stream a record comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +148,20 @@ impl Record {
         }
     }
 
+    /// The bytes the record holds, as counted against `--drain-buffer-mib`:
+    /// its strings, its structured fields as they serialise (an access
+    /// line holds its path and host twice) and a fixed share for the
+    /// allocations themselves.
+    pub fn weight(&self) -> usize {
+        const OVERHEAD: usize = 128;
+        let fields = self.fields.as_ref().map_or(0, |f| serde_json::to_string(f).map_or(0, |s| s.len()));
+        OVERHEAD
+            + self.message.len()
+            + fields
+            + self.app.as_ref().map_or(0, String::len)
+            + self.deployment.as_ref().map_or(0, String::len)
+    }
+
     /// A row of the audit log.
     pub fn event(e: &EventInfo) -> Record {
         Record {
@@ -141,7 +205,8 @@ pub struct DrainStats {
     pub queued: u64,
     /// Records written to the drain.
     pub sent: u64,
-    /// Records dropped: the oldest, when the queue was full.
+    /// Records dropped: the oldest, when the queue was full (in records or
+    /// in bytes).
     pub dropped: u64,
     /// Records waiting now.
     pub waiting: u64,
@@ -154,18 +219,37 @@ pub struct DrainStats {
 pub struct Settings {
     /// Records one drain holds while it is down or slow.
     pub buffer: usize,
-    /// Whether drains may reach loopback, link-local and private addresses.
-    pub allow_private: bool,
+    /// Bytes of records ([`Record::weight`]) one drain holds at most: the
+    /// record bound alone lets 16 KiB lines pin 160 MiB per drain.
+    pub buffer_bytes: usize,
+    /// Which non-public addresses drains may reach.
+    pub reach: target::Reach,
     /// PEM certificates trusted beside the system's roots (tests, private CAs).
     pub extra_roots: Option<Vec<u8>>,
     /// The name syslog messages carry as HOSTNAME.
     pub hostname: String,
 }
 
-/// A drain's queue: bounded, the oldest dropped first.
+/// The records a queue holds, each with its weight, and their sum.
+#[derive(Debug, Default)]
+struct Held {
+    records: VecDeque<(Arc<Record>, usize)>,
+    bytes: usize,
+}
+
+impl Held {
+    fn pop_front(&mut self) {
+        if let Some((_, weight)) = self.records.pop_front() {
+            self.bytes -= weight;
+        }
+    }
+}
+
+/// A drain's queue: bounded in records and in bytes, the oldest dropped
+/// first.
 #[derive(Debug, Default)]
 struct Queue {
-    records: Mutex<VecDeque<Arc<Record>>>,
+    held: Mutex<Held>,
     ready: Notify,
     queued: AtomicU64,
     sent: AtomicU64,
@@ -174,21 +258,29 @@ struct Queue {
 }
 
 impl Queue {
-    fn push(&self, record: Arc<Record>, cap: usize) {
-        let Ok(mut records) = self.records.lock() else { return };
-        if records.len() >= cap {
-            records.pop_front();
+    /// Queues `record` of `weight` bytes, dropping the oldest until both
+    /// `cap` records and `cap_bytes` hold. A record heavier than `cap_bytes`
+    /// alone is dropped itself rather than emptying the queue for it.
+    fn push(&self, record: Arc<Record>, weight: usize, cap: usize, cap_bytes: usize) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if weight > cap_bytes {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok(mut held) = self.held.lock() else { return };
+        while !held.records.is_empty() && (held.records.len() >= cap || held.bytes + weight > cap_bytes) {
+            held.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        records.push_back(record);
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        drop(records);
+        held.records.push_back((record, weight));
+        held.bytes += weight;
+        drop(held);
         self.ready.notify_one();
     }
 
     /// Up to `n` records from the front, left in the queue.
     fn peek(&self, n: usize) -> Vec<Arc<Record>> {
-        self.records.lock().map(|r| r.iter().take(n).cloned().collect()).unwrap_or_default()
+        self.held.lock().map(|h| h.records.iter().take(n).map(|(r, _)| r.clone()).collect()).unwrap_or_default()
     }
 
     /// Removes the records of `batch`, shipped, from the front. Those the
@@ -196,11 +288,11 @@ impl Queue {
     /// as dropped already, so the front is matched by identity and only the
     /// others count as sent: queued = sent + dropped + waiting.
     fn shipped(&self, batch: &[Arc<Record>]) {
-        let Ok(mut records) = self.records.lock() else { return };
+        let Ok(mut held) = self.held.lock() else { return };
         let mut sent = 0;
         for shipped in batch {
-            if records.front().is_some_and(|r| Arc::ptr_eq(r, shipped)) {
-                records.pop_front();
+            if held.records.front().is_some_and(|(r, _)| Arc::ptr_eq(r, shipped)) {
+                held.pop_front();
                 sent += 1;
             }
         }
@@ -208,7 +300,12 @@ impl Queue {
     }
 
     fn waiting(&self) -> u64 {
-        self.records.lock().map_or(0, |r| r.len() as u64)
+        self.held.lock().map_or(0, |h| h.records.len() as u64)
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.bytes)
     }
 }
 
@@ -257,7 +354,7 @@ impl Hub {
         }
         let mut followed: HashSet<String> = HashSet::new();
         let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let mut last_event = self.db.last_event_id().await.unwrap_or(0);
+        let mut events = EventCursor::new(self.db.last_event_id().await.unwrap_or(0));
         let mut every = tokio::time::interval(POLL_EVERY);
         let mut polls: u32 = 0;
         loop {
@@ -291,10 +388,10 @@ impl Hub {
                     let _ = ended.send(id);
                 });
             }
-            match self.db.events_after(last_event, EVENTS_PER_POLL).await {
-                Ok(events) => {
-                    for e in &events {
-                        last_event = last_event.max(e.id);
+            match self.db.events_after(events.last, &events.gaps(), EVENTS_PER_POLL).await {
+                Ok(read) => {
+                    events.read(read.iter().map(|e| e.id), std::time::Instant::now());
+                    for e in &read {
                         self.dispatch(Arc::new(Record::event(e)));
                     }
                 }
@@ -338,6 +435,7 @@ impl Hub {
 
     /// Queues `record` on its app's drains and the platform-wide ones.
     pub fn dispatch(&self, record: Arc<Record>) {
+        let weight = record.weight();
         let Ok(drains) = self.drains.lock() else { return };
         for drain in drains.values() {
             let mine = match (&drain.app, &record.app) {
@@ -346,7 +444,7 @@ impl Hub {
                 (Some(_), None) => false,
             };
             if mine {
-                drain.queue.push(record.clone(), self.settings.buffer);
+                drain.queue.push(record.clone(), weight, self.settings.buffer, self.settings.buffer_bytes);
             }
         }
     }
@@ -380,8 +478,9 @@ impl Hub {
 
     fn start(self: &Arc<Self>, row: &DrainRow) -> anyhow::Result<Drain> {
         let url = self.master.open_str(&row.url_sealed)?;
-        // Checked again: --drain-allow-private may have been turned off since.
-        let target = Target::parse(&url, self.settings.allow_private)?;
+        // Checked again: --drain-allow-private or --drain-allow-loopback may
+        // have been turned off since.
+        let target = Target::parse(&url, self.settings.reach)?;
         let queue = Arc::new(Queue::default());
         let (stop, stopped) = watch::channel(false);
         let shipper = send::Shipper::new(target, row.shown.clone(), &self.settings)?;
@@ -472,15 +571,15 @@ mod tests {
     fn a_full_queue_drops_its_oldest_and_counts_them() {
         let queue = Queue::default();
         for n in 0..5 {
-            queue.push(record(n), 3);
+            queue.push(record(n), 1, 3, usize::MAX);
         }
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 2);
         let held: Vec<String> = queue.peek(10).iter().map(|r| r.message.clone()).collect();
         assert_eq!(held, ["line 2", "line 3", "line 4"]);
         // Two shipped while two more came and pushed one of them out.
         let batch = queue.peek(2);
-        queue.push(record(5), 3);
-        queue.push(record(6), 3);
+        queue.push(record(5), 1, 3, usize::MAX);
+        queue.push(record(6), 1, 3, usize::MAX);
         queue.shipped(&batch);
         let held: Vec<String> = queue.peek(10).iter().map(|r| r.message.clone()).collect();
         assert_eq!(held, ["line 4", "line 5", "line 6"]);
@@ -491,6 +590,63 @@ mod tests {
         assert_eq!(queue.sent.load(Ordering::Relaxed), 2);
         assert_eq!(queue.queued.load(Ordering::Relaxed), 7);
         assert_eq!(queue.waiting(), 1);
+    }
+
+    /// D1: 16 KiB lines against a drain that never reads stay within the
+    /// byte budget, the oldest dropped and counted as for the record bound.
+    #[test]
+    fn a_queue_holds_no_more_bytes_than_its_budget() {
+        let queue = Queue::default();
+        let line = |n: usize| {
+            Arc::new(Record { message: format!("{n:05} {}", "x".repeat(16 * 1024 - 6)), ..(*record(0)).clone() })
+        };
+        let weight = line(0).weight();
+        assert_eq!(weight, 128 + 16 * 1024 + "web".len());
+        let budget = 1024 * 1024;
+        for n in 0..1000 {
+            let r = line(n);
+            queue.push(r.clone(), r.weight(), 10_000, budget);
+        }
+        let fits = budget / weight;
+        assert_eq!(queue.waiting(), fits as u64);
+        assert_eq!(queue.bytes(), fits * weight);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), (1000 - fits) as u64);
+        assert_eq!(queue.peek(1)[0].message[..5], format!("{:05}", 1000 - fits));
+        // Shipping frees their bytes.
+        let batch = queue.peek(10);
+        queue.shipped(&batch);
+        assert_eq!(queue.bytes(), (fits - 10) * weight);
+        // A record beyond the whole budget is dropped itself, the queue kept.
+        let huge = line(1000);
+        queue.push(huge, budget + 1, 10_000, budget);
+        assert_eq!(queue.waiting(), (fits - 10) as u64);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), (1000 - fits + 1) as u64);
+        assert_eq!(queue.queued.load(Ordering::Relaxed), 1001);
+    }
+
+    /// D3: an event committed after a higher id was read is still read
+    /// (once), and a gap that never fills is given up after `GAP_WAIT`.
+    #[test]
+    fn events_committed_out_of_id_order_are_read_once() {
+        let start = std::time::Instant::now();
+        let mut cursor = EventCursor::new(10);
+        // 11 and 12 are still uncommitted when 13 is read.
+        cursor.read([13], start);
+        assert_eq!(cursor.last, 13);
+        assert_eq!(cursor.gaps(), [11, 12]);
+        // 12 commits: the next reading asks for it again and gets it.
+        cursor.read([12, 14], start + Duration::from_secs(1));
+        assert_eq!(cursor.gaps(), [11]);
+        assert_eq!(cursor.last, 14);
+        // 11 rolled back: looked for until GAP_WAIT, then forgotten.
+        cursor.read([], start + GAP_WAIT - Duration::from_millis(1));
+        assert_eq!(cursor.gaps(), [11]);
+        cursor.read([], start + GAP_WAIT);
+        assert!(cursor.gaps().is_empty());
+        // A jump far ahead remembers only the last MAX_GAPS ids.
+        cursor.read([14 + 2 * MAX_GAPS as i64], start + GAP_WAIT);
+        assert_eq!(cursor.gaps().len(), MAX_GAPS);
+        assert_eq!(cursor.gaps()[0], 14 + MAX_GAPS as i64);
     }
 
     #[test]

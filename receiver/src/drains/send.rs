@@ -49,7 +49,7 @@ pub struct Shipper {
     way: Way,
     shown: String,
     hostname: String,
-    allow_private: bool,
+    reach: target::Reach,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -60,14 +60,14 @@ impl std::fmt::Debug for Shipper {
 
 /// Resolves names for the HTTPS client, keeping only addresses drains may reach.
 struct Guarded {
-    allow_private: bool,
+    reach: target::Reach,
 }
 
 impl reqwest::dns::Resolve for Guarded {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
+        let reach = self.reach;
         Box::pin(async move {
-            let addrs = target::resolve(name.as_str(), 0, allow_private).await?;
+            let addrs = target::resolve(name.as_str(), 0, reach).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -105,7 +105,7 @@ impl Shipper {
                     .redirect(reqwest::redirect::Policy::none())
                     .connect_timeout(TIMEOUT)
                     .timeout(TIMEOUT * 3)
-                    .dns_resolver(Arc::new(Guarded { allow_private: settings.allow_private }));
+                    .dns_resolver(Arc::new(Guarded { reach: settings.reach }));
                 if let Some(pem) = &settings.extra_roots {
                     for cert in reqwest::Certificate::from_pem_bundle(pem)? {
                         builder = builder.add_root_certificate(cert);
@@ -114,7 +114,7 @@ impl Shipper {
                 Way::Https { url, client: builder.build()? }
             }
         };
-        Ok(Shipper { way, shown, hostname: settings.hostname.clone(), allow_private: settings.allow_private })
+        Ok(Shipper { way, shown, hostname: settings.hostname.clone(), reach: settings.reach })
     }
 
     /// The drain's URL as the API shows it.
@@ -129,7 +129,7 @@ impl Shipper {
             Way::Syslog { tls, host, port, conn } => {
                 if conn.is_none() {
                     *conn = Some(
-                        connect(host, *port, tls.as_ref(), self.allow_private)
+                        connect(host, *port, tls.as_ref(), self.reach)
                             .await
                             .map_err(|reason| SendError::Connect { shown: shown.clone(), reason })?,
                     );
@@ -162,7 +162,7 @@ impl Shipper {
                 // A literal address is not resolved, so not seen by `Guarded`.
                 if let Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) = url.host() {
                     let (host, port) = Target::Https(url.clone()).host_port();
-                    target::resolve(&host, port, self.allow_private)
+                    target::resolve(&host, port, self.reach)
                         .await
                         .map_err(|e| SendError::Connect { shown: shown.clone(), reason: e.to_string() })?;
                 }
@@ -192,9 +192,9 @@ async fn connect(
     host: &str,
     port: u16,
     tls: Option<&(tokio_rustls::TlsConnector, String)>,
-    allow_private: bool,
+    reach: target::Reach,
 ) -> Result<Box<dyn Connection>, String> {
-    let addrs = target::resolve(host, port, allow_private).await.map_err(|e| e.to_string())?;
+    let addrs = target::resolve(host, port, reach).await.map_err(|e| e.to_string())?;
     let mut last = format!("{host} resolves to no address");
     for addr in addrs {
         let tcp = match tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
