@@ -600,7 +600,8 @@ impl Deployer {
 
     /// The ports of `count` replicas of `id`: its own port first, then
     /// those recorded for its other replicas, with new ones for the
-    /// missing; recorded before any replica uses them.
+    /// missing; recorded before any replica uses them. Ports of replicas
+    /// beyond `count` stay recorded until [`Deployer::free_replica_ports`].
     async fn replica_ports(&self, id: &str, count: u32) -> Result<Vec<u16>, DeployError> {
         let _guard = self.port_lock.lock().await;
         let row = self.row(id).await?;
@@ -611,10 +612,23 @@ impl Deployer {
             taken.push(row.port);
             extra.push(i32::from(self.allocate_port(&taken).await?));
         }
-        if extra != row.replica_ports {
+        if extra.len() > row.replica_ports.len() {
             self.services.db.set_replica_ports(id, &extra).await?;
         }
         Ok(std::iter::once(row.port).chain(extra).map(|p| p as u16).collect())
+    }
+
+    /// Frees the ports of `id`'s replicas beyond `count`, once the router
+    /// sends nothing to them and they are stopped: a port freed earlier
+    /// could go to another app's deployment while requests still reach it.
+    async fn free_replica_ports(&self, id: &str, count: u32) -> Result<(), DeployError> {
+        let _guard = self.port_lock.lock().await;
+        let row = self.row(id).await?;
+        let wanted = count.saturating_sub(1) as usize;
+        if row.replica_ports.len() > wanted {
+            self.services.db.set_replica_ports(id, &row.replica_ports[..wanted]).await?;
+        }
+        Ok(())
     }
 
     /// Runs `count` replicas of `row` under one watcher. With `keep`, the
@@ -649,6 +663,15 @@ impl Deployer {
                 .into_iter()
                 .zip(since.into_iter().chain(std::iter::repeat(None)))
                 .partition(|(r, _)| keep && (r.index as usize) < ports.len());
+            if !go.is_empty() && keep {
+                // The router stops sending to the going replicas before
+                // they stop: only the healthy ones that stay are routed.
+                let routed = stay.iter().filter(|(_, since)| since.is_some()).map(|(r, _)| r.port).collect();
+                self.services.routes.set_healthy(&row.id, Some(routed));
+                if let Err(e) = self.services.routes.publish().await {
+                    tracing::warn!(deployment = %row.id, error = %e, "nx-router has not taken the table without the going replicas");
+                }
+            }
             kept_since = stay.iter().map(|(r, since)| (r.index, *since)).collect();
             kept = stay.into_iter().map(|(r, _)| r).collect();
             let go = go.into_iter().map(|(r, _)| r);
@@ -664,6 +687,7 @@ impl Deployer {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
+        self.free_replica_ports(&row.id, count).await?;
         let mut replicas = Vec::new();
         for (index, port) in (0u32..).zip(ports) {
             if let Some(pos) = kept.iter().position(|r| r.index == index) {

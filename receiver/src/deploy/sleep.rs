@@ -220,17 +220,32 @@ impl Deployer {
 
     /// Starts `id` again if it sleeps, and waits for its health check. A
     /// failed start puts it back to sleep, with why in its `error`, so a
-    /// later request tries again once its pause is over (`by_traffic`; an
-    /// operator's promotion or rollback does not wait); after
+    /// later request tries again once its pause is over (with `by_traffic`
+    /// it waits for that; an operator's promotion or rollback does not);
+    /// after
     /// [`MAX_FAILED_WAKES`] in a row it is `failed`. Its log keeps what the
     /// app printed.
     pub async fn wake(&self, id: &str, by_traffic: bool) -> Result<Status, DeployError> {
-        let held = self.hold(id).await;
+        // Traffic waits out the pause (the router holds its requests
+        // meanwhile), without the lock: a stop goes ahead.
+        let (held, failed) = loop {
+            let failed = self.wake_failures.lock().map_err(|_| super::poisoned())?.get(id).copied();
+            match failed {
+                Some(f) if by_traffic && Instant::now() < f.not_before => {
+                    tokio::time::sleep_until(f.not_before.into()).await;
+                }
+                // Held, then looked at again: a wake that failed meanwhile
+                // set a new pause.
+                _ => {
+                    let held = self.hold(id).await;
+                    let again = self.wake_failures.lock().map_err(|_| super::poisoned())?.get(id).copied();
+                    if again.map(|f| f.not_before) == failed.map(|f| f.not_before) {
+                        break (held, failed);
+                    }
+                }
+            }
+        };
         let row = self.row(id).await?;
-        let paused = self.wake_failures.lock().map_err(|_| super::poisoned())?.get(id).copied();
-        if by_traffic && paused.is_some_and(|f| Instant::now() < f.not_before) {
-            return Ok(Status::Stopped);
-        }
         // Only what sleeps wakes: a deployment stopped, failed or removed
         // since the router asked stays as it is.
         if row.state() != DeploymentState::Sleeping
@@ -247,7 +262,7 @@ impl Deployer {
             tracing::info!(deployment = id, app = %row.app_name, micros = started.elapsed().as_micros() as u64, "deployment woke");
             return Ok(status);
         };
-        let (state, reason) = match after_failed_wake(paused.map_or(0, |f| f.count)) {
+        let (state, reason) = match after_failed_wake(failed.map_or(0, |f| f.count)) {
             AfterFailure::Sleep { count, pause } => {
                 let failed = FailedWakes { count, not_before: Instant::now() + pause };
                 self.wake_failures.lock().map_err(|_| super::poisoned())?.insert(id.to_owned(), failed);
