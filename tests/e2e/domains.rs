@@ -296,7 +296,7 @@ fn wildcard_receiver(acme: &Acme, cloudflare: &FakeCloudflare, token: &str) -> (
         "--acme-renew-before=3650d".into(),
     ]);
     let env = vec![("NX_CLOUDFLARE_API_TOKEN".to_owned(), token.to_owned())];
-    (Receiver::start_with(Options { args, env }), tls_port)
+    (Receiver::start_with(Options { args, env, ..Options::default() }), tls_port)
 }
 
 /// The wildcard certificate's state in `nx status --json`.
