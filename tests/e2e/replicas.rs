@@ -124,11 +124,14 @@ fn replicas_beyond_the_range_or_the_apps_share_are_refused_with_what_to_do() {
         assert_ne!(out.code, 0);
         assert!(out.stderr.contains(expected), "{}", out.stderr);
     }
-    // Nothing was saved; a smaller cpu limit makes room for them.
+    // Nothing was saved; smaller cpu and /tmp limits make room for them
+    // (five of the default 256 MiB /tmp are over the 1 GiB cap too).
     let replicas_setting =
         || r.nx(&["--json", "apps", "ls"]).success().json()[0]["settings"]["scale"]["replicas"].clone();
     assert!(replicas_setting().is_null());
-    r.nx_ok(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5"]);
+    let tmp = r.nx(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5"]);
+    assert!(tmp.stderr.contains("5 replicas of 256 MiB tmp each need 1280 MiB tmp"), "{}", tmp.stderr);
+    r.nx_ok(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5", "--tmp", "128MiB"]);
     let set = r.nx_with_key(&key, &["apps", "set", "web", "--replicas", "4"]);
     assert_eq!(set.code, 0, "the deploy key may change the replicas within the app's share: {}", set.stderr);
     assert_eq!(replicas_setting(), 4);
