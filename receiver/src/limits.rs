@@ -114,13 +114,14 @@ pub enum ReplicasRefused {
 }
 
 /// Whether `replicas` sandboxes of the limits `own` stay within the
-/// operator's per-app caps on memory and cpu: each replica has the app's
-/// limits, so N of them cost N times as much.
+/// operator's per-app caps: each replica has the app's limits (memory, cpu,
+/// tasks, descriptors and /tmp in a cgroup and sandbox of its own), so N of
+/// them cost N times as much. Only `data` is shared: one volume.
 pub fn replicas_within_caps(config: &ServeConfig, own: &LimitSettings, replicas: u32) -> Result<(), ReplicasRefused> {
     if !(1..=MAX_REPLICAS).contains(&replicas) {
         return Err(ReplicasRefused::OutOfRange(replicas));
     }
-    for v in effective(config, own).into_iter().filter(|v| matches!(v.limit, "memory" | "cpu")) {
+    for v in effective(config, own).into_iter().filter(|v| v.limit != "data") {
         let total = v.value * f64::from(replicas);
         if total > v.cap {
             return Err(ReplicasRefused::OverCap {
@@ -154,6 +155,7 @@ mod tests {
         for (flag, value) in caps {
             match *flag {
                 "--max-app-memory" => config.max_app_memory = nx_protocol::units::parse_size(value).unwrap(),
+                "--max-app-cpu" => config.max_app_cpu = value.parse().unwrap(),
                 other => panic!("{other} is not set by these tests"),
             }
         }
@@ -199,6 +201,30 @@ mod tests {
             "5 replicas of 1 cpu each need 5 cpu, over this server's cap of 4 per app; lower the replicas or the \
              app's cpu limit (`nx apps set APP --cpu ...`), or the operator raises --max-app-cpu"
         );
+        // Tasks, descriptors and /tmp count N times too: N fork bombs, not one.
+        let big = config(&[("--max-app-memory", "64GiB"), ("--max-app-cpu", "64")]);
+        let small = LimitSettings { memory_mib: Some(64), cpu: Some(0.1), tmp_mib: Some(16), ..Default::default() };
+        assert_eq!(
+            replicas_within_caps(&big, &small, 9).unwrap_err().to_string(),
+            "9 replicas of 512 pids each need 4608 pids, over this server's cap of 4096 per app; lower the replicas \
+             or the app's pids limit (`nx apps set APP --pids ...`), or the operator raises --max-app-pids"
+        );
+        let fewer = LimitSettings { pids: Some(256), ..small };
+        assert_eq!(replicas_within_caps(&big, &fewer, 16), Ok(()));
+        let tmp = LimitSettings { tmp_mib: None, ..fewer };
+        assert_eq!(
+            replicas_within_caps(&big, &tmp, 5),
+            Err(ReplicasRefused::OverCap {
+                replicas: 5,
+                limit: "tmp",
+                flag: "tmp",
+                each: "256 MiB".into(),
+                total: "1280 MiB".into(),
+                cap: "1024 MiB".into()
+            })
+        );
+        let files = LimitSettings { nofile: Some(8192), ..fewer };
+        assert!(matches!(replicas_within_caps(&big, &files, 9), Err(ReplicasRefused::OverCap { limit: "nofile", .. })));
         for n in [0, MAX_REPLICAS + 1] {
             assert_eq!(replicas_within_caps(&c, &own, n), Err(ReplicasRefused::OutOfRange(n)));
         }

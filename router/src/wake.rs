@@ -13,8 +13,9 @@
 //! A request can only ask for what its URL routes to, and only while the
 //! receiver's table says that deployment sleeps; the receiver starts it only
 //! if its records agree, so a stopped or expired deployment never wakes.
-//! Each deployment holds at most [`MAX_HELD`] requests for at most
-//! [`WAKE_WAIT`]; after a failed wake, requests get the 503 page at once for
+//! Each deployment holds at most [`MAX_HELD`] requests, and all of them
+//! together at most [`MAX_HELD_ALL`] (one client cannot fill every sleeping
+//! deployment's places), each for at most [`WAKE_WAIT`]; after a failed wake, requests get the 503 page at once for
 //! [`RETRY_AFTER`] instead of asking again.
 
 use std::collections::HashMap;
@@ -29,6 +30,10 @@ use crate::table::{Entry, RouteStore};
 
 /// Requests held per sleeping deployment; more get the 503 page at once.
 pub const MAX_HELD: usize = 1024;
+
+/// Requests held across every sleeping deployment; more get the 503 page
+/// at once.
+pub const MAX_HELD_ALL: usize = 4096;
 
 /// How long a request waits for its deployment to wake before the 503 page.
 pub const WAKE_WAIT: Duration = Duration::from_secs(30);
@@ -112,13 +117,14 @@ impl Wakes {
     fn join(&self, deployment: &str, app: &str) -> Result<(Place<'_>, watch::Receiver<Stage>), Page> {
         let mut waking = lock(&self.waking);
         let now = Instant::now();
+        let held_all: usize = waking.values().map(|w| w.held).sum();
         let w = waking
             .entry(deployment.to_owned())
             .or_insert_with(|| Waking { stage: watch::channel(Stage::Done).0, held: 0 });
         let stage = *w.stage.borrow();
         match stage {
             Stage::Failed(at) if now < at + RETRY_AFTER => return Err(Page::wake_failed(app, deployment)),
-            _ if w.held >= MAX_HELD => return Err(Page::wake_busy(app, deployment)),
+            _ if w.held >= MAX_HELD || held_all >= MAX_HELD_ALL => return Err(Page::wake_busy(app, deployment)),
             // Over (or never begun, or failed long enough ago): ask again.
             Stage::Done | Stage::Failed(_) => {
                 w.stage.send_replace(Stage::Asked);
@@ -300,5 +306,23 @@ mod tests {
         store.replace(table(2, Target::Starting)).unwrap();
         store.replace(table(3, Target::Sleeping)).unwrap();
         assert!(matches!(tasks.into_iter().next().unwrap().await.unwrap(), Woken::Answer(Page { status: 503, .. })));
+    }
+
+    #[tokio::test]
+    async fn requests_held_across_deployments_are_bounded_and_a_place_left_is_taken_again() {
+        let (store, _dir) = store();
+        let wakes = store.wakes();
+        let ids: Vec<String> = (0..MAX_HELD_ALL / MAX_HELD).map(|i| format!("deploym{i}")).collect();
+        let mut places = Vec::new();
+        for id in &ids {
+            for _ in 0..MAX_HELD {
+                places.push(wakes.join(id, "web").map_err(|p| p.title).unwrap());
+            }
+        }
+        // Another deployment, whose own count is zero: refused all the same.
+        let busy = wakes.join("another1", "web").map(|_| ()).unwrap_err();
+        assert_eq!((busy.status, busy.title), (503, "Waking"));
+        places.pop();
+        assert!(wakes.join("another1", "web").is_ok(), "a place left is free again");
     }
 }

@@ -2,7 +2,8 @@
 //! and shim, and the router balances across the healthy ones. One replica
 //! killed under load loses no request and comes back on its own; `nx ls`
 //! and the API say how each replica is doing; the count is bounded by the
-//! app's share of the host.
+//! app's share of the host. Back-to-back changes of the count run one
+//! scaling pass at a time and lose no request.
 
 use std::time::Duration;
 
@@ -123,11 +124,14 @@ fn replicas_beyond_the_range_or_the_apps_share_are_refused_with_what_to_do() {
         assert_ne!(out.code, 0);
         assert!(out.stderr.contains(expected), "{}", out.stderr);
     }
-    // Nothing was saved; a smaller cpu limit makes room for them.
+    // Nothing was saved; smaller cpu and /tmp limits make room for them
+    // (five of the default 256 MiB /tmp are over the 1 GiB cap too).
     let replicas_setting =
         || r.nx(&["--json", "apps", "ls"]).success().json()[0]["settings"]["scale"]["replicas"].clone();
     assert!(replicas_setting().is_null());
-    r.nx_ok(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5"]);
+    let tmp = r.nx(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5"]);
+    assert!(tmp.stderr.contains("5 replicas of 256 MiB tmp each need 1280 MiB tmp"), "{}", tmp.stderr);
+    r.nx_ok(&["apps", "set", "web", "--replicas", "5", "--cpu", "0.5", "--tmp", "128MiB"]);
     let set = r.nx_with_key(&key, &["apps", "set", "web", "--replicas", "4"]);
     assert_eq!(set.code, 0, "the deploy key may change the replicas within the app's share: {}", set.stderr);
     assert_eq!(replicas_setting(), 4);
@@ -167,4 +171,39 @@ fn each_replica_is_adopted_as_it_runs_by_a_restarted_receiver_and_scaling_keeps_
     });
     let answer = r.get(&format!("http://web.localhost:{}/", r.router_port));
     assert_eq!(answer.status, 200, "{answer:?}");
+}
+
+#[test]
+fn back_to_back_replica_changes_under_load_run_each_replica_once_and_lose_no_request() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--replicas", "3"]);
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "GREETING=scaled", "--promote"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    eventually(30, "three healthy replicas", || all_healthy(&replicas(&r, "web"), 3).then_some(()));
+    let first = replica_app_pids(&r, &replica_key(&id, 0));
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    let load = Load::start(r.router_port, format!("web.localhost:{}", r.router_port));
+    eventually(30, "the load to be answered", || {
+        (load.ok.load(std::sync::atomic::Ordering::Relaxed) > 50).then_some(())
+    });
+    // Each change starts a scaling pass at once: they run one after the
+    // other, never two on one replica.
+    for count in ["2", "4", "3", "1"] {
+        r.nx_ok(&["apps", "set", "web", "--replicas", count]);
+    }
+    eventually(60, "one replica", || all_healthy(&replicas(&r, "web"), 1).then_some(()));
+    eventually(30, "the other replicas' processes to end", || {
+        (1..4).all(|i| replica_app_pids(&r, &replica_key(&id, i)).is_empty()).then_some(())
+    });
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), first, "replica 0 ran on, once");
+    // The router stopped sending to each going replica before it stopped.
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, bodies) = load.finish_without_failures();
+    assert_eq!(bodies.into_iter().collect::<Vec<_>>(), ["scaled\n"]);
+    eprintln!("{ok} requests answered while scaling 3 → 2 → 4 → 3 → 1, none failed");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), first, "no second supervisor restarted it");
+    assert!((1..4).all(|i| replica_app_pids(&r, &replica_key(&id, i)).is_empty()), "no orphan replica");
 }

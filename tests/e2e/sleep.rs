@@ -4,7 +4,8 @@
 //! with a 503 page and leaves the app's lines in `nx logs`; what the app
 //! keeps (its /data and its database) is there when it wakes; production
 //! stays up unless asked, and an open request keeps a deployment awake;
-//! the pull request comment says when a preview sleeps.
+//! the pull request comment says when a preview sleeps. Wakes that keep
+//! failing back off and then fail it for good; a stop racing a wake wins.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -29,6 +30,13 @@ fn state(r: &Receiver, app: &str, id: &str) -> String {
     let listing = r.nx_ok(&["--json", "ls", app]).json();
     let d = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap();
     d["state"].as_str().unwrap().to_owned()
+}
+
+/// The error of deployment `id` of app `web`, as `nx ls` reports it.
+fn error_of(r: &Receiver, id: &str) -> String {
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    let d = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap();
+    d["error"].as_str().unwrap_or_default().to_owned()
 }
 
 fn wait_for_state(r: &Receiver, app: &str, id: &str, wanted: &str) {
@@ -148,13 +156,12 @@ fn a_wake_that_fails_answers_503_with_retry_after_and_nx_logs_shows_the_apps_las
     let logs = r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
     assert!(logs.contains("refusing to start: disk-42-is-gone"), "the app's last lines:\n{logs}");
 
-    // Back asleep, saying why: a later request tries again.
+    // Back asleep, saying why: a later request tries again, after a pause.
     assert_eq!(state(&r, "web", &dep), "sleeping");
-    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
-    let error = listing[0]["deployments"][0]["error"].as_str().unwrap_or_default().to_owned();
-    assert!(error.starts_with("could not wake: "), "{error}");
+    let error = error_of(&r, &dep);
+    assert!(error.starts_with("could not wake (1 in a row; next try in 5 seconds): "), "{error}");
     std::fs::remove_file(data_dir(&r).join("broken")).unwrap();
-    let again = eventually(10, "a later request to wake it", || {
+    let again = eventually(30, "a later request to wake it", || {
         let a = r.get(&url);
         (a.status == 200).then_some(a)
     });
@@ -281,4 +288,63 @@ fn the_pull_request_comment_says_a_preview_sleeps_and_then_that_it_is_healthy_ag
         (edits.len() > asleep && edits.last().unwrap().body["body"].as_str().unwrap_or_default().contains("healthy"))
             .then_some(())
     });
+}
+
+#[test]
+fn wakes_that_keep_failing_back_off_and_the_third_in_a_row_fails_it_so_traffic_never_starts_it_again() {
+    let r = Receiver::start_with(Options {
+        args: ["--max-restarts", "1", "--restart-backoff", "100ms"].map(str::to_owned).to_vec(),
+        ..Options::default()
+    });
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    assert_eq!(r.get(&format!("{url}break?text=disk-42-is-gone")).body, "broken\n");
+    wait_for_state(&r, "web", &dep, "sleeping");
+    let refusals = || {
+        let logs = r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
+        logs.matches("refusing to start: disk-42-is-gone").count()
+    };
+
+    // An outside client asks for it once a second, as the attack would.
+    eventually(120, "the third failed wake in a row to fail it", || {
+        let _ = r.get(&url);
+        (state(&r, "web", &dep) == "failed").then_some(())
+    });
+    let error = error_of(&r, &dep);
+    assert!(
+        error.starts_with("could not wake 3 times in a row, so no request wakes it again (push again to run it): "),
+        "{error}"
+    );
+    let tried = refusals();
+    assert!(tried >= 3, "three wakes tried:\n{tried}");
+    // From now on requests start nothing.
+    for _ in 0..5 {
+        let _ = r.get(&url);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(state(&r, "web", &dep), "failed");
+    assert_eq!(refusals(), tried, "no start after it failed");
+    assert!(deployment_processes(&r.data_dir(), &dep).is_empty());
+}
+
+#[test]
+fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
+    let r = Receiver::start();
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    wait_for_state(&r, "web", &dep, "sleeping");
+    std::thread::scope(|s| {
+        // The request asks for a wake; `nx stop` races it.
+        let waking = s.spawn(|| r.get(&url));
+        std::thread::sleep(Duration::from_millis(100));
+        r.nx_ok(&["stop", &dep, "--app", "web"]);
+        let _ = waking.join().unwrap();
+    });
+    assert_eq!(state(&r, "web", &dep), "stopped");
+    let page = r.get(&url);
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("Preview stopped"), "{}", page.body);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state(&r, "web", &dep), "stopped", "nothing woke it afterwards");
+    assert!(deployment_processes(&r.data_dir(), &dep).is_empty());
 }

@@ -247,6 +247,30 @@ impl Db {
             .map(|_| ())
     }
 
+    /// Sets `id`'s state to `to` only if it is `from`: whether it was. A
+    /// transition decided on a state read earlier never overwrites one made
+    /// since (a stop, a removal).
+    pub async fn set_state_if(
+        &self,
+        id: &str,
+        from: DeploymentState,
+        to: DeploymentState,
+        error: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        sqlx::query(
+            "UPDATE deployments SET state = $3, error = $4, \
+             stopped_at = CASE WHEN $3 IN ('stopped', 'failed') THEN now() ELSE NULL END \
+             WHERE id = $1 AND state = $2",
+        )
+        .bind(id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map(|r| r.rows_affected() == 1)
+    }
+
     pub async fn set_state(&self, id: &str, state: DeploymentState, error: Option<&str>) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE deployments SET state = $2, error = $3, \

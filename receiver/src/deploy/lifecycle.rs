@@ -44,9 +44,10 @@ impl Deployer {
     /// answers the starting page meanwhile; used for previews, whose URL
     /// belongs to the deployment.
     pub async fn restart(&self, id: &str) -> Result<Status, DeployError> {
-        self.halt(id).await;
+        let held = self.hold(id).await;
+        self.halt(&held, id).await;
         let row = self.row(id).await?;
-        self.start(&row, true).await
+        self.start_held(&held, &row, true).await
     }
 
     /// Replaces the running production of `app` by a new deployment of the
@@ -225,8 +226,14 @@ impl Deployer {
     /// be run again.
     pub async fn remove_app(&self, app: &AppRow, actor: &str) -> Result<(), DeployError> {
         let rows = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
+        // Held until the records are gone: no wake brings one back
+        // meanwhile. Every other path holds one lock at a time, so taking
+        // several here cannot deadlock.
+        let mut held = Vec::new();
         for row in &rows {
-            self.halt(&row.id).await;
+            let lock = self.hold(&row.id).await;
+            self.halt(&lock, &row.id).await;
+            held.push(lock);
         }
         for db in rows.iter().filter_map(|r| r.db_name.as_deref()) {
             self.services.databases.drop_database(db).await?;
@@ -306,7 +313,10 @@ impl Deployer {
     async fn tidy_storage(&self, mut tidied: Tidied) -> Result<Tidied, DeployError> {
         let config = &self.services.config;
         for row in self.services.db.excess_deployments(i64::from(config.keep_deployments)).await? {
-            self.halt(&row.id).await;
+            // Held until its record is gone: a wake in flight cannot start
+            // a sandbox for a deleted deployment.
+            let held = self.hold(&row.id).await;
+            self.halt(&held, &row.id).await;
             if let Some(db) = &row.db_name {
                 self.services.databases.drop_database(db).await?;
             }

@@ -217,9 +217,17 @@ pub struct Deployer {
     running: Mutex<HashMap<String, Running>>,
     port_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
-    /// Per deployment, held while it goes to sleep or wakes ([`sleep`]).
+    /// Per deployment, held across every pass that starts, scales, stops,
+    /// puts to sleep or wakes it: one pass at a time, so a replica never
+    /// gets two supervisors and a stop is never undone by a wake.
     transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per deployment, its consecutive failed wakes ([`sleep`]).
+    wake_failures: Mutex<HashMap<String, sleep::FailedWakes>>,
 }
+
+/// Proof that the caller holds a deployment's transition lock
+/// ([`Deployer::hold`]).
+pub(super) type Held = tokio::sync::OwnedMutexGuard<()>;
 
 impl Deployer {
     pub fn new(services: Services) -> Deployer {
@@ -229,6 +237,7 @@ impl Deployer {
             port_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             transitions: Mutex::new(HashMap::new()),
+            wake_failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -555,9 +564,15 @@ impl Deployer {
     /// with `wait`, returns once its first start is decided and applied
     /// (one replica healthy, or all failed), else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
+        let held = self.hold(&row.id).await;
+        self.start_held(&held, row, wait).await
+    }
+
+    /// [`Deployer::start`] for a caller that holds the deployment's lock.
+    async fn start_held(&self, held: &Held, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let app = self.app_of(row).await?;
         let count = if row.is_production { app.settings.replicas() } else { 1 };
-        self.run(&app, row, count, false, if wait { Wait::Any } else { Wait::No }).await
+        self.run(held, &app, row, count, false, if wait { Wait::Any } else { Wait::No }).await
     }
 
     async fn app_of(&self, row: &DeploymentRow) -> Result<AppRow, DeployError> {
@@ -574,17 +589,19 @@ impl Deployer {
     pub async fn scale(&self, name: &str) -> Result<(), DeployError> {
         let Some(app) = self.services.db.app(name).await? else { return Ok(()) };
         let Some(id) = &app.production_id else { return Ok(()) };
+        let held = self.hold(id).await;
         if !self.running.lock().map_err(|_| poisoned())?.contains_key(id) {
             return Ok(());
         }
         let row = self.row(id).await?;
-        self.run(&app, &row, app.settings.replicas(), true, Wait::No).await?;
+        self.run(&held, &app, &row, app.settings.replicas(), true, Wait::No).await?;
         Ok(())
     }
 
     /// The ports of `count` replicas of `id`: its own port first, then
     /// those recorded for its other replicas, with new ones for the
-    /// missing; recorded before any replica uses them.
+    /// missing; recorded before any replica uses them. Ports of replicas
+    /// beyond `count` stay recorded until [`Deployer::free_replica_ports`].
     async fn replica_ports(&self, id: &str, count: u32) -> Result<Vec<u16>, DeployError> {
         let _guard = self.port_lock.lock().await;
         let row = self.row(id).await?;
@@ -595,10 +612,23 @@ impl Deployer {
             taken.push(row.port);
             extra.push(i32::from(self.allocate_port(&taken).await?));
         }
-        if extra != row.replica_ports {
+        if extra.len() > row.replica_ports.len() {
             self.services.db.set_replica_ports(id, &extra).await?;
         }
         Ok(std::iter::once(row.port).chain(extra).map(|p| p as u16).collect())
+    }
+
+    /// Frees the ports of `id`'s replicas beyond `count`, once the router
+    /// sends nothing to them and they are stopped: a port freed earlier
+    /// could go to another app's deployment while requests still reach it.
+    async fn free_replica_ports(&self, id: &str, count: u32) -> Result<(), DeployError> {
+        let _guard = self.port_lock.lock().await;
+        let row = self.row(id).await?;
+        let wanted = count.saturating_sub(1) as usize;
+        if row.replica_ports.len() > wanted {
+            self.services.db.set_replica_ports(id, &row.replica_ports[..wanted]).await?;
+        }
+        Ok(())
     }
 
     /// Runs `count` replicas of `row` under one watcher. With `keep`, the
@@ -608,6 +638,7 @@ impl Deployer {
     /// restart of its apps), else started.
     async fn run(
         &self,
+        _held: &Held,
         app: &AppRow,
         row: &DeploymentRow,
         count: u32,
@@ -632,6 +663,15 @@ impl Deployer {
                 .into_iter()
                 .zip(since.into_iter().chain(std::iter::repeat(None)))
                 .partition(|(r, _)| keep && (r.index as usize) < ports.len());
+            if !go.is_empty() && keep {
+                // The router stops sending to the going replicas before
+                // they stop: only the healthy ones that stay are routed.
+                let routed = stay.iter().filter(|(_, since)| since.is_some()).map(|(r, _)| r.port).collect();
+                self.services.routes.set_healthy(&row.id, Some(routed));
+                if let Err(e) = self.services.routes.publish().await {
+                    tracing::warn!(deployment = %row.id, error = %e, "nx-router has not taken the table without the going replicas");
+                }
+            }
             kept_since = stay.iter().map(|(r, since)| (r.index, *since)).collect();
             kept = stay.into_iter().map(|(r, _)| r).collect();
             let go = go.into_iter().map(|(r, _)| r);
@@ -647,6 +687,7 @@ impl Deployer {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
+        self.free_replica_ports(&row.id, count).await?;
         let mut replicas = Vec::new();
         for (index, port) in (0u32..).zip(ports) {
             if let Some(pos) = kept.iter().position(|r| r.index == index) {
@@ -751,15 +792,16 @@ impl Deployer {
         }
         // A sleeping preview is woken first: production must answer at once.
         self.ensure_awake(id).await?;
+        let held = self.hold(id).await;
         let preview_db = row.db_name.clone();
         if let Some(db) = &preview_db {
             // Production uses the app's database: the preview is restarted on
             // it (its own URL blips, production does not) before the switch.
             tracing::info!(deployment = id, database = %db, "moving a preview onto the app's database before promotion");
-            self.halt(id).await;
+            self.halt(&held, id).await;
             self.services.db.set_preview_db(id, None).await?;
             let row = self.row(id).await?;
-            if let Status::Failed { reason, .. } = self.start(&row, true).await? {
+            if let Status::Failed { reason, .. } = self.start_held(&held, &row, true).await? {
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
                     state: format!("failed on the app's database: {reason}"),
@@ -772,14 +814,14 @@ impl Deployer {
         let row = self.row(id).await?;
         // One that is not healthy is refused below, without sandboxes started for it.
         if replicas > 1 && row.state() == DeploymentState::Healthy {
-            let status = self.run(app, &row, replicas, true, Wait::All).await?;
+            let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
                 let reason = match status {
                     Status::Failed { reason, .. } => reason,
                     other => format!("{other:?}"),
                 };
                 // It stays what it was: one sandbox, not production.
-                self.run(app, &row, 1, true, Wait::No).await?;
+                self.run(&held, app, &row, 1, true, Wait::No).await?;
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
                     state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
@@ -803,12 +845,15 @@ impl Deployer {
             tracing::error!(error = %e, app = %app.name, deployment = id, "promoted, but the router has not taken the new table yet");
         }
         self.services.reporter.send(events::Event::Promoted { deployment: id.to_owned(), previous: previous.clone() });
+        // One lock at a time: never two held, so never a deadlock.
+        drop(held);
         // The previous production stays for a rollback, as one sandbox:
         // its other replicas stop once the router sends nothing new to them.
         if let Some(prev) = &previous {
             if let Ok(row) = self.row(prev).await {
+                let held = self.hold(prev).await;
                 if self.running.lock().map_err(|_| poisoned())?.contains_key(prev) {
-                    if let Err(e) = self.run(app, &row, 1, true, Wait::No).await {
+                    if let Err(e) = self.run(&held, app, &row, 1, true, Wait::No).await {
                         tracing::error!(deployment = %prev, error = %e, "cannot stop the replicas of the previous production");
                     }
                 }
@@ -821,7 +866,7 @@ impl Deployer {
     }
 
     /// Stops the sandbox of `id` if it runs, and waits until it is gone.
-    async fn halt(&self, id: &str) {
+    async fn halt(&self, _held: &Held, id: &str) {
         let running = self.running.lock().ok().and_then(|mut r| r.remove(id));
         if let Some(r) = running {
             r.stop().await;
@@ -840,8 +885,12 @@ impl Deployer {
         if row.is_production {
             return Err(DeployError::IsProduction { app: app.name.clone(), id: id.into() });
         }
-        self.halt(id).await;
+        // Under the lock: a wake in flight finishes first, and none
+        // starts it again afterwards (it only wakes what sleeps).
+        let held = self.hold(id).await;
+        self.halt(&held, id).await;
         self.services.db.set_state(id, DeploymentState::Stopped, reason).await?;
+        self.forget_failed_wakes(id);
         if let Some(db) = &row.db_name {
             self.services.databases.drop_database(db).await?;
             self.services.db.set_preview_db(id, None).await?;

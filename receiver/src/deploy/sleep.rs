@@ -9,8 +9,16 @@
 //! `sleeping` are woken: a stopped one (an expired preview, a closed pull
 //! request) never is, whatever the router asks.
 //!
-//! Going to sleep and waking hold the deployment's transition lock, so a
-//! wake asked while it is being put to sleep starts it once that is over.
+//! Going to sleep and waking hold the deployment's transition lock (the one
+//! every start, scale and stop holds), so a wake asked while it is being put
+//! to sleep starts it once that is over, and one racing a stop finds it
+//! stopped. Both change the state only from the one they read (in SQL).
+//!
+//! A wake that fails puts it back to sleep, and traffic may wake it again
+//! only after a pause doubling with each failure; after
+//! [`MAX_FAILED_WAKES`] in a row it is `failed`, never woken by traffic
+//! again (outside clients cannot make the host build a failing sandbox
+//! over and over).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,7 +31,7 @@ use nx_protocol::units::format_duration;
 use nx_runtime::supervisor::Status;
 use tokio::sync::watch;
 
-use super::{events, DeployError, Deployer};
+use super::{events, DeployError, Deployer, Held};
 use crate::db::{AppRow, DeploymentRow};
 
 /// How often the router's traffic is looked at: the precision of idle
@@ -33,6 +41,39 @@ const ROUND: Duration = Duration::from_secs(1);
 /// How long requests forwarded before the sleeping route was published may
 /// take to finish before the sandbox is stopped anyway.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// Consecutive failed wakes after which a deployment is `failed`.
+const MAX_FAILED_WAKES: u32 = 3;
+
+/// How long traffic may not wake a deployment after its first failed wake;
+/// doubled with each further one.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A deployment's consecutive failed wakes, and when traffic may wake it
+/// again.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FailedWakes {
+    count: u32,
+    not_before: Instant,
+}
+
+/// What follows a failed wake, given the failures before it.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// Back to sleep; traffic may wake it again after `pause`.
+    Sleep { count: u32, pause: Duration },
+    /// Failed: too many wakes in a row failed.
+    GiveUp { count: u32 },
+}
+
+fn after_failed_wake(earlier: u32) -> AfterFailure {
+    let count = earlier.saturating_add(1);
+    if count >= MAX_FAILED_WAKES {
+        AfterFailure::GiveUp { count }
+    } else {
+        AfterFailure::Sleep { count, pause: FIRST_BACKOFF.saturating_mul(1 << (count - 1).min(16)) }
+    }
+}
 
 /// When each running deployment was last seen busy.
 #[derive(Debug, Default)]
@@ -77,12 +118,23 @@ fn role(row: &DeploymentRow, app: &AppRow) -> Role {
 }
 
 impl Deployer {
-    /// The lock a deployment's sleep and wake hold.
+    /// The lock of deployment `id`.
     fn transition(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         // Locks nobody holds or waits for are dropped as others are made.
         locks.retain(|_, l| Arc::strong_count(l) > 1);
         locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Waits for, and takes, the lock of deployment `id`: held across a
+    /// whole start, scale, stop, sleep or wake of it.
+    pub(super) async fn hold(&self, id: &str) -> Held {
+        self.transition(id).lock_owned().await
+    }
+
+    /// Forgets `id`'s failed wakes: it was stopped, or woke.
+    pub(super) fn forget_failed_wakes(&self, id: &str) {
+        self.wake_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     /// Puts idle deployments to sleep, once a [`ROUND`], until `stop`.
@@ -141,13 +193,11 @@ impl Deployer {
     /// Routes `id` as sleeping (requests from now on are held), lets the
     /// requests already forwarded finish, and stops its sandbox.
     async fn put_to_sleep(&self, id: &str, after: Duration) -> Result<(), DeployError> {
-        let lock = self.transition(id);
-        let Ok(_held) = lock.try_lock() else { return Ok(()) };
+        let Ok(held) = self.transition(id).try_lock_owned() else { return Ok(()) };
         let row = self.row(id).await?;
-        if row.state() != DeploymentState::Healthy {
+        if !self.services.db.set_state_if(id, DeploymentState::Healthy, DeploymentState::Sleeping, None).await? {
             return Ok(());
         }
-        self.services.db.set_state(id, DeploymentState::Sleeping, None).await?;
         let _ = self.services.routes.publish().await;
         let deadline = Instant::now() + DRAIN;
         while Instant::now() < deadline {
@@ -157,7 +207,7 @@ impl Deployer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.halt(id).await;
+        self.halt(&held, id).await;
         let idle = format_duration(after);
         self.services
             .db
@@ -169,27 +219,68 @@ impl Deployer {
     }
 
     /// Starts `id` again if it sleeps, and waits for its health check. A
-    /// failed start puts it back to sleep, with why in its `error`, so the
-    /// next request tries again; its log keeps what the app printed.
-    pub async fn wake(&self, id: &str) -> Result<Status, DeployError> {
-        let lock = self.transition(id);
-        let _held = lock.lock().await;
+    /// failed start puts it back to sleep, with why in its `error`, so a
+    /// later request tries again once its pause is over (with `by_traffic`
+    /// it waits for that; an operator's promotion or rollback does not);
+    /// after
+    /// [`MAX_FAILED_WAKES`] in a row it is `failed`. Its log keeps what the
+    /// app printed.
+    pub async fn wake(&self, id: &str, by_traffic: bool) -> Result<Status, DeployError> {
+        // Traffic waits out the pause (the router holds its requests
+        // meanwhile), without the lock: a stop goes ahead.
+        let (held, failed) = loop {
+            let failed = self.wake_failures.lock().map_err(|_| super::poisoned())?.get(id).copied();
+            match failed {
+                Some(f) if by_traffic && Instant::now() < f.not_before => {
+                    tokio::time::sleep_until(f.not_before.into()).await;
+                }
+                // Held, then looked at again: a wake that failed meanwhile
+                // set a new pause.
+                _ => {
+                    let held = self.hold(id).await;
+                    let again = self.wake_failures.lock().map_err(|_| super::poisoned())?.get(id).copied();
+                    if again.map(|f| f.not_before) == failed.map(|f| f.not_before) {
+                        break (held, failed);
+                    }
+                }
+            }
+        };
         let row = self.row(id).await?;
-        if row.state() != DeploymentState::Sleeping {
+        // Only what sleeps wakes: a deployment stopped, failed or removed
+        // since the router asked stays as it is.
+        if row.state() != DeploymentState::Sleeping
+            || !self.services.db.set_state_if(id, DeploymentState::Sleeping, DeploymentState::Starting, None).await?
+        {
             // Whatever the router waits for, the current table tells it.
             let _ = self.services.routes.publish().await;
             return Ok(self.running_status(id).unwrap_or(Status::Stopped));
         }
         let started = Instant::now();
-        let status = self.start(&row, true).await?;
-        if let Status::Failed { reason, .. } = &status {
-            let reason = format!("could not wake: {reason}");
-            self.services.db.set_state(id, DeploymentState::Sleeping, Some(&reason)).await?;
-            let _ = self.services.routes.publish().await;
-            tracing::warn!(deployment = id, app = %row.app_name, reason, "deployment did not wake");
-        } else {
+        let status = self.start_held(&held, &row, true).await?;
+        let Status::Failed { reason, .. } = &status else {
+            self.forget_failed_wakes(id);
             tracing::info!(deployment = id, app = %row.app_name, micros = started.elapsed().as_micros() as u64, "deployment woke");
-        }
+            return Ok(status);
+        };
+        let (state, reason) = match after_failed_wake(failed.map_or(0, |f| f.count)) {
+            AfterFailure::Sleep { count, pause } => {
+                let failed = FailedWakes { count, not_before: Instant::now() + pause };
+                self.wake_failures.lock().map_err(|_| super::poisoned())?.insert(id.to_owned(), failed);
+                let reason =
+                    format!("could not wake ({count} in a row; next try in {}): {reason}", format_duration(pause));
+                (DeploymentState::Sleeping, reason)
+            }
+            AfterFailure::GiveUp { count } => {
+                self.forget_failed_wakes(id);
+                let reason = format!(
+                    "could not wake {count} times in a row, so no request wakes it again (push again to run it): {reason}"
+                );
+                (DeploymentState::Failed, reason)
+            }
+        };
+        self.services.db.set_state(id, state, Some(&reason)).await?;
+        let _ = self.services.routes.publish().await;
+        tracing::warn!(deployment = id, app = %row.app_name, reason, "deployment did not wake");
         Ok(status)
     }
 
@@ -211,7 +302,7 @@ impl Deployer {
                         }
                         let me = self.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = me.wake(&id).await {
+                            if let Err(e) = me.wake(&id, true).await {
                                 tracing::warn!(deployment = %id, error = %e, "cannot wake deployment");
                             }
                         });
@@ -234,7 +325,7 @@ impl Deployer {
         if self.row(id).await?.state() != DeploymentState::Sleeping {
             return Ok(());
         }
-        match self.wake(id).await? {
+        match self.wake(id, false).await? {
             Status::Failed { reason, .. } => Err(DeployError::NotHealthy {
                 id: id.to_owned(),
                 state: format!("sleeping and could not be woken ({reason})"),
@@ -252,6 +343,15 @@ mod tests {
         let mut t = Traffic { open, ..Traffic::default() };
         t.requests[2] = answered;
         t
+    }
+
+    #[test]
+    fn failed_wakes_back_off_doubling_then_give_up() {
+        assert_eq!(after_failed_wake(0), AfterFailure::Sleep { count: 1, pause: Duration::from_secs(5) });
+        assert_eq!(after_failed_wake(1), AfterFailure::Sleep { count: 2, pause: Duration::from_secs(10) });
+        // The third failure in a row: failed, never woken by traffic again.
+        assert_eq!(after_failed_wake(2), AfterFailure::GiveUp { count: 3 });
+        assert_eq!(after_failed_wake(u32::MAX), AfterFailure::GiveUp { count: u32::MAX });
     }
 
     #[test]
