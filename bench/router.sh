@@ -16,28 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs=${1:-10}
-conns=${2:-64}
-rounds=${3:-4}
-# Each of nginx and the router runs first in half of the rounds.
-rounds=$(((rounds + 1) / 2 * 2))
-work=$(mktemp -d /tmp/nx-bench-router.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-[ -x target/release/nx-router ] || cargo build --release --locked -p nx-router
-(cd tests/fixtures/goweb && CGO_ENABLED=0 GOFLAGS=-mod=mod GOPROXY=off GOCACHE="$work/go-cache" go build -o "$work/goweb" .)
-
-backend=$(free_port)
-PORT=$backend "$work/goweb" >/dev/null 2>&1 &
-pids+=($!)
+# shellcheck source=bench/common.sh
+. bench/common.sh router "$@"
 
 nginx_port=$(free_port)
 cat >"$work/nginx.conf" <<EOF
@@ -92,12 +72,6 @@ for port in "$backend" "$nginx_port" "$router_port" "$quiet_port"; do
 done
 
 # CPU time (user + system, in clock ticks) used so far by the given processes.
-cpu_ticks() {
-    local t=0 p
-    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-    echo "$t"
-}
-
 # One wrk run against a port, the proxy's processes given after it (none for
 # direct): prints "rps p50_ms p99_ms cpu_us_per_request errors".
 load() {

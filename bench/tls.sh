@@ -15,29 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs=${1:-10}
-conns=${2:-64}
-rounds=${3:-4}
-rounds=$(((rounds + 1) / 2 * 2))
-work=$(mktemp -d /tmp/nx-bench-tls.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+. bench/common.sh tls "$@"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-[ -x target/release/nx-router ] || cargo build --release --locked -p nx-router
-(cd tests/fixtures/goweb && CGO_ENABLED=0 GOFLAGS=-mod=mod GOPROXY=off GOCACHE="$work/go-cache" go build -o "$work/goweb" .)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=app.localhost \
     -addext subjectAltName=DNS:app.localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-
-backend=$(free_port)
-PORT=$backend "$work/goweb" >/dev/null 2>&1 &
-pids+=($!)
 
 nginx_port=$(free_port)
 cat >"$work/nginx.conf" <<EOF
@@ -86,12 +68,6 @@ for port in "$nginx_port" "$router_tls_port"; do
     curl -fsS --cacert "$work/cert.pem" --resolve "app.localhost:$port:127.0.0.1" "https://app.localhost:$port/" \
         >/dev/null || { echo "nothing answers HTTPS on $port" >&2; cat "$work/router.log" >&2; exit 1; }
 done
-
-cpu_ticks() {
-    local t=0 p
-    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-    echo "$t"
-}
 
 # One wrk run: mode (handshakes | keepalive), port, then the proxy's
 # processes; prints "rps cpu_us_per_request errors".
