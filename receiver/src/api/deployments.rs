@@ -86,22 +86,13 @@ pub async fn push(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
         )));
     }
-    let mut meta = parse_meta(&caller)?;
-    match (&caller.github, &caller.role) {
-        // A fork's code may have asked for the token: only the labeled commit.
-        (Some(proved), Role::ForkPreview { .. }) => {
-            crate::deploy::link::bind_fork(&state.db, &app, &mut meta, proved).await.map_err(|e| match e {
-                ForkPushRefused::Db(e) => ApiError::from(e),
-                refused => ApiError::Forbidden(refused.to_string()),
-            })?
+    let meta = match admit(&state, &caller, &app).await {
+        Ok(meta) => meta,
+        Err(refused) => {
+            nx_store::discard(body.into_data_stream()).await;
+            return Err(refused);
         }
-        // What the OIDC token proved replaces what the push says.
-        (Some(proved), _) => crate::deploy::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
-        (None, _) => crate::deploy::link::may_link(&app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
-    }
-    crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
-    // Before the binary is read: a push the app has no room for costs no upload.
-    state.deployer.check_room(&app, &meta, caller.github.as_ref()).await?;
+    };
 
     let upload =
         state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
@@ -109,6 +100,28 @@ pub async fn push(
     let info =
         state.deployer.push(&app, upload, &meta, caller.github.as_ref(), caller.is_admin(), &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// What a push must pass before its binary is read: its metadata, the link
+/// its GitHub proof (or its key) allows, its variables, and room for it.
+async fn admit(state: &AppState, caller: &Caller, app: &crate::db::AppRow) -> Result<PushMeta, ApiError> {
+    let mut meta = parse_meta(caller)?;
+    match (&caller.github, &caller.role) {
+        // A fork's code may have asked for the token: only the labeled commit.
+        (Some(proved), Role::ForkPreview { .. }) => {
+            crate::deploy::link::bind_fork(&state.db, app, &mut meta, proved).await.map_err(|e| match e {
+                ForkPushRefused::Db(e) => ApiError::from(e),
+                refused => ApiError::Forbidden(refused.to_string()),
+            })?
+        }
+        // What the OIDC token proved replaces what the push says.
+        (Some(proved), _) => crate::deploy::link::bind(&mut meta, proved).map_err(ApiError::Forbidden)?,
+        (None, _) => crate::deploy::link::may_link(app, &meta, caller.is_admin()).map_err(ApiError::Forbidden)?,
+    }
+    crate::deploy::validate_env(&meta.env).map_err(ApiError::from)?;
+    // Before the binary is read: a push the app has no room for costs no upload.
+    state.deployer.check_room(app, &meta, caller.github.as_ref()).await?;
+    Ok(meta)
 }
 
 pub async fn list(
