@@ -100,8 +100,7 @@ impl Db {
         gaps: &[i64],
         limit: i64,
     ) -> Result<Vec<nx_protocol::api::EventInfo>, sqlx::Error> {
-        type Row = (i64, DateTime<Utc>, Option<String>, Option<String>, String, String, serde_json::Value);
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<super::events::EventRow> = sqlx::query_as(
             "SELECT id, at, app, deployment_id, kind, actor, detail FROM events \
              WHERE id > $1 OR id = ANY($2) ORDER BY id LIMIT $3",
         )
@@ -110,18 +109,7 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, at, app, deployment, kind, actor, detail)| nx_protocol::api::EventInfo {
-                id,
-                at,
-                app,
-                deployment,
-                kind,
-                actor,
-                detail,
-            })
-            .collect())
+        Ok(rows.into_iter().map(super::events::event_info).collect())
     }
 
     /// The newest audit event's id (0 when there is none).

@@ -12,8 +12,7 @@ impl Db {
         since: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<nx_protocol::api::EventInfo>, sqlx::Error> {
-        type Row = (i64, DateTime<Utc>, Option<String>, Option<String>, String, String, serde_json::Value);
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT id, at, app, deployment_id, kind, actor, detail FROM events \
                  WHERE ($1::text IS NULL OR app = $1) AND at >= $2 ORDER BY at DESC, id DESC LIMIT $3",
         )
@@ -22,18 +21,7 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, at, app, deployment, kind, actor, detail)| nx_protocol::api::EventInfo {
-                id,
-                at,
-                app,
-                deployment,
-                kind,
-                actor,
-                detail,
-            })
-            .collect())
+        Ok(rows.into_iter().map(event_info).collect())
     }
 
     /// Forgets audit events older than `days`.
@@ -63,4 +51,13 @@ impl Db {
             .await
             .map(|_| ())
     }
+}
+
+/// The columns every read of the audit log selects, in this order:
+/// `id, at, app, deployment_id, kind, actor, detail`.
+pub(super) type EventRow = (i64, DateTime<Utc>, Option<String>, Option<String>, String, String, serde_json::Value);
+
+/// One audit log row as the API shows it.
+pub(super) fn event_info((id, at, app, deployment, kind, actor, detail): EventRow) -> nx_protocol::api::EventInfo {
+    nx_protocol::api::EventInfo { id, at, app, deployment, kind, actor, detail }
 }
