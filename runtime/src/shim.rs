@@ -160,7 +160,8 @@ pub async fn stop_dir(dir: &Path, grace: Duration) -> bool {
 pub struct Shim {
     pid: i32,
     exit: watch::Receiver<Option<Outcome>>,
-    control: tokio::net::unix::OwnedWriteHalf,
+    /// `None` for a life that had ended before it could be reached.
+    control: Option<tokio::net::unix::OwnedWriteHalf>,
 }
 
 /// How a connection to a shim ended.
@@ -222,11 +223,25 @@ impl Shim {
         if let Some(words) = first.trim_end().strip_prefix("error ") {
             return Err(ShimError::Sandbox(words.to_owned()));
         }
-        if !first.starts_with("started ") {
+        let Some(pid) = first.trim_end().strip_prefix("started ").and_then(|p| p.parse().ok()) else {
             let status = child.wait().await;
             return Err(start(format!("it exited ({}) before starting the sandbox", describe_exit(status))));
+        };
+        match Shim::attach(dir).await {
+            Some(shim) => Ok(shim),
+            None => Shim::ended(dir, pid).ok_or_else(|| start("its control socket does not answer".into())),
         }
-        Shim::attach(dir).await.ok_or_else(|| start("its control socket does not answer".into()))
+    }
+
+    /// The life a shim in `dir` ran as `pid` and has already ended: an app
+    /// that exits at once can be gone before its launcher connects, and its
+    /// shim has then recorded how it ended and removed its socket. Reading
+    /// the record gives the launcher the app's own ending instead of a
+    /// connection error.
+    fn ended(dir: &Path, pid: i32) -> Option<Shim> {
+        let exit = last_exit(dir)?;
+        let (_, exit_rx) = watch::channel(Some(Outcome::Exited(exit)));
+        Some(Shim { pid, exit: exit_rx, control: None })
     }
 
     /// Connects to the shim running in `dir`; `None` when none runs there.
@@ -258,7 +273,7 @@ impl Shim {
             };
             let _ = tx.send(Some(outcome));
         });
-        Some(Shim { pid, exit, control })
+        Some(Shim { pid, exit, control: Some(control) })
     }
 
     /// The sandbox's pid (bwrap's outer process) on the host.
@@ -286,7 +301,8 @@ impl Shim {
     /// `grace`) and waits for the outcome, at most `grace` and 10s more.
     pub async fn stop(&mut self, grace: Duration) -> Outcome {
         let ask = format!("stop {}\n", grace.as_millis());
-        if tokio::io::AsyncWriteExt::write_all(&mut self.control, ask.as_bytes()).await.is_err() {
+        let Some(control) = &mut self.control else { return self.wait().await };
+        if tokio::io::AsyncWriteExt::write_all(control, ask.as_bytes()).await.is_err() {
             return self.wait().await;
         }
         tokio::time::timeout(grace + Duration::from_secs(10), self.wait()).await.unwrap_or(Outcome::Lost)
@@ -600,5 +616,18 @@ mod tests {
         assert_eq!(e.describe(), "signal 9 (SIGKILL), killed for memory (1 OOM kills in its cgroup)");
         assert_eq!(Exit { raw: 3 << 8, oom_kills: 0 }.describe(), "status 3");
         assert_eq!(Exit::decode("running 12"), None);
+    }
+
+    #[tokio::test]
+    async fn a_life_that_ended_before_its_launcher_connected_is_read_from_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Shim::ended(dir.path(), 42).is_none(), "no record, no life to hand back");
+        let exit = Exit { raw: 7 << 8, oom_kills: 0 };
+        std::fs::write(dir.path().join(EXIT), exit.encode()).unwrap();
+        let mut shim = Shim::ended(dir.path(), 42).unwrap();
+        assert_eq!(shim.pid(), 42);
+        assert!(shim.exited());
+        assert_eq!(shim.wait().await, Outcome::Exited(exit));
+        assert_eq!(shim.stop(Duration::from_secs(1)).await, Outcome::Exited(exit), "nothing left to stop");
     }
 }

@@ -1,5 +1,6 @@
 //! The shim binary on its own: one life of a process, its output in the log,
-//! a re-attach after the first connection is gone, and a stop on request.
+//! a re-attach after the first connection is gone, a stop on request, and a
+//! life that ends before its launcher connects.
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::process::ExitStatusExt;
@@ -73,4 +74,20 @@ async fn an_exit_is_told_to_the_connected_receiver_and_a_failed_start_says_why()
     missing.program = "/nonexistent/bwrap".into();
     let err = Shim::launch(&pm, &program(), &dir.path().join("b"), &missing, vec![]).await.unwrap_err();
     assert!(err.to_string().starts_with("cannot start /nonexistent/bwrap: "), "{err}");
+}
+
+#[tokio::test]
+async fn an_app_that_exits_at_once_is_launched_and_ends_with_its_own_status() {
+    // Such an app can end, and its shim remove its socket, between the shim's
+    // "started" and the launcher's connection: the launch must still hand
+    // back the life and how it ended, each time.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let pm = ProcessManager::global().unwrap();
+    for round in 0..20 {
+        let state = dir.path().join(format!("s{round}"));
+        let mut shim = Shim::launch(&pm, &program(), &state, &spec(&log, "exit 7"), vec![]).await.unwrap();
+        let outcome = shim.wait().await;
+        assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(7)), "round {round}: {outcome:?}");
+    }
 }
