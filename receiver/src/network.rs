@@ -1,8 +1,9 @@
 //! Network isolation: sandboxes share the host's network namespace (so they can
 //! bind their loopback port and reach their database), and an nftables table of
 //! our own, matched on the apps' uid range, keeps them off everything else on
-//! this host: other apps' ports, the receiver's API, the router, the metadata
-//! service at 169.254.169.254. The internet stays reachable.
+//! this host: other apps' ports, the receiver's API, the router, the cloud metadata
+//! services (169.254.169.254 and the others in `METADATA_V4`). The internet
+//! stays reachable.
 //!
 //! Rules, in order, for packets leaving a socket owned by an app uid: replies
 //! on connections others opened to the app pass; new connections to a local
@@ -114,8 +115,12 @@ pub const PRIVATE_V4: &str =
     "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 169.254.0.0/16, 224.0.0.0/4, 255.255.255.255";
 pub const PRIVATE_V6: &str = "fc00::/7, fe80::/10, ff00::/8, 64:ff9b::/96, 64:ff9b:1::/48";
 /// Addresses that hand out the host's credentials or control its agent
-/// (AWS/GCP/Azure metadata, Azure's WireServer): closed whatever is allowed.
-pub const METADATA_V4: &str = "169.254.169.254, 168.63.129.16";
+/// (AWS/GCP/Azure metadata, Azure's WireServer, Alibaba's metadata inside
+/// the shared range an operator may open for a VPN): closed whatever is
+/// allowed, to apps and to log drains alike.
+pub const METADATA_V4: &str = "169.254.169.254, 168.63.129.16, 100.100.100.200";
+/// AWS's IPv6 metadata address, closed the same way.
+pub const METADATA_V6: &str = "fd00:ec2::254";
 
 /// The nameservers a resolv.conf names.
 pub fn nameservers(resolv: &str) -> Vec<IpAddr> {
@@ -189,7 +194,7 @@ impl Policy {
         // Cloud metadata stays closed whatever else is allowed: it hands out
         // the host's credentials.
         rules.push(format!("ip daddr {{ {METADATA_V4} }} reject with icmpx admin-prohibited"));
-        rules.push("ip6 daddr fd00:ec2::254 reject with icmpx admin-prohibited".to_owned());
+        rules.push(format!("ip6 daddr {{ {METADATA_V6} }} reject with icmpx admin-prohibited"));
         // One rule per range: overlapping ranges in one set are an nft error.
         for range in &self.allow_egress {
             let family = if range.is_v4() { "ip" } else { "ip6" };
@@ -296,7 +301,7 @@ mod tests {
         let established = r.find("ct state established").unwrap();
         let refuse = r.find("reject with tcp reset").unwrap();
         assert!(established < refuse, "replies pass before anything is refused");
-        assert!(r.contains("ip daddr { 169.254.169.254, 168.63.129.16 } reject"));
+        assert!(r.contains("ip daddr { 169.254.169.254, 168.63.129.16, 100.100.100.200 } reject"));
     }
 
     #[test]
@@ -335,7 +340,7 @@ mod tests {
         assert!(at("fib daddr type local meta l4proto { tcp, udp } th dport 53 accept") < at("tcp reset"));
         assert!(at("\t\tip daddr 10.255.255.53 meta l4proto { tcp, udp } th dport 53 accept\n") < closed);
         // Metadata stays closed even inside an allowed range.
-        assert!(at("ip daddr { 169.254.169.254, 168.63.129.16 } reject") < at("10.20.0.0/16 accept"));
+        assert!(at("ip daddr { 169.254.169.254, 168.63.129.16, 100.100.100.200 } reject") < at("10.20.0.0/16 accept"));
         assert!(p.enforcement().value.ends_with(" except 10.20.0.0/16, fd00:1::/32"), "{:?}", p.enforcement());
     }
 

@@ -179,7 +179,7 @@ fn hostile_app_cannot_escape_its_sandbox() {
     assert_eq!(lab.blocked("connect?host=127.0.0.1&port=53"), "BLOCKED connect 127.0.0.1:53: Connection refused");
     // Cloud metadata and private networks: refused by nftables before a
     // packet leaves (one attempt each; the route would lead off the host).
-    for host in ["169.254.169.254", "10.0.0.1"] {
+    for host in ["169.254.169.254", "100.100.100.200", "10.0.0.1"] {
         assert_eq!(
             lab.blocked(&format!("connect?host={host}&port=80")),
             format!("BLOCKED connect {host}:80: No route to host")

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::network::METADATA_V4;
+use crate::network::{METADATA_V4, METADATA_V6};
 
 /// Which non-public addresses the operator lets drains reach. Link-local,
 /// cloud metadata (AWS/GCP/Azure 169.254.169.254, AWS's fd00:ec2::254,
@@ -189,8 +189,7 @@ fn kind(addr: IpAddr) -> Kind {
 /// Metadata addresses outside link-local, refused before their ranges
 /// (private, shared or public) are looked at.
 fn metadata_v4(ip: Ipv4Addr) -> bool {
-    const ALIBABA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
-    ip == ALIBABA || METADATA_V4.split(", ").any(|m| m.parse() == Ok(ip))
+    METADATA_V4.split(", ").any(|m| m.parse() == Ok(ip))
 }
 
 fn kind_v4(ip: Ipv4Addr) -> Kind {
@@ -216,13 +215,13 @@ fn kind_v4(ip: Ipv4Addr) -> Kind {
 }
 
 fn kind_v6(ip: Ipv6Addr) -> Kind {
-    const AWS_METADATA: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     let first = ip.segments()[0];
     let unique_local = first & 0xfe00 == 0xfc00;
     let link_local = first & 0xffc0 == 0xfe80;
     // NAT64 and 6to4 embed an IPv4 address that may be private or metadata.
     let embeds_v4 = first == 0x0064 || first == 0x2002;
-    if ip == AWS_METADATA || ip.is_unspecified() || ip.is_multicast() || link_local || embeds_v4 {
+    let metadata = METADATA_V6.split(", ").any(|m| m.parse() == Ok(ip));
+    if metadata || ip.is_unspecified() || ip.is_multicast() || link_local || embeds_v4 {
         Kind::Never
     } else if ip.is_loopback() {
         Kind::Loopback
