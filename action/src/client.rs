@@ -65,14 +65,14 @@ async fn failure(resp: reqwest::Response, hint: &str) -> Failure {
         ));
     }
     let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or_else(|_| {
-        if text.trim().is_empty() {
-            format!("the receiver answered {status}")
-        } else {
-            format!("the receiver answered {status}: {}", text.trim())
-        }
-    });
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    let (message, credential) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.error, body.credential),
+        Err(_) if text.trim().is_empty() => (format!("the receiver answered {status}"), false),
+        Err(_) => (format!("the receiver answered {status}: {}", text.trim()), false),
+    };
+    // Only a refusal of the key is mended by another key: a request over a
+    // cap is refused whichever key sends it.
+    if status == StatusCode::UNAUTHORIZED || credential {
         Failure::Refused(format!("{message}{hint}"))
     } else {
         Failure::Refused(message)

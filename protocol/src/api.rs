@@ -22,6 +22,11 @@ pub fn app_of_path(path: &str) -> &str {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
+    /// Set when the refusal is of the credential (unknown, or not allowed to
+    /// do this), so another key would do; unset when the request itself is
+    /// refused (over a cap, bad input), where another key changes nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub credential: bool,
 }
 
 /// Where a deployment came from.

@@ -81,7 +81,7 @@ fn every_route_admits_exactly_the_keys_the_access_table_admits() {
                 Err(denied) => {
                     refused += 1;
                     assert_eq!(status, 403, "{method} {template} ({action:?}) by {who}: {text}");
-                    let expected = serde_json::json!({ "error": denied.to_string() });
+                    let expected = serde_json::json!({ "error": denied.to_string(), "credential": true });
                     assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), expected, "{who}");
                 }
             }
@@ -136,6 +136,8 @@ fn a_deploy_key_cannot_lift_its_limits_mint_keys_or_read_the_database() {
         let out = as_tenant(args);
         assert_eq!(out.code, 1, "{args:?}: {out:?}");
         assert!(out.stderr.contains("needs the admin token"), "{args:?}: {}", out.stderr);
+        // A refusal of the key tells how to use another one.
+        assert!(out.stderr.contains("(set the key with `nx login --key KEY` or NX_KEY)"), "{}", out.stderr);
     }
     let ssh = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(

@@ -218,7 +218,7 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
 
     // The same token does nothing else: each refused with the same answer.
     let token = issuer.token(&r.api());
-    let only_a_preview = json!({ "error": "a pull_request_target run's OIDC token may only push a preview of the head commit of a fork's pull request that a maintainer labeled, to the app that previews it; it cannot promote, roll back, stop, configure, read the app or its database, or act on another app" });
+    let only_a_preview = json!({ "error": "a pull_request_target run's OIDC token may only push a preview of the head commit of a fork's pull request that a maintainer labeled, to the app that previews it; it cannot promote, roll back, stop, configure, read the app or its database, or act on another app", "credential": true });
     for (method, path) in [
         ("POST", format!("/v1/apps/web/deployments/{id}/promote")),
         ("POST", format!("/v1/apps/web/deployments/{id}/stop")),

@@ -123,6 +123,8 @@ fn replicas_beyond_the_range_or_the_apps_share_are_refused_with_what_to_do() {
         let out = r.nx_with_key(who, &["apps", "set", "web", "--replicas", "5"]);
         assert_ne!(out.code, 0);
         assert!(out.stderr.contains(expected), "{}", out.stderr);
+        // Another key would be refused alike, so none is suggested.
+        assert!(!out.stderr.contains("nx login"), "{}", out.stderr);
     }
     // Nothing was saved; smaller cpu and /tmp limits make room for them
     // (five of the default 256 MiB /tmp are over the 1 GiB cap too).

@@ -90,12 +90,12 @@ pub async fn settings(
     if !caller.is_admin() {
         let current = &row.settings.0;
         if let Some(raised) = crate::limits::raised(&state.config, &current.limits, &settings.limits) {
-            return Err(ApiError::Forbidden(format!(
+            return Err(ApiError::Denied(format!(
                 "raising {raised} needs the admin token; a deploy key may keep or lower its app's limits"
             )));
         }
         if settings.github != current.github {
-            return Err(ApiError::Forbidden(
+            return Err(ApiError::Denied(
                 "linking an app to a GitHub repository needs the admin token (`nx apps set APP --github owner/repo`)"
                     .into(),
             ));
@@ -103,7 +103,7 @@ pub async fn settings(
         // Who may push fork previews is part of the trust, as the link is:
         // it lets pull_request_target tokens in.
         if settings.preview_forks != current.preview_forks || settings.fork_label() != current.fork_label() {
-            return Err(ApiError::Forbidden(
+            return Err(ApiError::Denied(
                 "letting forks' pull requests be previewed (`[preview] forks`, `fork_label`) needs the admin token \
                  (`nx apps set APP --preview-forks label`); nx.toml may repeat what the admin set"
                     .into(),

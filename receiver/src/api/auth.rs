@@ -128,7 +128,7 @@ pub async fn authorize(State(g): State<Guard>, req: Request, next: Next) -> Resu
     let caller = check(&g.state, &parts).await?;
     let app = app_of_path(parts.uri.path());
     if let Err(denied) = access::decide(&caller.role, &caller.key_id, g.action, app) {
-        return Err(ApiError::Forbidden(denied.to_string()));
+        return Err(ApiError::Denied(denied.to_string()));
     }
     if g.action.app_scoped() {
         let row = match g.state.db.app(app).await? {
@@ -314,7 +314,7 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
         } else {
             super::access::Denied::Workflow
         };
-        return Err(ApiError::Forbidden(denied.to_string()));
+        return Err(ApiError::Denied(denied.to_string()));
     }
     // An app that does not exist trusts nothing: the same answer as an app
     // without a policy, so a token cannot probe which apps exist.

@@ -15,8 +15,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The request is refused whoever asks (over a cap, a link no token proves).
     #[error("{0}")]
     Forbidden(String),
+    /// The caller's credential may not do this; another key may.
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -51,7 +55,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Denied(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
@@ -113,7 +117,8 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response = (status, Json(ErrorBody { error })).into_response();
+        let credential = matches!(self, ApiError::Unauthorized(_) | ApiError::Denied(_));
+        let mut response = (status, Json(ErrorBody { error, credential })).into_response();
         // Every 503 is a passing condition (busy, full): say when to come back.
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS.into());
@@ -152,6 +157,23 @@ pub fn unknown_app(name: &str, existing: &[String]) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_refusals_of_the_credential_say_so() {
+        let body = |e: ApiError| async move {
+            let bytes = axum::body::to_bytes(e.into_response().into_body(), 4096).await.unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        assert_eq!(
+            body(ApiError::Denied("use the admin token".into())).await,
+            r#"{"error":"use the admin token","credential":true}"#
+        );
+        assert_eq!(
+            body(ApiError::Unauthorized("unknown key".into())).await,
+            r#"{"error":"unknown key","credential":true}"#
+        );
+        assert_eq!(body(ApiError::Forbidden("over the cap".into())).await, r#"{"error":"over the cap"}"#);
+    }
 
     #[test]
     fn distances_are_levenshtein() {

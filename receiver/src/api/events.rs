@@ -35,7 +35,7 @@ pub async fn list(
             Role::Deploy { app: own, .. } | Role::Workflow { app: own, .. } | Role::ForkPreview { app: own, .. },
             Some(asked),
         ) if asked != *own => {
-            return Err(ApiError::Forbidden(format!(
+            return Err(ApiError::Denied(format!(
                 "the key {} belongs to app '{own}' and reads that app's events alone",
                 caller.key_id
             )))
