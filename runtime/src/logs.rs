@@ -58,9 +58,19 @@ struct Sink {
 pub struct Log {
     sink: Arc<Mutex<Sink>>,
     live: broadcast::Sender<String>,
-    /// Whether the live feed comes from following the file (another process
-    /// writes to it too) rather than from this handle's own writes.
-    followed: bool,
+    /// Where the following of the file stands, when the live feed comes from
+    /// following it (another process writes to it too) rather than from this
+    /// handle's own writes.
+    followed: Option<Arc<Mutex<Followed>>>,
+}
+
+/// How far a shared log's follower has read: the file it was opened on and
+/// the offset there, and the file and offset up to which every whole line
+/// has been sent to the live feed or skipped (nobody listening).
+#[derive(Debug, Clone, Copy)]
+struct Followed {
+    opened: (u64, u64),
+    sent: (u64, u64),
 }
 
 impl std::fmt::Debug for Log {
@@ -76,13 +86,13 @@ fn open_append(path: &Path) -> io::Result<File> {
 impl Log {
     /// Opens (appending) the log at `path`.
     pub fn open(path: &Path, limits: LogLimits) -> io::Result<Log> {
-        Self::open_with(path, limits, 1024, false)
+        Self::open_with(path, limits, 1024)
     }
 
     /// Opens the log at `path` for a writer that keeps no live feed (a
     /// shim: nobody subscribes in its process, so it holds no queue).
     pub fn open_writer(path: &Path, limits: LogLimits) -> io::Result<Log> {
-        Self::open_with(path, limits, 1, false)
+        Self::open_with(path, limits, 1)
     }
 
     /// Opens the log at `path`, which another process (the deployment's
@@ -90,18 +100,21 @@ impl Log {
     /// line whoever wrote it. Needs a tokio runtime; the following stops when
     /// the last clone of the log is dropped.
     pub fn open_shared(path: &Path, limits: LogLimits) -> io::Result<Log> {
-        let log = Self::open_with(path, limits, 1024, true)?;
+        let mut log = Self::open_with(path, limits, 1024)?;
         let start = std::fs::metadata(path)?;
-        tokio::spawn(follow(path.to_owned(), (start.ino(), start.len()), Arc::downgrade(&log.sink), log.live.clone()));
+        let at = (start.ino(), start.len());
+        let followed = Arc::new(Mutex::new(Followed { opened: at, sent: at }));
+        log.followed = Some(followed.clone());
+        tokio::spawn(follow(path.to_owned(), followed, Arc::downgrade(&log.sink), log.live.clone()));
         Ok(log)
     }
 
-    fn open_with(path: &Path, limits: LogLimits, capacity: usize, followed: bool) -> io::Result<Log> {
+    fn open_with(path: &Path, limits: LogLimits, capacity: usize) -> io::Result<Log> {
         let file = open_append(path)?;
         let written = file.metadata()?.len();
         let (live, _) = broadcast::channel(capacity);
         let sink = Sink { path: path.to_owned(), file, written, limits };
-        Ok(Log { sink: Arc::new(Mutex::new(sink)), live, followed })
+        Ok(Log { sink: Arc::new(Mutex::new(sink)), live, followed: None })
     }
 
     /// Where the log is stored.
@@ -145,10 +158,37 @@ impl Log {
             tracing::warn!(path = %sink.path.display(), error = %e, "cannot write log");
         }
         drop(sink);
-        if !self.followed {
+        if self.followed.is_none() {
             // Nobody listening is fine.
             let _ = self.live.send(stamped);
         }
+    }
+
+    /// A feed of every line written from now on, and the stored lines
+    /// written since this handle opened the log that the feed will not
+    /// carry (at most `max_bytes` of them, the newest): what a reader that
+    /// comes late but must miss nothing of this life takes, as the log
+    /// drains do, which look for new deployments once a second. Only a
+    /// shared log keeps the place it was opened at; others give no lines.
+    pub fn subscribe_since_open(&self, max_bytes: u64) -> (Vec<String>, broadcast::Receiver<String>) {
+        let Some(followed) = &self.followed else { return (Vec::new(), self.subscribe()) };
+        // The follower sends under this lock: nothing is sent between the
+        // reading of the file and the subscription, so nothing is had twice.
+        let Ok(at) = followed.lock() else { return (Vec::new(), self.subscribe()) };
+        let feed = self.subscribe();
+        let (ino, from) = at.opened;
+        // After a rotation the opened file has another name: its lines are
+        // left out rather than looked for.
+        let same = std::fs::metadata(self.path()).is_ok_and(|m| m.ino() == ino);
+        if !same || at.sent.0 != ino || at.sent.1 <= from {
+            return (Vec::new(), feed);
+        }
+        let from = from.max(at.sent.1.saturating_sub(max_bytes));
+        let bytes = read_between(&self.path(), from, at.sent.1).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        // A cut at `max_bytes` may fall inside a line: drop its head.
+        let whole = if from > at.opened.1 { text.split_once('\n').map_or("", |(_, rest)| rest) } else { &text };
+        (whole.lines().map(str::to_owned).collect(), feed)
     }
 
     /// The last `n` lines stored (without timestamps), oldest first, whoever
@@ -271,25 +311,34 @@ pub fn keep(input: impl Read, path: &Path, limits: LogLimits) -> io::Result<()> 
     }
 }
 
-/// Sends every line appended to the log at `path` (from `(inode, offset)` on)
-/// to `live`, following rotations, while the log and a subscriber exist.
-async fn follow(path: PathBuf, at: (u64, u64), sink: std::sync::Weak<Mutex<Sink>>, live: broadcast::Sender<String>) {
+/// Sends every line appended to the log at `path` (from where `followed`
+/// says it was opened) to `live`, following rotations, while the log and a
+/// subscriber exist; records in `followed` how far it has sent.
+async fn follow(
+    path: PathBuf,
+    followed: Arc<Mutex<Followed>>,
+    sink: std::sync::Weak<Mutex<Sink>>,
+    live: broadcast::Sender<String>,
+) {
     let mut partial: Vec<u8> = Vec::new();
     // The file being read, held open: what was appended to it before a
     // rotation is read through it whatever it is called by then.
     let mut current: Option<(u64, File)> = None;
+    let at = followed.lock().map(|f| f.opened).unwrap_or_default();
     let mut offset = at.1;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if sink.strong_count() == 0 {
             return;
         }
+        let Ok(mut place) = followed.lock() else { return };
         let Ok(meta) = std::fs::metadata(&path) else { continue };
         if live.receiver_count() == 0 {
             // Nobody follows: skip what was written meanwhile.
             current = None;
             offset = meta.len();
             partial.clear();
+            place.sent = (meta.ino(), offset);
             continue;
         }
         let ino = current.as_ref().map_or(at.0, |(i, _)| *i);
@@ -320,6 +369,8 @@ async fn follow(path: PathBuf, at: (u64, u64), sink: std::sync::Weak<Mutex<Sink>
             offset += new.len() as u64;
             send_lines(&live, &mut partial, &new);
         }
+        let ino = current.as_ref().map_or(meta.ino(), |(i, _)| *i);
+        place.sent = (ino, offset - partial.len() as u64);
     }
 }
 
@@ -330,6 +381,16 @@ fn read_rest(file: &mut File, offset: u64) -> Vec<u8> {
         let _ = file.read_to_end(&mut buf);
     }
     buf
+}
+
+/// The bytes of the file at `path` from `from` to `to`.
+fn read_between(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    file.take(to - from).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 fn read_from(path: &Path, offset: u64) -> io::Result<Vec<u8>> {
@@ -508,6 +569,31 @@ mod tests {
         let stored = read_recent(&path, 100, 2).unwrap();
         assert!(stored.iter().all(|l| l.ends_with(|c: char| c.is_ascii_digit())), "{stored:?}");
         assert_eq!(receiver.tail(1), ["app line 19"]);
+    }
+
+    #[tokio::test]
+    async fn a_late_reader_gets_the_lines_since_the_log_opened_once_each() {
+        let path = temp("since-open");
+        let shim = Log::open_writer(&path, LogLimits::default()).unwrap();
+        shim.app_line("an earlier life");
+        let receiver = Log::open_shared(&path, LogLimits::default()).unwrap();
+        for i in 0..3 {
+            shim.app_line(&format!("first {i}"));
+        }
+        // The follower has passed them with nobody listening.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (earlier, mut feed) = receiver.subscribe_since_open(1 << 20);
+        let text: Vec<&str> = earlier.iter().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(text, ["first 0", "first 1", "first 2"]);
+        shim.app_line("later");
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), feed.recv()).await.unwrap().unwrap();
+        assert!(next.ends_with(" later"), "{next}");
+        // A budget smaller than the lines keeps the newest whole ones.
+        let (newest, _) = receiver.subscribe_since_open(40);
+        assert_eq!(newest.len(), 1, "{newest:?}");
+        assert!(newest[0].ends_with(" later"), "{newest:?}");
+        // A log opened for writing alone has no place to read back from.
+        assert!(shim.subscribe_since_open(1 << 20).0.is_empty());
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ use target::Target;
 
 /// How often new deployments and new audit events are looked for.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How much of what a deployment printed before the drains found it is
+/// read back from its log, at most.
+const EARLIER_LINES_BYTES: u64 = 1 << 20;
 
 /// Polls between two readings of the drains from the database.
 const RELOAD_EVERY_POLLS: u32 = 30;
@@ -379,11 +382,16 @@ impl Hub {
                 }
                 let Ok(Some(row)) = self.db.deployment(&id).await else { continue };
                 followed.insert(id.clone());
-                let feed = log.subscribe();
+                // Found up to a poll after it started: what it printed
+                // meanwhile is read back from its log.
+                let (earlier, feed) = log.subscribe_since_open(EARLIER_LINES_BYTES);
                 drop(log);
                 let ended = ended_tx.clone();
                 let hub = self.clone();
                 tokio::spawn(async move {
+                    for line in &earlier {
+                        hub.dispatch(Arc::new(Record::app_line(&row.app_name, &id, line)));
+                    }
                     hub.follow_log(&row.app_name, &id, feed).await;
                     let _ = ended.send(id);
                 });
