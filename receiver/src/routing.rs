@@ -375,6 +375,31 @@ pub struct RouterTls {
     pub hsts_max_age: Option<Duration>,
 }
 
+/// The FIFO in the router's directory `dir` that the router writes its
+/// access log into (`--access-log-fd`), apart from its own log. A FIFO
+/// rather than a pipe, because the router outlives the receiver: the next
+/// receiver opens it again and reads on where the last one stopped. Both
+/// ends open it read-write, so neither ever sees the other gone: while no
+/// receiver reads, the pipe fills and the router's access log writer drops
+/// whole batches, counted, and no request waits. A router run on its own
+/// (under systemd, the receiver with `--no-router`) is given it the same
+/// way (`3<>access.fifo`, deploy/systemd/nx-router.service).
+pub fn open_access_fifo(dir: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    let path = dir.join("access.fifo");
+    nx_runtime::sys::make_fifo(&path, 0o600)?;
+    Ok(std::fs::OpenOptions::new().read(true).write(true).open(path)?.into())
+}
+
+/// Reads the access lines of the router whose directory is `dir` into
+/// `log` and `feed` (the log drains') while the receiver runs: one reader
+/// per receiver, whichever router writes (one it started, an adopted one,
+/// or one run on its own).
+pub fn read_access_log(dir: &Path, log: Log, feed: broadcast::Sender<Arc<str>>) -> std::io::Result<()> {
+    let access = open_access_fifo(dir)?;
+    tokio::spawn(async move { log.pump_with(access, |line| _ = feed.send(Arc::from(line))).await });
+    Ok(())
+}
+
 /// Settings of the supervised router. The listening sockets are the
 /// receiver's: every router process gets them as inherited descriptors, so
 /// they stay open (connections wait in the backlog) while a router restarts,
@@ -414,19 +439,6 @@ impl RouterSettings {
     /// creates or replaces anything.
     pub fn state_dir(dir: &Path) -> PathBuf {
         dir.join("state")
-    }
-
-    /// The FIFO the router writes its access log into (`--access-log-fd`),
-    /// apart from its own log. A FIFO rather than a pipe, because the router
-    /// outlives the receiver: the next receiver opens it again and reads on
-    /// where the last one stopped. Both ends open it read-write, so neither
-    /// ever sees the other gone: while no receiver reads, the pipe fills and
-    /// the router's access log writer drops whole batches, counted, and no
-    /// request waits.
-    fn open_access_fifo(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        let path = self.dir.join("access.fifo");
-        nx_runtime::sys::make_fifo(&path, 0o600)?;
-        Ok(std::fs::OpenOptions::new().read(true).write(true).open(path)?.into())
     }
 
     fn command(&self) -> std::io::Result<Command> {
@@ -554,7 +566,7 @@ impl Supervisor {
         let err = out.try_clone().map_err(|e| format!("cannot share nx-router's log pipe: {e}"))?;
         command.pass_fds.extend([(out, 1), (err, 2)]);
         let access =
-            self.settings.open_access_fifo().map_err(|e| format!("cannot open the router's access log: {e}"))?;
+            open_access_fifo(&self.settings.dir).map_err(|e| format!("cannot open the router's access log: {e}"))?;
         command.pass_fds.push((access, ACCESS_FD));
         let child = self.pm.spawn(command).await.map_err(|e| format!("cannot start nx-router: {e}"))?;
         Ok(Router::Child(child))
@@ -809,11 +821,7 @@ impl RouterProcess {
             "nx-router not found at {}; build it (`cargo build --release`) or pass --router-bin, or run it yourself with --no-router",
             settings.bin.display()
         );
-        // The access log's reader: one per receiver, whichever router
-        // writes (an adopted one, or those it starts later).
-        let access = settings.open_access_fifo()?;
-        let (log, feed) = (settings.log.clone(), settings.access.clone());
-        tokio::spawn(async move { log.pump_with(access, |line| _ = feed.send(Arc::from(line))).await });
+        read_access_log(&settings.dir, settings.log.clone(), settings.access.clone())?;
         let sup = Supervisor { pm, settings, publisher };
         let first = match adopted {
             Some(process) => sup.adopt(process).await.map_err(|e| anyhow::anyhow!(e))?,

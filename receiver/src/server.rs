@@ -226,6 +226,13 @@ async fn run(
     // The router's access lines, for log drains: a slow reader loses lines, never holds the router.
     let (access, _) = tokio::sync::broadcast::channel(ACCESS_FEED);
     let router = if config.no_router {
+        // A router run on its own still writes its access lines into the
+        // FIFO here when given it (deploy/systemd/nx-router.service).
+        let dir = data.join("router");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let log = Log::open(&data.join("logs/router.log"), LogLimits::default())?;
+        crate::routing::read_access_log(&dir, log, access.clone())
+            .with_context(|| format!("cannot read the router's access log in {}", dir.display()))?;
         None
     } else {
         let bin = match &config.router_bin {

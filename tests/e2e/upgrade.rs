@@ -17,11 +17,13 @@ use nx_e2e::receiver::{free_port, Options};
 use nx_e2e::{bin, eventually, Receiver};
 
 /// nx-router started by hand on its own sockets, fed by a receiver started
-/// with `--no-router`, in the receiver's temporary directory.
+/// with `--no-router`, in the receiver's temporary directory; its access log
+/// goes into the receiver's FIFO as under systemd.
 struct Standalone {
     port: u16,
     args: Vec<String>,
     dir: PathBuf,
+    fifo: PathBuf,
 }
 
 impl Standalone {
@@ -38,17 +40,25 @@ impl Standalone {
             "--threads=2".into(),
         ];
         args.extend_from_slice(extra);
-        Standalone { port, args, dir }
+        let fifo = r.data_dir().join("router/access.fifo");
+        Standalone { port, args, dir, fifo }
     }
 
     /// Starts a router (`--upgrade` among `extra` for a successor; a flag of
     /// `extra` replaces the same one of the router's); its output goes to
-    /// `name`.log in the router's directory.
+    /// `name`.log in the router's directory, its access log into the
+    /// receiver's FIFO, opened read-write as deploy/systemd/nx-router.service
+    /// opens it.
     fn spawn(&self, name: &str, extra: &[&str]) -> Child {
         let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
         let replaced: Vec<String> = extra.iter().map(|a| flag(a)).collect();
         let log = std::fs::File::create(self.log_path(name)).unwrap();
-        Command::new(bin("nx-router"))
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(r#"fifo="$1"; shift; exec "$@" --access-log-fd 3 3<>"$fifo""#)
+            .arg("sh")
+            .arg(&self.fifo)
+            .arg(bin("nx-router"))
             .args(self.args.iter().filter(|a| !replaced.contains(&flag(a))))
             .args(extra)
             .env("RUST_LOG", "info")
@@ -148,6 +158,19 @@ fn a_standalone_router_replaced_twice_under_load_on_three_apps_fails_no_request(
         total += ok;
     }
     assert!(total > 500, "the load ran: {total} requests");
+    // Every router's access lines reached the receiver through the FIFO
+    // (what it passes on to the apps' log drains), the last one's included.
+    let access = std::fs::read_to_string(r.data_dir().join("logs/router.log")).unwrap();
+    for app in apps {
+        assert!(access.contains(&format!(r#""host":"{app}.localhost""#)), "{app}: {access}");
+    }
+    assert!(access.contains(r#""path":"/","status":200"#), "{access}");
+    let last = nx_e2e::http::get_host(router.port, &format!("two.localhost:{}", router.port), "/after-the-upgrades");
+    assert_eq!(last.status, 200);
+    eventually(10, "the last router's access line", || {
+        let text = std::fs::read_to_string(r.data_dir().join("logs/router.log")).unwrap();
+        text.contains(r#""path":"/after-the-upgrades""#).then_some(())
+    });
     reap(current);
 }
 
@@ -340,7 +363,15 @@ fn the_systemd_units_verify_and_set_only_real_settings() {
         let text = std::fs::read_to_string(shipped.join(unit)).unwrap();
         assert!(text.lines().any(|l| l == line), "{unit} lacks {line:?}");
     };
-    has("nx-router.service", "ExecReload=/usr/bin/setsid -f /usr/local/bin/nx-router --upgrade");
+    has(
+        "nx-router.service",
+        "ExecReload=/usr/bin/setsid -f /bin/sh -c 'exec /usr/local/bin/nx-router --upgrade --access-log-fd 3 \
+         3<>/var/lib/nx-sandbox/router/access.fifo'",
+    );
+    has(
+        "nx-router.service",
+        "ExecStart=/bin/sh -c 'exec /usr/local/bin/nx-router --access-log-fd 3 3<>/var/lib/nx-sandbox/router/access.fifo'",
+    );
     // The successor's MAINPID= comes from a process that is not the main one yet.
     has("nx-router.service", "Type=notify");
     has("nx-router.service", "NotifyAccess=all");
