@@ -621,14 +621,14 @@ pub(crate) mod tests {
     /// request is counted as its exchange ends, just after its answer).
     async fn counted_on(store: &RouteStore, addr: SocketAddr, sent: u64) -> ([u64; 6], u64) {
         for _ in 0..100 {
-            let traffic = store.traffic();
+            let traffic = store.traffic().unwrap();
             if traffic.deployments["d1"].total() == sent && traffic.deployments["d1"].open == 0 {
                 let t = traffic.replicas["d1"].get(&addr.port()).cloned().unwrap_or_default();
                 return (t.requests, t.open);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("not all {sent} requests were counted: {:?}", store.traffic());
+        panic!("not all {sent} requests were counted: {:?}", store.traffic().unwrap());
     }
 
     /// Sends `request` on a new connection and reads the answer.

@@ -45,6 +45,8 @@ pub struct Entry {
     /// order of its target's (one for a live route): resolved when the table
     /// is taken, so a request finds its replica's counters by index.
     upstreams: Box<[Arc<Counters>]>,
+    /// Whether traffic is counted (`--traffic-counters`).
+    counting: bool,
 }
 
 /// What the router counts of one deployment.
@@ -91,6 +93,9 @@ impl Entry {
     /// forwarded to (`upstream`: its index in the route's target; 0 for a
     /// live route), else those of the router's own answers.
     pub fn traffic(&self, upstream: Option<usize>) -> &Counters {
+        if !self.counting {
+            return Counters::off();
+        }
         match upstream.and_then(|i| self.upstreams.get(i)) {
             Some(counters) => counters,
             None => &self.counted.traffic,
@@ -123,6 +128,8 @@ pub struct RouteStore {
     /// The `Strict-Transport-Security` value of HTTPS answers for hosts with
     /// a certificate of the receiver's (--hsts-max-age).
     hsts: Option<http::HeaderValue>,
+    /// Whether requests are counted (`--traffic-counters`).
+    counting: bool,
 }
 
 impl RouteStore {
@@ -145,7 +152,7 @@ impl RouteStore {
             Err(source) => return Err(TableError::Load { path: state_file.to_owned(), source }),
         };
         let mut activity = HashMap::new();
-        let live = index(table, &mut activity);
+        let live = index(table, &mut activity, true);
         Ok(RouteStore {
             current: ArcSwap::from_pointee(live),
             state_file: state_file.to_owned(),
@@ -154,7 +161,19 @@ impl RouteStore {
             https_port,
             wakes: Wakes::default(),
             hsts: None,
+            counting: true,
         })
+    }
+
+    /// Counts no traffic (`--traffic-counters false`, a bench setting):
+    /// requests go through [`Counters::off`], and [`RouteStore::traffic`]
+    /// has nothing to say.
+    pub fn without_traffic_counters(mut self) -> RouteStore {
+        self.counting = false;
+        let table = (*self.current.load().table).clone();
+        let activity = self.write.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.current.store(Arc::new(index(table, activity, false)));
+        self
     }
 
     /// Sends `Strict-Transport-Security: max-age=<max_age>` with HTTPS
@@ -215,7 +234,11 @@ impl RouteStore {
 
     /// The traffic of every deployment in the table; one that left the table
     /// is gone with its counters, so the receiver's families lose it too.
-    pub fn traffic(&self) -> RouterTraffic {
+    /// `None` when the router counts no traffic.
+    pub fn traffic(&self) -> Option<RouterTraffic> {
+        if !self.counting {
+            return None;
+        }
         let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut traffic = RouterTraffic {
             access_lines_dropped: crate::access::installed().map(|log| log.dropped()),
@@ -228,7 +251,7 @@ impl RouteStore {
                 traffic.replicas.insert(deployment.clone(), by_port);
             }
         }
-        traffic
+        Some(traffic)
     }
 
     /// Saves `table` and then makes it current. A table with an older generation
@@ -244,7 +267,7 @@ impl RouteStore {
         save_atomically(&self.state_file, &table)
             .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
         self.certs.replace(&certificates);
-        let live = Arc::new(index(table, &mut activity));
+        let live = Arc::new(index(table, &mut activity, self.counting));
         self.current.store(live.clone());
         // After the store: a held request told its wake is over looks the
         // new table up. Under the write lock, so wakes see tables in order.
@@ -256,7 +279,7 @@ impl RouteStore {
 /// Indexes `table` by host, giving each entry its deployment's counters: the
 /// existing ones, or new ones. Counters of deployments no longer in the table
 /// are dropped.
-fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>) -> Live {
+fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>, counting: bool) -> Live {
     activity.retain(|d, _| table.routes.values().any(|r| &r.deployment == d));
     let mut forwarded: HashMap<&str, Vec<u16>> = HashMap::new();
     let hosts = table
@@ -272,7 +295,7 @@ fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>) -> Liv
             let ports = forwarded.entry(route.deployment.as_str()).or_default();
             ports.extend(addrs.iter().map(|a| a.port()));
             let upstreams = addrs.iter().map(|a| counted.upstream(a.port())).collect();
-            (host.clone(), Arc::new(Entry { route: route.clone(), counted, replicas, upstreams }))
+            (host.clone(), Arc::new(Entry { route: route.clone(), counted, replicas, upstreams, counting }))
         })
         .collect();
     for (deployment, counted) in activity.iter() {
@@ -387,7 +410,7 @@ mod tests {
         // Traffic is per deployment too, whichever host it came by.
         store.lookup("web.localhost").unwrap().traffic(Some(0)).record(200, 10, 0, 5);
         store.lookup("abcdefgh--web.localhost").unwrap().traffic(None).record(500, 10, 0, 7);
-        let traffic = store.traffic();
+        let traffic = store.traffic().unwrap();
         let web = &traffic.deployments["abcdefgh"];
         assert_eq!((web.total(), web.errors(), web.bytes_out), (2, 1, 12));
         assert_eq!(traffic.deployments["zzzzzzzz"].total(), 0);
@@ -395,7 +418,7 @@ mod tests {
         // ...and forgets the ones it no longer routes.
         store.replace(RouteTable { generation: 3, ..Default::default() }).unwrap();
         assert!(store.activity().deployments.is_empty());
-        assert!(store.traffic().deployments.is_empty(), "a deployment that left the table leaves the metrics");
+        assert!(store.traffic().unwrap().deployments.is_empty(), "a deployment that left the table leaves the metrics");
     }
 
     #[test]
@@ -412,7 +435,7 @@ mod tests {
         entry.traffic(Some(2)).record(500, 10, 0, 1);
         entry.traffic(Some(1)).open();
         entry.traffic(None).record(503, 10, 0, 1);
-        let traffic = store.traffic();
+        let traffic = store.traffic().unwrap();
         let ports = &traffic.replicas["abcdefgh"];
         let by_port: Vec<(u16, u64, u64)> = ports.iter().map(|(p, t)| (*p, t.total(), t.open)).collect();
         assert_eq!(by_port, [(20001, 1, 0), (20002, 0, 1), (20003, 2, 0)]);
@@ -426,7 +449,7 @@ mod tests {
         t.routes.get_mut("web.localhost").unwrap().target = Target::Live { addr: addrs(&[20003])[0] };
         store.replace(t).unwrap();
         store.lookup("web.localhost").unwrap().traffic(Some(0)).record(200, 10, 0, 1);
-        let traffic = store.traffic();
+        let traffic = store.traffic().unwrap();
         let ports: Vec<(u16, u64)> = traffic.replicas["abcdefgh"].iter().map(|(p, t)| (*p, t.total())).collect();
         assert_eq!(ports, [(20003, 3)]);
         assert_eq!(traffic.deployments["abcdefgh"].total(), 4, "the router's own answers stay counted");
