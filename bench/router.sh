@@ -3,11 +3,14 @@
 # a Go net/http server) loaded with wrk directly, behind nginx (proxy_pass with
 # upstream keep-alive, its access log buffered: `buffer=64k`) and behind
 # nx-router as the receiver runs it (access log on, into a pipe read by
-# another process; traffic counters on), and behind nx-router with its access
-# log off (`--access-log false`), in one run. Prints requests/s, p50 and p99
-# for each, the proxy's CPU time per request, and the ratios router/nginx
-# (compared round by round, the median taken), router/direct and the access
-# log's cost (router with it against router without, round by round).
+# another process; traffic counters on), behind nx-router with its access
+# log off (`--access-log false`, "quiet"), and behind nx-router with both its
+# access log and its traffic counters off (`--traffic-counters false`, a bench
+# setting; "bare"), in one run. Prints requests/s, p50 and p99 for each, the
+# proxy's CPU time per request, and the ratios router/nginx (compared round
+# by round, the median taken), router/direct, the access log's cost (router
+# against quiet) and what metrics and logs cost together (router against
+# bare, in requests/s and in CPU per request, round by round).
 #
 #   bench/router.sh [seconds per run] [connections] [rounds, made even]
 #
@@ -63,8 +66,15 @@ target/release/nx-router --listen "127.0.0.1:$quiet_port" --control "$work/contr
     >/dev/null 2>"$work/router-quiet.log" &
 quiet_pid=$!
 pids+=($quiet_pid)
+bare_port=$(free_port)
+cp "$work/routes.json" "$work/routes-bare.json"
+target/release/nx-router --listen "127.0.0.1:$bare_port" --control "$work/control-bare.sock" \
+    --upgrade-socket "$work/upgrade-bare.sock" --state "$work/routes-bare.json" --access-log false \
+    --traffic-counters false >/dev/null 2>"$work/router-bare.log" &
+bare_pid=$!
+pids+=($bare_pid)
 
-for port in "$backend" "$nginx_port" "$router_port" "$quiet_port"; do
+for port in "$backend" "$nginx_port" "$router_port" "$quiet_port" "$bare_port"; do
     for _ in $(seq 1 100); do
         curl -fsS -H 'Host: app.localhost' "http://127.0.0.1:$port/" >/dev/null 2>&1 && break
         sleep 0.1
@@ -92,18 +102,22 @@ load() {
 }
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
-declare -A rps p50 p99 cpu last_rps last_p99
-for name in direct nginx router quiet; do rps[$name]=""; p50[$name]=""; p99[$name]=""; cpu[$name]=""; done
+declare -A rps p50 p99 cpu last_rps last_p99 last_cpu
+for name in direct nginx router quiet bare; do rps[$name]=""; p50[$name]=""; p99[$name]=""; cpu[$name]=""; done
 ratios=""
 p99_ratios=""
 log_costs=""
+observe_costs=""
+observe_cpu=""
+cpu_ratios=""
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "load: wrk -t2 -c$conns -d${secs}s, $rounds rounds; nginx and router run back to back, in turn first"
 for round in $(seq 1 "$rounds"); do
     # The machine's speed drifts over seconds (a VM's neighbours, the CPU's
     # clock): nginx and the router run next to each other, each first in every
-    # other round, and are compared round by round.
-    if [ $((round % 2)) -eq 1 ]; then order="direct nginx router quiet"; else order="direct quiet router nginx"; fi
+    # other round, and are compared round by round. The router as the receiver
+    # runs it sits next to both nginx and the bare router in every round.
+    if [ $((round % 2)) -eq 1 ]; then order="direct nginx router bare quiet"; else order="direct quiet bare router nginx"; fi
     for name in $order; do
         # A pause between runs, so the backend settles (the direct run before
         # the pair leaves it busier than the proxied ones do).
@@ -114,22 +128,26 @@ for round in $(seq 1 "$rounds"); do
             nginx) read -r r a b c e <<<"$(load "$nginx_port" $(pgrep -P "$(cat "$work/nginx.pid")"))" ;;
             router) read -r r a b c e <<<"$(load "$router_port" "$router_pid")" ;;
             quiet) read -r r a b c e <<<"$(load "$quiet_port" "$quiet_pid")" ;;
+            bare) read -r r a b c e <<<"$(load "$bare_port" "$bare_pid")" ;;
         esac
         rps[$name]+="$r "; p50[$name]+="$a "; p99[$name]+="$b "; cpu[$name]+="$c "
-        last_rps[$name]=$r; last_p99[$name]=$b
+        last_rps[$name]=$r; last_p99[$name]=$b; last_cpu[$name]=$c
         printf '  round %d %-6s %10s req/s  p50 %7s ms  p99 %7s ms  proxy CPU %5s us/request  errors: %s\n' \
             "$round" "$name" "$r" "$a" "$b" "$c" "$e"
     done
     ratios+="$(awk -v r="${last_rps[router]}" -v n="${last_rps[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
     p99_ratios+="$(awk -v r="${last_p99[router]}" -v n="${last_p99[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
     log_costs+="$(awk -v r="${last_rps[router]}" -v q="${last_rps[quiet]}" 'BEGIN {printf "%.3f", 1 - r/q}') "
+    observe_costs+="$(awk -v r="${last_rps[router]}" -v b="${last_rps[bare]}" 'BEGIN {printf "%.3f", 1 - r/b}') "
+    observe_cpu+="$(awk -v r="${last_cpu[router]}" -v b="${last_cpu[bare]}" 'BEGIN {printf "%.3f", r/b - 1}') "
+    cpu_ratios+="$(awk -v r="${last_cpu[router]}" -v n="${last_cpu[nginx]}" 'BEGIN {printf "%.3f", r/n}') "
 done
 
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2)}'; }
 minmax() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk 'NR==1 {min=$1} {max=$1} END {printf "%s..%s", min, max}'; }
 echo
 printf '%-8s %12s %18s %10s %10s %16s\n' "" "req/s (med)" "req/s (min..max)" "p50 ms" "p99 ms" "CPU us/request"
-for name in direct nginx router quiet; do
+for name in direct nginx router quiet bare; do
     printf '%-8s %12s %18s %10s %10s %16s\n' "$name" "$(median "${rps[$name]}")" "$(minmax "${rps[$name]}")" \
         "$(median "${p50[$name]}")" "$(median "${p99[$name]}")" "$([ "$name" = direct ] && echo - || median "${cpu[$name]}")"
 done
@@ -137,9 +155,18 @@ r=$(median "${rps[router]}"); d=$(median "${rps[direct]}")
 ratio=$(median "$ratios"); p99_ratio=$(median "$p99_ratios")
 echo
 echo "router/nginx req/s, round by round: $ratios"
+echo "router/nginx CPU per request, round by round: $cpu_ratios (median $(median "$cpu_ratios"))"
 echo "access log cost (1 - router/quiet req/s), round by round: $log_costs (median $(median "$log_costs"))"
-echo "access lines written: router $(wc -l <"$work/router-access.log"), nginx $(wc -l <"$work/nginx-access.log")"
+echo "metrics and logs cost (1 - router/bare req/s), round by round: $observe_costs (median $(median "$observe_costs"))"
+echo "metrics and logs CPU per request (router/bare - 1), round by round: $observe_cpu (median $(median "$observe_cpu"))"
+dropped=$(curl -fsS --unix-socket "$work/control.sock" http://nx-router/traffic |
+    python3 -c 'import json, sys; print(json.load(sys.stdin).get("access_lines_dropped", "?"))')
+echo "access lines written: router $(wc -l <"$work/router-access.log") (dropped by its queue: $dropped), nginx $(wc -l <"$work/nginx-access.log")"
 awk -v ratio="$ratio" -v range="$(minmax "$ratios")" -v p99="$p99_ratio" -v r="$r" -v d="$d" 'BEGIN {
     printf "router/nginx req/s: %.2f (median of rounds, %s)   router/nginx p99: %.2f   router/direct req/s: %.2f\n", ratio, range, p99, r/d
     printf "target (router >= nginx req/s, p99 no worse): %s\n", (ratio >= 1 && p99 <= 1) ? "MET" : "NOT MET"
+}'
+awk -v cost="$(median "$observe_costs")" -v cpu="$(median "$observe_cpu")" -v ratio="$(median "$cpu_ratios")" 'BEGIN {
+    printf "target (metrics and logs cost < 3%% in req/s and CPU per request): %s\n", (cost < 0.03 && cpu < 0.03) ? "MET" : "NOT MET"
+    printf "target (router CPU per request <= nginx): %s\n", (ratio <= 1) ? "MET" : "NOT MET"
 }'

@@ -82,14 +82,32 @@ impl Traffic {
         if reset {
             return self.clone();
         }
+        Traffic { open: self.open, ..self.minus(earlier) }
+    }
+
+    /// What `self` counts beyond `part`, a part of it counted apart (the
+    /// gauge of open requests too).
+    pub fn minus(&self, part: &Traffic) -> Traffic {
         let minus = |a: u64, b: u64| a.saturating_sub(b);
         Traffic {
-            requests: std::array::from_fn(|i| minus(self.requests[i], earlier.requests[i])),
-            duration_buckets: std::array::from_fn(|i| minus(self.duration_buckets[i], earlier.duration_buckets[i])),
-            duration_micros: minus(self.duration_micros, earlier.duration_micros),
-            bytes_in: minus(self.bytes_in, earlier.bytes_in),
-            bytes_out: minus(self.bytes_out, earlier.bytes_out),
-            open: self.open,
+            requests: std::array::from_fn(|i| minus(self.requests[i], part.requests[i])),
+            duration_buckets: std::array::from_fn(|i| minus(self.duration_buckets[i], part.duration_buckets[i])),
+            duration_micros: minus(self.duration_micros, part.duration_micros),
+            bytes_in: minus(self.bytes_in, part.bytes_in),
+            bytes_out: minus(self.bytes_out, part.bytes_out),
+            open: minus(self.open, part.open),
+        }
+    }
+
+    /// Both counts together: `self` and `other` counted apart, as one.
+    pub fn plus(&self, other: &Traffic) -> Traffic {
+        Traffic {
+            requests: std::array::from_fn(|i| self.requests[i] + other.requests[i]),
+            duration_buckets: std::array::from_fn(|i| self.duration_buckets[i] + other.duration_buckets[i]),
+            duration_micros: self.duration_micros + other.duration_micros,
+            bytes_in: self.bytes_in + other.bytes_in,
+            bytes_out: self.bytes_out + other.bytes_out,
+            open: self.open + other.open,
         }
     }
 
@@ -119,7 +137,21 @@ impl Traffic {
 /// deployment in its table, by deployment id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouterTraffic {
+    /// All of each deployment's traffic.
     pub deployments: BTreeMap<String, Traffic>,
+    /// The part of each deployment's traffic each of its replicas got, by
+    /// the port the router reached it on (the router knows replicas by
+    /// address; the receiver knows which replica listens where). What a
+    /// deployment's entry in `deployments` counts beyond these, the router
+    /// answered itself (a starting or failed page). Empty from a router
+    /// older than this field.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, BTreeMap<u16, Traffic>>,
+    /// Access log lines the router dropped because their writer was behind
+    /// (whole batches: see nx-router's `access` module); absent when the
+    /// router keeps no access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_lines_dropped: Option<u64>,
 }
 
 /// Whether a deployment serves the app's production host or only its own.
@@ -160,6 +192,25 @@ pub struct DeploymentMetrics {
     pub traffic: Traffic,
     pub resources: Resources,
     /// Times the sandbox was started again after it exited, since its start.
+    pub restarts: u32,
+    /// Each running replica's share of the figures above (one, replica 0,
+    /// for a deployment without replicas).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaMetrics>,
+    /// The requests counted in `traffic` that no replica got: nx-router
+    /// answered them itself (the deployment was starting, or none of its
+    /// replicas could take them).
+    #[serde(default)]
+    pub router_answered: Traffic,
+}
+
+/// One replica's figures in the metrics API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaMetrics {
+    /// The replica's number: 0 to the deployment's replica count less one.
+    pub index: u32,
+    pub traffic: Traffic,
+    pub resources: Resources,
     pub restarts: u32,
 }
 
@@ -212,6 +263,8 @@ mod tests {
         b.open = 3;
         let d = b.since(&a);
         assert_eq!((d.total(), d.errors(), d.bytes_out, d.duration_micros, d.open), (7, 2, 80, 20, 3));
+        assert_eq!(a.plus(&d), b, "parts counted apart add up to the whole");
+        assert_eq!(b.minus(&a), d, "and the whole less a part is the rest");
         let mut restarted = Traffic::default();
         restarted.requests[2] = 4;
         restarted.duration_micros = 9;

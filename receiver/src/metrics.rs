@@ -5,13 +5,16 @@
 //! Nothing is counted here: each scrape asks the sources and builds the
 //! families anew, so a deployment that stopped is gone from them at the next
 //! scrape, and label sets stay bounded by what runs (labels are app,
-//! deployment, role, and the status class; never a path).
+//! deployment, role, replica (0 to 15, or `none`) and the status class;
+//! never a path).
 //!
-//! - traffic: nx-router counts per deployment on its request path and
-//!   answers `GET /traffic` on its control socket ([`RoutePublisher::traffic`]);
-//!   the receiver knows what the router does not (production or preview);
-//! - resources: the deployment's cgroup (v2) files, summed over its replicas
-//!   (the peak too: an upper bound of the replicas' peak together);
+//! - traffic: nx-router counts per deployment and replica port on its
+//!   request path and answers `GET /traffic` on its control socket
+//!   ([`RoutePublisher::traffic`]); the receiver knows what the router does
+//!   not (production or preview, which replica listens on which port);
+//! - resources: each replica's cgroup files (v2 or v1); the API's figures
+//!   per deployment are their sums (the peak too: an upper bound of the
+//!   replicas' peak together);
 //! - storage: each app's data volume, its database's size and connections;
 //! - the platform: [`crate::counters`].
 
@@ -19,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nx_protocol::metrics::{
-    DeploymentMetrics, MetricsSnapshot, Resources, Role, RouterTraffic, Traffic, DURATION_BUCKETS, STATUS_CLASSES,
+    DeploymentMetrics, MetricsSnapshot, ReplicaMetrics, Resources, Role, RouterTraffic, Traffic, DURATION_BUCKETS,
+    STATUS_CLASSES,
 };
 use nx_runtime::cgroup::Driver;
 use prometheus_client::collector::Collector;
@@ -28,7 +32,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::db::{DatabaseFigures, Db, DeploymentRow};
-use crate::deploy::Deployer;
+use crate::deploy::{replica_key, Deployer};
 use crate::routing::{PublishError, RoutePublisher};
 
 /// The `Content-Type` of `/metrics`.
@@ -129,19 +133,31 @@ fn deployments(
                 Status::Starting { restarts } | Status::Healthy { restarts } => restarts,
                 Status::Failed { .. } | Status::Stopped => return None,
             };
+            // The router knows replicas by port, the deployer which replica
+            // listens on which.
+            let ports = traffic.replicas.get(&row.id);
+            let replicas: Vec<ReplicaMetrics> = deployer
+                .replicas_of(&row.id)
+                .into_iter()
+                .map(|r| ReplicaMetrics {
+                    index: r.index,
+                    traffic: ports.and_then(|p| p.get(&r.port)).cloned().unwrap_or_default(),
+                    resources: cgroup_resources(driver, &group, &replica_key(&row.id, r.index)),
+                    restarts: r.restarts,
+                })
+                .collect();
+            let total = traffic.deployments.get(&row.id).cloned().unwrap_or_default();
+            let forwarded = ports.into_iter().flat_map(|p| p.values()).fold(Traffic::default(), |sum, t| sum.plus(t));
             Some(DeploymentMetrics {
                 app: row.app_name.clone(),
                 deployment: row.id.clone(),
                 role: if row.is_production { Role::Production } else { Role::Preview },
                 state: row.state(),
-                traffic: traffic.deployments.get(&row.id).cloned().unwrap_or_default(),
-                resources: deployer
-                    .replica_keys(&row.id)
-                    .iter()
-                    .map(|key| cgroup_resources(driver, &group, key))
-                    .reduce(sum_resources)
-                    .unwrap_or_default(),
+                router_answered: total.minus(&forwarded),
+                traffic: total,
+                resources: replicas.iter().map(|r| r.resources.clone()).reduce(sum_resources).unwrap_or_default(),
                 restarts,
+                replicas,
             })
         })
         .collect()
@@ -191,7 +207,8 @@ impl Sources {
             .filter_map(|a| crate::volumes::used_bytes(&apps_dir.join(a)).map(|b| (a.to_owned(), b)))
             .collect();
         let drains = (self.drains.stats(), self.drains.lagged());
-        Scrape { deployments, router_up: traffic.is_some(), volumes, databases, drains }.encode()
+        let access_lines_dropped = traffic.as_ref().and_then(|t| t.access_lines_dropped);
+        Scrape { deployments, router_up: traffic.is_some(), access_lines_dropped, volumes, databases, drains }.encode()
     }
 }
 
@@ -209,6 +226,8 @@ pub struct Scrape {
     pub deployments: Vec<DeploymentMetrics>,
     /// Whether the router's traffic was read (else its families are left out).
     pub router_up: bool,
+    /// Access log lines the router dropped, when it keeps an access log.
+    pub access_lines_dropped: Option<u64>,
     /// Bytes used on each app's data volume.
     pub volumes: Vec<(String, u64)>,
     pub databases: Vec<DatabaseFigures>,
@@ -216,14 +235,55 @@ pub struct Scrape {
     pub drains: (Vec<crate::drains::DrainStats>, u64),
 }
 
-type Labels<'a> = [(&'static str, &'a str); 3];
-
 fn db_labels(d: &DatabaseFigures) -> [(&'static str, &str); 2] {
     [("app", d.app.as_str()), ("database", d.database.as_str())]
 }
 
-fn labels(d: &DeploymentMetrics) -> Labels<'_> {
-    [("app", d.app.as_str()), ("deployment", d.deployment.as_str()), ("role", d.role.as_str())]
+/// The label of requests no replica got: the router answered them itself.
+const NO_REPLICA: &str = "none";
+
+/// One labelled row of the per-deployment families: a replica of a
+/// deployment (`replica="0"` when it has no others, so its series go on
+/// unchanged when it is scaled), or the requests the router answered itself
+/// (`replica="none"`, traffic only, present once there are some).
+struct Row<'a> {
+    d: &'a DeploymentMetrics,
+    replica: String,
+    traffic: &'a Traffic,
+    /// The replica's own figures; `None` for the router's answers.
+    sandbox: Option<&'a ReplicaMetrics>,
+}
+
+impl Row<'_> {
+    fn labels(&self) -> [(&'static str, &str); 4] {
+        let d = self.d;
+        [
+            ("app", d.app.as_str()),
+            ("deployment", d.deployment.as_str()),
+            ("role", d.role.as_str()),
+            ("replica", self.replica.as_str()),
+        ]
+    }
+}
+
+fn rows(ds: &[DeploymentMetrics]) -> Vec<Row<'_>> {
+    ds.iter()
+        .flat_map(|d| {
+            let replicas = d.replicas.iter().map(move |r| Row {
+                d,
+                replica: r.index.to_string(),
+                traffic: &r.traffic,
+                sandbox: Some(r),
+            });
+            let router = (d.router_answered.total() > 0).then(|| Row {
+                d,
+                replica: NO_REPLICA.to_owned(),
+                traffic: &d.router_answered,
+                sandbox: None,
+            });
+            replicas.chain(router)
+        })
+        .collect()
 }
 
 /// Writes one family of `kind` with a sample per labelled value; nothing when
@@ -256,15 +316,15 @@ fn gauge(m: &mut prometheus_client::encoding::MetricEncoder, v: i64) -> std::fmt
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         use MetricType::{Counter, Gauge, Histogram};
-        let ds = &self.deployments;
+        let rows = rows(&self.deployments);
         let gauge_u = |m: &mut prometheus_client::encoding::MetricEncoder, v: u64| gauge(m, v as i64);
         e.encode_descriptor("nx_router_up", "Whether nx-router's traffic counters could be read", None, Gauge)?
             .encode_gauge(&i64::from(self.router_up))?;
         if self.router_up {
-            let by_class = ds.iter().flat_map(|d| {
-                STATUS_CLASSES.iter().zip(d.traffic.requests).map(move |(class, n)| {
-                    let [a, b, c] = labels(d);
-                    ([a, b, c, ("class", *class)], n)
+            let by_class = rows.iter().flat_map(|r| {
+                STATUS_CLASSES.iter().zip(r.traffic.requests).map(move |(class, n)| {
+                    let [a, b, c, d] = r.labels();
+                    ([a, b, c, d, ("class", *class)], n)
                 })
             });
             family(
@@ -284,7 +344,7 @@ impl Collector for Scrape {
                     "Time from a request's head to the end of its response, in nx-router",
                     Histogram,
                 ),
-                ds.iter().map(|d| (labels(d), &d.traffic)),
+                rows.iter().map(|r| (r.labels(), r.traffic)),
                 |m, t: &Traffic| {
                     let buckets: Vec<(f64, u64)> =
                         DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]).zip(t.duration_buckets).collect();
@@ -294,13 +354,13 @@ impl Collector for Scrape {
             family(
                 &mut e,
                 ("nx_http_request_body_bytes", "Request body bytes read from clients", Counter),
-                ds.iter().map(|d| (labels(d), d.traffic.bytes_in)),
+                rows.iter().map(|r| (r.labels(), r.traffic.bytes_in)),
                 counter,
             )?;
             family(
                 &mut e,
                 ("nx_http_response_body_bytes", "Response body bytes sent to clients", Counter),
-                ds.iter().map(|d| (labels(d), d.traffic.bytes_out)),
+                rows.iter().map(|r| (r.labels(), r.traffic.bytes_out)),
                 counter,
             )?;
             family(
@@ -310,15 +370,25 @@ impl Collector for Scrape {
                     "Requests being proxied to the app now, each on one app connection",
                     Gauge,
                 ),
-                ds.iter().map(|d| (labels(d), d.traffic.open)),
+                rows.iter().map(|r| (r.labels(), r.traffic.open)),
                 gauge_u,
             )?;
+            if let Some(dropped) = self.access_lines_dropped {
+                e.encode_descriptor(
+                    "nx_router_access_lines_dropped",
+                    "Access log lines nx-router dropped because their writer was behind",
+                    None,
+                    Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, u64>(&dropped, None)?;
+            }
         }
-        let res = |f: fn(&Resources) -> Option<u64>| ds.iter().filter_map(move |d| Some((labels(d), f(&d.resources)?)));
+        let sandboxes = || rows.iter().filter_map(|r| Some((r.labels(), r.sandbox?)));
+        let res = |f: fn(&Resources) -> Option<u64>| sandboxes().filter_map(move |(l, s)| Some((l, f(&s.resources)?)));
         family(
             &mut e,
             ("nx_deployment_cpu_seconds", "CPU time used by the deployment's sandbox", Counter),
-            ds.iter().filter_map(|d| Some((labels(d), d.resources.cpu_seconds?))),
+            sandboxes().filter_map(|(l, s)| Some((l, s.resources.cpu_seconds?))),
             |m, v: f64| m.encode_counter::<NoLabelSet, _, u64>(&v, None),
         )?;
         family(
@@ -348,7 +418,7 @@ impl Collector for Scrape {
         family(
             &mut e,
             ("nx_deployment_restarts", "Times the sandbox was started again after it exited", Counter),
-            ds.iter().map(|d| (labels(d), u64::from(d.restarts))),
+            sandboxes().map(|(l, s)| (l, u64::from(s.restarts))),
             counter,
         )?;
         family(
@@ -488,6 +558,11 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    fn replica(index: u32) -> ReplicaMetrics {
+        ReplicaMetrics { index, traffic: Traffic::default(), resources: Resources::default(), restarts: 0 }
+    }
+
+    /// A deployment of one replica with nothing counted.
     fn deployment(app: &str, id: &str, role: Role) -> DeploymentMetrics {
         DeploymentMetrics {
             app: app.into(),
@@ -497,23 +572,35 @@ mod tests {
             traffic: Traffic::default(),
             resources: Resources::default(),
             restarts: 0,
+            replicas: vec![replica(0)],
+            router_answered: Traffic::default(),
         }
     }
 
     #[test]
     fn the_text_has_each_family_once_with_bounded_labels_and_cumulative_buckets() {
         let mut web = deployment("web", "aaaaaaaa", Role::Production);
-        web.traffic.requests = [0, 0, 7, 0, 1, 2];
-        web.traffic.duration_buckets[0] = 6;
-        web.traffic.duration_buckets[4] = 4;
-        web.traffic.duration_micros = 150_000;
-        web.traffic.bytes_out = 900;
-        web.resources.memory_bytes = Some(4096);
-        web.restarts = 2;
+        let first = &mut web.replicas[0];
+        first.traffic.requests = [0, 0, 7, 0, 1, 2];
+        first.traffic.duration_buckets[0] = 6;
+        first.traffic.duration_buckets[4] = 4;
+        first.traffic.duration_micros = 150_000;
+        first.traffic.bytes_out = 900;
+        first.resources.memory_bytes = Some(4096);
+        first.restarts = 2;
+        let mut second = replica(1);
+        second.traffic.requests = [0, 0, 3, 0, 0, 0];
+        second.traffic.open = 1;
+        second.resources.memory_bytes = Some(2048);
+        web.replicas.push(second);
+        // Two 503s the router answered while no replica was healthy.
+        web.router_answered.requests[5] = 2;
+        web.router_answered.duration_buckets[0] = 2;
         let preview = deployment("web", "bbbbbbbb", Role::Preview);
         let text = Scrape {
             deployments: vec![web, preview],
             router_up: true,
+            access_lines_dropped: Some(12),
             volumes: vec![("web".into(), 8192)],
             databases: vec![DatabaseFigures {
                 app: "web".into(),
@@ -536,34 +623,42 @@ mod tests {
         }
         .encode();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
-        has(r#"nx_http_requests_total{app="web",deployment="aaaaaaaa",role="production",class="2xx"} 7"#);
+        let web = |replica: &str| format!(r#"app="web",deployment="aaaaaaaa",role="production",replica="{replica}""#);
+        has(&format!(r#"nx_http_requests_total{{{},class="2xx"}} 7"#, web("0")));
+        has(&format!(r#"nx_http_requests_total{{{},class="2xx"}} 3"#, web("1")));
+        has(&format!(r#"nx_http_requests_total{{{},class="5xx"}} 2"#, web("0")));
+        has(&format!(r#"nx_http_requests_total{{{},class="5xx"}} 2"#, web("none")));
+        has(&format!(r#"nx_http_requests_total{{{},class="2xx"}} 0"#, web("none")));
+        has(r#"nx_http_requests_total{app="web",deployment="bbbbbbbb",role="preview",replica="0",class="5xx"} 0"#);
+        has(&format!(r#"nx_http_open_connections{{{}}} 1"#, web("1")));
+        has(&format!(r#"nx_http_open_connections{{{}}} 0"#, web("none")));
+        has(&format!(r#"nx_http_request_duration_seconds_bucket{{{},le="0.001"}} 6"#, web("0")));
+        has(&format!(r#"nx_http_request_duration_seconds_bucket{{{},le="0.025"}} 10"#, web("0")));
+        has(&format!(r#"nx_http_request_duration_seconds_bucket{{{},le="+Inf"}} 10"#, web("0")));
+        has(&format!(r#"nx_http_request_duration_seconds_count{{{}}} 10"#, web("0")));
+        has(&format!(r#"nx_http_request_duration_seconds_count{{{}}} 2"#, web("none")));
+        has(&format!(r#"nx_http_request_duration_seconds_sum{{{}}} 0.15"#, web("0")));
+        has(&format!(r#"nx_http_response_body_bytes_total{{{}}} 900"#, web("0")));
+        has(&format!(r#"nx_deployment_memory_bytes{{{}}} 4096"#, web("0")));
+        has(&format!(r#"nx_deployment_memory_bytes{{{}}} 2048"#, web("1")));
+        has(&format!(r#"nx_deployment_restarts_total{{{}}} 2"#, web("0")));
+        has(&format!(r#"nx_deployment_restarts_total{{{}}} 0"#, web("1")));
+        has("nx_router_access_lines_dropped_total 12");
         has(r#"nx_drain_dropped_total{drain="dr1",app="web"} 3"#);
         has(r#"nx_drain_sent_total{drain="dr1",app="web"} 6"#);
         has(r#"nx_drain_waiting{drain="dr1",app="web"} 1"#);
         has(r#"nx_drain_up{drain="dr1",app="web"} 0"#);
         has("nx_drain_source_lagged_total 4");
-        has(r#"nx_http_requests_total{app="web",deployment="aaaaaaaa",role="production",class="5xx"} 2"#);
-        has(r#"nx_http_requests_total{app="web",deployment="bbbbbbbb",role="preview",class="5xx"} 0"#);
-        has(
-            r#"nx_http_request_duration_seconds_bucket{app="web",deployment="aaaaaaaa",role="production",le="0.001"} 6"#,
-        );
-        has(
-            r#"nx_http_request_duration_seconds_bucket{app="web",deployment="aaaaaaaa",role="production",le="0.025"} 10"#,
-        );
-        has(
-            r#"nx_http_request_duration_seconds_bucket{app="web",deployment="aaaaaaaa",role="production",le="+Inf"} 10"#,
-        );
-        has(r#"nx_http_request_duration_seconds_count{app="web",deployment="aaaaaaaa",role="production"} 10"#);
-        has(r#"nx_http_request_duration_seconds_sum{app="web",deployment="aaaaaaaa",role="production"} 0.15"#);
-        has(r#"nx_http_response_body_bytes_total{app="web",deployment="aaaaaaaa",role="production"} 900"#);
-        has(r#"nx_deployment_memory_bytes{app="web",deployment="aaaaaaaa",role="production"} 4096"#);
-        has(r#"nx_deployment_restarts_total{app="web",deployment="aaaaaaaa",role="production"} 2"#);
         has(r#"nx_app_volume_used_bytes{app="web"} 8192"#);
         has(r#"nx_app_database_connections{app="web",database="app_web"} 3"#);
         has("nx_router_up 1");
         has("# TYPE nx_push_duration_seconds histogram");
-        // A figure the host does not give is absent, not zero.
+        // A figure the host does not give is absent, not zero; the router's
+        // own answers have no sandbox figures; a deployment the router
+        // answered nothing for has no `none` row.
         assert!(!text.contains(r#"nx_deployment_memory_bytes{app="web",deployment="bbbbbbbb""#), "{text}");
+        assert!(!text.contains(&format!(r#"nx_deployment_restarts_total{{{}}}"#, web("none"))), "{text}");
+        assert!(!text.contains(r#"deployment="bbbbbbbb",role="preview",replica="none""#), "{text}");
         for family in ["nx_http_requests_total", "nx_deployment_memory_bytes"] {
             let declared = text
                 .lines()
@@ -579,6 +674,9 @@ mod tests {
             Scrape { deployments: vec![deployment("web", "aaaaaaaa", Role::Production)], ..Scrape::default() }.encode();
         assert!(text.lines().any(|l| l == "nx_router_up 0"), "{text}");
         assert!(!text.contains("nx_http_requests_total{"), "no traffic is made up: {text}");
-        assert!(text.contains(r#"nx_deployment_restarts_total{app="web",deployment="aaaaaaaa",role="production"} 0"#));
+        assert!(!text.contains("nx_router_access_lines_dropped"), "{text}");
+        assert!(text.contains(
+            r#"nx_deployment_restarts_total{app="web",deployment="aaaaaaaa",role="production",replica="0"} 0"#
+        ));
     }
 }

@@ -145,6 +145,14 @@ pub struct Config {
     /// receiver reads, to pass each app its lines) instead of stdout.
     #[arg(long, env = "NX_ROUTER_ACCESS_LOG_FD")]
     pub access_log_fd: Option<i32>,
+    /// Count each deployment's traffic (requests by status class,
+    /// durations, bytes, open requests) for `GET /traffic`. A bench and
+    /// diagnostic setting: with `false` nothing is counted and `/traffic`
+    /// answers 503, so the receiver's metrics and scale to zero have no
+    /// figures; the receiver never passes it. `bench/router.sh` measures
+    /// what counting and the access log cost with it.
+    #[arg(long, env = "NX_ROUTER_TRAFFIC_COUNTERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub traffic_counters: bool,
     /// Log format: `text` or `json`.
     #[arg(long, env = "NX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -147,7 +147,13 @@ async fn handle(
         (Method::GET, "/health") => text(StatusCode::OK, "ok\n"),
         (Method::GET, p) if p == CONTROL_ROUTES_PATH => json(serde_json::to_vec(&*store.snapshot())),
         (Method::GET, p) if p == CONTROL_ACTIVITY_PATH => json(serde_json::to_vec(&store.activity())),
-        (Method::GET, p) if p == CONTROL_TRAFFIC_PATH => json(serde_json::to_vec(&store.traffic())),
+        (Method::GET, p) if p == CONTROL_TRAFFIC_PATH => match store.traffic() {
+            Some(traffic) => json(serde_json::to_vec(&traffic)),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this router counts no traffic: it was started with --traffic-counters false (a bench setting)\n",
+            ),
+        },
         (Method::GET, p) if p == CONTROL_CERTIFICATES_PATH => json(serde_json::to_vec(&store.certified_hosts())),
         (Method::GET, p) if p == CONTROL_WAKES_PATH => {
             let deployments = store.wakes().take(std::time::Duration::from_secs(WAKES_POLL_SECS)).await;
@@ -198,11 +204,16 @@ mod tests {
 
     /// PUTs `table` on the control socket at `path`; the status and body.
     async fn put(path: &Path, table: &str) -> (u16, String) {
+        ask(path, "PUT", CONTROL_ROUTES_PATH, table).await
+    }
+
+    /// Sends `method target` with `body` on the control socket at `path`; the status and body.
+    async fn ask(path: &Path, method: &str, target: &str, body: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
         let request = format!(
-            "PUT {CONTROL_ROUTES_PATH} HTTP/1.1\r\nHost: nx-router\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{table}",
-            table.len()
+            "{method} {target} HTTP/1.1\r\nHost: nx-router\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         );
         s.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
@@ -246,6 +257,49 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), refused);
         assert_eq!(put(&socket, r#"{"generation": 4, "routes": {}}"#).await, refused);
         assert_eq!(store.snapshot().generation, 2, "the old router's table stays what the successor read");
+    }
+
+    #[tokio::test]
+    async fn traffic_is_answered_while_it_is_counted_and_refused_when_counters_are_off() {
+        let table = RouteTable {
+            generation: 1,
+            routes: [(
+                "web.localhost".to_owned(),
+                nx_protocol::routes::Route {
+                    app: "web".into(),
+                    deployment: "d1".into(),
+                    target: nx_protocol::routes::Target::Live { addr: ([127, 0, 0, 1], 9).into() },
+                },
+            )]
+            .into(),
+            ..RouteTable::default()
+        };
+        for counting in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("control.sock");
+            let mut store = RouteStore::open(&dir.path().join("routes.json")).unwrap();
+            store.replace(table.clone()).unwrap();
+            if !counting {
+                store = store.without_traffic_counters();
+            }
+            let store = Arc::new(store);
+            store.lookup("web.localhost").unwrap().traffic(Some(0)).record(200, 10, 0, 3);
+            let listener = UnixListener::from_std(bind(&socket).unwrap()).unwrap();
+            let (_stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(serve(listener, store, Arc::new(Gate::default()), stopped));
+            let (status, body) = ask(&socket, "GET", CONTROL_TRAFFIC_PATH, "").await;
+            if counting {
+                assert_eq!(status, 200, "{body}");
+                let traffic: nx_protocol::metrics::RouterTraffic = serde_json::from_str(&body).unwrap();
+                assert_eq!(traffic.deployments["d1"].total(), 1);
+                assert_eq!(traffic.replicas["d1"][&9].bytes_out, 3);
+            } else {
+                assert_eq!(
+                    (status, body.as_str()),
+                    (503, "this router counts no traffic: it was started with --traffic-counters false (a bench setting)\n")
+                );
+            }
+        }
     }
 
     #[test]

@@ -119,8 +119,8 @@ pub struct Exchange {
     /// The client's own `X-Request-Id`, when it sent a usable one.
     pub client_request_id: Option<String>,
     pub started: Instant,
-    /// Whether the request is counted as open on its deployment (it is
-    /// proxied), to be counted closed when it is dropped.
+    /// Whether the request is forwarded, and so counted as open on the
+    /// replica it went to, to be counted closed when it is dropped.
     open: bool,
     /// Which of the route's replicas it is counted on, when it has several.
     replica: Option<usize>,
@@ -132,8 +132,10 @@ pub struct Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        if let (true, Some(entry)) = (self.open, &self.route) {
-            entry.traffic().close();
+        if let Some(entry) = &self.route {
+            if self.open {
+                entry.traffic(self.forwarded_to()).close();
+            }
         }
         self.release();
     }
@@ -257,8 +259,8 @@ impl Exchange {
             Target::Live { addr } => {
                 let upstream = Backend::new(*addr, &route.deployment);
                 self.upstream = Some(upstream);
-                entry.traffic().open();
                 self.open = true;
+                entry.traffic(self.forwarded_to()).open();
                 Decision::Forward(upstream)
             }
             Target::Starting if wakes.is_some_and(|w| w.is_waking(&route.deployment)) => return self.hold(entry),
@@ -266,8 +268,8 @@ impl Exchange {
                 Some((i, upstream)) => {
                     self.upstream = Some(upstream);
                     self.replica = Some(i);
-                    entry.traffic().open();
                     self.open = true;
+                    entry.traffic(self.forwarded_to()).open();
                     Decision::Forward(upstream)
                 }
                 // The receiver lists only healthy replicas, and sends a
@@ -305,6 +307,12 @@ impl Exchange {
         }
     }
 
+    /// The index, in its route's target, of the address the request is
+    /// forwarded to (0 for a live route); `None` when it is not forwarded.
+    fn forwarded_to(&self) -> Option<usize> {
+        self.open.then(|| self.replica.unwrap_or(0))
+    }
+
     /// Stops counting the request on its replica.
     fn release(&mut self) {
         if let (Some(i), Some(entry)) = (self.replica.take(), &self.route) {
@@ -326,9 +334,14 @@ impl Exchange {
     /// `None` when the route has no other replica.
     pub fn fail_over(&mut self) -> Option<Backend> {
         let failed = self.replica.filter(|_| !self.failed_over)?;
-        let replicas = self.route.as_ref()?.replicas.as_ref()?;
+        let entry = self.route.as_ref()?;
+        let replicas = entry.replicas.as_ref()?;
         let (i, upstream) = replicas.pick(Some(failed))?;
         replicas.done(failed);
+        // Open on the replica that has it now, so each replica's gauge of
+        // open requests comes back to zero.
+        entry.traffic(Some(failed)).close();
+        entry.traffic(Some(i)).open();
         self.failed_over = true;
         self.replica = Some(i);
         self.upstream = Some(upstream);
@@ -477,7 +490,7 @@ impl Exchange {
     pub fn finish(&self, req: &RequestHeader, status: u16, bytes: (usize, usize), error: Option<String>) {
         let micros = self.started.elapsed().as_micros() as u64;
         if let Some(entry) = &self.route {
-            entry.traffic().record(status, micros, bytes.0 as u64, bytes.1 as u64);
+            entry.traffic(self.forwarded_to()).record(status, micros, bytes.0 as u64, bytes.1 as u64);
         }
         let Some(log) = crate::access::installed() else { return };
         let (app, deployment) = self.names();

@@ -607,13 +607,28 @@ pub(crate) mod tests {
         format!("{head}{}", String::from_utf8_lossy(&body))
     }
 
-    /// A router routing app.localhost to replicas at `addrs`.
-    async fn router_to_replicas(addrs: Vec<SocketAddr>) -> SocketAddr {
+    /// A router routing app.localhost to replicas at `addrs` (deployment d1).
+    async fn router_to_replicas(addrs: Vec<SocketAddr>) -> (SocketAddr, Arc<RouteStore>) {
         let route = Route { app: "web".into(), deployment: "d1".into(), target: Target::Replicas { addrs } };
-        let (addr, dir, _) = router_routing(LIMITS, [("app.localhost".to_owned(), route)].into()).await;
+        let (addr, dir, store) = router_routing(LIMITS, [("app.localhost".to_owned(), route)].into()).await;
         // The state file's directory outlives the test's requests.
         std::mem::forget(dir);
-        addr
+        (addr, store)
+    }
+
+    /// Deployment d1's requests by status class, and those open, on the
+    /// replica at `addr`, once every request sent has been counted (a
+    /// request is counted as its exchange ends, just after its answer).
+    async fn counted_on(store: &RouteStore, addr: SocketAddr, sent: u64) -> ([u64; 6], u64) {
+        for _ in 0..100 {
+            let traffic = store.traffic().unwrap();
+            if traffic.deployments["d1"].total() == sent && traffic.deployments["d1"].open == 0 {
+                let t = traffic.replicas["d1"].get(&addr.port()).cloned().unwrap_or_default();
+                return (t.requests, t.open);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not all {sent} requests were counted: {:?}", store.traffic().unwrap());
     }
 
     /// Sends `request` on a new connection and reads the answer.
@@ -634,12 +649,16 @@ pub(crate) mod tests {
         // killed while the request was in flight.
         let (dying, died) = app(0).await;
         for dead in [refusing, dying] {
-            let router = router_to_replicas(vec![dead, live]).await;
+            let (router, store) = router_to_replicas(vec![dead, live]).await;
             for i in 0..20 {
                 let answer = ask(router, format!("GET /{i} HTTP/1.1\r\nHost: app.localhost\r\n\r\n").as_bytes()).await;
                 assert!(answer.starts_with("http/1.1 200"), "request {i} to {dead}: {answer}");
                 assert!(answer.contains(&format!("get /{i} http/1.1")), "{answer}");
             }
+            // Each request is counted on the replica that answered it, and
+            // one moved to another is open on neither once it is over.
+            assert_eq!(counted_on(&store, live, 20).await, ([0, 0, 20, 0, 0, 0], 0));
+            assert_eq!(counted_on(&store, dead, 20).await, ([0; 6], 0));
         }
         assert_eq!(served.load(Ordering::SeqCst), 40);
         assert!(died.load(Ordering::SeqCst) > 0, "the dying replica was tried (and its requests sent again)");
@@ -649,7 +668,7 @@ pub(crate) mod tests {
     async fn a_post_that_a_replica_may_have_acted_on_is_never_sent_twice() {
         let (live, served) = app(usize::MAX).await;
         let (dying, died) = app(0).await;
-        let router = router_to_replicas(vec![dying, live]).await;
+        let (router, store) = router_to_replicas(vec![dying, live]).await;
         let mut failed = 0;
         for _ in 0..30 {
             let answer = ask(router, b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 2\r\n\r\nhi").await;
@@ -662,6 +681,13 @@ pub(crate) mod tests {
         assert!(failed > 0, "p2c sends some requests to the dying replica");
         assert_eq!(died.load(Ordering::SeqCst), failed, "each POST the dying replica saw was answered 502, not resent");
         assert_eq!(served.load(Ordering::SeqCst), 30 - failed);
+        let failed = failed as u64;
+        assert_eq!(
+            counted_on(&store, dying, 30).await,
+            ([0, 0, 0, 0, 0, failed], 0),
+            "the 502s on the replica that failed"
+        );
+        assert_eq!(counted_on(&store, live, 30).await, ([0, 0, 30 - failed, 0, 0, 0], 0));
     }
 
     /// A deployment that gives up its port keeps the connections it accepted

@@ -222,9 +222,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         access::install(access::AccessLog::new(out, access::QUEUE)?);
     }
     let https_port = sockets.tls.as_ref().map(|(_, _, addr)| addr.port());
-    let store = Arc::new(
-        RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?.with_hsts(config.hsts_max_age),
-    );
+    let mut store =
+        RouteStore::with_certs(&config.state, sockets.certs.clone(), https_port)?.with_hsts(config.hsts_max_age);
+    if !config.traffic_counters {
+        tracing::warn!("traffic counters off (--traffic-counters false): no metrics, nothing is put to sleep");
+        store = store.without_traffic_counters();
+    }
+    let store = Arc::new(store);
     tracing::info!(
         hosts = store.snapshot().routes.len(),
         generation = store.snapshot().generation,

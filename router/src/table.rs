@@ -3,14 +3,14 @@
 //! for the request path, and counting when each deployment was last requested
 //! and its traffic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use nx_protocol::metrics::RouterTraffic;
+use nx_protocol::metrics::{RouterTraffic, Traffic};
 use nx_protocol::routes::{Activity, Route, RouteTable, Target};
 
 use crate::balance::Replicas;
@@ -41,6 +41,12 @@ pub struct Entry {
     /// The route's replicas when it has several, with their load; new with
     /// every table, so a replica left out is back in the receiver's next one.
     pub replicas: Option<Replicas>,
+    /// The traffic counters of each address the route forwards to, in the
+    /// order of its target's (one for a live route): resolved when the table
+    /// is taken, so a request finds its replica's counters by index.
+    upstreams: Box<[Arc<Counters>]>,
+    /// Whether traffic is counted (`--traffic-counters`).
+    counting: bool,
 }
 
 /// What the router counts of one deployment.
@@ -48,7 +54,29 @@ pub struct Entry {
 struct Counted {
     /// Unix seconds of the deployment's last request.
     last_request: AtomicU64,
+    /// The requests the router answered itself (no replica got them).
     traffic: Counters,
+    /// The requests forwarded, by the port of the replica that got them;
+    /// kept while the deployment's routes forward to that port, so new
+    /// tables keep counting on, and a replica that left (or restarted on a
+    /// port a table no longer names) starts again from zero.
+    upstreams: Mutex<BTreeMap<u16, Arc<Counters>>>,
+}
+
+impl Counted {
+    /// The counters of requests forwarded to `port`, made on first use.
+    fn upstream(&self, port: u16) -> Arc<Counters> {
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        upstreams.entry(port).or_default().clone()
+    }
+
+    /// Everything counted: per port, and the whole (with the router's own answers).
+    fn read(&self) -> (Traffic, BTreeMap<u16, Traffic>) {
+        let upstreams = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        let by_port: BTreeMap<u16, Traffic> = upstreams.iter().map(|(p, c)| (*p, c.read())).collect();
+        let total = by_port.values().fold(self.traffic.read(), |sum, t| sum.plus(t));
+        (total, by_port)
+    }
 }
 
 impl Entry {
@@ -61,9 +89,17 @@ impl Entry {
         }
     }
 
-    /// The deployment's traffic counters.
-    pub fn traffic(&self) -> &Counters {
-        &self.counted.traffic
+    /// The counters a request is counted on: those of the replica it was
+    /// forwarded to (`upstream`: its index in the route's target; 0 for a
+    /// live route), else those of the router's own answers.
+    pub fn traffic(&self, upstream: Option<usize>) -> &Counters {
+        if !self.counting {
+            return Counters::off();
+        }
+        match upstream.and_then(|i| self.upstreams.get(i)) {
+            Some(counters) => counters,
+            None => &self.counted.traffic,
+        }
     }
 }
 
@@ -92,6 +128,8 @@ pub struct RouteStore {
     /// The `Strict-Transport-Security` value of HTTPS answers for hosts with
     /// a certificate of the receiver's (--hsts-max-age).
     hsts: Option<http::HeaderValue>,
+    /// Whether requests are counted (`--traffic-counters`).
+    counting: bool,
 }
 
 impl RouteStore {
@@ -114,7 +152,7 @@ impl RouteStore {
             Err(source) => return Err(TableError::Load { path: state_file.to_owned(), source }),
         };
         let mut activity = HashMap::new();
-        let live = index(table, &mut activity);
+        let live = index(table, &mut activity, true);
         Ok(RouteStore {
             current: ArcSwap::from_pointee(live),
             state_file: state_file.to_owned(),
@@ -123,7 +161,19 @@ impl RouteStore {
             https_port,
             wakes: Wakes::default(),
             hsts: None,
+            counting: true,
         })
+    }
+
+    /// Counts no traffic (`--traffic-counters false`, a bench setting):
+    /// requests go through [`Counters::off`], and [`RouteStore::traffic`]
+    /// has nothing to say.
+    pub fn without_traffic_counters(mut self) -> RouteStore {
+        self.counting = false;
+        let table = (*self.current.load().table).clone();
+        let activity = self.write.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.current.store(Arc::new(index(table, activity, false)));
+        self
     }
 
     /// Sends `Strict-Transport-Security: max-age=<max_age>` with HTTPS
@@ -184,9 +234,24 @@ impl RouteStore {
 
     /// The traffic of every deployment in the table; one that left the table
     /// is gone with its counters, so the receiver's families lose it too.
-    pub fn traffic(&self) -> RouterTraffic {
+    /// `None` when the router counts no traffic.
+    pub fn traffic(&self) -> Option<RouterTraffic> {
+        if !self.counting {
+            return None;
+        }
         let counters = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        RouterTraffic { deployments: counters.iter().map(|(d, c)| (d.clone(), c.traffic.read())).collect() }
+        let mut traffic = RouterTraffic {
+            access_lines_dropped: crate::access::installed().map(|log| log.dropped()),
+            ..RouterTraffic::default()
+        };
+        for (deployment, counted) in counters.iter() {
+            let (total, by_port) = counted.read();
+            traffic.deployments.insert(deployment.clone(), total);
+            if !by_port.is_empty() {
+                traffic.replicas.insert(deployment.clone(), by_port);
+            }
+        }
+        Some(traffic)
     }
 
     /// Saves `table` and then makes it current. A table with an older generation
@@ -202,7 +267,7 @@ impl RouteStore {
         save_atomically(&self.state_file, &table)
             .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
         self.certs.replace(&certificates);
-        let live = Arc::new(index(table, &mut activity));
+        let live = Arc::new(index(table, &mut activity, self.counting));
         self.current.store(live.clone());
         // After the store: a held request told its wake is over looks the
         // new table up. Under the write lock, so wakes see tables in order.
@@ -214,20 +279,29 @@ impl RouteStore {
 /// Indexes `table` by host, giving each entry its deployment's counters: the
 /// existing ones, or new ones. Counters of deployments no longer in the table
 /// are dropped.
-fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>) -> Live {
+fn index(table: RouteTable, activity: &mut HashMap<String, Arc<Counted>>, counting: bool) -> Live {
     activity.retain(|d, _| table.routes.values().any(|r| &r.deployment == d));
+    let mut forwarded: HashMap<&str, Vec<u16>> = HashMap::new();
     let hosts = table
         .routes
         .iter()
         .map(|(host, route)| {
             let counted = activity.entry(route.deployment.clone()).or_default().clone();
-            let replicas = match &route.target {
-                Target::Replicas { addrs } => Some(Replicas::new(addrs, &route.deployment)),
-                _ => None,
+            let (replicas, addrs) = match &route.target {
+                Target::Replicas { addrs } => (Some(Replicas::new(addrs, &route.deployment)), addrs.as_slice()),
+                Target::Live { addr } => (None, std::slice::from_ref(addr)),
+                _ => (None, &[][..]),
             };
-            (host.clone(), Arc::new(Entry { route: route.clone(), counted, replicas }))
+            let ports = forwarded.entry(route.deployment.as_str()).or_default();
+            ports.extend(addrs.iter().map(|a| a.port()));
+            let upstreams = addrs.iter().map(|a| counted.upstream(a.port())).collect();
+            (host.clone(), Arc::new(Entry { route: route.clone(), counted, replicas, upstreams, counting }))
         })
         .collect();
+    for (deployment, counted) in activity.iter() {
+        let ports = forwarded.get(deployment.as_str()).map_or(&[][..], Vec::as_slice);
+        counted.upstreams.lock().unwrap_or_else(|p| p.into_inner()).retain(|port, _| ports.contains(port));
+    }
     Live { table: Arc::new(table), hosts }
 }
 
@@ -334,9 +408,9 @@ mod tests {
         assert_eq!(store.activity().deployments.get("abcdefgh"), Some(&2_000), "hosts of one deployment share it");
 
         // Traffic is per deployment too, whichever host it came by.
-        store.lookup("web.localhost").unwrap().traffic().record(200, 10, 0, 5);
-        store.lookup("abcdefgh--web.localhost").unwrap().traffic().record(500, 10, 0, 7);
-        let traffic = store.traffic();
+        store.lookup("web.localhost").unwrap().traffic(Some(0)).record(200, 10, 0, 5);
+        store.lookup("abcdefgh--web.localhost").unwrap().traffic(None).record(500, 10, 0, 7);
+        let traffic = store.traffic().unwrap();
         let web = &traffic.deployments["abcdefgh"];
         assert_eq!((web.total(), web.errors(), web.bytes_out), (2, 1, 12));
         assert_eq!(traffic.deployments["zzzzzzzz"].total(), 0);
@@ -344,7 +418,41 @@ mod tests {
         // ...and forgets the ones it no longer routes.
         store.replace(RouteTable { generation: 3, ..Default::default() }).unwrap();
         assert!(store.activity().deployments.is_empty());
-        assert!(store.traffic().deployments.is_empty(), "a deployment that left the table leaves the metrics");
+        assert!(store.traffic().unwrap().deployments.is_empty(), "a deployment that left the table leaves the metrics");
+    }
+
+    #[test]
+    fn forwarded_traffic_is_counted_per_replica_port_and_kept_while_the_port_is_routed() {
+        let d = dir("replicas");
+        let store = RouteStore::open(&d.join("routes.json")).unwrap();
+        let addrs = |ports: &[u16]| ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect::<Vec<_>>();
+        let mut t = table(1, 20001);
+        t.routes.get_mut("web.localhost").unwrap().target = Target::Replicas { addrs: addrs(&[20001, 20002, 20003]) };
+        store.replace(t.clone()).unwrap();
+        let entry = store.lookup("web.localhost").unwrap();
+        entry.traffic(Some(0)).record(200, 10, 0, 1);
+        entry.traffic(Some(2)).record(200, 10, 0, 1);
+        entry.traffic(Some(2)).record(500, 10, 0, 1);
+        entry.traffic(Some(1)).open();
+        entry.traffic(None).record(503, 10, 0, 1);
+        let traffic = store.traffic().unwrap();
+        let ports = &traffic.replicas["abcdefgh"];
+        let by_port: Vec<(u16, u64, u64)> = ports.iter().map(|(p, t)| (*p, t.total(), t.open)).collect();
+        assert_eq!(by_port, [(20001, 1, 0), (20002, 0, 1), (20003, 2, 0)]);
+        let total = &traffic.deployments["abcdefgh"];
+        assert_eq!((total.total(), total.errors(), total.open), (4, 2, 1), "the whole has the router's own 503 too");
+        assert_eq!(traffic.access_lines_dropped, None, "no access log in this process");
+
+        // The next table keeps counting on the ports it still routes (one
+        // healthy replica left is a live route) and forgets the others.
+        t.generation = 2;
+        t.routes.get_mut("web.localhost").unwrap().target = Target::Live { addr: addrs(&[20003])[0] };
+        store.replace(t).unwrap();
+        store.lookup("web.localhost").unwrap().traffic(Some(0)).record(200, 10, 0, 1);
+        let traffic = store.traffic().unwrap();
+        let ports: Vec<(u16, u64)> = traffic.replicas["abcdefgh"].iter().map(|(p, t)| (*p, t.total())).collect();
+        assert_eq!(ports, [(20003, 3)]);
+        assert_eq!(traffic.deployments["abcdefgh"].total(), 4, "the router's own answers stay counted");
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! into shards, one per worker thread (modulo [`SHARDS`]), each on cache
 //! lines of its own, so workers serving one busy app never write to the same
 //! line; a read sums the shards.
+//!
+//! `--traffic-counters false` (a bench setting: it measures what counting
+//! costs) hands every request [`Counters::off`], which has no shards and
+//! counts nothing.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::LazyLock;
 
 use nx_protocol::metrics::{duration_bucket, status_class, Traffic, BUCKETS, STATUS_CLASSES};
 
@@ -57,24 +62,37 @@ fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    fn shard(&self) -> &Shard {
-        &self.shards[shard_index()]
+    /// Counters that count nothing, for a router started with
+    /// `--traffic-counters false`.
+    pub fn off() -> &'static Counters {
+        static OFF: LazyLock<Counters> = LazyLock::new(|| Counters { shards: Box::new([]) });
+        &OFF
+    }
+
+    /// The calling thread's shard; none in [`Counters::off`] (the bounds
+    /// check is the one indexing makes anyway).
+    fn shard(&self) -> Option<&Shard> {
+        self.shards.get(shard_index())
     }
 
     /// A request starts being proxied to the app.
     pub fn open(&self) {
-        add(&self.shard().opened, 1);
+        if let Some(shard) = self.shard() {
+            add(&shard.opened, 1);
+        }
     }
 
     /// A request [`Counters::open`] counted is over.
     pub fn close(&self) {
-        add(&self.shard().closed, 1);
+        if let Some(shard) = self.shard() {
+            add(&shard.closed, 1);
+        }
     }
 
     /// One request answered with `status` (0: none) after `micros`, with
     /// these body bytes read from the client and sent to it.
     pub fn record(&self, status: u16, micros: u64, bytes_in: u64, bytes_out: u64) {
-        let shard = self.shard();
+        let Some(shard) = self.shard() else { return };
         add(&shard.requests[status_class(status)], 1);
         add(&shard.buckets[duration_bucket(micros)], 1);
         add(&shard.micros, micros);
@@ -140,5 +158,14 @@ mod tests {
         assert_eq!(t.duration_micros, 6_000_000);
         assert_eq!((t.bytes_in, t.bytes_out), (20_000, 2_000_000));
         assert_eq!(t.open, 20, "each thread left one request open");
+    }
+
+    #[test]
+    fn counters_that_are_off_count_nothing() {
+        let off = Counters::off();
+        off.open();
+        off.record(200, 3_000, 10, 1_000);
+        off.close();
+        assert_eq!(off.read(), Traffic::default());
     }
 }

@@ -202,3 +202,76 @@ fn nx_top_and_metrics_show_each_deployment_to_the_keys_that_may_see_it() {
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("10ms is too short; give at least 100ms"), "{}", bad.stderr);
 }
+
+/// A deployment of three replicas: Prometheus sees each replica's series
+/// apart (`replica` label), each with exactly the requests the test saw that
+/// replica answer (the app tells its port, `nx ls` which replica listens
+/// there), adding up to all that were sent; memory and restarts per replica
+/// from each replica's own cgroup; and the router's count of access lines it
+/// dropped (none here).
+#[test]
+fn prometheus_sees_each_replica_apart_with_the_requests_it_answered() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let r =
+        Receiver::start_with(Options { args: vec!["--metrics-listen".into(), metrics.clone()], ..Options::default() });
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--replicas", "3"]);
+    let d = r.push("web", &fixtures::go(Go::Static), &["--promote"]);
+    let deployment = id(&d);
+    let ports: std::collections::BTreeMap<String, String> = eventually(30, "three healthy replicas", || {
+        let listing = r.nx(&["--json", "ls", "web"]).success().json();
+        let production = listing[0]["deployments"].as_array()?.iter().find(|d| d["production"] == true)?.clone();
+        let replicas = production["replicas"].as_array()?.clone();
+        (replicas.len() == 3 && replicas.iter().all(|x| x["state"] == "healthy"))
+            .then(|| replicas.iter().map(|x| (x["port"].to_string(), x["index"].to_string())).collect())
+    });
+    let prometheus = Prometheus::scraping(&metrics);
+
+    // Which replica answered each request, by the port it tells.
+    let sent = 90;
+    let mut answered: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for _ in 0..sent {
+        let answer = r.get(&url(&d, "/port"));
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let replica = ports.get(answer.body.trim()).unwrap_or_else(|| panic!("port {} is no replica's", answer.body));
+        *answered.entry(replica.clone()).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 3, "the router spread the requests over the three: {answered:?}");
+
+    let labels = format!(r#"app="web",deployment="{deployment}",role="production""#);
+    let exactly = |n: f64| move |v: f64| v == n;
+    for (replica, n) in &answered {
+        prometheus.eventually(
+            60,
+            &format!(r#"sum(nx_http_requests_total{{{labels},replica="{replica}",class="2xx"}})"#),
+            exactly(*n as f64),
+        );
+        prometheus.eventually(
+            10,
+            &format!(r#"nx_http_request_duration_seconds_count{{{labels},replica="{replica}"}}"#),
+            exactly(*n as f64),
+        );
+        prometheus.eventually(
+            10,
+            &format!(r#"nx_http_open_connections{{{labels},replica="{replica}"}}"#),
+            exactly(0.0),
+        );
+        prometheus.eventually(
+            10,
+            &format!(r#"nx_deployment_restarts_total{{{labels},replica="{replica}"}}"#),
+            exactly(0.0),
+        );
+        let memory = format!(r#"nx_deployment_memory_bytes{{{labels},replica="{replica}"}}"#);
+        prometheus.eventually(10, &memory, |v| v >= 1_048_576.0);
+    }
+    prometheus.eventually(10, &format!("sum(nx_http_requests_total{{{labels}}})"), exactly(sent as f64));
+    let series = prometheus.query(&format!("nx_deployment_memory_bytes{{{labels}}}"));
+    let mut replicas: Vec<&str> = series.iter().map(|s| s.labels["replica"].as_str().unwrap()).collect();
+    replicas.sort_unstable();
+    assert_eq!(replicas, ["0", "1", "2"], "one memory series per replica: {series:?}");
+    assert!(
+        prometheus.query(&format!(r#"nx_http_requests_total{{{labels},replica="none"}}"#)).is_empty(),
+        "every request reached a replica: none answered by the router itself"
+    );
+    prometheus.eventually(10, "nx_router_access_lines_dropped_total", exactly(0.0));
+}

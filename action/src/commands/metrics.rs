@@ -154,6 +154,8 @@ mod tests {
             traffic,
             resources: Resources { cpu_seconds: Some(cpu), memory_bytes: Some(3 << 20), ..Resources::default() },
             restarts: 1,
+            replicas: Vec::new(),
+            router_answered: Traffic::default(),
         }
     }
 

@@ -288,7 +288,7 @@ impl Deployer {
     }
 
     /// How each replica of a running deployment is doing.
-    fn replicas_of(&self, id: &str) -> Vec<nx_protocol::api::ReplicaInfo> {
+    pub fn replicas_of(&self, id: &str) -> Vec<nx_protocol::api::ReplicaInfo> {
         let Ok(running) = self.running.lock() else { return Vec::new() };
         let Some(r) = running.get(id) else { return Vec::new() };
         let since = r.healthy_since.lock().map(|s| s.clone()).unwrap_or_default();
@@ -966,12 +966,6 @@ impl Deployer {
     /// When the sandbox of a running deployment was started or adopted.
     fn running_since(&self, id: &str) -> Option<std::time::Instant> {
         self.running.lock().ok()?.get(id).map(|r| r.since)
-    }
-
-    /// The sandbox names (cgroups) of a running deployment's replicas.
-    pub fn replica_keys(&self, id: &str) -> Vec<String> {
-        let Ok(running) = self.running.lock() else { return Vec::new() };
-        running.get(id).map_or_else(Vec::new, |r| r.replicas.iter().map(|x| replica_key(id, x.index)).collect())
     }
 
     /// The live logs of every running deployment, by id (for log drains).
