@@ -126,7 +126,9 @@ fn deployments(
         .filter(|r| visible(&r.app_name))
         .filter_map(|row| {
             let restarts = match deployer.running_status(&row.id)? {
-                Status::Starting { restarts } | Status::Healthy { restarts } => restarts,
+                Status::Starting { restarts } | Status::Healthy { restarts } | Status::Unhealthy { restarts, .. } => {
+                    restarts
+                }
                 Status::Failed { .. } | Status::Stopped => return None,
             };
             Some(DeploymentMetrics {

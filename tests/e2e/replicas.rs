@@ -3,7 +3,9 @@
 //! killed under load loses no request and comes back on its own; `nx ls`
 //! and the API say how each replica is doing; the count is bounded by the
 //! app's share of the host. Back-to-back changes of the count run one
-//! scaling pass at a time and lose no request.
+//! scaling pass at a time and lose no request. A replica that hangs (alive,
+//! not answering) is taken out of the route within one health interval, put
+//! back when it answers again, and restarted when it stays hung.
 
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::load::Load;
+use nx_e2e::receiver::Options;
 use nx_e2e::{eventually, Receiver};
 
 /// The app's own processes (not bwrap's) in the cgroup of one replica's
@@ -206,4 +209,141 @@ fn back_to_back_replica_changes_under_load_run_each_replica_once_and_lose_no_req
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), first, "no second supervisor restarted it");
     assert!((1..4).all(|i| replica_app_pids(&r, &replica_key(&id, i)).is_empty()), "no orphan replica");
+}
+
+/// The addresses the router's own table sends `host` to: its state file,
+/// which it writes before a table takes effect.
+fn routed_addrs(r: &Receiver, host: &str) -> std::collections::BTreeSet<String> {
+    let file = std::fs::read(r.data_dir().join("router/state/routes.json")).unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&file).unwrap();
+    let target = &table["routes"][host]["target"];
+    match target["kind"].as_str() {
+        Some("live") => [target["addr"].as_str().unwrap().to_owned()].into(),
+        Some("replicas") => {
+            target["addrs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+        }
+        other => panic!("{host} is not routed to a sandbox ({other:?}): {table}"),
+    }
+}
+
+#[test]
+fn a_hung_replica_is_taken_out_within_the_health_interval_put_back_when_it_answers_and_restarted_when_it_stays_hung() {
+    // Probes every 2 s, each given 2 s: a replica is unhealthy within 6 s of
+    // stopping to answer, restarted after failing for 20 s.
+    let r = Receiver::start_with(Options {
+        args: ["--health-interval", "6s", "--unhealthy-restart-after", "20s"].map(String::from).to_vec(),
+        ..Options::default()
+    });
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--replicas", "3"]);
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "GREETING=probed", "--promote"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let three = eventually(30, "three healthy replicas", || {
+        let now = replicas(&r, "web");
+        (all_healthy(&now, 3) && now.iter().all(|x| x["routed"] == true)).then_some(now)
+    });
+    let host = format!("web.localhost:{}", r.router_port);
+    let addr = |x: &serde_json::Value| format!("127.0.0.1:{}", x["port"]);
+    let addrs: Vec<String> = three.iter().map(addr).collect();
+    assert_eq!(routed_addrs(&r, "web.localhost"), addrs.iter().cloned().collect());
+    let pids: Vec<Vec<i32>> = (0..3).map(|i| replica_app_pids(&r, &replica_key(&id, i))).collect();
+    assert!(pids.iter().all(|p| p.len() == 1), "one app process per replica: {pids:?}");
+    let hung = Pid::from_raw(pids[1][0]);
+
+    let load = Load::start(r.router_port, host.clone());
+    eventually(30, "the load to be answered", || {
+        (load.ok.load(std::sync::atomic::Ordering::Relaxed) > 50).then_some(())
+    });
+
+    // Stopped, the app's process neither exits nor refuses connections (the
+    // kernel accepts for it): only its health check can tell.
+    let stopped = std::time::Instant::now();
+    kill(hung, Signal::SIGSTOP).unwrap();
+    let reason = format!(
+        "failed its health check 2 times in a row: {} accepted the connection but sent no HTTP answer within 2s",
+        addrs[1]
+    );
+    let out = eventually(30, "the hung replica to be taken out", || {
+        let now = replicas(&r, "web");
+        (now[1]["state"] == "unhealthy" && now[1]["routed"] == false).then_some(now)
+    });
+    let taken_out = std::time::Instant::now();
+    // Within one interval (6 s); the bound is twice that, for the polls of
+    // `nx ls` on a loaded host.
+    assert!(taken_out - stopped < Duration::from_secs(12), "{:?}", taken_out - stopped);
+    assert_eq!(out[1]["error"], reason.as_str(), "{out:?}");
+    assert_eq!(out[1]["restarts"], 0);
+    for other in [&out[0], &out[2]] {
+        assert_eq!((other["state"].as_str(), other["routed"].as_bool()), (Some("healthy"), Some(true)), "{other}");
+    }
+    assert_eq!(
+        routed_addrs(&r, "web.localhost"),
+        [addrs[0].clone(), addrs[2].clone()].into(),
+        "the router's table leaves it out"
+    );
+    let text = r.nx_ok(&["ls", "web"]).stdout;
+    assert!(text.contains(&format!("{id} replica 1 (port {}): unhealthy, not routed, up ", out[1]["port"])), "{text}");
+    assert!(text.contains(&format!(", 0 restarts; {reason}")), "{text}");
+    // Requests go on being answered by the two others.
+    let answered = load.ok.load(std::sync::atomic::Ordering::Relaxed);
+    eventually(30, "requests answered after the replica was taken out", || {
+        (load.ok.load(std::sync::atomic::Ordering::Relaxed) > answered + 100).then_some(())
+    });
+
+    // Answering again: back in the route, the same process, no restart.
+    kill(hung, Signal::SIGCONT).unwrap();
+    eventually(30, "the replica to be put back", || {
+        let now = replicas(&r, "web");
+        (all_healthy(&now, 3) && now.iter().all(|x| x["routed"] == true)).then_some(())
+    });
+    assert_eq!(routed_addrs(&r, "web.localhost"), addrs.iter().cloned().collect());
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 1)), pids[1], "put back as it ran, not restarted");
+    assert_eq!(replicas(&r, "web")[1]["restarts"], 0);
+    let logs = r.nx_ok(&["logs", &id]).stdout;
+    assert!(logs.contains(&format!("unhealthy: {reason}")), "{logs}");
+    assert!(logs.contains(&format!("answers its health check again on {}", addrs[1])), "{logs}");
+
+    // Hung for good: taken out again, then stopped and restarted through
+    // the restart policy, and routed once healthy.
+    let stopped_again = std::time::Instant::now();
+    kill(hung, Signal::SIGSTOP).unwrap();
+    eventually(30, "the replica to be taken out again", || {
+        let now = replicas(&r, "web");
+        (now[1]["state"] == "unhealthy" && now[1]["routed"] == false).then_some(())
+    });
+    let taken_out_again = std::time::Instant::now();
+    let back = eventually(90, "the hung replica to be restarted", || {
+        let now = replicas(&r, "web");
+        (all_healthy(&now, 3) && now[1]["restarts"] == 1 && now.iter().all(|x| x["routed"] == true)).then_some(now)
+    });
+    let again = replica_app_pids(&r, &replica_key(&id, 1));
+    assert_eq!(again.len(), 1);
+    assert_ne!(again, pids[1], "a new process");
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), pids[0], "replica 0 was not touched");
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 2)), pids[2], "replica 2 was not touched");
+    assert_eq!(
+        back[1]["last_exit"],
+        format!(
+            // bwrap's 128 + 9: the sandbox's init was killed after the stop
+            // grace, the stopped app having never taken its SIGTERM.
+            "status 137, stopped after failing its health check for 20s: {} accepted the connection but sent no \
+             HTTP answer within 2s",
+            addrs[1]
+        )
+        .as_str(),
+        "{back:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failures, bodies) = load.finish_timed();
+    assert_eq!(bodies.into_iter().collect::<Vec<_>>(), ["probed\n"]);
+    // Requests the stopped process had (sent up to a second before it was
+    // stopped, on a loaded host) or was sent before it was taken out may
+    // wait for it until the client's timeout; none sent otherwise failed.
+    let in_flight = Duration::from_secs(1);
+    let hung_and_routed = |sent: &std::time::Instant| {
+        (stopped - in_flight..taken_out).contains(sent) || (stopped_again - in_flight..taken_out_again).contains(sent)
+    };
+    let late: Vec<_> = failures.iter().filter(|(sent, _)| !hung_and_routed(sent)).collect();
+    assert!(late.is_empty(), "{} requests sent after the replica was taken out failed: {late:?}", late.len());
+    eprintln!("{ok} requests answered, {} sent before the hung replica was taken out failed", failures.len());
 }
