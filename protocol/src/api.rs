@@ -538,16 +538,20 @@ pub enum Role {
     Production,
 }
 
-/// `[scale]`: how many sandboxes production runs, and seconds without a
-/// request (and none open) after which a deployment is stopped until its
-/// next request; `0` never. `None`: the default, one replica, and
-/// [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for production.
+/// `[scale]`: how many sandboxes production and each preview run, and
+/// seconds without a request (and none open) after which a deployment is
+/// stopped until its next request; `0` never. `None`: the default, one
+/// replica, and [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for
+/// production.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleSettings {
-    /// Sandboxes the production deployment runs as; previews run one.
+    /// Sandboxes the production deployment runs as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Sandboxes each preview runs as (the rollback target always runs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_replicas: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_sleep_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -610,6 +614,11 @@ impl AppSettings {
     /// How many replicas production runs.
     pub fn replicas(&self) -> u32 {
         self.scale.replicas.unwrap_or(1)
+    }
+
+    /// How many replicas each preview runs.
+    pub fn preview_replicas(&self) -> u32 {
+        self.scale.preview_replicas.unwrap_or(1)
     }
 
     /// The label that opts a fork's pull request in.

@@ -33,10 +33,15 @@ fn replica_app_pids(r: &Receiver, key: &str) -> Vec<i32> {
 
 /// The replicas of the app's production, as `nx ls --json` shows them.
 fn replicas(r: &Receiver, app: &str) -> Vec<serde_json::Value> {
+    replicas_of(r, app, |d| d["production"] == true)
+}
+
+/// The replicas of the app's first deployment `pick` chooses, as `nx ls --json` shows them.
+fn replicas_of(r: &Receiver, app: &str, pick: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
     let listing = r.nx(&["--json", "ls", app]).success().json();
     let deployments = listing[0]["deployments"].as_array().unwrap().clone();
-    let production = deployments.into_iter().find(|d| d["production"] == true).expect("a production");
-    production["replicas"].as_array().cloned().unwrap_or_default()
+    let chosen = deployments.into_iter().find(pick).expect("the deployment is listed");
+    chosen["replicas"].as_array().cloned().unwrap_or_default()
 }
 
 fn all_healthy(replicas: &[serde_json::Value], count: usize) -> bool {
@@ -346,4 +351,59 @@ fn a_hung_replica_is_taken_out_within_the_health_interval_put_back_when_it_answe
     let late: Vec<_> = failures.iter().filter(|(sent, _)| !hung_and_routed(sent)).collect();
     assert!(late.is_empty(), "{} requests sent after the replica was taken out failed: {late:?}", late.len());
     eprintln!("{ok} requests answered, {} sent before the hung replica was taken out failed", failures.len());
+}
+
+#[test]
+fn previews_run_as_many_replicas_as_their_app_asks_of_previews_each_serving_within_the_caps() {
+    let r = Receiver::start();
+    r.create_app("web");
+    // Each preview replica costs the app's limits too: five of the default
+    // 1 cpu are over the default cap of 4 per app, and nothing is saved.
+    let over = r.nx(&["apps", "set", "web", "--replicas", "5", "--role", "preview"]);
+    assert_ne!(over.code, 0);
+    assert!(
+        over.stderr.contains(
+            "5 preview replicas of 1 cpu each need 5 cpu, over this server's cap of 4 per app; lower the preview \
+             replicas or the app's cpu limit (`nx apps set APP --cpu ...`), or the operator raises --max-app-cpu"
+        ),
+        "{}",
+        over.stderr
+    );
+    let scale = || r.nx(&["--json", "apps", "ls"]).success().json()[0]["settings"]["scale"].clone();
+    assert!(scale().is_null(), "nothing saved: {}", scale());
+    r.nx_ok(&["apps", "set", "web", "--replicas", "2", "--role", "preview"]);
+    assert_eq!(scale(), serde_json::json!({ "preview_replicas": 2 }), "production's count is not touched");
+
+    r.push("web", &fixtures::go(Go::Static), &["--env", "GREETING=production", "--promote"]);
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "GREETING=preview"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let preview = |d: &serde_json::Value| d["id"] == id.as_str();
+    let two = eventually(30, "two healthy, routed preview replicas", || {
+        let now = replicas_of(&r, "web", preview);
+        (all_healthy(&now, 2) && now.iter().all(|x| x["routed"] == true)).then_some(now)
+    });
+    assert_eq!(replicas(&r, "web").len(), 1, "production runs one");
+    // Two sandboxes, each with its own process, and each answering on its own port.
+    let pids: Vec<Vec<i32>> = (0..2).map(|i| replica_app_pids(&r, &replica_key(&id, i))).collect();
+    assert!(pids.iter().all(|p| p.len() == 1) && pids[0] != pids[1], "{pids:?}");
+    for replica in &two {
+        let answer = reqwest::blocking::get(format!("http://127.0.0.1:{}/", replica["port"])).unwrap();
+        assert_eq!(answer.status(), 200, "{replica}");
+        assert_eq!(answer.text().unwrap(), "preview\n", "{replica}");
+    }
+    // The router sends the preview's URL to both.
+    let url = d["preview_url"].as_str().unwrap();
+    let host = url.trim_start_matches("http://").split(':').next().unwrap();
+    let addrs: std::collections::BTreeSet<String> = two.iter().map(|x| format!("127.0.0.1:{}", x["port"])).collect();
+    assert_eq!(routed_addrs(&r, host), addrs);
+    let answer = r.get(url);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "preview\n"));
+
+    // Back to one: the running preview is scaled at once.
+    r.nx_ok(&["apps", "set", "web", "--replicas", "1", "--role", "preview"]);
+    eventually(30, "one preview replica", || all_healthy(&replicas_of(&r, "web", preview), 1).then_some(()));
+    eventually(30, "the second replica's process to end", || {
+        replica_app_pids(&r, &replica_key(&id, 1)).is_empty().then_some(())
+    });
+    assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), pids[0], "the first replica ran on");
 }

@@ -169,6 +169,20 @@ pub fn replica_key(id: &str, index: u32) -> String {
     }
 }
 
+/// How many replicas `row` runs: production as many as its app asks, the
+/// rollback target one (it only waits for a rollback, which brings it to
+/// production's count before the switch), each preview as many as the app
+/// asks of previews.
+fn replica_count(app: &AppRow, row: &DeploymentRow) -> u32 {
+    if row.is_production {
+        app.settings.replicas()
+    } else if app.previous_production_id.as_deref() == Some(row.id.as_str()) {
+        1
+    } else {
+        app.settings.preview_replicas()
+    }
+}
+
 /// How long [`Deployer::run`] waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -567,7 +581,7 @@ impl Deployer {
     }
 
     /// Starts the sandboxes of `row` (as many replicas as its app asks of
-    /// its production, one for a preview), stopping any it runs already;
+    /// its role, [`replica_count`]), stopping any it runs already;
     /// with `wait`, returns once its first start is decided and applied
     /// (one replica healthy, or all failed), else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
@@ -578,8 +592,7 @@ impl Deployer {
     /// [`Deployer::start`] for a caller that holds the deployment's lock.
     async fn start_held(&self, held: &Held, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let app = self.app_of(row).await?;
-        let count = if row.is_production { app.settings.replicas() } else { 1 };
-        self.run(held, &app, row, count, false, if wait { Wait::Any } else { Wait::No }).await
+        self.run(held, &app, row, replica_count(&app, row), false, if wait { Wait::Any } else { Wait::No }).await
     }
 
     async fn app_of(&self, row: &DeploymentRow) -> Result<AppRow, DeployError> {
@@ -590,18 +603,35 @@ impl Deployer {
             .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })
     }
 
-    /// Runs the production of app `name` as as many replicas as its
-    /// settings ask: the replicas it has stay, the missing ones start, the
-    /// ones beyond stop. Nothing when its production does not run.
+    /// Runs each running deployment of app `name` (production, previews)
+    /// as as many replicas as its settings ask of its role: the replicas it
+    /// has stay, the missing ones start, the ones beyond stop. One
+    /// deployment's lock at a time; one not running (stopped, sleeping)
+    /// gets its count when it next starts.
     pub async fn scale(&self, name: &str) -> Result<(), DeployError> {
         let Some(app) = self.services.db.app(name).await? else { return Ok(()) };
-        let Some(id) = &app.production_id else { return Ok(()) };
-        let held = self.hold(id).await;
-        if !self.running.lock().map_err(|_| poisoned())?.contains_key(id) {
-            return Ok(());
+        let ids: Vec<String> = self
+            .services
+            .db
+            .live_deployments()
+            .await?
+            .into_iter()
+            .filter(|r| r.app_id == app.id)
+            .map(|r| r.id)
+            .collect();
+        for id in ids {
+            let held = self.hold(&id).await;
+            if !self.running.lock().map_err(|_| poisoned())?.contains_key(&id) {
+                continue;
+            }
+            // Read again under the lock: a promotion may have changed its role.
+            let row = self.row(&id).await?;
+            let app = self.app_of(&row).await?;
+            let count = replica_count(&app, &row);
+            if self.replica_keys(&id).len() as u32 != count {
+                self.run(&held, &app, &row, count, true, Wait::No).await?;
+            }
         }
-        let row = self.row(id).await?;
-        self.run(&held, &app, &row, app.settings.replicas(), true, Wait::No).await?;
         Ok(())
     }
 
@@ -822,15 +852,16 @@ impl Deployer {
         let replicas = app.settings.replicas();
         let row = self.row(id).await?;
         // One that is not healthy is refused below, without sandboxes started for it.
-        if replicas > 1 && row.state() == DeploymentState::Healthy {
+        let runs = self.replica_keys(id).len() as u32;
+        if replicas != runs && row.state() == DeploymentState::Healthy {
             let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
                 let reason = match status {
                     Status::Failed { reason, .. } => reason,
                     other => format!("{other:?}"),
                 };
-                // It stays what it was: one sandbox, not production.
-                self.run(&held, app, &row, 1, true, Wait::No).await?;
+                // It stays what it was: a preview, not production.
+                self.run(&held, app, &row, runs, true, Wait::No).await?;
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
                     state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
