@@ -407,3 +407,59 @@ fn previews_run_as_many_replicas_as_their_app_asks_of_previews_each_serving_with
     });
     assert_eq!(replica_app_pids(&r, &replica_key(&id, 0)), pids[0], "the first replica ran on");
 }
+
+#[test]
+fn a_hung_single_replica_stays_routed_while_it_is_the_only_one_and_is_restarted() {
+    let r = Receiver::start_with(Options {
+        args: ["--health-interval", "3s", "--unhealthy-restart-after", "8s"].map(String::from).to_vec(),
+        ..Options::default()
+    });
+    r.create_app("web");
+    let d = r.push("web", &fixtures::go(Go::Static), &["--env", "GREETING=alone", "--promote"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let one = eventually(30, "one healthy replica", || {
+        let now = replicas(&r, "web");
+        (all_healthy(&now, 1) && now[0]["routed"] == true).then_some(now)
+    });
+    let addr = format!("127.0.0.1:{}", one[0]["port"]);
+    let pid = replica_app_pids(&r, &id);
+    assert_eq!(pid.len(), 1, "{pid:?}");
+
+    // Unhealthy, but the deployment's only replica: it stays routed (it
+    // may answer some requests; no route answers none) and the deployment
+    // stays healthy until the restart.
+    kill(Pid::from_raw(pid[0]), Signal::SIGSTOP).unwrap();
+    let out = eventually(30, "the replica to be unhealthy", || {
+        let now = replicas(&r, "web");
+        (now[0]["state"] == "unhealthy").then_some(now)
+    });
+    assert_eq!(out[0]["routed"], true, "{out:?}");
+    assert_eq!(routed_addrs(&r, "web.localhost"), [addr.clone()].into());
+    let listing = r.nx(&["--json", "ls", "web"]).success().json();
+    assert_eq!(listing[0]["deployments"][0]["state"], "healthy", "{listing}");
+    let text = r.nx_ok(&["ls", "web"]).stdout;
+    assert!(
+        text.contains(&format!(
+            "{id} replica 0 (port {}): unhealthy, still routed (no replica is healthy)",
+            out[0]["port"]
+        )),
+        "{text}"
+    );
+
+    // Still hung after 8 s: stopped and restarted, a new process serving.
+    let back = eventually(60, "the replica to be restarted", || {
+        let now = replicas(&r, "web");
+        (all_healthy(&now, 1) && now[0]["restarts"] == 1 && now[0]["routed"] == true).then_some(now)
+    });
+    assert!(
+        back[0]["last_exit"].as_str().unwrap().ends_with(&format!(
+            ", stopped after failing its health check for 8s: {addr} accepted the connection but sent no HTTP answer \
+             within 1s"
+        )),
+        "{back:?}"
+    );
+    let again = replica_app_pids(&r, &id);
+    assert!(again.len() == 1 && again != pid, "{again:?} {pid:?}");
+    let answer = r.get(&format!("http://web.localhost:{}/", r.router_port));
+    assert_eq!((answer.status, answer.body.as_str()), (200, "alone\n"));
+}
