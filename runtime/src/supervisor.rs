@@ -105,9 +105,11 @@ pub const FAILURES_TO_UNHEALTHY: u32 = 2;
 
 impl Liveness {
     /// How often a running sandbox is probed, and how long each probe may
-    /// take: a third of the interval.
+    /// take: a third of the interval, in whole milliseconds (it is shown in
+    /// the reason a replica is unhealthy).
     pub fn every(&self) -> Duration {
-        (self.interval / (FAILURES_TO_UNHEALTHY + 1)).max(Duration::from_millis(10))
+        let third = self.interval.as_millis() / u128::from(FAILURES_TO_UNHEALTHY + 1);
+        Duration::from_millis(u64::try_from(third).unwrap_or(u64::MAX).max(10))
     }
 }
 
@@ -737,6 +739,7 @@ mod tests {
     async fn a_sandbox_that_stops_answering_is_unhealthy_within_the_interval_healthy_again_and_given_up_on() {
         let answering = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let addr = app(answering.clone()).await;
+        assert_eq!(Liveness::default().every(), Duration::from_millis(3333), "whole milliseconds");
         let liveness = Liveness { interval: Duration::from_millis(1500), restart_after: Duration::from_secs(3) };
         let check = HealthCheck::Http { path: "/healthz".into(), require_success: true };
         let cfg = config(addr, check, liveness);
