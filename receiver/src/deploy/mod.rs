@@ -852,7 +852,7 @@ impl Deployer {
         let replicas = app.settings.replicas();
         let row = self.row(id).await?;
         // One that is not healthy is refused below, without sandboxes started for it.
-        let runs = self.replica_keys(id).len() as u32;
+        let runs = (self.replica_keys(id).len() as u32).max(1);
         if replicas != runs && row.state() == DeploymentState::Healthy {
             let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
