@@ -281,6 +281,7 @@ pub enum KeysCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("per_role").multiple(true).args(["sleep_after", "replicas"])))]
 pub struct SetArgs {
     pub app: String,
     /// Memory per sandbox, like 256MiB.
@@ -331,7 +332,8 @@ pub struct SetArgs {
     pub fork_label: Option<String>,
     /// How many sandboxes production runs (1 to 16), each on its own port,
     /// health-checked on its own; the router balances across the healthy
-    /// ones. Each costs the app's memory and cpu limits.
+    /// ones. Each costs the app's memory and cpu limits. With `--role
+    /// preview`, how many each preview runs (default 1).
     #[arg(long, value_name = "N")]
     pub replicas: Option<u32>,
     /// The GitHub repository (owner/name) whose webhooks act on this app, or
@@ -352,10 +354,11 @@ pub struct SetArgs {
     /// told otherwise, production never).
     #[arg(long, value_name = "DURATION|off")]
     pub sleep_after: Option<String>,
-    /// Which deployments --sleep-after is for: preview (every deployment but
+    /// Which deployments --sleep-after (default: preview) or --replicas
+    /// (default: production) is for: preview (every deployment but
     /// production and the rollback target) or production.
-    #[arg(long, value_parser = ["preview", "production"], default_value = "preview", requires = "sleep_after")]
-    pub role: String,
+    #[arg(long, value_parser = ["preview", "production"], requires = "per_role")]
+    pub role: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -29,6 +29,7 @@
 //!                                # (default 15m; at least 2s, or "off")
 //! production_sleep_after = "off" # the same for production (default off)
 //! replicas = 3        # sandboxes production runs (default 1), balanced by the router
+//! preview_replicas = 2 # sandboxes each preview runs (default 1)
 //!
 //! [promote]
 //! on = "push"         # the action promotes pushes to `branch` (default);
@@ -89,6 +90,7 @@ pub struct Manifest {
 #[serde(deny_unknown_fields)]
 pub struct Scale {
     pub replicas: Option<u32>,
+    pub preview_replicas: Option<u32>,
     /// Previews: a duration like `15m`, or `off`.
     pub sleep_after: Option<String>,
     /// Production and the rollback target.
@@ -183,11 +185,16 @@ impl Manifest {
             check_fork_label(label).map_err(|e| format!("[preview] {e}"))?;
             s.fork_label = Some(label.clone());
         }
-        if let Some(n) = self.scale.replicas {
-            if n == 0 {
-                return Err("[scale] replicas must be at least 1".into());
+        for (name, asked, setting) in [
+            ("replicas", self.scale.replicas, &mut s.scale.replicas),
+            ("preview_replicas", self.scale.preview_replicas, &mut s.scale.preview_replicas),
+        ] {
+            if let Some(n) = asked {
+                if n == 0 {
+                    return Err(format!("[scale] {name} must be at least 1"));
+                }
+                *setting = Some(n);
             }
-            s.scale.replicas = Some(n);
         }
         if let Some(on) = self.promote.on {
             s.promote_on = on;
@@ -269,6 +276,7 @@ approvals = 2
 reviewers = ["octocat", "@nx-test/release"]
 [scale]
 replicas = 3
+preview_replicas = 2
 sleep_after = "30m"
 production_sleep_after = "off"
 "#;
@@ -286,7 +294,7 @@ production_sleep_after = "off"
         assert_eq!(s.limits.data_mib, Some(2048));
         assert_eq!(s.limits.cpu, Some(0.5));
         assert_eq!(s.preview_db, PreviewDb::Empty);
-        assert_eq!(s.scale.replicas, Some(3));
+        assert_eq!((s.scale.replicas, s.scale.preview_replicas), (Some(3), Some(2)));
         assert_eq!((s.preview_forks, s.fork_label()), (ForkPreviews::Label, "safe to preview"));
         assert_eq!(s.promote_on, PromoteOn::Manual);
         assert_eq!((s.approval.approvals, s.approval.reviewers.len(), s.approval.allow_author), (2, 2, false));

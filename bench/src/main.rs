@@ -7,6 +7,7 @@ mod density;
 mod pg;
 mod promote;
 mod push;
+mod replicas;
 mod sandbox;
 mod stats;
 
@@ -58,6 +59,16 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         swaps: usize,
     },
+    /// Requests/s of a CPU-bound app as three replicas, against one.
+    Replicas {
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
+        /// Seconds of load per app and round.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long, default_value_t = 32)]
+        conns: u32,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Push { sizes_mb, rounds } => push::sizes(&sizes_mb, rounds),
         Bench::Concurrent { pushes } => push::concurrent(pushes),
         Bench::Promote { swaps } => promote::run(swaps),
+        Bench::Replicas { rounds, secs, conns } => replicas::run(rounds, secs, conns),
     }
 }
 

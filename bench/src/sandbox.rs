@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nx_runtime::cgroup::{Driver, Limits};
 use nx_runtime::spec::{group_file, hosts_file, passwd_file, HostLayout, SandboxSpec};
-use nx_runtime::supervisor::{RestartPolicy, SandboxConfig, Status};
+use nx_runtime::supervisor::{Liveness, RestartPolicy, SandboxConfig, Status};
 use nx_runtime::{HealthCheck, Log, LogLimits, ProcessManager, Sandbox};
 
 use crate::stats::{verdict, Figure};
@@ -95,6 +95,7 @@ impl Host {
             start_timeout: Duration::from_secs(60),
             stop_grace: Duration::from_secs(2),
             restart: RestartPolicy::default(),
+            liveness: Liveness::default(),
             seccomp: Some(self.seccomp.clone()),
             cgroup: Some(enforced.cgroup),
             rlimits: enforced.rlimits,

@@ -543,16 +543,20 @@ pub enum Role {
     Production,
 }
 
-/// `[scale]`: how many sandboxes production runs, and seconds without a
-/// request (and none open) after which a deployment is stopped until its
-/// next request; `0` never. `None`: the default, one replica, and
-/// [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for production.
+/// `[scale]`: how many sandboxes production and each preview run, and
+/// seconds without a request (and none open) after which a deployment is
+/// stopped until its next request; `0` never. `None`: the default, one
+/// replica, and [`DEFAULT_PREVIEW_SLEEP_SECS`] for previews, never for
+/// production.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleSettings {
-    /// Sandboxes the production deployment runs as; previews run one.
+    /// Sandboxes the production deployment runs as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Sandboxes each preview runs as (the rollback target always runs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_replicas: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_sleep_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -615,6 +619,11 @@ impl AppSettings {
     /// How many replicas production runs.
     pub fn replicas(&self) -> u32 {
         self.scale.replicas.unwrap_or(1)
+    }
+
+    /// How many replicas each preview runs.
+    pub fn preview_replicas(&self) -> u32 {
+        self.scale.preview_replicas.unwrap_or(1)
     }
 
     /// The label that opts a fork's pull request in.
@@ -804,14 +813,50 @@ pub struct DeploymentInfo {
     pub replicas: Vec<ReplicaInfo>,
 }
 
+/// The state of one replica of a running deployment.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Started (or restarting after a crash); not answering yet.
+    Starting,
+    /// Answers its health check.
+    Healthy,
+    /// Was healthy, still runs, but fails its health check: taken out of
+    /// the route, and restarted if it keeps failing.
+    Unhealthy,
+    /// Could not start, or crashed too often.
+    Failed,
+    Stopped,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
 /// How one replica of a running deployment is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
     /// 0 for the first; each replica has its own port, cgroup and shim.
     pub index: u32,
     pub port: u16,
-    pub state: DeploymentState,
-    /// Restarts after crashes since its supervision began.
+    pub state: ReplicaState,
+    /// Whether the router sends it requests: a healthy replica is routed,
+    /// an unhealthy one only while no replica of its deployment is healthy.
+    #[serde(default)]
+    pub routed: bool,
+    /// Why it is unhealthy (its health check's last failure) or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Restarts after crashes (and after failing its health check too
+    /// long) since its supervision began.
     pub restarts: u32,
     /// How its last life ended ("status 1", "signal 9 (SIGKILL)"), as its
     /// shim recorded it; `None` while none ended under this receiver.

@@ -393,6 +393,20 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_RESTART_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
     pub restart_backoff: Duration,
 
+    /// How soon a running sandbox that stops answering its health check is
+    /// reported unhealthy and taken out of its route: the check runs every
+    /// third of this, each probe given a third of it, and two failures in a
+    /// row make it unhealthy. A deployment's last replica still running is
+    /// never taken out; it is restarted (--unhealthy-restart-after).
+    #[arg(long, env = "NX_HEALTH_INTERVAL", default_value = "10s", value_parser = parse_nonzero_duration)]
+    pub health_interval: Duration,
+
+    /// A running sandbox failing its health check for this long is stopped
+    /// (SIGTERM, --stop-grace, SIGKILL) and restarted as after a crash
+    /// (--max-restarts and --restart-window count it).
+    #[arg(long, env = "NX_UNHEALTHY_RESTART_AFTER", default_value = "30s", value_parser = parse_nonzero_duration)]
+    pub unhealthy_restart_after: Duration,
+
     /// Previews (deployments that are neither production nor the rollback
     /// target) without a request for this long are stopped; their URL then
     /// says why.

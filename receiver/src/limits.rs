@@ -7,7 +7,7 @@
 //! CPU or disk (a data volume is a sparse image, so its size is not checked
 //! against free space by anything else).
 
-use nx_protocol::api::LimitSettings;
+use nx_protocol::api::{LimitSettings, ScaleSettings};
 
 use crate::config::ServeConfig;
 
@@ -104,27 +104,53 @@ pub fn within_caps(config: &ServeConfig, own: &LimitSettings) -> Result<(), Over
 /// The most replicas an app may run.
 pub const MAX_REPLICAS: u32 = 16;
 
-/// Why a replica count is refused.
+/// Why a replica count is refused; `kind` is `""` for production's, `"preview "` for previews'.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ReplicasRefused {
-    #[error("replicas must be between 1 and {MAX_REPLICAS}, not {0}")]
-    OutOfRange(u32),
-    #[error("{replicas} replicas of {each} {limit} each need {total} {limit}, over this server's cap of {cap} per app; lower the replicas or the app's {limit} limit (`nx apps set APP --{flag} ...`), or the operator raises --max-app-{flag}")]
-    OverCap { replicas: u32, limit: &'static str, flag: &'static str, each: String, total: String, cap: String },
+    #[error("{kind}replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")]
+    OutOfRange { kind: &'static str, replicas: u32 },
+    #[error("{replicas} {kind}replicas of {each} {limit} each need {total} {limit}, over this server's cap of {cap} per app; lower the {kind}replicas or the app's {limit} limit (`nx apps set APP --{flag} ...`), or the operator raises --max-app-{flag}")]
+    OverCap {
+        kind: &'static str,
+        replicas: u32,
+        limit: &'static str,
+        flag: &'static str,
+        each: String,
+        total: String,
+        cap: String,
+    },
 }
 
-/// Whether `replicas` sandboxes of the limits `own` stay within the
-/// operator's per-app caps: each replica has the app's limits (memory, cpu,
-/// tasks, descriptors and /tmp in a cgroup and sandbox of its own), so N of
-/// them cost N times as much. Only `data` is shared: one volume.
-pub fn replicas_within_caps(config: &ServeConfig, own: &LimitSettings, replicas: u32) -> Result<(), ReplicasRefused> {
+/// Whether the replicas of `scale` (production's, then each preview's)
+/// stay within the operator's per-app caps with the limits `own`: each
+/// replica has the app's limits (memory, cpu, tasks, descriptors and /tmp
+/// in a cgroup and sandbox of its own), so N of them cost N times as much.
+/// Only `data` is shared: one volume.
+pub fn replicas_within_caps(
+    config: &ServeConfig,
+    own: &LimitSettings,
+    scale: &ScaleSettings,
+) -> Result<(), ReplicasRefused> {
+    for (kind, replicas) in [("", scale.replicas), ("preview ", scale.preview_replicas)] {
+        count_within_caps(config, own, kind, replicas.unwrap_or(1))?;
+    }
+    Ok(())
+}
+
+fn count_within_caps(
+    config: &ServeConfig,
+    own: &LimitSettings,
+    kind: &'static str,
+    replicas: u32,
+) -> Result<(), ReplicasRefused> {
     if !(1..=MAX_REPLICAS).contains(&replicas) {
-        return Err(ReplicasRefused::OutOfRange(replicas));
+        return Err(ReplicasRefused::OutOfRange { kind, replicas });
     }
     for v in effective(config, own).into_iter().filter(|v| v.limit != "data") {
         let total = v.value * f64::from(replicas);
         if total > v.cap {
             return Err(ReplicasRefused::OverCap {
+                kind,
                 replicas,
                 limit: v.limit,
                 flag: v.flag,
@@ -189,15 +215,15 @@ mod tests {
     fn replicas_cost_their_count_times_the_limits() {
         let c = config(&[("--max-app-memory", "2GiB")]);
         let own = LimitSettings { memory_mib: Some(512), cpu: Some(0.5), ..Default::default() };
-        assert_eq!(replicas_within_caps(&c, &own, 4), Ok(()));
+        assert_eq!(replicas_within_caps(&c, &own, &production(4)), Ok(()));
         assert_eq!(
-            replicas_within_caps(&c, &own, 5).unwrap_err().to_string(),
+            replicas_within_caps(&c, &own, &production(5)).unwrap_err().to_string(),
             "5 replicas of 512 MiB memory each need 2560 MiB memory, over this server's cap of 2048 MiB per app; \
              lower the replicas or the app's memory limit (`nx apps set APP --memory ...`), or the operator raises \
              --max-app-memory"
         );
         assert_eq!(
-            replicas_within_caps(&config(&[]), &LimitSettings::default(), 5).unwrap_err().to_string(),
+            replicas_within_caps(&config(&[]), &LimitSettings::default(), &production(5)).unwrap_err().to_string(),
             "5 replicas of 1 cpu each need 5 cpu, over this server's cap of 4 per app; lower the replicas or the \
              app's cpu limit (`nx apps set APP --cpu ...`), or the operator raises --max-app-cpu"
         );
@@ -205,16 +231,17 @@ mod tests {
         let big = config(&[("--max-app-memory", "64GiB"), ("--max-app-cpu", "64")]);
         let small = LimitSettings { memory_mib: Some(64), cpu: Some(0.1), tmp_mib: Some(16), ..Default::default() };
         assert_eq!(
-            replicas_within_caps(&big, &small, 9).unwrap_err().to_string(),
+            replicas_within_caps(&big, &small, &production(9)).unwrap_err().to_string(),
             "9 replicas of 512 pids each need 4608 pids, over this server's cap of 4096 per app; lower the replicas \
              or the app's pids limit (`nx apps set APP --pids ...`), or the operator raises --max-app-pids"
         );
         let fewer = LimitSettings { pids: Some(256), ..small };
-        assert_eq!(replicas_within_caps(&big, &fewer, 16), Ok(()));
+        assert_eq!(replicas_within_caps(&big, &fewer, &production(16)), Ok(()));
         let tmp = LimitSettings { tmp_mib: None, ..fewer };
         assert_eq!(
-            replicas_within_caps(&big, &tmp, 5),
+            replicas_within_caps(&big, &tmp, &production(5)),
             Err(ReplicasRefused::OverCap {
+                kind: "",
                 replicas: 5,
                 limit: "tmp",
                 flag: "tmp",
@@ -224,10 +251,32 @@ mod tests {
             })
         );
         let files = LimitSettings { nofile: Some(8192), ..fewer };
-        assert!(matches!(replicas_within_caps(&big, &files, 9), Err(ReplicasRefused::OverCap { limit: "nofile", .. })));
+        assert!(matches!(
+            replicas_within_caps(&big, &files, &production(9)),
+            Err(ReplicasRefused::OverCap { limit: "nofile", .. })
+        ));
         for n in [0, MAX_REPLICAS + 1] {
-            assert_eq!(replicas_within_caps(&c, &own, n), Err(ReplicasRefused::OutOfRange(n)));
+            assert_eq!(
+                replicas_within_caps(&c, &own, &production(n)),
+                Err(ReplicasRefused::OutOfRange { kind: "", replicas: n })
+            );
         }
+        // Each preview's replicas cost as much, and are checked on their own.
+        let previews = ScaleSettings { preview_replicas: Some(5), ..production(4) };
+        assert_eq!(
+            replicas_within_caps(&config(&[]), &LimitSettings::default(), &previews).unwrap_err().to_string(),
+            "5 preview replicas of 1 cpu each need 5 cpu, over this server's cap of 4 per app; lower the preview \
+             replicas or the app's cpu limit (`nx apps set APP --cpu ...`), or the operator raises --max-app-cpu"
+        );
+        let none = ScaleSettings { preview_replicas: Some(0), ..ScaleSettings::default() };
+        assert_eq!(
+            replicas_within_caps(&c, &own, &none).unwrap_err().to_string(),
+            "preview replicas must be between 1 and 16, not 0"
+        );
+    }
+
+    fn production(replicas: u32) -> ScaleSettings {
+        ScaleSettings { replicas: Some(replicas), ..ScaleSettings::default() }
     }
 
     #[test]

@@ -130,7 +130,9 @@ fn deployments(
         .filter(|r| visible(&r.app_name))
         .filter_map(|row| {
             let restarts = match deployer.running_status(&row.id)? {
-                Status::Starting { restarts } | Status::Healthy { restarts } => restarts,
+                Status::Starting { restarts } | Status::Healthy { restarts } | Status::Unhealthy { restarts, .. } => {
+                    restarts
+                }
                 Status::Failed { .. } | Status::Stopped => return None,
             };
             // The router knows replicas by port, the deployer which replica

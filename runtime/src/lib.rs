@@ -31,4 +31,4 @@ pub use health::HealthCheck;
 pub use logs::{Log, LogLimits};
 pub use process::ProcessManager;
 pub use spec::{HostLayout, SandboxSpec};
-pub use supervisor::{RestartPolicy, Sandbox, SandboxConfig, Status};
+pub use supervisor::{Liveness, RestartPolicy, Sandbox, SandboxConfig, Status};

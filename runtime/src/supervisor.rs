@@ -1,7 +1,9 @@
 //! Supervision of one sandbox: start it as the app's own uid, wait until it
-//! answers its health check, restart it with capped exponential backoff when it
-//! crashes, give up with the last log lines when it crash-loops, and stop the
-//! whole process tree on request.
+//! answers its health check, keep checking it while it runs (a sandbox that
+//! stops answering is reported unhealthy, and restarted when it does not
+//! recover), restart it with capped exponential backoff when it crashes, give
+//! up with the last log lines when it crash-loops, and stop the whole process
+//! tree on request.
 //!
 //! Each life of the sandbox runs under its own [`crate::shim`], so the sandbox
 //! keeps running when this process stops; [`Sandbox::adopt`] re-attaches to a
@@ -77,6 +79,40 @@ impl RestartPolicy {
     }
 }
 
+/// How a running sandbox keeps being checked once healthy: its health check
+/// runs every third of `interval`, each probe given a third of it, so that
+/// two failures in a row (one failure is not enough: a loaded host may be
+/// slow to answer once) fall within `interval` of the moment it stopped
+/// answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// A sandbox that stops answering is reported [`Status::Unhealthy`]
+    /// within this long.
+    pub interval: Duration,
+    /// One that keeps failing this long (from its first failed probe) is
+    /// stopped and restarted as after a crash, under the restart policy.
+    pub restart_after: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(10), restart_after: Duration::from_secs(30) }
+    }
+}
+
+/// Failed probes in a row after which a running sandbox is unhealthy.
+pub const FAILURES_TO_UNHEALTHY: u32 = 2;
+
+impl Liveness {
+    /// How often a running sandbox is probed, and how long each probe may
+    /// take: a third of the interval, in whole milliseconds (it is shown in
+    /// the reason a replica is unhealthy).
+    pub fn every(&self) -> Duration {
+        let third = self.interval.as_millis() / u128::from(FAILURES_TO_UNHEALTHY + 1);
+        Duration::from_millis(u64::try_from(third).unwrap_or(u64::MAX).max(10))
+    }
+}
+
 /// What [`RestartPolicy::after_crash`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterCrash {
@@ -121,6 +157,7 @@ pub struct SandboxConfig {
     /// How long the app has to exit after SIGTERM.
     pub stop_grace: Duration,
     pub restart: RestartPolicy,
+    pub liveness: Liveness,
     /// The seccomp program (`seccomp::to_bytes`), handed to bwrap by descriptor.
     pub seccomp: Option<Arc<[u8]>>,
     /// The cgroup the sandbox joins; destroyed when supervision ends.
@@ -154,6 +191,10 @@ pub enum Status {
     Starting { restarts: u32 },
     /// Answers its health check.
     Healthy { restarts: u32 },
+    /// Was healthy, runs, but has failed its health check
+    /// [`FAILURES_TO_UNHEALTHY`] times in a row (`reason`: the last
+    /// failure); healthy again once a probe passes.
+    Unhealthy { restarts: u32, reason: String },
     /// Gave up: could not start, never answered, or crash-looped.
     Failed { reason: String, log_tail: Vec<String> },
     /// Stopped on request.
@@ -347,15 +388,29 @@ async fn supervise(
             }
         };
 
-        let outcome = tokio::select! {
-            outcome = shim.wait() => outcome,
+        let (outcome, hung) = tokio::select! {
+            outcome = shim.wait() => (outcome, None),
+            reason = keep_checking(&cfg, &log, &status, restarts) => {
+                log.system_line(&format!(
+                    "failed its health check for {:?} ({reason}); stopping it to restart it",
+                    cfg.liveness.restart_after
+                ));
+                terminate(&cfg, &mut shim).await;
+                (shim.wait().await, Some(reason))
+            }
             _ = stop_requested(&mut stop) => {
                 terminate(&cfg, &mut shim).await;
                 let _ = status.send(Status::Stopped);
                 return;
             }
         };
-        let ended = describe_outcome(&cfg, outcome).await;
+        let mut ended = describe_outcome(&cfg, outcome).await;
+        if let Some(reason) = hung {
+            ended.how = format!(
+                "{}, stopped after failing its health check for {:?}: {reason}",
+                ended.how, cfg.liveness.restart_after
+            );
+        }
         let _ = last_exit.send(Some(ended.clone()));
         let ended = ended.how;
         let pause = match cfg.restart.after_crash(&mut crashes, Instant::now()) {
@@ -375,6 +430,45 @@ async fn supervise(
             _ = stop_requested(&mut stop) => {
                 let _ = status.send(Status::Stopped);
                 return;
+            }
+        }
+    }
+}
+
+/// Probes a running sandbox as [`Liveness`] says while it lives: after
+/// [`FAILURES_TO_UNHEALTHY`] failures in a row it is [`Status::Unhealthy`],
+/// healthy again at the next probe that passes. Returns the last failure
+/// once it has failed for `restart_after`: the caller stops it, and the
+/// restart policy takes it from there as after a crash.
+async fn keep_checking(cfg: &SandboxConfig, log: &Log, status: &watch::Sender<Status>, restarts: u32) -> String {
+    let every = cfg.liveness.every();
+    // A probe that outlasts the period is followed by the next at once, so
+    // two failures in a row take at most three periods: the interval.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: Option<(Instant, u32)> = None;
+    loop {
+        ticks.tick().await;
+        let started = Instant::now();
+        let probe = tokio::time::timeout(every, health::probe(cfg.addr, &cfg.health, every)).await;
+        match probe.unwrap_or(Err(health::ProbeError::NoAnswer(cfg.addr, every))) {
+            Ok(()) => {
+                if failing.take().is_some_and(|(_, n)| n >= FAILURES_TO_UNHEALTHY) {
+                    log.system_line(&format!("answers its health check again on {}", cfg.addr));
+                    let _ = status.send(Status::Healthy { restarts });
+                }
+            }
+            Err(e) => {
+                let (since, count) = failing.get_or_insert((started, 0));
+                *count += 1;
+                if *count == FAILURES_TO_UNHEALTHY {
+                    let reason = format!("failed its health check {count} times in a row: {e}");
+                    log.system_line(&format!("unhealthy: {reason}"));
+                    let _ = status.send(Status::Unhealthy { restarts, reason });
+                }
+                if *count >= FAILURES_TO_UNHEALTHY && since.elapsed() >= cfg.liveness.restart_after {
+                    return e.to_string();
+                }
             }
         }
     }
@@ -577,9 +671,8 @@ mod tests {
         assert_eq!(describe_exit(std::process::ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
     }
 
-    #[test]
-    fn debug_never_shows_the_environment() {
-        let cfg = SandboxConfig {
+    fn config(addr: SocketAddr, health: HealthCheck, liveness: Liveness) -> SandboxConfig {
+        SandboxConfig {
             spec: SandboxSpec {
                 hostname: "web".into(),
                 binary: "/b".into(),
@@ -598,11 +691,12 @@ mod tests {
             bwrap: "/usr/bin/bwrap".into(),
             host_ids: (1, 1),
             env: vec![("DATABASE_URL".into(), "postgres://u:hunter2@h/db".into())],
-            addr: "127.0.0.1:1".parse().unwrap(),
-            health: HealthCheck::Tcp,
+            addr,
+            health,
             start_timeout: Duration::from_secs(1),
             stop_grace: Duration::from_secs(1),
             restart: RestartPolicy::default(),
+            liveness,
             seccomp: None,
             cgroup: None,
             rlimits: vec![],
@@ -610,7 +704,90 @@ mod tests {
             landlock: crate::landlock::Support::Abi(0),
             shim: "/nx-shim".into(),
             state_dir: "/s".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_environment() {
+        let cfg = config("127.0.0.1:1".parse().unwrap(), HealthCheck::Tcp, Liveness::default());
         assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    /// An app on loopback that answers `GET` with 200 while `answering`,
+    /// and otherwise accepts connections and says nothing (as a process
+    /// stopped with SIGSTOP does: the kernel still accepts for it).
+    async fn app(answering: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                if answering.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                } else {
+                    held.push(s);
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_stops_answering_is_unhealthy_within_the_interval_healthy_again_and_given_up_on() {
+        let answering = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let addr = app(answering.clone()).await;
+        assert_eq!(Liveness::default().every(), Duration::from_millis(3333), "whole milliseconds");
+        let liveness = Liveness { interval: Duration::from_millis(1500), restart_after: Duration::from_secs(3) };
+        let check = HealthCheck::Http { path: "/healthz".into(), require_success: true };
+        let cfg = config(addr, check, liveness);
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&dir.path().join("app.log"), crate::logs::LogLimits::default()).unwrap();
+        let (status, mut seen) = watch::channel(Status::Healthy { restarts: 4 });
+        let checking = keep_checking(&cfg, &log, &status, 4);
+        tokio::pin!(checking);
+        let expected = format!(
+            "failed its health check 2 times in a row: {addr} accepted the connection but sent no HTTP answer within 500ms"
+        );
+
+        // Answering: nothing changes.
+        tokio::select! {
+            _ = &mut checking => panic!("gave up on an answering sandbox"),
+            _ = tokio::time::sleep(Duration::from_millis(1200)) => {}
+        }
+        assert_eq!(*seen.borrow_and_update(), Status::Healthy { restarts: 4 });
+
+        // Hung: unhealthy within the interval (the bound is twice that, for
+        // a loaded host), with the last failure.
+        answering.store(false, std::sync::atomic::Ordering::SeqCst);
+        let hung = Instant::now();
+        tokio::select! {
+            _ = &mut checking => panic!("gave up before restart_after"),
+            r = seen.wait_for(|s| matches!(s, Status::Unhealthy { .. })) => {
+                assert_eq!(*r.unwrap(), Status::Unhealthy { restarts: 4, reason: expected.clone() });
+            }
+        }
+        assert!(hung.elapsed() < 2 * liveness.interval, "{:?}", hung.elapsed());
+
+        // Answering again: healthy at the next probe.
+        answering.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::select! {
+            _ = &mut checking => panic!("gave up on a sandbox that answers again"),
+            r = seen.wait_for(|s| matches!(s, Status::Healthy { .. })) => {
+                assert_eq!(*r.unwrap(), Status::Healthy { restarts: 4 });
+            }
+        }
+
+        // Hung for restart_after: given up on with the last failure.
+        answering.store(false, std::sync::atomic::Ordering::SeqCst);
+        let hung = Instant::now();
+        let last = checking.await;
+        assert_eq!(last, format!("{addr} accepted the connection but sent no HTTP answer within 500ms"));
+        assert!(hung.elapsed() >= liveness.restart_after, "{:?}", hung.elapsed());
+        assert!(matches!(*seen.borrow(), Status::Unhealthy { .. }));
+        let lines = std::fs::read_to_string(dir.path().join("app.log")).unwrap();
+        assert!(lines.contains(&format!("answers its health check again on {addr}")), "{lines}");
     }
 }

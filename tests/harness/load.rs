@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Requests production from several keep-alive clients until `stop`; counts
 /// answers per body and every failure (a status other than 200 or a broken
@@ -14,7 +14,8 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     /// Requests answered 200 so far.
     pub ok: Arc<AtomicU64>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Each failure, with when its request was sent.
+    failures: Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
     bodies: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -44,13 +45,14 @@ impl Load {
                     }
                     let client = builder.build().unwrap();
                     while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
                         match client.get(format!("http://127.0.0.1:{port}/")).header("Host", &host).send() {
                             Ok(resp) if resp.status() == 200 => {
                                 bodies.lock().unwrap().insert(resp.text().unwrap_or_default());
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(resp) => failures.lock().unwrap().push(format!("status {}", resp.status())),
-                            Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
+                            Ok(resp) => failures.lock().unwrap().push((sent, format!("status {}", resp.status()))),
+                            Err(e) => failures.lock().unwrap().push((sent, format!("{e:?}"))),
                         }
                     }
                 })
@@ -62,6 +64,12 @@ impl Load {
     /// Stops the clients; returns the successes, the failures and the
     /// distinct bodies seen.
     pub fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+        let (ok, failures, bodies) = self.finish_timed();
+        (ok, failures.into_iter().map(|(_, f)| f).collect(), bodies)
+    }
+
+    /// [`Load::finish`], each failure with when its request was sent.
+    pub fn finish_timed(self) -> (u64, Vec<(Instant, String)>, std::collections::BTreeSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().unwrap();

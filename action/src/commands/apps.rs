@@ -99,12 +99,22 @@ pub async fn run(g: &Global, cmd: AppsCommand) -> anyhow::Result<()> {
             if let Some(label) = args.fork_label {
                 info.settings.fork_label = Some(label);
             }
+            let role = |default: Role| match args.role.as_deref() {
+                Some("production") => Role::Production,
+                Some(_) => Role::Preview,
+                None => default,
+            };
             if let Some(after) = &args.sleep_after {
-                let role: Role = serde_json::from_value(serde_json::Value::String(args.role.clone()))?;
-                info.settings.scale.set(role, after).map_err(|e| Failure::Usage(format!("--sleep-after: {e}")))?;
+                info.settings
+                    .scale
+                    .set(role(Role::Preview), after)
+                    .map_err(|e| Failure::Usage(format!("--sleep-after: {e}")))?;
             }
             if let Some(n) = args.replicas {
-                info.settings.scale.replicas = Some(n);
+                match role(Role::Production) {
+                    Role::Production => info.settings.scale.replicas = Some(n),
+                    Role::Preview => info.settings.scale.preview_replicas = Some(n),
+                }
             }
             let updated: AppInfo = client.put(&format!("/v1/apps/{}/settings", args.app), &info.settings).await?;
             if g.json {

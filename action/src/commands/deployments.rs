@@ -1,6 +1,6 @@
 //! `nx ls`, `nx promote`, `nx rollback`, `nx logs`, `nx stop` and `nx open`.
 
-use nx_protocol::api::{AppInfo, ClosedPull, DeploymentInfo, Promotion};
+use nx_protocol::api::{AppInfo, ClosedPull, DeploymentInfo, Promotion, ReplicaState};
 
 use super::{client, print_json, resolve_app};
 use crate::cli::{AppArg, Global, LogsArgs, LsArgs, OpenArgs, PromoteArgs, StopArgs};
@@ -78,12 +78,16 @@ pub async fn ls(g: &Global, args: LsArgs) -> anyhow::Result<()> {
 }
 
 /// One line per running replica of `d`: "  ab3k9x2m replica 1 (port
-/// 20005): healthy, up 3m, 2 restarts, last exit: signal 9 (SIGKILL), killed for memory".
+/// 20005): healthy, up 3m, 2 restarts, last exit: signal 9 (SIGKILL), killed for memory";
+/// an unhealthy one says whether it is still routed, and why it is unhealthy last.
 fn replica_lines(d: &DeploymentInfo) -> Vec<String> {
     d.replicas
         .iter()
         .map(|r| {
             let mut line = format!("  {} replica {} (port {}): {}", d.id, r.index, r.port, r.state.as_str());
+            if r.state == ReplicaState::Unhealthy {
+                line.push_str(if r.routed { ", still routed (no replica is healthy)" } else { ", not routed" });
+            }
             if let Some(up) = r.uptime_secs {
                 line.push_str(&format!(", up {}", uptime(up)));
             }
@@ -93,6 +97,9 @@ fn replica_lines(d: &DeploymentInfo) -> Vec<String> {
                 if r.oom_killed {
                     line.push_str(", killed for memory");
                 }
+            }
+            if let Some(error) = &r.error {
+                line.push_str(&format!("; {}", nx_protocol::logs::neutralise(error)));
             }
             line
         })

@@ -111,21 +111,23 @@ pub async fn settings(
         }
     }
     crate::limits::within_caps(&state.config, &settings.limits).map_err(|e| ApiError::Forbidden(e.to_string()))?;
-    crate::limits::replicas_within_caps(&state.config, &settings.limits, settings.replicas()).map_err(|e| match e {
-        crate::limits::ReplicasRefused::OutOfRange(_) => ApiError::BadRequest(e.to_string()),
+    crate::limits::replicas_within_caps(&state.config, &settings.limits, &settings.scale).map_err(|e| match e {
+        crate::limits::ReplicasRefused::OutOfRange { .. } => ApiError::BadRequest(e.to_string()),
         crate::limits::ReplicasRefused::OverCap { .. } => ApiError::Forbidden(e.to_string()),
     })?;
     state.db.set_settings(row.id, &settings).await?;
     let answer =
         changed(&state, &row, &caller, "settings", serde_json::to_value(&settings).map_err(ApiError::internal)?).await;
-    if settings.replicas() != row.settings.replicas() {
-        // Production runs as many replicas as asked from now on; when it
-        // cannot (a replica fails to start), its state and log say so.
+    if (settings.replicas(), settings.preview_replicas()) != (row.settings.replicas(), row.settings.preview_replicas())
+    {
+        // Production and the running previews run as many replicas as asked
+        // from now on; when one cannot (a replica fails to start), its state
+        // and log say so.
         let deployer = state.deployer.clone();
         let app = row.name.clone();
         tokio::spawn(async move {
             if let Err(e) = deployer.scale(&app).await {
-                tracing::error!(app, error = %e, "cannot change the replicas of production");
+                tracing::error!(app, error = %e, "cannot change the replicas of the app's deployments");
             }
         });
     }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nx_protocol::api::{DeploymentInfo, DeploymentState, PreviewDb, PushMeta, Source, VerifiedGitHub};
+use nx_protocol::api::{DeploymentInfo, DeploymentState, PreviewDb, PushMeta, ReplicaState, Source, VerifiedGitHub};
 use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
 use nx_runtime::spec::HostLayout;
 use nx_runtime::supervisor::Status;
@@ -136,8 +136,11 @@ struct Running {
     replicas: Vec<Replica>,
     applied: watch::Receiver<Status>,
     /// When each replica (in the order of `replicas`) last became healthy,
-    /// while it is; kept by the watcher.
+    /// while it runs healthy or unhealthy; kept by the watcher.
     healthy_since: Arc<Mutex<Vec<Option<std::time::Instant>>>>,
+    /// The ports of the replicas the router was last given, once the table
+    /// was sent; kept by the watcher.
+    routed: Arc<Mutex<Vec<u16>>>,
     log: Log,
     /// When this receiver started (or adopted) it: idle time counts from here.
     since: std::time::Instant,
@@ -163,6 +166,20 @@ pub fn replica_key(id: &str, index: u32) -> String {
         id.to_owned()
     } else {
         format!("{id}-{index}")
+    }
+}
+
+/// How many replicas `row` runs: production as many as its app asks, the
+/// rollback target one (it only waits for a rollback, which brings it to
+/// production's count before the switch), each preview as many as the app
+/// asks of previews.
+fn replica_count(app: &AppRow, row: &DeploymentRow) -> u32 {
+    if row.is_production {
+        app.settings.replicas()
+    } else if app.previous_production_id.as_deref() == Some(row.id.as_str()) {
+        1
+    } else {
+        app.settings.preview_replicas()
     }
 }
 
@@ -292,22 +309,26 @@ impl Deployer {
         let Ok(running) = self.running.lock() else { return Vec::new() };
         let Some(r) = running.get(id) else { return Vec::new() };
         let since = r.healthy_since.lock().map(|s| s.clone()).unwrap_or_default();
+        let routed = r.routed.lock().map(|s| s.clone()).unwrap_or_default();
         r.replicas
             .iter()
             .enumerate()
             .map(|(i, replica)| {
                 let status = replica.sandbox.status();
-                let (state, restarts) = match &status {
-                    Status::Starting { restarts } => (DeploymentState::Starting, *restarts),
-                    Status::Healthy { restarts } => (DeploymentState::Healthy, *restarts),
-                    Status::Failed { .. } => (DeploymentState::Failed, 0),
-                    Status::Stopped => (DeploymentState::Stopped, 0),
+                let (state, restarts, error) = match status {
+                    Status::Starting { restarts } => (ReplicaState::Starting, restarts, None),
+                    Status::Healthy { restarts } => (ReplicaState::Healthy, restarts, None),
+                    Status::Unhealthy { restarts, reason } => (ReplicaState::Unhealthy, restarts, Some(reason)),
+                    Status::Failed { reason, .. } => (ReplicaState::Failed, 0, Some(reason)),
+                    Status::Stopped => (ReplicaState::Stopped, 0, None),
                 };
                 let exit = replica.sandbox.last_exit();
                 nx_protocol::api::ReplicaInfo {
                     index: replica.index,
                     port: replica.port,
                     state,
+                    routed: routed.contains(&replica.port),
+                    error,
                     restarts,
                     oom_killed: exit.as_ref().is_some_and(|e| e.oom_killed),
                     last_exit: exit.map(|e| e.how),
@@ -560,7 +581,7 @@ impl Deployer {
     }
 
     /// Starts the sandboxes of `row` (as many replicas as its app asks of
-    /// its production, one for a preview), stopping any it runs already;
+    /// its role, [`replica_count`]), stopping any it runs already;
     /// with `wait`, returns once its first start is decided and applied
     /// (one replica healthy, or all failed), else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
@@ -571,8 +592,7 @@ impl Deployer {
     /// [`Deployer::start`] for a caller that holds the deployment's lock.
     async fn start_held(&self, held: &Held, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let app = self.app_of(row).await?;
-        let count = if row.is_production { app.settings.replicas() } else { 1 };
-        self.run(held, &app, row, count, false, if wait { Wait::Any } else { Wait::No }).await
+        self.run(held, &app, row, replica_count(&app, row), false, if wait { Wait::Any } else { Wait::No }).await
     }
 
     async fn app_of(&self, row: &DeploymentRow) -> Result<AppRow, DeployError> {
@@ -583,18 +603,35 @@ impl Deployer {
             .ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: row.id.clone() })
     }
 
-    /// Runs the production of app `name` as as many replicas as its
-    /// settings ask: the replicas it has stay, the missing ones start, the
-    /// ones beyond stop. Nothing when its production does not run.
+    /// Runs each running deployment of app `name` (production, previews)
+    /// as as many replicas as its settings ask of its role: the replicas it
+    /// has stay, the missing ones start, the ones beyond stop. One
+    /// deployment's lock at a time; one not running (stopped, sleeping)
+    /// gets its count when it next starts.
     pub async fn scale(&self, name: &str) -> Result<(), DeployError> {
         let Some(app) = self.services.db.app(name).await? else { return Ok(()) };
-        let Some(id) = &app.production_id else { return Ok(()) };
-        let held = self.hold(id).await;
-        if !self.running.lock().map_err(|_| poisoned())?.contains_key(id) {
-            return Ok(());
+        let ids: Vec<String> = self
+            .services
+            .db
+            .live_deployments()
+            .await?
+            .into_iter()
+            .filter(|r| r.app_id == app.id)
+            .map(|r| r.id)
+            .collect();
+        for id in ids {
+            let held = self.hold(&id).await;
+            if !self.running.lock().map_err(|_| poisoned())?.contains_key(&id) {
+                continue;
+            }
+            // Read again under the lock: a promotion may have changed its role.
+            let row = self.row(&id).await?;
+            let app = self.app_of(&row).await?;
+            let count = replica_count(&app, &row);
+            if self.replica_keys(&id).len() as u32 != count {
+                self.run(&held, &app, &row, count, true, Wait::No).await?;
+            }
         }
-        let row = self.row(id).await?;
-        self.run(&held, &app, &row, app.settings.replicas(), true, Wait::No).await?;
         Ok(())
     }
 
@@ -728,10 +765,12 @@ impl Deployer {
             watch::channel(aggregate(&replicas.iter().map(|r| r.sandbox.status()).collect::<Vec<_>>()));
         let healthy_since =
             Arc::new(Mutex::new(replicas.iter().map(|r| kept_since.get(&r.index).copied().flatten()).collect()));
+        let routed = Arc::new(Mutex::new(Vec::new()));
         let watcher = tokio::spawn(watch_sandbox(
             watched,
             applied_tx,
             healthy_since.clone(),
+            routed.clone(),
             Watcher {
                 db: self.services.db.clone(),
                 routes: self.services.routes.clone(),
@@ -746,7 +785,7 @@ impl Deployer {
         let replica_watches: Vec<_> = replicas.iter().map(|r| r.sandbox.watch()).collect();
         if let Some(old) = self.running.lock().map_err(|_| poisoned())?.insert(
             row.id.clone(),
-            Running { replicas, applied, healthy_since, log, watcher, since: std::time::Instant::now() },
+            Running { replicas, applied, healthy_since, routed, log, watcher, since: std::time::Instant::now() },
         ) {
             // Never two instances of one deployment (two starts raced).
             tokio::spawn(old.stop());
@@ -813,15 +852,16 @@ impl Deployer {
         let replicas = app.settings.replicas();
         let row = self.row(id).await?;
         // One that is not healthy is refused below, without sandboxes started for it.
-        if replicas > 1 && row.state() == DeploymentState::Healthy {
+        let runs = (self.replica_keys(id).len() as u32).max(1);
+        if replicas != runs && row.state() == DeploymentState::Healthy {
             let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
                 let reason = match status {
                     Status::Failed { reason, .. } => reason,
                     other => format!("{other:?}"),
                 };
-                // It stays what it was: one sandbox, not production.
-                self.run(&held, app, &row, 1, true, Wait::No).await?;
+                // It stays what it was: a preview, not production.
+                self.run(&held, app, &row, runs, true, Wait::No).await?;
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
                     state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
@@ -1036,7 +1076,9 @@ struct Step {
 fn step(applied: Option<DeploymentState>, status: &Status) -> Option<Step> {
     let (state, error) = match status {
         Status::Starting { .. } => (DeploymentState::Starting, None),
-        Status::Healthy { .. } => (DeploymentState::Healthy, None),
+        // Unhealthy replicas are routed while none is healthy: the
+        // deployment stays healthy until they are restarted.
+        Status::Healthy { .. } | Status::Unhealthy { .. } => (DeploymentState::Healthy, None),
         Status::Failed { reason, .. } => (DeploymentState::Failed, Some(reason.clone())),
         Status::Stopped => return None,
     };
@@ -1045,18 +1087,26 @@ fn step(applied: Option<DeploymentState>, status: &Status) -> Option<Step> {
 }
 
 /// The status of a deployment as a whole, from its replicas': healthy when
-/// one is (the router sends requests to the healthy ones), starting while
-/// none is but one may still become so, else how the first one ended.
+/// one is (the router sends requests to the healthy ones), unhealthy when
+/// none is but one runs unhealthy (the router sends to those, see
+/// [`routed_ports`]), starting while none runs but one may still, else how
+/// the first one ended.
 fn aggregate(replicas: &[Status]) -> Status {
     let restarts: u32 = replicas
         .iter()
         .map(|s| match s {
-            Status::Starting { restarts } | Status::Healthy { restarts } => *restarts,
+            Status::Starting { restarts } | Status::Healthy { restarts } | Status::Unhealthy { restarts, .. } => {
+                *restarts
+            }
             _ => 0,
         })
         .sum();
     if replicas.iter().any(|s| matches!(s, Status::Healthy { .. })) {
         Status::Healthy { restarts }
+    } else if let Some(Status::Unhealthy { reason, .. }) =
+        replicas.iter().find(|s| matches!(s, Status::Unhealthy { .. }))
+    {
+        Status::Unhealthy { restarts, reason: reason.clone() }
     } else if replicas.iter().any(|s| matches!(s, Status::Starting { .. })) {
         Status::Starting { restarts }
     } else {
@@ -1064,13 +1114,40 @@ fn aggregate(replicas: &[Status]) -> Status {
     }
 }
 
+/// The ports of `replicas` the router sends requests to: the healthy
+/// ones; while none is healthy, the unhealthy ones that still run, since a
+/// replica failing its health check may still answer some requests (a host
+/// too loaded to answer probes in time), and no route at all would answer
+/// none. A deployment's only replica is thus never taken out while it runs;
+/// it is restarted once it has failed for `--unhealthy-restart-after`.
+fn routed_ports(replicas: &[(u16, Status)]) -> Vec<u16> {
+    let with = |healthy: bool| -> Vec<u16> {
+        replicas
+            .iter()
+            .filter(|(_, s)| match s {
+                Status::Healthy { .. } => healthy,
+                Status::Unhealthy { .. } => !healthy,
+                _ => false,
+            })
+            .map(|(port, _)| *port)
+            .collect()
+    };
+    let healthy = with(true);
+    if healthy.is_empty() {
+        with(false)
+    } else {
+        healthy
+    }
+}
+
 /// Applies each status of one deployment's replicas to the database and the
-/// router (which gets the healthy replicas' ports), then publishes it as
+/// router (which gets the ports of [`routed_ports`]), then publishes it as
 /// applied, and reports it to GitHub.
 async fn watch_sandbox(
     mut replicas: Vec<(u16, watch::Receiver<Status>)>,
     applied: watch::Sender<Status>,
     healthy_since: Arc<Mutex<Vec<Option<std::time::Instant>>>>,
+    routed_now: Arc<Mutex<Vec<u16>>>,
     w: Watcher,
 ) {
     let Watcher { db, routes, reporter, id, app, recorded } = w;
@@ -1083,21 +1160,17 @@ async fn watch_sandbox(
         if let Ok(mut since) = healthy_since.lock() {
             for (at, status) in since.iter_mut().zip(&statuses) {
                 match status {
-                    Status::Healthy { .. } => *at = at.or(Some(std::time::Instant::now())),
+                    Status::Healthy { .. } | Status::Unhealthy { .. } => *at = at.or(Some(std::time::Instant::now())),
                     _ => *at = None,
                 }
             }
         }
-        let healthy: Vec<u16> = replicas
-            .iter()
-            .zip(&statuses)
-            .filter(|(_, s)| matches!(s, Status::Healthy { .. }))
-            .map(|((port, _), _)| *port)
-            .collect();
-        let reroute = routed.as_ref() != Some(&healthy);
+        let ports: Vec<(u16, Status)> = replicas.iter().map(|(port, _)| *port).zip(statuses.iter().cloned()).collect();
+        let to_route = routed_ports(&ports);
+        let reroute = routed.as_ref() != Some(&to_route);
         if reroute {
-            routes.set_healthy(&id, Some(healthy.clone()));
-            routed = Some(healthy);
+            routes.set_healthy(&id, Some(to_route.clone()));
+            routed = Some(to_route);
         }
         let current = aggregate(&statuses);
         match step(applied_state, &current) {
@@ -1126,6 +1199,14 @@ async fn watch_sandbox(
                 let _ = routes.publish().await;
             }
             None => {}
+        }
+        if reroute {
+            // Said after the table went to the router (a failed publish is
+            // retried in the background): a replica shown as not routed is
+            // sent no new request.
+            if let Ok(mut now) = routed_now.lock() {
+                now.clone_from(routed.as_ref().unwrap_or(&Vec::new()));
+            }
         }
         let _ = applied.send(current.clone());
         // Waits for the next change of a replica still supervised.
@@ -1169,5 +1250,27 @@ mod tests {
         for applied in [None, Some(Starting), Some(Healthy)] {
             assert_eq!(step(applied, &Status::Stopped), None, "whoever stops records it");
         }
+    }
+
+    fn unhealthy(restarts: u32) -> Status {
+        Status::Unhealthy { restarts, reason: "failed its health check 2 times in a row".into() }
+    }
+
+    #[test]
+    fn an_unhealthy_replica_is_taken_out_unless_none_is_healthy() {
+        let healthy = Status::Healthy { restarts: 0 };
+        let starting = Status::Starting { restarts: 1 };
+        let three = [(20001, healthy.clone()), (20002, unhealthy(0)), (20003, healthy.clone())];
+        assert_eq!(routed_ports(&three), [20001, 20003]);
+        assert_eq!(aggregate(&three.map(|(_, s)| s)), Status::Healthy { restarts: 0 });
+        // The last one answering its checks stays; so do unhealthy ones
+        // while none is healthy: they may answer, no route answers nothing.
+        let none_healthy = [(20001, unhealthy(2)), (20002, starting.clone()), (20003, unhealthy(0))];
+        assert_eq!(routed_ports(&none_healthy), [20001, 20003]);
+        assert_eq!(aggregate(&none_healthy.map(|(_, s)| s)), unhealthy(3));
+        assert_eq!(routed_ports(&[(20001, unhealthy(0))]), [20001], "a single replica is never taken out");
+        assert_eq!(routed_ports(&[(20001, starting), (20002, failed("gave up"))]), Vec::<u16>::new());
+        // The deployment stays healthy (and is not reported again).
+        assert_eq!(step(Some(DeploymentState::Healthy), &unhealthy(0)), None);
     }
 }

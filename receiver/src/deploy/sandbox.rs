@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nx_protocol::api::HealthSetting;
 use nx_runtime::spec::{group_file, hosts_file, passwd_file, SandboxSpec};
-use nx_runtime::supervisor::{RestartPolicy, SandboxConfig};
+use nx_runtime::supervisor::{Liveness, RestartPolicy, SandboxConfig};
 use nx_runtime::HealthCheck;
 
 use super::{io_err, DeployError, Deployer};
@@ -327,6 +327,10 @@ impl Deployer {
                 window: self.services.config.restart_window,
                 backoff_base: self.services.config.restart_backoff,
                 backoff_cap: std::time::Duration::from_secs(30),
+            },
+            liveness: Liveness {
+                interval: self.services.config.health_interval,
+                restart_after: self.services.config.unhealthy_restart_after,
             },
             seccomp: Some(self.services.seccomp.clone()),
             cgroup: Some(enforced.cgroup),
