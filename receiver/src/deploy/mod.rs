@@ -628,7 +628,7 @@ impl Deployer {
             let row = self.row(&id).await?;
             let app = self.app_of(&row).await?;
             let count = replica_count(&app, &row);
-            if self.replica_keys(&id).len() as u32 != count {
+            if self.running_replicas(&id) != count {
                 self.run(&held, &app, &row, count, true, Wait::No).await?;
             }
         }
@@ -852,7 +852,7 @@ impl Deployer {
         let replicas = app.settings.replicas();
         let row = self.row(id).await?;
         // One that is not healthy is refused below, without sandboxes started for it.
-        let runs = (self.replica_keys(id).len() as u32).max(1);
+        let runs = self.running_replicas(id).max(1);
         if replicas != runs && row.state() == DeploymentState::Healthy {
             let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
             if !matches!(status, Status::Healthy { .. }) {
@@ -1006,6 +1006,12 @@ impl Deployer {
     /// When the sandbox of a running deployment was started or adopted.
     fn running_since(&self, id: &str) -> Option<std::time::Instant> {
         self.running.lock().ok()?.get(id).map(|r| r.since)
+    }
+
+    /// How many replicas of a deployment run (0 when it does not run).
+    fn running_replicas(&self, id: &str) -> u32 {
+        let Ok(running) = self.running.lock() else { return 0 };
+        running.get(id).map_or(0, |r| r.replicas.len() as u32)
     }
 
     /// The live logs of every running deployment, by id (for log drains).
