@@ -7,6 +7,7 @@ mod density;
 mod pg;
 mod promote;
 mod push;
+mod restart;
 mod sandbox;
 mod stats;
 
@@ -58,6 +59,15 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         swaps: usize,
     },
+    /// Receiver restarts and upgrades with three apps: exec to the API's
+    /// first answer, against exec to exit of `nx-receiver --help`.
+    Restart {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Upgrades (a copy of the binaries at another path) after the restarts.
+        #[arg(long, default_value_t = 3)]
+        upgrades: usize,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Push { sizes_mb, rounds } => push::sizes(&sizes_mb, rounds),
         Bench::Concurrent { pushes } => push::concurrent(pushes),
         Bench::Promote { swaps } => promote::run(swaps),
+        Bench::Restart { rounds, upgrades } => restart::run(rounds, upgrades),
     }
 }
 
