@@ -57,6 +57,30 @@ fn secret_file(path: &Path, len: usize) -> anyhow::Result<String> {
     }
 }
 
+/// Brings the metadata schema to this version. A start with nothing to
+/// apply (every start but the first of a new version) costs one query: the
+/// applied migrations, all successful, are exactly this binary's (same
+/// versions, same checksums). Anything else (a first start, a newer
+/// version, a failed or changed migration) goes through sqlx's migrator,
+/// which applies what is missing under its lock or says what is wrong.
+async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let migrator = sqlx::migrate!("./migrations");
+    let wanted: Vec<(i64, &[u8])> =
+        migrator.iter().filter(|m| !m.migration_type.is_down_migration()).map(|m| (m.version, &*m.checksum)).collect();
+    let applied: Result<Vec<(i64, Vec<u8>, bool)>, _> =
+        sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await;
+    let current = applied.is_ok_and(|applied| {
+        applied.len() == wanted.len()
+            && applied.iter().zip(&wanted).all(|((v, sum, ok), (want, want_sum))| *ok && v == want && sum == want_sum)
+    });
+    if !current {
+        migrator.run(pool).await.context("cannot apply the metadata migrations")?;
+    }
+    Ok(())
+}
+
 /// Installs the admin token on first start and prints it once.
 async fn bootstrap_admin(db: &Db, master: &MasterKey, given: Option<&str>) -> anyhow::Result<()> {
     if db.admin_key_exists().await? {
@@ -200,10 +224,39 @@ async fn run(
     mut stages: Stages,
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
-    let pool = cluster.metadata_pool().await?;
-    stages.done("metadata pool connected");
-    sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply the metadata migrations")?;
-    stages.done("metadata migrations checked");
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let policy = match config.network_isolation {
+        NetworkIsolation::Nftables => Some(network::Policy {
+            uid_first: config.uid_base,
+            db_port: cluster.endpoint().port,
+            allow_egress: config.allow_egress.clone(),
+            host_dns: config.allow_host_dns.then_some(network::nameservers(&host_resolv)),
+        }),
+        NetworkIsolation::Off => {
+            tracing::warn!("network isolation is off: apps can reach every loopback port of this host");
+            None
+        }
+    };
+    // The network rules (an nft process) go in while the metadata database
+    // is reached: neither waits for the other, and both are done before
+    // anything is served.
+    let install = async {
+        match &policy {
+            Some(p) => p.install(&pm).await,
+            None => Ok(()),
+        }
+    };
+    let metadata = async {
+        let pool = cluster.metadata_pool().await?;
+        stages.done("metadata pool connected");
+        migrate(&pool).await?;
+        stages.done("metadata migrations checked");
+        anyhow::Ok(pool)
+    };
+    let (pool, installed) = tokio::join!(metadata, install);
+    let pool = pool?;
+    installed?;
+    stages.done("network rules installed");
     let db = Db::new(pool);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
@@ -222,31 +275,12 @@ async fn run(
         .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
     let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();
     let host = Arc::new(HostLayout::detect(Path::new("/")));
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    stages.done("store, seccomp filter, host layout");
-    let policy = match config.network_isolation {
-        NetworkIsolation::Nftables => {
-            let resolvers = network::nameservers(&host_resolv);
-            let p = network::Policy {
-                uid_first: config.uid_base,
-                db_port: cluster.endpoint().port,
-                allow_egress: config.allow_egress.clone(),
-                host_dns: config.allow_host_dns.then_some(resolvers),
-            };
-            p.install(&pm).await?;
-            Some(p)
-        }
-        NetworkIsolation::Off => {
-            tracing::warn!("network isolation is off: apps can reach every loopback port of this host");
-            None
-        }
-    };
     let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
     let resolv_conf = policy.as_ref().map_or(host_resolv.clone(), |p| p.resolv_conf(&host_resolv));
     let landlock = nx_runtime::landlock::Support::detect();
     tracing::info!(landlock = ?landlock, "port and abstract socket confinement");
     let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
-    stages.done("network rules installed");
+    stages.done("store, seccomp filter, host layout");
     let databases = crate::databases::Databases::new(cluster.clone(), master.clone(), data.join("tmp"));
     let volumes = crate::volumes::Volumes::probe(pm.clone());
     tracing::info!(cgroups = ?cgroups, "resource limits");
