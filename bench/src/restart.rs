@@ -109,7 +109,8 @@ pub fn run(rounds: usize, upgrades: usize) -> anyhow::Result<()> {
         env: vec![("RUST_LOG".into(), "info,sqlx=warn,nx_receiver::startup=debug".into())],
         ..Options::default()
     });
-    for (app, binary) in [("web", fixtures::go(Go::Static)), ("site", fixtures::go(Go::Static)), ("counter", bin("hello"))]
+    for (app, binary) in
+        [("web", fixtures::go(Go::Static)), ("site", fixtures::go(Go::Static)), ("counter", bin("hello"))]
     {
         r.create_app(app);
         r.push(app, &binary, &["--env", &format!("GREETING={app}-answers"), "--promote"]);
