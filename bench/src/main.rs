@@ -8,6 +8,7 @@ mod pg;
 mod promote;
 mod push;
 mod replicas;
+mod restart;
 mod sandbox;
 mod stats;
 
@@ -69,6 +70,15 @@ enum Bench {
         #[arg(long, default_value_t = 32)]
         conns: u32,
     },
+    /// Receiver restarts and upgrades with three apps: exec to the API's
+    /// first answer, against exec to exit of `nx-receiver --help`.
+    Restart {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Upgrades (a copy of the binaries at another path) after the restarts.
+        #[arg(long, default_value_t = 3)]
+        upgrades: usize,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -80,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Concurrent { pushes } => push::concurrent(pushes),
         Bench::Promote { swaps } => promote::run(swaps),
         Bench::Replicas { rounds, secs, conns } => replicas::run(rounds, secs, conns),
+        Bench::Restart { rounds, upgrades } => restart::run(rounds, upgrades),
     }
 }
 

@@ -30,6 +30,9 @@ use self::embedded::{Embedded, EmbeddedConfig, EmbeddedError};
 /// Name of the metadata database.
 pub const METADATA_DB: &str = "nx";
 
+/// SQLSTATE `invalid_catalog_name`: a connection to a database that does not exist.
+const MISSING_DATABASE: &str = "3D000";
+
 /// Failures to reach or prepare the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -158,21 +161,28 @@ impl Cluster {
 
     /// Creates the metadata database if needed and returns a pool whose
     /// sessions always use the `public` schema only; its schema is the
-    /// caller's to migrate.
+    /// caller's to migrate. Every start but the first finds the database:
+    /// it then costs one login (the pool's first connection; the others
+    /// open when needed) and one round trip, which matters to how soon the
+    /// API answers after a restart.
     pub async fn metadata_pool(&self) -> Result<PgPool, ClusterError> {
-        let mut admin = self.admin_connection("postgres").await?;
-        provision::ensure_metadata_database(&mut admin, METADATA_DB).await?;
-        if self.own {
-            // The cluster is ours: no role but the admin connects anywhere it
-            // was not given (pg_hba already says so; this is a second wall).
-            provision::close_to_public(&mut admin, &["postgres", "template1"]).await?;
-        }
         let options = self.admin.clone().database(METADATA_DB).options([("search_path", "public")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .connect_with(options)
-            .await
-            .map_err(|source| ClusterError::Connect { target: self.describe(), source })?;
+        let connect = || PgPoolOptions::new().max_connections(16).connect_with(options.clone());
+        let connect_error = |source| ClusterError::Connect { target: self.describe(), source };
+        let pool = match connect().await {
+            Ok(pool) => pool,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(MISSING_DATABASE) => {
+                let mut admin = self.admin_connection("postgres").await?;
+                provision::ensure_metadata_database(&mut admin, METADATA_DB).await?;
+                connect().await.map_err(connect_error)?
+            }
+            Err(source) => return Err(connect_error(source)),
+        };
+        // The cluster is ours: no role but the admin connects anywhere it
+        // was not given (pg_hba already says so; this is a second wall).
+        let closed: &[&str] = if self.own { &["postgres", "template1"] } else { &[] };
+        let mut conn = pool.acquire().await.map_err(connect_error)?;
+        provision::close_to_public(&mut conn, METADATA_DB, closed).await?;
         Ok(pool)
     }
 

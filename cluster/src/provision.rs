@@ -363,14 +363,21 @@ pub async fn refill_spares(admin: &mut PgConnection, want: usize) -> Result<usiz
     result
 }
 
-/// Revokes PUBLIC's right to connect to `databases`.
-pub async fn close_to_public(admin: &mut PgConnection, databases: &[&str]) -> Result<(), ProvisionError> {
+/// Closes the metadata database to PUBLIC again (as its creation did; a
+/// second wall, stated at every start) and `databases` to PUBLIC's
+/// connections, in one round trip: it runs at every start before the API
+/// answers.
+pub async fn close_to_public(
+    admin: &mut PgConnection,
+    metadata: &str,
+    databases: &[&str],
+) -> Result<(), ProvisionError> {
+    let mut statements = format!("REVOKE ALL ON DATABASE {} FROM PUBLIC;", quote_ident(metadata));
     for name in databases {
-        admin
-            .execute(format!("REVOKE CONNECT ON DATABASE {} FROM PUBLIC", quote_ident(name)).as_str())
-            .await
-            .map_err(sql("revoke public access", name))?;
+        statements.push_str(&format!("REVOKE CONNECT ON DATABASE {} FROM PUBLIC;", quote_ident(name)));
     }
+    // No parameters: one simple-protocol query, which may hold several statements.
+    admin.execute(statements.as_str()).await.map_err(sql("revoke public access", metadata))?;
     Ok(())
 }
 

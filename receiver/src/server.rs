@@ -57,6 +57,30 @@ fn secret_file(path: &Path, len: usize) -> anyhow::Result<String> {
     }
 }
 
+/// Brings the metadata schema to this version. A start with nothing to
+/// apply (every start but the first of a new version) costs one query: the
+/// applied migrations, all successful, are exactly this binary's (same
+/// versions, same checksums). Anything else (a first start, a newer
+/// version, a failed or changed migration) goes through sqlx's migrator,
+/// which applies what is missing under its lock or says what is wrong.
+async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let migrator = sqlx::migrate!("./migrations");
+    let wanted: Vec<(i64, &[u8])> =
+        migrator.iter().filter(|m| !m.migration_type.is_down_migration()).map(|m| (m.version, &*m.checksum)).collect();
+    let applied: Result<Vec<(i64, Vec<u8>, bool)>, _> =
+        sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await;
+    let current = applied.is_ok_and(|applied| {
+        applied.len() == wanted.len()
+            && applied.iter().zip(&wanted).all(|((v, sum, ok), (want, want_sum))| *ok && v == want && sum == want_sum)
+    });
+    if !current {
+        migrator.run(pool).await.context("cannot apply the metadata migrations")?;
+    }
+    Ok(())
+}
+
 /// Installs the admin token on first start and prints it once.
 async fn bootstrap_admin(db: &Db, master: &MasterKey, given: Option<&str>) -> anyhow::Result<()> {
     if db.admin_key_exists().await? {
@@ -91,6 +115,31 @@ async fn bootstrap_admin(db: &Db, master: &MasterKey, given: Option<&str>) -> an
     Ok(())
 }
 
+/// Times the stages of a start, logged at debug level under the target
+/// `nx_receiver::startup` (`RUST_LOG=info,nx_receiver::startup=debug`): where
+/// a restart spends its time before the API answers (the restart benchmark
+/// reads them).
+#[derive(Debug, Clone, Copy)]
+struct Stages {
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        let now = std::time::Instant::now();
+        Stages { start: now, last: now }
+    }
+
+    /// Logs that `stage` is done: how long it took and when, since the start.
+    fn done(&mut self, stage: &str) {
+        let now = std::time::Instant::now();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(target: "nx_receiver::startup", stage, took_ms = ms(now - self.last), at_ms = ms(now - self.start), "start stage done");
+        self.last = now;
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -105,6 +154,7 @@ async fn shutdown_signal() {
 
 /// Runs the receiver until a shutdown signal.
 pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
+    let mut stages = Stages::new();
     anyhow::ensure!(
         nx_runtime::sys::effective_uid() == 0,
         "nx-receiver serve must run as root: it runs every app as its own unprivileged uid and the database as a system user"
@@ -144,21 +194,25 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     {
         make_dir(&data.join(sub), mode)?;
     }
+    stages.done("data directory locked");
     // Bound first: a client that calls while the receiver starts (after a
     // restart or an upgrade) waits in the backlog instead of being refused.
     let api = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    stages.done("api listener bound");
     let config = Arc::new(config);
     let pm = ProcessManager::global().context("cannot start the process manager")?;
     let master = Arc::new(MasterKey::load_or_create(&data.join("secrets/master.key"))?);
     let pg_password = secret_file(&data.join("secrets/postgres-admin.password"), 40)?;
 
     let pg_log = Log::open(&data.join("logs/postgres.log"), LogLimits::default())?;
+    stages.done("secrets read");
     let cluster = Arc::new(Cluster::start(&config.cluster(), &pm, &data, &pg_password, pg_log).await?);
+    stages.done("postgres adopted or started");
     // PostgreSQL runs on after the receiver, as the apps do (they keep their
     // databases through a receiver restart); the next start adopts it.
-    run(config.clone(), pm, master, cluster, api).await
+    run(config.clone(), pm, master, cluster, api, stages).await
 }
 
 async fn run(
@@ -167,13 +221,46 @@ async fn run(
     master: Arc<MasterKey>,
     cluster: Arc<Cluster>,
     listener: tokio::net::TcpListener,
+    mut stages: Stages,
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
-    let pool = cluster.metadata_pool().await?;
-    sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply the metadata migrations")?;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let policy = match config.network_isolation {
+        NetworkIsolation::Nftables => Some(network::Policy {
+            uid_first: config.uid_base,
+            db_port: cluster.endpoint().port,
+            allow_egress: config.allow_egress.clone(),
+            host_dns: config.allow_host_dns.then_some(network::nameservers(&host_resolv)),
+        }),
+        NetworkIsolation::Off => {
+            tracing::warn!("network isolation is off: apps can reach every loopback port of this host");
+            None
+        }
+    };
+    // The network rules (an nft process) go in while the metadata database
+    // is reached: neither waits for the other, and both are done before
+    // anything is served.
+    let install = async {
+        match &policy {
+            Some(p) => p.install(&pm).await,
+            None => Ok(()),
+        }
+    };
+    let metadata = async {
+        let pool = cluster.metadata_pool().await?;
+        stages.done("metadata pool connected");
+        migrate(&pool).await?;
+        stages.done("metadata migrations checked");
+        anyhow::Ok(pool)
+    };
+    let (pool, installed) = tokio::join!(metadata, install);
+    let pool = pool?;
+    installed?;
+    stages.done("network rules installed");
     let db = Db::new(pool);
     cluster.refill_spares();
     bootstrap_admin(&db, &master, config.admin_token.as_ref().map(|t| t.expose().as_str())).await?;
+    stages.done("admin token checked");
     let store = ArtifactStore::open(config.store.as_deref(), &data)?.with_upload_limits(
         config.max_concurrent_uploads as usize,
         config.uploads_per_app() as usize,
@@ -188,29 +275,12 @@ async fn run(
         .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
     let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();
     let host = Arc::new(HostLayout::detect(Path::new("/")));
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let policy = match config.network_isolation {
-        NetworkIsolation::Nftables => {
-            let resolvers = network::nameservers(&host_resolv);
-            let p = network::Policy {
-                uid_first: config.uid_base,
-                db_port: cluster.endpoint().port,
-                allow_egress: config.allow_egress.clone(),
-                host_dns: config.allow_host_dns.then_some(resolvers),
-            };
-            p.install(&pm).await?;
-            Some(p)
-        }
-        NetworkIsolation::Off => {
-            tracing::warn!("network isolation is off: apps can reach every loopback port of this host");
-            None
-        }
-    };
     let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
     let resolv_conf = policy.as_ref().map_or(host_resolv.clone(), |p| p.resolv_conf(&host_resolv));
     let landlock = nx_runtime::landlock::Support::detect();
     tracing::info!(landlock = ?landlock, "port and abstract socket confinement");
     let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
+    stages.done("store, seccomp filter, host layout");
     let databases = crate::databases::Databases::new(cluster.clone(), master.clone(), data.join("tmp"));
     let volumes = crate::volumes::Volumes::probe(pm.clone());
     tracing::info!(cgroups = ?cgroups, "resource limits");
@@ -279,6 +349,7 @@ async fn run(
         };
         Some(Arc::new(RouterProcess::start(pm.clone(), settings, routes.clone(), adopted).await?))
     };
+    stages.done("router adopted or started");
     if let Some(router) = &router {
         tokio::spawn(reload_on_sighup(router.clone(), stop_rx.clone()));
     }
@@ -357,7 +428,7 @@ async fn run(
     let background = {
         let (deployer, db, store, routes, config, stop_rx) =
             (deployer.clone(), db.clone(), store.clone(), routes.clone(), config.clone(), stop_rx.clone());
-        async move {
+        move |mut stages: Stages| async move {
             match deployer.reconcile().await {
                 Ok(0) => {}
                 Ok(count) => tracing::info!(count, "deployments restarted"),
@@ -367,6 +438,7 @@ async fn run(
             }
             let _ = routes.publish().await;
             let _ = reconciled_tx.send(true);
+            stages.done("deployments reconciled");
             tracing::info!("deployments reconciled");
             tokio::spawn(deployer.clone().janitor(stop_rx.clone()));
             // After the reconcile, so a wake never races the reconcile's
@@ -471,7 +543,8 @@ async fn run(
             config.github_oidc_refresh,
         )),
     };
-    tokio::spawn(background);
+    stages.done("services ready, api served");
+    tokio::spawn(background(stages));
     tracing::info!(
         api = %config.listen,
         router = %config.router_listen,

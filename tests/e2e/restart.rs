@@ -260,3 +260,39 @@ fn an_adopted_routers_access_lines_still_reach_the_receiver_even_those_served_wh
     eventually(10, "the access line of a request to the adopted router", || logged("/after-restart").then_some(()));
     assert!(r.log().contains("nx-router adopted"), "{}", r.log());
 }
+
+/// `GET /v1/health` of `r`, once its API answers.
+fn health(r: &Receiver) -> Option<serde_json::Value> {
+    let answer = reqwest::blocking::get(format!("{}/v1/health", r.api())).ok()?;
+    assert_eq!(answer.status(), 200, "health answers 200 or nothing");
+    answer.json().ok()
+}
+
+#[test]
+fn while_deployments_are_taken_back_the_api_answers_reads_and_holds_writes_until_done() {
+    // After stop-all every deployment starts afresh at the next start, and
+    // an app that listens only after 8 s keeps that reconcile busy while the
+    // API already answers.
+    let mut r = Receiver::start();
+    r.create_app("slow");
+    r.push("slow", &fixtures::go(Go::Static), &["--env", "START_DELAY_MS=8000", "--promote"]);
+    r.stop_with(Signal::SIGTERM);
+    assert_eq!(r.stop_all().code, 0);
+    let started = r.launch_again();
+    let first = eventually(30, "the API to answer", || health(&r));
+    assert_eq!(first["reconciled"], false, "the API answers before the deployments are back: {first}");
+    // Reads are served at once, before the reconcile is done.
+    let listing = r.nx_ok(&["--json", "apps", "ls"]).json();
+    assert!(listing.to_string().contains("\"slow\""), "{listing}");
+    assert_eq!(health(&r).unwrap()["reconciled"], false, "the read did not wait for the reconcile");
+    // A write sent now waits for the reconcile, then succeeds.
+    let created = r.nx(&["--json", "apps", "create", "later"]);
+    let after = health(&r).unwrap();
+    assert_eq!(created.code, 0, "{created:?}");
+    assert!(created.json()["deploy_key"].as_str().is_some_and(|k| !k.is_empty()), "{}", created.stdout);
+    assert_eq!(after["reconciled"], true, "the write was answered only once the deployments were back: {after}");
+    r.wait_up(started);
+    let apps = r.nx_ok(&["--json", "apps", "ls"]).json().to_string();
+    assert!(apps.contains("\"later\""), "{apps}");
+    assert_eq!(r.nx_ok(&["--json", "ls", "slow"]).json()[0]["deployments"][0]["state"], "healthy");
+}

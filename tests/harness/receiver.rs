@@ -119,6 +119,13 @@ impl Receiver {
     }
 
     fn spawn(&mut self) {
+        let started = self.launch();
+        self.wait_up(started);
+    }
+
+    /// Starts the receiver process and returns at once, with the instant
+    /// just before its exec; [`Receiver::wait_up`] waits for it.
+    fn launch(&mut self) -> Instant {
         // Disjoint sandbox port ranges keep parallel tests apart.
         let base = 20_000 + rand::thread_rng().gen_range(0..200u16) * 200;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
@@ -144,6 +151,12 @@ impl Receiver {
         let started = Instant::now();
         let child = crate::exec::spawn(&mut cmd).expect("start nx-receiver");
         self.child = Some(child);
+        started
+    }
+
+    /// Waits until the receiver launched at `started` has taken back its
+    /// deployments (`"reconciled": true`), noting when its API first answered.
+    pub fn wait_up(&mut self, started: Instant) {
         let deadline = Instant::now() + Duration::from_secs(60);
         self.api_answered = None;
         loop {
@@ -191,6 +204,14 @@ impl Receiver {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the receiver is still running");
         self.spawn();
+    }
+
+    /// Starts again as [`Receiver::start_again`] does, without waiting: for
+    /// a caller that watches the start itself, then calls
+    /// [`Receiver::wait_up`] with the instant returned (just before exec).
+    pub fn launch_again(&mut self) -> Instant {
+        assert!(self.child.is_none(), "the receiver is still running");
+        self.launch()
     }
 
     /// Stops with SIGTERM and starts again on the same data directory and ports.
