@@ -70,7 +70,7 @@ impl Host {
             tmp_bytes: 16 << 20,
             data_bytes: None,
         };
-        let enforced = nx_runtime::cgroup::enforce(&self.cgroups, "nx-bench", name, &limits)?;
+        let enforced = nx_runtime::cgroup::enforce(&self.cgroups, "nx-bench", name, &limits);
         Ok(SandboxConfig {
             spec: SandboxSpec {
                 hostname: "bench".into(),
@@ -102,6 +102,7 @@ impl Host {
             landlock: self.landlock,
             shim: nx_e2e::bin("nx-shim"),
             state_dir: root.join("shim"),
+            pool: None,
         })
     }
 
