@@ -335,7 +335,7 @@ impl Deployer {
             landlock: self.services.landlock,
             shim: self.services.shim.clone(),
             state_dir: self.shim_dir(&key),
-            pool: None,
+            pool: Some(self.services.pool.clone()),
         })
     }
 }
