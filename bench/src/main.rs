@@ -9,6 +9,7 @@ mod promote;
 mod push;
 mod sandbox;
 mod stats;
+mod wake;
 
 use std::process::ExitCode;
 
@@ -53,6 +54,11 @@ enum Bench {
         #[arg(long, default_value_t = 50)]
         pushes: usize,
     },
+    /// Wake on request: first byte of a request to a sleeping app, against a running one.
+    Wake {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Promotions and rollbacks under load: failed requests and the latency blip.
     Promote {
         #[arg(long, default_value_t = 20)]
@@ -68,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Push { sizes_mb, rounds } => push::sizes(&sizes_mb, rounds),
         Bench::Concurrent { pushes } => push::concurrent(pushes),
         Bench::Promote { swaps } => promote::run(swaps),
+        Bench::Wake { rounds } => wake::run(rounds),
     }
 }
 
