@@ -35,7 +35,7 @@ fn parked_processes(slot: &Path) -> Vec<i32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.iter().any(|a| a == "--park") && args.iter().any(|a| *a == slot) {
+        if args.iter().any(|a| a == "--park") && args.contains(&slot) {
             let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
             let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
             if !zombie {
