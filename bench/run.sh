@@ -7,7 +7,7 @@
 #   bench/run.sh                  # all benchmarks
 #   bench/run.sh router density   # only the named ones
 #
-# Names: router tls start density provision push concurrent promote replicas restart.
+# Names: router tls start wake density provision push concurrent promote replicas restart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -19,7 +19,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # The distribution's nginx service is not a peer; it only needs the binary.
 systemctl disable --now nginx >/dev/null 2>&1 || true
 
-all=(router tls start density provision push concurrent promote replicas restart)
+all=(router tls start wake density provision push concurrent promote replicas restart)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 for name in "${selected[@]}"; do

@@ -11,6 +11,7 @@ mod replicas;
 mod restart;
 mod sandbox;
 mod stats;
+mod wake;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,11 @@ enum Bench {
         #[arg(long, default_value_t = 50)]
         pushes: usize,
     },
+    /// Wake on request: first byte of a request to a sleeping app, against a running one.
+    Wake {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Promotions and rollbacks under load: failed requests and the latency blip.
     Promote {
         #[arg(long, default_value_t = 20)]
@@ -91,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Promote { swaps } => promote::run(swaps),
         Bench::Replicas { rounds, secs, conns } => replicas::run(rounds, secs, conns),
         Bench::Restart { rounds, upgrades } => restart::run(rounds, upgrades),
+        Bench::Wake { rounds } => wake::run(rounds),
     }
 }
 

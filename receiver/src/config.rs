@@ -329,6 +329,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
 
+    /// Sandboxes kept parked ahead of starts, each already in a cgroup of its
+    /// own, so a start skips the kernel's wait on joining one (about 10-16 ms
+    /// on an untuned host; bench/RESULTS.md). 0 turns the pool off. Each
+    /// parked sandbox is two idle processes.
+    #[arg(long, env = "NX_SANDBOX_POOL", default_value_t = 2)]
+    pub sandbox_pool: usize,
+
     /// Memory of each sandbox unless its app sets its own.
     #[arg(long, env = "NX_DEFAULT_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub default_memory: u64,

@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -28,6 +29,8 @@ pub struct Platform {
     pub start_to_healthy_seconds: Histogram,
     pub github_queue: Gauge,
     pub github_retries: Counter,
+    /// The pool of parked sandboxes, which counts its starts itself.
+    pool: std::sync::OnceLock<nx_runtime::pool::Pool>,
 }
 
 static PLATFORM: LazyLock<Platform> = LazyLock::new(|| Platform {
@@ -35,6 +38,7 @@ static PLATFORM: LazyLock<Platform> = LazyLock::new(|| Platform {
     start_to_healthy_seconds: Histogram::new(SLOW_BUCKETS),
     github_queue: Gauge::default(),
     github_retries: Counter::default(),
+    pool: std::sync::OnceLock::new(),
 });
 
 /// A push under way; see [`Platform::push_timer`].
@@ -62,6 +66,12 @@ impl Platform {
         PushTimer { histogram: &self.push_seconds, started: std::time::Instant::now() }
     }
 
+    /// Reports the sandbox starts `pool` counts (from a parked slot or the
+    /// usual way) and how many it holds parked; the first pool set stays.
+    pub fn count_starts(&self, pool: nx_runtime::pool::Pool) {
+        let _ = self.pool.set(pool);
+    }
+
     /// A deployment answered its health check `took` after its start.
     pub fn became_healthy(&self, took: Duration) {
         self.start_to_healthy_seconds.observe(took.as_secs_f64());
@@ -85,6 +95,20 @@ impl Platform {
             "GitHub API calls sent again after a failure",
             self.github_retries.clone(),
         );
+        if let Some(pool) = self.pool.get() {
+            let (parked, fresh) = pool.starts();
+            let starts = Family::<[(&'static str, &'static str); 1], Counter>::default();
+            starts.get_or_create(&[("path", "pool")]).inc_by(parked);
+            starts.get_or_create(&[("path", "fresh")]).inc_by(fresh);
+            registry.register(
+                "nx_sandbox_starts",
+                "Sandbox starts: from a parked sandbox (path=pool) or the usual way (path=fresh)",
+                starts,
+            );
+            let ready = Gauge::<i64>::default();
+            ready.set(i64::try_from(pool.parked()).unwrap_or(i64::MAX));
+            registry.register("nx_sandbox_pool_parked", "Sandboxes parked ready for a start", ready);
+        }
         // The store counts its own failures (nx-store knows nothing of the metrics).
         registry.register(
             "nx_store_errors",

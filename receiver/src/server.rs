@@ -280,6 +280,25 @@ async fn run(
     let landlock = nx_runtime::landlock::Support::detect();
     tracing::info!(landlock = ?landlock, "port and abstract socket confinement");
     let cgroups = nx_runtime::cgroup::Driver::detect(&config.cgroup_root);
+    // Parked sandboxes an earlier receiver left (they die with it; this
+    // catches what did not) are ended before any are parked anew.
+    let pool_dir = crate::deploy::pool_dir(&data);
+    let cleaned = tokio::task::spawn_blocking(move || nx_runtime::pool::clean(&pool_dir)).await?;
+    if cleaned > 0 {
+        tracing::info!(slots = cleaned, "removed the parked sandboxes an earlier receiver left");
+    }
+    let pool = nx_runtime::pool::Pool::new(
+        nx_runtime::pool::PoolConfig {
+            size: config.sandbox_pool,
+            dir: crate::deploy::pool_dir(&data),
+            shim: config.shim(),
+            cgroups: cgroups.clone(),
+            group: config.cgroup_group(),
+            proc_root: PathBuf::from("/proc"),
+        },
+        pm.clone(),
+    );
+    crate::counters::platform().count_starts(pool.clone());
     stages.done("store, seccomp filter, host layout");
     let databases = crate::databases::Databases::new(cluster.clone(), master.clone(), data.join("tmp"));
     let volumes = crate::volumes::Volumes::probe(pm.clone());
@@ -392,6 +411,7 @@ async fn run(
         reporter: reporter.clone(),
         target: target.clone(),
         shim: config.shim(),
+        pool: pool.clone(),
     }));
     if let (Some(client), Some(rx)) = (&github, reports) {
         tokio::spawn(crate::github::report::run(rx, client.clone(), deployer.clone(), db.clone(), stop_rx.clone()));
@@ -445,6 +465,8 @@ async fn run(
             // start of the same deployment.
             tokio::spawn(deployer.clone().sleeper(stop_rx.clone()));
             tokio::spawn(deployer.clone().waker(stop_rx.clone()));
+            // Parking competes with the reconcile's starts for the CPU: after.
+            tokio::spawn(pool.refill());
             if let Some((listener, key)) = sftp {
                 let shared = crate::sftp::fs::Shared {
                     deployer: deployer.clone(),
@@ -634,6 +656,11 @@ pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()
         if nx_runtime::shim::stop_dir(&entry.path(), config.stop_grace).await {
             stopped += 1;
         }
+    }
+    let pool_dir = crate::deploy::pool_dir(&data);
+    let parked = tokio::task::spawn_blocking(move || nx_runtime::pool::clean(&pool_dir)).await?;
+    if parked > 0 {
+        println!("removed {parked} parked sandboxes");
     }
     crate::volumes::Volumes::probe(pm.clone()).unmount_all(&data.join("apps")).await;
     network::remove_table(&pm, config.uid_base).await;

@@ -24,6 +24,12 @@ pub struct Limits {
     pub data_bytes: Option<u64>,
 }
 
+impl Limits {
+    /// No limit at all: a parked slot's cgroup, before a sandbox claims it.
+    pub const NONE: Limits =
+        Limits { memory_bytes: None, cpu_millis: None, pids: None, nofile: None, tmp_bytes: 0, data_bytes: None };
+}
+
 pub use nx_protocol::api::Enforcement;
 
 /// Human form of a byte count.
@@ -42,6 +48,10 @@ pub enum CgroupError {
     Create { path: PathBuf, source: std::io::Error },
     #[error("cannot write {value:?} to {path}: {source}")]
     Write { path: PathBuf, value: String, source: std::io::Error },
+    #[error("cannot move cgroup {from} to {to}: {source}")]
+    Claim { from: PathBuf, to: PathBuf, source: std::io::Error },
+    #[error("the parked cgroup {slot:?} is not in the hierarchies of {wanted:?}")]
+    Unlike { slot: Vec<PathBuf>, wanted: Vec<PathBuf> },
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -147,65 +157,96 @@ impl Driver {
         report
     }
 
-    /// Creates the cgroup `group/name` (group is this receiver's parent, shared
-    /// by its sandboxes) and writes the `limits` its controllers can take;
-    /// [`Driver::plan`] says which. The limits cgroups cannot take (nofile,
-    /// tmp, data) are left to the caller.
-    pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
-        let mut dirs = Vec::new();
+    /// The cgroup `group/name` (group is this receiver's parent, shared by
+    /// its sandboxes) with the `limits` its controllers can take
+    /// ([`Driver::plan`] says which), without touching the host:
+    /// [`Cgroup::create`] makes it, or [`Cgroup::claim`] takes a parked one
+    /// over. On v1 it has a directory in every hierarchy the host has, limited
+    /// or not, so a fresh sandbox and one started from a parked slot are
+    /// alike. The limits cgroups cannot take (nofile, tmp, data) are left to
+    /// the caller.
+    pub fn prepare(&self, group: &str, name: &str, limits: &Limits) -> Cgroup {
+        let mut cg = Cgroup::default();
+        let set =
+            |cg: &mut Cgroup, file: PathBuf, value: String| cg.limits.push(Setting { file, value, if_present: false });
         match self {
             Driver::V2 { root, controllers } => {
                 let parent = root.join(group);
-                mkdir(&parent)?;
                 let enable: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
                 // Controllers flow down only where every ancestor enables them.
-                write(&root.join("cgroup.subtree_control"), &enable.join(" "))?;
-                write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
+                cg.parents.push(parent.clone());
+                for dir in [root, &parent] {
+                    cg.enable.push(Setting {
+                        file: dir.join("cgroup.subtree_control"),
+                        value: enable.join(" "),
+                        if_present: false,
+                    });
+                }
                 let dir = parent.join(name);
-                mkdir(&dir)?;
                 if let (Some(m), true) = (limits.memory_bytes, self.has("memory")) {
-                    write(&dir.join("memory.max"), &m.to_string())?;
+                    set(&mut cg, dir.join("memory.max"), m.to_string());
                     // No swap: the limit is the memory the app gets.
-                    if dir.join("memory.swap.max").exists() {
-                        write(&dir.join("memory.swap.max"), "0")?;
-                    }
+                    cg.limits.push(Setting { file: dir.join("memory.swap.max"), value: "0".into(), if_present: true });
                 }
                 if let (Some(c), true) = (limits.cpu_millis, self.has("cpu")) {
-                    write(&dir.join("cpu.max"), &format!("{} 100000", u64::from(c) * 100))?;
+                    set(&mut cg, dir.join("cpu.max"), format!("{} 100000", u64::from(c) * 100));
                 }
                 if let (Some(p), true) = (limits.pids, self.has("pids")) {
-                    write(&dir.join("pids.max"), &p.to_string())?;
+                    set(&mut cg, dir.join("pids.max"), p.to_string());
                 }
-                dirs.push(dir);
+                cg.dirs.push(dir);
             }
             Driver::V1 { memory, cpu, pids } => {
-                let mut make = |hierarchy: &Path| -> Result<PathBuf, CgroupError> {
-                    mkdir(&hierarchy.join(group))?;
-                    let dir = hierarchy.join(group).join(name);
-                    mkdir(&dir)?;
-                    dirs.push(dir.clone());
-                    Ok(dir)
-                };
-                if let (Some(m), Some(h)) = (limits.memory_bytes, memory) {
-                    let dir = make(h)?;
-                    write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                    if dir.join("memory.memsw.limit_in_bytes").exists() {
-                        write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
-                    }
+                for hierarchy in [memory, cpu, pids].into_iter().flatten() {
+                    cg.parents.push(hierarchy.join(group));
+                    cg.dirs.push(hierarchy.join(group).join(name));
                 }
-                if let (Some(c), Some(h)) = (limits.cpu_millis, cpu) {
-                    let dir = make(h)?;
-                    write(&dir.join("cpu.cfs_period_us"), "100000")?;
-                    write(&dir.join("cpu.cfs_quota_us"), &(u64::from(c) * 100).to_string())?;
+                let dir = |h: &Option<PathBuf>| h.as_ref().map(|h| h.join(group).join(name));
+                if let (Some(m), Some(dir)) = (limits.memory_bytes, dir(memory)) {
+                    set(&mut cg, dir.join("memory.limit_in_bytes"), m.to_string());
+                    cg.limits.push(Setting {
+                        file: dir.join("memory.memsw.limit_in_bytes"),
+                        value: m.to_string(),
+                        if_present: true,
+                    });
                 }
-                if let (Some(p), Some(h)) = (limits.pids, pids) {
-                    let dir = make(h)?;
-                    write(&dir.join("pids.max"), &p.to_string())?;
+                if let (Some(c), Some(dir)) = (limits.cpu_millis, dir(cpu)) {
+                    set(&mut cg, dir.join("cpu.cfs_period_us"), "100000".into());
+                    set(&mut cg, dir.join("cpu.cfs_quota_us"), (u64::from(c) * 100).to_string());
+                }
+                if let (Some(p), Some(dir)) = (limits.pids, dir(pids)) {
+                    set(&mut cg, dir.join("pids.max"), p.to_string());
                 }
             }
             Driver::None => {}
         }
-        Ok(Cgroup { dirs })
+        cg
+    }
+
+    /// Creates the cgroup `group/name` with `limits` ([`Driver::prepare`]).
+    pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        let cg = self.prepare(group, name, limits);
+        cg.create()?;
+        Ok(cg)
+    }
+}
+
+/// One value written into a cgroup file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Setting {
+    file: PathBuf,
+    value: String,
+    /// Written only where the kernel offers the file (swap accounting is
+    /// optional).
+    if_present: bool,
+}
+
+impl Setting {
+    fn apply(&self) -> Result<(), CgroupError> {
+        if self.if_present && !self.file.exists() {
+            return Ok(());
+        }
+        write(&self.file, &self.value)
     }
 }
 
@@ -225,15 +266,16 @@ fn rlimit(resource: sys::RlimitResource, value: u64) -> sys::Rlimit {
     sys::Rlimit { resource, soft: value, hard: value }
 }
 
-/// Creates the cgroup for `limits` and fills the gaps with resource limits:
-/// open files always by rlimit; memory by RLIMIT_DATA and processes by
-/// RLIMIT_NPROC (counted per uid, and every app has its own) only where no
-/// cgroup controller can; the /tmp size by its tmpfs. The data volume is the
-/// caller's, which appends its own entry.
-pub fn enforce(driver: &Driver, group: &str, name: &str, limits: &Limits) -> Result<Enforced, CgroupError> {
-    let cgroup = driver.create(group, name, limits)?;
+/// The cgroup for `limits` (made when the sandbox starts: see
+/// [`Driver::prepare`]) and resource limits for the gaps: open files always
+/// by rlimit; memory by RLIMIT_DATA and processes by RLIMIT_NPROC (counted
+/// per uid, and every app has its own) only where no cgroup controller can;
+/// the /tmp size by its tmpfs. The data volume is the caller's, which
+/// appends its own entry.
+pub fn enforce(driver: &Driver, group: &str, name: &str, limits: &Limits) -> Enforced {
+    let cgroup = driver.prepare(group, name, limits);
     let (report, rlimits) = plan(driver, limits);
-    Ok(Enforced { cgroup, rlimits, report })
+    Enforced { cgroup, rlimits, report }
 }
 
 /// What [`enforce`] would report and which resource limits it would set,
@@ -274,13 +316,74 @@ pub fn plan(driver: &Driver, limits: &Limits) -> (Vec<Enforcement>, Vec<sys::Rli
     (report, rlimits)
 }
 
-/// One sandbox's cgroups (one directory per v1 hierarchy, one for v2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One sandbox's cgroups (one directory per v1 hierarchy, one for v2), and
+/// how they are made: what [`Driver::prepare`] planned, nothing for one
+/// known by its directories alone ([`Cgroup::from_dirs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
+    /// Shared parents, made first.
+    parents: Vec<PathBuf>,
+    /// Written into the parents (cgroup v2's controllers) before the
+    /// directories are made.
+    enable: Vec<Setting>,
+    /// Written into the directories, in order.
+    limits: Vec<Setting>,
 }
 
 impl Cgroup {
+    /// Makes the directories and writes the limits; what exists already is
+    /// kept (a new life of a sandbox joins the cgroup of the last).
+    pub fn create(&self) -> Result<(), CgroupError> {
+        for parent in &self.parents {
+            mkdir(parent)?;
+        }
+        for setting in &self.enable {
+            setting.apply()?;
+        }
+        for dir in &self.dirs {
+            mkdir(dir)?;
+        }
+        self.limits.iter().try_for_each(Setting::apply)
+    }
+
+    /// Takes over the cgroup `slot` (made by [`Cgroup::create`] under the
+    /// same parents, its processes already in it): an empty directory of
+    /// this name left by an earlier life is removed, the slot's directories
+    /// are renamed to this cgroup's names (the kernel moves no task for a
+    /// rename, so nothing waits on its locks), and this cgroup's limits are
+    /// written into them. The limits are in place when this returns. On an
+    /// error the directories may be partly renamed: [`Cgroup::claim_leftovers`]
+    /// says which to clear.
+    pub fn claim(&self, slot: &Cgroup) -> Result<(), CgroupError> {
+        let paired = self.dirs.len() == slot.dirs.len()
+            && self.dirs.iter().zip(&slot.dirs).all(|(to, from)| to.parent() == from.parent());
+        if !paired {
+            return Err(CgroupError::Unlike { slot: slot.dirs.clone(), wanted: self.dirs.clone() });
+        }
+        for (to, from) in self.dirs.iter().zip(&slot.dirs) {
+            match std::fs::remove_dir(to) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(CgroupError::Claim { from: from.clone(), to: to.clone(), source: e })
+                }
+                _ => {}
+            }
+            std::fs::rename(from, to).map_err(|source| CgroupError::Claim {
+                from: from.clone(),
+                to: to.clone(),
+                source,
+            })?;
+        }
+        self.limits.iter().try_for_each(Setting::apply)
+    }
+
+    /// After a [`Cgroup::claim`] of `slot` failed: every directory of the
+    /// slot's that exists under either name, to be destroyed.
+    pub fn claim_leftovers(&self, slot: &Cgroup) -> Cgroup {
+        let dirs = self.dirs.iter().chain(&slot.dirs).filter(|d| d.is_dir()).cloned().collect();
+        Cgroup::from_dirs(dirs)
+    }
+
     /// The files a process writes its pid to in order to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
@@ -292,7 +395,9 @@ impl Cgroup {
             .dirs
             .iter()
             .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-            .flat_map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<_>>())
+            // Never 0 or below: a signal to those reaches a whole process
+            // group, or every process.
+            .flat_map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).filter(|p| *p > 0).collect::<Vec<_>>())
             .collect();
         pids.sort_unstable();
         pids.dedup();
@@ -302,7 +407,7 @@ impl Cgroup {
     /// The cgroup made of these directories (as [`Cgroup::dirs`] gave them),
     /// for a process that did not create it: a shim, or `stop-all`.
     pub fn from_dirs(dirs: Vec<PathBuf>) -> Cgroup {
-        Cgroup { dirs }
+        Cgroup { dirs, ..Cgroup::default() }
     }
 
     /// One directory per v1 hierarchy, one for v2.
@@ -445,7 +550,7 @@ mod tests {
 
     #[test]
     fn rlimits_fill_the_gaps_and_everything_is_reported() {
-        let e = enforce(&Driver::None, "nx", "d1", &limits()).unwrap();
+        let e = enforce(&Driver::None, "nx", "d1", &limits());
         let by = |l: &str| e.report.iter().find(|x| x.limit == l).and_then(|x| x.by.clone());
         assert_eq!(by("memory").as_deref(), Some("rlimit (data segment)"));
         assert_eq!(by("pids").as_deref(), Some("rlimit (processes of the app's uid)"));
@@ -458,11 +563,83 @@ mod tests {
         assert!(resources.contains(&sys::RlimitResource::NoFile));
     }
 
+    /// A v1 layout with the three hierarchies, as the test machines have.
+    fn v1_tree(name: &str) -> (PathBuf, Driver) {
+        let root = tree(name);
+        for (dir, file) in [("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us"), ("pids", "cgroup.procs")]
+        {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            std::fs::write(root.join(dir).join(file), "").unwrap();
+        }
+        let driver = Driver::detect(&root);
+        (root, driver)
+    }
+
+    #[test]
+    fn preparing_touches_nothing_and_every_hierarchy_gets_a_directory() {
+        let (root, driver) = v1_tree("prepare");
+        let only_pids = Limits { memory_bytes: None, cpu_millis: None, ..limits() };
+        let cg = driver.prepare("nx", "d1", &only_pids);
+        assert!(!root.join("pids/nx").exists(), "prepare must not touch the host");
+        assert_eq!(cg.dirs().len(), 3, "a directory per hierarchy, limited or not: {cg:?}");
+        cg.create().unwrap();
+        assert!(root.join("memory/nx/d1").is_dir() && root.join("cpu/nx/d1").is_dir());
+        assert_eq!(std::fs::read_to_string(root.join("pids/nx/d1/pids.max")).unwrap(), "64");
+        assert!(!root.join("memory/nx/d1/memory.limit_in_bytes").exists(), "no memory limit was asked for");
+        // A second life keeps the directories and writes the limits again.
+        cg.create().unwrap();
+    }
+
+    #[test]
+    fn a_claim_renames_the_parked_cgroup_and_writes_the_limits() {
+        let (root, driver) = v1_tree("claim");
+        let slot = driver.create("nx", "parked-1", &Limits::NONE).unwrap();
+        assert!(!root.join("memory/nx/parked-1/memory.limit_in_bytes").exists(), "a parked slot has no limits");
+        let target = driver.prepare("nx", "d1", &limits());
+        target.claim(&slot).unwrap();
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        for h in ["memory", "cpu", "pids"] {
+            assert!(!root.join(h).join("nx/parked-1").exists(), "{h}: the slot's name is gone");
+        }
+        assert_eq!(read("memory/nx/d1/memory.limit_in_bytes"), (256u64 << 20).to_string());
+        assert_eq!(read("cpu/nx/d1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("pids/nx/d1/pids.max"), "64");
+        // Claimed once, the slot is gone: a second claim of it fails and
+        // leaves the first sandbox's cgroup alone.
+        let other = driver.prepare("nx", "d2", &limits());
+        let err = other.claim(&slot).unwrap_err();
+        assert!(matches!(&err, CgroupError::Claim { to, .. } if to == &root.join("memory/nx/d2")), "{err}");
+        assert_eq!(read("pids/nx/d1/pids.max"), "64");
+        assert!(other.claim_leftovers(&slot).dirs().is_empty(), "nothing of the slot is left to clear");
+    }
+
+    #[test]
+    fn a_claim_that_cannot_finish_says_what_to_clear() {
+        let (root, driver) = v1_tree("claim-fail");
+        let slot = driver.create("nx", "parked-2", &Limits::NONE).unwrap();
+        // The memory cgroup of an earlier life still has files in it (on
+        // cgroupfs: still has processes), so it cannot be replaced.
+        let target = driver.prepare("nx", "d1", &limits());
+        std::fs::create_dir_all(root.join("memory/nx/d1")).unwrap();
+        std::fs::write(root.join("memory/nx/d1/busy"), "").unwrap();
+        let err = target.claim(&slot).unwrap_err();
+        assert!(err.to_string().starts_with("cannot move cgroup "), "{err}");
+        let left = target.claim_leftovers(&slot);
+        assert!(
+            left.dirs().contains(&root.join("memory/nx/d1")) && left.dirs().contains(&root.join("cpu/nx/parked-2"))
+        );
+
+        let elsewhere = driver.prepare("other", "d1", &limits());
+        let err = elsewhere.claim(&slot).unwrap_err();
+        assert!(matches!(err, CgroupError::Unlike { .. }), "{err}");
+        assert!(root.join("pids/nx/parked-2").is_dir(), "an unlike slot is not touched");
+    }
+
     #[test]
     fn oom_kills_are_read_from_either_layout() {
         let root = tree("oom");
         std::fs::create_dir_all(root.join("a")).unwrap();
         std::fs::write(root.join("a/memory.events"), "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n").unwrap();
-        assert_eq!(Cgroup { dirs: vec![root.join("a")] }.oom_kills(), 2);
+        assert_eq!(Cgroup::from_dirs(vec![root.join("a")]).oom_kills(), 2);
     }
 }

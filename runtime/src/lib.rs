@@ -20,6 +20,7 @@ pub mod health;
 pub mod landlock;
 pub mod logs;
 pub mod net;
+pub mod pool;
 pub mod process;
 pub mod seccomp;
 pub mod shim;

@@ -397,6 +397,7 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
         user: command.user,
         parent_death_signal: command.parent_death_signal.map(|s| s as i32),
         landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        exec_in_place: false,
     };
     if merge {
         // dup2(1, 2) after std has set up stdout.

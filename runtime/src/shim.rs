@@ -43,8 +43,8 @@ use crate::sys::{self, ChildSetup, Rlimit};
 /// seccomp program and environment come on bwrap's own numbers).
 pub const LANDLOCK_FD: RawFd = 12;
 
-const SPEC: &str = "spec.json";
-const CONTROL: &str = "control.sock";
+pub(crate) const SPEC: &str = "spec.json";
+pub(crate) const CONTROL: &str = "control.sock";
 const EXIT: &str = "exit";
 
 /// What a shim runs: bwrap's command line and how to start it. No secret:
@@ -124,6 +124,8 @@ pub enum ShimError {
     /// The shim ran but could not start the sandbox; its words.
     #[error("{0}")]
     Sandbox(String),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 /// The spec a shim in `dir` runs (or ran), if it is readable.
@@ -194,10 +196,7 @@ impl Shim {
         spec: &ShimSpec,
         fds: Vec<(OwnedFd, RawFd)>,
     ) -> Result<Shim, ShimError> {
-        let state = |source| ShimError::State { path: dir.to_owned(), source };
-        prepare_dir(dir).map_err(state)?;
-        let json = serde_json::to_vec_pretty(spec).map_err(|e| state(std::io::Error::other(e)))?;
-        std::fs::write(dir.join(SPEC), json).map_err(state)?;
+        write_spec(dir, spec).map_err(|source| ShimError::State { path: dir.to_owned(), source })?;
         let mut cmd = Command::new(program).arg(dir);
         cmd.pass_fds = fds;
         cmd.cwd = Some(PathBuf::from("/"));
@@ -227,9 +226,15 @@ impl Shim {
             let status = child.wait().await;
             return Err(start(format!("it exited ({}) before starting the sandbox", describe_exit(status))));
         };
+        Shim::attach_started(dir, pid).await.ok_or_else(|| start("its control socket does not answer".into()))
+    }
+
+    /// Connects to the shim in `dir` that has just said it started its
+    /// sandbox as `pid`, or hands back the life it has already ended.
+    pub(crate) async fn attach_started(dir: &Path, pid: i32) -> Option<Shim> {
         match Shim::attach(dir).await {
-            Some(shim) => Ok(shim),
-            None => Shim::ended(dir, pid).ok_or_else(|| start("its control socket does not answer".into())),
+            Some(shim) => Some(shim),
+            None => Shim::ended(dir, pid),
         }
     }
 
@@ -309,8 +314,16 @@ impl Shim {
     }
 }
 
+/// What a shim is started with: its state directory `dir`, cleared of an
+/// earlier life's socket and exit, and the spec it runs.
+pub(crate) fn write_spec(dir: &Path, spec: &ShimSpec) -> std::io::Result<()> {
+    prepare_dir(dir)?;
+    let json = serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join(SPEC), json)
+}
+
 /// Makes `dir` root's alone and clears what an earlier life left there.
-fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -342,14 +355,14 @@ pub fn main(dir: &Path) -> i32 {
     }
 }
 
-fn say_error(words: &str) -> i32 {
+pub(crate) fn say_error(words: &str) -> i32 {
     println!("error {}", words.replace('\n', " "));
     let _ = std::io::stdout().flush();
     1
 }
 
 /// A sandbox the shim started and watches.
-struct Running<'a> {
+pub(crate) struct Running<'a> {
     dir: &'a Path,
     spec: &'a ShimSpec,
     pid: i32,
@@ -372,12 +385,28 @@ struct Stopping {
     killed: Option<Instant>,
 }
 
-impl<'a> Running<'a> {
-    fn start(dir: &'a Path, spec: &'a ShimSpec) -> std::io::Result<Running<'a>> {
-        sys::set_child_subreaper()?;
-        let (sig_tx, sigchld) = UnixStream::pair()?;
-        sigchld.set_nonblocking(true)?;
-        sys::notify_on_sigchld(sig_tx)?;
+/// Makes this process the reaper of its sandbox's orphans and returns the
+/// socket that gets a byte on every SIGCHLD.
+pub(crate) fn watch_children() -> std::io::Result<UnixStream> {
+    sys::set_child_subreaper()?;
+    let (sig_tx, sigchld) = UnixStream::pair()?;
+    sigchld.set_nonblocking(true)?;
+    sys::notify_on_sigchld(sig_tx)?;
+    Ok(sigchld)
+}
+
+/// What a shim holds ready before its sandbox runs: the control socket in
+/// its state directory, the log, and the cgroup's OOM kills so far (this
+/// life counts its own).
+pub(crate) struct Prepared {
+    listener: UnixListener,
+    log: Log,
+    cgroup: Cgroup,
+    oom_before: u64,
+}
+
+impl Prepared {
+    pub(crate) fn open(dir: &Path, spec: &ShimSpec) -> std::io::Result<Prepared> {
         let control = dir.join(CONTROL);
         let _ = std::fs::remove_file(&control);
         let listener = UnixListener::bind(&control)?;
@@ -386,44 +415,78 @@ impl<'a> Running<'a> {
         let log = Log::open_writer(&spec.log, limits)?;
         let cgroup = spec.cgroup();
         let oom_before = cgroup.oom_kills();
+        Ok(Prepared { listener, log, cgroup, oom_before })
+    }
+}
 
-        let inherited: Vec<OwnedFd> =
-            spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
-        let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
-        let mut cmd = std::process::Command::new(&spec.program);
-        cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir("/");
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
-        let setup = ChildSetup {
-            cgroup_procs: cgroup
-                .procs_files()
-                .iter()
-                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other))
-                .collect::<Result<_, _>>()?,
-            rlimits: spec.rlimits.clone(),
-            new_session: true,
-            // stderr joins stdout, in order; the rest keep their numbers.
-            fd_moves: std::iter::once((1, 2)).chain(spec.pass_fds.iter().map(|fd| (*fd, *fd))).collect(),
-            user: Some(spec.user),
-            // The shim is one thread that lives as long as the sandbox: a
-            // shim killed outright takes its sandbox along.
-            parent_death_signal: Some(libc::SIGKILL),
-            landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
-        };
-        setup.install(&mut cmd);
+/// bwrap's command for `spec` as the shim runs it, and the descriptors it
+/// hands on (the shim's to drop once it runs: the secrets and rules are the
+/// sandbox's then). The child joins the sandbox's cgroup first unless it is
+/// `parked` (then it joined when it was parked, and it `exec`s in place).
+pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<(std::process::Command, Vec<OwnedFd>)> {
+    let mut held: Vec<OwnedFd> = spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
+    let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
+    let mut cmd = std::process::Command::new(&spec.program);
+    cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir("/");
+    cmd.stdin(std::process::Stdio::null());
+    let cgroup_procs = if parked {
+        Vec::new()
+    } else {
+        spec.cgroup()
+            .procs_files()
+            .iter()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other))
+            .collect::<Result<_, _>>()?
+    };
+    let setup = ChildSetup {
+        cgroup_procs,
+        rlimits: spec.rlimits.clone(),
+        new_session: true,
+        // stderr joins stdout, in order; the rest keep their numbers.
+        fd_moves: std::iter::once((1, 2)).chain(spec.pass_fds.iter().map(|fd| (*fd, *fd))).collect(),
+        user: Some(spec.user),
+        // The shim is one thread that lives as long as the sandbox: a
+        // shim killed outright takes its sandbox along.
+        parent_death_signal: Some(libc::SIGKILL),
+        landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        exec_in_place: parked,
+    };
+    setup.install(&mut cmd);
+    held.extend(landlock);
+    Ok((cmd, held))
+}
+
+impl<'a> Running<'a> {
+    fn start(dir: &'a Path, spec: &'a ShimSpec) -> std::io::Result<Running<'a>> {
+        let sigchld = watch_children()?;
+        let prepared = Prepared::open(dir, spec)?;
+        let (mut cmd, held) = sandbox_command(spec, false)?;
+        cmd.stdout(std::process::Stdio::piped());
         let mut child = cmd
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))?;
-        // The secrets and rules are the sandbox's now; the shim keeps none.
-        drop(inherited);
-        drop(landlock);
+        drop(held);
         let output = child.stdout.take().map(|o| std::fs::File::from(OwnedFd::from(o)));
-        if let Some(o) = &output {
-            sys::set_nonblocking(o.as_fd())?;
-        }
         let pid = child.id() as i32;
         // The std handle is never waited on: the loop reaps with waitpid(-1).
         drop(child);
+        Running::new(dir, spec, (pid, output), sigchld, prepared)
+    }
+
+    /// The shim's hold on its running sandbox `pid` whose output comes on
+    /// `output`.
+    pub(crate) fn new(
+        dir: &'a Path,
+        spec: &'a ShimSpec,
+        (pid, output): (i32, Option<std::fs::File>),
+        sigchld: UnixStream,
+        prepared: Prepared,
+    ) -> std::io::Result<Running<'a>> {
+        if let Some(o) = &output {
+            sys::set_nonblocking(o.as_fd())?;
+        }
         let _ = std::fs::write(dir.join("pid"), format!("{} {pid}\n", std::process::id()));
+        let Prepared { listener, log, cgroup, oom_before } = prepared;
         Ok(Running {
             dir,
             spec,
@@ -441,7 +504,12 @@ impl<'a> Running<'a> {
         })
     }
 
-    fn run(&mut self) {
+    /// The sandbox's pid on the host.
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub(crate) fn run(&mut self) {
         loop {
             self.accept();
             self.read_clients();

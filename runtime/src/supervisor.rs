@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::health::{self, HealthCheck};
 use crate::logs::Log;
+use crate::pool::Claim;
 use crate::process::ProcessManager;
 use crate::shim::{Outcome, Shim, ShimError, ShimSpec, LANDLOCK_FD};
 use crate::spec::{bwrap_args, env_args, HostLayout, SandboxSpec, ENV_FD, HOST_ENV, SECCOMP_FD};
@@ -171,6 +172,9 @@ pub struct SandboxConfig {
     pub shim: PathBuf,
     /// The shim's state directory: one per sandbox, root's alone.
     pub state_dir: PathBuf,
+    /// Parked sandboxes to start from (their cgroup join paid ahead); a
+    /// start without one, or whose claim fails, goes the usual way.
+    pub pool: Option<crate::pool::Pool>,
 }
 
 impl std::fmt::Debug for SandboxConfig {
@@ -512,6 +516,21 @@ async fn launch(cfg: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<S
     }
     clear_leftovers(cfg, log).await;
     let (spec, fds) = shim_spec(cfg, log).map_err(|source| ShimError::State { path: cfg.state_dir.clone(), source })?;
+    let cgroup = cfg.cgroup.clone().unwrap_or_default();
+    if let Some(pool) = &cfg.pool {
+        match pool.launch(&cgroup, &cfg.state_dir, &spec, &fds).await {
+            Claim::Started(shim) => {
+                log.system_line("started from a parked sandbox (its cgroup joined ahead of time)");
+                return Ok(shim);
+            }
+            Claim::Failed(e) => return Err(e),
+            Claim::Unusable(why) => {
+                log.system_line(&format!("a parked sandbox could not be used ({why}); starting this one the usual way"))
+            }
+            Claim::Empty => {}
+        }
+    }
+    cgroup.create()?;
     Shim::launch(pm, &cfg.shim, &cfg.state_dir, &spec, fds).await
 }
 
@@ -704,6 +723,7 @@ mod tests {
             landlock: crate::landlock::Support::Abi(0),
             shim: "/nx-shim".into(),
             state_dir: "/s".into(),
+            pool: None,
         }
     }
 

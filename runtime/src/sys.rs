@@ -75,12 +75,17 @@ pub struct ChildSetup {
     /// A Landlock ruleset ([`landlock_ruleset`]) the child restricts itself
     /// to, after setting no_new_privs, once it runs as the target user.
     pub landlock: Option<RawFd>,
+    /// The setup runs in this very process, which then `exec`s
+    /// (`CommandExt::exec`, a parked sandbox), not in a forked child: the
+    /// parent whose death it must outlive not is this process's parent.
+    pub exec_in_place: bool,
 }
 
 impl ChildSetup {
     /// Installs the setup on `cmd`.
     pub fn install(self, cmd: &mut Command) {
-        let parent = std::process::id() as libc::pid_t;
+        let parent =
+            if self.exec_in_place { nix::unistd::getppid().as_raw() } else { std::process::id() as libc::pid_t };
         // Descriptors the child keeps open, sorted, prepared before the fork.
         let mut kept: Vec<u32> = self.fd_moves.iter().map(|&(_, to)| to as u32).filter(|&fd| fd > 2).collect();
         kept.sort_unstable();
@@ -195,6 +200,54 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })
+}
+
+/// Forks this process, which must run one thread alone: `Some(child pid)`
+/// in the parent, `None` in the child. With one thread no lock can be held
+/// by another at the fork, so the child may allocate and run ordinary code
+/// (a parked sandbox reads its launch spec after the fork). Refused when
+/// `<proc_root>/self/task` lists more than one thread.
+pub fn fork_single_threaded(proc_root: &Path) -> io::Result<Option<i32>> {
+    let threads = std::fs::read_dir(proc_root.join("self/task"))?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork a parked sandbox: this process runs {threads} threads, and its child could inherit a lock \
+             one of them holds"
+        )));
+    }
+    // SAFETY: the process has a single thread (checked above), so the child
+    // inherits no lock held by another thread and may run any code.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw())),
+        nix::unistd::ForkResult::Child => Ok(None),
+    }
+}
+
+/// Clears this process's parent-death signal: it outlives its parent.
+pub fn clear_parent_death_signal() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0 as libc::c_ulong, 0, 0, 0) })
+}
+
+/// Puts `fd` on descriptor number `target`, replacing what was there, and
+/// closes its old number.
+pub fn place_fd(fd: std::os::fd::OwnedFd, target: RawFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if fd.as_raw_fd() != target {
+        nix::unistd::dup2(fd.as_raw_fd(), target)?;
+    }
+    // A descriptor already on its number keeps it: forget, do not close.
+    if fd.as_raw_fd() == target {
+        std::mem::forget(fd);
+    }
+    Ok(())
+}
+
+/// Ends this process at once, without running exit handlers or flushing
+/// buffers it shares with the process it was forked from.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(code) }
 }
 
 /// Reaps one exited child, any child, without blocking: `Some((pid, raw wait

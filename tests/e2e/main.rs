@@ -20,6 +20,7 @@ mod listeners;
 mod metrics;
 mod oidc;
 mod outlive;
+mod pool;
 mod quotas;
 mod replicas;
 mod restart;

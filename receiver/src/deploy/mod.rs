@@ -225,6 +225,8 @@ pub struct Services {
     pub target: Arc<nx_protocol::target::ServerTarget>,
     /// The nx-shim executable every sandbox runs under.
     pub shim: PathBuf,
+    /// Sandboxes parked ahead of starts (`--sandbox-pool`).
+    pub pool: nx_runtime::pool::Pool,
 }
 
 /// The deployment service.
@@ -1039,6 +1041,11 @@ impl Deployer {
 /// Where the shims of the receiver on `data_dir` keep their state.
 pub fn shims_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("shims")
+}
+
+/// Where the parked sandboxes' state directories are (`--sandbox-pool`).
+pub fn pool_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pool")
 }
 
 /// A fresh random deployment id.

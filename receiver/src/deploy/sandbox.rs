@@ -166,7 +166,7 @@ impl Deployer {
             limit
         };
         let group = self.services.config.cgroup_group();
-        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &key, &limits)?;
+        let mut enforced = nx_runtime::cgroup::enforce(&self.services.cgroups, &group, &key, &limits);
         enforced.report.push(data_limit);
         enforced.report.push(self.services.network.clone());
         enforced.report.extend(self.services.landlock.report());
@@ -339,6 +339,7 @@ impl Deployer {
             landlock: self.services.landlock,
             shim: self.services.shim.clone(),
             state_dir: self.shim_dir(&key),
+            pool: Some(self.services.pool.clone()),
         })
     }
 }

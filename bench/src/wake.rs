@@ -1,0 +1,68 @@
+//! Wake on request: the first byte of a request that arrives while its app
+//! sleeps (the router holds it, the receiver starts the sandbox, the router
+//! forwards it once the app is healthy), next to the same request to the
+//! app running.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nx_e2e::Receiver;
+
+use crate::stats::{verdict, Figure};
+
+/// The state of the one deployment of app `bench`, as `nx ls` reports it.
+fn state(r: &Receiver) -> anyhow::Result<String> {
+    let out = r.nx(&["--json", "ls", "bench"]);
+    anyhow::ensure!(out.code == 0, "nx ls failed: {}", out.stderr);
+    let listing = out.json();
+    Ok(listing[0]["deployments"][0]["state"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Time from sending `GET /` for `host` through the router to the first
+/// byte of the answer, which must be a 200.
+fn first_byte(router_port: u16, host: &str) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", router_port))?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first)?;
+    let took = t0.elapsed();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    let head = [&first[..], &rest].concat();
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{host} answered {:?}",
+        String::from_utf8_lossy(&head[..head.len().min(80)])
+    );
+    Ok(took)
+}
+
+pub fn run(rounds: usize) -> anyhow::Result<()> {
+    let r = Receiver::start();
+    r.create_app("bench");
+    let out = r.nx(&["apps", "set", "bench", "--sleep-after", "2s"]);
+    anyhow::ensure!(out.code == 0, "cannot set sleep_after: {}", out.stderr);
+    let d = r.push("bench", &nx_e2e::fixtures::c_musl_static(), &[]);
+    let url = d["preview_url"].as_str().unwrap_or_default().to_owned();
+    let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_owned();
+    let (mut woken, mut running) = (Figure::default(), Figure::default());
+    for _ in 0..rounds {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state(&r)? != "sleeping" {
+            anyhow::ensure!(Instant::now() < deadline, "the preview did not fall asleep within 60s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Asleep a moment, as a visitor would find it.
+        std::thread::sleep(Duration::from_millis(500));
+        woken.push_ms(first_byte(r.router_port, &host)?);
+        running.push_ms(first_byte(r.router_port, &host)?);
+    }
+    println!("wake on request -> first byte ({rounds} rounds, a static C server, sleep_after 2s)");
+    println!("{}", woken.line("asleep: held, woken, answered", "ms"));
+    println!("{}", running.line("running (peer)", "ms"));
+    println!("  the wake costs {:.2} ms", woken.median() - running.median());
+    verdict("first byte of a held request <= 10 ms median", woken.median() <= 10.0);
+    Ok(())
+}

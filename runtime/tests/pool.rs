@@ -1,0 +1,195 @@
+//! Parked sandboxes with the real shim binary, against a cgroup root made of
+//! plain directories (the parked process "joins" by writing its `0` into
+//! each `cgroup.procs`, as on cgroupfs): a claim renames the slot, writes
+//! the limits before the app runs, and never hands one slot out twice; a
+//! slot that died is not used; `clean` ends what is parked.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nx_runtime::cgroup::{Driver, Limits};
+use nx_runtime::pool::{clean, Claim, Pool, PoolConfig};
+use nx_runtime::shim::{Outcome, ShimSpec};
+use nx_runtime::ProcessManager;
+
+/// A cgroup v1 layout with memory, cpu and pids hierarchies.
+fn cgroup_root(dir: &Path) -> Driver {
+    for (h, probe) in [("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us"), ("pids", "cgroup.procs")] {
+        std::fs::create_dir_all(dir.join(h)).unwrap();
+        std::fs::write(dir.join(h).join(probe), "").unwrap();
+    }
+    Driver::detect(dir)
+}
+
+fn pool(dir: &Path, size: usize) -> Pool {
+    let cfg = PoolConfig {
+        size,
+        dir: dir.join("pool"),
+        shim: PathBuf::from(env!("CARGO_BIN_EXE_nx-shim")),
+        cgroups: cgroup_root(&dir.join("cgroup")),
+        group: "nx".into(),
+        proc_root: "/proc".into(),
+    };
+    Pool::new(cfg, ProcessManager::global().unwrap())
+}
+
+fn limits() -> Limits {
+    Limits { memory_bytes: Some(64 << 20), cpu_millis: Some(500), pids: Some(32), ..Limits::NONE }
+}
+
+fn spec(dir: &Path, name: &str, script: &str, cgroup: &nx_runtime::cgroup::Cgroup) -> ShimSpec {
+    ShimSpec {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        user: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+        rlimits: vec![],
+        cgroup: cgroup.dirs().to_vec(),
+        pass_fds: vec![],
+        landlock: false,
+        log: dir.join(format!("{name}.log")),
+        log_max_file_bytes: 1 << 20,
+        log_keep_rotated: 1,
+        proc_root: "/proc".into(),
+    }
+}
+
+/// The parked slots' state directories.
+fn slots(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("pool")).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+/// The pid of a slot's parked process, as its shim tells a client that looks.
+fn parked_pid(slot: &Path) -> i32 {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(slot.join("control.sock")).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    said.trim().strip_prefix("parked ").unwrap().parse().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has ended: read its state rather than probe with a signal.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_claimed_slot_runs_the_sandbox_under_its_name_with_the_limits_already_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 1);
+    assert_eq!(pool.fill().await.unwrap(), 1);
+    let slot = slots(dir.path()).pop().unwrap();
+    let name = slot.file_name().unwrap().to_str().unwrap().to_owned();
+    let cg = dir.path().join("cgroup");
+    // The parked process joined its cgroup when it was parked.
+    for h in ["memory", "cpu", "pids"] {
+        let procs = std::fs::read_to_string(cg.join(h).join("nx").join(&name).join("cgroup.procs")).unwrap();
+        assert_eq!(procs, "0", "{h}: joined at park time");
+    }
+    let pid = parked_pid(&slot);
+
+    let target = Driver::detect(&cg).prepare("nx", "d1", &limits());
+    // The app's first act: read its limits.
+    let script = format!("cat {}; echo; exec sleep 30", cg.join("pids/nx/d1/pids.max").display());
+    let spec = spec(dir.path(), "d1", &script, &target);
+    let state = dir.path().join("shims/d1");
+    let claim = pool.launch(&target, &state, &spec, &[]).await;
+    let Claim::Started(shim) = claim else { panic!("{claim:?}") };
+    assert_eq!(shim.pid(), pid, "the parked process itself runs the sandbox");
+    assert_eq!(pool.starts(), (1, 0));
+    assert!(!slot.exists(), "the slot's state directory is gone");
+    assert!(!cg.join("pids/nx").join(&name).exists(), "the slot's cgroup now has the sandbox's name");
+    assert_eq!(
+        std::fs::read_to_string(cg.join("memory/nx/d1/memory.limit_in_bytes")).unwrap(),
+        (64u64 << 20).to_string()
+    );
+    until("the app printed its pids limit", || {
+        std::fs::read_to_string(dir.path().join("d1.log")).unwrap_or_default().contains(" 32\n")
+    })
+    .await;
+    // Its state directory is any shim's: it is found there again.
+    drop(shim);
+    let mut shim = nx_runtime::shim::Shim::attach(&state).await.expect("attached by its state directory");
+    assert_eq!(shim.pid(), pid);
+    assert!(matches!(shim.stop(Duration::from_secs(5)).await, Outcome::Exited(_)));
+}
+
+#[tokio::test]
+async fn a_slot_is_handed_out_once_and_an_empty_pool_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 1);
+    pool.fill().await.unwrap();
+    let slot = slots(dir.path()).pop().unwrap();
+    let cg = dir.path().join("cgroup");
+    let first = Driver::detect(&cg).prepare("nx", "a", &limits());
+    let claim =
+        pool.launch(&first, &dir.path().join("shims/a"), &spec(dir.path(), "a", "exec sleep 30", &first), &[]).await;
+    let Claim::Started(mut a) = claim else { panic!("{claim:?}") };
+    // Nothing refills this pool: the next start is told to go the usual way.
+    let second = Driver::detect(&cg).prepare("nx", "b", &limits());
+    let claim =
+        pool.launch(&second, &dir.path().join("shims/b"), &spec(dir.path(), "b", "exec sleep 30", &second), &[]).await;
+    assert!(matches!(claim, Claim::Empty), "{claim:?}");
+    assert_eq!(pool.starts(), (1, 1));
+    // And the shim that ran the first takes no second `go`: its parked
+    // socket is gone with its slot.
+    assert!(std::os::unix::net::UnixStream::connect(slot.join("control.sock")).is_err());
+    a.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_slot_that_died_is_not_used_and_nothing_of_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 1);
+    pool.fill().await.unwrap();
+    let slot = slots(dir.path()).pop().unwrap();
+    let pid = parked_pid(&slot);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Its shim sees it gone and ends.
+    until("the parked shim ended", || std::os::unix::net::UnixStream::connect(slot.join("control.sock")).is_err())
+        .await;
+    let cg = dir.path().join("cgroup");
+    let target = Driver::detect(&cg).prepare("nx", "d1", &limits());
+    let claim =
+        pool.launch(&target, &dir.path().join("shims/d1"), &spec(dir.path(), "d1", "exit 0", &target), &[]).await;
+    let Claim::Unusable(why) = claim else { panic!("{claim:?}") };
+    assert_eq!(why, format!("the parked slot {} does not answer: Connection refused (os error 111)", slot.display()));
+    assert!(!slot.exists(), "the dead slot is removed");
+    assert!(!cg.join("pids/nx/d1").exists(), "nothing of the sandbox was made: the usual start makes it");
+    assert_eq!(pool.starts(), (0, 1));
+}
+
+#[tokio::test]
+async fn clean_ends_what_is_parked_and_a_killed_shim_takes_its_parked_process_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 2);
+    assert_eq!(pool.fill().await.unwrap(), 2);
+    let parked: Vec<(PathBuf, i32)> = slots(dir.path()).into_iter().map(|s| (s.clone(), parked_pid(&s))).collect();
+
+    // A parked shim killed outright (as with the receiver it dies with):
+    // its parked process goes with it.
+    let (_, victim) = &parked[0];
+    let stat = std::fs::read_to_string(format!("/proc/{victim}/stat")).unwrap();
+    let shim: i32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    until("the parked process died with its shim", || !alive(*victim)).await;
+
+    assert_eq!(clean(&dir.path().join("pool")), 2);
+    let (_, other) = &parked[1];
+    until("clean ended the other parked process", || !alive(*other)).await;
+    assert!(slots(dir.path()).is_empty(), "no slot's state directory is left");
+}
