@@ -98,11 +98,11 @@ impl Platform {
         if let Some(pool) = self.pool.get() {
             let (parked, fresh) = pool.starts();
             let starts = Family::<[(&'static str, &'static str); 1], Counter>::default();
-            starts.get_or_create(&[("path", "pool")]).inc_by(parked);
-            starts.get_or_create(&[("path", "fresh")]).inc_by(fresh);
+            starts.get_or_create(&[("from", "pool")]).inc_by(parked);
+            starts.get_or_create(&[("from", "fresh")]).inc_by(fresh);
             registry.register(
                 "nx_sandbox_starts",
-                "Sandbox starts: from a parked sandbox (path=pool) or the usual way (path=fresh)",
+                "Sandbox starts: from a parked sandbox (from=pool) or the usual way (from=fresh)",
                 starts,
             );
             let ready = Gauge::<i64>::default();

@@ -87,8 +87,8 @@ fn a_push_starts_from_a_parked_sandbox_under_its_own_cgroup_with_its_limits() {
     let logs = r.nx_ok(&["logs", id]).stdout;
     assert!(logs.contains("[nx] started from a parked sandbox"), "{logs}");
     let text = scrape(&metrics);
-    assert!(text.contains("nx_sandbox_starts_total{path=\"pool\"} 1\n"), "{text}");
-    assert!(text.contains("nx_sandbox_starts_total{path=\"fresh\"} 0\n"), "{text}");
+    assert!(text.contains("nx_sandbox_starts_total{from=\"pool\"} 1\n"), "{text}");
+    assert!(text.contains("nx_sandbox_starts_total{from=\"fresh\"} 0\n"), "{text}");
 
     // The first slot's cgroup is now the deployment's, by its name, with the
     // deployment's limits, holding the app.
