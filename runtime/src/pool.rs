@@ -115,8 +115,9 @@ pub enum Claim {
     /// A parked slot could not be used (why); it was killed and removed and
     /// nothing of the sandbox runs: start it the usual way.
     Unusable(String),
-    /// The sandbox was started and then could not be reached; as a fresh
-    /// start's error, not to be retried another way (it would run twice).
+    /// The slot was told to go and then the start failed or could not be
+    /// followed; as a fresh start's error, not to be retried another way
+    /// (it could run twice).
     Failed(ShimError),
 }
 
@@ -144,10 +145,14 @@ struct Slot {
 
 impl Slot {
     /// Kills what the slot holds (its parked process; its shim then ends
-    /// too) and removes its cgroup and state directory.
-    fn discard(self) {
-        self.cgroup.destroy();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// too) and removes its cgroup and state directory, on a blocking
+    /// thread: killing waits for the processes to go.
+    async fn discard(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            self.cgroup.destroy();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        })
+        .await;
     }
 }
 
@@ -161,7 +166,17 @@ impl Pool {
     /// A pool that parks nothing until [`Pool::fill`] or [`Pool::refill`]
     /// runs. Whatever an earlier process left in `cfg.dir` must have been
     /// [`clean`]ed first.
-    pub fn new(cfg: PoolConfig, pm: ProcessManager) -> Pool {
+    pub fn new(mut cfg: PoolConfig, pm: ProcessManager) -> Pool {
+        // A claim moves the slot's cgroup by renaming it, which cgroup v2
+        // refuses; and without cgroups there is no join to pay ahead. A
+        // pool there would fail every claim and park anew for nothing.
+        if cfg.size > 0 && !matches!(cfg.cgroups, Driver::V1 { .. }) {
+            tracing::info!(
+                size = cfg.size,
+                "no sandbox pool: parked sandboxes need cgroup v1, where a cgroup can be renamed"
+            );
+            cfg.size = 0;
+        }
         Pool(Arc::new(Inner {
             cfg,
             pm,
@@ -187,9 +202,16 @@ impl Pool {
     pub async fn fill(&self) -> Result<usize, PoolError> {
         while self.parked() < self.0.cfg.size {
             let slot = self.park().await?;
-            match self.0.ready.lock() {
-                Ok(mut ready) => ready.push_back(slot),
-                Err(_) => slot.discard(),
+            // The guard is gone before any await.
+            let unqueued = match self.0.ready.lock() {
+                Ok(mut ready) => {
+                    ready.push_back(slot);
+                    None
+                }
+                Err(_) => Some(slot),
+            };
+            if let Some(slot) = unqueued {
+                slot.discard().await;
             }
         }
         Ok(self.parked())
@@ -215,13 +237,24 @@ impl Pool {
         let name = format!("parked-{}-{}", std::process::id(), self.0.next.fetch_add(1, Ordering::Relaxed));
         let dir = cfg.dir.join(&name);
         let state = |source| PoolError::State { path: dir.clone(), source };
-        let cgroup = cfg.cgroups.create(&cfg.group, &name, &Limits::NONE)?;
+        // The slot's record is written before its cgroup is made, so a
+        // receiver killed in between leaves nothing `clean` cannot find.
+        let cgroup = cfg.cgroups.prepare(&cfg.group, &name, &Limits::NONE);
+        let park = ParkSpec { cgroup: cgroup.dirs().to_vec(), proc_root: cfg.proc_root.clone() };
+        let recorded = shim::prepare_dir(&dir).and_then(|()| {
+            let json = serde_json::to_vec(&park).map_err(std::io::Error::other)?;
+            std::fs::write(dir.join(PARK), json)
+        });
+        if let Err(e) = recorded {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(state(e));
+        }
+        if let Err(e) = cgroup.create() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
         let slot = Slot { dir: dir.clone(), cgroup };
         let parked = async {
-            shim::prepare_dir(&dir).map_err(state)?;
-            let park = ParkSpec { cgroup: slot.cgroup.dirs().to_vec(), proc_root: cfg.proc_root.clone() };
-            let json = serde_json::to_vec(&park).map_err(|e| state(std::io::Error::other(e)))?;
-            std::fs::write(dir.join(PARK), json).map_err(state)?;
             let mut cmd = Command::new(&cfg.shim).arg("--park").arg(&dir);
             cmd.cwd = Some(PathBuf::from("/"));
             cmd.stdout = Stream::Pipe;
@@ -251,7 +284,7 @@ impl Pool {
         match parked.await {
             Ok(()) => Ok(slot),
             Err(e) => {
-                slot.discard();
+                slot.discard().await;
                 Err(e)
             }
         }
@@ -282,58 +315,69 @@ async fn claim(
     spec: &ShimSpec,
     fds: &[(OwnedFd, RawFd)],
 ) -> Claim {
-    let unusable = |slot: Slot, why: String| {
-        slot.discard();
+    let unusable = |slot: Slot, why: String| async move {
+        slot.discard().await;
         Claim::Unusable(why)
     };
     let named = slot.dir.display().to_string();
     // Alive and waiting: it says so first, then waits for one message.
     let stream = match tokio::net::UnixStream::connect(slot.dir.join(CONTROL)).await {
         Ok(s) => s,
-        Err(e) => return unusable(slot, format!("the parked slot {named} does not answer: {e}")),
+        Err(e) => return unusable(slot, format!("the parked slot {named} does not answer: {e}")).await,
     };
     let mut conn = tokio::io::BufReader::new(stream);
     let mut hello = String::new();
     let said = tokio::time::timeout(Duration::from_secs(2), conn.read_line(&mut hello)).await;
     if !matches!(said, Ok(Ok(_))) || !hello.starts_with("parked ") {
-        return unusable(slot, format!("the parked slot {named} does not answer"));
+        return unusable(slot, format!("the parked slot {named} does not answer")).await;
     }
     // The limits are written here, before `go`.
     if let Err(e) = cgroup.claim(&slot.cgroup) {
         let left = cgroup.claim_leftovers(&slot.cgroup);
         let _ = tokio::task::spawn_blocking(move || left.destroy()).await;
-        return unusable(slot, e.to_string());
+        return unusable(slot, e.to_string()).await;
     }
-    let go = async {
+    let sent = async {
         shim::write_spec(dir, spec).map_err(|e| format!("cannot write {}: {e}", dir.join(SPEC).display()))?;
         let mut msg = serde_json::to_vec(&Go { dir: dir.to_owned(), fds: fds.iter().map(|(_, n)| *n).collect() })
             .map_err(|e| e.to_string())?;
         msg.push(b'\n');
         let borrowed: Vec<_> = fds.iter().map(|(fd, _)| fd.as_fd()).collect();
-        sys::send_fds(conn.get_ref().as_fd(), &msg, &borrowed).map_err(|e| format!("cannot send go: {e}"))?;
-        let mut reply = String::new();
-        match tokio::time::timeout(Duration::from_secs(30), conn.read_line(&mut reply)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("no answer to go: {e}")),
-            Err(_) => return Err("no answer to go within 30s".into()),
-        }
-        match reply.trim_end().strip_prefix("started ") {
-            Some(pid) => pid.parse::<i32>().map_err(|_| format!("its shim said {reply:?}")),
-            None => Err(reply.trim_end().strip_prefix("error ").unwrap_or("its shim ended without a word").to_owned()),
-        }
+        sys::send_fds(conn.get_ref().as_fd(), &msg, &borrowed).map_err(|e| format!("cannot send go: {e}"))
     };
-    let pid = match go.await {
-        Ok(pid) => pid,
-        Err(why) => {
-            // Whatever the slot started, nothing of it runs on; the sandbox's
-            // cgroup (now under its own name) stays for the usual start.
-            let target = cgroup.clone();
-            let _ = tokio::task::spawn_blocking(move || target.kill_all()).await;
-            let _ = std::fs::remove_dir_all(&slot.dir);
-            return Claim::Unusable(why);
-        }
-    };
+    if let Err(why) = sent.await {
+        // Nothing was told to go: the sandbox's cgroup (now under its own
+        // name) stays for the usual start.
+        let target = cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || target.kill_all()).await;
+        let _ = std::fs::remove_dir_all(&slot.dir);
+        return Claim::Unusable(why);
+    }
     let _ = std::fs::remove_dir_all(&slot.dir);
+    // Told to go, the slot's shim is this sandbox's: whatever goes wrong
+    // now fails the start as a fresh start's failure would, and is never
+    // followed by a start the usual way (two shims would share the state
+    // directory, and the sandbox could run twice).
+    let failed = |reason: String| {
+        let target = cgroup.clone();
+        async move {
+            let _ = tokio::task::spawn_blocking(move || target.kill_all()).await;
+            Claim::Failed(ShimError::Start { program: program.display().to_string(), reason })
+        }
+    };
+    let mut reply = String::new();
+    match tokio::time::timeout(Duration::from_secs(30), conn.read_line(&mut reply)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return failed(format!("no answer to go: {e}")).await,
+        Err(_) => return failed("no answer to go within 30s".into()).await,
+    }
+    let pid = match reply.trim_end().strip_prefix("started ").map(str::parse::<i32>) {
+        Some(Ok(pid)) => pid,
+        _ => match reply.trim_end().strip_prefix("error ") {
+            Some(words) => return Claim::Failed(ShimError::Sandbox(words.to_owned())),
+            None => return failed(format!("its shim said {:?} to go", reply.trim_end())).await,
+        },
+    };
     // An app that exits at once may be gone before the connection: its
     // recorded end is handed back, never a second start.
     match Shim::attach_started(dir, pid).await {
@@ -572,4 +616,27 @@ fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>) -> std::io::Result<std::convert::
     cmd.stdout(std::process::Stdio::inherit());
     let e = cmd.exec();
     Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_cgroup_v1_hosts_park_sandboxes() {
+        let pm = ProcessManager::global().unwrap();
+        let cfg = |cgroups| PoolConfig {
+            size: 2,
+            dir: "/nonexistent".into(),
+            shim: "/nonexistent/nx-shim".into(),
+            cgroups,
+            group: "nx".into(),
+            proc_root: "/proc".into(),
+        };
+        let v1 = Driver::V1 { memory: Some("/sys/fs/cgroup/memory".into()), cpu: None, pids: None };
+        let v2 = Driver::V2 { root: "/sys/fs/cgroup".into(), controllers: vec!["memory".into()] };
+        assert_eq!(Pool::new(cfg(v1), pm.clone()).0.cfg.size, 2);
+        assert_eq!(Pool::new(cfg(v2), pm.clone()).0.cfg.size, 0, "v2 refuses the claim's rename");
+        assert_eq!(Pool::new(cfg(Driver::None), pm).0.cfg.size, 0, "no cgroup join to pay ahead");
+    }
 }
