@@ -244,7 +244,12 @@ impl Shim {
     /// the record gives the launcher the app's own ending instead of a
     /// connection error.
     fn ended(dir: &Path, pid: i32) -> Option<Shim> {
-        let exit = last_exit(dir)?;
+        let record = std::fs::read_to_string(dir.join(EXIT)).ok()?;
+        // An earlier life's shim still ending could have written one.
+        if record.split(' ').nth(3).and_then(|p| p.trim().parse::<i32>().ok()) != Some(pid) {
+            return None;
+        }
+        let exit = Exit::decode(&record)?;
         let (_, exit_rx) = watch::channel(Some(Outcome::Exited(exit)));
         Some(Shim { pid, exit: exit_rx, control: None })
     }
@@ -661,7 +666,9 @@ impl<'a> Running<'a> {
             self.log.system_line(if stop.killed.is_some() { "killed" } else { "stopped" });
         }
         let tmp = self.dir.join(".exit.tmp");
-        if std::fs::write(&tmp, exit.encode()).is_ok() {
+        // The sandbox's pid follows, so a launcher reading the record after
+        // the fact knows it is this life's (`Shim::ended`).
+        if std::fs::write(&tmp, format!("{} {}", exit.encode(), self.pid)).is_ok() {
             let _ = std::fs::rename(&tmp, self.dir.join(EXIT));
         }
         let _ = std::fs::remove_file(self.dir.join(CONTROL));
@@ -691,7 +698,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(Shim::ended(dir.path(), 42).is_none(), "no record, no life to hand back");
         let exit = Exit { raw: 7 << 8, oom_kills: 0 };
-        std::fs::write(dir.path().join(EXIT), exit.encode()).unwrap();
+        std::fs::write(dir.path().join(EXIT), format!("{} 41", exit.encode())).unwrap();
+        assert!(Shim::ended(dir.path(), 42).is_none(), "another life's record");
+        std::fs::write(dir.path().join(EXIT), format!("{} 42", exit.encode())).unwrap();
         let mut shim = Shim::ended(dir.path(), 42).unwrap();
         assert_eq!(shim.pid(), 42);
         assert!(shim.exited());
