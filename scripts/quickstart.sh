@@ -78,6 +78,8 @@ fi
 
 echo "==> deploying the example app"
 "$nx" apps ls --json | grep -q '"name": "hello"' || "$nx" apps create hello >/dev/null
+# Its health checks go to /healthz: / counts a visit per request.
+"$nx" apps set hello --health-path /healthz >/dev/null
 out=$("$nx" push "$bin/hello" --app hello --promote --json)
 preview=$(printf '%s' "$out" | sed -n 's/.*"preview_url": "\([^"]*\)".*/\1/p' | head -n1)
 production=$(printf '%s' "$out" | sed -n 's/.*"production_url": "\([^"]*\)".*/\1/p' | head -n1)
