@@ -100,9 +100,16 @@ fn receiver_restarts_and_upgrades_under_load_on_three_apps_fail_no_request_and_k
     assert_eq!(routers(&r), router, "nx-router was adopted, not restarted");
     assert!(r.log().contains("embedded PostgreSQL adopted"), "{}", r.log());
     assert!(r.log().contains("nx-router adopted"), "{}", r.log());
-    // The watchdog holds apps to their limits through the adopted cluster.
+    // The watchdog holds apps to their limits through the adopted cluster:
+    // it cancels the statement past the cap, or ends its session when its
+    // first look at it comes past twice the cap (a round delayed while the
+    // restarted receiver takes its deployments back on a loaded host).
     let err = psql(&r.db_url("counter"), "SET statement_timeout = 0; SELECT pg_sleep(60)").unwrap_err();
-    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(
+        err.contains("canceling statement due to user request")
+            || err.contains("terminating connection due to administrator command"),
+        "{err}"
+    );
 
     // 2. A new binary (another path): the router is replaced as a reload
     // does, PostgreSQL is adopted again.
