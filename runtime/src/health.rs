@@ -6,7 +6,6 @@
 //! a few milliseconds and the start-to-healthy time is a figure we publish.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -84,45 +83,61 @@ fn parse_status(buf: &[u8]) -> Option<u16> {
 }
 
 /// The uids owning the sockets that listen on `addr`: on its port, at its
-/// address or a wildcard one, read from the kernel's tables under
-/// `proc_root` (`net/tcp`, `net/tcp6`). Sandboxes share the host's network
-/// namespace, so an answer on an app's port proves nothing about who gave
-/// it; the owner of the listening socket does.
-pub fn listeners(proc_root: &Path, addr: SocketAddr) -> Vec<u32> {
+/// address or a wildcard one, as the kernel's socket diagnostics
+/// (`NETLINK_SOCK_DIAG`) list them for this network namespace. Sandboxes
+/// share the host's network namespace, so an answer on an app's port
+/// proves nothing about who gave it; the owner of the listening socket does.
+pub fn listeners(addr: SocketAddr) -> std::io::Result<Vec<u32>> {
     let mut uids = Vec::new();
-    for table in ["net/tcp", "net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(proc_root.join(table)) else { continue };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
-            let (Some(local), Some(&"0A"), Some(uid)) = (fields.get(1), fields.get(3), fields.get(7)) else { continue };
-            let Some((ip, port)) = parse_local(local) else { continue };
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for msg in crate::sys::sock_diag_dump(&listeners_request(family, addr.port()))? {
+            let Some((ip, port, uid)) = parse_listener(&msg) else { continue };
             let wildcard = ip.is_unspecified();
             let same = ip == addr.ip() || ip.to_canonical() == addr.ip();
             if port == addr.port() && (same || wildcard) {
-                uids.extend(uid.parse::<u32>().ok());
+                uids.push(uid);
             }
         }
     }
-    uids
+    Ok(uids)
 }
 
-/// A `local_address` of the kernel's tables: the address as hex 32-bit
-/// words printed as the machine reads the network-order bytes (so their
-/// native-endian bytes are the address), a colon, the hex port.
-fn parse_local(field: &str) -> Option<(IpAddr, u16)> {
-    let (hex, port) = field.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let mut bytes = Vec::with_capacity(16);
-    for i in 0..hex.len() / 8 {
-        bytes.extend(u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes());
-    }
-    let ip = match (hex.len(), <[u8; 4]>::try_from(bytes.as_slice()), <[u8; 16]>::try_from(bytes.as_slice())) {
-        (8, Ok(v4), _) => IpAddr::V4(Ipv4Addr::from(v4)),
-        (32, _, Ok(v6)) => IpAddr::V6(Ipv6Addr::from(v6)),
+/// A `SOCK_DIAG_BY_FAMILY` dump request for the TCP sockets of `family`
+/// listening on `port`: a netlink header and an `inet_diag_req_v2`. Asking
+/// for the listening state alone keeps the kernel out of its table of
+/// connections.
+fn listeners_request(family: i32, port: u16) -> Vec<u8> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
+    const TCP_LISTEN: u32 = 10;
+    const LEN: u32 = 16 + 56;
+    let mut m = Vec::with_capacity(LEN as usize);
+    m.extend(LEN.to_ne_bytes());
+    m.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend(NLM_F_REQUEST_DUMP.to_ne_bytes());
+    m.extend(1u32.to_ne_bytes()); // sequence
+    m.extend(0u32.to_ne_bytes()); // to the kernel
+    m.extend([family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend((1u32 << TCP_LISTEN).to_ne_bytes());
+    // inet_diag_sockid: the source port (network order) filters the dump;
+    // addresses, interface and cookie are left open.
+    m.extend(port.to_be_bytes());
+    m.resize(LEN as usize, 0);
+    m
+}
+
+/// The bound address, port and owner of one `inet_diag_msg`.
+fn parse_listener(msg: &[u8]) -> Option<(IpAddr, u16, u32)> {
+    let family = i32::from(*msg.first()?);
+    let port = u16::from_be_bytes(msg.get(4..6)?.try_into().ok()?);
+    let src = msg.get(8..24)?;
+    let uid = u32::from_ne_bytes(msg.get(64..68)?.try_into().ok()?);
+    let ip = match family {
+        libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&src[..4]).ok()?)),
+        libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(src).ok()?)),
         _ => return None,
     };
-    Some((ip, port))
+    Some((ip, port, uid))
 }
 
 /// How long after the start probes run every millisecond.
@@ -184,38 +199,27 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let me = crate::sys::effective_uid();
-        assert_eq!(listeners(Path::new("/proc"), addr), vec![me]);
+        assert_eq!(listeners(addr).unwrap(), vec![me]);
+        // A connection to it is not a listener.
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (_accepted, _) = l.accept().unwrap();
+        assert_eq!(listeners(addr).unwrap(), vec![me]);
         drop(l);
-        assert_eq!(listeners(Path::new("/proc"), addr), Vec::<u32>::new());
+        assert_eq!(listeners(addr).unwrap(), Vec::<u32>::new());
     }
 
     #[test]
-    fn the_kernels_tables_are_read_for_both_families_and_wildcards() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("net")).unwrap();
-        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
-        // As the kernel prints it: the network-order bytes read as a native u32.
-        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
-        std::fs::write(
-            dir.path().join("net/tcp"),
-            format!(
-                "{head}   0: {v4:08X}:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  7001        0 1 1\n\
-                    1: {v4:08X}:1F91 00000000:0000 01 00000000:00000000 00:00000000 00000000  7002        0 2 1\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("net/tcp6"),
-            format!("{head}   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  7003        0 3 1\n"),
-        )
-        .unwrap();
-        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        assert_eq!(listeners(dir.path(), addr), vec![7001, 7003], "the address itself, and [::] which takes IPv4 too");
-        assert_eq!(
-            listeners(dir.path(), "127.0.0.1:8081".parse().unwrap()),
-            Vec::<u32>::new(),
-            "established, not listening"
-        );
+    fn both_families_and_wildcards_are_listed_and_other_addresses_are_not() {
+        let any6 = std::net::TcpListener::bind("[::]:0").unwrap();
+        let port = any6.local_addr().unwrap().port();
+        let me = crate::sys::effective_uid();
+        assert_eq!(listeners(SocketAddr::from(([127, 0, 0, 1], port))).unwrap(), vec![me], "[::] takes IPv4 too");
+        let other = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let elsewhere = SocketAddr::from(([127, 0, 0, 1], other.local_addr().unwrap().port()));
+        assert_eq!(listeners(elsewhere).unwrap(), Vec::<u32>::new(), "127.0.0.2 does not answer for 127.0.0.1");
+        let v4 = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], v4.local_addr().unwrap().port()));
+        assert_eq!(listeners(addr).unwrap(), vec![me]);
     }
 
     #[tokio::test]

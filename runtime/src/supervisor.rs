@@ -124,8 +124,13 @@ pub enum AfterCrash {
 }
 
 /// Why an answer on `addr` does not count as the app's: some socket that
-/// listens there belongs to another user than the app's `uid`, or none does.
-fn foreign_listener(owners: &[u32], uid: u32, addr: SocketAddr) -> Option<String> {
+/// listens there belongs to another user than the app's `uid`, none does,
+/// or the kernel could not be asked (then nothing proves it is the app's).
+fn foreign_listener(owners: std::io::Result<Vec<u32>>, uid: u32, addr: SocketAddr) -> Option<String> {
+    let owners = match owners {
+        Ok(o) => o,
+        Err(e) => return Some(format!("cannot tell which user listens on {addr}: {e}")),
+    };
     match owners.iter().find(|o| **o != uid) {
         Some(other) => Some(format!(
             "{addr} is held by a socket of uid {other}, not this app's (uid {uid}); the answer was not the app's, \
@@ -255,8 +260,7 @@ impl Sandbox {
         };
         let probe = shim.probe();
         let answered = health::wait_healthy(config.addr, &config.health, config.start_timeout, || probe.exited()).await;
-        let foreign =
-            foreign_listener(&health::listeners(&config.proc_root, config.addr), config.host_ids.0, config.addr);
+        let foreign = foreign_listener(health::listeners(config.addr), config.host_ids.0, config.addr);
         match (answered, foreign) {
             (Ok(()), None) => {
                 log.system_line(&format!("sandbox (pid {}) adopted, healthy on {}", shim.pid(), config.addr));
@@ -380,9 +384,7 @@ async fn supervise(
                 }
                 // Apps share the host's network namespace: the answer must come from
                 // a socket of this app's own, not one another app holds on its port.
-                if let Some(reason) =
-                    foreign_listener(&health::listeners(&cfg.proc_root, cfg.addr), cfg.host_ids.0, cfg.addr)
-                {
+                if let Some(reason) = foreign_listener(health::listeners(cfg.addr), cfg.host_ids.0, cfg.addr) {
                     terminate(&cfg, &mut shim).await;
                     return fail(&status, reason);
                 }
@@ -455,7 +457,14 @@ async fn keep_checking(cfg: &SandboxConfig, log: &Log, status: &watch::Sender<St
         ticks.tick().await;
         let started = Instant::now();
         let probe = tokio::time::timeout(every, health::probe(cfg.addr, &cfg.health, every)).await;
-        match probe.unwrap_or(Err(health::ProbeError::NoAnswer(cfg.addr, every))) {
+        // An answer counts only from the app's own socket, as at its start:
+        // an app that closed its listener could have had its port taken by
+        // another tenant's, which would then get its visitors.
+        let probe = match probe.unwrap_or(Err(health::ProbeError::NoAnswer(cfg.addr, every))) {
+            Ok(()) => foreign_listener(health::listeners(cfg.addr), cfg.host_ids.0, cfg.addr).map_or(Ok(()), Err),
+            Err(e) => Err(e.to_string()),
+        };
+        match probe {
             Ok(()) => {
                 if failing.take().is_some_and(|(_, n)| n >= FAILURES_TO_UNHEALTHY) {
                     log.system_line(&format!("answers its health check again on {}", cfg.addr));
@@ -636,14 +645,16 @@ mod tests {
     #[test]
     fn only_the_apps_own_listener_makes_it_healthy() {
         let addr: SocketAddr = "127.0.0.1:20000".parse().unwrap();
-        assert_eq!(foreign_listener(&[7001], 7001, addr), None);
-        assert_eq!(foreign_listener(&[7001, 7001], 7001, addr), None, "SO_REUSEPORT listeners of the app's own");
-        let held = foreign_listener(&[7001, 7002], 7001, addr).unwrap();
+        assert_eq!(foreign_listener(Ok(vec![7001]), 7001, addr), None);
+        assert_eq!(foreign_listener(Ok(vec![7001, 7001]), 7001, addr), None, "SO_REUSEPORT listeners of the app's own");
+        let held = foreign_listener(Ok(vec![7001, 7002]), 7001, addr).unwrap();
         assert!(
             held.starts_with("127.0.0.1:20000 is held by a socket of uid 7002, not this app's (uid 7001)"),
             "{held}"
         );
-        assert!(foreign_listener(&[], 7001, addr).is_some());
+        assert!(foreign_listener(Ok(vec![]), 7001, addr).is_some());
+        let unknown = foreign_listener(Err(std::io::Error::from_raw_os_error(libc::EPERM)), 7001, addr).unwrap();
+        assert!(unknown.starts_with("cannot tell which user listens on 127.0.0.1:20000"), "{unknown}");
     }
 
     #[test]
@@ -762,7 +773,9 @@ mod tests {
         assert_eq!(Liveness::default().every(), Duration::from_millis(3333), "whole milliseconds");
         let liveness = Liveness { interval: Duration::from_millis(1500), restart_after: Duration::from_secs(3) };
         let check = HealthCheck::Http { path: "/healthz".into(), require_success: true };
-        let cfg = config(addr, check, liveness);
+        let mut cfg = config(addr, check, liveness);
+        let me = crate::sys::effective_uid();
+        cfg.host_ids = (me, me);
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(&dir.path().join("app.log"), crate::logs::LogLimits::default()).unwrap();
         let (status, mut seen) = watch::channel(Status::Healthy { restarts: 4 });
@@ -809,5 +822,31 @@ mod tests {
         assert!(matches!(*seen.borrow(), Status::Unhealthy { .. }));
         let lines = std::fs::read_to_string(dir.path().join("app.log")).unwrap();
         assert!(lines.contains(&format!("answers its health check again on {addr}")), "{lines}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_another_users_socket_on_the_port_is_a_failed_probe() {
+        // The app's uid is 1; the socket answering on its port is this
+        // process's: what a tenant that took over a closed port looks like.
+        let addr = app(Arc::new(std::sync::atomic::AtomicBool::new(true))).await;
+        let liveness = Liveness { interval: Duration::from_millis(600), restart_after: Duration::from_secs(60) };
+        let cfg = config(addr, HealthCheck::default(), liveness);
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&dir.path().join("app.log"), crate::logs::LogLimits::default()).unwrap();
+        let (status, mut seen) = watch::channel(Status::Healthy { restarts: 0 });
+        let checking = keep_checking(&cfg, &log, &status, 0);
+        let me = crate::sys::effective_uid();
+        tokio::select! {
+            _ = checking => panic!("gave up before restart_after"),
+            r = seen.wait_for(|s| matches!(s, Status::Unhealthy { .. })) => {
+                let Status::Unhealthy { reason, .. } = r.unwrap().clone() else { unreachable!() };
+                assert!(
+                    reason.starts_with(&format!(
+                        "failed its health check 2 times in a row: {addr} is held by a socket of uid {me}, not this app's (uid 1)"
+                    )),
+                    "{reason}"
+                );
+            }
+        }
     }
 }

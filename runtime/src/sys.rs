@@ -509,6 +509,54 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<std::net::TcpListener> {
     Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
 }
 
+/// One netlink dump over `NETLINK_SOCK_DIAG`: sends `request` (a complete
+/// message, header included) and returns the payload of every answer
+/// message up to `NLMSG_DONE`. How the health check learns who owns the
+/// sockets listening on a port: the kernel answers from its listening
+/// table alone, where reading `/proc/net/tcp` walks every connection bucket
+/// (5 ms each for IPv4 and IPv6 on a 24 GiB host, on every start).
+pub fn sock_diag_dump(request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    const HEADER: usize = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)?;
+    sendto(fd.as_raw_fd(), request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answered {what}"));
+    let mut payloads = Vec::new();
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(bad("nothing"));
+        }
+        let mut at = 0;
+        while at + HEADER <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().map_err(|_| bad("a short header"))?) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < HEADER || at + len > n {
+                return Err(bad("a message of a wrong length"));
+            }
+            let payload = &buf[at + HEADER..at + len];
+            match kind {
+                NLMSG_DONE => return Ok(payloads),
+                NLMSG_ERROR => {
+                    let code = payload.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+                    // Zero is an acknowledgement, not an error.
+                    return if code == 0 { Ok(payloads) } else { Err(io::Error::from_raw_os_error(-code)) };
+                }
+                _ => payloads.push(payload.to_vec()),
+            }
+            // Messages are aligned to 4 bytes.
+            at += (len + 3) & !3;
+        }
+    }
+}
+
 /// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`) over a
 /// connected unix stream socket: how a router hands its listening sockets to
 /// its successor. The receiving process gets its own copies; ours stay open.
