@@ -61,6 +61,9 @@ const PARK: &str = "park.json";
 const OUT_OF_THE_WAY: RawFd = 64;
 /// The most descriptors a `go` carries (seccomp, environment, Landlock).
 const MAX_FDS: usize = 8;
+/// How long no slot is taken before the pool refills: past a start's own
+/// few milliseconds, short next to the seconds between pushes.
+const REFILL_AFTER: Duration = Duration::from_millis(200);
 
 /// A parked slot's cgroup and how its process is run.
 #[derive(Debug, Serialize, Deserialize)]
@@ -217,7 +220,7 @@ impl Pool {
         Ok(self.parked())
     }
 
-    /// Keeps the pool full, forever: refills after every claim, and after a
+    /// Keeps the pool full, forever: refills once claims pause, and after a
     /// failure to park waits a while (saying why) rather than spin.
     pub async fn refill(self) {
         loop {
@@ -227,6 +230,11 @@ impl Pool {
                 continue;
             }
             self.0.taken.notified().await;
+            // Parking joins a cgroup, which holds every fork on the host
+            // (the claimed sandbox's bwrap among them) for an RCU grace
+            // period: a refill at once would slow the very start the slot
+            // was taken for. It waits until no slot was taken for a while.
+            while tokio::time::timeout(REFILL_AFTER, self.0.taken.notified()).await.is_ok() {}
         }
     }
 
