@@ -39,8 +39,25 @@ fn first_byte(router_port: u16, host: &str) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// How long each wake took the receiver, from its state `starting` to the
+/// sandbox's health check passing, as its JSON log says ("deployment woke").
+fn receiver_wakes(log: &str) -> Figure {
+    let mut took = Figure::default();
+    for v in log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        if v["fields"]["message"] == "deployment woke" {
+            if let Some(micros) = v["fields"]["micros"].as_u64() {
+                took.push_ms(Duration::from_micros(micros));
+            }
+        }
+    }
+    took
+}
+
 pub fn run(rounds: usize) -> anyhow::Result<()> {
-    let r = Receiver::start();
+    let r = Receiver::start_with(nx_e2e::receiver::Options {
+        args: vec!["--log-format".into(), "json".into()],
+        ..nx_e2e::receiver::Options::default()
+    });
     r.create_app("bench");
     let out = r.nx(&["apps", "set", "bench", "--sleep-after", "2s"]);
     anyhow::ensure!(out.code == 0, "cannot set sleep_after: {}", out.stderr);
@@ -62,6 +79,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     println!("wake on request -> first byte ({rounds} rounds, a static C server, sleep_after 2s)");
     println!("{}", woken.line("asleep: held, woken, answered", "ms"));
     println!("{}", running.line("running (peer)", "ms"));
+    println!("{}", receiver_wakes(&r.log()).line("  of which the receiver's start, to healthy", "ms"));
     println!("  the wake costs {:.2} ms", woken.median() - running.median());
     verdict("first byte of a held request <= 10 ms median", woken.median() <= 10.0);
     Ok(())

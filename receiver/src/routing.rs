@@ -224,15 +224,17 @@ impl RoutePublisher {
     }
 
     async fn publish_locked(&self, generation: &mut u64) -> Result<(), PublishError> {
-        let rows = self.db.routed_deployments().await?;
-        let domains = self.db.verified_domains().await?;
+        // Three queries at once, on three of the pool's connections: a
+        // table follows every state change, and a woken app's first request
+        // waits for it.
+        let (rows, domains, wildcards) =
+            tokio::try_join!(self.db.routed_deployments(), self.db.verified_domains(), self.db.wildcards())?;
         // Microseconds since the epoch move forward across receiver restarts.
         let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
         *generation = (*generation + 1).max(now);
         let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
         route_replicas(&mut table, &self.healthy.lock().unwrap_or_else(|p| p.into_inner()));
         table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let wildcards = self.db.wildcards().await?;
         let served = [self.domain.as_str(), self.preview_domain.as_str()];
         table.certificates = certificates(&domains, &wildcards, served, &self.master);
         self.certified.store(!table.certificates.is_empty(), std::sync::atomic::Ordering::SeqCst);

@@ -588,7 +588,9 @@ impl Deployer {
     /// (one replica healthy, or all failed), else at once.
     pub async fn start(&self, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
         let held = self.hold(&row.id).await;
-        self.start_held(&held, row, wait).await
+        // Read again under the hold: [`Deployer::run`] trusts its state and ports.
+        let row = self.row(&row.id).await?;
+        self.start_held(&held, &row, wait).await
     }
 
     /// [`Deployer::start`] for a caller that holds the deployment's lock.
@@ -670,7 +672,8 @@ impl Deployer {
         Ok(())
     }
 
-    /// Runs `count` replicas of `row` under one watcher. With `keep`, the
+    /// Runs `count` replicas of `row` (as read under `_held`, the
+    /// deployment's hold) under one watcher. With `keep`, the
     /// replicas it runs already and still needs go on as they are;
     /// without, every sandbox it ran is stopped first. A replica is adopted
     /// when a previous receiver left it running (a receiver restart is no
@@ -684,13 +687,23 @@ impl Deployer {
         keep: bool,
         wait: Wait,
     ) -> Result<Status, DeployError> {
-        let ports = self.replica_ports(&row.id, count).await?;
+        // One replica and none recorded (most starts, every wake): its own
+        // port, read under the deployment's hold by the caller; the others
+        // are only ever recorded under that hold.
+        let single = count == 1 && row.replica_ports.is_empty();
+        let ports = if single { vec![row.port as u16] } else { self.replica_ports(&row.id, count).await? };
         let logs_dir = self.services.config.data_dir.join("logs/deployments");
         std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
         let log_path = self.log_path(&row.id);
         // The sandboxes' shims write the app's lines to the same file.
         let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
         let previous = self.running.lock().map_err(|_| poisoned())?.remove(&row.id);
+        // Nothing of it ran here: the router has no replica of it to stop
+        // sending to, and (once `starting` is recorded) nothing to learn
+        // before its first healthy replica. A wake then costs one commit and
+        // one route table, not three and two.
+        let ran_here = previous.is_some();
+        let mut starting_recorded = row.state() == DeploymentState::Starting;
         let mut kept = Vec::new();
         // When the replicas that stay became healthy: their uptime goes on.
         let mut kept_since = HashMap::new();
@@ -726,7 +739,9 @@ impl Deployer {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        self.free_replica_ports(&row.id, count).await?;
+        if !single {
+            self.free_replica_ports(&row.id, count).await?;
+        }
         let mut replicas = Vec::new();
         for (index, port) in (0u32..).zip(ports) {
             if let Some(pos) = kept.iter().position(|r| r.index == index) {
@@ -754,8 +769,9 @@ impl Deployer {
             let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
                 Ok(adopted) => adopted,
                 Err(config) => {
-                    if index == 0 {
+                    if index == 0 && !starting_recorded {
                         self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+                        starting_recorded = true;
                     }
                     Sandbox::start(config, self.services.pm.clone(), log.clone())
                 }
@@ -779,7 +795,12 @@ impl Deployer {
                 reporter: self.services.reporter.clone(),
                 id: row.id.clone(),
                 app: row.app_name.clone(),
-                recorded: if keep { Some(self.row(&row.id).await?.state()) } else { None },
+                recorded: if keep {
+                    Some(self.row(&row.id).await?.state())
+                } else {
+                    (starting_recorded && !ran_here).then_some(DeploymentState::Starting)
+                },
+                routed: (!ran_here && !keep).then(Vec::new),
             },
         ))
         .abort_handle();
@@ -1067,8 +1088,12 @@ struct Watcher {
     id: String,
     app: String,
     /// The state already recorded when replicas are added to or taken from
-    /// a running deployment: not recorded (nor reported) again.
+    /// a running deployment, or `starting` when its start recorded it: not
+    /// recorded (nor reported) again.
     recorded: Option<DeploymentState>,
+    /// The replica ports the router already has for it: none for a
+    /// deployment that did not run here (`None`: not known).
+    routed: Option<Vec<u16>>,
 }
 
 /// What the watcher does with a status: record `state` (and `error`, with a
@@ -1163,9 +1188,9 @@ async fn watch_sandbox(
     routed_now: Arc<Mutex<Vec<u16>>>,
     w: Watcher,
 ) {
-    let Watcher { db, routes, reporter, id, app, recorded } = w;
+    let Watcher { db, routes, reporter, id, app, recorded, routed } = w;
     let mut applied_state = recorded;
-    let mut routed: Option<Vec<u16>> = None;
+    let mut routed = routed;
     // The sandbox was started just before its watcher.
     let (started, mut was_healthy) = (std::time::Instant::now(), recorded == Some(DeploymentState::Healthy));
     loop {

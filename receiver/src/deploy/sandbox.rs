@@ -170,7 +170,10 @@ impl Deployer {
         enforced.report.push(data_limit);
         enforced.report.push(self.services.network.clone());
         enforced.report.extend(self.services.landlock.report());
-        self.services.db.set_limits(&row.id, &enforced.report).await?;
+        // A restart or a wake finds them as recorded: no commit for that.
+        if row.limits.0 != enforced.report {
+            self.services.db.set_limits(&row.id, &enforced.report).await?;
+        }
 
         // The deployment's directory is root's and open to the app's group
         // alone: the store is closed to app uids (a binary's digest is no

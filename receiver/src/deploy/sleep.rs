@@ -245,7 +245,7 @@ impl Deployer {
                 }
             }
         };
-        let row = self.row(id).await?;
+        let mut row = self.row(id).await?;
         // Only what sleeps wakes: a deployment stopped, failed or removed
         // since the router asked stays as it is.
         if row.state() != DeploymentState::Sleeping
@@ -255,6 +255,7 @@ impl Deployer {
             let _ = self.services.routes.publish().await;
             return Ok(self.running_status(id).unwrap_or(Status::Stopped));
         }
+        row.state = DeploymentState::Starting.as_str().to_owned();
         let started = Instant::now();
         let status = self.start_held(&held, &row, true).await?;
         let Status::Failed { reason, .. } = &status else {
