@@ -91,15 +91,37 @@ pub fn listeners(addr: SocketAddr) -> std::io::Result<Vec<u32>> {
     let mut uids = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         for msg in crate::sys::sock_diag_dump(&listeners_request(family, addr.port()))? {
-            let Some((ip, port, uid)) = parse_listener(&msg) else { continue };
-            let wildcard = ip.is_unspecified();
-            let same = ip == addr.ip() || ip.to_canonical() == addr.ip();
-            if port == addr.port() && (same || wildcard) {
-                uids.push(uid);
+            match parse_listener(&msg) {
+                Some(l) if l.port == addr.port() && l.receives(addr.ip()) => uids.push(l.uid),
+                _ => {}
             }
         }
     }
     Ok(uids)
+}
+
+/// One listening socket as the kernel describes it.
+#[derive(Debug, PartialEq, Eq)]
+struct Listener {
+    ip: IpAddr,
+    port: u16,
+    uid: u32,
+    /// An IPv6 socket that takes no IPv4 connections (`IPV6_V6ONLY`).
+    v6only: bool,
+}
+
+impl Listener {
+    /// Whether connections to `to` on its port reach this socket: its own
+    /// address, or a wildcard (`0.0.0.0`, `::` or `::ffff:0.0.0.0`); IPv4
+    /// ones through an IPv6 socket only when it is not v6-only.
+    fn receives(&self, to: IpAddr) -> bool {
+        let canonical = self.ip.to_canonical();
+        let wildcard = canonical.is_unspecified();
+        match to {
+            IpAddr::V4(_) => (self.ip.is_ipv4() || !self.v6only) && (wildcard || canonical == to),
+            IpAddr::V6(_) => self.ip.is_ipv6() && (self.ip.is_unspecified() || self.ip == to),
+        }
+    }
 }
 
 /// A `SOCK_DIAG_BY_FAMILY` dump request for the TCP sockets of `family`
@@ -126,18 +148,38 @@ fn listeners_request(family: i32, port: u16) -> Vec<u8> {
     m
 }
 
-/// The bound address, port and owner of one `inet_diag_msg`.
-fn parse_listener(msg: &[u8]) -> Option<(IpAddr, u16, u32)> {
+/// The listening socket one `inet_diag_msg` describes: its bound address,
+/// port and owner, and for IPv6 its `INET_DIAG_SKV6ONLY` attribute (which
+/// the kernel adds to every IPv6 socket's message, after the 72 bytes of
+/// the message itself).
+fn parse_listener(msg: &[u8]) -> Option<Listener> {
+    const INET_DIAG_SKV6ONLY: u16 = 11;
     let family = i32::from(*msg.first()?);
     let port = u16::from_be_bytes(msg.get(4..6)?.try_into().ok()?);
     let src = msg.get(8..24)?;
     let uid = u32::from_ne_bytes(msg.get(64..68)?.try_into().ok()?);
-    let ip = match family {
-        libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&src[..4]).ok()?)),
-        libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(src).ok()?)),
+    let (ip, v6only) = match family {
+        libc::AF_INET => (IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&src[..4]).ok()?)), false),
+        libc::AF_INET6 => {
+            let mut v6only = None;
+            let mut at = 72;
+            while let (Some(len), Some(kind)) = (msg.get(at..at + 2), msg.get(at + 2..at + 4)) {
+                let len = usize::from(u16::from_ne_bytes([len[0], len[1]]));
+                if len < 4 {
+                    break;
+                }
+                if u16::from_ne_bytes([kind[0], kind[1]]) == INET_DIAG_SKV6ONLY {
+                    v6only = msg.get(at + 4).map(|b| *b != 0);
+                }
+                at += (len + 3) & !3;
+            }
+            // Without the attribute it cannot be told: counted as taking
+            // IPv4 too, so a socket that may answer is never overlooked.
+            (IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(src).ok()?)), v6only.unwrap_or(false))
+        }
         _ => return None,
     };
-    Some((ip, port, uid))
+    Some(Listener { ip, port, uid, v6only })
 }
 
 /// How long after the start probes run every millisecond.
@@ -217,9 +259,36 @@ mod tests {
         let other = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
         let elsewhere = SocketAddr::from(([127, 0, 0, 1], other.local_addr().unwrap().port()));
         assert_eq!(listeners(elsewhere).unwrap(), Vec::<u32>::new(), "127.0.0.2 does not answer for 127.0.0.1");
+        use nix::sys::socket::{bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+        let v6only = socket(AddressFamily::Inet6, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        setsockopt(&v6only, sockopt::Ipv6V6Only, &true).unwrap();
+        let any =
+            nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+        bind(std::os::fd::AsRawFd::as_raw_fd(&v6only), &any).unwrap();
+        listen(&v6only, Backlog::new(8).unwrap()).unwrap();
+        let v6only = std::net::TcpListener::from(v6only);
+        let port = v6only.local_addr().unwrap().port();
+        assert_eq!(
+            listeners(SocketAddr::from(([127, 0, 0, 1], port))).unwrap(),
+            Vec::<u32>::new(),
+            "a v6-only [::] takes no IPv4 connection"
+        );
         let v4 = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], v4.local_addr().unwrap().port()));
         assert_eq!(listeners(addr).unwrap(), vec![me]);
+    }
+
+    #[test]
+    fn wildcards_of_both_forms_and_mapped_addresses_receive_ipv4() {
+        let l = |ip: &str, v6only| Listener { ip: ip.parse().unwrap(), port: 80, uid: 1, v6only };
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(l("0.0.0.0", false).receives(local));
+        assert!(l("::", false).receives(local));
+        assert!(l("::ffff:0.0.0.0", false).receives(local), "the mapped wildcard");
+        assert!(l("::ffff:127.0.0.1", false).receives(local));
+        assert!(!l("::", true).receives(local), "v6-only");
+        assert!(!l("127.0.0.2", false).receives(local));
+        assert!(!l("::1", false).receives(local));
     }
 
     #[tokio::test]

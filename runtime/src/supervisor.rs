@@ -143,6 +143,17 @@ fn foreign_listener(owners: std::io::Result<Vec<u32>>, uid: u32, addr: SocketAdd
     }
 }
 
+/// Why an answer on the app's port is not the app's, if it is not
+/// ([`foreign_listener`]). The kernel is asked off the async threads: a
+/// tenant with many listeners on its port makes the dump longer.
+async fn not_the_apps(cfg: &SandboxConfig) -> Option<String> {
+    let addr = cfg.addr;
+    let owners = tokio::task::spawn_blocking(move || health::listeners(addr))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    foreign_listener(owners, cfg.host_ids.0, addr)
+}
+
 /// Everything needed to run one sandbox. `Debug` leaves out the environment,
 /// which holds the app's secrets.
 #[derive(Clone)]
@@ -260,7 +271,7 @@ impl Sandbox {
         };
         let probe = shim.probe();
         let answered = health::wait_healthy(config.addr, &config.health, config.start_timeout, || probe.exited()).await;
-        let foreign = foreign_listener(health::listeners(config.addr), config.host_ids.0, config.addr);
+        let foreign = not_the_apps(&config).await;
         match (answered, foreign) {
             (Ok(()), None) => {
                 log.system_line(&format!("sandbox (pid {}) adopted, healthy on {}", shim.pid(), config.addr));
@@ -384,7 +395,7 @@ async fn supervise(
                 }
                 // Apps share the host's network namespace: the answer must come from
                 // a socket of this app's own, not one another app holds on its port.
-                if let Some(reason) = foreign_listener(health::listeners(cfg.addr), cfg.host_ids.0, cfg.addr) {
+                if let Some(reason) = not_the_apps(&cfg).await {
                     terminate(&cfg, &mut shim).await;
                     return fail(&status, reason);
                 }
@@ -461,7 +472,7 @@ async fn keep_checking(cfg: &SandboxConfig, log: &Log, status: &watch::Sender<St
         // an app that closed its listener could have had its port taken by
         // another tenant's, which would then get its visitors.
         let probe = match probe.unwrap_or(Err(health::ProbeError::NoAnswer(cfg.addr, every))) {
-            Ok(()) => foreign_listener(health::listeners(cfg.addr), cfg.host_ids.0, cfg.addr).map_or(Ok(()), Err),
+            Ok(()) => not_the_apps(cfg).await.map_or(Ok(()), Err),
             Err(e) => Err(e.to_string()),
         };
         match probe {

@@ -525,6 +525,8 @@ pub fn sock_diag_dump(request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
     let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)?;
+    // A dump that stalls is an error, never a hang.
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(2, 0))?;
     sendto(fd.as_raw_fd(), request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answered {what}"));
     let mut payloads = Vec::new();
@@ -542,12 +544,17 @@ pub fn sock_diag_dump(request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
                 return Err(bad("a message of a wrong length"));
             }
             let payload = &buf[at + HEADER..at + len];
+            // Both end messages carry a status first: negative is an errno.
+            let status = || {
+                payload
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .ok_or_else(|| bad("a short status"))
+            };
             match kind {
-                NLMSG_DONE => return Ok(payloads),
-                NLMSG_ERROR => {
-                    let code = payload.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
-                    // Zero is an acknowledgement, not an error.
-                    return if code == 0 { Ok(payloads) } else { Err(io::Error::from_raw_os_error(-code)) };
+                NLMSG_DONE | NLMSG_ERROR => {
+                    let code = status()?;
+                    return if code < 0 { Err(io::Error::from_raw_os_error(-code)) } else { Ok(payloads) };
                 }
                 _ => payloads.push(payload.to_vec()),
             }

@@ -698,12 +698,15 @@ impl Deployer {
         // The sandboxes' shims write the app's lines to the same file.
         let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
         let previous = self.running.lock().map_err(|_| poisoned())?.remove(&row.id);
-        // Nothing of it ran here: the router has no replica of it to stop
-        // sending to, and (once `starting` is recorded) nothing to learn
-        // before its first healthy replica. A wake then costs one commit and
-        // one route table, not three and two.
+        // `starting` is committed once, by the caller (a wake) or below, and
+        // not again by the watcher. A deployment that did not run here and
+        // whose caller recorded `starting` (a wake: the router holds its
+        // requests) gets no route table before its first healthy replica;
+        // any other start shows the router its starting page at once. A
+        // wake then costs one commit and one route table, not three and two.
         let ran_here = previous.is_some();
-        let mut starting_recorded = row.state() == DeploymentState::Starting;
+        let recorded_by_caller = row.state() == DeploymentState::Starting;
+        let mut starting_recorded = recorded_by_caller;
         let mut kept = Vec::new();
         // When the replicas that stay became healthy: their uptime goes on.
         let mut kept_since = HashMap::new();
@@ -800,7 +803,7 @@ impl Deployer {
                 } else {
                     (starting_recorded && !ran_here).then_some(DeploymentState::Starting)
                 },
-                routed: (!ran_here && !keep).then(Vec::new),
+                routed: (recorded_by_caller && !ran_here && !keep).then(Vec::new),
             },
         ))
         .abort_handle();
@@ -883,7 +886,9 @@ impl Deployer {
                     Status::Failed { reason, .. } => reason,
                     other => format!("{other:?}"),
                 };
-                // It stays what it was: a preview, not production.
+                // It stays what it was: a preview, not production. The row
+                // is read again: the first run recorded replica ports.
+                let row = self.row(id).await?;
                 self.run(&held, app, &row, runs, true, Wait::No).await?;
                 return Err(DeployError::NotHealthy {
                     id: id.into(),
@@ -913,8 +918,8 @@ impl Deployer {
         // The previous production stays for a rollback, as one sandbox:
         // its other replicas stop once the router sends nothing new to them.
         if let Some(prev) = &previous {
+            let held = self.hold(prev).await;
             if let Ok(row) = self.row(prev).await {
-                let held = self.hold(prev).await;
                 if self.running.lock().map_err(|_| poisoned())?.contains_key(prev) {
                     if let Err(e) = self.run(&held, app, &row, 1, true, Wait::No).await {
                         tracing::error!(deployment = %prev, error = %e, "cannot stop the replicas of the previous production");
@@ -1092,7 +1097,8 @@ struct Watcher {
     /// recorded (nor reported) again.
     recorded: Option<DeploymentState>,
     /// The replica ports the router already has for it: none for a
-    /// deployment that did not run here (`None`: not known).
+    /// deployment that did not run here (`None`: not known, so the first
+    /// status publishes a table).
     routed: Option<Vec<u16>>,
 }
 
