@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use nx_runtime::cgroup::{Driver, Limits};
 use nx_runtime::pool::{clean, Claim, Pool, PoolConfig};
 use nx_runtime::shim::{Outcome, ShimSpec};
@@ -26,7 +28,7 @@ fn pool(dir: &Path, size: usize) -> Pool {
     let cfg = PoolConfig {
         size,
         dir: dir.join("pool"),
-        shim: PathBuf::from(env!("CARGO_BIN_EXE_nx-shim")),
+        shim: common::shim_program(),
         cgroups: cgroup_root(&dir.join("cgroup")),
         group: "nx".into(),
         proc_root: "/proc".into(),
@@ -39,20 +41,7 @@ fn limits() -> Limits {
 }
 
 fn spec(dir: &Path, name: &str, script: &str, cgroup: &nx_runtime::cgroup::Cgroup) -> ShimSpec {
-    ShimSpec {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        user: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
-        rlimits: vec![],
-        cgroup: cgroup.dirs().to_vec(),
-        pass_fds: vec![],
-        landlock: false,
-        log: dir.join(format!("{name}.log")),
-        log_max_file_bytes: 1 << 20,
-        log_keep_rotated: 1,
-        proc_root: "/proc".into(),
-    }
+    common::script_spec(&dir.join(format!("{name}.log")), script, cgroup.dirs().to_vec())
 }
 
 /// The parked slots' state directories.

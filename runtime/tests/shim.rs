@@ -7,28 +7,17 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod common;
+
 use nx_runtime::shim::{last_exit, Outcome, Shim, ShimSpec};
 use nx_runtime::ProcessManager;
 
 fn spec(log: &Path, script: &str) -> ShimSpec {
-    ShimSpec {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        user: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
-        rlimits: vec![],
-        cgroup: vec![],
-        pass_fds: vec![],
-        landlock: false,
-        log: log.to_owned(),
-        log_max_file_bytes: 1 << 20,
-        log_keep_rotated: 1,
-        proc_root: "/proc".into(),
-    }
+    common::script_spec(log, script, Vec::new())
 }
 
 fn program() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nx-shim"))
+    common::shim_program()
 }
 
 #[tokio::test]
