@@ -44,6 +44,15 @@ fn spec(dir: &Path, name: &str, script: &str, cgroup: &nx_runtime::cgroup::Cgrou
     common::script_spec(&dir.join(format!("{name}.log")), script, cgroup.dirs().to_vec())
 }
 
+/// A start of `script` as deployment `name` through `pool`: its cgroup
+/// (under `dir/cgroup`, with [`limits`]), spec and state directory
+/// (`dir/shims/NAME`) made as the supervisor makes them.
+async fn claim(pool: &Pool, dir: &Path, name: &str, script: &str) -> Claim {
+    let target = Driver::detect(&dir.join("cgroup")).prepare("nx", name, &limits());
+    let spec = spec(dir, name, script, &target);
+    pool.launch(&target, &dir.join("shims").join(name), &spec, &[]).await
+}
+
 /// The parked slots' state directories.
 fn slots(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("pool")).unwrap().map(|e| e.unwrap().path()).collect();
@@ -91,12 +100,10 @@ async fn a_claimed_slot_runs_the_sandbox_under_its_name_with_the_limits_already_
     }
     let pid = parked_pid(&slot);
 
-    let target = Driver::detect(&cg).prepare("nx", "d1", &limits());
     // The app's first act: read its limits.
     let script = format!("cat {}; echo; exec sleep 30", cg.join("pids/nx/d1/pids.max").display());
-    let spec = spec(dir.path(), "d1", &script, &target);
     let state = dir.path().join("shims/d1");
-    let claim = pool.launch(&target, &state, &spec, &[]).await;
+    let claim = claim(&pool, dir.path(), "d1", &script).await;
     let Claim::Started(shim) = claim else { panic!("{claim:?}") };
     assert_eq!(shim.pid(), pid, "the parked process itself runs the sandbox");
     assert_eq!(pool.starts(), (1, 0));
@@ -123,15 +130,10 @@ async fn a_slot_is_handed_out_once_and_an_empty_pool_says_so() {
     let pool = pool(dir.path(), 1);
     pool.fill().await.unwrap();
     let slot = slots(dir.path()).pop().unwrap();
-    let cg = dir.path().join("cgroup");
-    let first = Driver::detect(&cg).prepare("nx", "a", &limits());
-    let claim =
-        pool.launch(&first, &dir.path().join("shims/a"), &spec(dir.path(), "a", "exec sleep 30", &first), &[]).await;
-    let Claim::Started(mut a) = claim else { panic!("{claim:?}") };
+    let claimed = claim(&pool, dir.path(), "a", "exec sleep 30").await;
+    let Claim::Started(mut a) = claimed else { panic!("{claimed:?}") };
     // Nothing refills this pool: the next start is told to go the usual way.
-    let second = Driver::detect(&cg).prepare("nx", "b", &limits());
-    let claim =
-        pool.launch(&second, &dir.path().join("shims/b"), &spec(dir.path(), "b", "exec sleep 30", &second), &[]).await;
+    let claim = claim(&pool, dir.path(), "b", "exec sleep 30").await;
     assert!(matches!(claim, Claim::Empty), "{claim:?}");
     assert_eq!(pool.starts(), (1, 1));
     // And the shim that ran the first takes no second `go`: its parked
@@ -151,14 +153,14 @@ async fn a_slot_that_died_is_not_used_and_nothing_of_it_runs() {
     // Its shim sees it gone and ends.
     until("the parked shim ended", || std::os::unix::net::UnixStream::connect(slot.join("control.sock")).is_err())
         .await;
-    let cg = dir.path().join("cgroup");
-    let target = Driver::detect(&cg).prepare("nx", "d1", &limits());
-    let claim =
-        pool.launch(&target, &dir.path().join("shims/d1"), &spec(dir.path(), "d1", "exit 0", &target), &[]).await;
+    let claim = claim(&pool, dir.path(), "d1", "exit 0").await;
     let Claim::Unusable(why) = claim else { panic!("{claim:?}") };
     assert_eq!(why, format!("the parked slot {} does not answer: Connection refused (os error 111)", slot.display()));
     assert!(!slot.exists(), "the dead slot is removed");
-    assert!(!cg.join("pids/nx/d1").exists(), "nothing of the sandbox was made: the usual start makes it");
+    assert!(
+        !dir.path().join("cgroup/pids/nx/d1").exists(),
+        "nothing of the sandbox was made: the usual start makes it"
+    );
     assert_eq!(pool.starts(), (0, 1));
 }
 
