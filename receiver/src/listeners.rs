@@ -12,14 +12,28 @@
 //! the keep-alive idle timeout); bodies have their own deadlines where they
 //! are read (JSON: `--api-body-timeout`, uploads: `--upload-timeout`,
 //! webhooks: their minimum rate).
+//!
+//! A request answered before its body was read to the end (refused on its
+//! head: a wrong key, an unknown app, no room for the push) has the rest of
+//! its body read and dropped before the answer goes out, unless the answer
+//! is a 408 (a body cut for being too slow). Otherwise hyper answers and
+//! closes on unread data, the kernel resets the connection, and a client
+//! still sending gets a broken pipe instead of the answer that says what to
+//! fix (seen as `nx` retrying a refused push and failing with "cannot reach
+//! the receiver"). The read-on is bounded like nginx's lingering close.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -34,6 +48,14 @@ use nx_store::shares::{Share, Shares};
 pub fn share_per_client(max: usize) -> usize {
     (max / 8).max(16).min(max)
 }
+
+/// How long the unread rest of an answered request's body is read on at
+/// most: enough for a client on a slow link to finish sending a binary of a
+/// few tens of megabytes.
+const READ_ON_FOR: Duration = Duration::from_secs(30);
+
+/// How long that reading on waits for the next bytes before it gives up.
+const READ_ON_IDLE: Duration = Duration::from_secs(5);
 
 /// The connections a listener serves at once, in all and per client.
 #[derive(Debug, Clone)]
@@ -127,9 +149,18 @@ pub async fn serve_api(
             () = &mut shutdown => break,
         };
         let app = TowerToHyperService::new(app.clone());
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            hyper::service::Service::call(&app, req)
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(ConnectInfo(peer));
+            let body = Shared::new(body);
+            let answered = hyper::service::Service::call(&app, hyper::Request::from_parts(parts, body.clone()));
+            async move {
+                let response = answered.await?;
+                if response.status() != axum::http::StatusCode::REQUEST_TIMEOUT {
+                    body.read_on().await;
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -141,6 +172,50 @@ pub async fn serve_api(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A request's body, held by the handler and by the connection that reads
+/// on what the handler left (see the module's documentation).
+#[derive(Debug, Clone)]
+struct Shared(Arc<Mutex<Incoming>>);
+
+impl Shared {
+    fn new(body: Incoming) -> Shared {
+        Shared(Arc::new(Mutex::new(body)))
+    }
+
+    /// The body; held only for one poll, never across an await.
+    fn lock(&self) -> MutexGuard<'_, Incoming> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads and drops what is left of the body, no more than its declared
+    /// length (hyper enforces it), for at most [`READ_ON_FOR`], giving up
+    /// after [`READ_ON_IDLE`] without a byte or at the first error.
+    async fn read_on(mut self) {
+        if self.lock().is_end_stream() {
+            return;
+        }
+        let rest = async { while let Ok(Some(Ok(_))) = tokio::time::timeout(READ_ON_IDLE, self.frame()).await {} };
+        let _ = tokio::time::timeout(READ_ON_FOR, rest).await;
+    }
+}
+
+impl Body for Shared {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut *self.lock()).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lock().is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.lock().size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -166,5 +241,35 @@ mod tests {
         drop(held);
         assert!(gate.admit(a).is_some(), "a's closed connections gave their places back");
         drop(others);
+    }
+
+    /// Serves `app` on a port of loopback; its address.
+    async fn served(app: axum::Router) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        tokio::spawn(serve_api(listener, app, Gate::new(64), Duration::from_secs(5), std::future::pending()));
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_before_the_body_is_read_reaches_a_client_still_sending() {
+        // Refused on the head alone, as a wrong key or a missing app is,
+        // after a lookup; the body, larger than any socket buffer, is still
+        // being streamed (as `nx` streams a binary) when the answer is ready.
+        let refuse = || async { (axum::http::StatusCode::FORBIDDEN, "this key may not push to web\n") };
+        let addr = served(axum::Router::new().route("/push", axum::routing::post(refuse))).await;
+        let client = reqwest::Client::new();
+        for attempt in 0..100 {
+            let chunks = futures_util::stream::iter((0..128).map(|_| Ok::<_, std::io::Error>(vec![7u8; 256 << 10])));
+            let sent = client
+                .post(format!("http://{addr}/push"))
+                .header("content-length", 128 * (256 << 10))
+                .body(reqwest::Body::wrap_stream(chunks))
+                .send()
+                .await;
+            let answer = sent.unwrap_or_else(|e| panic!("attempt {attempt}: the refusal was lost: {e:?}"));
+            assert_eq!(answer.status(), 403);
+            assert_eq!(answer.text().await.expect("the refusal's text"), "this key may not push to web\n");
+        }
     }
 }

@@ -38,24 +38,6 @@ pub mod shares;
 
 pub use crate::shares::{Share, Shares};
 
-/// How long a refused upload's body is read on: enough for a client on a
-/// slow link to finish sending a binary of a few tens of megabytes.
-pub const DISCARD_FOR: Duration = Duration::from_secs(30);
-
-/// Reads and drops the rest of a refused upload's body (no more than its
-/// declared length, which the HTTP server enforces, and for at most
-/// [`DISCARD_FOR`]). A server that answers an upload it stopped reading
-/// closes on unread data, the kernel resets the connection, and the client,
-/// still sending, gets a broken pipe instead of the refusal; read on, the
-/// client reads the answer that says what to do. Nothing is stored.
-pub async fn discard<S, E>(body: S)
-where
-    S: Stream<Item = Result<Bytes, E>>,
-{
-    let mut body = std::pin::pin!(body);
-    let _ = tokio::time::timeout(DISCARD_FOR, async { while let Some(Ok(_)) = body.next().await {} }).await;
-}
-
 /// Why an upload or a fetch failed; each variant maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -440,13 +422,7 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let slot = match self.upload_slot(app) {
-            Ok(slot) => slot,
-            Err(refused) => {
-                discard(body).await;
-                return Err(refused);
-            }
-        };
+        let slot = self.upload_slot(app)?;
         let timeout = self.upload_timeout;
         let received = self.receive_into(body, expected_sha256, expected_len, limit, Some(slot));
         // On timeout the future is dropped, and with it the Upload that removes the file.
@@ -778,7 +754,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_upload_is_read_to_its_end_so_its_client_gets_the_answer() {
+    async fn an_upload_refused_for_want_of_a_place_is_not_read_and_leaves_no_file() {
         let d = data_dir("refused");
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(1, 1, DEFAULT_UPLOAD_TIMEOUT);
         let web = app(1, "web");
@@ -790,7 +766,9 @@ mod tests {
         });
         let err = store.receive(web, counted, &sha(b"hello"), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::AppBusy { share: 1, .. }), "{err}");
-        assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 2, "every chunk was read before the answer");
+        // The rest of the body is the connection's to read on (the receiver's
+        // `listeners`), not the store's.
+        assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing was read for a refused upload");
         assert_eq!(files_in(&d.join("tmp")), 1, "only the held upload has a file");
     }
 

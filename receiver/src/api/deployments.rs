@@ -86,13 +86,7 @@ pub async fn push(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
         )));
     }
-    let meta = match admit(&state, &caller, &app).await {
-        Ok(meta) => meta,
-        Err(refused) => {
-            nx_store::discard(body.into_data_stream()).await;
-            return Err(refused);
-        }
-    };
+    let meta = admit(&state, &caller, &app).await?;
 
     let upload =
         state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
