@@ -137,6 +137,12 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_ACME_RETRY", default_value = "5m", value_parser = parse_duration)]
     pub acme_retry: Duration,
 
+    /// How often the receiver looks for certificates that are due (new,
+    /// within --acme-renew-before of expiry, or past their retry time);
+    /// verifying a domain looks at once.
+    #[arg(long, env = "NX_ACME_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub acme_interval: Duration,
+
     /// Cloudflare API token (Zone:Read and DNS:Edit on the zones below) with
     /// which wildcard certificates of the platform's own domains are
     /// obtained by ACME DNS-01 (see --wildcard-domain): the receiver creates

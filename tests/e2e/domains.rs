@@ -204,9 +204,13 @@ fn a_verified_domain_gets_an_acme_certificate_served_by_sni_and_renewed() {
     assert_eq!(code, 0, "{out}");
 
     // A name whose records are gone (it changed hands, say) is not asked of
-    // the CA again: the attempt says why, and the certificate stays as it was.
+    // the CA again: verifying it says why, the certificate attempt (due at
+    // once) says why too, and the certificate stays as it was.
     acme.clear_txt(&format!("_nx-verify.{DOMAIN}"));
-    let refused = eventually(90, "an attempt refused for lack of records", || {
+    let out = r.nx(&["domains", "verify", "web", DOMAIN]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("{DOMAIN} is not verified: ")), "{out:?}");
+    let refused = eventually(30, "an attempt refused for lack of records", || {
         let d = r.nx_ok(&["--json", "domains", "ls", "web"]).json()[0].clone();
         d["last_error"].as_str().is_some_and(|e| e.starts_with("the DNS records of")).then_some(d)
     });
@@ -292,8 +296,10 @@ fn wildcard_receiver(acme: &Acme, cloudflare: &FakeCloudflare, token: &str) -> (
         format!("--preview-domain={PREVIEWS}"),
         format!("--wildcard-domain={PREVIEWS}"),
         format!("--cloudflare-api={}", cloudflare.api),
-        // Every certificate is due for renewal at once (see above).
+        // Every certificate is due for renewal at once (see above), and
+        // renewed every round, ten seconds apart.
         "--acme-renew-before=3650d".into(),
+        "--acme-interval=10s".into(),
     ]);
     let env = vec![("NX_CLOUDFLARE_API_TOKEN".to_owned(), token.to_owned())];
     (Receiver::start_with(Options { args, env, ..Options::default() }), tls_port)
@@ -399,7 +405,7 @@ fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request
     assert_eq!(code, 60, "curl's certificate verification failure: {out}");
 
     // Renewed like the custom domains' certificates, by the next round.
-    let renewed = eventually(150, "a renewed wildcard certificate", || {
+    let renewed = eventually(60, "a renewed wildcard certificate", || {
         let w = wildcard_status(&r);
         (w["expires_at"] != first["expires_at"]).then_some(w)
     });

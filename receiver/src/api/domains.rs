@@ -85,6 +85,12 @@ pub async fn verify(
         .map_err(|e| ApiError::Unavailable(format!("cannot set up a DNS resolver (--dns-resolver): {e}")))?;
     let missing = domains::missing(&resolver, &row, &state.config).await;
     if !missing.is_empty() {
+        // A domain verified before whose records are gone: a certificate
+        // attempt that is due is refused now rather than at the next round,
+        // so `nx domains ls` says why at once.
+        if let (Some(acme), Some(_)) = (&state.acme, row.verified_at) {
+            acme.wake();
+        }
         return Err(ApiError::Unprocessable(format!("{} is not verified: {}", row.name, missing.join("; "))));
     }
     let first = row.verified_at.is_none();

@@ -5,7 +5,8 @@
 //! master key and sent to the router with the route table. A certificate is
 //! renewed `--acme-renew-before` its expiry; a failed attempt is retried
 //! after `--acme-retry`, doubling up to a day, with the error kept for
-//! `nx domains ls` (custom domains) and `nx status` (wildcards).
+//! `nx domains ls` (custom domains) and `nx status` (wildcards). What is due
+//! is looked for every `--acme-interval` and whenever a domain is verified.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,8 +133,8 @@ impl Acme {
         self.wake.notify_one();
     }
 
-    /// Obtains what is due, then waits for the next due time (at most a
-    /// minute) or a wake-up, until `shutdown`.
+    /// Obtains what is due, then waits `--acme-interval` or a wake-up, until
+    /// `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         self.sweep().await;
         loop {
@@ -144,7 +145,7 @@ impl Acme {
                 tracing::warn!(error = %e, "ACME round of the wildcard certificates failed");
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = tokio::time::sleep(self.config.acme_interval) => {}
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => return,
             }
