@@ -9,6 +9,26 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 require_root_and_cargo
 
+# Both are built from source (a minute and a half on two cores), so they are
+# built while the packages below download.
+wait_for_tools() { :; }
+if ! command -v cargo-auditable >/dev/null || ! command -v cargo-machete >/dev/null; then
+    echo "==> building cargo-auditable (the suite checks binaries built with it) and cargo-machete (the lints refuse a dependency no code uses) in the background"
+    mkdir -p target
+    (
+        command -v cargo-auditable >/dev/null || cargo install -q --locked cargo-auditable
+        command -v cargo-machete >/dev/null || cargo install -q --locked cargo-machete@0.9.2
+    ) >target/cargo-tools.log 2>&1 &
+    tools=$!
+    wait_for_tools() {
+        if ! wait "$tools"; then
+            echo "building cargo-auditable or cargo-machete failed:" >&2
+            cat target/cargo-tools.log >&2
+            exit 1
+        fi
+    }
+fi
+
 echo "==> installing system packages"
 install_packages bubblewrap postgresql nftables e2fsprogs caddy prometheus rsyslog rsyslog-gnutls cmake golang-go musl-tools gcc libc6-dev \
     pkg-config openssh-client openssl curl ca-certificates python3 python3-pip python3-venv systemd pebble
@@ -22,14 +42,7 @@ command -v npm >/dev/null || install_packages npm
 npm install --prefix target/test-node --no-audit --no-fund --loglevel=error bun >/dev/null
 rustup target add x86_64-unknown-linux-musl
 
-if ! command -v cargo-auditable >/dev/null; then
-    echo "==> installing cargo-auditable (the suite checks binaries built with it)"
-    cargo install --locked cargo-auditable
-fi
-if ! command -v cargo-machete >/dev/null; then
-    echo "==> installing cargo-machete (the lints refuse a dependency no code uses)"
-    cargo install --locked cargo-machete@0.9.2
-fi
+wait_for_tools
 
 echo "==> building"
 cargo build --workspace --all-targets --locked
