@@ -108,6 +108,42 @@ fn a_closed_pull_request_stops_its_previews_and_drops_their_databases() {
 }
 
 #[test]
+fn a_preview_stopped_while_its_promotion_waits_is_neither_started_again_nor_promoted() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
+    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7"]);
+
+    std::thread::scope(|s| {
+        // An environment change restarts the preview, which takes 3 s to
+        // answer; whatever else is asked of it waits its turn.
+        let change = s.spawn(|| r.nx_ok(&["env", "set", "--app", "web", "START_DELAY_MS=3000"]));
+        eventually(20, "the restart to begin", || (states(&r, "web")[&id(&preview)] == "starting").then_some(()));
+        // Pull request #7 closes, then a promotion of its preview is asked
+        // for: the close comes first and drops the preview's own database.
+        let close = s.spawn(|| r.nx_ok(&["stop", "--pr", "7", "--app", "web"]));
+        std::thread::sleep(Duration::from_secs(1));
+        let promote = r.nx(&["promote", &id(&preview), "--app", "web"]);
+        assert_eq!(promote.code, 1, "{promote:?}");
+        assert!(
+            promote
+                .stderr
+                .contains(&format!("deployment {} is stopped, only healthy deployments can be promoted", id(&preview))),
+            "{promote:?}"
+        );
+        close.join().unwrap();
+        change.join().unwrap();
+    });
+    // Neither started again on the app's production database nor production.
+    assert_eq!(states(&r, "web")[&id(&preview)], "stopped");
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert!(listing[0]["production"].is_null(), "{listing}");
+    let page = r.get(preview["preview_url"].as_str().unwrap());
+    assert_eq!(page.status, 410);
+    assert!(page.body.contains("pull request #7 was closed"), "{}", page.body);
+}
+
+#[test]
 fn old_deployments_and_binaries_nothing_uses_are_removed() {
     let r = receiver(&["--keep-deployments", "2", "--artifact-grace", "0s", "--janitor-interval", "1s"]);
     r.create_app("web");

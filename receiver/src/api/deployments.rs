@@ -29,6 +29,7 @@ impl From<DeployError> for ApiError {
             // The app's state, not the request, stands in the way, and waiting
             // does not clear it: 409, not 429 (which clients retry later).
             DeployError::NotHealthy { .. }
+            | DeployError::NotRunning { .. }
             | DeployError::IsProduction { .. }
             | DeployError::ForkPreview { .. }
             | DeployError::TooManyRunning { .. }

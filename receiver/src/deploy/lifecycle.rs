@@ -14,8 +14,8 @@ use nx_protocol::units::format_duration;
 use nx_runtime::supervisor::Status;
 use tokio::sync::watch;
 
-use super::{new_id, quotas, validate_env, Claim, DeployError, Deployer};
-use crate::db::{AppRow, DeploymentRow, NewDeployment};
+use super::{meant_to_run, new_id, quotas, validate_env, Claim, DeployError, Deployer};
+use crate::db::{AppRow, NewDeployment};
 
 /// What an environment change did; see [`nx_protocol::api::EnvChanged`].
 #[derive(Debug, Default)]
@@ -35,18 +35,18 @@ pub struct Tidied {
     pub artifacts: usize,
 }
 
-fn running(row: &DeploymentRow) -> bool {
-    matches!(row.state(), DeploymentState::Pending | DeploymentState::Starting | DeploymentState::Healthy)
-}
-
 impl Deployer {
     /// Restarts a deployment in place and waits for the outcome. Its URL
     /// answers the starting page meanwhile; used for previews, whose URL
-    /// belongs to the deployment.
+    /// belongs to the deployment. One no longer meant to run (stopped since
+    /// the caller listed it) is left as it is: [`Status::Stopped`].
     pub async fn restart(&self, id: &str) -> Result<Status, DeployError> {
         let held = self.hold(id).await;
-        self.halt(&held, id).await;
         let row = self.row(id).await?;
+        if !meant_to_run(&row) {
+            return Ok(Status::Stopped);
+        }
+        self.halt(&held, id).await;
         self.start_held(&held, &row, true).await
     }
 
@@ -166,7 +166,7 @@ impl Deployer {
             .event(Some(&app.name), None, "env", actor, serde_json::json!({ "changed": outcome.changed }))
             .await?;
         let rows = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
-        for row in rows.iter().filter(|r| running(r)) {
+        for row in rows.iter().filter(|r| meant_to_run(r)) {
             if row.is_production {
                 match self.replace_production(app, actor, "environment changed").await {
                     Ok(promoted) => outcome.production = Some(promoted),
@@ -175,11 +175,13 @@ impl Deployer {
                 continue;
             }
             // Replacing production may have stopped this one to keep the cap.
-            if !running(&self.row(&row.id).await?) {
+            if !meant_to_run(&self.row(&row.id).await?) {
                 continue;
             }
             match self.restart(&row.id).await? {
                 Status::Failed { reason, .. } => outcome.failed.push((row.id.clone(), reason)),
+                // Stopped since it was listed (a pull request closed, say).
+                Status::Stopped => {}
                 _ => outcome.restarted.push(row.id.clone()),
             }
         }

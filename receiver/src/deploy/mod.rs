@@ -63,6 +63,8 @@ pub enum DeployError {
         "deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`"
     )]
     NotHealthy { id: String, state: String },
+    #[error("deployment {id} is {state} now, so it is not started again; `nx ls` says why, and a new push runs the binary again")]
+    NotRunning { id: String, state: String },
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -102,6 +104,11 @@ pub enum DeployError {
         MAX_ENV_BYTES
     )]
     TooManyVariables { what: String, names: usize, bytes: usize, fix: String },
+}
+
+/// Whether `row` is in a state its sandboxes run in (or are about to).
+fn meant_to_run(row: &DeploymentRow) -> bool {
+    matches!(row.state(), DeploymentState::Pending | DeploymentState::Starting | DeploymentState::Healthy)
 }
 
 /// Whether a push gets a database of its own, and which: a pull request's
@@ -593,8 +600,16 @@ impl Deployer {
         self.start_held(&held, &row, wait).await
     }
 
-    /// [`Deployer::start`] for a caller that holds the deployment's lock.
+    /// [`Deployer::start`] for a caller that holds the deployment's lock and
+    /// read `row` under it. Only a deployment meant to run is started: one
+    /// stopped, failed or put to sleep since its caller decided to start it
+    /// (an `nx stop` or a pull request closing in between) stays as it is.
+    /// Started again, a stopped preview, whose own database is dropped,
+    /// would run on the app's production database.
     async fn start_held(&self, held: &Held, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
+        if !meant_to_run(row) {
+            return Err(DeployError::NotRunning { id: row.id.clone(), state: row.state().as_str().to_owned() });
+        }
         let app = self.app_of(row).await?;
         self.run(held, &app, row, replica_count(&app, row), false, if wait { Wait::Any } else { Wait::No }).await
     }
@@ -858,6 +873,12 @@ impl Deployer {
         // A sleeping preview is woken first: production must answer at once.
         self.ensure_awake(id).await?;
         let held = self.hold(id).await;
+        // Read again under the hold: one stopped since (its own database
+        // dropped) is not moved onto the app's database and started.
+        let row = self.row(id).await?;
+        if !meant_to_run(&row) {
+            return Err(DeployError::NotHealthy { id: id.into(), state: row.state().as_str().to_owned() });
+        }
         let preview_db = row.db_name.clone();
         if let Some(db) = &preview_db {
             // Production uses the app's database: the preview is restarted on
@@ -993,7 +1014,10 @@ impl Deployer {
         for row in rows {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = me.start(&row, true).await {
+                let started = me.start(&row, true).await;
+                if let Err(e @ DeployError::NotRunning { .. }) = &started {
+                    tracing::info!(deployment = %row.id, app = %row.app_name, reason = %e, "not taken back");
+                } else if let Err(e) = started {
                     tracing::error!(deployment = %row.id, app = %row.app_name, error = %e, "cannot restart deployment");
                     let _ = me.services.db.set_state(&row.id, DeploymentState::Failed, Some(&e.to_string())).await;
                 }
