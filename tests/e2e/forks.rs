@@ -103,7 +103,7 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     let issuer = Issuer::start();
     let gh = FakeGitHub::start();
     let (r, key) = receiver(&issuer, &gh);
-    r.nx_ok(&["env", "set", "web", "GREETING=the app's secret"]);
+    r.nx_ok(&["env", "set", "--app", "web", "GREETING=the app's secret"]);
     let goweb = fixtures::go(Go::Static);
     issuer.next(Mint::with(&[("event_name", "pull_request_target".into())]));
     let (head, later) = (sha(), sha());
