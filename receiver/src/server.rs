@@ -507,10 +507,11 @@ async fn run(
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| config.domain.clone()),
+            spool: data.join("drains"),
         },
     );
     let feed = router.as_ref().map(|_| access.subscribe());
-    tokio::spawn(drains.clone().run(deployer.clone(), feed, stop_rx.clone()));
+    let drains_done = tokio::spawn(drains.clone().run(deployer.clone(), feed, stop_rx.clone()));
     let metrics = crate::metrics::Sources {
         db: db.clone(),
         deployer: deployer.clone(),
@@ -591,6 +592,8 @@ async fn run(
 
     let _ = stop_tx.send(true);
     let _ = watchdog.await;
+    // The drains' queues are written down before the process ends.
+    let _ = drains_done.await;
     // The apps run on, so their data volumes and network rules stay;
     // `nx-receiver stop-all` removes them with the apps.
     deployer.shutdown().await;

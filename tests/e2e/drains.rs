@@ -9,6 +9,7 @@ use nx_e2e::drains::{HttpsSink, Rsyslog};
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::receiver::{free_port, Options};
 use nx_e2e::{eventually, tls, Receiver};
+use std::time::Duration;
 
 /// The receiver's `/metrics` text.
 fn scrape(metrics: &str) -> String {
@@ -27,6 +28,22 @@ fn after_timestamp(message: &str) -> Option<(&str, &str)> {
     Some((pri, rest))
 }
 
+/// Listens on `port` of loopback and passes on what a drain writes there.
+fn syslog_listener(port: u16) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else { return };
+        let mut buf = [0u8; 64 << 10];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut conn, &mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 #[test]
 fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https() {
     let certs = tempfile::tempdir().unwrap();
@@ -34,7 +51,7 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
     let rsyslog = Rsyslog::start(&cert, &key);
     let sink = HttpsSink::start(&cert, &key);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let r = Receiver::start_with(Options {
+    let mut r = Receiver::start_with(Options {
         args: vec![
             "--drain-allow-loopback".into(),
             "--drain-ca".into(),
@@ -198,6 +215,23 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
             .then_some(())
     });
     assert_eq!(r.get(&format!("{base}/print?text=still-here")).status, 200);
+
+    // The receiver restarts (an upgrade) while the drain is down: what its
+    // queue held is kept and reaches the drain once it is up.
+    r.restart();
+    assert!(r.log().contains("kept a drain's records for the next start"), "{}", r.log());
+    let received = syslog_listener(down_port);
+    let last = format!("{hostname} web {id} app - down-199");
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(&last) {
+        match received.recv_timeout(Duration::from_secs(30)) {
+            Ok(bytes) => got.extend(bytes),
+            Err(e) => {
+                panic!("{e}: the kept records never reached the drain; it got {:?}", String::from_utf8_lossy(&got))
+            }
+        }
+    }
+    assert!(r.log().contains("took back a drain's records kept at the last stop"), "{}", r.log());
 
     // Removed: nothing more is shipped to it, and it leaves /metrics.
     r.nx(&["drains", "rm", "web", &down_id]).success();

@@ -13,9 +13,11 @@
 //! that is down or slow costs memory up to its bound and never holds an app,
 //! the router or the API. The sources are read from feeds that drop for a
 //! lagging reader too (the deployment log's live feed, the router's access
-//! pipe), counted in [`Hub::lagged`].
+//! pipe), counted in [`Hub::lagged`]. What the queues hold at a graceful
+//! stop is kept for the next start ([`spool`]).
 
 pub mod send;
+pub mod spool;
 pub mod target;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -95,7 +97,8 @@ impl EventCursor {
 }
 
 /// Which stream a record comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Source {
     /// A line of a deployment's log: what the app printed, or the platform's
     /// line about it (`[nx] ...`).
@@ -117,7 +120,7 @@ impl Source {
 }
 
 /// One record shipped to drains.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub at: DateTime<Utc>,
     /// None for a platform event of no app.
@@ -231,6 +234,8 @@ pub struct Settings {
     pub extra_roots: Option<Vec<u8>>,
     /// The name syslog messages carry as HOSTNAME.
     pub hostname: String,
+    /// Where the drains' queues are kept across a restart ([`spool`]).
+    pub spool: std::path::PathBuf,
 }
 
 /// The records a queue holds, each with its weight, and their sum.
@@ -349,8 +354,19 @@ impl Hub {
         access: Option<broadcast::Receiver<Arc<str>>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        if let Err(e) = self.reload().await {
-            tracing::warn!(error = %e, "cannot read the log drains; none ships until one is added or removed");
+        match self.reload().await {
+            // What each drain kept was taken back as it started; the rest
+            // belongs to no drain that runs.
+            Ok(()) => {
+                let running: Vec<String> = self.drains.lock().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+                let removed = spool::sweep(&self.settings.spool, &running.iter().map(String::as_str).collect());
+                if removed > 0 {
+                    tracing::info!(files = removed, "removed records kept for drains that no longer run");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the log drains; none ships until one is added or removed")
+            }
         }
         if let Some(access) = access {
             tokio::spawn(self.clone().follow_access(access));
@@ -406,9 +422,23 @@ impl Hub {
                 Err(e) => tracing::debug!(error = %e, "cannot read the audit log for drains"),
             }
         }
-        if let Ok(drains) = self.drains.lock() {
-            for drain in drains.values() {
-                let _ = drain.stop.send(true);
+        self.keep_queues();
+    }
+
+    /// Stops every drain and keeps what its queue holds for the next start.
+    fn keep_queues(&self) {
+        let Ok(drains) = self.drains.lock() else { return };
+        for (id, drain) in drains.iter() {
+            let _ = drain.stop.send(true);
+            let waiting = drain.queue.peek(usize::MAX);
+            if waiting.is_empty() {
+                continue;
+            }
+            match spool::save(&self.settings.spool, id, &waiting) {
+                Ok(()) => {
+                    tracing::info!(drain = %id, records = waiting.len(), "kept a drain's records for the next start")
+                }
+                Err(e) => tracing::warn!(error = %e, records = waiting.len(), "a drain's records are lost"),
             }
         }
     }
@@ -490,10 +520,30 @@ impl Hub {
         // have been turned off since.
         let target = Target::parse(&url, self.settings.reach)?;
         let queue = Arc::new(Queue::default());
+        self.take_kept(&row.id, &queue);
         let (stop, stopped) = watch::channel(false);
         let shipper = send::Shipper::new(target, row.shown.clone(), &self.settings)?;
         tokio::spawn(ship(shipper, queue.clone(), stopped));
         Ok(Drain { app: row.app_name.clone(), queue, stop })
+    }
+
+    /// Queues what drain `id` kept at the last stop, if anything.
+    fn take_kept(&self, id: &str, queue: &Queue) {
+        let (buffer, bytes) = (self.settings.buffer, self.settings.buffer_bytes);
+        // The file's lines are the records serialised, longer than their
+        // weight: read up to twice the queue's bound, the queue keeps its own.
+        match spool::take(&self.settings.spool, id, bytes.saturating_mul(2)) {
+            Ok((kept, skipped)) => {
+                if !kept.is_empty() || skipped > 0 {
+                    tracing::info!(drain = %id, records = kept.len(), skipped, "took back a drain's records kept at the last stop");
+                }
+                for record in kept {
+                    let weight = record.weight();
+                    queue.push(Arc::new(record), weight, buffer, bytes);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "a drain's records kept at the last stop are lost"),
+        }
     }
 
     /// Every drain's figures.
