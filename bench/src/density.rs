@@ -1,37 +1,65 @@
 //! Density: N idle sandboxes started at once, the time until all are
 //! healthy, and the host memory each costs beyond the app itself (the peer:
 //! N copies of the app started plainly). Memory is the drop of MemAvailable,
-//! which counts what the kernel spends on namespaces and page tables too.
+//! which counts what the kernel spends on namespaces and page tables too;
+//! the other fields of /proc/meminfo say where it went.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::sandbox::{first_answer, healthy, Host};
 use crate::stats::verdict;
 
-fn mem_available_kib() -> anyhow::Result<u64> {
+/// The fields of /proc/meminfo given in kB, by name.
+type MemInfo = BTreeMap<String, i64>;
+
+/// The kernel's own fields, the ones a sandbox's overhead beyond its app's
+/// pages is made of, printed with the total.
+const KERNEL_FIELDS: [&str; 7] = ["AnonPages", "Shmem", "Cached", "SUnreclaim", "KernelStack", "PageTables", "Percpu"];
+
+fn meminfo() -> anyhow::Result<MemInfo> {
     let text = std::fs::read_to_string("/proc/meminfo")?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no MemAvailable in /proc/meminfo"))
+    let fields: MemInfo = text
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            Some((name.to_owned(), value.trim().strip_suffix("kB")?.trim().parse().ok()?))
+        })
+        .collect();
+    anyhow::ensure!(fields.contains_key("MemAvailable"), "no MemAvailable in /proc/meminfo");
+    Ok(fields)
 }
 
-/// MemAvailable once it has stopped moving: freeing a torn-down sandbox's
-/// memory (cgroups, page tables, namespaces) goes on after its processes are
-/// gone, and a reading taken during it would credit the next measurement.
-fn settled_mem_available_kib() -> anyhow::Result<u64> {
-    let mut last = mem_available_kib()?;
+/// /proc/meminfo once MemAvailable has stopped moving: freeing a torn-down
+/// sandbox's memory (cgroups, page tables, namespaces) goes on after its
+/// processes are gone, and a reading taken during it would credit the next
+/// measurement.
+fn settled_meminfo() -> anyhow::Result<MemInfo> {
+    let mut last = meminfo()?;
     let mut quiet = 0;
     for _ in 0..60 {
         std::thread::sleep(Duration::from_millis(500));
-        let now = mem_available_kib()?;
-        quiet = if now.abs_diff(last) < 512 { quiet + 1 } else { 0 };
+        let now = meminfo()?;
+        quiet = if now["MemAvailable"].abs_diff(last["MemAvailable"]) < 512 { quiet + 1 } else { 0 };
         if quiet == 2 {
             return Ok(now);
         }
         last = now;
     }
     Ok(last)
+}
+
+/// What each of `n` processes or sandboxes took, in KiB per field, from the
+/// readings before and after they ran: MemAvailable's drop, the others' rise.
+fn per_each(before: &MemInfo, after: &MemInfo, n: usize) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(name, now)| {
+            let was = before.get(name)?;
+            let taken = if name == "MemAvailable" { was - now } else { now - was };
+            Some((name.clone(), taken as f64 / n as f64))
+        })
+        .collect()
 }
 
 /// `n` free ports.
@@ -49,7 +77,7 @@ pub fn run(counts: &[usize]) -> anyhow::Result<()> {
     for &n in counts {
         // The peer: the app alone, n times.
         let ports_plain = ports(n)?;
-        let before = settled_mem_available_kib()?;
+        let before = settled_meminfo()?;
         // Spawned through the process manager, whose reaper collects every
         // child of this process.
         let plain = runtime.block_on(async {
@@ -64,8 +92,7 @@ pub fn run(counts: &[usize]) -> anyhow::Result<()> {
         for p in &ports_plain {
             first_answer(*p, Duration::from_secs(30))?;
         }
-        let after = settled_mem_available_kib()?;
-        let app_kib = before.saturating_sub(after) as f64 / n as f64;
+        let app = per_each(&before, &settled_meminfo()?, n);
         for mut c in plain {
             c.signal(nix::sys::signal::Signal::SIGKILL)?;
             runtime.block_on(c.wait());
@@ -73,7 +100,7 @@ pub fn run(counts: &[usize]) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(500));
 
         let ports_boxed = ports(n)?;
-        let before = settled_mem_available_kib()?;
+        let before = settled_meminfo()?;
         let started = Instant::now();
         let sandboxes = runtime.block_on(async {
             let mut all = Vec::new();
@@ -86,18 +113,21 @@ pub fn run(counts: &[usize]) -> anyhow::Result<()> {
             anyhow::Ok(all)
         })?;
         let took = started.elapsed();
-        let boxed_kib = before.saturating_sub(settled_mem_available_kib()?) as f64 / n as f64;
+        let boxed = per_each(&before, &settled_meminfo()?, n);
         runtime.block_on(async {
             stop_all(sandboxes).await;
         });
-        let overhead_mib = (boxed_kib - app_kib) / 1024.0;
+        let beyond = |field: &str| boxed.get(field).copied().unwrap_or(0.0) - app.get(field).copied().unwrap_or(0.0);
+        let overhead_mib = beyond("MemAvailable") / 1024.0;
         println!(
             "  {n:>5} sandboxes: all healthy in {:.2} s; memory {:.2} MiB each, the app alone {:.2} MiB (peer), overhead {:.2} MiB",
             took.as_secs_f64(),
-            boxed_kib / 1024.0,
-            app_kib / 1024.0,
+            boxed["MemAvailable"] / 1024.0,
+            app["MemAvailable"] / 1024.0,
             overhead_mib
         );
+        let parts: Vec<String> = KERNEL_FIELDS.iter().map(|f| format!("{f} {:.0}", beyond(f))).collect();
+        println!("         the overhead by /proc/meminfo field, KiB each: {}", parts.join(", "));
         if n == 1000 {
             verdict("1,000 idle sandboxes healthy within 10 s", took <= Duration::from_secs(10));
             verdict("overhead <= 1 MB per sandbox beyond the app", overhead_mib <= 1.0);
