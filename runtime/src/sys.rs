@@ -527,12 +527,12 @@ pub fn sock_diag_dump(request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
     let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)?;
     // A dump that stalls is an error, never a hang.
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(2, 0))?;
-    sendto(fd.as_raw_fd(), request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    again_if_interrupted(|| sendto(fd.as_raw_fd(), request, &NetlinkAddr::new(0, 0), MsgFlags::empty()))?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answered {what}"));
     let mut payloads = Vec::new();
     let mut buf = vec![0u8; 32 << 10];
     loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let n = again_if_interrupted(|| recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()))?;
         if n == 0 {
             return Err(bad("nothing"));
         }
@@ -560,6 +560,20 @@ pub fn sock_diag_dump(request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
             }
             // Messages are aligned to 4 bytes.
             at += (len + 3) & !3;
+        }
+    }
+}
+
+/// Runs `call` again while a signal interrupts it. A socket with a receive
+/// timeout is never restarted by the kernel, whatever `SA_RESTART` says
+/// (signal(7)), and the receiver's process manager takes a SIGCHLD for each
+/// of its children that ends (helper commands, the launches of shims):
+/// without this, one landing during a start's socket check failed the start.
+fn again_if_interrupted<T>(mut call: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match call() {
+            Err(Errno::EINTR) => continue,
+            done => return done,
         }
     }
 }
@@ -848,6 +862,26 @@ impl Pidfd {
 mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn an_interrupted_call_is_made_again_and_other_errors_are_returned() {
+        let mut calls = 0;
+        let done = again_if_interrupted(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Errno::EINTR)
+            } else {
+                Ok(7)
+            }
+        });
+        assert_eq!((done, calls), (Ok(7), 3));
+        let mut calls = 0;
+        let failed = again_if_interrupted(|| -> nix::Result<()> {
+            calls += 1;
+            Err(Errno::EAGAIN)
+        });
+        assert_eq!((failed, calls), (Err(Errno::EAGAIN), 1));
+    }
 
     #[test]
     fn a_mapped_file_reads_as_its_bytes_and_an_empty_one_as_nothing() {
