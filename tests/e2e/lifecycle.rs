@@ -137,10 +137,67 @@ fn a_preview_stopped_while_its_promotion_waits_is_neither_started_again_nor_prom
     // Neither started again on the app's production database nor production.
     assert_eq!(states(&r, "web")[&id(&preview)], "stopped");
     let listing = r.nx_ok(&["--json", "ls", "web"]).json();
-    assert!(listing[0]["production"].is_null(), "{listing}");
+    assert!(listing[0]["app"]["production"].is_null(), "{listing}");
     let page = r.get(preview["preview_url"].as_str().unwrap());
     assert_eq!(page.status, 410);
     assert!(page.body.contains("pull request #7 was closed"), "{}", page.body);
+}
+
+#[test]
+fn a_pull_request_closing_while_its_preview_is_promoted_leaves_the_new_production_running() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
+    // Its start on the app's database, part of the promotion, takes 3 s.
+    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7", "--env", "START_DELAY_MS=3000"]);
+
+    std::thread::scope(|s| {
+        let promote = s.spawn(|| r.nx_ok(&["promote", &id(&preview), "--app", "web"]));
+        eventually(20, "the promotion's restart to begin", || {
+            (states(&r, "web")[&id(&preview)] == "starting").then_some(())
+        });
+        // The pull request closes meanwhile; the close waits for the
+        // promotion, and then finds production, which it leaves alone.
+        let closed = r.nx_ok(&["--json", "stop", "--pr", "7", "--app", "web"]).json();
+        assert_eq!(closed["stopped"], serde_json::json!([]), "{closed}");
+        promote.join().unwrap();
+    });
+    let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+    assert_eq!(listing[0]["app"]["production"], preview["id"], "{listing}");
+    assert_eq!(states(&r, "web")[&id(&preview)], "healthy");
+    let url = listing[0]["app"]["production_url"].as_str().unwrap().to_owned();
+    assert_eq!(r.get(&url).status, 200);
+}
+
+#[test]
+fn a_promotion_that_fails_on_the_apps_database_puts_the_preview_back_on_its_own() {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
+    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7", "--env", "EXIT_ON_DATABASE=app_web"]);
+    let own = || {
+        psql(
+            &r.admin_url("nx"),
+            &format!("SELECT coalesce(db_name, '-') FROM deployments WHERE id = '{}'", id(&preview)),
+        )
+        .unwrap()
+    };
+    let databases =
+        || psql(&r.admin_url("postgres"), "SELECT count(*) FROM pg_database WHERE datname LIKE '%web\\_%'").unwrap();
+    let db = own();
+    assert_ne!(db, "-");
+    assert_eq!(databases(), "1");
+
+    let promote = r.nx(&["promote", &id(&preview), "--app", "web"]);
+    assert_eq!(promote.code, 1, "{promote:?}");
+    assert!(promote.stderr.contains("failed on the app's database"), "{promote:?}");
+    // Still the preview's, and still counted: not leaked off the books.
+    assert_eq!(own(), db);
+    assert_eq!(databases(), "1");
+    assert!(r.nx_ok(&["--json", "ls", "web"]).json()[0]["app"]["production"].is_null());
+    // Stopping it drops it as for any preview.
+    r.nx_ok(&["stop", &id(&preview), "--app", "web"]);
+    assert_eq!(databases(), "0");
 }
 
 #[test]

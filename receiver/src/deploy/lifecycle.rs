@@ -216,8 +216,12 @@ impl Deployer {
         let reason = format!("pull request #{pr} was closed");
         let mut stopped = Vec::new();
         for row in self.services.db.previews_of_pr(app.id, pr as i64).await? {
-            self.stop(app, &row.id, actor, Some(&reason)).await?;
-            stopped.push(row.id);
+            match self.stop(app, &row.id, actor, Some(&reason)).await {
+                Ok(()) => stopped.push(row.id),
+                // Promoted while the close waited for it: production stays.
+                Err(DeployError::IsProduction { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(stopped)
     }
@@ -318,6 +322,17 @@ impl Deployer {
             // Held until its record is gone: a wake in flight cannot start
             // a sandbox for a deleted deployment.
             let held = self.hold(&row.id).await;
+            // Read again under the hold: a promotion it waited for may
+            // have made it production or the rollback target.
+            let Some(row) = self.services.db.deployment(&row.id).await? else { continue };
+            let app = self.services.db.app_by_id(row.app_id).await?;
+            let protected = app.is_some_and(|a| {
+                a.production_id.as_deref() == Some(row.id.as_str())
+                    || a.previous_production_id.as_deref() == Some(row.id.as_str())
+            });
+            if protected {
+                continue;
+            }
             self.halt(&held, &row.id).await;
             if let Some(db) = &row.db_name {
                 self.services.databases.drop_database(db).await?;

@@ -643,8 +643,12 @@ impl Deployer {
             if !self.running.lock().map_err(|_| poisoned())?.contains_key(&id) {
                 continue;
             }
-            // Read again under the lock: a promotion may have changed its role.
+            // Read again under the lock: a promotion may have changed its
+            // role, and one that failed meanwhile is not scaled back up.
             let row = self.row(&id).await?;
+            if !meant_to_run(&row) {
+                continue;
+            }
             let app = self.app_of(&row).await?;
             let count = replica_count(&app, &row);
             if self.running_replicas(&id) != count {
@@ -873,57 +877,22 @@ impl Deployer {
         // A sleeping preview is woken first: production must answer at once.
         self.ensure_awake(id).await?;
         let held = self.hold(id).await;
-        // Read again under the hold: one stopped since (its own database
-        // dropped) is not moved onto the app's database and started.
+        // Read again under the hold: one stopped or failed since (a stopped
+        // preview's own database is dropped) is not moved onto the app's
+        // database and started.
         let row = self.row(id).await?;
-        if !meant_to_run(&row) {
+        if row.state() != DeploymentState::Healthy {
             return Err(DeployError::NotHealthy { id: id.into(), state: row.state().as_str().to_owned() });
         }
-        let preview_db = row.db_name.clone();
-        if let Some(db) = &preview_db {
-            // Production uses the app's database: the preview is restarted on
-            // it (its own URL blips, production does not) before the switch.
-            tracing::info!(deployment = id, database = %db, "moving a preview onto the app's database before promotion");
-            self.halt(&held, id).await;
-            self.services.db.set_preview_db(id, None).await?;
-            let row = self.row(id).await?;
-            if let Status::Failed { reason, .. } = self.start_held(&held, &row, true).await? {
-                return Err(DeployError::NotHealthy {
-                    id: id.into(),
-                    state: format!("failed on the app's database: {reason}"),
-                });
-            }
-        }
-        // Production runs as many replicas as the app asks: all of them
-        // healthy before the switch.
-        let replicas = app.settings.replicas();
-        let row = self.row(id).await?;
-        // One that is not healthy is refused below, without sandboxes started for it.
-        let runs = self.running_replicas(id).max(1);
-        if replicas != runs && row.state() == DeploymentState::Healthy {
-            let status = self.run(&held, app, &row, replicas, true, Wait::All).await?;
-            if !matches!(status, Status::Healthy { .. }) {
-                let reason = match status {
-                    Status::Failed { reason, .. } => reason,
-                    other => format!("{other:?}"),
-                };
-                // It stays what it was: a preview, not production. The row
-                // is read again: the first run recorded replica ports.
-                let row = self.row(id).await?;
-                self.run(&held, app, &row, runs, true, Wait::No).await?;
-                return Err(DeployError::NotHealthy {
-                    id: id.into(),
-                    state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
-                });
-            }
-        }
-        let outcome = self.services.db.promote(app.id, id).await?;
-        let previous = match outcome {
-            PromoteOutcome::Promoted { previous } => previous,
-            PromoteOutcome::AlreadyProduction => return Ok(Some(id.to_owned())),
-            PromoteOutcome::NotHealthy(state) => return Err(DeployError::NotHealthy { id: id.into(), state }),
-            PromoteOutcome::NoDeployment | PromoteOutcome::NoApp => {
-                return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() })
+        let own_db = row.db_name.clone().zip(row.db_password.clone());
+        let previous = match self.switch(&held, app, &row).await {
+            Ok(Some(previous)) => previous,
+            Ok(None) => return Ok(Some(id.to_owned())),
+            Err(e) => {
+                if let Some((db, password)) = &own_db {
+                    self.back_to_own_database(&held, id, db, password).await?;
+                }
+                return Err(e);
             }
         };
         self.services
@@ -948,10 +917,88 @@ impl Deployer {
                 }
             }
         }
-        if let Some(db) = preview_db {
+        if let Some((db, _)) = own_db {
             self.services.databases.drop_database(&db).await?;
         }
         Ok(previous)
+    }
+
+    /// Promotion's part under the hold of healthy `row`: a preview with a
+    /// database of its own is restarted on the app's, the app's replicas
+    /// are brought up healthy, and the app's production switches to it.
+    /// Returns the production it replaced, or `None` when it was production
+    /// already.
+    async fn switch(
+        &self,
+        held: &Held,
+        app: &AppRow,
+        row: &DeploymentRow,
+    ) -> Result<Option<Option<String>>, DeployError> {
+        let id = row.id.as_str();
+        if let Some(db) = &row.db_name {
+            // Production uses the app's database: the preview is restarted on
+            // it (its own URL blips, production does not) before the switch.
+            tracing::info!(deployment = id, database = %db, "moving a preview onto the app's database before promotion");
+            self.halt(held, id).await;
+            self.services.db.set_preview_db(id, None).await?;
+            let row = self.row(id).await?;
+            if let Status::Failed { reason, .. } = self.start_held(held, &row, true).await? {
+                return Err(DeployError::NotHealthy {
+                    id: id.into(),
+                    state: format!("failed on the app's database: {reason}"),
+                });
+            }
+        }
+        // Production runs as many replicas as the app asks: all of them
+        // healthy before the switch.
+        let replicas = app.settings.replicas();
+        let row = self.row(id).await?;
+        // One that is not healthy is refused below, without sandboxes started for it.
+        let runs = self.running_replicas(id).max(1);
+        if replicas != runs && row.state() == DeploymentState::Healthy {
+            let status = self.run(held, app, &row, replicas, true, Wait::All).await?;
+            if !matches!(status, Status::Healthy { .. }) {
+                let reason = match status {
+                    Status::Failed { reason, .. } => reason,
+                    other => format!("{other:?}"),
+                };
+                // It stays what it was: a preview, not production. The row
+                // is read again: the first run recorded replica ports.
+                let row = self.row(id).await?;
+                self.run(held, app, &row, runs, true, Wait::No).await?;
+                return Err(DeployError::NotHealthy {
+                    id: id.into(),
+                    state: format!("not all of its {replicas} replicas came up healthy: {reason}"),
+                });
+            }
+        }
+        match self.services.db.promote(app.id, id).await? {
+            PromoteOutcome::Promoted { previous } => Ok(Some(previous)),
+            PromoteOutcome::AlreadyProduction => Ok(None),
+            PromoteOutcome::NotHealthy(state) => Err(DeployError::NotHealthy { id: id.into(), state }),
+            PromoteOutcome::NoDeployment | PromoteOutcome::NoApp => {
+                Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() })
+            }
+        }
+    }
+
+    /// After a promotion that failed once preview `id` was moved onto the
+    /// app's database: it is a preview again, on its own database (which
+    /// stays counted against the app's cap and is dropped when it stops),
+    /// started there if it still runs; never left on production's data.
+    async fn back_to_own_database(&self, held: &Held, id: &str, db: &str, password: &[u8]) -> Result<(), DeployError> {
+        let row = self.row(id).await?;
+        if row.db_name.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(deployment = id, database = %db, "promotion failed: the preview goes back to its own database");
+        self.halt(held, id).await;
+        self.services.db.set_preview_db(id, Some((db, password))).await?;
+        let row = self.row(id).await?;
+        if meant_to_run(&row) {
+            self.start_held(held, &row, false).await?;
+        }
+        Ok(())
     }
 
     /// Stops the sandbox of `id` if it runs, and waits until it is gone.
@@ -967,16 +1014,18 @@ impl Deployer {
     /// one; its URL then answers a page saying it was stopped, and `reason`
     /// when given.
     pub async fn stop(&self, app: &AppRow, id: &str, actor: &str, reason: Option<&str>) -> Result<(), DeployError> {
-        let row = self.row(id).await?;
-        if row.app_id != app.id {
+        if self.row(id).await?.app_id != app.id {
             return Err(DeployError::UnknownDeployment { app: app.name.clone(), id: id.into() });
         }
+        // Under the lock: a wake in flight finishes first, and none
+        // starts it again afterwards (it only wakes what sleeps). The row is
+        // read under it: a promotion it waited for may have made this
+        // production, and moved it off its own database.
+        let held = self.hold(id).await;
+        let row = self.row(id).await?;
         if row.is_production {
             return Err(DeployError::IsProduction { app: app.name.clone(), id: id.into() });
         }
-        // Under the lock: a wake in flight finishes first, and none
-        // starts it again afterwards (it only wakes what sleeps).
-        let held = self.hold(id).await;
         self.halt(&held, id).await;
         self.services.db.set_state(id, DeploymentState::Stopped, reason).await?;
         self.forget_failed_wakes(id);
