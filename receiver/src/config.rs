@@ -140,7 +140,7 @@ pub struct ServeConfig {
     /// How often the receiver looks for certificates that are due (new,
     /// within --acme-renew-before of expiry, or past their retry time);
     /// verifying a domain looks at once.
-    #[arg(long, env = "NX_ACME_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, env = "NX_ACME_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration)]
     pub acme_interval: Duration,
 
     /// Cloudflare API token (Zone:Read and DNS:Edit on the zones below) with

@@ -143,13 +143,18 @@ pub async fn serve_api(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // Turns true when the listener stops: reading on ends then, so a stop
+    // never waits on a refused client's upload.
+    let (closing, closed) = tokio::sync::watch::channel(false);
     loop {
         let (stream, peer, admitted) = tokio::select! {
             next = accept(&listener, &gate, "api") => next,
             () = &mut shutdown => break,
         };
         let app = TowerToHyperService::new(app.clone());
+        let closed = closed.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let closed = closed.clone();
             let (mut parts, body) = req.into_parts();
             parts.extensions.insert(ConnectInfo(peer));
             let body = Shared::new(body);
@@ -157,7 +162,7 @@ pub async fn serve_api(
             async move {
                 let response = answered.await?;
                 if response.status() != axum::http::StatusCode::REQUEST_TIMEOUT {
-                    body.read_on().await;
+                    body.read_on(closed).await;
                 }
                 Ok::<_, std::convert::Infallible>(response)
             }
@@ -171,6 +176,7 @@ pub async fn serve_api(
         });
     }
     drop(listener);
+    let _ = closing.send(true);
     graceful.shutdown().await;
 }
 
@@ -191,13 +197,17 @@ impl Shared {
 
     /// Reads and drops what is left of the body, no more than its declared
     /// length (hyper enforces it), for at most [`READ_ON_FOR`], giving up
-    /// after [`READ_ON_IDLE`] without a byte or at the first error.
-    async fn read_on(mut self) {
+    /// after [`READ_ON_IDLE`] without a byte, at the first error, or when
+    /// `closed` turns true (the listener stops).
+    async fn read_on(mut self, mut closed: tokio::sync::watch::Receiver<bool>) {
         if self.lock().is_end_stream() {
             return;
         }
         let rest = async { while let Ok(Some(Ok(_))) = tokio::time::timeout(READ_ON_IDLE, self.frame()).await {} };
-        let _ = tokio::time::timeout(READ_ON_FOR, rest).await;
+        tokio::select! {
+            _ = tokio::time::timeout(READ_ON_FOR, rest) => {}
+            _ = closed.wait_for(|c| *c) => {}
+        }
     }
 }
 

@@ -425,20 +425,28 @@ impl Hub {
         self.keep_queues();
     }
 
-    /// Stops every drain and keeps what its queue holds for the next start.
+    /// Stops every drain and keeps what its queue holds for the next start
+    /// (the newest within the drain's byte budget, as written).
     fn keep_queues(&self) {
-        let Ok(drains) = self.drains.lock() else { return };
-        for (id, drain) in drains.iter() {
-            let _ = drain.stop.send(true);
-            let waiting = drain.queue.peek(usize::MAX);
-            if waiting.is_empty() {
-                continue;
-            }
-            match spool::save(&self.settings.spool, id, &waiting) {
-                Ok(()) => {
-                    tracing::info!(drain = %id, records = waiting.len(), "kept a drain's records for the next start")
-                }
-                Err(e) => tracing::warn!(error = %e, records = waiting.len(), "a drain's records are lost"),
+        let waiting: Vec<(String, Vec<Arc<Record>>)> = match self.drains.lock() {
+            Ok(drains) => drains
+                .iter()
+                .map(|(id, drain)| {
+                    let _ = drain.stop.send(true);
+                    (id.clone(), drain.queue.peek(usize::MAX))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (id, records) in waiting.iter().filter(|(_, r)| !r.is_empty()) {
+            match spool::save(&self.settings.spool, id, records, self.settings.buffer_bytes) {
+                Ok(kept) => tracing::info!(
+                    drain = %id,
+                    records = kept,
+                    dropped = records.len() - kept,
+                    "kept a drain's records for the next start"
+                ),
+                Err(e) => tracing::warn!(error = %e, records = records.len(), "a drain's records are lost"),
             }
         }
     }
@@ -530,9 +538,7 @@ impl Hub {
     /// Queues what drain `id` kept at the last stop, if anything.
     fn take_kept(&self, id: &str, queue: &Queue) {
         let (buffer, bytes) = (self.settings.buffer, self.settings.buffer_bytes);
-        // The file's lines are the records serialised, longer than their
-        // weight: read up to twice the queue's bound, the queue keeps its own.
-        match spool::take(&self.settings.spool, id, bytes.saturating_mul(2)) {
+        match spool::take(&self.settings.spool, id, bytes) {
             Ok((kept, skipped)) => {
                 if !kept.is_empty() || skipped > 0 {
                     tracing::info!(drain = %id, records = kept.len(), skipped, "took back a drain's records kept at the last stop");

@@ -37,11 +37,24 @@ fn file(dir: &Path, id: &str) -> Result<PathBuf, SpoolError> {
     Ok(dir.join(format!("{id}.ndjson")))
 }
 
-/// Writes `records` (oldest first) as drain `id`'s file, replacing any:
-/// whole or not at all (a temporary file renamed into place).
-pub fn save(dir: &Path, id: &str, records: &[Arc<Record>]) -> Result<(), SpoolError> {
+/// Writes the newest of `records` (given oldest first) that fit in
+/// `max_bytes` as serialised (JSON escaping can make a record several times
+/// its weight) as drain `id`'s file, replacing any: whole or not at all (a
+/// temporary file renamed into place). Returns how many were kept.
+pub fn save(dir: &Path, id: &str, records: &[Arc<Record>], max_bytes: usize) -> Result<usize, SpoolError> {
     let path = file(dir, id)?;
     let failed = |source| SpoolError::Write { id: id.to_owned(), path: path.clone(), source };
+    let mut lines = Vec::new();
+    let mut size = 0;
+    for record in records.iter().rev() {
+        let mut line = serde_json::to_vec(record.as_ref()).map_err(|e| failed(e.into()))?;
+        line.push(b'\n');
+        if size + line.len() > max_bytes {
+            break;
+        }
+        size += line.len();
+        lines.push(line);
+    }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(failed)?;
     let partial = dir.join(format!(".{id}.ndjson.partial"));
     let mut out = std::io::BufWriter::new(
@@ -53,18 +66,18 @@ pub fn save(dir: &Path, id: &str, records: &[Arc<Record>]) -> Result<(), SpoolEr
             .open(&partial)
             .map_err(failed)?,
     );
-    for record in records {
-        serde_json::to_writer(&mut out, record.as_ref()).map_err(|e| failed(e.into()))?;
-        out.write_all(b"\n").map_err(failed)?;
+    for line in lines.iter().rev() {
+        out.write_all(line).map_err(failed)?;
     }
     out.into_inner().map_err(|e| failed(e.into_error()))?.sync_all().map_err(failed)?;
-    std::fs::rename(&partial, &path).map_err(failed)
+    std::fs::rename(&partial, &path).map_err(failed)?;
+    Ok(lines.len())
 }
 
 /// Takes drain `id`'s records back (oldest first) and removes its file; no
-/// file is no records. Reads at most `max_bytes` of it (the drain's bound,
-/// so a file larger than any queue cannot fill memory); a line that is not
-/// a record is skipped and counted in the second value.
+/// file is no records. Reads at most `max_bytes` of it (what [`save`] was
+/// given, so a file that grew past it cannot fill memory); a line that is
+/// not a record is skipped and counted in the second value.
 pub fn take(dir: &Path, id: &str, max_bytes: usize) -> Result<(Vec<Record>, usize), SpoolError> {
     let path = file(dir, id)?;
     let failed = |source| SpoolError::Read { id: id.to_owned(), path: path.clone(), source };
@@ -123,7 +136,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("drains");
         let records = vec![record(0, Source::App), record(1, Source::Access), record(2, Source::Event)];
-        save(&spool, "dr_1", &records).unwrap();
+        assert_eq!(save(&spool, "dr_1", &records, 1 << 20).unwrap(), 3);
         let path = spool.join("dr_1.ndjson");
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777, 0o700);
@@ -137,7 +150,7 @@ mod tests {
     fn reading_back_stops_at_the_bound_and_skips_what_is_not_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let records: Vec<_> = (0..100).map(|n| record(n, Source::App)).collect();
-        save(dir.path(), "dr_2", &records).unwrap();
+        save(dir.path(), "dr_2", &records, 1 << 20).unwrap();
         let path = dir.path().join("dr_2.ndjson");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, format!("not a record\n{text}")).unwrap();
@@ -148,13 +161,24 @@ mod tests {
     }
 
     #[test]
+    fn only_the_newest_records_that_fit_the_bound_as_written_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<_> = (0..100).map(|n| record(n, Source::App)).collect();
+        let line = serde_json::to_vec(records[99].as_ref()).unwrap().len() + 1;
+        assert_eq!(save(dir.path(), "dr_3", &records, 3 * line + 1).unwrap(), 3);
+        let (back, _) = take(dir.path(), "dr_3", 3 * line + 1).unwrap();
+        let messages: Vec<_> = back.iter().map(|r| r.message.clone()).collect();
+        assert_eq!(messages, [97, 98, 99].map(|n| records[n].message.clone()));
+    }
+
+    #[test]
     fn ids_cannot_name_other_paths_and_unclaimed_files_are_swept() {
         let dir = tempfile::tempdir().unwrap();
         for id in ["../x", "a/b", "", "dr.1"] {
-            assert!(matches!(save(dir.path(), id, &[]), Err(SpoolError::BadId { .. })), "{id}");
+            assert!(matches!(save(dir.path(), id, &[], 1 << 20), Err(SpoolError::BadId { .. })), "{id}");
         }
-        save(dir.path(), "dr_keep", &[record(0, Source::App)]).unwrap();
-        save(dir.path(), "dr_gone", &[record(0, Source::App)]).unwrap();
+        save(dir.path(), "dr_keep", &[record(0, Source::App)], 1 << 20).unwrap();
+        save(dir.path(), "dr_gone", &[record(0, Source::App)], 1 << 20).unwrap();
         std::fs::write(dir.path().join(".dr_keep.ndjson.partial"), "half").unwrap();
         assert_eq!(sweep(dir.path(), &HashSet::from(["dr_keep"])), 2);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
