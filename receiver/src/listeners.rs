@@ -282,4 +282,36 @@ mod tests {
             assert_eq!(answer.text().await.expect("the refusal's text"), "this key may not push to web\n");
         }
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_does_not_wait_for_a_refused_body_that_stalls() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let refuse = || async { (axum::http::StatusCode::UNAUTHORIZED, "no key\n") };
+        let app = axum::Router::new().route("/push", axum::routing::post(refuse));
+        let server = tokio::spawn(serve_api(listener, app, Gate::new(64), Duration::from_secs(5), async {
+            let _ = stopped.await;
+        }));
+        // A body announced as 1 MiB of which 10 bytes come, then nothing: the
+        // read-on waits for more (up to 5 s idle) before the answer.
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"POST /push HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n0123456789")
+            .await
+            .expect("send the head");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let asked = std::time::Instant::now();
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("the listener stopped without waiting out the read-on")
+            .expect("the listener's task");
+        assert!(asked.elapsed() < Duration::from_secs(3));
+        // The client still gets its answer.
+        let mut answer = String::new();
+        let _ = client.read_to_string(&mut answer).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    }
 }
