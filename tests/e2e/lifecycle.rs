@@ -23,6 +23,18 @@ fn states(r: &Receiver, app: &str) -> std::collections::BTreeMap<String, String>
         .collect()
 }
 
+/// A receiver whose app `web` gives pull requests' previews a database of
+/// their own, and a preview of pull request #7 pushed with variable `env`.
+fn preview_of_pr7(env: Option<&str>) -> (Receiver, serde_json::Value) {
+    let r = Receiver::start();
+    r.create_app("web");
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
+    let mut args = vec!["--pr", "7"];
+    args.extend(env.into_iter().flat_map(|e| ["--env", e]));
+    let preview = r.push("web", &fixtures::go(Go::Static), &args);
+    (r, preview)
+}
+
 fn receiver(args: &[&str]) -> Receiver {
     Receiver::start_with(Options { args: args.iter().map(|a| (*a).to_owned()).collect(), ..Options::default() })
 }
@@ -109,10 +121,7 @@ fn a_closed_pull_request_stops_its_previews_and_drops_their_databases() {
 
 #[test]
 fn a_preview_stopped_while_its_promotion_waits_is_neither_started_again_nor_promoted() {
-    let r = Receiver::start();
-    r.create_app("web");
-    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
-    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7"]);
+    let (r, preview) = preview_of_pr7(None);
 
     std::thread::scope(|s| {
         // An environment change restarts the preview, which takes 3 s to
@@ -145,11 +154,8 @@ fn a_preview_stopped_while_its_promotion_waits_is_neither_started_again_nor_prom
 
 #[test]
 fn a_pull_request_closing_while_its_preview_is_promoted_leaves_the_new_production_running() {
-    let r = Receiver::start();
-    r.create_app("web");
-    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
     // Its start on the app's database, part of the promotion, takes 3 s.
-    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7", "--env", "START_DELAY_MS=3000"]);
+    let (r, preview) = preview_of_pr7(Some("START_DELAY_MS=3000"));
 
     std::thread::scope(|s| {
         let promote = s.spawn(|| r.nx_ok(&["promote", &id(&preview), "--app", "web"]));
@@ -171,10 +177,7 @@ fn a_pull_request_closing_while_its_preview_is_promoted_leaves_the_new_productio
 
 #[test]
 fn a_promotion_that_fails_on_the_apps_database_puts_the_preview_back_on_its_own() {
-    let r = Receiver::start();
-    r.create_app("web");
-    r.nx_ok(&["apps", "set", "web", "--preview-db", "empty"]);
-    let preview = r.push("web", &fixtures::go(Go::Static), &["--pr", "7", "--env", "EXIT_ON_DATABASE=app_web"]);
+    let (r, preview) = preview_of_pr7(Some("EXIT_ON_DATABASE=app_web"));
     let own = || {
         psql(
             &r.admin_url("nx"),
