@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 require_root_and_cargo
 install_packages nginx wrk golang-go curl openssl python3 bubblewrap postgresql musl-tools gcc openssh-client
+add_musl_target
 cargo build --release --locked --workspace --bins
 # A thousand sandboxes hold a few descriptors each in this process.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

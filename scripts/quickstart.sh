@@ -29,6 +29,7 @@ echo "==> installing system packages (bubblewrap, postgresql, nftables, cmake)"
 install_packages bubblewrap postgresql nftables e2fsprogs cmake gcc libc6-dev pkg-config curl ca-certificates
 
 echo "==> building (release)"
+add_musl_target
 cargo build --release --locked -p nx-receiver -p nx-router -p nx-runtime -p nx-action -p hello
 bin="$PWD/target/release"
 nx="$bin/nx"

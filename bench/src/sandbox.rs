@@ -40,7 +40,7 @@ impl Host {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         Ok(Host {
             pm: ProcessManager::global()?,
-            layout: Arc::new(HostLayout::detect(Path::new("/"))),
+            layout: Arc::new(HostLayout::detect(Path::new("/"), nx_runtime::spec::install_init(dir.path())?)),
             seccomp: nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into(),
             landlock: nx_runtime::landlock::Support::detect(),
             cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),

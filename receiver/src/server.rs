@@ -189,9 +189,15 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             data.display()
         ),
     };
-    for (sub, mode) in
-        [("secrets", 0o700), ("logs", 0o700), ("apps", 0o711), ("run", 0o711), ("router", 0o711), ("shims", 0o700)]
-    {
+    for (sub, mode) in [
+        ("secrets", 0o700),
+        ("logs", 0o700),
+        ("apps", 0o711),
+        ("run", 0o711),
+        ("router", 0o711),
+        ("shims", 0o700),
+        ("bin", 0o711),
+    ] {
         make_dir(&data.join(sub), mode)?;
     }
     stages.done("data directory locked");
@@ -274,7 +280,9 @@ async fn run(
     let arch = nx_runtime::seccomp::Arch::host()
         .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
     let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();
-    let host = Arc::new(HostLayout::detect(Path::new("/")));
+    let init = nx_runtime::spec::install_init(&data.join("bin"))
+        .with_context(|| format!("cannot install the sandboxes' init in {}", data.join("bin").display()))?;
+    let host = Arc::new(HostLayout::detect(Path::new("/"), init));
     let network_report = policy.as_ref().map_or_else(network::not_enforced, network::Policy::enforcement);
     let resolv_conf = policy.as_ref().map_or(host_resolv.clone(), |p| p.resolv_conf(&host_resolv));
     let landlock = nx_runtime::landlock::Support::detect();

@@ -12,11 +12,15 @@
 //! - [`supervisor::Sandbox`] reports `Starting → Healthy`, restarts crashes with
 //!   capped backoff, ends as `Failed` with the last log lines, and `stop` returns
 //!   only when every process of the sandbox is gone.
-//! - All `unsafe` code and raw system calls live in [`sys`]. Host paths (`/proc`,
-//!   the root the host layout is read from) are passed in, never assumed.
+//! - Each sandbox's pid 1 is [`init`] (`nx-init`), a static program that
+//!   reaps orphans and ends with the app; bwrap's own init is not used.
+//! - All `unsafe` code and raw system calls live in [`sys`], but for the one
+//!   `waitpid` of [`init`], which is compiled alone. Host paths (`/proc`, the
+//!   root the host layout is read from) are passed in, never assumed.
 
 pub mod cgroup;
 pub mod health;
+pub mod init;
 pub mod landlock;
 pub mod logs;
 pub mod net;

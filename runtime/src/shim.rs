@@ -569,8 +569,8 @@ impl<'a> Running<'a> {
         }
     }
 
-    /// SIGTERM to the app, which leads its own session and process group
-    /// (bwrap's outer process -> the namespace's init -> the app).
+    /// SIGTERM to the app, and to its process group should it lead one
+    /// (bwrap's outer process -> the namespace's init, nx-init -> the app).
     fn begin_stop(&mut self, grace: Duration) {
         self.stopping = Some(Stopping { grace, since: Instant::now(), killed: None });
         if self.status.is_some() {

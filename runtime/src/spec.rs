@@ -2,8 +2,9 @@
 //!
 //! [`bwrap_args`] is a pure function of the spec and the host layout, so every
 //! isolation flag can be unit tested without starting anything. The host layout
-//! (where `/usr` and the loader live) is detected once by [`HostLayout::detect`]
-//! from a root directory that tests can replace with a temporary one.
+//! (where `/usr` and the loader live, and the sandbox's pid 1) is detected once
+//! by [`HostLayout::detect`] from a root directory that tests can replace with
+//! a temporary one.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -17,6 +18,8 @@ pub const SANDBOX_GID: u32 = 1000;
 pub const APP_DIR: &str = "/app";
 /// The app's persistent, writable directory inside the sandbox.
 pub const DATA_DIR: &str = "/data";
+/// Where the sandbox's pid 1 ([`crate::init`]) is mounted inside the sandbox.
+pub const INIT: &str = "/nx-init";
 /// The descriptor number bwrap finds the seccomp program at.
 pub const SECCOMP_FD: std::os::fd::RawFd = 10;
 /// The descriptor number bwrap reads the app's environment from (`--args`).
@@ -65,6 +68,8 @@ pub struct HostLayout {
     pub lib_entries: Vec<RootEntry>,
     /// `/etc/ld.so.cache`, when present.
     pub ld_cache: Option<PathBuf>,
+    /// The host path of `nx-init`, every sandbox's pid 1 ([`install_init`]).
+    pub init: PathBuf,
 }
 
 /// One top-level library entry of the host root.
@@ -77,8 +82,9 @@ pub enum RootEntry {
 }
 
 impl HostLayout {
-    /// Reads the layout below `root` (`/` in production).
-    pub fn detect(root: &Path) -> HostLayout {
+    /// Reads the layout below `root` (`/` in production); `init` is where
+    /// [`install_init`] put the sandbox's pid 1.
+    pub fn detect(root: &Path, init: PathBuf) -> HostLayout {
         let mut lib_entries = Vec::new();
         for name in ["lib", "lib64", "lib32", "libx32", "bin", "sbin"] {
             let host = root.join(name);
@@ -93,8 +99,29 @@ impl HostLayout {
             }
         }
         let ld_cache = Some(root.join("etc/ld.so.cache")).filter(|p| p.exists());
-        HostLayout { usr: root.join("usr"), lib_entries, ld_cache }
+        HostLayout { usr: root.join("usr"), lib_entries, ld_cache, init }
     }
+}
+
+/// `nx-init` as `build.rs` made it.
+const INIT_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nx-init"));
+
+/// Writes `nx-init` to `dir/nx-init` (root's, mode 0755, so every app's uid
+/// can run it) unless the same program is there, and returns its path. A
+/// new one replaces the file by rename: sandboxes still running keep the
+/// one they were started with, bound by inode.
+pub fn install_init(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("nx-init");
+    let current = std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == 0o755)
+        && std::fs::read(&path).is_ok_and(|bytes| bytes == INIT_PROGRAM);
+    if !current {
+        let tmp = dir.join(".nx-init.tmp");
+        std::fs::write(&tmp, INIT_PROGRAM)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
 }
 
 fn push(args: &mut Vec<OsString>, items: &[&str]) {
@@ -108,10 +135,12 @@ fn push_bind(args: &mut Vec<OsString>, flag: &str, host: &Path, dest: &str) {
 }
 
 /// The arguments to pass to `bwrap`: isolation flags, the minimal root, then
-/// the app's command line after `--`.
+/// after `--` the sandbox's pid 1 and the app's command line.
 pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::with_capacity(64);
     push(&mut a, &["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]);
+    // nx-init is pid 1 rather than a copy of bwrap (see crate::init).
+    push(&mut a, &["--as-pid-1"]);
     if !spec.share_net {
         push(&mut a, &["--unshare-net"]);
     }
@@ -149,10 +178,11 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     }
     let binary_in_sandbox = format!("{APP_DIR}/{}", spec.binary_name);
     push_bind(&mut a, "--ro-bind", &spec.binary, &binary_in_sandbox);
+    push_bind(&mut a, "--ro-bind", &host.init, INIT);
     push_bind(&mut a, "--bind", &spec.data_dir, DATA_DIR);
     // The root is a tmpfs bwrap made; without this the app could create files
     // anywhere in it.
-    push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", &binary_in_sandbox]);
+    push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", INIT, &binary_in_sandbox]);
     a.extend(spec.args.iter().map(OsString::from));
     a
 }
@@ -225,6 +255,7 @@ mod tests {
             usr: "/usr".into(),
             lib_entries: vec![RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }],
             ld_cache: Some("/etc/ld.so.cache".into()),
+            init: "/srv/nx/bin/nx-init".into(),
         }
     }
 
@@ -248,6 +279,7 @@ mod tests {
             "--disable-userns",
             "--new-session",
             "--die-with-parent",
+            "--as-pid-1",
         ] {
             assert!(a.contains(&flag.to_string()), "{flag} missing");
         }
@@ -302,10 +334,11 @@ mod tests {
     }
 
     #[test]
-    fn the_command_comes_last_after_the_root_is_sealed() {
+    fn the_command_comes_last_after_the_root_is_sealed_under_nx_init() {
         let a = strings(bwrap_args(&spec(), &layout()));
         let sep = a.iter().position(|x| x == "--").unwrap();
-        assert_eq!(&a[sep + 1..], ["/app/server", "--port", "20001"]);
+        assert_eq!(&a[sep + 1..], ["/nx-init", "/app/server", "--port", "20001"]);
+        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/bin/nx-init", "/nx-init"]));
         assert!(has_seq(&a, &["--remount-ro", "/", "--chdir", "/data", "--"]));
     }
 
@@ -316,12 +349,34 @@ mod tests {
         std::fs::create_dir_all(root.join("usr/lib")).unwrap();
         std::fs::create_dir_all(root.join("lib64")).unwrap();
         std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
-        let l = HostLayout::detect(&root);
+        let l = HostLayout::detect(&root, "/i".into());
         assert_eq!(l.usr, root.join("usr"));
+        assert_eq!(l.init, PathBuf::from("/i"));
         assert!(l.lib_entries.contains(&RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }));
         assert!(l.lib_entries.contains(&RootEntry::Dir { host: root.join("lib64"), path: "/lib64".into() }));
         assert_eq!(l.ld_cache, None);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn nx_init_is_installed_runnable_by_all_and_replaced_only_when_it_differs() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = install_init(dir.path()).unwrap();
+        assert_eq!(path, dir.path().join("nx-init"));
+        let first = std::fs::metadata(&path).unwrap();
+        assert_eq!(first.permissions().mode() & 0o7777, 0o755);
+        assert!(std::fs::read(&path).unwrap().starts_with(b"\x7fELF"));
+        // The same program is left alone (a running sandbox's bind stays valid).
+        install_init(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), first.ino());
+        // Another one (an older receiver's) is replaced, by a new file.
+        std::fs::write(&path, b"old").unwrap();
+        install_init(dir.path()).unwrap();
+        let now = std::fs::metadata(&path).unwrap();
+        assert_ne!(now.ino(), first.ino());
+        assert_eq!(std::fs::read(&path).unwrap(), INIT_PROGRAM);
+        assert!(!dir.path().join(".nx-init.tmp").exists());
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //! life a previous process started.
 //!
 //! Stopping (the shim does it): bwrap's outer process (the shim's child) runs
-//! an init process (pid 1 of the sandbox's pid namespace) which runs the app.
-//! SIGTERM goes to the app's process group so it can shut down cleanly; after
+//! `nx-init` (pid 1 of the sandbox's pid namespace, [`crate::init`]) which
+//! runs the app. SIGTERM goes to the app so it can shut down cleanly; after
 //! the grace period SIGKILL goes to the sandbox's init, and the kernel then
-//! kills every process of the namespace and init reaps them. The outer process
+//! kills every process of the namespace. The outer process
 //! sees its child gone and exits, and the shim reaps it. Nothing is left as a
 //! zombie or an orphan; whatever the cgroup still holds is killed.
 
@@ -728,7 +728,12 @@ mod tests {
                 share_net: true,
                 ro_binds: vec![],
             },
-            host: Arc::new(HostLayout { usr: "/usr".into(), lib_entries: vec![], ld_cache: None }),
+            host: Arc::new(HostLayout {
+                usr: "/usr".into(),
+                lib_entries: vec![],
+                ld_cache: None,
+                init: "/nx-init".into(),
+            }),
             bwrap: "/usr/bin/bwrap".into(),
             host_ids: (1, 1),
             env: vec![("DATABASE_URL".into(), "postgres://u:hunter2@h/db".into())],

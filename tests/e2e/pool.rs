@@ -104,7 +104,7 @@ fn a_push_starts_from_a_parked_sandbox_under_its_own_cgroup_with_its_limits() {
         assert_eq!(dir.file_name().unwrap().to_str().unwrap(), id, "{}", dir.display());
         assert!(!was.exists(), "{} was renamed, not copied", was.display());
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
-        assert!(procs.lines().count() >= 3, "bwrap, its init and the app: {procs}");
+        assert!(procs.lines().count() >= 3, "bwrap, nx-init and the app: {procs}");
     }
     let limit = |file: &str| {
         dirs.iter().map(|d| d.join(file)).find(|f| f.exists()).map(|f| std::fs::read_to_string(f).unwrap())

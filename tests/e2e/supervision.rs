@@ -108,9 +108,11 @@ fn a_stop_leaves_no_process_and_no_zombie() {
     let d = r.push("evil", &fixtures::evil(), &["--arg", "serve"]);
     let url = d["preview_url"].as_str().unwrap();
     assert_eq!(r.get(&format!("{url}/attack/daemonize")).body, "INFO left a daemon behind");
+    // The namespace's pid 1 reaps what the app leaves to it as it ends.
+    assert_eq!(r.get(&format!("{url}/attack/orphans")).body, "INFO pid 1 is nx-init, 0 zombies");
     let id = d["id"].as_str().unwrap();
     let running = deployment_processes(&r.data_dir(), id);
-    assert!(running.len() >= 4, "server, daemon, bwrap and its init run: {running:?}");
+    assert!(running.len() >= 4, "server, daemon, bwrap and nx-init run: {running:?}");
     let status = r.stop_with(Signal::SIGTERM);
     assert!(status.success());
     assert_eq!(r.stop_all().code, 0);
@@ -120,11 +122,11 @@ fn a_stop_leaves_no_process_and_no_zombie() {
     // receiver left were re-parented to the host's init (and so was a
     // sandbox's bwrap whose shim was killed at the end of the grace, as a
     // loaded machine can make happen), which reaps them when it gets to it.
-    let z = zombies(&["evil", "bwrap", "nx-shim"]);
+    let z = zombies(&["evil", "bwrap", "nx-init", "nx-shim"]);
     let ours: Vec<&String> = z.iter().filter(|stat| parent(stat) != Some(1)).collect();
     assert!(ours.is_empty(), "zombies left: {ours:?}");
     eventually(10, "init to reap what it was given", || {
-        zombies(&["evil", "bwrap", "nx-shim"]).is_empty().then_some(())
+        zombies(&["evil", "bwrap", "nx-init", "nx-shim"]).is_empty().then_some(())
     });
     r.start_again();
 }
