@@ -1,8 +1,14 @@
 //! Density: N idle sandboxes started at once, the time until all are
 //! healthy, and the host memory each costs beyond the app itself (the peer:
-//! N copies of the app started plainly). Memory is the drop of MemAvailable,
-//! which counts what the kernel spends on namespaces and page tables too;
-//! the other fields of /proc/meminfo say where it went.
+//! N copies of the app started plainly). Memory is what the host holds and
+//! cannot reclaim, as `free` counts "used" but with tmpfs files counted:
+//! MemTotal - MemFree - Buffers - (Cached - Shmem) - SReclaimable. That
+//! counts what the kernel spends on namespaces, cgroups and page tables
+//! too, and leaves out the page cache of files, which every sandbox shares
+//! (the binary) or the kernel drops under pressure. MemAvailable's drop is
+//! printed beside it: it moves with the page cache, by a tenth of a MiB per
+//! sandbox between runs on this VM. The other fields of /proc/meminfo say
+//! where the memory went.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,11 +32,18 @@ fn meminfo() -> anyhow::Result<MemInfo> {
             Some((name.to_owned(), value.trim().strip_suffix("kB")?.trim().parse().ok()?))
         })
         .collect();
-    anyhow::ensure!(fields.contains_key("MemAvailable"), "no MemAvailable in /proc/meminfo");
+    for name in ["MemTotal", "MemFree", "Buffers", "Cached", "Shmem", "SReclaimable", "MemAvailable"] {
+        anyhow::ensure!(fields.contains_key(name), "no {name} in /proc/meminfo");
+    }
     Ok(fields)
 }
 
-/// /proc/meminfo once MemAvailable has stopped moving: freeing a torn-down
+/// Memory held and not reclaimable, in KiB (see the top of this file).
+fn held(m: &MemInfo) -> i64 {
+    m["MemTotal"] - m["MemFree"] - m["Buffers"] - (m["Cached"] - m["Shmem"]) - m["SReclaimable"]
+}
+
+/// /proc/meminfo once the memory held has stopped moving: freeing a torn-down
 /// sandbox's memory (cgroups, page tables, namespaces) goes on after its
 /// processes are gone, and a reading taken during it would credit the next
 /// measurement.
@@ -40,7 +53,7 @@ fn settled_meminfo() -> anyhow::Result<MemInfo> {
     for _ in 0..60 {
         std::thread::sleep(Duration::from_millis(500));
         let now = meminfo()?;
-        quiet = if now["MemAvailable"].abs_diff(last["MemAvailable"]) < 512 { quiet + 1 } else { 0 };
+        quiet = if held(&now).abs_diff(held(&last)) < 512 { quiet + 1 } else { 0 };
         if quiet == 2 {
             return Ok(now);
         }
@@ -50,16 +63,19 @@ fn settled_meminfo() -> anyhow::Result<MemInfo> {
 }
 
 /// What each of `n` processes or sandboxes took, in KiB per field, from the
-/// readings before and after they ran: MemAvailable's drop, the others' rise.
+/// readings before and after they ran: MemAvailable's drop, the others'
+/// rise, and the memory held ([`held`]) as `Held`.
 fn per_each(before: &MemInfo, after: &MemInfo, n: usize) -> BTreeMap<String, f64> {
-    after
+    let mut each: BTreeMap<String, f64> = after
         .iter()
         .filter_map(|(name, now)| {
             let was = before.get(name)?;
             let taken = if name == "MemAvailable" { was - now } else { now - was };
             Some((name.clone(), taken as f64 / n as f64))
         })
-        .collect()
+        .collect();
+    each.insert("Held".into(), (held(after) - held(before)) as f64 / n as f64);
+    each
 }
 
 /// `n` free ports.
@@ -118,19 +134,22 @@ pub fn run(counts: &[usize]) -> anyhow::Result<()> {
             stop_all(sandboxes).await;
         });
         let beyond = |field: &str| boxed.get(field).copied().unwrap_or(0.0) - app.get(field).copied().unwrap_or(0.0);
-        let overhead_mib = beyond("MemAvailable") / 1024.0;
+        let overhead_mib = beyond("Held") / 1024.0;
         println!(
-            "  {n:>5} sandboxes: all healthy in {:.2} s; memory {:.2} MiB each, the app alone {:.2} MiB (peer), overhead {:.2} MiB",
+            "  {n:>5} sandboxes: all healthy in {:.2} s; memory {:.2} MiB each, the app alone {:.2} MiB (peer), overhead {:.2} MiB (by MemAvailable: {:.2})",
             took.as_secs_f64(),
-            boxed["MemAvailable"] / 1024.0,
-            app["MemAvailable"] / 1024.0,
-            overhead_mib
+            boxed["Held"] / 1024.0,
+            app["Held"] / 1024.0,
+            overhead_mib,
+            beyond("MemAvailable") / 1024.0
         );
         let parts: Vec<String> = KERNEL_FIELDS.iter().map(|f| format!("{f} {:.0}", beyond(f))).collect();
         println!("         the overhead by /proc/meminfo field, KiB each: {}", parts.join(", "));
         if n == 1000 {
-            verdict("1,000 idle sandboxes healthy within 10 s", took <= Duration::from_secs(10));
-            verdict("overhead <= 1 MB per sandbox beyond the app", overhead_mib <= 1.0);
+            verdict("1,000 idle sandboxes healthy within 10 s (the design)", took <= Duration::from_secs(10));
+            verdict("1,000 idle sandboxes healthy within 5 s (issue #22)", took <= Duration::from_secs(5));
+            // A megabyte, 10^6 bytes: a little less than the MiB the figures are in.
+            verdict("overhead under 1 MB per sandbox beyond the app", beyond("Held") * 1024.0 < 1e6);
         }
     }
     Ok(())
