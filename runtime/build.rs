@@ -29,36 +29,51 @@ fn main() {
     let rustc = PathBuf::from(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()));
     let target = std::env::var("TARGET").expect("cargo sets TARGET");
     let musl = target.replace("-linux-gnu", "-linux-musl");
-    let (target, libc_flags): (&str, &[&str]) = if musl != target && has_std(&rustc, &musl) {
-        (&musl, &[])
+    let mut build = Command::new(&rustc);
+    build.args(["--edition=2021", "--crate-name=nx_init", "--crate-type=bin"]).args([
+        "-C",
+        "opt-level=s",
+        "-C",
+        "panic=abort",
+        "-C",
+        "strip=symbols",
+        "-C",
+        "relocation-model=static",
+    ]);
+    let musl_std = std_dir(&rustc, &musl);
+    if let Some(dir) = &musl_std {
+        // Adding or updating the target builds nx-init again.
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
+    if target == musl || musl_std.is_some() {
+        build.args(["--target", &musl]);
     } else {
         println!(
             "cargo:warning=nx-init is linked with glibc, which makes each sandbox start about 1 ms slower on a virtual machine; `rustup target add {musl}` avoids it"
         );
-        (&target, &["-C", "target-feature=+crt-static"])
-    };
-    let status = Command::new(&rustc)
-        .args(["--edition=2021", "--crate-name=nx_init", "--crate-type=bin", "--target", target])
-        .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols", "-C", "relocation-model=static"])
-        .args(libc_flags)
+        build.args(["--target", &target, "-C", "target-feature=+crt-static"]);
+    }
+    // The linker cargo was told to use for the crate's own target, if any.
+    if let (true, Some(linker)) = (target == musl || musl_std.is_none(), std::env::var_os("RUSTC_LINKER")) {
+        build.arg("-C").arg(format!("linker={}", linker.to_string_lossy()));
+    }
+    let status = build
         .arg("-o")
         .arg(out.join("nx-init"))
         .arg(&root)
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", rustc.display()));
-    assert!(status.success(), "building nx-init for {target} failed ({status})");
+    assert!(
+        status.success(),
+        "building nx-init failed ({status}): install Rust's musl target (`rustup target add {musl}`) or glibc's static library (Debian's libc6-dev)"
+    );
 }
 
-/// Whether `rustc` has the standard library of `target` installed.
-fn has_std(rustc: &Path, target: &str) -> bool {
-    Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", target])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|dir| std::fs::read_dir(dir.trim()).ok())
-        .is_some_and(|mut entries| {
-            entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libstd-")))
-        })
+/// Where `rustc` keeps the standard library of `target`, if it is installed.
+fn std_dir(rustc: &Path, target: &str) -> Option<PathBuf> {
+    let out = Command::new(rustc).args(["--print", "target-libdir", "--target", target]).output().ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let has_std =
+        std::fs::read_dir(&dir).ok()?.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libstd-")));
+    (out.status.success() && has_std).then_some(dir)
 }

@@ -7,10 +7,18 @@
 //! sandbox's setup: about 190 KiB of private memory per sandbox, where this
 //! one is about 40 KiB. That is what keeps 1,000 idle sandboxes under 1 MB
 //! each beyond their apps (ARCHITECTURE.md, Decisions). It behaves as bwrap's
-//! init does: no signal handlers (pid 1 of a namespace receives only
-//! SIGKILL and SIGSTOP from outside without one, so the shim's SIGTERM goes
-//! to the app), the app in its session, and the exit status bwrap reports
-//! (the code, or 128 + the signal).
+//! init does: no handler for the signals that stop a process (pid 1 of a
+//! namespace receives only SIGKILL and SIGSTOP from outside without one, so
+//! the shim's SIGTERM goes to the app), the app in its session, and the
+//! exit status bwrap reports (the code, or 128 + the signal). The Rust
+//! runtime's own SIGSEGV/SIGBUS handlers (its stack overflow report) are
+//! there: the app can fake one to end its own sandbox, which it can do
+//! anyway by exiting. Two differences an app could see: a program that
+//! cannot be executed ends with status 127 and "nx-init: cannot run ..."
+//! (bwrap said "execvp" and 1), and a file without a `#!` line is not
+//! retried with `/bin/sh` as `execvp` does (the receiver refuses scripts
+//! anyway). It is not position independent: it runs as the app's own user
+//! in the app's own sandbox, so its addresses guard nothing.
 //!
 //! `build.rs` compiles this file on its own, with nothing but `std`, as a
 //! static executable (musl where installed, no relocations at start) that

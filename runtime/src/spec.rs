@@ -106,21 +106,57 @@ impl HostLayout {
 /// `nx-init` as `build.rs` made it.
 const INIT_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nx-init"));
 
-/// Writes `nx-init` to `dir/nx-init` (root's, mode 0755, so every app's uid
-/// can run it) unless the same program is there, and returns its path. A
-/// new one replaces the file by rename: sandboxes still running keep the
-/// one they were started with, bound by inode.
-pub fn install_init(dir: &Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("nx-init");
-    let current = std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == 0o755)
-        && std::fs::read(&path).is_ok_and(|bytes| bytes == INIT_PROGRAM);
-    if !current {
-        let tmp = dir.join(".nx-init.tmp");
-        std::fs::write(&tmp, INIT_PROGRAM)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::rename(&tmp, &path)?;
+/// Why `nx-init` could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallInitError {
+    /// Another user could replace every sandbox's pid 1 through `dir`.
+    #[error("{} must be a directory of uid {uid} that no other user can write to: whoever can replace files there runs code in every sandbox", .dir.display())]
+    UnsafeDir { dir: PathBuf, uid: u32 },
+    #[error("cannot write {}: {source}", .path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Writes `nx-init` to `dir/nx-init` (this process's, mode 0755, so every
+/// app's uid can run it) unless the same program is there as a regular
+/// file of this process's uid, and returns its path. `dir` must be this
+/// process's and writable by no one else. A new program goes to a fresh
+/// file (never through a link), synced, then renamed over the old one:
+/// sandboxes still running keep the one they were started with, bound by
+/// inode.
+pub fn install_init(dir: &Path) -> Result<PathBuf, InstallInitError> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let uid = crate::sys::effective_uid();
+    let safe = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0);
+    if !safe {
+        return Err(InstallInitError::UnsafeDir { dir: dir.to_owned(), uid });
     }
+    let path = dir.join("nx-init");
+    let current = std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| m.file_type().is_file() && m.uid() == uid && m.mode() & 0o7777 == 0o755)
+        && std::fs::read(&path).is_ok_and(|bytes| bytes == INIT_PROGRAM);
+    if current {
+        return Ok(path);
+    }
+    let tmp = dir.join(".nx-init.tmp");
+    let write = |at: &Path| -> std::io::Result<()> {
+        match std::fs::remove_file(at) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(at)?;
+        file.write_all(INIT_PROGRAM)?;
+        // Set on the open file: the mode given at creation is cut by the umask.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        file.sync_all()
+    };
+    write(&tmp).map_err(|source| InstallInitError::Write { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, &path).map_err(|source| InstallInitError::Write { path: path.clone(), source })?;
     Ok(path)
 }
 
@@ -377,6 +413,32 @@ mod tests {
         assert_ne!(now.ino(), first.ino());
         assert_eq!(std::fs::read(&path).unwrap(), INIT_PROGRAM);
         assert!(!dir.path().join(".nx-init.tmp").exists());
+        // The same bytes with a mode others could write through are replaced.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        install_init(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn nx_init_is_never_written_through_a_link_nor_into_a_directory_others_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not to be touched").unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // Links at the file and at the temporary file are replaced, not followed.
+        std::os::unix::fs::symlink(&elsewhere, bin.join("nx-init")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, bin.join(".nx-init.tmp")).unwrap();
+        let path = install_init(&bin).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert_eq!(std::fs::read(&path).unwrap(), INIT_PROGRAM);
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not to be touched");
+
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = install_init(&bin).unwrap_err();
+        assert!(matches!(err, InstallInitError::UnsafeDir { .. }), "{err}");
+        assert!(err.to_string().contains("that no other user can write to"), "{err}");
     }
 
     #[test]
