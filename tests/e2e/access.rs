@@ -165,7 +165,7 @@ fn a_read_only_key_reads_everything_and_changes_nothing() {
     assert_eq!(listing.as_array().unwrap().len(), 1);
     let status = r.nx_with_key(&key, &["--json", "status"]).success().json();
     assert_eq!(status["apps"], 1);
-    let refused = r.nx_with_key(&key, &["env", "set", "web", "A=1"]);
+    let refused = r.nx_with_key(&key, &["env", "set", "A=1", "--app", "web"]);
     assert_eq!(refused.code, 1);
     assert!(refused.stderr.contains(&format!("the key {id} is read-only")), "{}", refused.stderr);
 

@@ -172,6 +172,19 @@ fn variables_restart_previews_and_replace_production_without_a_failed_request() 
     assert!(reserved.stderr.contains("set by the platform"), "{}", reserved.stderr);
     let two_from_stdin = r.nx(&["env", "set", "A", "B", "--app", "web"]);
     assert_eq!(two_from_stdin.code, 2, "{two_from_stdin:?}");
+    // An app named without --app is a bare KEY, and nothing is piped in:
+    // refused with the fix, not set to an empty value.
+    let listed = || r.nx_ok(&["--json", "env", "ls", "--app", "web"]).json();
+    let before = listed();
+    let no_value = r.nx(&["env", "set", "web", "GREETING=x"]);
+    assert_eq!(no_value.code, 2, "{no_value:?}");
+    assert!(
+        no_value.stderr.contains("no value for web: nothing was piped in; write web=VALUE")
+            && no_value.stderr.contains("to choose the app, use --app web"),
+        "{}",
+        no_value.stderr
+    );
+    assert_eq!(listed(), before, "nothing changed");
 }
 
 #[test]

@@ -132,7 +132,8 @@ fn a_trusted_workflow_pushes_without_a_key_and_its_deployment_shows_what_github_
     ]));
     let expected = "a GitHub workflow's OIDC token may push to the app that trusts its repository (named with --app), \
                     read its deployments and apply its nx.toml settings, nothing else";
-    for args in [&["env", "set", "web", "A=1"][..], &["keys", "create", "web"], &["db", "url", "web"], &["ls"]] {
+    for args in [&["env", "set", "A=1", "--app", "web"][..], &["keys", "create", "web"], &["db", "url", "web"], &["ls"]]
+    {
         // nx signs nothing but pushes with the job's token (the rest asks for
         // a key); the route, signed with it by hand, is refused.
         let out = as_job(&r, &issuer, args);

@@ -36,6 +36,9 @@ fn parse_vars(vars: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         } else {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;
+            if text.is_empty() {
+                return Err(Failure::Usage(nothing_piped(&k)).into());
+            }
             text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text).to_owned()
         };
         set.insert(k, value);
@@ -44,6 +47,19 @@ fn parse_vars(vars: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         return Err(Failure::Usage(format!("variable name {k:?} is empty; write KEY=VALUE")).into());
     }
     Ok(set)
+}
+
+/// Why a bare `KEY` got no value: nothing was piped in. Setting it empty
+/// would change the app silently, and the usual cause is an app name given
+/// without `--app`.
+fn nothing_piped(key: &str) -> String {
+    let mut why = format!(
+        "no value for {key}: nothing was piped in; write {key}=VALUE (or {key}= for an empty value), or pipe the value in"
+    );
+    if key.chars().any(|c| c.is_ascii_lowercase()) {
+        why.push_str(&format!("; to choose the app, use --app {key}"));
+    }
+    why
 }
 
 pub async fn run(g: &Global, cmd: EnvCommand) -> anyhow::Result<()> {
