@@ -48,6 +48,10 @@ pub struct StopAllConfig {
     /// How long each app has between SIGTERM and SIGKILL.
     #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
+
+    /// Root of the cgroup filesystem (that receiver's `--cgroup-root`).
+    #[arg(long, env = "NX_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
 }
 
 /// See `ServeConfig::network_isolation`.
@@ -762,8 +766,14 @@ impl ServeConfig {
     /// The cgroup under which this receiver's sandboxes live; named by the uid
     /// range, so two receivers on one host never share one.
     pub fn cgroup_group(&self) -> String {
-        format!("nx-sandbox-{}", self.uid_base)
+        cgroup_group(self.uid_base)
     }
+}
+
+/// The cgroup under which the receiver with apps from `uid_base` keeps its
+/// sandboxes' cgroups.
+pub fn cgroup_group(uid_base: u32) -> String {
+    format!("nx-sandbox-{uid_base}")
 }
 
 /// A duration that is not zero (zero would refuse everything, or spin).

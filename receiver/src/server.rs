@@ -649,7 +649,8 @@ fn lock_data_dir(data: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs
 /// `nx-receiver stop-all`: stops every sandbox a stopped receiver left
 /// running on the data directory (through its shim; what a dead shim left
 /// is killed by its cgroup), then unmounts the data volumes, removes the
-/// network rules, and stops nx-router and the embedded PostgreSQL. The deployments stay as they are recorded: the next
+/// network rules and the receiver's cgroup, and stops nx-router and the
+/// embedded PostgreSQL. The deployments stay as they are recorded: the next
 /// `serve` starts them again.
 pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()> {
     let data = std::env::current_dir().context("cannot read the working directory")?.join(&config.data_dir);
@@ -675,6 +676,9 @@ pub async fn stop_all(config: crate::config::StopAllConfig) -> anyhow::Result<()
     }
     crate::volumes::Volumes::probe(pm.clone()).unmount_all(&data.join("apps")).await;
     network::remove_table(&pm, config.uid_base).await;
+    // The sandboxes' cgroups are gone; their parent goes too, or every
+    // receiver that ever ran would leave one behind in each hierarchy.
+    nx_runtime::cgroup::Driver::detect(&config.cgroup_root).remove_group(&crate::config::cgroup_group(config.uid_base));
     println!("stopped {stopped} sandboxes of {}", data.display());
     // Routing and the database go last: nothing of the apps needs them now.
     if let Some(pid) = crate::routing::stop_running(&data.join("router"), config.stop_grace).await? {

@@ -223,6 +223,19 @@ impl Driver {
         cg
     }
 
+    /// Removes the directories of `group` (a receiver's parent of its
+    /// sandboxes' cgroups) that are empty; one still holding a cgroup stays.
+    pub fn remove_group(&self, group: &str) {
+        let roots: Vec<&PathBuf> = match self {
+            Driver::V2 { root, .. } => vec![root],
+            Driver::V1 { memory, cpu, pids } => [memory, cpu, pids].into_iter().flatten().collect(),
+            Driver::None => Vec::new(),
+        };
+        for root in roots {
+            let _ = std::fs::remove_dir(root.join(group));
+        }
+    }
+
     /// Creates the cgroup `group/name` with `limits` ([`Driver::prepare`]).
     pub fn create(&self, group: &str, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
         let cg = self.prepare(group, name, limits);

@@ -199,10 +199,20 @@ fn stop_all_stops_what_a_stopped_receiver_left_running_and_refuses_while_one_run
     assert_eq!(app_pids(&r, &id).len(), 1, "a refused stop-all stops nothing");
     r.stop_with(Signal::SIGTERM);
     assert_eq!(app_pids(&r, &id).len(), 1);
+    // The receiver's cgroup, in every hierarchy the host has.
+    let groups = || -> Vec<std::path::PathBuf> {
+        ["", "unified", "memory", "cpu", "pids"]
+            .iter()
+            .map(|h| std::path::Path::new("/sys/fs/cgroup").join(h).join(format!("nx-sandbox-{}", r.uid_base)))
+            .filter(|d| d.is_dir())
+            .collect()
+    };
+    assert!(!groups().is_empty(), "the sandbox runs in the receiver's cgroup");
     let out = r.stop_all();
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("stopped 1 sandboxes of"), "{}", out.stdout);
     assert!(deployment_processes(&r.data_dir(), &id).is_empty());
+    assert_eq!(groups(), Vec::<std::path::PathBuf>::new(), "stop-all leaves no cgroup behind");
     // The deployment is not recorded as stopped: the next start brings it back.
     r.start_again();
     let _router = Router::start(&r);
