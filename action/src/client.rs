@@ -30,16 +30,28 @@ pub struct Client {
     key: Credential,
 }
 
+/// An HTTP client for requests to `base` and below.
+///
 /// Redirects are never followed: a signed request sent on to another host
 /// could be replayed there within the clock window, and one from https to
-/// http would travel in clear. A 3xx answer is reported instead.
-fn http_client() -> reqwest::Client {
+/// http would travel in clear. A 3xx answer is reported instead. So a client
+/// for an `http://` base never makes a TLS connection, and it loads no root
+/// certificates: reading the system's store takes about 5 ms, which every
+/// command paid once per client before.
+fn http_client(base: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(uses_tls(base))
         .user_agent(concat!("nx/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default()
+}
+
+/// Whether requests to `base` go over TLS (scheme compared as URLs do,
+/// without regard to case).
+fn uses_tls(base: &str) -> bool {
+    base.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
 }
 
 fn unreachable(server: &str, e: &reqwest::Error) -> Failure {
@@ -94,7 +106,7 @@ async fn github_oidc_token(url: &str, token: &str, server: &str) -> anyhow::Resu
         .map_err(|e| Failure::Usage(format!("{OIDC_REQUEST_URL} is not a URL ({e}); it is GitHub's to set")))?;
     request.query_pairs_mut().append_pair("audience", server);
     let origin = request.origin().ascii_serialization();
-    let resp = http_client()
+    let resp = http_client(request.as_str())
         .get(request)
         .bearer_auth(token)
         .send()
@@ -120,8 +132,12 @@ async fn github_oidc_token(url: &str, token: &str, server: &str) -> anyhow::Resu
 
 /// An unsigned GET, for the endpoints anyone may call (`/v1/health`, `/v1/target`).
 pub async fn get_public<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<T> {
+    public_get(&http_client(server), server, path).await
+}
+
+async fn public_get<T: DeserializeOwned>(http: &reqwest::Client, server: &str, path: &str) -> anyhow::Result<T> {
     let url = format!("{server}{path}");
-    let resp = http_client().get(&url).send().await.map_err(|e| unreachable(server, &e))?;
+    let resp = http.get(&url).send().await.map_err(|e| unreachable(server, &e))?;
     if !resp.status().is_success() {
         return Err(failure(resp, KEY_HINT).await.into());
     }
@@ -136,7 +152,7 @@ impl Client {
                     .into(),
             )
         })?;
-        Ok(Client { http: http_client(), server: target.server.clone(), key })
+        Ok(Client { http: http_client(&target.server), server: target.server.clone(), key })
     }
 
     /// A client for a push: with the configured key, else, in a GitHub
@@ -157,7 +173,11 @@ impl Client {
             .into());
         };
         let jwt = github_oidc_token(&url, &token, &target.server).await?;
-        Ok(Client { http: http_client(), server: target.server.clone(), key: Credential::github_oidc(&jwt) })
+        Ok(Client {
+            http: http_client(&target.server),
+            server: target.server.clone(),
+            key: Credential::github_oidc(&jwt),
+        })
     }
 
     /// What to add to a refusal of this client's credential.
@@ -170,6 +190,11 @@ impl Client {
 
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// [`get_public`] on this client's connections.
+    pub async fn get_public<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        public_get(&self.http, &self.server, path).await
     }
 
     fn signed_headers(&self, method: &Method, path: &str, body_sha: &str, len: u64, meta: Option<&[u8]>) -> HeaderMap {
@@ -331,4 +356,18 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response, hint: &str) -> any
     }
     let url = resp.url().to_string();
     resp.json().await.map_err(|e| Failure::Refused(format!("{url} did not answer with what nx expects: {e}")).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_servers_load_root_certificates() {
+        assert!(uses_tls("https://nx.example.com"));
+        assert!(uses_tls("HTTPS://nx.example.com:8443"));
+        assert!(!uses_tls("http://127.0.0.1:8070"));
+        assert!(!uses_tls("http://"));
+        assert!(!uses_tls(""));
+    }
 }

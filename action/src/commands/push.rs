@@ -70,23 +70,46 @@ pub struct Pushed {
 /// Runs a push: local verification, upload, optional promotion. A deployment
 /// that failed on the server is returned, not an error; the caller decides.
 pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
-    let data = tokio::fs::read(job.path)
-        .await
+    // The binary is read and hashed on a blocking thread while the server is
+    // asked about the app and what it runs: a push's fixed cost before its
+    // upload is then the longer of the two, not their sum (for 20 MB, the
+    // hashing's 12-30 ms against about 8 ms of requests).
+    let path = job.path.to_owned();
+    let read = tokio::task::spawn_blocking(move || read_hashed(&path));
+    // The push's first signed call, which a wrong key or an unknown app
+    // fails before megabytes are sent (a server refusing an upload stops
+    // reading it, which can cut the answer off). A fork's preview may not
+    // read the app; its upload is refused early enough on the signature of
+    // its head alone.
+    let app = async {
+        if job.fork_preview {
+            return Ok(None);
+        }
+        client.get::<AppInfo>(&format!("/v1/apps/{}", job.app)).await.map(Some)
+    };
+    let target = async {
+        if !job.verify {
+            return Ok(None);
+        }
+        client.get_public::<ServerTarget>("/v1/target").await.map(Some)
+    };
+    let (read, app, target) = tokio::join!(read, app, target);
+    // What is wrong here is said first: the file, then the server.
+    let (data, sha256) = read
+        .map_err(|e| anyhow::anyhow!("reading the binary stopped: {e}"))?
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", job.path.display())))?;
+    let (app, target) = (app?, target?);
     let size = data.len() as u64;
-    let sha256 = hex::encode(Sha256::digest(&data));
-    // A fork's preview may not read the app; its upload is refused early
-    // enough on the signature of its head alone.
-    if !job.fork_preview {
-        apply_manifest(client, &job).await?;
-    }
-    if job.verify {
-        let target: ServerTarget = get_public(client.server(), "/v1/target").await?;
-        if let Some(refused) = super::verify::refusal(job.path, &data, &target) {
+    if let Some(target) = &target {
+        if let Some(refused) = super::verify::refusal(job.path, &data, target) {
             return Err(refused.into());
         }
     }
     drop(data);
+    // Only for a binary that will be pushed: a refused one changes nothing.
+    if let Some(app) = &app {
+        apply_manifest(client, &job, app).await?;
+    }
     let mut meta = job.meta;
     // One id for every attempt: a retry gets the deployment an attempt that
     // lost its answer made, never a second one.
@@ -126,12 +149,9 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     Ok(Pushed { deployment, promotion })
 }
 
-/// The push's first signed call, which a wrong key or an unknown app fails
-/// before megabytes are sent (a server refusing an upload stops reading it,
-/// which can cut the answer off), then nx.toml's settings, if they change
-/// anything.
-async fn apply_manifest(client: &Client, job: &Job<'_>) -> anyhow::Result<()> {
-    let info: AppInfo = client.get(&format!("/v1/apps/{}", job.app)).await?;
+/// Brings the app to nx.toml's settings, if they change anything (`info`:
+/// the app as the server has it now).
+async fn apply_manifest(client: &Client, job: &Job<'_>, info: &AppInfo) -> anyhow::Result<()> {
     if let Some((path, manifest)) = job.manifest {
         let wanted =
             manifest.settings_over(&info.settings).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
@@ -143,6 +163,43 @@ async fn apply_manifest(client: &Client, job: &Job<'_>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The whole file at `path` and its SHA-256. One thread reads it a megabyte
+/// at a time while another hashes what is read: in a fresh process the read
+/// is mostly the kernel faulting in the new buffer, the hash about 0.6 ms
+/// per megabyte, and the two together took 30 ms for 20 MB one after the
+/// other.
+fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let size = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut data = vec![0u8; size];
+    let hasher = std::thread::scope(|s| {
+        let (read, to_hash) = std::sync::mpsc::sync_channel::<&[u8]>(4);
+        let hashing = s.spawn(move || {
+            let mut hasher = Sha256::new();
+            for piece in to_hash {
+                hasher.update(piece);
+            }
+            hasher
+        });
+        for piece in data.chunks_mut(1 << 20) {
+            file.read_exact(piece)?;
+            // The piece is only read from now on: the hashing thread may have it.
+            if read.send(piece).is_err() {
+                break;
+            }
+        }
+        drop(read);
+        hashing.join().map_err(|_| std::io::Error::other("the hashing thread failed"))
+    })?;
+    // A file that grew since its size was taken is refused, as one that
+    // shrank is by `read_exact`: the bytes hashed are all the file's.
+    if file.read(&mut [0u8; 1])? != 0 {
+        return Err(std::io::Error::other("the file grew while it was read; push it once it is complete"));
+    }
+    Ok((data, hex::encode(hasher.finalize())))
 }
 
 /// The error for a deployment that did not become healthy, with its last words.
@@ -235,5 +292,21 @@ mod tests {
         assert_eq!(env["C"], "");
         assert!(parse_env(&["NOEQUALS".into()]).is_err());
         assert!(parse_env(&["=v".into()]).is_err());
+    }
+
+    #[test]
+    fn a_binary_is_read_whole_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        // Pieces of a megabyte and a part of one, and an empty file.
+        for size in [0, 1, (1 << 20) - 1, 1 << 20, (5 << 20) + 12_345] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let path = dir.path().join(format!("bin-{size}"));
+            std::fs::write(&path, &bytes).unwrap();
+            let (data, sha256) = read_hashed(&path).unwrap();
+            assert_eq!(data, bytes, "size {size}");
+            assert_eq!(sha256, hex::encode(Sha256::digest(&bytes)), "size {size}");
+        }
+        let missing = read_hashed(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -145,13 +145,15 @@ impl Db {
         occupancy(&mut conn, app_id).await
     }
 
-    /// Records a new deployment if `admit` accepts what its app holds. The
-    /// app's row is locked while it is counted and the row inserted, so two
-    /// pushes at once cannot both take the last place.
+    /// Records a new deployment, and `event` about it, if `admit` accepts
+    /// what its app holds. The app's row is locked while it is counted and
+    /// the row inserted, so two pushes at once cannot both take the last
+    /// place.
     pub async fn insert_deployment<E: From<sqlx::Error>>(
         &self,
         d: &NewDeployment<'_>,
         admit: impl FnOnce(&Occupancy) -> Result<(), E>,
+        event: super::events::DeploymentEvent<'_>,
     ) -> Result<(), E> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE").bind(d.app_id).execute(&mut *tx).await?;
@@ -178,6 +180,9 @@ impl Db {
         .bind(d.db_name)
         .execute(&mut *tx)
         .await?;
+        super::events::insert(Some(event.app), Some(d.id), event.kind, event.actor, event.detail)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }

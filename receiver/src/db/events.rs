@@ -41,16 +41,35 @@ impl Db {
         actor: &str,
         detail: serde_json::Value,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO events (app, deployment_id, kind, actor, detail) VALUES ($1, $2, $3, $4, $5)")
-            .bind(app)
-            .bind(deployment)
-            .bind(kind)
-            .bind(actor)
-            .bind(detail)
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        insert(app, deployment, kind, actor, detail).execute(&self.pool).await.map(|_| ())
     }
+}
+
+/// An audit event about a deployment, written in the transaction that
+/// records the deployment: the log never lacks it, nor tells of one that was
+/// not recorded, and the push pays one commit for both.
+#[derive(Debug)]
+pub struct DeploymentEvent<'a> {
+    pub app: &'a str,
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub detail: serde_json::Value,
+}
+
+/// The statement that appends one event.
+pub(super) fn insert<'q>(
+    app: Option<&'q str>,
+    deployment: Option<&'q str>,
+    kind: &'q str,
+    actor: &'q str,
+    detail: serde_json::Value,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query("INSERT INTO events (app, deployment_id, kind, actor, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(app)
+        .bind(deployment)
+        .bind(kind)
+        .bind(actor)
+        .bind(detail)
 }
 
 /// The columns every read of the audit log selects, in this order:

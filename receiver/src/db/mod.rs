@@ -21,6 +21,7 @@ pub use backups::BackupRow;
 pub use deployments::{DeploymentRow, Held, NewDeployment, Occupancy, PromoteOutcome};
 pub use domains::{Added, DomainRow, WildcardRow};
 pub use drains::{DrainRow, NewDrain};
+pub use events::DeploymentEvent;
 pub use github::{ForkLabel, ReportRow};
 pub use keys::{KeyListing, KeyRow};
 pub use ssh::{NewSshKey, SshKeyRow, UploadRow};

@@ -15,7 +15,7 @@ use nx_runtime::supervisor::Status;
 use tokio::sync::watch;
 
 use super::{meant_to_run, new_id, quotas, validate_env, Claim, DeployError, Deployer};
-use crate::db::{AppRow, NewDeployment};
+use crate::db::{AppRow, DeploymentEvent, NewDeployment};
 
 /// What an environment change did; see [`nx_protocol::api::EnvChanged`].
 #[derive(Debug, Default)]
@@ -93,18 +93,14 @@ impl Deployer {
             },
             app,
             Claim::Replacement,
+            DeploymentEvent {
+                app: &app.name,
+                kind: "replace",
+                actor,
+                detail: serde_json::json!({ "replaces": current, "cause": cause }),
+            },
         )
         .await?;
-        self.services
-            .db
-            .event(
-                Some(&app.name),
-                Some(&id),
-                "replace",
-                actor,
-                serde_json::json!({ "replaces": current, "cause": cause }),
-            )
-            .await?;
         let row = self.row(&id).await?;
         if let Status::Failed { reason, .. } = self.start(&row, true).await? {
             return Err(DeployError::NotHealthy {

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::config::ServeConfig;
 use crate::databases::{DatabaseError, Databases};
-use crate::db::{AppRow, ArtifactRow, Db, DeploymentRow, NewDeployment, PromoteOutcome};
+use crate::db::{AppRow, ArtifactRow, Db, DeploymentEvent, DeploymentRow, NewDeployment, PromoteOutcome};
 use crate::routing::RoutePublisher;
 use crate::secrets::MasterKey;
 use crate::volumes::{VolumeError, Volumes};
@@ -470,6 +470,12 @@ impl Deployer {
                 },
                 app,
                 Claim::Push { database: preview_db.is_some() },
+                DeploymentEvent {
+                    app: &app.name,
+                    kind: "push",
+                    actor,
+                    detail: serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
+                },
             )
             .await;
         if let Err(e) = recorded {
@@ -482,15 +488,6 @@ impl Deployer {
             }
             return Err(e);
         }
-        self.services.db
-            .event(
-                Some(&app.name),
-                Some(&id),
-                "push",
-                actor,
-                serde_json::json!({ "digest": artifact.sha256, "size": artifact.size, "pr": meta.pr, "git_sha": meta.git_sha }),
-            )
-            .await?;
         if let (Some(name), Some(mode)) = (&preview_db, own_db) {
             if let Err(e) = self.attach_preview_db(app, &id, name, mode).await {
                 // Whatever stands under that name now is not this preview's.
@@ -511,14 +508,20 @@ impl Deployer {
         self.info(&row, tail)
     }
 
-    /// Records a new deployment on a free port, if its app has room for
-    /// `claim`. Ports are chosen and recorded under one lock so two
-    /// deployments never take the same one.
-    async fn record(&self, mut new: NewDeployment<'_>, app: &AppRow, claim: Claim) -> Result<(), DeployError> {
+    /// Records a new deployment on a free port, and `event` about it, if its
+    /// app has room for `claim`. Ports are chosen and recorded under one lock
+    /// so two deployments never take the same one.
+    async fn record(
+        &self,
+        mut new: NewDeployment<'_>,
+        app: &AppRow,
+        claim: Claim,
+        event: DeploymentEvent<'_>,
+    ) -> Result<(), DeployError> {
         let _guard = self.port_lock.lock().await;
         new.port = i32::from(self.allocate_port(&[]).await?);
         let caps = self.caps();
-        self.services.db.insert_deployment(&new, |held| quotas::admit(&app.name, caps, held, claim)).await
+        self.services.db.insert_deployment(&new, |held| quotas::admit(&app.name, caps, held, claim), event).await
     }
 
     fn caps(&self) -> quotas::Caps {
