@@ -339,6 +339,14 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
 
+    /// How long the API's requests in flight have to finish once the
+    /// receiver is told to stop (SIGTERM, SIGINT); those still open then are
+    /// cut, and `nx` retries a cut push against the next receiver, which
+    /// answers it with the same deployment. Log follows end at once. Keep it
+    /// under the service manager's own stop timeout (systemd's is 90 s).
+    #[arg(long, env = "NX_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Sandboxes kept parked ahead of starts, each already in a cgroup of its
     /// own, so a start skips the kernel's wait on joining one (about 10-16 ms
     /// on an untuned host; bench/RESULTS.md). 0 turns the pool off. Each

@@ -138,6 +138,7 @@ pub async fn serve_api(
     gate: Gate,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()>,
+    grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -177,7 +178,11 @@ pub async fn serve_api(
     }
     drop(listener);
     let _ = closing.send(true);
-    graceful.shutdown().await;
+    // The requests in flight finish, within `grace`: an upload over a slow
+    // link may take --upload-timeout, and a stop must not.
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs_f64(), "requests still open when the shutdown grace ended were cut");
+    }
 }
 
 /// A request's body, held by the handler and by the connection that reads
@@ -257,7 +262,14 @@ mod tests {
     async fn served(app: axum::Router) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
-        tokio::spawn(serve_api(listener, app, Gate::new(64), Duration::from_secs(5), std::future::pending()));
+        tokio::spawn(serve_api(
+            listener,
+            app,
+            Gate::new(64),
+            Duration::from_secs(5),
+            std::future::pending(),
+            Duration::from_secs(30),
+        ));
         addr
     }
 
@@ -291,9 +303,16 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let refuse = || async { (axum::http::StatusCode::UNAUTHORIZED, "no key\n") };
         let app = axum::Router::new().route("/push", axum::routing::post(refuse));
-        let server = tokio::spawn(serve_api(listener, app, Gate::new(64), Duration::from_secs(5), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve_api(
+            listener,
+            app,
+            Gate::new(64),
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(30),
+        ));
         // A body announced as 1 MiB of which 10 bytes come, then nothing: the
         // read-on waits for more (up to 5 s idle) before the answer.
         let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -313,5 +332,43 @@ mod tests {
         let mut answer = String::new();
         let _ = client.read_to_string(&mut answer).await;
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_cuts_a_request_still_open_when_the_grace_ends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (entered, mut handler_entered) = tokio::sync::mpsc::channel::<()>(1);
+        // A handler that never answers, as an upload over a stalled link.
+        let app = axum::Router::new().route(
+            "/stuck",
+            axum::routing::get(move || async move {
+                let _ = entered.send(()).await;
+                std::future::pending::<&'static str>().await
+            }),
+        );
+        let grace = Duration::from_millis(500);
+        let server = tokio::spawn(serve_api(
+            listener,
+            app,
+            Gate::new(64),
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+            grace,
+        ));
+        let request = tokio::spawn(reqwest::get(format!("http://{addr}/stuck")));
+        handler_entered.recv().await.expect("the handler runs");
+        let asked = std::time::Instant::now();
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the listener stopped once the grace ended")
+            .expect("the listener's task");
+        let took = asked.elapsed();
+        assert!(took >= grace && took < grace + Duration::from_secs(2), "stopped after {took:?}");
+        request.abort();
     }
 }

@@ -540,6 +540,7 @@ async fn run(
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
+            config.shutdown_grace,
         ));
     }
     let acme = crate::domains::acme::Acme::new(db.clone(), master.clone(), routes.clone(), config.clone());
@@ -550,8 +551,12 @@ async fn run(
             "certificates of custom domains by ACME"
         );
     }
+    // Turns true on the signal to stop: what streams until the client goes
+    // away (log follows) ends then, so the stop need not wait for it.
+    let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState {
         reconciled: reconciled.clone(),
+        stopping,
         drains,
         metrics,
         routes: routes.clone(),
@@ -594,7 +599,11 @@ async fn run(
         app,
         crate::listeners::Gate::new(config.api_max_connections as usize),
         config.api_header_timeout,
-        shutdown_signal(),
+        async move {
+            shutdown_signal().await;
+            let _ = stopping_tx.send(true);
+        },
+        config.shutdown_grace,
     )
     .await;
 

@@ -81,6 +81,44 @@ fn logs_show_output_and_follow_new_lines() {
     let _ = follow.wait();
 }
 
+#[test]
+fn a_stop_ends_log_follows_at_once_and_the_app_answers_on() {
+    // The grace is long: a stop that waited for the follow would take it.
+    let mut r = with_args(&["--shutdown-grace", "60s"]);
+    r.create_app("web");
+    let d = r.push("web", &fixtures::c_musl_static(), &[]);
+    let id = d["id"].as_str().unwrap();
+    let url = d["preview_url"].as_str().unwrap().to_owned();
+    let mut follow = Command::new(bin("nx"))
+        .args(["logs", "-f", "-n", "1", id])
+        .env("NX_SERVER", r.api())
+        .env("NX_KEY", &r.admin_token)
+        .env("HOME", r.dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("[nx] healthy on"), "the follow is open");
+
+    let asked = std::time::Instant::now();
+    let status = r.stop_with(Signal::SIGTERM);
+    let took = asked.elapsed();
+    assert!(status.success(), "nx-receiver exited with {status} on SIGTERM:\n{}", r.log());
+    assert!(took < std::time::Duration::from_secs(20), "the stop waited {took:?} for the follow");
+    // The follower is told why its log ended, and ends well.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("[nx] the receiver is stopping: this follow ends here; run it again once the receiver is back"),
+        "{rest:?}"
+    );
+    assert!(follow.wait().unwrap().success());
+    // The app outlived the receiver's stop.
+    assert_eq!(r.get(&url).status, 200);
+    r.start_again();
+    assert_eq!(r.get(&url).status, 200);
+}
+
 /// The parent pid in a `/proc/PID/stat` line (the field after the state).
 fn parent(stat: &str) -> Option<u32> {
     stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()

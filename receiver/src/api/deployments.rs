@@ -206,14 +206,25 @@ pub async fn logs(
     let body = match live {
         None => axum::body::Body::from_stream(head),
         Some(rx) => {
-            let tail = futures_util::stream::unfold((rx, seen), |(mut rx, seen)| async move {
+            let stopping = state.stopping.clone();
+            let tail = futures_util::stream::unfold(Some((rx, seen, stopping)), |open| async move {
+                let (mut rx, seen, mut stopping) = open?;
                 loop {
-                    match rx.recv().await {
+                    let received = tokio::select! {
+                        received = rx.recv() => received,
+                        // A follow never ends by itself: one open would hold a
+                        // stopping receiver until its grace ran out.
+                        _ = stopping.wait_for(|s| *s) => {
+                            let note = "[nx] the receiver is stopping: this follow ends here; run it again once the receiver is back\n";
+                            return Some((Ok(Bytes::from(note)), None));
+                        }
+                    };
+                    match received {
                         Ok(line) if seen.contains(&line) => continue,
-                        Ok(line) => return Some((Ok(Bytes::from(line + "\n")), (rx, seen))),
+                        Ok(line) => return Some((Ok(Bytes::from(line + "\n")), Some((rx, seen, stopping)))),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                             let note = format!("[nx] {n} lines were skipped: the client read too slowly\n");
-                            return Some((Ok(Bytes::from(note)), (rx, seen)));
+                            return Some((Ok(Bytes::from(note)), Some((rx, seen, stopping))));
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     }

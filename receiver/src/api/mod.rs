@@ -65,6 +65,8 @@ pub struct AppState {
     pub acme: Option<Arc<crate::domains::acme::Acme>>,
     /// Turns true once the deployments are reconciled after the start.
     pub reconciled: tokio::sync::watch::Receiver<bool>,
+    /// Turns true when the receiver is told to stop: endless streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Declares every signed route once, with the action it performs: the list
