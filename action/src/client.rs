@@ -35,17 +35,21 @@ pub struct Client {
 /// Redirects are never followed: a signed request sent on to another host
 /// could be replayed there within the clock window, and one from https to
 /// http would travel in clear. A 3xx answer is reported instead. So a client
-/// for an `http://` base never makes a TLS connection, and it loads no root
-/// certificates: reading the system's store takes about 5 ms, which every
-/// command paid once per client before.
-fn http_client(base: &str) -> reqwest::Client {
+/// for an `http://` base makes no TLS connection (unless through an https
+/// proxy), and it loads no root certificates: with the system's store among
+/// them (the workspace's TLS features include it), that took about 5 ms,
+/// which every command paid once per client.
+fn http_client(base: &str) -> anyhow::Result<reqwest::Client> {
+    let proxied_over_tls = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|proxy| uses_tls(&proxy)));
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(uses_tls(base))
+        .tls_built_in_root_certs(uses_tls(base) || proxied_over_tls)
         .user_agent(concat!("nx/", env!("CARGO_PKG_VERSION")))
         .build()
-        .unwrap_or_default()
+        .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {e}"))
 }
 
 /// Whether requests to `base` go over TLS (scheme compared as URLs do,
@@ -106,7 +110,7 @@ async fn github_oidc_token(url: &str, token: &str, server: &str) -> anyhow::Resu
         .map_err(|e| Failure::Usage(format!("{OIDC_REQUEST_URL} is not a URL ({e}); it is GitHub's to set")))?;
     request.query_pairs_mut().append_pair("audience", server);
     let origin = request.origin().ascii_serialization();
-    let resp = http_client(request.as_str())
+    let resp = http_client(request.as_str())?
         .get(request)
         .bearer_auth(token)
         .send()
@@ -132,7 +136,7 @@ async fn github_oidc_token(url: &str, token: &str, server: &str) -> anyhow::Resu
 
 /// An unsigned GET, for the endpoints anyone may call (`/v1/health`, `/v1/target`).
 pub async fn get_public<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<T> {
-    public_get(&http_client(server), server, path).await
+    public_get(&http_client(server)?, server, path).await
 }
 
 async fn public_get<T: DeserializeOwned>(http: &reqwest::Client, server: &str, path: &str) -> anyhow::Result<T> {
@@ -152,7 +156,7 @@ impl Client {
                     .into(),
             )
         })?;
-        Ok(Client { http: http_client(&target.server), server: target.server.clone(), key })
+        Ok(Client { http: http_client(&target.server)?, server: target.server.clone(), key })
     }
 
     /// A client for a push: with the configured key, else, in a GitHub
@@ -174,7 +178,7 @@ impl Client {
         };
         let jwt = github_oidc_token(&url, &token, &target.server).await?;
         Ok(Client {
-            http: http_client(&target.server),
+            http: http_client(&target.server)?,
             server: target.server.clone(),
             key: Credential::github_oidc(&jwt),
         })

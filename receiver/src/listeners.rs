@@ -147,6 +147,7 @@ pub async fn serve_api(
     // Turns true when the listener stops: reading on ends then, so a stop
     // never waits on a refused client's upload.
     let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer, admitted) = tokio::select! {
             next = accept(&listener, &gate, "api") => next,
@@ -169,19 +170,29 @@ pub async fn serve_api(
             }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "API connection ended");
             }
             drop(admitted);
         });
+        // Those that ended are forgotten as new ones come.
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let _ = closing.send(true);
     // The requests in flight finish, within `grace`: an upload over a slow
-    // link may take --upload-timeout, and a stop must not.
+    // link may take --upload-timeout, and a stop must not. Those still open
+    // then are cut here, their handlers dropped as a client's going away
+    // drops them, before the caller goes on to stop what they use.
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_secs = grace.as_secs_f64(), "requests still open when the shutdown grace ended were cut");
+        tracing::warn!(
+            grace_secs = grace.as_secs_f64(),
+            connections = connections.len(),
+            "API connections still open when the shutdown grace ended are cut"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }
 
@@ -369,6 +380,11 @@ mod tests {
             .expect("the listener's task");
         let took = asked.elapsed();
         assert!(took >= grace && took < grace + Duration::from_secs(2), "stopped after {took:?}");
-        request.abort();
+        // Cut, not left running: the client's connection is closed.
+        let answer = tokio::time::timeout(Duration::from_secs(2), request)
+            .await
+            .expect("the cut request ended at the stop")
+            .expect("the client's task");
+        assert!(answer.is_err(), "the stuck request was answered: {answer:?}");
     }
 }

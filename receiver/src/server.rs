@@ -320,6 +320,10 @@ async fn run(
         config.preview_domain().to_owned(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Turns true on the signal to stop, before the API's grace: what streams
+    // until the client goes away (log follows) ends then, so the stop need
+    // not wait for it, and SFTP takes no new session.
+    let (stopping_tx, stopping) = watch::channel(false);
     // The router's access lines, for log drains: a slow reader loses lines, never holds the router.
     let (access, _) = tokio::sync::broadcast::channel(ACCESS_FEED);
     let router = if config.no_router {
@@ -454,8 +458,15 @@ async fn run(
     // janitor) waits until that is done, so it never races the reconcile.
     let (reconciled_tx, reconciled) = watch::channel(false);
     let background = {
-        let (deployer, db, store, routes, config, stop_rx) =
-            (deployer.clone(), db.clone(), store.clone(), routes.clone(), config.clone(), stop_rx.clone());
+        let (deployer, db, store, routes, config, stop_rx, stopping) = (
+            deployer.clone(),
+            db.clone(),
+            store.clone(),
+            routes.clone(),
+            config.clone(),
+            stop_rx.clone(),
+            stopping.clone(),
+        );
         move |mut stages: Stages| async move {
             match deployer.reconcile().await {
                 Ok(0) => {}
@@ -490,6 +501,7 @@ async fn run(
                     shared,
                     crate::listeners::Gate::new(config.sftp_max_connections as usize),
                     config.sftp_auth_timeout,
+                    stopping,
                     stop_rx,
                 ));
             }
@@ -551,9 +563,6 @@ async fn run(
             "certificates of custom domains by ACME"
         );
     }
-    // Turns true on the signal to stop: what streams until the client goes
-    // away (log follows) ends then, so the stop need not wait for it.
-    let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState {
         reconciled: reconciled.clone(),
         stopping,

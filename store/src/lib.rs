@@ -444,7 +444,7 @@ impl ArtifactStore {
     {
         let path = self.tmp_dir.join(temporary_name());
         // Created before anything can fail, so Drop always cleans up.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: slot };
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: None };
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -456,11 +456,16 @@ impl ArtifactStore {
             .await;
         // A blocking thread hashes and writes each piece while the next one
         // arrives: on the connection's task the hashing (about 0.6 ms per
-        // megabyte) held up the reading of the socket.
+        // megabyte) held up the reading of the socket. It holds the upload's
+        // place until it ends, which it does once this side stops sending,
+        // even if this side was given up on (a timeout, a cut connection).
         let (to_disk, pieces) = tokio::sync::mpsc::channel::<Bytes>(8);
         let disk = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || write_hashed(file, pieces, &path)
+            move || {
+                let written = write_hashed(file, pieces, &path);
+                written.map(|(file, sha256)| (file, sha256, slot))
+            }
         });
         let mut size: u64 = 0;
         futures_util::pin_mut!(body);
@@ -481,7 +486,8 @@ impl ArtifactStore {
         drop(to_disk);
         let stopped =
             |e: tokio::task::JoinError| io_error(&path, std::io::Error::other(format!("its writer stopped: {e}")));
-        let (file, sha256) = disk.await.map_err(stopped)??;
+        let (file, sha256, slot) = disk.await.map_err(stopped)??;
+        upload._slot = slot;
         if size != expected_len {
             return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
         }
@@ -666,8 +672,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
 }
 
-/// Renames `from` to `to` and fsyncs the target directory, so the new name
-/// survives a crash. Both are on the same filesystem (the data directory).
 /// Hashes and writes to `file` what `pieces` brings, until it ends; returns
 /// the file and the digest of all that was written.
 fn write_hashed(
@@ -684,6 +688,8 @@ fn write_hashed(
     Ok((file, hex::encode(hasher.finalize())))
 }
 
+/// Renames `from` to `to` and fsyncs the target directory, so the new name
+/// survives a crash. Both are on the same filesystem (the data directory).
 fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
     std::fs::rename(from, to).map_err(|e| io_error(to, e))?;
     let dir = to.parent().unwrap_or(Path::new("."));
@@ -816,8 +822,18 @@ mod tests {
             "the upload did not finish within 2 seconds, the most this receiver gives one; nothing was kept: push again over a faster link (or raise --upload-timeout on the receiver)"
         );
         assert_eq!(files_in(&d.join("tmp")), 0);
+        // Its place comes back as soon as its writer has stopped.
+        let asked = std::time::Instant::now();
+        let mut open = loop {
+            match store.partial_upload(web, 100) {
+                Ok(open) => break open,
+                Err(StoreError::AppBusy { .. }) if asked.elapsed() < Duration::from_secs(1) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("the cut upload's place did not come back: {e}"),
+            }
+        };
         // An SFTP upload loses its file and its place at the deadline, written to or not.
-        let mut open = store.partial_upload(web, 100).unwrap();
         open.write_at(0, b"he").unwrap();
         tokio::time::sleep(timeout * 2).await;
         assert_eq!(files_in(&d.join("tmp")), 0);

@@ -262,7 +262,15 @@ fn a_full_disk_is_a_clear_error_and_records_nothing() {
     let out = r.nx(&["push", bin("hello").to_str().unwrap(), "--app", "web"]);
     let _ = std::process::Command::new("umount").arg(&tmp).status();
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("disk is full"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the server's disk is full; push again once its operator freed space"),
+        "{}",
+        out.stderr
+    );
+    // Where it filled is in the receiver's log, not told to the client.
+    let data = r.data_dir().to_string_lossy().into_owned();
+    assert!(!out.stderr.contains(&data), "{}", out.stderr);
+    assert!(r.log().contains("an upload found the disk full"), "{}", r.log());
     nothing_recorded(&r, "web");
 }
 

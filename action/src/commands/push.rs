@@ -173,7 +173,13 @@ async fn apply_manifest(client: &Client, job: &Job<'_>, info: &AppInfo) -> anyho
 fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
-    let size = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let metadata = file.metadata()?;
+    // Read twice (hashed here, sent later), so it must be a file: a pipe
+    // would be empty the second time.
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("not a regular file; write the binary to a file and push that"));
+    }
+    let size = usize::try_from(metadata.len()).map_err(std::io::Error::other)?;
     let mut data = vec![0u8; size];
     let hasher = std::thread::scope(|s| {
         let (read, to_hash) = std::sync::mpsc::sync_channel::<&[u8]>(4);
@@ -308,5 +314,7 @@ mod tests {
         }
         let missing = read_hashed(&dir.path().join("missing")).unwrap_err();
         assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        let not_a_file = read_hashed(dir.path()).unwrap_err();
+        assert_eq!(not_a_file.to_string(), "not a regular file; write the binary to a file and push that");
     }
 }

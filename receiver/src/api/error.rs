@@ -93,7 +93,13 @@ impl From<StoreError> for ApiError {
             StoreError::LengthMismatch { .. } | StoreError::DigestMismatch { .. } | StoreError::Body(_) => {
                 ApiError::BadRequest(message)
             }
-            StoreError::DiskFull { .. } => ApiError::InsufficientStorage(message),
+            // Where the disk filled is the operator's to know, not the client's.
+            StoreError::DiskFull { path } => {
+                tracing::error!(path = %path.display(), "an upload found the disk full");
+                ApiError::InsufficientStorage(
+                    "the server's disk is full; push again once its operator freed space".into(),
+                )
+            }
             StoreError::Unavailable { .. } | StoreError::Busy { .. } => ApiError::Unavailable(message),
             StoreError::AppBusy { .. } => ApiError::TooManyRequests(message),
             StoreError::TimedOut { .. } => ApiError::Timeout(message),

@@ -296,15 +296,18 @@ impl russh::server::Handler for Connection {
     }
 }
 
-/// Serves SFTP on `listener` until `stop`: connections admitted by `gate`,
-/// each disconnected unless it logs in within `auth_timeout`.
+/// Serves SFTP on `listener` until `stopping` (the receiver was told to stop:
+/// no new session then), each connection admitted by `gate`, disconnected
+/// unless it logs in within `auth_timeout`, and cut at `stop` (the end of
+/// the API's shutdown grace).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     host_key: PrivateKey,
     shared: Shared,
     gate: crate::listeners::Gate,
     auth_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    mut stopping: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let config = Arc::new(russh::server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -318,7 +321,7 @@ pub async fn serve(
     loop {
         let (stream, peer, admitted) = tokio::select! {
             next = crate::listeners::accept(&listener, &gate, "sftp") => next,
-            _ = stop.changed() => return,
+            _ = stopping.wait_for(|s| *s) => return,
         };
         let (logged_in, login) = tokio::sync::oneshot::channel();
         let handler = Connection::new(shared.clone(), peer, logged_in);
