@@ -204,6 +204,35 @@ impl Log {
         self.live.subscribe()
     }
 
+    /// The last `n` lines stored (with rotated files, `keep_rotated` of
+    /// them), a feed of the lines written from now on, and how many of the
+    /// feed's first lines to skip because the stored lines already hold
+    /// them: together every line once, in order. A shared log's follower
+    /// sends a line up to 100 ms after it was written; taken under its
+    /// lock, the count is exact. (Read without it, a line written a moment
+    /// before came again after the newer ones it preceded.)
+    pub fn tail_then_follow(&self, n: usize, keep_rotated: u32) -> (Vec<String>, broadcast::Receiver<String>, usize) {
+        let path = self.path();
+        let Some(Ok(at)) = self.followed.as_ref().map(|f| f.lock()) else {
+            let feed = self.subscribe();
+            return (read_recent(&path, n, keep_rotated).unwrap_or_default(), feed, 0);
+        };
+        let feed = self.subscribe();
+        // The follower's place is at the start of a line of the current
+        // file, unless a rotation came since: then the stored lines are
+        // read whole and nothing is skipped.
+        let (ino, sent) = at.sent;
+        let unsent = match std::fs::metadata(&path) {
+            Ok(m) if m.ino() == ino => read_between(&path, sent, m.len().max(sent)).unwrap_or_default(),
+            _ => return (read_recent(&path, n, keep_rotated).unwrap_or_default(), feed, 0),
+        };
+        // Whole lines only: an unfinished one is the feed's once it ends.
+        let whole = unsent.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let skip = unsent[..whole].iter().filter(|b| **b == b'\n').count();
+        let stored = recent_lines(&path, n, keep_rotated, Some(sent + whole as u64)).unwrap_or_default();
+        (stored, feed, skip)
+    }
+
     /// Starts a keeper of this log (`shim` is the nx-shim program) and
     /// returns the writable end of its pipe, to become a long-lived
     /// program's stdout and stderr. The keeper runs in its own session
@@ -419,10 +448,16 @@ fn rotated(path: &Path, i: u32) -> PathBuf {
 /// The last `n` lines stored at `path`, reading into rotated files when the
 /// current one has fewer.
 pub fn read_recent(path: &Path, n: usize, keep_rotated: u32) -> io::Result<Vec<String>> {
+    recent_lines(path, n, keep_rotated, None)
+}
+
+/// [`read_recent`] with the current file read up to byte `end` only.
+fn recent_lines(path: &Path, n: usize, keep_rotated: u32, end: Option<u64>) -> io::Result<Vec<String>> {
+    use std::io::Read;
     let mut files = vec![path.to_owned()];
     files.extend((1..=keep_rotated).map(|i| rotated(path, i)));
     let mut lines: VecDeque<String> = VecDeque::new();
-    for file in files {
+    for (i, file) in files.into_iter().enumerate() {
         if lines.len() >= n {
             break;
         }
@@ -431,7 +466,8 @@ pub fn read_recent(path: &Path, n: usize, keep_rotated: u32) -> io::Result<Vec<S
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let mut chunk: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        let limit = if i == 0 { end.unwrap_or(u64::MAX) } else { u64::MAX };
+        let mut chunk: Vec<String> = BufReader::new(f.take(limit)).lines().map_while(Result::ok).collect();
         chunk.reverse();
         for line in chunk {
             if lines.len() >= n {
@@ -452,6 +488,41 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("d.log")
+    }
+
+    /// The text of stored lines, without their timestamps.
+    fn texts(lines: &[String]) -> Vec<&str> {
+        lines.iter().map(|l| l.split_once(' ').map_or(l.as_str(), |(_, text)| text)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follow_from_the_tail_has_every_line_once_and_in_order() {
+        let path = temp("tail-follow");
+        let shared = Log::open_shared(&path, LogLimits::default()).unwrap();
+        // The shim's handle on the same file.
+        let shim = Log::open_writer(&path, LogLimits::default()).unwrap();
+        let mut listening = shared.subscribe();
+        for i in 0..4 {
+            shim.app_line(&format!("old {i}"));
+        }
+        for i in 0..4 {
+            assert_eq!(listening.recv().await.unwrap().split_once(' ').unwrap().1, format!("old {i}"));
+        }
+        // Written since the follower's last read (time stands still until
+        // this task waits): stored, not sent yet.
+        for i in 0..3 {
+            shim.app_line(&format!("new {i}"));
+        }
+        let (stored, mut feed, skip) = shared.tail_then_follow(2, 0);
+        assert_eq!(texts(&stored), ["new 1", "new 2"]);
+        assert_eq!(skip, 3, "the feed's first three lines are the stored ones");
+        shim.app_line("after");
+        let mut fed = Vec::new();
+        while fed.len() < skip + 1 {
+            fed.push(feed.recv().await.unwrap());
+        }
+        assert_eq!(texts(&fed[skip..]), ["after"]);
+        assert_eq!(texts(&fed[..skip]), ["new 0", "new 1", "new 2"]);
     }
 
     #[test]

@@ -189,45 +189,53 @@ pub async fn logs(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let row = find_deployment(&state, &app.name, &id).await?;
-    // Subscribe before reading the file, so no line falls between the two.
-    let live = if q.follow { state.deployer.live_log(&row.id).map(|l| l.subscribe()) } else { None };
+    let live = if q.follow { state.deployer.live_log(&row.id) } else { None };
     let path = state.deployer.log_path(&row.id);
     let lines = q.lines.min(100_000);
-    let history = tokio::task::spawn_blocking(move || {
-        nx_runtime::logs::read_recent(&path, lines, LogLimits::default().keep_rotated)
+    let keep = LogLimits::default().keep_rotated;
+    let (history, live) = tokio::task::spawn_blocking(move || match live {
+        // The stored lines and a feed of what follows them, none twice.
+        Some(log) => Ok::<_, std::io::Error>({
+            let (history, feed, skip) = log.tail_then_follow(lines, keep);
+            (history, Some((feed, skip)))
+        }),
+        None => Ok((nx_runtime::logs::read_recent(&path, lines, keep)?, None)),
     })
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
-    let seen: std::collections::HashSet<String> = history.iter().cloned().collect();
     let head = futures_util::stream::iter(
         history.into_iter().map(|l| Ok::<_, std::convert::Infallible>(Bytes::from(l + "\n"))),
     );
     let body = match live {
         None => axum::body::Body::from_stream(head),
-        Some(rx) => {
+        Some((rx, skip)) => {
             let stopping = state.stopping.clone();
-            let tail = futures_util::stream::unfold(Some((rx, seen, stopping)), |open| async move {
-                let (mut rx, seen, mut stopping) = open?;
-                loop {
+            let tail = futures_util::stream::unfold(Some((rx, stopping, skip)), |open| async move {
+                let (mut rx, mut stopping, mut skip) = open?;
+                let received = loop {
                     let received = tokio::select! {
                         received = rx.recv() => received,
-                        // A follow never ends by itself: one open would hold a
-                        // stopping receiver until its grace ran out.
+                    // A follow never ends by itself: one open would hold a
+                    // stopping receiver until its grace ran out.
                         _ = stopping.wait_for(|s| *s) => {
                             let note = "[nx] the receiver is stopping: this follow ends here; run it again once the receiver is back\n";
                             return Some((Ok(Bytes::from(note)), None));
                         }
                     };
+                    // The first lines are those the stored lines ended with.
                     match received {
-                        Ok(line) if seen.contains(&line) => continue,
-                        Ok(line) => return Some((Ok(Bytes::from(line + "\n")), Some((rx, seen, stopping)))),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            let note = format!("[nx] {n} lines were skipped: the client read too slowly\n");
-                            return Some((Ok(Bytes::from(note)), Some((rx, seen, stopping))));
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                        Ok(_) if skip > 0 => skip -= 1,
+                        other => break other,
                     }
+                };
+                match received {
+                    Ok(line) => Some((Ok(Bytes::from(line + "\n")), Some((rx, stopping, 0)))),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let note = format!("[nx] {n} lines were skipped: the client read too slowly\n");
+                        Some((Ok(Bytes::from(note)), Some((rx, stopping, 0))))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
                 }
             });
             axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail))
