@@ -269,6 +269,22 @@ mod tests {
         drop(others);
     }
 
+    /// Serves `app` on a port of loopback until the sender returned is used
+    /// (or dropped), with a shutdown `grace`; its address, and the serving task.
+    async fn served_until_stopped(
+        app: axum::Router,
+        grace: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(serve_api(listener, app, Gate::new(64), Duration::from_secs(5), stopped, grace));
+        (addr, stop, server)
+    }
+
     /// Serves `app` on a port of loopback; its address.
     async fn served(app: axum::Router) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
@@ -309,21 +325,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_does_not_wait_for_a_refused_body_that_stalls() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-        let addr = listener.local_addr().expect("bound address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let refuse = || async { (axum::http::StatusCode::UNAUTHORIZED, "no key\n") };
         let app = axum::Router::new().route("/push", axum::routing::post(refuse));
-        let server = tokio::spawn(serve_api(
-            listener,
-            app,
-            Gate::new(64),
-            Duration::from_secs(5),
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(30),
-        ));
+        let (addr, stop, server) = served_until_stopped(app, Duration::from_secs(30)).await;
         // A body announced as 1 MiB of which 10 bytes come, then nothing: the
         // read-on waits for more (up to 5 s idle) before the answer.
         let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -347,9 +351,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_cuts_a_request_still_open_when_the_grace_ends() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-        let addr = listener.local_addr().expect("bound address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (entered, mut handler_entered) = tokio::sync::mpsc::channel::<()>(1);
         // A handler that never answers, as an upload over a stalled link.
         let app = axum::Router::new().route(
@@ -360,16 +361,7 @@ mod tests {
             }),
         );
         let grace = Duration::from_millis(500);
-        let server = tokio::spawn(serve_api(
-            listener,
-            app,
-            Gate::new(64),
-            Duration::from_secs(5),
-            async {
-                let _ = stopped.await;
-            },
-            grace,
-        ));
+        let (addr, stop, server) = served_until_stopped(app, grace).await;
         let request = tokio::spawn(reqwest::get(format!("http://{addr}/stuck")));
         handler_entered.recv().await.expect("the handler runs");
         let asked = std::time::Instant::now();

@@ -52,6 +52,20 @@ fn a_crash_loop_ends_failed_with_the_last_words() {
     assert_eq!(page.status, 502);
 }
 
+/// `nx logs -f -n 1 ID` running, and the lines it prints.
+fn follow_logs(r: &Receiver, id: &str) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut follow = Command::new(bin("nx"))
+        .args(["logs", "-f", "-n", "1", id])
+        .env("NX_SERVER", r.api())
+        .env("NX_KEY", &r.admin_token)
+        .env("HOME", r.dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    (follow, lines)
+}
+
 #[test]
 fn logs_show_output_and_follow_new_lines() {
     let r = Receiver::start();
@@ -62,15 +76,7 @@ fn logs_show_output_and_follow_new_lines() {
     assert!(logs.contains("listening on 127.0.0.1:"), "{logs}");
     assert!(logs.contains("[nx] healthy on"), "{logs}");
 
-    let mut follow = Command::new(bin("nx"))
-        .args(["logs", "-f", "-n", "1", id])
-        .env("NX_SERVER", r.api())
-        .env("NX_KEY", &r.admin_token)
-        .env("HOME", r.dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let (mut follow, mut lines) = follow_logs(&r, id);
     // One old line comes first; then every line written since, once each
     // and in order (the app's own start lines may still be on their way
     // from its shim), then what the app prints from now on.
@@ -105,15 +111,7 @@ fn a_stop_ends_log_follows_at_once_and_the_app_answers_on() {
     let d = r.push("web", &fixtures::c_musl_static(), &[]);
     let id = d["id"].as_str().unwrap();
     let url = d["preview_url"].as_str().unwrap().to_owned();
-    let mut follow = Command::new(bin("nx"))
-        .args(["logs", "-f", "-n", "1", id])
-        .env("NX_SERVER", r.api())
-        .env("NX_KEY", &r.admin_token)
-        .env("HOME", r.dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let (mut follow, mut lines) = follow_logs(&r, id);
     assert!(lines.next().is_some_and(|l| l.is_ok()), "the follow is open");
 
     let asked = std::time::Instant::now();
