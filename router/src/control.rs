@@ -183,7 +183,7 @@ async fn handle(
                         }
                         Err(e @ TableError::Stale { .. }) => text(StatusCode::CONFLICT, format!("{e}\n")),
                         Err(e) => {
-                            tracing::error!(error = %e, "route table not saved");
+                            tracing::error!(error = %e, "route table served but not saved; the receiver sends it again");
                             text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
                         }
                     }

@@ -254,9 +254,15 @@ impl RouteStore {
         Some(traffic)
     }
 
-    /// Saves `table` and then makes it current. A table with an older generation
+    /// Makes `table` current, then saves it. A table with an older generation
     /// than the current one is refused; the same generation is accepted again
     /// (the receiver re-sends after it restarts).
+    ///
+    /// Served before it is saved: requests held for a wake go on without
+    /// waiting for the file's two fsyncs. A failed save is still an error,
+    /// after which the receiver publishes again within a second, so a
+    /// restart can only find an older table in the file while the receiver
+    /// knows it has to send one (as it does after every failed publish).
     pub fn replace(&self, mut table: RouteTable) -> Result<(), TableError> {
         let certificates = std::mem::take(&mut table.certificates);
         let mut activity = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,15 +270,15 @@ impl RouteStore {
         if table.generation < current {
             return Err(TableError::Stale { offered: table.generation, current });
         }
-        save_atomically(&self.state_file, &table)
-            .map_err(|source| TableError::Save { path: self.state_file.clone(), source })?;
         self.certs.replace(&certificates);
         let live = Arc::new(index(table, &mut activity, self.counting));
         self.current.store(live.clone());
         // After the store: a held request told its wake is over looks the
         // new table up. Under the write lock, so wakes see tables in order.
         self.wakes.table_replaced(&live.table);
-        Ok(())
+        // Under the write lock too: saves happen in the tables' order.
+        save_atomically(&self.state_file, &live.table)
+            .map_err(|source| TableError::Save { path: self.state_file.clone(), source })
     }
 }
 
@@ -365,6 +371,24 @@ mod tests {
         );
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_table_is_served_before_its_save_and_a_failed_save_is_an_error() {
+        let d = dir("unsaved");
+        let state = d.join("routes.json");
+        let store = RouteStore::open(&state).unwrap();
+        store.replace(table(1, 20001)).unwrap();
+        // The directory gone, the next save cannot happen.
+        std::fs::remove_dir_all(&d).unwrap();
+        let err = store.replace(table(2, 20002)).unwrap_err();
+        assert!(matches!(&err, TableError::Save { path, .. } if *path == state), "{err}");
+        // Served all the same (the receiver sends it again after the error).
+        assert_eq!(store.snapshot().generation, 2);
+        assert_eq!(
+            store.lookup("web.localhost").unwrap().route.target,
+            Target::Live { addr: ([127, 0, 0, 1], 20002).into() }
+        );
     }
 
     #[test]
