@@ -2,10 +2,16 @@
 //!
 //! The check speaks just enough HTTP/1.1 to read a status line, over a fresh TCP
 //! connection, so it measures what the router will see and costs no client
-//! library. Polling starts at 1 ms and backs off to 50 ms: most apps are up within
-//! a few milliseconds and the start-to-healthy time is a figure we publish.
+//! library. Polling starts at 250 us and backs off to 50 ms: most apps are up
+//! within a few milliseconds, the start-to-healthy time is a figure we
+//! publish, and a woken app's first request waits for it. The starts in
+//! their first 100 ms share a budget of probes per second, so many at once
+//! (a restart of every app) poll each the slower; a start past them (an
+//! app slow to answer, or one that never does) backs off and takes no
+//! share, so it cannot slow the others' first probes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -182,8 +188,60 @@ fn parse_listener(msg: &[u8]) -> Option<Listener> {
     Some(Listener { ip, port, uid, v6only })
 }
 
-/// How long after the start probes run every millisecond.
+/// How long after the start probes run at their first pace.
 const FAST_POLL: Duration = Duration::from_millis(100);
+
+/// The pause between a start's first probes.
+const FIRST_PAUSE: Duration = Duration::from_micros(250);
+
+/// The longest pause between probes.
+const LONGEST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Probes per second that the waits in their first [`FAST_POLL`] share:
+/// one start alone polls every [`FIRST_PAUSE`], a hundred at once every
+/// 25 ms each (never slower than [`LONGEST_PAUSE`]).
+const PROBES_PER_SECOND: u32 = 4_000;
+
+/// Waits in their first [`FAST_POLL`], for their share of
+/// [`PROBES_PER_SECOND`].
+static WAITING: AtomicU32 = AtomicU32::new(0);
+
+/// One wait counted in [`WAITING`] while it lives (dropped once the wait
+/// is past [`FAST_POLL`]).
+struct Waiting;
+
+impl Waiting {
+    fn begin() -> Waiting {
+        WAITING.fetch_add(1, Ordering::Relaxed);
+        Waiting
+    }
+
+    /// The shortest pause that keeps the waits in flight within the budget.
+    fn share(&self) -> Duration {
+        Duration::from_secs(1) * WAITING.load(Ordering::Relaxed) / PROBES_PER_SECOND
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The pause between two probes of a wait `elapsed` old whose last pause
+/// was `last` (`None` before the first), given its `share` of the budget.
+fn next_pause(last: Option<Duration>, elapsed: Duration, share: Duration) -> Duration {
+    // A static binary answers within a few milliseconds of its start, and a
+    // refused connect on loopback costs microseconds: poll at the first pace
+    // at first, so "healthy" follows the first answer closely, then back
+    // off for the slow starters.
+    let paced = match last {
+        Some(last) if elapsed >= FAST_POLL => (last * 2).min(LONGEST_PAUSE),
+        Some(last) => last.max(FIRST_PAUSE),
+        None => FIRST_PAUSE,
+    };
+    paced.max(share).min(LONGEST_PAUSE)
+}
 
 /// Probes until one succeeds or `deadline` passes; returns the last failure.
 /// `give_up` is polled between probes: when it returns true (say, the process
@@ -195,21 +253,33 @@ pub async fn wait_healthy(
     mut give_up: impl FnMut() -> bool,
 ) -> Result<(), ProbeError> {
     let start = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(1);
+    let mut waiting = Some(Waiting::begin());
+    let mut timer = None;
+    let mut pause = None;
     loop {
         let remaining = deadline.saturating_sub(start.elapsed());
         let result = probe(addr, check, remaining.min(Duration::from_secs(2)).max(Duration::from_millis(50))).await;
         if result.is_ok() || start.elapsed() >= deadline || give_up() {
             return result;
         }
-        tokio::time::sleep(pause).await;
-        // A static binary answers within a few milliseconds of its start, and
-        // a refused connect on loopback costs microseconds: poll every
-        // millisecond at first, so "healthy" follows the first answer closely,
-        // then back off for the slow starters.
         if start.elapsed() >= FAST_POLL {
-            pause = (pause * 2).min(Duration::from_millis(50));
+            waiting = None;
         }
+        let share = waiting.as_ref().map_or(Duration::ZERO, Waiting::share);
+        let next = next_pause(pause, start.elapsed(), share);
+        // Made at the first pause (an adopted app answers the first probe);
+        // without one (out of descriptors) it sleeps on tokio's timer.
+        if timer.is_none() {
+            timer = crate::sys::PreciseTimer::new().ok();
+        }
+        let slept = match timer.as_mut() {
+            Some(t) => t.sleep(next).await.is_ok(),
+            None => false,
+        };
+        if !slept {
+            tokio::time::sleep(next).await;
+        }
+        pause = Some(next);
     }
 }
 
@@ -311,6 +381,31 @@ mod tests {
         let err = probe(addr, &HealthCheck::default(), Duration::from_millis(200)).await.unwrap_err();
         assert!(matches!(err, ProbeError::NoAnswer(..)), "{err}");
         probe(addr, &HealthCheck::Tcp, Duration::from_millis(200)).await.unwrap();
+    }
+
+    #[test]
+    fn probes_start_fast_back_off_and_share_a_budget() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_pause(None, ms(0), Duration::ZERO), FIRST_PAUSE);
+        assert_eq!(next_pause(Some(FIRST_PAUSE), ms(50), Duration::ZERO), FIRST_PAUSE, "fast for the first 100 ms");
+        assert_eq!(next_pause(Some(FIRST_PAUSE), ms(100), Duration::ZERO), FIRST_PAUSE * 2);
+        assert_eq!(next_pause(Some(ms(40)), ms(900), Duration::ZERO), LONGEST_PAUSE);
+        // A hundred waits at once each take a hundredth of the budget.
+        let share = Duration::from_secs(1) * 100 / PROBES_PER_SECOND;
+        assert_eq!(share, ms(25));
+        assert_eq!(next_pause(None, ms(0), share), ms(25));
+        assert_eq!(next_pause(Some(ms(25)), ms(10), Duration::ZERO), ms(25), "the pace never speeds up");
+        assert_eq!(next_pause(None, ms(0), Duration::from_secs(5)), LONGEST_PAUSE, "never slower than the longest");
+    }
+
+    #[tokio::test]
+    async fn the_precise_timer_never_wakes_early_and_can_be_rearmed() {
+        let mut timer = crate::sys::PreciseTimer::new().unwrap();
+        for pause in [Duration::from_micros(300), Duration::ZERO, Duration::from_millis(3)] {
+            let started = std::time::Instant::now();
+            timer.sleep(pause).await.unwrap();
+            assert!(started.elapsed() >= pause, "woke after {:?} of {pause:?}", started.elapsed());
+        }
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
@@ -288,6 +289,58 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout_ms: u16) -> io::Result<()> 
     match poll(&mut pollfds, PollTimeout::from(timeout_ms)) {
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// A timer tokio can wait on with microsecond precision (a `timerfd`):
+/// tokio's own timer rounds each sleep up to a whole millisecond and more,
+/// which is as long as a static app takes to start listening.
+#[derive(Debug)]
+pub struct PreciseTimer(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl PreciseTimer {
+    /// A timer of the monotonic clock; must be made inside a tokio runtime.
+    pub fn new() -> io::Result<PreciseTimer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create takes no pointers; a non-negative result is
+        // a new descriptor that nothing else owns.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the AsyncFd owns the descriptor, which stays open and the
+        // same for as long as it lives (OwnedFd always answers the same number).
+        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+        Ok(PreciseTimer(registered.map_err(io::Error::from)?))
+    }
+
+    /// Returns once `pause` has passed (at least a microsecond).
+    pub async fn sleep(&mut self, pause: Duration) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let pause = pause.max(Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: libc::time_t::try_from(pause.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: libc::c_long::from(pause.subsec_nanos()),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call's duration; the
+        // old value is not asked for (null).
+        if unsafe { libc::timerfd_settime(self.0.get_ref().as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        loop {
+            let mut ready = self.0.readable().await?;
+            // The expiry count, read once the timer fired; would block before.
+            let mut count = [0u8; 8];
+            match ready.try_io(|fd| nix::unistd::read(fd.get_ref().as_raw_fd(), &mut count).map_err(io::Error::from)) {
+                Ok(read) => return read.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 
