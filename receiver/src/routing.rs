@@ -84,16 +84,50 @@ pub fn build_table(
 /// healthy ones (`healthy`: deployment id, then the ports of its healthy
 /// replicas): one healthy replica is routed as [`Target::Live`], several as
 /// [`Target::Replicas`]. A deployment with none healthy keeps its route
-/// until its watcher records it as no longer healthy.
+/// until its watcher records it as no longer healthy. One recorded as
+/// starting is routed as soon as a replica is healthy: its watcher sends
+/// that table before it commits `healthy`, so the requests a wake holds go
+/// on without waiting for the commit.
 fn route_replicas(table: &mut RouteTable, healthy: &HashMap<String, Vec<u16>>) {
     for route in table.routes.values_mut() {
-        let (Target::Live { .. }, Some(ports)) = (&route.target, healthy.get(&route.deployment)) else { continue };
-        let mut addrs: Vec<std::net::SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
-        route.target = match addrs.len() {
-            0 => continue,
-            1 => Target::Live { addr: addrs.remove(0) },
-            _ => Target::Replicas { addrs },
+        let (Target::Live { .. } | Target::Starting, Some(ports)) = (&route.target, healthy.get(&route.deployment))
+        else {
+            continue;
         };
+        if let Some(target) = replicas_target(ports) {
+            route.target = target;
+        }
+    }
+}
+
+/// `last` with the routes of deployment `id` pointed at its healthy
+/// replicas on `ports`: `None` when that changes nothing (no port, no such
+/// route, or already so). Only a route that is sleeping, starting or live
+/// is pointed there: one stopped or failed stays as it is until a table
+/// built from the database says otherwise.
+fn patch_healthy(last: &RouteTable, id: &str, ports: &[u16]) -> Option<RouteTable> {
+    let target = replicas_target(ports)?;
+    let mut table = last.clone();
+    let mut changed = false;
+    for route in table.routes.values_mut().filter(|r| r.deployment == id) {
+        let routable =
+            matches!(route.target, Target::Sleeping | Target::Starting | Target::Live { .. } | Target::Replicas { .. });
+        if routable && route.target != target {
+            route.target = target.clone();
+            changed = true;
+        }
+    }
+    changed.then_some(table)
+}
+
+/// The route to the replicas on `ports`: none without a port, one as
+/// [`Target::Live`], several as [`Target::Replicas`].
+fn replicas_target(ports: &[u16]) -> Option<Target> {
+    let mut addrs: Vec<std::net::SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+    match addrs.len() {
+        0 => None,
+        1 => Some(Target::Live { addr: addrs.remove(0) }),
+        _ => Some(Target::Replicas { addrs }),
     }
 }
 
@@ -128,6 +162,16 @@ fn certificates(
         .collect()
 }
 
+/// What was last sent to the router.
+#[derive(Debug, Default)]
+struct Published {
+    generation: u64,
+    /// The last table the router took, certificates included: the router
+    /// keeps only the certificates of its latest table, so a table patched
+    /// from this one must carry them (they are unsealed in memory only).
+    last: Option<RouteTable>,
+}
+
 /// Publishes route tables; serialises publishers so tables arrive in order.
 #[derive(Debug)]
 pub struct RoutePublisher {
@@ -138,8 +182,9 @@ pub struct RoutePublisher {
     preview_domain: String,
     /// ACME HTTP-01 answers being asked for: host, token, key authorization.
     challenges: std::sync::Mutex<BTreeMap<String, BTreeMap<String, String>>>,
-    /// The last generation sent; tables only move forward.
-    generation: Mutex<u64>,
+    /// The last generation sent (tables only move forward), and the last
+    /// table the router took.
+    published: Mutex<Published>,
     /// Set when the last publish failed, so the retry loop tries again.
     dirty: std::sync::atomic::AtomicBool,
     /// Whether the last table sent carried certificates, which a router keeps
@@ -165,7 +210,7 @@ impl RoutePublisher {
             domain,
             preview_domain,
             challenges: Default::default(),
-            generation: Mutex::new(0),
+            published: Mutex::new(Published::default()),
             dirty: false.into(),
             certified: false.into(),
             healthy: Default::default(),
@@ -217,37 +262,74 @@ impl RoutePublisher {
 
     /// [`RoutePublisher::publish`] without the warning, for readiness polls.
     pub async fn publish_quietly(&self) -> Result<(), PublishError> {
-        let mut generation = self.generation.lock().await;
-        let result = self.publish_locked(&mut generation).await;
-        self.dirty.store(result.is_err(), std::sync::atomic::Ordering::SeqCst);
+        let mut published = self.published.lock().await;
+        self.publish_locked(&mut published).await
+    }
+
+    /// Sends the router's last table with deployment `id` routed to its
+    /// healthy replicas (see [`RoutePublisher::set_healthy`] and
+    /// [`patch_healthy`]), without reading the database: what the requests
+    /// a wake holds wait for. The caller records the state and publishes
+    /// the whole table after it, which brings in whatever else changed
+    /// meanwhile. Sends nothing when there is no table to start from (none
+    /// sent yet, or the last publish failed or was cut short: the whole
+    /// table follows anyway) or when it would change nothing.
+    pub async fn publish_healthy(&self, id: &str) -> Result<(), PublishError> {
+        let mut published = self.published.lock().await;
+        if self.dirty.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let ports = self.healthy.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().unwrap_or_default();
+        let Some(table) = published.last.as_ref().and_then(|last| patch_healthy(last, id, &ports)) else {
+            return Ok(());
+        };
+        let result = self.send_next(&mut published, table).await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "route table not published; retrying in the background");
+        }
         result
     }
 
-    async fn publish_locked(&self, generation: &mut u64) -> Result<(), PublishError> {
+    async fn publish_locked(&self, published: &mut Published) -> Result<(), PublishError> {
+        // Dirty until the router took a table: a failed query, a failed
+        // send, or a publish cut short leaves it for the retry loop.
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
         // Three queries at once, on three of the pool's connections: a
-        // table follows every state change, and a woken app's first request
-        // waits for it.
+        // table follows every state change.
         let (rows, domains, wildcards) =
             tokio::try_join!(self.db.routed_deployments(), self.db.verified_domains(), self.db.wildcards())?;
-        // Microseconds since the epoch move forward across receiver restarts.
-        let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
-        *generation = (*generation + 1).max(now);
-        let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, *generation);
+        let mut table = build_table(&rows, &domains, &self.domain, &self.preview_domain, 0);
         route_replicas(&mut table, &self.healthy.lock().unwrap_or_else(|p| p.into_inner()));
         table.challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let served = [self.domain.as_str(), self.preview_domain.as_str()];
         table.certificates = certificates(&domains, &wildcards, served, &self.master);
         self.certified.store(!table.certificates.is_empty(), std::sync::atomic::Ordering::SeqCst);
+        self.send_next(published, table).await
+    }
+
+    /// Sends `table` as the next generation; on success it is the last
+    /// table and nothing is left to send again, on failure there is none
+    /// (the next publish reads everything).
+    async fn send_next(&self, published: &mut Published, mut table: RouteTable) -> Result<(), PublishError> {
+        published.last = None;
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Microseconds since the epoch move forward across receiver restarts.
+        let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
+        published.generation = (published.generation + 1).max(now);
+        table.generation = published.generation;
         match self.send(&table).await {
             Err(PublishError::Refused { status: 409, .. }) => {
                 // The router holds a newer table (our clock went back): continue
                 // from its generation.
                 table.generation = self.current_generation().await? + 1;
-                *generation = table.generation;
-                self.send(&table).await
+                published.generation = table.generation;
+                self.send(&table).await?;
             }
-            other => other,
+            other => other?,
         }
+        published.last = Some(table);
+        self.dirty.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     async fn request(&self, method: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), PublishError> {
@@ -955,6 +1037,54 @@ mod tests {
             Target::Live { addr: ([127, 0, 0, 1], 20006).into() },
             "one healthy replica is a plain live route, on its own port"
         );
+    }
+
+    #[test]
+    fn a_starting_deployment_is_routed_once_a_replica_is_healthy_and_nothing_else_is() {
+        let rows = [
+            row("aaaaaaaa", "web", "starting", 20001, false),
+            row("bbbbbbbb", "web", "starting", 20002, false),
+            row("cccccccc", "web", "sleeping", 20003, false),
+            row("dddddddd", "web", "failed", 20004, false),
+        ];
+        let mut t = build_table(&rows, &[], "localhost", "localhost", 1);
+        // A woken one with its replica healthy, one with none healthy yet,
+        // and ports left for deployments that are not starting.
+        let healthy = [
+            ("aaaaaaaa".to_owned(), vec![20001]),
+            ("bbbbbbbb".to_owned(), vec![]),
+            ("cccccccc".to_owned(), vec![20003]),
+            ("dddddddd".to_owned(), vec![20004]),
+        ];
+        route_replicas(&mut t, &healthy.into());
+        assert_eq!(t.routes["aaaaaaaa--web.localhost"].target, Target::Live { addr: ([127, 0, 0, 1], 20001).into() });
+        assert_eq!(t.routes["bbbbbbbb--web.localhost"].target, Target::Starting);
+        assert_eq!(t.routes["cccccccc--web.localhost"].target, Target::Sleeping, "only a start is routed early");
+        assert_eq!(t.routes["dddddddd--web.localhost"].target, Target::Failed);
+    }
+
+    #[test]
+    fn a_patched_table_routes_only_the_woken_deployment_and_never_a_stopped_one() {
+        let rows = [
+            row("aaaaaaaa", "web", "sleeping", 20001, true),
+            row("bbbbbbbb", "web", "sleeping", 20002, false),
+            row("cccccccc", "api", "stopped", 20003, false),
+        ];
+        let last = build_table(&rows, &[], "localhost", "localhost", 1);
+        let live = |port| Target::Live { addr: ([127, 0, 0, 1], port).into() };
+        let woken = patch_healthy(&last, "aaaaaaaa", &[20001]).expect("a sleeping route is woken");
+        assert_eq!(woken.routes["web.localhost"].target, live(20001), "its production host too");
+        assert_eq!(woken.routes["aaaaaaaa--web.localhost"].target, live(20001));
+        assert_eq!(woken.routes["bbbbbbbb--web.localhost"].target, Target::Sleeping, "no other deployment moves");
+        assert_eq!(woken.certificates, last.certificates);
+        let two = patch_healthy(&last, "aaaaaaaa", &[20001, 20009]).unwrap();
+        assert!(matches!(two.routes["web.localhost"].target, Target::Replicas { .. }));
+        // Nothing to send: no healthy port, no route, the same routes, a
+        // route the database says is stopped.
+        assert_eq!(patch_healthy(&last, "aaaaaaaa", &[]), None);
+        assert_eq!(patch_healthy(&last, "zzzzzzzz", &[20001]), None);
+        assert_eq!(patch_healthy(&woken, "aaaaaaaa", &[20001]), None);
+        assert_eq!(patch_healthy(&last, "cccccccc", &[20003]), None);
     }
 
     #[test]

@@ -610,11 +610,22 @@ impl Deployer {
     /// Started again, a stopped preview, whose own database is dropped,
     /// would run on the app's production database.
     async fn start_held(&self, held: &Held, row: &DeploymentRow, wait: bool) -> Result<Status, DeployError> {
+        let app = self.app_of(row).await?;
+        self.start_held_of(held, &app, row, wait).await
+    }
+
+    /// [`Deployer::start_held`] with the app of `row` read by the caller.
+    async fn start_held_of(
+        &self,
+        held: &Held,
+        app: &AppRow,
+        row: &DeploymentRow,
+        wait: bool,
+    ) -> Result<Status, DeployError> {
         if !meant_to_run(row) {
             return Err(DeployError::NotRunning { id: row.id.clone(), state: row.state().as_str().to_owned() });
         }
-        let app = self.app_of(row).await?;
-        self.run(held, &app, row, replica_count(&app, row), false, if wait { Wait::Any } else { Wait::No }).await
+        self.run(held, app, row, replica_count(app, row), false, if wait { Wait::Any } else { Wait::No }).await
     }
 
     async fn app_of(&self, row: &DeploymentRow) -> Result<AppRow, DeployError> {
@@ -725,7 +736,8 @@ impl Deployer {
         // whose caller recorded `starting` (a wake: the router holds its
         // requests) gets no route table before its first healthy replica;
         // any other start shows the router its starting page at once. A
-        // wake then costs one commit and one route table, not three and two.
+        // wake then costs one commit and two route tables (the first
+        // patched, with no query), not three commits and two full tables.
         let ran_here = previous.is_some();
         let recorded_by_caller = row.state() == DeploymentState::Starting;
         let mut starting_recorded = recorded_by_caller;
@@ -755,6 +767,11 @@ impl Deployer {
             // Never two instances of one replica: what goes is gone before
             // anything starts in its place.
             futures_util::future::join_all(go.map(|r| r.sandbox.stop())).await;
+            if !keep {
+                // None of its replicas answers now: a table sent before the
+                // new watcher's first step must not route it by their ports.
+                self.services.routes.set_healthy(&row.id, None);
+            }
         }
         // Replicas beyond `count` a previous receiver left running.
         for index in count..count + 16 {
@@ -1174,7 +1191,9 @@ struct Watcher {
     recorded: Option<DeploymentState>,
     /// The replica ports the router already has for it: none for a
     /// deployment that did not run here (`None`: not known, so the first
-    /// status publishes a table).
+    /// status publishes a table). `Some` for a start the router holds
+    /// requests for (a wake), whose first healthy replica is sent to the
+    /// router before its state is committed.
     routed: Option<Vec<u16>>,
 }
 
@@ -1272,6 +1291,7 @@ async fn watch_sandbox(
 ) {
     let Watcher { db, routes, reporter, id, app, recorded, routed } = w;
     let mut applied_state = recorded;
+    let holds_requests = routed.is_some();
     let mut routed = routed;
     // The sandbox was started just before its watcher.
     let (started, mut was_healthy) = (std::time::Instant::now(), recorded == Some(DeploymentState::Healthy));
@@ -1296,9 +1316,17 @@ async fn watch_sandbox(
         match step(applied_state, &current) {
             Some(step) => {
                 applied_state = Some(step.state);
-                if step.state == DeploymentState::Healthy && !was_healthy {
+                let first_healthy = step.state == DeploymentState::Healthy && !was_healthy;
+                if first_healthy {
                     was_healthy = true;
                     crate::counters::platform().became_healthy(started.elapsed());
+                }
+                // Healthy, it is routed by its healthy replicas (set above)
+                // whatever its recorded state: for a wake the router has it
+                // before the commit, and the requests it holds go on at
+                // once. The whole table follows the commit.
+                if first_healthy && holds_requests {
+                    let _ = routes.publish_healthy(&id).await;
                 }
                 if let Err(e) = db.set_state(&id, step.state, step.error.as_deref()).await {
                     tracing::error!(deployment = %id, error = %e, "cannot record deployment state");
