@@ -62,6 +62,14 @@ impl Db {
         sqlx::query_as("SELECT * FROM apps WHERE id = $1").bind(id).fetch_optional(&self.pool).await
     }
 
+    /// The app deployment `id` belongs to.
+    pub async fn app_of_deployment(&self, id: &str) -> Result<Option<AppRow>, sqlx::Error> {
+        sqlx::query_as("SELECT a.* FROM apps a JOIN deployments d ON d.app_id = a.id WHERE d.id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
     pub async fn apps(&self) -> Result<Vec<AppRow>, sqlx::Error> {
         sqlx::query_as("SELECT * FROM apps ORDER BY name").fetch_all(&self.pool).await
     }

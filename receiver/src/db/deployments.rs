@@ -252,6 +252,24 @@ impl Db {
             .map(|_| ())
     }
 
+    /// Records `id` as starting if it sleeps, in one statement: its row as
+    /// it was before, with its new state and no error, or `None` when it
+    /// does not sleep (stopped, failed, removed, or woken by someone else).
+    /// A wake waits on this; a read and then a conditional update would be
+    /// two round trips.
+    pub async fn wake_if_sleeping(&self, id: &str) -> Result<Option<DeploymentRow>, sqlx::Error> {
+        let row: Option<DeploymentRow> = sqlx::query_as(&format!(
+            "WITH woken AS (UPDATE deployments SET state = 'starting', error = NULL, stopped_at = NULL \
+             WHERE id = $1 AND state = 'sleeping' RETURNING id) \
+             SELECT {DEPLOYMENT_COLUMNS} WHERE d.id IN (SELECT id FROM woken)"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        // The SELECT sees the row as the statement found it.
+        Ok(row.map(|row| DeploymentRow { state: DeploymentState::Starting.as_str().to_owned(), error: None, ..row }))
+    }
+
     /// Sets `id`'s state to `to` only if it is `from`: whether it was. A
     /// transition decided on a state read earlier never overwrites one made
     /// since (a stop, a removal).

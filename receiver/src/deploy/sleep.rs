@@ -245,19 +245,43 @@ impl Deployer {
                 }
             }
         };
-        let mut row = self.row(id).await?;
         // Only what sleeps wakes: a deployment stopped, failed or removed
         // since the router asked stays as it is.
-        if row.state() != DeploymentState::Sleeping
-            || !self.services.db.set_state_if(id, DeploymentState::Sleeping, DeploymentState::Starting, None).await?
-        {
+        // The app is read beside, on another connection: a woken request
+        // waits for both. Both run to their end, so a claim made is known.
+        let (row, app) = tokio::join!(self.services.db.wake_if_sleeping(id), self.services.db.app_of_deployment(id));
+        let Some(row) = row? else {
             // Whatever the router waits for, the current table tells it.
             let _ = self.services.routes.publish().await;
             return Ok(self.running_status(id).unwrap_or(Status::Stopped));
-        }
-        row.state = DeploymentState::Starting.as_str().to_owned();
+        };
         let started = Instant::now();
-        let status = self.start_held(&held, &row, true).await?;
+        // Claimed: an error before its sandbox is watched puts it back to
+        // sleep, so the next request tries again (no watcher would ever
+        // move it on from `starting`).
+        let run = async {
+            // No app only while it is being removed, with its deployments.
+            let app =
+                app?.ok_or_else(|| DeployError::UnknownDeployment { app: row.app_name.clone(), id: id.into() })?;
+            self.start_held_of(&held, &app, &row, true).await
+        };
+        let status = match run.await {
+            Ok(status) => status,
+            Err(e) => {
+                let reason = format!("could not wake: {e}");
+                let back = self.services.db.set_state_if(
+                    id,
+                    DeploymentState::Starting,
+                    DeploymentState::Sleeping,
+                    Some(&reason),
+                );
+                if let Err(db) = back.await {
+                    tracing::error!(deployment = id, error = %db, "cannot put a deployment whose wake failed back to sleep");
+                }
+                let _ = self.services.routes.publish().await;
+                return Err(e);
+            }
+        };
         let Status::Failed { reason, .. } = &status else {
             self.forget_failed_wakes(id);
             tracing::info!(deployment = id, app = %row.app_name, micros = started.elapsed().as_micros() as u64, "deployment woke");
