@@ -39,8 +39,10 @@ fn first_byte(router_port: u16, host: &str) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
-/// How long each wake took the receiver, from its state `starting` to the
-/// sandbox's health check passing, as its JSON log says ("deployment woke").
+/// How long each wake took the receiver, from its state `starting` until
+/// the state `healthy` is committed and the whole route table published
+/// (after the held request was forwarded), as its JSON log says
+/// ("deployment woke").
 fn receiver_wakes(log: &str) -> Figure {
     let mut took = Figure::default();
     for v in log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
@@ -79,7 +81,10 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     println!("wake on request -> first byte ({rounds} rounds, a static C server, sleep_after 2s)");
     println!("{}", woken.line("asleep: held, woken, answered", "ms"));
     println!("{}", running.line("running (peer)", "ms"));
-    println!("{}", receiver_wakes(&r.log()).line("  of which the receiver's start, to healthy", "ms"));
+    println!(
+        "{}",
+        receiver_wakes(&r.log()).line("  the receiver's whole wake (to healthy, recorded and published)", "ms")
+    );
     println!("  the wake costs {:.2} ms", woken.median() - running.median());
     verdict("first byte of a held request <= 10 ms median", woken.median() <= 10.0);
     Ok(())
