@@ -39,7 +39,6 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -620,8 +619,7 @@ fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>) -> std::io::Result<std::convert::
     }
     let spec = shim::read_spec(&go.dir)
         .ok_or_else(|| std::io::Error::other(format!("cannot read {}", go.dir.join(SPEC).display())))?;
-    let (mut cmd, _held) = shim::sandbox_command(&spec, true)?;
-    cmd.stdout(std::process::Stdio::inherit());
+    let (cmd, _held) = shim::sandbox_command(&spec, true)?;
     let e = cmd.exec();
     Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))
 }

@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use nix::sys::signal::Signal;
@@ -374,17 +374,6 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
         .map_err(start_err)?;
     command.landlock =
         command.landlock.take().map(|fd| sys::renumber_above(fd, above)).transpose().map_err(start_err)?;
-    let mut cmd = std::process::Command::new(&command.program);
-    cmd.args(&command.args).env_clear().envs(command.env.iter().map(|(k, v)| (k, v)));
-    if let Some(cwd) = &command.cwd {
-        cmd.current_dir(cwd);
-    }
-    cmd.stdin(stdio(&command.stdin));
-    cmd.stdout(stdio(&command.stdout));
-    let merge = matches!(command.stderr, Stream::ToStdout);
-    // When merging, stderr is pointed at stdout in the child below.
-    cmd.stderr(stdio(&command.stderr));
-
     let mut setup = ChildSetup {
         cgroup_procs: command
             .cgroup_procs
@@ -399,38 +388,51 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
         landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         exec_in_place: false,
     };
-    if merge {
-        // dup2(1, 2) after std has set up stdout.
+    if matches!(command.stderr, Stream::ToStdout) {
+        // dup2(1, 2) once stdout is in place.
         setup.fd_moves.insert(0, (1, 2));
     }
+    let mut spawn =
+        sys::Spawn::new(command.program.as_os_str(), &command.args, &command.env, setup).map_err(start_err)?;
+    if let Some(cwd) = &command.cwd {
+        spawn.current_dir(cwd).map_err(start_err)?;
+    }
+    // The child's ends of its streams, kept open here until it has `exec`ed;
+    // the parent's ends go back to the caller.
+    let mut child_ends = Vec::new();
+    let mut parent_ends: [Option<OwnedFd>; 3] = [None, None, None];
+    for (n, stream) in [&command.stdin, &command.stdout, &command.stderr].into_iter().enumerate() {
+        let end = match stream {
+            Stream::Inherit | Stream::ToStdout => continue,
+            Stream::Null => std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map(OwnedFd::from),
+            Stream::Pipe => {
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from).map(|(read, write)| {
+                    let (child, parent) = if n == 0 { (read, write) } else { (write, read) };
+                    parent_ends[n] = Some(parent);
+                    child
+                })
+            }
+        };
+        // Above stderr, so placing one stream never overwrites another's source.
+        let end = end.and_then(|fd| sys::renumber_above(fd, 3)).map_err(start_err)?;
+        spawn.stdio(n, std::os::fd::AsRawFd::as_raw_fd(&end));
+        child_ends.push(end);
+    }
 
-    // The table lock is held from fork until the pid is recorded, so the reaper
-    // (same thread today, but the lock makes the invariant local) cannot miss it.
+    // The table lock is held from the start until the pid is recorded, so
+    // the reaper (same thread today, but the lock makes the invariant local)
+    // cannot miss it.
     let mut table = children.lock().map_err(|_| SpawnError::ManagerGone)?;
-    setup.install(&mut cmd);
-    let mut child = cmd.spawn().map_err(start_err)?;
-    let pid = child.id() as i32;
+    let pid = spawn.spawn().map_err(start_err)?;
     let (tx, rx) = watch::channel(None);
     table.insert(pid, tx);
     drop(table);
     // The descriptors passed to the child are closed here, in the parent.
+    drop(child_ends);
     drop(command.pass_fds);
     drop(command.landlock);
-    Ok(Spawned {
-        pid,
-        stdin: child.stdin.take().map(OwnedFd::from),
-        stdout: child.stdout.take().map(OwnedFd::from),
-        stderr: child.stderr.take().map(OwnedFd::from),
-        exit: rx,
-    })
-}
-
-fn stdio(s: &Stream) -> Stdio {
-    match s {
-        Stream::Null | Stream::ToStdout => Stdio::null(),
-        Stream::Pipe => Stdio::piped(),
-        Stream::Inherit => Stdio::inherit(),
-    }
+    let [stdin, stdout, stderr] = parent_ends;
+    Ok(Spawned { pid, stdin, stdout, stderr, exit: rx })
 }
 
 #[cfg(test)]
@@ -500,6 +502,68 @@ mod tests {
         c.pass_fds = vec![(a, 501), (b, 500)];
         let out = pm.output(c).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "BA");
+    }
+
+    /// Children share this process's memory until they `exec` (see
+    /// `sys::Spawn`); switching users there must change the child alone.
+    #[tokio::test]
+    async fn a_child_that_switches_users_leaves_every_thread_of_this_process_as_it_was() {
+        assert_eq!(sys::effective_uid(), 0, "this test switches users: run it as root");
+        let pm = ProcessManager::global().unwrap();
+        let mut c = Command::new("/usr/bin/id").args(["-u", "-r"]);
+        c.user = Some((65534, 65534));
+        let out = pm.output(c).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n");
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert_eq!(uid.split_whitespace().collect::<Vec<_>>(), ["Uid:", "0", "0", "0", "0"], "{status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_starts_with_no_signal_blocked_and_sigpipe_at_its_default() {
+        let pm = ProcessManager::global().unwrap();
+        let out =
+            pm.output(Command::new("/bin/grep").args(["-E", "^Sig(Blk|Ign)", "/proc/self/status"])).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mask = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{text}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE must not stay ignored: {text}");
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_in_the_childs_path_and_a_failed_start_leaves_no_child() {
+        let pm = ProcessManager::global().unwrap();
+        // Without PATH in its environment, as execvp: /bin and /usr/bin.
+        let out = pm.output(Command::new("sh").args(["-c", "echo $0"])).await.unwrap();
+        assert_eq!(out.stdout, b"sh\n");
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("hello");
+        std::fs::write(&script, "#!/bin/sh\necho from the path\n").unwrap();
+        let out = pm.output(Command::new("hello").env("PATH", format!("/nonexistent:{}", dir.path().display()))).await;
+        let err = out.unwrap_err().to_string();
+        assert!(err.contains("cannot start hello") && err.contains("ermission denied"), "{err}");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let out = pm.output(Command::new("hello").env("PATH", format!("/nonexistent:{}", dir.path().display()))).await;
+        assert_eq!(out.unwrap().stdout, b"from the path\n");
+        let err = pm.spawn(Command::new("nx-no-such-program")).await.unwrap_err().to_string();
+        assert!(err.contains("No such file or directory"), "{err}");
+        let mut c = Command::new("/bin/true");
+        c.cwd = Some(dir.path().join("missing"));
+        let err = pm.spawn(c).await.unwrap_err().to_string();
+        assert!(err.contains("cannot start /bin/true") && err.contains("No such file or directory"), "{err}");
+        // The children that failed were collected, not left as zombies.
+        let me = std::process::id().to_string();
+        for entry in std::fs::read_dir("/proc").unwrap() {
+            let Ok(stat) = std::fs::read_to_string(entry.unwrap().path().join("stat")) else { continue };
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            assert!(!(fields.get(1) == Some(&me.as_str()) && fields.first() == Some(&"Z")), "a zombie child: {stat}");
+        }
     }
 
     #[tokio::test]

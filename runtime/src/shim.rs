@@ -428,12 +428,10 @@ impl Prepared {
 /// hands on (the shim's to drop once it runs: the secrets and rules are the
 /// sandbox's then). The child joins the sandbox's cgroup first unless it is
 /// `parked` (then it joined when it was parked, and it `exec`s in place).
-pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<(std::process::Command, Vec<OwnedFd>)> {
+/// Its stdin is `/dev/null` (among the descriptors held).
+pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<(sys::Spawn, Vec<OwnedFd>)> {
     let mut held: Vec<OwnedFd> = spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
     let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
-    let mut cmd = std::process::Command::new(&spec.program);
-    cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir("/");
-    cmd.stdin(std::process::Stdio::null());
     let cgroup_procs = if parked {
         Vec::new()
     } else {
@@ -456,7 +454,15 @@ pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<
         landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         exec_in_place: parked,
     };
-    setup.install(&mut cmd);
+    let program = spec.program.as_os_str();
+    let args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
+    let env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+        spec.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    let mut cmd = sys::Spawn::new(program, &args, &env, setup)?;
+    cmd.current_dir(Path::new("/"))?;
+    let null = sys::renumber_above(std::fs::File::open("/dev/null")?.into(), 3)?;
+    cmd.stdio(0, std::os::fd::AsRawFd::as_raw_fd(&null));
+    held.push(null);
     held.extend(landlock);
     Ok((cmd, held))
 }
@@ -466,16 +472,15 @@ impl<'a> Running<'a> {
         let sigchld = watch_children()?;
         let prepared = Prepared::open(dir, spec)?;
         let (mut cmd, held) = sandbox_command(spec, false)?;
-        cmd.stdout(std::process::Stdio::piped());
-        let mut child = cmd
+        let (output, to_output) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let to_output = sys::renumber_above(to_output, 3)?;
+        cmd.stdio(1, std::os::fd::AsRawFd::as_raw_fd(&to_output));
+        // The loop reaps it with waitpid(-1).
+        let pid = cmd
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))?;
-        drop(held);
-        let output = child.stdout.take().map(|o| std::fs::File::from(OwnedFd::from(o)));
-        let pid = child.id() as i32;
-        // The std handle is never waited on: the loop reaps with waitpid(-1).
-        drop(child);
-        Running::new(dir, spec, (pid, output), sigchld, prepared)
+        drop((held, to_output));
+        Running::new(dir, spec, (pid, Some(std::fs::File::from(output))), sigchld, prepared)
     }
 
     /// The shim's hold on its running sandbox `pid` whose output comes on

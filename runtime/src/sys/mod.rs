@@ -1,191 +1,22 @@
 //! Every system call the runtime makes that the standard library does not wrap:
-//! the child setup between `fork` and `exec`, reaping, signals and the subreaper
-//! flag. This is the only module of the workspace allowed to use `unsafe`.
+//! starting children and their setup before `exec` (`spawn.rs`), reaping,
+//! signals and the subreaper flag. This is the only module of the workspace
+//! allowed to use `unsafe`.
 #![allow(unsafe_code)]
+
+mod spawn;
+
+pub use spawn::{ChildSetup, Rlimit, RlimitResource, Spawn};
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-
-/// A resource limit applied in the child before `exec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Rlimit {
-    pub resource: RlimitResource,
-    pub soft: u64,
-    pub hard: u64,
-}
-
-/// The resource limits the runtime sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum RlimitResource {
-    /// Open file descriptors.
-    NoFile,
-    /// Processes of the (real) user id.
-    NProc,
-    /// Address space in bytes.
-    AddressSpace,
-    /// Largest file the process may create, in bytes.
-    FileSize,
-    /// Core dump size.
-    Core,
-    /// Data segment (heap and private writable mappings), in bytes.
-    Data,
-}
-
-impl RlimitResource {
-    fn raw(self) -> libc::__rlimit_resource_t {
-        match self {
-            Self::NoFile => libc::RLIMIT_NOFILE,
-            Self::NProc => libc::RLIMIT_NPROC,
-            Self::AddressSpace => libc::RLIMIT_AS,
-            Self::FileSize => libc::RLIMIT_FSIZE,
-            Self::Core => libc::RLIMIT_CORE,
-            Self::Data => libc::RLIMIT_DATA,
-        }
-    }
-}
-
-/// What the child does between `fork` and `exec`, in this order: join cgroups,
-/// set resource limits, start a new session, move inherited descriptors into
-/// place and mark every other descriptor above stderr close-on-exec (whatever
-/// this process inherited or a library opened without the flag never reaches a
-/// child), drop to the target user (supplementary groups first), and last set
-/// the parent-death signal, because the kernel clears it on every credential
-/// change. A Landlock ruleset, if any, is applied after the user switch and
-/// before the parent-death signal.
-#[derive(Debug, Default)]
-pub struct ChildSetup {
-    /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
-    pub cgroup_procs: Vec<CString>,
-    pub rlimits: Vec<Rlimit>,
-    pub new_session: bool,
-    /// `(from, to)`: descriptors duplicated onto fixed numbers without close-on-exec.
-    pub fd_moves: Vec<(RawFd, RawFd)>,
-    /// `(uid, gid)` to switch to; supplementary groups are cleared.
-    pub user: Option<(u32, u32)>,
-    /// Signal sent to the child when the thread that spawned it exits.
-    pub parent_death_signal: Option<i32>,
-    /// A Landlock ruleset ([`landlock_ruleset`]) the child restricts itself
-    /// to, after setting no_new_privs, once it runs as the target user.
-    pub landlock: Option<RawFd>,
-    /// The setup runs in this very process, which then `exec`s
-    /// (`CommandExt::exec`, a parked sandbox), not in a forked child: the
-    /// parent whose death it must outlive not is this process's parent.
-    pub exec_in_place: bool,
-}
-
-impl ChildSetup {
-    /// Installs the setup on `cmd`.
-    pub fn install(self, cmd: &mut Command) {
-        let parent =
-            if self.exec_in_place { nix::unistd::getppid().as_raw() } else { std::process::id() as libc::pid_t };
-        // Descriptors the child keeps open, sorted, prepared before the fork.
-        let mut kept: Vec<u32> = self.fd_moves.iter().map(|&(_, to)| to as u32).filter(|&fd| fd > 2).collect();
-        kept.sort_unstable();
-        let closure = move || -> io::Result<()> {
-            // Only async-signal-safe calls below: everything that allocates was
-            // prepared before the fork.
-            for path in &self.cgroup_procs {
-                write_pid_file(path)?;
-            }
-            for limit in &self.rlimits {
-                let value = libc::rlimit { rlim_cur: limit.soft, rlim_max: limit.hard };
-                // SAFETY: setrlimit reads a valid, initialised struct.
-                check(unsafe { libc::setrlimit(limit.resource.raw(), &value) })?;
-            }
-            if self.new_session {
-                // SAFETY: setsid has no memory-safety preconditions.
-                check(unsafe { libc::setsid() })?;
-            }
-            for &(from, to) in &self.fd_moves {
-                if from == to {
-                    // SAFETY: fcntl on a descriptor number; an invalid one returns EBADF.
-                    check(unsafe { libc::fcntl(from, libc::F_SETFD, 0) })?;
-                } else {
-                    // SAFETY: dup2 on descriptor numbers; errors are returned, not UB.
-                    check(unsafe { libc::dup2(from, to) })?;
-                }
-            }
-            let mut first = 3u32;
-            for keep in kept.iter().copied().chain(std::iter::once(u32::MAX)) {
-                if keep > first {
-                    cloexec_range(first, keep - 1);
-                }
-                first = keep.saturating_add(1);
-            }
-            if let Some((uid, gid)) = self.user {
-                // SAFETY: setgroups with a zero length never reads the pointer.
-                check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-                // SAFETY: plain credential syscalls.
-                check(unsafe { libc::setgid(gid) })?;
-                // SAFETY: as above.
-                check(unsafe { libc::setuid(uid) })?;
-            }
-            if let Some(ruleset) = self.landlock {
-                // Landlock requires no_new_privs from an unprivileged process;
-                // bwrap sets it for the app anyway.
-                // SAFETY: prctl with integer arguments only.
-                check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
-                // SAFETY: landlock_restrict_self takes a descriptor and flags.
-                check(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) } as libc::c_int)?;
-            }
-            if let Some(sig) = self.parent_death_signal {
-                // SAFETY: prctl with integer arguments only.
-                check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) })?;
-                // The parent may have died before the flag was set; then nothing
-                // would ever deliver the signal, so give up now.
-                // SAFETY: getppid cannot fail.
-                if unsafe { libc::getppid() } != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the closure only makes async-signal-safe system calls on data
-        // prepared before the fork, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(closure);
-        }
-    }
-}
-
-/// Marks descriptors `first..=last` close-on-exec, with `close_range` where the
-/// kernel has it (5.11+), else one by one.
-fn cloexec_range(first: u32, last: u32) {
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    // SAFETY: close_range takes integers only and touches no memory.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, CLOSE_RANGE_CLOEXEC) };
-    if r == 0 {
-        return;
-    }
-    for fd in first..=last.min(4095) {
-        // SAFETY: fcntl on a descriptor number; unused numbers return EBADF.
-        unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-}
-
-fn write_pid_file(path: &CString) -> io::Result<()> {
-    // SAFETY: path is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-    check(fd)?;
-    // Writing "0" to cgroup.procs moves the writing process itself.
-    // SAFETY: the buffer is a valid one-byte static string.
-    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-    // SAFETY: fd was opened above and is closed exactly once.
-    unsafe { libc::close(fd) };
-    if written < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {

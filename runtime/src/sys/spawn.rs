@@ -1,0 +1,507 @@
+//! Starting children: what a child does between its creation and `exec`
+//! ([`ChildSetup`]), and [`Spawn`], which creates it without copying this
+//! process's memory map (or runs the setup and `exec`s in place, for a
+//! parked sandbox).
+//!
+//! Why not `fork`: a `fork` copies the page tables of the whole process (the
+//! receiver's heaps, its threads' stacks) only for `exec` to tear them down
+//! again. With 1,000 sandboxes starting at once that copy and its teardown
+//! were a sixth of all the CPU the host spent (`perf`, bench/RESULTS.md).
+//! [`Spawn`] uses `clone(CLONE_VM | CLONE_VFORK)`, as glibc's `posix_spawn`
+//! and Go's `os/exec` do: the child runs on a stack of its own inside this
+//! process's memory while the thread that made it waits, until it `exec`s
+//! (or fails and exits).
+//!
+//! Because the child shares every page with its parent, its code follows
+//! rules the compiler cannot check:
+//! - it allocates nothing, takes no lock and cannot panic: everything it
+//!   reads was prepared before the clone;
+//! - it changes credentials with raw system calls: glibc's `setuid` in a
+//!   process it believes has several threads changes all of them, which here
+//!   would be the parent's;
+//! - every signal is blocked from before the clone until its handlers are
+//!   reset to their defaults, so no handler of the parent runs in it.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use super::check;
+
+/// A resource limit applied in the child before `exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rlimit {
+    pub resource: RlimitResource,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The resource limits the runtime sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RlimitResource {
+    /// Open file descriptors.
+    NoFile,
+    /// Processes of the (real) user id.
+    NProc,
+    /// Address space in bytes.
+    AddressSpace,
+    /// Largest file the process may create, in bytes.
+    FileSize,
+    /// Core dump size.
+    Core,
+    /// Data segment (heap and private writable mappings), in bytes.
+    Data,
+}
+
+impl RlimitResource {
+    fn raw(self) -> libc::__rlimit_resource_t {
+        match self {
+            Self::NoFile => libc::RLIMIT_NOFILE,
+            Self::NProc => libc::RLIMIT_NPROC,
+            Self::AddressSpace => libc::RLIMIT_AS,
+            Self::FileSize => libc::RLIMIT_FSIZE,
+            Self::Core => libc::RLIMIT_CORE,
+            Self::Data => libc::RLIMIT_DATA,
+        }
+    }
+}
+
+/// What the child does between `fork` and `exec`, in this order: join cgroups,
+/// set resource limits, start a new session, move inherited descriptors into
+/// place and mark every other descriptor above stderr close-on-exec (whatever
+/// this process inherited or a library opened without the flag never reaches a
+/// child), drop to the target user (supplementary groups first), and last set
+/// the parent-death signal, because the kernel clears it on every credential
+/// change. A Landlock ruleset, if any, is applied after the user switch and
+/// before the parent-death signal.
+#[derive(Debug, Default)]
+pub struct ChildSetup {
+    /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
+    pub cgroup_procs: Vec<CString>,
+    pub rlimits: Vec<Rlimit>,
+    pub new_session: bool,
+    /// `(from, to)`: descriptors duplicated onto fixed numbers without close-on-exec.
+    pub fd_moves: Vec<(RawFd, RawFd)>,
+    /// `(uid, gid)` to switch to; supplementary groups are cleared.
+    pub user: Option<(u32, u32)>,
+    /// Signal sent to the child when the thread that spawned it exits.
+    pub parent_death_signal: Option<i32>,
+    /// A Landlock ruleset ([`landlock_ruleset`]) the child restricts itself
+    /// to, after setting no_new_privs, once it runs as the target user.
+    pub landlock: Option<RawFd>,
+    /// The setup runs in this very process, which then `exec`s
+    /// (`CommandExt::exec`, a parked sandbox), not in a forked child: the
+    /// parent whose death it must outlive not is this process's parent.
+    pub exec_in_place: bool,
+}
+
+/// A [`ChildSetup`] with everything it needs computed, so applying it
+/// allocates nothing.
+#[derive(Debug)]
+struct Prepared {
+    setup: ChildSetup,
+    /// The process whose death the child must not outlive.
+    parent: libc::pid_t,
+    /// Descriptors the child keeps open above stderr, sorted.
+    kept: Vec<u32>,
+}
+
+impl Prepared {
+    fn new(setup: ChildSetup) -> Prepared {
+        let parent =
+            if setup.exec_in_place { nix::unistd::getppid().as_raw() } else { std::process::id() as libc::pid_t };
+        let mut kept: Vec<u32> = setup.fd_moves.iter().map(|&(_, to)| to as u32).filter(|&fd| fd > 2).collect();
+        kept.sort_unstable();
+        Prepared { setup, parent, kept }
+    }
+
+    /// Runs the setup in the child. Only async-signal-safe system calls, no
+    /// allocation: see the module's rules.
+    fn apply(&self) -> io::Result<()> {
+        let setup = &self.setup;
+        for path in &setup.cgroup_procs {
+            write_pid_file(path)?;
+        }
+        for limit in &setup.rlimits {
+            let value = libc::rlimit { rlim_cur: limit.soft, rlim_max: limit.hard };
+            // SAFETY: setrlimit reads a valid, initialised struct.
+            check(unsafe { libc::setrlimit(limit.resource.raw(), &value) })?;
+        }
+        if setup.new_session {
+            // SAFETY: setsid has no memory-safety preconditions.
+            check(unsafe { libc::setsid() })?;
+        }
+        for &(from, to) in &setup.fd_moves {
+            if from == to {
+                // SAFETY: fcntl on a descriptor number; an invalid one returns EBADF.
+                check(unsafe { libc::fcntl(from, libc::F_SETFD, 0) })?;
+            } else {
+                // SAFETY: dup2 on descriptor numbers; errors are returned, not UB.
+                check(unsafe { libc::dup2(from, to) })?;
+            }
+        }
+        let mut first = 3u32;
+        for keep in self.kept.iter().copied().chain(std::iter::once(u32::MAX)) {
+            if keep > first {
+                cloexec_range(first, keep - 1);
+            }
+            first = keep.saturating_add(1);
+        }
+        if let Some((uid, gid)) = setup.user {
+            // Raw system calls, not glibc's wrappers: see the module's rules.
+            // SAFETY: setgroups with a zero length never reads the pointer.
+            check_long(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
+            // SAFETY: plain credential system calls with integer arguments.
+            check_long(unsafe { libc::syscall(libc::SYS_setgid, gid) })?;
+            // SAFETY: as above.
+            check_long(unsafe { libc::syscall(libc::SYS_setuid, uid) })?;
+        }
+        if let Some(ruleset) = setup.landlock {
+            // Landlock requires no_new_privs from an unprivileged process;
+            // bwrap sets it for the app anyway.
+            // SAFETY: prctl with integer arguments only.
+            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+            // SAFETY: landlock_restrict_self takes a descriptor and flags.
+            check_long(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) })?;
+        }
+        if let Some(sig) = setup.parent_death_signal {
+            // SAFETY: prctl with integer arguments only.
+            check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) })?;
+            // The parent may have died before the flag was set; then nothing
+            // would ever deliver the signal, so give up now.
+            // SAFETY: getppid cannot fail.
+            if unsafe { libc::getppid() } != self.parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_long(ret: libc::c_long) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Marks descriptors `first..=last` close-on-exec, with `close_range` where the
+/// kernel has it (5.11+), else one by one.
+fn cloexec_range(first: u32, last: u32) {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes integers only and touches no memory.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, CLOSE_RANGE_CLOEXEC) };
+    if r == 0 {
+        return;
+    }
+    for fd in first..=last.min(4095) {
+        // SAFETY: fcntl on a descriptor number; unused numbers return EBADF.
+        unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+fn write_pid_file(path: &CString) -> io::Result<()> {
+    // SAFETY: path is a valid NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    check(fd)?;
+    // Writing "0" to cgroup.procs moves the writing process itself.
+    // SAFETY: the buffer is a valid one-byte static string.
+    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    // SAFETY: fd was opened above and is closed exactly once.
+    unsafe { libc::close(fd) };
+    if written < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A program to start with [`Spawn::spawn`], with everything the child
+/// needs prepared: the child may not allocate.
+#[derive(Debug)]
+pub struct Spawn {
+    /// Paths to try with `execve`, in order, as `execvp` would: the program
+    /// itself when its name has a slash, else the name in each directory of
+    /// `PATH`.
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    /// The directory to change to, if any.
+    cwd: Option<CString>,
+    /// Descriptors the child gets as stdin, stdout and stderr; `None` keeps
+    /// this process's.
+    stdio: [Option<RawFd>; 3],
+    setup: Prepared,
+}
+
+/// The child's stack: the child uses a few kilobytes; the rest of the
+/// mapping is never touched and costs nothing.
+const STACK_BYTES: usize = 256 * 1024;
+
+/// Where `execvp` looks when the child's environment has no `PATH` (glibc's
+/// default).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+impl Spawn {
+    /// `program` with `args` (not counting the program itself) and exactly
+    /// the environment `env`, set up by `setup` in the child. A name without
+    /// a slash is looked up in the environment's `PATH`, as `execvp` does.
+    pub fn new(
+        program: &OsStr,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+        setup: ChildSetup,
+    ) -> io::Result<Spawn> {
+        let c = |s: &[u8]| {
+            CString::new(s).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a program's name, argument or environment")
+            })
+        };
+        let candidates = if program.as_bytes().contains(&b'/') {
+            vec![c(program.as_bytes())?]
+        } else {
+            let path = env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_bytes())
+                .unwrap_or(DEFAULT_PATH.as_bytes());
+            path.split(|&b| b == b':')
+                .map(|dir| {
+                    // An empty entry is the working directory.
+                    let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+                    c(&[dir, b"/", program.as_bytes()].concat())
+                })
+                .collect::<io::Result<_>>()?
+        };
+        let argv = std::iter::once(program)
+            .chain(args.iter().map(OsString::as_os_str))
+            .map(|a| c(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let envp =
+            env.iter().map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat())).collect::<io::Result<_>>()?;
+        Ok(Spawn { candidates, argv, envp, cwd: None, stdio: [None; 3], setup: Prepared::new(setup) })
+    }
+
+    /// Starts the child in `dir`.
+    pub fn current_dir(&mut self, dir: &std::path::Path) -> io::Result<()> {
+        self.cwd = Some(
+            CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a working directory"))?,
+        );
+        Ok(())
+    }
+
+    /// Gives the child `fd` as its descriptor `n` (0, 1 or 2). `fd` must be
+    /// numbered above 2, so placing one stream never overwrites another's source.
+    pub fn stdio(&mut self, n: usize, fd: RawFd) {
+        debug_assert!(fd > 2, "a stream's source must be numbered above stderr");
+        self.stdio[n] = Some(fd);
+    }
+
+    /// Starts the child and returns its pid once it has `exec`ed. If it
+    /// cannot (a setup step or `exec` failed), it has been reaped here and
+    /// the error is the step's.
+    pub fn spawn(&self) -> io::Result<i32> {
+        let argv = null_terminated(&self.argv);
+        let envp = null_terminated(&self.envp);
+        let shared = Shared { child: Child { spawn: self, argv: &argv, envp: &envp }, failed: AtomicI32::new(0) };
+        let stack = Stack::new()?;
+        let all: u64 = !0;
+        let mut old: u64 = 0;
+        sigprocmask(libc::SIG_SETMASK, &all, &mut old)?;
+        // SAFETY: the child runs `child_main` on `stack`, which stays mapped
+        // until after the clone returns; CLONE_VFORK keeps this thread (and
+        // so `shared`, `argv` and `envp` on its stack) waiting until the
+        // child has `exec`ed or exited. The child follows the module's rules:
+        // it only reads what `shared` points to and writes its `failed`.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                stack.top(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                std::ptr::addr_of!(shared).cast_mut().cast(),
+            )
+        };
+        let clone_error = io::Error::last_os_error();
+        sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut())?;
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        let errno = shared.failed.load(Ordering::Acquire);
+        if errno != 0 {
+            // It exited without `exec`: collect it now, so no zombie stays
+            // and no reaper reports a child nobody knows.
+            let mut status = 0;
+            // SAFETY: waitpid writes to a valid, owned integer.
+            while unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } < 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        Ok(pid)
+    }
+
+    /// Runs the setup in this very process and `exec`s (a parked sandbox,
+    /// whose setup has `exec_in_place`); returns only the error that stopped it.
+    pub fn exec(&self) -> io::Error {
+        let argv = null_terminated(&self.argv);
+        let envp = null_terminated(&self.envp);
+        match (Child { spawn: self, argv: &argv, envp: &envp }).run() {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+}
+
+/// `rt_sigprocmask` itself: glibc's wrappers leave its own two signals
+/// unblocked, and one of them (the one `setuid` broadcasts) would run a
+/// handler of the parent in the child.
+fn sigprocmask(how: libc::c_int, set: *const u64, old: *mut u64) -> io::Result<()> {
+    // SAFETY: `set` and `old` are null or point to a u64, the kernel's
+    // sigset_t of 8 bytes, the size passed.
+    check_long(unsafe { libc::syscall(libc::SYS_rt_sigprocmask, how, set, old, 8usize) })
+}
+
+/// What the child reads: a borrowed view of the [`Spawn`].
+struct Child<'a> {
+    spawn: &'a Spawn,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+}
+
+/// What a cloned child shares with its parent: what it reads, and the slot
+/// it reports its error in.
+struct Shared<'a> {
+    child: Child<'a>,
+    failed: AtomicI32,
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Shared` the parent passed to clone, alive while
+    // the parent waits (CLONE_VFORK).
+    let shared = unsafe { &*(arg as *const Shared<'_>) };
+    let errno = match shared.child.run() {
+        Ok(never) => match never {},
+        Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+    };
+    shared.failed.store(errno, Ordering::Release);
+    // SAFETY: _exit ends this child only; it runs no handler and flushes
+    // no buffer shared with the parent.
+    unsafe { libc::_exit(127) }
+}
+
+impl Child<'_> {
+    /// Sets the child up and `exec`s; returns only with the error that
+    /// stopped it.
+    fn run(&self) -> Result<std::convert::Infallible, io::Error> {
+        let spawn = self.spawn;
+        for (n, fd) in spawn.stdio.iter().enumerate() {
+            if let Some(fd) = fd {
+                // SAFETY: dup2 on descriptor numbers; errors are returned.
+                check(unsafe { libc::dup2(*fd, n as libc::c_int) })?;
+            }
+        }
+        if let Some(dir) = &spawn.cwd {
+            // SAFETY: a valid NUL-terminated path that outlives the call.
+            check(unsafe { libc::chdir(dir.as_ptr()) })?;
+        }
+        reset_signal_handlers();
+        spawn.setup.apply()?;
+        // The program starts with no signal blocked, as `std` starts its children.
+        let none: u64 = 0;
+        sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut())?;
+        // As execvp: a missing file or a directory not searchable moves on
+        // to the next candidate; a file found but not executable is the
+        // error if no later one runs.
+        let mut error = libc::ENOENT;
+        for path in &spawn.candidates {
+            // SAFETY: path, argv and envp are NUL-terminated strings and
+            // null-terminated arrays that outlive the call.
+            unsafe { libc::execve(path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+            match io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOENT) {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => error = libc::EACCES,
+                other => return Err(io::Error::from_raw_os_error(other)),
+            }
+        }
+        Err(io::Error::from_raw_os_error(error))
+    }
+}
+
+/// Puts every signal the parent handles back to its default action, and
+/// SIGPIPE too (Rust programs ignore it; their children should not). Ignored
+/// signals stay ignored across `exec`, as with `fork`.
+fn reset_signal_handlers() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: an all-zero sigaction is a valid value to be overwritten.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: queries the disposition into a valid struct.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            // glibc's own signals cannot be queried; they are blocked.
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_DFL && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE) {
+            // SAFETY: an all-zero sigaction is SIG_DFL with no flags.
+            let default: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: sets a valid disposition; the old one is not asked for.
+            unsafe { libc::sigaction(sig, &default, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// The child's stack: an anonymous mapping with a guard page below it,
+/// unmapped when the spawn is over.
+struct Stack(*mut libc::c_void);
+
+impl Stack {
+    fn new() -> io::Result<Stack> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Stack(base);
+        // The lowest page faults instead of letting an overflow write below.
+        // SAFETY: the first page of the mapping made above.
+        check(unsafe { libc::mprotect(base, page_size(), libc::PROT_NONE) })?;
+        Ok(stack)
+    }
+
+    /// The top of the stack (it grows down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which is page-aligned.
+        unsafe { self.0.cast::<u8>().add(STACK_BYTES).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; the child that
+        // used it has `exec`ed or exited.
+        unsafe { libc::munmap(self.0, STACK_BYTES) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
