@@ -8,7 +8,11 @@
 //! their first 100 ms share a budget of probes per second, so many at once
 //! (a restart of every app) poll each the slower; a start past them (an
 //! app slow to answer, or one that never does) backs off and takes no
-//! share, so it cannot slow the others' first probes.
+//! share of it, so it cannot slow the others' first probes. The starts past
+//! their first 100 ms share a budget of their own: a thousand starting at
+//! once on two cores wait seconds for the CPU, and probing each every 50 ms
+//! (20,000 refused connections a second) took a tenth of the CPU they
+//! waited for.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -197,39 +201,47 @@ const FIRST_PAUSE: Duration = Duration::from_micros(250);
 /// The longest pause between probes.
 const LONGEST_PAUSE: Duration = Duration::from_millis(50);
 
-/// Probes per second that the waits in their first [`FAST_POLL`] share:
-/// one start alone polls every [`FIRST_PAUSE`], a hundred at once every
-/// 25 ms each (never slower than [`LONGEST_PAUSE`]).
-const PROBES_PER_SECOND: u32 = 4_000;
+/// A budget of probes per second that the waits counted in it share.
+struct Budget {
+    waiting: AtomicU32,
+    per_second: u32,
+    /// The longest pause a share may ask for.
+    longest: Duration,
+}
 
-/// Waits in their first [`FAST_POLL`], for their share of
-/// [`PROBES_PER_SECOND`].
-static WAITING: AtomicU32 = AtomicU32::new(0);
+/// The budget of the waits in their first [`FAST_POLL`]: one start alone
+/// polls every [`FIRST_PAUSE`], a hundred at once every 25 ms each (never
+/// slower than [`LONGEST_PAUSE`]).
+static FIRST_PROBES: Budget = Budget { waiting: AtomicU32::new(0), per_second: 4_000, longest: LONGEST_PAUSE };
 
-/// One wait counted in [`WAITING`] while it lives (dropped once the wait
-/// is past [`FAST_POLL`]).
-struct Waiting;
+/// The budget of the waits past their first [`FAST_POLL`]: up to a hundred
+/// poll at their own back-off; a thousand each every half second.
+static LATER_PROBES: Budget =
+    Budget { waiting: AtomicU32::new(0), per_second: 2_000, longest: Duration::from_millis(500) };
+
+/// One wait counted in a [`Budget`] while it lives.
+struct Waiting(&'static Budget);
 
 impl Waiting {
-    fn begin() -> Waiting {
-        WAITING.fetch_add(1, Ordering::Relaxed);
-        Waiting
+    fn begin(budget: &'static Budget) -> Waiting {
+        budget.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(budget)
     }
 
     /// The shortest pause that keeps the waits in flight within the budget.
     fn share(&self) -> Duration {
-        Duration::from_secs(1) * WAITING.load(Ordering::Relaxed) / PROBES_PER_SECOND
+        (Duration::from_secs(1) * self.0.waiting.load(Ordering::Relaxed) / self.0.per_second).min(self.0.longest)
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        WAITING.fetch_sub(1, Ordering::Relaxed);
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// The pause between two probes of a wait `elapsed` old whose last pause
-/// was `last` (`None` before the first), given its `share` of the budget.
+/// was `last` (`None` before the first), given its `share` of its budget.
 fn next_pause(last: Option<Duration>, elapsed: Duration, share: Duration) -> Duration {
     // A static binary answers within a few milliseconds of its start, and a
     // refused connect on loopback costs microseconds: poll at the first pace
@@ -237,10 +249,10 @@ fn next_pause(last: Option<Duration>, elapsed: Duration, share: Duration) -> Dur
     // off for the slow starters.
     let paced = match last {
         Some(last) if elapsed >= FAST_POLL => (last * 2).min(LONGEST_PAUSE),
-        Some(last) => last.max(FIRST_PAUSE),
+        Some(last) => last.max(FIRST_PAUSE).min(LONGEST_PAUSE),
         None => FIRST_PAUSE,
     };
-    paced.max(share).min(LONGEST_PAUSE)
+    paced.max(share)
 }
 
 /// Probes until one succeeds or `deadline` passes; returns the last failure.
@@ -253,7 +265,7 @@ pub async fn wait_healthy(
     mut give_up: impl FnMut() -> bool,
 ) -> Result<(), ProbeError> {
     let start = tokio::time::Instant::now();
-    let mut waiting = Some(Waiting::begin());
+    let mut waiting = Waiting::begin(&FIRST_PROBES);
     let mut timer = None;
     let mut pause = None;
     loop {
@@ -262,11 +274,10 @@ pub async fn wait_healthy(
         if result.is_ok() || start.elapsed() >= deadline || give_up() {
             return result;
         }
-        if start.elapsed() >= FAST_POLL {
-            waiting = None;
+        if start.elapsed() >= FAST_POLL && std::ptr::eq(waiting.0, &FIRST_PROBES) {
+            waiting = Waiting::begin(&LATER_PROBES);
         }
-        let share = waiting.as_ref().map_or(Duration::ZERO, Waiting::share);
-        let next = next_pause(pause, start.elapsed(), share);
+        let next = next_pause(pause, start.elapsed(), waiting.share());
         // Made at the first pause (an adopted app answers the first probe);
         // without one (out of descriptors) it sleeps on tokio's timer.
         if timer.is_none() {
@@ -390,12 +401,26 @@ mod tests {
         assert_eq!(next_pause(Some(FIRST_PAUSE), ms(50), Duration::ZERO), FIRST_PAUSE, "fast for the first 100 ms");
         assert_eq!(next_pause(Some(FIRST_PAUSE), ms(100), Duration::ZERO), FIRST_PAUSE * 2);
         assert_eq!(next_pause(Some(ms(40)), ms(900), Duration::ZERO), LONGEST_PAUSE);
+        // The share of each of `n` waits in a budget like `like`.
+        let share = |like: &Budget, n: usize| {
+            let budget = Budget { waiting: AtomicU32::new(0), per_second: like.per_second, longest: like.longest };
+            let budget: &'static Budget = Box::leak(Box::new(budget));
+            let waits: Vec<Waiting> = (0..n).map(|_| Waiting::begin(budget)).collect();
+            let share = waits[0].share();
+            drop(waits);
+            assert_eq!(budget.waiting.load(Ordering::Relaxed), 0, "a wait leaves its budget when it ends");
+            share
+        };
         // A hundred waits at once each take a hundredth of the budget.
-        let share = Duration::from_secs(1) * 100 / PROBES_PER_SECOND;
-        assert_eq!(share, ms(25));
-        assert_eq!(next_pause(None, ms(0), share), ms(25));
+        assert_eq!(share(&FIRST_PROBES, 100), ms(25));
+        assert_eq!(next_pause(None, ms(0), share(&FIRST_PROBES, 100)), ms(25));
         assert_eq!(next_pause(Some(ms(25)), ms(10), Duration::ZERO), ms(25), "the pace never speeds up");
-        assert_eq!(next_pause(None, ms(0), Duration::from_secs(5)), LONGEST_PAUSE, "never slower than the longest");
+        assert_eq!(share(&FIRST_PROBES, 1_000), LONGEST_PAUSE, "never slower than the budget's longest");
+        // Past the first 100 ms: a hundred waits back off as they would alone,
+        // a thousand share the later budget, half a second each at most.
+        assert_eq!(next_pause(Some(ms(40)), ms(900), share(&LATER_PROBES, 100)), LONGEST_PAUSE);
+        assert_eq!(next_pause(Some(ms(50)), ms(900), share(&LATER_PROBES, 1_000)), ms(500));
+        assert_eq!(next_pause(Some(ms(50)), ms(900), share(&LATER_PROBES, 5_000)), ms(500));
     }
 
     #[tokio::test]
