@@ -403,8 +403,13 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
     let mut parent_ends: [Option<OwnedFd>; 3] = [None, None, None];
     for (n, stream) in [&command.stdin, &command.stdout, &command.stderr].into_iter().enumerate() {
         let end = match stream {
-            Stream::Inherit | Stream::ToStdout => continue,
-            Stream::Null => std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map(OwnedFd::from),
+            Stream::Inherit => continue,
+            // stderr joins stdout through the setup's descriptor moves;
+            // `ToStdout` means nothing for the other two streams.
+            Stream::ToStdout if n == 2 => continue,
+            Stream::Null | Stream::ToStdout => {
+                std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map(OwnedFd::from)
+            }
             Stream::Pipe => {
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from).map(|(read, write)| {
                     let (child, parent) = if n == 0 { (read, write) } else { (write, read) };
@@ -452,7 +457,8 @@ mod tests {
     #[tokio::test]
     async fn environment_is_cleared() {
         let pm = ProcessManager::global().unwrap();
-        let out = pm.output(Command::new("/usr/bin/env").env("ONLY", "this")).await.unwrap();
+        // A name given twice takes its last value.
+        let out = pm.output(Command::new("/usr/bin/env").env("ONLY", "first").env("ONLY", "this")).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ONLY=this\n");
     }
 
@@ -519,6 +525,9 @@ mod tests {
             let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
             assert_eq!(uid.split_whitespace().collect::<Vec<_>>(), ["Uid:", "0", "0", "0", "0"], "{status}");
         }
+        // The kernel marks a memory map not dumpable when its process
+        // changes credentials; it must have been the child's, not ours.
+        assert!(sys::dumpable().unwrap(), "this process was made not dumpable");
     }
 
     #[tokio::test]
@@ -536,7 +545,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_name_is_looked_up_in_the_childs_path_and_a_failed_start_leaves_no_child() {
+    async fn a_name_is_looked_up_in_the_childs_path_and_a_failed_start_says_why() {
         let pm = ProcessManager::global().unwrap();
         // Without PATH in its environment, as execvp: /bin and /usr/bin.
         let out = pm.output(Command::new("sh").args(["-c", "echo $0"])).await.unwrap();
@@ -556,13 +565,32 @@ mod tests {
         c.cwd = Some(dir.path().join("missing"));
         let err = pm.spawn(c).await.unwrap_err().to_string();
         assert!(err.contains("cannot start /bin/true") && err.contains("No such file or directory"), "{err}");
-        // The children that failed were collected, not left as zombies.
+    }
+
+    #[test]
+    fn a_child_that_cannot_start_is_collected_at_once() {
+        // Started from a thread of a name of its own, so the child (which
+        // keeps that name until it `exec`s) is told apart from any other.
+        let name = "nx-spawn-fails";
         let me = std::process::id().to_string();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(|| {
+                let spawn =
+                    sys::Spawn::new(std::ffi::OsStr::new("/nonexistent/prog"), &[], &[], sys::ChildSetup::default())
+                        .unwrap();
+                let err = spawn.spawn().unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
         for entry in std::fs::read_dir("/proc").unwrap() {
             let Ok(stat) = std::fs::read_to_string(entry.unwrap().path().join("stat")) else { continue };
-            let fields: Vec<&str> =
-                stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-            assert!(!(fields.get(1) == Some(&me.as_str()) && fields.first() == Some(&"Z")), "a zombie child: {stat}");
+            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ours = head.ends_with(&format!("({name}")) && fields.get(1) == Some(&me.as_str());
+            assert!(!ours, "the child that failed was left behind: {stat}");
         }
     }
 

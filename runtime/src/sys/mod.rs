@@ -18,6 +18,15 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+/// Whether this process's memory map is dumpable (`PR_GET_DUMPABLE`).
+#[cfg(test)]
+pub(crate) fn dumpable() -> io::Result<bool> {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    check(r)?;
+    Ok(r == 1)
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())

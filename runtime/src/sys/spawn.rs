@@ -10,10 +10,14 @@
 //! [`Spawn`] uses `clone(CLONE_VM | CLONE_VFORK)`, as glibc's `posix_spawn`
 //! and Go's `os/exec` do: the child runs on a stack of its own inside this
 //! process's memory while the thread that made it waits, until it `exec`s
-//! (or fails and exits).
+//! (or fails and exits). A child that switches users is the exception and
+//! gets a copy of the memory, as with `fork`: the kernel marks the memory
+//! map of a process whose credentials change as not dumpable, and a shared
+//! map would be the parent's (the shim, or PostgreSQL's start: small or rare).
 //!
-//! Because the child shares every page with its parent, its code follows
-//! rules the compiler cannot check:
+//! Because the child shares every page with its parent (or copies them from
+//! a process with other threads), its code follows rules the compiler
+//! cannot check:
 //! - it allocates nothing, takes no lock and cannot panic: everything it
 //!   reads was prepared before the clone;
 //! - it changes credentials with raw system calls: glibc's `setuid` in a
@@ -26,7 +30,6 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::check;
 
@@ -203,17 +206,23 @@ fn cloexec_range(first: u32, last: u32) {
     }
 }
 
+/// Moves the calling process into the cgroup of `path`, a `cgroup.procs`
+/// file. Raw system calls: glibc's `open`, `write` and `close` are
+/// cancellation points, which touch the calling thread's state, here the
+/// parent's.
 fn write_pid_file(path: &CString) -> io::Result<()> {
     // SAFETY: path is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-    check(fd)?;
+    let fd =
+        unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    check_long(fd)?;
     // Writing "0" to cgroup.procs moves the writing process itself.
     // SAFETY: the buffer is a valid one-byte static string.
-    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let written = unsafe { libc::syscall(libc::SYS_write, fd, b"0".as_ptr(), 1usize) };
+    let write_error = io::Error::last_os_error();
     // SAFETY: fd was opened above and is closed exactly once.
-    unsafe { libc::close(fd) };
+    unsafe { libc::syscall(libc::SYS_close, fd) };
     if written < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(write_error);
     }
     Ok(())
 }
@@ -247,7 +256,9 @@ const DEFAULT_PATH: &str = "/bin:/usr/bin";
 impl Spawn {
     /// `program` with `args` (not counting the program itself) and exactly
     /// the environment `env`, set up by `setup` in the child. A name without
-    /// a slash is looked up in the environment's `PATH`, as `execvp` does.
+    /// a slash is looked up in the environment's `PATH`, as `execvp` does;
+    /// unlike `execvp`, a file without `#!` that the kernel cannot run is an
+    /// error (`ENOEXEC`), not handed to `/bin/sh`.
     pub fn new(
         program: &OsStr,
         args: &[OsString],
@@ -280,8 +291,13 @@ impl Spawn {
             .chain(args.iter().map(OsString::as_os_str))
             .map(|a| c(a.as_bytes()))
             .collect::<io::Result<_>>()?;
-        let envp =
-            env.iter().map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat())).collect::<io::Result<_>>()?;
+        // A name given twice takes its last value, as with `std`'s `Command`.
+        let envp = env
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, _))| !env[i + 1..].iter().any(|(later, _)| later == k))
+            .map(|(_, (k, v))| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<io::Result<_>>()?;
         Ok(Spawn { candidates, argv, envp, cwd: None, stdio: [None; 3], setup: Prepared::new(setup) })
     }
 
@@ -305,33 +321,50 @@ impl Spawn {
     /// cannot (a setup step or `exec` failed), it has been reaped here and
     /// the error is the step's.
     pub fn spawn(&self) -> io::Result<i32> {
+        use std::os::fd::AsRawFd;
         let argv = null_terminated(&self.argv);
         let envp = null_terminated(&self.envp);
-        let shared = Shared { child: Child { spawn: self, argv: &argv, envp: &envp }, failed: AtomicI32::new(0) };
+        // The child says why it could not `exec` on a close-on-exec pipe,
+        // which a successful `exec` closes unwritten.
+        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let cloned =
+            Cloned { child: Child { spawn: self, argv: &argv, envp: &envp }, report: report_write.as_raw_fd() };
         let stack = Stack::new()?;
+        // A child that switches users gets a copy of this process's memory
+        // instead: the kernel resets the "dumpable" flag of the memory map
+        // of a process whose credentials change, and under CLONE_VM that
+        // map, and so the flag, would be this process's.
+        let flags = if self.setup.setup.user.is_some() {
+            libc::SIGCHLD
+        } else {
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD
+        };
         let all: u64 = !0;
         let mut old: u64 = 0;
         sigprocmask(libc::SIG_SETMASK, &all, &mut old)?;
         // SAFETY: the child runs `child_main` on `stack`, which stays mapped
-        // until after the clone returns; CLONE_VFORK keeps this thread (and
-        // so `shared`, `argv` and `envp` on its stack) waiting until the
-        // child has `exec`ed or exited. The child follows the module's rules:
-        // it only reads what `shared` points to and writes its `failed`.
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                stack.top(),
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                std::ptr::addr_of!(shared).cast_mut().cast(),
-            )
-        };
+        // until after the clone returns; with CLONE_VM, CLONE_VFORK keeps
+        // this thread (and so `cloned`, `argv` and `envp` on its stack)
+        // waiting until the child has `exec`ed or exited; without it the
+        // child has a copy of all of them. The child follows the module's
+        // rules: it only reads what `cloned` points to.
+        let pid = unsafe { libc::clone(child_main, stack.top(), flags, std::ptr::addr_of!(cloned).cast_mut().cast()) };
         let clone_error = io::Error::last_os_error();
-        sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut())?;
+        // Restoring a mask read a moment ago cannot fail; were it to, the
+        // child must still be recorded by the caller, so it is not an error.
+        let _ = sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        drop(report_write);
         if pid < 0 {
             return Err(clone_error);
         }
-        let errno = shared.failed.load(Ordering::Acquire);
-        if errno != 0 {
+        let mut errno = [0u8; 4];
+        let read = loop {
+            match nix::unistd::read(report_read.as_raw_fd(), &mut errno) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        if read == Ok(errno.len()) {
             // It exited without `exec`: collect it now, so no zombie stays
             // and no reaper reports a child nobody knows.
             let mut status = 0;
@@ -339,7 +372,7 @@ impl Spawn {
             while unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } < 0
                 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
             {}
-            return Err(io::Error::from_raw_os_error(errno));
+            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
         }
         Ok(pid)
     }
@@ -376,22 +409,26 @@ struct Child<'a> {
     envp: &'a [*const libc::c_char],
 }
 
-/// What a cloned child shares with its parent: what it reads, and the slot
-/// it reports its error in.
-struct Shared<'a> {
+/// What a cloned child is given: what it reads, and the pipe it reports
+/// its error on.
+struct Cloned<'a> {
     child: Child<'a>,
-    failed: AtomicI32,
+    report: RawFd,
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `Shared` the parent passed to clone, alive while
-    // the parent waits (CLONE_VFORK).
-    let shared = unsafe { &*(arg as *const Shared<'_>) };
-    let errno = match shared.child.run() {
+    // SAFETY: `arg` is the `Cloned` the parent passed to clone: alive while
+    // the parent waits (CLONE_VFORK), or the child's own copy.
+    let cloned = unsafe { &*(arg as *const Cloned<'_>) };
+    let errno = match cloned.child.run() {
         Ok(never) => match never {},
         Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
     };
-    shared.failed.store(errno, Ordering::Release);
+    let errno = errno.to_ne_bytes();
+    // SAFETY: a raw write of a 4-byte buffer that outlives the call. A
+    // short or failed write leaves the parent taking the start as done; the
+    // child's exit status 127 still says it failed.
+    unsafe { libc::syscall(libc::SYS_write, cloned.report, errno.as_ptr(), errno.len()) };
     // SAFETY: _exit ends this child only; it runs no handler and flushes
     // no buffer shared with the parent.
     unsafe { libc::_exit(127) }
