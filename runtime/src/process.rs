@@ -510,8 +510,9 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "BA");
     }
 
-    /// Children share this process's memory until they `exec` (see
-    /// `sys::Spawn`); switching users there must change the child alone.
+    /// Children share this process's memory until they `exec`, or copy it
+    /// from a process with threads when they switch users (`sys::Spawn`):
+    /// the switch must change the child alone.
     #[tokio::test]
     async fn a_child_that_switches_users_leaves_every_thread_of_this_process_as_it_was() {
         assert_eq!(sys::effective_uid(), 0, "this test switches users: run it as root");

@@ -71,7 +71,7 @@ impl RlimitResource {
     }
 }
 
-/// What the child does between `fork` and `exec`, in this order: join cgroups,
+/// What the child does between its start and `exec`, in this order: join cgroups,
 /// set resource limits, start a new session, move inherited descriptors into
 /// place and mark every other descriptor above stderr close-on-exec (whatever
 /// this process inherited or a library opened without the flag never reaches a
