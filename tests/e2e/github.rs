@@ -248,8 +248,10 @@ fn a_pull_request_gets_its_preview_reported_and_merging_it_makes_that_binary_pro
     eventually(20, "the merged preview to be production", || {
         (production(&r).as_deref() == Some(second_id.as_str())).then_some(())
     });
+    // The route follows the recorded promotion: the router is sent the new
+    // table once the production pointer is committed.
     let prod_url = format!("http://web.localhost:{}/", r.router_port);
-    assert_eq!(r.get(&prod_url).body, "hello from c\n");
+    eventually(10, "production to be routed", || (r.get(&prod_url).body == "hello from c\n").then_some(()));
     let listing = r.nx_ok(&["--json", "ls", "web"]).json();
     let prod = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["production"] == true).unwrap().clone();
     assert_eq!(prod["digest"], digest(&c).as_str(), "production runs the binary that was pushed for the PR");

@@ -90,7 +90,11 @@ fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_
     let before = files(&data_dir(&r), &["starts", "hits"]);
 
     wait_for_state(&r, "web", &dep, "sleeping");
-    assert!(deployment_processes(&r.data_dir(), &dep).is_empty(), "a sleeping deployment runs nothing");
+    // The state turns `sleeping` first (requests from then on are held),
+    // then the requests in flight drain and the sandbox stops.
+    eventually(10, "a sleeping deployment to run nothing", || {
+        deployment_processes(&r.data_dir(), &dep).is_empty().then_some(())
+    });
     let ls = r.nx_ok(&["ls", "web"]).stdout;
     assert!(ls.contains("sleeping"), "nx ls shows it sleeping:\n{ls}");
     let events = r.nx_ok(&["events", "--app", "web"]).stdout;
