@@ -74,8 +74,12 @@ fn a_push_starts_from_a_parked_sandbox_under_its_own_cgroup_with_its_limits() {
         }
         let cgroups = slot_cgroups(slot);
         assert!(!cgroups.is_empty(), "this host has cgroups");
+        // The slot's socket is bound before its child forks and joins, so
+        // the join may still be under way: wait for it, and for no more.
         for dir in &cgroups {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            let procs = || std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            eventually(10, "the parked process to join its cgroup", || (!procs().is_empty()).then_some(()));
+            let procs = procs();
             assert_eq!(procs.lines().count(), 1, "{}: only the parked process joined: {procs}", dir.display());
         }
     }
