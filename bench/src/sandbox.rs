@@ -38,9 +38,13 @@ impl Host {
             .ok_or_else(|| anyhow::anyhow!("no seccomp filter for this architecture"))?;
         let dir = tempfile::Builder::new().prefix("nx-bench-").tempdir_in("/tmp")?;
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        // As the receiver makes them, in a directory of its own.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin)?;
+        let (init, dev) = (nx_runtime::spec::install_init(&bin)?, nx_runtime::root::install_dev(&bin)?);
         Ok(Host {
             pm: ProcessManager::global()?,
-            layout: Arc::new(HostLayout::detect(Path::new("/"), nx_runtime::spec::install_init(dir.path())?)),
+            layout: Arc::new(HostLayout::detect(Path::new("/"), init, Some(dev))),
             seccomp: nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into(),
             landlock: nx_runtime::landlock::Support::detect(),
             cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),
@@ -66,17 +70,9 @@ impl Host {
     /// The configuration of sandbox `name` listening on `port`.
     pub fn config(&self, name: &str, port: u16) -> anyhow::Result<SandboxConfig> {
         let root = self.dir.path().join(name);
-        let (data, etc) = (root.join("data"), root.join("etc"));
+        let data = root.join("data");
         std::fs::create_dir_all(&data)?;
-        std::fs::create_dir_all(&etc)?;
         std::os::unix::fs::chown(&data, Some(UID), Some(UID))?;
-        let mut etc_files = Vec::new();
-        for (file, text) in
-            [("passwd", passwd_file("bench")), ("group", group_file("bench")), ("hosts", hosts_file("bench"))]
-        {
-            std::fs::write(etc.join(file), text)?;
-            etc_files.push((etc.join(file), file.to_owned()));
-        }
         let limits = Limits {
             memory_bytes: Some(64 << 20),
             cpu_millis: Some(500),
@@ -86,21 +82,24 @@ impl Host {
             data_bytes: None,
         };
         let enforced = nx_runtime::cgroup::enforce(&self.cgroups, "nx-bench", name, &limits);
+        let spec = SandboxSpec {
+            hostname: "bench".into(),
+            binary: self.binary.clone(),
+            binary_name: "hello".into(),
+            args: Vec::new(),
+            data_dir: data,
+            etc: Some(root.join("etc")),
+            dynamic: false,
+            tmp_size_bytes: limits.tmp_bytes,
+            seccomp_fd: None,
+            env_fd: None,
+            share_net: true,
+            ro_binds: Vec::new(),
+        };
+        let files = [("passwd", passwd_file("bench")), ("group", group_file("bench")), ("hosts", hosts_file("bench"))];
+        nx_runtime::root::write_etc(&spec, &self.layout, &files)?;
         Ok(SandboxConfig {
-            spec: SandboxSpec {
-                hostname: "bench".into(),
-                binary: self.binary.clone(),
-                binary_name: "hello".into(),
-                args: Vec::new(),
-                data_dir: data,
-                etc_files,
-                dynamic: false,
-                tmp_size_bytes: limits.tmp_bytes,
-                seccomp_fd: None,
-                env_fd: None,
-                share_net: true,
-                ro_binds: Vec::new(),
-            },
+            spec,
             host: self.layout.clone(),
             bwrap: "/usr/bin/bwrap".into(),
             host_ids: (UID, UID),

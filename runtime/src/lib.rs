@@ -26,6 +26,7 @@ pub mod logs;
 pub mod net;
 pub mod pool;
 pub mod process;
+pub mod root;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;

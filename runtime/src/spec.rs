@@ -41,8 +41,10 @@ pub struct SandboxSpec {
     pub args: Vec<String>,
     /// Host directory mounted read-write at `/data`.
     pub data_dir: PathBuf,
-    /// Files mounted read-only into `/etc`: `(host path, name under /etc)`.
-    pub etc_files: Vec<(PathBuf, String)>,
+    /// Host directory mounted read-only at `/etc`, as
+    /// [`crate::root::write_etc`] writes it; without one `/etc` holds only
+    /// what is bound below it.
+    pub etc: Option<PathBuf>,
     /// The binary loads shared libraries: mount `/usr` and the loader read-only.
     pub dynamic: bool,
     /// Size of the private `/tmp`, in bytes.
@@ -70,6 +72,9 @@ pub struct HostLayout {
     pub ld_cache: Option<PathBuf>,
     /// The host path of `nx-init`, every sandbox's pid 1 ([`install_init`]).
     pub init: PathBuf,
+    /// The host directory bound as every sandbox's `/dev`
+    /// ([`crate::root::install_dev`]); without one, bwrap builds `/dev` itself.
+    pub dev: Option<PathBuf>,
 }
 
 /// One top-level library entry of the host root.
@@ -83,8 +88,9 @@ pub enum RootEntry {
 
 impl HostLayout {
     /// Reads the layout below `root` (`/` in production); `init` is where
-    /// [`install_init`] put the sandbox's pid 1.
-    pub fn detect(root: &Path, init: PathBuf) -> HostLayout {
+    /// [`install_init`] put the sandbox's pid 1, `dev` where
+    /// [`crate::root::install_dev`] put its `/dev`.
+    pub fn detect(root: &Path, init: PathBuf, dev: Option<PathBuf>) -> HostLayout {
         let mut lib_entries = Vec::new();
         for name in ["lib", "lib64", "lib32", "libx32", "bin", "sbin"] {
             let host = root.join(name);
@@ -99,8 +105,14 @@ impl HostLayout {
             }
         }
         let ld_cache = Some(root.join("etc/ld.so.cache")).filter(|p| p.exists());
-        HostLayout { usr: root.join("usr"), lib_entries, ld_cache, init }
+        HostLayout { usr: root.join("usr"), lib_entries, ld_cache, init, dev }
     }
+}
+
+/// Whether `dir` is a directory of `uid` that no other user can write to.
+pub(crate) fn ours_alone(dir: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0)
 }
 
 /// `nx-init` as `build.rs` made it.
@@ -127,8 +139,7 @@ pub fn install_init(dir: &Path) -> Result<PathBuf, InstallInitError> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let uid = crate::sys::effective_uid();
-    let safe = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0);
-    if !safe {
+    if !ours_alone(dir, uid) {
         return Err(InstallInitError::UnsafeDir { dir: dir.to_owned(), uid });
     }
     let path = dir.join("nx-init");
@@ -192,8 +203,16 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     if let Some(fd) = spec.env_fd {
         push(&mut a, &["--args", &fd.to_string()]);
     }
-    push(&mut a, &["--proc", "/proc", "--dev", "/dev"]);
+    push(&mut a, &["--proc", "/proc"]);
+    match &host.dev {
+        Some(dev) => push_bind(&mut a, "--dev-bind", dev, "/dev"),
+        None => push(&mut a, &["--dev", "/dev"]),
+    }
     push(&mut a, &["--size", &spec.tmp_size_bytes.to_string(), "--perms", "1777", "--tmpfs", "/tmp"]);
+    // Before the binds below /etc, which it must not cover.
+    if let Some(etc) = &spec.etc {
+        push_bind(&mut a, "--ro-bind", etc, "/etc");
+    }
     if spec.dynamic {
         push_bind(&mut a, "--ro-bind", &host.usr, "/usr");
         for entry in &host.lib_entries {
@@ -205,9 +224,6 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
         if let Some(cache) = &host.ld_cache {
             push_bind(&mut a, "--ro-bind", cache, "/etc/ld.so.cache");
         }
-    }
-    for (file, name) in &spec.etc_files {
-        push_bind(&mut a, "--ro-bind", file, &format!("/etc/{name}"));
     }
     for (hostp, dest) in &spec.ro_binds {
         push_bind(&mut a, "--ro-bind", hostp, dest);
@@ -276,7 +292,7 @@ mod tests {
             binary_name: "server".into(),
             args: vec!["--port".into(), "20001".into()],
             data_dir: "/srv/nx/apps/web/data".into(),
-            etc_files: vec![("/srv/nx/run/d1/etc/passwd".into(), "passwd".into())],
+            etc: Some("/srv/nx/run/d1/etc".into()),
             dynamic: false,
             tmp_size_bytes: 64 << 20,
             seccomp_fd: Some(9),
@@ -292,6 +308,7 @@ mod tests {
             lib_entries: vec![RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }],
             ld_cache: Some("/etc/ld.so.cache".into()),
             init: "/srv/nx/bin/nx-init".into(),
+            dev: Some("/srv/nx/bin/dev".into()),
         }
     }
 
@@ -356,7 +373,18 @@ mod tests {
         assert!(has_seq(&a, &["--ro-bind", "/srv/nx/cache/abc", "/app/server"]));
         assert!(has_seq(&a, &["--bind", "/srv/nx/apps/web/data", "/data"]));
         assert!(has_seq(&a, &["--size", "67108864", "--perms", "1777", "--tmpfs", "/tmp"]));
-        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/run/d1/etc/passwd", "/etc/passwd"]));
+        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/run/d1/etc", "/etc"]));
+    }
+
+    #[test]
+    fn dev_is_the_hosts_prepared_directory_or_else_bwraps_own() {
+        let a = strings(bwrap_args(&spec(), &layout()));
+        assert!(has_seq(&a, &["--proc", "/proc", "--dev-bind", "/srv/nx/bin/dev", "/dev"]));
+        assert!(!a.contains(&"--dev".to_string()));
+        let bare = HostLayout { dev: None, ..layout() };
+        let a = strings(bwrap_args(&spec(), &bare));
+        assert!(has_seq(&a, &["--proc", "/proc", "--dev", "/dev"]));
+        assert!(!a.contains(&"--dev-bind".to_string()));
     }
 
     #[test]
@@ -367,6 +395,10 @@ mod tests {
         assert!(has_seq(&a, &["--ro-bind", "/usr", "/usr"]));
         assert!(has_seq(&a, &["--symlink", "usr/lib", "/lib"]));
         assert!(has_seq(&a, &["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]));
+        // The cache is bound over the /etc directory, not under it.
+        let etc = a.iter().position(|x| x == "/etc").unwrap();
+        let cache = a.iter().rposition(|x| x == "/etc/ld.so.cache").unwrap();
+        assert!(etc < cache);
     }
 
     #[test]
@@ -385,9 +417,10 @@ mod tests {
         std::fs::create_dir_all(root.join("usr/lib")).unwrap();
         std::fs::create_dir_all(root.join("lib64")).unwrap();
         std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
-        let l = HostLayout::detect(&root, "/i".into());
+        let l = HostLayout::detect(&root, "/i".into(), Some("/dev-dir".into()));
         assert_eq!(l.usr, root.join("usr"));
         assert_eq!(l.init, PathBuf::from("/i"));
+        assert_eq!(l.dev, Some(PathBuf::from("/dev-dir")));
         assert!(l.lib_entries.contains(&RootEntry::Symlink { path: "/lib".into(), target: "usr/lib".into() }));
         assert!(l.lib_entries.contains(&RootEntry::Dir { host: root.join("lib64"), path: "/lib64".into() }));
         assert_eq!(l.ld_cache, None);

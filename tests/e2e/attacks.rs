@@ -93,6 +93,17 @@ fn hostile_app_cannot_escape_its_sandbox() {
     absent(format!("{}/secret", victim_data.display()));
     absent(format!("{}/secrets/master.key", r.data_dir().display()));
     assert_eq!(lab.blocked("writebin"), "BLOCKED write /app/evil: Permission denied, unlink: Read-only file system");
+    // The root it was given, and no more (the program is dynamically
+    // linked: /usr and its links are there too): /dev holds the six harmless
+    // nodes (the host's directory of them, which is root's), /etc the
+    // deployment's own files and the loader's cache; neither takes a new
+    // file. POSIX shared memory works, in its own size-limited /tmp.
+    assert_eq!(lab.info("ls?path=/"), "INFO app bin data dev etc lib lib64 nx-init proc sbin tmp usr ");
+    assert_eq!(lab.info("ls?path=/dev"), "INFO fd full null random shm stderr stdin stdout tty urandom zero ");
+    assert_eq!(lab.info("ls?path=/etc"), "INFO group hosts ld.so.cache nsswitch.conf passwd resolv.conf ssl ");
+    assert_eq!(lab.blocked("create?path=/dev/sda"), "BLOCKED create /dev/sda: Permission denied");
+    assert_eq!(lab.blocked("create?path=/etc/profile"), "BLOCKED create /etc/profile: Read-only file system");
+    assert_eq!(lab.attack("create?path=/dev/shm/evil"), "INFO created /dev/shm/evil");
 
     // Other processes: the receiver's pid does not exist in the sandbox's
     // pid namespace; tracing is the filter's EPERM (without it, TRACEME

@@ -44,6 +44,7 @@ impl From<DeployError> for ApiError {
             | DeployError::Secret { .. }
             | DeployError::Volume(_)
             | DeployError::Cgroup(_)
+            | DeployError::Root(_)
             | DeployError::Internal(_) => ApiError::internal(e),
         }
     }

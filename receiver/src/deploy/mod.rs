@@ -78,6 +78,8 @@ pub enum DeployError {
     ForkPreview { id: String, pr: i64 },
     #[error(transparent)]
     Cgroup(#[from] nx_runtime::cgroup::CgroupError),
+    #[error(transparent)]
+    Root(#[from] nx_runtime::root::RootError),
     /// The caller asked for something that cannot be done; the message says
     /// what and how to fix it (a 400).
     #[error("{0}")]

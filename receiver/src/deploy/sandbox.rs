@@ -190,26 +190,14 @@ impl Deployer {
         } else {
             data_dir
         };
-        let etc = run.join("etc");
-        std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
-        let files = [
+        // Written once the spec says what is bound below /etc.
+        let etc_files = [
             ("passwd", passwd_file(&app.name)),
             ("group", group_file(&app.name)),
             ("hosts", hosts_file(&app.name)),
             ("resolv.conf", self.services.resolv_conf.clone()),
             ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
         ];
-        let mut etc_files = Vec::new();
-        for (name, contents) in files {
-            let path = etc.join(name);
-            // A sandbox adopted after a restart has these bound in: rewriting
-            // the same bytes would show it an empty file for a moment.
-            if std::fs::read(&path).ok().as_deref() != Some(contents.as_bytes()) {
-                std::fs::write(&path, contents).map_err(io_err(&path))?;
-            }
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&path))?;
-            etc_files.push((path, name.to_owned()));
-        }
         let mut ro_binds = Vec::new();
         let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
         if ca.exists() {
@@ -298,21 +286,23 @@ impl Deployer {
             })
             .unwrap_or("app")
             .to_owned();
+        let spec = SandboxSpec {
+            hostname: app.name.clone(),
+            binary,
+            binary_name,
+            args,
+            data_dir,
+            etc: Some(run.join("etc")),
+            dynamic: row.linkage == "dynamic",
+            tmp_size_bytes: limits.tmp_bytes,
+            seccomp_fd: None,
+            env_fd: None,
+            share_net: true,
+            ro_binds,
+        };
+        nx_runtime::root::write_etc(&spec, &self.services.host, &etc_files)?;
         Ok(SandboxConfig {
-            spec: SandboxSpec {
-                hostname: app.name.clone(),
-                binary,
-                binary_name,
-                args,
-                data_dir,
-                etc_files,
-                dynamic: row.linkage == "dynamic",
-                tmp_size_bytes: limits.tmp_bytes,
-                seccomp_fd: None,
-                env_fd: None,
-                share_net: true,
-                ro_binds,
-            },
+            spec,
             host: self.services.host.clone(),
             bwrap: self.services.config.bwrap.clone(),
             host_ids: (uid, uid),

@@ -551,6 +551,18 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))
 }
 
+/// Makes the character device node `path` (`major`, `minor`) with `mode`
+/// (cut by the umask, as `mknod` does).
+pub fn make_char_device(path: &Path, mode: u32, (major, minor): (u64, u64)) -> io::Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(mode), makedev(major, minor)).map_err(io::Error::from)
+}
+
+/// The `(major, minor)` numbers of a device number (`st_rdev`).
+pub fn device_numbers(rdev: u64) -> (u64, u64) {
+    (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
+}
+
 /// The effective user id of this process.
 pub fn effective_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
