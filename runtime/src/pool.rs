@@ -528,11 +528,15 @@ impl Parked {
             sys::clear_parent_death_signal()?;
             let spec = shim::read_spec(&go.dir)
                 .ok_or_else(|| std::io::Error::other(format!("cannot read {}", go.dir.join(SPEC).display())))?;
-            let prepared = Prepared::open(&go.dir, &spec)?;
+            let oom_before = spec.cgroup().oom_kills();
             let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
             sys::send_fds(channel.as_fd(), msg, &borrowed)?;
             // The secrets and rules are the sandbox's now; the shim keeps none.
             drop(fds);
+            // Made while the child starts bwrap rather than before: the app's
+            // output waits in its pipe, and the claimer connects to the
+            // control socket only once it hears `started`.
+            let prepared = Prepared::open(&go.dir, &spec, oom_before)?;
             // The child's end closes when it `exec`s; words mean it could not.
             let said = read_line(&mut &channel)?;
             if !said.is_empty() {

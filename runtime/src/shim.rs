@@ -411,16 +411,16 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    pub(crate) fn open(dir: &Path, spec: &ShimSpec) -> std::io::Result<Prepared> {
+    /// `oom_before` is the cgroup's count of OOM kills from before the
+    /// sandbox's first process ran, so that only the sandbox's own count.
+    pub(crate) fn open(dir: &Path, spec: &ShimSpec, oom_before: u64) -> std::io::Result<Prepared> {
         let control = dir.join(CONTROL);
         let _ = std::fs::remove_file(&control);
         let listener = UnixListener::bind(&control)?;
         listener.set_nonblocking(true)?;
         let limits = LogLimits { max_file_bytes: spec.log_max_file_bytes, keep_rotated: spec.log_keep_rotated };
         let log = Log::open_writer(&spec.log, limits)?;
-        let cgroup = spec.cgroup();
-        let oom_before = cgroup.oom_kills();
-        Ok(Prepared { listener, log, cgroup, oom_before })
+        Ok(Prepared { listener, log, cgroup: spec.cgroup(), oom_before })
     }
 }
 
@@ -470,7 +470,7 @@ pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<
 impl<'a> Running<'a> {
     fn start(dir: &'a Path, spec: &'a ShimSpec) -> std::io::Result<Running<'a>> {
         let sigchld = watch_children()?;
-        let prepared = Prepared::open(dir, spec)?;
+        let prepared = Prepared::open(dir, spec, spec.cgroup().oom_kills())?;
         let (mut cmd, held) = sandbox_command(spec, false)?;
         let (output, to_output) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let to_output = sys::renumber_above(to_output, 3)?;
