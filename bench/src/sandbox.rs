@@ -41,10 +41,13 @@ impl Host {
         // As the receiver makes them, in a directory of its own.
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin)?;
-        let (init, dev) = (nx_runtime::spec::install_init(&bin)?, nx_runtime::root::install_dev(&bin)?);
+        let init = nx_runtime::spec::install_init(&bin)?;
+        let dev = nx_runtime::root::install_dev(&bin)
+            .map_err(|e| eprintln!("sandboxes get bwrap's own /dev, as the receiver's would here: {e}"))
+            .ok();
         Ok(Host {
             pm: ProcessManager::global()?,
-            layout: Arc::new(HostLayout::detect(Path::new("/"), init, Some(dev))),
+            layout: Arc::new(HostLayout::detect(Path::new("/"), init, dev)),
             seccomp: nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into(),
             landlock: nx_runtime::landlock::Support::detect(),
             cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),

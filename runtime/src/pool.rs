@@ -535,7 +535,10 @@ impl Parked {
             drop(fds);
             // Made while the child starts bwrap rather than before: the app's
             // output waits in its pipe, and the claimer connects to the
-            // control socket only once it hears `started`.
+            // control socket only once it hears `started`. Should either
+            // fail (a full disk, no descriptors left), the app has run for
+            // a moment: it is killed, and the claimer hears the error and
+            // empties the cgroup, as after any failed start.
             let prepared = Prepared::open(&go.dir, &spec, oom_before)?;
             // The child's end closes when it `exec`s; words mean it could not.
             let said = read_line(&mut &channel)?;

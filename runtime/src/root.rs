@@ -137,25 +137,31 @@ fn is_current(path: &Path, uid: u32) -> bool {
 }
 
 /// Writes the sandbox's `/etc` into `spec.etc` (nothing without one):
-/// `files` as `(name, contents)`, mode 0644, each left alone when its bytes
-/// are already there (a running sandbox sees the directory live, and a
-/// rewrite would show it an empty file for a moment); then an empty file at
-/// each point below `/etc` where [`bwrap_args`] binds a host file (the
-/// loader's cache, the CA certificates), which bwrap cannot create inside
-/// the directory it has bound read-only.
+/// `files` as `(name, contents)`, mode 0644; then an empty file at each
+/// point below `/etc` where [`bwrap_args`] binds a host file (the loader's
+/// cache, the CA certificates), which bwrap cannot create inside the
+/// directory it has bound read-only. Running sandboxes see the directory
+/// live: a file whose bytes are already there is left alone, and a changed
+/// one is written aside and renamed over the old, so a sandbox reads the
+/// old file or the new one, never a torn one. Modes are set, not left to
+/// the umask: the app's uid must read all of it.
 pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]) -> Result<(), RootError> {
     let Some(dir) = &spec.etc else { return Ok(()) };
     let failed = |path: &Path| {
         let path = path.to_owned();
         move |source| RootError::Write { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(failed(dir))?;
+    make_dir(dir).map_err(failed(dir))?;
     for (name, contents) in files {
         let path = dir.join(name);
-        if std::fs::read(&path).ok().as_deref() != Some(contents.as_bytes()) {
-            std::fs::write(&path, contents).map_err(failed(&path))?;
+        if std::fs::read(&path).ok().as_deref() == Some(contents.as_bytes()) {
+            continue;
         }
-        std::fs::set_permissions(&path, PermissionsExt::from_mode(0o644)).map_err(failed(&path))?;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents)
+            .and_then(|()| std::fs::set_permissions(&tmp, PermissionsExt::from_mode(0o644)))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(failed(&path))?;
     }
     // Only bwrap's own options count: after `--` come the app's arguments.
     let args = bwrap_args(spec, host);
@@ -170,12 +176,25 @@ pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]
         if std::fs::symlink_metadata(&path).is_ok() {
             continue;
         }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(failed(parent))?;
+        let mut parent = dir.to_path_buf();
+        for part in Path::new(point).parent().into_iter().flat_map(Path::components) {
+            parent.push(part);
+            make_dir(&parent).map_err(failed(&parent))?;
         }
-        std::fs::write(&path, b"").map_err(failed(&path))?;
+        std::fs::write(&path, b"")
+            .and_then(|()| std::fs::set_permissions(&path, PermissionsExt::from_mode(0o644)))
+            .map_err(failed(&path))?;
     }
     Ok(())
+}
+
+/// `dir`, made if missing, mode 0755.
+fn make_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    std::fs::set_permissions(dir, PermissionsExt::from_mode(0o755))
 }
 
 #[cfg(test)]
@@ -232,11 +251,17 @@ mod tests {
         write_etc(&spec(&etc, true), &layout(None), &files).unwrap();
         assert_eq!(names(&etc), ["hosts", "ld.so.cache", "passwd", "ssl"]);
         assert_eq!(std::fs::metadata(etc.join("passwd")).unwrap().ino(), ino, "the same bytes are left alone");
-        // Changed contents are written in place, where a running sandbox sees them.
+        // Changed contents replace the file whole, by rename, and leave
+        // nothing aside; modes are set whatever the umask.
         let changed = [("passwd", "web:x:1000:changed\n".to_owned())];
         write_etc(&spec(&etc, true), &layout(None), &changed).unwrap();
         assert_eq!(std::fs::read_to_string(etc.join("passwd")).unwrap(), "web:x:1000:changed\n");
-        assert_eq!(std::fs::metadata(etc.join("passwd")).unwrap().ino(), ino);
+        assert_ne!(std::fs::metadata(etc.join("passwd")).unwrap().ino(), ino);
+        assert_eq!(names(&etc), ["hosts", "ld.so.cache", "passwd", "ssl"]);
+        for path in [etc.clone(), etc.join("ssl"), etc.join("ssl/certs")] {
+            assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o755, "{}", path.display());
+        }
+        assert_eq!(std::fs::metadata(etc.join("ld.so.cache")).unwrap().mode() & 0o7777, 0o644);
     }
 
     #[test]

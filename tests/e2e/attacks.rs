@@ -292,7 +292,12 @@ fn hostile_app_cannot_escape_its_sandbox() {
         .iter()
         .map(|e| (e["limit"].as_str().unwrap().to_owned(), e["by"].as_str().unwrap_or("NOT ENFORCED").to_owned()))
         .collect();
-    for line in [("ports", "landlock"), ("abstract sockets", "landlock"), ("syscalls", "seccomp")] {
+    for line in [
+        ("ports", "landlock"),
+        ("abstract sockets", "landlock"),
+        ("syscalls", "seccomp"),
+        ("devices", "a directory of root's"),
+    ] {
         assert!(isolation.contains(&(line.0.to_owned(), line.1.to_owned())), "{line:?} in {isolation:?}");
     }
 

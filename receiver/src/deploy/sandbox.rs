@@ -118,11 +118,17 @@ impl Deployer {
         report
     }
 
-    /// Isolation besides limits: the system call filter, the network, ports
-    /// and abstract sockets.
+    /// Isolation besides limits: the system call filter, the devices, the
+    /// network, ports and abstract sockets.
     pub fn isolation(&self) -> Vec<nx_protocol::api::Enforcement> {
+        let devices = "null zero full random urandom tty".to_owned();
         let mut report = vec![
             nx_protocol::api::Enforcement::enforced("syscalls", "filtered".into(), "seccomp"),
+            match &self.services.host.dev {
+                Some(_) => nx_protocol::api::Enforcement::enforced("devices", devices, "a directory of root's"),
+                // bwrap's /dev is the app's own tmpfs, with a devpts.
+                None => nx_protocol::api::Enforcement::enforced("devices", devices + " ptmx", "bwrap --dev"),
+            },
             self.services.network.clone(),
         ];
         report.extend(self.services.landlock.report());
