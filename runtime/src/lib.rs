@@ -2,7 +2,8 @@
 //!
 //! Contract of this crate:
 //! - [`spec::bwrap_args`] turns a [`spec::SandboxSpec`] into bwrap's command line
-//!   as a pure function; what is not on that line is not in the sandbox.
+//!   as a pure function; what is not on that line is not in the sandbox. The
+//!   host directories it binds whole as `/dev` and `/etc` are made by [`root`].
 //! - Every sandbox is started by its own [`shim`] (which the
 //!   [`process::ProcessManager`] thread starts) as the app's own unprivileged
 //!   host uid, with an empty environment plus the app's variables (never on
