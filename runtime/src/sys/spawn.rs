@@ -91,7 +91,7 @@ pub struct ChildSetup {
     pub user: Option<(u32, u32)>,
     /// Signal sent to the child when the thread that spawned it exits.
     pub parent_death_signal: Option<i32>,
-    /// A Landlock ruleset ([`landlock_ruleset`]) the child restricts itself
+    /// A Landlock ruleset ([`super::landlock_ruleset`]) the child restricts itself
     /// to, after setting no_new_privs, once it runs as the target user.
     pub landlock: Option<RawFd>,
     /// The setup runs in this very process, which then `exec`s
