@@ -412,7 +412,7 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     /// `oom_before` is the cgroup's count of OOM kills from before the
-    /// sandbox's first process ran, so that only the sandbox's own count.
+    /// sandbox's first process ran, so that only its own OOM kills count.
     pub(crate) fn open(dir: &Path, spec: &ShimSpec, oom_before: u64) -> std::io::Result<Prepared> {
         let control = dir.join(CONTROL);
         let _ = std::fs::remove_file(&control);
