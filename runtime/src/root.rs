@@ -157,6 +157,10 @@ pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]
         if std::fs::read(&path).ok().as_deref() == Some(contents.as_bytes()) {
             continue;
         }
+        // Not `sys::replace_file_in`: that one guards a directory another
+        // user owns and syncs each file; this one is root's alone, and its
+        // files are written again at every start, so a sync would only add
+        // a disk flush per file to every push.
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, contents)
             .and_then(|()| std::fs::set_permissions(&tmp, PermissionsExt::from_mode(0o644)))
