@@ -72,11 +72,9 @@ impl AccessLog {
     pub fn record(&self, line: &AccessLine<'_>) {
         BATCH.with(|batch| {
             let mut batch = batch.borrow_mut();
-            // Serializing plain strings and numbers into a Vec cannot fail.
-            if serde_json::to_writer(&mut batch.bytes, line).is_ok() {
-                batch.bytes.push(b'\n');
-                batch.lines += 1;
-            }
+            line.write_json(&mut batch.bytes);
+            batch.bytes.push(b'\n');
+            batch.lines += 1;
             if batch.bytes.len() >= FLUSH_BYTES {
                 self.hand_over(&mut batch);
             }
