@@ -91,7 +91,9 @@ impl Host {
             binary_name: "hello".into(),
             args: Vec::new(),
             data_dir: data,
-            etc: Some(root.join("etc")),
+            // Every benchmark sandbox is a deployment of one app, "bench",
+            // and shares its /etc as the receiver's deployments of an app do.
+            etc: Some(self.dir.path().join("etc")),
             dynamic: false,
             tmp_size_bytes: limits.tmp_bytes,
             seccomp_fd: None,

@@ -1,13 +1,13 @@
 //! The host directories a sandbox's minimal root is bound from, one mount
 //! each: its `/dev` ([`install_dev`], one per host) and its `/etc`
-//! ([`write_etc`], one per deployment).
+//! ([`write_etc`], one per app in the receiver).
 //!
 //! bwrap's own `--dev` builds `/dev` from a tmpfs, six binds of the host's
 //! device nodes and a devpts, and bwrap re-reads the whole mount table after
 //! every bind; `/etc` was bound file by file. On the VM of bench/RESULTS.md
 //! that was about 1.5 ms of every sandbox's start, and two superblocks of its
 //! kernel memory. A directory of the same device nodes, made once, is bound
-//! instead, and so is a directory of the deployment's `/etc` files.
+//! instead, and so is a directory of the app's `/etc` files.
 //!
 //! What the sandbox sees does not widen: the same six nodes, none of the
 //! host's others; `/dev` and `/etc` belong to root, so the app (an
@@ -18,6 +18,7 @@
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::spec::{bwrap_args, HostLayout, SandboxSpec};
 use crate::sys;
@@ -144,8 +145,12 @@ fn is_current(path: &Path, uid: u32) -> bool {
 /// live: a file whose bytes are already there is left alone, and a changed
 /// one is written aside and renamed over the old, so a sandbox reads the
 /// old file or the new one, never a torn one. Modes are set, not left to
-/// the umask: the app's uid must read all of it.
+/// the umask: the app's uid must read all of it. The directory may be
+/// shared by sandboxes whose files are the same (the receiver's deployments
+/// of one app): an empty file left for a bind one of them does not make is
+/// harmless to the others.
 pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]) -> Result<(), RootError> {
+    static TMP: AtomicU64 = AtomicU64::new(0);
     let Some(dir) = &spec.etc else { return Ok(()) };
     let failed = |path: &Path| {
         let path = path.to_owned();
@@ -161,7 +166,9 @@ pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]
         // user owns and syncs each file; this one is root's alone, and its
         // files are written again at every start, so a sync would only add
         // a disk flush per file to every push.
-        let tmp = dir.join(format!(".{name}.tmp"));
+        // Named for this writer alone: deployments of one app share the
+        // directory, and two may be written at once.
+        let tmp = dir.join(format!(".{name}.{}-{}.tmp", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
         std::fs::write(&tmp, contents)
             .and_then(|()| std::fs::set_permissions(&tmp, PermissionsExt::from_mode(0o644)))
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -266,6 +273,28 @@ mod tests {
             assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o755, "{}", path.display());
         }
         assert_eq!(std::fs::metadata(etc.join("ld.so.cache")).unwrap().mode() & 0o7777, 0o644);
+    }
+
+    #[test]
+    fn writers_sharing_one_etc_never_leave_a_torn_or_stray_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        // Two versions of the files, as when the resolver changes while
+        // deployments of one app start.
+        let version = |n: usize| [("passwd", format!("web:x:1000:{n}\n").repeat(500)), ("hosts", format!("{n}\n"))];
+        std::thread::scope(|scope| {
+            for writer in 0..8 {
+                let etc = &etc;
+                scope.spawn(move || {
+                    for round in 0..40 {
+                        write_etc(&spec(etc, writer % 2 == 0), &layout(None), &version(round % 2)).unwrap();
+                        let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
+                        assert!(passwd == version(0)[0].1 || passwd == version(1)[0].1, "torn: {} bytes", passwd.len());
+                    }
+                });
+            }
+        });
+        assert_eq!(names(&etc), ["hosts", "ld.so.cache", "passwd", "ssl"], "no writer's file left aside");
     }
 
     #[test]

@@ -298,7 +298,12 @@ impl Deployer {
             binary_name,
             args,
             data_dir,
-            etc: Some(run.join("etc")),
+            // One per app, not per deployment: its files name only the
+            // app, so a push of an app that ran before writes nothing new
+            // there (each new file costs a start a fraction of a
+            // millisecond), and removing a deployment's run directory
+            // cannot empty the /etc of one still running.
+            etc: Some(app_dir.join("etc")),
             dynamic: row.linkage == "dynamic",
             tmp_size_bytes: limits.tmp_bytes,
             seccomp_fd: None,
