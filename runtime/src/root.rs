@@ -169,10 +169,15 @@ pub fn write_etc(spec: &SandboxSpec, host: &HostLayout, files: &[(&str, String)]
         // Named for this writer alone: deployments of one app share the
         // directory, and two may be written at once.
         let tmp = dir.join(format!(".{name}.{}-{}.tmp", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
-        std::fs::write(&tmp, contents)
+        let written = std::fs::write(&tmp, contents)
             .and_then(|()| std::fs::set_permissions(&tmp, PermissionsExt::from_mode(0o644)))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(failed(&path))?;
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // Every deployment of the app sees this directory: a failed
+            // write (a full disk) leaves nothing of its own behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(&path)(e));
+        }
     }
     // Only bwrap's own options count: after `--` come the app's arguments.
     let args = bwrap_args(spec, host);
@@ -295,6 +300,16 @@ mod tests {
             }
         });
         assert_eq!(names(&etc), ["hosts", "ld.so.cache", "passwd", "ssl"], "no writer's file left aside");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_replaced_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(etc.join("hosts/inside")).unwrap();
+        let err = write_etc(&spec(&etc, false), &layout(None), &[("hosts", "x\n".to_owned())]).unwrap_err();
+        assert!(err.to_string().contains("hosts"), "{err}");
+        assert_eq!(names(&etc), ["hosts"], "only what was there");
     }
 
     #[test]

@@ -96,7 +96,7 @@ fn hostile_app_cannot_escape_its_sandbox() {
     // The root it was given, and no more (the program is dynamically
     // linked: /usr and its links are there too): /dev holds the six harmless
     // nodes (the host's directory of them, which is root's), /etc the
-    // deployment's own files and the loader's cache; neither takes a new
+    // app's own files and the loader's cache; neither takes a new
     // file. POSIX shared memory works, in its own size-limited /tmp.
     assert_eq!(lab.info("ls?path=/"), "INFO app bin data dev etc lib lib64 nx-init proc sbin tmp usr ");
     assert_eq!(lab.info("ls?path=/dev"), "INFO fd full null random shm stderr stdin stdout tty urandom zero ");
