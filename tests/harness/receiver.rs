@@ -293,9 +293,22 @@ impl Receiver {
     }
 }
 
+/// How much of the receiver's log a failing test prints.
+const LOG_TAIL_LINES: usize = 120;
+
 impl Drop for Receiver {
-    /// Stops the receiver, then the apps it leaves running.
+    /// Stops the receiver, then the apps it leaves running. A failing test
+    /// gets the end of the receiver's log on its stderr first: a timeout in
+    /// CI says only what it waited for, the log says why.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
+            eprintln!("--- the last {} lines of the receiver's log ---", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(30);
