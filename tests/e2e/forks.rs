@@ -167,7 +167,7 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
 
     // Removed, and added by a writer: the labeled commit is previewed.
     gh.set_permission("maintainer", "write");
-    label(&r, "unlabeled", &head, "maintainer");
+    let first_removal = label(&r, "unlabeled", &head, "maintainer");
     eventually(20, "the label to be withdrawn", || labels(&r).is_empty().then_some(()));
     let writers = label(&r, "labeled", &head, "maintainer");
     eventually(20, "the writer's label to be recorded", || (labels(&r) == "maintainer:true").then_some(()));
@@ -255,9 +255,16 @@ fn a_forks_pull_request_is_previewed_only_at_the_commit_a_writer_labeled() {
     let apps = r.nx_ok(&["--json", "apps", "ls"]).json();
     assert_ne!(apps[0]["production"], id.as_str());
 
-    // Removing the label withdraws it and stops the preview; the writer's
-    // label replayed under a new delivery id brings nothing back.
-    label(&r, "unlabeled", &head, "maintainer");
+    // Removing the label withdraws it and stops the preview, even with the
+    // pull request's time of the first removal (GitHub's times have whole
+    // seconds: both can fall in one); the writer's label replayed under a
+    // new delivery id brings nothing back.
+    let at = serde_json::from_slice::<Value>(&first_removal.body).unwrap()["pull_request"]["updated_at"].clone();
+    let removal = Delivery::new(
+        "pull_request",
+        &with(fork_event("unlabeled", &head, "maintainer"), &[("/pull_request/updated_at", at)]),
+    );
+    assert_eq!(removal.send(&r.api(), SECRET), (202, "queued\n".into()));
     eventually(20, "the preview to stop", || (state_of(&r, &id) == "stopped").then_some(()));
     assert_eq!(labels(&r), "");
     let replay = Delivery::new("pull_request", &serde_json::from_slice::<Value>(&writers.body).unwrap());

@@ -163,10 +163,14 @@ impl Work {
             Work::ReviewApproved { repository_id, review, .. } => Some(format!("review:{repository_id}:{}", review.id)),
             // A replayed label must not opt a pull request in again after
             // its label was removed.
-            Work::PullRequestLabel { repository_id, pr, head_sha, label, added, updated_at, by } => Some(format!(
-                "pull_request:{repository_id}:{pr}:{}:{label}:{head_sha}:{updated_at}:{by}",
-                if *added { "labeled" } else { "unlabeled" }
-            )),
+            Work::PullRequestLabel { repository_id, pr, head_sha, label, added: true, updated_at, by } => {
+                Some(format!("pull_request:{repository_id}:{pr}:labeled:{label}:{head_sha}:{updated_at}:{by}"))
+            }
+            // A removal only ever withdraws, so doing it again is safe, and
+            // it must never be skipped: the pull request's time has whole
+            // seconds, and a label added and removed twice within one would
+            // otherwise leave the second label standing.
+            Work::PullRequestLabel { added: false, .. } => None,
             Work::InstallationCreated { .. } | Work::InstallationDeleted { .. } => None,
         }
     }
@@ -576,7 +580,7 @@ mod tests {
         labeled["action"] = "unlabeled".into();
         let unlabel = parse("pull_request", &labeled).unwrap();
         assert!(matches!(unlabel, Work::PullRequestLabel { added: false, .. }));
-        assert_ne!(unlabel.key(), label.key(), "a removal is not a replay of the label");
+        assert_eq!(unlabel.key(), None, "a removal is acted on every time, never taken for a replay");
         let mut action = payload("check_run.requested_action");
         assert_eq!(parse("check_run", &action), None, "a check run that is not ours has no deployment id");
         action["check_run"]["external_id"] = "7kq3mz2a".into();
