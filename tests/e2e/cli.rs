@@ -1,6 +1,6 @@
 //! The `nx` command line as a user meets it: login and its config file, every
-//! misuse naming its fix, app removal, variables, rollback, open, status,
-//! completions, colour, and nx.toml.
+//! misuse naming its fix, app removal (and a push racing it), variables,
+//! rollback, open, status, completions, colour, and nx.toml.
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -119,6 +119,44 @@ fn removing_an_app_takes_everything_and_never_reuses_its_uid() {
     let new_uid = std::fs::metadata(r.data_dir().join("apps/web/data")).unwrap().uid();
     assert!(new_uid > old_uid, "uid {new_uid} must not reuse {old_uid}");
     assert!(psql(&r.db_url("web"), "SELECT * FROM kept").is_err(), "no data of the old app");
+}
+
+#[test]
+fn a_push_racing_its_apps_removal_is_refused_and_leaves_nothing_behind() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let goweb = fixtures::go(Go::Static);
+    r.push("web", &goweb, &["--promote"]);
+    // Enough data that copying it into the preview's database takes
+    // seconds: the removal begins while the push is under way.
+    psql(&r.db_url("web"), "CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1500000) g")
+        .unwrap();
+    r.nx_ok(&["apps", "set", "web", "--preview-db", "copy"]);
+    std::thread::scope(|s| {
+        let push = s.spawn(|| r.nx(&["push", goweb.to_str().unwrap(), "--app", "web", "--pr", "7"]));
+        let preview = eventually(60, "the preview's deployment to be recorded", || {
+            let listing = r.nx_ok(&["--json", "ls", "web"]).json();
+            let found = listing[0]["deployments"].as_array()?.iter().find(|d| d["pr"] == 7)?["id"].clone();
+            found.as_str().map(str::to_owned)
+        });
+        r.nx_ok(&["apps", "rm", "web", "--yes"]);
+        let push = push.join().unwrap();
+        assert_eq!(push.code, 1, "{push:?}");
+        assert!(
+            push.stderr.contains(
+                "app web is being removed, so nothing is deployed to it any more; if its removal stopped half way, \
+                 `nx apps rm web` again finishes it"
+            ),
+            "{}",
+            push.stderr
+        );
+        assert!(deployment_processes(&r.data_dir(), &preview).is_empty(), "the preview's sandbox is gone");
+    });
+    assert_eq!(r.nx_ok(&["--json", "apps", "ls"]).json(), serde_json::json!([]));
+    let databases =
+        psql(&r.admin_url("postgres"), "SELECT datname FROM pg_database WHERE datname LIKE '%web%'").unwrap();
+    assert_eq!(databases, "", "neither the app's database nor the preview's is left");
+    assert!(!r.data_dir().join("apps/web").exists(), "nor its data");
 }
 
 #[test]

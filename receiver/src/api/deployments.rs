@@ -33,7 +33,8 @@ impl From<DeployError> for ApiError {
             | DeployError::IsProduction { .. }
             | DeployError::ForkPreview { .. }
             | DeployError::TooManyRunning { .. }
-            | DeployError::TooManyPreviewDatabases { .. } => ApiError::Conflict(e.to_string()),
+            | DeployError::TooManyPreviewDatabases { .. }
+            | DeployError::AppRemoving { .. } => ApiError::Conflict(e.to_string()),
             DeployError::TooManyVariables { .. } => ApiError::TooLarge(e.to_string()),
             DeployError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             DeployError::WillNotRun(_) => ApiError::Unprocessable(e.to_string()),

@@ -117,6 +117,18 @@ impl Db {
         .await
     }
 
+    /// Marks an app as being removed: from then on no deployment of it is
+    /// recorded ([`Occupancy::removing`]). Waits for the pushes recording
+    /// one now (they hold the app's row), so every deployment recorded
+    /// before it returns is seen by whoever reads them next.
+    pub async fn mark_app_removing(&self, app_id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE apps SET removing_since = COALESCE(removing_since, now()) WHERE id = $1")
+            .bind(app_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Removes an app's records (deployments, keys, backups and variables go
     /// with it) and retires its uid for good.
     pub async fn delete_app(&self, app: &AppRow) -> Result<(), sqlx::Error> {

@@ -95,6 +95,9 @@ pub struct Held {
 pub struct Occupancy {
     pub running: Vec<Held>,
     pub databases: Vec<Held>,
+    /// The app is being removed, or is gone ([`Db::mark_app_removing`]):
+    /// nothing new is deployed to it.
+    pub removing: bool,
 }
 
 /// A deployment that lifecycle rules never touch: its app's production or
@@ -123,7 +126,16 @@ async fn occupancy(conn: &mut sqlx::PgConnection, app_id: i64) -> Result<Occupan
         .fetch_all(&mut *conn)
         .await?;
     let databases = sqlx::query_as(&held("d.db_name IS NOT NULL")).bind(app_id).fetch_all(&mut *conn).await?;
-    Ok(Occupancy { running, databases })
+    Ok(Occupancy { running, databases, removing: removing(conn, app_id).await? })
+}
+
+/// See [`Occupancy::removing`].
+async fn removing(conn: &mut sqlx::PgConnection, app_id: i64) -> Result<bool, sqlx::Error> {
+    let removing: Option<bool> = sqlx::query_scalar("SELECT removing_since IS NOT NULL FROM apps WHERE id = $1")
+        .bind(app_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(removing.unwrap_or(true))
 }
 
 /// What [`Db::promote`] did.
@@ -143,6 +155,12 @@ impl Db {
     pub async fn occupancy(&self, app_id: i64) -> Result<Occupancy, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         occupancy(&mut conn, app_id).await
+    }
+
+    /// Whether `app_id` is being removed or is gone ([`Occupancy::removing`]).
+    pub async fn app_removing(&self, app_id: i64) -> Result<bool, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        removing(&mut conn, app_id).await
     }
 
     /// Records a new deployment, and `event` about it, if `admit` accepts

@@ -227,6 +227,10 @@ impl Deployer {
     /// can fail come before the records go, so a failed removal can simply
     /// be run again.
     pub async fn remove_app(&self, app: &AppRow, actor: &str) -> Result<(), DeployError> {
+        // Marked first: a push racing the removal either recorded its
+        // deployment before (it is among `rows`, and its start waits for the
+        // lock held below, then finds its row gone) or is refused.
+        self.services.db.mark_app_removing(app.id).await?;
         let rows = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
         // Held until the records are gone: no wake brings one back
         // meanwhile. Every other path holds one lock at a time, so taking

@@ -69,6 +69,10 @@ pub enum DeployError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Database(#[from] DatabaseError),
+    #[error(
+        "app {app} is being removed, so nothing is deployed to it any more; if its removal stopped half way, `nx apps rm {app}` again finishes it"
+    )]
+    AppRemoving { app: String },
     #[error("deployment {id} is the production of {app}; promote another deployment before stopping it")]
     IsProduction { app: String, id: String },
     #[error(
@@ -490,6 +494,12 @@ impl Deployer {
             }
             return Err(e);
         }
+        // Held from here: an app removal that began meanwhile holds it
+        // until the row is gone, so the row read under it says whether
+        // anything may still be made for it (a database, a sandbox).
+        let held = self.hold(&id).await;
+        let removed = || DeployError::AppRemoving { app: app.name.clone() };
+        let row = self.services.db.deployment(&id).await?.ok_or_else(removed)?;
         if let (Some(name), Some(mode)) = (&preview_db, own_db) {
             if let Err(e) = self.attach_preview_db(app, &id, name, mode).await {
                 // Whatever stands under that name now is not this preview's.
@@ -500,8 +510,14 @@ impl Deployer {
                 return self.info(&self.row(&id).await?, Vec::new());
             }
         }
-        let row = self.row(&id).await?;
-        let status = self.start(&row, !meta.no_wait).await?;
+        let row = if preview_db.is_some() { self.row(&id).await? } else { row };
+        let status = self.start_held(&held, &row, !meta.no_wait).await?;
+        drop(held);
+        // A removal that began meanwhile stops what was just started: the
+        // push says so rather than hand out a URL about to go.
+        if self.services.db.app_removing(app.id).await? {
+            return Err(removed());
+        }
         let row = self.row(&id).await?;
         let tail = match status {
             Status::Failed { log_tail, .. } => log_tail,

@@ -40,6 +40,9 @@ pub(super) struct Caps {
 
 /// Refuses `claim` when the app already holds as much as `caps` allow.
 pub(super) fn admit(app: &str, caps: Caps, held: &Occupancy, claim: Claim) -> Result<(), DeployError> {
+    if held.removing {
+        return Err(DeployError::AppRemoving { app: app.to_owned() });
+    }
     let Claim::Push { database } = claim else { return Ok(()) };
     if held.running.len() >= caps.running as usize {
         return Err(DeployError::TooManyRunning {
@@ -135,6 +138,7 @@ mod tests {
         let held = Occupancy {
             running: vec![held("a", None, true, false), held("b", None, false, true), held("c", Some(4), false, false)],
             databases: vec![held("c", Some(4), false, false)],
+            removing: false,
         };
         let e = admit("web", caps, &held, Claim::Push { database: false }).unwrap_err().to_string();
         assert_eq!(
@@ -149,6 +153,19 @@ mod tests {
         let e = admit("web", caps, &two, Claim::Push { database: true }).unwrap_err().to_string();
         assert!(e.starts_with("app web already has 1 previews with a database of their own"), "{e}");
         assert!(e.contains("(--max-preview-databases-per-app 1): c (pull request #4);"), "{e}");
+    }
+
+    #[test]
+    fn an_app_being_removed_takes_no_push_and_no_replacement() {
+        let caps = Caps { running: 3, databases: 1 };
+        let removing = Occupancy { removing: true, ..Occupancy::default() };
+        for claim in [Claim::Push { database: true }, Claim::Replacement] {
+            assert_eq!(
+                admit("web", caps, &removing, claim).unwrap_err().to_string(),
+                "app web is being removed, so nothing is deployed to it any more; if its removal stopped half way, \
+                 `nx apps rm web` again finishes it"
+            );
+        }
     }
 
     #[test]
