@@ -25,7 +25,7 @@ impl From<DeployError> for ApiError {
         match e {
             DeployError::Store(s) => s.into(),
             DeployError::NoPort { .. } => ApiError::Unavailable(e.to_string()),
-            DeployError::UnknownDeployment { .. } => ApiError::NotFound(e.to_string()),
+            DeployError::UnknownDeployment { .. } | DeployError::Gone { .. } => ApiError::NotFound(e.to_string()),
             // The app's state, not the request, stands in the way, and waiting
             // does not clear it: 409, not 429 (which clients retry later).
             DeployError::NotHealthy { .. }

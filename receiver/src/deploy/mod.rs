@@ -59,6 +59,10 @@ pub enum DeployError {
     Secret { app: String, source: crate::secrets::SecretError },
     #[error("deployment {id} does not exist in app {app}; `nx ls {app}` lists its deployments")]
     UnknownDeployment { app: String, id: String },
+    /// A deployment whose record went while an operation on it was under
+    /// way: its app was removed, or it was old and tidied away.
+    #[error("deployment {id} no longer exists: its app was removed, or it was old and removed as unused; `nx ls` lists what there is")]
+    Gone { id: String },
     #[error(
         "deployment {id} is {state}, only healthy deployments can be promoted; push again or check `nx logs {id}`"
     )]
@@ -603,11 +607,7 @@ impl Deployer {
     }
 
     async fn row(&self, id: &str) -> Result<DeploymentRow, DeployError> {
-        self.services
-            .db
-            .deployment(id)
-            .await?
-            .ok_or_else(|| DeployError::UnknownDeployment { app: "?".into(), id: id.into() })
+        self.services.db.deployment(id).await?.ok_or_else(|| DeployError::Gone { id: id.into() })
     }
 
     /// Starts the sandboxes of `row` (as many replicas as its app asks of
