@@ -18,6 +18,9 @@ pub struct AppRow {
     pub production_id: Option<String>,
     pub previous_production_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Set when its removal began ([`Db::mark_app_removing`]): nothing of
+    /// it starts again.
+    pub removing_since: Option<DateTime<Utc>>,
 }
 
 impl AppRow {

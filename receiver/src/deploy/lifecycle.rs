@@ -6,7 +6,7 @@
 //! Production and the rollback target are never touched by the janitor or by
 //! a pull request closing; the database queries exclude them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use nx_protocol::api::{DeploymentState, EnvChange};
@@ -241,7 +241,18 @@ impl Deployer {
             self.halt(&lock, &row.id).await;
             held.push(lock);
         }
-        for db in rows.iter().filter_map(|r| r.db_name.as_deref()) {
+        // Read again under every lock: a pass that held one while the rows
+        // were first read (a promotion that failed and put a preview back on
+        // its own database) may have changed which database it names.
+        let now = self.services.db.deployments_of_app(app.id, i64::MAX).await?;
+        for row in now.iter().filter(|r| meant_to_run(r) || r.state() == DeploymentState::Sleeping) {
+            // Recorded as stopped, so a removal that fails below leaves
+            // nothing that a request, a restart or a receiver's start brings
+            // back.
+            self.services.db.set_state(&row.id, DeploymentState::Stopped, Some("its app is being removed")).await?;
+        }
+        let databases: BTreeSet<&str> = rows.iter().chain(&now).filter_map(|r| r.db_name.as_deref()).collect();
+        for db in databases {
             self.services.databases.drop_database(db).await?;
         }
         self.services.databases.drop_database(&app.db_name).await?;

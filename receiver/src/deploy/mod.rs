@@ -504,7 +504,10 @@ impl Deployer {
         let held = self.hold(&id).await;
         let removed = || DeployError::AppRemoving { app: app.name.clone() };
         let row = self.services.db.deployment(&id).await?.ok_or_else(removed)?;
-        if let (Some(name), Some(mode)) = (&preview_db, own_db) {
+        // A stop that came first (a pull request closing) dropped the
+        // name: no database is made for a deployment that will not start.
+        let still_wanted = meant_to_run(&row) && row.db_name == preview_db;
+        if let (Some(name), Some(mode), true) = (&preview_db, own_db, still_wanted) {
             if let Err(e) = self.attach_preview_db(app, &id, name, mode).await {
                 // Whatever stands under that name now is not this preview's.
                 self.services.db.set_preview_db(&id, None).await?;
@@ -642,6 +645,9 @@ impl Deployer {
     ) -> Result<Status, DeployError> {
         if !meant_to_run(row) {
             return Err(DeployError::NotRunning { id: row.id.clone(), state: row.state().as_str().to_owned() });
+        }
+        if app.removing_since.is_some() {
+            return Err(DeployError::AppRemoving { app: app.name.clone() });
         }
         self.run(held, app, row, replica_count(app, row), false, if wait { Wait::Any } else { Wait::No }).await
     }
