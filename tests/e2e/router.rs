@@ -2,7 +2,8 @@
 //! and absolute-form targets, WebSocket, server-sent events, streamed bodies,
 //! error pages, TLS with HTTP/2 and its bounds, the bounds on slow clients and
 //! silent apps, each address's share of the connections, its state file, and
-//! zero failed requests through promotions, rollbacks and router reloads.
+//! zero failed requests through promotions, rollbacks and router reloads, and
+//! a router holding a newer table than the receiver's clock numbers.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -639,4 +640,48 @@ fn the_router_restores_its_table_at_boot_and_guards_its_control_socket() {
     assert!(unknown.starts_with("HTTP/1.1 404") && unknown.contains("No app here"), "{unknown}");
     let _ = router.kill();
     let _ = router.wait();
+}
+
+/// `method /routes` on the router's control socket `sock`, over HTTP/1.1:
+/// the status and the body.
+fn control_routes(sock: &std::path::Path, method: &str, body: &str) -> (u16, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} /routes HTTP/1.1\r\nHost: nx-router\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn a_router_holding_a_newer_table_than_the_receivers_clock_gives_its_number_and_takes_the_next() {
+    let r = Receiver::start();
+    r.create_app("web");
+    let goweb = fixtures::go(Go::Static);
+    r.push("web", &goweb, &["--promote"]);
+    // The router's table numbered an hour ahead of the receiver's clock, as
+    // after the clock was set back an hour.
+    let sock = r.data_dir().join("router/control.sock");
+    let (status, body) = control_routes(&sock, "GET", "");
+    assert_eq!(status, 200, "{body}");
+    let mut table: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let ahead = now + 3_600_000_000;
+    table["generation"] = ahead.into();
+    assert_eq!(control_routes(&sock, "PUT", &table.to_string()).0, 204);
+
+    // The next table the receiver sends is refused as older (409); it asks
+    // the router for its number and sends the table again after it, so the
+    // new preview answers.
+    let preview = r.push("web", &goweb, &[]);
+    assert_eq!(r.get(preview["preview_url"].as_str().unwrap()).body, "goweb\n", "{}", r.log());
+    let (_, body) = control_routes(&sock, "GET", "");
+    let generation = serde_json::from_str::<serde_json::Value>(&body).unwrap()["generation"].as_u64().unwrap();
+    assert!(generation > ahead, "{generation} follows {ahead}");
+    assert_eq!(r.get(&format!("http://web.localhost:{}/", r.router_port)).body, "goweb\n");
 }
