@@ -320,3 +320,52 @@ fn ids_of_another_app_are_not_found_under_ones_own() {
     assert_eq!(r.nx_with_key(&site_key, &["--json", "ls", "site"]).code, 0, "site's deploy key still works");
     assert_eq!(crate::sftp::ssh_key(&r, "site", "site-ssh").0, site_ssh, "site's SSH key is still there");
 }
+
+#[test]
+fn a_settings_change_whose_body_arrives_after_the_admins_change_is_refused_and_changes_nothing() {
+    use std::io::{Read, Write};
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let memory = || r.nx_ok(&["--json", "apps", "ls"]).json()[0]["settings"]["limits"]["memory_mib"].clone();
+    let settings = r.nx_ok(&["--json", "apps", "ls"]).json()[0]["settings"].clone();
+    assert_eq!(memory(), serde_json::Value::Null, "the server's default");
+
+    // The deploy key sends its app's settings as they are (the default
+    // memory, no raise) with a body that takes its time...
+    let body = settings.to_string().into_bytes();
+    let signed = Signed::new("PUT", "/v1/apps/web/settings", &body, None);
+    let api = r.api();
+    let mut stream = std::net::TcpStream::connect(api.trim_start_matches("http://")).unwrap();
+    let mut head = format!(
+        "PUT /v1/apps/web/settings HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        api.trim_start_matches("http://"),
+        body.len()
+    );
+    for (name, value) in signed.headers(&key) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() / 2]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // ...while the admin lowers the app's memory.
+    r.nx_ok(&["apps", "set", "web", "--memory", "256MiB"]);
+    stream.write_all(&body[body.len() / 2..]).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+
+    // Checked against the settings before, the body would have put the
+    // default (512 MiB) back: refused.
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    assert!(
+        answer.contains(
+            "app web's settings changed while this request was made, so nothing was changed; make the change again \
+             from the settings as they are now (`nx apps set` reads them first)"
+        ),
+        "{answer}"
+    );
+    assert_eq!(memory(), 256, "the admin's change stands");
+    // Sent again from the settings as they are, the same key's change is taken.
+    r.nx_with_key(&key, &["apps", "set", "web", "--memory", "128MiB"]).success();
+    assert_eq!(memory(), 128);
+}

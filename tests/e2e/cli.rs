@@ -394,7 +394,8 @@ database = "empty"
 
 /// `nx events` answers "who did this?": pushes, promotions, variable changes
 /// (names, never values) and key changes, each with the key that did it; a
-/// deploy key reads its own app's events alone.
+/// deploy key reads its own app's events alone, none of an earlier app's of
+/// the same name.
 #[test]
 fn the_audit_log_says_who_did_what_and_shows_each_key_its_own() {
     let r = Receiver::start();
@@ -441,4 +442,14 @@ fn the_audit_log_says_who_did_what_and_shows_each_key_its_own() {
     let table = r.nx_ok(&["events", "--app", "web"]).stdout;
     assert!(table.lines().next().unwrap().starts_with("time"), "{table}");
     assert!(table.contains(&tenant), "{table}");
+
+    // A new app of a removed app's name is another tenant: its key reads
+    // nothing of the old one's log, which the admin still reads.
+    r.nx_ok(&["apps", "rm", "web", "--yes"]);
+    let new_key = r.create_app("web");
+    let mine = r.nx_with_key(&new_key, &["--json", "events", "--since", "7d"]).success().json();
+    let kinds: Vec<&str> = mine.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["app.create"], "{mine}");
+    let all = r.nx_ok(&["--json", "events", "--app", "web", "--since", "7d"]).json();
+    assert!(all.as_array().unwrap().iter().any(|e| e["kind"] == "app.remove"), "{all}");
 }

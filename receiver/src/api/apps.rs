@@ -115,7 +115,17 @@ pub async fn settings(
         crate::limits::ReplicasRefused::OutOfRange { .. } => ApiError::BadRequest(e.to_string()),
         crate::limits::ReplicasRefused::OverCap { .. } => ApiError::Forbidden(e.to_string()),
     })?;
-    state.db.set_settings(row.id, &settings).await?;
+    // The body may have taken a while: the caller must still hold its key
+    // (or its workflow's trust), and the settings must still be the ones
+    // the checks above compared against.
+    caller.still_valid(&state).await?;
+    if !state.db.set_settings_if(row.id, &row.settings.0, &settings).await? {
+        return Err(ApiError::Conflict(format!(
+            "app {}'s settings changed while this request was made, so nothing was changed; make the change \
+             again from the settings as they are now (`nx apps set` reads them first)",
+            row.name
+        )));
+    }
     let answer =
         changed(&state, &row, &caller, "settings", serde_json::to_value(&settings).map_err(ApiError::internal)?).await;
     if (settings.replicas(), settings.preview_replicas()) != (row.settings.replicas(), row.settings.preview_replicas())

@@ -49,6 +49,15 @@ pub async fn list(
         None => chrono::Utc::now() - chrono::Duration::days(1),
         Some(s) => since(s)?,
     };
+    // A key of one app reads back to that app's making and no further: an
+    // earlier app of the same name, removed with its events kept for their
+    // time, was someone else's.
+    let since = match (&caller.role, app.as_deref()) {
+        (Role::Deploy { .. } | Role::Workflow { .. } | Role::ForkPreview { .. }, Some(own)) => {
+            state.db.app(own).await?.map_or(since, |row| since.max(row.created_at))
+        }
+        _ => since,
+    };
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_LIMIT}, not {limit}")));

@@ -206,12 +206,31 @@ impl Db {
         Ok(changed)
     }
 
-    pub async fn set_settings(&self, app_id: i64, settings: &nx_protocol::api::AppSettings) -> Result<(), sqlx::Error> {
+    /// Replaces an app's settings with `new` if they are still `basis`, the
+    /// settings the change was checked against; returns whether it did. A
+    /// change made meanwhile (the admin's, another request's) is never
+    /// overwritten by a request checked against what it replaced.
+    pub async fn set_settings_if(
+        &self,
+        app_id: i64,
+        basis: &nx_protocol::api::AppSettings,
+        new: &nx_protocol::api::AppSettings,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<Json<nx_protocol::api::AppSettings>> =
+            sqlx::query_scalar("SELECT settings FROM apps WHERE id = $1 FOR UPDATE")
+                .bind(app_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current.is_none_or(|Json(current)| current != *basis) {
+            return Ok(false);
+        }
         sqlx::query("UPDATE apps SET settings = $2 WHERE id = $1")
             .bind(app_id)
-            .bind(Json(settings))
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+            .bind(Json(new))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
