@@ -1,5 +1,5 @@
-//! Supervision: restarts after a crash, a crash loop ending as failed, logs,
-//! stops that leave nothing behind, and sandboxes that cannot be made (a
+//! Supervision: restarts after a crash, a crash loop ending as failed, logs
+//! (and follows that end with their key), stops that leave nothing behind, and sandboxes that cannot be made (a
 //! killed receiver: `outlive`).
 
 use std::io::{BufRead, BufReader};
@@ -52,12 +52,16 @@ fn a_crash_loop_ends_failed_with_the_last_words() {
     assert_eq!(page.status, 502);
 }
 
-/// `nx logs -f -n 1 ID` running, and the lines it prints.
-fn follow_logs(r: &Receiver, id: &str) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+/// `nx logs -f -n 1 ID` running with `key`, and the lines it prints.
+fn follow_logs(
+    r: &Receiver,
+    key: &str,
+    id: &str,
+) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
     let mut follow = Command::new(bin("nx"))
         .args(["logs", "-f", "-n", "1", id])
         .env("NX_SERVER", r.api())
-        .env("NX_KEY", &r.admin_token)
+        .env("NX_KEY", key)
         .env("HOME", r.dir.path())
         .stdout(Stdio::piped())
         .spawn()
@@ -76,7 +80,7 @@ fn logs_show_output_and_follow_new_lines() {
     assert!(logs.contains("listening on 127.0.0.1:"), "{logs}");
     assert!(logs.contains("[nx] healthy on"), "{logs}");
 
-    let (mut follow, mut lines) = follow_logs(&r, id);
+    let (mut follow, mut lines) = follow_logs(&r, &r.admin_token, id);
     // One old line comes first; then every line written since, once each
     // and in order (the app's own start lines may still be on their way
     // from its shim), then what the app prints from now on.
@@ -104,6 +108,27 @@ fn logs_show_output_and_follow_new_lines() {
 }
 
 #[test]
+fn a_log_follow_ends_once_its_key_is_revoked() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let key_id = key.split('_').nth(1).unwrap();
+    let d = r.push("web", &fixtures::go(Go::Static), &[]);
+    let (mut follow, mut lines) = follow_logs(&r, &key, d["id"].as_str().unwrap());
+    lines.next().unwrap().unwrap();
+    r.nx_ok(&["keys", "revoke", "web", key_id]);
+    let revoked = std::time::Instant::now();
+    // The follow ends by itself, saying why, within its recheck interval.
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("[nx] the key this follow was opened with was revoked, or its app removed: it ends here"),
+        "{rest:?}"
+    );
+    assert!(revoked.elapsed() < std::time::Duration::from_secs(15), "{:?}", revoked.elapsed());
+    let _ = follow.wait();
+}
+
+#[test]
 fn a_stop_ends_log_follows_at_once_and_the_app_answers_on() {
     // The grace is long: a stop that waited for the follow would take it.
     let mut r = with_args(&["--shutdown-grace", "60s"]);
@@ -111,7 +136,7 @@ fn a_stop_ends_log_follows_at_once_and_the_app_answers_on() {
     let d = r.push("web", &fixtures::c_musl_static(), &[]);
     let id = d["id"].as_str().unwrap();
     let url = d["preview_url"].as_str().unwrap().to_owned();
-    let (mut follow, mut lines) = follow_logs(&r, id);
+    let (mut follow, mut lines) = follow_logs(&r, &r.admin_token, id);
     assert!(lines.next().is_some_and(|l| l.is_ok()), "the follow is open");
 
     let asked = std::time::Instant::now();

@@ -16,6 +16,9 @@ use super::AppState;
 use crate::deploy::link::ForkPushRefused;
 use crate::deploy::DeployError;
 
+/// How often an open log follow checks that its key still holds.
+const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most arguments a push may carry, and their total size.
 const MAX_ARGS: usize = 256;
 const MAX_ARGS_BYTES: usize = 64 << 10;
@@ -185,7 +188,7 @@ fn default_lines() -> usize {
 /// goes away.
 pub async fn logs(
     State(state): State<AppState>,
-    AppScope { app, .. }: AppScope,
+    AppScope { app, caller }: AppScope,
     Path((_, id)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -213,17 +216,29 @@ pub async fn logs(
         None => axum::body::Body::from_stream(head),
         Some((rx, skip)) => {
             let stopping = state.stopping.clone();
-            let tail = futures_util::stream::unfold(Some((rx, stopping, skip)), |open| async move {
-                let (mut rx, mut stopping, mut skip) = open?;
+            let recheck = tokio::time::interval_at(tokio::time::Instant::now() + FOLLOW_RECHECK, FOLLOW_RECHECK);
+            let open = Some((rx, stopping, skip, recheck, (caller, state)));
+            let tail = futures_util::stream::unfold(open, |open| async move {
+                let (mut rx, mut stopping, mut skip, mut recheck, who) = open?;
                 let received = loop {
                     let received = tokio::select! {
-                        received = rx.recv() => received,
+                        received = rx.recv() => Some(received),
                     // A follow never ends by itself: one open would hold a
                     // stopping receiver until its grace ran out.
                         _ = stopping.wait_for(|s| *s) => {
                             let note = "[nx] the receiver is stopping: this follow ends here; run it again once the receiver is back\n";
                             return Some((Ok(Bytes::from(note)), None));
                         }
+                        _ = recheck.tick() => None,
+                    };
+                    // Revoking a leaked key cuts its holder off, open
+                    // follows included.
+                    let Some(received) = received else {
+                        if who.0.still_valid(&who.1).await.is_err() {
+                            let note = "[nx] the key this follow was opened with was revoked, or its app removed: it ends here\n";
+                            return Some((Ok(Bytes::from(note)), None));
+                        }
+                        continue;
                     };
                     // The first lines are those the stored lines ended with.
                     match received {
@@ -232,10 +247,10 @@ pub async fn logs(
                     }
                 };
                 match received {
-                    Ok(line) => Some((Ok(Bytes::from(line + "\n")), Some((rx, stopping, 0)))),
+                    Ok(line) => Some((Ok(Bytes::from(line + "\n")), Some((rx, stopping, 0, recheck, who)))),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let note = format!("[nx] {n} lines were skipped: the client read too slowly\n");
-                        Some((Ok(Bytes::from(note)), Some((rx, stopping, 0))))
+                        Some((Ok(Bytes::from(note)), Some((rx, stopping, 0, recheck, who))))
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
                 }
