@@ -115,10 +115,9 @@ pub async fn settings(
         crate::limits::ReplicasRefused::OutOfRange { .. } => ApiError::BadRequest(e.to_string()),
         crate::limits::ReplicasRefused::OverCap { .. } => ApiError::Forbidden(e.to_string()),
     })?;
-    // The body may have taken a while: the caller must still hold its key
-    // (or its workflow's trust), and the settings must still be the ones
-    // the checks above compared against.
-    caller.still_valid(&state).await?;
+    // The body may have taken a while (its key was checked again once it
+    // was in, [`VerifiedJson`]): the settings must still be the ones the
+    // checks above compared against.
     if !state.db.set_settings_if(row.id, &row.settings.0, &settings).await? {
         return Err(ApiError::Conflict(format!(
             "app {}'s settings changed while this request was made, so nothing was changed; make the change \

@@ -383,6 +383,16 @@ impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
                 "the body does not match header {HEADER_CONTENT_SHA256}; it was changed after signing"
             )));
         }
+        // The body may have taken up to the deadline: a key revoked (or a
+        // trust withdrawn) meanwhile changes nothing with it.
+        caller.still_valid(state).await.map_err(|e| match e {
+            ApiError::Unauthorized(_) => ApiError::Unauthorized(format!(
+                "key {} was revoked, its app removed or its trust withdrawn while this request's body arrived; \
+                 nothing was changed",
+                caller.key_id
+            )),
+            other => other,
+        })?;
         serde_json::from_slice(&body)
             .map(VerifiedJson)
             .map_err(|e| ApiError::BadRequest(format!("the request body is not what this call takes: {e}")))

@@ -233,8 +233,9 @@ pub async fn logs(
                     };
                     // Revoking a leaked key cuts its holder off, open
                     // follows included.
+                    // A failed lookup (the database restarting) ends nothing.
                     let Some(received) = received else {
-                        if who.0.still_valid(&who.1).await.is_err() {
+                        if let Err(ApiError::Unauthorized(_)) = who.0.still_valid(&who.1).await {
                             let note = "[nx] the key this follow was opened with was revoked, or its app removed: it ends here\n";
                             return Some((Ok(Bytes::from(note)), None));
                         }

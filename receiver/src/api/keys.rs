@@ -106,10 +106,26 @@ async fn revoke_inner(state: &AppState, caller: &Caller, owner: Owner<'_>, id: &
     if !Db::revoke_key(&mut tx, owner.app_id(), id).await? {
         return Err(no_such_key(owner, id));
     }
+    // A drain is a channel its adder keeps: a leaked key's holder would go
+    // on reading the app's output through one. Those the key added go with
+    // it (the event lists them, to add again with a key that stays).
+    let drains = match owner {
+        Owner::App(app) => Db::remove_drains_added_by(&mut tx, app.id, &format!("key:{id}@{}", app.name)).await?,
+        Owner::Platform => Vec::new(),
+    };
     tx.commit().await?;
+    if !drains.is_empty() {
+        state.drains.reload().await?;
+    }
     state
         .db
-        .event(owner.event_app().as_deref(), None, "key.revoke", &caller.actor(), serde_json::json!({ "key": id }))
+        .event(
+            owner.event_app().as_deref(),
+            None,
+            "key.revoke",
+            &caller.actor(),
+            serde_json::json!({ "key": id, "drains_removed": drains }),
+        )
         .await?;
     listed(state, owner, id).await
 }

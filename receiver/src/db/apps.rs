@@ -207,7 +207,8 @@ impl Db {
     }
 
     /// Replaces an app's settings with `new` if they are still `basis`, the
-    /// settings the change was checked against; returns whether it did. A
+    /// settings the change was checked against, or are `new` already;
+    /// returns whether they are `new` now. A
     /// change made meanwhile (the admin's, another request's) is never
     /// overwritten by a request checked against what it replaced.
     pub async fn set_settings_if(
@@ -222,8 +223,12 @@ impl Db {
                 .bind(app_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if current.is_none_or(|Json(current)| current != *basis) {
-            return Ok(false);
+        match current {
+            // Already so (the same change twice, as two runs applying one
+            // nx.toml): nothing to refuse.
+            Some(Json(current)) if current == *new => return Ok(true),
+            Some(Json(current)) if current == *basis => {}
+            _ => return Ok(false),
         }
         sqlx::query("UPDATE apps SET settings = $2 WHERE id = $1")
             .bind(app_id)

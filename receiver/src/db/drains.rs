@@ -80,6 +80,20 @@ impl Db {
         sqlx::query_as(&format!("SELECT {DRAIN_COLUMNS} ORDER BY d.created_at, d.id")).fetch_all(&self.pool).await
     }
 
+    /// Removes the drains of app `app_id` that `actor` added (a deploy key
+    /// being revoked, in its revocation's transaction); their ids.
+    pub async fn remove_drains_added_by(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        app_id: i64,
+        actor: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("DELETE FROM drains WHERE app_id = $1 AND created_by = $2 RETURNING id")
+            .bind(app_id)
+            .bind(actor)
+            .fetch_all(&mut **tx)
+            .await
+    }
+
     /// Removes the drain `id` of the app `app_id` (None: a platform-wide one);
     /// whether there was one.
     pub async fn remove_drain(&self, app_id: Option<i64>, id: &str) -> Result<bool, sqlx::Error> {
