@@ -115,6 +115,11 @@ fn a_log_follow_ends_once_its_key_is_revoked() {
     let d = r.push("web", &fixtures::go(Go::Static), &[]);
     let (mut follow, mut lines) = follow_logs(&r, &key, d["id"].as_str().unwrap());
     lines.next().unwrap().unwrap();
+    // While the key holds, the follow goes on past its rechecks.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let url = d["preview_url"].as_str().unwrap();
+    assert_eq!(r.get(&format!("{url}/print?text=still-followed")).body, "printed\n");
+    assert!(lines.by_ref().map(Result::unwrap).any(|l| l.ends_with(" still-followed")));
     r.nx_ok(&["keys", "revoke", "web", key_id]);
     let revoked = std::time::Instant::now();
     // The follow ends by itself, saying why, within its recheck interval.
