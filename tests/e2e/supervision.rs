@@ -108,29 +108,53 @@ fn logs_show_output_and_follow_new_lines() {
 }
 
 #[test]
-fn a_log_follow_ends_once_its_key_is_revoked() {
+fn a_log_follow_ends_once_its_key_is_revoked_or_replaced() {
     let r = Receiver::start();
     let key = r.create_app("web");
     let key_id = key.split('_').nth(1).unwrap();
     let d = r.push("web", &fixtures::go(Go::Static), &[]);
-    let (mut follow, mut lines) = follow_logs(&r, &key, d["id"].as_str().unwrap());
-    lines.next().unwrap().unwrap();
-    // While the key holds, the follow goes on past its rechecks.
-    std::thread::sleep(std::time::Duration::from_secs(6));
+    let id = d["id"].as_str().unwrap();
     let url = d["preview_url"].as_str().unwrap();
-    assert_eq!(r.get(&format!("{url}/print?text=still-followed")).body, "printed\n");
-    assert!(lines.by_ref().map(Result::unwrap).any(|l| l.ends_with(" still-followed")));
-    r.nx_ok(&["keys", "revoke", "web", key_id]);
-    let revoked = std::time::Instant::now();
+    let print = |text: &str| assert_eq!(r.get(&format!("{url}/print?text={text}")).body, "printed\n");
+    let (mut follow, mut lines) = follow_logs(&r, &key, id);
+    let (mut admins, mut admin_lines) = follow_logs(&r, &r.admin_token, id);
+    lines.next().unwrap().unwrap();
+    admin_lines.next().unwrap().unwrap();
+    let sees = |lines: &mut dyn Iterator<Item = std::io::Result<String>>, text: &str| {
+        lines.map(Result::unwrap).any(|l| l.ends_with(&format!(" {text}")))
+    };
+    // While the keys hold, the follows go on past their rechecks.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    print("still-followed");
+    assert!(sees(&mut lines, "still-followed") && sees(&mut admin_lines, "still-followed"));
+
     // The follow ends by itself, saying why, within its recheck interval.
-    let rest: Vec<String> = lines.map(Result::unwrap).collect();
-    assert_eq!(
-        rest.last().map(String::as_str),
-        Some("[nx] the key this follow was opened with was revoked, or its app removed: it ends here"),
-        "{rest:?}"
-    );
-    assert!(revoked.elapsed() < std::time::Duration::from_secs(15), "{:?}", revoked.elapsed());
+    let ended = "[nx] the key this follow was opened with was revoked or replaced, or its app removed: it ends here";
+    // A follow that does not end is killed after 20 s, so the test fails
+    // instead of waiting for ever.
+    let until_end = |lines: &mut dyn Iterator<Item = std::io::Result<String>>, pid: u32| {
+        let at = std::time::Instant::now();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if wait.recv_timeout(std::time::Duration::from_secs(20)).is_err() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        });
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        let _ = done.send(());
+        watchdog.join().unwrap();
+        assert_eq!(rest.last().map(String::as_str), Some(ended), "{rest:?}");
+        assert!(at.elapsed() < std::time::Duration::from_secs(15), "{:?}", at.elapsed());
+    };
+    r.nx_ok(&["keys", "revoke", "web", key_id]);
+    until_end(&mut lines, follow.id());
     let _ = follow.wait();
+    // The admin's goes on, until its token is replaced.
+    print("admin-only");
+    assert!(sees(&mut admin_lines, "admin-only"));
+    r.nx_ok(&["keys", "rotate-admin"]);
+    until_end(&mut admin_lines, admins.id());
+    let _ = admins.wait();
 }
 
 #[test]

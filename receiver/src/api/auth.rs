@@ -53,6 +53,10 @@ pub struct Caller {
     /// What the GitHub OIDC token proved, for a [`Role::Workflow`] or a
     /// [`Role::ForkPreview`].
     pub github: Option<VerifiedGitHub>,
+    /// The stored (sealed) secret of the key it signed with; empty for a
+    /// workflow. Rotating the admin token replaces it, and
+    /// [`Caller::still_valid`] then refuses what the old token has open.
+    sealed_secret: Vec<u8>,
 }
 
 impl Caller {
@@ -97,7 +101,7 @@ impl Caller {
             };
         }
         match state.db.key(&self.key_id).await? {
-            Some(key) if key.revoked_at.is_none() => Ok(()),
+            Some(key) if key.revoked_at.is_none() && key.secret == self.sealed_secret => Ok(()),
             _ => Err(ApiError::Unauthorized(format!(
                 "key {} was revoked, or its app removed, while its upload was in progress; nothing was deployed",
                 self.key_id
@@ -256,6 +260,7 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
         content_length,
         meta,
         github: signer.github,
+        sealed_secret: signer.sealed,
     })
 }
 
@@ -265,6 +270,8 @@ struct Signer {
     secret: String,
     role: Role,
     github: Option<VerifiedGitHub>,
+    /// The key's secret as stored ([`Caller`]'s `sealed_secret`).
+    sealed: Vec<u8>,
 }
 
 /// A stored key, unless unknown or revoked.
@@ -284,7 +291,7 @@ async fn key(state: &AppState, key_id: &str) -> Result<Signer, ApiError> {
         ("deploy", Some(app_id), Some(app)) => Role::Deploy { app_id, app },
         (kind, _, _) => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} of kind {kind} has no role"))),
     };
-    Ok(Signer { secret, role, github: None })
+    Ok(Signer { secret, role, github: None, sealed: key.secret })
 }
 
 /// A GitHub Actions OIDC token (`Authorization: Bearer`), verified, for the
@@ -322,7 +329,12 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
     let admitted = crate::github::oidc::trusts(app, row.as_ref().map(|r| &r.settings.0), &claims)
         .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
     let Some(row) = row else { return Err(ApiError::internal(anyhow::anyhow!("a trusted app {app} has no row"))) };
-    Ok(Signer { secret: token.to_owned(), role: role_of(admitted, row.id, &row.name), github: Some(claims) })
+    Ok(Signer {
+        secret: token.to_owned(),
+        role: role_of(admitted, row.id, &row.name),
+        github: Some(claims),
+        sealed: Vec::new(),
+    })
 }
 
 /// The role a token an app admitted gets.

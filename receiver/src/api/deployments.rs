@@ -236,7 +236,7 @@ pub async fn logs(
                     // A failed lookup (the database restarting) ends nothing.
                     let Some(received) = received else {
                         if let Err(ApiError::Unauthorized(_)) = who.0.still_valid(&who.1).await {
-                            let note = "[nx] the key this follow was opened with was revoked, or its app removed: it ends here\n";
+                            let note = "[nx] the key this follow was opened with was revoked or replaced, or its app removed: it ends here\n";
                             return Some((Ok(Bytes::from(note)), None));
                         }
                         continue;
