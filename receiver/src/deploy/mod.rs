@@ -507,10 +507,12 @@ impl Deployer {
         // A stop that came first (a pull request closing) dropped the
         // name: no database is made for a deployment that will not start.
         let still_wanted = meant_to_run(&row) && row.db_name == preview_db;
-        if self.services.db.app_removing(app.id).await? {
-            return Err(removed());
-        }
         if let (Some(name), Some(mode), true) = (&preview_db, own_db, still_wanted) {
+            // Nor for an app whose removal began: the copy would only be
+            // dropped again (a start refuses such an app anyway).
+            if self.services.db.app_removing(app.id).await? {
+                return Err(removed());
+            }
             if let Err(e) = self.attach_preview_db(app, &id, name, mode).await {
                 // Whatever stands under that name now is not this preview's.
                 self.services.db.set_preview_db(&id, None).await?;
