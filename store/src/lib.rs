@@ -91,12 +91,27 @@ pub struct Upload {
     /// The upload's place among those in progress, until it is published or
     /// dropped (none for the platform's own fetches from a remote store).
     _slot: Option<Slot>,
+    /// The file's fsync, begun once its last byte was written so that what
+    /// comes next (the binary's inspection) runs while the disk flushes;
+    /// [`ArtifactStore::publish`] waits for it before the file gets its
+    /// name. None once the file is known durable.
+    syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Upload {
     /// The received bytes on local disk, for inspection.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Waits for the file's fsync, if it is still under way.
+    async fn synced(&mut self) -> Result<(), StoreError> {
+        if let Some(syncing) = self.syncing.take() {
+            let synced =
+                syncing.await.unwrap_or_else(|e| Err(std::io::Error::other(format!("its fsync stopped: {e}"))));
+            synced.map_err(|e| io_error(&self.path, e))?;
+        }
+        Ok(())
     }
 }
 
@@ -176,7 +191,8 @@ impl PartialUpload {
         let size = receiving.len;
         let file = receiving.file.try_clone().map_err(|e| io_error(&path, e))?;
         // From here on the Upload owns (and on failure removes) the file.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size, _slot: receiving.slot.take() };
+        let mut upload =
+            Upload { path: path.clone(), sha256: String::new(), size, _slot: receiving.slot.take(), syncing: None };
         let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             use std::io::Read;
             file.sync_all()?;
@@ -444,7 +460,7 @@ impl ArtifactStore {
     {
         let path = self.tmp_dir.join(temporary_name());
         // Created before anything can fail, so Drop always cleans up.
-        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: None };
+        let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: None, syncing: None };
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -454,19 +470,20 @@ impl ArtifactStore {
             .map_err(|e| io_error(&path, e))?
             .into_std()
             .await;
-        // A blocking thread hashes and writes each piece while the next one
-        // arrives: on the connection's task the hashing (about 0.6 ms per
-        // megabyte) held up the reading of the socket. It holds the upload's
-        // place until it ends, which it does once this side stops sending,
-        // even if this side was given up on (a timeout, a cut connection).
+        // One blocking thread writes each piece and another hashes it while
+        // the next one arrives: on the connection's task the hashing (about
+        // 0.6 ms per megabyte) held up the reading of the socket, and on one
+        // thread the write waited for the hash. The writer holds the
+        // upload's place until it ends, which it does once this side stops
+        // sending, even if this side was given up on (a timeout, a cut
+        // connection).
         let (to_disk, pieces) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let (to_hash, hashed) = tokio::sync::mpsc::channel::<Bytes>(8);
         let disk = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || {
-                let written = write_hashed(file, pieces, &path);
-                written.map(|(file, sha256)| (file, sha256, slot))
-            }
+            move || write_pieces(file, pieces, &path).map(|file| (file, slot))
         });
+        let hashing = tokio::task::spawn_blocking(move || hash_pieces(hashed));
         let mut size: u64 = 0;
         futures_util::pin_mut!(body);
         while let Some(chunk) = body.next().await {
@@ -478,15 +495,17 @@ impl ArtifactStore {
             if size > expected_len {
                 return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
             }
-            if to_disk.send(chunk).await.is_err() {
-                // The writer stopped on an error, which its result says.
+            // The hasher only stops when this side does; the writer on an
+            // error, which its result says.
+            if to_hash.send(chunk.clone()).await.is_err() || to_disk.send(chunk).await.is_err() {
                 break;
             }
         }
-        drop(to_disk);
+        drop((to_disk, to_hash));
         let stopped =
             |e: tokio::task::JoinError| io_error(&path, std::io::Error::other(format!("its writer stopped: {e}")));
-        let (file, sha256, slot) = disk.await.map_err(stopped)??;
+        let (file, slot) = disk.await.map_err(stopped)??;
+        let sha256 = hashing.await.map_err(stopped)?;
         upload._slot = slot;
         if size != expected_len {
             return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
@@ -494,7 +513,7 @@ impl ArtifactStore {
         if sha256 != expected_sha256 {
             return Err(StoreError::DigestMismatch { expected: expected_sha256.to_owned(), got: sha256 });
         }
-        tokio::task::spawn_blocking(move || file.sync_all()).await.map_err(stopped)?.map_err(|e| io_error(&path, e))?;
+        upload.syncing = Some(tokio::task::spawn_blocking(move || file.sync_all()));
         upload.sha256 = sha256;
         upload.size = size;
         Ok(upload)
@@ -503,6 +522,7 @@ impl ArtifactStore {
     /// Makes a received upload durable in the store under its digest and returns
     /// the local path sandboxes run it from.
     pub async fn publish(&self, mut upload: Upload) -> Result<PathBuf, StoreError> {
+        upload.synced().await?;
         let sha = upload.sha256.clone();
         set_mode(&upload.path, 0o555)?;
         match &self.local_root {
@@ -610,6 +630,7 @@ impl ArtifactStore {
     }
 
     async fn publish_local_copy(&self, mut upload: Upload) -> Result<PathBuf, StoreError> {
+        upload.synced().await?;
         set_mode(&upload.path, 0o555)?;
         let dest = self.cache_dir.join(&upload.sha256);
         rename_durably(&upload.path, &dest)?;
@@ -674,18 +695,26 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
 
 /// Hashes and writes to `file` what `pieces` brings, until it ends; returns
 /// the file and the digest of all that was written.
-fn write_hashed(
+/// Writes the pieces to `file` as they come.
+fn write_pieces(
     mut file: std::fs::File,
     mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
     path: &Path,
-) -> Result<(std::fs::File, String), StoreError> {
+) -> Result<std::fs::File, StoreError> {
     use std::io::Write as _;
+    while let Some(piece) = pieces.blocking_recv() {
+        file.write_all(&piece).map_err(|e| io_error(path, e))?;
+    }
+    Ok(file)
+}
+
+/// The lowercase hex SHA-256 of the pieces, in order.
+fn hash_pieces(mut pieces: tokio::sync::mpsc::Receiver<Bytes>) -> String {
     let mut hasher = Sha256::new();
     while let Some(piece) = pieces.blocking_recv() {
         hasher.update(&piece);
-        file.write_all(&piece).map_err(|e| io_error(path, e))?;
     }
-    Ok((file, hex::encode(hasher.finalize())))
+    hex::encode(hasher.finalize())
 }
 
 /// Renames `from` to `to` and fsyncs the target directory, so the new name
