@@ -97,8 +97,14 @@ impl Db {
             .await
     }
 
+    /// Records that key `id` signed a request. On every request's path, so
+    /// its commit does not wait for the WAL's flush: a crash may forget a
+    /// last use, which only `nx keys ls` shows, and nothing depends on.
     pub async fn touch_key(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE keys SET last_used_at = now() WHERE id = $1").bind(id).execute(&self.pool).await.map(|_| ())
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+        sqlx::query("UPDATE keys SET last_used_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        tx.commit().await
     }
 
     /// Remembers a nonce; `false` when it was seen before (a replay).
