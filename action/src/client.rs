@@ -2,11 +2,11 @@
 //! every error answer turned into a [`Failure`] that carries the server's own
 //! explanation.
 
-use std::path::Path;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use nx_protocol::api::{app_of_path, ErrorBody};
 use nx_protocol::auth::{
@@ -293,48 +293,46 @@ impl Client {
     pub async fn upload_empty_answer<T: DeserializeOwned>(
         &self,
         api_path: &str,
-        file: &Path,
+        data: Bytes,
         sha256: &str,
-        size: u64,
         progress: Progress,
     ) -> anyhow::Result<T> {
-        self.upload_with(api_path, file, sha256, size, None, progress).await
+        self.upload_with(api_path, data, sha256, None, progress).await
     }
 
-    /// Streams the file at `path` (whose digest and size are already known) as
-    /// the body of a signed POST, reporting progress.
+    /// Sends `data` (whose digest is known) as the body of a signed POST,
+    /// reporting progress.
     pub async fn upload<T: DeserializeOwned>(
         &self,
         api_path: &str,
-        file: &Path,
+        data: Bytes,
         sha256: &str,
-        size: u64,
         meta: &[u8],
         progress: Progress,
     ) -> anyhow::Result<T> {
-        self.upload_with(api_path, file, sha256, size, Some(meta), progress).await
+        self.upload_with(api_path, data, sha256, Some(meta), progress).await
     }
 
+    /// The body is the bytes that were hashed, held in memory, rather than
+    /// the file read again: no second read, and nothing a change to the file
+    /// meanwhile could make differ from what was signed.
     async fn upload_with<T: DeserializeOwned>(
         &self,
         api_path: &str,
-        file: &Path,
+        data: Bytes,
         sha256: &str,
-        size: u64,
         meta: Option<&[u8]>,
         progress: Progress,
     ) -> anyhow::Result<T> {
-        let f = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).map(move |chunk| {
-            if let Ok(c) = &chunk {
-                progress.advance(c.len() as u64);
-                if progress.position() >= size {
-                    progress.finish_upload();
-                }
+        let size = data.len() as u64;
+        let pieces =
+            (0..data.len()).step_by(UPLOAD_PIECE).map(move |at| data.slice(at..data.len().min(at + UPLOAD_PIECE)));
+        let stream = futures_util::stream::iter(pieces).map(move |piece| {
+            progress.advance(piece.len() as u64);
+            if progress.position() >= size {
+                progress.finish_upload();
             }
-            chunk
+            Ok::<_, std::convert::Infallible>(piece)
         });
         let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, meta);
         headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
@@ -350,6 +348,9 @@ impl Client {
         decode(resp, self.hint()).await
     }
 }
+
+/// The size of the pieces an upload is sent in, each one a progress step.
+const UPLOAD_PIECE: usize = 256 << 10;
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response, hint: &str) -> anyhow::Result<T> {
     if !resp.status().is_success() {

@@ -68,11 +68,9 @@ pub async fn run(g: &Global, cmd: DbCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
             let sha = hex::encode(Sha256::digest(&data));
-            let size = data.len() as u64;
-            drop(data);
-            let progress = Progress::upload(size, "restoring on the server", g.json);
+            let progress = Progress::upload(data.len() as u64, "restoring on the server", g.json);
             let result: anyhow::Result<serde_json::Value> = client
-                .upload_empty_answer(&format!("/v1/apps/{app}/db/restore"), &file, &sha, size, progress.clone())
+                .upload_empty_answer(&format!("/v1/apps/{app}/db/restore"), data.into(), &sha, progress.clone())
                 .await;
             progress.clear();
             result?;

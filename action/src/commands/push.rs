@@ -105,7 +105,7 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
             return Err(refused.into());
         }
     }
-    drop(data);
+    let data = bytes::Bytes::from(data);
     // Only for a binary that will be pushed: a refused one changes nothing.
     if let Some(app) = &app {
         apply_manifest(client, &job, app).await?;
@@ -124,7 +124,7 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     let deployment = loop {
         let progress = Progress::upload(size, after, job.quiet);
         let result: anyhow::Result<DeploymentInfo> =
-            client.upload(&api, job.path, &sha256, size, &meta_json, progress.clone()).await;
+            client.upload(&api, data.clone(), &sha256, &meta_json, progress.clone()).await;
         progress.clear();
         match result {
             Err(e) if attempt < ATTEMPTS && is_unreachable(&e) => {
@@ -174,8 +174,8 @@ fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
-    // Read twice (hashed here, sent later), so it must be a file: a pipe
-    // would be empty the second time.
+    // Its size is taken first, and the signature covers it: it must be a
+    // file (a pipe or a device has no size to sign).
     if !metadata.is_file() {
         return Err(std::io::Error::other("not a regular file; write the binary to a file and push that"));
     }
