@@ -502,10 +502,11 @@ impl ArtifactStore {
             }
         }
         drop((to_disk, to_hash));
-        let stopped =
-            |e: tokio::task::JoinError| io_error(&path, std::io::Error::other(format!("its writer stopped: {e}")));
-        let (file, slot) = disk.await.map_err(stopped)??;
-        let sha256 = hashing.await.map_err(stopped)?;
+        let stopped = |which: &str, e: tokio::task::JoinError| {
+            io_error(&path, std::io::Error::other(format!("its {which} stopped: {e}")))
+        };
+        let (file, slot) = disk.await.map_err(|e| stopped("writer", e))??;
+        let sha256 = hashing.await.map_err(|e| stopped("hasher", e))?;
         upload._slot = slot;
         if size != expected_len {
             return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
@@ -693,9 +694,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
 }
 
-/// Hashes and writes to `file` what `pieces` brings, until it ends; returns
-/// the file and the digest of all that was written.
-/// Writes the pieces to `file` as they come.
+/// Writes to `file` what `pieces` brings, until it ends; returns the file.
 fn write_pieces(
     mut file: std::fs::File,
     mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
