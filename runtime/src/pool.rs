@@ -10,9 +10,11 @@
 //!
 //! A start claims a parked slot: its cgroup directories are renamed to the
 //! sandbox's names (a rename moves no task, so nothing waits) and the
-//! sandbox's limits are written into them, then its state directory and
-//! launch spec are written as for any shim, and the parked shim gets `go`
-//! with the sandbox's descriptors. Its child does what a fresh shim's child
+//! sandbox's limits are written into them, then the parked shim gets `go`
+//! with the launch spec and the sandbox's descriptors, on the connection
+//! the pool opened when it parked the slot; the shim writes the spec into
+//! the sandbox's state directory, as for any shim, while its child starts
+//! bwrap. Its child does what a fresh shim's child
 //! does after its cgroup join (rlimits, session, descriptors, user, no new
 //! privileges, Landlock, parent-death signal) and `exec`s bwrap with the same
 //! arguments; from then on the shim is like any other (its state directory,
@@ -60,6 +62,8 @@ const PARK: &str = "park.json";
 const OUT_OF_THE_WAY: RawFd = 64;
 /// The most descriptors a `go` carries (seccomp, environment, Landlock).
 const MAX_FDS: usize = 8;
+/// Clients a parked shim keeps at once (the pool's, and a few that look).
+const MAX_CLIENTS: usize = 16;
 /// How long no slot is taken before the pool refills: past a start's own
 /// few milliseconds, short next to the seconds between pushes.
 const REFILL_AFTER: Duration = Duration::from_millis(200);
@@ -71,13 +75,20 @@ struct ParkSpec {
     proc_root: PathBuf,
 }
 
-/// `go`: run the shim spec in `dir`, with the descriptors attached (in
-/// this order) put on these numbers.
+/// `go`: run `spec` as the shim of state directory `dir`, with the
+/// descriptors attached (in this order) put on these numbers. The spec
+/// travels inside it rather than through `dir`, so neither the claim nor
+/// the parked child waits on a file; the shim writes it there for
+/// adoption while its child starts bwrap.
 #[derive(Debug, Serialize, Deserialize)]
 struct Go {
     dir: PathBuf,
     fds: Vec<RawFd>,
+    spec: ShimSpec,
 }
+
+/// The longest message a parked shim reads: a `go` with its spec.
+const MAX_MESSAGE: u64 = 1 << 20;
 
 /// How the receiver keeps its parked sandboxes.
 #[derive(Debug, Clone)]
@@ -143,6 +154,10 @@ struct Inner {
 struct Slot {
     dir: PathBuf,
     cgroup: Cgroup,
+    /// Connected to its shim, which said `parked`, when it was parked: a
+    /// claim then sends `go` at once (connecting was a tenth of a
+    /// millisecond of every pooled start).
+    conn: tokio::io::BufReader<tokio::net::UnixStream>,
 }
 
 impl Slot {
@@ -150,12 +165,26 @@ impl Slot {
     /// too) and removes its cgroup and state directory, on a blocking
     /// thread: killing waits for the processes to go.
     async fn discard(self) {
-        let _ = tokio::task::spawn_blocking(move || {
-            self.cgroup.destroy();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        })
-        .await;
+        let Slot { dir, cgroup, conn } = self;
+        drop(conn);
+        remove(dir, cgroup).await;
     }
+
+    /// Whether its shim is still there: an ended shim has closed the
+    /// connection (a parked shim sends nothing after `parked`).
+    fn answers(&self) -> bool {
+        matches!(self.conn.get_ref().try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Kills what a slot's cgroup holds (its parked process; its shim then
+/// ends too) and removes the cgroup and the slot's state directory.
+async fn remove(dir: PathBuf, cgroup: Cgroup) {
+    let _ = tokio::task::spawn_blocking(move || {
+        cgroup.destroy();
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
 }
 
 impl std::fmt::Debug for Pool {
@@ -260,7 +289,6 @@ impl Pool {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
-        let slot = Slot { dir: dir.clone(), cgroup };
         let parked = async {
             let mut cmd = Command::new(&cfg.shim).arg("--park").arg(&dir);
             cmd.cwd = Some(PathBuf::from("/"));
@@ -277,21 +305,30 @@ impl Pool {
             let mut said = tokio::io::BufReader::new(pipe);
             let read = said.read_line(&mut first);
             match tokio::time::timeout(Duration::from_secs(30), read).await {
-                Ok(Ok(_)) if first.starts_with("parked ") => Ok(()),
+                Ok(Ok(_)) if first.starts_with("parked ") => {}
                 Ok(Ok(_)) => {
-                    Err(failed(first.trim().strip_prefix("error ").unwrap_or("its shim ended at once").to_owned()))
+                    return Err(failed(
+                        first.trim().strip_prefix("error ").unwrap_or("its shim ended at once").to_owned(),
+                    ))
                 }
-                Ok(Err(e)) => Err(failed(e.to_string())),
+                Ok(Err(e)) => return Err(failed(e.to_string())),
                 Err(_) => {
                     let _ = child.signal(Signal::SIGKILL);
-                    Err(failed("its shim said nothing within 30s".into()))
+                    return Err(failed("its shim said nothing within 30s".into()));
                 }
+            }
+            let stream = tokio::net::UnixStream::connect(dir.join(CONTROL)).await.map_err(|e| failed(e.to_string()))?;
+            let mut conn = tokio::io::BufReader::new(stream);
+            let mut hello = String::new();
+            match tokio::time::timeout(Duration::from_secs(2), conn.read_line(&mut hello)).await {
+                Ok(Ok(_)) if hello.starts_with("parked ") => Ok(conn),
+                _ => Err(failed("its shim does not answer its socket".into())),
             }
         };
         match parked.await {
-            Ok(()) => Ok(slot),
+            Ok(conn) => Ok(Slot { dir, cgroup, conn }),
             Err(e) => {
-                slot.discard().await;
+                remove(dir, cgroup).await;
                 Err(e)
             }
         }
@@ -326,17 +363,10 @@ async fn claim(
         slot.discard().await;
         Claim::Unusable(why)
     };
-    let named = slot.dir.display().to_string();
-    // Alive and waiting: it says so first, then waits for one message.
-    let stream = match tokio::net::UnixStream::connect(slot.dir.join(CONTROL)).await {
-        Ok(s) => s,
-        Err(e) => return unusable(slot, format!("the parked slot {named} does not answer: {e}")).await,
-    };
-    let mut conn = tokio::io::BufReader::new(stream);
-    let mut hello = String::new();
-    let said = tokio::time::timeout(Duration::from_secs(2), conn.read_line(&mut hello)).await;
-    if !matches!(said, Ok(Ok(_))) || !hello.starts_with("parked ") {
-        return unusable(slot, format!("the parked slot {named} does not answer")).await;
+    // Alive and waiting since it was parked, or nothing of the sandbox is made.
+    if !slot.answers() {
+        let why = format!("the parked slot {} does not answer: its shim has ended", slot.dir.display());
+        return unusable(slot, why).await;
     }
     // The limits are written here, before `go`.
     if let Err(e) = cgroup.claim(&slot.cgroup) {
@@ -344,23 +374,23 @@ async fn claim(
         let _ = tokio::task::spawn_blocking(move || left.destroy()).await;
         return unusable(slot, e.to_string()).await;
     }
-    let sent = async {
-        shim::write_spec(dir, spec).map_err(|e| format!("cannot write {}: {e}", dir.join(SPEC).display()))?;
-        let mut msg = serde_json::to_vec(&Go { dir: dir.to_owned(), fds: fds.iter().map(|(_, n)| *n).collect() })
-            .map_err(|e| e.to_string())?;
+    let Slot { dir: slot_dir, mut conn, .. } = slot;
+    let sent = (|| {
+        let go = Go { dir: dir.to_owned(), fds: fds.iter().map(|(_, n)| *n).collect(), spec: spec.clone() };
+        let mut msg = serde_json::to_vec(&go).map_err(|e| e.to_string())?;
         msg.push(b'\n');
         let borrowed: Vec<_> = fds.iter().map(|(fd, _)| fd.as_fd()).collect();
         sys::send_fds(conn.get_ref().as_fd(), &msg, &borrowed).map_err(|e| format!("cannot send go: {e}"))
-    };
-    if let Err(why) = sent.await {
+    })();
+    if let Err(why) = sent {
         // Nothing was told to go: the sandbox's cgroup (now under its own
         // name) stays for the usual start.
         let target = cgroup.clone();
         let _ = tokio::task::spawn_blocking(move || target.kill_all()).await;
-        let _ = std::fs::remove_dir_all(&slot.dir);
+        let _ = std::fs::remove_dir_all(&slot_dir);
         return Claim::Unusable(why);
     }
-    let _ = std::fs::remove_dir_all(&slot.dir);
+    let _ = std::fs::remove_dir_all(&slot_dir);
     // Told to go, the slot's shim is this sandbox's: whatever goes wrong
     // now fails the start as a fresh start's failure would, and is never
     // followed by a start the usual way (two shims would share the state
@@ -459,6 +489,28 @@ fn read_line(from: &mut impl Read) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
+/// Reads one message: a line (`stop`, or `go` and its spec) and the
+/// descriptors that came with its first bytes; empty at end of file. The
+/// first read is as the socket is set (a parked shim's clients do not
+/// block: `WouldBlock` says nothing came); a message longer than that read
+/// is read to its newline within a few seconds.
+fn read_message(socket: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use std::io::BufRead;
+    let mut msg = vec![0u8; 64 * 1024];
+    let (n, fds) = sys::receive_fds::<MAX_FDS>(socket.as_fd(), &mut msg)?;
+    msg.truncate(n);
+    if n > 0 && !msg.ends_with(b"\n") {
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut rest = std::io::BufReader::new(socket.take(MAX_MESSAGE));
+        rest.read_until(b'\n', &mut msg)?;
+        if !msg.ends_with(b"\n") {
+            return Err(std::io::Error::other("a message to a parked shim ended before its newline"));
+        }
+    }
+    Ok((msg, fds))
+}
+
 impl Parked {
     fn park(dir: &Path, spec: &ParkSpec) -> std::io::Result<Parked> {
         let sigchld = shim::watch_children()?;
@@ -486,10 +538,15 @@ impl Parked {
     }
 
     /// Waits parked until `go` (then runs the sandbox's life), `stop`, or the
-    /// parked process's end.
+    /// parked process's end. Every client that connects hears `parked
+    /// <pid>` and may then send one of the two, at any time: the pool
+    /// keeps its connection from parking until its claim.
     fn wait(self) -> i32 {
+        let mut clients: Vec<UnixStream> = Vec::new();
         loop {
-            let _ = sys::wait_readable(&[self.listener.as_fd(), self.sigchld.as_fd()], 1000);
+            let mut watched = vec![self.listener.as_fd(), self.sigchld.as_fd()];
+            watched.extend(clients.iter().map(AsFd::as_fd));
+            let _ = sys::wait_readable(&watched, 1000);
             let mut scratch = [0u8; 64];
             while matches!((&self.sigchld).read(&mut scratch), Ok(n) if n > 0) {}
             while let Some((pid, _)) = sys::reap_one() {
@@ -497,21 +554,33 @@ impl Parked {
                     return 1;
                 }
             }
-            let Ok((mut client, _)) = self.listener.accept() else { continue };
-            let set =
-                client.set_nonblocking(false).and_then(|()| client.set_read_timeout(Some(Duration::from_secs(10))));
-            if set.is_err() || client.write_all(format!("parked {}\n", self.child).as_bytes()).is_err() {
-                continue;
-            }
-            let mut buf = [0u8; 4096];
-            match sys::receive_fds::<MAX_FDS>(client.as_fd(), &mut buf) {
-                // A look, or a client gone: stay parked.
-                Ok((0, _)) | Err(_) => {}
-                Ok((n, _)) if buf[..n].starts_with(b"stop") => {
-                    let _ = sys::signal_process(self.child, Signal::SIGKILL);
-                    return 0;
+            if let Ok((mut client, _)) = self.listener.accept() {
+                // Only root reaches the socket; the bound keeps a stuck
+                // client from taking every descriptor.
+                let hello = format!("parked {}\n", self.child);
+                if clients.len() < MAX_CLIENTS
+                    && client.set_nonblocking(true).is_ok()
+                    && client.write_all(hello.as_bytes()).is_ok()
+                {
+                    clients.push(client);
                 }
-                Ok((n, fds)) => return self.go(client, &buf[..n], fds),
+            }
+            let mut i = 0;
+            while i < clients.len() {
+                match read_message(&clients[i]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => i += 1,
+                    // A look, or a client gone: stay parked.
+                    Ok((msg, _)) if msg.is_empty() => drop(clients.swap_remove(i)),
+                    Err(_) => drop(clients.swap_remove(i)),
+                    Ok((msg, _)) if msg.starts_with(b"stop") => {
+                        let _ = sys::signal_process(self.child, Signal::SIGKILL);
+                        return 0;
+                    }
+                    Ok((msg, fds)) => {
+                        let client = clients.swap_remove(i);
+                        return self.go(client, &msg, fds);
+                    }
+                }
             }
         }
     }
@@ -522,32 +591,37 @@ impl Parked {
         let Parked { child, channel, output, listener, sigchld } = self;
         // One `go` only: nobody else reaches this slot from now on.
         drop(listener);
-        let started = (|| -> std::io::Result<(Go, ShimSpec, Prepared)> {
+        let started = (|| -> std::io::Result<(Go, Prepared)> {
+            client.set_nonblocking(false)?;
             let go: Go = serde_json::from_slice(msg).map_err(std::io::Error::other)?;
             // From here on it is a sandbox's shim: it outlives the receiver.
             sys::clear_parent_death_signal()?;
-            let spec = shim::read_spec(&go.dir)
-                .ok_or_else(|| std::io::Error::other(format!("cannot read {}", go.dir.join(SPEC).display())))?;
-            let oom_before = spec.cgroup().oom_kills();
+            let oom_before = go.spec.cgroup().oom_kills();
             let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
             sys::send_fds(channel.as_fd(), msg, &borrowed)?;
             // The secrets and rules are the sandbox's now; the shim keeps none.
             drop(fds);
+            // What a receiver that restarts finds this sandbox by, written
+            // while the child starts bwrap; before `started`, so a claimer
+            // never sees a sandbox without it.
+            shim::write_spec(&go.dir, &go.spec).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot write {}: {e}", go.dir.join(SPEC).display()))
+            })?;
             // Made while the child starts bwrap rather than before: the app's
             // output waits in its pipe, and the claimer connects to the
             // control socket only once it hears `started`. Should either
             // fail (a full disk, no descriptors left), the app has run for
             // a moment: it is killed, and the claimer hears the error and
             // empties the cgroup, as after any failed start.
-            let prepared = Prepared::open(&go.dir, &spec, oom_before)?;
+            let prepared = Prepared::open(&go.dir, &go.spec, oom_before)?;
             // The child's end closes when it `exec`s; words mean it could not.
             let said = read_line(&mut &channel)?;
             if !said.is_empty() {
                 return Err(std::io::Error::other(said.strip_prefix("error ").unwrap_or(&said).to_owned()));
             }
-            Ok((go, spec, prepared))
+            Ok((go, prepared))
         })();
-        let (go, spec, prepared) = match started {
+        let (go, prepared) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = sys::signal_process(child, Signal::SIGKILL);
@@ -555,7 +629,7 @@ impl Parked {
                 return 1;
             }
         };
-        let mut running = match Running::new(&go.dir, &spec, (child, Some(output)), sigchld, prepared) {
+        let mut running = match Running::new(&go.dir, &go.spec, (child, Some(output)), sigchld, prepared) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::signal_process(child, Signal::SIGKILL);
@@ -596,16 +670,15 @@ fn parked_child(spec: &ParkSpec, channel: UnixStream, output: OwnedFd, shim_pid:
     if let Err(e) = sys::place_fd(output, 1).and_then(|()| (&channel).write_all(b"joined\n")) {
         fail(e)
     }
-    let mut buf = [0u8; 4096];
-    let (n, fds) = match sys::receive_fds::<MAX_FDS>(channel.as_fd(), &mut buf) {
+    let (msg, fds) = match read_message(&channel) {
         Ok(got) => got,
         Err(e) => fail(e),
     };
-    if n == 0 {
+    if msg.is_empty() {
         // The shim ended or stopped it: nothing was ever run.
         sys::exit_now(0);
     }
-    let e = match exec_sandbox(&buf[..n], fds) {
+    let e = match exec_sandbox(&msg, fds) {
         Ok(never) => match never {},
         Err(e) => e,
     };
@@ -624,11 +697,9 @@ fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>) -> std::io::Result<std::convert::
     for (fd, target) in fds.into_iter().zip(&go.fds) {
         sys::place_fd(fd, *target)?;
     }
-    let spec = shim::read_spec(&go.dir)
-        .ok_or_else(|| std::io::Error::other(format!("cannot read {}", go.dir.join(SPEC).display())))?;
-    let (cmd, _held) = shim::sandbox_command(&spec, true)?;
+    let (cmd, _held) = shim::sandbox_command(&go.spec, true)?;
     let e = cmd.exec();
-    Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))
+    Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", go.spec.program.display())))
 }
 
 #[cfg(test)]

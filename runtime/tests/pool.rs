@@ -143,6 +143,35 @@ async fn a_slot_is_handed_out_once_and_an_empty_pool_says_so() {
 }
 
 #[tokio::test]
+async fn a_go_longer_than_one_read_arrives_whole_after_others_looked_at_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 1);
+    pool.fill().await.unwrap();
+    let slot = slots(dir.path()).pop().unwrap();
+    // Clients that look while the pool holds its own connection open; one
+    // stays connected and silent.
+    let pid = parked_pid(&slot);
+    assert_eq!(parked_pid(&slot), pid);
+    let _silent = std::os::unix::net::UnixStream::connect(slot.join("control.sock")).unwrap();
+    // The spec travels in `go`: a 100 KB command line is more than the
+    // shim's first read takes.
+    let padding = "x".repeat(100_000);
+    let script = format!(": {padding}; echo the whole go arrived; exec sleep 30");
+    let claimed = claim(&pool, dir.path(), "long", &script).await;
+    let Claim::Started(mut shim) = claimed else { panic!("{claimed:?}") };
+    assert_eq!(shim.pid(), pid);
+    until("the app ran its command line to its end", || {
+        std::fs::read_to_string(dir.path().join("long.log")).unwrap_or_default().contains("the whole go arrived")
+    })
+    .await;
+    // And the shim wrote the spec it was sent where a restarted receiver
+    // looks for it.
+    let written = nx_runtime::shim::read_spec(&dir.path().join("shims/long")).expect("spec.json written");
+    assert!(written.args.iter().any(|a| a.contains(&padding)));
+    shim.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn a_slot_that_died_is_not_used_and_nothing_of_it_runs() {
     let dir = tempfile::tempdir().unwrap();
     let pool = pool(dir.path(), 1);
@@ -155,7 +184,7 @@ async fn a_slot_that_died_is_not_used_and_nothing_of_it_runs() {
         .await;
     let claim = claim(&pool, dir.path(), "d1", "exit 0").await;
     let Claim::Unusable(why) = claim else { panic!("{claim:?}") };
-    assert_eq!(why, format!("the parked slot {} does not answer: Connection refused (os error 111)", slot.display()));
+    assert_eq!(why, format!("the parked slot {} does not answer: its shim has ended", slot.display()));
     assert!(!slot.exists(), "the dead slot is removed");
     assert!(
         !dir.path().join("cgroup/pids/nx/d1").exists(),
