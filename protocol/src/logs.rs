@@ -136,18 +136,21 @@ impl AccessLine<'_> {
     /// walk through the fields costs several times this loop (see
     /// bench/RESULTS.md, "Router").
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        // The fixed text and the numbers fit in this; the values are added.
+        let values = [&self.host, &self.method, &self.path, &self.app, &self.deployment, &self.request_id];
+        out.reserve(256 + values.iter().map(|v| v.len()).sum::<usize>());
         out.extend_from_slice(b"{\"ts\":");
         push_number(out, self.ts);
-        push_field(out, "host", &self.host);
-        push_field(out, "method", &self.method);
-        push_field(out, "path", &self.path);
+        push_field(out, b",\"host\":\"", &self.host);
+        push_field(out, b",\"method\":\"", &self.method);
+        push_field(out, b",\"path\":\"", &self.path);
         out.extend_from_slice(b",\"status\":");
         push_number(out, u64::from(self.status));
-        push_field(out, "app", &self.app);
-        push_field(out, "deployment", &self.deployment);
-        push_field(out, "request_id", &self.request_id);
+        push_field(out, b",\"app\":\"", &self.app);
+        push_field(out, b",\"deployment\":\"", &self.deployment);
+        push_field(out, b",\"request_id\":\"", &self.request_id);
         if let Some(id) = &self.client_request_id {
-            push_field(out, "client_request_id", id);
+            push_field(out, b",\"client_request_id\":\"", id);
         }
         out.extend_from_slice(b",\"micros\":");
         push_number(out, self.micros);
@@ -156,60 +159,86 @@ impl AccessLine<'_> {
         out.extend_from_slice(b",\"bytes_out\":");
         push_number(out, self.bytes_out);
         if let Some(error) = &self.error {
-            push_field(out, "error", error);
+            push_field(out, b",\"error\":\"", error);
         }
         out.push(b'}');
     }
 }
 
-/// `,"name":"value"`, the value escaped as `serde_json` escapes it: `"`, `\`
-/// and the control characters below 0x20 (the usual five by their short
-/// escapes, the rest as `\u00xx`); everything else as it is.
-fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
+/// How `serde_json` escapes each byte of a string: 0, not at all; `u`, as
+/// `\u00xx` (the control characters without a short escape); otherwise the
+/// character after the backslash. A table, as `serde_json` has, because the
+/// router looks up every byte of every line.
+const ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = b'u';
+        b += 1;
+    }
+    table[b'\n' as usize] = b'n';
+    table[b'\r' as usize] = b'r';
+    table[b'\t' as usize] = b't';
+    table[0x08] = b'b';
+    table[0x0c] = b'f';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+/// `key` (`,"name":"`, written whole), then the value escaped as
+/// `serde_json` escapes it ([`ESCAPE`]) and its closing quote.
+fn push_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":\"");
+    out.extend_from_slice(key);
     let bytes = value.as_bytes();
+    if !needs_escape(bytes) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut plain = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0x08 => b'b',
-            0x0c => b'f',
-            0x00..=0x1f => 0,
-            _ => continue,
-        };
+        let escape = ESCAPE[usize::from(b)];
+        if escape == 0 {
+            continue;
+        }
         out.extend_from_slice(&bytes[plain..i]);
         plain = i + 1;
-        if short == 0 {
-            out.extend_from_slice(b"\\u00");
-            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        if escape == b'u' {
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
         } else {
-            out.extend_from_slice(&[b'\\', short]);
+            out.extend_from_slice(&[b'\\', escape]);
         }
     }
     out.extend_from_slice(&bytes[plain..]);
     out.push(b'"');
 }
 
-/// `n` in decimal.
-fn push_number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// Whether any byte of `bytes` is escaped ([`ESCAPE`]): below 0x20, `"` or
+/// `\`. Eight bytes at a time, since almost no value has one: a byte below
+/// 0x20 is one whose subtraction of 0x20 borrows while its top bit was
+/// clear, a byte equal to `c` is a zero byte of the word XOR `c` (the usual
+/// word-at-a-time tests, exact as a yes or no).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const TOPS: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & TOPS;
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        if below(x, 0x20) | below(x ^ (ONES * u64::from(b'"')), 1) | below(x ^ (ONES * u64::from(b'\\')), 1) != 0 {
+            return true;
         }
     }
-    out.extend_from_slice(&digits[start..]);
+    words.remainder().iter().any(|&b| ESCAPE[usize::from(b)] != 0)
+}
+
+/// `n` in decimal.
+fn push_number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 #[cfg(test)]
@@ -226,8 +255,11 @@ mod tests {
             "é ✓ 𝄞 \u{2028}\u{feff}",
             "\\u0041",
             "/a?b=c&d=%22",
-        ];
-        for (i, text) in awkward.iter().enumerate() {
+        ]
+        .map(String::from);
+        // And every character up to U+00FF, each in its place.
+        let every: String = (0..=0xffu8).map(char::from).collect();
+        for (i, text) in awkward.iter().chain([&every]).map(String::as_str).enumerate() {
             let line = AccessLine {
                 ts: [0, 1, u64::MAX][i % 3],
                 host: Cow::Borrowed(text),
@@ -237,15 +269,32 @@ mod tests {
                 app: Cow::Borrowed(text),
                 deployment: "d".into(),
                 request_id: Cow::Borrowed(text),
-                client_request_id: (i % 2 == 0).then_some(Cow::Borrowed(*text)),
+                client_request_id: (i % 2 == 0).then_some(Cow::Borrowed(text)),
                 micros: 10_u64.pow(i as u32),
                 bytes_in: i as u64,
                 bytes_out: u64::MAX - i as u64,
-                error: (i % 2 == 1).then_some(Cow::Borrowed(*text)),
+                error: (i % 2 == 1).then_some(Cow::Borrowed(text)),
             };
             let mut ours = Vec::new();
             line.write_json(&mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&line).unwrap(), "for {text:?}");
+        }
+    }
+
+    #[test]
+    fn every_escaped_byte_is_found_wherever_it_stands_in_a_long_value() {
+        let others = ["a", " ", "!", "#", "[", "]", "~", "\u{7f}", "é", "✓"];
+        for special in ["\"", "\\", "\u{0}", "\u{1}", "\n", "\u{1f}"] {
+            for len in [1, 7, 8, 9, 16, 17, 33] {
+                for at in 0..len {
+                    let fill = others[(len + at) % others.len()];
+                    let text: String = (0..len).map(|i| if i == at { special } else { fill }).collect();
+                    let mut ours = Vec::new();
+                    push_field(&mut ours, b"", &text);
+                    let json = serde_json::to_string(&text).unwrap();
+                    assert_eq!(String::from_utf8(ours).unwrap(), &json[1..], "for {text:?}");
+                }
+            }
         }
     }
 
