@@ -214,7 +214,8 @@ interval() {
         m = s / n; sd = sqrt((ss - n * m * m) / (n - 1)); e = 2 * sd / sqrt(n)
         printf "%.4f %.4f %.4f", m, m - e, m + e}'
 }
-pairs=${5:-20}
+# The fourth argument (the first three went to bench/common.sh).
+pairs=${4:-20}
 pair_secs=$((secs / 2 > 3 ? secs / 2 : 3))
 nginx_workers=$(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')
 echo

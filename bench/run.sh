@@ -7,12 +7,12 @@
 #   bench/run.sh                  # all benchmarks
 #   bench/run.sh router density   # only the named ones
 #
-# Names: router tls start wake density provision push concurrent promote replicas restart.
+# Names: router router-cost tls start wake density provision push concurrent promote replicas restart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 require_root_and_cargo
-install_packages nginx wrk golang-go curl openssl python3 bubblewrap postgresql musl-tools gcc openssh-client
+install_packages nginx wrk golang-go curl openssl python3 bubblewrap postgresql musl-tools gcc openssh-client valgrind
 add_musl_target
 cargo build --release --locked --workspace --bins
 # A thousand sandboxes hold a few descriptors each in this process.
@@ -20,12 +20,12 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # The distribution's nginx service is not a peer; it only needs the binary.
 systemctl disable --now nginx >/dev/null 2>&1 || true
 
-all=(router tls start wake density provision push concurrent promote replicas restart)
+all=(router router-cost tls start wake density provision push concurrent promote replicas restart)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 for name in "${selected[@]}"; do
     echo "== $name"
-    if [ "$name" = router ] || [ "$name" = tls ]; then
+    if [ -x "bench/$name.sh" ]; then
         "bench/$name.sh"
     else
         target/release/nx-bench "$name"
