@@ -412,7 +412,12 @@ fn a_wildcard_certificate_by_dns01_makes_previews_https_from_their_first_request
     assert!(renewed["expires_at"].as_str() > first["expires_at"].as_str(), "{renewed} after {first}");
     let (code, out) = curl_host(&format!("https://{host}:{tls_port}/"), &host, tls_port, &root);
     assert_eq!(code, 0, "{out}");
-    assert!(assert_records_cleaned_up(&cloudflare) > created);
+    // The renewal put out its own challenge record and took it back, unless
+    // pebble handed the order the authorization it still holds as valid: it
+    // does so one order in a hundred even at PEBBLE_AUTHZREUSE=0 (it draws
+    // `rand.Intn(100) > percent`), and then there is nothing to put out.
+    // Either way no record is left behind.
+    assert!(assert_records_cleaned_up(&cloudflare) >= created);
 }
 
 #[test]
