@@ -25,11 +25,15 @@ fn url(d: &serde_json::Value) -> String {
     format!("{}/", d["preview_url"].as_str().unwrap().trim_end_matches('/'))
 }
 
+/// Deployment `id` of `app`, as `nx ls` reports it.
+fn deployment(r: &Receiver, app: &str, id: &str) -> serde_json::Value {
+    let listing = r.nx_ok(&["--json", "ls", app]).json();
+    listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap()
+}
+
 /// The state of deployment `id` of `app`, as `nx ls` reports it.
 fn state(r: &Receiver, app: &str, id: &str) -> String {
-    let listing = r.nx_ok(&["--json", "ls", app]).json();
-    let d = listing[0]["deployments"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap();
-    d["state"].as_str().unwrap().to_owned()
+    deployment(r, app, id)["state"].as_str().unwrap().to_owned()
 }
 
 /// The error of deployment `id` of app `web`, as `nx ls` reports it.
@@ -41,6 +45,19 @@ fn error_of(r: &Receiver, id: &str) -> String {
 
 fn wait_for_state(r: &Receiver, app: &str, id: &str, wanted: &str) {
     eventually(30, &format!("deployment {id} to be {wanted}"), || (state(r, app, id) == wanted).then_some(()));
+}
+
+/// Waits until deployment `id` of `app` is asleep: `sleeping`, and no
+/// replica of it left running. The state says `sleeping` from the moment
+/// it is put to sleep, while the requests already forwarded to it finish;
+/// a request sent in that moment is answered by the sandbox on its way out
+/// and wakes nothing.
+fn wait_asleep(r: &Receiver, app: &str, id: &str) {
+    eventually(30, &format!("deployment {id} to be asleep"), || {
+        let d = deployment(r, app, id);
+        // A deployment that runs nothing lists no replicas at all.
+        (d["state"] == "sleeping" && d.get("replicas").is_none()).then_some(())
+    });
 }
 
 /// An app `web` whose previews sleep after 2 s, with goweb pushed as a
@@ -89,7 +106,7 @@ fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_
     psql(&db, "CREATE TABLE kept (v TEXT); INSERT INTO kept VALUES ('asleep and back')").unwrap();
     let before = files(&data_dir(&r), &["starts", "hits"]);
 
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
     // The state turns `sleeping` first (requests from then on are held),
     // then the requests in flight drain and the sandbox stops.
     eventually(10, "a sleeping deployment to run nothing", || {
@@ -110,7 +127,7 @@ fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_
     assert_eq!(psql(&db, "SELECT v FROM kept").unwrap(), "asleep and back");
 
     // And it sleeps again when left alone.
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
 }
 
 #[test]
@@ -118,7 +135,7 @@ fn fifty_concurrent_first_requests_to_a_sleeping_app_are_all_answered_after_one_
     let r = Receiver::start();
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
     let answers: Vec<(u16, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..50)
             .map(|i| {
@@ -150,7 +167,7 @@ fn a_wake_that_fails_answers_503_with_retry_after_and_nx_logs_shows_the_apps_las
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
     assert_eq!(r.get(&format!("{url}break?text=disk-42-is-gone")).body, "broken\n");
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
 
     let page = r.get(&url);
     assert_eq!(page.status, 503, "{}", page.body);
@@ -195,7 +212,7 @@ fn production_does_not_sleep_by_default_and_an_open_request_keeps_a_preview_awak
         seen.extend_from_slice(&chunk[..n]);
     }
 
-    wait_for_state(&r, "web", &id(&preview), "sleeping");
+    wait_asleep(&r, "web", &id(&preview));
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(state(&r, "web", &id(&production)), "healthy", "production does not sleep by default");
     assert_eq!(state(&r, "web", &id(&streaming)), "healthy", "an open request keeps it awake");
@@ -203,12 +220,12 @@ fn production_does_not_sleep_by_default_and_an_open_request_keeps_a_preview_awak
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     assert!(String::from_utf8_lossy(&rest).contains("data: two"));
-    wait_for_state(&r, "web", &id(&streaming), "sleeping");
+    wait_asleep(&r, "web", &id(&streaming));
 
     // Asked to, production sleeps too, and its URL wakes it.
     let app = r.nx_ok(&["--json", "apps", "set", "web", "--sleep-after", "2s", "--role", "production"]).json();
     assert_eq!(app["settings"]["scale"]["production_sleep_secs"], 2);
-    wait_for_state(&r, "web", &id(&production), "sleeping");
+    wait_asleep(&r, "web", &id(&production));
     let page = r.get(app["production_url"].as_str().unwrap());
     assert_eq!((page.status, page.body.as_str()), (200, "goweb\n"));
     assert_eq!(state(&r, "web", &id(&production)), "healthy");
@@ -238,14 +255,14 @@ fn a_sleeping_preview_stopped_for_good_or_expired_is_never_woken_by_its_url() {
     });
     let stopped = sleepy(&r);
     let expired = r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"]);
-    wait_for_state(&r, "web", &id(&stopped), "sleeping");
+    wait_asleep(&r, "web", &id(&stopped));
     r.nx_ok(&["stop", &id(&stopped), "--app", "web"]);
     let page = r.get(&url(&stopped));
     assert_eq!(page.status, 410, "{}", page.body);
     assert!(page.body.contains("Preview stopped"), "{}", page.body);
     assert_eq!(state(&r, "web", &id(&stopped)), "stopped", "a request does not start it");
 
-    wait_for_state(&r, "web", &id(&expired), "sleeping");
+    wait_asleep(&r, "web", &id(&expired));
     wait_for_state(&r, "web", &id(&expired), "stopped");
     let page = r.get(&url(&expired));
     assert_eq!(page.status, 410, "{}", page.body);
@@ -303,7 +320,7 @@ fn wakes_that_keep_failing_back_off_and_the_third_in_a_row_fails_it_so_traffic_n
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
     assert_eq!(r.get(&format!("{url}break?text=disk-42-is-gone")).body, "broken\n");
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
     let refusals = || {
         let logs = r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
         logs.matches("refusing to start: disk-42-is-gone").count()
@@ -336,7 +353,7 @@ fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
     let r = Receiver::start();
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
-    wait_for_state(&r, "web", &dep, "sleeping");
+    wait_asleep(&r, "web", &dep);
     std::thread::scope(|s| {
         // The request asks for a wake; `nx stop` races it.
         let waking = s.spawn(|| r.get(&url));
