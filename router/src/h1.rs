@@ -207,10 +207,9 @@ impl H1 {
         client: &Client,
         has_body: bool,
     ) -> Result<Box<RequestHeader>, Failure> {
-        let mut req = Box::new(down.req_header().clone());
-        // Rewritten before the version is raised: whether it is an upgrade
+        // Built before the version is raised: whether it is an upgrade
         // depends on the client's version.
-        ex.rewrite_request(&mut req, client).map_err(Failure::Client)?;
+        let mut req = Box::new(ex.upstream_request(down.req_header(), client).map_err(Failure::Client)?);
         req.set_version(http::Version::HTTP_11);
         // The router answers `Expect: 100-continue` itself (below).
         req.remove_header(&header::EXPECT);

@@ -148,7 +148,10 @@ impl ProxyHttp for Router {
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         match ctx {
-            Some(ex) => ex.rewrite_request(upstream, &Client::new(client_ip, tls)),
+            Some(ex) => {
+                *upstream = ex.upstream_request(upstream, &Client::new(client_ip, tls))?;
+                Ok(())
+            }
             None => Ok(()),
         }
     }
