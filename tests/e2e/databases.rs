@@ -328,7 +328,8 @@ fn stored_backups_are_verified_and_kept_to_the_retention_count() {
 
 #[test]
 fn previews_get_their_own_database_which_goes_when_they_stop_or_are_promoted() {
-    let r = Receiver::start();
+    // No health checks after the start: hello counts a visit for each GET /.
+    let r = Receiver::start_with(Options { args: vec!["--health-interval=1h".into()], ..Options::default() });
     r.create_app("web");
     let hello = bin("hello");
     let main = r.push("web", &hello, &[]);

@@ -178,9 +178,13 @@ fn a_verified_domain_gets_an_acme_certificate_served_by_sni_and_renewed() {
     assert!(table.contains("https") && table.contains("Pebble Intermediate CA"), "{table}");
 
     // A client trusting pebble's root completes the handshake for the name
-    // and is answered by the app, over HTTP/2.
+    // and is answered by the app, over HTTP/2: once the route table that
+    // carries the certificate reached the router, just after it was recorded.
     let root = acme.issuing_root();
-    let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/headers"), tls_port, &root);
+    let (code, out) = eventually(10, "the certificate served", || {
+        let (code, out) = curl(&format!("https://{DOMAIN}:{tls_port}/headers"), tls_port, &root);
+        (code == 0).then_some((code, out))
+    });
     assert_eq!(code, 0, "{out}\n{}", r.log());
     assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
     assert!(out.ends_with("HTTP/2 200 "), "{out}");

@@ -150,6 +150,12 @@ fn nx_top_and_metrics_show_each_deployment_to_the_keys_that_may_see_it() {
     let site = r.push("site", &binary, &[]);
     requests(&r, &web, "/", 20, 200);
     requests(&r, &web, "/fail", 5, 500);
+    // The router counts a request once its answer is written: the last one
+    // may be counted just after the client read it.
+    eventually(10, "the 25 requests counted", || {
+        let figures = r.nx_ok(&["--json", "metrics", "web", "--interval", "200ms"]).json();
+        (figures[0]["requests"].as_u64() == Some(25)).then_some(())
+    });
 
     let figures = r.nx_ok(&["--json", "metrics", "web", "--interval", "200ms"]).json();
     let rows = figures.as_array().unwrap();

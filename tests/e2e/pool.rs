@@ -14,7 +14,8 @@ fn parked(r: &Receiver, count: usize) -> Vec<PathBuf> {
     let pool = r.data_dir().join("pool");
     eventually(30, "the pool to be filled", || {
         let mut slots: Vec<PathBuf> = std::fs::read_dir(&pool).ok()?.flatten().map(|e| e.path()).collect();
-        slots.retain(|s| s.join("control.sock").exists());
+        // The shim binds its socket before it starts its parked child.
+        slots.retain(|s| s.join("control.sock").exists() && parked_processes(s).len() == 2);
         slots.sort();
         (slots.len() == count).then_some(slots)
     })

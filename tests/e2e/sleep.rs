@@ -114,15 +114,19 @@ fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_
     });
     let ls = r.nx_ok(&["ls", "web"]).stdout;
     assert!(ls.contains("sleeping"), "nx ls shows it sleeping:\n{ls}");
-    let events = r.nx_ok(&["events", "--app", "web"]).stdout;
-    assert!(events.contains("sleep"), "the audit log says it went to sleep:\n{events}");
+    // The audit log says so once the sandbox has stopped.
+    eventually(10, "the audit log to say it went to sleep", || {
+        r.nx_ok(&["events", "--app", "web"]).stdout.contains("sleep").then_some(())
+    });
 
     // The request that wakes it is answered by the woken app, once.
     let woke = hit("wake");
     assert_eq!((woke.status, woke.body.as_str()), (200, "hit wake\n"));
     assert_eq!(read(&data_dir(&r).join("hits")), "before\nwake\n", "not lost, not duplicated");
     assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "started once more");
-    assert_eq!(state(&r, "web", &dep), "healthy");
+    // The held requests go on as soon as the router routes it; the state
+    // is recorded right after.
+    wait_for_state(&r, "web", &dep, "healthy");
     assert_eq!(files(&data_dir(&r), &["starts", "hits"]), before, "/data is as it was");
     assert_eq!(psql(&db, "SELECT v FROM kept").unwrap(), "asleep and back");
 
@@ -228,7 +232,7 @@ fn production_does_not_sleep_by_default_and_an_open_request_keeps_a_preview_awak
     wait_asleep(&r, "web", &id(&production));
     let page = r.get(app["production_url"].as_str().unwrap());
     assert_eq!((page.status, page.body.as_str()), (200, "goweb\n"));
-    assert_eq!(state(&r, "web", &id(&production)), "healthy");
+    wait_for_state(&r, "web", &id(&production), "healthy");
 }
 
 #[test]
