@@ -187,16 +187,28 @@ const ESCAPE: [u8; 256] = {
 };
 
 /// `key` (`,"name":"`, written whole), then the value escaped as
-/// `serde_json` escapes it ([`ESCAPE`]) and its closing quote.
+/// `serde_json` escapes it ([`ESCAPE`]) and its closing quote. Inlined into
+/// [`AccessLine::write_json`], where each key is a constant: its copy is a
+/// few stores rather than a call to `memcpy`, which cost more than the
+/// copy for keys this short. Values that need escaping, almost none, take
+/// [`push_escaped`].
+#[inline(always)]
 fn push_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(key);
     let bytes = value.as_bytes();
-    if !needs_escape(bytes) {
+    if needs_escape(bytes) {
+        push_escaped(out, bytes);
+    } else {
         out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
     }
+    out.push(b'"');
+}
+
+/// `bytes` escaped as `serde_json` escapes them ([`ESCAPE`]).
+#[cold]
+#[inline(never)]
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut plain = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape = ESCAPE[usize::from(b)];
@@ -212,7 +224,6 @@ fn push_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
         }
     }
     out.extend_from_slice(&bytes[plain..]);
-    out.push(b'"');
 }
 
 /// Whether any byte of `bytes` is escaped ([`ESCAPE`]): below 0x20, `"` or
@@ -237,6 +248,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
 }
 
 /// `n` in decimal.
+#[inline(always)]
 fn push_number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
