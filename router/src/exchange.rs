@@ -415,8 +415,10 @@ impl Exchange {
         } else {
             req.raw_path()
         };
-        // The router's own headers: at most six more than the client's.
-        let size = req.headers.len() + 6;
+        // Room for the router's own: Host, Connection (an upgrade), the
+        // five forwarding headers and the client's request id, and the
+        // Transfer-Encoding the HTTP/1 loop may add to a body without one.
+        let size = req.headers.len() + 9;
         let mut up = if req.has_case() {
             RequestHeader::build(req.method.clone(), target, Some(size))?
         } else {
