@@ -403,15 +403,13 @@ impl Exchange {
     /// Built anew, sized for what it will hold, rather than a copy of the
     /// client's header edited in place: the copy's maps are full, and each
     /// header added to them grew and rehashed both (the value map and
-    /// pingora's map of the names' case), which was a fifth of the router's
-    /// instructions per request (bench/RESULTS.md, "Router"). Header names
-    /// keep the client's case, in the client's order.
+    /// pingora's map of the names' case); the copy and its edit were a fifth
+    /// of the router's instructions per request (bench/RESULTS.md, "Router").
+    /// Header names keep the client's case, in the client's order.
     pub fn upstream_request(&self, req: &RequestHeader, client: &Client) -> pingora::Result<RequestHeader> {
         let upgrade = is_upgrade(req);
-        let origin;
         let target = if target_authority(req.raw_path()).is_some() {
-            origin = req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes();
-            origin
+            req.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes()
         } else {
             req.raw_path()
         };
