@@ -6,7 +6,7 @@
 # in half of them), a work directory removed on exit together with every
 # process whose pid is added to `pids`, and starts the Go backend on
 # $backend; builds the release nx-router if missing. Defines free_port and
-# cpu_ticks.
+# cpu_ticks and nginx_proxy_conf; the backend's pid is $backend_pid.
 
 secs=${2:-10}
 conns=${3:-64}
@@ -35,4 +35,48 @@ cpu_ticks() {
 
 backend=$(free_port)
 PORT=$backend "$work/goweb" >/dev/null 2>&1 &
-pids+=($!)
+backend_pid=$!
+pids+=($backend_pid)
+
+# The nginx the router is compared with: a reverse proxy to the backend with
+# upstream keep-alive and its access log buffered. Arguments: the port it
+# listens on, then the lines that say how it runs (workers, foreground).
+# With nginx_tls set to "CERT KEY" it listens with TLS instead, says so in
+# X-Forwarded-Proto and keeps no access log (bench/tls.sh). Prints the
+# configuration.
+nginx_proxy_conf() {
+    local port=$1 listen access cert key forwarded=""
+    shift
+    listen="127.0.0.1:$port"
+    access="$work/nginx-access.log combined buffer=64k"
+    if [ -n "${nginx_tls:-}" ]; then
+        read -r cert key <<<"$nginx_tls"
+        listen="$listen ssl;
+        ssl_certificate $cert;
+        ssl_certificate_key $key;
+        ssl_protocols TLSv1.2 TLSv1.3"
+        access=off
+        forwarded="
+            proxy_set_header X-Forwarded-Proto https;"
+    fi
+    printf '%s\n' "$@"
+    cat <<EOF
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+    access_log $access;
+    upstream app { server 127.0.0.1:$backend; keepalive 128; }
+    server {
+        listen $listen;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;$forwarded
+        }
+    }
+}
+EOF
+}

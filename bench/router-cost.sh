@@ -12,9 +12,15 @@
 # which both run the same system calls for (the access log adds one
 # `write` per 64 KiB of lines).
 #
+# nginx, configured as in bench/router.sh (one worker here, in the
+# foreground so that valgrind follows it), is counted the same way in every
+# round: the peer's user-space instructions per request, beside the
+# router's. The kernel's side differs between the two (the router makes
+# fewer system calls per request; bench/router.sh measures their CPU).
+#
 #   bench/router-cost.sh [seconds of load per run] [connections] [rounds, made even]
 #
-# Needs: valgrind, wrk, golang-go, and a release build of nx-router (built
+# Needs: valgrind, wrk, nginx, golang-go, and a release build of nx-router (built
 # here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +29,7 @@ cd "$(dirname "$0")/.."
 . bench/common.sh router-cost "${1:-10}" "${2:-8}" "${3:-2}"
 
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install valgrind" >&2; exit 1; }
+command -v nginx >/dev/null || { echo "nginx is missing: apt-get install nginx" >&2; exit 1; }
 
 # Valgrind does not know seccomp(2), and the router will not run without
 # its filter: this library answers that one call as done, for the router
@@ -50,22 +57,29 @@ cat >"$work/routes.json" <<EOF
 {"generation": 1, "routes": {"app.localhost": {"app": "app", "deployment": "benchmrk", "target": {"kind": "live", "addr": "127.0.0.1:$backend"}}}}
 EOF
 
-# One run of a configuration ("router" or "bare"): prints
+# One run of a configuration ("router", "bare" or "nginx"): prints
 # "instructions requests".
 measure() {
     local name=$1 port pid out
     port=$(free_port)
-    local flags=()
-    [ "$name" = bare ] && flags=(--access-log false --traffic-counters false)
-    cp "$work/routes.json" "$work/routes-$name.json"
-    rm -f "$work/access.pipe" "$work/cg.$name"
-    mkfifo "$work/access.pipe"
-    cat "$work/access.pipe" >"$work/access-$name.log" &
-    pids+=($!)
-    LD_PRELOAD="$work/noseccomp.so" valgrind --tool=callgrind --callgrind-out-file="$work/cg.$name" \
-        target/release/nx-router --listen "127.0.0.1:$port" --control "$work/control-$name.sock" \
-        --upgrade-socket "$work/upgrade-$name.sock" --state "$work/routes-$name.json" "${flags[@]}" \
-        >"$work/access.pipe" 2>"$work/router-$name.log" &
+    rm -f "$work/cg.$name".*
+    if [ "$name" = nginx ]; then
+        nginx_proxy_conf "$port" "daemon off;" "master_process off;" "worker_processes 1;" >"$work/nginx.conf"
+        valgrind --tool=callgrind --callgrind-out-file="$work/cg.$name" nginx -c "$work/nginx.conf" -p "$work" \
+            2>"$work/valgrind-nginx.log" &
+    else
+        local flags=()
+        [ "$name" = bare ] && flags=(--access-log false --traffic-counters false)
+        cp "$work/routes.json" "$work/routes-$name.json"
+        rm -f "$work/access.pipe"
+        mkfifo "$work/access.pipe"
+        cat "$work/access.pipe" >"$work/access-$name.log" &
+        pids+=($!)
+        LD_PRELOAD="$work/noseccomp.so" valgrind --tool=callgrind --callgrind-out-file="$work/cg.$name" \
+            target/release/nx-router --listen "127.0.0.1:$port" --control "$work/control-$name.sock" \
+            --upgrade-socket "$work/upgrade-$name.sock" --state "$work/routes-$name.json" "${flags[@]}" \
+            >"$work/access.pipe" 2>"$work/router-$name.log" &
+    fi
     pid=$!
     pids+=($pid)
     for _ in $(seq 1 300); do
@@ -89,8 +103,8 @@ echo "machine: $(nproc) cores, $(uname -r); valgrind $(valgrind --version)"
 echo "load: wrk -t1 -c$conns -d${secs}s after a 2 s warm-up, $rounds rounds, each configuration first in half of them"
 declare -A per
 for r in $(seq 1 "$rounds"); do
-    order=(router bare)
-    [ $((r % 2)) -eq 0 ] && order=(bare router)
+    order=(router bare nginx)
+    [ $((r % 2)) -eq 0 ] && order=(nginx bare router)
     for name in "${order[@]}"; do
         read -r ins req < <(measure "$name")
         per[$name.$r]=$(awk -v i="$ins" -v q="$req" 'BEGIN {printf "%.0f", i / q}')
@@ -102,6 +116,11 @@ for r in $(seq 1 "$rounds"); do
     ratios+=("$(awk -v a="${per[router.$r]}" -v b="${per[bare.$r]}" 'BEGIN {printf "%.4f", a / b}')")
 done
 echo "router/bare instructions per request, round by round: ${ratios[*]}"
+peer=()
+for r in $(seq 1 "$rounds"); do
+    peer+=("$(awk -v a="${per[router.$r]}" -v b="${per[nginx.$r]}" 'BEGIN {printf "%.3f", a / b}')")
+done
+echo "router/nginx user-space instructions per request, round by round: ${peer[*]}"
 printf '%s\n' "${ratios[@]}" | sort -n | awk '{v[NR] = $1} END {
     m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
     printf "metrics and logs cost: %.1f%% of the instructions per request (median of rounds)\n", (m - 1) * 100

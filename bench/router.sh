@@ -22,6 +22,16 @@
 # the pairs and its 95% interval (two standard errors): met only when the
 # whole interval is within the target.
 #
+# Loaded side by side, each proxy is saturated and its CPU per request
+# depends on how many requests each wake finds, which the scheduler decides
+# differently from run to run. So CPU per request is last measured at equal
+# load: nginx and the router pinned to the second CPU, the backend and wrk
+# to the first, one proxy loaded at a time (in turns, each first in every
+# other round). The first CPU, running wrk and the backend, sets the rate,
+# so both proxies serve about the same requests per second, and each one's
+# CPU time (user and system, read per process from /proc) is what serving
+# that load costs it.
+#
 #   bench/router.sh [seconds per run] [connections] [rounds, made even] [pairs]
 #
 # Needs: nginx, wrk, golang-go (bench/run.sh installs them), and a release
@@ -33,26 +43,7 @@ cd "$(dirname "$0")/.."
 . bench/common.sh router "$@"
 
 nginx_port=$(free_port)
-cat >"$work/nginx.conf" <<EOF
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 4096; }
-http {
-    access_log $work/nginx-access.log combined buffer=64k;
-    upstream app { server 127.0.0.1:$backend; keepalive 128; }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$remote_addr;
-        }
-    }
-}
-EOF
+nginx_proxy_conf "$nginx_port" "worker_processes auto;" >"$work/nginx.conf"
 nginx -c "$work/nginx.conf" -p "$work"
 
 router_port=$(free_port)
@@ -248,4 +239,58 @@ awk -v high="$b_high" 'BEGIN {
 }'
 awk -v high="$n_high" -v mean="$n_mean" 'BEGIN {
     printf "target (router CPU per request <= nginx, side by side): %s\n", (high <= 1) ? "MET" : (mean <= 1 ? "NOT SHOWN (mean at or below, interval above)" : "NOT MET")
+}'
+
+# Equal load: see the top of this file. taskset moves every thread of each
+# process; the proxies keep the worker counts they started with (two each).
+command -v taskset >/dev/null || { echo "taskset is missing: apt-get install util-linux" >&2; exit 1; }
+# shellcheck disable=SC2086 # one argument per worker pid
+for p in $nginx_workers "$router_pid"; do taskset -a -p -c 1 "$p" >/dev/null; done
+taskset -a -p -c 0 "$backend_pid" >/dev/null
+# User and system CPU (clock ticks) of the given processes: "user system".
+user_system() {
+    local p u=0 s=0 a b
+    for p in "$@"; do
+        read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat")
+        u=$((u + a))
+        s=$((s + b))
+    done
+    echo "$u $s"
+}
+# One proxy alone under the load, its port then its pids: prints "requests
+# cpu_us_per_request user_us_per_request system_us_per_request".
+alone() {
+    local port=$1 before after n u0 s0 u1 s1
+    shift
+    before=$(cpu_ns "$@")
+    read -r u0 s0 < <(user_system "$@")
+    taskset -c 0 wrk -t1 -c$((conns / 2)) -d"${pair_secs}s" -H 'Host: app.localhost' "http://127.0.0.1:$port/" >"$work/wrk-alone"
+    after=$(cpu_ns "$@")
+    read -r u1 s1 < <(user_system "$@")
+    n=$(awk '/requests in/ {print $1}' "$work/wrk-alone")
+    awk -v c=$((after - before)) -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN {printf "%d %.2f %.2f %.2f\n", n, c / n / 1000, u * 1e6 / hz / n, s * 1e6 / hz / n}'
+}
+echo
+echo "CPU per request at equal load: $pairs rounds of ${pair_secs}s, wrk -t1 -c$((conns / 2)); proxies on CPU 1, wrk and the backend on CPU 0"
+equal=""
+for round in $(seq 1 "$pairs"); do
+    sleep 1
+    # shellcheck disable=SC2086 # one argument per worker pid
+    if [ $((round % 2)) -eq 1 ]; then
+        read -r rn rc ru rs < <(alone "$router_port" "$router_pid")
+        read -r nn nc nu ns < <(alone "$nginx_port" $nginx_workers)
+    else
+        read -r nn nc nu ns < <(alone "$nginx_port" $nginx_workers)
+        read -r rn rc ru rs < <(alone "$router_port" "$router_pid")
+    fi
+    printf '  round %d  router %8d requests %6s us/request (user %s, system %s)   nginx %8d requests %6s us/request (user %s, system %s)\n' \
+        "$round" "$rn" "$rc" "$ru" "$rs" "$nn" "$nc" "$nu" "$ns"
+    equal+="$(awk -v r="$rc" -v n="$nc" 'BEGIN {printf "%.4f", r / n}') "
+done
+echo "router/nginx CPU per request at equal load, round by round: $equal"
+read -r e_mean e_low e_high <<<"$(interval "$equal")"
+echo "router/nginx CPU per request at equal load: mean $e_mean (95% interval $e_low..$e_high)"
+awk -v high="$e_high" -v mean="$e_mean" 'BEGIN {
+    printf "target (router CPU per request <= nginx, at equal load): %s\n", (high <= 1) ? "MET" : (mean <= 1 ? "NOT SHOWN (mean at or below, interval above)" : "NOT MET")
 }'

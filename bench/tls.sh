@@ -22,30 +22,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
     -addext subjectAltName=DNS:app.localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
 nginx_port=$(free_port)
-cat >"$work/nginx.conf" <<EOF
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    upstream app { server 127.0.0.1:$backend; keepalive 128; }
-    server {
-        listen 127.0.0.1:$nginx_port ssl;
-        ssl_certificate $work/cert.pem;
-        ssl_certificate_key $work/key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$remote_addr;
-            proxy_set_header X-Forwarded-Proto https;
-        }
-    }
-}
-EOF
+nginx_tls="$work/cert.pem $work/key.pem" nginx_proxy_conf "$nginx_port" "worker_processes auto;" >"$work/nginx.conf"
 nginx -c "$work/nginx.conf" -p "$work"
 
 router_port=$(free_port)
