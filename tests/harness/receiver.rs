@@ -293,21 +293,28 @@ impl Receiver {
     }
 }
 
-/// How much of the receiver's log a failing test prints.
+/// How much of each log a failing test prints.
 const LOG_TAIL_LINES: usize = 120;
+
+/// Prints the last [`LOG_TAIL_LINES`] lines of `whose` log on stderr.
+fn print_tail(whose: &str, log: &str) {
+    let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
+    eprintln!("--- the last {} lines of {whose} log ---", tail.len());
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
+    }
+}
 
 impl Drop for Receiver {
     /// Stops the receiver, then the apps it leaves running. A failing test
-    /// gets the end of the receiver's log on its stderr first: a timeout in
-    /// CI says only what it waited for, the log says why.
+    /// gets the end of the receiver's log and of its router's on its stderr
+    /// first: a timeout in CI says only what it waited for, the logs say
+    /// why (a request the router ended early shows only in the router's).
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
-            eprintln!("--- the last {} lines of the receiver's log ---", tail.len());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            print_tail("the receiver's", &self.log());
+            let router = std::fs::read(self.data_dir().join("logs/router.log")).unwrap_or_default();
+            print_tail("the router's", &String::from_utf8_lossy(&router));
         }
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
