@@ -242,7 +242,8 @@ awk -v high="$n_high" -v mean="$n_mean" 'BEGIN {
 }'
 
 # Equal load: see the top of this file. taskset moves every thread of each
-# process; the proxies keep the worker counts they started with (two each).
+# process; the proxies keep the worker counts they started with (one per
+# CPU of the machine each: nginx `auto`, the router by default).
 command -v taskset >/dev/null || { echo "taskset is missing: apt-get install util-linux" >&2; exit 1; }
 # shellcheck disable=SC2086 # one argument per worker pid
 for p in $nginx_workers "$router_pid"; do taskset -a -p -c 1 "$p" >/dev/null; done
