@@ -87,6 +87,36 @@ fn real_binaries_get_the_right_facts_and_verdict() {
     assert!(deps.iter().any(|d| d["name"] == "auditable-fixture"), "{deps:?}");
 }
 
+/// The bytes searched for Go's build information and Rust's source paths
+/// are where Go's tools and Rust's panics put them, not the whole file: a Go
+/// program without its section table is still known by its first writable
+/// segment, and a C program with a Go program and Rust's paths appended
+/// after its end (data no loader maps) is still a C program.
+#[test]
+fn go_and_rust_marks_are_read_where_their_toolchains_put_them() {
+    use nx_verify::report::Toolchain;
+    let go = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let mut no_sections = go.clone();
+    // e_shoff, then e_shentsize, e_shnum and e_shstrndx of an ELF64 header.
+    no_sections[0x28..0x30].fill(0);
+    no_sections[0x3a..0x40].fill(0);
+    let report = nx_verify::inspect(&no_sections);
+    assert!(report.parse_errors.is_empty(), "{:?}", report.parse_errors);
+    let info = report.go.as_ref().expect("Go's build information found without the section table");
+    assert!(info.go_version.starts_with("go1."), "{info:?}");
+    assert_eq!(info.main_module.as_deref(), Some("example.com/goweb"));
+    assert_eq!(report.toolchain, Toolchain::Go);
+
+    let c = std::fs::read(fixtures::c_musl_static()).unwrap();
+    assert_eq!(nx_verify::inspect(&c).toolchain, Toolchain::C);
+    let mut padded = c;
+    padded.extend_from_slice(&go);
+    padded.extend_from_slice(b"/rustc/90b35a6239c3d8bdabc530a6a0816f7ff89a0aaf/library/core/src/panicking.rs");
+    let report = nx_verify::inspect(&padded);
+    assert!(report.go.is_none(), "{:?}", report.go);
+    assert_eq!(report.toolchain, Toolchain::C);
+}
+
 /// (file, exit code, words the verdict must contain)
 fn refusals(r: &Receiver) -> Vec<(PathBuf, &'static [&'static str])> {
     let caddy = std::fs::read(require_program("caddy", "caddy")).unwrap();

@@ -129,6 +129,27 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
     });
 }
 
+/// How much of the first writable segment Go's tools search for the build
+/// information of a file whose sections do not name it.
+const GO_BUILD_INFO_SEARCHED: usize = 64 << 10;
+
+/// Where Go's own tools (`debug/buildinfo`, `go version`) look for the build
+/// information of an ELF file without a `.go.buildinfo` section: the first
+/// 64 KiB of its first loaded segment that is writable and not executable,
+/// which Go's linker starts with it. `None` when there is no such segment.
+pub fn go_build_info_region<'data, Elf: FileHeader, R: ReadRef<'data>>(
+    file: &ElfFile<'data, Elf, R>,
+    data: R,
+) -> Option<&'data [u8]> {
+    let endian = file.endian();
+    let writable = file
+        .elf_program_headers()
+        .iter()
+        .find(|ph| ph.p_type(endian) == elf::PT_LOAD && ph.p_flags(endian) & (elf::PF_X | elf::PF_W) == elf::PF_W)?;
+    let bytes = writable.data(endian, data).ok()?;
+    Some(&bytes[..bytes.len().min(GO_BUILD_INFO_SEARCHED)])
+}
+
 /// The highest `GLIBC_x.y` version a C library defines (its `SHT_GNU_VERDEF`):
 /// the newest symbol version binaries may require from it.
 pub fn highest_glibc_defined(data: &[u8]) -> Option<String> {
