@@ -129,14 +129,14 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
     });
 }
 
-/// How much of the first writable segment Go's tools search for the build
-/// information of a file whose sections do not name it.
-const GO_BUILD_INFO_SEARCHED: usize = 64 << 10;
-
-/// Where Go's own tools (`debug/buildinfo`, `go version`) look for the build
-/// information of an ELF file without a `.go.buildinfo` section: the first
-/// 64 KiB of its first loaded segment that is writable and not executable,
-/// which Go's linker starts with it. `None` when there is no such segment.
+/// Where Go's build information is in an ELF file without a
+/// `.go.buildinfo` section (one whose section table was stripped): in its
+/// first loaded segment that is writable and not executable, which Go's
+/// linker starts with it and where Go's own tools (`debug/buildinfo`, `go
+/// version`) look. Go 1.19's search only the first 64 KiB; this takes the
+/// whole segment's bytes in the file, so an externally linked program
+/// whose linker put other sections first is still found. `None` when there
+/// is no such segment.
 pub fn go_build_info_region<'data, Elf: FileHeader, R: ReadRef<'data>>(
     file: &ElfFile<'data, Elf, R>,
     data: R,
@@ -146,8 +146,7 @@ pub fn go_build_info_region<'data, Elf: FileHeader, R: ReadRef<'data>>(
         .elf_program_headers()
         .iter()
         .find(|ph| ph.p_type(endian) == elf::PT_LOAD && ph.p_flags(endian) & (elf::PF_X | elf::PF_W) == elf::PF_W)?;
-    let bytes = writable.data(endian, data).ok()?;
-    Some(&bytes[..bytes.len().min(GO_BUILD_INFO_SEARCHED)])
+    writable.data(endian, data).ok()
 }
 
 /// The highest `GLIBC_x.y` version a C library defines (its `SHT_GNU_VERDEF`):

@@ -72,10 +72,12 @@ impl<'d> Searched<'d> {
 }
 
 /// An ELF file's report, and where its bytes are searched: the build
-/// information where Go's own tools look for it ([`elf::go_build_info_region`])
-/// and Rust's paths in `.rodata`, rather than the whole file, which took
-/// about 5 ms for each of the two searches in a 20 MB binary, on the push's
-/// path twice (`nx` checks a binary before its upload, the receiver after).
+/// information in the segment Go's linker puts it in
+/// ([`elf::go_build_info_region`]) and Rust's paths in `.rodata` (the whole
+/// file when it has none), rather than the whole file, which took about 5
+/// ms for each of the two searches in a 20 MB binary, on the push's path
+/// twice (`nx` checks a binary before its upload, the receiver after). Both
+/// only shape the report and a refusal's remedy, never whether it runs.
 fn elf_file<'d, Elf: object::read::elf::FileHeader<Endian = object::Endianness>>(
     data: &'d [u8],
     size: u64,

@@ -613,7 +613,8 @@ pub fn replace_file_in(dir: &Path, name: &str, contents: &[u8], mode: u32, owner
 }
 
 /// Starts writing `len` bytes of `file` from `offset` out to its disk
-/// without waiting for them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). A
+/// without waiting for the writes to end (`sync_file_range(
+/// SYNC_FILE_RANGE_WRITE)`; it may still wait for a busy disk's queue). A
 /// file written this way piece by piece, as an upload arrives, reaches the
 /// disk while the rest is still coming, and the fsync at its end waits only
 /// for the last piece: for 20 MB here 0.7 ms against 11 ms. It makes nothing
