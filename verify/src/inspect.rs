@@ -76,8 +76,9 @@ impl<'d> Searched<'d> {
 /// ([`elf::go_build_info_region`]) and Rust's paths in `.rodata` (the whole
 /// file when it has none), rather than the whole file, which took about 5
 /// ms for each of the two searches in a 20 MB binary, on the push's path
-/// twice (`nx` checks a binary before its upload, the receiver after). Both
-/// only shape the report and a refusal's remedy, never whether it runs.
+/// twice (`nx` checks a binary before its upload, the receiver after). What
+/// they find shapes the report and a refusal's remedy, and for a Go program
+/// the operating system its build information names.
 fn elf_file<'d, Elf: object::read::elf::FileHeader<Endian = object::Endianness>>(
     data: &'d [u8],
     size: u64,
