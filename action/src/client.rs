@@ -7,11 +7,12 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use nx_protocol::api::{app_of_path, ErrorBody};
 use nx_protocol::auth::{
-    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META,
-    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    sha256_hex, CanonicalRequest, Credential, FooterKey, DIGEST_IN_FOOTER, EMPTY_SHA256, FOOTER_LEN,
+    HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
@@ -21,6 +22,27 @@ use serde::Serialize;
 use crate::config::Target;
 use crate::failure::Failure;
 use crate::progress::Progress;
+
+/// The SHA-256 of an upload's bytes, hashed on a blocking thread from the
+/// moment [`digest_of`] is called; each attempt of the upload awaits a clone.
+pub type PendingDigest = Shared<BoxFuture<'static, Result<String, String>>>;
+
+/// Starts hashing `data` now.
+pub fn digest_of(data: Bytes) -> PendingDigest {
+    let hashing = tokio::task::spawn_blocking(move || sha256_hex(&data));
+    async move { hashing.await.map_err(|e| format!("hashing the upload stopped: {e}")) }.boxed().shared()
+}
+
+/// How an upload's digest is signed.
+#[derive(Debug, Clone)]
+pub enum UploadDigest<'a> {
+    /// Known before the upload: signed in the request's head.
+    Ahead(&'a str),
+    /// Still being computed while the bytes go out: sent after them in a
+    /// footer signed for the request (`nx_protocol::auth::FooterKey`), to a
+    /// receiver whose `/v1/target` says it takes one.
+    InFooter(PendingDigest),
+}
 
 /// A signed API client.
 #[derive(Debug, Clone)]
@@ -297,20 +319,19 @@ impl Client {
         sha256: &str,
         progress: Progress,
     ) -> anyhow::Result<T> {
-        self.upload_with(api_path, data, sha256, None, progress).await
+        self.upload_with(api_path, data, UploadDigest::Ahead(sha256), None, progress).await
     }
 
-    /// Sends `data` (whose digest is known) as the body of a signed POST,
-    /// reporting progress.
+    /// Sends `data` as the body of a signed POST, reporting progress.
     pub async fn upload<T: DeserializeOwned>(
         &self,
         api_path: &str,
         data: Bytes,
-        sha256: &str,
+        digest: UploadDigest<'_>,
         meta: &[u8],
         progress: Progress,
     ) -> anyhow::Result<T> {
-        self.upload_with(api_path, data, sha256, Some(meta), progress).await
+        self.upload_with(api_path, data, digest, Some(meta), progress).await
     }
 
     /// The body is the bytes that were hashed, held in memory, rather than
@@ -320,22 +341,41 @@ impl Client {
         &self,
         api_path: &str,
         data: Bytes,
-        sha256: &str,
+        digest: UploadDigest<'_>,
         meta: Option<&[u8]>,
         progress: Progress,
     ) -> anyhow::Result<T> {
         let size = data.len() as u64;
+        let (signed_digest, body_len) = match &digest {
+            UploadDigest::Ahead(sha256) => (*sha256, size),
+            UploadDigest::InFooter(_) => (DIGEST_IN_FOOTER, size + FOOTER_LEN),
+        };
+        let mut headers = self.signed_headers(&Method::POST, api_path, signed_digest, body_len, meta);
+        // The footer's key is bound to this request's signature: a footer
+        // vouches for the body of its own request only.
+        let footer = match digest {
+            UploadDigest::Ahead(_) => None,
+            UploadDigest::InFooter(pending) => {
+                let signature = headers.get(HEADER_SIGNATURE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let key = FooterKey::derive(self.key.expose_secret(), signature);
+                Some(async move { pending.await.map(|sha256| Bytes::from(key.footer(&sha256))) })
+            }
+        };
         let pieces =
             (0..data.len()).step_by(UPLOAD_PIECE).map(move |at| data.slice(at..data.len().min(at + UPLOAD_PIECE)));
-        let stream = futures_util::stream::iter(pieces).map(move |piece| {
-            progress.advance(piece.len() as u64);
-            if progress.position() >= size {
-                progress.finish_upload();
-            }
-            Ok::<_, std::convert::Infallible>(piece)
-        });
-        let mut headers = self.signed_headers(&Method::POST, api_path, sha256, size, meta);
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+        let stream = futures_util::stream::iter(pieces)
+            .map(move |piece| {
+                progress.advance(piece.len() as u64);
+                if progress.position() >= size {
+                    progress.finish_upload();
+                }
+                Ok::<_, std::io::Error>(piece)
+            })
+            .chain(futures_util::stream::iter(footer).then(|footer| async move {
+                // A failed hash ends the body short, which the receiver refuses.
+                footer.await.map_err(std::io::Error::other)
+            }));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let resp = self
             .http

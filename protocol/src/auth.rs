@@ -14,6 +14,8 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::secret::Secret;
+
 /// The scheme name, first line of every canonical request.
 pub const SCHEME: &str = "NX1-HMAC-SHA256";
 /// Header naming the key that signed the request.
@@ -32,6 +34,15 @@ pub const HEADER_SIGNATURE: &str = "x-nx-signature";
 pub const CLOCK_WINDOW_SECS: i64 = 300;
 /// The sha256 of zero bytes, the content digest of a request without a body.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// `x-nx-content-sha256` of an upload whose digest follows its bytes, in a
+/// [`FOOTER_LEN`]-byte footer at the end of the body signed with a
+/// [`FooterKey`]: the client hashes while it sends instead of before.
+pub const DIGEST_IN_FOOTER: &str = "footer";
+/// Length of an upload's footer: the sha256 of the bytes before it and that
+/// digest's HMAC under the request's [`FooterKey`], both lowercase hex.
+pub const FOOTER_LEN: u64 = 128;
+/// First line of the text a [`FooterKey`] is derived from.
+const FOOTER_SCHEME: &str = "NX1-HMAC-SHA256-FOOTER";
 
 /// Key id of the admin token.
 pub const ADMIN_KEY_ID: &str = "admin";
@@ -174,12 +185,67 @@ impl CanonicalRequest<'_> {
     }
 
     fn mac(&self, secret: &str) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
-            .unwrap_or_else(|_| unreachable!("hmac takes keys of any length"));
+        let mut mac = hmac_of(secret.as_bytes());
         mac.update(self.to_text().as_bytes());
         mac
     }
+}
+
+/// The key that signs one request's footer: HMAC-SHA256, keyed with the
+/// whole secret, of `NX1-HMAC-SHA256-FOOTER\nsignature:<the head's
+/// signature>`. Bound to that signature, a footer vouches for the body of
+/// its own request only (its nonce, path, length, key); derived, it lets the
+/// receiver check a body that takes minutes to arrive without keeping the
+/// key's secret, which signs any request, for as long.
+#[derive(Clone, Debug)]
+pub struct FooterKey(Secret<[u8; 32]>);
+
+/// Why a footer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FooterError {
+    #[error("the body's last {FOOTER_LEN} bytes are not a footer (the sha256 of the bytes before them and its signature, lowercase hex)")]
+    Malformed,
+    #[error("the body's footer is not signed with this request's key: the body was changed after it was signed, or the key is wrong")]
+    Forged,
+}
+
+impl FooterKey {
+    pub fn derive(secret: &str, head_signature: &str) -> FooterKey {
+        let mut mac = hmac_of(secret.as_bytes());
+        mac.update(format!("{FOOTER_SCHEME}\nsignature:{head_signature}").as_bytes());
+        FooterKey(Secret::new(mac.finalize().into_bytes().into()))
+    }
+
+    /// The footer of a body whose bytes have the sha256 `sha256` (lowercase hex).
+    pub fn footer(&self, sha256: &str) -> Vec<u8> {
+        let mut footer = sha256.as_bytes().to_vec();
+        footer.extend_from_slice(hex::encode(self.mac(sha256).finalize().into_bytes()).as_bytes());
+        footer
+    }
+
+    /// The digest `footer` vouches for, once its signature is checked (in
+    /// constant time).
+    pub fn open(&self, footer: &[u8]) -> Result<String, FooterError> {
+        let text = std::str::from_utf8(footer).map_err(|_| FooterError::Malformed)?;
+        let (sha256, signature) = text.split_at_checked(64).ok_or(FooterError::Malformed)?;
+        if !is_sha256_hex(sha256) || !is_sha256_hex(signature) {
+            return Err(FooterError::Malformed);
+        }
+        let signature = hex::decode(signature).map_err(|_| FooterError::Malformed)?;
+        self.mac(sha256).verify_slice(&signature).map_err(|_| FooterError::Forged)?;
+        Ok(sha256.to_owned())
+    }
+
+    fn mac(&self, sha256: &str) -> Hmac<Sha256> {
+        let mut mac = hmac_of(self.0.expose());
+        mac.update(format!("content-sha256:{sha256}").as_bytes());
+        mac
+    }
+}
+
+fn hmac_of(key: &[u8]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("hmac takes keys of any length"))
 }
 
 /// Whether `timestamp` is within the accepted window around `now`.
@@ -249,6 +315,37 @@ mod tests {
         assert!(!changed.verify(VECTOR_SECRET, &sig));
         assert!(!vector().verify("nxk_k1_wrongwrongwrongwrongwrongwrongwrong", &sig));
         assert!(!vector().verify(VECTOR_SECRET, "not hex"));
+    }
+
+    /// The footer's worked vector in ARCHITECTURE.md ("Request signing"),
+    /// for the body `hello\n` of the request above signed with the footer
+    /// instead of its digest (the same head signature stands in here).
+    const VECTOR_FOOTER_MAC: &str = "399148a06ca8b128807c73d8da615c6859fa8aa980320f3e76e08992ebaec16f";
+
+    #[test]
+    fn a_footer_vouches_for_its_digest_under_its_request_only() {
+        let key = FooterKey::derive(VECTOR_SECRET, VECTOR_SIGNATURE);
+        let digest = vector().content_sha256;
+        let footer = key.footer(digest);
+        assert_eq!(footer.len() as u64, FOOTER_LEN);
+        assert_eq!(String::from_utf8(footer.clone()).unwrap(), format!("{digest}{VECTOR_FOOTER_MAC}"));
+        assert_eq!(key.open(&footer).as_deref(), Ok(digest));
+        assert!(!format!("{key:?}").contains("f1ef92"), "the derived key is never printed");
+
+        // Another request's key (another head signature), or another secret.
+        let other_request = FooterKey::derive(VECTOR_SECRET, &"0".repeat(64));
+        assert_eq!(other_request.open(&footer), Err(FooterError::Forged));
+        let other_secret = FooterKey::derive("nxk_k1_wrongwrongwrongwrongwrongwrongwrong", VECTOR_SIGNATURE);
+        assert_eq!(other_secret.open(&footer), Err(FooterError::Forged));
+        // A digest changed under the same signature.
+        let mut changed = footer.clone();
+        changed[0] = if changed[0] == b'0' { b'1' } else { b'0' };
+        assert_eq!(key.open(&changed), Err(FooterError::Forged));
+        // Not a footer's shape.
+        assert_eq!(key.open(&footer[..127]), Err(FooterError::Malformed));
+        assert_eq!(key.open(&[footer.as_slice(), b"0"].concat()), Err(FooterError::Malformed));
+        assert_eq!(key.open(&footer.to_ascii_uppercase()), Err(FooterError::Malformed));
+        assert_eq!(key.open(&[0xff; 128]), Err(FooterError::Malformed));
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub struct ServerTarget {
     pub interpreters: Vec<String>,
     /// Shared library sonames the sandbox can load (`libc.so.6`, ...).
     pub libraries: Vec<String>,
+    /// Whether the receiver takes an upload whose sha256 follows its bytes
+    /// (`x-nx-content-sha256: footer`, see `auth::DIGEST_IN_FOOTER`), so that
+    /// `nx push` hashes while it sends; absent, so false, from a receiver
+    /// that predates it, which `nx push` then signs the digest ahead for.
+    #[serde(default)]
+    pub digest_in_footer: bool,
 }
 
 impl ServerTarget {
@@ -33,6 +39,7 @@ impl ServerTarget {
             glibc: None,
             interpreters: Vec::new(),
             libraries: Vec::new(),
+            digest_in_footer: false,
         })
     }
 }

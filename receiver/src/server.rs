@@ -276,7 +276,11 @@ async fn run(
     if swept > 0 {
         tracing::info!(files = swept, "removed uploads left by an earlier crash");
     }
-    let target = Arc::new(nx_verify::target::detect(Path::new("/")));
+    // This receiver's API takes an upload's digest in its footer.
+    let target = Arc::new(nx_protocol::target::ServerTarget {
+        digest_in_footer: true,
+        ..nx_verify::target::detect(Path::new("/"))
+    });
     let arch = nx_runtime::seccomp::Arch::host()
         .context("this machine's architecture has no seccomp filter; NX Sandbox runs on x86-64 and arm64")?;
     let seccomp: Arc<[u8]> = nx_runtime::seccomp::to_bytes(&nx_runtime::seccomp::filter(arch)).into();

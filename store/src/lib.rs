@@ -31,6 +31,7 @@ use object_store::{ObjectStore, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use nx_protocol::auth::{FooterKey, FOOTER_LEN};
 use rand::distributions::{Alphanumeric, DistString};
 
 pub mod shares;
@@ -46,6 +47,8 @@ pub enum StoreError {
     LengthMismatch { expected: u64, got: u64 },
     #[error("the body's sha256 is {got} but the request was signed for {expected}; the upload was altered in transit, push again")]
     DigestMismatch { expected: String, got: String },
+    #[error(transparent)]
+    Footer(#[from] nx_protocol::auth::FooterError),
     #[error("the upload stopped before its end: {0}")]
     Body(String),
     #[error("the server's disk is full ({path}); free space on the receiver and push again")]
@@ -71,6 +74,38 @@ fn io_error(path: &Path, source: std::io::Error) -> StoreError {
         StoreError::DiskFull { path: path.to_owned() }
     } else {
         StoreError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// The digest an upload's bytes must have, and where it comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Expected<'a> {
+    /// Known before the body (lowercase hex): the request's signed header.
+    Digest(&'a str),
+    /// In the body's last [`FOOTER_LEN`] bytes, which are not part of the
+    /// upload, signed with this key: the client hashed while it sent.
+    Footer(&'a FooterKey),
+}
+
+impl<'a> From<&'a str> for Expected<'a> {
+    fn from(sha256: &'a str) -> Self {
+        Expected::Digest(sha256)
+    }
+}
+
+impl<'a> From<&'a String> for Expected<'a> {
+    fn from(sha256: &'a String) -> Self {
+        Expected::Digest(sha256)
+    }
+}
+
+impl Expected<'_> {
+    /// How many of the body's bytes are not the upload's.
+    fn footer_len(&self) -> u64 {
+        match self {
+            Expected::Digest(_) => 0,
+            Expected::Footer(_) => FOOTER_LEN,
+        }
     }
 }
 
@@ -420,16 +455,17 @@ impl ArtifactStore {
         Ok(PartialUpload { receiving, limit, timeout, deadline })
     }
 
-    /// Streams `body` (an upload to `app`) into a temporary file while
-    /// hashing it, enforcing `limit` as bytes arrive and the upload timeout,
-    /// then checks length and digest against what was signed; refused with
-    /// [`StoreError::AppBusy`] or [`StoreError::Busy`] when too many uploads
-    /// are in progress.
-    pub async fn receive<S, E>(
+    /// Streams `body` (an upload to `app`, `expected_len` bytes with its
+    /// footer if it has one) into a temporary file while hashing it,
+    /// enforcing `limit` on the upload's bytes as they arrive and the upload
+    /// timeout, then checks length and digest against what was signed;
+    /// refused with [`StoreError::AppBusy`] or [`StoreError::Busy`] when too
+    /// many uploads are in progress.
+    pub async fn receive<'e, S, E>(
         &self,
         app: AppRef<'_>,
         body: S,
-        expected_sha256: &str,
+        expected: impl Into<Expected<'e>>,
         expected_len: u64,
         limit: u64,
     ) -> Result<Upload, StoreError>
@@ -439,7 +475,7 @@ impl ArtifactStore {
     {
         let slot = self.upload_slot(app)?;
         let timeout = self.upload_timeout;
-        let received = self.receive_into(body, expected_sha256, expected_len, limit, Some(slot));
+        let received = self.receive_into(body, expected.into(), expected_len, limit, Some(slot));
         // On timeout the future is dropped, and with it the Upload that removes the file.
         tokio::time::timeout(timeout, received).await.map_err(|_| StoreError::TimedOut { after: timeout })?
     }
@@ -449,7 +485,7 @@ impl ArtifactStore {
     async fn receive_into<S, E>(
         &self,
         body: S,
-        expected_sha256: &str,
+        expected: Expected<'_>,
         expected_len: u64,
         limit: u64,
         slot: Option<Slot>,
@@ -458,6 +494,10 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        // The upload's bytes end where its footer, if any, begins.
+        let upload_len = expected_len
+            .checked_sub(expected.footer_len())
+            .ok_or(StoreError::Footer(nx_protocol::auth::FooterError::Malformed))?;
         let path = self.tmp_dir.join(temporary_name());
         // Created before anything can fail, so Drop always cleans up.
         let mut upload = Upload { path: path.clone(), sha256: String::new(), size: 0, _slot: None, syncing: None };
@@ -485,19 +525,25 @@ impl ArtifactStore {
         });
         let hashing = tokio::task::spawn_blocking(move || hash_pieces(hashed));
         let mut size: u64 = 0;
+        let mut footer = Vec::new();
         futures_util::pin_mut!(body);
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            let mut chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            let received = size + footer.len() as u64 + chunk.len() as u64;
+            if received > expected_len {
+                return Err(StoreError::LengthMismatch { expected: expected_len, got: received });
+            }
+            if size + chunk.len() as u64 > upload_len {
+                let tail = chunk.split_off(usize::try_from(upload_len - size).unwrap_or(usize::MAX));
+                footer.extend_from_slice(&tail);
+            }
             size += chunk.len() as u64;
             if size > limit {
                 return Err(StoreError::TooLarge { limit });
             }
-            if size > expected_len {
-                return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
-            }
             // The hasher only stops when this side does; the writer on an
             // error, which its result says.
-            if to_hash.send(chunk.clone()).await.is_err() || to_disk.send(chunk).await.is_err() {
+            if !chunk.is_empty() && (to_hash.send(chunk.clone()).await.is_err() || to_disk.send(chunk).await.is_err()) {
                 break;
             }
         }
@@ -508,11 +554,16 @@ impl ArtifactStore {
         let (file, slot) = disk.await.map_err(|e| stopped("writer", e))??;
         let sha256 = hashing.await.map_err(|e| stopped("hasher", e))?;
         upload._slot = slot;
-        if size != expected_len {
-            return Err(StoreError::LengthMismatch { expected: expected_len, got: size });
+        let received = size + footer.len() as u64;
+        if received != expected_len {
+            return Err(StoreError::LengthMismatch { expected: expected_len, got: received });
         }
-        if sha256 != expected_sha256 {
-            return Err(StoreError::DigestMismatch { expected: expected_sha256.to_owned(), got: sha256 });
+        let signed = match expected {
+            Expected::Digest(sha256) => sha256.to_owned(),
+            Expected::Footer(key) => key.open(&footer)?,
+        };
+        if sha256 != signed {
+            return Err(StoreError::DigestMismatch { expected: signed, got: sha256 });
         }
         upload.syncing = Some(tokio::task::spawn_blocking(move || file.sync_all()));
         upload.sha256 = sha256;
@@ -626,7 +677,7 @@ impl ArtifactStore {
             Err(e) => return Err(unavailable(e)),
         };
         let size = result.meta.size;
-        let upload = self.receive_into(result.into_stream(), sha, size, u64::MAX, None).await?;
+        let upload = self.receive_into(result.into_stream(), Expected::Digest(sha), size, u64::MAX, None).await?;
         self.publish_local_copy(upload).await
     }
 
@@ -900,6 +951,61 @@ mod tests {
         assert!(matches!(open.write_at(2, b"llo"), Err(StoreError::TimedOut { .. })));
         assert!(matches!(open.finish().await, Err(StoreError::TimedOut { .. })));
         drop(next);
+        assert_eq!(files_in(&d.join("tmp")), 0);
+    }
+
+    #[tokio::test]
+    async fn a_digest_in_the_footer_is_checked_and_never_stored() {
+        let d = data_dir("footer");
+        let store = ArtifactStore::open(None, &d).unwrap();
+        let key = FooterKey::derive("nxk_k1_0123456789abcdefghijklmnopqrstuv", &"ab".repeat(32));
+        let binary = b"hello world";
+        let whole = [binary.as_slice(), &key.footer(&sha(binary))].concat();
+        let len = whole.len() as u64;
+        // Cut so that one piece holds the binary's end and the footer's start,
+        // and the footer is split again.
+        for cuts in [vec![11], vec![5, 20, 100], vec![1, 2, 3, 135], vec![len as usize]] {
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([len as usize]) {
+                pieces.push(Ok::<_, std::io::Error>(Bytes::copy_from_slice(&whole[at..cut.max(at)])));
+                at = cut.max(at);
+            }
+            let body = futures_util::stream::iter(pieces);
+            let up = store.receive(app(1, "web"), body, Expected::Footer(&key), len, 11).await.unwrap();
+            assert_eq!((up.size, up.sha256.as_str()), (11, sha(binary).as_str()));
+            assert_eq!(std::fs::read(up.path()).unwrap(), binary, "the footer is not part of the upload");
+        }
+
+        let refused = |body: Vec<u8>, key: &FooterKey, len: u64| {
+            let store = &store;
+            let key = key.clone();
+            async move {
+                let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]);
+                store.receive(app(1, "web"), body, Expected::Footer(&key), len, 100).await.unwrap_err()
+            }
+        };
+        // Another request's key, a changed binary under the right footer, a
+        // footer that vouches for another body, a cut footer, a body without one.
+        let other = FooterKey::derive("nxk_k1_0123456789abcdefghijklmnopqrstuv", &"cd".repeat(32));
+        let err = refused(whole.clone(), &other, len).await;
+        assert!(matches!(err, StoreError::Footer(nx_protocol::auth::FooterError::Forged)), "{err}");
+        let mut changed = whole.clone();
+        changed[0] = b'j';
+        let err = refused(changed, &key, len).await;
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let err = refused([b"jello world".as_slice(), &key.footer(&sha(b"jello"))].concat(), &key, len).await;
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let err = refused(whole[..whole.len() - 1].to_vec(), &key, len).await;
+        assert!(matches!(err, StoreError::LengthMismatch { .. }), "{err}");
+        let err = refused(binary.to_vec(), &key, 11).await;
+        assert!(matches!(err, StoreError::Footer(nx_protocol::auth::FooterError::Malformed)), "{err}");
+        let err = refused(whole.clone(), &key, len - 1).await;
+        assert!(matches!(err, StoreError::LengthMismatch { .. }), "{err}");
+        // The limit is on the binary, not on its footer.
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(whole.clone()))]);
+        let err = store.receive(app(1, "web"), body, Expected::Footer(&key), len, 10).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { limit: 10 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
     }
 

@@ -107,6 +107,123 @@ fn forged_stale_replayed_and_tampered_requests_each_get_their_own_answer() {
     nothing_recorded(&r, "web");
 }
 
+#[test]
+fn a_digest_in_the_footer_is_held_to_its_own_request() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let binary = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    let sha = nx_protocol::auth::sha256_hex(&binary);
+    let (path, len) = ("/v1/apps/web/deployments", binary.len() as u64);
+    let m = meta(serde_json::json!({ "filename": "goweb" }));
+    let with = |bytes: &[u8], footer: Vec<u8>| [bytes, &footer].concat();
+
+    // A footer of another request by the same key, for the same bytes: a
+    // footer vouches for its own request's body only.
+    let s = Signed::with_footer("POST", path, len, Some(&m));
+    let other = Signed::with_footer("POST", path, len, Some(&m));
+    let (status, text) = send(&r, &s, &key, with(&binary, other.footer(&key, &sha)));
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("footer is not signed with this request's key"), "{text}");
+
+    // Bytes changed under their request's own footer.
+    let s = Signed::with_footer("POST", path, len, Some(&m));
+    let mut changed = binary.clone();
+    changed[100] ^= 0xff;
+    let (status, text) = send(&r, &s, &key, with(&changed, s.footer(&key, &sha)));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("altered in transit"), "{text}");
+
+    // A body too short to end in a footer.
+    let mut s = Signed::with_footer("POST", path, 0, Some(&m));
+    s.content_length = 100;
+    let (status, text) = send(&r, &s, &key, vec![b'0'; 100]);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("are not a footer"), "{text}");
+
+    // A call that takes JSON: its body is checked whole, against a digest
+    // in its head.
+    let body = br#"{"name":"other"}"#;
+    let mut s = Signed::with_footer("POST", "/v1/apps", 0, None);
+    s.content_length = body.len() as u64;
+    let (status, text) = send(&r, &s, &r.admin_token, body.to_vec());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("is for uploads"), "{text}");
+    assert!(!r.nx_ok(&["apps", "ls"]).stdout.contains("other"), "no app was made");
+    nothing_recorded(&r, "web");
+
+    // Its own footer: deployed, and stored under the binary's digest, footer
+    // not included.
+    let s = Signed::with_footer("POST", path, len, Some(&m));
+    let (status, text) = send(&r, &s, &key, with(&binary, s.footer(&key, &sha)));
+    assert_eq!(status, 201, "{text}");
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((info["state"].as_str(), info["digest"].as_str()), (Some("healthy"), Some(sha.as_str())), "{info}");
+    assert_eq!(std::fs::read(r.data_dir().join("store/artifacts").join(&sha)).unwrap(), binary);
+}
+
+/// A stand-in for a receiver in front of a real one: what its `/v1/target`
+/// says of footers is the test's, every request is passed on, and each
+/// push's signed digest and body length are recorded.
+#[derive(Debug)]
+struct Relay {
+    api: String,
+    footers: bool,
+    pushes: std::sync::Mutex<Vec<(String, usize)>>,
+}
+
+async fn relay(
+    req: hyper::Request<hyper::body::Incoming>,
+    relay: std::sync::Arc<Relay>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    if parts.method == hyper::Method::POST && path.ends_with("/deployments") {
+        let signed = parts.headers.get("x-nx-content-sha256").and_then(|v| v.to_str().ok()).unwrap_or("");
+        relay.pushes.lock().unwrap().push((signed.to_owned(), body.len()));
+    }
+    let mut out = reqwest::Client::new().request(parts.method.clone(), format!("{}{path}", relay.api)).body(body);
+    for (name, value) in parts.headers.iter().filter(|(n, _)| *n != hyper::header::HOST) {
+        out = out.header(name, value);
+    }
+    let answer = out.send().await.expect("the receiver answers");
+    let status = answer.status();
+    let mut text = answer.bytes().await.unwrap_or_default();
+    if path == "/v1/target" {
+        let mut target: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        if relay.footers {
+            assert_eq!(target["digest_in_footer"], true, "this receiver takes footers: {target}");
+        } else {
+            target.as_object_mut().unwrap().remove("digest_in_footer");
+        }
+        text = serde_json::to_vec(&target).unwrap().into();
+    }
+    Ok(hyper::Response::builder().status(status.as_u16()).body(http_body_util::Full::new(text)).unwrap())
+}
+
+#[test]
+fn nx_sends_the_digest_after_the_bytes_only_to_a_receiver_that_takes_it() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let binary = fixtures::go(Go::Static);
+    let bytes = std::fs::read(&binary).unwrap();
+    let sha = nx_protocol::auth::sha256_hex(&bytes);
+    for (footers, signed, len) in [(true, "footer", bytes.len() + 128), (false, sha.as_str(), bytes.len())] {
+        let api = r.api();
+        let (server, seen) = nx_e2e::server::serve(|_| Relay { api, footers, pushes: Default::default() }, relay);
+        for extra in [&[][..], &["--skip-verify"][..]] {
+            let mut nx = r.nx_command(&key);
+            nx.env("NX_SERVER", &server.url).args(["--json", "push", binary.to_str().unwrap(), "--app", "web"]);
+            let out = nx_e2e::receiver::NxOutput::from(nx_e2e::exec::output(nx.args(extra)).unwrap()).success();
+            let deployment = &out.json()["deployment"];
+            assert_eq!((deployment["state"].as_str(), deployment["digest"].as_str()), (Some("healthy"), Some(&*sha)));
+            let pushes = std::mem::take(&mut *seen.pushes.lock().unwrap());
+            assert_eq!(pushes, [(signed.to_owned(), len)], "footers: {footers}, {extra:?}");
+        }
+    }
+}
+
 /// Sends the head of a push to `app` signed with `key` and the first half of
 /// its body, and returns the connection, still open.
 fn half_upload(r: &Receiver, app: &str, key: &str, body: &[u8], meta: &[u8]) -> std::net::TcpStream {

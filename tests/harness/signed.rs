@@ -3,8 +3,8 @@
 
 use nx_protocol::api::app_of_path;
 use nx_protocol::auth::{
-    sha256_hex, CanonicalRequest, Credential, EMPTY_SHA256, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META,
-    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    sha256_hex, CanonicalRequest, Credential, FooterKey, DIGEST_IN_FOOTER, EMPTY_SHA256, FOOTER_LEN,
+    HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 
 /// Everything a signature covers, editable before and after signing.
@@ -32,6 +32,38 @@ impl Signed {
         }
     }
 
+    /// An upload of `len` bytes whose digest follows them in a footer, as
+    /// `nx push` sends one to a receiver that takes it.
+    pub fn with_footer(method: &str, path: &str, len: u64, meta: Option<&[u8]>) -> Signed {
+        Signed {
+            body_sha256: DIGEST_IN_FOOTER.into(),
+            content_length: len + FOOTER_LEN,
+            ..Signed::new(method, path, b"", meta)
+        }
+    }
+
+    /// The footer vouching for `sha256` under this request signed with `key`.
+    pub fn footer(&self, key: &str, sha256: &str) -> Vec<u8> {
+        let cred = Credential::parse(key).expect("a well-formed key");
+        let meta_sha = self.meta.as_deref().map(sha256_hex);
+        let signature = self.canonical(&cred, meta_sha.as_deref()).sign(cred.expose_secret());
+        FooterKey::derive(cred.expose_secret(), &signature).footer(sha256)
+    }
+
+    fn canonical<'a>(&'a self, cred: &'a Credential, meta_sha: Option<&'a str>) -> CanonicalRequest<'a> {
+        CanonicalRequest {
+            method: &self.method,
+            path: &self.path,
+            app: app_of_path(&self.path),
+            key_id: cred.key_id(),
+            timestamp: self.timestamp,
+            nonce: &self.nonce,
+            content_sha256: &self.body_sha256,
+            content_length: self.content_length,
+            meta_sha256: meta_sha.unwrap_or(EMPTY_SHA256),
+        }
+    }
+
     /// The headers for `key` (a deploy key or admin token string).
     pub fn headers(&self, key: &str) -> Vec<(&'static str, String)> {
         self.headers_for(&Credential::parse(key).expect("a well-formed key"))
@@ -41,17 +73,7 @@ impl Signed {
     pub fn headers_for(&self, cred: &Credential) -> Vec<(&'static str, String)> {
         use base64::Engine as _;
         let meta_sha = self.meta.as_deref().map(sha256_hex);
-        let canonical = CanonicalRequest {
-            method: &self.method,
-            path: &self.path,
-            app: app_of_path(&self.path),
-            key_id: cred.key_id(),
-            timestamp: self.timestamp,
-            nonce: &self.nonce,
-            content_sha256: &self.body_sha256,
-            content_length: self.content_length,
-            meta_sha256: meta_sha.as_deref().unwrap_or(EMPTY_SHA256),
-        };
+        let canonical = self.canonical(cred, meta_sha.as_deref());
         let mut h = vec![
             (HEADER_KEY, cred.key_id().to_owned()),
             (HEADER_TIMESTAMP, self.timestamp.to_string()),

@@ -60,7 +60,14 @@ pub fn detect(root: &Path) -> ServerTarget {
     }
     libraries.sort();
     libraries.dedup();
-    ServerTarget { os: "linux".into(), arch: host_arch().into(), glibc, interpreters, libraries }
+    ServerTarget {
+        os: "linux".into(),
+        arch: host_arch().into(),
+        glibc,
+        interpreters,
+        libraries,
+        digest_in_footer: false,
+    }
 }
 
 #[cfg(test)]

@@ -194,6 +194,7 @@ mod tests {
             glibc: Some("2.36".into()),
             interpreters: vec!["/lib64/ld-linux-x86-64.so.2".into()],
             libraries: vec!["libc.so.6".into(), "libm.so.6".into()],
+            digest_in_footer: false,
         }
     }
 

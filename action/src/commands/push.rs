@@ -5,15 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use bytes::Bytes;
 use nx_protocol::api::{AppInfo, DeploymentInfo, DeploymentState, Promotion, PushMeta, Source};
 use nx_protocol::target::ServerTarget;
 use nx_protocol::AppName;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::{named_or_only_app, print_json};
 use crate::cli::{Global, PushArgs};
-use crate::client::{get_public, Client};
+use crate::client::{digest_of, get_public, Client, UploadDigest};
 use crate::failure::Failure;
 use crate::manifest::Manifest;
 use crate::output::{bytes, paint, state, Color};
@@ -70,12 +70,18 @@ pub struct Pushed {
 /// Runs a push: local verification, upload, optional promotion. A deployment
 /// that failed on the server is returned, not an error; the caller decides.
 pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
-    // The binary is read and hashed on a blocking thread while the server is
-    // asked about the app and what it runs: a push's fixed cost before its
-    // upload is then the longer of the two, not their sum (for 20 MB, the
-    // hashing's 12-30 ms against about 8 ms of requests).
+    // The binary is read on a blocking thread, and hashed on another from
+    // the moment it is read, while the server is asked about the app and
+    // what it runs: a push's fixed cost before its upload is then the
+    // longer of the read and the requests (about 8 ms), not the hash's
+    // 12-30 ms for 20 MB. A receiver that takes the digest after the body
+    // gets the upload at once, hashed while it goes out; an older one once
+    // the hash is done.
     let path = job.path.to_owned();
-    let read = tokio::task::spawn_blocking(move || read_hashed(&path));
+    let read = async move {
+        let data = tokio::task::spawn_blocking(move || read_binary(&path)).await?;
+        anyhow::Ok(data.map(|data| (digest_of(data.clone()), data)))
+    };
     // The push's first signed call, which a wrong key or an unknown app
     // fails before megabytes are sent (a server refusing an upload stops
     // reading it, which can cut the answer off). A fork's preview may not
@@ -87,25 +93,28 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
         }
         client.get::<AppInfo>(&format!("/v1/apps/{}", job.app)).await.map(Some)
     };
+    // Without verification the target only says how the digest may be sent:
+    // a server that cannot say is sent it ahead.
     let target = async {
-        if !job.verify {
-            return Ok(None);
+        let target = client.get_public::<ServerTarget>("/v1/target").await;
+        if job.verify {
+            target.map(Some)
+        } else {
+            Ok(target.ok())
         }
-        client.get_public::<ServerTarget>("/v1/target").await.map(Some)
     };
     let (read, app, target) = tokio::join!(read, app, target);
     // What is wrong here is said first: the file, then the server.
-    let (data, sha256) = read
+    let (digest, data) = read
         .map_err(|e| anyhow::anyhow!("reading the binary stopped: {e}"))?
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", job.path.display())))?;
     let (app, target) = (app?, target?);
     let size = data.len() as u64;
-    if let Some(target) = &target {
+    if let Some(target) = target.as_ref().filter(|_| job.verify) {
         if let Some(refused) = super::verify::refusal(job.path, &data, target) {
             return Err(refused.into());
         }
     }
-    let data = bytes::Bytes::from(data);
     // Only for a binary that will be pushed: a refused one changes nothing.
     if let Some(app) = &app {
         apply_manifest(client, &job, app).await?;
@@ -116,15 +125,23 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     meta.push_id.get_or_insert_with(|| hex::encode(rand::random::<[u8; 16]>()));
     let meta_json = serde_json::to_vec(&meta)?;
     if !job.quiet {
-        eprintln!("pushing {} ({}, sha256:{}) to {}", job.path.display(), bytes(size), &sha256[..12], job.app);
+        eprintln!("pushing {} ({}) to {}", job.path.display(), bytes(size), job.app);
     }
+    let ahead = match target {
+        Some(target) if target.digest_in_footer => None,
+        _ => Some(digest.clone().await.map_err(anyhow::Error::msg)?),
+    };
     let after = if meta.no_wait { "starting on the server" } else { "verifying and starting on the server" };
     let api = format!("/v1/apps/{}/deployments", job.app);
     let mut attempt = 1;
     let deployment = loop {
         let progress = Progress::upload(size, after, job.quiet);
+        let signed = match &ahead {
+            Some(sha256) => UploadDigest::Ahead(sha256),
+            None => UploadDigest::InFooter(digest.clone()),
+        };
         let result: anyhow::Result<DeploymentInfo> =
-            client.upload(&api, data.clone(), &sha256, &meta_json, progress.clone()).await;
+            client.upload(&api, data.clone(), signed, &meta_json, progress.clone()).await;
         progress.clear();
         match result {
             Err(e) if attempt < ATTEMPTS && is_unreachable(&e) => {
@@ -165,12 +182,9 @@ async fn apply_manifest(client: &Client, job: &Job<'_>, info: &AppInfo) -> anyho
     Ok(())
 }
 
-/// The whole file at `path` and its SHA-256. One thread reads it a megabyte
-/// at a time while another hashes what is read: in a fresh process the read
-/// is mostly the kernel faulting in the new buffer, the hash about 0.6 ms
-/// per megabyte, and the two together took 30 ms for 20 MB one after the
-/// other.
-fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
+/// The whole file at `path`, read into one buffer: the bytes that are
+/// checked, hashed and sent, whatever happens to the file meanwhile.
+fn read_binary(path: &Path) -> std::io::Result<Bytes> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
@@ -181,31 +195,13 @@ fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
     }
     let size = usize::try_from(metadata.len()).map_err(std::io::Error::other)?;
     let mut data = vec![0u8; size];
-    let hasher = std::thread::scope(|s| {
-        let (read, to_hash) = std::sync::mpsc::sync_channel::<&[u8]>(4);
-        let hashing = s.spawn(move || {
-            let mut hasher = Sha256::new();
-            for piece in to_hash {
-                hasher.update(piece);
-            }
-            hasher
-        });
-        for piece in data.chunks_mut(1 << 20) {
-            file.read_exact(piece)?;
-            // The piece is only read from now on: the hashing thread may have it.
-            if read.send(piece).is_err() {
-                break;
-            }
-        }
-        drop(read);
-        hashing.join().map_err(|_| std::io::Error::other("the hashing thread failed"))
-    })?;
+    file.read_exact(&mut data)?;
     // A file that grew since its size was taken is refused, as one that
-    // shrank is by `read_exact`: the bytes hashed are all the file's.
+    // shrank is by `read_exact`: the bytes sent are all the file's.
     if file.read(&mut [0u8; 1])? != 0 {
         return Err(std::io::Error::other("the file grew while it was read; push it once it is complete"));
     }
-    Ok((data, hex::encode(hasher.finalize())))
+    Ok(Bytes::from(data))
 }
 
 /// The error for a deployment that did not become healthy, with its last words.
@@ -300,21 +296,22 @@ mod tests {
         assert!(parse_env(&["=v".into()]).is_err());
     }
 
-    #[test]
-    fn a_binary_is_read_whole_with_its_digest() {
+    #[tokio::test]
+    async fn a_binary_is_read_whole_and_hashed() {
         let dir = tempfile::tempdir().unwrap();
         // Pieces of a megabyte and a part of one, and an empty file.
         for size in [0, 1, (1 << 20) - 1, 1 << 20, (5 << 20) + 12_345] {
             let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             let path = dir.path().join(format!("bin-{size}"));
             std::fs::write(&path, &bytes).unwrap();
-            let (data, sha256) = read_hashed(&path).unwrap();
+            let data = read_binary(&path).unwrap();
             assert_eq!(data, bytes, "size {size}");
-            assert_eq!(sha256, hex::encode(Sha256::digest(&bytes)), "size {size}");
+            let expected = nx_protocol::auth::sha256_hex(&bytes);
+            assert_eq!(digest_of(data).await.unwrap(), expected, "size {size}");
         }
-        let missing = read_hashed(&dir.path().join("missing")).unwrap_err();
+        let missing = read_binary(&dir.path().join("missing")).unwrap_err();
         assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
-        let not_a_file = read_hashed(dir.path()).unwrap_err();
+        let not_a_file = read_binary(dir.path()).unwrap_err();
         assert_eq!(not_a_file.to_string(), "not a regular file; write the binary to a file and push that");
     }
 }

@@ -24,9 +24,9 @@ use base64::Engine as _;
 use nx_protocol::api::app_of_path;
 use nx_protocol::api::VerifiedGitHub;
 use nx_protocol::auth::{
-    is_sha256_hex, is_valid_nonce, sha256_hex, timestamp_fresh, CanonicalRequest, CLOCK_WINDOW_SECS, EMPTY_SHA256,
-    GITHUB_OIDC_KEY_ID, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE, HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
+    is_sha256_hex, is_valid_nonce, sha256_hex, timestamp_fresh, CanonicalRequest, FooterKey, CLOCK_WINDOW_SECS,
+    DIGEST_IN_FOOTER, EMPTY_SHA256, GITHUB_OIDC_KEY_ID, HEADER_CONTENT_SHA256, HEADER_KEY, HEADER_META, HEADER_NONCE,
+    HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use serde::de::DeserializeOwned;
 
@@ -44,8 +44,11 @@ const MAX_JSON_BODY: usize = 1 << 20;
 pub struct Caller {
     pub key_id: String,
     pub role: Role,
-    /// sha256 the body must have.
+    /// sha256 the body must have, or [`DIGEST_IN_FOOTER`] for an upload
+    /// whose digest follows its bytes (see [`Caller::upload_digest`]).
     pub content_sha256: String,
+    /// What checks that footer's signature; only with [`DIGEST_IN_FOOTER`].
+    footer_key: Option<FooterKey>,
     /// Declared body length, when the request had one.
     pub content_length: Option<u64>,
     /// Decoded `x-nx-meta`, covered by the signature.
@@ -81,6 +84,21 @@ impl Caller {
 
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
+    }
+
+    /// What an upload's bytes must hash to: the signed header's digest, or
+    /// the one in the body's footer, signed for this request.
+    pub fn upload_digest(&self) -> nx_store::Expected<'_> {
+        match &self.footer_key {
+            Some(key) => nx_store::Expected::Footer(key),
+            None => nx_store::Expected::Digest(&self.content_sha256),
+        }
+    }
+
+    /// The upload's own size: its body's signed length without its footer.
+    pub fn upload_len(&self) -> Option<u64> {
+        let footer = if self.footer_key.is_some() { nx_protocol::auth::FOOTER_LEN } else { 0 };
+        self.content_length.map(|n| n.saturating_sub(footer))
     }
 
     /// Refuses a caller whose key was revoked (or its app removed) since its
@@ -200,8 +218,11 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
         )));
     }
     let content_sha256 = header(h, HEADER_CONTENT_SHA256)?;
-    if !is_sha256_hex(content_sha256) {
-        return Err(ApiError::Unauthorized(format!("header {HEADER_CONTENT_SHA256} must be a lowercase hex sha256")));
+    if !is_sha256_hex(content_sha256) && content_sha256 != DIGEST_IN_FOOTER {
+        return Err(ApiError::Unauthorized(format!(
+            "header {HEADER_CONTENT_SHA256} must be a lowercase hex sha256, or {DIGEST_IN_FOOTER:?} for an upload \
+             whose digest is in its footer"
+        )));
     }
     let content_length = match h.get(axum::http::header::CONTENT_LENGTH) {
         Some(v) => Some(
@@ -253,10 +274,12 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
             tracing::warn!(key = key_id, error = %e, "cannot record key use");
         }
     }
+    let footer_key = (content_sha256 == DIGEST_IN_FOOTER).then(|| FooterKey::derive(&signer.secret, signature));
     Ok(Caller {
         key_id: key_id.to_owned(),
         role: signer.role,
         content_sha256: content_sha256.to_owned(),
+        footer_key,
         content_length,
         meta,
         github: signer.github,
@@ -358,6 +381,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
             .get::<Caller>()
             .cloned()
             .ok_or_else(|| ApiError::internal(anyhow::anyhow!("VerifiedJson used on an unauthenticated route")))?;
+        if caller.footer_key.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "{HEADER_CONTENT_SHA256}: {DIGEST_IN_FOOTER} is for uploads (a push, a database restore); sign this \
+                 request with its body's sha256"
+            )));
+        }
         let too_large = || ApiError::TooLarge(format!("JSON bodies are limited to {MAX_JSON_BODY} bytes"));
         // Refused on the signed length before reading, and while streaming
         // for a body longer than it said: never buffered past the limit.

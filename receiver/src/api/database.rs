@@ -86,8 +86,9 @@ pub async fn restore(
     AppScope { caller, app }: AppScope,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let length =
-        caller.content_length.ok_or_else(|| ApiError::LengthRequired("a restore needs Content-Length".into()))?;
+    let (Some(body_len), Some(length)) = (caller.content_length, caller.upload_len()) else {
+        return Err(ApiError::LengthRequired("a restore needs Content-Length".into()));
+    };
     let limit = state.config.max_upload;
     if length > limit {
         return Err(ApiError::TooLarge(format!(
@@ -95,7 +96,7 @@ pub async fn restore(
         )));
     }
     let upload =
-        state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+        state.store.receive(app.store_ref(), body.into_data_stream(), caller.upload_digest(), body_len, limit).await?;
     caller.still_valid(&state).await?;
     state.databases.restore(&app, upload.path()).await?;
     state.db.event(Some(&app.name), None, "db.restore", &caller.actor(), serde_json::json!({ "size": length })).await?;

@@ -84,9 +84,9 @@ pub async fn push(
     body: Body,
 ) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
     let limit = state.config.max_upload;
-    let length = caller.content_length.ok_or_else(|| {
-        ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into())
-    })?;
+    let (Some(body_len), Some(length)) = (caller.content_length, caller.upload_len()) else {
+        return Err(ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into()));
+    };
     if length > limit {
         return Err(ApiError::TooLarge(format!(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"
@@ -95,7 +95,7 @@ pub async fn push(
     let meta = admit(&state, &caller, &app).await?;
 
     let upload =
-        state.store.receive(app.store_ref(), body.into_data_stream(), &caller.content_sha256, length, limit).await?;
+        state.store.receive(app.store_ref(), body.into_data_stream(), caller.upload_digest(), body_len, limit).await?;
     caller.still_valid(&state).await?;
     let info =
         state.deployer.push(&app, upload, &meta, caller.github.as_ref(), caller.is_admin(), &caller.actor()).await?;

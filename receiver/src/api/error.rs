@@ -90,6 +90,8 @@ impl From<StoreError> for ApiError {
         let message = e.to_string();
         match e {
             StoreError::TooLarge { .. } => ApiError::TooLarge(message),
+            StoreError::Footer(nx_protocol::auth::FooterError::Forged) => ApiError::Unauthorized(message),
+            StoreError::Footer(nx_protocol::auth::FooterError::Malformed) => ApiError::BadRequest(message),
             StoreError::LengthMismatch { .. } | StoreError::DigestMismatch { .. } | StoreError::Body(_) => {
                 ApiError::BadRequest(message)
             }
