@@ -87,18 +87,6 @@ pub enum Expected<'a> {
     Footer(&'a FooterKey),
 }
 
-impl<'a> From<&'a str> for Expected<'a> {
-    fn from(sha256: &'a str) -> Self {
-        Expected::Digest(sha256)
-    }
-}
-
-impl<'a> From<&'a String> for Expected<'a> {
-    fn from(sha256: &'a String) -> Self {
-        Expected::Digest(sha256)
-    }
-}
-
 impl Expected<'_> {
     /// How many of the body's bytes are not the upload's.
     fn footer_len(&self) -> u64 {
@@ -461,11 +449,11 @@ impl ArtifactStore {
     /// timeout, then checks length and digest against what was signed;
     /// refused with [`StoreError::AppBusy`] or [`StoreError::Busy`] when too
     /// many uploads are in progress.
-    pub async fn receive<'e, S, E>(
+    pub async fn receive<S, E>(
         &self,
         app: AppRef<'_>,
         body: S,
-        expected: impl Into<Expected<'e>>,
+        expected: Expected<'_>,
         expected_len: u64,
         limit: u64,
     ) -> Result<Upload, StoreError>
@@ -475,7 +463,7 @@ impl ArtifactStore {
     {
         let slot = self.upload_slot(app)?;
         let timeout = self.upload_timeout;
-        let received = self.receive_into(body, expected.into(), expected_len, limit, Some(slot));
+        let received = self.receive_into(body, expected, expected_len, limit, Some(slot));
         // On timeout the future is dropped, and with it the Upload that removes the file.
         tokio::time::timeout(timeout, received).await.map_err(|_| StoreError::TimedOut { after: timeout })?
     }
@@ -826,8 +814,10 @@ mod tests {
     async fn uploads_are_verified_then_published_by_digest() {
         let d = data_dir("ok");
         let store = ArtifactStore::open(None, &d).unwrap();
-        let up =
-            store.receive(app(1, "web"), body(&[b"hello ", b"world"]), &sha(b"hello world"), 11, 100).await.unwrap();
+        let up = store
+            .receive(app(1, "web"), body(&[b"hello ", b"world"]), Expected::Digest(&sha(b"hello world")), 11, 100)
+            .await
+            .unwrap();
         assert_eq!(up.size, 11);
         let path = store.publish(up).await.unwrap();
         assert_eq!(path, d.join("store/artifacts").join(sha(b"hello world")));
@@ -849,8 +839,10 @@ mod tests {
         let pieces: Vec<Result<Bytes, std::io::Error>> =
             bytes.chunks(377_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         let len = bytes.len() as u64;
-        let up =
-            store.receive(app(1, "web"), futures_util::stream::iter(pieces), &sha(&bytes), len, len).await.unwrap();
+        let up = store
+            .receive(app(1, "web"), futures_util::stream::iter(pieces), Expected::Digest(&sha(&bytes)), len, len)
+            .await
+            .unwrap();
         let path = store.publish(up).await.unwrap();
         assert!(std::fs::read(&path).unwrap() == bytes, "the stored file differs from the upload");
     }
@@ -861,14 +853,15 @@ mod tests {
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(2, 2, DEFAULT_UPLOAD_TIMEOUT);
         let web = app(1, "web");
         let sftp = store.partial_upload(web, 100).unwrap();
-        let http = store.receive(app(2, "api"), body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap();
+        let http =
+            store.receive(app(2, "api"), body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap();
         let err = store.partial_upload(web, 100).unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(
             err.to_string(),
             "2 uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)"
         );
-        let err = store.receive(web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 2, "a refused upload writes nothing");
         // A finished SFTP upload keeps its place until published.
@@ -877,7 +870,7 @@ mod tests {
         store.publish(finished).await.unwrap();
         drop(store.partial_upload(web, 100).unwrap());
         drop(http);
-        assert!(store.receive(web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+        assert!(store.receive(web, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -886,15 +879,18 @@ mod tests {
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(4, 1, DEFAULT_UPLOAD_TIMEOUT);
         let (web, api) = (app(1, "web"), app(2, "api"));
         let held = store.partial_upload(web, 100).unwrap();
-        let err = store.receive(web, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "1 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)"
         );
         assert!(matches!(store.partial_upload(web, 100), Err(StoreError::AppBusy { share: 1, .. })));
-        assert!(store.receive(api, body(&[b"hello"]), &sha(b"hello"), 5, 100).await.is_ok(), "api is not held back");
+        assert!(
+            store.receive(api, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.is_ok(),
+            "api is not held back"
+        );
         drop(held);
-        assert!(store.receive(web, body(&[b"x"]), &sha(b"x"), 1, 100).await.is_ok());
+        assert!(store.receive(web, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -908,7 +904,7 @@ mod tests {
             let read = read.clone();
             move |_| _ = read.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         });
-        let err = store.receive(web, counted, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, counted, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::AppBusy { share: 1, .. }), "{err}");
         // The rest of the body is the connection's to read on (the receiver's
         // `listeners`), not the store's.
@@ -925,7 +921,7 @@ mod tests {
         // A body that sends two bytes, then nothing.
         let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"he"))])
             .chain(futures_util::stream::pending());
-        let err = store.receive(web, stalled, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(web, stalled, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::TimedOut { after } if after == timeout), "{err}");
         assert_eq!(
             err.to_string(),
@@ -1013,18 +1009,26 @@ mod tests {
     async fn bad_uploads_leave_nothing_behind() {
         let d = data_dir("bad");
         let store = ArtifactStore::open(None, &d).unwrap();
-        let err = store.receive(app(1, "web"), body(&[b"hello"]), &sha(b"other"), 5, 100).await.unwrap_err();
+        let err = store
+            .receive(app(1, "web"), body(&[b"hello"]), Expected::Digest(&sha(b"other")), 5, 100)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
-        let err = store.receive(app(1, "web"), body(&[b"hello"]), &sha(b"hello"), 6, 100).await.unwrap_err();
+        let err = store
+            .receive(app(1, "web"), body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 6, 100)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
-        let err =
-            store.receive(app(1, "web"), body(&[b"hello", b"hello"]), &sha(b"hellohello"), 10, 7).await.unwrap_err();
+        let err = store
+            .receive(app(1, "web"), body(&[b"hello", b"hello"]), Expected::Digest(&sha(b"hellohello")), 10, 7)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
         let broken = futures_util::stream::iter(vec![
             Ok(Bytes::from_static(b"he")),
             Err(std::io::Error::other("connection reset")),
         ]);
-        let err = store.receive(app(1, "web"), broken, &sha(b"hello"), 5, 100).await.unwrap_err();
+        let err = store.receive(app(1, "web"), broken, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(files_in(&d.join("store/artifacts")), 0);

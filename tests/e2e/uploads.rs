@@ -109,9 +109,12 @@ fn forged_stale_replayed_and_tampered_requests_each_get_their_own_answer() {
 
 #[test]
 fn a_digest_in_the_footer_is_held_to_its_own_request() {
-    let r = Receiver::start();
-    let key = r.create_app("web");
     let binary = std::fs::read(fixtures::go(Go::Static)).unwrap();
+    // The binary is exactly as large as this receiver takes: the footer is
+    // not counted against the limit.
+    let limit = binary.len().to_string();
+    let r = Receiver::start_with(Options { args: vec!["--max-upload".into(), limit], ..Options::default() });
+    let key = r.create_app("web");
     let sha = nx_protocol::auth::sha256_hex(&binary);
     let (path, len) = ("/v1/apps/web/deployments", binary.len() as u64);
     let m = meta(serde_json::json!({ "filename": "goweb" }));
@@ -122,7 +125,7 @@ fn a_digest_in_the_footer_is_held_to_its_own_request() {
     let s = Signed::with_footer("POST", path, len, Some(&m));
     let other = Signed::with_footer("POST", path, len, Some(&m));
     let (status, text) = send(&r, &s, &key, with(&binary, other.footer(&key, &sha)));
-    assert_eq!(status, 401, "{text}");
+    assert_eq!(status, 400, "{text}");
     assert!(text.contains("footer is not signed with this request's key"), "{text}");
 
     // Bytes changed under their request's own footer.
@@ -132,6 +135,12 @@ fn a_digest_in_the_footer_is_held_to_its_own_request() {
     let (status, text) = send(&r, &s, &key, with(&changed, s.footer(&key, &sha)));
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("altered in transit"), "{text}");
+
+    // A byte more than the limit, refused from the signed length.
+    let s = Signed::with_footer("POST", path, len + 1, Some(&m));
+    let (status, text) = send(&r, &s, &key, with(&[binary.as_slice(), b"x"].concat(), s.footer(&key, &sha)));
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("--max-upload"), "{text}");
 
     // A body too short to end in a footer.
     let mut s = Signed::with_footer("POST", path, 0, Some(&m));

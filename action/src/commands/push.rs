@@ -143,6 +143,11 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
         let result: anyhow::Result<DeploymentInfo> =
             client.upload(&api, data.clone(), signed, &meta_json, progress.clone()).await;
         progress.clear();
+        // A hash that failed cut the body short, which looks like a lost
+        // connection: said as what it is, and not tried again.
+        if let (Err(_), Some(Err(hashing))) = (&result, digest.peek()) {
+            return Err(anyhow::anyhow!("cannot push {}: {hashing}", job.path.display()));
+        }
         match result {
             Err(e) if attempt < ATTEMPTS && is_unreachable(&e) => {
                 let pause = std::time::Duration::from_secs(1 << attempt);

@@ -46,7 +46,7 @@ pub struct Caller {
     pub role: Role,
     /// sha256 the body must have, or [`DIGEST_IN_FOOTER`] for an upload
     /// whose digest follows its bytes (see [`Caller::upload_digest`]).
-    pub content_sha256: String,
+    content_sha256: String,
     /// What checks that footer's signature; only with [`DIGEST_IN_FOOTER`].
     footer_key: Option<FooterKey>,
     /// Declared body length, when the request had one.
@@ -95,10 +95,19 @@ impl Caller {
         }
     }
 
-    /// The upload's own size: its body's signed length without its footer.
-    pub fn upload_len(&self) -> Option<u64> {
+    /// The body's signed length and the upload's own within it (without
+    /// its footer), refused before anything else is done with the request
+    /// when there is none or it is too short to end in a footer. `what`:
+    /// the request, as the error names it ("a push").
+    pub fn upload_lengths(&self, what: &str) -> Result<(u64, u64), ApiError> {
+        let body = self.content_length.ok_or_else(|| {
+            ApiError::LengthRequired(format!("{what} needs Content-Length: the size is signed and checked"))
+        })?;
         let footer = if self.footer_key.is_some() { nx_protocol::auth::FOOTER_LEN } else { 0 };
-        self.content_length.map(|n| n.saturating_sub(footer))
+        let upload = body
+            .checked_sub(footer)
+            .ok_or_else(|| ApiError::BadRequest(nx_protocol::auth::FooterError::Malformed.to_string()))?;
+        Ok((body, upload))
     }
 
     /// Refuses a caller whose key was revoked (or its app removed) since its

@@ -86,9 +86,7 @@ pub async fn restore(
     AppScope { caller, app }: AppScope,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let (Some(body_len), Some(length)) = (caller.content_length, caller.upload_len()) else {
-        return Err(ApiError::LengthRequired("a restore needs Content-Length".into()));
-    };
+    let (body_len, length) = caller.upload_lengths("a restore")?;
     let limit = state.config.max_upload;
     if length > limit {
         return Err(ApiError::TooLarge(format!(

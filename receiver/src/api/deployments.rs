@@ -84,9 +84,7 @@ pub async fn push(
     body: Body,
 ) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
     let limit = state.config.max_upload;
-    let (Some(body_len), Some(length)) = (caller.content_length, caller.upload_len()) else {
-        return Err(ApiError::LengthRequired("a push needs Content-Length: the size is signed and checked".into()));
-    };
+    let (body_len, length) = caller.upload_lengths("a push")?;
     if length > limit {
         return Err(ApiError::TooLarge(format!(
             "the binary is {length} bytes, over this receiver's limit of {limit}; raise --max-upload on the receiver or push a smaller binary"

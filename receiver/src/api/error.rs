@@ -90,8 +90,9 @@ impl From<StoreError> for ApiError {
         let message = e.to_string();
         match e {
             StoreError::TooLarge { .. } => ApiError::TooLarge(message),
-            StoreError::Footer(nx_protocol::auth::FooterError::Forged) => ApiError::Unauthorized(message),
-            StoreError::Footer(nx_protocol::auth::FooterError::Malformed) => ApiError::BadRequest(message),
+            // The head proved the key: a footer it did not sign means a body
+            // changed on its way, as a digest that does not match does.
+            StoreError::Footer(_) => ApiError::BadRequest(message),
             StoreError::LengthMismatch { .. } | StoreError::DigestMismatch { .. } | StoreError::Body(_) => {
                 ApiError::BadRequest(message)
             }
