@@ -89,7 +89,7 @@ pub enum Expected<'a> {
 
 impl Expected<'_> {
     /// How many of the body's bytes are not the upload's.
-    fn footer_len(&self) -> u64 {
+    pub fn footer_len(&self) -> u64 {
         match self {
             Expected::Digest(_) => 0,
             Expected::Footer(_) => FOOTER_LEN,

@@ -103,9 +103,8 @@ impl Caller {
         let body = self.content_length.ok_or_else(|| {
             ApiError::LengthRequired(format!("{what} needs Content-Length: the size is signed and checked"))
         })?;
-        let footer = if self.footer_key.is_some() { nx_protocol::auth::FOOTER_LEN } else { 0 };
         let upload = body
-            .checked_sub(footer)
+            .checked_sub(self.upload_digest().footer_len())
             .ok_or_else(|| ApiError::BadRequest(nx_protocol::auth::FooterError::Malformed.to_string()))?;
         Ok((body, upload))
     }
