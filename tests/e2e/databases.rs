@@ -310,6 +310,61 @@ fn backup_then_delete_then_restore_gives_back_exactly_the_rows_and_a_bad_dump_ch
 }
 
 #[test]
+fn a_restore_whose_digest_follows_the_dump_is_held_to_its_own_footer() {
+    use nx_e2e::signed::{send, Signed};
+    let r = Receiver::start_with(Options { args: vec!["--health-interval=1h".into()], ..Options::default() });
+    let deploy_key = r.create_app("web");
+    let d = r.push("web", &bin("hello"), &[]);
+    for _ in 0..3 {
+        assert_eq!(r.get(d["preview_url"].as_str().unwrap()).status, 200);
+    }
+    let before = visits(&r, "web");
+    assert!(before >= 3, "the three visits were counted: {before}");
+    let dump_path = r.dir.path().join("web.dump");
+    r.nx(&["db", "backup", "web", "-o", dump_path.to_str().unwrap()]).success();
+    let dump = std::fs::read(&dump_path).unwrap();
+    psql(&r.db_url("web"), "DELETE FROM visits").unwrap();
+    let sha = nx_protocol::auth::sha256_hex(&dump);
+    let (path, len) = ("/v1/apps/web/db/restore", dump.len() as u64);
+    let with = |bytes: &[u8], footer: Vec<u8>| [bytes, &footer].concat();
+    let untouched = |r: &Receiver| {
+        assert_eq!(visits(r, "web"), 0, "the database was changed");
+        assert_eq!(std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count(), 0, "a temporary upload was left");
+    };
+
+    // The app's own deploy key, with a footer of its own: restores are the
+    // admin's, whatever the body's form.
+    let s = Signed::with_footer("POST", path, len, None);
+    let (status, text) = send(&r.api(), &s, &deploy_key, with(&dump, s.footer(&deploy_key, &sha)));
+    assert_eq!(status, 403, "{text}");
+    untouched(&r);
+
+    // Another request's footer for the same bytes, by the same key.
+    let s = Signed::with_footer("POST", path, len, None);
+    let other = Signed::with_footer("POST", path, len, None);
+    let (status, text) = send(&r.api(), &s, &r.admin_token, with(&dump, other.footer(&r.admin_token, &sha)));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("footer is not signed with this request's key"), "{text}");
+    untouched(&r);
+
+    // The dump changed under its request's own footer.
+    let s = Signed::with_footer("POST", path, len, None);
+    let mut changed = dump.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xff;
+    let (status, text) = send(&r.api(), &s, &r.admin_token, with(&changed, s.footer(&r.admin_token, &sha)));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("altered in transit"), "{text}");
+    untouched(&r);
+
+    // Its own footer: restored, every row back.
+    let s = Signed::with_footer("POST", path, len, None);
+    let (status, text) = send(&r.api(), &s, &r.admin_token, with(&dump, s.footer(&r.admin_token, &sha)));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(visits(&r, "web"), before, "every visit of the backup");
+}
+
+#[test]
 fn stored_backups_are_verified_and_kept_to_the_retention_count() {
     let r = Receiver::start();
     r.create_app("web");
