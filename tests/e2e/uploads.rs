@@ -171,13 +171,15 @@ fn a_digest_in_the_footer_is_held_to_its_own_request() {
 }
 
 /// A stand-in for a receiver in front of a real one: what its `/v1/target`
-/// says of footers is the test's, every request is passed on, and each
-/// push's signed digest and body length are recorded.
+/// says of footers is the test's, every request is passed on, each push's
+/// signed digest and body length are recorded, and `/v1/target` requests
+/// counted.
 #[derive(Debug)]
 struct Relay {
     api: String,
     footers: bool,
     pushes: std::sync::Mutex<Vec<(String, usize)>>,
+    targets: std::sync::atomic::AtomicUsize,
 }
 
 async fn relay(
@@ -200,6 +202,7 @@ async fn relay(
     let status = answer.status();
     let mut text = answer.bytes().await.unwrap_or_default();
     if path == "/v1/target" {
+        relay.targets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut target: serde_json::Value = serde_json::from_slice(&text).unwrap();
         if relay.footers {
             assert_eq!(target["digest_in_footer"], true, "this receiver takes footers: {target}");
@@ -218,17 +221,28 @@ fn nx_sends_the_digest_after_the_bytes_only_to_a_receiver_that_takes_it() {
     let binary = fixtures::go(Go::Static);
     let bytes = std::fs::read(&binary).unwrap();
     let sha = nx_protocol::auth::sha256_hex(&bytes);
+    // A project whose build is a copy of the binary: `nx push DIR` asks
+    // the target for its build and then pushes without asking again.
+    let project = tempfile::tempdir().unwrap();
+    let build = format!("build = \"cp {} goweb\"\nbinary = \"goweb\"\n", binary.display());
+    std::fs::write(project.path().join("nx.toml"), build).unwrap();
+    let (file, dir) = (binary.to_str().unwrap(), project.path().to_str().unwrap());
     for (footers, signed, len) in [(true, "footer", bytes.len() + 128), (false, sha.as_str(), bytes.len())] {
         let api = r.api();
-        let (server, seen) = nx_e2e::server::serve(|_| Relay { api, footers, pushes: Default::default() }, relay);
-        for extra in [&[][..], &["--skip-verify"][..]] {
+        let (server, seen) = nx_e2e::server::serve(
+            |_| Relay { api, footers, pushes: Default::default(), targets: Default::default() },
+            relay,
+        );
+        for args in [&[file][..], &[file, "--skip-verify"][..], &[dir][..]] {
             let mut nx = r.nx_command(&key);
-            nx.env("NX_SERVER", &server.url).args(["--json", "push", binary.to_str().unwrap(), "--app", "web"]);
-            let out = nx_e2e::receiver::NxOutput::from(nx_e2e::exec::output(nx.args(extra)).unwrap()).success();
+            nx.env("NX_SERVER", &server.url).args(["--json", "push", "--app", "web"]).args(args);
+            let out = nx_e2e::receiver::NxOutput::from(nx_e2e::exec::output(&mut nx).unwrap()).success();
             let deployment = &out.json()["deployment"];
             assert_eq!((deployment["state"].as_str(), deployment["digest"].as_str()), (Some("healthy"), Some(&*sha)));
             let pushes = std::mem::take(&mut *seen.pushes.lock().unwrap());
-            assert_eq!(pushes, [(signed.to_owned(), len)], "footers: {footers}, {extra:?}");
+            assert_eq!(pushes, [(signed.to_owned(), len)], "footers: {footers}, {args:?}");
+            let targets = seen.targets.swap(0, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(targets, 1, "the target is asked once a push: footers: {footers}, {args:?}");
         }
     }
 }

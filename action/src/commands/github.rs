@@ -8,6 +8,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use nx_protocol::api::{ClosedPull, DeploymentState, PushMeta, Source};
+use nx_protocol::target::ServerTarget;
 use nx_protocol::AppName;
 
 use super::push::{execute, failed, parse_env, Job, Pushed};
@@ -187,7 +188,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
     if let (true, Some(pr)) = (ctx.pr_closed, ctx.pr) {
         return close_previews(&Client::for_push(&target).await?, &app, pr, env).await;
     }
-    let binary = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
+    let (binary, server_target) = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
     // After the build: an OIDC token lives minutes, and the build may be long.
     let client = Client::for_push(&target).await?;
     // The input decides when given; else nx.toml's [promote] rule; else the
@@ -212,6 +213,7 @@ async fn push_from_inputs(g: &Global, env: &dyn Fn(&str) -> Option<String>) -> a
         quiet: false,
         manifest: manifest.as_ref(),
         fork_preview: false,
+        target: server_target,
     };
     report(&client, job, &ctx, env).await
 }
@@ -280,21 +282,24 @@ async fn report(
 
 /// The binary to push: `binary`, or what `build` makes (`true`: `nx build`
 /// of the working directory; else a shell command, then `binary` or nx.toml's
-/// `binary` names its result).
+/// `binary` names its result), with the server's target when the build
+/// asked for it, so that the push does not ask again.
 async fn binary_from_inputs(
     server: &str,
     binary: Option<String>,
     build: Option<String>,
     manifest: Option<&crate::manifest::Manifest>,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Option<ServerTarget>)> {
     match build.as_deref().map(str::trim) {
-        None | Some("false") => binary.map(PathBuf::from).ok_or_else(|| {
+        None | Some("false") => binary.map(|b| (PathBuf::from(b), None)).ok_or_else(|| {
             Failure::Usage("give the input `binary` (a file to push) or `build` (true, or a build command)".into())
                 .into()
         }),
         Some("true") => {
             let target = crate::client::get_public(server, "/v1/target").await?;
-            super::build::build_dir(Path::new(binary.as_deref().unwrap_or(".")), manifest, None, &target).await
+            let built =
+                super::build::build_dir(Path::new(binary.as_deref().unwrap_or(".")), manifest, None, &target).await?;
+            Ok((built, Some(target)))
         }
         Some(command) => {
             let output = binary.or_else(|| manifest.and_then(|m| m.binary.clone())).ok_or_else(|| {
@@ -313,7 +318,7 @@ async fn binary_from_inputs(
             if !status.success() {
                 return Err(Failure::Refused(format!("the build command failed ({status}): {command}")).into());
             }
-            Ok(PathBuf::from(output))
+            Ok((PathBuf::from(output), None))
         }
     }
 }
@@ -356,7 +361,7 @@ async fn fork_preview(
         )
         .into());
     }
-    let binary = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
+    let (binary, server_target) = binary_from_inputs(&target.server, input("BINARY"), input("BUILD"), m).await?;
     let client = Client::for_push(target).await?;
     let job = Job {
         path: &binary,
@@ -367,6 +372,7 @@ async fn fork_preview(
         quiet: false,
         manifest: None,
         fork_preview: true,
+        target: server_target,
     };
     report(&client, job, ctx, env).await
 }

@@ -58,6 +58,9 @@ pub struct Job<'a> {
     /// run's token, which may push and nothing else: the app is not read
     /// first and no nx.toml is applied.
     pub fork_preview: bool,
+    /// The server's target when it was asked already (for a build just
+    /// before the push): not asked again.
+    pub target: Option<ServerTarget>,
 }
 
 /// What a push produced.
@@ -95,7 +98,11 @@ pub async fn execute(client: &Client, job: Job<'_>) -> anyhow::Result<Pushed> {
     };
     // Without verification the target only says how the digest may be sent:
     // a server that cannot say is sent it ahead.
+    let known = job.target.clone();
     let target = async {
+        if known.is_some() {
+            return Ok(known);
+        }
         let target = client.get_public::<ServerTarget>("/v1/target").await;
         if job.verify {
             target.map(Some)
@@ -234,9 +241,11 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
     };
     let target = crate::config::resolve(g.server.as_deref(), g.key.as_deref(), g.insecure)?;
     let mut verify = !args.skip_verify;
+    let mut server_target = None;
     if let Some(dir) = &dir {
-        let server_target = get_public(&target.server, "/v1/target").await?;
-        args.path = super::build::build_dir(dir, manifest.as_ref().map(|(_, m)| m), None, &server_target).await?;
+        let asked = get_public(&target.server, "/v1/target").await?;
+        args.path = super::build::build_dir(dir, manifest.as_ref().map(|(_, m)| m), None, &asked).await?;
+        server_target = Some(asked);
         verify = false;
     }
     // After the build: an OIDC token lives minutes, and the build may be long.
@@ -268,6 +277,7 @@ pub async fn run(g: &Global, mut args: PushArgs) -> anyhow::Result<()> {
         quiet: g.json,
         manifest: manifest.as_ref(),
         fork_preview: false,
+        target: server_target,
     };
     let pushed = execute(&client, job).await?;
     let info = &pushed.deployment;
