@@ -369,3 +369,23 @@ fn a_settings_change_whose_body_arrives_after_the_admins_change_is_refused_and_c
     r.nx_with_key(&key, &["apps", "set", "web", "--memory", "128MiB"]).success();
     assert_eq!(memory(), 128);
 }
+
+#[test]
+fn a_keys_last_use_is_shown_and_a_busy_key_is_not_written_on_every_request() {
+    let r = Receiver::start();
+    let key = r.create_app("web");
+    let last_use = |r: &Receiver| {
+        let listed = r.nx_ok(&["--json", "keys", "ls", "web"]).json();
+        let keys = listed["deploy_keys"].as_array().unwrap_or_else(|| panic!("no deploy_keys in {listed}"));
+        assert_eq!(keys.len(), 1, "{listed}");
+        keys[0]["last_used_at"].clone()
+    };
+    assert_eq!(last_use(&r), serde_json::Value::Null, "a key nobody used yet");
+    r.nx_with_key(&key, &["ls", "web"]).success();
+    let first = last_use(&r);
+    let at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(first.clone()).unwrap_or_else(|e| panic!("{first}: {e}"));
+    assert!((chrono::Utc::now() - at).num_seconds().abs() < 30, "the use just made: {at}");
+    r.nx_with_key(&key, &["ls", "web"]).success();
+    assert_eq!(last_use(&r), first, "a second use within the minute writes nothing");
+}

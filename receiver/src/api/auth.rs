@@ -277,7 +277,7 @@ async fn check(state: &AppState, req: &axum::http::request::Parts) -> Result<Cal
             "nonce {nonce} was already used: this request is a replay; sign every request anew"
         )));
     }
-    if matches!(signer.role, Role::Admin | Role::Deploy { .. } | Role::ReadOnly) {
+    if signer.record_use {
         if let Err(e) = state.db.touch_key(key_id).await {
             tracing::warn!(key = key_id, error = %e, "cannot record key use");
         }
@@ -303,6 +303,20 @@ struct Signer {
     github: Option<VerifiedGitHub>,
     /// The key's secret as stored ([`Caller`]'s `sealed_secret`).
     sealed: Vec<u8>,
+    /// Whether this request's use is to be recorded: a stored key whose
+    /// last use on record is older than [`KEY_USE_PRECISION`].
+    record_use: bool,
+}
+
+/// How precisely a key's last use is kept (`nx keys ls`). Recording it is a
+/// write and a row lock on every request, which concurrent requests of one
+/// key wait on; within this time a request records nothing.
+const KEY_USE_PRECISION: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Whether a key last recorded as used at `last` is to be recorded again
+/// `now` (also when the clock went back).
+fn use_is_news(last: Option<chrono::DateTime<chrono::Utc>>, now: chrono::DateTime<chrono::Utc>) -> bool {
+    last.is_none_or(|last| now - last >= KEY_USE_PRECISION || last > now)
 }
 
 /// A stored key, unless unknown or revoked.
@@ -322,7 +336,8 @@ async fn key(state: &AppState, key_id: &str) -> Result<Signer, ApiError> {
         ("deploy", Some(app_id), Some(app)) => Role::Deploy { app_id, app },
         (kind, _, _) => return Err(ApiError::internal(anyhow::anyhow!("key {key_id} of kind {kind} has no role"))),
     };
-    Ok(Signer { secret, role, github: None, sealed: key.secret })
+    let record_use = use_is_news(key.last_used_at, chrono::Utc::now());
+    Ok(Signer { secret, role, github: None, sealed: key.secret, record_use })
 }
 
 /// A GitHub Actions OIDC token (`Authorization: Bearer`), verified, for the
@@ -365,6 +380,7 @@ async fn workflow(state: &AppState, h: &HeaderMap, app: &str) -> Result<Signer, 
         role: role_of(admitted, row.id, &row.name),
         github: Some(claims),
         sealed: Vec::new(),
+        record_use: false,
     })
 }
 
@@ -445,5 +461,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for VerifiedJson<T> {
         serde_json::from_slice(&body)
             .map(VerifiedJson)
             .map_err(|e| ApiError::BadRequest(format!("the request body is not what this call takes: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keys_use_is_recorded_once_a_minute_and_again_after_the_clock_goes_back() {
+        let now = chrono::Utc::now();
+        assert!(use_is_news(None, now), "a first use");
+        assert!(!use_is_news(Some(now), now));
+        assert!(!use_is_news(Some(now - chrono::TimeDelta::seconds(59)), now));
+        assert!(use_is_news(Some(now - KEY_USE_PRECISION), now));
+        assert!(use_is_news(Some(now + chrono::TimeDelta::seconds(5)), now), "a last use in the future");
     }
 }

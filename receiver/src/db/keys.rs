@@ -13,6 +13,7 @@ pub struct KeyRow {
     pub kind: String,
     pub secret: Vec<u8>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 /// A key as listed.
@@ -45,7 +46,7 @@ impl Db {
 
     pub async fn key(&self, id: &str) -> Result<Option<KeyRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT k.id, k.app_id, a.name AS app_name, k.kind, k.secret, k.revoked_at \
+            "SELECT k.id, k.app_id, a.name AS app_name, k.kind, k.secret, k.revoked_at, k.last_used_at \
              FROM keys k LEFT JOIN apps a ON a.id = k.app_id WHERE k.id = $1",
         )
         .bind(id)
