@@ -1,11 +1,56 @@
 //! ELF details: kind, architecture, loader, needed libraries, the glibc symbol
 //! versions required, and the compiler notes. Generic over 32 and 64 bits.
+//!
+//! Every file is hostile (the receiver inspects each upload), so what a file
+//! costs to read follows from its size, never from what its tables claim:
+//! the names copied out of it are bounded in number and length, the
+//! version tables are walked a bounded number of steps (their entries chain
+//! by offsets, and an offset of 0 makes `object`'s iterators repeat one
+//! entry), and sections are found by comparing their names in place, since
+//! looking a name up in a string table with no terminator reads to its end
+//! once per section. A file beyond a bound is reported as such
+//! ([`Report::oversized`]) and refused: no program needs that much.
 
 use object::elf;
 use object::read::elf::{Dyn, ElfFile, FileHeader, ProgramHeader, SectionHeader};
-use object::{Object, ObjectSection, ReadRef};
+use object::{Object, ReadRef};
 
 use crate::report::{compare_versions, ElfKind, Libc, Linkage, Report};
+
+/// The most libraries a report names: real programs need a few dozen.
+pub const MAX_NEEDED: usize = 256;
+/// The longest library name kept: a file name's longest (`NAME_MAX`).
+pub const MAX_LIBRARY_NAME: usize = 255;
+/// The longest loader path kept (`PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
+/// The most symbol version entries read, needs and their versions together:
+/// a program linked against many libraries has a few hundred.
+pub const MAX_VERSION_ENTRIES: usize = 16_384;
+/// The longest compiler line kept from `.comment`.
+const MAX_COMPILER_LINE: usize = 256;
+
+/// `bytes` as text when it is at most `max` bytes long.
+fn bounded(bytes: &[u8], max: usize) -> Option<String> {
+    (bytes.len() <= max).then(|| String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// The bytes of the section named `name`, found without reading any other
+/// section's name further than `name`'s length (see the top of this file).
+pub fn section_data<'data, Elf: FileHeader, R: ReadRef<'data>>(
+    file: &ElfFile<'data, Elf, R>,
+    data: R,
+    name: &str,
+) -> Option<&'data [u8]> {
+    let endian = file.endian();
+    let sections = file.elf_section_table();
+    let index = file.elf_header().shstrndx(endian, data).ok()?;
+    let names = sections.section(object::SectionIndex(index as usize)).ok()?.data(endian, data).ok()?;
+    sections.iter().find_map(|s| {
+        let at = s.sh_name(endian) as usize;
+        let here = names.get(at..at.checked_add(name.len() + 1)?)?;
+        (here.strip_suffix(b"\0")? == name.as_bytes()).then(|| s.data(endian, data).ok()).flatten()
+    })
+}
 
 /// Name of an `e_machine` value in Go/Docker spelling.
 pub fn machine_name(machine: u16) -> String {
@@ -54,10 +99,12 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
     for ph in file.elf_program_headers() {
         if ph.p_type(endian) == elf::PT_INTERP {
             match ph.data(endian, data) {
-                Ok(bytes) => {
-                    let path = String::from_utf8_lossy(bytes).trim_end_matches('\0').to_owned();
-                    report.interpreter = Some(path);
-                }
+                Ok(bytes) => match bounded(bytes, MAX_PATH) {
+                    Some(path) => report.interpreter = Some(path.trim_end_matches('\0').to_owned()),
+                    None => {
+                        report.oversized.get_or_insert(format!("names a loader path longer than {MAX_PATH} bytes"));
+                    }
+                },
                 Err(_) => report.parse_errors.push("PT_INTERP points outside the file".into()),
             }
         }
@@ -66,7 +113,9 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
         elf::ET_EXEC => ElfKind::Executable,
         elf::ET_DYN if report.interpreter.is_some() => ElfKind::Pie,
         // A static PIE has no loader but an entry point; a library usually has none.
-        elf::ET_DYN if file.entry() != 0 && file.section_by_name(".interp").is_none() && has_no_soname(file, data) => {
+        elf::ET_DYN
+            if file.entry() != 0 && section_data(file, data, ".interp").is_none() && has_no_soname(file, data) =>
+        {
             ElfKind::Pie
         }
         elf::ET_DYN => ElfKind::SharedLibrary,
@@ -80,13 +129,19 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
     match sections.dynamic(endian, data) {
         Ok(Some((entries, link))) => {
             let strings = sections.strings(endian, data, link).ok();
-            for d in entries {
-                if d.d_tag(endian).into() == u64::from(elf::DT_NEEDED) {
-                    let name = strings.and_then(|s| s.get(d.d_val(endian).into() as u32).ok());
-                    if let Some(name) = name {
-                        report.needed.push(String::from_utf8_lossy(name).into_owned());
-                    }
+            for d in entries.iter().filter(|d| d.d_tag(endian).into() == u64::from(elf::DT_NEEDED)) {
+                if report.needed.len() == MAX_NEEDED {
+                    report.oversized.get_or_insert(format!("names more than {MAX_NEEDED} needed libraries"));
+                    break;
                 }
+                let Some(name) = strings.and_then(|s| s.get(d.d_val(endian).into() as u32).ok()) else { continue };
+                let Some(name) = bounded(name, MAX_LIBRARY_NAME) else {
+                    report
+                        .oversized
+                        .get_or_insert(format!("names a needed library longer than {MAX_LIBRARY_NAME} bytes"));
+                    break;
+                };
+                report.needed.push(name);
             }
         }
         Ok(None) => {}
@@ -97,16 +152,24 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
         Ok(Some((mut needs, link))) => {
             let strings = sections.strings(endian, data, link).ok();
             let mut highest: Option<String> = None;
-            while let Ok(Some((_need, mut aux))) = needs.next() {
-                while let Ok(Some(a)) = aux.next() {
+            let mut steps = 0;
+            'needs: while let Ok(Some((_need, mut aux))) = needs.next() {
+                loop {
+                    steps += 1;
+                    if steps > MAX_VERSION_ENTRIES {
+                        report
+                            .oversized
+                            .get_or_insert(format!("has more than {MAX_VERSION_ENTRIES} symbol version entries"));
+                        break 'needs;
+                    }
+                    let Ok(Some(a)) = aux.next() else { break };
                     let Some(name) = strings.and_then(|s| a.name(endian, s).ok()) else { continue };
-                    let name = String::from_utf8_lossy(name);
-                    if let Some(v) = name.strip_prefix("GLIBC_") {
-                        if v.starts_with(|c: char| c.is_ascii_digit())
-                            && highest.as_deref().is_none_or(|h| compare_versions(v, h).is_gt())
-                        {
-                            highest = Some(v.to_owned());
-                        }
+                    let Some(v) = name.strip_prefix(b"GLIBC_") else { continue };
+                    let Some(v) = bounded(v, MAX_LIBRARY_NAME) else { continue };
+                    if v.starts_with(|c: char| c.is_ascii_digit())
+                        && highest.as_deref().is_none_or(|h| compare_versions(&v, h).is_gt())
+                    {
+                        highest = Some(v);
                     }
                 }
             }
@@ -117,7 +180,7 @@ pub fn inspect<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data, 
     }
 
     report.stripped = Some(!sections.iter().any(|s| s.sh_type(endian) == elf::SHT_SYMTAB));
-    if let Some(comment) = file.section_by_name(".comment").and_then(|s| s.data().ok()) {
+    if let Some(comment) = section_data(file, data, ".comment") {
         report.compiler = compiler_from_comment(comment);
     }
     report.libc = Some(match report.interpreter.as_deref() {
@@ -184,14 +247,13 @@ fn has_no_soname<'data, Elf: FileHeader, R: ReadRef<'data>>(file: &ElfFile<'data
 
 /// The most telling compiler line of a `.comment` section: rustc first (Rust
 /// binaries also carry the linker's GCC line), then GCC or clang.
+/// The section is read in place, once per kind of line, and the line kept is
+/// cut at 256 bytes: a section of millions of lines costs no copy of them.
 pub fn compiler_from_comment(comment: &[u8]) -> Option<String> {
-    let lines: Vec<String> = comment
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).trim().to_owned())
-        .collect();
-    let pick = |needle: &str| lines.iter().find(|l| l.contains(needle)).cloned();
-    pick("rustc version").or_else(|| pick("Zig")).or_else(|| pick("GCC:")).or_else(|| pick("clang version"))
+    let pick = |needle: &str| comment.split(|b| *b == 0).find(|l| memchr::memmem::find(l, needle.as_bytes()).is_some());
+    let line =
+        pick("rustc version").or_else(|| pick("Zig")).or_else(|| pick("GCC:")).or_else(|| pick("clang version"))?;
+    Some(String::from_utf8_lossy(&line[..line.len().min(MAX_COMPILER_LINE)]).trim().to_owned())
 }
 
 #[cfg(test)]

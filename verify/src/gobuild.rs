@@ -9,6 +9,9 @@ const MAGIC: &[u8] = b"\xff Go buildinf:";
 const HEADER_LEN: usize = 32;
 /// Flag bit: strings are inline after the header (Go 1.18 and later).
 const FLAG_INLINE: u8 = 0x2;
+/// The longest field kept (a module path's limit in Go is far less); the
+/// file is hostile and says how long its strings are.
+const MAX_FIELD: usize = 4096;
 
 /// Finds the header anywhere in `data` (for files whose section table does not
 /// name the blob). The magic string also appears in programs that merely know
@@ -33,7 +36,7 @@ pub fn parse(blob: &[u8]) -> Result<GoBuildInfo, String> {
     let mut rest = &blob[HEADER_LEN..];
     let version = read_string(&mut rest).ok_or("Go version string is truncated")?;
     let modinfo = read_string(&mut rest).unwrap_or_default();
-    if !(version.starts_with(b"go") || version.starts_with(b"devel")) {
+    if !(version.starts_with(b"go") || version.starts_with(b"devel")) || version.len() > MAX_FIELD {
         return Err("Go build info holds no Go version".into());
     }
     let mut info = GoBuildInfo { go_version: String::from_utf8_lossy(version).into_owned(), ..Default::default() };
@@ -43,21 +46,33 @@ pub fn parse(blob: &[u8]) -> Result<GoBuildInfo, String> {
     } else {
         modinfo
     };
-    for line in String::from_utf8_lossy(text).lines() {
-        let mut fields = line.split('\t');
-        match (fields.next(), fields.next(), fields.next()) {
-            (Some("path"), Some(p), _) => info.path = Some(p.to_owned()),
-            (Some("mod"), Some(m), _) => info.main_module = Some(m.to_owned()),
-            (Some("build"), Some(kv), _) => match kv.split_once('=') {
-                Some(("GOOS", v)) => info.goos = Some(v.to_owned()),
-                Some(("GOARCH", v)) => info.goarch = Some(v.to_owned()),
-                Some(("CGO_ENABLED", v)) => info.cgo_enabled = Some(v == "1"),
-                _ => {}
-            },
+    // Read in place, line by line: the text is as long as the file says, and
+    // only a few short fields of it are kept.
+    for line in text.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut fields = line.split(|b| *b == b'\t');
+        match (fields.next(), fields.next()) {
+            (Some(b"path"), Some(p)) => info.path = field(p),
+            (Some(b"mod"), Some(m)) => info.main_module = field(m),
+            (Some(b"build"), Some(kv)) => {
+                let Some(eq) = kv.iter().position(|b| *b == b'=') else { continue };
+                let (key, value) = (&kv[..eq], &kv[eq + 1..]);
+                match key {
+                    b"GOOS" => info.goos = field(value),
+                    b"GOARCH" => info.goarch = field(value),
+                    b"CGO_ENABLED" => info.cgo_enabled = Some(value == b"1"),
+                    _ => {}
+                }
+            }
             _ => {}
         }
     }
     Ok(info)
+}
+
+/// A field's text, when it is no longer than a field can be.
+fn field(bytes: &[u8]) -> Option<String> {
+    (bytes.len() <= MAX_FIELD).then(|| String::from_utf8_lossy(bytes).into_owned())
 }
 
 fn read_uvarint(buf: &mut &[u8]) -> Option<u64> {

@@ -7,6 +7,9 @@ use object::{Architecture, FileKind, Object, ObjectSection};
 use crate::report::{Format, Libc, Linkage, Report, Toolchain};
 use crate::{auditable, elf, gobuild};
 
+/// The most architectures of a fat Mach-O a report names.
+const MAX_FAT_ARCHES: usize = 16;
+
 /// Inspects a whole file.
 pub fn inspect(data: &[u8]) -> Report {
     let size = data.len() as u64;
@@ -25,7 +28,9 @@ pub fn inspect(data: &[u8]) -> Report {
     let (mut report, searched) = match FileKind::parse(data) {
         Ok(FileKind::Elf32) => elf_file::<object::elf::FileHeader32<object::Endianness>>(data, size),
         Ok(FileKind::Elf64) => elf_file::<object::elf::FileHeader64<object::Endianness>>(data, size),
-        Ok(FileKind::MachO32 | FileKind::MachO64) => (generic(data, Format::MachO, "darwin"), Searched::whole(data)),
+        Ok(FileKind::MachO32 | FileKind::MachO64) => {
+            (generic(data, Format::MachO, "darwin", true), Searched::whole(data))
+        }
         Ok(FileKind::MachOFat32) => (
             fat(MachOFatFile32::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size),
             Searched::whole(data),
@@ -34,7 +39,9 @@ pub fn inspect(data: &[u8]) -> Report {
             fat(MachOFatFile64::parse(data).map(|f| f.arches().iter().map(|a| a.architecture()).collect()), size),
             Searched::whole(data),
         ),
-        Ok(FileKind::Pe32 | FileKind::Pe64) => (generic(data, Format::Pe, "windows"), Searched::whole(data)),
+        // A PE file's sections are not looked up by name: a long name is an
+        // offset into a string table, read to its terminator (see elf.rs).
+        Ok(FileKind::Pe32 | FileKind::Pe64) => (generic(data, Format::Pe, "windows", false), Searched::whole(data)),
         _ => (Report::empty(Format::Unknown, size), Searched::whole(data)),
     };
     if report.go.is_none() && report.format != Format::Unknown {
@@ -87,8 +94,8 @@ fn elf_file<'d, Elf: object::read::elf::FileHeader<Endian = object::Endianness>>
         Ok(f) => {
             let mut r = Report::empty(Format::Elf, size);
             elf::inspect(&f, data, &mut r);
-            sections(&f, &mut r);
-            let strings = f.section_by_name(".rodata").and_then(|s| s.data().ok()).unwrap_or(data);
+            sections(|name| elf::section_data(&f, data, name), &mut r);
+            let strings = elf::section_data(&f, data, ".rodata").unwrap_or(data);
             (r, Searched { go_build_info: elf::go_build_info_region(&f, data), strings })
         }
         Err(e) => (damaged(Format::Elf, size, e), Searched::whole(data)),
@@ -101,8 +108,9 @@ fn damaged(format: Format, size: u64, e: object::Error) -> Report {
     r
 }
 
-/// Facts every object format offers through `object::File`.
-fn generic(data: &[u8], format: Format, os: &str) -> Report {
+/// Facts every object format offers through `object::File`; its sections
+/// are read when `by_name` (fixed-size names, found without a string table).
+fn generic(data: &[u8], format: Format, os: &str, by_name: bool) -> Report {
     let mut r = Report::empty(format, data.len() as u64);
     r.os = Some(os.to_owned());
     match object::File::parse(data) {
@@ -110,7 +118,9 @@ fn generic(data: &[u8], format: Format, os: &str) -> Report {
             r.arch = Some(arch_name(f.architecture()));
             r.bits = Some(if f.is_64() { 64 } else { 32 });
             r.endian = Some(if f.is_little_endian() { "little" } else { "big" }.into());
-            sections(&f, &mut r);
+            if by_name {
+                sections(|name| f.section_by_name(name).and_then(|s| s.data().ok()), &mut r);
+            }
         }
         Err(e) => r.parse_errors.push(format!("{} does not parse: {e}", format.describe())),
     }
@@ -121,23 +131,26 @@ fn fat(arches: object::Result<Vec<Architecture>>, size: u64) -> Report {
     let mut r = Report::empty(Format::FatMachO, size);
     r.os = Some("darwin".into());
     match arches {
-        Ok(a) => r.fat_arches = a.into_iter().map(arch_name).collect(),
+        // The count is the file's to claim: a few are named, as a refusal
+        // names them.
+        Ok(a) => r.fat_arches = a.into_iter().take(MAX_FAT_ARCHES).map(arch_name).collect(),
         Err(e) => r.parse_errors.push(format!("fat Mach-O does not parse: {e}")),
     }
     r
 }
 
-/// Reads the sections every format may carry: Go build info and cargo-auditable.
-fn sections<'a>(f: &impl Object<'a>, r: &mut Report) {
+/// Reads the sections every format may carry, found by `section`: Go build
+/// info and cargo-auditable.
+fn sections<'d>(section: impl Fn(&str) -> Option<&'d [u8]>, r: &mut Report) {
     for name in [".go.buildinfo", "__go_buildinfo"] {
-        if let Some(data) = f.section_by_name(name).and_then(|s| s.data().ok()) {
+        if let Some(data) = section(name) {
             match gobuild::parse(data) {
                 Ok(info) => r.go = Some(info),
                 Err(e) => r.parse_errors.push(e),
             }
         }
     }
-    if let Some(data) = f.section_by_name(auditable::SECTION).and_then(|s| s.data().ok()) {
+    if let Some(data) = section(auditable::SECTION) {
         match auditable::decode(data) {
             Ok(deps) => r.rust_dependencies = Some(deps),
             Err(e) => r.parse_errors.push(e),

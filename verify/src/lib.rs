@@ -3,7 +3,10 @@
 //! Contract of this crate:
 //! - [`inspect`] takes any bytes and returns a [`Report`]; it never panics and
 //!   never executes anything, whatever the input (a fuzz-style test in the
-//!   end-to-end suite feeds it truncated and mutated real binaries);
+//!   end-to-end suite feeds it truncated and mutated real binaries), and its
+//!   time and memory follow from the file's size, not from what the file's
+//!   tables claim (a file claiming more than any program needs is refused:
+//!   [`Report::oversized`]);
 //! - [`judge`] compares a report with a [`ServerTarget`](nx_protocol::target::ServerTarget)
 //!   and names every problem with its remedy, in the terms of the toolchain that
 //!   built the file; the CLI and the receiver call the same function, so a
@@ -13,6 +16,8 @@
 mod auditable;
 mod elf;
 mod gobuild;
+#[cfg(test)]
+mod hostile;
 mod inspect;
 pub mod report;
 pub mod target;

@@ -132,6 +132,11 @@ pub struct Report {
     /// Problems parsing the file (truncated, corrupt); the report is partial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parse_errors: Vec<String>,
+    /// What the file holds more of than any program needs, where reading
+    /// stopped ("names more than 256 needed libraries"); such a file is
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oversized: Option<String>,
 }
 
 impl Report {
@@ -158,6 +163,7 @@ impl Report {
             rust_dependencies: None,
             shebang: None,
             parse_errors: Vec::new(),
+            oversized: None,
         }
     }
 }

@@ -86,6 +86,16 @@ fn build_static(report: &Report, arch: &str, server_glibc: Option<&str>) -> Stri
     }
 }
 
+/// The first few of `names`, and how many more: a refusal's message is
+/// stored and shown, and a file may name hundreds.
+fn listed(names: &[&str]) -> String {
+    const SHOWN: usize = 8;
+    match names.len().checked_sub(SHOWN) {
+        Some(more) if more > 0 => format!("{} and {more} more", names[..SHOWN].join(", ")),
+        _ => names.join(", "),
+    }
+}
+
 /// Judges `report` against `target`.
 pub fn judge(report: &Report, target: &ServerTarget) -> Verdict {
     let arch = target.arch.as_str();
@@ -131,6 +141,13 @@ fn judge_elf(report: &Report, target: &ServerTarget, add: &mut impl FnMut(String
         );
         return;
     };
+    if let Some(what) = &report.oversized {
+        add(
+            format!("the file {what}, more than any program needs, so it was not read further"),
+            "push the program's own binary as your build writes it".into(),
+        );
+        return;
+    }
     let os = report.os.as_deref().unwrap_or("linux");
     if os != "linux" {
         add(format!("the file is built for {os}, not Linux"), build_for_linux(report, arch));
@@ -167,7 +184,7 @@ fn judge_elf(report: &Report, target: &ServerTarget, add: &mut impl FnMut(String
             report.needed.iter().filter(|n| !target.libraries.contains(n)).map(String::as_str).collect();
         if !missing.is_empty() {
             add(
-                format!("the file needs {}, which the server does not have", missing.join(", ")),
+                format!("the file needs {}, which the server does not have", listed(&missing)),
                 build_static(report, arch, None),
             );
         }
@@ -183,11 +200,12 @@ fn judge_elf(report: &Report, target: &ServerTarget, add: &mut impl FnMut(String
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::report::{GoBuildInfo, Libc};
 
-    fn server() -> ServerTarget {
+    /// A Debian 12 amd64 server.
+    pub(crate) fn server() -> ServerTarget {
         ServerTarget {
             os: "linux".into(),
             arch: "amd64".into(),
@@ -249,6 +267,29 @@ mod tests {
         let m = judge(&r, &server()).message();
         assert!(m.contains("/lib/ld-musl-x86_64.so.1"), "{m}");
         assert!(m.contains("libfoo.so.3"), "{m}");
+    }
+
+    #[test]
+    fn many_missing_libraries_are_named_by_the_first_few_and_counted() {
+        let mut r = elf("amd64");
+        r.linkage = Some(Linkage::Dynamic);
+        r.needed = (0..200).map(|i| format!("libmissing{i}.so")).collect();
+        let m = judge(&r, &server()).message();
+        assert!(m.contains("libmissing0.so, ") && m.contains("libmissing7.so and 192 more"), "{m}");
+        assert!(!m.contains("libmissing8.so"), "{m}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_for_what_it_holds() {
+        let mut r = elf("amd64");
+        r.oversized = Some("names more than 256 needed libraries".into());
+        let v = judge(&r, &server());
+        assert!(!v.runs);
+        assert!(
+            v.message().starts_with("the file names more than 256 needed libraries, more than any program needs"),
+            "{}",
+            v.message()
+        );
     }
 
     #[test]
