@@ -249,11 +249,11 @@ fn drains_ship_app_output_events_and_access_lines_to_syslog_over_tls_and_https()
     assert!(gone.stderr.contains(&format!("app 'web' has no log drain {down_id}")), "{}", gone.stderr);
 }
 
-/// A drain is a channel its adder keeps: revoking a leaked deploy key
-/// removes the drains it added (the revocation's event names them), and
-/// leaves those anyone else added.
+/// A drain is a channel its adder keeps: revoking a leaked deploy key, or
+/// rotating it away, removes the drains it added (the event names them),
+/// and leaves those anyone else added.
 #[test]
-fn revoking_a_deploy_key_removes_the_drains_it_added_and_only_those() {
+fn revoking_or_rotating_a_deploy_key_removes_the_drains_it_added_and_only_those() {
     let r = Receiver::start_with(Options { args: vec!["--drain-allow-loopback".into()], ..Options::default() });
     let leaked = r.create_app("web");
     let leaked_id = leaked.split('_').nth(1).unwrap().to_owned();
@@ -268,4 +268,19 @@ fn revoking_a_deploy_key_removes_the_drains_it_added_and_only_those() {
     let events = r.nx_ok(&["--json", "events", "--app", "web"]).json();
     let revoked = events.as_array().unwrap().iter().find(|e| e["kind"] == "key.revoke").unwrap().clone();
     assert_eq!(revoked["detail"]["drains_removed"], serde_json::json!([theirs]), "{revoked}");
+
+    // A rotation retires the key as a revocation does.
+    let second = r.nx_ok(&["--json", "keys", "create", "web"]).json();
+    let (second_key, second_id) =
+        (second["secret"].as_str().unwrap().to_owned(), second["info"]["id"].as_str().unwrap().to_owned());
+    let theirs = r.nx_with_key(&second_key, &["--json", "drains", "add", "web", "syslog+tcp://127.0.0.1:3"]).success();
+    let theirs = theirs.json()["id"].as_str().unwrap().to_owned();
+    r.nx_ok(&["keys", "rotate", "web", &second_id]);
+    let left = r.nx_ok(&["--json", "drains", "ls", "web"]).json();
+    let ids: Vec<&serde_json::Value> = left.as_array().unwrap().iter().map(|d| &d["id"]).collect();
+    assert_eq!(ids, [&admins], "{left}");
+    let events = r.nx_ok(&["--json", "events", "--app", "web"]).json();
+    let rotated = events.as_array().unwrap().iter().find(|e| e["kind"] == "key.rotate").unwrap().clone();
+    assert_eq!(rotated["detail"]["drains_removed"], serde_json::json!([theirs]), "{rotated}");
+    assert_eq!(rotated["detail"]["replaces"], second_id.as_str(), "{rotated}");
 }

@@ -75,25 +75,24 @@ async fn create_inner(
 ) -> Result<CreatedKey, ApiError> {
     let key = new_deploy_key();
     let mut tx = state.db.begin().await?;
-    if let Some(old) = replaces {
-        if !Db::revoke_key(&mut tx, owner.app_id(), old).await? {
-            return Err(no_such_key(owner, old));
-        }
-    }
+    let drains = match replaces {
+        Some(old) => retire(&mut tx, owner, old).await?,
+        None => Vec::new(),
+    };
     Db::insert_key(&mut tx, key.key_id(), owner.app_id(), owner.kind(), &state.master.seal_str(key.expose_secret()))
         .await?;
     tx.commit().await?;
-    let kind = if replaces.is_some() { "key.rotate" } else { "key.create" };
-    state
-        .db
-        .event(
-            owner.event_app().as_deref(),
-            None,
-            kind,
-            &caller.actor(),
-            serde_json::json!({ "key": key.key_id(), "kind": owner.kind(), "replaces": replaces }),
-        )
-        .await?;
+    if !drains.is_empty() {
+        state.drains.reload().await?;
+    }
+    let (kind, detail) = match replaces {
+        Some(old) => (
+            "key.rotate",
+            serde_json::json!({ "key": key.key_id(), "kind": owner.kind(), "replaces": old, "drains_removed": drains }),
+        ),
+        None => ("key.create", serde_json::json!({ "key": key.key_id(), "kind": owner.kind(), "replaces": null })),
+    };
+    state.db.event(owner.event_app().as_deref(), None, kind, &caller.actor(), detail).await?;
     Ok(CreatedKey {
         info: listed(state, owner, key.key_id()).await?,
         secret: key.expose_secret().to_owned(),
@@ -101,18 +100,28 @@ async fn create_inner(
     })
 }
 
-async fn revoke_inner(state: &AppState, caller: &Caller, owner: Owner<'_>, id: &str) -> Result<KeyInfo, ApiError> {
-    let mut tx = state.db.begin().await?;
-    if !Db::revoke_key(&mut tx, owner.app_id(), id).await? {
+/// Revokes key `id` in `tx`, a revocation's or a rotation's, and removes the
+/// drains it added, which it returns. A drain is a channel its adder keeps:
+/// a leaked key's holder would go on reading the app's output through one,
+/// whether the key was revoked or rotated away (the event lists them, to add
+/// again with a key that stays).
+async fn retire(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    owner: Owner<'_>,
+    id: &str,
+) -> Result<Vec<String>, ApiError> {
+    if !Db::revoke_key(tx, owner.app_id(), id).await? {
         return Err(no_such_key(owner, id));
     }
-    // A drain is a channel its adder keeps: a leaked key's holder would go
-    // on reading the app's output through one. Those the key added go with
-    // it (the event lists them, to add again with a key that stays).
-    let drains = match owner {
-        Owner::App(app) => Db::remove_drains_added_by(&mut tx, app.id, &format!("key:{id}@{}", app.name)).await?,
+    Ok(match owner {
+        Owner::App(app) => Db::remove_drains_added_by(tx, app.id, &format!("key:{id}@{}", app.name)).await?,
         Owner::Platform => Vec::new(),
-    };
+    })
+}
+
+async fn revoke_inner(state: &AppState, caller: &Caller, owner: Owner<'_>, id: &str) -> Result<KeyInfo, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let drains = retire(&mut tx, owner, id).await?;
     tx.commit().await?;
     if !drains.is_empty() {
         state.drains.reload().await?;
