@@ -663,3 +663,48 @@ fn an_apps_last_words_in_its_outcome_file_are_shown_not_acted_on() {
     assert!(!outcome.chars().any(|c| c.is_control() && c != '\n'), "{outcome:?}");
     assert!(outcome.lines().all(|l| !l.starts_with("[nx]")), "{outcome}");
 }
+
+/// An SFTP key names its uploads, refused ones included: the app's folder
+/// keeps one outcome per name, the latest, and its newest 64 names, so no
+/// key grows the metadata database without bound.
+#[test]
+fn an_apps_folder_keeps_one_outcome_per_name_and_its_newest_names() {
+    let (r, dir, alice) = alice_uploads_to_web(2, &[]);
+    let (junk, longer) = (dir.path().join("junk"), dir.path().join("longer"));
+    std::fs::write(&junk, "not a program\n").unwrap();
+    std::fs::write(&longer, "not a program either, and longer\n").unwrap();
+    let mut batch: String = (0..70).map(|i| format!("-put {} /web/f{i}\n", junk.display())).collect();
+    batch.push_str(&format!("-put {} /web/same\n-put {} /web/same\n", junk.display(), longer.display()));
+    let out = sftp(&r, &alice, &batch);
+    assert!(text(&out).contains("was not deployed") || out.status.success(), "{}", text(&out));
+
+    let listing = sftp(&r, &alice, "ls -l /web\n");
+    assert!(listing.status.success(), "{}", text(&listing));
+    let listing = text(&listing);
+    let uploads: Vec<(&str, &str)> = listing
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let name = fields.last()?.rsplit('/').next()?;
+            (fields.len() >= 9 && !name.ends_with(".deploy.txt")).then(|| (name, fields[4]))
+        })
+        .collect();
+    assert_eq!(uploads.len(), 64, "{listing}");
+    let size = |n: &str| uploads.iter().find(|(name, _)| *name == n).map(|(_, size)| *size);
+    // The second upload of `same` is its only outcome.
+    assert_eq!(size("same"), Some("33"), "{listing}");
+    assert_eq!(uploads.iter().filter(|(n, _)| *n == "same").count(), 1, "{listing}");
+    for gone in 0..7 {
+        assert_eq!(size(&format!("f{gone}")), None, "f{gone} should have made room: {listing}");
+    }
+    for kept in 7..70 {
+        assert_eq!(size(&format!("f{kept}")), Some("14"), "{listing}");
+    }
+    let said = outcome(&r, &alice, "/web/same.deploy.txt");
+    assert!(
+        said.starts_with(
+            "same was not deployed: this binary will not run on the server: the file is not an executable"
+        ),
+        "{said}"
+    );
+}

@@ -16,6 +16,9 @@ pub struct SshKeyRow {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// How many names of uploads an app's SFTP folder keeps, newest first.
+pub const UPLOADS_KEPT: i64 = 64;
+
 /// An upload as listed in its app's folder.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UploadRow {
@@ -98,6 +101,10 @@ impl Db {
             .map(|_| ())
     }
 
+    /// Records an upload's outcome as its name's only one, and keeps the
+    /// newest [`UPLOADS_KEPT`] names of the app: an SFTP key uploads under
+    /// names of its choosing, refused uploads included, and nothing but the
+    /// latest of each name is ever read.
     pub async fn record_upload(
         &self,
         app_id: i64,
@@ -106,15 +113,31 @@ impl Db {
         deployment: Option<&str>,
         outcome: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO sftp_uploads (app_id, name, size, deployment_id, outcome) VALUES ($1, $2, $3, $4, $5)")
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM sftp_uploads WHERE app_id = $1 AND name = $2")
             .bind(app_id)
             .bind(name)
-            .bind(size)
-            .bind(deployment)
-            .bind(outcome)
-            .execute(self.pool())
-            .await
-            .map(|_| ())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sftp_uploads (app_id, name, size, deployment_id, outcome) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(app_id)
+        .bind(name)
+        .bind(size)
+        .bind(deployment)
+        .bind(outcome)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sftp_uploads WHERE app_id = $1 AND id NOT IN \
+             (SELECT id FROM sftp_uploads WHERE app_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2)",
+        )
+        .bind(app_id)
+        .bind(UPLOADS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
     }
 
     /// The latest upload of each name to an app.
