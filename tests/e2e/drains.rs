@@ -260,6 +260,18 @@ fn revoking_or_rotating_a_deploy_key_removes_the_drains_it_added_and_only_those(
     let theirs = r.nx_with_key(&leaked, &["--json", "drains", "add", "web", "syslog+tcp://127.0.0.1:1"]).success();
     let theirs = theirs.json()["id"].as_str().unwrap().to_owned();
     let admins = r.nx_ok(&["--json", "drains", "add", "web", "syslog+tcp://127.0.0.1:2"]).json()["id"].clone();
+    // The admin's drain is not the key's to remove: a leaked key would
+    // silence the app's record off the host before acting.
+    let refused = r.nx_with_key(&leaked, &["drains", "rm", "web", admins.as_str().unwrap()]);
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.contains(&format!(
+            "log drain {} was added by the admin key, and only the admin key removes it",
+            admins.as_str().unwrap()
+        )),
+        "{}",
+        refused.stderr
+    );
 
     r.nx_ok(&["keys", "revoke", "web", &leaked_id]);
     let left = r.nx_ok(&["--json", "drains", "ls", "web"]).json();

@@ -81,11 +81,22 @@ async fn add_to(
 }
 
 async fn remove_from(state: &AppState, caller: &Caller, owner: Owner<'_>, id: &str) -> Result<StatusCode, ApiError> {
-    if !state.db.remove_drain(owner.map(|(id, _)| id), id).await? {
-        return Err(ApiError::NotFound(match owner {
+    let missing = || {
+        ApiError::NotFound(match owner {
             Some((_, app)) => format!("app '{app}' has no log drain {id}; `nx drains ls {app}` lists them"),
             None => format!("the platform has no log drain {id}; `nx drains ls --platform` lists them"),
-        }));
+        })
+    };
+    let adder = state.db.drain_adder(owner.map(|(id, _)| id), id).await?.ok_or_else(missing)?;
+    // The admin's drain is the admin's record of the app, kept off the host:
+    // a leaked deploy key would remove it first, then act unseen.
+    if adder == "admin" && !caller.is_admin() {
+        return Err(ApiError::Denied(format!(
+            "log drain {id} was added by the admin key, and only the admin key removes it              (this key removes the drains keys of its app added)"
+        )));
+    }
+    if !state.db.remove_drain(owner.map(|(id, _)| id), id).await? {
+        return Err(missing());
     }
     let app = owner.map(|(_, name)| name);
     state.db.event(app, None, "drain.remove", &caller.actor(), serde_json::json!({ "drain": id })).await?;

@@ -105,6 +105,16 @@ impl Db {
             .map(|r| r.rows_affected() == 1)
     }
 
+    /// Who added the drain `id` of the app `app_id` (None: a platform-wide
+    /// one), when there is one.
+    pub async fn drain_adder(&self, app_id: Option<i64>, id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT created_by FROM drains WHERE id = $1 AND app_id IS NOT DISTINCT FROM $2")
+            .bind(id)
+            .bind(app_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
     /// The audit events after `after` (by id) and those of the ids `gaps`
     /// (below it, not seen yet: their transactions may commit late), oldest
     /// first, at most `limit`.
