@@ -25,6 +25,7 @@ pub mod init;
 pub mod landlock;
 pub mod logs;
 pub mod net;
+pub mod output;
 pub mod pool;
 pub mod process;
 pub mod root;

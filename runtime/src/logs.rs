@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use nx_protocol::logs::{looks_like_platform, APP_MARK, PLATFORM_MARK};
 
+use crate::output::{dropped_line, Entry};
 use crate::process::{Command, ProcessManager, SpawnError, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::broadcast;
@@ -130,37 +131,43 @@ impl Log {
     /// Appends one line of the app's output; one that would pass for the
     /// platform's is stored behind [`APP_MARK`].
     pub fn app_line(&self, line: &str) {
-        if looks_like_platform(line) {
-            self.write(&format!("{APP_MARK} {line}"));
-        } else {
-            self.write(line);
-        }
+        self.write(&[app_text(line)]);
     }
 
     /// Appends one line from the platform, marked so users can tell it apart.
     pub fn system_line(&self, line: &str) {
-        self.write(&format!("{PLATFORM_MARK} {line}"));
+        self.write(&[format!("{PLATFORM_MARK} {line}")]);
     }
 
-    fn write(&self, line: &str) {
-        let mut line = line.trim_end_matches(['\r', '\n']).to_owned();
-        if line.len() > MAX_LINE {
-            let mut cut = MAX_LINE;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-            line.push_str(" [line cut]");
+    /// Appends what a shim took from the app's output, in order, with one
+    /// timestamp and one write: a flood's lines cost the shim little each.
+    pub fn entries(&self, entries: &[Entry]) {
+        let texts: Vec<String> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Line(line) => app_text(line),
+                Entry::Dropped(n) => format!("{PLATFORM_MARK} {}", dropped_line(*n)),
+            })
+            .collect();
+        self.write(&texts);
+    }
+
+    fn write(&self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
         }
-        let stamped = format!("{} {line}", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+        let stamped: Vec<String> = lines.iter().map(|l| format!("{now} {}", cut(l))).collect();
         let Ok(mut sink) = self.sink.lock() else { return };
         if let Err(e) = sink.append(&stamped) {
             tracing::warn!(path = %sink.path.display(), error = %e, "cannot write log");
         }
         drop(sink);
         if self.followed.is_none() {
-            // Nobody listening is fine.
-            let _ = self.live.send(stamped);
+            for line in stamped {
+                // Nobody listening is fine.
+                let _ = self.live.send(line);
+            }
         }
     }
 
@@ -281,9 +288,37 @@ impl Log {
     }
 }
 
+/// The text stored for a line of the app's: one that would pass for the
+/// platform's goes behind [`APP_MARK`].
+fn app_text(line: &str) -> String {
+    if looks_like_platform(line) {
+        format!("{APP_MARK} {line}")
+    } else {
+        line.to_owned()
+    }
+}
+
+/// `line` without its line ending, cut at [`MAX_LINE`] (saying so).
+fn cut(line: &str) -> std::borrow::Cow<'_, str> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.len() <= MAX_LINE {
+        return line.into();
+    }
+    let mut at = MAX_LINE;
+    while !line.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{} [line cut]", &line[..at]).into()
+}
+
 impl Sink {
-    fn append(&mut self, line: &str) -> io::Result<()> {
-        let record = format!("{line}\n");
+    /// Appends `lines`, each with its newline, in one write.
+    fn append(&mut self, lines: &[String]) -> io::Result<()> {
+        let mut record = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for line in lines {
+            record.push_str(line);
+            record.push('\n');
+        }
         // The other writer may have rotated the file: then write to the new one.
         let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
         if current != Some(self.file.metadata()?.ino()) {

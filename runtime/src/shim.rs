@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::cgroup::Cgroup;
-use crate::logs::{Log, LogLimits, MAX_LINE};
+use crate::logs::{Log, LogLimits};
+use crate::output::{self, Output};
 use crate::process::{Command, ProcessManager, Stream};
 use crate::supervisor::{children_of, describe_exit};
 use crate::sys::{self, ChildSetup, Rlimit};
@@ -373,7 +374,8 @@ pub(crate) struct Running<'a> {
     pid: i32,
     log: Log,
     output: Option<std::fs::File>,
-    partial: Vec<u8>,
+    /// The app's output not yet stored, and its budget.
+    taken: Output,
     listener: UnixListener,
     clients: Vec<UnixStream>,
     sigchld: UnixStream,
@@ -503,7 +505,7 @@ impl<'a> Running<'a> {
             pid,
             log,
             output,
-            partial: Vec::new(),
+            taken: Output::new(Instant::now()),
             listener,
             clients: Vec::new(),
             sigchld,
@@ -619,16 +621,22 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// Stores what the app wrote, at most [`output::TURN_BYTES`] a turn: the
+    /// loop comes back to it once clients are answered and children reaped.
     fn pump(&mut self) {
-        let Some(output) = &mut self.output else { return };
-        let mut buf = [0u8; 8192];
-        loop {
-            match output.read(&mut buf) {
+        let Some(pipe) = &mut self.output else { return };
+        let mut buf = [0u8; 16 * 1024];
+        let (mut entries, mut taken) = (Vec::new(), 0);
+        while taken < output::TURN_BYTES {
+            match pipe.read(&mut buf) {
                 Ok(0) => {
                     self.output = None;
                     break;
                 }
-                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    entries.extend(self.taken.take(&buf[..n], Instant::now()));
+                    taken += n;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -637,17 +645,7 @@ impl<'a> Running<'a> {
                 }
             }
         }
-        // Whole lines, and a line longer than the limit in pieces (the log
-        // cuts each and says so).
-        loop {
-            let end = match self.partial.iter().position(|b| *b == b'\n') {
-                Some(i) if i <= MAX_LINE => i + 1,
-                _ if self.partial.len() > MAX_LINE => MAX_LINE + 1,
-                _ => break,
-            };
-            let line: Vec<u8> = self.partial.drain(..end).collect();
-            self.log.app_line(&String::from_utf8_lossy(&line));
-        }
+        self.log.entries(&entries);
     }
 
     fn reap(&mut self) {
@@ -661,10 +659,7 @@ impl<'a> Running<'a> {
     }
 
     fn finish(&mut self) {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.log.app_line(&String::from_utf8_lossy(&rest));
-        }
+        self.log.entries(&self.taken.finish());
         let raw = self.status.map_or(libc::SIGKILL, |(raw, _)| raw);
         let exit = Exit { raw, oom_kills: self.cgroup.oom_kills().saturating_sub(self.oom_before) };
         if let Some(stop) = &self.stopping {

@@ -1,6 +1,7 @@
 //! The shim binary on its own: one life of a process, its output in the log,
-//! a re-attach after the first connection is gone, a stop on request, and a
-//! life that ends before its launcher connects.
+//! a re-attach after the first connection is gone, a stop on request, a
+//! life that ends before its launcher connects, and a flood of output held
+//! to its budget.
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::process::ExitStatusExt;
@@ -79,4 +80,36 @@ async fn an_app_that_exits_at_once_is_launched_and_ends_with_its_own_status() {
         let outcome = shim.wait().await;
         assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(7)), "round {round}: {outcome:?}");
     }
+}
+
+/// A flood of empty lines costs the shim (root, outside the app's cgroup)
+/// its budget of lines, not a write each: the rest are counted, every one,
+/// and the shim still answers a stop at once.
+#[tokio::test]
+async fn a_flood_of_lines_is_stored_to_the_budget_every_dropped_line_counted_and_a_stop_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let pm = ProcessManager::global().unwrap();
+    let flood = 3_000_000;
+    let script = format!("head -c {flood} /dev/zero | tr '\\0' '\\n'; sleep 1.5; echo after; exec sleep 30");
+    let mut shim = Shim::launch(&pm, &program(), &dir.path().join("s"), &spec(&log, &script), vec![]).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains(" after\n") {
+        assert!(std::time::Instant::now() < deadline, "the line after the flood never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome = shim.stop(Duration::from_secs(5)).await;
+    let Outcome::Exited(exit) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(exit.status().signal(), Some(libc::SIGTERM), "{}", exit.describe());
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Stored empty lines are a timestamp and a space.
+    let stored = text.lines().filter(|l| l.strip_suffix(' ').is_some_and(|stamp| !stamp.contains(' '))).count() as u64;
+    let dropped: u64 = text
+        .lines()
+        .filter_map(|l| l.split_once(" [nx] ")?.1.strip_suffix(" lines a second"))
+        .map(|l| l.split_once(' ').unwrap().0.parse::<u64>().unwrap())
+        .sum();
+    assert!(dropped > 0, "nothing dropped of {flood} lines");
+    assert_eq!(stored + dropped, flood, "{stored} stored and {dropped} dropped");
+    assert!(stored <= 2 * nx_runtime::output::LINES_BURST as u64, "{stored} stored");
 }
