@@ -29,6 +29,7 @@ pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod network;
+pub mod ports;
 pub mod routing;
 pub mod secrets;
 pub mod server;

@@ -230,6 +230,7 @@ async fn run(
     mut stages: Stages,
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
+    reserve_ports(&config, cluster.endpoint().port, listener.local_addr()?.port());
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let policy = match config.network_isolation {
         NetworkIsolation::Nftables => Some(network::Policy {
@@ -761,6 +762,32 @@ async fn expire_records(db: Db, events_days: u32, mut stop: watch::Receiver<bool
             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Keeps the platform's ports from the kernel's automatic assignment
+/// ([`crate::ports`]), before any sandbox is adopted or started: the
+/// database's, the listeners' and the apps' range.
+fn reserve_ports(config: &ServeConfig, db_port: u16, api_port: u16) {
+    let ports = [
+        Some(db_port),
+        Some(api_port),
+        Some(config.router_listen.port()),
+        config.router_tls_listen.map(|a| a.port()),
+        Some(config.sftp_listen.port()),
+        config.metrics_listen.map(|a| a.port()),
+    ];
+    let mut wanted: Vec<_> = ports.into_iter().flatten().map(|p| p..=p).collect();
+    wanted.push(config.port_range.clone());
+    match crate::ports::reserve(Path::new("/proc/sys/net/ipv4"), &wanted) {
+        Ok(added) if !added.is_empty() => {
+            tracing::info!(ports = ?added, "platform ports kept from automatic assignment (ip_local_reserved_ports)");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot reserve the platform's ports in ip_local_reserved_ports: an app that listens without binding first could be handed one"
+        ),
     }
 }
 

@@ -65,6 +65,14 @@ const INET_FAMILIES: [u32; 2] = [libc::AF_INET as u32, libc::AF_INET6 as u32];
 /// MPTCP listener answers plain TCP clients); they answer EPROTONOSUPPORT.
 const INET_PROTOCOLS: [u32; 5] =
     [0, libc::IPPROTO_TCP as u32, libc::IPPROTO_UDP as u32, libc::IPPROTO_ICMP as u32, libc::IPPROTO_ICMPV6 as u32];
+/// The types of AF_INET and AF_INET6 sockets, with or without their
+/// `SOCK_NONBLOCK` and `SOCK_CLOEXEC` flags: a stream or datagram socket.
+/// Others answer ESOCKTNOSUPPORT: with protocol 0 a `SOCK_SEQPACKET` socket
+/// is SCTP's where its module is loaded, which the protocols alone let by.
+const INET_TYPES: [u32; 2] = [libc::SOCK_STREAM as u32, libc::SOCK_DGRAM as u32];
+const SOCKET_FLAGS: [u32; 4] =
+    [0, libc::SOCK_NONBLOCK as u32, libc::SOCK_CLOEXEC as u32, (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u32];
+const ESOCKTNOSUPPORT: u32 = 94;
 const AF_NETLINK: u32 = libc::AF_NETLINK as u32;
 const NETLINK_ROUTE: u32 = libc::NETLINK_ROUTE as u32;
 
@@ -209,6 +217,7 @@ enum Label {
     Ioctl,
     Socket,
     Inet,
+    InetProtocol,
     Netlink,
 }
 
@@ -282,6 +291,14 @@ fn build(arch: Arch, also_denied: &[Syscall]) -> Vec<Insn> {
     ops.push(Op::Mark(Eafnosupport));
     ops.push(Op::Ret(RET_ERRNO | EAFNOSUPPORT));
     ops.push(Op::Mark(Inet));
+    ops.push(Op::Load(off_arg_lo(1)));
+    for kind in INET_TYPES {
+        for flags in SOCKET_FLAGS {
+            ops.push(jeq(kind | flags, Target::Label(InetProtocol)));
+        }
+    }
+    ops.push(Op::Ret(RET_ERRNO | ESOCKTNOSUPPORT));
+    ops.push(Op::Mark(InetProtocol));
     ops.push(Op::Load(off_arg_lo(2)));
     for protocol in INET_PROTOCOLS {
         ops.push(jeq(protocol, Target::Label(Allow)));
@@ -422,7 +439,8 @@ mod tests {
         let router = router_filter(Arch::X86_64);
         // read, write, socket(AF_INET), connect, accept4, epoll_wait, mmap, futex.
         for nr in [0u32, 1, 41, 42, 288, 232, 9, 202] {
-            let args = [u64::from(libc::AF_INET as u32), 0, 0, 0, 0, 0];
+            let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64;
+            let args = [u64::from(libc::AF_INET as u32), stream, 0, 0, 0, 0];
             assert_eq!(run(&router, &Data { nr, arch: AUDIT_ARCH_X86_64, args }), RET_ALLOW, "nr {nr}");
         }
     }
@@ -484,6 +502,24 @@ mod tests {
                     // MPTCP (262), SCTP, SMC (256): Landlock's TCP bind rule does not cover them.
                     for proto in [262, libc::IPPROTO_SCTP, 256, libc::IPPROTO_RAW] {
                         assert_eq!(inet(family, proto), RET_ERRNO | EPROTONOSUPPORT, "{family} protocol {proto}");
+                    }
+                    // Streams and datagrams, with their flags; a sequenced
+                    // packet socket of the default protocol is SCTP's.
+                    let typed = |kind: i32| call(arch, name, [af(family), kind as u64, 0, 0, 0, 0]);
+                    for kind in [libc::SOCK_STREAM, libc::SOCK_DGRAM] {
+                        for flags in
+                            [0, libc::SOCK_NONBLOCK, libc::SOCK_CLOEXEC, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC]
+                        {
+                            assert_eq!(typed(kind | flags), RET_ALLOW, "{family} type {kind} flags {flags}");
+                        }
+                    }
+                    for kind in [
+                        libc::SOCK_SEQPACKET,
+                        libc::SOCK_RAW,
+                        libc::SOCK_RDM,
+                        libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                    ] {
+                        assert_eq!(typed(kind), RET_ERRNO | ESOCKTNOSUPPORT, "{family} type {kind}");
                     }
                 }
                 let netlink = |proto: i32| call(arch, name, [af(libc::AF_NETLINK), 3, proto as u64, 0, 0, 0]);

@@ -144,11 +144,13 @@ fn hostile_app_cannot_escape_its_sandbox() {
     assert_eq!(setuid, "BLOCKED /data/suid-evil ran with euid=1000");
     // Without the filter TIOCSTI on /dev/null would be ENOTTY.
     assert_eq!(lab.blocked("tiocsti"), format!("BLOCKED TIOCSTI: {eperm}; /dev/tty: No such device or address"));
-    // A raw IP socket needs CAP_NET_RAW (dropped); a packet socket's family
-    // is refused by the seccomp filter before any capability is checked.
+    // An IP socket's type is a stream's or a datagram's (the kernel would say
+    // EPERM to a raw one, CAP_NET_RAW being dropped; a sequenced packet one is
+    // SCTP's where its module is loaded); a packet socket's family is refused
+    // by the seccomp filter before any capability is checked.
     assert_eq!(
         lab.blocked("rawsock"),
-        "BLOCKED raw: Operation not permitted, packet: Address family not supported by protocol"
+        "BLOCKED raw: Socket type not supported, packet: Address family not supported by protocol"
     );
     // Every family but unix, IPv4, IPv6 and netlink route queries answers as
     // on a kernel without it; the allowed ones work.
@@ -484,6 +486,27 @@ fn tenant_files_are_readable_by_their_uid_alone() {
     let image = std::fs::metadata(&files[0]).unwrap();
     assert_eq!((image.uid(), image.mode() & 0o777), (0, 0o600));
     assert_eq!(read_as(victim_uid, &files[2]), "");
+}
+
+/// An app that listens without binding first is handed a port the kernel
+/// picks from its automatic range (Landlock sees binds only), so one that
+/// held all the others would be handed the database's port when PostgreSQL
+/// restarts. The platform's ports in that range are reserved: the kernel
+/// never picks them, whatever an app holds. Here the database's port is in
+/// the range, as the default 54320 is.
+#[test]
+fn the_platforms_ports_in_the_kernels_automatic_range_are_reserved() {
+    // A port the kernel picked itself is in its automatic range.
+    let pg_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let r = Receiver::start_with(nx_e2e::receiver::Options { pg_port: Some(pg_port), ..Default::default() });
+    let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap();
+    let held = reserved.trim().split(',').filter(|s| !s.is_empty()).any(|part| {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        (a.parse::<u16>().unwrap()..=b.parse::<u16>().unwrap()).contains(&pg_port)
+    });
+    assert!(held, "the database's port {pg_port} is not in ip_local_reserved_ports: {reserved}");
+    // The receiver's database answers there.
+    r.create_app("web");
 }
 
 #[test]

@@ -26,22 +26,43 @@ static HELD: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = std::sync
 /// parallel processes: each port is taken under a file lock the process
 /// keeps, so no two tests are given the same one.
 pub fn free_port() -> u16 {
+    take_locked(|port| port.to_string(), TEST_PORTS, |port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| panic!("no free port in {TEST_PORTS:?}"))
+}
+
+/// The apps' port range of one receiver: one of 50 blocks of 200 ports
+/// below the tests' own ports and the kernel's automatic range (a receiver
+/// reserves what of its range lies in that one), under a lock as ports
+/// are, so parallel receivers never share one.
+fn app_ports() -> std::ops::RangeInclusive<u16> {
+    let block = take_locked(|i| format!("apps-{i}"), 0..50, |_| true).expect("a free block of app ports");
+    let base = 20_000 + block * 200;
+    base..=base + 199
+}
+
+/// The first of `choices`, tried from a random one on, whose lock file
+/// (`name`) no other test process holds and that is `usable`; its lock is
+/// kept until this process exits.
+fn take_locked(
+    name: impl Fn(u16) -> String,
+    choices: std::ops::Range<u16>,
+    usable: impl Fn(u16) -> bool,
+) -> Option<u16> {
     let locks = std::env::temp_dir().join("nx-e2e-ports");
     std::fs::create_dir_all(&locks).expect("port lock directory");
-    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let span = choices.end - choices.start;
     let first = rand::thread_rng().gen_range(0..span);
-    for i in 0..span {
-        let port = TEST_PORTS.start + (first + i) % span;
-        let file = std::fs::File::create(locks.join(port.to_string())).expect("port lock file");
+    (0..span).map(|i| choices.start + (first + i) % span).find(|&choice| {
+        let file = std::fs::File::create(locks.join(name(choice))).expect("port lock file");
         let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
-            continue;
+            return false;
         };
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let ok = usable(choice);
+        if ok {
             HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(lock);
-            return port;
         }
-    }
-    panic!("no free port in {TEST_PORTS:?}")
+        ok
+    })
 }
 
 /// Settings a test may change before start.
@@ -54,6 +75,8 @@ pub struct Options {
     /// The nx-receiver executable (default: the built one); a copy elsewhere
     /// stands for a new version, with nx-router and nx-shim beside it.
     pub bin: Option<PathBuf>,
+    /// The database's port (default: a free port of the tests' range).
+    pub pg_port: Option<u16>,
 }
 
 /// One receiver with its own data directory and ports.
@@ -89,7 +112,7 @@ impl Receiver {
             dir,
             api_port: free_port(),
             router_port: free_port(),
-            pg_port: free_port(),
+            pg_port: options.pg_port.unwrap_or_else(free_port),
             sftp_port: free_port(),
             admin_token: format!("nxa_{token}"),
             uid_base: 1_000_000 + rand::thread_rng().gen_range(0..4000u32) * 65_536,
@@ -126,8 +149,7 @@ impl Receiver {
     /// Starts the receiver process and returns at once, with the instant
     /// just before its exec; [`Receiver::wait_up`] waits for it.
     fn launch(&mut self) -> Instant {
-        // Disjoint sandbox port ranges keep parallel tests apart.
-        let base = 20_000 + rand::thread_rng().gen_range(0..200u16) * 200;
+        let apps = app_ports();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let mut cmd = Command::new(self.options.bin.clone().unwrap_or_else(|| bin("nx-receiver")));
         cmd.arg("serve")
@@ -137,7 +159,7 @@ impl Receiver {
             .args(["--router-listen", &format!("127.0.0.1:{}", self.router_port)])
             .args(["--pg-port", &self.pg_port.to_string()])
             .args(["--sftp-listen", &format!("127.0.0.1:{}", self.sftp_port)])
-            .args(["--port-range", &format!("{base}-{}", base + 199)])
+            .args(["--port-range", &format!("{}-{}", apps.start(), apps.end())])
             .args(["--stop-grace", "3s"])
             .args(["--uid-base", &self.uid_base.to_string()])
             .args(&self.options.args)
