@@ -2,11 +2,13 @@
 //!
 //! A socket that listens without binding first gets a free port of
 //! `ip_local_port_range`, and Landlock, which holds an app's binds to its
-//! own port, does not see that `listen` (ARCHITECTURE.md, Known gaps). An
-//! app that held every other port of that range would be handed the
-//! database's port (54320 by default, inside Linux's default range) the
-//! moment PostgreSQL restarted, and then the database's connections and
-//! passwords. The kernel never assigns a port of `ip_local_reserved_ports`
+//! own port, does not see that `listen`. The shims' listen guard refuses
+//! it (`nx_runtime::listen`), but not on a kernel without seccomp user
+//! notifications, and a process of the host may do the same: one that held
+//! every other port of that range would be handed the database's port
+//! (54320 by default, inside Linux's default range) the moment PostgreSQL
+//! restarted, and then the database's connections and passwords. The
+//! kernel never assigns a port of `ip_local_reserved_ports`
 //! so: at its start the receiver adds its ports that lie in the range (the
 //! database's, its listeners', the apps' range where it overlaps), keeping
 //! what the host reserved already. Reservations stay until the host reboots

@@ -7,9 +7,9 @@
 //!   Port 0 is not allowed either (an ephemeral bind serves no app that was
 //!   given its port, and the kernel's ephemeral range is the operator's to
 //!   keep apart from `--port-range`). Connecting is not restricted. A socket
-//!   that listens without binding is still given a port of the kernel's
-//!   automatic range: Landlock does not see `listen` (ARCHITECTURE.md, Known
-//!   gaps, "Ports"; the receiver reserves its own ports in that range).
+//!   that listens without binding would still be given a port of the
+//!   kernel's automatic range, since Landlock does not see `listen`: the
+//!   shim's listen guard ([`crate::listen`]) refuses that.
 //! - **Scopes** (ABI 6): abstract unix sockets and signals outside the sandbox's
 //!   own Landlock domain are unreachable, so a host daemon listening on an
 //!   abstract socket (a display server, systemd's, a container runtime's) cannot

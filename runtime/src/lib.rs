@@ -23,6 +23,7 @@ pub mod cgroup;
 pub mod health;
 pub mod init;
 pub mod landlock;
+pub mod listen;
 pub mod logs;
 pub mod net;
 pub mod output;

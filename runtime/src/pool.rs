@@ -52,14 +52,11 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::cgroup::{Cgroup, Driver, Limits};
 use crate::process::{Command, ProcessManager, Stream};
-use crate::shim::{self, Prepared, Running, Shim, ShimError, ShimSpec, CONTROL, SPEC};
+use crate::shim::{self, Prepared, Running, Shim, ShimError, ShimSpec, CONTROL, OUT_OF_THE_WAY, SPEC};
 use crate::sys;
 
 /// What a parked shim reads from its state directory.
 const PARK: &str = "park.json";
-/// Descriptors the parked child keeps for itself go at or above this number,
-/// out of the way of the fixed numbers a sandbox gets its own on.
-const OUT_OF_THE_WAY: RawFd = 64;
 /// The most descriptors a `go` carries (seccomp, environment, Landlock).
 const MAX_FDS: usize = 8;
 /// Clients a parked shim keeps at once (the pool's, and a few that look).
@@ -594,7 +591,7 @@ impl Parked {
         let Parked { child, channel, output, listener, sigchld } = self;
         // One `go` only: nobody else reaches this slot from now on.
         drop(listener);
-        let started = (|| -> std::io::Result<(Go, Prepared)> {
+        let started = (|| -> std::io::Result<(Go, Prepared, Option<sys::ListenNotices>)> {
             client.set_nonblocking(false)?;
             let go: Go = serde_json::from_slice(msg).map_err(std::io::Error::other)?;
             // From here on it is a sandbox's shim: it outlives the receiver.
@@ -617,14 +614,16 @@ impl Parked {
             // a moment: it is killed, and the claimer hears the error and
             // empties the cgroup, as after any failed start.
             let prepared = Prepared::open(&go.dir, &go.spec, oom_before)?;
-            // The child's end closes when it `exec`s; words mean it could not.
-            let said = read_line(&mut &channel)?;
+            // The child's end closes when it `exec`s, after the descriptor
+            // of its `listen` filter; words mean it could not.
+            let (notices, first) = shim::listen_notices(&channel)?;
+            let said = String::from_utf8_lossy(&first).into_owned() + &read_line(&mut &channel)?;
             if !said.is_empty() {
                 return Err(std::io::Error::other(said.strip_prefix("error ").unwrap_or(&said).to_owned()));
             }
-            Ok((go, prepared))
+            Ok((go, prepared, notices))
         })();
-        let (go, prepared) = match started {
+        let (go, prepared, notices) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = sys::signal_process(child, Signal::SIGKILL);
@@ -632,7 +631,7 @@ impl Parked {
                 return 1;
             }
         };
-        let mut running = match Running::new(&go.dir, &go.spec, (child, Some(output)), sigchld, prepared) {
+        let mut running = match Running::new(&go.dir, &go.spec, (child, Some(output)), sigchld, prepared, notices) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::signal_process(child, Signal::SIGKILL);
@@ -681,15 +680,16 @@ fn parked_child(spec: &ParkSpec, channel: UnixStream, output: OwnedFd, shim_pid:
         // The shim ended or stopped it: nothing was ever run.
         sys::exit_now(0);
     }
-    let e = match exec_sandbox(&msg, fds) {
+    let e = match exec_sandbox(&msg, fds, std::os::fd::AsRawFd::as_raw_fd(&channel)) {
         Ok(never) => match never {},
         Err(e) => e,
     };
     fail(e)
 }
 
-/// The part of [`parked_child`] after `go`: returns only on failure.
-fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>) -> std::io::Result<std::convert::Infallible> {
+/// The part of [`parked_child`] after `go`: returns only on failure. The
+/// `listen` filter's descriptor goes to the shim on `channel`.
+fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>, channel: RawFd) -> std::io::Result<std::convert::Infallible> {
     let go: Go = serde_json::from_slice(msg).map_err(std::io::Error::other)?;
     if fds.len() != go.fds.len() {
         return Err(std::io::Error::other(format!("{} descriptors came for {} numbers", fds.len(), go.fds.len())));
@@ -700,7 +700,7 @@ fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>) -> std::io::Result<std::convert::
     for (fd, target) in fds.into_iter().zip(&go.fds) {
         sys::place_fd(fd, *target)?;
     }
-    let (cmd, _held) = shim::sandbox_command(&go.spec, true)?;
+    let (cmd, _held) = shim::sandbox_command(&go.spec, true, Some(channel))?;
     let e = cmd.exec();
     Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", go.spec.program.display())))
 }

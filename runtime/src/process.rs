@@ -387,6 +387,7 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
         parent_death_signal: command.parent_death_signal.map(|s| s as i32),
         landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         exec_in_place: false,
+        listen_notice: None,
     };
     if matches!(command.stderr, Stream::ToStdout) {
         // dup2(1, 2) once stdout is in place.

@@ -186,6 +186,8 @@ const CLONE: Syscall = both("clone", 56, 220);
 const CLONE3: Syscall = both("clone3", 435, 435);
 const IOCTL: Syscall = both("ioctl", 16, 29);
 const SOCKET: Syscall = both("socket", 41, 198);
+const LISTEN: Syscall = both("listen", 50, 201);
+const RET_USER_NOTIF: u32 = 0x7fc0_0000;
 const SOCKETPAIR: Syscall = both("socketpair", 53, 199);
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
@@ -231,6 +233,25 @@ enum Op {
 /// Starting a program: nx-router has no reason to, so a hijacked router
 /// cannot run a shell.
 pub const EXEC: &[Syscall] = &[both("execve", 59, 221), both("execveat", 322, 281)];
+
+/// The filter that hands a sandbox's `listen` calls to its shim (a user
+/// notification; `crate::listen` decides them): Landlock holds binds to the
+/// app's own port, but a socket that listens unbound is given a port of
+/// the kernel's automatic range, which Landlock does not see. Everything
+/// else passes, to the sandboxes' filter that bwrap installs after it.
+pub fn listen_filter(arch: Arch) -> Vec<Insn> {
+    use Target::{Label as To, Next};
+    let Some(listen) = LISTEN.nr(arch) else { unreachable!("both machines have listen") };
+    assemble(&[
+        Op::Load(OFF_ARCH),
+        Op::Jump { code: BPF_JMP_JEQ_K, k: arch.audit(), jt: Next, jf: To(Label::Allow) },
+        Op::Load(OFF_NR),
+        Op::Jump { code: BPF_JMP_JEQ_K, k: listen, jt: Next, jf: To(Label::Allow) },
+        Op::Ret(RET_USER_NOTIF),
+        Op::Mark(Label::Allow),
+        Op::Ret(RET_ALLOW),
+    ])
+}
 
 /// Builds the sandboxes' filter for `arch`.
 pub fn filter(arch: Arch) -> Vec<Insn> {
@@ -409,6 +430,22 @@ mod tests {
         let table = DENIED.iter().chain(EXEC).chain([CLONE, CLONE3, IOCTL, SOCKET, SOCKETPAIR].iter());
         let nr = table.clone().find(|s| s.name == name).and_then(|s| s.nr(arch)).unwrap_or_else(|| panic!("{name}"));
         run(&filter(arch), &Data { nr, arch: arch.audit(), args })
+    }
+
+    #[test]
+    fn the_listen_filter_hands_listen_alone_to_the_shim() {
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let program = listen_filter(arch);
+            let at = |nr: u32, audit: u32| run(&program, &Data { nr, arch: audit, args: [0; 6] });
+            let listen = LISTEN.nr(arch).unwrap();
+            assert_eq!(at(listen, arch.audit()), RET_USER_NOTIF, "{arch:?}");
+            for other in [SOCKET, SOCKETPAIR, CLONE] {
+                assert_eq!(at(other.nr(arch).unwrap(), arch.audit()), RET_ALLOW, "{arch:?} {}", other.name);
+            }
+            // Another machine's table is the sandboxes' filter's to refuse.
+            assert_eq!(at(listen, 0x4000_0003), RET_ALLOW, "{arch:?}");
+        }
+        assert_eq!(LISTEN.nr(Arch::host().unwrap()), Some(libc::SYS_listen as u32));
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct ShimSpec {
     pub log_keep_rotated: u32,
     /// The host's `/proc`.
     pub proc_root: PathBuf,
+    /// The app's port: the sandbox's `listen` calls go to the shim, which
+    /// allows them for unix sockets and this port alone ([`crate::listen`]).
+    /// None (a spec of an earlier receiver's) leaves `listen` alone.
+    #[serde(default)]
+    pub listen_port: Option<u16>,
 }
 
 impl ShimSpec {
@@ -322,6 +327,27 @@ impl Shim {
 
 /// What a shim is started with: its state directory `dir`, cleared of an
 /// earlier life's socket and exit, and the spec it runs.
+/// Where a child's own descriptors go, above those it hands on at fixed
+/// numbers.
+pub(crate) const OUT_OF_THE_WAY: RawFd = 64;
+
+/// What a child said on `socket` once it `exec`ed (its end closed) or
+/// failed: its `listen` filter's descriptor, which comes first with the
+/// byte `L` (none on a kernel without user notifications), and the words
+/// after it, a failure's.
+pub(crate) fn listen_notices(socket: &UnixStream) -> std::io::Result<(Option<sys::ListenNotices>, Vec<u8>)> {
+    let mut first = [0u8; 1];
+    let (n, mut fds) = match sys::receive_fds::<1>(socket.as_fd(), &mut first) {
+        Ok(got) => got,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((None, Vec::new())),
+        Err(e) => return Err(e),
+    };
+    if n == 1 && first[0] == b'L' {
+        return Ok((fds.pop().map(sys::ListenNotices::new), Vec::new()));
+    }
+    Ok((None, first[..n].to_vec()))
+}
+
 pub(crate) fn write_spec(dir: &Path, spec: &ShimSpec) -> std::io::Result<()> {
     prepare_dir(dir)?;
     let json = serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?;
@@ -383,6 +409,9 @@ pub(crate) struct Running<'a> {
     oom_before: u64,
     status: Option<(i32, Instant)>,
     stopping: Option<Stopping>,
+    /// The sandbox's `listen` calls, the app's port, and how many more may
+    /// be answered this second.
+    listens: Option<(sys::ListenNotices, u16, crate::listen::Budget)>,
 }
 
 /// Where a requested stop is.
@@ -431,7 +460,14 @@ impl Prepared {
 /// sandbox's then). The child joins the sandbox's cgroup first unless it is
 /// `parked` (then it joined when it was parked, and it `exec`s in place).
 /// Its stdin is `/dev/null` (among the descriptors held).
-pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<(sys::Spawn, Vec<OwnedFd>)> {
+///
+/// With `notices`, a socket of the child's, the child sends the shim its
+/// `listen` filter's descriptor on it ([`crate::listen`]).
+pub(crate) fn sandbox_command(
+    spec: &ShimSpec,
+    parked: bool,
+    notices: Option<RawFd>,
+) -> std::io::Result<(sys::Spawn, Vec<OwnedFd>)> {
     let mut held: Vec<OwnedFd> = spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
     let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
     let cgroup_procs = if parked {
@@ -455,6 +491,9 @@ pub(crate) fn sandbox_command(spec: &ShimSpec, parked: bool) -> std::io::Result<
         parent_death_signal: Some(libc::SIGKILL),
         landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         exec_in_place: parked,
+        listen_notice: notices.zip(crate::seccomp::Arch::host()).and_then(|(socket, arch)| {
+            spec.listen_port.map(|_| (socket, crate::seccomp::to_bytes(&crate::seccomp::listen_filter(arch))))
+        }),
     };
     let program = spec.program.as_os_str();
     let args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
@@ -473,7 +512,14 @@ impl<'a> Running<'a> {
     fn start(dir: &'a Path, spec: &'a ShimSpec) -> std::io::Result<Running<'a>> {
         let sigchld = watch_children()?;
         let prepared = Prepared::open(dir, spec, spec.cgroup().oom_kills())?;
-        let (mut cmd, held) = sandbox_command(spec, false)?;
+        let (notices, theirs) = match spec.listen_port {
+            Some(_) => {
+                let (ours, theirs) = UnixStream::pair()?;
+                (Some(ours), Some(sys::renumber_above(theirs.into(), OUT_OF_THE_WAY)?))
+            }
+            None => (None, None),
+        };
+        let (mut cmd, held) = sandbox_command(spec, false, theirs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))?;
         let (output, to_output) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let to_output = sys::renumber_above(to_output, 3)?;
         cmd.stdio(1, std::os::fd::AsRawFd::as_raw_fd(&to_output));
@@ -481,8 +527,17 @@ impl<'a> Running<'a> {
         let pid = cmd
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))?;
-        drop((held, to_output));
-        Running::new(dir, spec, (pid, Some(std::fs::File::from(output))), sigchld, prepared)
+        drop((held, to_output, theirs));
+        // Sent before the child's `exec`, which `spawn` has waited for; none
+        // on a kernel without user notifications.
+        let notices = match notices {
+            Some(ours) => {
+                ours.set_nonblocking(true)?;
+                listen_notices(&ours)?.0
+            }
+            None => None,
+        };
+        Running::new(dir, spec, (pid, Some(std::fs::File::from(output))), sigchld, prepared, notices)
     }
 
     /// The shim's hold on its running sandbox `pid` whose output comes on
@@ -493,6 +548,7 @@ impl<'a> Running<'a> {
         (pid, output): (i32, Option<std::fs::File>),
         sigchld: UnixStream,
         prepared: Prepared,
+        notices: Option<sys::ListenNotices>,
     ) -> std::io::Result<Running<'a>> {
         if let Some(o) = &output {
             sys::set_nonblocking(o.as_fd())?;
@@ -513,6 +569,9 @@ impl<'a> Running<'a> {
             oom_before,
             status: None,
             stopping: None,
+            listens: notices
+                .zip(spec.listen_port)
+                .map(|(n, port)| (n, port, crate::listen::Budget::new(Instant::now()))),
         })
     }
 
@@ -526,6 +585,9 @@ impl<'a> Running<'a> {
             self.accept();
             self.read_clients();
             self.pump();
+            if let Some((notices, port, budget)) = &mut self.listens {
+                crate::listen::serve(notices, *port, budget);
+            }
             self.reap();
             self.advance_stop();
             if let Some((_, at)) = self.status {
@@ -536,9 +598,15 @@ impl<'a> Running<'a> {
                 }
             }
             let timeout = if self.stopping.is_some() || self.status.is_some() { 100 } else { 1000 };
+            // Over its budget the sandbox's calls wait for the next second,
+            // without waking the loop meanwhile.
+            let listening = self.listens.as_mut().is_some_and(|(_, _, budget)| budget.room(Instant::now()) > 0);
             let mut fds = vec![self.listener.as_fd(), self.sigchld.as_fd()];
             fds.extend(self.output.as_ref().map(AsFd::as_fd));
             fds.extend(self.clients.iter().map(AsFd::as_fd));
+            if listening {
+                fds.extend(self.listens.as_ref().map(|(notices, _, _)| notices.as_fd()));
+            }
             let _ = sys::wait_readable(&fds, timeout);
         }
         self.finish();

@@ -592,6 +592,7 @@ fn shim_spec(cfg: &SandboxConfig, log: &Log) -> std::io::Result<(ShimSpec, Vec<(
         log_max_file_bytes: limits.max_file_bytes,
         log_keep_rotated: limits.keep_rotated,
         proc_root: cfg.proc_root.clone(),
+        listen_port: Some(cfg.addr.port()),
     };
     Ok((shim, fds))
 }

@@ -124,6 +124,27 @@ async fn a_claimed_slot_runs_the_sandbox_under_its_name_with_the_limits_already_
     assert!(matches!(shim.stop(Duration::from_secs(5)).await, Outcome::Exited(_)));
 }
 
+/// A sandbox started from a parked slot has its `listen` calls decided by
+/// its shim, as a fresh one's are: the parked child sends the shim its
+/// filter's descriptor before it `exec`s.
+#[tokio::test]
+async fn a_claimed_slots_listen_calls_are_its_shims_to_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), 1);
+    assert_eq!(pool.fill().await.unwrap(), 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let target = Driver::detect(&dir.path().join("cgroup")).prepare("nx", "d1", &limits());
+    let mut spec = spec(dir.path(), "d1", &common::listen_check(port, other), &target);
+    spec.listen_port = Some(port);
+    let claim = pool.launch(&target, &dir.path().join("shims/d1"), &spec, &[]).await;
+    let Claim::Started(mut shim) = claim else { panic!("{claim:?}") };
+    assert_eq!(pool.starts(), (1, 0));
+    let outcome = shim.wait().await;
+    assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(0)), "{outcome:?}");
+    common::assert_listen_checked(&std::fs::read_to_string(dir.path().join("d1.log")).unwrap());
+}
+
 #[tokio::test]
 async fn a_slot_is_handed_out_once_and_an_empty_pool_says_so() {
     let dir = tempfile::tempdir().unwrap();

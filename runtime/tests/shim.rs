@@ -17,7 +17,7 @@ fn spec(log: &Path, script: &str) -> ShimSpec {
     common::script_spec(log, script, Vec::new())
 }
 
-fn program() -> PathBuf {
+fn program_path() -> PathBuf {
     common::shim_program()
 }
 
@@ -28,7 +28,7 @@ async fn a_shim_runs_one_life_logs_it_and_outlives_its_connection() {
     let state = dir.path().join("shim");
     let pm = ProcessManager::global().unwrap();
     let spec = spec(&log, "echo out; echo err >&2; exec sleep 30");
-    let first = Shim::launch(&pm, &program(), &state, &spec, vec![]).await.unwrap();
+    let first = Shim::launch(&pm, &program_path(), &state, &spec, vec![]).await.unwrap();
     let pid = first.pid();
     // Stopped only once it has printed (a stop before would end it first).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -55,14 +55,15 @@ async fn an_exit_is_told_to_the_connected_receiver_and_a_failed_start_says_why()
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("d.log");
     let pm = ProcessManager::global().unwrap();
-    let mut shim =
-        Shim::launch(&pm, &program(), &dir.path().join("a"), &spec(&log, "sleep 0.2; exit 3"), vec![]).await.unwrap();
+    let mut shim = Shim::launch(&pm, &program_path(), &dir.path().join("a"), &spec(&log, "sleep 0.2; exit 3"), vec![])
+        .await
+        .unwrap();
     let outcome = shim.wait().await;
     assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(3)), "{outcome:?}");
 
     let mut missing = spec(&log, "");
     missing.program = "/nonexistent/bwrap".into();
-    let err = Shim::launch(&pm, &program(), &dir.path().join("b"), &missing, vec![]).await.unwrap_err();
+    let err = Shim::launch(&pm, &program_path(), &dir.path().join("b"), &missing, vec![]).await.unwrap_err();
     assert!(err.to_string().starts_with("cannot start /nonexistent/bwrap: "), "{err}");
 }
 
@@ -76,7 +77,7 @@ async fn an_app_that_exits_at_once_is_launched_and_ends_with_its_own_status() {
     let pm = ProcessManager::global().unwrap();
     for round in 0..20 {
         let state = dir.path().join(format!("s{round}"));
-        let mut shim = Shim::launch(&pm, &program(), &state, &spec(&log, "exit 7"), vec![]).await.unwrap();
+        let mut shim = Shim::launch(&pm, &program_path(), &state, &spec(&log, "exit 7"), vec![]).await.unwrap();
         let outcome = shim.wait().await;
         assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(7)), "round {round}: {outcome:?}");
     }
@@ -92,7 +93,8 @@ async fn a_flood_of_lines_is_stored_to_the_budget_every_dropped_line_counted_and
     let pm = ProcessManager::global().unwrap();
     let flood = 3_000_000;
     let script = format!("head -c {flood} /dev/zero | tr '\\0' '\\n'; sleep 1.5; echo after; exec sleep 30");
-    let mut shim = Shim::launch(&pm, &program(), &dir.path().join("s"), &spec(&log, &script), vec![]).await.unwrap();
+    let mut shim =
+        Shim::launch(&pm, &program_path(), &dir.path().join("s"), &spec(&log, &script), vec![]).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log).unwrap_or_default().contains(" after\n") {
         assert!(std::time::Instant::now() < deadline, "the line after the flood never came");
@@ -112,4 +114,22 @@ async fn a_flood_of_lines_is_stored_to_the_budget_every_dropped_line_counted_and
     assert!(dropped > 0, "nothing dropped of {flood} lines");
     assert_eq!(stored + dropped, flood, "{stored} stored and {dropped} dropped");
     assert!(stored <= 2 * nx_runtime::output::LINES_BURST as u64, "{stored} stored");
+}
+
+/// A shim given the app's port decides every `listen` of its process: a
+/// socket listening unbound would be handed a port of the kernel's choosing,
+/// so only one bound to the app's port, or a unix socket, may listen.
+#[tokio::test]
+async fn only_the_apps_port_and_unix_sockets_may_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let pm = ProcessManager::global().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut spec = spec(&log, &common::listen_check(port, other));
+    spec.listen_port = Some(port);
+    let mut shim = Shim::launch(&pm, &program_path(), &dir.path().join("s"), &spec, vec![]).await.unwrap();
+    let outcome = shim.wait().await;
+    assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(0)), "{outcome:?}");
+    common::assert_listen_checked(&std::fs::read_to_string(&log).unwrap());
 }

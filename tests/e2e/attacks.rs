@@ -327,6 +327,9 @@ fn a_squatter_never_gets_its_neighbours_port() {
     assert_eq!(lab.blocked(&format!("bind?port={port}")), format!("BLOCKED bind {port}: Permission denied"));
     let free = free_port();
     assert_eq!(lab.blocked(&format!("bind?port={free}")), format!("BLOCKED bind {free}: Permission denied"));
+    // Nor is a port of the kernel's choosing had by listening unbound: the
+    // shim's listen guard says EACCES, which listen never says of its own.
+    assert_eq!(lab.blocked("listen"), "BLOCKED listen unbound: Permission denied");
 
     // The neighbour crashes and restarts while the squatter tries all along.
     let victim = r.nx(&["--json", "ls", "victim"]).success().json();

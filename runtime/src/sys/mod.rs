@@ -863,3 +863,61 @@ mod tests {
         assert_eq!(err.to_string(), format!("descriptor {fd} is not a listening socket"));
     }
 }
+
+/// One `listen` a sandbox's process asked for, held by its filter's user
+/// notification until [`ListenNotices::answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenCall {
+    pub id: u64,
+    /// The caller, in this process's pid namespace.
+    pub pid: i32,
+    /// Its socket's number, in the caller.
+    pub fd: RawFd,
+    pub backlog: i32,
+}
+
+/// The notification descriptor of a sandbox's `listen` filter
+/// ([`ChildSetup::listen_notice`]).
+#[derive(Debug)]
+pub struct ListenNotices(std::os::fd::OwnedFd);
+
+impl ListenNotices {
+    pub fn new(fd: std::os::fd::OwnedFd) -> ListenNotices {
+        ListenNotices(fd)
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+
+    /// The next call; blocks until there is one (poll the descriptor first).
+    /// A caller that died meanwhile is `ENOENT`.
+    pub fn next(&self) -> io::Result<ListenCall> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero seccomp_notif is what the kernel requires.
+        let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: the ioctl fills `notif`, which outlives the call.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notif) })?;
+        Ok(ListenCall {
+            id: notif.id,
+            pid: notif.pid as i32,
+            fd: notif.data.args[0] as RawFd,
+            backlog: notif.data.args[1] as i32,
+        })
+    }
+
+    /// Whether call `id` still waits (its caller has not died since).
+    pub fn waiting(&self, id: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the ioctl reads the id, which outlives the call.
+        unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0 }
+    }
+
+    /// Ends call `id`: it returns 0, or -1 with `errno`.
+    pub fn answer(&self, id: u64, result: Result<(), Errno>) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let resp = libc::seccomp_notif_resp { id, val: 0, error: result.err().map_or(0, |e| -(e as i32)), flags: 0 };
+        // SAFETY: the ioctl reads `resp`, which outlives the call.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) })
+    }
+}

@@ -78,7 +78,7 @@ impl RlimitResource {
 /// child), drop to the target user (supplementary groups first), and last set
 /// the parent-death signal, because the kernel clears it on every credential
 /// change. A Landlock ruleset, if any, is applied after the user switch and
-/// before the parent-death signal.
+/// before the parent-death signal; the `listen` filter, if any, last.
 #[derive(Debug, Default)]
 pub struct ChildSetup {
     /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
@@ -98,6 +98,13 @@ pub struct ChildSetup {
     /// (`CommandExt::exec`, a parked sandbox), not in a forked child: the
     /// parent whose death it must outlive not is this process's parent.
     pub exec_in_place: bool,
+    /// A filter whose user notifications go to whoever reads the descriptor
+    /// it makes ([`crate::seccomp::listen_filter`], as
+    /// [`crate::seccomp::to_bytes`] lays it out), installed last, and the
+    /// socket that descriptor is sent on, with the one byte `L`. A kernel
+    /// that makes no such descriptor (before Linux 5.0) gets no filter and
+    /// nothing is sent.
+    pub listen_notice: Option<(RawFd, Vec<u8>)>,
 }
 
 /// A [`ChildSetup`] with everything it needs computed, so applying it
@@ -179,8 +186,71 @@ impl Prepared {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
         }
+        if let Some((socket, program)) = &setup.listen_notice {
+            send_listen_notices(*socket, program)?;
+        }
         Ok(())
     }
+}
+
+/// Installs `program` (whole `sock_filter`s) with a notification descriptor
+/// and sends that descriptor on `socket` with the byte `L`, then closes it
+/// here: the reader is the only one to hold it. Raw system calls on the
+/// stack only: see the module's rules.
+fn send_listen_notices(socket: RawFd, program: &[u8]) -> io::Result<()> {
+    // A filter needs no_new_privs from an unprivileged process.
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+    let prog = libc::sock_fprog {
+        len: (program.len() / 8) as libc::c_ushort,
+        // The kernel copies the program in; it reads it, never writes it.
+        filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+    };
+    // SAFETY: prog points at `program`, valid for the call; the flags are
+    // the kernel's own constants.
+    let notices = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if notices < 0 {
+        // No notifications on this kernel: no filter went in.
+        return Ok(());
+    }
+    let notices = notices as libc::c_int;
+    let byte = [b'L'];
+    let mut iov = libc::iovec { iov_base: byte.as_ptr().cast_mut().cast(), iov_len: 1 };
+    // Room for one descriptor's control message, aligned as cmsghdr is.
+    let mut control = [0u64; 4];
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE computes a size from an integer.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // SAFETY: msg_control points at `control`, large enough for one header
+    // and one descriptor (CMSG_SPACE above is 24 bytes, `control` 32), so
+    // the first header and its data are inside it.
+    let sent = unsafe {
+        let header = libc::CMSG_FIRSTHDR(&msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        libc::CMSG_DATA(header).cast::<libc::c_int>().write_unaligned(notices);
+        libc::syscall(libc::SYS_sendmsg, socket, &msg as *const libc::msghdr, libc::MSG_NOSIGNAL)
+    };
+    let send_error = io::Error::last_os_error();
+    // SAFETY: notices was made above and is closed exactly once.
+    unsafe { libc::syscall(libc::SYS_close, notices) };
+    // Unsent, nobody answers: the app's every `listen` fails (ENOSYS).
+    if sent < 0 {
+        return Err(send_error);
+    }
+    Ok(())
 }
 
 fn check_long(ret: libc::c_long) -> io::Result<()> {

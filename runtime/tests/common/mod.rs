@@ -26,5 +26,49 @@ pub fn script_spec(log: &Path, script: &str, cgroup: Vec<PathBuf>) -> ShimSpec {
         log_max_file_bytes: 1 << 20,
         log_keep_rotated: 1,
         proc_root: "/proc".into(),
+        listen_port: None,
+    }
+}
+
+/// A script that tries to listen unbound, on `port` (bound first), on
+/// `other` and on an abstract unix socket, says how each went, then
+/// connects to `port`; [`assert_listen_checked`] reads what it said.
+pub fn listen_check(port: u16, other: u16) -> String {
+    let program = format!(
+        r#"
+import socket
+def attempt(name, make):
+    try:
+        make()
+        print(name, "listening", flush=True)
+    except OSError as e:
+        print(name, "refused:", e.strerror, flush=True)
+def unbound():
+    socket.socket().listen(1)
+def own():
+    s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen(1); own.keep = s
+def other():
+    s = socket.socket(); s.bind(("127.0.0.1", {other})); s.listen(1)
+def unix():
+    s = socket.socket(socket.AF_UNIX); s.bind("\0nx-listen-test-{port}"); s.listen(1); unix.keep = s
+for name, make in [("unbound", unbound), ("own", own), ("other", other), ("unix", unix)]:
+    attempt(name, make)
+c = socket.create_connection(("127.0.0.1", {port})); print("connected", flush=True)
+"#
+    );
+    format!("exec python3 -c '{program}'")
+}
+
+/// Asserts the log of [`listen_check`] under a listen guard: only the
+/// app's port and the unix socket listened.
+pub fn assert_listen_checked(log: &str) {
+    for line in [
+        " unbound refused: Permission denied\n",
+        " own listening\n",
+        " other refused: Permission denied\n",
+        " unix listening\n",
+        " connected\n",
+    ] {
+        assert!(log.contains(line), "no {line:?} in {log}");
     }
 }

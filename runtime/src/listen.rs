@@ -1,0 +1,138 @@
+//! The listen guard: a sandbox's `listen` calls, decided by its shim.
+//!
+//! Landlock holds an app's TCP binds to its own port, but a socket that
+//! listens without binding first is given a free port of the kernel's
+//! automatic range, and Landlock does not see `listen`: an app holding every
+//! such port made every `connect` on the host that needs a local port fail.
+//! So the child installs one more filter before bwrap
+//! ([`crate::seccomp::listen_filter`]) that hands each `listen` to the shim
+//! as a user notification, and the shim ([`serve`]) takes the socket from
+//! the caller (`pidfd_getfd`) and runs `listen` on that copy itself, only
+//! for a unix socket or one bound to the app's own port; anything else is
+//! EACCES, the errno Landlock gives a bind it refuses. The shim never lets
+//! the call go on in the caller (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`): the
+//! caller could put another socket on that number between the check and
+//! the call, and the socket checked is the socket listened on.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{getsockname, listen, AddressFamily, Backlog, SockaddrLike, SockaddrStorage};
+
+use crate::sys::{ListenCall, ListenNotices, Pidfd};
+
+/// The most `listen` calls a shim answers a second. Each costs the shim
+/// (root, outside the app's cgroup) a few system calls and the app only a
+/// wait, so an app calling `listen` in a loop from many threads would spend
+/// the shim's CPU; beyond this its calls wait, the app's threads with them.
+/// An app listens a few times in its life.
+pub const PER_SECOND: u32 = 1_000;
+
+/// The calls a shim answered in the current second.
+#[derive(Debug)]
+pub struct Budget {
+    since: Instant,
+    answered: u32,
+}
+
+impl Budget {
+    pub fn new(now: Instant) -> Budget {
+        Budget { since: now, answered: 0 }
+    }
+
+    /// How many more calls may be answered at `now`.
+    pub fn room(&mut self, now: Instant) -> u32 {
+        if now.duration_since(self.since) >= Duration::from_secs(1) {
+            *self = Budget::new(now);
+        }
+        PER_SECOND - self.answered
+    }
+}
+
+/// Answers the `listen` calls waiting in the sandbox whose app owns `port`,
+/// as many as `budget` leaves room for, a few at a time, without waiting
+/// for one (the shim's loop wakes when one comes).
+pub fn serve(notices: &ListenNotices, port: u16, budget: &mut Budget) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // A few a turn: the shim has its clients and the output to see to.
+    for _ in 0..budget.room(Instant::now()).min(64) {
+        let mut ready = [PollFd::new(notices.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut ready, PollTimeout::ZERO), Ok(n) if n > 0) {
+            return;
+        }
+        let Ok(call) = notices.next() else { return };
+        budget.answered += 1;
+        let result = decide(notices, &call, port);
+        // A caller that died meanwhile takes no answer.
+        let _ = notices.answer(call.id, result);
+    }
+}
+
+fn decide(notices: &ListenNotices, call: &ListenCall, port: u16) -> Result<(), Errno> {
+    let caller = Pidfd::open(call.pid).map_err(|_| Errno::ESRCH)?;
+    // Checked once the pid is held: a caller that died and whose pid went
+    // to another process would have ended the call.
+    if !notices.waiting(call.id) {
+        return Err(Errno::ESRCH);
+    }
+    let socket = caller.get_fd(call.fd).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    allowed(&socket, port)?;
+    // The kernel holds a backlog to somaxconn; so does this.
+    listen(&socket, Backlog::new(call.backlog).unwrap_or(Backlog::MAXCONN))
+}
+
+/// Whether `socket` may listen in the sandbox whose app owns `port`: a unix
+/// socket, or an IP one bound to that port.
+fn allowed(socket: &OwnedFd, port: u16) -> Result<(), Errno> {
+    let local: SockaddrStorage = getsockname(socket.as_raw_fd()).map_err(|_| Errno::ENOTSOCK)?;
+    let bound = match local.family() {
+        Some(AddressFamily::Unix) => return Ok(()),
+        Some(AddressFamily::Inet) => local.as_sockaddr_in().map(|a| a.port()),
+        Some(AddressFamily::Inet6) => local.as_sockaddr_in6().map(|a| a.port()),
+        _ => None,
+    };
+    if port != 0 && bound == Some(port) {
+        Ok(())
+    } else {
+        Err(Errno::EACCES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_a_thousand_calls_a_second() {
+        let now = Instant::now();
+        let mut budget = Budget::new(now);
+        assert_eq!(budget.room(now), PER_SECOND);
+        budget.answered = PER_SECOND;
+        assert_eq!(budget.room(now + Duration::from_millis(999)), 0);
+        assert_eq!(budget.room(now + Duration::from_secs(1)), PER_SECOND);
+    }
+
+    #[test]
+    fn unix_sockets_and_the_apps_port_may_listen_and_nothing_else() {
+        let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = own.local_addr().unwrap().port();
+        let own: OwnedFd = own.into();
+        assert_eq!(allowed(&own, port), Ok(()));
+        assert_eq!(allowed(&own, port.wrapping_add(1)), Err(Errno::EACCES));
+        // Unbound: the kernel would hand it a port of its choosing.
+        let unbound: OwnedFd = nix::sys::socket::socket(
+            AddressFamily::Inet6,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert_eq!(allowed(&unbound, port), Err(Errno::EACCES));
+        assert_eq!(allowed(&unbound, 0), Err(Errno::EACCES), "port 0 is nobody's own");
+        let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(allowed(&unix.into(), port), Ok(()));
+        let file: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        assert_eq!(allowed(&file, port), Err(Errno::ENOTSOCK));
+    }
+}
