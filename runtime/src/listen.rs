@@ -7,18 +7,20 @@
 //! So the child installs one more filter before bwrap
 //! ([`crate::seccomp::listen_filter`]) that hands each `listen` to the shim
 //! as a user notification, and the shim ([`serve`]) takes the socket from
-//! the caller (`pidfd_getfd`) and runs `listen` on that copy itself, only
+//! the calling thread (`pidfd_getfd`) and runs `listen` on that copy
+//! itself, as the app's user (a unix socket records who listened), only
 //! for a unix socket or one bound to the app's own port; anything else is
 //! EACCES, the errno Landlock gives a bind it refuses. The shim never lets
 //! the call go on in the caller (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`): the
 //! caller could put another socket on that number between the check and
 //! the call, and the socket checked is the socket listened on.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{getsockname, listen, AddressFamily, Backlog, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 
 use crate::sys::{ListenCall, ListenNotices, Pidfd};
 
@@ -50,36 +52,88 @@ impl Budget {
     }
 }
 
-/// Answers the `listen` calls waiting in the sandbox whose app owns `port`,
-/// as many as `budget` leaves room for, a few at a time, without waiting
-/// for one (the shim's loop wakes when one comes).
-pub fn serve(notices: &ListenNotices, port: u16, budget: &mut Budget) {
+/// The sandbox a shim answers for: its app's port and user, and the host's
+/// `/proc`.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub port: u16,
+    /// `(uid, gid)` the sandbox runs as: a unix socket records who listened
+    /// on it, and its clients read that (`SO_PEERCRED`).
+    pub user: (u32, u32),
+    pub proc_root: PathBuf,
+}
+
+/// Answers the `listen` calls waiting in `sandbox`, as many as `budget`
+/// leaves room for, a few at a time, without waiting for one (the shim's
+/// loop wakes when one comes). False once every process of the sandbox has
+/// ended and no call can come again.
+pub fn serve(notices: &ListenNotices, sandbox: &Sandbox, budget: &mut Budget) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     // A few a turn: the shim has its clients and the output to see to.
     for _ in 0..budget.room(Instant::now()).min(64) {
         let mut ready = [PollFd::new(notices.as_fd(), PollFlags::POLLIN)];
         if !matches!(poll(&mut ready, PollTimeout::ZERO), Ok(n) if n > 0) {
-            return;
+            return true;
         }
-        let Ok(call) = notices.next() else { return };
+        let events = ready[0].revents().unwrap_or(PollFlags::empty());
+        if !events.contains(PollFlags::POLLIN) {
+            return !events.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
+        }
+        let Ok(call) = notices.next() else { return true };
         budget.answered += 1;
-        let result = decide(notices, &call, port);
+        let result = decide(notices, &call, sandbox);
         // A caller that died meanwhile takes no answer.
         let _ = notices.answer(call.id, result);
     }
+    true
 }
 
-fn decide(notices: &ListenNotices, call: &ListenCall, port: u16) -> Result<(), Errno> {
-    let caller = Pidfd::open(call.pid).map_err(|_| Errno::ESRCH)?;
-    // Checked once the pid is held: a caller that died and whose pid went
-    // to another process would have ended the call.
+fn decide(notices: &ListenNotices, call: &ListenCall, sandbox: &Sandbox) -> Result<(), Errno> {
+    let caller = caller(call.pid, &sandbox.proc_root).map_err(|_| Errno::ESRCH)?;
+    // Checked once the caller is held: a thread that ended and whose id
+    // went to another would have ended the call.
     if !notices.waiting(call.id) {
         return Err(Errno::ESRCH);
     }
     let socket = caller.get_fd(call.fd).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
-    allowed(&socket, port)?;
-    // The kernel holds a backlog to somaxconn; so does this.
-    listen(&socket, Backlog::new(call.backlog).unwrap_or(Backlog::MAXCONN))
+    allowed(&socket, sandbox.port)?;
+    as_user(sandbox.user, || crate::sys::listen(socket.as_fd(), call.backlog))
+}
+
+/// The calling thread `tid` (a notification names the thread, which need
+/// not be its process's first), held by a pidfd: the thread itself where
+/// the kernel opens threads (6.9), else its process, read from `/proc`.
+fn caller(tid: i32, proc_root: &Path) -> std::io::Result<Pidfd> {
+    match Pidfd::open_thread(tid) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let status = std::fs::read_to_string(proc_root.join(tid.to_string()).join("status"))?;
+            let tgid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("no Tgid for thread {tid}")))?;
+            Pidfd::open(tgid)
+        }
+        other => other,
+    }
+}
+
+/// Runs `f` with the effective user and group `(uid, gid)`, then as root
+/// again. The shim is one thread, so nothing else runs meanwhile.
+fn as_user<T>((uid, gid): (u32, u32), f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+    use nix::unistd::{setegid, seteuid, Gid, Uid};
+    setegid(Gid::from_raw(gid))?;
+    if let Err(e) = seteuid(Uid::from_raw(uid)) {
+        let _ = setegid(Gid::from_raw(0));
+        return Err(e);
+    }
+    let result = f();
+    // Root is the saved user: taking it back cannot fail, and a shim that
+    // went on as the app's user would be no shim.
+    if seteuid(Uid::from_raw(0)).and_then(|()| setegid(Gid::from_raw(0))).is_err() {
+        crate::sys::exit_now(1);
+    }
+    result
 }
 
 /// Whether `socket` may listen in the sandbox whose app owns `port`: a unix

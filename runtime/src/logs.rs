@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 
 use nx_protocol::logs::{looks_like_platform, APP_MARK, PLATFORM_MARK};
 
-use crate::output::{dropped_line, Entry};
 use crate::process::{Command, ProcessManager, SpawnError, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::broadcast;
@@ -139,16 +138,10 @@ impl Log {
         self.write(&[format!("{PLATFORM_MARK} {line}")]);
     }
 
-    /// Appends what a shim took from the app's output, in order, with one
-    /// timestamp and one write: a flood's lines cost the shim little each.
-    pub fn entries(&self, entries: &[Entry]) {
-        let texts: Vec<String> = entries
-            .iter()
-            .map(|e| match e {
-                Entry::Line(line) => app_text(line),
-                Entry::Dropped(n) => format!("{PLATFORM_MARK} {}", dropped_line(*n)),
-            })
-            .collect();
+    /// Appends lines of the app's output with one timestamp and one write:
+    /// a shim stores a turn's lines at once.
+    pub fn app_lines(&self, lines: &[String]) {
+        let texts: Vec<String> = lines.iter().map(|l| app_text(l)).collect();
         self.write(&texts);
     }
 

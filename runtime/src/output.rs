@@ -1,61 +1,70 @@
 //! The app's output as its shim takes it: split into lines (a line longer
-//! than [`MAX_LINE`] in pieces, which the log cuts and marks), and held to a
-//! budget of lines per second.
+//! than [`MAX_LINE`] in pieces, which the log cuts and marks), and read no
+//! faster than a budget of lines and bytes a second.
 //!
 //! Writing a line costs the app a few bytes of a `write`; storing it costs
-//! the shim a timestamp, a check for rotation and a write of its own, and
+//! the shim a timestamp, a check for rotation and its share of a write, and
 //! the shim runs as root outside the app's cgroup, so the app's CPU limit
 //! does not cover it. Without a budget a megabyte of newlines was seconds
 //! of the shim's CPU, and a pipe kept full kept the shim from answering its
 //! receiver. The shim reads a bounded amount a turn ([`TURN_BYTES`]), finds
-//! the lines in one pass, stores at most [`LINES_PER_SECOND`] a second
-//! (after a burst of [`LINES_BURST`]) and counts the rest, and says how many
-//! it dropped before the next line it stores: nothing goes missing
-//! silently, and the app is never blocked on its output.
+//! the lines in one pass, stores a turn's lines in one write, and once the
+//! app has written more than [`LINES_PER_SECOND`] lines or
+//! [`BYTES_PER_SECOND`] bytes a second (after a burst) it stops reading
+//! until the budget allows again: the pipe fills and the app's writes wait,
+//! so the cost of a flood falls on the app, and nothing it wrote is lost.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::logs::MAX_LINE;
 
 /// The most output the shim reads before it turns to its clients again.
 pub const TURN_BYTES: usize = 256 * 1024;
-/// Lines stored a second, sustained: an app answering 10,000 requests a
-/// second with a line each is not cut.
+/// Lines read a second, sustained: an app answering 10,000 requests a
+/// second with a line each is not held back.
 pub const LINES_PER_SECOND: f64 = 10_000.0;
-/// Lines stored at once after a quiet moment.
+/// Lines read at once after a quiet moment.
 pub const LINES_BURST: f64 = 20_000.0;
+/// Bytes read a second, sustained, and at once.
+pub const BYTES_PER_SECOND: f64 = 8.0 * 1024.0 * 1024.0;
+pub const BYTES_BURST: f64 = 16.0 * 1024.0 * 1024.0;
 
-/// What the shim stores, in order.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Entry {
-    /// A line of the app's, without its newline.
-    Line(String),
-    /// This many lines were dropped before the next one.
-    Dropped(u64),
-}
-
-/// The output not yet stored and the budget.
+/// The output not yet stored and the budget left.
 #[derive(Debug)]
 pub struct Output {
     partial: Vec<u8>,
-    tokens: f64,
+    lines: f64,
+    bytes: f64,
     at: Instant,
-    dropped: u64,
 }
 
 impl Output {
     pub fn new(now: Instant) -> Output {
-        Output { partial: Vec::new(), tokens: LINES_BURST, at: now, dropped: 0 }
+        Output { partial: Vec::new(), lines: LINES_BURST, bytes: BYTES_BURST, at: now }
     }
 
-    /// Takes `bytes` read at `now` and returns what to store: every line they
-    /// complete that the budget allows, each after the count of those
-    /// dropped before it.
-    pub fn take(&mut self, bytes: &[u8], now: Instant) -> Vec<Entry> {
-        self.partial.extend_from_slice(bytes);
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * LINES_PER_SECOND).min(LINES_BURST);
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.lines = (self.lines + elapsed * LINES_PER_SECOND).min(LINES_BURST);
+        self.bytes = (self.bytes + elapsed * BYTES_PER_SECOND).min(BYTES_BURST);
         self.at = now;
-        let mut entries = Vec::new();
+    }
+
+    /// How long until the shim may read again at `now`; `None`: now.
+    pub fn wait(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        let short = |left: f64, rate: f64| if left >= 1.0 { 0.0 } else { (1.0 - left) / rate };
+        let secs = short(self.lines, LINES_PER_SECOND).max(short(self.bytes, BYTES_PER_SECOND));
+        (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+    }
+
+    /// Takes `bytes` read at `now` and returns every line they complete,
+    /// each with its newline; what they cost comes off the budget.
+    pub fn take(&mut self, bytes: &[u8], now: Instant) -> Vec<String> {
+        self.refill(now);
+        self.bytes -= bytes.len() as f64;
+        self.partial.extend_from_slice(bytes);
+        let mut lines = Vec::new();
         let mut start = 0;
         loop {
             let rest = &self.partial[start..];
@@ -64,78 +73,54 @@ impl Output {
                 _ if rest.len() > MAX_LINE => MAX_LINE + 1,
                 _ => break,
             };
-            if self.tokens >= 1.0 {
-                self.tokens -= 1.0;
-                if self.dropped > 0 {
-                    entries.push(Entry::Dropped(std::mem::take(&mut self.dropped)));
-                }
-                entries.push(Entry::Line(String::from_utf8_lossy(&rest[..end]).into_owned()));
-            } else {
-                self.dropped += 1;
-            }
+            lines.push(String::from_utf8_lossy(&rest[..end]).into_owned());
             start += end;
         }
+        self.lines -= lines.len() as f64;
         // Once, however many lines: the rest is shorter than a line.
         self.partial.drain(..start);
-        entries
+        lines
     }
 
-    /// What is left once the output has closed: an unfinished line (stored
-    /// whatever the budget, being one) and the count of lines dropped.
-    pub fn finish(&mut self) -> Vec<Entry> {
-        let mut entries = Vec::new();
-        if self.dropped > 0 {
-            entries.push(Entry::Dropped(std::mem::take(&mut self.dropped)));
-        }
-        if !self.partial.is_empty() {
-            entries.push(Entry::Line(String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned()));
-        }
-        entries
+    /// An unfinished line left once the output has closed.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned())
     }
-}
-
-/// The platform's line about `n` dropped lines.
-pub fn dropped_line(n: u64) -> String {
-    format!("{n} lines of the app's output dropped: it wrote more than {LINES_PER_SECOND} lines a second")
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-
-    fn lines(entries: &[Entry]) -> usize {
-        entries.iter().filter(|e| matches!(e, Entry::Line(_))).count()
-    }
 
     #[test]
     fn lines_are_split_whole_and_a_long_one_in_pieces() {
         let now = Instant::now();
         let mut out = Output::new(now);
-        assert_eq!(out.take(b"one\ntw", now), [Entry::Line("one\n".into())]);
-        assert_eq!(out.take(b"o\n", now), [Entry::Line("two\n".into())]);
+        assert_eq!(out.take(b"one\ntw", now), ["one\n"]);
+        assert_eq!(out.take(b"o\n", now), ["two\n"]);
         let long = vec![b'x'; MAX_LINE + 10];
-        let entries = out.take(&long, now);
-        assert_eq!(entries, [Entry::Line("x".repeat(MAX_LINE + 1))]);
-        assert_eq!(out.finish(), [Entry::Line("x".repeat(9))]);
+        assert_eq!(out.take(&long, now), ["x".repeat(MAX_LINE + 1)]);
+        assert_eq!(out.finish(), Some("x".repeat(9)));
+        assert_eq!(out.finish(), None);
     }
 
     #[test]
-    fn a_flood_is_stored_to_the_budget_and_every_dropped_line_counted() {
+    fn a_flood_stops_the_reading_until_the_budget_allows_and_loses_nothing() {
         let now = Instant::now();
         let mut out = Output::new(now);
-        let flood = vec![b'\n'; 1_000_000];
-        let first = out.take(&flood, now);
-        assert_eq!(lines(&first), LINES_BURST as usize);
-        // A second later the budget has a second's lines again, and the
-        // count of the dropped ones comes before the first line stored.
-        let later = out.take(b"after\n", now + Duration::from_secs(1));
-        assert_eq!(later, [Entry::Dropped(1_000_000 - LINES_BURST as u64), Entry::Line("after\n".into())]);
-        // Dropped at the end: counted when the output closes.
-        let again = out.take(&flood, now + Duration::from_secs(1));
-        let stored = lines(&again) as u64;
-        assert!(stored < LINES_PER_SECOND as u64, "{stored}");
-        assert_eq!(out.finish(), [Entry::Dropped(1_000_000 - stored)]);
+        assert_eq!(out.wait(now), None);
+        // A burst of lines: all of them taken, then a wait for the budget.
+        let flood = vec![b'\n'; 30_000];
+        assert_eq!(out.take(&flood, now).len(), 30_000);
+        let wait = out.wait(now).expect("over the budget");
+        // 10,001 lines short at 10,000 a second.
+        assert!((Duration::from_millis(1000)..=Duration::from_millis(1001)).contains(&wait), "{wait:?}");
+        assert_eq!(out.wait(now + wait), None);
+        // Bytes count too: a few long lines use the byte budget first.
+        let mut out = Output::new(now);
+        let long = vec![b'y'; 17 << 20];
+        assert_eq!(out.take(&long, now).len(), long.len() / (MAX_LINE + 1));
+        assert!(out.wait(now).is_some_and(|w| w > Duration::from_millis(100)));
+        assert_eq!(out.wait(now + Duration::from_secs(1)), None);
     }
 }

@@ -409,9 +409,9 @@ pub(crate) struct Running<'a> {
     oom_before: u64,
     status: Option<(i32, Instant)>,
     stopping: Option<Stopping>,
-    /// The sandbox's `listen` calls, the app's port, and how many more may
+    /// The sandbox's `listen` calls, whose they are, and how many more may
     /// be answered this second.
-    listens: Option<(sys::ListenNotices, u16, crate::listen::Budget)>,
+    listens: Option<(sys::ListenNotices, crate::listen::Sandbox, crate::listen::Budget)>,
 }
 
 /// Where a requested stop is.
@@ -554,6 +554,11 @@ impl<'a> Running<'a> {
             sys::set_nonblocking(o.as_fd())?;
         }
         let _ = std::fs::write(dir.join("pid"), format!("{} {pid}\n", std::process::id()));
+        if spec.listen_port.is_some() && notices.is_none() {
+            prepared.log.system_line(
+                "this kernel has no seccomp user notifications (Linux 5.0): the app's listen calls are not checked",
+            );
+        }
         let Prepared { listener, log, cgroup, oom_before } = prepared;
         Ok(Running {
             dir,
@@ -569,9 +574,10 @@ impl<'a> Running<'a> {
             oom_before,
             status: None,
             stopping: None,
-            listens: notices
-                .zip(spec.listen_port)
-                .map(|(n, port)| (n, port, crate::listen::Budget::new(Instant::now()))),
+            listens: notices.zip(spec.listen_port).map(|(notices, port)| {
+                let sandbox = crate::listen::Sandbox { port, user: spec.user, proc_root: spec.proc_root.clone() };
+                (notices, sandbox, crate::listen::Budget::new(Instant::now()))
+            }),
         })
     }
 
@@ -585,8 +591,11 @@ impl<'a> Running<'a> {
             self.accept();
             self.read_clients();
             self.pump();
-            if let Some((notices, port, budget)) = &mut self.listens {
-                crate::listen::serve(notices, *port, budget);
+            if let Some((notices, sandbox, budget)) = &mut self.listens {
+                if !crate::listen::serve(notices, sandbox, budget) {
+                    // Every process of the sandbox has ended.
+                    self.listens = None;
+                }
             }
             self.reap();
             self.advance_stop();
@@ -597,12 +606,18 @@ impl<'a> Running<'a> {
                     break;
                 }
             }
-            let timeout = if self.stopping.is_some() || self.status.is_some() { 100 } else { 1000 };
+            let mut timeout = if self.stopping.is_some() || self.status.is_some() { 100 } else { 1000 };
+            // Over its budget the app's output waits in its pipe, without
+            // waking the loop, until the budget allows.
+            let held = if self.status.is_none() { self.taken.wait(Instant::now()) } else { None };
+            if let Some(wait) = held {
+                timeout = timeout.min(wait.as_millis().clamp(1, 1000) as u16);
+            }
             // Over its budget the sandbox's calls wait for the next second,
             // without waking the loop meanwhile.
             let listening = self.listens.as_mut().is_some_and(|(_, _, budget)| budget.room(Instant::now()) > 0);
             let mut fds = vec![self.listener.as_fd(), self.sigchld.as_fd()];
-            fds.extend(self.output.as_ref().map(AsFd::as_fd));
+            fds.extend(self.output.as_ref().filter(|_| held.is_none()).map(AsFd::as_fd));
             fds.extend(self.clients.iter().map(AsFd::as_fd));
             if listening {
                 fds.extend(self.listens.as_ref().map(|(notices, _, _)| notices.as_fd()));
@@ -692,9 +707,14 @@ impl<'a> Running<'a> {
     /// Stores what the app wrote, at most [`output::TURN_BYTES`] a turn: the
     /// loop comes back to it once clients are answered and children reaped.
     fn pump(&mut self) {
+        // Once the sandbox has ended, what is left in the pipe (at most its
+        // size) is read whatever the budget: nothing it wrote is lost.
+        if self.status.is_none() && self.taken.wait(Instant::now()).is_some() {
+            return;
+        }
         let Some(pipe) = &mut self.output else { return };
         let mut buf = [0u8; 16 * 1024];
-        let (mut entries, mut taken) = (Vec::new(), 0);
+        let (mut lines, mut taken) = (Vec::new(), 0);
         while taken < output::TURN_BYTES {
             match pipe.read(&mut buf) {
                 Ok(0) => {
@@ -702,7 +722,7 @@ impl<'a> Running<'a> {
                     break;
                 }
                 Ok(n) => {
-                    entries.extend(self.taken.take(&buf[..n], Instant::now()));
+                    lines.extend(self.taken.take(&buf[..n], Instant::now()));
                     taken += n;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -713,7 +733,7 @@ impl<'a> Running<'a> {
                 }
             }
         }
-        self.log.entries(&entries);
+        self.log.app_lines(&lines);
     }
 
     fn reap(&mut self) {
@@ -727,7 +747,7 @@ impl<'a> Running<'a> {
     }
 
     fn finish(&mut self) {
-        self.log.entries(&self.taken.finish());
+        self.log.app_lines(&Vec::from_iter(self.taken.finish()));
         let raw = self.status.map_or(libc::SIGKILL, |(raw, _)| raw);
         let exit = Exit { raw, oom_kills: self.cgroup.oom_kills().saturating_sub(self.oom_before) };
         if let Some(stop) = &self.stopping {

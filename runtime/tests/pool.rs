@@ -137,6 +137,7 @@ async fn a_claimed_slots_listen_calls_are_its_shims_to_decide() {
     let target = Driver::detect(&dir.path().join("cgroup")).prepare("nx", "d1", &limits());
     let mut spec = spec(dir.path(), "d1", &common::listen_check(port, other), &target);
     spec.listen_port = Some(port);
+    spec.user = common::LISTEN_USER;
     let claim = pool.launch(&target, &dir.path().join("shims/d1"), &spec, &[]).await;
     let Claim::Started(mut shim) = claim else { panic!("{claim:?}") };
     assert_eq!(pool.starts(), (1, 0));

@@ -84,36 +84,31 @@ async fn an_app_that_exits_at_once_is_launched_and_ends_with_its_own_status() {
 }
 
 /// A flood of empty lines costs the shim (root, outside the app's cgroup)
-/// its budget of lines, not a write each: the rest are counted, every one,
-/// and the shim still answers a stop at once.
+/// its budget, not a write each: past it the shim stops reading, the app's
+/// writes wait in the full pipe, and the shim still answers a stop at once.
 #[tokio::test]
-async fn a_flood_of_lines_is_stored_to_the_budget_every_dropped_line_counted_and_a_stop_answered() {
+async fn a_flood_of_lines_is_read_to_the_budget_and_a_stop_answered() {
+    use nx_runtime::output::{LINES_BURST, LINES_PER_SECOND, TURN_BYTES};
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("d.log");
     let pm = ProcessManager::global().unwrap();
     let flood = 3_000_000;
-    let script = format!("head -c {flood} /dev/zero | tr '\\0' '\\n'; sleep 1.5; echo after; exec sleep 30");
+    let script = format!("head -c {flood} /dev/zero | tr '\\0' '\\n'; echo after; exec sleep 30");
+    let started = std::time::Instant::now();
     let mut shim =
         Shim::launch(&pm, &program_path(), &dir.path().join("s"), &spec(&log, &script), vec![]).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains(" after\n") {
-        assert!(std::time::Instant::now() < deadline, "the line after the flood never came");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let outcome = shim.stop(Duration::from_secs(5)).await;
-    let Outcome::Exited(exit) = outcome else { panic!("{outcome:?}") };
-    assert_eq!(exit.status().signal(), Some(libc::SIGTERM), "{}", exit.describe());
-    let text = std::fs::read_to_string(&log).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // Stored empty lines are a timestamp and a space.
-    let stored = text.lines().filter(|l| l.strip_suffix(' ').is_some_and(|stamp| !stamp.contains(' '))).count() as u64;
-    let dropped: u64 = text
-        .lines()
-        .filter_map(|l| l.split_once(" [nx] ")?.1.strip_suffix(" lines a second"))
-        .map(|l| l.split_once(' ').unwrap().0.parse::<u64>().unwrap())
-        .sum();
-    assert!(dropped > 0, "nothing dropped of {flood} lines");
-    assert_eq!(stored + dropped, flood, "{stored} stored and {dropped} dropped");
-    assert!(stored <= 2 * nx_runtime::output::LINES_BURST as u64, "{stored} stored");
+    let empty = |text: &str| text.lines().filter(|l| l.strip_suffix(' ').is_some_and(|t| !t.contains(' '))).count();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (stored, elapsed) = (empty(&text), started.elapsed().as_secs_f64());
+    // A turn's read (one line a byte here), the burst, and the rate since.
+    let most = TURN_BYTES as f64 + LINES_BURST + LINES_PER_SECOND * elapsed;
+    assert!(stored > 0 && (stored as f64) < most, "{stored} of {flood} lines stored in {elapsed:.1} s");
+    assert!(!text.contains(" after\n"), "the flood was read whole");
+    // The shim, busy with the flood, still takes the stop and ends it.
+    let outcome = shim.stop(Duration::from_secs(1)).await;
+    assert!(matches!(outcome, Outcome::Exited(_)), "{outcome:?}");
 }
 
 /// A shim given the app's port decides every `listen` of its process: a
@@ -128,6 +123,7 @@ async fn only_the_apps_port_and_unix_sockets_may_listen() {
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut spec = spec(&log, &common::listen_check(port, other));
     spec.listen_port = Some(port);
+    spec.user = common::LISTEN_USER;
     let mut shim = Shim::launch(&pm, &program_path(), &dir.path().join("s"), &spec, vec![]).await.unwrap();
     let outcome = shim.wait().await;
     assert!(matches!(outcome, Outcome::Exited(e) if e.status().code() == Some(0)), "{outcome:?}");

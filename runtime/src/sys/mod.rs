@@ -728,10 +728,21 @@ pub struct Pidfd {
 impl Pidfd {
     /// Opens `pid`; fails with `ESRCH` when no such process runs.
     pub fn open(pid: i32) -> io::Result<Pidfd> {
+        Self::open_with(pid, libc::PIDFD_NONBLOCK)
+    }
+
+    /// Opens thread `tid` itself, which need not be its process's first
+    /// (`PIDFD_THREAD`); `EINVAL` before Linux 6.9.
+    pub fn open_thread(tid: i32) -> io::Result<Pidfd> {
+        // PIDFD_THREAD is O_EXCL's bit (linux/pidfd.h).
+        Self::open_with(tid, libc::PIDFD_NONBLOCK | libc::O_EXCL as libc::c_uint)
+    }
+
+    fn open_with(pid: i32, flags: libc::c_uint) -> io::Result<Pidfd> {
         use std::os::fd::FromRawFd;
         // SAFETY: pidfd_open takes a pid and flags; it returns a new
         // descriptor or -1, and reads no memory of ours.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -920,4 +931,12 @@ impl ListenNotices {
         // SAFETY: the ioctl reads `resp`, which outlives the call.
         check(unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) })
     }
+}
+
+/// `listen(2)` on `socket` with `backlog` as given: the kernel holds it to
+/// `net.core.somaxconn`, as it does for the caller it stands in for.
+pub fn listen(socket: BorrowedFd<'_>, backlog: i32) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen takes a descriptor and an integer.
+    Errno::result(unsafe { libc::listen(socket.as_raw_fd(), backlog) }).map(drop)
 }

@@ -206,19 +206,31 @@ fn send_listen_notices(socket: RawFd, program: &[u8]) -> io::Result<()> {
         // The kernel copies the program in; it reads it, never writes it.
         filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
     };
-    // SAFETY: prog points at `program`, valid for the call; the flags are
-    // the kernel's own constants.
-    let notices = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const libc::sock_fprog,
-        )
-    };
+    // Only a fatal signal interrupts a call the shim has taken, as nothing
+    // interrupts a plain listen after it began (Linux 5.19; without it
+    // before).
+    const WAIT_KILLABLE_RECV: libc::c_ulong = 1 << 5;
+    let mut notices = -1;
+    for flags in [libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | WAIT_KILLABLE_RECV, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER] {
+        // SAFETY: prog points at `program`, valid for the call; the flags
+        // are the kernel's own constants.
+        notices = unsafe {
+            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog as *const libc::sock_fprog)
+        };
+        if notices >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            break;
+        }
+    }
     if notices < 0 {
-        // No notifications on this kernel: no filter went in.
-        return Ok(());
+        let e = io::Error::last_os_error();
+        // No notifications on this kernel (before 5.0): no filter went in,
+        // and the shim says so. Anything else (a supervisor of this host
+        // that has a listener of its own: EBUSY) fails the start rather
+        // than run the app unguarded.
+        return match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        };
     }
     let notices = notices as libc::c_int;
     let byte = [b'L'];

@@ -30,13 +30,18 @@ pub fn script_spec(log: &Path, script: &str, cgroup: Vec<PathBuf>) -> ShimSpec {
     }
 }
 
-/// A script that tries to listen unbound, on `port` (bound first), on
-/// `other` and on an abstract unix socket, says how each went, then
-/// connects to `port`; [`assert_listen_checked`] reads what it said.
+/// The user the listen checks run as: a unix socket records who listened.
+pub const LISTEN_USER: (u32, u32) = (65534, 65534);
+
+/// A script that tries to listen unbound, on `port` (bound first, from a
+/// thread of its own: a notification names the thread), on `other` and on
+/// an abstract unix socket, says how each went and who the unix socket's
+/// listener is to a client, then connects to `port`;
+/// [`assert_listen_checked`] reads what it said.
 pub fn listen_check(port: u16, other: u16) -> String {
     let program = format!(
         r#"
-import socket
+import socket, struct, threading
 def attempt(name, make):
     try:
         make()
@@ -51,8 +56,12 @@ def other():
     s = socket.socket(); s.bind(("127.0.0.1", {other})); s.listen(1)
 def unix():
     s = socket.socket(socket.AF_UNIX); s.bind("\0nx-listen-test-{port}"); s.listen(1); unix.keep = s
-for name, make in [("unbound", unbound), ("own", own), ("other", other), ("unix", unix)]:
-    attempt(name, make)
+attempt("unbound", unbound)
+t = threading.Thread(target=lambda: attempt("own", own)); t.start(); t.join()
+attempt("other", other)
+attempt("unix", unix)
+c = socket.socket(socket.AF_UNIX); c.connect("\0nx-listen-test-{port}")
+print("unix listener uid", struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1], flush=True)
 c = socket.create_connection(("127.0.0.1", {port})); print("connected", flush=True)
 "#
     );
@@ -60,15 +69,16 @@ c = socket.create_connection(("127.0.0.1", {port})); print("connected", flush=Tr
 }
 
 /// Asserts the log of [`listen_check`] under a listen guard: only the
-/// app's port and the unix socket listened.
+/// app's port and the unix socket listened, the unix one as the app's user.
 pub fn assert_listen_checked(log: &str) {
     for line in [
-        " unbound refused: Permission denied\n",
-        " own listening\n",
-        " other refused: Permission denied\n",
-        " unix listening\n",
-        " connected\n",
+        " unbound refused: Permission denied\n".to_owned(),
+        " own listening\n".to_owned(),
+        " other refused: Permission denied\n".to_owned(),
+        " unix listening\n".to_owned(),
+        format!(" unix listener uid {}\n", LISTEN_USER.0),
+        " connected\n".to_owned(),
     ] {
-        assert!(log.contains(line), "no {line:?} in {log}");
+        assert!(log.contains(&line), "no {line:?} in {log}");
     }
 }
