@@ -119,9 +119,14 @@ fn caller(tid: i32, proc_root: &Path) -> std::io::Result<Pidfd> {
 }
 
 /// Runs `f` with the effective user and group `(uid, gid)`, then as root
-/// again. The shim is one thread, so nothing else runs meanwhile.
+/// again. The shim is one thread, so nothing else runs meanwhile. A unix
+/// socket's listener pid (`SO_PEERCRED`, `SO_PEERPIDFD`) is the shim's all
+/// the same: only the app's own process could give its own.
 fn as_user<T>((uid, gid): (u32, u32), f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
-    use nix::unistd::{setegid, seteuid, Gid, Uid};
+    use nix::unistd::{setegid, seteuid, setgroups, Gid, Uid};
+    // A unix socket records its listener's groups too (`SO_PEERGROUPS`):
+    // none, the shim needing none of its own.
+    setgroups(&[])?;
     setegid(Gid::from_raw(gid))?;
     if let Err(e) = seteuid(Uid::from_raw(uid)) {
         let _ = setegid(Gid::from_raw(0));

@@ -284,6 +284,9 @@ impl Log {
 /// The text stored for a line of the app's: one that would pass for the
 /// platform's goes behind [`APP_MARK`].
 fn app_text(line: &str) -> String {
+    // Without its line ending, a control character that would send every
+    // line through the Unicode fold of the check.
+    let line = line.trim_end_matches(['\r', '\n']);
     if looks_like_platform(line) {
         format!("{APP_MARK} {line}")
     } else {

@@ -172,8 +172,12 @@ impl Slot {
 
     /// Whether its shim is still there: an ended shim has closed the
     /// connection (a parked shim sends nothing after `parked`).
+    /// Asked of the socket itself: tokio's `try_read` answers `WouldBlock`
+    /// without a look while its reactor has not yet seen the hang-up.
     fn answers(&self) -> bool {
-        matches!(self.conn.get_ref().try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.conn.get_ref());
+        matches!(recv(fd, &mut [0u8; 1], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Err(nix::errno::Errno::EAGAIN))
     }
 }
 

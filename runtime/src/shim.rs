@@ -402,6 +402,8 @@ pub(crate) struct Running<'a> {
     output: Option<std::fs::File>,
     /// The app's output not yet stored, and its budget.
     taken: Output,
+    /// The pipe is read again from then on ([`output::TURN_GAP`]).
+    next_turn: Instant,
     listener: UnixListener,
     clients: Vec<UnixStream>,
     sigchld: UnixStream,
@@ -567,6 +569,7 @@ impl<'a> Running<'a> {
             log,
             output,
             taken: Output::new(Instant::now()),
+            next_turn: Instant::now(),
             listener,
             clients: Vec::new(),
             sigchld,
@@ -609,7 +612,7 @@ impl<'a> Running<'a> {
             let mut timeout = if self.stopping.is_some() || self.status.is_some() { 100 } else { 1000 };
             // Over its budget the app's output waits in its pipe, without
             // waking the loop, until the budget allows.
-            let held = if self.status.is_none() { self.taken.wait(Instant::now()) } else { None };
+            let held = self.held();
             if let Some(wait) = held {
                 timeout = timeout.min(wait.as_millis().clamp(1, 1000) as u16);
             }
@@ -707,9 +710,7 @@ impl<'a> Running<'a> {
     /// Stores what the app wrote, at most [`output::TURN_BYTES`] a turn: the
     /// loop comes back to it once clients are answered and children reaped.
     fn pump(&mut self) {
-        // Once the sandbox has ended, what is left in the pipe (at most its
-        // size) is read whatever the budget: nothing it wrote is lost.
-        if self.status.is_none() && self.taken.wait(Instant::now()).is_some() {
+        if self.held().is_some() {
             return;
         }
         let Some(pipe) = &mut self.output else { return };
@@ -722,11 +723,20 @@ impl<'a> Running<'a> {
                     break;
                 }
                 Ok(n) => {
-                    lines.extend(self.taken.take(&buf[..n], Instant::now()));
+                    let now = Instant::now();
+                    lines.extend(self.taken.take(&buf[..n], now));
                     taken += n;
+                    if self.taken.wait(now).is_some() {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if taken > 0 {
+                        self.next_turn = Instant::now() + output::TURN_GAP;
+                    }
+                    break;
+                }
                 Err(_) => {
                     self.output = None;
                     break;
@@ -734,6 +744,17 @@ impl<'a> Running<'a> {
             }
         }
         self.log.app_lines(&lines);
+    }
+
+    /// How long the app's output waits in its pipe before the next turn:
+    /// for the budget, or the pause after a turn that drained it.
+    fn held(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let gap = self.next_turn.saturating_duration_since(now);
+        match self.taken.wait(now) {
+            Some(wait) => Some(wait.max(gap)),
+            None => (!gap.is_zero()).then_some(gap),
+        }
     }
 
     fn reap(&mut self) {

@@ -193,6 +193,18 @@ impl Prepared {
     }
 }
 
+/// Whether the kernel has seccomp user notifications: it reports their
+/// sizes. A kernel that has them refuses the listen filter only for a
+/// reason that must fail the start (a host supervisor's seccomp profile
+/// answering EINVAL, say), never for want of them.
+fn has_notifications() -> bool {
+    const SECCOMP_GET_NOTIF_SIZES: libc::c_uint = 3;
+    let mut sizes = [0u16; 3];
+    // SAFETY: the kernel writes three u16s (struct seccomp_notif_sizes)
+    // into `sizes`, which outlives the call.
+    unsafe { libc::syscall(libc::SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, sizes.as_mut_ptr()) == 0 }
+}
+
 /// Installs `program` (whole `sock_filter`s) with a notification descriptor
 /// and sends that descriptor on `socket` with the byte `L`, then closes it
 /// here: the reader is the only one to hold it. Raw system calls on the
@@ -228,7 +240,7 @@ fn send_listen_notices(socket: RawFd, program: &[u8]) -> io::Result<()> {
         // that has a listener of its own: EBUSY) fails the start rather
         // than run the app unguarded.
         return match e.raw_os_error() {
-            Some(libc::EINVAL | libc::ENOSYS) => Ok(()),
+            Some(libc::EINVAL | libc::ENOSYS) if !has_notifications() => Ok(()),
             _ => Err(e),
         };
     }
