@@ -325,8 +325,6 @@ impl Shim {
     }
 }
 
-/// What a shim is started with: its state directory `dir`, cleared of an
-/// earlier life's socket and exit, and the spec it runs.
 /// Where a child's own descriptors go, above those it hands on at fixed
 /// numbers.
 pub(crate) const OUT_OF_THE_WAY: RawFd = 64;
@@ -348,6 +346,8 @@ pub(crate) fn listen_notices(socket: &UnixStream) -> std::io::Result<(Option<sys
     Ok((None, first[..n].to_vec()))
 }
 
+/// What a shim is started with: its state directory `dir`, cleared of an
+/// earlier life's socket and exit, and the spec it runs.
 pub(crate) fn write_spec(dir: &Path, spec: &ShimSpec) -> std::io::Result<()> {
     prepare_dir(dir)?;
     let json = serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?;
