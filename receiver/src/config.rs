@@ -354,6 +354,14 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_SANDBOX_POOL", default_value_t = 2)]
     pub sandbox_pool: usize,
 
+    /// Sleeping deployments that keep their sandbox made and waiting for
+    /// their wake: bwrap's setup done, the app not started, so a wake skips
+    /// most of a start (bench/RESULTS.md). Each costs an idle bwrap and
+    /// shim, and none of the app's memory. Deployments put to sleep beyond
+    /// this many wake the usual way. 0 turns it off.
+    #[arg(long, env = "NX_WAKE_READY", default_value_t = 64)]
+    pub wake_ready: usize,
+
     /// Memory of each sandbox unless its app sets its own.
     #[arg(long, env = "NX_DEFAULT_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub default_memory: u64,

@@ -13,6 +13,8 @@
 //! - [`supervisor::Sandbox`] reports `Starting → Healthy`, restarts crashes with
 //!   capped backoff, ends as `Failed` with the last log lines, and `stop` returns
 //!   only when every process of the sandbox is gone.
+//! - A sandbox made ahead ([`ready::Ready`]) starts only if the configuration
+//!   it is started with makes the very same sandbox; else it is discarded.
 //! - Each sandbox's pid 1 is [`init`] (`nx-init`), a static program that
 //!   reaps orphans and ends with the app; bwrap's own init is not used.
 //! - All `unsafe` code and raw system calls live in [`sys`], but for the one
@@ -29,6 +31,7 @@ pub mod net;
 pub mod output;
 pub mod pool;
 pub mod process;
+pub mod ready;
 pub mod root;
 pub mod seccomp;
 pub mod shim;

@@ -704,7 +704,7 @@ fn exec_sandbox(msg: &[u8], fds: Vec<OwnedFd>, channel: RawFd) -> std::io::Resul
     for (fd, target) in fds.into_iter().zip(&go.fds) {
         sys::place_fd(fd, *target)?;
     }
-    let (cmd, _held) = shim::sandbox_command(&go.spec, true, Some(channel))?;
+    let (cmd, _held) = shim::sandbox_command(&go.spec, true, Some(channel), None)?;
     let e = cmd.exec();
     Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", go.spec.program.display())))
 }

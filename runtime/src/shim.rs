@@ -44,6 +44,10 @@ use crate::sys::{self, ChildSetup, Rlimit};
 /// seccomp program and environment come on bwrap's own numbers).
 pub const LANDLOCK_FD: RawFd = 12;
 
+/// The descriptor bwrap of a held sandbox ([`ShimSpec::hold`]) reads its
+/// one byte from (`--block-fd`) before it `exec`s the sandbox's program.
+const BLOCK_FD: RawFd = 13;
+
 pub(crate) const SPEC: &str = "spec.json";
 pub(crate) const CONTROL: &str = "control.sock";
 const EXIT: &str = "exit";
@@ -75,6 +79,12 @@ pub struct ShimSpec {
     /// None (a spec of an earlier receiver's) leaves `listen` alone.
     #[serde(default)]
     pub listen_port: Option<u16>,
+    /// Whether the sandbox is made and held ready: bwrap does its whole
+    /// setup, then waits (`--block-fd`) until a client of the shim says
+    /// `go`; the shim dies with its launcher until then. Nothing of the
+    /// sandbox's program runs before `go`.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 impl ShimSpec {
@@ -207,8 +217,11 @@ impl Shim {
         cmd.pass_fds = fds;
         cmd.cwd = Some(PathBuf::from("/"));
         cmd.stdout = Stream::Pipe;
-        // Its own session and no parent-death signal: it outlives the receiver.
+        // Its own session and no parent-death signal: it outlives the
+        // receiver. A held one dies with it until `go` (nothing of the
+        // sandbox runs yet, and no later receiver would know it).
         cmd.new_session = true;
+        cmd.parent_death_signal = spec.hold.then_some(Signal::SIGKILL);
         let describe = program.display().to_string();
         let start = |reason: String| ShimError::Start { program: describe.clone(), reason };
         let mut child = pm.spawn(cmd).await.map_err(|e| start(e.to_string()))?;
@@ -313,6 +326,12 @@ impl Shim {
         }
     }
 
+    /// Tells the shim of a held sandbox ([`ShimSpec::hold`]) to let it run.
+    pub async fn go(&mut self) -> std::io::Result<()> {
+        let control = self.control.as_mut().ok_or_else(|| std::io::Error::other("its shim has ended"))?;
+        tokio::io::AsyncWriteExt::write_all(control, b"go\n").await
+    }
+
     /// Asks the shim to stop the sandbox (SIGTERM to the app, SIGKILL after
     /// `grace`) and waits for the outcome, at most `grace` and 10s more.
     pub async fn stop(&mut self, grace: Duration) -> Outcome {
@@ -414,6 +433,12 @@ pub(crate) struct Running<'a> {
     /// The sandbox's `listen` calls, whose they are, and how many more may
     /// be answered this second.
     listens: Option<(sys::ListenNotices, crate::listen::Sandbox, crate::listen::Budget)>,
+    /// A held sandbox's pipe to bwrap, until `go` writes its byte. Kept
+    /// open until the shim ends when the sandbox is stopped instead: bwrap
+    /// takes the pipe's end for `go` too.
+    block: Option<OwnedFd>,
+    /// Stopped while held: nothing of the sandbox's program ever ran.
+    discarded: bool,
 }
 
 /// Where a requested stop is.
@@ -464,11 +489,13 @@ impl Prepared {
 /// Its stdin is `/dev/null` (among the descriptors held).
 ///
 /// With `notices`, a socket of the child's, the child sends the shim its
-/// `listen` filter's descriptor on it ([`crate::listen`]).
+/// `listen` filter's descriptor on it ([`crate::listen`]). With `block`,
+/// the read end of a pipe, bwrap waits for a byte on it after its setup.
 pub(crate) fn sandbox_command(
     spec: &ShimSpec,
     parked: bool,
     notices: Option<RawFd>,
+    block: Option<RawFd>,
 ) -> std::io::Result<(sys::Spawn, Vec<OwnedFd>)> {
     let mut held: Vec<OwnedFd> = spec.pass_fds.iter().map(|fd| sys::inherited_fd(*fd)).collect::<Result<_, _>>()?;
     let landlock = spec.landlock.then(|| sys::inherited_fd(LANDLOCK_FD)).transpose()?;
@@ -486,7 +513,10 @@ pub(crate) fn sandbox_command(
         rlimits: spec.rlimits.clone(),
         new_session: true,
         // stderr joins stdout, in order; the rest keep their numbers.
-        fd_moves: std::iter::once((1, 2)).chain(spec.pass_fds.iter().map(|fd| (*fd, *fd))).collect(),
+        fd_moves: std::iter::once((1, 2))
+            .chain(spec.pass_fds.iter().map(|fd| (*fd, *fd)))
+            .chain(block.map(|fd| (fd, BLOCK_FD)))
+            .collect(),
         user: Some(spec.user),
         // The shim is one thread that lives as long as the sandbox: a
         // shim killed outright takes its sandbox along.
@@ -498,7 +528,8 @@ pub(crate) fn sandbox_command(
         }),
     };
     let program = spec.program.as_os_str();
-    let args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
+    let wait = block.map(|_| ["--block-fd".to_owned(), BLOCK_FD.to_string()]).into_iter().flatten();
+    let args: Vec<std::ffi::OsString> = wait.chain(spec.args.iter().cloned()).map(Into::into).collect();
     let env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
         spec.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
     let mut cmd = sys::Spawn::new(program, &args, &env, setup)?;
@@ -521,7 +552,21 @@ impl<'a> Running<'a> {
             }
             None => (None, None),
         };
-        let (mut cmd, held) = sandbox_command(spec, false, theirs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))?;
+        // The shim alone holds the write end: the child gets the read end
+        // on [`BLOCK_FD`], from a number no other descriptor moves to.
+        let block = match spec.hold {
+            true => {
+                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                Some((sys::renumber_above(read, OUT_OF_THE_WAY)?, write))
+            }
+            false => None,
+        };
+        let (mut cmd, held) = sandbox_command(
+            spec,
+            false,
+            theirs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            block.as_ref().map(|(read, _)| std::os::fd::AsRawFd::as_raw_fd(read)),
+        )?;
         let (output, to_output) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let to_output = sys::renumber_above(to_output, 3)?;
         cmd.stdio(1, std::os::fd::AsRawFd::as_raw_fd(&to_output));
@@ -529,6 +574,10 @@ impl<'a> Running<'a> {
         let pid = cmd
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display())))?;
+        let block = block.map(|(read, write)| {
+            drop(read);
+            write
+        });
         drop((held, to_output, theirs));
         // Sent before the child's `exec`, which `spawn` has waited for; none
         // on a kernel without user notifications.
@@ -539,7 +588,10 @@ impl<'a> Running<'a> {
             }
             None => None,
         };
-        Running::new(dir, spec, (pid, Some(std::fs::File::from(output))), sigchld, prepared, notices)
+        let mut running =
+            Running::new(dir, spec, (pid, Some(std::fs::File::from(output))), sigchld, prepared, notices)?;
+        running.block = block;
+        Ok(running)
     }
 
     /// The shim's hold on its running sandbox `pid` whose output comes on
@@ -577,6 +629,8 @@ impl<'a> Running<'a> {
             oom_before,
             status: None,
             stopping: None,
+            block: None,
+            discarded: false,
             listens: notices.zip(spec.listen_port).map(|(notices, port)| {
                 let sandbox = crate::listen::Sandbox { port, user: spec.user, proc_root: spec.proc_root.clone() };
                 (notices, sandbox, crate::listen::Budget::new(Instant::now()))
@@ -641,7 +695,7 @@ impl<'a> Running<'a> {
     }
 
     fn read_clients(&mut self) {
-        let mut asked = None;
+        let (mut asked, mut go) = (None, false);
         self.clients.retain_mut(|client| {
             let mut buf = [0u8; 128];
             match client.read(&mut buf) {
@@ -651,6 +705,7 @@ impl<'a> Running<'a> {
                         if let Some(ms) = line.strip_prefix("stop ").and_then(|m| m.trim().parse::<u64>().ok()) {
                             asked = Some(Duration::from_millis(ms));
                         }
+                        go |= line.trim() == "go";
                     }
                     true
                 }
@@ -660,6 +715,22 @@ impl<'a> Running<'a> {
         if let (Some(grace), None) = (asked, &self.stopping) {
             self.begin_stop(grace);
         }
+        if go && self.stopping.is_none() {
+            self.go();
+        }
+    }
+
+    /// Lets a held sandbox's bwrap `exec` its program; from here on the
+    /// shim outlives its launcher like any shim.
+    fn go(&mut self) {
+        let Some(block) = self.block.take() else { return };
+        if let Err(e) = sys::clear_parent_death_signal() {
+            self.log.system_line(&format!("the shim stays tied to its launcher: {e}"));
+        }
+        if let Err(e) = nix::unistd::write(&block, b"g") {
+            // bwrap goes on at the pipe's end all the same.
+            self.log.system_line(&format!("cannot tell the held sandbox to go ({e}); it goes as its pipe closes"));
+        }
     }
 
     /// SIGTERM to the app, and to its process group should it lead one
@@ -667,6 +738,15 @@ impl<'a> Running<'a> {
     fn begin_stop(&mut self, grace: Duration) {
         self.stopping = Some(Stopping { grace, since: Instant::now(), killed: None });
         if self.status.is_some() {
+            return;
+        }
+        if self.block.is_some() {
+            // Held: only bwrap runs, waiting; it has nothing to end gracefully.
+            self.discarded = true;
+            for pid in children_of(&self.spec.proc_root, self.pid).into_iter().chain([self.pid]) {
+                let _ = sys::signal_process(pid, Signal::SIGKILL);
+            }
+            self.stopping = Some(Stopping { grace, since: Instant::now(), killed: Some(Instant::now()) });
             return;
         }
         match children_of(&self.spec.proc_root, self.pid).into_iter().next() {
@@ -771,8 +851,10 @@ impl<'a> Running<'a> {
         self.log.app_lines(&Vec::from_iter(self.taken.finish()));
         let raw = self.status.map_or(libc::SIGKILL, |(raw, _)| raw);
         let exit = Exit { raw, oom_kills: self.cgroup.oom_kills().saturating_sub(self.oom_before) };
-        if let Some(stop) = &self.stopping {
-            self.log.system_line(if stop.killed.is_some() { "killed" } else { "stopped" });
+        match &self.stopping {
+            Some(_) if self.discarded => {}
+            Some(stop) => self.log.system_line(if stop.killed.is_some() { "killed" } else { "stopped" }),
+            None => {}
         }
         let tmp = self.dir.join(".exit.tmp");
         // The sandbox's pid follows, so a launcher reading the record after

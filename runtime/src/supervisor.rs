@@ -252,7 +252,7 @@ impl Sandbox {
     /// directory that still runs (its shim alive, or processes left in its
     /// cgroup) is ended first: never two instances.
     pub fn start(config: SandboxConfig, pm: ProcessManager, log: Log) -> Sandbox {
-        Self::supervised(config, pm, log, None)
+        Self::supervised(config, pm, log, First::Launch)
     }
 
     /// Re-attaches to the sandbox a previous process started, if its shim
@@ -275,7 +275,7 @@ impl Sandbox {
         match (answered, foreign) {
             (Ok(()), None) => {
                 log.system_line(&format!("sandbox (pid {}) adopted, healthy on {}", shim.pid(), config.addr));
-                Ok(Self::supervised(config, pm, log, Some(shim)))
+                Ok(Self::supervised(config, pm, log, First::Adopted(shim)))
             }
             (Err(e), _) => {
                 log.system_line(&format!(
@@ -293,15 +293,17 @@ impl Sandbox {
         }
     }
 
-    fn supervised(config: SandboxConfig, pm: ProcessManager, log: Log, adopted: Option<Shim>) -> Sandbox {
-        let initial =
-            if adopted.is_some() { Status::Healthy { restarts: 0 } } else { Status::Starting { restarts: 0 } };
+    pub(crate) fn supervised(config: SandboxConfig, pm: ProcessManager, log: Log, first: First) -> Sandbox {
+        let initial = match first {
+            First::Adopted(_) => Status::Healthy { restarts: 0 },
+            First::Launch | First::Released(_) => Status::Starting { restarts: 0 },
+        };
         let (status_tx, status) = watch::channel(initial);
         let (exit_tx, last_exit) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let cgroup = config.cgroup.clone();
         let task = tokio::spawn(async move {
-            supervise(config, pm, log, (status_tx, exit_tx), stop_rx, adopted).await;
+            supervise(config, pm, log, (status_tx, exit_tx), stop_rx, first).await;
             // The tree is gone by now; this catches anything that slipped out
             // of the namespace and frees the cgroup.
             if let Some(cg) = cgroup {
@@ -340,6 +342,16 @@ impl Sandbox {
     }
 }
 
+/// Where a supervised sandbox's first life comes from.
+pub(crate) enum First {
+    /// Started here.
+    Launch,
+    /// Running already, under a shim a previous receiver started: healthy.
+    Adopted(Shim),
+    /// Held ready ([`crate::ready::Ready`]) and just told to go.
+    Released(Shim),
+}
+
 async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     // An error means the handle was dropped without stop: keep running.
     if rx.wait_for(|stop| *stop).await.is_err() {
@@ -353,7 +365,7 @@ async fn supervise(
     log: Log,
     (status, last_exit): (watch::Sender<Status>, watch::Sender<Option<LastExit>>),
     mut stop: watch::Receiver<bool>,
-    mut adopted: Option<Shim>,
+    mut first: First,
 ) {
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut restarts = 0u32;
@@ -362,13 +374,19 @@ async fn supervise(
         let _ = status.send(Status::Failed { reason, log_tail: log.tail(20) });
     };
     loop {
-        let mut shim = match adopted.take() {
-            Some(shim) => shim,
-            None => {
+        let mut shim = match std::mem::replace(&mut first, First::Launch) {
+            First::Adopted(shim) => shim,
+            first => {
                 let _ = status.send(Status::Starting { restarts });
-                let mut shim = match launch(&cfg, &pm, &log).await {
-                    Ok(s) => s,
-                    Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
+                let mut shim = match first {
+                    First::Released(shim) => {
+                        log.system_line("started from a sandbox held ready (bwrap's setup done ahead of time)");
+                        shim
+                    }
+                    _ => match launch(&cfg, &pm, &log).await {
+                        Ok(s) => s,
+                        Err(e) => return fail(&status, format!("cannot create the sandbox: {e}")),
+                    },
                 };
                 log.system_line(&format!("sandbox started (pid {})", shim.pid()));
                 let probe = shim.probe();
@@ -515,7 +533,7 @@ async fn describe_outcome(cfg: &SandboxConfig, outcome: Outcome) -> LastExit {
 
 /// Ends what a previous life left when no shim answers for it: processes
 /// still in the cgroup (a shim killed while its sandbox lived on) are killed.
-async fn clear_leftovers(cfg: &SandboxConfig, log: &Log) {
+pub(crate) async fn clear_leftovers(cfg: &SandboxConfig, log: &Log) {
     if let Some(cg) = cfg.cgroup.clone() {
         let left = cg.pids();
         if !left.is_empty() {
@@ -554,7 +572,10 @@ async fn launch(cfg: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<S
     Shim::launch(pm, &cfg.shim, &cfg.state_dir, &spec, fds).await
 }
 
-fn shim_spec(cfg: &SandboxConfig, log: &Log) -> std::io::Result<(ShimSpec, Vec<(std::os::fd::OwnedFd, i32)>)> {
+pub(crate) fn shim_spec(
+    cfg: &SandboxConfig,
+    log: &Log,
+) -> std::io::Result<(ShimSpec, Vec<(std::os::fd::OwnedFd, i32)>)> {
     let mut spec = cfg.spec.clone();
     let mut fds = Vec::new();
     if let Some(program) = &cfg.seccomp {
@@ -593,6 +614,7 @@ fn shim_spec(cfg: &SandboxConfig, log: &Log) -> std::io::Result<(ShimSpec, Vec<(
         log_keep_rotated: limits.keep_rotated,
         proc_root: cfg.proc_root.clone(),
         listen_port: Some(cfg.addr.port()),
+        hold: false,
     };
     Ok((shim, fds))
 }
@@ -624,7 +646,7 @@ pub fn children_of(proc_root: &Path, pid: i32) -> Vec<i32> {
 
 /// Stops one life through its shim and waits until it has ended; if the shim
 /// does not say so in time (or is gone), whatever is in the cgroup is killed.
-async fn terminate(cfg: &SandboxConfig, shim: &mut Shim) {
+pub(crate) async fn terminate(cfg: &SandboxConfig, shim: &mut Shim) {
     if shim.exited() && matches!(shim.wait().await, Outcome::Exited(_)) {
         return;
     }

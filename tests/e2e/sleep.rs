@@ -6,6 +6,8 @@
 //! stays up unless asked, and an open request keeps a deployment awake;
 //! the pull request comment says when a preview sleeps. Wakes that keep
 //! failing back off and then fail it for good; a stop racing a wake wins.
+//! A sleeping deployment's sandbox waits made ready for its wake, none of
+//! the app running, and is used only if nothing it was made from changed.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::receiver::{psql, Options};
-use nx_e2e::{deployment_processes, eventually, Receiver};
+use nx_e2e::{app_processes, deployment_processes, eventually, Receiver};
 
 fn id(d: &serde_json::Value) -> String {
     d["id"].as_str().unwrap().to_owned()
@@ -94,6 +96,18 @@ fn files(dir: &Path, except: &[&str]) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// Waits until deployment `dep`, asleep, runs nothing of its app and its
+/// sandbox waits made ready for its wake: bwrap, set up, and nothing else.
+fn wait_ready(r: &Receiver, dep: &str) {
+    eventually(10, "a sleeping deployment to run nothing of its app, its sandbox made ready", || {
+        let ready = deployment_processes(&r.data_dir(), dep);
+        (app_processes(dep).is_empty()
+            && !ready.is_empty()
+            && ready.iter().all(|(_, cmd)| cmd.split(' ').next().is_some_and(|p| p.ends_with("bwrap"))))
+        .then_some(())
+    });
+}
+
 #[test]
 fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_and_database_unchanged() {
     let r = Receiver::start();
@@ -109,9 +123,7 @@ fn an_idle_preview_sleeps_and_its_next_request_wakes_it_answered_once_with_data_
     wait_asleep(&r, "web", &dep);
     // The state turns `sleeping` first (requests from then on are held),
     // then the requests in flight drain and the sandbox stops.
-    eventually(10, "a sleeping deployment to run nothing", || {
-        deployment_processes(&r.data_dir(), &dep).is_empty().then_some(())
-    });
+    wait_ready(&r, &dep);
     let ls = r.nx_ok(&["ls", "web"]).stdout;
     assert!(ls.contains("sleeping"), "nx ls shows it sleeping:\n{ls}");
     // The audit log says so once the sandbox has stopped.
@@ -372,4 +384,33 @@ fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(state(&r, "web", &dep), "stopped", "nothing woke it afterwards");
     assert!(deployment_processes(&r.data_dir(), &dep).is_empty());
+}
+
+/// A wake starts from the sandbox made ready while it slept; one made
+/// before the app's variables changed is not used (the app gets the new
+/// ones), and a stop for good ends the one waiting.
+#[test]
+fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_made_from_changed() {
+    let r = Receiver::start();
+    let d = sleepy(&r);
+    let (dep, url) = (id(&d), url(&d));
+    let logs = || r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
+    wait_asleep(&r, "web", &dep);
+    wait_ready(&r, &dep);
+    assert_eq!(r.get(&url).body, "goweb\n");
+    assert!(logs().contains("started from a sandbox held ready"), "{}", logs());
+    assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "its program ran once per start");
+
+    wait_asleep(&r, "web", &dep);
+    wait_ready(&r, &dep);
+    r.nx_ok(&["env", "set", "GREETING=changed", "--app", "web"]);
+    assert_eq!(r.get(&url).body, "changed\n", "the wake ran with the new variables");
+    let said = "the sandbox made ready for its wake was not used: \
+                what it was made from has changed since (its variables or system call filter)";
+    assert!(logs().contains(said), "{}", logs());
+
+    wait_asleep(&r, "web", &dep);
+    wait_ready(&r, &dep);
+    r.nx_ok(&["stop", &dep, "--app", "web"]);
+    assert!(deployment_processes(&r.data_dir(), &dep).is_empty(), "the sandbox made ready is gone with the stop");
 }

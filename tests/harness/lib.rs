@@ -104,6 +104,13 @@ pub fn deployment_processes(data_dir: &Path, deployment: &str) -> Vec<(i32, Stri
     scan_processes(|cmdline, environ| cmdline.contains(&run_dir) || environ.contains(&env))
 }
 
+/// The app's own processes of one deployment: those whose environment
+/// names it (bwrap's own names nothing of the app's).
+pub fn app_processes(deployment: &str) -> Vec<(i32, String)> {
+    let env = format!("NX_DEPLOYMENT={deployment} ");
+    scan_processes(|_, environ| environ.contains(&env))
+}
+
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.
 pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

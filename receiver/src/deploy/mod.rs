@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use nx_protocol::api::{DeploymentInfo, DeploymentState, PreviewDb, PushMeta, ReplicaState, Source, VerifiedGitHub};
 use nx_protocol::names::{preview_host, production_host, url_for_host, AppName, DeploymentId};
 use nx_runtime::spec::HostLayout;
-use nx_runtime::supervisor::Status;
+use nx_runtime::supervisor::{SandboxConfig, Status};
 use nx_runtime::{Log, LogLimits, ProcessManager, Sandbox};
 use rand::RngCore;
 use tokio::sync::watch;
@@ -259,6 +259,9 @@ pub struct Deployer {
     transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per deployment, its consecutive failed wakes ([`sleep`]).
     wake_failures: Mutex<HashMap<String, sleep::FailedWakes>>,
+    /// Per sleeping deployment, its sandbox made ready for its wake
+    /// (`--wake-ready`); taken by its next start, discarded by a stop.
+    ready: Mutex<HashMap<String, nx_runtime::ready::Ready>>,
 }
 
 /// Proof that the caller holds a deployment's transition lock
@@ -274,6 +277,7 @@ impl Deployer {
             shutting_down: AtomicBool::new(false),
             transitions: Mutex::new(HashMap::new()),
             wake_failures: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
         }
     }
 
@@ -754,11 +758,7 @@ impl Deployer {
         // are only ever recorded under that hold.
         let single = count == 1 && row.replica_ports.is_empty();
         let ports = if single { vec![row.port as u16] } else { self.replica_ports(&row.id, count).await? };
-        let logs_dir = self.services.config.data_dir.join("logs/deployments");
-        std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
-        let log_path = self.log_path(&row.id);
-        // The sandboxes' shims write the app's lines to the same file.
-        let log = Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))?;
+        let log = self.open_log(&row.id)?;
         let previous = self.running.lock().map_err(|_| poisoned())?.remove(&row.id);
         // `starting` is committed once, by the caller (a wake) or below, and
         // not again by the watcher. A deployment that did not run here and
@@ -837,16 +837,7 @@ impl Deployer {
                     return Ok(Status::Failed { reason, log_tail: Vec::new() });
                 }
             };
-            let sandbox = match Sandbox::adopt(config, self.services.pm.clone(), log.clone()).await {
-                Ok(adopted) => adopted,
-                Err(config) => {
-                    if index == 0 && !starting_recorded {
-                        self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
-                        starting_recorded = true;
-                    }
-                    Sandbox::start(config, self.services.pm.clone(), log.clone())
-                }
-            };
+            let sandbox = self.replica(row, index, config, &log, &mut starting_recorded).await?;
             replicas.push(Replica { index, port, sandbox });
         }
         let watched = replicas.iter().map(|r| (r.port, r.sandbox.watch())).collect();
@@ -912,6 +903,60 @@ impl Deployer {
             let _ = self.running.lock().map(|mut r| r.remove(&row.id));
         }
         Ok(status)
+    }
+
+    /// Replica `index` of `row`'s sandbox: started from the sandbox made
+    /// ready for the deployment's wake if it is still the same, else adopted
+    /// when a previous receiver left it running, else started. A start
+    /// records `starting` unless that is `recorded` already.
+    async fn replica(
+        &self,
+        row: &DeploymentRow,
+        index: u32,
+        config: SandboxConfig,
+        log: &Log,
+        recorded: &mut bool,
+    ) -> Result<Sandbox, DeployError> {
+        let pm = self.services.pm.clone();
+        // Only the first replica sleeps ready; nothing else runs in its
+        // state directory then, so there is nothing to adopt.
+        let ready = if index == 0 { self.take_ready(&row.id) } else { None };
+        let adopted = match ready {
+            Some(_) => Err(config),
+            None => Sandbox::adopt(config, pm.clone(), log.clone()).await,
+        };
+        let config = match adopted {
+            Ok(adopted) => return Ok(adopted),
+            Err(config) => config,
+        };
+        if index == 0 && !*recorded {
+            self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
+            *recorded = true;
+        }
+        let config = match ready {
+            None => config,
+            Some(ready) => match ready.start(config, pm.clone(), log.clone()).await {
+                Ok(sandbox) => return Ok(sandbox),
+                Err((config, why)) => {
+                    log.system_line(&format!("the sandbox made ready for its wake was not used: {why}"));
+                    config
+                }
+            },
+        };
+        Ok(Sandbox::start(config, pm, log.clone()))
+    }
+
+    /// The sandbox made ready for `id`'s wake, if there is one.
+    pub(super) fn take_ready(&self, id: &str) -> Option<nx_runtime::ready::Ready> {
+        self.ready.lock().ok()?.remove(id)
+    }
+
+    /// The log of deployment `id`, which its sandboxes' shims write to.
+    pub(super) fn open_log(&self, id: &str) -> Result<Log, DeployError> {
+        let logs_dir = self.services.config.data_dir.join("logs/deployments");
+        std::fs::create_dir_all(&logs_dir).map_err(io_err(&logs_dir))?;
+        let log_path = self.log_path(id);
+        Log::open_shared(&log_path, LogLimits::default()).map_err(io_err(&log_path))
     }
 
     /// Makes `id` the production of `app`; the router switches atomically and the
@@ -1050,11 +1095,15 @@ impl Deployer {
         Ok(())
     }
 
-    /// Stops the sandbox of `id` if it runs, and waits until it is gone.
+    /// Stops the sandbox of `id` if it runs or waits ready for its wake,
+    /// and waits until it is gone.
     async fn halt(&self, _held: &Held, id: &str) {
         let running = self.running.lock().ok().and_then(|mut r| r.remove(id));
         if let Some(r) = running {
             r.stop().await;
+        }
+        if let Some(ready) = self.take_ready(id) {
+            ready.discard().await;
         }
         self.services.routes.set_healthy(id, None);
     }
@@ -1124,6 +1173,18 @@ impl Deployer {
         for t in tasks {
             let _ = t.await;
         }
+        // Sleeping deployments get their sandboxes ready for a wake again
+        // (the earlier ones ended with their receiver), one at a time after
+        // the running ones are back: each joins a cgroup, which holds every
+        // fork on the host for a moment.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let sleeping = me.services.db.live_deployments().await.unwrap_or_default();
+            for row in sleeping.into_iter().filter(|r| r.state() == DeploymentState::Sleeping) {
+                let held = me.hold(&row.id).await;
+                me.make_ready(&held, &row.id).await;
+            }
+        });
         Ok(count)
     }
 

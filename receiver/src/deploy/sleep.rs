@@ -208,6 +208,7 @@ impl Deployer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.halt(&held, id).await;
+        self.make_ready(&held, id).await;
         let idle = format_duration(after);
         self.services
             .db
@@ -216,6 +217,45 @@ impl Deployer {
         self.services.reporter.send(events::Event::Settled(id.to_owned()));
         tracing::info!(deployment = id, app = %row.app_name, idle, "deployment sleeps");
         Ok(())
+    }
+
+    /// Makes the sandbox of `id`, which sleeps, ready for its wake (its
+    /// first replica's: [`nx_runtime::ready`]), unless `--wake-ready`
+    /// sandboxes wait already. Failing only means it wakes the usual way.
+    pub(super) async fn make_ready(&self, _held: &Held, id: &str) {
+        // Never two for one state directory and cgroup.
+        if let Some(earlier) = self.take_ready(id) {
+            earlier.discard().await;
+        }
+        let room = self.ready.lock().is_ok_and(|r| r.len() < self.services.config.wake_ready);
+        if !room {
+            return;
+        }
+        let made = async {
+            let row = self.row(id).await?;
+            if row.state() != DeploymentState::Sleeping {
+                return Ok(None);
+            }
+            let app = self.app_of(&row).await?;
+            let config = self.sandbox_config(&app, &row, 0, row.port as u16).await?;
+            let log = self.open_log(id)?;
+            nx_runtime::ready::Ready::make(&config, &self.services.pm, &log)
+                .await
+                .map(Some)
+                .map_err(|e| DeployError::Internal(e.to_string()))
+        };
+        match made.await {
+            Ok(Some(ready)) => {
+                // The earlier one was discarded above, under the same hold.
+                if let Ok(mut r) = self.ready.lock() {
+                    r.insert(id.to_owned(), ready);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(deployment = id, error = %e, "cannot make a sandbox ready for a wake; it wakes the usual way")
+            }
+        }
     }
 
     /// Starts `id` again if it sleeps, and waits for its health check. A

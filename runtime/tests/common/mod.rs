@@ -27,6 +27,7 @@ pub fn script_spec(log: &Path, script: &str, cgroup: Vec<PathBuf>) -> ShimSpec {
         log_keep_rotated: 1,
         proc_root: "/proc".into(),
         listen_port: None,
+        hold: false,
     }
 }
 

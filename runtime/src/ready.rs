@@ -1,0 +1,152 @@
+//! Sandboxes made ready ahead of their start: bwrap runs its whole setup
+//! (namespaces, mounts, the cgroup join, Landlock, the system call filters,
+//! the app's user) and then waits on a pipe, before it `exec`s the
+//! sandbox's program, until the shim is told `go` ([`crate::shim::ShimSpec::hold`]).
+//! A start from one costs the byte and the program's own start: bwrap's
+//! setup, most of a start (bench/RESULTS.md), is paid when the sandbox is
+//! made, not when a request waits for it.
+//!
+//! A ready sandbox is made from one configuration and started with the
+//! configuration of the moment it is needed; it is used only if both make
+//! the same sandbox: the same bwrap command and shim spec, environment,
+//! system call filter and Landlock support, and the same files at the
+//! paths it binds (its data directory, binary and `/etc`, by device and
+//! inode: a bind made earlier keeps the file it found then). Anything else
+//! discards it and the start goes the usual way, so a ready sandbox can
+//! make a start faster but never different.
+//!
+//! Until `go` only bwrap runs in it, as the app's user; its shim dies with
+//! the process that made it (a later receiver would not know it), and a
+//! stop kills it at once.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cgroup::Cgroup;
+use crate::shim::{Shim, ShimError, ShimSpec};
+use crate::supervisor::{clear_leftovers, shim_spec, terminate, First, Sandbox, SandboxConfig};
+use crate::{Log, ProcessManager};
+
+/// A sandbox set up and held before its program runs.
+pub struct Ready {
+    shim: Shim,
+    /// What it was made from ([`made_from`]); holds the app's variables.
+    made_from: MadeFrom,
+    cgroup: Option<Cgroup>,
+}
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ready").field("pid", &self.shim.pid()).finish_non_exhaustive()
+    }
+}
+
+/// Why a ready sandbox was not used; the start goes the usual way.
+#[derive(Debug, thiserror::Error)]
+pub enum Unused {
+    #[error("it ended while it waited")]
+    Ended,
+    #[error("what it was made from has changed since ({0})")]
+    Changed(&'static str),
+    #[error("cannot compare it with the sandbox asked for: {0}")]
+    Compare(std::io::Error),
+    #[error("cannot tell it to go: {0}")]
+    Go(std::io::Error),
+}
+
+/// Everything of a configuration that decides what its sandbox is, in
+/// parts named for a message, as bytes to compare.
+type MadeFrom = [(&'static str, Vec<u8>); 3];
+
+/// What `cfg` makes: a ready sandbox is used only when these are equal.
+/// `spec` is its shim's spec ([`shim_spec`]).
+fn made_from(cfg: &SandboxConfig, spec: &ShimSpec) -> std::io::Result<MadeFrom> {
+    let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let mut files = vec![identity(&cfg.spec.data_dir)?, identity(&cfg.spec.binary)?];
+    if let Some(etc) = &cfg.spec.etc {
+        files.push(identity(etc)?);
+    }
+    let json = |v: serde_json::Result<Vec<u8>>| v.map_err(std::io::Error::other);
+    Ok([
+        ("its sandbox's command or limits", json(serde_json::to_vec(&(spec, format!("{:?}", cfg.landlock))))?),
+        ("its variables or system call filter", json(serde_json::to_vec(&(&cfg.env, cfg.seccomp.as_deref())))?),
+        ("the data directory, binary or /etc it binds", json(serde_json::to_vec(&files))?),
+    ])
+}
+
+/// The part of what a sandbox was made from that differs now, if any.
+fn changed(was: &MadeFrom, now: &MadeFrom) -> Option<&'static str> {
+    was.iter().zip(now).find(|(a, b)| a.1 != b.1).map(|(a, _)| a.0)
+}
+
+impl Ready {
+    /// Makes `config`'s sandbox and holds it before its program runs. A
+    /// sandbox of the same state directory that still runs is ended first,
+    /// as for any start.
+    pub async fn make(config: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Ready, ShimError> {
+        if let Some(mut old) = Shim::attach(&config.state_dir).await {
+            terminate(config, &mut old).await;
+        }
+        clear_leftovers(config, log).await;
+        let state = |source| ShimError::State { path: config.state_dir.clone(), source };
+        let (mut spec, fds) = shim_spec(config, log).map_err(state)?;
+        let made_from = made_from(config, &spec).map_err(state)?;
+        spec.hold = true;
+        let cgroup = config.cgroup.clone();
+        cgroup.clone().unwrap_or_default().create()?;
+        match Shim::launch(pm, &config.shim, &config.state_dir, &spec, fds).await {
+            Ok(shim) => Ok(Ready { shim, made_from, cgroup }),
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts `config`'s sandbox from this one if it is the same sandbox
+    /// and still waits; otherwise discards it and gives `config` back, with
+    /// why, for a start the usual way.
+    pub async fn start(
+        mut self,
+        config: SandboxConfig,
+        pm: ProcessManager,
+        log: Log,
+    ) -> Result<Sandbox, (SandboxConfig, Unused)> {
+        let unused = match self.compare(&config, &log) {
+            Ok(()) => match self.shim.go().await {
+                Ok(()) => return Ok(Sandbox::supervised(config, pm, log, First::Released(self.shim))),
+                Err(e) => Unused::Go(e),
+            },
+            Err(why) => why,
+        };
+        self.discard().await;
+        Err((config, unused))
+    }
+
+    fn compare(&self, config: &SandboxConfig, log: &Log) -> Result<(), Unused> {
+        if self.shim.exited() {
+            return Err(Unused::Ended);
+        }
+        let (spec, _fds) = shim_spec(config, log).map_err(Unused::Compare)?;
+        let now = made_from(config, &spec).map_err(Unused::Compare)?;
+        match changed(&self.made_from, &now) {
+            None => Ok(()),
+            Some(what) => Err(Unused::Changed(what)),
+        }
+    }
+
+    /// Ends it (nothing of its program ever ran) and frees its cgroup.
+    pub async fn discard(mut self) {
+        if matches!(self.shim.stop(Duration::ZERO).await, crate::shim::Outcome::Lost) {
+            if let Some(cg) = self.cgroup.clone() {
+                let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+            }
+        }
+        if let Some(cg) = self.cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        }
+    }
+}
