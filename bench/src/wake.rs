@@ -55,37 +55,81 @@ fn receiver_wakes(log: &str) -> Figure {
     took
 }
 
-pub fn run(rounds: usize) -> anyhow::Result<()> {
-    let r = Receiver::start_with(nx_e2e::receiver::Options {
-        args: vec!["--log-format".into(), "json".into()],
-        ..nx_e2e::receiver::Options::default()
-    });
-    r.create_app("bench");
-    let out = r.nx(&["apps", "set", "bench", "--sleep-after", "2s"]);
-    anyhow::ensure!(out.code == 0, "cannot set sleep_after: {}", out.stderr);
-    let d = r.push("bench", &nx_e2e::fixtures::c_musl_static(), &[]);
-    let url = d["preview_url"].as_str().unwrap_or_default().to_owned();
-    let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_owned();
-    let (mut woken, mut running) = (Figure::default(), Figure::default());
-    for _ in 0..rounds {
+/// A receiver with one sleepy preview of the static C server, and what
+/// its wakes measured.
+struct Side {
+    r: Receiver,
+    host: String,
+    id: String,
+    woken: Figure,
+    running: Figure,
+}
+
+impl Side {
+    /// A receiver started with `args` besides the JSON log.
+    fn start(args: &[&str]) -> anyhow::Result<Side> {
+        let mut all = vec!["--log-format".to_owned(), "json".to_owned()];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let r = Receiver::start_with(nx_e2e::receiver::Options { args: all, ..nx_e2e::receiver::Options::default() });
+        r.create_app("bench");
+        let out = r.nx(&["apps", "set", "bench", "--sleep-after", "2s"]);
+        anyhow::ensure!(out.code == 0, "cannot set sleep_after: {}", out.stderr);
+        let d = r.push("bench", &nx_e2e::fixtures::c_musl_static(), &[]);
+        let url = d["preview_url"].as_str().unwrap_or_default().to_owned();
+        let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_owned();
+        let id = d["id"].as_str().unwrap_or_default().to_owned();
+        Ok(Side { r, host, id, woken: Figure::default(), running: Figure::default() })
+    }
+
+    fn wait_asleep(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while state(&r)? != "sleeping" {
+        while state(&self.r)? != "sleeping" {
             anyhow::ensure!(Instant::now() < deadline, "the preview did not fall asleep within 60s");
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
+    }
+
+    fn wake(&mut self) -> anyhow::Result<()> {
+        self.woken.push_ms(first_byte(self.r.router_port, &self.host)?);
+        self.running.push_ms(first_byte(self.r.router_port, &self.host)?);
+        Ok(())
+    }
+
+    /// How many of its wakes started from a sandbox made ready.
+    fn ready_wakes(&self) -> usize {
+        let logs = self.r.nx(&["logs", &self.id, "--app", "bench", "--lines", "100000"]).stdout;
+        logs.matches("started from a sandbox held ready").count()
+    }
+}
+
+/// Wakes, in turns, of a receiver as users run it (sleeping sandboxes made
+/// ready) and of one with `--wake-ready 0` (each wake a parked start).
+pub fn run(rounds: usize) -> anyhow::Result<()> {
+    let mut sides = [Side::start(&[])?, Side::start(&["--wake-ready", "0"])?];
+    for round in 0..rounds {
+        for side in &sides {
+            side.wait_asleep()?;
+        }
         // Asleep a moment, as a visitor would find it.
         std::thread::sleep(Duration::from_millis(500));
-        woken.push_ms(first_byte(r.router_port, &host)?);
-        running.push_ms(first_byte(r.router_port, &host)?);
+        // Which goes first alternates.
+        let (a, b) = sides.split_at_mut(1);
+        let (first, second) = if round % 2 == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
+        first.wake()?;
+        second.wake()?;
     }
+    let [ready, parked] = &sides;
     println!("wake on request -> first byte ({rounds} rounds, a static C server, sleep_after 2s)");
-    println!("{}", woken.line("asleep: held, woken, answered", "ms"));
-    println!("{}", running.line("running (peer)", "ms"));
+    println!("{}", ready.woken.line("asleep: held, woken, answered", "ms"));
+    println!("{}", ready.running.line("running (peer)", "ms"));
     println!(
         "{}",
-        receiver_wakes(&r.log()).line("  the receiver's whole wake (to healthy, recorded and published)", "ms")
+        receiver_wakes(&ready.r.log()).line("  the receiver's whole wake (to healthy, recorded and published)", "ms")
     );
-    println!("  the wake costs {:.2} ms", woken.median() - running.median());
-    verdict("first byte of a held request <= 10 ms median", woken.median() <= 10.0);
+    println!("  {} of {rounds} wakes from a sandbox made ready", ready.ready_wakes());
+    println!("{}", parked.woken.line("with --wake-ready 0 (a parked start), in turns", "ms"));
+    println!("  the wake costs {:.2} ms", ready.woken.median() - ready.running.median());
+    verdict("first byte of a held request <= 10 ms median", ready.woken.median() <= 10.0);
     Ok(())
 }

@@ -26,17 +26,37 @@
 //! ([`crate::spec::install_init`]). It is also a module of the library so
 //! that the workspace's lints and tests cover it. Its one system call
 //! without a `std` wrapper, `waitpid(-1)`, is declared here for that reason,
-//! rather than taken from [`crate::sys`].
+//! rather than taken from [`crate::sys`], and its other `unsafe` (taking the
+//! descriptor of `--go-fd`) is here too.
+//!
+//! With `--go-fd N` it starts the app only once the byte `g` arrives on
+//! descriptor N, and ends without starting it if the descriptor reaches its
+//! end: a sandbox made ready ahead of its start ([`crate::ready`]) waits
+//! here, with bwrap's whole setup done, for its shim's go, and dies with
+//! its shim.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode, ExitStatus};
 
-/// Runs `nx-init PROGRAM [ARGS...]`.
+/// Runs `nx-init [--go-fd N] PROGRAM [ARGS...]`.
 pub fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
+    const USAGE: &str = "nx-init: usage: nx-init [--go-fd N] PROGRAM [ARGS...] (bwrap runs it as each sandbox's pid 1)";
+    let mut args = std::env::args_os().skip(1).peekable();
+    // A sandbox made ready ahead of its start: the app starts on its shim's
+    // go, and never if the shim is gone (the pipe's end).
+    if args.next_if(|a| a == "--go-fd").is_some() {
+        let Some(fd) = args.next().and_then(|f| f.to_str()?.parse::<i32>().ok()) else {
+            eprintln!("{USAGE}");
+            return ExitCode::from(127);
+        };
+        if let Err(e) = wait_for_go(fd) {
+            eprintln!("nx-init: not told to go ({e}); the app is not started");
+            return ExitCode::from(125);
+        }
+    }
     let Some(program) = args.next() else {
-        eprintln!("nx-init: usage: nx-init PROGRAM [ARGS...] (bwrap runs it as each sandbox's pid 1)");
+        eprintln!("{USAGE}");
         return ExitCode::from(127);
     };
     let app = match Command::new(&program).args(args).spawn() {
@@ -57,6 +77,30 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(255);
             }
         }
+    }
+}
+
+/// Waits for the byte `g` on descriptor `fd`, the read end of a pipe whose
+/// write end only the sandbox's shim holds, and closes it so the app does
+/// not inherit it. Its end, or any other byte, is an error.
+#[allow(unsafe_code)]
+fn wait_for_go(fd: i32) -> io::Result<()> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    // Owned below only if open: `from_raw_fd` requires it.
+    std::fs::metadata(format!("/proc/self/fd/{fd}"))?;
+    // SAFETY: `fd` is open (checked above); it was handed to this process
+    // for this wait alone, and nothing else here owns it.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut byte = [0u8; 1];
+    loop {
+        return match pipe.read(&mut byte) {
+            Ok(1) if byte[0] == b'g' => Ok(()),
+            Ok(0) => Err(io::Error::other("its shim is gone")),
+            Ok(_) => Err(io::Error::other("an unexpected byte")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
     }
 }
 

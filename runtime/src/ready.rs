@@ -1,23 +1,26 @@
 //! Sandboxes made ready ahead of their start: bwrap runs its whole setup
 //! (namespaces, mounts, the cgroup join, Landlock, the system call filters,
-//! the app's user) and then waits on a pipe, before it `exec`s the
-//! sandbox's program, until the shim is told `go` ([`crate::shim::ShimSpec::hold`]).
-//! A start from one costs the byte and the program's own start: bwrap's
-//! setup, most of a start (bench/RESULTS.md), is paid when the sandbox is
-//! made, not when a request waits for it.
+//! the app's user) and `exec`s the sandbox's nx-init, which waits for the
+//! byte `g` on a pipe of the shim's ([`crate::spec::GO_FD`]) before it
+//! starts the app. A start from one costs the byte and the app's own start:
+//! bwrap's setup, most of a start (bench/RESULTS.md), is paid when the
+//! sandbox is made, not while a request waits for it.
 //!
 //! A ready sandbox is made from one configuration and started with the
 //! configuration of the moment it is needed; it is used only if both make
-//! the same sandbox: the same bwrap command and shim spec, environment,
-//! system call filter and Landlock support, and the same files at the
-//! paths it binds (its data directory, binary and `/etc`, by device and
+//! the same sandbox: the same bwrap command and shim spec, cgroup and its
+//! limits, environment, system call filter and Landlock support, and the
+//! same files at the paths it binds (its data directory, binary, `/etc`,
+//! nx-init, the loader's cache and the other read-only binds, by device and
 //! inode: a bind made earlier keeps the file it found then). Anything else
 //! discards it and the start goes the usual way, so a ready sandbox can
 //! make a start faster but never different.
 //!
-//! Until `go` only bwrap runs in it, as the app's user; its shim dies with
-//! the process that made it (a later receiver would not know it), and a
-//! stop kills it at once.
+//! Until `go` only nx-init runs in it, as the app's user. Its shim dies
+//! with the process that made it (a later receiver would not know it), and
+//! nx-init ends the sandbox without the app when the shim is gone (the
+//! pipe's end: bwrap's own `--block-fd` would take that end as its go). A
+//! stop kills it at once, and so does dropping the [`Ready`].
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -25,12 +28,15 @@ use std::time::Duration;
 
 use crate::cgroup::Cgroup;
 use crate::shim::{Shim, ShimError, ShimSpec};
+use crate::spec::GO_FD;
 use crate::supervisor::{clear_leftovers, shim_spec, terminate, First, Sandbox, SandboxConfig};
 use crate::{Log, ProcessManager};
 
-/// A sandbox set up and held before its program runs.
+/// A sandbox set up and held before its app runs.
 pub struct Ready {
-    shim: Shim,
+    /// Taken by [`Ready::start`] or [`Ready::discard`]; one still here when
+    /// it is dropped has its cgroup's processes killed.
+    shim: Option<Shim>,
     /// What it was made from ([`made_from`]); holds the app's variables.
     made_from: MadeFrom,
     cgroup: Option<Cgroup>,
@@ -38,7 +44,7 @@ pub struct Ready {
 
 impl std::fmt::Debug for Ready {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ready").field("pid", &self.shim.pid()).finish_non_exhaustive()
+        f.debug_struct("Ready").field("pid", &self.shim.as_ref().map(Shim::pid)).finish_non_exhaustive()
     }
 }
 
@@ -63,15 +69,21 @@ type MadeFrom = [(&'static str, Vec<u8>); 3];
 /// `spec` is its shim's spec ([`shim_spec`]).
 fn made_from(cfg: &SandboxConfig, spec: &ShimSpec) -> std::io::Result<MadeFrom> {
     let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
-    let mut files = vec![identity(&cfg.spec.data_dir)?, identity(&cfg.spec.binary)?];
-    if let Some(etc) = &cfg.spec.etc {
-        files.push(identity(etc)?);
-    }
+    let bound = [&cfg.spec.data_dir, &cfg.spec.binary, &cfg.host.init]
+        .into_iter()
+        .chain(&cfg.spec.etc)
+        .chain(cfg.host.ld_cache.iter().filter(|_| cfg.spec.dynamic))
+        .chain(cfg.spec.ro_binds.iter().map(|(host, _)| host))
+        .map(|p| identity(p))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let json = |v: serde_json::Result<Vec<u8>>| v.map_err(std::io::Error::other);
     Ok([
-        ("its sandbox's command or limits", json(serde_json::to_vec(&(spec, format!("{:?}", cfg.landlock))))?),
+        (
+            "its sandbox's command, cgroup or limits",
+            json(serde_json::to_vec(&(spec, format!("{:?} {:?}", cfg.landlock, cfg.cgroup))))?,
+        ),
         ("its variables or system call filter", json(serde_json::to_vec(&(&cfg.env, cfg.seccomp.as_deref())))?),
-        ("the data directory, binary or /etc it binds", json(serde_json::to_vec(&files))?),
+        ("the files it binds", json(serde_json::to_vec(&bound))?),
     ])
 }
 
@@ -81,22 +93,24 @@ fn changed(was: &MadeFrom, now: &MadeFrom) -> Option<&'static str> {
 }
 
 impl Ready {
-    /// Makes `config`'s sandbox and holds it before its program runs. A
-    /// sandbox of the same state directory that still runs is ended first,
-    /// as for any start.
+    /// Makes `config`'s sandbox and holds it before its app runs. A sandbox
+    /// of the same state directory that still runs is ended first, as for
+    /// any start.
     pub async fn make(config: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Ready, ShimError> {
         if let Some(mut old) = Shim::attach(&config.state_dir).await {
             terminate(config, &mut old).await;
         }
         clear_leftovers(config, log).await;
         let state = |source| ShimError::State { path: config.state_dir.clone(), source };
-        let (mut spec, fds) = shim_spec(config, log).map_err(state)?;
-        let made_from = made_from(config, &spec).map_err(state)?;
+        let made_from = shim_spec(config, log).and_then(|(spec, _)| made_from(config, &spec)).map_err(state)?;
+        let mut held = config.clone();
+        held.spec.go_fd = Some(GO_FD);
+        let (mut spec, fds) = shim_spec(&held, log).map_err(state)?;
         spec.hold = true;
         let cgroup = config.cgroup.clone();
         cgroup.clone().unwrap_or_default().create()?;
         match Shim::launch(pm, &config.shim, &config.state_dir, &spec, fds).await {
-            Ok(shim) => Ok(Ready { shim, made_from, cgroup }),
+            Ok(shim) => Ok(Ready { shim: Some(shim), made_from, cgroup }),
             Err(e) => {
                 if let Some(cg) = cgroup {
                     let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
@@ -116,9 +130,15 @@ impl Ready {
         log: Log,
     ) -> Result<Sandbox, (SandboxConfig, Unused)> {
         let unused = match self.compare(&config, &log) {
-            Ok(()) => match self.shim.go().await {
-                Ok(()) => return Ok(Sandbox::supervised(config, pm, log, First::Released(self.shim))),
-                Err(e) => Unused::Go(e),
+            Ok(()) => match self.shim.take() {
+                Some(mut shim) => match shim.go().await {
+                    Ok(()) => return Ok(Sandbox::supervised(config, pm, log, First::Released(shim))),
+                    Err(e) => {
+                        self.shim = Some(shim);
+                        Unused::Go(e)
+                    }
+                },
+                None => Unused::Ended,
             },
             Err(why) => why,
         };
@@ -127,7 +147,7 @@ impl Ready {
     }
 
     fn compare(&self, config: &SandboxConfig, log: &Log) -> Result<(), Unused> {
-        if self.shim.exited() {
+        if self.shim.as_ref().is_none_or(Shim::exited) {
             return Err(Unused::Ended);
         }
         let (spec, _fds) = shim_spec(config, log).map_err(Unused::Compare)?;
@@ -138,15 +158,31 @@ impl Ready {
         }
     }
 
-    /// Ends it (nothing of its program ever ran) and frees its cgroup.
+    /// Ends it (nothing of its app ever ran) and frees its cgroup.
     pub async fn discard(mut self) {
-        if matches!(self.shim.stop(Duration::ZERO).await, crate::shim::Outcome::Lost) {
-            if let Some(cg) = self.cgroup.clone() {
-                let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+        if let Some(mut shim) = self.shim.take() {
+            if matches!(shim.stop(Duration::ZERO).await, crate::shim::Outcome::Lost) {
+                if let Some(cg) = self.cgroup.clone() {
+                    let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+                }
             }
         }
-        if let Some(cg) = self.cgroup {
+        if let Some(cg) = self.cgroup.take() {
             let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        }
+    }
+}
+
+impl Drop for Ready {
+    /// One dropped without [`Ready::discard`] (a caller's error path) is
+    /// killed all the same: nothing may wait on for a go that never comes.
+    fn drop(&mut self) {
+        if let Some(shim) = self.shim.take() {
+            // bwrap's end ends its shim, and the shim's ends nx-init.
+            let _ = crate::sys::signal_process(shim.pid(), nix::sys::signal::Signal::SIGKILL);
+            if let Some(cg) = &self.cgroup {
+                cg.kill_all();
+            }
         }
     }
 }

@@ -239,6 +239,7 @@ mod tests {
             tmp_size_bytes: 1,
             seccomp_fd: None,
             env_fd: None,
+            go_fd: None,
             share_net: true,
             ro_binds: vec![("/etc/ssl/certs/ca-certificates.crt".into(), "/etc/ssl/certs/ca-certificates.crt".into())],
         }

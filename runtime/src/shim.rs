@@ -44,10 +44,6 @@ use crate::sys::{self, ChildSetup, Rlimit};
 /// seccomp program and environment come on bwrap's own numbers).
 pub const LANDLOCK_FD: RawFd = 12;
 
-/// The descriptor bwrap of a held sandbox ([`ShimSpec::hold`]) reads its
-/// one byte from (`--block-fd`) before it `exec`s the sandbox's program.
-const BLOCK_FD: RawFd = 13;
-
 pub(crate) const SPEC: &str = "spec.json";
 pub(crate) const CONTROL: &str = "control.sock";
 const EXIT: &str = "exit";
@@ -79,10 +75,11 @@ pub struct ShimSpec {
     /// None (a spec of an earlier receiver's) leaves `listen` alone.
     #[serde(default)]
     pub listen_port: Option<u16>,
-    /// Whether the sandbox is made and held ready: bwrap does its whole
-    /// setup, then waits (`--block-fd`) until a client of the shim says
-    /// `go`; the shim dies with its launcher until then. Nothing of the
-    /// sandbox's program runs before `go`.
+    /// Whether the sandbox is made and held ready: its nx-init (whose
+    /// command names [`crate::spec::GO_FD`]) gets the read end of a pipe
+    /// there and starts the app only when a client of the shim says `go`,
+    /// and the shim writes it the byte. The shim dies with its launcher
+    /// until then, and its death ends the sandbox without the app.
     #[serde(default)]
     pub hold: bool,
 }
@@ -433,9 +430,7 @@ pub(crate) struct Running<'a> {
     /// The sandbox's `listen` calls, whose they are, and how many more may
     /// be answered this second.
     listens: Option<(sys::ListenNotices, crate::listen::Sandbox, crate::listen::Budget)>,
-    /// A held sandbox's pipe to bwrap, until `go` writes its byte. Kept
-    /// open until the shim ends when the sandbox is stopped instead: bwrap
-    /// takes the pipe's end for `go` too.
+    /// A held sandbox's pipe to its nx-init, until `go` writes its byte.
     block: Option<OwnedFd>,
     /// Stopped while held: nothing of the sandbox's program ever ran.
     discarded: bool,
@@ -490,7 +485,8 @@ impl Prepared {
 ///
 /// With `notices`, a socket of the child's, the child sends the shim its
 /// `listen` filter's descriptor on it ([`crate::listen`]). With `block`,
-/// the read end of a pipe, bwrap waits for a byte on it after its setup.
+/// the read end of a pipe, the sandbox's nx-init gets it on
+/// [`crate::spec::GO_FD`].
 pub(crate) fn sandbox_command(
     spec: &ShimSpec,
     parked: bool,
@@ -515,7 +511,7 @@ pub(crate) fn sandbox_command(
         // stderr joins stdout, in order; the rest keep their numbers.
         fd_moves: std::iter::once((1, 2))
             .chain(spec.pass_fds.iter().map(|fd| (*fd, *fd)))
-            .chain(block.map(|fd| (fd, BLOCK_FD)))
+            .chain(block.map(|fd| (fd, crate::spec::GO_FD)))
             .collect(),
         user: Some(spec.user),
         // The shim is one thread that lives as long as the sandbox: a
@@ -528,8 +524,7 @@ pub(crate) fn sandbox_command(
         }),
     };
     let program = spec.program.as_os_str();
-    let wait = block.map(|_| ["--block-fd".to_owned(), BLOCK_FD.to_string()]).into_iter().flatten();
-    let args: Vec<std::ffi::OsString> = wait.chain(spec.args.iter().cloned()).map(Into::into).collect();
+    let args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
     let env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
         spec.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
     let mut cmd = sys::Spawn::new(program, &args, &env, setup)?;
@@ -553,7 +548,7 @@ impl<'a> Running<'a> {
             None => (None, None),
         };
         // The shim alone holds the write end: the child gets the read end
-        // on [`BLOCK_FD`], from a number no other descriptor moves to.
+        // on `GO_FD`, from a number no other descriptor moves to.
         let block = match spec.hold {
             true => {
                 let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -720,16 +715,16 @@ impl<'a> Running<'a> {
         }
     }
 
-    /// Lets a held sandbox's bwrap `exec` its program; from here on the
-    /// shim outlives its launcher like any shim.
+    /// Lets a held sandbox's nx-init start the app; from here on the shim
+    /// outlives its launcher like any shim.
     fn go(&mut self) {
         let Some(block) = self.block.take() else { return };
         if let Err(e) = sys::clear_parent_death_signal() {
             self.log.system_line(&format!("the shim stays tied to its launcher: {e}"));
         }
         if let Err(e) = nix::unistd::write(&block, b"g") {
-            // bwrap goes on at the pipe's end all the same.
-            self.log.system_line(&format!("cannot tell the held sandbox to go ({e}); it goes as its pipe closes"));
+            // nx-init ends the sandbox at the pipe's end: the start fails.
+            self.log.system_line(&format!("cannot tell the held sandbox to go: {e}"));
         }
     }
 
@@ -741,7 +736,7 @@ impl<'a> Running<'a> {
             return;
         }
         if self.block.is_some() {
-            // Held: only bwrap runs, waiting; it has nothing to end gracefully.
+            // Held: only nx-init runs, waiting; it has nothing to end gracefully.
             self.discarded = true;
             for pid in children_of(&self.spec.proc_root, self.pid).into_iter().chain([self.pid]) {
                 let _ = sys::signal_process(pid, Signal::SIGKILL);

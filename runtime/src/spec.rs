@@ -24,6 +24,9 @@ pub const INIT: &str = "/nx-init";
 pub const SECCOMP_FD: std::os::fd::RawFd = 10;
 /// The descriptor number bwrap reads the app's environment from (`--args`).
 pub const ENV_FD: std::os::fd::RawFd = 11;
+/// The descriptor number nx-init of a sandbox made ready ahead of its start
+/// waits on for its go ([`crate::ready`]).
+pub const GO_FD: std::os::fd::RawFd = 13;
 /// The whole environment of bwrap itself. The app's variables never go there:
 /// bwrap is a dynamically linked host program, and `LD_PRELOAD`,
 /// `LD_LIBRARY_PATH`, `GCONV_PATH` and friends in its environment would make
@@ -54,6 +57,10 @@ pub struct SandboxSpec {
     /// The app's environment as bwrap arguments ([`env_args`]), passed at this
     /// descriptor number so no value is on a command line.
     pub env_fd: Option<RawFd>,
+    /// nx-init waits for the byte `g` on this descriptor before it starts
+    /// the app, and ends the sandbox without starting it at the
+    /// descriptor's end ([`crate::ready`]).
+    pub go_fd: Option<RawFd>,
     /// Keep the host's network namespace (the app binds its loopback port there).
     pub share_net: bool,
     /// Further read-only mounts: `(host path, sandbox path)`.
@@ -234,7 +241,11 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
     push_bind(&mut a, "--bind", &spec.data_dir, DATA_DIR);
     // The root is a tmpfs bwrap made; without this the app could create files
     // anywhere in it.
-    push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", INIT, &binary_in_sandbox]);
+    push(&mut a, &["--remount-ro", "/", "--chdir", DATA_DIR, "--", INIT]);
+    if let Some(fd) = spec.go_fd {
+        push(&mut a, &["--go-fd", &fd.to_string()]);
+    }
+    push(&mut a, &[&binary_in_sandbox]);
     a.extend(spec.args.iter().map(OsString::from));
     a
 }
@@ -297,6 +308,7 @@ mod tests {
             tmp_size_bytes: 64 << 20,
             seccomp_fd: Some(9),
             env_fd: Some(11),
+            go_fd: None,
             share_net: true,
             ro_binds: vec![],
         }
@@ -408,6 +420,8 @@ mod tests {
         assert_eq!(&a[sep + 1..], ["/nx-init", "/app/server", "--port", "20001"]);
         assert!(has_seq(&a, &["--ro-bind", "/srv/nx/bin/nx-init", "/nx-init"]));
         assert!(has_seq(&a, &["--remount-ro", "/", "--chdir", "/data", "--"]));
+        let held = strings(bwrap_args(&SandboxSpec { go_fd: Some(GO_FD), ..spec() }, &layout()));
+        assert_eq!(&held[sep + 1..], ["/nx-init", "--go-fd", "13", "/app/server", "--port", "20001"]);
     }
 
     #[test]

@@ -38,7 +38,14 @@ async fn a_program_that_cannot_run_is_named_with_the_reason() {
     );
     let none = run(&[]).await;
     assert_eq!(none.status.code(), Some(127));
-    assert!(String::from_utf8_lossy(&none.stderr).starts_with("nx-init: usage: nx-init PROGRAM"), "{none:?}");
+    // A go descriptor that is not open starts nothing.
+    let closed = run(&["--go-fd", "57", "/bin/true"]).await;
+    assert_eq!(closed.status.code(), Some(125), "{closed:?}");
+    assert!(String::from_utf8_lossy(&closed.stderr).starts_with("nx-init: not told to go ("), "{closed:?}");
+    assert!(
+        String::from_utf8_lossy(&none.stderr).starts_with("nx-init: usage: nx-init [--go-fd N] PROGRAM"),
+        "{none:?}"
+    );
 }
 
 #[tokio::test]

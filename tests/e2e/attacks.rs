@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::receiver::free_port;
-use nx_e2e::{deployment_processes, eventually, processes_of, Receiver};
+use nx_e2e::{app_processes, deployment_processes, eventually, processes_of, Receiver};
 
 struct Lab {
     r: Receiver,
@@ -312,11 +312,6 @@ fn hostile_app_cannot_escape_its_sandbox() {
     assert!(r.pid().is_some());
 }
 
-/// The app's processes (inside the sandbox) of one deployment: `(pid, command line)`.
-fn app_processes(r: &Receiver, deployment: &str) -> Vec<(i32, String)> {
-    deployment_processes(&r.data_dir(), deployment).into_iter().filter(|(_, cmd)| cmd.starts_with("/app/")).collect()
-}
-
 #[test]
 fn a_squatter_never_gets_its_neighbours_port() {
     let lab = lab();
@@ -334,7 +329,7 @@ fn a_squatter_never_gets_its_neighbours_port() {
     // The neighbour crashes and restarts while the squatter tries all along.
     let victim = r.nx(&["--json", "ls", "victim"]).success().json();
     let victim_id = victim[0]["deployments"][0]["id"].as_str().unwrap().to_owned();
-    let before = app_processes(r, &victim_id);
+    let before = app_processes(&r.data_dir(), &victim_id);
     assert_eq!(before.len(), 1, "{before:?}");
     let squat_url = format!("{}attack/squat?port={port}&ms=5000", lab.evil_url);
     let router_port = r.router_port;
@@ -345,7 +340,7 @@ fn a_squatter_never_gets_its_neighbours_port() {
     let restarted = eventually(30, "the neighbour to restart and answer", || {
         let a = r.get(&lab.victim_url);
         assert_ne!(a.body, "squatted", "the squatter answered the neighbour's request");
-        let now = app_processes(r, &victim_id);
+        let now = app_processes(&r.data_dir(), &victim_id);
         (a.status == 200 && now.len() == 1 && now[0].0 != before[0].0).then_some(a)
     });
     assert_eq!(restarted.body, "goweb\n");
@@ -413,7 +408,7 @@ fn tenant_variables_reach_only_the_app() {
         let listing = r.nx(&["--json", "ls", "evil"]).success().json();
         listing[0]["deployments"].as_array().unwrap().iter().find_map(|d| {
             let id = d["id"].as_str()?;
-            app_processes(&r, id).into_iter().find_map(|(pid, _)| {
+            app_processes(&r.data_dir(), id).into_iter().find_map(|(pid, _)| {
                 let environ =
                     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).ok()?).into_owned();
                 environ.contains(&assignments[0]).then_some((id.to_owned(), environ))

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use nx_e2e::fixtures::{self, Go};
 use nx_e2e::receiver::{psql, Options};
-use nx_e2e::{app_processes, deployment_processes, eventually, Receiver};
+use nx_e2e::{app_processes, deployment_processes, eventually, processes_of, Receiver};
 
 fn id(d: &serde_json::Value) -> String {
     d["id"].as_str().unwrap().to_owned()
@@ -97,14 +97,12 @@ fn files(dir: &Path, except: &[&str]) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Waits until deployment `dep`, asleep, runs nothing of its app and its
-/// sandbox waits made ready for its wake: bwrap, set up, and nothing else.
+/// sandbox waits made ready for its wake: bwrap set up, its nx-init
+/// waiting for the go.
 fn wait_ready(r: &Receiver, dep: &str) {
     eventually(10, "a sleeping deployment to run nothing of its app, its sandbox made ready", || {
-        let ready = deployment_processes(&r.data_dir(), dep);
-        (app_processes(dep).is_empty()
-            && !ready.is_empty()
-            && ready.iter().all(|(_, cmd)| cmd.split(' ').next().is_some_and(|p| p.ends_with("bwrap"))))
-        .then_some(())
+        let waiting = processes_of(&r.data_dir(), &[dep]).iter().any(|(_, cmd)| cmd.starts_with("/nx-init --go-fd "));
+        (app_processes(&r.data_dir(), dep).is_empty() && waiting).then_some(())
     });
 }
 

@@ -104,11 +104,10 @@ pub fn deployment_processes(data_dir: &Path, deployment: &str) -> Vec<(i32, Stri
     scan_processes(|cmdline, environ| cmdline.contains(&run_dir) || environ.contains(&env))
 }
 
-/// The app's own processes of one deployment: those whose environment
-/// names it (bwrap's own names nothing of the app's).
-pub fn app_processes(deployment: &str) -> Vec<(i32, String)> {
-    let env = format!("NX_DEPLOYMENT={deployment} ");
-    scan_processes(|_, environ| environ.contains(&env))
+/// The app's own processes (inside the sandbox) of one deployment: `(pid,
+/// command line)`; not bwrap, nor the sandbox's nx-init.
+pub fn app_processes(data_dir: &Path, deployment: &str) -> Vec<(i32, String)> {
+    deployment_processes(data_dir, deployment).into_iter().filter(|(_, cmd)| cmd.starts_with("/app/")).collect()
 }
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.

@@ -823,8 +823,11 @@ impl Deployer {
                 Ok(c) => c,
                 Err(e) => {
                     // Fail closed: no sandbox unless it is exactly as specified,
-                    // not even one a previous receiver left running.
+                    // not even one a previous receiver left running or made ready.
                     futures_util::future::join_all(replicas.into_iter().map(|r: Replica| r.sandbox.stop())).await;
+                    if let Some(ready) = self.take_ready(&row.id) {
+                        ready.discard().await;
+                    }
                     for index in 0..count {
                         let dir = self.shim_dir(&replica_key(&row.id, index));
                         nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
@@ -920,19 +923,19 @@ impl Deployer {
         let pm = self.services.pm.clone();
         // Only the first replica sleeps ready; nothing else runs in its
         // state directory then, so there is nothing to adopt.
-        let ready = if index == 0 { self.take_ready(&row.id) } else { None };
-        let adopted = match ready {
-            Some(_) => Err(config),
-            None => Sandbox::adopt(config, pm.clone(), log.clone()).await,
-        };
-        let config = match adopted {
-            Ok(adopted) => return Ok(adopted),
-            Err(config) => config,
+        let has_ready = index == 0 && self.ready.lock().is_ok_and(|r| r.contains_key(&row.id));
+        let config = match has_ready {
+            true => config,
+            false => match Sandbox::adopt(config, pm.clone(), log.clone()).await {
+                Ok(adopted) => return Ok(adopted),
+                Err(config) => config,
+            },
         };
         if index == 0 && !*recorded {
             self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
             *recorded = true;
         }
+        let ready = if has_ready { self.take_ready(&row.id) } else { None };
         let config = match ready {
             None => config,
             Some(ready) => match ready.start(config, pm.clone(), log.clone()).await {
@@ -1182,6 +1185,10 @@ impl Deployer {
             let sleeping = me.services.db.live_deployments().await.unwrap_or_default();
             for row in sleeping.into_iter().filter(|r| r.state() == DeploymentState::Sleeping) {
                 let held = me.hold(&row.id).await;
+                // Whatever an earlier receiver left of it ends first, made
+                // ready again or not.
+                let dir = me.shim_dir(&replica_key(&row.id, 0));
+                nx_runtime::shim::stop_dir(&dir, me.services.config.stop_grace).await;
                 me.make_ready(&held, &row.id).await;
             }
         });
@@ -1190,8 +1197,12 @@ impl Deployer {
 
     /// Lets go of every sandbox without stopping it: each runs on under its
     /// shim, and the next start adopts it (`nx-receiver stop-all` stops them).
+    /// Sandboxes made ready for a wake are discarded: the next receiver
+    /// makes its own.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        let ready: Vec<_> = self.ready.lock().map(|mut r| r.drain().map(|(_, v)| v).collect()).unwrap_or_default();
+        futures_util::future::join_all(ready.into_iter().map(nx_runtime::ready::Ready::discard)).await;
         let running: Vec<Running> = match self.running.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),

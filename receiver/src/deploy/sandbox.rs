@@ -308,6 +308,7 @@ impl Deployer {
             tmp_size_bytes: limits.tmp_bytes,
             seccomp_fd: None,
             env_fd: None,
+            go_fd: None,
             share_net: true,
             ro_binds,
         };
