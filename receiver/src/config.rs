@@ -356,8 +356,8 @@ pub struct ServeConfig {
 
     /// Sleeping deployments that keep their sandbox made and waiting for
     /// their wake: bwrap's setup done, the app not started, so a wake skips
-    /// most of a start (bench/RESULTS.md). Each costs an idle bwrap and
-    /// shim, and none of the app's memory. Deployments put to sleep beyond
+    /// most of a start (bench/RESULTS.md). Each costs an idle shim, bwrap
+    /// and nx-init (about 350 KiB), and none of the app's memory. Deployments put to sleep beyond
     /// this many wake the usual way. 0 turns it off.
     #[arg(long, env = "NX_WAKE_READY", default_value_t = 64)]
     pub wake_ready: usize,
