@@ -16,7 +16,10 @@
 //! discards it and the start goes the usual way, so a ready sandbox can
 //! make a start faster but never different.
 //!
-//! Until `go` only nx-init runs in it, as the app's user. Its shim dies
+//! Until `go` only nx-init runs in it, as the app's user. The pipe is made
+//! by the shim, as root, before the child takes the app's uid, so a process
+//! of that uid cannot open it again through `/proc` to write the byte
+//! itself (EACCES: the pipe is root's, mode 0600). Its shim dies
 //! with the process that made it (a later receiver would not know it), and
 //! nx-init ends the sandbox without the app when the shim is gone (the
 //! pipe's end: bwrap's own `--block-fd` would take that end as its go). A
@@ -158,8 +161,13 @@ impl Ready {
         }
     }
 
-    /// Ends it (nothing of its app ever ran) and frees its cgroup.
-    pub async fn discard(mut self) {
+    /// Ends it (nothing of its app ever ran) and frees its cgroup, in a
+    /// task of its own: a caller that gives up waiting leaves nothing held.
+    pub async fn discard(self) {
+        let _ = tokio::spawn(self.end()).await;
+    }
+
+    async fn end(mut self) {
         if let Some(mut shim) = self.shim.take() {
             if matches!(shim.stop(Duration::ZERO).await, crate::shim::Outcome::Lost) {
                 if let Some(cg) = self.cgroup.clone() {
@@ -177,11 +185,16 @@ impl Drop for Ready {
     /// One dropped without [`Ready::discard`] (a caller's error path) is
     /// killed all the same: nothing may wait on for a go that never comes.
     fn drop(&mut self) {
+        // The sandbox's processes are all in its cgroup; their end ends the
+        // shim. Without one, bwrap is signalled only while its shim has not
+        // said it ended (its pid could be another process's by then).
         if let Some(shim) = self.shim.take() {
-            // bwrap's end ends its shim, and the shim's ends nx-init.
-            let _ = crate::sys::signal_process(shim.pid(), nix::sys::signal::Signal::SIGKILL);
-            if let Some(cg) = &self.cgroup {
-                cg.kill_all();
+            match &self.cgroup {
+                Some(cg) => cg.kill_all(),
+                None if !shim.exited() => {
+                    let _ = crate::sys::signal_process(shim.pid(), nix::sys::signal::Signal::SIGKILL);
+                }
+                None => {}
             }
         }
     }

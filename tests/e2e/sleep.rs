@@ -386,17 +386,18 @@ fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
 
 /// A wake starts from the sandbox made ready while it slept; one made
 /// before the app's variables changed is not used (the app gets the new
-/// ones), and a stop for good ends the one waiting.
+/// ones); a receiver killed outright takes it along unstarted and the next
+/// makes it again; a stop for good ends the one waiting.
 #[test]
 fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_made_from_changed() {
-    let r = Receiver::start();
+    let mut r = Receiver::start();
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
-    let logs = || r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
+    let logs = |r: &Receiver| r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);
     assert_eq!(r.get(&url).body, "goweb\n");
-    assert!(logs().contains("started from a sandbox held ready"), "{}", logs());
+    assert!(logs(&r).contains("started from a sandbox held ready"), "{}", logs(&r));
     assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "its program ran once per start");
 
     wait_asleep(&r, "web", &dep);
@@ -405,7 +406,22 @@ fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_m
     assert_eq!(r.get(&url).body, "changed\n", "the wake ran with the new variables");
     let said = "the sandbox made ready for its wake was not used: \
                 what it was made from has changed since (its variables or system call filter)";
-    assert!(logs().contains(said), "{}", logs());
+    assert!(logs(&r).contains(said), "{}", logs(&r));
+
+    // A receiver killed outright takes its ready sandbox along without
+    // the app ever starting; the next one makes it ready again.
+    wait_asleep(&r, "web", &dep);
+    wait_ready(&r, &dep);
+    let starts = read(&data_dir(&r).join("starts"));
+    r.stop_with(nix::sys::signal::Signal::SIGKILL);
+    eventually(10, "the ready sandbox to end with its receiver", || {
+        deployment_processes(&r.data_dir(), &dep).is_empty().then_some(())
+    });
+    assert_eq!(read(&data_dir(&r).join("starts")), starts, "the app started without a wake");
+    r.start_again();
+    wait_ready(&r, &dep);
+    assert_eq!(r.get(&url).body, "changed\n");
+    assert_eq!(logs(&r).matches("started from a sandbox held ready").count(), 2, "{}", logs(&r));
 
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);

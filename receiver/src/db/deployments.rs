@@ -242,6 +242,13 @@ impl Db {
         .await
     }
 
+    /// Deployments asleep, oldest first.
+    pub async fn sleeping_deployments(&self) -> Result<Vec<DeploymentRow>, sqlx::Error> {
+        sqlx::query_as(&format!("SELECT {DEPLOYMENT_COLUMNS} WHERE d.state = 'sleeping' ORDER BY d.created_at"))
+            .fetch_all(&self.pool)
+            .await
+    }
+
     /// Every deployment the router should know about: all but long-stopped ones.
     pub async fn routed_deployments(&self) -> Result<Vec<DeploymentRow>, sqlx::Error> {
         sqlx::query_as(&format!(

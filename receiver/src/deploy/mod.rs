@@ -1182,13 +1182,9 @@ impl Deployer {
         // fork on the host for a moment.
         let me = self.clone();
         tokio::spawn(async move {
-            let sleeping = me.services.db.live_deployments().await.unwrap_or_default();
-            for row in sleeping.into_iter().filter(|r| r.state() == DeploymentState::Sleeping) {
+            let sleeping = me.services.db.sleeping_deployments().await.unwrap_or_default();
+            for row in sleeping {
                 let held = me.hold(&row.id).await;
-                // Whatever an earlier receiver left of it ends first, made
-                // ready again or not.
-                let dir = me.shim_dir(&replica_key(&row.id, 0));
-                nx_runtime::shim::stop_dir(&dir, me.services.config.stop_grace).await;
                 me.make_ready(&held, &row.id).await;
             }
         });
@@ -1201,8 +1197,15 @@ impl Deployer {
     /// makes its own.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let ready: Vec<_> = self.ready.lock().map(|mut r| r.drain().map(|(_, v)| v).collect()).unwrap_or_default();
-        futures_util::future::join_all(ready.into_iter().map(nx_runtime::ready::Ready::discard)).await;
+        // Each under its deployment's hold: a wake in flight that counted on
+        // one finishes first.
+        let ids: Vec<String> = self.ready.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        for id in ids {
+            let _held = self.hold(&id).await;
+            if let Some(ready) = self.take_ready(&id) {
+                ready.discard().await;
+            }
+        }
         let running: Vec<Running> = match self.running.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),

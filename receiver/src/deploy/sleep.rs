@@ -221,19 +221,27 @@ impl Deployer {
 
     /// Makes the sandbox of `id`, which sleeps, ready for its wake (its
     /// first replica's: [`nx_runtime::ready`]), unless `--wake-ready`
-    /// sandboxes wait already. Failing only means it wakes the usual way.
+    /// sandboxes wait already; first ends whatever runs in its replicas'
+    /// state directories (an earlier receiver's). Read under the hold, so
+    /// one woken meanwhile is left alone. Failing only means it wakes the
+    /// usual way.
     pub(super) async fn make_ready(&self, _held: &Held, id: &str) {
         // Never two for one state directory and cgroup.
         if let Some(earlier) = self.take_ready(id) {
             earlier.discard().await;
         }
-        let room = self.ready.lock().is_ok_and(|r| r.len() < self.services.config.wake_ready);
-        if !room {
-            return;
-        }
         let made = async {
             let row = self.row(id).await?;
-            if row.state() != DeploymentState::Sleeping {
+            let running = self.running.lock().map_or(true, |r| r.contains_key(id));
+            if row.state() != DeploymentState::Sleeping || running {
+                return Ok(None);
+            }
+            for index in 0..=row.replica_ports.len() as u32 {
+                let dir = self.shim_dir(&super::replica_key(id, index));
+                nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
+            }
+            let room = self.ready.lock().is_ok_and(|r| r.len() < self.services.config.wake_ready);
+            if !room {
                 return Ok(None);
             }
             let app = self.app_of(&row).await?;
