@@ -183,6 +183,17 @@ fn timed_start(
     let port = free_port()?;
     let t0 = Instant::now();
     let sandbox = runtime.block_on(async { host.start_with(name, port, pool) })?;
+    answered_and_healthy(runtime, t0, port, sandbox)
+}
+
+/// The times from `t0` until `sandbox`, started on `port`, first answers
+/// and until its supervisor says "healthy"; then it is stopped.
+fn answered_and_healthy(
+    runtime: &tokio::runtime::Runtime,
+    t0: Instant,
+    port: u16,
+    sandbox: Sandbox,
+) -> anyhow::Result<(Duration, Duration)> {
     first_answer(port, Duration::from_secs(10))?;
     let answered = t0.elapsed();
     runtime.block_on(healthy(&sandbox))?;
@@ -210,12 +221,7 @@ fn timed_ready_start(
     let sandbox = runtime
         .block_on(ready.start(config, host.pm.clone(), log))
         .map_err(|(_, why)| anyhow::anyhow!("the ready sandbox was not used: {why}"))?;
-    first_answer(port, Duration::from_secs(10))?;
-    let answered = t0.elapsed();
-    runtime.block_on(healthy(&sandbox))?;
-    let healthy_at = t0.elapsed();
-    runtime.block_on(sandbox.stop());
-    Ok((answered, healthy_at))
+    answered_and_healthy(runtime, t0, port, sandbox)
 }
 
 /// The start benchmark: from a parked slot, from a sandbox made ready and
