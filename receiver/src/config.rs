@@ -362,6 +362,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_WAKE_READY", default_value_t = 64)]
     pub wake_ready: usize,
 
+    /// The most of those places one app's deployments hold: past it, the
+    /// app's own deployment that has slept longest gives its place to the
+    /// one that fell asleep last, so one app's many sleeping previews cannot
+    /// take every place. 0 turns ready wakes off.
+    #[arg(long, env = "NX_WAKE_READY_PER_APP", default_value_t = 16)]
+    pub wake_ready_per_app: usize,
+
     /// Memory of each sandbox unless its app sets its own.
     #[arg(long, env = "NX_DEFAULT_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub default_memory: u64,

@@ -32,7 +32,7 @@ use std::time::Duration;
 use crate::cgroup::Cgroup;
 use crate::shim::{Shim, ShimError, ShimSpec};
 use crate::spec::GO_FD;
-use crate::supervisor::{clear_leftovers, shim_spec, terminate, First, Sandbox, SandboxConfig};
+use crate::supervisor::{end_earlier, shim_spec, First, Sandbox, SandboxConfig};
 use crate::{Log, ProcessManager};
 
 /// A sandbox set up and held before its app runs.
@@ -100,10 +100,7 @@ impl Ready {
     /// of the same state directory that still runs is ended first, as for
     /// any start.
     pub async fn make(config: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Ready, ShimError> {
-        if let Some(mut old) = Shim::attach(&config.state_dir).await {
-            terminate(config, &mut old).await;
-        }
-        clear_leftovers(config, log).await;
+        end_earlier(config, log).await;
         let state = |source| ShimError::State { path: config.state_dir.clone(), source };
         let made_from = shim_spec(config, log).and_then(|(spec, _)| made_from(config, &spec)).map_err(state)?;
         let mut held = config.clone();

@@ -547,12 +547,19 @@ pub(crate) async fn clear_leftovers(cfg: &SandboxConfig, log: &Log) {
 }
 
 /// Starts one life under a new shim, after making sure no other runs.
-async fn launch(cfg: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Shim, ShimError> {
+/// Ends what an earlier start left of `cfg`'s sandbox before another
+/// starts in its place: a shim still running in its state directory, and
+/// whatever is left in its cgroup.
+pub(crate) async fn end_earlier(cfg: &SandboxConfig, log: &Log) {
     if let Some(mut old) = Shim::attach(&cfg.state_dir).await {
         log.system_line(&format!("another instance (pid {}) was still running; stopping it first", old.pid()));
         terminate(cfg, &mut old).await;
     }
     clear_leftovers(cfg, log).await;
+}
+
+async fn launch(cfg: &SandboxConfig, pm: &ProcessManager, log: &Log) -> Result<Shim, ShimError> {
+    end_earlier(cfg, log).await;
     let (spec, fds) = shim_spec(cfg, log).map_err(|source| ShimError::State { path: cfg.state_dir.clone(), source })?;
     let cgroup = cfg.cgroup.clone().unwrap_or_default();
     if let Some(pool) = &cfg.pool {

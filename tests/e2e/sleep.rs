@@ -101,9 +101,49 @@ fn files(dir: &Path, except: &[&str]) -> BTreeMap<String, Vec<u8>> {
 /// waiting for the go.
 fn wait_ready(r: &Receiver, dep: &str) {
     eventually(10, "a sleeping deployment to run nothing of its app, its sandbox made ready", || {
-        let waiting = processes_of(&r.data_dir(), &[dep]).iter().any(|(_, cmd)| cmd.starts_with("/nx-init --go-fd "));
-        (app_processes(&r.data_dir(), dep).is_empty() && waiting).then_some(())
+        (app_processes(&r.data_dir(), dep).is_empty() && waits_ready(r, dep)).then_some(())
     });
+}
+
+/// The binaries in the local store of the receiver whose data directory
+/// is `data`, each named by its digest.
+fn stored_artifacts(data: &Path) -> Vec<std::path::PathBuf> {
+    let dir = data.join("store/artifacts");
+    let read = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    read.flatten().map(|e| e.path()).collect()
+}
+
+/// Whether `dep`'s sandbox waits made ready (its nx-init waiting for go).
+fn waits_ready(r: &Receiver, dep: &str) -> bool {
+    processes_of(&r.data_dir(), &[dep]).iter().any(|(_, cmd)| cmd.starts_with("/nx-init --go-fd "))
+}
+
+/// Past its app's share of places (`--wake-ready-per-app`), the deployment
+/// that fell asleep last gets the place and the one that slept longer gives
+/// its up: its sandbox ends, and it wakes the usual way, answered all the same.
+#[test]
+fn an_app_past_its_share_of_ready_sandboxes_gives_up_the_place_of_its_longest_sleeper() {
+    let r =
+        Receiver::start_with(Options { args: vec!["--wake-ready-per-app".into(), "1".into()], ..Options::default() });
+    let first = sleepy(&r);
+    let (first_id, first_url) = (id(&first), url(&first));
+    wait_asleep(&r, "web", &first_id);
+    wait_ready(&r, &first_id);
+    let second = r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"]);
+    let (second_id, second_url) = (id(&second), url(&second));
+    wait_asleep(&r, "web", &second_id);
+    wait_ready(&r, &second_id);
+    eventually(10, "the first preview's ready sandbox to give its place up", || {
+        deployment_processes(&r.data_dir(), &first_id).is_empty().then_some(())
+    });
+    assert!(waits_ready(&r, &second_id), "the later sleeper lost its place");
+
+    assert_eq!(r.get(&first_url).body, "goweb\n");
+    let logs = r.nx_ok(&["logs", &first_id, "--app", "web"]).stdout;
+    assert!(!logs.contains("started from a sandbox held ready"), "{logs}");
+    assert_eq!(r.get(&second_url).body, "goweb\n");
+    let logs = r.nx_ok(&["logs", &second_id, "--app", "web"]).stdout;
+    assert!(logs.contains("started from a sandbox held ready"), "{logs}");
 }
 
 #[test]
@@ -384,29 +424,48 @@ fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
     assert!(deployment_processes(&r.data_dir(), &dep).is_empty());
 }
 
-/// A wake starts from the sandbox made ready while it slept; one made
-/// before the app's variables changed is not used (the app gets the new
-/// ones); a receiver killed outright takes it along unstarted and the next
-/// makes it again; a stop for good ends the one waiting.
+/// A wake starts from the sandbox made ready while it slept; a change of
+/// the app's variables makes it again (the app gets the new ones from it);
+/// one that binds a file replaced since is not used; a receiver killed
+/// outright takes it along unstarted and the next makes it again; a stop
+/// for good ends the one waiting.
 #[test]
 fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_made_from_changed() {
     let mut r = Receiver::start();
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
     let logs = |r: &Receiver| r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
+    let used = |r: &Receiver| logs(r).matches("started from a sandbox held ready").count();
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);
     assert_eq!(r.get(&url).body, "goweb\n");
-    assert!(logs(&r).contains("started from a sandbox held ready"), "{}", logs(&r));
+    assert_eq!(used(&r), 1, "{}", logs(&r));
     assert_eq!(read(&data_dir(&r).join("starts")), "started\nstarted\n", "its program ran once per start");
 
+    // Variables changed while it sleeps: its sandbox is made again with them.
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);
     r.nx_ok(&["env", "set", "GREETING=changed", "--app", "web"]);
+    wait_ready(&r, &dep);
     assert_eq!(r.get(&url).body, "changed\n", "the wake ran with the new variables");
+    assert_eq!(used(&r), 2, "{}", logs(&r));
+    assert!(!logs(&r).contains("was not used"), "{}", logs(&r));
+
+    // The store's file replaced while it sleeps (restored from a backup:
+    // the same bytes in another file): the sandbox made ready binds the
+    // one it found then, so the wake starts the usual way, on the new one.
+    wait_asleep(&r, "web", &dep);
+    wait_ready(&r, &dep);
+    let stored = stored_artifacts(&r.data_dir());
+    assert_eq!(stored.len(), 1, "one push, one stored binary: {stored:?}");
+    let restored = stored[0].with_extension("restored");
+    std::fs::copy(&stored[0], &restored).unwrap();
+    std::fs::rename(&restored, &stored[0]).unwrap();
+    assert_eq!(r.get(&url).body, "changed\n");
     let said = "the sandbox made ready for its wake was not used: \
-                what it was made from has changed since (its variables or system call filter)";
+                what it was made from has changed since (the files it binds)";
     assert!(logs(&r).contains(said), "{}", logs(&r));
+    assert_eq!(used(&r), 2, "{}", logs(&r));
 
     // A receiver killed outright takes its ready sandbox along without
     // the app ever starting; the next one makes it ready again.
@@ -421,7 +480,7 @@ fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_m
     r.start_again();
     wait_ready(&r, &dep);
     assert_eq!(r.get(&url).body, "changed\n");
-    assert_eq!(logs(&r).matches("started from a sandbox held ready").count(), 2, "{}", logs(&r));
+    assert_eq!(used(&r), 3, "{}", logs(&r));
 
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);

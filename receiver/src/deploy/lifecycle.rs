@@ -181,6 +181,7 @@ impl Deployer {
                 _ => outcome.restarted.push(row.id.clone()),
             }
         }
+        self.remake_ready(app.id).await;
         Ok(outcome)
     }
 

@@ -36,6 +36,7 @@ use nx_store::{ArtifactStore, StoreError};
 pub mod events;
 mod lifecycle;
 pub mod link;
+mod places;
 mod quotas;
 mod sandbox;
 mod sleep;
@@ -260,8 +261,9 @@ pub struct Deployer {
     /// Per deployment, its consecutive failed wakes ([`sleep`]).
     wake_failures: Mutex<HashMap<String, sleep::FailedWakes>>,
     /// Per sleeping deployment, its sandbox made ready for its wake
-    /// (`--wake-ready`); taken by its next start, discarded by a stop.
-    ready: Mutex<HashMap<String, nx_runtime::ready::Ready>>,
+    /// (`--wake-ready`, [`places`]); taken by its next start, discarded by
+    /// a stop.
+    ready: Mutex<places::Places>,
 }
 
 /// Proof that the caller holds a deployment's transition lock
@@ -923,7 +925,8 @@ impl Deployer {
         let pm = self.services.pm.clone();
         // Only the first replica sleeps ready; nothing else runs in its
         // state directory then, so there is nothing to adopt.
-        let has_ready = index == 0 && self.ready.lock().is_ok_and(|r| r.contains_key(&row.id));
+        let has_ready =
+            index == 0 && self.ready.lock().is_ok_and(|r| r.get(&row.id).is_some_and(|p| p.ready.is_some()));
         let config = match has_ready {
             true => config,
             false => match Sandbox::adopt(config, pm.clone(), log.clone()).await {
@@ -951,7 +954,7 @@ impl Deployer {
 
     /// The sandbox made ready for `id`'s wake, if there is one.
     pub(super) fn take_ready(&self, id: &str) -> Option<nx_runtime::ready::Ready> {
-        self.ready.lock().ok()?.remove(id)
+        self.ready.lock().ok()?.remove(id)?.ready
     }
 
     /// The log of deployment `id`, which its sandboxes' shims write to.

@@ -92,17 +92,29 @@ fn group_only_dir(dir: &Path, gid: u32) -> Result<(), DeployError> {
     d.set_permissions(std::fs::Permissions::from_mode(0o750)).map_err(io_err(dir))
 }
 
-/// Puts the stored binary at `dest` (in a root-owned directory): a hard link,
-/// or a copy where the store is on another filesystem.
-fn link_or_copy(stored: &Path, dest: &Path) -> Result<(), DeployError> {
-    match std::fs::remove_file(dest) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(dest)(e)),
-        _ => {}
+/// Puts the stored binary `sha256` at `dest` (in a root-owned directory):
+/// a hard link, or a copy where the store is on another filesystem. A copy
+/// is made once per deployment, under a temporary name renamed into place,
+/// and is kept by later starts while `dest.sha256` names its digest: a
+/// restart or a wake then binds the same file (a sandbox made ready for a
+/// wake is used only if it does), and 100 MB are not copied at every start.
+fn link_or_copy(stored: &Path, sha256: &str, dest: &Path) -> Result<(), DeployError> {
+    let marker = dest.with_extension("sha256");
+    if dest.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == sha256) {
+        return Ok(());
+    }
+    for stale in [dest, &marker] {
+        match std::fs::remove_file(stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(stale)(e)),
+            _ => {}
+        }
     }
     match std::fs::hard_link(stored, dest) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(stored, dest).map_err(io_err(dest))?;
-            Ok(())
+            let part = dest.with_extension("part");
+            std::fs::copy(stored, &part).map_err(io_err(&part))?;
+            std::fs::rename(&part, dest).map_err(io_err(dest))?;
+            std::fs::write(&marker, sha256).map_err(io_err(&marker))
         }
         other => other.map_err(io_err(dest)),
     }
@@ -187,7 +199,7 @@ impl Deployer {
         let run = data_root.join("run").join(&row.id);
         group_only_dir(&run, uid)?;
         let binary = run.join("binary");
-        link_or_copy(&stored, &binary)?;
+        link_or_copy(&stored, &row.artifact_sha256, &binary)?;
         let data_dir = if fork {
             let empty = run.join("data");
             std::fs::create_dir_all(&empty).map_err(io_err(&empty))?;
@@ -363,6 +375,43 @@ mod tests {
         assert_eq!(expand_arg("${SECRET}x", &vars), "${SECRET}x");
         assert_eq!(expand_arg("cost: 5$", &vars), "cost: 5$");
         assert_eq!(expand_arg("${PORT", &vars), "${PORT");
+    }
+
+    #[test]
+    fn a_binary_copied_from_another_file_system_is_copied_once_per_digest() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/shm is a tmpfs and the temporary directory is not: the hard
+        // link fails with EXDEV, as for a store on a disk of its own.
+        let store = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+        let run = tempfile::tempdir().expect("a temporary directory");
+        let dev = |p: &Path| std::fs::metadata(p).expect("metadata").dev();
+        assert_ne!(
+            dev(store.path()),
+            dev(run.path()),
+            "/dev/shm must be another file system than the temporary directory"
+        );
+        let stored = store.path().join("abc");
+        std::fs::write(&stored, b"the first binary").expect("write");
+        let dest = run.path().join("binary");
+        let inode = |p: &Path| std::fs::metadata(p).expect("metadata").ino();
+
+        link_or_copy(&stored, "abc", &dest).expect("copied");
+        let first = inode(&dest);
+        link_or_copy(&stored, "abc", &dest).expect("kept");
+        assert_eq!(inode(&dest), first, "a second start copied the same binary again");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"the first binary");
+
+        let other = store.path().join("def");
+        std::fs::write(&other, b"another binary").expect("write");
+        link_or_copy(&other, "def", &dest).expect("copied");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"another binary");
+        assert!(!run.path().join("binary.part").exists(), "the partial copy was left behind");
+
+        // A copy whose marker is gone (a crash between the two) is made again.
+        std::fs::write(&dest, b"half a copy").expect("write");
+        std::fs::remove_file(run.path().join("binary.sha256")).expect("remove");
+        link_or_copy(&other, "def", &dest).expect("copied");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"another binary");
     }
 
     #[test]

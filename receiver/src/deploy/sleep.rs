@@ -31,7 +31,7 @@ use nx_protocol::units::format_duration;
 use nx_runtime::supervisor::Status;
 use tokio::sync::watch;
 
-use super::{events, DeployError, Deployer, Held};
+use super::{events, places, DeployError, Deployer, Held};
 use crate::db::{AppRow, DeploymentRow};
 
 /// How often the router's traffic is looked at: the precision of idle
@@ -220,15 +220,19 @@ impl Deployer {
     }
 
     /// Makes the sandbox of `id`, which sleeps, ready for its wake (its
-    /// first replica's: [`nx_runtime::ready`]), unless `--wake-ready`
-    /// sandboxes wait already; first ends whatever runs in its replicas'
-    /// state directories (an earlier receiver's). Read under the hold, so
-    /// one woken meanwhile is left alone. Failing only means it wakes the
-    /// usual way.
+    /// first replica's: [`nx_runtime::ready`]) if it gets a place
+    /// ([`places::room`]: the sandbox of one that has slept longer may give
+    /// its place up); first ends whatever runs in its replicas' state
+    /// directories (an earlier receiver's). Read under the hold, so one
+    /// woken meanwhile is left alone. Failing only means it wakes the usual
+    /// way.
     pub(super) async fn make_ready(&self, _held: &Held, id: &str) {
-        // Never two for one state directory and cgroup.
-        if let Some(earlier) = self.take_ready(id) {
-            earlier.discard().await;
+        // Never two for one state directory and cgroup. One made again (a
+        // change of its app's) keeps its place's age.
+        let earlier = self.ready.lock().ok().and_then(|mut r| r.remove(id));
+        let since = earlier.as_ref().map_or_else(Instant::now, |p| p.holder.since);
+        if let Some(ready) = earlier.and_then(|p| p.ready) {
+            ready.discard().await;
         }
         let made = async {
             let row = self.row(id).await?;
@@ -240,8 +244,7 @@ impl Deployer {
                 let dir = self.shim_dir(&super::replica_key(id, index));
                 nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
             }
-            let room = self.ready.lock().is_ok_and(|r| r.len() < self.services.config.wake_ready);
-            if !room {
+            if !self.take_place(id, &row, since).await {
                 return Ok(None);
             }
             let app = self.app_of(&row).await?;
@@ -252,18 +255,85 @@ impl Deployer {
                 .map(Some)
                 .map_err(|e| DeployError::Internal(e.to_string()))
         };
-        match made.await {
-            Ok(Some(ready)) => {
-                // The earlier one was discarded above, under the same hold.
-                if let Ok(mut r) = self.ready.lock() {
-                    r.insert(id.to_owned(), ready);
+        let made = made.await;
+        // Its place was taken under the same hold, so it is still there
+        // unless the map is poisoned; without one the sandbox is discarded.
+        let unplaced = {
+            let mut places = self.ready.lock().ok();
+            let place = places.as_deref_mut().and_then(|p| p.get_mut(id));
+            match (made, place) {
+                (Ok(Some(ready)), Some(place)) => {
+                    place.ready = Some(ready);
+                    None
+                }
+                (made, _) => {
+                    if let Some(p) = places.as_deref_mut() {
+                        p.remove(id);
+                    }
+                    match made {
+                        Ok(ready) => ready,
+                        Err(e) => {
+                            tracing::warn!(deployment = id, error = %e, "cannot make a sandbox ready for a wake; it wakes the usual way");
+                            None
+                        }
+                    }
                 }
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(deployment = id, error = %e, "cannot make a sandbox ready for a wake; it wakes the usual way")
+        };
+        if let Some(ready) = unplaced {
+            ready.discard().await;
+        }
+    }
+
+    /// Makes the ready sandboxes of app `app_id`'s sleeping deployments
+    /// again, from its variables and settings as they are now: one made
+    /// before the change would be discarded at its wake, which would then go
+    /// the usual way.
+    pub async fn remake_ready(&self, app_id: i64) {
+        let ids: Vec<String> = self
+            .ready
+            .lock()
+            .map(|r| r.iter().filter(|(_, p)| p.holder.app == app_id).map(|(id, _)| id.clone()).collect())
+            .unwrap_or_default();
+        for id in ids {
+            let held = self.hold(&id).await;
+            // Woken or stopped meanwhile: nothing to make again.
+            if self.ready.lock().is_ok_and(|r| r.contains_key(&id)) {
+                self.make_ready(&held, &id).await;
             }
         }
+    }
+
+    /// Takes a place for `row`'s ready sandbox, if there is room, before it
+    /// is made: places are counted with the ones being made, so sleeps at
+    /// the same moment cannot pass the bound together. A place given up by
+    /// another deployment has its sandbox discarded under that deployment's
+    /// hold, which is only tried: waiting for it while holding this one
+    /// could deadlock two sleeps taking each other's place, and one that is
+    /// busy is waking or stopping, which gives its place up anyway.
+    async fn take_place(&self, id: &str, row: &DeploymentRow, since: Instant) -> bool {
+        let config = &self.services.config;
+        let holder = places::Holder { app: row.app_id, production: row.is_production, since };
+        // Twice at most: a sleep at the same moment may take the place freed.
+        for _ in 0..2 {
+            let other = {
+                let Ok(mut all) = self.ready.lock() else { return false };
+                match places::room(&all, &holder, config.wake_ready, config.wake_ready_per_app) {
+                    places::Room::None => return false,
+                    places::Room::Free => {
+                        all.insert(id.to_owned(), places::Place { holder, ready: None });
+                        return true;
+                    }
+                    places::Room::Taken(other) => other,
+                }
+            };
+            let Ok(_other_held) = self.transition(&other).try_lock_owned() else { return false };
+            if let Some(ready) = self.take_ready(&other) {
+                tracing::info!(deployment = %other, to = id, "a sandbox made ready gives its place to one that fell asleep later");
+                ready.discard().await;
+            }
+        }
+        false
     }
 
     /// Starts `id` again if it sleeps, and waits for its health check. A
