@@ -42,6 +42,12 @@ impl Host {
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin)?;
         let init = nx_runtime::spec::install_init(&bin)?;
+        // Bound at /app, the binary's directory holds it alone, as a
+        // deployment's does.
+        let app = dir.path().join("app");
+        std::fs::create_dir(&app)?;
+        let binary = app.join("hello");
+        std::fs::copy(nx_e2e::fixtures::c_musl_static(), &binary)?;
         let dev = nx_runtime::root::install_dev(&bin)
             .map_err(|e| eprintln!("sandboxes get bwrap's own /dev, as the receiver's would here: {e}"))
             .ok();
@@ -52,7 +58,7 @@ impl Host {
             landlock: nx_runtime::landlock::Support::detect(),
             cgroups: Driver::detect(Path::new("/sys/fs/cgroup")),
             dir,
-            binary: nx_e2e::fixtures::c_musl_static(),
+            binary,
         })
     }
 

@@ -369,6 +369,13 @@ pub struct ServeConfig {
     #[arg(long, env = "NX_WAKE_READY_PER_APP", default_value_t = 16)]
     pub wake_ready_per_app: usize,
 
+    /// Pushes under way that get their sandbox made while their binary is
+    /// uploaded (the deployment's id and port promised at admission), so
+    /// their start waits for the app's own start alone (bench/RESULTS.md).
+    /// A preview with a database of its own gets none. 0 turns it off.
+    #[arg(long, env = "NX_PUSH_READY", default_value_t = 8)]
+    pub push_ready: usize,
+
     /// Memory of each sandbox unless its app sets its own.
     #[arg(long, env = "NX_DEFAULT_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub default_memory: u64,

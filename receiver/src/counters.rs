@@ -100,9 +100,11 @@ impl Platform {
             let starts = Family::<[(&'static str, &'static str); 1], Counter>::default();
             starts.get_or_create(&[("from", "pool")]).inc_by(parked);
             starts.get_or_create(&[("from", "fresh")]).inc_by(fresh);
+            starts.get_or_create(&[("from", "ready")]).inc_by(nx_runtime::ready::started());
             registry.register(
                 "nx_sandbox_starts",
-                "Sandbox starts: from a parked sandbox (from=pool) or the usual way (from=fresh)",
+                "Sandbox starts: from a parked sandbox (from=pool), the usual way (from=fresh), or from one made \
+                 ready ahead, for a wake or during a push's upload (from=ready)",
                 starts,
             );
             let ready = Gauge::<i64>::default();

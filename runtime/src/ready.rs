@@ -10,9 +10,12 @@
 //! configuration of the moment it is needed; it is used only if both make
 //! the same sandbox: the same bwrap command and shim spec, cgroup and its
 //! limits, environment, system call filter and Landlock support, and the
-//! same files at the paths it binds (its data directory, binary, `/etc`,
-//! nx-init, the loader's cache and the other read-only binds, by device and
-//! inode: a bind made earlier keeps the file it found then). Anything else
+//! same files at the paths it binds (its data directory, its binary's
+//! directory, `/etc`, nx-init, the loader's cache and the other read-only
+//! binds, by device and inode: a bind made earlier keeps the file it found
+//! then). The binary itself is not among them: `/app` is its directory, so
+//! a sandbox can be made before its binary is placed there, and runs the
+//! one the start placed (a push's, made during its upload). Anything else
 //! discards it and the start goes the usual way, so a ready sandbox can
 //! make a start faster but never different.
 //!
@@ -35,6 +38,14 @@ use crate::spec::GO_FD;
 use crate::supervisor::{end_earlier, shim_spec, First, Sandbox, SandboxConfig};
 use crate::{Log, ProcessManager};
 
+/// Sandboxes started from one made ready, since this process started.
+static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many sandboxes were started from one made ready (for the metrics).
+pub fn started() -> u64 {
+    STARTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A sandbox set up and held before its app runs.
 pub struct Ready {
     /// Taken by [`Ready::start`] or [`Ready::discard`]; one still here when
@@ -43,6 +54,8 @@ pub struct Ready {
     /// What it was made from ([`made_from`]); holds the app's variables.
     made_from: MadeFrom,
     cgroup: Option<Cgroup>,
+    /// Its shim's state directory.
+    state_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Ready {
@@ -72,12 +85,12 @@ type MadeFrom = [(&'static str, Vec<u8>); 3];
 /// `spec` is its shim's spec ([`shim_spec`]).
 fn made_from(cfg: &SandboxConfig, spec: &ShimSpec) -> std::io::Result<MadeFrom> {
     let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
-    let bound = [&cfg.spec.data_dir, &cfg.spec.binary, &cfg.host.init]
+    let bound = [cfg.spec.data_dir.as_path(), cfg.spec.app_source(), cfg.host.init.as_path()]
         .into_iter()
-        .chain(&cfg.spec.etc)
-        .chain(cfg.host.ld_cache.iter().filter(|_| cfg.spec.dynamic))
-        .chain(cfg.spec.ro_binds.iter().map(|(host, _)| host))
-        .map(|p| identity(p))
+        .chain(cfg.spec.etc.as_deref())
+        .chain(cfg.host.ld_cache.as_deref().filter(|_| cfg.spec.dynamic))
+        .chain(cfg.spec.ro_binds.iter().map(|(host, _)| host.as_path()))
+        .map(identity)
         .collect::<std::io::Result<Vec<_>>>()?;
     let json = |v: serde_json::Result<Vec<u8>>| v.map_err(std::io::Error::other);
     Ok([
@@ -110,7 +123,7 @@ impl Ready {
         let cgroup = config.cgroup.clone();
         cgroup.clone().unwrap_or_default().create()?;
         match Shim::launch(pm, &config.shim, &config.state_dir, &spec, fds).await {
-            Ok(shim) => Ok(Ready { shim: Some(shim), made_from, cgroup }),
+            Ok(shim) => Ok(Ready { shim: Some(shim), made_from, cgroup, state_dir: config.state_dir.clone() }),
             Err(e) => {
                 if let Some(cg) = cgroup {
                     let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
@@ -132,7 +145,10 @@ impl Ready {
         let unused = match self.compare(&config, &log) {
             Ok(()) => match self.shim.take() {
                 Some(mut shim) => match shim.go().await {
-                    Ok(()) => return Ok(Sandbox::supervised(config, pm, log, First::Released(shim))),
+                    Ok(()) => {
+                        STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(Sandbox::supervised(config, pm, log, First::Released(shim)));
+                    }
                     Err(e) => {
                         self.shim = Some(shim);
                         Unused::Go(e)
@@ -166,10 +182,13 @@ impl Ready {
 
     async fn end(mut self) {
         if let Some(mut shim) = self.shim.take() {
-            if matches!(shim.stop(Duration::ZERO).await, crate::shim::Outcome::Lost) {
-                if let Some(cg) = self.cgroup.clone() {
-                    let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+            match shim.stop(Duration::ZERO).await {
+                crate::shim::Outcome::Lost => {
+                    if let Some(cg) = self.cgroup.clone() {
+                        let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+                    }
                 }
+                _ => crate::shim::forget_exit(&self.state_dir),
             }
         }
         if let Some(cg) = self.cgroup.take() {

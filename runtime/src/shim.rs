@@ -151,6 +151,13 @@ pub fn last_exit(dir: &Path) -> Option<Exit> {
     Exit::decode(&std::fs::read_to_string(dir.join(EXIT)).ok()?)
 }
 
+/// Forgets the exit record in state directory `dir`: a sandbox made ready
+/// and discarded ran nothing of the app, and a later start must not read
+/// its end as the app's.
+pub(crate) fn forget_exit(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(EXIT));
+}
+
 /// Ends whatever runs from the state directory `dir`: stops its shim's
 /// sandbox (SIGKILL after `grace`), then kills what its cgroup still holds
 /// and removes the cgroup. Returns whether a shim was running.

@@ -38,7 +38,10 @@ pub const HOST_ENV: [(&str, &str); 1] = [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin
 pub struct SandboxSpec {
     /// Host name inside the sandbox.
     pub hostname: String,
-    /// Host path of the binary, mounted read-only at `/app/<binary_name>`.
+    /// Host path of the binary, named `binary_name`. Its directory, which
+    /// holds nothing else, is mounted read-only at `/app`: a sandbox made
+    /// before its binary is there ([`crate::ready`]) runs the one placed
+    /// there by its go.
     pub binary: PathBuf,
     pub binary_name: String,
     pub args: Vec<String>,
@@ -65,6 +68,18 @@ pub struct SandboxSpec {
     pub share_net: bool,
     /// Further read-only mounts: `(host path, sandbox path)`.
     pub ro_binds: Vec<(PathBuf, String)>,
+}
+
+impl SandboxSpec {
+    /// The host path bound for the app: the binary's directory, or the
+    /// binary alone where it has none but the host's root (which is never
+    /// bound at `/app`).
+    pub fn app_source(&self) -> &Path {
+        match self.binary.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && dir != Path::new("/") => dir,
+            _ => &self.binary,
+        }
+    }
 }
 
 /// How the host's shared libraries are laid out, as far as a dynamic binary
@@ -236,7 +251,8 @@ pub fn bwrap_args(spec: &SandboxSpec, host: &HostLayout) -> Vec<OsString> {
         push_bind(&mut a, "--ro-bind", hostp, dest);
     }
     let binary_in_sandbox = format!("{APP_DIR}/{}", spec.binary_name);
-    push_bind(&mut a, "--ro-bind", &spec.binary, &binary_in_sandbox);
+    let app = spec.app_source();
+    push_bind(&mut a, "--ro-bind", app, if app == spec.binary { &binary_in_sandbox } else { APP_DIR });
     push_bind(&mut a, "--ro-bind", &host.init, INIT);
     push_bind(&mut a, "--bind", &spec.data_dir, DATA_DIR);
     // The root is a tmpfs bwrap made; without this the app could create files
@@ -299,7 +315,7 @@ mod tests {
     fn spec() -> SandboxSpec {
         SandboxSpec {
             hostname: "web".into(),
-            binary: "/srv/nx/cache/abc".into(),
+            binary: "/srv/nx/run/d1/app/server".into(),
             binary_name: "server".into(),
             args: vec!["--port".into(), "20001".into()],
             data_dir: "/srv/nx/apps/web/data".into(),
@@ -382,7 +398,13 @@ mod tests {
         let a = strings(bwrap_args(&spec(), &layout()));
         assert!(!a.contains(&"/usr".to_string()));
         assert!(!a.contains(&"/etc/ld.so.cache".to_string()));
-        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/cache/abc", "/app/server"]));
+        // The binary's directory, which holds it alone, so that a binary
+        // placed there after the sandbox was made is the one it runs.
+        assert!(has_seq(&a, &["--ro-bind", "/srv/nx/run/d1/app", "/app"]));
+        let mut bare = spec();
+        bare.binary = "/server".into();
+        let a = strings(bwrap_args(&bare, &layout()));
+        assert!(has_seq(&a, &["--ro-bind", "/server", "/app/server"]), "the host's root is never bound at /app");
         assert!(has_seq(&a, &["--bind", "/srv/nx/apps/web/data", "/data"]));
         assert!(has_seq(&a, &["--size", "67108864", "--perms", "1777", "--tmpfs", "/tmp"]));
         assert!(has_seq(&a, &["--ro-bind", "/srv/nx/run/d1/etc", "/etc"]));

@@ -466,7 +466,13 @@ fn tenant_files_are_readable_by_their_uid_alone() {
     let files = [
         data.join("apps/victim/data.img"),
         data.join(format!("logs/deployments/{id}.log")),
-        data.join(format!("run/{id}/binary")),
+        {
+            // The binary's directory, bound at /app, holds it alone.
+            let bin = data.join(format!("run/{id}/app"));
+            let names: Vec<_> = std::fs::read_dir(&bin).unwrap().flatten().map(|e| e.path()).collect();
+            assert_eq!(names.len(), 1, "{names:?}");
+            names[0].clone()
+        },
         data.join(format!("store/artifacts/{}", digest.trim_start_matches("sha256:"))),
     ];
     for file in &files {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod ahead;
 mod approvals;
 mod attacks;
 mod build;

@@ -56,8 +56,11 @@ fn scrape(addr: &str) -> String {
 #[test]
 fn a_push_starts_from_a_parked_sandbox_under_its_own_cgroup_with_its_limits() {
     let metrics = format!("127.0.0.1:{}", free_port());
-    let r =
-        Receiver::start_with(Options { args: vec!["--metrics-listen".into(), metrics.clone()], ..Options::default() });
+    // Without a sandbox made during the upload (`--push-ready`), which a
+    // push would start from instead; restarts and wakes without one take
+    // parked sandboxes the same way.
+    let args = ["--metrics-listen", &metrics, "--push-ready", "0"].map(String::from).to_vec();
+    let r = Receiver::start_with(Options { args, ..Options::default() });
     let slots = parked(&r, 2);
     for slot in &slots {
         // Parked: root's shim and its child, in a cgroup of their own; no
@@ -94,6 +97,7 @@ fn a_push_starts_from_a_parked_sandbox_under_its_own_cgroup_with_its_limits() {
     let text = scrape(&metrics);
     assert!(text.contains("nx_sandbox_starts_total{from=\"pool\"} 1\n"), "{text}");
     assert!(text.contains("nx_sandbox_starts_total{from=\"fresh\"} 0\n"), "{text}");
+    assert!(text.contains("nx_sandbox_starts_total{from=\"ready\"} 0\n"), "{text}");
 
     // The first slot's cgroup is now the deployment's, by its name, with the
     // deployment's limits, holding the app.

@@ -105,14 +105,6 @@ fn wait_ready(r: &Receiver, dep: &str) {
     });
 }
 
-/// The binaries in the local store of the receiver whose data directory
-/// is `data`, each named by its digest.
-fn stored_artifacts(data: &Path) -> Vec<std::path::PathBuf> {
-    let dir = data.join("store/artifacts");
-    let read = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    read.flatten().map(|e| e.path()).collect()
-}
-
 /// Whether `dep`'s sandbox waits made ready (its nx-init waiting for go).
 fn waits_ready(r: &Receiver, dep: &str) -> bool {
     processes_of(&r.data_dir(), &[dep]).iter().any(|(_, cmd)| cmd.starts_with("/nx-init --go-fd "))
@@ -127,6 +119,8 @@ fn an_app_past_its_share_of_ready_sandboxes_gives_up_the_place_of_its_longest_sl
         Receiver::start_with(Options { args: vec!["--wake-ready-per-app".into(), "1".into()], ..Options::default() });
     let first = sleepy(&r);
     let (first_id, first_url) = (id(&first), url(&first));
+    let held_starts =
+        |id: &str| r.nx_ok(&["logs", id, "--app", "web"]).stdout.matches("started from a sandbox held ready").count();
     wait_asleep(&r, "web", &first_id);
     wait_ready(&r, &first_id);
     let second = r.push("web", &fixtures::go(Go::Static), &["--env", "COUNT_STARTS=1"]);
@@ -138,12 +132,14 @@ fn an_app_past_its_share_of_ready_sandboxes_gives_up_the_place_of_its_longest_sl
     });
     assert!(waits_ready(&r, &second_id), "the later sleeper lost its place");
 
+    // Each push's start was from a sandbox made during its upload.
+    let (first_before, second_before) = (held_starts(&first_id), held_starts(&second_id));
     assert_eq!(r.get(&first_url).body, "goweb\n");
+    assert_eq!(held_starts(&first_id), first_before, "the wake that gave its place up started from one");
     let logs = r.nx_ok(&["logs", &first_id, "--app", "web"]).stdout;
-    assert!(!logs.contains("started from a sandbox held ready"), "{logs}");
+    assert!(!logs.contains("while no receiver watched it"), "a discarded ready sandbox is no exit of the app: {logs}");
     assert_eq!(r.get(&second_url).body, "goweb\n");
-    let logs = r.nx_ok(&["logs", &second_id, "--app", "web"]).stdout;
-    assert!(logs.contains("started from a sandbox held ready"), "{logs}");
+    assert_eq!(held_starts(&second_id), second_before + 1);
 }
 
 #[test]
@@ -426,7 +422,7 @@ fn a_preview_stopped_while_its_wake_is_in_flight_stays_stopped() {
 
 /// A wake starts from the sandbox made ready while it slept; a change of
 /// the app's variables makes it again (the app gets the new ones from it);
-/// one that binds a file replaced since is not used; a receiver killed
+/// one that binds a directory made anew since is not used; a receiver killed
 /// outright takes it along unstarted and the next makes it again; a stop
 /// for good ends the one waiting.
 #[test]
@@ -435,7 +431,8 @@ fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_m
     let d = sleepy(&r);
     let (dep, url) = (id(&d), url(&d));
     let logs = |r: &Receiver| r.nx_ok(&["logs", &dep, "--app", "web"]).stdout;
-    let used = |r: &Receiver| logs(r).matches("started from a sandbox held ready").count();
+    // Its push's start was one too (made during the upload).
+    let used = |r: &Receiver| logs(r).matches("started from a sandbox held ready").count() - 1;
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);
     assert_eq!(r.get(&url).body, "goweb\n");
@@ -451,18 +448,17 @@ fn a_wake_starts_from_the_sandbox_made_ready_while_it_slept_unless_what_it_was_m
     assert_eq!(used(&r), 2, "{}", logs(&r));
     assert!(!logs(&r).contains("was not used"), "{}", logs(&r));
 
-    // The store's file replaced while it sleeps (restored from a backup:
-    // the same bytes in another file): the sandbox made ready binds the
-    // one it found then, so the wake starts the usual way, on the new one.
+    // A directory it binds made anew while it sleeps (the app's /etc,
+    // removed by an operator: the next start writes it again): the sandbox
+    // made ready binds the one it found then, so the wake starts the usual
+    // way. (Its binary's directory stays, and the binary placed in it by
+    // the wake is the one that runs.)
     wait_asleep(&r, "web", &dep);
     wait_ready(&r, &dep);
-    let stored = stored_artifacts(&r.data_dir());
-    assert_eq!(stored.len(), 1, "one push, one stored binary: {stored:?}");
-    let restored = stored[0].with_extension("restored");
-    std::fs::copy(&stored[0], &restored).unwrap();
-    std::fs::rename(&restored, &stored[0]).unwrap();
+    let etc = r.data_dir().join("apps/web/etc");
+    std::fs::rename(&etc, etc.with_extension("gone")).unwrap();
     assert_eq!(r.get(&url).body, "changed\n");
-    let said = "the sandbox made ready for its wake was not used: \
+    let said = "the sandbox made ready ahead was not used: \
                 what it was made from has changed since (the files it binds)";
     assert!(logs(&r).contains(said), "{}", logs(&r));
     assert_eq!(used(&r), 2, "{}", logs(&r));

@@ -20,6 +20,31 @@ fn nothing_recorded(r: &Receiver, app: &str) {
     let stored = std::fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);
     assert_eq!(stored, 0, "something was stored in {}", store.display());
     assert_eq!(std::fs::read_dir(r.data_dir().join("tmp")).unwrap().count(), 0, "a temporary upload was left");
+    nothing_made(r);
+}
+
+/// Fails unless nothing is left of a sandbox made during an upload that
+/// recorded no deployment: no process, no run or state directory, no log.
+fn nothing_made(r: &Receiver) {
+    let data = r.data_dir();
+    let entries = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(data.join(dir))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    let run = format!("{}/run/", data.display());
+    let left = || {
+        let made: Vec<_> = nx_e2e::processes_of(&data, &[])
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&run) || cmd.starts_with("/nx-init --go-fd"))
+            .collect();
+        (made, entries("run"), entries("shims"), entries("logs/deployments"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while left() != (vec![], vec![], vec![], vec![]) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(left(), (vec![], vec![], vec![], vec![]), "left of a push that recorded nothing");
 }
 
 fn send(r: &Receiver, s: &Signed, key: &str, body: Vec<u8>) -> (u16, String) {

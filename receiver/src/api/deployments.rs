@@ -14,7 +14,7 @@ use super::auth::{AppScope, Caller};
 use super::error::ApiError;
 use super::AppState;
 use crate::deploy::link::ForkPushRefused;
-use crate::deploy::DeployError;
+use crate::deploy::{DeployError, PushedBy};
 
 /// How often an open log follow checks that its key still holds.
 const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
@@ -91,12 +91,17 @@ pub async fn push(
         )));
     }
     let meta = admit(&state, &caller, &app).await?;
+    // Its sandbox is made while the binary comes in; a push that goes no
+    // further drops it, and with it the sandbox.
+    let ahead = state.deployer.ahead(&app, &meta, caller.github.as_ref()).await;
 
     let upload =
         state.store.receive(app.store_ref(), body.into_data_stream(), caller.upload_digest(), body_len, limit).await?;
     caller.still_valid(&state).await?;
-    let info =
-        state.deployer.push(&app, upload, &meta, caller.github.as_ref(), caller.is_admin(), &caller.actor()).await?;
+    let actor = caller.actor();
+    let by =
+        PushedBy { proved: caller.github.as_ref(), may_link: caller.is_admin(), actor: &actor, ahead: ahead.as_ref() };
+    let info = state.deployer.push(&app, upload, &meta, &by).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -33,10 +33,12 @@ use crate::volumes::{VolumeError, Volumes};
 use nx_cluster::AppEndpoint;
 use nx_store::{ArtifactStore, StoreError};
 
+mod ahead;
 pub mod events;
 mod lifecycle;
 pub mod link;
 mod places;
+pub use ahead::Ahead;
 mod quotas;
 mod sandbox;
 mod sleep;
@@ -264,6 +266,25 @@ pub struct Deployer {
     /// (`--wake-ready`, [`places`]); taken by its next start, discarded by
     /// a stop.
     ready: Mutex<places::Places>,
+    /// Sandboxes made ahead of pushes under way ([`ahead`]).
+    making: ahead::Making,
+    /// Ports promised to pushes under way, not given to another deployment.
+    promised: Arc<Mutex<std::collections::HashSet<u16>>>,
+}
+
+/// Who pushes, and what was made for the push at its admission.
+#[derive(Debug, Clone, Copy)]
+pub struct PushedBy<'a> {
+    /// What a GitHub OIDC token proved about the push.
+    pub proved: Option<&'a VerifiedGitHub>,
+    /// The admin's push, whose repository may link the app
+    /// ([`link::check_push`]).
+    pub may_link: bool,
+    /// Who, as the audit log names them.
+    pub actor: &'a str,
+    /// The id and port promised at its admission, with the sandbox made
+    /// meanwhile ([`ahead`]).
+    pub ahead: Option<&'a Ahead>,
 }
 
 /// Proof that the caller holds a deployment's transition lock
@@ -280,6 +301,8 @@ impl Deployer {
             transitions: Mutex::new(HashMap::new()),
             wake_failures: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
+            making: Arc::default(),
+            promised: Arc::default(),
         }
     }
 
@@ -367,6 +390,7 @@ impl Deployer {
     async fn allocate_port(&self, taken: &[i32]) -> Result<u16, DeployError> {
         let mut used: std::collections::HashSet<i32> = self.services.db.used_ports().await?.into_iter().collect();
         used.extend(taken);
+        used.extend(self.promised.lock().map_err(|_| poisoned())?.iter().map(|p| i32::from(*p)));
         let range = self.services.config.port_range.clone();
         let span = u32::from(*range.end() - *range.start()) + 1;
         let offset = rand::thread_rng().next_u32() % span;
@@ -389,10 +413,9 @@ impl Deployer {
         app: &AppRow,
         upload: nx_store::Upload,
         meta: &PushMeta,
-        proved: Option<&VerifiedGitHub>,
-        caller_may_link: bool,
-        actor: &str,
+        by: &PushedBy<'_>,
     ) -> Result<DeploymentInfo, DeployError> {
+        let actor = by.actor;
         let _timing = crate::counters::platform().push_timer();
         // Mapped, not read: a binary of up to --max-upload bytes per upload
         // in progress is not copied into the receiver's memory. The upload's
@@ -424,22 +447,19 @@ impl Deployer {
             return Err(DeployError::WillNotRun(reason));
         }
         let artifact = crate::artifacts::register(&self.services.db, &self.services.store, upload, &report).await?;
-        self.deploy(app, &artifact, meta, proved, caller_may_link, actor).await
+        self.deploy(app, &artifact, meta, by).await
     }
 
     /// Records a deployment of `artifact` to `app`, starts it, and returns once
-    /// it is healthy or has failed. `proved`: what a GitHub OIDC token proved
-    /// about the push; `caller_may_link`: the admin's push, whose repository
-    /// may link the app (see [`link::check_push`]).
-    pub async fn deploy(
+    /// it is healthy or has failed.
+    async fn deploy(
         &self,
         app: &AppRow,
         artifact: &ArtifactRow,
         meta: &PushMeta,
-        proved: Option<&VerifiedGitHub>,
-        caller_may_link: bool,
-        actor: &str,
+        by: &PushedBy<'_>,
     ) -> Result<DeploymentInfo, DeployError> {
+        let PushedBy { proved, may_link: caller_may_link, actor, ahead } = *by;
         validate_env(&meta.env)?;
         quotas::check_push_env(&meta.env)?;
         link::check_push(&self.services.db, app, meta, proved, caller_may_link, actor).await?;
@@ -451,14 +471,8 @@ impl Deployer {
                 return self.earlier_attempt(earlier, artifact, meta).await;
             }
         }
-        let env = if meta.env.is_empty() {
-            None
-        } else {
-            let json = serde_json::to_vec(&meta.env)
-                .map_err(|e| DeployError::Internal(format!("cannot encode the push's variables: {e}")))?;
-            Some(self.services.master.seal(&json))
-        };
-        let id = new_id();
+        let env = sealed_push_env(&self.services.master, meta)?;
+        let id = ahead.map_or_else(new_id, |a| a.id.clone());
         // Its name is reserved with the row, so it counts against the app's
         // cap before it exists.
         let own_db = own_database(app, meta, proved);
@@ -469,7 +483,7 @@ impl Deployer {
                     id: &id,
                     app_id: app.id,
                     artifact_sha256: &artifact.sha256,
-                    port: 0,
+                    port: ahead.map_or(0, |a| i32::from(a.port)),
                     // A push without arguments (an SFTP upload, say) gets the app's.
                     args: if meta.args.is_empty() { &app.settings.args } else { &meta.args },
                     env,
@@ -503,6 +517,9 @@ impl Deployer {
                 return self.earlier_attempt(earlier, artifact, meta).await;
             }
             return Err(e);
+        }
+        if let Some(ahead) = ahead {
+            ahead.recorded();
         }
         // Held from here: an app removal that began meanwhile holds it
         // until the row is gone, so the row read under it says whether
@@ -555,7 +572,10 @@ impl Deployer {
         event: DeploymentEvent<'_>,
     ) -> Result<(), DeployError> {
         let _guard = self.port_lock.lock().await;
-        new.port = i32::from(self.allocate_port(&[]).await?);
+        // A push's port was promised at its admission ([`ahead`]).
+        if new.port == 0 {
+            new.port = i32::from(self.allocate_port(&[]).await?);
+        }
         let caps = self.caps();
         self.services.db.insert_deployment(&new, |held| quotas::admit(&app.name, caps, held, claim), event).await
     }
@@ -911,9 +931,9 @@ impl Deployer {
     }
 
     /// Replica `index` of `row`'s sandbox: started from the sandbox made
-    /// ready for the deployment's wake if it is still the same, else adopted
-    /// when a previous receiver left it running, else started. A start
-    /// records `starting` unless that is `recorded` already.
+    /// ready for it (for its wake, or ahead of its push) if it is still the
+    /// same, else adopted when a previous receiver left it running, else
+    /// started. A start records `starting` unless that is `recorded` already.
     async fn replica(
         &self,
         row: &DeploymentRow,
@@ -923,13 +943,18 @@ impl Deployer {
         recorded: &mut bool,
     ) -> Result<Sandbox, DeployError> {
         let pm = self.services.pm.clone();
-        // Only the first replica sleeps ready; nothing else runs in its
+        // Only the first replica is made ready; nothing else runs in its
         // state directory then, so there is nothing to adopt.
-        let has_ready =
-            index == 0 && self.ready.lock().is_ok_and(|r| r.get(&row.id).is_some_and(|p| p.ready.is_some()));
-        let config = match has_ready {
-            true => config,
-            false => match Sandbox::adopt(config, pm.clone(), log.clone()).await {
+        let ready = match index {
+            0 => match self.take_ready(&row.id) {
+                Some(ready) => Some(ready),
+                None => self.made_ahead(&row.id).await,
+            },
+            _ => None,
+        };
+        let config = match ready {
+            Some(_) => config,
+            None => match Sandbox::adopt(config, pm.clone(), log.clone()).await {
                 Ok(adopted) => return Ok(adopted),
                 Err(config) => config,
             },
@@ -938,13 +963,12 @@ impl Deployer {
             self.services.db.set_state(&row.id, DeploymentState::Starting, None).await?;
             *recorded = true;
         }
-        let ready = if has_ready { self.take_ready(&row.id) } else { None };
         let config = match ready {
             None => config,
             Some(ready) => match ready.start(config, pm.clone(), log.clone()).await {
                 Ok(sandbox) => return Ok(sandbox),
                 Err((config, why)) => {
-                    log.system_line(&format!("the sandbox made ready for its wake was not used: {why}"));
+                    log.system_line(&format!("the sandbox made ready ahead was not used: {why}"));
                     config
                 }
             },
@@ -1163,6 +1187,7 @@ impl Deployer {
                 tracing::info!(deployment = %name, "stopped a sandbox whose deployment is no longer running");
             }
         }
+        self.remove_unrecorded().await?;
         let mut tasks = Vec::new();
         for row in rows {
             let me = self.clone();
@@ -1192,6 +1217,32 @@ impl Deployer {
             }
         });
         Ok(count)
+    }
+
+    /// Removes what pushes made for deployments never recorded, which a
+    /// receiver that died during their upload left (their sandboxes made
+    /// ahead died with it): run and state directories and logs of ids that
+    /// no deployment has and no push under way was promised.
+    async fn remove_unrecorded(&self) -> Result<(), DeployError> {
+        let data = &self.services.config.data_dir;
+        for entry in std::fs::read_dir(data.join("run")).into_iter().flatten().flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            // Checked first: a push under way is promised its id before it
+            // makes anything, and records it before it gives the promise up.
+            if self.making.lock().map_err(|_| poisoned())?.contains_key(&id)
+                || self.services.db.deployment(&id).await?.is_some()
+            {
+                continue;
+            }
+            let shim = self.shim_dir(&replica_key(&id, 0));
+            nx_runtime::shim::stop_dir(&shim, self.services.config.stop_grace).await;
+            for dir in [entry.path(), shim] {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let _ = std::fs::remove_file(self.log_path(&id));
+            tracing::info!(deployment = %id, "removed what a push left of a deployment never recorded");
+        }
+        Ok(())
     }
 
     /// Lets go of every sandbox without stopping it: each runs on under its
@@ -1275,6 +1326,16 @@ pub fn pool_dir(data_dir: &Path) -> PathBuf {
 }
 
 /// A fresh random deployment id.
+/// The push's own variables, sealed as they are recorded; `None` without any.
+fn sealed_push_env(master: &crate::secrets::MasterKey, meta: &PushMeta) -> Result<Option<Vec<u8>>, DeployError> {
+    if meta.env.is_empty() {
+        return Ok(None);
+    }
+    let json = serde_json::to_vec(&meta.env)
+        .map_err(|e| DeployError::Internal(format!("cannot encode the push's variables: {e}")))?;
+    Ok(Some(master.seal(&json)))
+}
+
 fn new_id() -> String {
     let mut bytes = [0u8; DeploymentId::LEN];
     rand::thread_rng().fill_bytes(&mut bytes);

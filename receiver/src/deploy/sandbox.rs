@@ -92,15 +92,19 @@ fn group_only_dir(dir: &Path, gid: u32) -> Result<(), DeployError> {
     d.set_permissions(std::fs::Permissions::from_mode(0o750)).map_err(io_err(dir))
 }
 
-/// Puts the stored binary `sha256` at `dest` (in a root-owned directory):
-/// a hard link, or a copy where the store is on another filesystem. A copy
-/// is made once per deployment, under a temporary name renamed into place,
-/// and is kept by later starts while `dest.sha256` names its digest: a
-/// restart or a wake then binds the same file (a sandbox made ready for a
-/// wake is used only if it does), and 100 MB are not copied at every start.
-fn link_or_copy(stored: &Path, sha256: &str, dest: &Path) -> Result<(), DeployError> {
-    let marker = dest.with_extension("sha256");
-    if dest.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == sha256) {
+/// Puts the stored binary `sha256` at `dest` (in a root-owned directory
+/// that holds it alone, [`SandboxSpec::binary`]): a hard link, kept while
+/// it is one to the stored file (a running replica's `/app` never misses
+/// it), or a copy where the store is on another filesystem. A copy is made
+/// once per deployment, in `scratch` and renamed into place, and kept by
+/// later starts while `scratch/binary.sha256` names its digest: a restart
+/// or a wake binds the same file, and 100 MB are not copied at every start.
+fn link_or_copy(stored: &Path, sha256: &str, dest: &Path, scratch: &Path) -> Result<(), DeployError> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let marker = scratch.join("binary.sha256");
+    let linked = identity(dest).is_some_and(|d| Some(d) == identity(stored));
+    if linked || (dest.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == sha256)) {
         return Ok(());
     }
     for stale in [dest, &marker] {
@@ -111,13 +115,24 @@ fn link_or_copy(stored: &Path, sha256: &str, dest: &Path) -> Result<(), DeployEr
     }
     match std::fs::hard_link(stored, dest) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let part = dest.with_extension("part");
+            let part = scratch.join("binary.part");
             std::fs::copy(stored, &part).map_err(io_err(&part))?;
             std::fs::rename(&part, dest).map_err(io_err(dest))?;
             std::fs::write(&marker, sha256).map_err(io_err(&marker))
         }
         other => other.map_err(io_err(dest)),
     }
+}
+
+/// What a sandbox's configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// A start now: the deployment is recorded and its binary stored.
+    Start,
+    /// A sandbox made ahead of a push's deployment, while its binary is
+    /// uploaded ([`super::ahead`]): nothing is recorded, and the binary is
+    /// placed in its directory by the start that uses it.
+    Ahead,
 }
 
 impl Deployer {
@@ -157,8 +172,19 @@ impl Deployer {
         index: u32,
         port: u16,
     ) -> Result<SandboxConfig, DeployError> {
+        self.configure(app, row, index, port, Stage::Start).await
+    }
+
+    /// [`Deployer::sandbox_config`] for `stage`.
+    pub(super) async fn configure(
+        &self,
+        app: &AppRow,
+        row: &DeploymentRow,
+        index: u32,
+        port: u16,
+        stage: Stage,
+    ) -> Result<SandboxConfig, DeployError> {
         let key = super::replica_key(&row.id, index);
-        let stored = self.services.store.materialize(&row.artifact_sha256).await?;
         let uid = app.uid as u32;
         let data_root = &self.services.config.data_dir;
         let app_dir = data_root.join("apps").join(&app.name);
@@ -189,7 +215,7 @@ impl Deployer {
         enforced.report.push(self.services.network.clone());
         enforced.report.extend(self.services.landlock.report());
         // A restart or a wake finds them as recorded: no commit for that.
-        if row.limits.0 != enforced.report {
+        if row.limits.0 != enforced.report && stage == Stage::Start {
             self.services.db.set_limits(&row.id, &enforced.report).await?;
         }
 
@@ -198,8 +224,24 @@ impl Deployer {
         // secret), so the binary is reached through a link in here.
         let run = data_root.join("run").join(&row.id);
         group_only_dir(&run, uid)?;
-        let binary = run.join("binary");
-        link_or_copy(&stored, &row.artifact_sha256, &binary)?;
+        let binary_name = row
+            .filename
+            .as_deref()
+            .map(|f| f.rsplit('/').next().unwrap_or(f))
+            .filter(|f| {
+                !f.is_empty()
+                    && !f.starts_with('.')
+                    && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+            .unwrap_or("app")
+            .to_owned();
+        let app_bin = run.join("app");
+        group_only_dir(&app_bin, uid)?;
+        let binary = app_bin.join(&binary_name);
+        if stage == Stage::Start {
+            let stored = self.services.store.materialize(&row.artifact_sha256).await?;
+            link_or_copy(&stored, &row.artifact_sha256, &binary, &run)?;
+        }
         let data_dir = if fork {
             let empty = run.join("data");
             std::fs::create_dir_all(&empty).map_err(io_err(&empty))?;
@@ -293,17 +335,6 @@ impl Deployer {
             ("NX_DEPLOYMENT", row.id.as_str()),
         ];
         let args = row.args.0.iter().map(|a| expand_arg(a, &vars)).collect();
-        let binary_name = row
-            .filename
-            .as_deref()
-            .map(|f| f.rsplit('/').next().unwrap_or(f))
-            .filter(|f| {
-                !f.is_empty()
-                    && !f.starts_with('.')
-                    && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            })
-            .unwrap_or("app")
-            .to_owned();
         let spec = SandboxSpec {
             hostname: app.name.clone(),
             binary,
@@ -392,25 +423,25 @@ mod tests {
         );
         let stored = store.path().join("abc");
         std::fs::write(&stored, b"the first binary").expect("write");
-        let dest = run.path().join("binary");
+        let dest = run.path().join("server");
         let inode = |p: &Path| std::fs::metadata(p).expect("metadata").ino();
 
-        link_or_copy(&stored, "abc", &dest).expect("copied");
+        link_or_copy(&stored, "abc", &dest, run.path()).expect("copied");
         let first = inode(&dest);
-        link_or_copy(&stored, "abc", &dest).expect("kept");
+        link_or_copy(&stored, "abc", &dest, run.path()).expect("kept");
         assert_eq!(inode(&dest), first, "a second start copied the same binary again");
         assert_eq!(std::fs::read(&dest).expect("read"), b"the first binary");
 
         let other = store.path().join("def");
         std::fs::write(&other, b"another binary").expect("write");
-        link_or_copy(&other, "def", &dest).expect("copied");
+        link_or_copy(&other, "def", &dest, run.path()).expect("copied");
         assert_eq!(std::fs::read(&dest).expect("read"), b"another binary");
         assert!(!run.path().join("binary.part").exists(), "the partial copy was left behind");
 
         // A copy whose marker is gone (a crash between the two) is made again.
         std::fs::write(&dest, b"half a copy").expect("write");
         std::fs::remove_file(run.path().join("binary.sha256")).expect("remove");
-        link_or_copy(&other, "def", &dest).expect("copied");
+        link_or_copy(&other, "def", &dest, run.path()).expect("copied");
         assert_eq!(std::fs::read(&dest).expect("read"), b"another binary");
     }
 

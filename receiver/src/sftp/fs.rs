@@ -27,7 +27,7 @@ use russh_sftp::protocol::{
 use russh_sftp::server::StatusReply;
 
 use crate::db::{AppRow, Db};
-use crate::deploy::Deployer;
+use crate::deploy::{Deployer, PushedBy};
 use nx_store::shares::{Share, Shares};
 use nx_store::{ArtifactStore, PartialUpload, StoreError};
 
@@ -247,7 +247,11 @@ impl Session {
         let upload = upload.finish().await.map_err(store_failure)?;
         let size = upload.size;
         let meta = PushMeta { filename: Some(name.to_owned()), source: Source::Sftp, ..PushMeta::default() };
-        let result = self.shared.deployer.push(app, upload, &meta, None, false, &self.actor).await;
+        let result = self
+            .shared
+            .deployer
+            .push(app, upload, &meta, &PushedBy { proved: None, may_link: false, actor: &self.actor, ahead: None })
+            .await;
         let (outcome, info) = match result {
             Ok(info) => (describe(name, &app.name, &info), Some(info)),
             Err(e) => (format!("{name} was not deployed: {e}\n"), None),
