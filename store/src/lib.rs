@@ -405,8 +405,11 @@ impl ArtifactStore {
 
     /// A place among the uploads in progress for an upload to `app`, or
     /// [`StoreError::AppBusy`] when the app holds its whole share, or
-    /// [`StoreError::Busy`] when the receiver has none left.
-    fn upload_slot(&self, app: AppRef<'_>) -> Result<Slot, StoreError> {
+    /// [`StoreError::Busy`] when the receiver has none left. Taken by
+    /// [`ArtifactStore::receive`], or ahead of it for
+    /// [`ArtifactStore::receive_in`] by a caller that does more for an
+    /// upload than receive it.
+    pub fn upload_slot(&self, app: AppRef<'_>) -> Result<Slot, StoreError> {
         let share = self
             .shares
             .take(app.id)
@@ -462,6 +465,22 @@ impl ArtifactStore {
         E: std::fmt::Display,
     {
         let slot = self.upload_slot(app)?;
+        self.receive_in(slot, body, expected, expected_len, limit).await
+    }
+
+    /// [`ArtifactStore::receive`] in the place `slot` taken for it.
+    pub async fn receive_in<S, E>(
+        &self,
+        slot: Slot,
+        body: S,
+        expected: Expected<'_>,
+        expected_len: u64,
+        limit: u64,
+    ) -> Result<Upload, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
         let timeout = self.upload_timeout;
         let received = self.receive_into(body, expected, expected_len, limit, Some(slot));
         // On timeout the future is dropped, and with it the Upload that removes the file.

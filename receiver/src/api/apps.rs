@@ -128,11 +128,14 @@ pub async fn settings(
     let answer =
         changed(&state, &row, &caller, "settings", serde_json::to_value(&settings).map_err(ApiError::internal)?).await;
     // Sleeping deployments' sandboxes made ready for their wakes follow the
-    // new limits and health check now, not at the wake that would find them
-    // changed.
-    let deployer = state.deployer.clone();
-    let app_id = row.id;
-    tokio::spawn(async move { deployer.remake_ready(app_id).await });
+    // new limits and arguments now, not at the wake that would find them
+    // changed (settings saved unchanged, as each push's nx.toml does, make
+    // nothing again).
+    if settings != row.settings.0 {
+        let deployer = state.deployer.clone();
+        let app_id = row.id;
+        tokio::spawn(async move { deployer.remake_ready(app_id).await });
+    }
     if (settings.replicas(), settings.preview_replicas()) != (row.settings.replicas(), row.settings.preview_replicas())
     {
         // Production and the running previews run as many replicas as asked

@@ -91,12 +91,13 @@ pub async fn push(
         )));
     }
     let meta = admit(&state, &caller, &app).await?;
-    // Its sandbox is made while the binary comes in; a push that goes no
-    // further drops it, and with it the sandbox.
+    // Its place among the uploads first: a push that has none costs nothing
+    // more. Then its sandbox is made while the binary comes in; a push that
+    // goes no further drops it, and with it the sandbox.
+    let slot = state.store.upload_slot(app.store_ref())?;
     let ahead = state.deployer.ahead(&app, &meta, caller.github.as_ref()).await;
-
-    let upload =
-        state.store.receive(app.store_ref(), body.into_data_stream(), caller.upload_digest(), body_len, limit).await?;
+    let stream = body.into_data_stream();
+    let upload = state.store.receive_in(slot, stream, caller.upload_digest(), body_len, limit).await?;
     caller.still_valid(&state).await?;
     let actor = caller.actor();
     let by =

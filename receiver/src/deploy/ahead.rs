@@ -11,39 +11,46 @@
 //! Nothing of the app runs before its deployment is recorded and its
 //! binary verified: until go only nx-init waits, as the app's user. A push
 //! refused, abandoned or answered by an earlier attempt drops its
-//! [`Ahead`], which discards the sandbox and, for a deployment never
-//! recorded, removes what it made (its run and state directories, its
-//! log). `--push-ready` bounds how many pushes have one at once; a preview
-//! with a database of its own gets none (its variables are known only once
-//! the database is made).
+//! [`Ahead`], which discards the sandbox (under the deployment's hold once
+//! its row exists: a start of it may be under way) and, for a deployment
+//! never recorded, removes what it made (its run and state directories,
+//! its log). `--push-ready` bounds how many sandboxes are made ahead or
+//! wait at once, each holding its place until it is started or discarded
+//! to its end; the push takes its upload place first, so one with no room
+//! costs nothing. A preview with a database of its own gets none (its
+//! variables are known only once the database is made).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nx_protocol::api::{PushMeta, VerifiedGitHub};
 use nx_runtime::ready::Ready;
 use sqlx::types::Json;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
 use super::sandbox::Stage;
 use super::{own_database, replica_key, Deployer};
 use crate::db::{AppRow, DeploymentRow};
 
+/// A sandbox made ahead, with its place among `--push-ready`'s, held until
+/// it is started or discarded.
+pub(super) type Made = (Option<Ready>, OwnedSemaphorePermit);
+
 /// Sandboxes being made, or made, for pushes under way, by the id their
 /// deployment will have.
-pub(super) type Making = Arc<Mutex<HashMap<String, JoinHandle<Option<Ready>>>>>;
+pub(super) type Making = Mutex<HashMap<String, JoinHandle<Made>>>;
 
 /// A push's promise of a deployment id and a port, with its sandbox made
-/// ahead. Dropped, it gives the port back and discards the sandbox unless a
-/// start took it.
+/// ahead. Dropped, it discards the sandbox unless a start took it, then
+/// gives the port back.
 pub struct Ahead {
     pub(super) id: String,
     pub(super) port: u16,
     /// Set once the deployment is recorded: what was made for it is its own.
     recorded: AtomicBool,
-    making: Making,
-    promised: Arc<Mutex<HashSet<u16>>>,
+    deployer: Arc<Deployer>,
     /// Made for a deployment never recorded, removed with the sandbox.
     leftovers: Vec<std::path::PathBuf>,
 }
@@ -63,27 +70,34 @@ impl Ahead {
 
 impl Drop for Ahead {
     fn drop(&mut self) {
-        if let Ok(mut p) = self.promised.lock() {
-            p.remove(&self.port);
-        }
-        let handle = self.making.lock().ok().and_then(|mut m| m.remove(&self.id));
-        let leftovers = match self.recorded.load(Ordering::SeqCst) {
-            true => Vec::new(),
-            false => std::mem::take(&mut self.leftovers),
-        };
+        let (id, port, deployer) = (self.id.clone(), self.port, self.deployer.clone());
+        let recorded = self.recorded.load(Ordering::SeqCst);
+        let leftovers = std::mem::take(&mut self.leftovers);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
-            if let Some(Ok(Some(ready))) = match handle {
-                Some(h) => Some(h.await),
-                None => None,
-            } {
+            // A row committed as the push was cut (its answer lost) is
+            // recorded all the same; one that cannot be read is kept.
+            let recorded = recorded || deployer.services.db.deployment(&id).await.map_or(true, |r| r.is_some());
+            // Once its row exists a start of it may be under way: the
+            // discard waits for the hold every start and stop takes.
+            let held = match recorded {
+                true => Some(deployer.hold(&id).await),
+                false => None,
+            };
+            if let Some((Some(ready), _place)) = deployer.made_ahead(&id).await {
                 ready.discard().await;
             }
-            for path in leftovers {
-                let _ = match path.is_dir() {
-                    true => tokio::fs::remove_dir_all(&path).await,
-                    false => tokio::fs::remove_file(&path).await,
-                };
+            drop(held);
+            if !recorded {
+                for path in leftovers {
+                    let _ = match path.is_dir() {
+                        true => tokio::fs::remove_dir_all(&path).await,
+                        false => tokio::fs::remove_file(&path).await,
+                    };
+                }
+            }
+            if let Ok(mut p) = deployer.promised.lock() {
+                p.remove(&port);
             }
         });
     }
@@ -100,10 +114,10 @@ impl Deployer {
         meta: &PushMeta,
         proved: Option<&VerifiedGitHub>,
     ) -> Option<Ahead> {
-        let bound = self.services.config.push_ready;
-        if own_database(app, meta, proved).is_some() || self.making.lock().ok()?.len() >= bound {
+        if own_database(app, meta, proved).is_some() {
             return None;
         }
+        let place = self.ahead_places.clone().try_acquire_owned().ok()?;
         // Most pushes of an app link as its last one did; a guess that is
         // wrong only means the sandbox made is not used.
         let linkage = match self.services.db.deployments_of_app(app.id, 1).await {
@@ -122,8 +136,7 @@ impl Deployer {
             id: id.clone(),
             port,
             recorded: AtomicBool::new(false),
-            making: self.making.clone(),
-            promised: self.promised.clone(),
+            deployer: self.clone(),
             leftovers: vec![data.join("run").join(&id), self.shim_dir(&replica_key(&id, 0)), self.log_path(&id)],
         };
         let row = self.prospective_row(app, meta, proved, &id, port, linkage);
@@ -138,24 +151,15 @@ impl Deployer {
                     .map_err(|e| super::DeployError::Internal(e.to_string()))
             };
             match made.await {
-                Ok(ready) => Some(ready),
+                Ok(ready) => (Some(ready), place),
                 Err(e) => {
                     tracing::warn!(deployment = %row.id, error = %e, "cannot make a sandbox ahead of a push; it starts the usual way");
-                    None
+                    (None, place)
                 }
             }
         };
-        // Counted and added under one lock: pushes admitted together do not
-        // pass the bound. One that finds no room gives its port back.
-        let room = {
-            let mut all = self.making.lock().ok()?;
-            let room = all.len() < bound;
-            if room {
-                all.insert(id, tokio::spawn(making));
-            }
-            room
-        };
-        room.then_some(ahead)
+        self.making.lock().ok()?.insert(id, tokio::spawn(making));
+        Some(ahead)
     }
 
     /// The deployment a push admitted now will be recorded as, as far as
@@ -199,10 +203,11 @@ impl Deployer {
         }
     }
 
-    /// The sandbox made ahead for deployment `id`'s push, once made: the
-    /// start that takes it waits for the making to end.
-    pub(super) async fn made_ahead(&self, id: &str) -> Option<Ready> {
+    /// The sandbox made ahead for deployment `id`'s push, once made, with
+    /// its place, to be held until it is started or discarded: the start
+    /// that takes it waits for the making to end.
+    pub(super) async fn made_ahead(&self, id: &str) -> Option<Made> {
         let handle = self.making.lock().ok()?.remove(id)?;
-        handle.await.ok().flatten()
+        handle.await.ok()
     }
 }

@@ -268,8 +268,11 @@ pub struct Deployer {
     ready: Mutex<places::Places>,
     /// Sandboxes made ahead of pushes under way ([`ahead`]).
     making: ahead::Making,
+    /// `--push-ready` places, each held by a sandbox made ahead until it is
+    /// started or discarded.
+    ahead_places: Arc<tokio::sync::Semaphore>,
     /// Ports promised to pushes under way, not given to another deployment.
-    promised: Arc<Mutex<std::collections::HashSet<u16>>>,
+    promised: Mutex<std::collections::HashSet<u16>>,
 }
 
 /// Who pushes, and what was made for the push at its admission.
@@ -293,6 +296,7 @@ pub(super) type Held = tokio::sync::OwnedMutexGuard<()>;
 
 impl Deployer {
     pub fn new(services: Services) -> Deployer {
+        let push_ready = services.config.push_ready;
         Deployer {
             services,
             running: Mutex::new(HashMap::new()),
@@ -301,8 +305,9 @@ impl Deployer {
             transitions: Mutex::new(HashMap::new()),
             wake_failures: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
-            making: Arc::default(),
-            promised: Arc::default(),
+            making: Mutex::default(),
+            ahead_places: Arc::new(tokio::sync::Semaphore::new(push_ready)),
+            promised: Mutex::default(),
         }
     }
 
@@ -850,6 +855,9 @@ impl Deployer {
                     if let Some(ready) = self.take_ready(&row.id) {
                         ready.discard().await;
                     }
+                    if let Some((Some(ready), _place)) = self.made_ahead(&row.id).await {
+                        ready.discard().await;
+                    }
                     for index in 0..count {
                         let dir = self.shim_dir(&replica_key(&row.id, index));
                         nx_runtime::shim::stop_dir(&dir, self.services.config.stop_grace).await;
@@ -945,12 +953,13 @@ impl Deployer {
         let pm = self.services.pm.clone();
         // Only the first replica is made ready; nothing else runs in its
         // state directory then, so there is nothing to adopt.
-        let ready = match index {
+        // A push's keeps its place until it is started or discarded below.
+        let (ready, _place) = match index {
             0 => match self.take_ready(&row.id) {
-                Some(ready) => Some(ready),
-                None => self.made_ahead(&row.id).await,
+                Some(ready) => (Some(ready), None),
+                None => self.made_ahead(&row.id).await.map_or((None, None), |(ready, place)| (ready, Some(place))),
             },
-            _ => None,
+            _ => (None, None),
         };
         let config = match ready {
             Some(_) => config,
@@ -1187,7 +1196,9 @@ impl Deployer {
                 tracing::info!(deployment = %name, "stopped a sandbox whose deployment is no longer running");
             }
         }
-        self.remove_unrecorded().await?;
+        if let Err(e) = self.remove_unrecorded().await {
+            tracing::warn!(error = %e, "cannot look for what pushes left of deployments never recorded");
+        }
         let mut tasks = Vec::new();
         for row in rows {
             let me = self.clone();
@@ -1229,10 +1240,18 @@ impl Deployer {
             let id = entry.file_name().to_string_lossy().into_owned();
             // Checked first: a push under way is promised its id before it
             // makes anything, and records it before it gives the promise up.
-            if self.making.lock().map_err(|_| poisoned())?.contains_key(&id)
-                || self.services.db.deployment(&id).await?.is_some()
-            {
+            if self.making.lock().map_err(|_| poisoned())?.contains_key(&id) {
                 continue;
+            }
+            match self.services.db.deployment(&id).await {
+                Ok(None) => {}
+                Ok(Some(_)) => continue,
+                // Kept: nothing is removed on a guess, and the deployments
+                // are taken back all the same.
+                Err(e) => {
+                    tracing::warn!(deployment = %id, error = %e, "cannot tell whether a run directory's deployment is recorded; kept");
+                    continue;
+                }
             }
             let shim = self.shim_dir(&replica_key(&id, 0));
             nx_runtime::shim::stop_dir(&shim, self.services.config.stop_grace).await;
@@ -1325,7 +1344,6 @@ pub fn pool_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("pool")
 }
 
-/// A fresh random deployment id.
 /// The push's own variables, sealed as they are recorded; `None` without any.
 fn sealed_push_env(master: &crate::secrets::MasterKey, meta: &PushMeta) -> Result<Option<Vec<u8>>, DeployError> {
     if meta.env.is_empty() {
@@ -1336,6 +1354,7 @@ fn sealed_push_env(master: &crate::secrets::MasterKey, meta: &PushMeta) -> Resul
     Ok(Some(master.seal(&json)))
 }
 
+/// A fresh random deployment id.
 fn new_id() -> String {
     let mut bytes = [0u8; DeploymentId::LEN];
     rand::thread_rng().fill_bytes(&mut bytes);

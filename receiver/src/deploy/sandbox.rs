@@ -94,11 +94,12 @@ fn group_only_dir(dir: &Path, gid: u32) -> Result<(), DeployError> {
 
 /// Puts the stored binary `sha256` at `dest` (in a root-owned directory
 /// that holds it alone, [`SandboxSpec::binary`]): a hard link, kept while
-/// it is one to the stored file (a running replica's `/app` never misses
-/// it), or a copy where the store is on another filesystem. A copy is made
-/// once per deployment, in `scratch` and renamed into place, and kept by
-/// later starts while `scratch/binary.sha256` names its digest: a restart
-/// or a wake binds the same file, and 100 MB are not copied at every start.
+/// it is one to the stored file, or a copy where the store is on another
+/// filesystem. Either is made in `scratch` and renamed over `dest`, so a
+/// running replica's `/app` never misses its binary. A copy is made once
+/// per deployment and kept by later starts while `scratch/binary.sha256`
+/// names its digest: a restart or a wake binds the same file, and 100 MB
+/// are not copied at every start.
 fn link_or_copy(stored: &Path, sha256: &str, dest: &Path, scratch: &Path) -> Result<(), DeployError> {
     use std::os::unix::fs::MetadataExt;
     let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
@@ -107,21 +108,25 @@ fn link_or_copy(stored: &Path, sha256: &str, dest: &Path, scratch: &Path) -> Res
     if linked || (dest.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == sha256)) {
         return Ok(());
     }
-    for stale in [dest, &marker] {
+    let part = scratch.join("binary.part");
+    for stale in [&marker, &part] {
         match std::fs::remove_file(stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(stale)(e)),
             _ => {}
         }
     }
-    match std::fs::hard_link(stored, dest) {
+    let copied = match std::fs::hard_link(stored, &part) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let part = scratch.join("binary.part");
             std::fs::copy(stored, &part).map_err(io_err(&part))?;
-            std::fs::rename(&part, dest).map_err(io_err(dest))?;
-            std::fs::write(&marker, sha256).map_err(io_err(&marker))
+            true
         }
-        other => other.map_err(io_err(dest)),
+        other => other.map(|()| false).map_err(io_err(&part))?,
+    };
+    std::fs::rename(&part, dest).map_err(io_err(dest))?;
+    if copied {
+        std::fs::write(&marker, sha256).map_err(io_err(&marker))?;
     }
+    Ok(())
 }
 
 /// What a sandbox's configuration is for.
