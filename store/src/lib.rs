@@ -406,9 +406,8 @@ impl ArtifactStore {
     /// A place among the uploads in progress for an upload to `app`, or
     /// [`StoreError::AppBusy`] when the app holds its whole share, or
     /// [`StoreError::Busy`] when the receiver has none left. Taken by
-    /// [`ArtifactStore::receive`], or ahead of it for
-    /// [`ArtifactStore::receive_in`] by a caller that does more for an
-    /// upload than receive it.
+    /// [`ArtifactStore::receive`], or ahead of it by a caller that does more
+    /// for an upload than receive it.
     pub fn upload_slot(&self, app: AppRef<'_>) -> Result<Slot, StoreError> {
         let share = self
             .shares
@@ -449,12 +448,14 @@ impl ArtifactStore {
     /// Streams `body` (an upload to `app`, `expected_len` bytes with its
     /// footer if it has one) into a temporary file while hashing it,
     /// enforcing `limit` on the upload's bytes as they arrive and the upload
-    /// timeout, then checks length and digest against what was signed;
-    /// refused with [`StoreError::AppBusy`] or [`StoreError::Busy`] when too
-    /// many uploads are in progress.
+    /// timeout, then checks length and digest against what was signed. It
+    /// takes its place among the uploads in progress now, refused with
+    /// [`StoreError::AppBusy`] or [`StoreError::Busy`] when there is none,
+    /// unless the caller took `slot` ahead ([`ArtifactStore::upload_slot`]).
     pub async fn receive<S, E>(
         &self,
         app: AppRef<'_>,
+        slot: Option<Slot>,
         body: S,
         expected: Expected<'_>,
         expected_len: u64,
@@ -464,23 +465,10 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let slot = self.upload_slot(app)?;
-        self.receive_in(slot, body, expected, expected_len, limit).await
-    }
-
-    /// [`ArtifactStore::receive`] in the place `slot` taken for it.
-    pub async fn receive_in<S, E>(
-        &self,
-        slot: Slot,
-        body: S,
-        expected: Expected<'_>,
-        expected_len: u64,
-        limit: u64,
-    ) -> Result<Upload, StoreError>
-    where
-        S: Stream<Item = Result<Bytes, E>>,
-        E: std::fmt::Display,
-    {
+        let slot = match slot {
+            Some(slot) => slot,
+            None => self.upload_slot(app)?,
+        };
         let timeout = self.upload_timeout;
         let received = self.receive_into(body, expected, expected_len, limit, Some(slot));
         // On timeout the future is dropped, and with it the Upload that removes the file.
@@ -834,7 +822,7 @@ mod tests {
         let d = data_dir("ok");
         let store = ArtifactStore::open(None, &d).unwrap();
         let up = store
-            .receive(app(1, "web"), body(&[b"hello ", b"world"]), Expected::Digest(&sha(b"hello world")), 11, 100)
+            .receive(app(1, "web"), None, body(&[b"hello ", b"world"]), Expected::Digest(&sha(b"hello world")), 11, 100)
             .await
             .unwrap();
         assert_eq!(up.size, 11);
@@ -859,7 +847,7 @@ mod tests {
             bytes.chunks(377_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         let len = bytes.len() as u64;
         let up = store
-            .receive(app(1, "web"), futures_util::stream::iter(pieces), Expected::Digest(&sha(&bytes)), len, len)
+            .receive(app(1, "web"), None, futures_util::stream::iter(pieces), Expected::Digest(&sha(&bytes)), len, len)
             .await
             .unwrap();
         let path = store.publish(up).await.unwrap();
@@ -872,15 +860,18 @@ mod tests {
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(2, 2, DEFAULT_UPLOAD_TIMEOUT);
         let web = app(1, "web");
         let sftp = store.partial_upload(web, 100).unwrap();
-        let http =
-            store.receive(app(2, "api"), body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap();
+        let http = store
+            .receive(app(2, "api"), None, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100)
+            .await
+            .unwrap();
         let err = store.partial_upload(web, 100).unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(
             err.to_string(),
             "2 uploads are in progress on this receiver, the most it takes at once; push again in a moment (or raise --max-concurrent-uploads on the receiver)"
         );
-        let err = store.receive(web, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
+        let err =
+            store.receive(web, None, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::Busy { max: 2 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 2, "a refused upload writes nothing");
         // A finished SFTP upload keeps its place until published.
@@ -889,7 +880,7 @@ mod tests {
         store.publish(finished).await.unwrap();
         drop(store.partial_upload(web, 100).unwrap());
         drop(http);
-        assert!(store.receive(web, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
+        assert!(store.receive(web, None, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -898,18 +889,19 @@ mod tests {
         let store = ArtifactStore::open(None, &d).unwrap().with_upload_limits(4, 1, DEFAULT_UPLOAD_TIMEOUT);
         let (web, api) = (app(1, "web"), app(2, "api"));
         let held = store.partial_upload(web, 100).unwrap();
-        let err = store.receive(web, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
+        let err =
+            store.receive(web, None, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "1 uploads to web are in progress, the most one app may have at once; push again once one has finished (or raise --max-uploads-per-app on the receiver)"
         );
         assert!(matches!(store.partial_upload(web, 100), Err(StoreError::AppBusy { share: 1, .. })));
         assert!(
-            store.receive(api, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.is_ok(),
+            store.receive(api, None, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 5, 100).await.is_ok(),
             "api is not held back"
         );
         drop(held);
-        assert!(store.receive(web, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
+        assert!(store.receive(web, None, body(&[b"x"]), Expected::Digest(&sha(b"x")), 1, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -923,7 +915,7 @@ mod tests {
             let read = read.clone();
             move |_| _ = read.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         });
-        let err = store.receive(web, counted, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
+        let err = store.receive(web, None, counted, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::AppBusy { share: 1, .. }), "{err}");
         // The rest of the body is the connection's to read on (the receiver's
         // `listeners`), not the store's.
@@ -940,7 +932,7 @@ mod tests {
         // A body that sends two bytes, then nothing.
         let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"he"))])
             .chain(futures_util::stream::pending());
-        let err = store.receive(web, stalled, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
+        let err = store.receive(web, None, stalled, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(matches!(err, StoreError::TimedOut { after } if after == timeout), "{err}");
         assert_eq!(
             err.to_string(),
@@ -987,7 +979,7 @@ mod tests {
                 at = cut.max(at);
             }
             let body = futures_util::stream::iter(pieces);
-            let up = store.receive(app(1, "web"), body, Expected::Footer(&key), len, 11).await.unwrap();
+            let up = store.receive(app(1, "web"), None, body, Expected::Footer(&key), len, 11).await.unwrap();
             assert_eq!((up.size, up.sha256.as_str()), (11, sha(binary).as_str()));
             assert_eq!(std::fs::read(up.path()).unwrap(), binary, "the footer is not part of the upload");
         }
@@ -997,7 +989,7 @@ mod tests {
             let key = key.clone();
             async move {
                 let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]);
-                store.receive(app(1, "web"), body, Expected::Footer(&key), len, 100).await.unwrap_err()
+                store.receive(app(1, "web"), None, body, Expected::Footer(&key), len, 100).await.unwrap_err()
             }
         };
         // Another request's key, a changed binary under the right footer, a
@@ -1019,7 +1011,7 @@ mod tests {
         assert!(matches!(err, StoreError::LengthMismatch { .. }), "{err}");
         // The limit is on the binary, not on its footer.
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(whole.clone()))]);
-        let err = store.receive(app(1, "web"), body, Expected::Footer(&key), len, 10).await.unwrap_err();
+        let err = store.receive(app(1, "web"), None, body, Expected::Footer(&key), len, 10).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 10 }), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
     }
@@ -1029,17 +1021,17 @@ mod tests {
         let d = data_dir("bad");
         let store = ArtifactStore::open(None, &d).unwrap();
         let err = store
-            .receive(app(1, "web"), body(&[b"hello"]), Expected::Digest(&sha(b"other")), 5, 100)
+            .receive(app(1, "web"), None, body(&[b"hello"]), Expected::Digest(&sha(b"other")), 5, 100)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         let err = store
-            .receive(app(1, "web"), body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 6, 100)
+            .receive(app(1, "web"), None, body(&[b"hello"]), Expected::Digest(&sha(b"hello")), 6, 100)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::LengthMismatch { expected: 6, got: 5 }), "{err}");
         let err = store
-            .receive(app(1, "web"), body(&[b"hello", b"hello"]), Expected::Digest(&sha(b"hellohello")), 10, 7)
+            .receive(app(1, "web"), None, body(&[b"hello", b"hello"]), Expected::Digest(&sha(b"hellohello")), 10, 7)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 7 }), "{err}");
@@ -1047,7 +1039,8 @@ mod tests {
             Ok(Bytes::from_static(b"he")),
             Err(std::io::Error::other("connection reset")),
         ]);
-        let err = store.receive(app(1, "web"), broken, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
+        let err =
+            store.receive(app(1, "web"), None, broken, Expected::Digest(&sha(b"hello")), 5, 100).await.unwrap_err();
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(files_in(&d.join("tmp")), 0);
         assert_eq!(files_in(&d.join("store/artifacts")), 0);

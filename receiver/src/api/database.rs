@@ -93,8 +93,10 @@ pub async fn restore(
             "the dump is {length} bytes, over the limit of {limit}; raise --max-upload"
         )));
     }
-    let upload =
-        state.store.receive(app.store_ref(), body.into_data_stream(), caller.upload_digest(), body_len, limit).await?;
+    let upload = state
+        .store
+        .receive(app.store_ref(), None, body.into_data_stream(), caller.upload_digest(), body_len, limit)
+        .await?;
     caller.still_valid(&state).await?;
     state.databases.restore(&app, upload.path()).await?;
     state.db.event(Some(&app.name), None, "db.restore", &caller.actor(), serde_json::json!({ "size": length })).await?;

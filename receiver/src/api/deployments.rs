@@ -97,7 +97,8 @@ pub async fn push(
     let slot = state.store.upload_slot(app.store_ref())?;
     let ahead = state.deployer.ahead(&app, &meta, caller.github.as_ref()).await;
     let stream = body.into_data_stream();
-    let upload = state.store.receive_in(slot, stream, caller.upload_digest(), body_len, limit).await?;
+    let upload =
+        state.store.receive(app.store_ref(), Some(slot), stream, caller.upload_digest(), body_len, limit).await?;
     caller.still_valid(&state).await?;
     let actor = caller.actor();
     let by =
