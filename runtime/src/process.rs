@@ -388,6 +388,7 @@ fn spawn_now(mut command: Command, children: &Mutex<ChildTable>) -> Result<Spawn
         landlock: command.landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         exec_in_place: false,
         listen_notice: None,
+        nice: None,
     };
     if matches!(command.stderr, Stream::ToStdout) {
         // dup2(1, 2) once stdout is in place.

@@ -151,6 +151,9 @@ pub fn last_exit(dir: &Path) -> Option<Exit> {
     Exit::decode(&std::fs::read_to_string(dir.join(EXIT)).ok()?)
 }
 
+/// The nice value a held sandbox ([`ShimSpec::hold`]) runs at until `go`.
+pub const HELD_NICE: i32 = 10;
+
 /// Forgets the exit record in state directory `dir`: a sandbox made ready
 /// and discarded ran nothing of the app, and a later start must not read
 /// its end as the app's.
@@ -513,6 +516,9 @@ pub(crate) fn sandbox_command(
     };
     let setup = ChildSetup {
         cgroup_procs,
+        // Held, its setup runs beside the work that asked for it (a push's
+        // upload, a sleep) and yields the CPU to it; `go` gives it back.
+        nice: block.map(|_| HELD_NICE),
         rlimits: spec.rlimits.clone(),
         new_session: true,
         // stderr joins stdout, in order; the rest keep their numbers.
@@ -728,6 +734,16 @@ impl<'a> Running<'a> {
         let Some(block) = self.block.take() else { return };
         if let Err(e) = sys::clear_parent_death_signal() {
             self.log.system_line(&format!("the shim stays tied to its launcher: {e}"));
+        }
+        // Back to an app's priority before the app starts: each process
+        // before its children are read, so one started meanwhile inherits
+        // the new value or is among them.
+        let mut todo = vec![self.pid];
+        while let Some(pid) = todo.pop() {
+            if let Err(e) = sys::set_nice(pid, 0) {
+                self.log.system_line(&format!("cannot give the held sandbox its priority back: {e}"));
+            }
+            todo.extend(crate::supervisor::children_of(Path::new("/proc"), pid));
         }
         if let Err(e) = nix::unistd::write(&block, b"g") {
             // nx-init ends the sandbox at the pipe's end: the start fails.

@@ -157,6 +157,13 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The nice value of process `pid` (the 19th field of its `stat`).
+fn nice_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[16].parse().unwrap()
+}
+
 /// A held sandbox waits, set up, until its shim is told `go`; told to stop
 /// before, it ends without its program ever running (and the log says
 /// nothing of a stop the app never saw); and a shim that dies while it
@@ -174,8 +181,11 @@ async fn a_held_sandbox_runs_its_program_only_once_told_to_go() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!ran.exists(), "the program ran before go");
     assert!(!shim.exited(), "a held sandbox waits");
+    // Held, it yields the CPU; the program it starts runs as any app.
+    assert_eq!(nice_of(shim.pid()), nx_runtime::shim::HELD_NICE);
     shim.go().await.unwrap();
     until("the program to run after go", || ran.exists()).await;
+    assert_eq!(nice_of(shim.pid()), 0, "the program runs at the held sandbox's priority");
     // Once it went, it is a sandbox like any: its shim outlives the
     // connection. (Without bwrap in between, the shim's SIGTERM misses
     // the app here, hence the short grace.)

@@ -105,6 +105,16 @@ pub fn signal_process(pid: i32, signal: Signal) -> io::Result<()> {
     ignore_gone(kill(Pid::from_raw(pid), signal))
 }
 
+/// Sets the nice value of process `pid` (a process that is gone is no error).
+pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes integers only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS as _, pid as libc::id_t, nice) };
+    match r {
+        0 => Ok(()),
+        _ => ignore_gone(Err(nix::errno::Errno::last())),
+    }
+}
+
 /// Sends `signal` to a process group.
 pub fn signal_group(pgid: i32, signal: Signal) -> io::Result<()> {
     ignore_gone(killpg(Pid::from_raw(pgid), signal))

@@ -83,6 +83,8 @@ impl RlimitResource {
 pub struct ChildSetup {
     /// `cgroup.procs` (v1 and v2) files to write the child's pid into.
     pub cgroup_procs: Vec<CString>,
+    /// The child's nice value, set before it changes users.
+    pub nice: Option<i32>,
     pub rlimits: Vec<Rlimit>,
     pub new_session: bool,
     /// `(from, to)`: descriptors duplicated onto fixed numbers without close-on-exec.
@@ -133,6 +135,10 @@ impl Prepared {
         let setup = &self.setup;
         for path in &setup.cgroup_procs {
             write_pid_file(path)?;
+        }
+        if let Some(nice) = setup.nice {
+            // SAFETY: setpriority takes integers only.
+            check(unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, nice) })?;
         }
         for limit in &setup.rlimits {
             let value = libc::rlimit { rlim_cur: limit.soft, rlim_max: limit.hard };
