@@ -28,6 +28,11 @@ pub fn reserve(sys: &Path, wanted: &[RangeInclusive<u16>]) -> io::Result<Vec<Ran
         return Err(io::Error::other(format!("ip_local_port_range reads {auto:?}")));
     };
     let path = sys.join("ip_local_reserved_ports");
+    // The file is the host's, and every receiver on it (the test suite runs
+    // dozens at once) reads, adds and writes it: under one lock, or one's
+    // write drops what another added meanwhile. Taken on the file itself,
+    // which any of them opens.
+    let _lock = nx_runtime::sys::lock(std::fs::File::open(&path)?)?;
     let held = parse(&std::fs::read_to_string(&path)?)?;
     let added: Vec<RangeInclusive<u16>> = wanted
         .iter()
@@ -104,6 +109,21 @@ mod tests {
         // Again: all reserved already, nothing written.
         assert!(reserve(dir.path(), &[54320..=54320]).unwrap().is_empty());
         assert!(reserve(dir.path(), &[50005..=50005]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn receivers_reserving_at_once_all_keep_their_ports() {
+        let dir = host("\n");
+        std::thread::scope(|s| {
+            for i in 0..32u16 {
+                let path = dir.path();
+                s.spawn(move || reserve(path, &[40000 + 2 * i..=40000 + 2 * i]).unwrap());
+            }
+        });
+        let kept = parse(&reserved(&dir)).unwrap();
+        let missing: Vec<u16> =
+            (0..32u16).map(|i| 40000 + 2 * i).filter(|p| !kept.iter().any(|r| r.contains(p))).collect();
+        assert!(missing.is_empty(), "a reservation made at the same time dropped {missing:?}");
     }
 
     #[test]

@@ -556,6 +556,12 @@ pub fn try_lock(file: std::fs::File) -> io::Result<Option<nix::fcntl::Flock<std:
     }
 }
 
+/// An exclusive lock on `file` (`flock`), waited for; held until the
+/// returned value is dropped or the process dies.
+pub fn lock(file: std::fs::File) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))
+}
+
 /// Looks up a user by name: `(uid, gid)`.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()))
