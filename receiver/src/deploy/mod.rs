@@ -874,8 +874,15 @@ impl Deployer {
             replicas.push(Replica { index, port, sandbox });
         }
         let watched = replicas.iter().map(|r| (r.port, r.sandbox.watch())).collect();
-        let (applied_tx, applied) =
-            watch::channel(aggregate(&replicas.iter().map(|r| r.sandbox.status()).collect::<Vec<_>>()));
+        // What is applied (recorded and routed) is what the watcher says it
+        // applied: a start whose replicas are healthy already (one from a
+        // sandbox made ready answers within 2 ms) is still `starting` on
+        // record until then, and a caller waiting for it must not read the
+        // row before. Replicas that stay keep what they had.
+        let (applied_tx, applied) = watch::channel(match keep {
+            true => aggregate(&replicas.iter().map(|r| r.sandbox.status()).collect::<Vec<_>>()),
+            false => Status::Starting { restarts: 0 },
+        });
         let healthy_since =
             Arc::new(Mutex::new(replicas.iter().map(|r| kept_since.get(&r.index).copied().flatten()).collect()));
         let routed = Arc::new(Mutex::new(Vec::new()));
