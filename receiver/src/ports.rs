@@ -32,8 +32,8 @@ pub fn reserve(sys: &Path, wanted: &[RangeInclusive<u16>]) -> io::Result<Vec<Ran
     // dozens at once) reads, adds and writes it: under one lock, or one's
     // write drops what another added meanwhile. Taken on the file itself,
     // which any of them opens.
-    let _lock = nx_runtime::sys::lock(std::fs::File::open(&path)?)?;
-    let held = parse(&std::fs::read_to_string(&path)?)?;
+    let locked = nx_runtime::sys::lock(std::fs::File::open(&path)?)?;
+    let held = parse(&read_at_once(&locked)?)?;
     let added: Vec<RangeInclusive<u16>> = wanted
         .iter()
         .filter_map(|r| {
@@ -47,6 +47,22 @@ pub fn reserve(sys: &Path, wanted: &[RangeInclusive<u16>]) -> io::Result<Vec<Ran
         std::fs::write(&path, format(&merge(all)))?;
     }
     Ok(added)
+}
+
+/// The whole of a sysctl file in one `read`: the kernel formats the list
+/// anew at each read, so one read in pieces (as `read_to_string`'s first
+/// small read makes it) joins two versions when another process writes in
+/// between, and a list of ports read so ("45,33257,...") would be written
+/// back wrong.
+pub fn read_at_once(mut file: &std::fs::File) -> io::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 << 10];
+    let n = file.read(&mut buf)?;
+    if n == buf.len() {
+        return Err(io::Error::other("ip_local_reserved_ports is longer than 64 KiB"));
+    }
+    buf.truncate(n);
+    String::from_utf8(buf).map_err(io::Error::other)
 }
 
 /// `8080,9000-9010` as ranges.

@@ -503,7 +503,12 @@ fn the_platforms_ports_in_the_kernels_automatic_range_are_reserved() {
     // A port the kernel picked itself is in its automatic range.
     let pg_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let r = Receiver::start_with(nx_e2e::receiver::Options { pg_port: Some(pg_port), ..Default::default() });
-    let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap();
+    // Read as a receiver reads it: under its lock, in one read (other
+    // receivers of the suite write it meanwhile).
+    let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let locked = nx_runtime::sys::lock(std::fs::File::open(path).unwrap()).unwrap();
+    let reserved = nx_receiver::ports::read_at_once(&locked).unwrap();
+    drop(locked);
     let held = reserved.trim().split(',').filter(|s| !s.is_empty()).any(|part| {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         (a.parse::<u16>().unwrap()..=b.parse::<u16>().unwrap()).contains(&pg_port)
